@@ -1,0 +1,182 @@
+//! The admin HTTP server: readiness, liveness, metrics, config and cluster
+//! state. It runs on the control runtime, apart from the workers, so a
+//! scrape never competes with requests, and it keeps answering during the
+//! drain (with `/ready` at 503) so orchestrators see the drain.
+//!
+//! The admin address should be loopback or otherwise protected: it reveals
+//! configuration.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde::Serialize;
+
+use crate::drain::Drain;
+use crate::stack::Shared;
+use crate::telemetry::Metrics;
+
+/// What the admin server reads.
+#[derive(Debug, Clone)]
+pub(crate) struct AdminState {
+    pub(crate) shared: Shared,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) ready: Arc<AtomicBool>,
+    pub(crate) drain: Drain,
+    pub(crate) listeners: Arc<Vec<(String, SocketAddr)>>,
+}
+
+/// Serves admin connections until the process exits.
+pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(listener) => listener,
+        Err(error) => {
+            tracing::error!(%error, "admin listener setup failed");
+            return;
+        }
+    };
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let state = state.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req)) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(std::time::Duration::from_secs(10))
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
+    }
+    match req.uri().path() {
+        "/ready" => {
+            if state.ready.load(Relaxed) && !state.drain.is_draining() {
+                text(StatusCode::OK, "ready\n".into())
+            } else if state.drain.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
+            }
+        }
+        "/live" => text(StatusCode::OK, "live\n".into()),
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, state.metrics.render());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        }
+        "/config_dump" => {
+            let snapshot = state.shared.load();
+            json(&serde_json::json!({
+                "source": &*snapshot.config.source,
+                "config": &*snapshot.config.spec,
+            }))
+        }
+        "/listeners" => json(
+            &state
+                .listeners
+                .iter()
+                .map(
+                    |(name, addr)| serde_json::json!({ "name": name, "address": addr.to_string() }),
+                )
+                .collect::<Vec<_>>(),
+        ),
+        "/clusters" => json(&clusters(state)),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found; try /ready /live /metrics /config_dump /listeners /clusters\n".into(),
+        ),
+    }
+}
+
+#[derive(Serialize)]
+struct ClusterView {
+    name: String,
+    protocol: String,
+    lb: String,
+    endpoints: Vec<EndpointView>,
+}
+
+#[derive(Serialize)]
+struct EndpointView {
+    address: String,
+    weight: u32,
+    health: &'static str,
+    active_requests: u64,
+    requests_total: u64,
+    connect_failures: u64,
+    idle_connections: usize,
+}
+
+fn clusters(state: &AdminState) -> Vec<ClusterView> {
+    let snapshot = state.shared.load();
+    let mut names: Vec<_> = snapshot.clusters.keys().collect();
+    names.sort();
+    names
+        .into_iter()
+        .filter_map(|name| snapshot.clusters.get(name))
+        .map(|cluster| ClusterView {
+            name: cluster.config.name.to_string(),
+            protocol: format!("{:?}", cluster.config.protocol).to_lowercase(),
+            lb: format!("{:?}", cluster.config.lb),
+            endpoints: cluster
+                .endpoints()
+                .endpoints
+                .iter()
+                .map(|e| EndpointView {
+                    address: e.addr.to_string(),
+                    weight: e.weight,
+                    // Active health checking and outlier detection are not
+                    // built yet: every resolved endpoint is in rotation.
+                    health: "healthy",
+                    active_requests: e.active(),
+                    requests_total: e.total(),
+                    connect_failures: e.connect_failures(),
+                    idle_connections: e.idle_connections(),
+                })
+                .collect(),
+        })
+        .collect()
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+    }
+}

@@ -1,0 +1,299 @@
+//! Clusters: endpoints, load balancing, connection pools and DNS.
+//!
+//! A [`ClusterState`] is long-lived: it is kept in the [`ClusterRegistry`]
+//! by name and survives a configuration change that leaves its cluster
+//! unchanged, keeping its pools and counters. Its endpoint set changes on
+//! its own (DNS re-resolution), so it sits behind its own `ArcSwap`; one
+//! `load` gives a consistent set and its prepared balancer.
+
+mod lb;
+mod pool;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::task::{Context, Poll};
+
+use arc_swap::ArcSwap;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Request, Response, Uri, Version, header};
+use hyper::body::Incoming;
+
+pub(crate) use lb::with_thread_rng;
+pub(crate) use pool::{Endpoint, UpstreamBody};
+
+use crate::config::{Cluster, EndpointAddress, UpstreamProtocol};
+use crate::http::error::ProxyError;
+use crate::telemetry::Metrics;
+use lb::Balancer;
+use pool::{PoolSettings, Wire};
+
+/// A resolved endpoint set with its prepared balancer.
+#[derive(Debug)]
+pub(crate) struct EndpointSet {
+    pub(crate) endpoints: Vec<Arc<Endpoint>>,
+    balancer: Balancer,
+}
+
+/// A cluster's long-lived state.
+#[derive(Debug)]
+pub(crate) struct ClusterState {
+    pub(crate) config: Arc<Cluster>,
+    settings: PoolSettings,
+    set: ArcSwap<EndpointSet>,
+}
+
+impl ClusterState {
+    fn new(config: Arc<Cluster>, metrics: &Metrics) -> Self {
+        let settings = PoolSettings::new(&config, metrics.cluster(&config.name));
+        let state = Self {
+            settings,
+            set: ArcSwap::from_pointee(EndpointSet::empty(config.lb)),
+            config,
+        };
+        // Literal addresses are usable at once; DNS names join on resolve.
+        let literal: Vec<(SocketAddr, u32)> = state
+            .config
+            .endpoints
+            .iter()
+            .filter_map(|e| match e.address {
+                EndpointAddress::Socket(addr) => Some((addr, e.weight)),
+                EndpointAddress::Dns { .. } => None,
+            })
+            .collect();
+        state.publish(literal);
+        state
+    }
+
+    /// True when some endpoint is a DNS name.
+    pub(crate) fn has_dns(&self) -> bool {
+        self.config
+            .endpoints
+            .iter()
+            .any(|e| matches!(e.address, EndpointAddress::Dns { .. }))
+    }
+
+    /// The current endpoint set.
+    pub(crate) fn endpoints(&self) -> arc_swap::Guard<Arc<EndpointSet>> {
+        self.set.load()
+    }
+
+    /// Re-resolves DNS endpoints and publishes the new set. A name that
+    /// fails to resolve keeps its previous addresses.
+    pub(crate) async fn resolve(&self) {
+        let current = self.set.load_full();
+        let mut resolved = Vec::new();
+        for endpoint in &self.config.endpoints {
+            match &endpoint.address {
+                EndpointAddress::Socket(addr) => resolved.push((*addr, endpoint.weight)),
+                EndpointAddress::Dns { host, port } => {
+                    match tokio::net::lookup_host((&**host, *port)).await {
+                        Ok(addrs) => resolved.extend(addrs.map(|a| (a, endpoint.weight))),
+                        Err(error) => {
+                            tracing::warn!(cluster = %self.config.name, %host, %error, "dns resolution failed; keeping last addresses");
+                            // Keep what this name resolved to before: any current
+                            // endpoint on this port that is not a literal one.
+                            resolved.extend(
+                                current
+                                    .endpoints
+                                    .iter()
+                                    .filter(|e| e.addr.port() == *port && !self.is_literal(e.addr))
+                                    .map(|e| (e.addr, e.weight)),
+                            );
+                        }
+                    }
+                }
+            }
+        }
+        resolved.sort_unstable();
+        resolved.dedup_by_key(|(addr, _)| *addr);
+        let unchanged = resolved.len() == current.endpoints.len()
+            && resolved
+                .iter()
+                .zip(&current.endpoints)
+                .all(|((a, w), e)| *a == e.addr && *w == e.weight);
+        if !unchanged {
+            tracing::info!(cluster = %self.config.name, endpoints = resolved.len(), "endpoints updated");
+            self.publish(resolved);
+        }
+    }
+
+    fn is_literal(&self, addr: SocketAddr) -> bool {
+        self.config
+            .endpoints
+            .iter()
+            .any(|e| e.address == EndpointAddress::Socket(addr))
+    }
+
+    fn publish(&self, mut addrs: Vec<(SocketAddr, u32)>) {
+        addrs.sort_unstable();
+        addrs.dedup_by_key(|(addr, _)| *addr);
+        let current = self.set.load();
+        // Reuse endpoints (and their pools) that are still there.
+        let endpoints: Vec<Arc<Endpoint>> = addrs
+            .into_iter()
+            .map(|(addr, weight)| {
+                current
+                    .endpoints
+                    .iter()
+                    .find(|e| e.addr == addr && e.weight == weight)
+                    .cloned()
+                    .unwrap_or_else(|| Arc::new(Endpoint::new(addr, weight, self.settings.clone())))
+            })
+            .collect();
+        let balancer = Balancer::new(self.config.lb, endpoints.iter().map(|e| e.weight).collect());
+        self.set.store(Arc::new(EndpointSet {
+            endpoints,
+            balancer,
+        }));
+    }
+
+    /// Picks an endpoint with the cluster's balancer.
+    pub(crate) fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
+        let set = self.set.load();
+        with_thread_rng(|rng| set.balancer.pick(rng, |i| set.endpoints[i].active()))
+            .map(|i| set.endpoints[i].clone())
+            .ok_or_else(|| ProxyError::NoHealthyEndpoint {
+                cluster: self.config.name.clone(),
+            })
+    }
+
+    /// Forwards one HTTP request. The request arrives normalised by the
+    /// router: origin-form URI and a `host` header carrying the authority.
+    async fn forward(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let endpoint = self.pick()?;
+        let guard = endpoint.begin();
+        let wire = match (self.config.protocol, req.version()) {
+            (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Downstream, Version::HTTP_2) => {
+                Wire::Http2
+            }
+            _ => Wire::Http1,
+        };
+        match wire {
+            Wire::Http1 => *req.version_mut() = Version::HTTP_11,
+            Wire::Http2 => {
+                // HTTP/2 carries the authority in `:authority`; a `host`
+                // header beside it must not disagree (RFC 9113 §8.3.1).
+                let host = req.headers_mut().remove(header::HOST);
+                let authority = host.and_then(|h| Authority::try_from(h.as_bytes()).ok());
+                let mut parts = std::mem::take(req.uri_mut()).into_parts();
+                parts.scheme = Some(Scheme::HTTP);
+                parts.authority =
+                    Some(authority.unwrap_or_else(|| Authority::from_static("localhost")));
+                if parts.path_and_query.is_none() {
+                    parts.path_and_query = Some(PathAndQuery::from_static("/"));
+                }
+                *req.uri_mut() =
+                    Uri::from_parts(parts).map_err(|_| ProxyError::Malformed("request target"))?;
+                *req.version_mut() = Version::HTTP_2;
+            }
+        }
+        endpoint.send(req, wire, guard).await
+    }
+}
+
+impl EndpointSet {
+    fn empty(policy: crate::config::LbPolicy) -> Self {
+        Self {
+            endpoints: Vec::new(),
+            balancer: Balancer::new(policy, Vec::new()),
+        }
+    }
+}
+
+/// The tower service at the bottom of every route's stack.
+#[derive(Debug, Clone)]
+pub(crate) struct ClusterService {
+    state: Arc<ClusterState>,
+}
+
+impl ClusterService {
+    pub(crate) fn new(state: Arc<ClusterState>) -> Self {
+        Self { state }
+    }
+}
+
+impl tower::Service<Request<Incoming>> for ClusterService {
+    type Response = Response<UpstreamBody>;
+    type Error = ProxyError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ProxyError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+        Box::pin(self.state.clone().forward(req))
+    }
+}
+
+/// Cluster state by name, reconciled on each snapshot build.
+#[derive(Debug)]
+pub(crate) struct ClusterRegistry {
+    clusters: Mutex<HashMap<Arc<str>, Arc<ClusterState>>>,
+    metrics: Arc<Metrics>,
+    /// Where DNS refresh tasks run (the control runtime).
+    control: tokio::runtime::Handle,
+}
+
+impl ClusterRegistry {
+    pub(crate) fn new(metrics: Arc<Metrics>, control: tokio::runtime::Handle) -> Self {
+        Self {
+            clusters: Mutex::new(HashMap::new()),
+            metrics,
+            control,
+        }
+    }
+
+    /// Returns the state for each configured cluster, reusing the state of
+    /// every cluster whose configuration did not change, and forgets the
+    /// clusters that are gone. New DNS clusters are resolved before this
+    /// returns, so a snapshot never starts with a needlessly empty set.
+    pub(crate) async fn reconcile(
+        &self,
+        configs: &[Arc<Cluster>],
+    ) -> HashMap<Arc<str>, Arc<ClusterState>> {
+        let mut fresh = Vec::new();
+        let next: HashMap<Arc<str>, Arc<ClusterState>> = {
+            let current = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
+            configs
+                .iter()
+                .map(|config| {
+                    let state = match current.get(&config.name) {
+                        Some(state) if *state.config == **config => state.clone(),
+                        _ => {
+                            let state = Arc::new(ClusterState::new(config.clone(), &self.metrics));
+                            fresh.push(state.clone());
+                            state
+                        }
+                    };
+                    (config.name.clone(), state)
+                })
+                .collect()
+        };
+        for state in fresh.iter().filter(|s| s.has_dns()) {
+            state.resolve().await;
+            self.control.spawn(refresh_dns(Arc::downgrade(state)));
+        }
+        *self.clusters.lock().unwrap_or_else(PoisonError::into_inner) = next.clone();
+        next
+    }
+}
+
+/// Re-resolves a cluster's names every `dns_refresh` until the cluster is
+/// dropped (a configuration change replaced or removed it).
+async fn refresh_dns(state: Weak<ClusterState>) {
+    loop {
+        let Some(period) = state.upgrade().map(|s| s.config.dns_refresh) else {
+            return;
+        };
+        tokio::time::sleep(period).await;
+        let Some(state) = state.upgrade() else { return };
+        state.resolve().await;
+    }
+}

@@ -1,0 +1,413 @@
+//! One endpoint and its upstream connection pool.
+//!
+//! HTTP/1.1: idle connections wait in a LIFO stack (the most recently used
+//! is the least likely to have been closed by the server); a connection goes
+//! back only after its response body has been read to the end, so a taken
+//! connection is never mid-response. Entries older than the idle timeout are
+//! discarded when the stack is touched. A request that fails on a reused
+//! connection *before it was written* (the server closed it while idle) is
+//! sent again on a fresh connection; nothing that reached the server is
+//! resent.
+//!
+//! HTTP/2: one multiplexed connection per endpoint, replaced when it closes.
+//!
+//! Upstream connection tasks are owned by their senders: a task ends when
+//! the pool drops its sender or the peer closes. They are not part of the
+//! drain (they end with the process once downstream work is done).
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use pin_project_lite::pin_project;
+use tokio::net::TcpStream;
+
+use crate::config::Cluster;
+use crate::http::error::ProxyError;
+use crate::telemetry::ClusterMetrics;
+
+/// Pool settings, from the cluster's config.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolSettings {
+    pub(crate) cluster: Arc<str>,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_idle: usize,
+    pub(crate) metrics: Arc<ClusterMetrics>,
+}
+
+impl PoolSettings {
+    pub(crate) fn new(cluster: &Cluster, metrics: Arc<ClusterMetrics>) -> Self {
+        Self {
+            cluster: cluster.name.clone(),
+            connect_timeout: cluster.connect_timeout,
+            idle_timeout: cluster.pool_idle_timeout,
+            max_idle: cluster.max_idle_per_endpoint as usize,
+            metrics,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct IdleH1 {
+    sender: http1::SendRequest<Incoming>,
+    since: Instant,
+}
+
+/// An endpoint: its address, weight, load and connections.
+#[derive(Debug)]
+pub(crate) struct Endpoint {
+    pub(crate) addr: SocketAddr,
+    pub(crate) weight: u32,
+    /// Requests (or TCP connections) in flight; read by least-request.
+    active: AtomicU64,
+    /// Requests sent, for `/clusters`.
+    total: AtomicU64,
+    /// Connect failures, for `/clusters`.
+    connect_failures: AtomicU64,
+    settings: PoolSettings,
+    idle_h1: Mutex<Vec<IdleH1>>,
+    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
+}
+
+/// Which HTTP version to speak to the endpoint for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    Http1,
+    Http2,
+}
+
+impl Endpoint {
+    pub(crate) fn new(addr: SocketAddr, weight: u32, settings: PoolSettings) -> Self {
+        Self {
+            addr,
+            weight,
+            active: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            connect_failures: AtomicU64::new(0),
+            settings,
+            idle_h1: Mutex::new(Vec::new()),
+            h2: Mutex::new(None),
+        }
+    }
+
+    /// In-flight requests.
+    pub(crate) fn active(&self) -> u64 {
+        self.active.load(Relaxed)
+    }
+
+    /// Requests sent so far.
+    pub(crate) fn total(&self) -> u64 {
+        self.total.load(Relaxed)
+    }
+
+    /// Failed connection attempts so far.
+    pub(crate) fn connect_failures(&self) -> u64 {
+        self.connect_failures.load(Relaxed)
+    }
+
+    /// Idle HTTP/1.1 connections now pooled.
+    pub(crate) fn idle_connections(&self) -> usize {
+        self.idle_h1
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
+    }
+
+    /// Marks one request (or TCP connection) in flight until the guard drops.
+    pub(crate) fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.active.fetch_add(1, Relaxed);
+        self.total.fetch_add(1, Relaxed);
+        ActiveGuard(self.clone())
+    }
+
+    /// Opens a TCP connection, bounded by the connect timeout.
+    pub(crate) async fn connect(&self) -> Result<TcpStream, ProxyError> {
+        let metrics = &self.settings.metrics;
+        let result =
+            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(self.addr))
+                .await;
+        let failed = |error| {
+            metrics.connect_failures.fetch_add(1, Relaxed);
+            self.connect_failures.fetch_add(1, Relaxed);
+            tracing::debug!(cluster = %self.settings.cluster, endpoint = %self.addr, %error, "upstream connect failed");
+            error
+        };
+        match result {
+            Ok(Ok(stream)) => {
+                // Small requests and responses must not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                metrics.connections_total.fetch_add(1, Relaxed);
+                Ok(stream)
+            }
+            Ok(Err(source)) => Err(failed(ProxyError::UpstreamConnect {
+                cluster: self.settings.cluster.clone(),
+                endpoint: self.addr,
+                source,
+            })),
+            Err(_) => Err(failed(ProxyError::ConnectTimeout {
+                cluster: self.settings.cluster.clone(),
+                endpoint: self.addr,
+            })),
+        }
+    }
+
+    /// Sends one request and returns the response with a body that gives
+    /// the connection back to the pool when read to the end.
+    ///
+    /// Cancel safety: dropping the future drops the request and, at worst,
+    /// one connection; the pool stays consistent.
+    pub(crate) async fn send(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        wire: Wire,
+        guard: ActiveGuard,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        self.settings.metrics.requests_total.fetch_add(1, Relaxed);
+        match wire {
+            Wire::Http1 => self.send_h1(req, guard).await,
+            Wire::Http2 => self.send_h2(req, guard).await,
+        }
+    }
+
+    async fn send_h1(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        guard: ActiveGuard,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let mut req = req;
+        let mut reuse = true;
+        loop {
+            let (mut sender, reused) = match reuse.then(|| self.take_idle()).flatten() {
+                Some(sender) => (sender, true),
+                None => (self.connect_h1().await?, false),
+            };
+            if sender.ready().await.is_err() {
+                continue; // closed while idle; take another
+            }
+            match sender.try_send_request(req).await {
+                Ok(response) => {
+                    let upgrade = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+                    // An upgraded connection belongs to the tunnel now.
+                    let back = (!upgrade).then(|| GiveBack {
+                        endpoint: self.clone(),
+                        sender,
+                    });
+                    return Ok(response.map(|body| UpstreamBody::new(body, back, guard)));
+                }
+                Err(mut error) => match error.take_message() {
+                    // Not written: the server had closed the idle connection.
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        reuse = false;
+                    }
+                    _ => {
+                        return Err(ProxyError::UpstreamReset {
+                            endpoint: self.addr,
+                            source: error.into_error(),
+                        });
+                    }
+                },
+            }
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
+        let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
+        while let Some(entry) = idle.pop() {
+            if entry.since.elapsed() < self.settings.idle_timeout && !entry.sender.is_closed() {
+                return Some(entry.sender);
+            }
+        }
+        None
+    }
+
+    fn give_back(&self, sender: http1::SendRequest<Incoming>) {
+        if sender.is_closed() {
+            return;
+        }
+        let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
+        // The oldest entries are at the front; drop the expired ones.
+        let expired = idle
+            .iter()
+            .take_while(|e| e.since.elapsed() >= self.settings.idle_timeout)
+            .count();
+        idle.drain(..expired);
+        if idle.len() < self.settings.max_idle {
+            idle.push(IdleH1 {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+        let stream = self.connect().await?;
+        let (sender, conn) = http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ProxyError::UpstreamHandshake {
+                endpoint: self.addr,
+                source,
+            })?;
+        self.spawn_connection(async move {
+            // Errors here are reported to the request that saw them.
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(sender)
+    }
+
+    async fn send_h2(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        guard: ActiveGuard,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let shared = self
+            .h2
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut sender = match shared {
+            Some(sender) if !sender.is_closed() => sender,
+            _ => {
+                let sender = self.connect_h2().await?;
+                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                sender
+            }
+        };
+        sender
+            .ready()
+            .await
+            .map_err(|source| ProxyError::UpstreamReset {
+                endpoint: self.addr,
+                source,
+            })?;
+        match sender.send_request(req).await {
+            Ok(response) => Ok(response.map(|body| UpstreamBody::new(body, None, guard))),
+            Err(source) => Err(ProxyError::UpstreamReset {
+                endpoint: self.addr,
+                source,
+            }),
+        }
+    }
+
+    async fn connect_h2(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+        let stream = self.connect().await?;
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|source| ProxyError::UpstreamHandshake {
+                endpoint: self.addr,
+                source,
+            })?;
+        self.spawn_connection(async move {
+            let _ = conn.await;
+        });
+        Ok(sender)
+    }
+
+    fn spawn_connection(&self, conn: impl std::future::Future<Output = ()> + Send + 'static) {
+        let metrics = self.settings.metrics.clone();
+        metrics.connections_active.fetch_add(1, Relaxed);
+        tokio::spawn(async move {
+            conn.await;
+            metrics.connections_active.fetch_sub(1, Relaxed);
+        });
+    }
+}
+
+/// Keeps an endpoint's in-flight count up while a request or tunnel lives.
+#[derive(Debug)]
+pub(crate) struct ActiveGuard(Arc<Endpoint>);
+
+impl ActiveGuard {
+    /// The endpoint's address.
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.0.addr
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Relaxed);
+    }
+}
+
+#[derive(Debug)]
+struct GiveBack {
+    endpoint: Arc<Endpoint>,
+    sender: http1::SendRequest<Incoming>,
+}
+
+pin_project! {
+    /// An upstream response body. Returns its HTTP/1.1 connection to the
+    /// pool once read to the end, and holds the endpoint's in-flight count
+    /// until dropped.
+    #[derive(Debug)]
+    pub(crate) struct UpstreamBody {
+        #[pin]
+        body: Incoming,
+        back: Option<GiveBack>,
+        guard: ActiveGuard,
+    }
+
+    impl PinnedDrop for UpstreamBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            // A body dropped before its end leaves unread bytes on the
+            // connection: it cannot be reused, so it is closed instead.
+            if let Some(back) = this.back.take() && this.body.is_end_stream() {
+                back.endpoint.give_back(back.sender);
+            }
+        }
+    }
+}
+
+impl UpstreamBody {
+    fn new(body: Incoming, back: Option<GiveBack>, guard: ActiveGuard) -> Self {
+        Self { body, back, guard }
+    }
+
+    /// The endpoint that answered.
+    pub(crate) fn endpoint(&self) -> SocketAddr {
+        self.guard.addr()
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let mut this = self.project();
+        let polled = this.body.as_mut().poll_frame(cx);
+        let finished = matches!(polled, Poll::Ready(None)) || this.body.is_end_stream();
+        if finished && let Some(back) = this.back.take() {
+            back.endpoint.give_back(back.sender);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}

@@ -1,0 +1,188 @@
+//! The proxy's configuration: the serde spec users write (`spec`), the
+//! validated model (`model`) and the one validator that turns the first
+//! into the second. `weft-proxy --check-config`, `weft-cp validate` and the
+//! proxy itself all go through [`Config::from_yaml`] / `TryFrom`.
+//!
+//! Invariants callers rely on: a [`Config`] only exists if it is valid —
+//! names are unique, every reference (listener → route config, route →
+//! cluster) resolves, and every limit is within range.
+
+mod model;
+mod spec;
+
+use std::fmt;
+use std::path::Path;
+use std::sync::Arc;
+
+pub use model::*;
+pub use spec::*;
+
+/// One problem found while validating: which resource, which field, what.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Resource kind: `listener`, `route_config`, `cluster`, ...
+    pub kind: &'static str,
+    /// Resource name.
+    pub resource: String,
+    /// Field path inside the resource, e.g. `virtual_hosts[0].routes[2].cluster`.
+    pub field: String,
+    /// What is wrong, with the offending value.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} {:?}: {}: {}",
+            self.kind, self.resource, self.field, self.message
+        )
+    }
+}
+
+/// Every problem found in one configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ValidationErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ValidationErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Why a configuration file could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML of the expected shape.
+    #[error("{origin}: {source}")]
+    Syntax {
+        /// The file (or `<inline>`).
+        origin: String,
+        /// The parser's error, with its field path and line.
+        #[source]
+        source: serde_yaml_ng::Error,
+    },
+    /// The file parsed but failed validation.
+    #[error("{origin}: invalid configuration:\n{errors}")]
+    Invalid {
+        /// The file (or `<inline>`).
+        origin: String,
+        /// Every problem found.
+        errors: ValidationErrors,
+    },
+}
+
+impl Config {
+    /// Parses and validates a YAML document. `origin` names it in errors.
+    pub fn from_yaml(text: &str, origin: &str) -> Result<Self, LoadError> {
+        let spec: BootstrapSpec =
+            serde_yaml_ng::from_str(text).map_err(|source| LoadError::Syntax {
+                origin: origin.to_owned(),
+                source,
+            })?;
+        let mut config = Config::try_from(spec).map_err(|errors| LoadError::Invalid {
+            origin: origin.to_owned(),
+            errors,
+        })?;
+        config.source = Arc::from(origin);
+        Ok(config)
+    }
+
+    /// Reads, parses and validates a YAML file. Blocking: call it before
+    /// the runtime starts or from `spawn_blocking`.
+    pub fn from_file(path: &Path) -> Result<Self, LoadError> {
+        let origin = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+            path: origin.clone(),
+            source,
+        })?;
+        Self::from_yaml(&text, &origin)
+    }
+
+    /// The configuration behind `weft-proxy --listen A --upstream B,C`: one
+    /// HTTP listener routing everything to one round-robin cluster.
+    pub fn reverse_proxy(
+        listen: &str,
+        upstreams: &[String],
+        admin: Option<&str>,
+    ) -> Result<Self, LoadError> {
+        let spec = BootstrapSpec {
+            admin: admin.map(|address| AdminSpec {
+                address: address.to_owned(),
+            }),
+            listeners: vec![ListenerSpec {
+                name: "http".into(),
+                address: listen.to_owned(),
+                protocol: None,
+                route_config: Some("default".into()),
+                cluster: None,
+                max_connections: None,
+                header_read_timeout: None,
+                idle_timeout: None,
+                max_request_headers_bytes: None,
+                max_request_headers: None,
+                max_concurrent_streams: None,
+                via: None,
+            }],
+            route_configs: vec![RouteConfigSpec {
+                name: "default".into(),
+                virtual_hosts: vec![VirtualHostSpec {
+                    name: "all".into(),
+                    domains: vec!["*".into()],
+                    routes: vec![RouteSpec {
+                        name: Some("all".into()),
+                        matcher: None,
+                        cluster: Some("upstream".into()),
+                        weighted_clusters: None,
+                        direct_response: None,
+                        prefix_rewrite: None,
+                        host_rewrite: None,
+                        timeout: None,
+                        request_headers: None,
+                        response_headers: None,
+                    }],
+                }],
+            }],
+            clusters: vec![ClusterSpec {
+                name: "upstream".into(),
+                protocol: None,
+                lb: None,
+                connect_timeout: None,
+                dns_refresh: None,
+                pool: None,
+                endpoints: upstreams
+                    .iter()
+                    .map(|a| EndpointSpec {
+                        address: a.clone(),
+                        weight: None,
+                    })
+                    .collect(),
+            }],
+            ..BootstrapSpec::default()
+        };
+        let mut config = Config::try_from(spec).map_err(|errors| LoadError::Invalid {
+            origin: "command line".into(),
+            errors,
+        })?;
+        config.source = Arc::from("command line");
+        Ok(config)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,274 @@
+//! The serde shapes users write (YAML). Nothing here is validated beyond
+//! its syntax: `model.rs` turns a spec into the typed runtime model and
+//! reports every problem with the resource and field that caused it.
+//!
+//! Enum-like fields are plain strings on purpose, so that a bad value is
+//! reported by the validator with the resource's name, not by serde with a
+//! line number only.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole proxy configuration file.
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootstrapSpec {
+    /// The admin HTTP server (readiness, metrics, config dump).
+    #[serde(default)]
+    pub admin: Option<AdminSpec>,
+    /// How long in-flight requests may run after SIGTERM/SIGINT.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_timeout: Option<Duration>,
+    /// JSON-lines access log.
+    #[serde(default)]
+    pub access_log: Option<AccessLogSpec>,
+    /// Sockets the proxy accepts on.
+    #[serde(default)]
+    pub listeners: Vec<ListenerSpec>,
+    /// Named routing tables that HTTP listeners refer to.
+    #[serde(default)]
+    pub route_configs: Vec<RouteConfigSpec>,
+    /// Upstream services.
+    #[serde(default)]
+    pub clusters: Vec<ClusterSpec>,
+}
+
+/// The admin server.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSpec {
+    /// `IP:PORT`; port 0 picks a free port.
+    pub address: String,
+}
+
+/// Where access-log lines go.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogSpec {
+    /// `stdout`, `stderr` or a file path (appended to).
+    pub path: String,
+}
+
+/// One listening socket.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSpec {
+    /// Unique name, used in metrics and logs.
+    pub name: String,
+    /// `IP:PORT`; port 0 picks a free port.
+    pub address: String,
+    /// `http` (HTTP/1.1 and HTTP/2 detected per connection) or `tcp`.
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// HTTP listeners: the route configuration to route with.
+    #[serde(default)]
+    pub route_config: Option<String>,
+    /// TCP listeners: the cluster to forward connections to.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Connections above this wait in the kernel's accept queue.
+    #[serde(default)]
+    pub max_connections: Option<u32>,
+    /// Deadline for a client to send a request's headers (and, on a new
+    /// connection, its first bytes).
+    #[serde(default, with = "humantime_serde")]
+    pub header_read_timeout: Option<Duration>,
+    /// A connection with no request in flight is closed after this.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// Limit on the total size of a request's headers.
+    #[serde(default)]
+    pub max_request_headers_bytes: Option<u32>,
+    /// Limit on the number of request headers.
+    #[serde(default)]
+    pub max_request_headers: Option<u32>,
+    /// HTTP/2: concurrent streams per connection.
+    #[serde(default)]
+    pub max_concurrent_streams: Option<u32>,
+    /// When set, `via: <protocol> <via>` is appended to requests and
+    /// responses.
+    #[serde(default)]
+    pub via: Option<String>,
+}
+
+/// A named routing table.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfigSpec {
+    /// Unique name that listeners refer to.
+    pub name: String,
+    /// Virtual hosts, chosen by the request's host.
+    pub virtual_hosts: Vec<VirtualHostSpec>,
+}
+
+/// A set of routes for some hosts.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualHostSpec {
+    /// Unique within its route configuration.
+    pub name: String,
+    /// `example.com`, `*.example.com` or `*`.
+    pub domains: Vec<String>,
+    /// Tried in order; the first match wins.
+    pub routes: Vec<RouteSpec>,
+}
+
+/// One route: a match and what to do with matching requests.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteSpec {
+    /// Unique within its virtual host; a metrics label.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// What requests this route takes; absent matches everything.
+    #[serde(default, rename = "match")]
+    pub matcher: Option<RouteMatchSpec>,
+    /// Send to this cluster.
+    #[serde(default)]
+    pub cluster: Option<String>,
+    /// Or split across clusters by weight.
+    #[serde(default)]
+    pub weighted_clusters: Option<Vec<WeightedClusterSpec>>,
+    /// Or answer directly.
+    #[serde(default)]
+    pub direct_response: Option<DirectResponseSpec>,
+    /// Replace the matched path prefix (or the whole exact path).
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// Replace the host / `:authority` sent upstream.
+    #[serde(default)]
+    pub host_rewrite: Option<String>,
+    /// Whole-request deadline; `0s` disables it.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Headers changed on the way to the upstream.
+    #[serde(default)]
+    pub request_headers: Option<HeaderOpsSpec>,
+    /// Headers changed on the way back to the client.
+    #[serde(default)]
+    pub response_headers: Option<HeaderOpsSpec>,
+}
+
+/// Request matching criteria; all given criteria must hold.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteMatchSpec {
+    /// The path starts with this.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// The path is exactly this (query excluded).
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// The whole path matches this regular expression.
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// The method is one of these.
+    #[serde(default)]
+    pub methods: Option<Vec<String>>,
+    /// Each header condition holds.
+    #[serde(default)]
+    pub headers: Option<Vec<HeaderMatchSpec>>,
+}
+
+/// One header condition.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderMatchSpec {
+    /// Header name (case-insensitive).
+    pub name: String,
+    /// The value equals this.
+    #[serde(default)]
+    pub exact: Option<String>,
+    /// The value matches this regular expression (whole value).
+    #[serde(default)]
+    pub regex: Option<String>,
+    /// The header is present (`true`) or absent (`false`).
+    #[serde(default)]
+    pub present: Option<bool>,
+}
+
+/// One target of a weighted split.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WeightedClusterSpec {
+    /// Cluster name.
+    pub cluster: String,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// A response the proxy makes itself.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DirectResponseSpec {
+    /// HTTP status code.
+    pub status: u16,
+    /// Response body.
+    #[serde(default)]
+    pub body: Option<String>,
+}
+
+/// Header changes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderOpsSpec {
+    /// Replace (or create) these headers.
+    #[serde(default)]
+    pub set: BTreeMap<String, String>,
+    /// Append these values, keeping existing ones.
+    #[serde(default)]
+    pub add: BTreeMap<String, String>,
+    /// Remove these headers.
+    #[serde(default)]
+    pub remove: Vec<String>,
+}
+
+/// An upstream service.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSpec {
+    /// Unique name that routes and listeners refer to.
+    pub name: String,
+    /// `http1` (default), `http2` or `downstream` (the client's protocol).
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// `round_robin` (default), `random` or `least_request`.
+    #[serde(default)]
+    pub lb: Option<String>,
+    /// Deadline for a TCP connect to an endpoint.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// How often DNS endpoints are re-resolved.
+    #[serde(default, with = "humantime_serde")]
+    pub dns_refresh: Option<Duration>,
+    /// Upstream connection pool settings.
+    #[serde(default)]
+    pub pool: Option<PoolSpec>,
+    /// The endpoints.
+    pub endpoints: Vec<EndpointSpec>,
+}
+
+/// Per-endpoint connection pool settings.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolSpec {
+    /// An idle upstream connection is closed after this.
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    /// At most this many idle HTTP/1.1 connections are kept per endpoint.
+    #[serde(default)]
+    pub max_idle_per_endpoint: Option<u32>,
+}
+
+/// One endpoint.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointSpec {
+    /// `IP:PORT` or `HOSTNAME:PORT` (resolved, and re-resolved, by DNS).
+    pub address: String,
+    /// Relative load-balancing weight (default 1).
+    #[serde(default)]
+    pub weight: Option<u32>,
+}

@@ -1,0 +1,235 @@
+use super::*;
+
+const VALID: &str = r#"
+admin: { address: "127.0.0.1:0" }
+drain_timeout: 3s
+listeners:
+  - name: web
+    address: 127.0.0.1:0
+    route_config: main
+  - name: db
+    address: 127.0.0.1:0
+    protocol: tcp
+    cluster: pg
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: api
+        domains: ["api.example.com", "*.example.com"]
+        routes:
+          - name: users
+            match: { prefix: /users, methods: [GET], headers: [{ name: x-env, exact: canary }] }
+            cluster: users
+            prefix_rewrite: /v2/users
+            timeout: 2s
+            request_headers: { set: { x-a: "1" }, add: { x-b: "2" }, remove: [x-c] }
+          - match: { regex: "/items/[0-9]+" }
+            weighted_clusters: [{ cluster: users, weight: 9 }, { cluster: pg, weight: 1 }]
+          - match: { exact: /health }
+            direct_response: { status: 200, body: ok }
+            timeout: 0s
+clusters:
+  - name: users
+    protocol: http2
+    lb: least_request
+    endpoints: [{ address: "127.0.0.1:8081", weight: 3 }, { address: "users.svc.local:80" }]
+  - name: pg
+    endpoints: [{ address: "[::1]:5432" }]
+"#;
+
+#[test]
+fn valid_config_builds_the_model_with_defaults() {
+    let config = Config::from_yaml(VALID, "test").unwrap();
+    assert_eq!(config.listeners.len(), 2);
+    assert_eq!(config.drain_timeout, std::time::Duration::from_secs(3));
+    assert_eq!(
+        config.listeners[0].kind,
+        ListenerKind::Http {
+            route_config: "main".into()
+        }
+    );
+    assert_eq!(config.listeners[0].max_request_headers, 100);
+    let vhost = &config.route_configs[0].virtual_hosts[0];
+    assert_eq!(vhost.domains[1], DomainMatch::Suffix(".example.com".into()));
+    assert_eq!(&*vhost.routes[1].name, "api/1");
+    assert!(vhost.routes[2].timeout.is_none());
+    assert_eq!(
+        vhost.routes[0].timeout,
+        Some(std::time::Duration::from_secs(2))
+    );
+    let users = &config.clusters[0];
+    assert_eq!(users.protocol, UpstreamProtocol::Http2);
+    assert_eq!(users.lb, LbPolicy::LeastRequest);
+    assert_eq!(
+        users.endpoints[1].address,
+        EndpointAddress::Dns {
+            host: "users.svc.local".into(),
+            port: 80
+        }
+    );
+    assert_eq!(config.clusters[1].lb, LbPolicy::RoundRobin);
+}
+
+fn errors_of(yaml: &str) -> Vec<String> {
+    match Config::from_yaml(yaml, "test") {
+        Err(LoadError::Invalid { errors, .. }) => {
+            errors.0.iter().map(ToString::to_string).collect()
+        }
+        Err(other) => vec![other.to_string()],
+        Ok(_) => vec![],
+    }
+}
+
+#[test]
+fn invalid_values_name_resource_and_field() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "lb: least_request",
+            "lb: fastest",
+            r#"cluster "users": lb: unknown value "fastest" (expected round_robin, random, least_request)"#,
+        ),
+        (
+            "protocol: http2",
+            "protocol: http3",
+            r#"cluster "users": protocol: unknown value "http3""#,
+        ),
+        (
+            "cluster: users\n            prefix_rewrite",
+            "cluster: nope\n            prefix_rewrite",
+            r#"route_config "main": virtual_hosts[0].routes[0].cluster: unknown cluster "nope""#,
+        ),
+        (
+            "route_config: main",
+            "route_config: other",
+            r#"listener "web": route_config: unknown route_config "other""#,
+        ),
+        (
+            r#"regex: "/items/[0-9]+""#,
+            r#"regex: "/items/[0-9+""#,
+            r#"route_config "main": virtual_hosts[0].routes[1].match.regex: invalid regex"#,
+        ),
+        (
+            r#"address: "127.0.0.1:8081""#,
+            r#"address: "127.0.0.1:99999""#,
+            r#"cluster "users": endpoints[0].address: invalid address"#,
+        ),
+        (
+            "methods: [GET]",
+            "methods: [\"G T\"]",
+            r#"match.methods[0]: invalid method"#,
+        ),
+        (
+            "{ name: x-env, exact: canary }",
+            "{ name: x-env, exact: canary, present: true }",
+            "match.headers[0]: set exactly one of exact, regex, present",
+        ),
+        (
+            "status: 200",
+            "status: 42",
+            "direct_response.status: invalid status 42",
+        ),
+        (
+            "{ cluster: users, weight: 9 }, { cluster: pg, weight: 1 }",
+            "{ cluster: users, weight: 0 }",
+            "weighted_clusters: needs at least one cluster with a weight above 0",
+        ),
+        (
+            "set: { x-a: \"1\" }",
+            "set: { content-length: \"1\" }",
+            "request_headers.set.content-length: \"content-length\" is managed by the proxy",
+        ),
+        (
+            "address: 127.0.0.1:0\n    route_config",
+            "address: localhost\n    route_config",
+            r#"listener "web": address: invalid socket address"#,
+        ),
+        (
+            "protocol: tcp",
+            "protocol: udp",
+            r#"listener "db": protocol: unknown value "udp""#,
+        ),
+    ];
+    for (from, to, want) in cases {
+        assert!(
+            VALID.contains(from),
+            "test case pattern {from:?} not in the base config"
+        );
+        let errors = errors_of(&VALID.replacen(from, to, 1));
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "replacing {from:?} with {to:?}: want {want:?}, got {errors:#?}"
+        );
+    }
+}
+
+#[test]
+fn unknown_fields_are_rejected_with_their_path() {
+    let err = Config::from_yaml(
+        &VALID.replace("lb: least_request", "lb: least_request\n    lbb: x"),
+        "f.yaml",
+    )
+    .unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("unknown field `lbb`"), "{text}");
+    assert!(text.contains("clusters[0]"), "{text}");
+}
+
+#[test]
+fn every_problem_is_reported_at_once() {
+    let yaml = VALID
+        .replace("lb: least_request", "lb: nope")
+        .replace("protocol: tcp", "protocol: udp");
+    assert_eq!(errors_of(&yaml).len(), 2, "{:#?}", errors_of(&yaml));
+}
+
+#[test]
+fn duplicates_are_rejected() {
+    let yaml = VALID.replace("name: pg\n    endpoints", "name: users\n    endpoints");
+    let errors = errors_of(&yaml);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains(r#"cluster "users": name: duplicate name"#)),
+        "{errors:#?}"
+    );
+    let yaml = VALID.replace(
+        r#"["api.example.com", "*.example.com"]"#,
+        r#"["api.example.com", "API.example.com"]"#,
+    );
+    assert!(
+        errors_of(&yaml)
+            .iter()
+            .any(|e| e.contains("claimed by more than one virtual host"))
+    );
+}
+
+#[test]
+fn endpoint_addresses_parse() {
+    let cases = [
+        ("127.0.0.1:80", true),
+        ("[::1]:80", true),
+        ("svc.default.cluster.local:8080", true),
+        ("localhost:1", true),
+        ("localhost", false),
+        ("host:0", false),
+        ("bad host:80", false),
+        (":80", false),
+        ("a..b:80", false),
+    ];
+    for (address, ok) in cases {
+        assert_eq!(parse_endpoint_address(address).is_some(), ok, "{address}");
+    }
+}
+
+#[test]
+fn reverse_proxy_shorthand_is_valid() {
+    let config = Config::reverse_proxy(
+        "127.0.0.1:0",
+        &["127.0.0.1:1".into(), "127.0.0.1:2".into()],
+        None,
+    )
+    .unwrap();
+    assert_eq!(config.clusters[0].endpoints.len(), 2);
+    let err = Config::reverse_proxy("127.0.0.1:0", &["nope".into()], None).unwrap_err();
+    assert!(err.to_string().contains("endpoints[0].address"), "{err}");
+}

@@ -1,0 +1,8 @@
+//! HTTP: the hyper server glue, the router, header rules, upgrades and
+//! the error-to-response mapping.
+
+pub(crate) mod body;
+pub(crate) mod error;
+mod headers;
+pub(crate) mod router;
+pub(crate) mod server;

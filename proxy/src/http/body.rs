@@ -1,0 +1,139 @@
+//! The response body type the proxy hands to hyper: either the upstream's
+//! streamed body or a small body the proxy made itself (errors, direct
+//! responses). An enum, not a boxed trait object, so no allocation per
+//! response. It counts the bytes it yields and, when dropped (finished or
+//! abandoned), records the request's metrics and access-log line once.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::cluster::UpstreamBody;
+use crate::telemetry::{AccessLog, AccessRecord, RequestMetrics};
+
+/// What to record when the response is over.
+#[derive(Debug)]
+pub(crate) struct Finish {
+    pub(crate) start: Instant,
+    pub(crate) status: http::StatusCode,
+    pub(crate) metrics: std::sync::Arc<RequestMetrics>,
+    pub(crate) access: Option<(AccessLog, Box<AccessRecord>)>,
+}
+
+impl Finish {
+    fn done(self, bytes_sent: u64) {
+        let duration = self.start.elapsed();
+        self.metrics.record(self.status, duration);
+        if let Some((log, mut record)) = self.access {
+            record.bytes_sent = bytes_sent;
+            record.duration = duration;
+            log.log(*record);
+        }
+    }
+}
+
+pin_project! {
+    #[project = InnerProj]
+    #[derive(Debug)]
+    enum Inner {
+        Upstream { #[pin] body: UpstreamBody },
+        Full { data: Option<Bytes> },
+    }
+}
+
+pin_project! {
+    /// The proxy's response body.
+    #[derive(Debug)]
+    pub(crate) struct ResponseBody {
+        #[pin]
+        inner: Inner,
+        sent: u64,
+        finish: Option<Finish>,
+    }
+
+    impl PinnedDrop for ResponseBody {
+        fn drop(this: Pin<&mut Self>) {
+            let this = this.project();
+            if let Some(finish) = this.finish.take() {
+                finish.done(*this.sent);
+            }
+        }
+    }
+}
+
+impl ResponseBody {
+    /// A body the proxy made.
+    pub(crate) fn full(data: Bytes) -> Self {
+        let data = (!data.is_empty()).then_some(data);
+        Self {
+            inner: Inner::Full { data },
+            sent: 0,
+            finish: None,
+        }
+    }
+
+    /// No body.
+    pub(crate) fn empty() -> Self {
+        Self {
+            inner: Inner::Full { data: None },
+            sent: 0,
+            finish: None,
+        }
+    }
+
+    /// The upstream's body, streamed.
+    pub(crate) fn upstream(body: UpstreamBody) -> Self {
+        Self {
+            inner: Inner::Upstream { body },
+            sent: 0,
+            finish: None,
+        }
+    }
+
+    /// Records `finish` when this body is dropped.
+    pub(crate) fn set_finish(&mut self, finish: Finish) {
+        self.finish = Some(finish);
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.project();
+        let polled = match this.inner.project() {
+            InnerProj::Upstream { body } => body.poll_frame(cx),
+            InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
+        };
+        if let Poll::Ready(Some(Ok(frame))) = &polled
+            && let Some(data) = frame.data_ref()
+        {
+            *this.sent += data.len() as u64;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream { body } => body.is_end_stream(),
+            Inner::Full { data } => data.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream { body } => body.size_hint(),
+            Inner::Full { data } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! Header rules every proxied request and response follows: hop-by-hop
+//! headers removed (RFC 9110 §7.6.1), `x-forwarded-for` appended,
+//! `x-forwarded-proto` set when absent, `x-request-id` generated when
+//! absent, `via` appended when configured, and each route's own rules.
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+
+use crate::config::HeaderOps;
+
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+static HTTP: HeaderValue = HeaderValue::from_static("http");
+static UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
+
+/// Removes connection-specific headers. With `keep_upgrade` (an HTTP/1.1
+/// upgrade being forwarded), `upgrade` stays and `connection: upgrade` is
+/// restored, since the upstream must see the upgrade request.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Headers the sender listed in `connection` are hop-by-hop too.
+    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
+        for token in connection.to_str().unwrap_or("").split(',') {
+            let token = token.trim();
+            if token.eq_ignore_ascii_case("upgrade")
+                || token.eq_ignore_ascii_case("close")
+                || token.is_empty()
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                && !is_end_to_end_essential(&name)
+            {
+                headers.remove(name);
+            }
+        }
+        headers.remove(header::CONNECTION);
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    // `te: trailers` is how gRPC says it understands trailers; anything
+    // else in `te` is about this hop only.
+    if headers
+        .get(header::TE)
+        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    {
+        headers.remove(header::TE);
+    }
+    if keep_upgrade {
+        headers.insert(header::CONNECTION, UPGRADE.clone());
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// A client cannot make the proxy drop these by listing them in
+/// `connection`.
+fn is_end_to_end_essential(name: &HeaderName) -> bool {
+    name == header::HOST
+        || name == header::CONTENT_LENGTH
+        || name == header::CONTENT_TYPE
+        || name == header::TE
+}
+
+/// True for an HTTP/1.1 upgrade request (`connection: upgrade` plus an
+/// `upgrade` header).
+pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers.get_all(header::CONNECTION).iter().any(|v| {
+            v.to_str().is_ok_and(|s| {
+                s.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
+        })
+}
+
+/// Appends the client's address to `x-forwarded-for` and sets
+/// `x-forwarded-proto` when absent.
+pub(crate) fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
+    match headers.get(&X_FORWARDED_FOR) {
+        Some(existing) => {
+            let mut value = Vec::with_capacity(existing.len() + 2 + peer_ip.len());
+            value.extend_from_slice(existing.as_bytes());
+            value.extend_from_slice(b", ");
+            value.extend_from_slice(peer_ip.as_bytes());
+            if let Ok(value) = HeaderValue::from_bytes(&value) {
+                headers.insert(X_FORWARDED_FOR.clone(), value);
+            }
+        }
+        None => {
+            headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone());
+        }
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
+    }
+}
+
+/// Returns the request's `x-request-id`, generating a random (UUIDv4
+/// shaped) one when absent.
+pub(crate) fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
+    if let Some(id) = headers.get(&X_REQUEST_ID) {
+        return id.clone();
+    }
+    let (hi, lo) = crate::cluster::with_thread_rng(|rng| (rng.u64(..), rng.u64(..)));
+    let bits = (u128::from(hi) << 64 | u128::from(lo)) & !(0xF000u128 << 64) & !(0xC000u128 << 48);
+    let bits = bits | (0x4000u128 << 64) | (0x8000u128 << 48);
+    let mut out = [0u8; 36];
+    let mut pos = 0;
+    for (i, byte) in bits.to_be_bytes().iter().enumerate() {
+        if matches!(i, 4 | 6 | 8 | 10) {
+            out[pos] = b'-';
+            pos += 1;
+        }
+        out[pos] = HEX[usize::from(byte >> 4)];
+        out[pos + 1] = HEX[usize::from(byte & 0xF)];
+        pos += 2;
+    }
+    let id = HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value");
+    headers.insert(X_REQUEST_ID.clone(), id.clone());
+    id
+}
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+/// Applies a route's header rules: remove, then set, then add.
+pub(crate) fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
+    for name in &ops.remove {
+        headers.remove(name);
+    }
+    for (name, value) in &ops.set {
+        headers.insert(name.clone(), value.clone());
+    }
+    for (name, value) in &ops.add {
+        headers.append(name.clone(), value.clone());
+    }
+}
+
+/// Sum of header name and value bytes, as HTTP/2's header list size counts
+/// them (plus 32 per entry, RFC 9113 §6.5.2).
+pub(crate) fn header_list_size(headers: &HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 32)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(*k, HeaderValue::from_static(v));
+        }
+        m
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("te", "gzip"),
+            ("upgrade", "websocket"),
+            ("proxy-connection", "keep-alive"),
+            ("x-keep", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.len(), 1, "{h:?}");
+        assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn te_trailers_and_upgrades_survive() {
+        let mut h = map(&[
+            ("te", "trailers"),
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        assert!(is_upgrade_request(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["te"], "trailers");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn forwarded_for_is_appended() {
+        let ip = HeaderValue::from_static("10.0.0.2");
+        let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
+        add_forwarded(&mut h, &ip);
+        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        let mut h = map(&[("x-forwarded-proto", "https")]);
+        add_forwarded(&mut h, &ip);
+        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn request_id_is_kept_or_generated_as_uuid_v4() {
+        let mut h = map(&[("x-request-id", "abc")]);
+        assert_eq!(ensure_request_id(&mut h), "abc");
+        let mut h = HeaderMap::new();
+        let id = ensure_request_id(&mut h);
+        let s = id.to_str().unwrap();
+        assert_eq!(s.len(), 36);
+        assert_eq!(&s[14..15], "4", "{s}");
+        assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
+        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
+    }
+}

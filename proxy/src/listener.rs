@@ -1,0 +1,222 @@
+//! Accept loops, connection limits and protocol detection.
+//!
+//! A listener is bound once; each accepted connection is handed to the
+//! HTTP server (`http::server`) or the L4 forwarder (`tcp`) according to
+//! the listener's kind in the current snapshot. For HTTP listeners the
+//! first bytes decide the protocol: the HTTP/2 connection preface means
+//! HTTP/2 (prior knowledge), anything else HTTP/1.x. The bytes read to
+//! decide are replayed to the protocol's parser by [`DownstreamIo`], which
+//! also counts the connection's bytes.
+//!
+//! Invariants: at most `max_connections` connections per listener are
+//! served at once (more wait in the kernel's accept queue); every
+//! connection task is tracked by the drain.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+
+use crate::drain::Drain;
+use crate::stack::{ListenerSnapshot, Shared};
+use crate::telemetry::ListenerMetrics;
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// The protocol a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// Runs one listener's accept loop until the drain signal.
+pub(crate) async fn accept_loop(
+    listener: TcpListener,
+    index: usize,
+    shared: Shared,
+    drain: Drain,
+    max_connections: u32,
+) {
+    let limit = Arc::new(Semaphore::new(max_connections as usize));
+    loop {
+        let permit = tokio::select! {
+            permit = limit.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return, // the semaphore is never closed
+            },
+            () = drain.cancelled() => return,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors or a connection reset before
+                    // accept: back off briefly instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = drain.cancelled() => return,
+        };
+        let _ = stream.set_nodelay(true);
+        let snapshot = shared.load_full();
+        let conn_drain = drain.clone();
+        match snapshot.listener(index) {
+            Some(ListenerSnapshot::Http(http)) => {
+                let http = http.clone();
+                let shared = shared.clone();
+                drain.spawn(async move {
+                    let _permit = permit;
+                    crate::http::server::serve(stream, peer, index, http, shared, conn_drain).await;
+                });
+            }
+            Some(ListenerSnapshot::Tcp(tcp)) => {
+                let tcp = tcp.clone();
+                drain.spawn(async move {
+                    let _permit = permit;
+                    crate::tcp::proxy(stream, peer, tcp, conn_drain).await;
+                });
+            }
+            None => {}
+        }
+    }
+}
+
+/// Reads until the protocol is known, within `deadline`. `None` when the
+/// client sent nothing useful in time (the connection is then dropped).
+pub(crate) async fn detect(
+    mut stream: TcpStream,
+    deadline: Duration,
+    metrics: Arc<ListenerMetrics>,
+) -> Option<(DownstreamIo, Protocol)> {
+    let mut prefix = [0u8; 24];
+    let mut len = 0;
+    let read = async {
+        loop {
+            let n = stream.read(&mut prefix[len..]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            len += n;
+            if prefix[..len] != H2_PREFACE[..len] {
+                return Some(Protocol::Http1);
+            }
+            if len == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+        }
+    };
+    let protocol = tokio::time::timeout(deadline, read).await.ok()??;
+    metrics.bytes_received.fetch_add(len as u64, Relaxed);
+    Some((
+        DownstreamIo {
+            stream,
+            prefix,
+            prefix_len: len as u8,
+            prefix_pos: 0,
+            metrics,
+        },
+        protocol,
+    ))
+}
+
+/// A downstream connection: replays the bytes read for detection, then
+/// reads the socket; counts bytes both ways.
+#[derive(Debug)]
+pub(crate) struct DownstreamIo {
+    stream: TcpStream,
+    prefix: [u8; 24],
+    prefix_len: u8,
+    prefix_pos: u8,
+    metrics: Arc<ListenerMetrics>,
+}
+
+impl AsyncRead for DownstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if this.prefix_pos < this.prefix_len {
+            let rest = &this.prefix[usize::from(this.prefix_pos)..usize::from(this.prefix_len)];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.prefix_pos += n as u8;
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        if polled.is_ready() {
+            this.metrics
+                .bytes_received
+                .fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for DownstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// Counts a listener's open connections while alive.
+#[derive(Debug)]
+pub(crate) struct ConnectionGuard(Arc<ListenerMetrics>);
+
+impl ConnectionGuard {
+    pub(crate) fn new(metrics: Arc<ListenerMetrics>) -> Self {
+        metrics.connections_total.fetch_add(1, Relaxed);
+        metrics.connections_active.fetch_add(1, Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Relaxed);
+    }
+}

@@ -1,0 +1,257 @@
+//! The one place where the L7 and L4 stacks are assembled from a
+//! configuration, and the snapshot that holds them.
+//!
+//! A [`Snapshot`] is immutable and published with one `ArcSwap::store`.
+//! Everything the request path needs is prepared here: route tables with
+//! compiled matchers, each route's service stack, metric handles, header
+//! values. Long-lived state (cluster pools, counters) comes from registries
+//! keyed by name, so an unchanged cluster keeps its connections.
+//!
+//! An HTTP request flows: connection (`http::server`: limits, telemetry,
+//! router, header rules) -> route stack built by [`route_service`]:
+//! timeout -> cluster (load balancer -> endpoint pool -> upstream).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use tower::ServiceBuilder;
+use tower::util::BoxCloneSyncService;
+
+use crate::cluster::{ClusterRegistry, ClusterService, ClusterState, UpstreamBody};
+use crate::config::{self, Config, HeaderOps, ListenerKind, PathMatch, RouteAction};
+use crate::http::error::ProxyError;
+use crate::http::router::RouteTable;
+use crate::resilience::TimeoutLayer;
+use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
+
+/// The published snapshot, shared by every listener.
+pub(crate) type Shared = Arc<ArcSwap<Snapshot>>;
+
+/// A route's service stack, type-erased at the route boundary.
+pub(crate) type RouteService =
+    BoxCloneSyncService<Request<Incoming>, Response<UpstreamBody>, ProxyError>;
+
+/// Everything the data plane needs for one configuration.
+#[derive(Debug)]
+pub(crate) struct Snapshot {
+    pub(crate) config: Arc<Config>,
+    /// Index-aligned with `config.listeners`.
+    listeners: Vec<ListenerSnapshot>,
+    pub(crate) clusters: HashMap<Arc<str>, Arc<ClusterState>>,
+}
+
+impl Snapshot {
+    pub(crate) fn listener(&self, index: usize) -> Option<&ListenerSnapshot> {
+        self.listeners.get(index)
+    }
+}
+
+/// A listener's prepared state.
+#[derive(Debug, Clone)]
+pub(crate) enum ListenerSnapshot {
+    Http(Arc<HttpListener>),
+    Tcp(Arc<TcpListener>),
+}
+
+/// An HTTP listener's prepared state.
+#[derive(Debug)]
+pub(crate) struct HttpListener {
+    pub(crate) config: config::Listener,
+    pub(crate) table: RouteTable<Arc<PreparedRoute>>,
+    pub(crate) via_h1: Option<HeaderValue>,
+    pub(crate) via_h2: Option<HeaderValue>,
+    /// Counts requests that matched no route (or failed before routing).
+    pub(crate) unrouted: Arc<RequestMetrics>,
+    pub(crate) metrics: Arc<ListenerMetrics>,
+    pub(crate) access_log: Option<AccessLog>,
+}
+
+/// A TCP listener's prepared state.
+#[derive(Debug)]
+pub(crate) struct TcpListener {
+    pub(crate) config: config::Listener,
+    pub(crate) cluster: Arc<ClusterState>,
+    pub(crate) metrics: Arc<ListenerMetrics>,
+}
+
+/// A route, ready to serve.
+#[derive(Debug)]
+pub(crate) struct PreparedRoute {
+    pub(crate) name: Arc<str>,
+    pub(crate) action: PreparedAction,
+    pub(crate) rewrite: Option<PathRewrite>,
+    pub(crate) host_rewrite: Option<HeaderValue>,
+    pub(crate) request_headers: HeaderOps,
+    pub(crate) response_headers: HeaderOps,
+}
+
+/// What a prepared route does.
+#[derive(Debug)]
+pub(crate) enum PreparedAction {
+    /// Forward to one of the targets (one unless a weighted split).
+    Forward {
+        targets: Vec<Target>,
+        total_weight: u64,
+    },
+    /// Answer directly.
+    Direct {
+        status: StatusCode,
+        body: Bytes,
+        metrics: Arc<RequestMetrics>,
+    },
+}
+
+/// One cluster a route forwards to.
+#[derive(Debug)]
+pub(crate) struct Target {
+    pub(crate) service: RouteService,
+    pub(crate) metrics: Arc<RequestMetrics>,
+    /// Running weight sum up to and including this target.
+    pub(crate) cumulative_weight: u64,
+}
+
+/// How a route rewrites the path.
+#[derive(Debug)]
+pub(crate) enum PathRewrite {
+    /// Replace the first `matched` bytes (the matched prefix).
+    Prefix {
+        matched: usize,
+        replacement: Box<str>,
+    },
+    /// Replace the whole path (an exact match).
+    Whole(Box<str>),
+}
+
+/// A route's stack, top to bottom in request order.
+fn route_service(route: &config::Route, cluster: &Arc<ClusterState>) -> RouteService {
+    let svc = ServiceBuilder::new()
+        .layer(TimeoutLayer::new(route.timeout)) // request to response headers
+        .service(ClusterService::new(cluster.clone())); // lb -> pool -> upstream
+    BoxCloneSyncService::new(svc)
+}
+
+/// Builds a snapshot. Reconciles cluster state (resolving new DNS names
+/// first), so it awaits; it does no I/O on the request path's runtime
+/// beyond that.
+pub(crate) async fn build(
+    config: Arc<Config>,
+    registry: &ClusterRegistry,
+    metrics: &Metrics,
+    access_log: Option<&AccessLog>,
+) -> Snapshot {
+    let clusters = registry.reconcile(&config.clusters).await;
+    let cluster = |name: &str| {
+        clusters
+            .get(name)
+            .cloned()
+            .expect("validation guarantees that cluster references resolve")
+    };
+    let empty: Arc<str> = Arc::from("");
+    let listeners = config
+        .listeners
+        .iter()
+        .map(|listener| {
+            let listener_metrics = metrics.listener(&listener.name);
+            match &listener.kind {
+                ListenerKind::Tcp { cluster: name } => {
+                    ListenerSnapshot::Tcp(Arc::new(TcpListener {
+                        config: listener.clone(),
+                        cluster: cluster(name),
+                        metrics: listener_metrics,
+                    }))
+                }
+                ListenerKind::Http { route_config } => {
+                    let routes = config
+                        .route_configs
+                        .iter()
+                        .find(|r| r.name == *route_config)
+                        .expect("validation guarantees that route_config references resolve");
+                    let table = RouteTable::new(routes, |_, route| {
+                        Arc::new(prepare_route(route, &listener.name, metrics, &cluster))
+                    });
+                    let via = |version: &str| {
+                        listener
+                            .via
+                            .as_ref()
+                            .and_then(|via| HeaderValue::try_from(format!("{version} {via}")).ok())
+                    };
+                    ListenerSnapshot::Http(Arc::new(HttpListener {
+                        config: listener.clone(),
+                        table,
+                        via_h1: via("1.1"),
+                        via_h2: via("2"),
+                        unrouted: metrics.request(&listener.name, &empty, &empty),
+                        metrics: listener_metrics,
+                        access_log: access_log.cloned(),
+                    }))
+                }
+            }
+        })
+        .collect();
+    Snapshot {
+        config,
+        listeners,
+        clusters,
+    }
+}
+
+fn prepare_route(
+    route: &config::Route,
+    listener: &Arc<str>,
+    metrics: &Metrics,
+    cluster: &impl Fn(&str) -> Arc<ClusterState>,
+) -> PreparedRoute {
+    let target = |name: &Arc<str>, cumulative_weight: u64| Target {
+        service: route_service(route, &cluster(name)),
+        metrics: metrics.request(listener, &route.name, name),
+        cumulative_weight,
+    };
+    let action = match &route.action {
+        RouteAction::Cluster(name) => PreparedAction::Forward {
+            targets: vec![target(name, 1)],
+            total_weight: 1,
+        },
+        RouteAction::Weighted(split) => {
+            let mut total = 0;
+            let targets = split
+                .iter()
+                .filter(|(_, weight)| *weight > 0)
+                .map(|(name, weight)| {
+                    total += u64::from(*weight);
+                    target(name, total)
+                })
+                .collect();
+            PreparedAction::Forward {
+                targets,
+                total_weight: total,
+            }
+        }
+        RouteAction::Direct { status, body } => PreparedAction::Direct {
+            status: *status,
+            body: body.clone(),
+            metrics: metrics.request(listener, &route.name, &Arc::from("")),
+        },
+    };
+    let rewrite = route
+        .prefix_rewrite
+        .as_ref()
+        .map(|replacement| match &route.matcher.path {
+            PathMatch::Prefix(prefix) => PathRewrite::Prefix {
+                matched: prefix.len(),
+                replacement: replacement.clone(),
+            },
+            PathMatch::Exact(_) | PathMatch::Regex(_) => PathRewrite::Whole(replacement.clone()),
+        });
+    PreparedRoute {
+        name: route.name.clone(),
+        action,
+        rewrite,
+        host_rewrite: route.host_rewrite.clone(),
+        request_headers: route.request_headers.clone(),
+        response_headers: route.response_headers.clone(),
+    }
+}

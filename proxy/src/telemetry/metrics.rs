@@ -1,0 +1,332 @@
+//! The metrics registry and its Prometheus text exposition.
+//!
+//! Names follow `weft_<area>_<name>_<unit>`; labels are bounded (listener,
+//! route, cluster, status class), never a raw path or address.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Upper bounds (seconds) of the latency histogram buckets.
+const BUCKETS_SECONDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// A latency histogram. Buckets are stored non-cumulatively (one atomic
+/// increment per observation) and summed up when rendered.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; BUCKETS_SECONDS.len() + 1],
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    /// Records one observation.
+    pub fn observe(&self, value: Duration) {
+        let seconds = value.as_secs_f64();
+        let index = BUCKETS_SECONDS
+            .iter()
+            .position(|&le| seconds <= le)
+            .unwrap_or(BUCKETS_SECONDS.len());
+        self.buckets[index].fetch_add(1, Relaxed);
+        self.sum_nanos
+            .fetch_add(u64::try_from(value.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Number of observations.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|b| b.load(Relaxed)).sum()
+    }
+
+    fn render(&self, out: &mut String, name: &str, labels: &str) {
+        let mut cumulative = 0;
+        for (i, le) in BUCKETS_SECONDS.iter().enumerate() {
+            cumulative += self.buckets[i].load(Relaxed);
+            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+        }
+        cumulative += self.buckets[BUCKETS_SECONDS.len()].load(Relaxed);
+        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
+        let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
+        let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
+    }
+}
+
+/// Per (listener, route, cluster) request counters.
+#[derive(Debug, Default)]
+pub struct RequestMetrics {
+    by_class: [AtomicU64; 5],
+    /// Time from request headers received to response body finished.
+    pub duration: Histogram,
+}
+
+impl RequestMetrics {
+    /// Records one finished request.
+    pub fn record(&self, status: StatusCode, duration: Duration) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.by_class[class].fetch_add(1, Relaxed);
+        self.duration.observe(duration);
+    }
+
+    /// Requests counted with this status class (1..=5).
+    pub fn count(&self, class: usize) -> u64 {
+        self.by_class
+            .get(class.wrapping_sub(1))
+            .map_or(0, |c| c.load(Relaxed))
+    }
+}
+
+/// Per-listener connection and byte counters.
+#[derive(Debug, Default)]
+pub struct ListenerMetrics {
+    /// Open downstream connections.
+    pub connections_active: AtomicI64,
+    /// Accepted downstream connections.
+    pub connections_total: AtomicU64,
+    /// Bytes read from clients.
+    pub bytes_received: AtomicU64,
+    /// Bytes written to clients.
+    pub bytes_sent: AtomicU64,
+}
+
+/// Per-cluster upstream counters.
+#[derive(Debug, Default)]
+pub struct ClusterMetrics {
+    /// Failed or timed-out connection attempts.
+    pub connect_failures: AtomicU64,
+    /// Open upstream connections.
+    pub connections_active: AtomicI64,
+    /// Upstream connections opened.
+    pub connections_total: AtomicU64,
+    /// Requests sent upstream.
+    pub requests_total: AtomicU64,
+}
+
+type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
+
+/// A gauge or counter series: name, type, help, and how to read it.
+type Series<M> = (&'static str, &'static str, &'static str, fn(&M) -> i64);
+
+#[derive(Debug, Default)]
+struct Registry {
+    requests: BTreeMap<RequestKey, Arc<RequestMetrics>>,
+    listeners: BTreeMap<Arc<str>, Arc<ListenerMetrics>>,
+    clusters: BTreeMap<Arc<str>, Arc<ClusterMetrics>>,
+}
+
+/// The registry. Handles are looked up by name only while a snapshot is
+/// built; scrapes read the atomics.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+}
+
+impl Metrics {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn registry(&self) -> std::sync::MutexGuard<'_, Registry> {
+        // A panic while holding this lock cannot leave the maps half-updated
+        // (each operation is one insert), so a poisoned lock is still usable.
+        self.registry.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The request counters for a listener/route/cluster triple (cluster is
+    /// empty for direct responses and errors before a cluster is chosen).
+    pub fn request(
+        &self,
+        listener: &Arc<str>,
+        route: &Arc<str>,
+        cluster: &Arc<str>,
+    ) -> Arc<RequestMetrics> {
+        self.registry()
+            .requests
+            .entry((listener.clone(), route.clone(), cluster.clone()))
+            .or_default()
+            .clone()
+    }
+
+    /// The counters of a listener.
+    pub fn listener(&self, name: &Arc<str>) -> Arc<ListenerMetrics> {
+        self.registry()
+            .listeners
+            .entry(name.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// The counters of a cluster.
+    pub fn cluster(&self, name: &Arc<str>) -> Arc<ClusterMetrics> {
+        self.registry()
+            .clusters
+            .entry(name.clone())
+            .or_default()
+            .clone()
+    }
+
+    /// Renders the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self) -> String {
+        let registry = self.registry();
+        let mut out = String::with_capacity(4096);
+        out.push_str("# HELP weft_http_requests_total HTTP requests by listener, route, cluster and status class.\n");
+        out.push_str("# TYPE weft_http_requests_total counter\n");
+        for ((listener, route, cluster), m) in &registry.requests {
+            for class in 1..=5 {
+                let _ = writeln!(
+                    out,
+                    "weft_http_requests_total{{listener=\"{}\",route=\"{}\",cluster=\"{}\",status_class=\"{class}xx\"}} {}",
+                    escape(listener),
+                    escape(route),
+                    escape(cluster),
+                    m.count(class)
+                );
+            }
+        }
+        out.push_str("# HELP weft_http_request_duration_seconds Time from request headers to the end of the response.\n");
+        out.push_str("# TYPE weft_http_request_duration_seconds histogram\n");
+        for ((listener, route, cluster), m) in &registry.requests {
+            let labels = format!(
+                "listener=\"{}\",route=\"{}\",cluster=\"{}\"",
+                escape(listener),
+                escape(route),
+                escape(cluster)
+            );
+            m.duration
+                .render(&mut out, "weft_http_request_duration_seconds", &labels);
+        }
+        let listener_series: [Series<ListenerMetrics>; 4] = [
+            (
+                "weft_downstream_connections_active",
+                "gauge",
+                "Open client connections.",
+                |m| m.connections_active.load(Relaxed),
+            ),
+            (
+                "weft_downstream_connections_total",
+                "counter",
+                "Accepted client connections.",
+                |m| i64::try_from(m.connections_total.load(Relaxed)).unwrap_or(i64::MAX),
+            ),
+            (
+                "weft_downstream_received_bytes_total",
+                "counter",
+                "Bytes read from clients.",
+                |m| i64::try_from(m.bytes_received.load(Relaxed)).unwrap_or(i64::MAX),
+            ),
+            (
+                "weft_downstream_sent_bytes_total",
+                "counter",
+                "Bytes written to clients.",
+                |m| i64::try_from(m.bytes_sent.load(Relaxed)).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, kind, help, read) in listener_series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (listener, m) in &registry.listeners {
+                let _ = writeln!(
+                    out,
+                    "{name}{{listener=\"{}\"}} {}",
+                    escape(listener),
+                    read(m)
+                );
+            }
+        }
+        let cluster_series: [Series<ClusterMetrics>; 4] = [
+            (
+                "weft_upstream_connect_failures_total",
+                "counter",
+                "Failed upstream connection attempts.",
+                |m| i64::try_from(m.connect_failures.load(Relaxed)).unwrap_or(i64::MAX),
+            ),
+            (
+                "weft_upstream_connections_active",
+                "gauge",
+                "Open upstream connections.",
+                |m| m.connections_active.load(Relaxed),
+            ),
+            (
+                "weft_upstream_connections_total",
+                "counter",
+                "Upstream connections opened.",
+                |m| i64::try_from(m.connections_total.load(Relaxed)).unwrap_or(i64::MAX),
+            ),
+            (
+                "weft_upstream_requests_total",
+                "counter",
+                "Requests sent upstream.",
+                |m| i64::try_from(m.requests_total.load(Relaxed)).unwrap_or(i64::MAX),
+            ),
+        ];
+        for (name, kind, help, read) in cluster_series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (cluster, m) in &registry.clusters {
+                let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(cluster), read(m));
+            }
+        }
+        out
+    }
+}
+
+/// Escapes a label value (names are validated, but be safe).
+fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
+        value
+            .replace('\\', "\\\\")
+            .replace('"', "\\\"")
+            .replace('\n', "\\n")
+            .into()
+    } else {
+        value.into()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_when_rendered() {
+        let h = Histogram::default();
+        h.observe(Duration::from_micros(100));
+        h.observe(Duration::from_millis(3));
+        h.observe(Duration::from_secs(60));
+        let mut out = String::new();
+        h.render(&mut out, "x", "a=\"b\"");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.0005\"} 1\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"), "{out}");
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 3\n"), "{out}");
+        assert!(out.contains("x_count{a=\"b\"} 3\n"), "{out}");
+    }
+
+    #[test]
+    fn handles_survive_lookups_and_render_by_label() {
+        let metrics = Metrics::new();
+        let (l, r, c): (Arc<str>, Arc<str>, Arc<str>) =
+            ("web".into(), "api".into(), "users".into());
+        metrics
+            .request(&l, &r, &c)
+            .record(StatusCode::OK, Duration::from_millis(1));
+        metrics
+            .request(&l, &r, &c)
+            .record(StatusCode::SERVICE_UNAVAILABLE, Duration::from_millis(1));
+        assert!(Arc::ptr_eq(
+            &metrics.request(&l, &r, &c),
+            &metrics.request(&l, &r, &c)
+        ));
+        let text = metrics.render();
+        assert!(text.contains(
+            "weft_http_requests_total{listener=\"web\",route=\"api\",cluster=\"users\",status_class=\"2xx\"} 1"
+        ));
+        assert!(text.contains(
+            "weft_http_requests_total{listener=\"web\",route=\"api\",cluster=\"users\",status_class=\"5xx\"} 1"
+        ));
+        assert_eq!(escape("a\"b"), "a\\\"b");
+    }
+}
