@@ -1,1 +1,404 @@
-//! End-to-end test support.
+//! End-to-end test support: start `weft-proxy` as a real process on
+//! loopback ports chosen by the OS, read back what it bound, wait for
+//! `/ready`, and talk to it with real clients. Echo upstreams come from
+//! `weft-bench` and run in-process.
+//!
+//! Each test reads as the behaviour it checks; everything about processes,
+//! ports and readiness lives here.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use anyhow::{Context as _, bail};
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::net::TcpStream;
+
+pub use weft_bench::echo::{EchoOptions, EchoServer, TcpEchoServer};
+
+/// Generous bound for anything that should take milliseconds.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The `weft-proxy` binary, built on first use so that a test run never
+/// executes a stale one.
+pub fn proxy_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| build_binary("weft-proxy", "weft-proxy"))
+}
+
+fn build_binary(package: &str, bin: &str) -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().expect("the test knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test executables live in target/<profile>/deps");
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut build = std::process::Command::new(cargo);
+    build.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
+        build.arg("--release");
+    }
+    let status = build.status().expect("cargo runs");
+    assert!(status.success(), "building {bin} failed");
+    let path = profile_dir.join(bin);
+    assert!(path.exists(), "{} missing after build", path.display());
+    path
+}
+
+/// A `weft-proxy` process. Killed when dropped.
+#[derive(Debug)]
+pub struct ProxyProcess {
+    child: tokio::process::Child,
+    /// The admin server's address.
+    pub admin: SocketAddr,
+    listeners: HashMap<String, SocketAddr>,
+    dir: TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts a proxy from a YAML configuration and waits until `/ready`.
+    /// The configuration should bind every listener and the admin server
+    /// to `127.0.0.1:0`.
+    pub async fn start(config: &str) -> anyhow::Result<Self> {
+        let dir = TempDir::new()?;
+        let path = dir.path().join("proxy.yaml");
+        std::fs::write(&path, config)?;
+        Self::spawn(&["--config".as_ref(), path.as_os_str()], dir).await
+    }
+
+    /// Starts a proxy with raw arguments (plus `--print-addresses`).
+    pub async fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
+        let dir = TempDir::new()?;
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        Self::spawn(&args, dir).await
+    }
+
+    async fn spawn(args: &[&std::ffi::OsStr], dir: TempDir) -> anyhow::Result<Self> {
+        let log = std::fs::File::create(dir.path().join("proxy.log"))?;
+        let mut child = tokio::process::Command::new(proxy_binary())
+            .args(args)
+            .args(["--print-addresses", "--log-level", "weft_proxy=debug,info"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning weft-proxy")?;
+        let stdout = child.stdout.take().context("stdout is piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = match tokio::time::timeout(DEADLINE, lines.next_line()).await {
+            Ok(Ok(Some(line))) => line,
+            _ => {
+                let log = std::fs::read_to_string(dir.path().join("proxy.log")).unwrap_or_default();
+                bail!("weft-proxy printed no addresses; its log:\n{log}");
+            }
+        };
+        // Keep draining stdout (the access log may go there) so the proxy
+        // never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let printed: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("parsing {line:?}"))?;
+        let admin = printed["admin"]
+            .as_str()
+            .context("admin address printed")?
+            .parse()?;
+        let mut listeners = HashMap::new();
+        for entry in printed["listeners"]
+            .as_array()
+            .context("listeners printed")?
+        {
+            let name = entry[0].as_str().context("listener name")?.to_owned();
+            let addr = entry[1].as_str().context("listener address")?.parse()?;
+            listeners.insert(name, addr);
+        }
+        let proxy = Self {
+            child,
+            admin,
+            listeners,
+            dir,
+        };
+        let ready = eventually(DEADLINE, || async {
+            proxy.admin_get("/ready").await.is_ok_and(|(s, _)| s == 200)
+        })
+        .await;
+        anyhow::ensure!(ready, "proxy never became ready; log:\n{}", proxy.log());
+        Ok(proxy)
+    }
+
+    /// A listener's bound address.
+    pub fn listener(&self, name: &str) -> SocketAddr {
+        *self
+            .listeners
+            .get(name)
+            .unwrap_or_else(|| panic!("no listener named {name:?}"))
+    }
+
+    /// GETs an admin path; returns status and body.
+    pub async fn admin_get(&self, path: &str) -> anyhow::Result<(u16, String)> {
+        let response = http1_request(self.admin, get(self.admin, path)).await?;
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    /// The value of one Prometheus series (exact label set), 0 if absent.
+    pub async fn metric(&self, series: &str) -> f64 {
+        let (_, text) = self.admin_get("/metrics").await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| {
+                l.strip_prefix(series)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
+            .unwrap_or(0.0)
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().unwrap_or(0)
+    }
+
+    /// Peak resident memory so far (VmHWM), in KiB.
+    pub fn peak_rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Sends SIGTERM (begins the drain).
+    pub fn terminate(&self) {
+        let _ = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+    }
+
+    /// Waits for the process to exit; returns its exit code.
+    pub async fn wait(&mut self) -> anyhow::Result<Option<i32>> {
+        let status = tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .context("proxy did not exit")??;
+        Ok(status.code())
+    }
+
+    /// The proxy's log so far (stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("proxy.log")).unwrap_or_default()
+    }
+
+    /// A file in the proxy's scratch directory (e.g. for an access log).
+    pub fn scratch_path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+/// A scratch directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new() -> anyhow::Result<Self> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "weft-e2e-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    /// The directory.
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `condition` until it holds or `deadline` passes (10 ms apart).
+pub async fn eventually<F, Fut>(deadline: Duration, mut condition: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if condition().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Starts an in-process echo upstream named `name` on a free port.
+pub async fn echo(name: &str) -> EchoServer {
+    EchoServer::bind(EchoOptions::new(loopback0()).with_name(name))
+        .await
+        .expect("echo server binds")
+}
+
+/// `127.0.0.1:0`.
+pub fn loopback0() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 0))
+}
+
+/// A GET request for `path` with `host: addr`.
+pub fn get(addr: SocketAddr, path: &str) -> Request<Full<Bytes>> {
+    request(addr, "GET", path, Bytes::new())
+}
+
+/// A request with a body and `host: addr`.
+pub fn request(addr: SocketAddr, method: &str, path: &str, body: Bytes) -> Request<Full<Bytes>> {
+    Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, addr.to_string())
+        .body(Full::new(body))
+        .expect("test requests are well-formed")
+}
+
+/// Sends one request over a new HTTP/1.1 connection.
+pub async fn http1_request<B>(
+    addr: SocketAddr,
+    req: Request<B>,
+) -> anyhow::Result<Response<Incoming>>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut sender = http1_connect(addr).await?;
+    Ok(tokio::time::timeout(DEADLINE, sender.send_request(req)).await??)
+}
+
+/// Opens an HTTP/1.1 client connection.
+pub async fn http1_connect<B>(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http1::SendRequest<B>>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(conn.with_upgrades());
+    Ok(sender)
+}
+
+/// Opens an HTTP/2 (prior knowledge) client connection.
+pub async fn http2_connect<B>(
+    addr: SocketAddr,
+) -> anyhow::Result<hyper::client::conn::http2::SendRequest<B>>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = TcpStream::connect(addr).await?;
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(conn);
+    Ok(sender)
+}
+
+/// Sends one request over a new HTTP/2 connection; the URI must be
+/// absolute (`http://host/path`).
+pub async fn http2_request<B>(
+    addr: SocketAddr,
+    req: Request<B>,
+) -> anyhow::Result<Response<Incoming>>
+where
+    B: http_body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut sender = http2_connect(addr).await?;
+    Ok(tokio::time::timeout(DEADLINE, sender.send_request(req)).await??)
+}
+
+/// Reads a response body to the end.
+pub async fn body_bytes(response: Response<Incoming>) -> anyhow::Result<Bytes> {
+    Ok(
+        tokio::time::timeout(DEADLINE, response.into_body().collect())
+            .await??
+            .to_bytes(),
+    )
+}
+
+/// A header's value as a string ("" when absent).
+pub fn header<'a>(response: &'a Response<Incoming>, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+/// A gRPC channel over one HTTP/2 connection, for tonic's generated
+/// clients (which bring no transport of their own here).
+#[derive(Debug, Clone)]
+pub struct GrpcChannel {
+    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+}
+
+impl GrpcChannel {
+    /// Connects to `addr` with HTTP/2 prior knowledge.
+    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
+        Ok(Self {
+            sender: http2_connect(addr).await?,
+        })
+    }
+}
+
+impl tower::Service<Request<tonic::body::Body>> for GrpcChannel {
+    type Response = Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), hyper::Error>> {
+        self.sender.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<tonic::body::Body>) -> Self::Future {
+        let fut = self.sender.send_request(req);
+        Box::pin(fut)
+    }
+}
+
+/// A tonic echo client over a [`GrpcChannel`] to `addr`.
+pub async fn echo_client(
+    addr: SocketAddr,
+) -> anyhow::Result<weft_proto::echo::v1::echo_client::EchoClient<GrpcChannel>> {
+    let origin: http::Uri = format!("http://{addr}").parse()?;
+    Ok(weft_proto::echo::v1::echo_client::EchoClient::with_origin(
+        GrpcChannel::connect(addr).await?,
+        origin,
+    ))
+}

@@ -1,0 +1,40 @@
+//! `weft-bench`: the bench harness's command line.
+//!
+//! Only parses flags, sets up logging (stderr; `RUST_LOG` filters, `info` by
+//! default) and hands each subcommand to its library module, which builds
+//! its own runtime (worker counts differ per subcommand). Stdout is kept for
+//! the subcommands' machine-readable output.
+
+use std::io::IsTerminal as _;
+
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+/// Weft's bench harness.
+#[derive(Debug, Parser)]
+#[command(name = "weft-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the echo upstream: HTTP/1.1, h2c, gRPC and upgrades on one port,
+    /// and optionally an opaque TCP echo.
+    Echo(weft_bench::echo::EchoArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    match cli.command {
+        Command::Echo(args) => weft_bench::echo::run(&args),
+    }
+}

@@ -1,0 +1,211 @@
+//! Admin endpoints, metrics, the access log and the graceful drain.
+
+// Helpers outside #[test] functions unwrap too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http_body_util::Full;
+use weft_tests::*;
+
+fn config(echo: std::net::SocketAddr, extra: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+drain_timeout: 5s
+{extra}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - {{ name: all, cluster: echo }}
+clusters:
+  - {{ name: echo, endpoints: [{{ address: "{echo}" }}] }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn admin_reports_readiness_config_clusters_and_metrics() {
+    let echo = echo("a").await;
+    let proxy = ProxyProcess::start(&config(echo.local_addr(), ""))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    assert_eq!(
+        proxy.admin_get("/ready").await.unwrap(),
+        (200, "ready\n".into())
+    );
+    assert_eq!(proxy.admin_get("/live").await.unwrap().0, 200);
+    assert_eq!(proxy.admin_get("/nope").await.unwrap().0, 404);
+
+    for status in ["200", "201", "503"] {
+        let mut req = get(web, "/x");
+        req.headers_mut()
+            .insert("x-echo-status", status.parse().unwrap());
+        body_bytes(http1_request(web, req).await.unwrap())
+            .await
+            .unwrap();
+    }
+    let series = |class: &str| {
+        format!(
+            "weft_http_requests_total{{listener=\"web\",route=\"all\",cluster=\"echo\",status_class=\"{class}\"}}"
+        )
+    };
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy.metric(&series("2xx")).await == 2.0
+        })
+        .await
+    );
+    assert_eq!(proxy.metric(&series("5xx")).await, 1.0);
+    assert_eq!(
+        proxy
+            .metric("weft_http_request_duration_seconds_count{listener=\"web\",route=\"all\",cluster=\"echo\"}")
+            .await,
+        3.0
+    );
+    assert!(
+        proxy
+            .metric("weft_downstream_connections_total{listener=\"web\"}")
+            .await
+            >= 3.0
+    );
+    assert!(
+        proxy
+            .metric("weft_downstream_received_bytes_total{listener=\"web\"}")
+            .await
+            > 0.0
+    );
+
+    let (_, dump) = proxy.admin_get("/config_dump").await.unwrap();
+    let dump: serde_json::Value = serde_json::from_str(&dump).unwrap();
+    assert_eq!(dump["config"]["clusters"][0]["name"], "echo");
+    assert!(dump["source"].as_str().unwrap().ends_with("proxy.yaml"));
+
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let endpoint = &clusters[0]["endpoints"][0];
+    assert_eq!(endpoint["address"], echo.local_addr().to_string());
+    assert_eq!(endpoint["requests_total"], 3);
+    assert_eq!(endpoint["health"], "healthy");
+
+    let (_, listeners) = proxy.admin_get("/listeners").await.unwrap();
+    assert!(listeners.contains(&web.to_string()), "{listeners}");
+}
+
+#[tokio::test]
+async fn access_log_writes_one_json_line_per_request() {
+    let echo = echo("a").await;
+    let dir = TempDir::new().unwrap();
+    let log = dir.path().join("access.log");
+    let proxy = ProxyProcess::start(&config(
+        echo.local_addr(),
+        &format!("access_log: {{ path: \"{}\" }}", log.display()),
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    let mut req = request(web, "POST", "/logged?q=1", Bytes::from_static(b"12345"));
+    req.headers_mut()
+        .insert("x-request-id", "req-1".parse().unwrap());
+    body_bytes(http1_request(web, req).await.unwrap())
+        .await
+        .unwrap();
+    let line = {
+        let mut line = String::new();
+        let found = eventually(DEADLINE, || {
+            line = std::fs::read_to_string(&log).unwrap_or_default();
+            std::future::ready(line.ends_with('\n'))
+        })
+        .await;
+        assert!(found, "no access log line");
+        line
+    };
+    let entry: serde_json::Value = serde_json::from_str(line.trim()).unwrap();
+    assert_eq!(entry["method"], "POST");
+    assert_eq!(entry["path"], "/logged?q=1");
+    assert_eq!(entry["authority"], web.to_string());
+    assert_eq!(entry["status"], 200);
+    assert_eq!(entry["route"], "all");
+    assert_eq!(entry["upstream"], echo.local_addr().to_string());
+    assert_eq!(entry["bytes_sent"], 5);
+    assert_eq!(entry["request_id"], "req-1");
+    assert!(entry["duration_ms"].as_f64().unwrap() >= 0.0);
+}
+
+#[tokio::test]
+async fn sigterm_drains_in_flight_requests_then_exits() {
+    let echo = echo("a").await;
+    let mut proxy = ProxyProcess::start(&config(echo.local_addr(), ""))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    // An in-flight request the upstream holds for a while.
+    let mut sender = http1_connect::<Full<Bytes>>(web).await.unwrap();
+    let mut req = get(web, "/slow");
+    req.headers_mut()
+        .insert("x-echo-delay-ms", "700".parse().unwrap());
+    let in_flight = tokio::spawn(sender.send_request(req));
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy
+                .admin_get("/clusters")
+                .await
+                .is_ok_and(|(_, body)| body.contains("\"active_requests\": 1"))
+        })
+        .await
+    );
+    proxy.terminate();
+    // Readiness turns false while draining.
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy.admin_get("/ready").await.is_ok_and(|(s, _)| s == 503)
+        })
+        .await
+    );
+    // The in-flight request completes, told to close its connection.
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "connection"), "close");
+    // And the process exits cleanly.
+    assert_eq!(proxy.wait().await.unwrap(), Some(0));
+    assert!(
+        tokio::net::TcpStream::connect(web).await.is_err(),
+        "listener closed after drain"
+    );
+}
+
+#[tokio::test]
+async fn http2_clients_get_goaway_on_drain() {
+    let echo = echo("a").await;
+    let mut proxy = ProxyProcess::start(&config(echo.local_addr(), ""))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let mut sender = http2_connect::<Full<Bytes>>(web).await.unwrap();
+    let mut req = http::Request::get("http://a/slow")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    req.headers_mut()
+        .insert("x-echo-delay-ms", "700".parse().unwrap());
+    let in_flight = tokio::spawn(sender.send_request(req));
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy
+                .admin_get("/clusters")
+                .await
+                .is_ok_and(|(_, body)| body.contains("\"active_requests\": 1"))
+        })
+        .await
+    );
+    proxy.terminate();
+    let response = in_flight.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    // After GOAWAY the connection takes no new streams.
+    assert!(eventually(DEADLINE, || std::future::ready(sender.is_closed())).await);
+    assert_eq!(proxy.wait().await.unwrap(), Some(0));
+}
