@@ -135,8 +135,8 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
         .filter_map(|name| snapshot.clusters.get(name))
         .map(|cluster| ClusterView {
             name: cluster.config.name.to_string(),
-            protocol: format!("{:?}", cluster.config.protocol).to_lowercase(),
-            lb: format!("{:?}", cluster.config.lb),
+            protocol: cluster.config.protocol.as_str().to_owned(),
+            lb: cluster.config.lb.as_str().to_owned(),
             endpoints: cluster
                 .endpoints()
                 .endpoints

@@ -43,6 +43,9 @@ pub(crate) struct ClusterState {
     pub(crate) config: Arc<Cluster>,
     settings: PoolSettings,
     set: ArcSwap<EndpointSet>,
+    /// The last good resolution of each endpoint (index-aligned with
+    /// `config.endpoints`; empty for literal addresses).
+    dns_cache: Mutex<Vec<Vec<SocketAddr>>>,
 }
 
 impl ClusterState {
@@ -51,6 +54,7 @@ impl ClusterState {
         let state = Self {
             settings,
             set: ArcSwap::from_pointee(EndpointSet::empty(config.lb)),
+            dns_cache: Mutex::new(vec![Vec::new(); config.endpoints.len()]),
             config,
         };
         // Literal addresses are usable at once; DNS names join on resolve.
@@ -81,34 +85,35 @@ impl ClusterState {
     }
 
     /// Re-resolves DNS endpoints and publishes the new set. A name that
-    /// fails to resolve keeps its previous addresses.
+    /// fails to resolve keeps the addresses it last resolved to.
     pub(crate) async fn resolve(&self) {
-        let current = self.set.load_full();
+        let previous = self
+            .dns_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let mut cache = previous.clone();
         let mut resolved = Vec::new();
-        for endpoint in &self.config.endpoints {
+        for (i, endpoint) in self.config.endpoints.iter().enumerate() {
             match &endpoint.address {
                 EndpointAddress::Socket(addr) => resolved.push((*addr, endpoint.weight)),
                 EndpointAddress::Dns { host, port } => {
                     match tokio::net::lookup_host((&**host, *port)).await {
-                        Ok(addrs) => resolved.extend(addrs.map(|a| (a, endpoint.weight))),
+                        Ok(addrs) => cache[i] = addrs.collect(),
                         Err(error) => {
                             tracing::warn!(cluster = %self.config.name, %host, %error, "dns resolution failed; keeping last addresses");
-                            // Keep what this name resolved to before: any current
-                            // endpoint on this port that is not a literal one.
-                            resolved.extend(
-                                current
-                                    .endpoints
-                                    .iter()
-                                    .filter(|e| e.addr.port() == *port && !self.is_literal(e.addr))
-                                    .map(|e| (e.addr, e.weight)),
-                            );
                         }
                     }
+                    resolved.extend(cache[i].iter().map(|a| (*a, endpoint.weight)));
                 }
             }
         }
-        resolved.sort_unstable();
-        resolved.dedup_by_key(|(addr, _)| *addr);
+        *self
+            .dns_cache
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = cache;
+        let resolved = merge(resolved);
+        let current = self.set.load();
         let unchanged = resolved.len() == current.endpoints.len()
             && resolved
                 .iter()
@@ -120,16 +125,8 @@ impl ClusterState {
         }
     }
 
-    fn is_literal(&self, addr: SocketAddr) -> bool {
-        self.config
-            .endpoints
-            .iter()
-            .any(|e| e.address == EndpointAddress::Socket(addr))
-    }
-
-    fn publish(&self, mut addrs: Vec<(SocketAddr, u32)>) {
-        addrs.sort_unstable();
-        addrs.dedup_by_key(|(addr, _)| *addr);
+    fn publish(&self, addrs: Vec<(SocketAddr, u32)>) {
+        let addrs = merge(addrs);
         let current = self.set.load();
         // Reuse endpoints (and their pools) that are still there.
         let endpoints: Vec<Arc<Endpoint>> = addrs
@@ -195,6 +192,20 @@ impl ClusterState {
         }
         endpoint.send(req, wire, guard).await
     }
+}
+
+/// Sorts by address and merges duplicates (two names resolving to one
+/// address) by adding their weights.
+fn merge(mut addrs: Vec<(SocketAddr, u32)>) -> Vec<(SocketAddr, u32)> {
+    addrs.sort_unstable();
+    let mut merged: Vec<(SocketAddr, u32)> = Vec::with_capacity(addrs.len());
+    for (addr, weight) in addrs {
+        match merged.last_mut() {
+            Some((last, total)) if *last == addr => *total = total.saturating_add(weight),
+            _ => merged.push((addr, weight)),
+        }
+    }
+    merged
 }
 
 impl EndpointSet {

@@ -9,6 +9,7 @@
 
 mod model;
 mod spec;
+mod validate;
 
 use std::fmt;
 use std::path::Path;
@@ -16,6 +17,8 @@ use std::sync::Arc;
 
 pub use model::*;
 pub use spec::*;
+#[cfg(test)]
+use validate::parse_endpoint_address;
 
 /// One problem found while validating: which resource, which field, what.
 #[derive(Debug, Clone, PartialEq, Eq)]

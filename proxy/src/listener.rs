@@ -15,9 +15,9 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -97,6 +97,7 @@ pub(crate) async fn detect(
     mut stream: TcpStream,
     deadline: Duration,
     metrics: Arc<ListenerMetrics>,
+    state: Arc<ConnState>,
 ) -> Option<(DownstreamIo, Protocol)> {
     let mut prefix = [0u8; 24];
     let mut len = 0;
@@ -117,16 +118,17 @@ pub(crate) async fn detect(
     };
     let protocol = tokio::time::timeout(deadline, read).await.ok()??;
     metrics.bytes_received.fetch_add(len as u64, Relaxed);
-    Some((
-        DownstreamIo {
-            stream,
-            prefix,
-            prefix_len: len as u8,
-            prefix_pos: 0,
-            metrics,
-        },
-        protocol,
-    ))
+    // The first request's head began with the bytes just read.
+    state.on_read();
+    let io = DownstreamIo {
+        stream,
+        prefix,
+        prefix_len: len as u8,
+        prefix_pos: 0,
+        metrics,
+        state,
+    };
+    Some((io, protocol))
 }
 
 /// A downstream connection: replays the bytes read for detection, then
@@ -138,6 +140,7 @@ pub(crate) struct DownstreamIo {
     prefix_len: u8,
     prefix_pos: u8,
     metrics: Arc<ListenerMetrics>,
+    state: Arc<ConnState>,
 }
 
 impl AsyncRead for DownstreamIo {
@@ -156,10 +159,10 @@ impl AsyncRead for DownstreamIo {
         }
         let before = buf.filled().len();
         let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if polled.is_ready() {
-            this.metrics
-                .bytes_received
-                .fetch_add((buf.filled().len() - before) as u64, Relaxed);
+        let read = buf.filled().len() - before;
+        if polled.is_ready() && read > 0 {
+            this.metrics.bytes_received.fetch_add(read as u64, Relaxed);
+            this.state.on_read();
         }
         polled
     }
@@ -218,5 +221,99 @@ impl ConnectionGuard {
 impl Drop for ConnectionGuard {
     fn drop(&mut self) {
         self.0.connections_active.fetch_sub(1, Relaxed);
+    }
+}
+
+/// What a connection's deadlines need to know: requests in flight, when
+/// the last one finished, and when the bytes of a not-yet-parsed request
+/// head began to arrive.
+///
+/// hyper's own HTTP/1 header timer also runs while a keep-alive connection
+/// waits for its next request, which would close idle keep-alive
+/// connections after the header timeout; so the proxy keeps these deadlines
+/// itself: the header timeout starts at the first byte of a request head,
+/// the idle timeout when the last response ends.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    born: Instant,
+    /// Track request heads (HTTP/1 only: HTTP/2 frames between streams are
+    /// not request heads).
+    track_heads: std::sync::atomic::AtomicBool,
+    in_flight: AtomicU32,
+    started: AtomicU64,
+    /// Milliseconds since `born` (+1; 0 = none).
+    head_started_ms: AtomicU64,
+    last_done_ms: AtomicU64,
+}
+
+impl ConnState {
+    pub(crate) fn new(track_heads: bool) -> Self {
+        Self {
+            born: Instant::now(),
+            track_heads: std::sync::atomic::AtomicBool::new(track_heads),
+            in_flight: AtomicU32::new(0),
+            started: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(0),
+            last_done_ms: AtomicU64::new(1),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.born + Duration::from_millis(ms.saturating_sub(1))
+    }
+
+    fn on_read(&self) {
+        if self.track_heads.load(Relaxed)
+            && self.in_flight.load(Relaxed) == 0
+            && self.head_started_ms.load(Relaxed) == 0
+        {
+            self.head_started_ms.store(self.now_ms(), Relaxed);
+        }
+    }
+
+    /// Stops the header deadline (once the protocol turned out HTTP/2).
+    pub(crate) fn stop_tracking_heads(&self) {
+        self.track_heads.store(false, Relaxed);
+        self.head_started_ms.store(0, Relaxed);
+    }
+
+    /// A request's head was parsed; it is in flight until the guard drops
+    /// (when its response body has been sent or abandoned).
+    pub(crate) fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
+        self.head_started_ms.store(0, Relaxed);
+        RequestGuard(self.clone())
+    }
+
+    /// When the bytes of an unparsed request head began to arrive.
+    pub(crate) fn head_started(&self) -> Option<Instant> {
+        match self.head_started_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(self.instant(ms)),
+        }
+    }
+
+    /// Since when the connection has had nothing to do; `None` when busy.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Relaxed) > 0 || self.head_started_ms.load(Relaxed) != 0 {
+            return None;
+        }
+        Some(self.instant(self.last_done_ms.load(Relaxed)))
+    }
+}
+
+/// Marks a request in flight on its connection.
+#[derive(Debug)]
+pub(crate) struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.last_done_ms.store(self.0.now_ms(), Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
     }
 }

@@ -209,3 +209,91 @@ async fn http2_clients_get_goaway_on_drain() {
     assert!(eventually(DEADLINE, || std::future::ready(sender.is_closed())).await);
     assert_eq!(proxy.wait().await.unwrap(), Some(0));
 }
+
+fn deadlines_config(echo: std::net::SocketAddr, header: &str, idle: &str) -> String {
+    config(echo, "").replace(
+        "route_config: main }",
+        &format!("route_config: main, header_read_timeout: {header}, idle_timeout: {idle} }}"),
+    )
+}
+
+#[tokio::test]
+async fn idle_keep_alive_connection_outlives_the_header_timeout() {
+    let echo = echo("a").await;
+    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "200ms", "30s"))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let mut sender = http1_connect::<Full<Bytes>>(web).await.unwrap();
+    body_bytes(sender.send_request(get(web, "/")).await.unwrap())
+        .await
+        .unwrap();
+    // Waiting is the behaviour under test: an idle keep-alive connection
+    // must not be taken for a slow request head.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    sender.ready().await.unwrap();
+    let response = sender.send_request(get(web, "/")).await.unwrap();
+    assert_eq!(response.status(), 200);
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo("a").await;
+    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "5s", "300ms"))
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(proxy.listener("web"))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = vec![0u8; 4096];
+    let started = std::time::Instant::now();
+    let mut read = Vec::new();
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("closed within the deadline")
+        {
+            Ok(0) | Err(_) => break,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert!(String::from_utf8_lossy(&read).starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(250),
+        "closed before the idle timeout"
+    );
+}
+
+#[tokio::test]
+async fn streaming_response_is_not_cut_by_the_idle_timeout() {
+    use http_body_util::BodyExt;
+    const SIZE: usize = 8 * 1024 * 1024;
+    let echo = echo("a").await;
+    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "5s", "200ms"))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let mut req = get(web, "/download");
+    req.headers_mut()
+        .insert("x-echo-body-size", SIZE.to_string().parse().unwrap());
+    let response = http1_request(web, req).await.unwrap();
+    let mut body = response.into_body();
+    let mut received = body
+        .frame()
+        .await
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .map_or(0, |d| d.len());
+    // A slow reader: the response is in flight, not idle.
+    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    while let Some(frame) = tokio::time::timeout(DEADLINE, body.frame()).await.unwrap() {
+        received += frame.unwrap().into_data().map_or(0, |d| d.len());
+    }
+    assert_eq!(received, SIZE);
+}

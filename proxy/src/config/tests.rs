@@ -233,3 +233,55 @@ fn reverse_proxy_shorthand_is_valid() {
     let err = Config::reverse_proxy("127.0.0.1:0", &["nope".into()], None).unwrap_err();
     assert!(err.to_string().contains("endpoints[0].address"), "{err}");
 }
+
+#[test]
+fn rules_found_by_review_are_enforced() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "status: 200",
+            "status: 700",
+            "direct_response.status: invalid status 700",
+        ),
+        (
+            r#"["api.example.com", "*.example.com"]"#,
+            r#"["api.example.com:8080", "*.example.com"]"#,
+            "without a port",
+        ),
+        (
+            "methods: [GET]",
+            "methods: [get]",
+            r#""get" never matches; methods are case-sensitive (did you mean "GET"?)"#,
+        ),
+        (
+            "cluster: pg\nroute_configs",
+            "cluster: pg\n    via: weft\nroute_configs",
+            r#"listener "db": via: applies to http listeners only"#,
+        ),
+        (
+            r#"[{ address: "127.0.0.1:8081", weight: 3 }, { address: "users.svc.local:80" }]"#,
+            r#"[{ address: "127.0.0.1:8081", weight: 3 }, { address: "127.0.0.1:8081" }]"#,
+            "endpoints[1].address: \"127.0.0.1:8081\" is listed twice",
+        ),
+        (
+            "- name: api\n",
+            "- name: \"bad name\"\n",
+            "virtual_hosts[0].name: \"bad name\" may only contain",
+        ),
+        (
+            "- name: users\n            match",
+            "- name: \"no spaces\"\n            match",
+            "routes[0].name: \"no spaces\" may only contain",
+        ),
+    ];
+    for (from, to, want) in cases {
+        assert!(
+            VALID.contains(from),
+            "test case pattern {from:?} not in the base config"
+        );
+        let errors = errors_of(&VALID.replacen(from, to, 1));
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "replacing {from:?} with {to:?}: want {want:?}, got {errors:#?}"
+        );
+    }
+}

@@ -22,10 +22,15 @@ pub(crate) struct Finish {
     pub(crate) status: http::StatusCode,
     pub(crate) metrics: std::sync::Arc<RequestMetrics>,
     pub(crate) access: Option<(AccessLog, Box<AccessRecord>)>,
+    /// Keeps the request in flight on its connection until the response
+    /// is over (the idle timeout must not fire mid-stream).
+    pub(crate) request: Option<crate::listener::RequestGuard>,
 }
 
 impl Finish {
     fn done(self, bytes_sent: u64) {
+        // The request stops counting as in flight with this.
+        let _request = self.request;
         let duration = self.start.elapsed();
         self.metrics.record(self.status, duration);
         if let Some((log, mut record)) = self.access {

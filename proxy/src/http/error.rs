@@ -129,6 +129,17 @@ impl ProxyError {
         }
     }
 
+    /// The endpoint involved, when one had been chosen.
+    pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
+        match self {
+            Self::UpstreamConnect { endpoint, .. }
+            | Self::ConnectTimeout { endpoint, .. }
+            | Self::UpstreamHandshake { endpoint, .. }
+            | Self::UpstreamReset { endpoint, .. } => Some(*endpoint),
+            _ => None,
+        }
+    }
+
     /// The gRPC status for gRPC callers (grpc/doc/http-grpc-status-mapping).
     fn grpc_status(&self) -> &'static str {
         match self {

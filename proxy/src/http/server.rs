@@ -3,10 +3,11 @@
 //! weighted split, upgrades, and recording the outcome.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version, header};
@@ -20,14 +21,18 @@ use super::error::{ProxyError, is_grpc, to_response};
 use super::headers;
 use super::router::RequestParts;
 use crate::drain::{Drain, TrackedExecutor};
-use crate::listener::{ConnectionGuard, Protocol, detect};
+use crate::listener::{ConnState, ConnectionGuard, Protocol, detect};
 use crate::stack::{
     HttpListener, ListenerSnapshot, PathRewrite, PreparedAction, PreparedRoute, Shared,
 };
-use crate::telemetry::AccessRecord;
+use crate::telemetry::{AccessRecord, RequestMetrics};
 
 /// hyper's HTTP/1 read buffer never goes below this.
 const MIN_H1_BUFFER: usize = 8192;
+/// The codec's hard ceiling on HTTP/1 header count.
+const MAX_H1_HEADERS: usize = 10_000;
+/// Deadline checks never run closer together than this.
+const MIN_CHECK: Duration = Duration::from_millis(10);
 
 /// Per-connection state shared by the connection's requests.
 #[derive(Debug)]
@@ -37,9 +42,7 @@ struct Connection {
     peer_ip: HeaderValue,
     shared: Shared,
     drain: Drain,
-    /// Requests started, and in flight, for the idle timeout.
-    started: AtomicU64,
-    in_flight: AtomicU32,
+    state: Arc<ConnState>,
 }
 
 /// Serves one accepted connection until it closes, drains or idles out.
@@ -53,15 +56,21 @@ pub(crate) async fn serve(
 ) {
     let _guard = ConnectionGuard::new(listener.metrics.clone());
     let settings = &listener.config;
-    let Some((io, protocol)) = detect(
+    let state = Arc::new(ConnState::new(true));
+    let detected = detect(
         stream,
         settings.header_read_timeout,
         listener.metrics.clone(),
+        state.clone(),
     )
-    .await
-    else {
+    .await;
+    let Some((io, protocol)) = detected else {
         return;
     };
+    if protocol == Protocol::Http2 {
+        // HTTP/2 frames between streams are not request heads.
+        state.stop_tracking_heads();
+    }
     let conn = Arc::new(Connection {
         index,
         peer,
@@ -69,29 +78,30 @@ pub(crate) async fn serve(
             .expect("an IP address is a valid header value"),
         shared,
         drain: drain.clone(),
-        started: AtomicU64::new(0),
-        in_flight: AtomicU32::new(0),
+        state,
     });
     let service = {
         let conn = conn.clone();
         hyper::service::service_fn(move |req| handle(conn.clone(), req))
     };
     let io = TokioIo::new(io);
-    let idle_timeout = settings.idle_timeout;
+    let deadlines = (settings.header_read_timeout, settings.idle_timeout);
     match protocol {
         Protocol::Http1 => {
             let mut builder = hyper::server::conn::http1::Builder::new();
             builder
                 .timer(TokioTimer::new())
-                .header_read_timeout(settings.header_read_timeout)
-                // Our own check answers 431 with a body; hyper's buffer limit
-                // (slightly larger) is the hard stop behind it.
+                // The header deadline is ours (see `ConnState`): hyper's
+                // would also cut idle keep-alive connections.
+                .header_read_timeout(None)
+                // Our own checks answer 431 with a body and the cause; the
+                // codec's limits (somewhat larger) are the hard stop behind.
                 .max_buf_size(
                     (settings.max_request_headers_bytes as usize + 4096).max(MIN_H1_BUFFER),
                 )
-                .max_headers(settings.max_request_headers as usize);
+                .max_headers((settings.max_request_headers as usize * 2).min(MAX_H1_HEADERS));
             let connection = builder.serve_connection(io, service).with_upgrades();
-            drive(connection, &conn, idle_timeout, |c| c.graceful_shutdown()).await;
+            drive(connection, &conn, deadlines, |c| c.graceful_shutdown()).await;
         }
         Protocol::Http2 => {
             let mut builder =
@@ -101,28 +111,31 @@ pub(crate) async fn serve(
                 .max_concurrent_streams(settings.max_concurrent_streams)
                 .max_header_list_size(settings.max_request_headers_bytes);
             let connection = builder.serve_connection(io, service);
-            drive(connection, &conn, idle_timeout, |c| c.graceful_shutdown()).await;
+            drive(connection, &conn, deadlines, |c| c.graceful_shutdown()).await;
         }
     }
 }
 
-/// Polls a connection to completion; on drain or idle timeout, asks it to
-/// finish gracefully (HTTP/2 GOAWAY, HTTP/1.1 `connection: close` on the
-/// in-flight response) and keeps polling until it does. The process-wide
-/// drain deadline bounds that last wait.
+/// Polls a connection to completion and keeps its deadlines:
+/// - a request head that started arriving more than the header timeout ago
+///   drops the connection (slowloris);
+/// - a connection with nothing in flight for the idle timeout, or the drain
+///   signal, gets a graceful close (HTTP/2 GOAWAY, HTTP/1.1 close after the
+///   in-flight response) and is polled until it finishes; the process-wide
+///   drain deadline bounds that.
 async fn drive<C, E>(
     connection: C,
     conn: &Connection,
-    idle_timeout: std::time::Duration,
-    shutdown: fn(std::pin::Pin<&mut C>),
+    (header_timeout, idle_timeout): (Duration, Duration),
+    shutdown: fn(Pin<&mut C>),
 ) where
-    C: std::future::Future<Output = Result<(), E>>,
+    C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
     let mut connection = std::pin::pin!(connection);
-    let mut last_started = 0;
-    let idle = tokio::time::sleep(idle_timeout);
-    let mut idle = std::pin::pin!(idle);
+    let check_every = header_timeout.min(idle_timeout);
+    let wake = tokio::time::sleep(check_every);
+    let mut wake = std::pin::pin!(wake);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -136,30 +149,37 @@ async fn drive<C, E>(
                 closing = true;
                 shutdown(connection.as_mut());
             }
-            () = idle.as_mut(), if !closing => {
-                // Idle means: nothing in flight and nothing started since
-                // the last check, so a connection closes after one to two
-                // idle timeouts of silence.
-                let started = conn.started.load(Relaxed);
-                if conn.in_flight.load(Relaxed) == 0 && started == last_started {
-                    closing = true;
-                    shutdown(connection.as_mut());
+            () = wake.as_mut() => {
+                let now = Instant::now();
+                let next = if let Some(head) = conn.state.head_started() {
+                    if now >= head + header_timeout {
+                        tracing::debug!(peer.addr = %conn.peer, "request header timeout");
+                        return;
+                    }
+                    head + header_timeout
+                } else if let Some(idle) = conn.state.idle_since() {
+                    if now >= idle + idle_timeout && !closing {
+                        tracing::debug!(peer.addr = %conn.peer, "idle timeout");
+                        closing = true;
+                        shutdown(connection.as_mut());
+                    }
+                    (idle + idle_timeout).max(now).min(now + check_every)
                 } else {
-                    last_started = started;
-                    idle.as_mut().reset(tokio::time::Instant::now() + idle_timeout);
-                }
+                    now + check_every
+                };
+                wake.as_mut().reset(tokio::time::Instant::from_std(next.max(now + MIN_CHECK)));
             }
         }
     }
 }
 
-/// Keeps the connection's in-flight count while a request is handled.
-struct InFlight<'a>(&'a AtomicU32);
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
+/// What a request's telemetry learns on its way through.
+#[derive(Debug, Default)]
+struct Outcome {
+    route: Option<Arc<str>>,
+    metrics: Option<Arc<RequestMetrics>>,
+    upstream: Option<SocketAddr>,
+    request_id: Option<HeaderValue>,
 }
 
 /// Handles one request; never fails (errors become responses).
@@ -168,9 +188,7 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
-    conn.started.fetch_add(1, Relaxed);
-    conn.in_flight.fetch_add(1, Relaxed);
-    let _in_flight = InFlight(&conn.in_flight);
+    let request = conn.state.begin_request();
     let listener = match conn.shared.load().listener(conn.index) {
         Some(ListenerSnapshot::Http(listener)) => listener.clone(),
         // The listener's kind cannot change under an open connection.
@@ -192,79 +210,62 @@ async fn handle(
                 flag: "",
                 upstream: None,
                 bytes_sent: 0,
-                duration: std::time::Duration::ZERO,
+                duration: Duration::ZERO,
                 request_id: None,
                 peer: conn.peer,
             }),
         )
     });
-    let (mut response, route, metrics, flag, upstream, request_id) =
-        match route_and_forward(&conn, &listener, req).await {
-            Ok(done) => done,
-            Err((error, route, metrics)) => {
+    let mut outcome = Outcome::default();
+    let (mut response, status, flag) =
+        match route_and_forward(&conn, &listener, req, &mut outcome).await {
+            Ok(response) => {
+                let status = response.status();
+                (response, status, "")
+            }
+            Err(error) => {
                 tracing::debug!(peer.addr = %conn.peer, %error, "request failed");
-                (
-                    to_response(&error, is_grpc),
-                    route,
-                    metrics,
-                    error.flag(),
-                    None,
-                    None,
-                )
+                outcome.upstream = outcome.upstream.or(error.endpoint());
+                // Metrics count the error's status even when a gRPC caller
+                // sees HTTP 200 with a grpc-status.
+                (to_response(&error, is_grpc), error.status(), error.flag())
             }
         };
-    let metrics = metrics.unwrap_or_else(|| listener.unrouted.clone());
     let access = log.map(|(log, mut record)| {
-        record.route = route.unwrap_or_else(|| Arc::from(""));
+        record.route = outcome.route.clone().unwrap_or_else(|| Arc::from(""));
         record.status = response.status().as_u16();
         record.flag = flag;
-        record.upstream = upstream;
-        record.request_id = request_id;
+        record.upstream = outcome.upstream;
+        record.request_id = outcome.request_id;
         (log, record)
     });
-    let status = response.status();
+    let metrics = outcome.metrics.unwrap_or_else(|| listener.unrouted.clone());
     response.body_mut().set_finish(Finish {
         start,
         status,
         metrics,
         access,
+        request: Some(request),
     });
     Ok(response)
 }
-
-type Routed = (
-    Response<ResponseBody>,
-    Option<Arc<str>>,
-    Option<Arc<crate::telemetry::RequestMetrics>>,
-    &'static str,
-    Option<SocketAddr>,
-    Option<HeaderValue>,
-);
-type Failed = (
-    ProxyError,
-    Option<Arc<str>>,
-    Option<Arc<crate::telemetry::RequestMetrics>>,
-);
 
 async fn route_and_forward(
     conn: &Connection,
     listener: &HttpListener,
     mut req: Request<Incoming>,
-) -> Result<Routed, Failed> {
+    outcome: &mut Outcome,
+) -> Result<Response<ResponseBody>, ProxyError> {
     let settings = &listener.config;
     if req.headers().len() > settings.max_request_headers as usize
         || headers::header_list_size(req.headers()) > settings.max_request_headers_bytes as usize
     {
-        return Err((ProxyError::HeadersTooLarge, None, None));
+        return Err(ProxyError::HeadersTooLarge);
     }
-    let authority = authority(&req).map_err(|e| (e, None, None))?;
-    let host = authority.to_str().map_err(|_| {
-        (
-            ProxyError::Malformed("host is not visible ASCII"),
-            None,
-            None,
-        )
-    })?;
+    let authority = authority(&req)?;
+    let host = authority
+        .to_str()
+        .map_err(|_| ProxyError::Malformed("host is not visible ASCII"))?;
     let route: Arc<PreparedRoute> = {
         let parts = RequestParts {
             host,
@@ -276,19 +277,20 @@ async fn route_and_forward(
             .table
             .select(&parts)
             .cloned()
-            .ok_or((ProxyError::NoRoute, None, None))?
+            .ok_or(ProxyError::NoRoute)?
     };
-    let route_name = Some(route.name.clone());
-    let (service, metrics) = match &route.action {
+    outcome.route = Some(route.name.clone());
+    let mut service = match &route.action {
         PreparedAction::Direct {
             status,
             body,
             metrics,
         } => {
+            outcome.metrics = Some(metrics.clone());
             let mut response = Response::new(ResponseBody::full(body.clone()));
             *response.status_mut() = *status;
             headers::apply(&route.response_headers, response.headers_mut());
-            return Ok((response, route_name, Some(metrics.clone()), "", None, None));
+            return Ok(response);
         }
         PreparedAction::Forward {
             targets,
@@ -301,42 +303,40 @@ async fn route_and_forward(
                 let i = targets.partition_point(|t| t.cumulative_weight <= x);
                 &targets[i.min(targets.len() - 1)]
             };
-            (target.service.clone(), target.metrics.clone())
+            outcome.metrics = Some(target.metrics.clone());
+            target.service.clone()
         }
     };
 
-    // Prepare the upstream request.
+    // Prepare the upstream request. The route's own rules run before the
+    // proxy's, so a route that removes `x-forwarded-for` (not trusting the
+    // client's) still gets the client's address appended.
     let is_upgrade =
         req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
     let downstream_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
-    let version = req.version();
-    let via = if version == Version::HTTP_2 {
+    let via = if req.version() == Version::HTTP_2 {
         &listener.via_h2
     } else {
         &listener.via_h1
     };
-    let request_id = {
+    {
         let h = req.headers_mut();
         headers::strip_hop_by_hop(h, is_upgrade);
+        headers::apply(&route.request_headers, h);
         headers::add_forwarded(h, &conn.peer_ip);
         if let Some(via) = via {
             h.append(header::VIA, via.clone());
         }
-        headers::apply(&route.request_headers, h);
-        let host = route.host_rewrite.clone().unwrap_or(authority);
-        h.insert(header::HOST, host);
-        headers::ensure_request_id(h)
-    };
-    let path_and_query = rewrite_path(req.uri(), route.rewrite.as_ref())
-        .map_err(|e| (e, route_name.clone(), Some(metrics.clone())))?;
-    *req.uri_mut() = Uri::from(path_and_query);
+        h.insert(
+            header::HOST,
+            route.host_rewrite.clone().unwrap_or(authority),
+        );
+        outcome.request_id = Some(headers::ensure_request_id(h));
+    }
+    *req.uri_mut() = Uri::from(rewrite_path(req.uri(), route.rewrite.as_ref())?);
 
-    let mut service = service;
-    let response = service
-        .call(req)
-        .await
-        .map_err(|e| (e, route_name.clone(), Some(metrics.clone())))?;
-    let upstream = response.body().endpoint();
+    let response = service.call(req).await?;
+    outcome.upstream = Some(response.body().endpoint());
     let (mut parts, body) = response.into_parts();
     let upgraded = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
     headers::strip_hop_by_hop(&mut parts.headers, upgraded && is_upgrade);
@@ -350,14 +350,7 @@ async fn route_and_forward(
         conn.drain
             .spawn(tunnel(downstream, upstream_upgrade, conn.peer));
     }
-    Ok((
-        response,
-        route_name,
-        Some(metrics),
-        "",
-        Some(upstream),
-        Some(request_id),
-    ))
+    Ok(response)
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form) or `host`.

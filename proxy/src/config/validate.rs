@@ -1,0 +1,885 @@
+//! The validator: `TryFrom<BootstrapSpec> for Config`. It collects every
+//! problem, each naming the resource kind, its name, the field path and the
+//! offending value, and it holds every default, once.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Method, StatusCode};
+use regex::Regex;
+
+use super::model::*;
+use super::spec::{
+    BootstrapSpec, ClusterSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec, RouteConfigSpec,
+    RouteSpec,
+};
+use super::{ConfigError, ValidationErrors};
+
+const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
+const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Envoy's default too: large enough for real cookies, small enough that a
+/// flood of connections cannot pin much memory.
+const DEFAULT_MAX_REQUEST_HEADERS_BYTES: u32 = 60 * 1024;
+const DEFAULT_MAX_REQUEST_HEADERS: u32 = 100;
+const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 1024;
+const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
+const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const DEFAULT_DNS_REFRESH: Duration = Duration::from_secs(30);
+const DEFAULT_POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(90);
+const DEFAULT_MAX_IDLE_PER_ENDPOINT: u32 = 256;
+/// Headers count and byte size have a hard ceiling so a typo cannot turn a
+/// limit off.
+const MAX_HEADERS_BYTES_CEILING: u32 = 1024 * 1024;
+
+/// Collects problems while validating one resource.
+struct Checker<'a> {
+    kind: &'static str,
+    resource: String,
+    errors: &'a mut Vec<ConfigError>,
+}
+
+impl Checker<'_> {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError {
+            kind: self.kind,
+            resource: self.resource.clone(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+impl TryFrom<BootstrapSpec> for Config {
+    type Error = ValidationErrors;
+
+    fn try_from(spec: BootstrapSpec) -> Result<Self, Self::Error> {
+        let mut errors = Vec::new();
+
+        let admin = spec.admin.as_ref().and_then(|admin| {
+            let mut check = Checker {
+                kind: "admin",
+                resource: "admin".into(),
+                errors: &mut errors,
+            };
+            parse_socket_addr(&mut check, "address", &admin.address)
+        });
+        let access_log = spec
+            .access_log
+            .as_ref()
+            .and_then(|log| match log.path.as_str() {
+                "" => {
+                    let mut check = Checker {
+                        kind: "access_log",
+                        resource: "access_log".into(),
+                        errors: &mut errors,
+                    };
+                    check.error(
+                        "path",
+                        "must not be empty (use stdout, stderr or a file path)",
+                    );
+                    None
+                }
+                "stdout" => Some(AccessLogTarget::Stdout),
+                "stderr" => Some(AccessLogTarget::Stderr),
+                path => Some(AccessLogTarget::File(path.into())),
+            });
+
+        let clusters: Vec<Arc<Cluster>> = spec
+            .clusters
+            .iter()
+            .filter_map(|c| validate_cluster(c, &mut errors))
+            .map(Arc::new)
+            .collect();
+        let cluster_names: HashSet<&str> = spec.clusters.iter().map(|c| c.name.as_str()).collect();
+        let route_names: HashSet<&str> =
+            spec.route_configs.iter().map(|r| r.name.as_str()).collect();
+        let route_configs: Vec<Arc<RouteConfig>> = spec
+            .route_configs
+            .iter()
+            .filter_map(|r| validate_route_config(r, &cluster_names, &mut errors))
+            .map(Arc::new)
+            .collect();
+        let listeners: Vec<Listener> = spec
+            .listeners
+            .iter()
+            .filter_map(|l| validate_listener(l, &route_names, &cluster_names, &mut errors))
+            .collect();
+
+        check_unique(
+            &mut errors,
+            "cluster",
+            spec.clusters.iter().map(|c| c.name.as_str()),
+        );
+        check_unique(
+            &mut errors,
+            "route_config",
+            spec.route_configs.iter().map(|r| r.name.as_str()),
+        );
+        check_unique(
+            &mut errors,
+            "listener",
+            spec.listeners.iter().map(|l| l.name.as_str()),
+        );
+        let mut bound = HashSet::new();
+        for listener in &listeners {
+            if listener.address.port() != 0 && !bound.insert(listener.address) {
+                errors.push(ConfigError {
+                    kind: "listener",
+                    resource: listener.name.to_string(),
+                    field: "address".into(),
+                    message: format!("{} is already used by another listener", listener.address),
+                });
+            }
+        }
+
+        if !errors.is_empty() {
+            return Err(ValidationErrors(errors));
+        }
+        Ok(Config {
+            spec: Arc::new(spec.clone()),
+            source: Arc::from("inline"),
+            admin,
+            drain_timeout: spec.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            access_log,
+            listeners,
+            route_configs,
+            clusters,
+        })
+    }
+}
+
+fn check_unique<'a>(
+    errors: &mut Vec<ConfigError>,
+    kind: &'static str,
+    names: impl Iterator<Item = &'a str>,
+) {
+    let mut seen = HashSet::new();
+    for name in names {
+        if !seen.insert(name) {
+            errors.push(ConfigError {
+                kind,
+                resource: name.to_owned(),
+                field: "name".into(),
+                message: "duplicate name".into(),
+            });
+        }
+    }
+}
+
+fn parse_socket_addr(check: &mut Checker<'_>, field: &str, value: &str) -> Option<SocketAddr> {
+    match value.parse() {
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            check.error(
+                field,
+                format!("invalid socket address {value:?} (expected IP:PORT)"),
+            );
+            None
+        }
+    }
+}
+
+fn check_name(check: &mut Checker<'_>, field: &str, name: &str) {
+    if name.is_empty() {
+        check.error(field, "must not be empty");
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+    {
+        check.error(
+            field,
+            format!("{name:?} may only contain ASCII letters, digits and - _ . : /"),
+        );
+    }
+}
+
+fn validate_listener(
+    spec: &ListenerSpec,
+    route_names: &HashSet<&str>,
+    cluster_names: &HashSet<&str>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Listener> {
+    let before = errors.len();
+    let mut check = Checker {
+        kind: "listener",
+        resource: spec.name.clone(),
+        errors,
+    };
+    check_name(&mut check, "name", &spec.name);
+    let address = parse_socket_addr(&mut check, "address", &spec.address);
+    let kind = match spec.protocol.as_deref().unwrap_or("http") {
+        "http" => {
+            if spec.cluster.is_some() {
+                check.error(
+                    "cluster",
+                    "only tcp listeners name a cluster; http listeners use route_config",
+                );
+            }
+            match spec.route_config.as_deref() {
+                None => {
+                    check.error("route_config", "required for an http listener");
+                    None
+                }
+                Some(name) if !route_names.contains(name) => {
+                    check.error("route_config", format!("unknown route_config {name:?}"));
+                    None
+                }
+                Some(name) => Some(ListenerKind::Http {
+                    route_config: name.into(),
+                }),
+            }
+        }
+        "tcp" => {
+            if spec.route_config.is_some() {
+                check.error("route_config", "only http listeners use a route_config");
+            }
+            // Settings that only mean something for HTTP must not sit on a
+            // TCP listener looking as if they protected it.
+            let http_only = [
+                ("header_read_timeout", spec.header_read_timeout.is_some()),
+                ("idle_timeout", spec.idle_timeout.is_some()),
+                (
+                    "max_request_headers_bytes",
+                    spec.max_request_headers_bytes.is_some(),
+                ),
+                ("max_request_headers", spec.max_request_headers.is_some()),
+                (
+                    "max_concurrent_streams",
+                    spec.max_concurrent_streams.is_some(),
+                ),
+                ("via", spec.via.is_some()),
+            ];
+            for (field, set) in http_only {
+                if set {
+                    check.error(field, "applies to http listeners only");
+                }
+            }
+            match spec.cluster.as_deref() {
+                None => {
+                    check.error("cluster", "required for a tcp listener");
+                    None
+                }
+                Some(name) if !cluster_names.contains(name) => {
+                    check.error("cluster", format!("unknown cluster {name:?}"));
+                    None
+                }
+                Some(name) => Some(ListenerKind::Tcp {
+                    cluster: name.into(),
+                }),
+            }
+        }
+        other => {
+            check.error(
+                "protocol",
+                format!("unknown value {other:?} (expected http, tcp)"),
+            );
+            None
+        }
+    };
+    let max_request_headers_bytes = spec
+        .max_request_headers_bytes
+        .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS_BYTES);
+    if !(1024..=MAX_HEADERS_BYTES_CEILING).contains(&max_request_headers_bytes) {
+        check.error(
+            "max_request_headers_bytes",
+            format!(
+                "{max_request_headers_bytes} is out of range (1024..={MAX_HEADERS_BYTES_CEILING})"
+            ),
+        );
+    }
+    let max_request_headers = spec
+        .max_request_headers
+        .unwrap_or(DEFAULT_MAX_REQUEST_HEADERS);
+    if !(1..=10_000).contains(&max_request_headers) {
+        check.error(
+            "max_request_headers",
+            format!("{max_request_headers} is out of range (1..=10000)"),
+        );
+    }
+    let max_connections = spec.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+    if max_connections == 0 {
+        check.error("max_connections", "must be at least 1");
+    }
+    let max_concurrent_streams = spec
+        .max_concurrent_streams
+        .unwrap_or(DEFAULT_MAX_CONCURRENT_STREAMS);
+    if max_concurrent_streams == 0 {
+        check.error("max_concurrent_streams", "must be at least 1");
+    }
+    let header_read_timeout = spec
+        .header_read_timeout
+        .unwrap_or(DEFAULT_HEADER_READ_TIMEOUT);
+    if header_read_timeout.is_zero() {
+        check.error("header_read_timeout", "must be greater than zero");
+    }
+    let idle_timeout = spec.idle_timeout.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    if idle_timeout.is_zero() {
+        check.error("idle_timeout", "must be greater than zero");
+    }
+    if let Some(via) = &spec.via
+        && (via.is_empty() || HeaderValue::from_str(via).is_err())
+    {
+        check.error("via", format!("{via:?} is not a valid header value"));
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(Listener {
+        name: spec.name.as_str().into(),
+        address: address?,
+        kind: kind?,
+        max_connections,
+        header_read_timeout,
+        idle_timeout,
+        max_request_headers_bytes,
+        max_request_headers,
+        max_concurrent_streams,
+        via: spec.via.as_deref().map(Arc::from),
+    })
+}
+
+fn validate_route_config(
+    spec: &RouteConfigSpec,
+    cluster_names: &HashSet<&str>,
+    errors: &mut Vec<ConfigError>,
+) -> Option<RouteConfig> {
+    let before = errors.len();
+    let mut check = Checker {
+        kind: "route_config",
+        resource: spec.name.clone(),
+        errors,
+    };
+    check_name(&mut check, "name", &spec.name);
+    let mut vhost_names = HashSet::new();
+    let mut all_domains = HashSet::new();
+    let mut virtual_hosts = Vec::with_capacity(spec.virtual_hosts.len());
+    for (vi, vhost) in spec.virtual_hosts.iter().enumerate() {
+        let at = format!("virtual_hosts[{vi}]");
+        check_name(&mut check, &format!("{at}.name"), &vhost.name);
+        if !vhost_names.insert(vhost.name.as_str()) {
+            check.error(
+                format!("{at}.name"),
+                format!("duplicate virtual host {:?}", vhost.name),
+            );
+        }
+        if vhost.domains.is_empty() {
+            check.error(format!("{at}.domains"), "must list at least one domain");
+        }
+        let mut domains = Vec::with_capacity(vhost.domains.len());
+        for (di, domain) in vhost.domains.iter().enumerate() {
+            let field = format!("{at}.domains[{di}]");
+            let lower = domain.to_ascii_lowercase();
+            if !all_domains.insert(lower.clone()) {
+                check.error(
+                    &field,
+                    format!("domain {domain:?} is claimed by more than one virtual host"),
+                );
+            }
+            match parse_domain(&lower) {
+                Some(d) => domains.push(d),
+                None => check.error(
+                    &field,
+                    format!(
+                        "invalid domain {domain:?} (expected host, *.suffix or *, without a port)"
+                    ),
+                ),
+            }
+        }
+        let mut route_names = HashSet::new();
+        let mut routes = Vec::with_capacity(vhost.routes.len());
+        for (ri, route) in vhost.routes.iter().enumerate() {
+            let at = format!("{at}.routes[{ri}]");
+            let name: Arc<str> = match &route.name {
+                Some(name) => {
+                    check_name(&mut check, &format!("{at}.name"), name);
+                    name.as_str().into()
+                }
+                None => format!("{}/{ri}", vhost.name).into(),
+            };
+            if !route_names.insert(name.clone()) {
+                check.error(format!("{at}.name"), format!("duplicate route {name:?}"));
+            }
+            if let Some(route) = validate_route(&mut check, &at, name, route, cluster_names) {
+                routes.push(route);
+            }
+        }
+        virtual_hosts.push(VirtualHost {
+            name: vhost.name.as_str().into(),
+            domains,
+            routes,
+        });
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(RouteConfig {
+        name: spec.name.as_str().into(),
+        virtual_hosts,
+    })
+}
+
+fn parse_domain(domain: &str) -> Option<DomainMatch> {
+    if domain == "*" {
+        return Some(DomainMatch::Any);
+    }
+    let (suffix, host) = match domain.strip_prefix("*.") {
+        Some(rest) => (true, rest),
+        None => (false, domain),
+    };
+    // Ports are not part of a domain: the router ignores the request's
+    // port, so `example.com:8080` could never match.
+    let valid = !host.is_empty()
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+        && !host.starts_with('.');
+    match (valid, suffix) {
+        (false, _) => None,
+        (true, true) => Some(DomainMatch::Suffix(format!(".{host}").into())),
+        (true, false) => Some(DomainMatch::Exact(host.into())),
+    }
+}
+
+fn is_standard_method(method: &Method) -> bool {
+    [
+        Method::GET,
+        Method::HEAD,
+        Method::POST,
+        Method::PUT,
+        Method::DELETE,
+        Method::CONNECT,
+        Method::OPTIONS,
+        Method::TRACE,
+        Method::PATCH,
+    ]
+    .contains(method)
+}
+
+fn compile_anchored(check: &mut Checker<'_>, field: &str, pattern: &str) -> Option<Regex> {
+    // Anchored so that `/users/[0-9]+` cannot also match `/admin/users/1`;
+    // the size limit bounds the memory and time one pattern can take.
+    match regex::RegexBuilder::new(&format!("^(?:{pattern})$"))
+        .size_limit(1 << 20)
+        .build()
+    {
+        Ok(re) => Some(re),
+        Err(e) => {
+            check.error(field, format!("invalid regex {pattern:?}: {e}"));
+            None
+        }
+    }
+}
+
+fn validate_route(
+    check: &mut Checker<'_>,
+    at: &str,
+    name: Arc<str>,
+    spec: &RouteSpec,
+    cluster_names: &HashSet<&str>,
+) -> Option<Route> {
+    let before = check.errors.len();
+    let m = spec.matcher.clone().unwrap_or_default();
+    let path = match (&m.prefix, &m.exact, &m.regex) {
+        (None, None, None) => Some(PathMatch::Prefix("/".into())),
+        (Some(p), None, None) => check_path(check, &format!("{at}.match.prefix"), p)
+            .then(|| PathMatch::Prefix(p.as_str().into())),
+        (None, Some(p), None) => check_path(check, &format!("{at}.match.exact"), p)
+            .then(|| PathMatch::Exact(p.as_str().into())),
+        (None, None, Some(re)) => {
+            compile_anchored(check, &format!("{at}.match.regex"), re).map(PathMatch::Regex)
+        }
+        _ => {
+            check.error(
+                format!("{at}.match"),
+                "set at most one of prefix, exact, regex",
+            );
+            None
+        }
+    };
+    let mut methods = Vec::new();
+    for (i, method) in m.methods.iter().flatten().enumerate() {
+        let upper = method.to_ascii_uppercase();
+        match Method::from_bytes(method.as_bytes()) {
+            // Methods are case-sensitive (RFC 9110 §9.1): `get` is not GET.
+            Ok(_)
+                if upper != *method
+                    && Method::from_bytes(upper.as_bytes())
+                        .is_ok_and(|m| is_standard_method(&m)) =>
+            {
+                check.error(
+                    format!("{at}.match.methods[{i}]"),
+                    format!("{method:?} never matches; methods are case-sensitive (did you mean {upper:?}?)"),
+                );
+            }
+            Ok(m) if !method.is_empty() => methods.push(m),
+            _ => check.error(
+                format!("{at}.match.methods[{i}]"),
+                format!("invalid method {method:?}"),
+            ),
+        }
+    }
+    let mut headers = Vec::new();
+    for (i, header) in m.headers.iter().flatten().enumerate() {
+        if let Some(h) = validate_header_match(check, &format!("{at}.match.headers[{i}]"), header) {
+            headers.push(h);
+        }
+    }
+
+    let action = match (
+        &spec.cluster,
+        &spec.weighted_clusters,
+        &spec.direct_response,
+    ) {
+        (Some(cluster), None, None) => {
+            if cluster_names.contains(cluster.as_str()) {
+                Some(RouteAction::Cluster(cluster.as_str().into()))
+            } else {
+                check.error(
+                    format!("{at}.cluster"),
+                    format!("unknown cluster {cluster:?}"),
+                );
+                None
+            }
+        }
+        (None, Some(split), None) => {
+            let mut targets = Vec::with_capacity(split.len());
+            for (i, target) in split.iter().enumerate() {
+                if !cluster_names.contains(target.cluster.as_str()) {
+                    check.error(
+                        format!("{at}.weighted_clusters[{i}].cluster"),
+                        format!("unknown cluster {:?}", target.cluster),
+                    );
+                }
+                targets.push((Arc::from(target.cluster.as_str()), target.weight));
+            }
+            let total: u64 = targets.iter().map(|(_, w)| u64::from(*w)).sum();
+            if targets.is_empty() || total == 0 {
+                check.error(
+                    format!("{at}.weighted_clusters"),
+                    "needs at least one cluster with a weight above 0",
+                );
+            } else if total > u64::from(u32::MAX) {
+                check.error(
+                    format!("{at}.weighted_clusters"),
+                    "weights add up to more than 4294967295",
+                );
+            }
+            Some(RouteAction::Weighted(targets))
+        }
+        (None, None, Some(direct)) => match StatusCode::from_u16(direct.status) {
+            Ok(status) if (200..=599).contains(&direct.status) => Some(RouteAction::Direct {
+                status,
+                body: Bytes::from(direct.body.clone().unwrap_or_default()),
+            }),
+            _ => {
+                check.error(
+                    format!("{at}.direct_response.status"),
+                    format!("invalid status {} (expected 200..=599)", direct.status),
+                );
+                None
+            }
+        },
+        _ => {
+            check.error(
+                at,
+                "set exactly one of cluster, weighted_clusters, direct_response",
+            );
+            None
+        }
+    };
+
+    if let Some(rewrite) = &spec.prefix_rewrite {
+        if matches!(path, Some(PathMatch::Regex(_))) {
+            check.error(
+                format!("{at}.prefix_rewrite"),
+                "cannot rewrite a regex match; use prefix or exact",
+            );
+        }
+        check_path(check, &format!("{at}.prefix_rewrite"), rewrite);
+    }
+    let host_rewrite = spec.host_rewrite.as_deref().and_then(|host| {
+        let parsed = host
+            .parse::<http::uri::Authority>()
+            .ok()
+            .and_then(|_| HeaderValue::from_str(host).ok());
+        if parsed.is_none() {
+            check.error(
+                format!("{at}.host_rewrite"),
+                format!("invalid host {host:?}"),
+            );
+        }
+        parsed
+    });
+    let request_headers = validate_header_ops(
+        check,
+        &format!("{at}.request_headers"),
+        spec.request_headers.as_ref(),
+    );
+    let response_headers = validate_header_ops(
+        check,
+        &format!("{at}.response_headers"),
+        spec.response_headers.as_ref(),
+    );
+    let timeout = match spec.timeout {
+        None => Some(DEFAULT_ROUTE_TIMEOUT),
+        Some(t) if t.is_zero() => None,
+        Some(t) => Some(t),
+    };
+    if check.errors.len() > before {
+        return None;
+    }
+    Some(Route {
+        name,
+        matcher: RouteMatch {
+            path: path?,
+            methods,
+            headers,
+        },
+        action: action?,
+        prefix_rewrite: spec.prefix_rewrite.as_deref().map(Box::from),
+        host_rewrite,
+        timeout,
+        request_headers,
+        response_headers,
+    })
+}
+
+fn check_path(check: &mut Checker<'_>, field: &str, path: &str) -> bool {
+    let ok = path.starts_with('/')
+        && http::uri::PathAndQuery::try_from(path).is_ok()
+        && !path.contains('?');
+    if !ok {
+        check.error(
+            field,
+            format!("invalid path {path:?} (must start with / and have no query)"),
+        );
+    }
+    ok
+}
+
+fn validate_header_match(
+    check: &mut Checker<'_>,
+    at: &str,
+    spec: &HeaderMatchSpec,
+) -> Option<HeaderMatch> {
+    let name = parse_header_name(check, &format!("{at}.name"), &spec.name);
+    let kind = match (&spec.exact, &spec.regex, spec.present) {
+        (Some(value), None, None) => match HeaderValue::from_str(value) {
+            Ok(v) => Some(HeaderMatchKind::Exact(v)),
+            Err(_) => {
+                check.error(
+                    format!("{at}.exact"),
+                    format!("invalid header value {value:?}"),
+                );
+                None
+            }
+        },
+        (None, Some(re), None) => {
+            compile_anchored(check, &format!("{at}.regex"), re).map(HeaderMatchKind::Regex)
+        }
+        (None, None, Some(present)) => Some(HeaderMatchKind::Present(present)),
+        _ => {
+            check.error(at, "set exactly one of exact, regex, present");
+            None
+        }
+    };
+    Some(HeaderMatch {
+        name: name?,
+        kind: kind?,
+    })
+}
+
+fn parse_header_name(check: &mut Checker<'_>, field: &str, name: &str) -> Option<HeaderName> {
+    match HeaderName::from_bytes(name.as_bytes()) {
+        Ok(n) if !name.starts_with(':') => Some(n),
+        _ => {
+            check.error(field, format!("invalid header name {name:?}"));
+            None
+        }
+    }
+}
+
+/// Headers the proxy manages itself; a route may not set or remove them,
+/// since that would break framing or the connection.
+fn is_protected_header(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "transfer-encoding"
+            | "content-length"
+            | "host"
+            | "upgrade"
+            | "keep-alive"
+            | "te"
+            | "proxy-connection"
+    )
+}
+
+fn validate_header_ops(
+    check: &mut Checker<'_>,
+    at: &str,
+    spec: Option<&HeaderOpsSpec>,
+) -> HeaderOps {
+    let Some(spec) = spec else {
+        return HeaderOps::default();
+    };
+    let mut ops = HeaderOps::default();
+    let pairs =
+        |check: &mut Checker<'_>, which: &str, map: &std::collections::BTreeMap<String, String>| {
+            let mut out = Vec::with_capacity(map.len());
+            for (name, value) in map {
+                let field = format!("{at}.{which}.{name}");
+                let Some(header) = parse_header_name(check, &field, name) else {
+                    continue;
+                };
+                if is_protected_header(&header) {
+                    check.error(
+                        &field,
+                        format!("{name:?} is managed by the proxy and cannot be changed"),
+                    );
+                    continue;
+                }
+                match HeaderValue::from_str(value) {
+                    Ok(v) => out.push((header, v)),
+                    Err(_) => check.error(&field, format!("invalid header value {value:?}")),
+                }
+            }
+            out
+        };
+    ops.set = pairs(check, "set", &spec.set);
+    ops.add = pairs(check, "add", &spec.add);
+    for (i, name) in spec.remove.iter().enumerate() {
+        let field = format!("{at}.remove[{i}]");
+        if let Some(header) = parse_header_name(check, &field, name) {
+            if is_protected_header(&header) {
+                check.error(
+                    &field,
+                    format!("{name:?} is managed by the proxy and cannot be removed"),
+                );
+            } else {
+                ops.remove.push(header);
+            }
+        }
+    }
+    ops
+}
+
+fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option<Cluster> {
+    let before = errors.len();
+    let mut check = Checker {
+        kind: "cluster",
+        resource: spec.name.clone(),
+        errors,
+    };
+    check_name(&mut check, "name", &spec.name);
+    let protocol = match spec.protocol.as_deref().unwrap_or("http1") {
+        "http1" => Some(UpstreamProtocol::Http1),
+        "http2" => Some(UpstreamProtocol::Http2),
+        "downstream" => Some(UpstreamProtocol::Downstream),
+        other => {
+            check.error(
+                "protocol",
+                format!("unknown value {other:?} (expected http1, http2, downstream)"),
+            );
+            None
+        }
+    };
+    let lb = match spec.lb.as_deref().unwrap_or("round_robin") {
+        "round_robin" => Some(LbPolicy::RoundRobin),
+        "random" => Some(LbPolicy::Random),
+        "least_request" => Some(LbPolicy::LeastRequest),
+        other => {
+            check.error(
+                "lb",
+                format!("unknown value {other:?} (expected round_robin, random, least_request)"),
+            );
+            None
+        }
+    };
+    let connect_timeout = spec.connect_timeout.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+    if connect_timeout.is_zero() {
+        check.error("connect_timeout", "must be greater than zero");
+    }
+    let dns_refresh = spec.dns_refresh.unwrap_or(DEFAULT_DNS_REFRESH);
+    if dns_refresh < Duration::from_millis(100) {
+        check.error("dns_refresh", "must be at least 100ms");
+    }
+    let pool = spec.pool.clone().unwrap_or_default();
+    let pool_idle_timeout = pool.idle_timeout.unwrap_or(DEFAULT_POOL_IDLE_TIMEOUT);
+    if pool_idle_timeout.is_zero() {
+        check.error("pool.idle_timeout", "must be greater than zero");
+    }
+    if spec.endpoints.is_empty() {
+        check.error("endpoints", "must list at least one endpoint");
+    }
+    let mut endpoints = Vec::with_capacity(spec.endpoints.len());
+    for (i, endpoint) in spec.endpoints.iter().enumerate() {
+        let weight = endpoint.weight.unwrap_or(1);
+        if !(1..=1_000_000).contains(&weight) {
+            check.error(
+                format!("endpoints[{i}].weight"),
+                format!("{weight} is out of range (1..=1000000)"),
+            );
+        }
+        match parse_endpoint_address(&endpoint.address) {
+            Some(address) if endpoints.iter().any(|e: &Endpoint| e.address == address) => check
+                .error(
+                    format!("endpoints[{i}].address"),
+                    format!(
+                        "{:?} is listed twice (give one entry a larger weight instead)",
+                        endpoint.address
+                    ),
+                ),
+            Some(address) => endpoints.push(Endpoint { address, weight }),
+            None => check.error(
+                format!("endpoints[{i}].address"),
+                format!(
+                    "invalid address {:?} (expected IP:PORT or HOST:PORT)",
+                    endpoint.address
+                ),
+            ),
+        }
+    }
+    if errors.len() > before {
+        return None;
+    }
+    Some(Cluster {
+        name: spec.name.as_str().into(),
+        protocol: protocol?,
+        lb: lb?,
+        connect_timeout,
+        dns_refresh,
+        pool_idle_timeout,
+        max_idle_per_endpoint: pool
+            .max_idle_per_endpoint
+            .unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
+        endpoints,
+    })
+}
+
+/// `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` with a DNS-shaped host.
+pub(crate) fn parse_endpoint_address(address: &str) -> Option<EndpointAddress> {
+    if let Ok(addr) = address.parse::<SocketAddr>() {
+        return Some(EndpointAddress::Socket(addr));
+    }
+    let (host, port) = address.rsplit_once(':')?;
+    let port: u16 = port.parse().ok()?;
+    let valid_host = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        });
+    (valid_host && port != 0).then(|| EndpointAddress::Dns {
+        host: host.to_ascii_lowercase().into(),
+        port,
+    })
+}
