@@ -1,0 +1,360 @@
+//! HTTP/1.1, h2c and gRPC connection tasks.
+//!
+//! Each task owns one hyper client connection (reopened when it breaks) and
+//! a [`Recorder`]. Requests are built per send from a prepared
+//! [`RequestTemplate`]: the body is a shared [`Bytes`] and the headers a
+//! prebuilt map, so a request costs a header-map clone on top of what hyper
+//! needs. Responses are read to the end of the body (and trailers), keeping
+//! nothing.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use bytes::{BufMut as _, Bytes, BytesMut};
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesUnordered;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, Uri, Version};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use prost::Message as _;
+use tokio::time::Instant;
+use tracing::debug;
+use weft_proto::echo::v1::EchoRequest;
+
+use super::driver::Context;
+use super::plan::Timing;
+use super::record::{Outcome, Recorder};
+use super::target::Target;
+use super::{LoadConfig, Protocol};
+
+/// The body type of every request.
+pub(crate) type RequestBody = Full<Bytes>;
+
+type H1Sender = http1::SendRequest<RequestBody>;
+type H2Sender = http2::SendRequest<RequestBody>;
+
+/// The path of the gRPC method called.
+const GRPC_UNARY_PATH: &str = "/weft.echo.v1.Echo/Unary";
+
+/// The request every send clones, and how to judge its response.
+#[derive(Debug)]
+pub(crate) struct RequestTemplate {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: HeaderMap,
+    body: Bytes,
+    is_grpc: bool,
+}
+
+impl RequestTemplate {
+    /// Prepares the request of `config` for `target`.
+    pub(crate) fn new(config: &LoadConfig, target: &Target) -> anyhow::Result<Self> {
+        let is_grpc = config.protocol == Protocol::Grpc;
+        let is_h2 = config.protocol != Protocol::Http1;
+        let path = if is_grpc {
+            http::uri::PathAndQuery::from_static(GRPC_UNARY_PATH)
+        } else {
+            target.path.clone()
+        };
+        // HTTP/1.1 sends the origin form (`/path`) and a `host` header; h2
+        // takes `:scheme` and `:authority` from an absolute URI.
+        let uri = if is_h2 {
+            Uri::builder()
+                .scheme("http")
+                .authority(target.authority.clone())
+                .path_and_query(path)
+                .build()
+                .context("building the request URI")?
+        } else {
+            Uri::from(path)
+        };
+        let mut headers = HeaderMap::new();
+        if !is_h2 {
+            headers.insert(
+                header::HOST,
+                HeaderValue::from_str(target.authority.as_str())
+                    .context("the target's authority is not a valid host header")?,
+            );
+        }
+        let (method, body) = if is_grpc {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/grpc"),
+            );
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+            (Method::POST, grpc_frame(config.body_size_bytes)?)
+        } else if config.body_size_bytes > 0 {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            (Method::POST, generated_bytes(config.body_size_bytes))
+        } else {
+            (Method::GET, Bytes::new())
+        };
+        // A user header replaces a default of the same name; repeated user
+        // headers are all sent.
+        let mut replaced: Vec<&HeaderName> = Vec::new();
+        for (name, value) in &config.headers {
+            if headers.contains_key(name) && !replaced.contains(&name) {
+                headers.remove(name);
+                replaced.push(name);
+            }
+            headers.append(name, value.clone());
+        }
+        Ok(Self {
+            method,
+            uri,
+            version: if is_h2 {
+                Version::HTTP_2
+            } else {
+                Version::HTTP_11
+            },
+            headers,
+            body,
+            is_grpc,
+        })
+    }
+
+    /// A fresh request: cheap clones of the prepared parts.
+    fn request(&self) -> Request<RequestBody> {
+        let mut request = Request::new(Full::new(self.body.clone()));
+        *request.method_mut() = self.method.clone();
+        *request.uri_mut() = self.uri.clone();
+        *request.version_mut() = self.version;
+        *request.headers_mut() = self.headers.clone();
+        request
+    }
+}
+
+/// `len` bytes of `a..z`, repeated.
+fn generated_bytes(len: usize) -> Bytes {
+    (0..len).map(|i| b'a' + (i % 26) as u8).collect()
+}
+
+/// A length-prefixed gRPC message carrying an `EchoRequest` whose payload
+/// is `payload_len` generated bytes.
+fn grpc_frame(payload_len: usize) -> anyhow::Result<Bytes> {
+    let message = EchoRequest {
+        payload: generated_bytes(payload_len),
+        count: 0,
+        status_code: 0,
+    };
+    let len = message.encoded_len();
+    let prefix_len = u32::try_from(len).context("the gRPC message is over 4 GiB")?;
+    let mut frame = BytesMut::with_capacity(5 + len);
+    frame.put_u8(0); // not compressed
+    frame.put_u32(prefix_len);
+    message
+        .encode(&mut frame)
+        .context("encoding the gRPC request")?;
+    Ok(frame.freeze())
+}
+
+/// Reads `response` to its end and judges it.
+///
+/// Cancel safety: not cancel safe (a half-read body); callers drop it only
+/// to abandon the request.
+async fn read_response(response: Response<Incoming>, is_grpc: bool) -> Outcome {
+    let (parts, mut body) = response.into_parts();
+    let mut grpc_status = parts.headers.get("grpc-status").cloned();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(trailers) = frame.trailers_ref()
+                    && let Some(status) = trailers.get("grpc-status")
+                {
+                    grpc_status = Some(status.clone());
+                }
+            }
+            Err(err) => {
+                debug!(error = %err, "reading the response body failed");
+                return Outcome::ResetOrProtocol;
+            }
+        }
+    }
+    if parts.status.is_client_error() {
+        Outcome::Status4xx
+    } else if parts.status.is_server_error() {
+        Outcome::Status5xx
+    } else if !is_grpc {
+        Outcome::Ok
+    } else {
+        match grpc_status {
+            Some(status) if status.as_bytes() == b"0" => Outcome::Ok,
+            Some(_) => Outcome::GrpcStatus,
+            None => Outcome::ResetOrProtocol,
+        }
+    }
+}
+
+/// Sends one request with `timing` and reads its response, bounded by the
+/// request's deadline. Returns the outcome and when it ended.
+///
+/// Cancel safety: not cancel safe (see [`read_response`]).
+async fn exchange<F>(
+    ctx: &Context,
+    response: F,
+    is_grpc: bool,
+    timing: &Timing,
+) -> (Outcome, Instant)
+where
+    F: Future<Output = hyper::Result<Response<Incoming>>>,
+{
+    let deadline = ctx.plan.deadline(timing.sent, ctx.timeout);
+    let exchange = async {
+        match response.await {
+            Ok(response) => read_response(response, is_grpc).await,
+            Err(err) => {
+                debug!(error = %err, "request failed");
+                Outcome::ResetOrProtocol
+            }
+        }
+    };
+    let outcome = match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(outcome) => outcome,
+        Err(_) if deadline >= ctx.plan.hard_stop => Outcome::Unfinished,
+        Err(_) => Outcome::Timeout,
+    };
+    (outcome, Instant::now())
+}
+
+/// Opens an HTTP/1.1 connection and spawns its driver.
+///
+/// Cancel safety: cancel safe.
+pub(crate) async fn connect_h1(ctx: &Context) -> Result<H1Sender, Outcome> {
+    let stream = ctx.connect().await?;
+    let (sender, connection) = http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|err| {
+            debug!(error = %err, "HTTP/1.1 handshake failed");
+            Outcome::Connect
+        })?;
+    ctx.background.spawn(connection);
+    Ok(sender)
+}
+
+/// Opens an h2c (prior knowledge) connection and spawns its driver.
+///
+/// Cancel safety: cancel safe.
+pub(crate) async fn connect_h2(ctx: &Context) -> Result<H2Sender, Outcome> {
+    let stream = ctx.connect().await?;
+    let (sender, connection) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+        .await
+        .map_err(|err| {
+            debug!(error = %err, "h2 handshake failed");
+            Outcome::Connect
+        })?;
+    ctx.background.spawn(connection);
+    Ok(sender)
+}
+
+/// One HTTP/1.1 connection's task: one request at a time until the plan
+/// runs out of slots.
+pub(crate) async fn run_h1(
+    ctx: Arc<Context>,
+    template: Arc<RequestTemplate>,
+    mut sender: Option<H1Sender>,
+    mut recorder: Recorder,
+) -> Recorder {
+    while let Some(slot) = ctx.plan.next_slot() {
+        let timing = ctx.plan.wait(slot).await;
+        if sender.as_ref().is_none_or(H1Sender::is_closed) {
+            match connect_h1(&ctx).await {
+                Ok(opened) => sender = Some(opened),
+                Err(outcome) => {
+                    recorder.record(&timing, Instant::now(), outcome);
+                    ctx.back_off_after_connect_failure().await;
+                    continue;
+                }
+            }
+        }
+        let Some(open) = sender.as_mut() else {
+            continue;
+        };
+        let response = async {
+            open.ready().await?;
+            open.send_request(template.request()).await
+        };
+        let (outcome, end) = exchange(&ctx, response, template.is_grpc, &timing).await;
+        if matches!(
+            outcome,
+            Outcome::Timeout | Outcome::ResetOrProtocol | Outcome::Unfinished
+        ) {
+            // The connection may still carry the abandoned exchange.
+            sender = None;
+        }
+        recorder.record(&timing, end, outcome);
+    }
+    recorder
+}
+
+/// One h2 connection's task: keeps up to `streams` requests in flight,
+/// taking slots as capacity frees up, until the plan runs out of slots and
+/// every request has ended.
+pub(crate) async fn run_h2(
+    ctx: Arc<Context>,
+    template: Arc<RequestTemplate>,
+    mut sender: Option<H2Sender>,
+    streams: usize,
+    mut recorder: Recorder,
+) -> Recorder {
+    let mut in_flight = FuturesUnordered::new();
+    let mut pending = None;
+    let mut is_exhausted = false;
+    let timer = tokio::time::sleep_until(ctx.plan.hard_stop);
+    tokio::pin!(timer);
+    loop {
+        if pending.is_none() && !is_exhausted && in_flight.len() < streams {
+            pending = ctx.plan.next_slot();
+            is_exhausted = pending.is_none();
+        }
+        if let Some(slot) = pending {
+            if Instant::now() >= slot.intended() {
+                pending = None;
+                let timing = ctx.plan.timing(slot, Instant::now());
+                if sender.as_ref().is_none_or(H2Sender::is_closed) {
+                    match connect_h2(&ctx).await {
+                        Ok(opened) => sender = Some(opened),
+                        Err(outcome) => {
+                            recorder.record(&timing, Instant::now(), outcome);
+                            ctx.back_off_after_connect_failure().await;
+                            continue;
+                        }
+                    }
+                }
+                if let Some(open) = sender.as_mut() {
+                    // The response future owns what it needs: it does not
+                    // borrow the sender.
+                    let response = open.send_request(template.request());
+                    let ctx = Arc::clone(&ctx);
+                    let is_grpc = template.is_grpc;
+                    in_flight.push(async move {
+                        let (outcome, end) = exchange(&ctx, response, is_grpc, &timing).await;
+                        (timing, outcome, end)
+                    });
+                }
+                continue;
+            }
+            timer.as_mut().reset(slot.intended());
+        } else if in_flight.is_empty() {
+            break;
+        }
+        tokio::select! {
+            biased;
+            Some((timing, outcome, end)) = in_flight.next(), if !in_flight.is_empty() => {
+                recorder.record(&timing, end, outcome);
+            }
+            () = timer.as_mut(), if pending.is_some() => {}
+            // Unreachable: with no slot pending and nothing in flight the
+            // loop has either taken a slot or ended above.
+            else => break,
+        }
+    }
+    recorder
+}

@@ -1,0 +1,183 @@
+//! Resource accounting from Linux's `/proc`: CPU time and resident memory of
+//! the process under test (`--pid`) and CPU time of the generator itself,
+//! over the measured window.
+//!
+//! CPU time is `utime + stime` from `/proc/PID/stat`, in clock ticks. The
+//! tick rate is `sysconf(_SC_CLK_TCK)`, which the kernel also hands every
+//! process in its auxiliary vector (`AT_CLKTCK`); it is read from
+//! `/proc/self/auxv` so that no libc call (and no `unsafe`) is needed, and
+//! assumed to be 100 (Linux's `USER_HZ` on every mainstream architecture) if
+//! that fails. Memory is `VmRSS` from `/proc/PID/status`, sampled every
+//! 100 ms for the peak. Files are read with `tokio::fs` (off the workers).
+
+use std::io;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::time::Instant;
+use tracing::warn;
+
+use super::report::ProcessUsage;
+
+/// How often the resident set size is sampled for its peak.
+const RSS_SAMPLE_INTERVAL: Duration = Duration::from_millis(100);
+
+/// `AT_CLKTCK` in the auxiliary vector (see `getauxval(3)`).
+const AT_CLKTCK: usize = 17;
+
+/// Clock ticks per second assumed when the auxiliary vector is unreadable.
+const DEFAULT_CLOCK_TICKS_PER_SECOND: u64 = 100;
+
+/// What the watcher measured over the window.
+#[derive(Debug, Default)]
+pub(crate) struct Watched {
+    /// The process under test, if one was given and could be read
+    /// throughout. `cpu_us_per_request` is left for the caller to fill.
+    pub(crate) process: Option<ProcessUsage>,
+    /// CPU seconds the generator used.
+    pub(crate) generator_cpu_seconds: Option<f64>,
+}
+
+/// Fails unless `/proc/PID/stat` and `/proc/PID/status` are readable.
+pub(crate) async fn check(pid: u32) -> anyhow::Result<()> {
+    let path = format!("/proc/{pid}");
+    cpu_ticks(&path)
+        .await
+        .with_context(|| format!("--pid {pid}: reading {path}/stat"))?;
+    rss_bytes(&path)
+        .await
+        .with_context(|| format!("--pid {pid}: reading {path}/status"))?;
+    Ok(())
+}
+
+/// Samples from `measure_start` to `end` and returns the usage.
+///
+/// Cancel safety: cancel safe (it only reads files and sleeps), but then
+/// measures nothing.
+pub(crate) async fn watch(pid: Option<u32>, measure_start: Instant, end: Instant) -> Watched {
+    let ticks_per_second = clock_ticks_per_second().await as f64;
+    let target = pid.map(|pid| (pid, format!("/proc/{pid}")));
+    tokio::time::sleep_until(measure_start).await;
+
+    let generator_before = cpu_ticks("/proc/self").await.ok();
+    let mut before = None;
+    if let Some((pid, path)) = &target {
+        match sample(path).await {
+            Ok(sampled) => before = Some(sampled),
+            Err(err) => warn!(pid, error = %err, "cannot read the process under test"),
+        }
+    }
+    let mut peak_rss = before.map_or(0, |(_, rss)| rss);
+    let mut ticks =
+        tokio::time::interval_at(measure_start + RSS_SAMPLE_INTERVAL, RSS_SAMPLE_INTERVAL);
+    let window_end = tokio::time::sleep_until(end);
+    tokio::pin!(window_end);
+    loop {
+        tokio::select! {
+            () = &mut window_end => break,
+            _ = ticks.tick() => {
+                if let (Some((_, path)), Some(_)) = (&target, before)
+                    && let Ok(rss) = rss_bytes(path).await
+                {
+                    peak_rss = peak_rss.max(rss);
+                }
+            }
+        }
+    }
+
+    let generator_cpu_seconds = match (generator_before, cpu_ticks("/proc/self").await.ok()) {
+        (Some(before), Some(after)) => {
+            Some(after.saturating_sub(before) as f64 / ticks_per_second)
+        }
+        _ => None,
+    };
+    let process = match (&target, before) {
+        (Some((pid, path)), Some((cpu_before, rss_before))) => match sample(path).await {
+            Ok((cpu_after, rss_after)) => Some(ProcessUsage {
+                pid: *pid,
+                cpu_seconds: cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_second,
+                cpu_us_per_request: None,
+                rss_before_bytes: rss_before,
+                rss_peak_bytes: peak_rss.max(rss_after),
+                rss_after_bytes: rss_after,
+            }),
+            Err(err) => {
+                warn!(pid, error = %err, "the process under test could not be read after the run");
+                None
+            }
+        },
+        _ => None,
+    };
+    Watched {
+        process,
+        generator_cpu_seconds,
+    }
+}
+
+async fn sample(path: &str) -> io::Result<(u64, u64)> {
+    Ok((cpu_ticks(path).await?, rss_bytes(path).await?))
+}
+
+/// `utime + stime` of the process at `path` (`/proc/PID`), in clock ticks.
+async fn cpu_ticks(path: &str) -> io::Result<u64> {
+    let stat = tokio::fs::read_to_string(format!("{path}/stat")).await?;
+    parse_cpu_ticks(&stat).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("unexpected format of {path}/stat"),
+        )
+    })
+}
+
+/// Parses `utime` (field 14) plus `stime` (field 15) of a `/proc/PID/stat`
+/// line. The command name (field 2) is parenthesised and may contain spaces
+/// and parentheses, so fields are counted after its last `)`.
+pub(crate) fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    // Field 3 (state) is the first one after the name.
+    let mut fields = after_name.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// `VmRSS` of the process at `path` (`/proc/PID`), in bytes.
+async fn rss_bytes(path: &str) -> io::Result<u64> {
+    let status = tokio::fs::read_to_string(format!("{path}/status")).await?;
+    parse_rss_bytes(&status).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("no VmRSS in {path}/status"),
+        )
+    })
+}
+
+/// Parses the `VmRSS:  1234 kB` line of `/proc/PID/status`.
+pub(crate) fn parse_rss_bytes(status: &str) -> Option<u64> {
+    let line = status.lines().find(|line| line.starts_with("VmRSS:"))?;
+    let mut words = line["VmRSS:".len()..].split_whitespace();
+    let value: u64 = words.next()?.parse().ok()?;
+    match words.next() {
+        Some("kB") => Some(value * 1024),
+        _ => None,
+    }
+}
+
+/// `sysconf(_SC_CLK_TCK)`, read from the auxiliary vector.
+async fn clock_ticks_per_second() -> u64 {
+    match tokio::fs::read("/proc/self/auxv").await {
+        Ok(auxv) => parse_auxv_clock_ticks(&auxv).unwrap_or(DEFAULT_CLOCK_TICKS_PER_SECOND),
+        Err(_) => DEFAULT_CLOCK_TICKS_PER_SECOND,
+    }
+}
+
+/// Finds `AT_CLKTCK` in an auxiliary vector: native-endian `(type, value)`
+/// pairs of machine words.
+pub(crate) fn parse_auxv_clock_ticks(auxv: &[u8]) -> Option<u64> {
+    const WORD: usize = size_of::<usize>();
+    auxv.chunks_exact(2 * WORD).find_map(|pair| {
+        let key = usize::from_ne_bytes(pair[..WORD].try_into().ok()?);
+        let value = usize::from_ne_bytes(pair[WORD..].try_into().ok()?);
+        (key == AT_CLKTCK && value > 0).then_some(value as u64)
+    })
+}
