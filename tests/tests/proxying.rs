@@ -192,6 +192,13 @@ async fn grpc_bidirectional_and_server_streams_pass_through() {
         count += 1;
     }
     assert_eq!(count, 7);
+    let uploads = futures_util::stream::iter(["a", "b", "c"].map(|p| EchoRequest {
+        payload: p.as_bytes().to_vec().into(),
+        count: 0,
+        status_code: 0,
+    }));
+    let joined = client.client_stream(uploads).await.unwrap();
+    assert_eq!(&joined.get_ref().payload[..], b"abc");
 }
 
 #[tokio::test]
@@ -278,6 +285,70 @@ async fn expect_100_continue_is_answered_before_the_body() {
     assert!(interim.starts_with("HTTP/1.1 100"), "{interim}");
     stream.write_all(b"hello").await.unwrap();
     let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+}
+
+#[tokio::test]
+async fn chunked_request_body_is_forwarded() {
+    let echo = echo("c").await;
+    let proxy = ProxyProcess::start(&config(echo.local_addr(), "http1"))
+        .await
+        .unwrap();
+    let mut stream = TcpStream::connect(proxy.listener("web")).await.unwrap();
+    stream
+        .write_all(b"POST /c HTTP/1.1\r\nHost: c\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n")
+        .await
+        .unwrap();
+    let head = read_head(&mut stream).await;
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut body = Vec::new();
+    // The echo streams the body back chunk by chunk, to the last chunk.
+    while !body.ends_with(b"0\r\n\r\n") {
+        let mut buf = [0u8; 256];
+        let n = tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before the body: {:?}",
+            String::from_utf8_lossy(&body)
+        );
+        body.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&body);
+    assert!(
+        text.contains("hello") && text.contains(" world"),
+        "{text:?}"
+    );
+}
+
+#[tokio::test]
+async fn connections_over_the_limit_wait_for_a_free_slot() {
+    let echo = echo("c").await;
+    let config = config(echo.local_addr(), "http1").replace(
+        "route_config: main }",
+        "route_config: main, max_connections: 1 }",
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let web = proxy.listener("web");
+    let mut first = http1_connect::<Full<Bytes>>(web).await.unwrap();
+    assert_eq!(
+        first.send_request(get(web, "/")).await.unwrap().status(),
+        200
+    );
+    // The second connection is accepted by the kernel but not served while
+    // the first holds the only slot.
+    let mut second = TcpStream::connect(web).await.unwrap();
+    second
+        .write_all(b"GET / HTTP/1.1\r\nHost: c\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = [0u8; 64];
+    let waited = tokio::time::timeout(Duration::from_millis(300), second.read(&mut buf)).await;
+    assert!(waited.is_err(), "served beyond max_connections");
+    drop(first);
+    let head = read_head(&mut second).await;
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 }
 

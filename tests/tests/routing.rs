@@ -348,3 +348,40 @@ clusters:
         .await;
     assert_eq!(header(&kept, "x-echo-req-x-request-id"), "given");
 }
+
+#[tokio::test]
+async fn dns_endpoints_are_resolved_and_served() {
+    let server = echo("named").await;
+    let port = server.local_addr().port();
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners: [{{ name: web, address: "127.0.0.1:0", route_config: main }}]
+route_configs:
+  - name: main
+    virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ name: all, cluster: named }}] }}]
+clusters:
+  - {{ name: named, dns_refresh: 1s, endpoints: [{{ address: "localhost:{port}" }}] }}
+"#
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let addresses: Vec<String> = clusters[0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["address"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        addresses.contains(&format!("127.0.0.1:{port}")),
+        "localhost resolved to {addresses:?}"
+    );
+    // Where localhost also resolves to ::1 (where nothing listens), only
+    // the address set is checked.
+    if addresses.len() == 1 {
+        let web = proxy.listener("web");
+        let response = http1_request(web, get(web, "/")).await.unwrap();
+        assert_eq!(header(&response, "x-echo-server"), "named");
+    }
+}
