@@ -14,7 +14,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 bin=$root/target/release
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null; [ -f $work/nginx.pid ] && kill $(cat $work/nginx.pid) 2>/dev/null; rm -rf $work' EXIT
-echo_port=18181 weft_port=18080 nginx_port=18082 haproxy_port=18083
+echo_port=19181 weft_port=19180 nginx_port=19182 haproxy_port=19183
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;

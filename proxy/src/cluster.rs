@@ -27,7 +27,7 @@ pub(crate) use pool::{Endpoint, UpstreamBody};
 use crate::config::{Cluster, EndpointAddress, UpstreamProtocol};
 use crate::http::error::ProxyError;
 use crate::telemetry::Metrics;
-use lb::Balancer;
+pub use lb::Balancer;
 use pool::{PoolSettings, Wire};
 
 /// A resolved endpoint set with its prepared balancer.

@@ -3,6 +3,6 @@
 
 pub(crate) mod body;
 pub(crate) mod error;
-mod headers;
+pub(crate) mod headers;
 pub(crate) mod router;
 pub(crate) mod server;

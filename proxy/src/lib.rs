@@ -17,6 +17,18 @@ mod resilience;
 mod stack;
 mod tcp;
 
+/// Hot-path building blocks, public only so that the criterion
+/// micro-benchmarks in `benches/` can measure them. Not a stable API.
+#[doc(hidden)]
+pub mod hotpath {
+    pub use crate::cluster::Balancer;
+    pub use crate::http::headers::{
+        add_forwarded, apply as apply_header_ops, ensure_request_id, is_upgrade_request,
+        strip_hop_by_hop,
+    };
+    pub use crate::http::router::{RequestParts, RouteTable};
+}
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};

@@ -21,7 +21,7 @@ pub(crate) fn with_thread_rng<T>(f: impl FnOnce(&mut fastrand::Rng) -> T) -> T {
 
 /// A prepared balancer for one endpoint set.
 #[derive(Debug)]
-pub(crate) struct Balancer {
+pub struct Balancer {
     policy: LbPolicy,
     weights: Vec<u32>,
     /// Running sums of `weights`, for weighted random picks.
@@ -34,7 +34,7 @@ pub(crate) struct Balancer {
 
 impl Balancer {
     /// Prepares a balancer for endpoints with these weights (each >= 1).
-    pub(crate) fn new(policy: LbPolicy, weights: Vec<u32>) -> Self {
+    pub fn new(policy: LbPolicy, weights: Vec<u32>) -> Self {
         let mut total = 0u64;
         let cumulative = weights
             .iter()
@@ -64,11 +64,7 @@ impl Balancer {
 
     /// Picks an endpoint index; `active(i)` is endpoint i's in-flight
     /// request count. `None` only when there are no endpoints.
-    pub(crate) fn pick(
-        &self,
-        rng: &mut fastrand::Rng,
-        active: impl Fn(usize) -> u64,
-    ) -> Option<usize> {
+    pub fn pick(&self, rng: &mut fastrand::Rng, active: impl Fn(usize) -> u64) -> Option<usize> {
         let n = self.weights.len();
         if n <= 1 {
             return (n == 1).then_some(0);

@@ -18,14 +18,17 @@ static UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 /// Removes connection-specific headers. With `keep_upgrade` (an HTTP/1.1
 /// upgrade being forwarded), `upgrade` stays and `connection: upgrade` is
 /// restored, since the upstream must see the upgrade request.
-pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     // Headers the sender listed in `connection` are hop-by-hop too.
     if let Some(connection) = headers.get(header::CONNECTION).cloned() {
         for token in connection.to_str().unwrap_or("").split(',') {
             let token = token.trim();
-            if token.eq_ignore_ascii_case("upgrade")
-                || token.eq_ignore_ascii_case("close")
-                || token.is_empty()
+            // `keep-alive` is removed below anyway, and parsing it would
+            // allocate (it is not one of http's predefined names).
+            if token.is_empty()
+                || ["upgrade", "close", "keep-alive"]
+                    .iter()
+                    .any(|t| token.eq_ignore_ascii_case(t))
             {
                 continue;
             }
@@ -66,7 +69,7 @@ fn is_end_to_end_essential(name: &HeaderName) -> bool {
 
 /// True for an HTTP/1.1 upgrade request (`connection: upgrade` plus an
 /// `upgrade` header).
-pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
+pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
         && headers.get_all(header::CONNECTION).iter().any(|v| {
             v.to_str().is_ok_and(|s| {
@@ -78,7 +81,7 @@ pub(crate) fn is_upgrade_request(headers: &HeaderMap) -> bool {
 
 /// Appends the client's address to `x-forwarded-for` and sets
 /// `x-forwarded-proto` when absent.
-pub(crate) fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
+pub fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
     match headers.get(&X_FORWARDED_FOR) {
         Some(existing) => {
             let mut value = Vec::with_capacity(existing.len() + 2 + peer_ip.len());
@@ -100,10 +103,13 @@ pub(crate) fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
 
 /// Returns the request's `x-request-id`, generating a random (UUIDv4
 /// shaped) one when absent.
-pub(crate) fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
-    if let Some(id) = headers.get(&X_REQUEST_ID) {
-        return id.clone();
-    }
+pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
+    headers
+        .entry(X_REQUEST_ID.clone())
+        .or_insert_with(random_request_id)
+}
+
+fn random_request_id() -> HeaderValue {
     let (hi, lo) = crate::cluster::with_thread_rng(|rng| (rng.u64(..), rng.u64(..)));
     let bits = (u128::from(hi) << 64 | u128::from(lo)) & !(0xF000u128 << 64) & !(0xC000u128 << 48);
     let bits = bits | (0x4000u128 << 64) | (0x8000u128 << 48);
@@ -118,15 +124,13 @@ pub(crate) fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
         out[pos + 1] = HEX[usize::from(byte & 0xF)];
         pos += 2;
     }
-    let id = HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value");
-    headers.insert(X_REQUEST_ID.clone(), id.clone());
-    id
+    HeaderValue::from_bytes(&out).expect("hex digits and dashes are a valid header value")
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Applies a route's header rules: remove, then set, then add.
-pub(crate) fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
+pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
     for name in &ops.remove {
         headers.remove(name);
     }
@@ -208,7 +212,7 @@ mod tests {
         let mut h = map(&[("x-request-id", "abc")]);
         assert_eq!(ensure_request_id(&mut h), "abc");
         let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h);
+        let id = ensure_request_id(&mut h).clone();
         let s = id.to_str().unwrap();
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4", "{s}");

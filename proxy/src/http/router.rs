@@ -19,7 +19,7 @@ const MAX_HOST_LEN: usize = 255;
 
 /// A prepared routing table; `T` is what a route resolves to.
 #[derive(Debug)]
-pub(crate) struct RouteTable<T> {
+pub struct RouteTable<T> {
     exact: HashMap<Box<str>, usize>,
     /// `(".example.com", vhost)`, longest suffix first.
     suffixes: Vec<(Box<str>, usize)>,
@@ -29,16 +29,20 @@ pub(crate) struct RouteTable<T> {
 
 /// The request attributes routing looks at.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct RequestParts<'a> {
-    pub(crate) host: &'a str,
-    pub(crate) method: &'a Method,
-    pub(crate) path: &'a str,
-    pub(crate) headers: &'a HeaderMap,
+pub struct RequestParts<'a> {
+    /// Host (`host` header or `:authority`), port allowed.
+    pub host: &'a str,
+    /// Method.
+    pub method: &'a Method,
+    /// Path, without the query.
+    pub path: &'a str,
+    /// Request headers.
+    pub headers: &'a HeaderMap,
 }
 
 impl<T> RouteTable<T> {
     /// Prepares the table; `payload` builds what each route resolves to.
-    pub(crate) fn new(
+    pub fn new(
         config: &RouteConfig,
         mut payload: impl FnMut(&VirtualHost, &crate::config::Route) -> T,
     ) -> Self {
@@ -75,7 +79,7 @@ impl<T> RouteTable<T> {
     }
 
     /// Selects the route for a request.
-    pub(crate) fn select(&self, parts: &RequestParts<'_>) -> Option<&T> {
+    pub fn select(&self, parts: &RequestParts<'_>) -> Option<&T> {
         let vhost = self.virtual_host(parts.host)?;
         self.vhosts[vhost]
             .iter()

@@ -29,6 +29,8 @@ use crate::telemetry::{AccessRecord, RequestMetrics};
 
 /// hyper's HTTP/1 read buffer never goes below this.
 const MIN_H1_BUFFER: usize = 8192;
+/// hyper's HTTP/1 header count limit when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
 /// The codec's hard ceiling on HTTP/1 header count.
 const MAX_H1_HEADERS: usize = 10_000;
 /// Deadline checks never run closer together than this.
@@ -98,8 +100,14 @@ pub(crate) async fn serve(
                 // codec's limits (somewhat larger) are the hard stop behind.
                 .max_buf_size(
                     (settings.max_request_headers_bytes as usize + 4096).max(MIN_H1_BUFFER),
-                )
-                .max_headers((settings.max_request_headers as usize * 2).min(MAX_H1_HEADERS));
+                );
+            // PERF: a limit other than hyper's default (100) moves hyper's
+            // header index arrays from the stack to two 6.4 KB heap
+            // allocations per request (dhat, benches/RESULTS.md); so the
+            // codec keeps its default unless the listener allows more.
+            if settings.max_request_headers > HYPER_DEFAULT_MAX_HEADERS {
+                builder.max_headers((settings.max_request_headers as usize).min(MAX_H1_HEADERS));
+            }
             let connection = builder.serve_connection(io, service).with_upgrades();
             drive(connection, &conn, deadlines, |c| c.graceful_shutdown()).await;
         }
@@ -331,7 +339,11 @@ async fn route_and_forward(
             header::HOST,
             route.host_rewrite.clone().unwrap_or(authority),
         );
-        outcome.request_id = Some(headers::ensure_request_id(h));
+        let request_id = headers::ensure_request_id(h);
+        // Cloning a generated id costs an allocation; only the log needs it.
+        if listener.access_log.is_some() {
+            outcome.request_id = Some(request_id.clone());
+        }
     }
     *req.uri_mut() = Uri::from(rewrite_path(req.uri(), route.rewrite.as_ref())?);
 
