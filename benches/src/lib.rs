@@ -1,9 +1,14 @@
 //! Weft's bench harness.
 //!
 //! The library holds what benchmarks and end-to-end tests run in-process; the
-//! `weft-bench` binary exposes the same pieces as subcommands. Today that is
-//! the echo upstream ([`echo`]): the server every benchmark and test sends
-//! traffic to, speaking HTTP/1.1, h2c, gRPC, WebSocket (any HTTP/1.1 upgrade)
-//! and opaque TCP.
+//! `weft-bench` binary exposes the same pieces as subcommands:
+//!
+//! - the echo upstream ([`echo`]): the server every benchmark and test sends
+//!   traffic to, speaking HTTP/1.1, h2c, gRPC, WebSocket (any HTTP/1.1
+//!   upgrade) and opaque TCP;
+//! - the load generator ([`load`]): open- or closed-loop HTTP/1.1, h2c, gRPC
+//!   or TCP load against a loopback target, with latency corrected for
+//!   coordinated omission.
 
 pub mod echo;
+pub mod load;

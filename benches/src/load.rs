@@ -10,9 +10,11 @@
 //!   counted from its intended time, so a stall of the target shows up as high
 //!   latency for every request that should have been sent during it
 //!   (coordinated omission is corrected). A request whose connection was
-//!   idle is sent when its timer fires and counted from that moment: the
-//!   timer's lateness (Tokio timers have 1 ms granularity) is the generator's,
-//!   not the target's, and is reported as schedule lag instead.
+//!   idle is sent at the timer tick before it is due (Tokio's timers have
+//!   1 ms granularity and never fire early, so waiting for the exact time
+//!   would make every request up to 1 ms late) and counted from its actual
+//!   send. If the runtime wakes late anyway, that lateness is the
+//!   generator's, not the target's: it is reported as schedule lag instead.
 //! - **Closed loop** (`--max`): each connection (each stream slot over h2)
 //!   sends back to back; latency is counted from the actual send.
 //!
@@ -56,8 +58,8 @@ use std::time::Duration;
 pub use cli::{LoadArgs, run_cli};
 pub use config::{LoadConfig, LoadMode, Protocol};
 pub use report::{
-    ErrorCounts, LatencySummary, LoadReport, LoopKind, ProcessUsage, RequestCounts, ScheduleSummary,
-    TcpSummary,
+    ErrorCounts, LatencySummary, LoadReport, LoopKind, ProcessUsage, RequestCounts,
+    ScheduleSummary, TcpSummary,
 };
 pub use runner::run;
 pub use target::TargetError;

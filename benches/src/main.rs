@@ -23,6 +23,9 @@ enum Command {
     /// Run the echo upstream: HTTP/1.1, h2c, gRPC and upgrades on one port,
     /// and optionally an opaque TCP echo.
     Echo(weft_bench::echo::EchoArgs),
+    /// Generate HTTP/1.1, h2c, gRPC or TCP load against a loopback target
+    /// and report throughput, errors and latency.
+    Load(weft_bench::load::LoadArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +39,6 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Echo(args) => weft_bench::echo::run(&args),
+        Command::Load(args) => weft_bench::load::run_cli(&args),
     }
 }

@@ -315,7 +315,7 @@ pub(crate) async fn run_h2(
             is_exhausted = pending.is_none();
         }
         if let Some(slot) = pending {
-            if Instant::now() >= slot.intended() {
+            if Instant::now() >= slot.send_at() {
                 pending = None;
                 let timing = ctx.plan.timing(slot, Instant::now());
                 if sender.as_ref().is_none_or(H2Sender::is_closed) {
@@ -332,16 +332,20 @@ pub(crate) async fn run_h2(
                     // The response future owns what it needs: it does not
                     // borrow the sender.
                     let response = open.send_request(template.request());
-                    let ctx = Arc::clone(&ctx);
+                    // Borrowed, not cloned: an `Arc` clone per request would
+                    // bounce its count between the cores.
+                    let ctx = &*ctx;
                     let is_grpc = template.is_grpc;
                     in_flight.push(async move {
-                        let (outcome, end) = exchange(&ctx, response, is_grpc, &timing).await;
+                        let (outcome, end) = exchange(ctx, response, is_grpc, &timing).await;
                         (timing, outcome, end)
                     });
                 }
                 continue;
             }
-            timer.as_mut().reset(slot.intended());
+            if timer.deadline() != slot.send_at() {
+                timer.as_mut().reset(slot.send_at());
+            }
         } else if in_flight.is_empty() {
             break;
         }

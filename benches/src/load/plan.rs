@@ -13,6 +13,12 @@ use tokio::time::Instant;
 
 use super::{GRACE, LoadMode};
 
+/// Tokio's timers fire on 1 ms ticks, never early, so sleeping until a slot
+/// would send it up to 1 ms late (and, at high rates, late enough to be
+/// taken for a busy connection). Sleeping until this long before it instead
+/// sends each request within the millisecond before it is due.
+const TIMER_GRANULARITY: Duration = Duration::from_millis(1);
+
 /// The timeline of one run.
 #[derive(Debug)]
 pub(crate) struct Plan {
@@ -64,16 +70,24 @@ pub(crate) struct Timing {
 }
 
 impl Slot {
-    /// When the slot is due.
-    pub(crate) fn intended(self) -> Instant {
+    /// When to send the slot's request: up to [`TIMER_GRANULARITY`] before
+    /// it is due, at the timer tick that precedes it.
+    pub(crate) fn send_at(self) -> Instant {
         self.intended
+            .checked_sub(TIMER_GRANULARITY)
+            .unwrap_or(self.intended)
     }
 }
 
 impl Plan {
     /// A plan whose warm-up (or, without one, measured window) starts at
     /// `start`.
-    pub(crate) fn new(start: Instant, mode: LoadMode, warmup: Duration, duration: Duration) -> Self {
+    pub(crate) fn new(
+        start: Instant,
+        mode: LoadMode,
+        warmup: Duration,
+        duration: Duration,
+    ) -> Self {
         let measure_start = start + warmup;
         let end = measure_start + duration;
         let pacing = match mode {
@@ -123,18 +137,20 @@ impl Plan {
         }
     }
 
-    /// Waits until `slot` is due (not at all if it already is) and returns
-    /// its timing, sent now.
+    /// Waits until `slot` may be sent (see [`Slot::send_at`]; not at all if
+    /// it is due) and returns its timing, sent now.
     ///
     /// Cancel safety: cancel safe (it only sleeps).
     pub(crate) async fn wait(&self, slot: Slot) -> Timing {
-        if Instant::now() < slot.intended {
-            tokio::time::sleep_until(slot.intended).await;
+        let send_at = slot.send_at();
+        if Instant::now() < send_at {
+            tokio::time::sleep_until(send_at).await;
         }
         self.timing(slot, Instant::now())
     }
 
-    /// The timing of `slot` sent at `sent` (at or after it was due).
+    /// The timing of `slot` sent at `sent` (no earlier than
+    /// [`Slot::send_at`]).
     pub(crate) fn timing(&self, slot: Slot, sent: Instant) -> Timing {
         let lag = sent.saturating_duration_since(slot.intended);
         Timing {

@@ -29,7 +29,7 @@ const AT_CLKTCK: usize = 17;
 const DEFAULT_CLOCK_TICKS_PER_SECOND: u64 = 100;
 
 /// What the watcher measured over the window.
-#[derive(Debug, Default)]
+#[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct Watched {
     /// The process under test, if one was given and could be read
     /// throughout. `cpu_us_per_request` is left for the caller to fill.
@@ -86,9 +86,7 @@ pub(crate) async fn watch(pid: Option<u32>, measure_start: Instant, end: Instant
     }
 
     let generator_cpu_seconds = match (generator_before, cpu_ticks("/proc/self").await.ok()) {
-        (Some(before), Some(after)) => {
-            Some(after.saturating_sub(before) as f64 / ticks_per_second)
-        }
+        (Some(before), Some(after)) => Some(after.saturating_sub(before) as f64 / ticks_per_second),
         _ => None,
     };
     let process = match (&target, before) {

@@ -69,6 +69,8 @@ pub(crate) struct Recorder {
     pub(crate) bytes_sent: u64,
     pub(crate) bytes_received: u64,
     pub(crate) connections_opened: u64,
+    /// When the last measured request completed.
+    pub(crate) last_completion: Option<Instant>,
     progress: Arc<Counter>,
 }
 
@@ -95,6 +97,7 @@ impl Recorder {
             bytes_sent: 0,
             bytes_received: 0,
             connections_opened: 0,
+            last_completion: None,
             progress,
         }
     }
@@ -117,6 +120,7 @@ impl Recorder {
         }
         if is_completed {
             self.requests.completed += 1;
+            self.last_completion = self.last_completion.max(Some(end));
             self.latency
                 .saturating_record(micros(end.saturating_duration_since(timing.start)));
             self.service_time
@@ -165,6 +169,7 @@ impl Recorder {
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
         self.connections_opened += other.connections_opened;
+        self.last_completion = self.last_completion.max(other.last_completion);
     }
 
     /// Percentiles of the coordinated-omission-corrected latency.

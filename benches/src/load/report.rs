@@ -35,7 +35,9 @@ pub struct LoadReport {
     pub warmup_seconds: f64,
     /// What happened to the measured requests.
     pub requests: RequestCounts,
-    /// Completed requests per second of the measured window.
+    /// Completed requests per second: over the measured window or, when the
+    /// last measured request completed after it (the generator fell
+    /// behind), until that completion.
     pub throughput_per_second: f64,
     /// Failures by kind.
     pub errors: ErrorCounts,
@@ -169,7 +171,8 @@ pub struct TcpSummary {
     pub bytes_sent: u64,
     /// Bytes read back by completed measured requests.
     pub bytes_received: u64,
-    /// `bytes_sent` per second, in MB (10^6 bytes).
+    /// `bytes_sent` per second (over the same time as the throughput), in
+    /// MB (10^6 bytes).
     pub sent_mb_per_second: f64,
     /// `bytes_received` per second, in MB (10^6 bytes).
     pub received_mb_per_second: f64,
@@ -259,11 +262,12 @@ impl fmt::Display for LoadReport {
             .unwrap_or_default();
         writeln!(
             f,
-            "target        {} ({}, {}, {} connections{streams}, {pacing})",
+            "target        {} ({}, {}, {} connection{}{streams}, {pacing})",
             self.target,
             self.address,
             self.protocol.label(),
             self.connections,
+            if self.connections == 1 { "" } else { "s" },
         )?;
         writeln!(
             f,

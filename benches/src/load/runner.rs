@@ -138,7 +138,7 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
     background.close().await;
     let total = total?;
 
-    let report = report(config, &target, &total, watched);
+    let report = report(config, &target, &total, ctx.plan.measure_start, watched);
     info!(
         completed = report.requests.completed,
         throughput = report.throughput_per_second,
@@ -200,10 +200,16 @@ fn report(
     config: &LoadConfig,
     target: &Target,
     total: &Recorder,
+    measure_start: Instant,
     watched: Watched,
 ) -> LoadReport {
     let seconds = config.duration.as_secs_f64();
     let completed = total.requests.completed;
+    // A generator that fell behind completes measured requests after the
+    // window: rates are over the time they really took.
+    let elapsed = seconds.max(total.last_completion.map_or(0.0, |last| {
+        last.saturating_duration_since(measure_start).as_secs_f64()
+    }));
     let (rate_per_second, schedule) = match config.mode {
         LoadMode::OpenLoop { rate_per_second } => (
             Some(rate_per_second),
@@ -218,10 +224,10 @@ fn report(
     let tcp = (config.protocol == Protocol::Tcp).then(|| TcpSummary {
         bytes_sent: total.bytes_sent,
         bytes_received: total.bytes_received,
-        sent_mb_per_second: total.bytes_sent as f64 / 1e6 / seconds,
-        received_mb_per_second: total.bytes_received as f64 / 1e6 / seconds,
+        sent_mb_per_second: total.bytes_sent as f64 / 1e6 / elapsed,
+        received_mb_per_second: total.bytes_received as f64 / 1e6 / elapsed,
         connections_opened: total.connections_opened,
-        connections_per_second: total.connections_opened as f64 / seconds,
+        connections_per_second: total.connections_opened as f64 / elapsed,
     });
     let process = watched.process.map(|mut usage| {
         usage.cpu_us_per_request =
@@ -241,7 +247,7 @@ fn report(
         duration_seconds: seconds,
         warmup_seconds: config.warmup.as_secs_f64(),
         requests: total.requests,
-        throughput_per_second: completed as f64 / seconds,
+        throughput_per_second: completed as f64 / elapsed,
         errors: total.errors,
         latency: total.latency(),
         service_time: total.service_time(),

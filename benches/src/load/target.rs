@@ -113,8 +113,11 @@ impl Target {
         let Some(port) = authority.port_u16().or(default_port) else {
             return Err(TargetError::NoPort { target });
         };
-        let addrs: Vec<SocketAddr> = match tokio::net::lookup_host((host.as_str(), port)).await {
-            Ok(addrs) => addrs.collect(),
+        let resolved = tokio::net::lookup_host((host.as_str(), port))
+            .await
+            .map(Iterator::collect::<Vec<SocketAddr>>);
+        let addrs = match resolved {
+            Ok(addrs) => addrs,
             Err(source) => {
                 return Err(TargetError::Resolve {
                     target,
