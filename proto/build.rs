@@ -3,7 +3,9 @@
 //!
 //! The compiler is `protox`, written in Rust, so that building the workspace
 //! needs no system `protoc`. New proto packages (the xDS API) are picked up by
-//! dropping their files under `proto/`; imports resolve relative to it.
+//! dropping their files under `proto/`; imports resolve relative to it, and the
+//! well-known types (`google/protobuf/*.proto`) ship with protox and map to
+//! `prost-types`.
 
 use std::path::{Path, PathBuf};
 use std::{fs, io};
@@ -25,14 +27,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let fds = protox::compile(&files, [root])?;
+
+    let mut config = tonic_prost_build::Config::new();
+    // Every message implements `prost::Name`, whose type URL is the one xDS
+    // puts in `google.protobuf.Any` (`type.googleapis.com/<full name>`).
+    config
+        .enable_type_names()
+        .type_name_domain(["."], "type.googleapis.com");
     tonic_prost_build::configure()
         // `bytes` fields become `bytes::Bytes`: payloads are cloned by
         // reference count instead of copied.
         .bytes(".")
+        // Map fields become `BTreeMap`s, which encode in key order: the same
+        // message always encodes to the same bytes, so a version derived from
+        // a resource's encoding only changes when the resource does.
+        .btree_map(".")
         // Callers bring their own channel (any tower service); the crate does
         // not pull in tonic's transport.
         .build_transport(false)
-        .compile_fds(fds)?;
+        .compile_fds_with_config(fds, config)?;
     Ok(())
 }
 

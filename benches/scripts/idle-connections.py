@@ -1,15 +1,21 @@
 #!/usr/bin/env python3
 """Memory per idle keep-alive connection of a running HTTP proxy.
 
-Opens N connections one after another, sends one GET on each and reads the
-response head, keeps them all open, and reports the growth of the proxy
-process's RSS divided by N.
+Opens N connections in batches, sends one GET on each and reads the
+response head, and keeps them all open, pausing between batches so that a
+proxy that releases an idle connection's buffers (weft parks HTTP/1
+connections idle for a second) can do so and reuse that memory for the
+next batch. Reports the proxy's RSS growth per connection over all N, and
+the marginal growth over the second half (the steady-state cost).
 
-Usage: idle-connections.py PORT N PID   (raise `ulimit -n` above N first)
+Usage: idle-connections.py PORT N PID [PAUSE_SECONDS]
+(raise `ulimit -n` above N first)
 """
 import socket
 import sys
 import time
+
+BATCH = 500
 
 
 def rss_kib(pid):
@@ -34,14 +40,23 @@ def open_one(port):
 
 def main():
     port, count, pid = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    pause = float(sys.argv[4]) if len(sys.argv) > 4 else 1.5
     held = [open_one(port)]  # warm up pools and allocator first
-    time.sleep(0.5)
+    time.sleep(pause)
     before = rss_kib(pid)
-    held += [open_one(port) for _ in range(count)]
-    time.sleep(1)
+    half = None
+    while len(held) - 1 < count:
+        held += [open_one(port) for _ in range(min(BATCH, count - (len(held) - 1)))]
+        time.sleep(pause)
+        if half is None and len(held) - 1 >= count // 2:
+            half = (len(held) - 1, rss_kib(pid))
     after = rss_kib(pid)
     per = (after - before) / count
-    print(f"{count} idle keep-alive connections: RSS {before} KiB -> {after} KiB, {per:.2f} KiB per connection")
+    marginal = (after - half[1]) / max(count - half[0], 1)
+    print(
+        f"{count} idle keep-alive connections: RSS {before} KiB -> {after} KiB, "
+        f"{per:.2f} KiB per connection overall, {marginal:.2f} KiB per connection over the second half"
+    )
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@
 //! cluster) resolves, and every limit is within range.
 
 mod model;
+pub mod proto;
 mod spec;
 mod validate;
 

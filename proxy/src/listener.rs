@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
@@ -120,15 +121,16 @@ pub(crate) async fn detect(
     metrics.bytes_received.fetch_add(len as u64, Relaxed);
     // The first request's head began with the bytes just read.
     state.on_read();
-    let io = DownstreamIo {
-        stream,
-        prefix,
-        prefix_len: len as u8,
-        prefix_pos: 0,
-        metrics,
-        state,
-    };
-    Some((io, protocol))
+    let prefix = Bytes::copy_from_slice(&prefix[..len]);
+    Some((
+        DownstreamIo {
+            stream,
+            prefix,
+            metrics,
+            state,
+        },
+        protocol,
+    ))
 }
 
 /// A downstream connection: replays the bytes read for detection, then
@@ -136,11 +138,40 @@ pub(crate) async fn detect(
 #[derive(Debug)]
 pub(crate) struct DownstreamIo {
     stream: TcpStream,
-    prefix: [u8; 24],
-    prefix_len: u8,
-    prefix_pos: u8,
+    /// Bytes already read from the socket that the next reader must see
+    /// first (detection bytes, or what hyper had buffered when it let go).
+    prefix: Bytes,
     metrics: Arc<ListenerMetrics>,
     state: Arc<ConnState>,
+}
+
+impl DownstreamIo {
+    /// Puts bytes back in front of the stream.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.prefix.is_empty() {
+            self.prefix = bytes;
+            return;
+        }
+        let mut joined = Vec::with_capacity(bytes.len() + self.prefix.len());
+        joined.extend_from_slice(&bytes);
+        joined.extend_from_slice(&self.prefix);
+        self.prefix = joined.into();
+    }
+
+    /// Waits until the client sends more, without holding a buffer.
+    /// Returns false when the client closed the connection instead.
+    ///
+    /// Cancel safety: cancel safe (it only waits for readiness).
+    pub(crate) async fn wait_for_data(&self) -> bool {
+        if !self.prefix.is_empty() {
+            return true;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.peek(&mut probe).await, Ok(n) if n > 0)
+    }
 }
 
 impl AsyncRead for DownstreamIo {
@@ -150,11 +181,9 @@ impl AsyncRead for DownstreamIo {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = &mut *self;
-        if this.prefix_pos < this.prefix_len {
-            let rest = &this.prefix[usize::from(this.prefix_pos)..usize::from(this.prefix_len)];
-            let n = rest.len().min(buf.remaining());
-            buf.put_slice(&rest[..n]);
-            this.prefix_pos += n as u8;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
             return Poll::Ready(Ok(()));
         }
         let before = buf.filled().len();

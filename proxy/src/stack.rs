@@ -358,6 +358,9 @@ clusters:
         let future =
             crate::http::server::serve(server, peer, 0, http, shared, crate::drain::Drain::new());
         let size = std::mem::size_of_val(&future);
-        assert!(size <= 4096, "connection future is {size} bytes");
+        // PERF: 3.7 KiB while hyper's connection state lived inline; boxed
+        // (and released while a connection is parked) it is 1.4 KiB, and an
+        // idle connection costs 3.2 KiB instead of 25.5 (benches/RESULTS.md).
+        assert!(size <= 2048, "connection future is {size} bytes");
     }
 }

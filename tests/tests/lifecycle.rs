@@ -218,7 +218,7 @@ fn deadlines_config(echo: std::net::SocketAddr, header: &str, idle: &str) -> Str
 }
 
 #[tokio::test]
-async fn idle_keep_alive_connection_outlives_the_header_timeout() {
+async fn idle_keep_alive_connection_outlives_the_header_timeout_and_resumes_after_parking() {
     let echo = echo("a").await;
     let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "200ms", "30s"))
         .await
@@ -229,8 +229,9 @@ async fn idle_keep_alive_connection_outlives_the_header_timeout() {
         .await
         .unwrap();
     // Waiting is the behaviour under test: an idle keep-alive connection
-    // must not be taken for a slow request head.
-    tokio::time::sleep(std::time::Duration::from_millis(600)).await;
+    // must not be taken for a slow request head, and after a second of
+    // silence it is parked (hyper's buffers released) and must resume.
+    tokio::time::sleep(std::time::Duration::from_millis(1300)).await;
     sender.ready().await.unwrap();
     let response = sender.send_request(get(web, "/")).await.unwrap();
     assert_eq!(response.status(), 200);

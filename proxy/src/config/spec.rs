@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A whole proxy configuration file.
-#[derive(Debug, Default, Clone, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct BootstrapSpec {
     /// The admin HTTP server (readiness, metrics, config dump).
@@ -36,7 +36,7 @@ pub struct BootstrapSpec {
 }
 
 /// The admin server.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminSpec {
     /// `IP:PORT`; port 0 picks a free port.
@@ -44,7 +44,7 @@ pub struct AdminSpec {
 }
 
 /// Where access-log lines go.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct AccessLogSpec {
     /// `stdout`, `stderr` or a file path (appended to).
@@ -52,7 +52,7 @@ pub struct AccessLogSpec {
 }
 
 /// One listening socket.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerSpec {
     /// Unique name, used in metrics and logs.
@@ -94,7 +94,7 @@ pub struct ListenerSpec {
 }
 
 /// A named routing table.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteConfigSpec {
     /// Unique name that listeners refer to.
@@ -104,7 +104,7 @@ pub struct RouteConfigSpec {
 }
 
 /// A set of routes for some hosts.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct VirtualHostSpec {
     /// Unique within its route configuration.
@@ -116,7 +116,7 @@ pub struct VirtualHostSpec {
 }
 
 /// One route: a match and what to do with matching requests.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteSpec {
     /// Unique within its virtual host; a metrics label.
@@ -152,7 +152,7 @@ pub struct RouteSpec {
 }
 
 /// Request matching criteria; all given criteria must hold.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatchSpec {
     /// The path starts with this.
@@ -173,7 +173,7 @@ pub struct RouteMatchSpec {
 }
 
 /// One header condition.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatchSpec {
     /// Header name (case-insensitive).
@@ -190,7 +190,7 @@ pub struct HeaderMatchSpec {
 }
 
 /// One target of a weighted split.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct WeightedClusterSpec {
     /// Cluster name.
@@ -200,7 +200,7 @@ pub struct WeightedClusterSpec {
 }
 
 /// A response the proxy makes itself.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct DirectResponseSpec {
     /// HTTP status code.
@@ -211,7 +211,7 @@ pub struct DirectResponseSpec {
 }
 
 /// Header changes.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderOpsSpec {
     /// Replace (or create) these headers.
@@ -226,7 +226,7 @@ pub struct HeaderOpsSpec {
 }
 
 /// An upstream service.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterSpec {
     /// Unique name that routes and listeners refer to.
@@ -251,7 +251,7 @@ pub struct ClusterSpec {
 }
 
 /// Per-endpoint connection pool settings.
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PoolSpec {
     /// An idle upstream connection is closed after this.
@@ -263,7 +263,7 @@ pub struct PoolSpec {
 }
 
 /// One endpoint.
-#[derive(Debug, Clone, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct EndpointSpec {
     /// `IP:PORT` or `HOSTNAME:PORT` (resolved, and re-resolved, by DNS).

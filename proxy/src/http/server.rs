@@ -21,7 +21,7 @@ use super::error::{ProxyError, is_grpc, to_response};
 use super::headers;
 use super::router::RequestParts;
 use crate::drain::{Drain, TrackedExecutor};
-use crate::listener::{ConnState, ConnectionGuard, Protocol, detect};
+use crate::listener::{ConnState, ConnectionGuard, DownstreamIo, Protocol, detect};
 use crate::stack::{
     HttpListener, ListenerSnapshot, PathRewrite, PreparedAction, PreparedRoute, Shared,
 };
@@ -45,6 +45,18 @@ struct Connection {
     shared: Shared,
     drain: Drain,
     state: Arc<ConnState>,
+    /// The upstream side of an upgrade answered with 101, waiting for the
+    /// connection to hand its socket over.
+    upgrade: std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>,
+}
+
+impl Connection {
+    fn take_upgrade(&self) -> Option<hyper::upgrade::OnUpgrade> {
+        self.upgrade
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 /// Serves one accepted connection until it closes, drains or idles out.
@@ -81,47 +93,142 @@ pub(crate) async fn serve(
         shared,
         drain: drain.clone(),
         state,
+        upgrade: std::sync::Mutex::new(None),
     });
-    let service = {
-        let conn = conn.clone();
-        hyper::service::service_fn(move |req| handle(conn.clone(), req))
+    let deadlines = Deadlines {
+        header: settings.header_read_timeout,
+        idle: settings.idle_timeout,
     };
-    let io = TokioIo::new(io);
-    let deadlines = (settings.header_read_timeout, settings.idle_timeout);
     match protocol {
-        Protocol::Http1 => {
-            let mut builder = hyper::server::conn::http1::Builder::new();
-            builder
-                .timer(TokioTimer::new())
-                // The header deadline is ours (see `ConnState`): hyper's
-                // would also cut idle keep-alive connections.
-                .header_read_timeout(None)
-                // Our own checks answer 431 with a body and the cause; the
-                // codec's limits (somewhat larger) are the hard stop behind.
-                .max_buf_size(
-                    (settings.max_request_headers_bytes as usize + 4096).max(MIN_H1_BUFFER),
-                );
-            // PERF: a limit other than hyper's default (100) moves hyper's
-            // header index arrays from the stack to two 6.4 KB heap
-            // allocations per request (dhat, benches/RESULTS.md); so the
-            // codec keeps its default unless the listener allows more.
-            if settings.max_request_headers > HYPER_DEFAULT_MAX_HEADERS {
-                builder.max_headers((settings.max_request_headers as usize).min(MAX_H1_HEADERS));
-            }
-            let connection = builder.serve_connection(io, service).with_upgrades();
-            drive(connection, &conn, deadlines, |c| c.graceful_shutdown()).await;
-        }
+        Protocol::Http1 => serve_h1(io, &conn, settings, deadlines).await,
         Protocol::Http2 => {
+            let service = {
+                let conn = conn.clone();
+                hyper::service::service_fn(move |req| handle(conn.clone(), req))
+            };
             let mut builder =
                 hyper::server::conn::http2::Builder::new(TrackedExecutor(drain.clone()));
             builder
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(settings.max_concurrent_streams)
                 .max_header_list_size(settings.max_request_headers_bytes);
-            let connection = builder.serve_connection(io, service);
-            drive(connection, &conn, deadlines, |c| c.graceful_shutdown()).await;
+            // Boxed, as for HTTP/1, to keep the connection task small.
+            let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
+            drive(
+                &mut connection,
+                |c, cx| c.as_mut().poll(cx),
+                |c| c.as_mut().graceful_shutdown(),
+                &conn,
+                deadlines,
+                None,
+            )
+            .await;
         }
     }
+}
+
+/// An HTTP/1 connection that has been idle this long is parked: hyper's
+/// state and its read and write buffers (16 KiB together) are released and
+/// the socket is watched with no buffer at all until the client speaks
+/// again. Long enough that a busy keep-alive connection never parks.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// Serves HTTP/1 on a connection, parking it while it idles.
+///
+/// hyper keeps about 16 KiB of buffers per HTTP/1 connection for as long
+/// as the connection lives; a gateway holding tens of thousands of idle
+/// keep-alive connections cannot afford that. So an idle connection is
+/// handed back by hyper (`poll_without_shutdown` + `into_parts`) and
+/// resumed with a fresh hyper connection when bytes arrive. The same
+/// hand-back serves upgrades: the client side of a tunnel is the socket
+/// hyper returns after writing the 101.
+async fn serve_h1(
+    mut io: DownstreamIo,
+    conn: &Arc<Connection>,
+    settings: &crate::config::Listener,
+    deadlines: Deadlines,
+) {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        // The header deadline is ours (see `ConnState`): hyper's would
+        // also cut idle keep-alive connections.
+        .header_read_timeout(None)
+        // Our own checks answer 431 with a body and the cause; the codec's
+        // limits (somewhat larger) are the hard stop behind them.
+        .max_buf_size((settings.max_request_headers_bytes as usize + 4096).max(MIN_H1_BUFFER));
+    // PERF: a limit other than hyper's default (100) moves hyper's header
+    // index arrays from the stack to two 6.4 KB heap allocations per
+    // request (dhat, benches/RESULTS.md); so the codec keeps its default
+    // unless the listener allows more.
+    if settings.max_request_headers > HYPER_DEFAULT_MAX_HEADERS {
+        builder.max_headers((settings.max_request_headers as usize).min(MAX_H1_HEADERS));
+    }
+    loop {
+        let service = {
+            let conn = conn.clone();
+            // Boxed because handing the connection back needs an `Unpin`
+            // service future: one allocation per request buys the release
+            // of 16 KiB per idle connection.
+            hyper::service::service_fn(move |req| Box::pin(handle(conn.clone(), req)))
+        };
+        // Boxed so that a parked connection's task keeps no room for
+        // hyper's state: the task stays small, the box goes while parked.
+        let mut connection = Box::new(builder.serve_connection(TokioIo::new(io), service));
+        let ending = drive(
+            &mut connection,
+            |c, cx| c.poll_without_shutdown(cx),
+            |c| Pin::new(&mut **c).graceful_shutdown(),
+            conn,
+            deadlines,
+            Some(PARK_AFTER),
+        )
+        .await;
+        if ending == Ending::Dropped {
+            return;
+        }
+        let parts = (*connection).into_parts();
+        io = parts.io.into_inner();
+        io.unread(parts.read_buf);
+        if let Some(upstream) = conn.take_upgrade() {
+            tunnel(io, upstream, conn.peer).await;
+            return;
+        }
+        if ending != Ending::Parked || !park(&io, conn, deadlines).await {
+            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+            return;
+        }
+    }
+}
+
+/// Waits, holding no buffer, until a parked connection's client sends
+/// again (true), or it closes, idles out or the drain begins (false).
+async fn park(io: &DownstreamIo, conn: &Connection, deadlines: Deadlines) -> bool {
+    let idle_since = conn.state.idle_since().unwrap_or_else(Instant::now);
+    let idle_end = tokio::time::Instant::from_std(idle_since + deadlines.idle);
+    tokio::select! {
+        more = io.wait_for_data() => more,
+        () = tokio::time::sleep_until(idle_end) => false,
+        () = conn.drain.cancelled() => false,
+    }
+}
+
+/// A connection's two deadlines.
+#[derive(Debug, Clone, Copy)]
+struct Deadlines {
+    header: Duration,
+    idle: Duration,
+}
+
+/// How [`drive`] ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    /// The connection finished (client closed, drain, idle timeout, error).
+    Closed,
+    /// The connection finished because it was asked to park.
+    Parked,
+    /// Abandoned mid-request (header timeout); drop it.
+    Dropped,
 }
 
 /// Polls a connection to completion and keeps its deadlines:
@@ -130,48 +237,60 @@ pub(crate) async fn serve(
 /// - a connection with nothing in flight for the idle timeout, or the drain
 ///   signal, gets a graceful close (HTTP/2 GOAWAY, HTTP/1.1 close after the
 ///   in-flight response) and is polled until it finishes; the process-wide
-///   drain deadline bounds that.
-async fn drive<C, E>(
-    connection: C,
+///   drain deadline bounds that;
+/// - with `park_after`, a connection idle that long is asked to finish so
+///   that its caller can park it.
+async fn drive<C>(
+    connection: &mut C,
+    poll: fn(&mut C, &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>>,
+    shutdown: fn(&mut C),
     conn: &Connection,
-    (header_timeout, idle_timeout): (Duration, Duration),
-    shutdown: fn(Pin<&mut C>),
-) where
-    C: Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    let mut connection = std::pin::pin!(connection);
-    let check_every = header_timeout.min(idle_timeout);
+    deadlines: Deadlines,
+    park_after: Option<Duration>,
+) -> Ending {
+    let check_every = deadlines
+        .header
+        .min(deadlines.idle)
+        .min(park_after.unwrap_or(Duration::MAX));
     let wake = tokio::time::sleep(check_every);
     let mut wake = std::pin::pin!(wake);
     let mut closing = false;
+    let mut parking = false;
     loop {
         tokio::select! {
-            result = connection.as_mut() => {
+            result = std::future::poll_fn(|cx| poll(connection, cx)) => {
                 if let Err(error) = result {
                     tracing::debug!(peer.addr = %conn.peer, %error, "connection ended with an error");
+                    return Ending::Dropped;
                 }
-                return;
+                return if parking && !closing { Ending::Parked } else { Ending::Closed };
             }
             () = conn.drain.cancelled(), if !closing => {
                 closing = true;
-                shutdown(connection.as_mut());
+                shutdown(connection);
             }
             () = wake.as_mut() => {
                 let now = Instant::now();
                 let next = if let Some(head) = conn.state.head_started() {
-                    if now >= head + header_timeout {
+                    if now >= head + deadlines.header {
                         tracing::debug!(peer.addr = %conn.peer, "request header timeout");
-                        return;
+                        return Ending::Dropped;
                     }
-                    head + header_timeout
+                    head + deadlines.header
                 } else if let Some(idle) = conn.state.idle_since() {
-                    if now >= idle + idle_timeout && !closing {
+                    if now >= idle + deadlines.idle && !closing {
                         tracing::debug!(peer.addr = %conn.peer, "idle timeout");
                         closing = true;
-                        shutdown(connection.as_mut());
+                        shutdown(connection);
+                    } else if let Some(park) = park_after
+                        && now >= idle + park
+                        && !closing
+                        && !parking
+                    {
+                        parking = true;
+                        shutdown(connection);
                     }
-                    (idle + idle_timeout).max(now).min(now + check_every)
+                    (idle + deadlines.idle).max(now).min(now + check_every)
                 } else {
                     now + check_every
                 };
@@ -321,7 +440,6 @@ async fn route_and_forward(
     // client's) still gets the client's address appended.
     let is_upgrade =
         req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
-    let downstream_upgrade = is_upgrade.then(|| hyper::upgrade::on(&mut req));
     let via = if req.version() == Version::HTTP_2 {
         &listener.via_h2
     } else {
@@ -357,10 +475,14 @@ async fn route_and_forward(
         parts.headers.append(header::VIA, via.clone());
     }
     let mut response = Response::from_parts(parts, ResponseBody::upstream(body));
-    if upgraded && let Some(downstream) = downstream_upgrade {
-        let upstream_upgrade = hyper::upgrade::on(&mut response);
-        conn.drain
-            .spawn(tunnel(downstream, upstream_upgrade, conn.peer));
+    if upgraded && is_upgrade {
+        // The connection task joins the two sides once hyper has written
+        // the 101 and handed the client's socket back (`serve_h1`).
+        let upstream = hyper::upgrade::on(&mut response);
+        *conn
+            .upgrade
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(upstream);
     }
     Ok(response)
 }
@@ -421,15 +543,14 @@ fn rewrite_path(uri: &Uri, rewrite: Option<&PathRewrite>) -> Result<PathAndQuery
 /// Copies bytes between an upgraded client and upstream until either side
 /// closes.
 async fn tunnel(
-    downstream: hyper::upgrade::OnUpgrade,
+    mut downstream: DownstreamIo,
     upstream: hyper::upgrade::OnUpgrade,
     peer: SocketAddr,
 ) {
-    let (Ok(downstream), Ok(upstream)) = (downstream.await, upstream.await) else {
+    let Ok(upstream) = upstream.await else {
         tracing::debug!(peer.addr = %peer, "upgrade did not complete");
         return;
     };
-    let mut downstream = TokioIo::new(downstream);
     let mut upstream = TokioIo::new(upstream);
     if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         tracing::debug!(peer.addr = %peer, %error, "upgraded connection ended with an error");

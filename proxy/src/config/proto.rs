@@ -1,0 +1,575 @@
+//! Conversions between the YAML spec (`spec`) and Weft's xDS resources
+//! (`weft.config.v1` in `weft-proto`), both ways, in one place; and the
+//! packing of those resources in `google.protobuf.Any`.
+//!
+//! The protos mirror the spec field by field, so a conversion moves values
+//! and checks nothing that the validator checks: a set of resources received
+//! over xDS becomes a [`BootstrapSpec`] ([`bootstrap_from_resources`]) and
+//! goes through the one validator, `Config::try_from`, like a YAML file.
+//! Proto to spec fails only where the proto can hold a value the spec cannot:
+//! a negative, non-canonical or over-long `Duration`, or a direct response
+//! status above 65535. Those errors name the resource kind, its name and the
+//! field path, as the validator's do.
+//!
+//! Guarantees: spec → proto → spec gives back the same spec, except that an
+//! empty `methods` or `headers` list in a match comes back unset (both mean
+//! "no condition"), and a duration longer than the protobuf limit of 10,000
+//! years comes back as that limit. Proto → spec → proto gives back the same
+//! proto for every proto that converts. Unset optional fields stay unset
+//! both ways, so defaults keep being applied by the validator only.
+
+use std::fmt;
+use std::time::Duration;
+
+use weft_proto::config::v1 as pb;
+use weft_proto::prost::{self, Name};
+use weft_proto::prost_types;
+
+use super::spec::{
+    BootstrapSpec, ClusterSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec, HeaderOpsSpec,
+    ListenerSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, VirtualHostSpec,
+    WeightedClusterSpec,
+};
+use super::{ConfigError, ValidationErrors};
+
+pub use weft_proto::config::v1::{
+    CLUSTER_TYPE_URL, LISTENER_TYPE_URL, ROUTE_CONFIGURATION_TYPE_URL,
+};
+
+/// The largest `google.protobuf.Duration`: the protobuf definition limits
+/// seconds to ±315,576,000,000 (about 10,000 years).
+const MAX_DURATION_SECONDS: i64 = 315_576_000_000;
+const MAX_DURATION_NANOS: i32 = 999_999_999;
+
+/// A value a proto field can hold but the spec cannot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidValue {
+    /// A `Duration` below zero.
+    #[error("negative duration")]
+    NegativeDuration,
+    /// A `Duration` whose seconds exceed the protobuf limit (10,000 years).
+    #[error("duration of {seconds}s exceeds the protobuf limit of {MAX_DURATION_SECONDS}s")]
+    DurationTooLong {
+        /// The seconds received.
+        seconds: i64,
+    },
+    /// A `Duration` whose nanos are out of range or of a different sign
+    /// than its seconds.
+    #[error(
+        "invalid duration ({seconds}s, {nanos}ns): nanos must be within ±999999999 and share the sign of seconds"
+    )]
+    NonCanonicalDuration {
+        /// The seconds received.
+        seconds: i64,
+        /// The nanoseconds received.
+        nanos: i32,
+    },
+    /// An HTTP status code that does not fit in 16 bits.
+    #[error("status {0} is out of range (at most 65535)")]
+    StatusOutOfRange(u32),
+}
+
+/// One field of one resource that the spec cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{kind} {resource:?}: {field}: {value}")]
+pub struct ConversionError {
+    /// Resource kind, as the validator names it: `listener`, `route_config`
+    /// or `cluster`.
+    pub kind: &'static str,
+    /// Resource name.
+    pub resource: String,
+    /// Field path inside the resource, e.g. `virtual_hosts[0].routes[2].timeout`.
+    pub field: String,
+    /// What is wrong with the value.
+    pub value: InvalidValue,
+}
+
+/// Every field, of every resource converted, that the spec cannot hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConversionErrors(pub Vec<ConversionError>);
+
+impl fmt::Display for ConversionErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, error) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Conversion errors read like the validator's, so that the xDS client
+/// reports both kinds of rejection (log and NACK) the same way.
+impl From<ConversionErrors> for ValidationErrors {
+    fn from(errors: ConversionErrors) -> Self {
+        ValidationErrors(
+            errors
+                .0
+                .into_iter()
+                .map(|error| ConfigError {
+                    kind: error.kind,
+                    resource: error.resource,
+                    field: error.field,
+                    message: error.value.to_string(),
+                })
+                .collect(),
+        )
+    }
+}
+
+/// Why a `google.protobuf.Any` could not be unpacked.
+#[derive(Debug, thiserror::Error)]
+pub enum UnpackError {
+    /// The `Any` holds another message type than the one expected.
+    #[error("unexpected type URL {actual:?} (expected {expected:?})")]
+    UnexpectedTypeUrl {
+        /// The type URL of the message expected.
+        expected: String,
+        /// The type URL found in the `Any`.
+        actual: String,
+    },
+    /// The type URL matched but the bytes are not a valid message of it.
+    #[error("cannot decode {type_url}")]
+    Decode {
+        /// The type URL of the message.
+        type_url: String,
+        /// The decoder's error.
+        #[source]
+        source: prost::DecodeError,
+    },
+}
+
+/// Packs a message in a `google.protobuf.Any` under its type URL
+/// (`type.googleapis.com/<package>.<Message>`).
+pub fn pack<M: Name>(message: &M) -> prost_types::Any {
+    prost_types::Any {
+        type_url: M::type_url(),
+        value: message.encode_to_vec(),
+    }
+}
+
+/// Unpacks a `google.protobuf.Any` that must hold an `M`.
+///
+/// As in protobuf's own `Any` handling, only the type name after the URL's
+/// last `/` is compared, so a peer using another domain than
+/// `type.googleapis.com` is understood.
+pub fn unpack<M: Name + Default>(any: &prost_types::Any) -> Result<M, UnpackError> {
+    let matches = any
+        .type_url
+        .rsplit_once('/')
+        .is_some_and(|(_, name)| name == M::full_name());
+    if !matches {
+        return Err(UnpackError::UnexpectedTypeUrl {
+            expected: M::type_url(),
+            actual: any.type_url.clone(),
+        });
+    }
+    M::decode(any.value.as_slice()).map_err(|source| UnpackError::Decode {
+        type_url: any.type_url.clone(),
+        source,
+    })
+}
+
+/// Builds the spec of a set of resources received over xDS, to be checked
+/// by `Config::try_from`. Fails with every field, of every resource, that
+/// the spec cannot hold.
+///
+/// Only the xDS-served parts are filled in: `admin`, `drain_timeout` and
+/// `access_log` belong to the proxy's local bootstrap, and the caller copies
+/// them in before validating.
+pub fn bootstrap_from_resources(
+    listeners: Vec<pb::Listener>,
+    routes: Vec<pb::RouteConfiguration>,
+    clusters: Vec<pb::Cluster>,
+) -> Result<BootstrapSpec, ConversionErrors> {
+    let mut errors = Vec::new();
+    let listeners = collect(listeners, &mut errors);
+    let route_configs = collect(routes, &mut errors);
+    let clusters = collect(clusters, &mut errors);
+    if errors.is_empty() {
+        Ok(BootstrapSpec {
+            listeners,
+            route_configs,
+            clusters,
+            ..BootstrapSpec::default()
+        })
+    } else {
+        Err(ConversionErrors(errors))
+    }
+}
+
+/// Converts every resource, keeping the successes and gathering the errors.
+fn collect<P, S>(resources: Vec<P>, errors: &mut Vec<ConversionError>) -> Vec<S>
+where
+    S: TryFrom<P, Error = ConversionErrors>,
+{
+    let mut specs = Vec::with_capacity(resources.len());
+    for resource in resources {
+        match S::try_from(resource) {
+            Ok(spec) => specs.push(spec),
+            Err(ConversionErrors(found)) => errors.extend(found),
+        }
+    }
+    specs
+}
+
+/// Collects problems while converting one resource.
+struct Checker {
+    kind: &'static str,
+    resource: String,
+    errors: Vec<ConversionError>,
+}
+
+impl Checker {
+    fn new(kind: &'static str, resource: &str) -> Self {
+        Self {
+            kind,
+            resource: resource.to_owned(),
+            errors: Vec::new(),
+        }
+    }
+
+    fn error(&mut self, field: String, value: InvalidValue) {
+        self.errors.push(ConversionError {
+            kind: self.kind,
+            resource: self.resource.clone(),
+            field,
+            value,
+        });
+    }
+
+    /// Converts an optional duration; an invalid one is reported and
+    /// becomes unset (the whole resource is rejected anyway).
+    fn duration(
+        &mut self,
+        field: impl FnOnce() -> String,
+        value: Option<prost_types::Duration>,
+    ) -> Option<Duration> {
+        match duration_from_proto(value?) {
+            Ok(duration) => Some(duration),
+            Err(invalid) => {
+                self.error(field(), invalid);
+                None
+            }
+        }
+    }
+
+    fn finish<T>(self, value: T) -> Result<T, ConversionErrors> {
+        if self.errors.is_empty() {
+            Ok(value)
+        } else {
+            Err(ConversionErrors(self.errors))
+        }
+    }
+}
+
+/// A spec duration as a proto one. Durations beyond the protobuf limit
+/// (10,000 years) saturate at it: no deadline that long ever fires.
+fn duration_to_proto(duration: Duration) -> prost_types::Duration {
+    let seconds = i64::try_from(duration.as_secs()).unwrap_or(i64::MAX);
+    if seconds > MAX_DURATION_SECONDS {
+        return prost_types::Duration {
+            seconds: MAX_DURATION_SECONDS,
+            nanos: MAX_DURATION_NANOS,
+        };
+    }
+    prost_types::Duration {
+        seconds,
+        // Below one billion, so it fits.
+        nanos: i32::try_from(duration.subsec_nanos()).unwrap_or(MAX_DURATION_NANOS),
+    }
+}
+
+/// A proto duration as a spec one. Only canonical, non-negative durations
+/// within the protobuf limit are accepted: normalising a malformed one would
+/// guess at what the sender meant.
+fn duration_from_proto(duration: prost_types::Duration) -> Result<Duration, InvalidValue> {
+    let prost_types::Duration { seconds, nanos } = duration;
+    let non_canonical = InvalidValue::NonCanonicalDuration { seconds, nanos };
+    if !(-MAX_DURATION_NANOS..=MAX_DURATION_NANOS).contains(&nanos)
+        || (seconds < 0 && nanos > 0)
+        || (seconds > 0 && nanos < 0)
+    {
+        return Err(non_canonical);
+    }
+    if seconds < 0 || nanos < 0 {
+        return Err(InvalidValue::NegativeDuration);
+    }
+    if seconds > MAX_DURATION_SECONDS {
+        return Err(InvalidValue::DurationTooLong { seconds });
+    }
+    match (u64::try_from(seconds), u32::try_from(nanos)) {
+        (Ok(seconds), Ok(nanos)) => Ok(Duration::new(seconds, nanos)),
+        _ => Err(non_canonical),
+    }
+}
+
+/// An optional list: empty means unset.
+fn non_empty<T>(items: Vec<T>) -> Option<Vec<T>> {
+    if items.is_empty() { None } else { Some(items) }
+}
+
+impl From<&ListenerSpec> for pb::Listener {
+    fn from(spec: &ListenerSpec) -> Self {
+        pb::Listener {
+            name: spec.name.clone(),
+            address: spec.address.clone(),
+            protocol: spec.protocol.clone(),
+            route_config: spec.route_config.clone(),
+            cluster: spec.cluster.clone(),
+            max_connections: spec.max_connections,
+            header_read_timeout: spec.header_read_timeout.map(duration_to_proto),
+            idle_timeout: spec.idle_timeout.map(duration_to_proto),
+            max_request_headers_bytes: spec.max_request_headers_bytes,
+            max_request_headers: spec.max_request_headers,
+            max_concurrent_streams: spec.max_concurrent_streams,
+            via: spec.via.clone(),
+        }
+    }
+}
+
+impl TryFrom<pb::Listener> for ListenerSpec {
+    type Error = ConversionErrors;
+
+    fn try_from(listener: pb::Listener) -> Result<Self, Self::Error> {
+        let mut check = Checker::new("listener", &listener.name);
+        let header_read_timeout = check.duration(
+            || "header_read_timeout".into(),
+            listener.header_read_timeout,
+        );
+        let idle_timeout = check.duration(|| "idle_timeout".into(), listener.idle_timeout);
+        check.finish(ListenerSpec {
+            name: listener.name,
+            address: listener.address,
+            protocol: listener.protocol,
+            route_config: listener.route_config,
+            cluster: listener.cluster,
+            max_connections: listener.max_connections,
+            header_read_timeout,
+            idle_timeout,
+            max_request_headers_bytes: listener.max_request_headers_bytes,
+            max_request_headers: listener.max_request_headers,
+            max_concurrent_streams: listener.max_concurrent_streams,
+            via: listener.via,
+        })
+    }
+}
+
+impl From<&RouteConfigSpec> for pb::RouteConfiguration {
+    fn from(spec: &RouteConfigSpec) -> Self {
+        pb::RouteConfiguration {
+            name: spec.name.clone(),
+            virtual_hosts: spec
+                .virtual_hosts
+                .iter()
+                .map(|vhost| pb::VirtualHost {
+                    name: vhost.name.clone(),
+                    domains: vhost.domains.clone(),
+                    routes: vhost.routes.iter().map(route_to_proto).collect(),
+                })
+                .collect(),
+        }
+    }
+}
+
+fn route_to_proto(spec: &RouteSpec) -> pb::Route {
+    pb::Route {
+        name: spec.name.clone(),
+        r#match: spec.matcher.as_ref().map(|m| pb::RouteMatch {
+            prefix: m.prefix.clone(),
+            exact: m.exact.clone(),
+            regex: m.regex.clone(),
+            methods: m.methods.clone().unwrap_or_default(),
+            headers: m
+                .headers
+                .iter()
+                .flatten()
+                .map(|h| pb::HeaderMatch {
+                    name: h.name.clone(),
+                    exact: h.exact.clone(),
+                    regex: h.regex.clone(),
+                    present: h.present,
+                })
+                .collect(),
+        }),
+        cluster: spec.cluster.clone(),
+        weighted_clusters: spec
+            .weighted_clusters
+            .as_ref()
+            .map(|targets| pb::WeightedClusters {
+                clusters: targets
+                    .iter()
+                    .map(|t| pb::WeightedCluster {
+                        cluster: t.cluster.clone(),
+                        weight: t.weight,
+                    })
+                    .collect(),
+            }),
+        direct_response: spec
+            .direct_response
+            .as_ref()
+            .map(|direct| pb::DirectResponse {
+                status: u32::from(direct.status),
+                body: direct.body.clone(),
+            }),
+        prefix_rewrite: spec.prefix_rewrite.clone(),
+        host_rewrite: spec.host_rewrite.clone(),
+        timeout: spec.timeout.map(duration_to_proto),
+        request_headers: spec.request_headers.as_ref().map(header_ops_to_proto),
+        response_headers: spec.response_headers.as_ref().map(header_ops_to_proto),
+    }
+}
+
+fn header_ops_to_proto(spec: &HeaderOpsSpec) -> pb::HeaderOps {
+    pb::HeaderOps {
+        set: spec.set.clone(),
+        add: spec.add.clone(),
+        remove: spec.remove.clone(),
+    }
+}
+
+impl TryFrom<pb::RouteConfiguration> for RouteConfigSpec {
+    type Error = ConversionErrors;
+
+    fn try_from(config: pb::RouteConfiguration) -> Result<Self, Self::Error> {
+        let mut check = Checker::new("route_config", &config.name);
+        let virtual_hosts = config
+            .virtual_hosts
+            .into_iter()
+            .enumerate()
+            .map(|(vi, vhost)| VirtualHostSpec {
+                name: vhost.name,
+                domains: vhost.domains,
+                routes: vhost
+                    .routes
+                    .into_iter()
+                    .enumerate()
+                    .map(|(ri, route)| route_from_proto(&mut check, vi, ri, route))
+                    .collect(),
+            })
+            .collect();
+        check.finish(RouteConfigSpec {
+            name: config.name,
+            virtual_hosts,
+        })
+    }
+}
+
+fn route_from_proto(check: &mut Checker, vi: usize, ri: usize, route: pb::Route) -> RouteSpec {
+    let at = || format!("virtual_hosts[{vi}].routes[{ri}]");
+    let direct_response = route.direct_response.map(|direct| DirectResponseSpec {
+        status: u16::try_from(direct.status).unwrap_or_else(|_| {
+            check.error(
+                format!("{}.direct_response.status", at()),
+                InvalidValue::StatusOutOfRange(direct.status),
+            );
+            0
+        }),
+        body: direct.body,
+    });
+    let timeout = check.duration(|| format!("{}.timeout", at()), route.timeout);
+    RouteSpec {
+        name: route.name,
+        matcher: route.r#match.map(|m| RouteMatchSpec {
+            prefix: m.prefix,
+            exact: m.exact,
+            regex: m.regex,
+            methods: non_empty(m.methods),
+            headers: non_empty(
+                m.headers
+                    .into_iter()
+                    .map(|h| HeaderMatchSpec {
+                        name: h.name,
+                        exact: h.exact,
+                        regex: h.regex,
+                        present: h.present,
+                    })
+                    .collect(),
+            ),
+        }),
+        cluster: route.cluster,
+        weighted_clusters: route.weighted_clusters.map(|split| {
+            split
+                .clusters
+                .into_iter()
+                .map(|t| WeightedClusterSpec {
+                    cluster: t.cluster,
+                    weight: t.weight,
+                })
+                .collect()
+        }),
+        direct_response,
+        prefix_rewrite: route.prefix_rewrite,
+        host_rewrite: route.host_rewrite,
+        timeout,
+        request_headers: route.request_headers.map(header_ops_from_proto),
+        response_headers: route.response_headers.map(header_ops_from_proto),
+    }
+}
+
+fn header_ops_from_proto(ops: pb::HeaderOps) -> HeaderOpsSpec {
+    HeaderOpsSpec {
+        set: ops.set,
+        add: ops.add,
+        remove: ops.remove,
+    }
+}
+
+impl From<&ClusterSpec> for pb::Cluster {
+    fn from(spec: &ClusterSpec) -> Self {
+        pb::Cluster {
+            name: spec.name.clone(),
+            protocol: spec.protocol.clone(),
+            lb: spec.lb.clone(),
+            connect_timeout: spec.connect_timeout.map(duration_to_proto),
+            dns_refresh: spec.dns_refresh.map(duration_to_proto),
+            pool: spec.pool.as_ref().map(|pool| pb::Pool {
+                idle_timeout: pool.idle_timeout.map(duration_to_proto),
+                max_idle_per_endpoint: pool.max_idle_per_endpoint,
+            }),
+            endpoints: spec
+                .endpoints
+                .iter()
+                .map(|endpoint| pb::Endpoint {
+                    address: endpoint.address.clone(),
+                    weight: endpoint.weight,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl TryFrom<pb::Cluster> for ClusterSpec {
+    type Error = ConversionErrors;
+
+    fn try_from(cluster: pb::Cluster) -> Result<Self, Self::Error> {
+        let mut check = Checker::new("cluster", &cluster.name);
+        let connect_timeout = check.duration(|| "connect_timeout".into(), cluster.connect_timeout);
+        let dns_refresh = check.duration(|| "dns_refresh".into(), cluster.dns_refresh);
+        let pool = cluster.pool.map(|pool| PoolSpec {
+            idle_timeout: check.duration(|| "pool.idle_timeout".into(), pool.idle_timeout),
+            max_idle_per_endpoint: pool.max_idle_per_endpoint,
+        });
+        check.finish(ClusterSpec {
+            name: cluster.name,
+            protocol: cluster.protocol,
+            lb: cluster.lb,
+            connect_timeout,
+            dns_refresh,
+            pool,
+            endpoints: cluster
+                .endpoints
+                .into_iter()
+                .map(|endpoint| EndpointSpec {
+                    address: endpoint.address,
+                    weight: endpoint.weight,
+                })
+                .collect(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;
