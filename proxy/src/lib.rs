@@ -72,6 +72,8 @@ pub struct BoundAddresses {
 #[derive(Debug)]
 pub struct Proxy {
     drain: Drain,
+    /// Long-lived cluster state that later snapshots reconcile against.
+    _registry: ClusterRegistry,
     addresses: BoundAddresses,
     drain_timeout: std::time::Duration,
 }
@@ -165,21 +167,12 @@ impl Proxy {
             };
             control.spawn(admin::serve(socket, state));
         }
-        // Keep the registry alive as long as the proxy: it owns cluster
-        // state that future snapshots reconcile against.
-        let registry = Arc::new(registry);
-        drain.spawn({
-            let drain = drain.clone();
-            async move {
-                drain.cancelled().await;
-                drop(registry);
-            }
-        });
         ready.store(true, Relaxed);
         Ok(Self {
             drain,
             addresses,
             drain_timeout: config.drain_timeout,
+            _registry: registry,
         })
     }
 
