@@ -44,8 +44,13 @@ fn build_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    // The same profile as this test, so that the binary `cargo test` has
+    // already built for the proxy's own integration tests is reused
+    // instead of being built again.
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         build.arg("--release");
+    } else {
+        build.args(["--profile", "test"]);
     }
     let status = build.status().expect("cargo runs");
     assert!(status.success(), "building {bin} failed");
