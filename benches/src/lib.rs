@@ -8,7 +8,11 @@
 //!   upgrade) and opaque TCP;
 //! - the load generator ([`load`]): open- or closed-loop HTTP/1.1, h2c, gRPC
 //!   or TCP load against a loopback target, with latency corrected for
-//!   coordinated omission.
+//!   coordinated omission;
+//! - the scenario runner ([`compare`]): the same scenarios through no proxy,
+//!   weft, nginx and HAProxy, interleaved, reported as tables, JSON and
+//!   latency charts.
 
+pub mod compare;
 pub mod echo;
 pub mod load;

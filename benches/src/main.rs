@@ -26,6 +26,9 @@ enum Command {
     /// Generate HTTP/1.1, h2c, gRPC or TCP load against a loopback target
     /// and report throughput, errors and latency.
     Load(weft_bench::load::LoadArgs),
+    /// Compare direct, weft, nginx and HAProxy on the same scenarios and
+    /// report tables, JSON and latency charts.
+    Compare(weft_bench::compare::CompareArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -40,5 +43,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Echo(args) => weft_bench::echo::run(&args),
         Command::Load(args) => weft_bench::load::run_cli(&args),
+        Command::Compare(args) => weft_bench::compare::run_cli(&args),
     }
 }

@@ -1,0 +1,847 @@
+//! One comparison from start to report: the echo, the targets, the memory
+//! scenarios on fresh processes, then the load runs interleaved across the
+//! targets, round after round.
+
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::num::NonZeroUsize;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context as _;
+use http::Uri;
+use tracing::{debug, info, warn};
+
+use super::config::{CompareConfig, Scenario, TargetKind};
+use super::idle;
+use super::proxies::Programs;
+use super::proxies::{Endpoints, Limits, ProxyProcess, StartContext, Upstream, WEFT_NOT_BUILT};
+use super::report::{
+    CompareReport, IdleSummary, LoadRow, LoadRun, MemoryRow, RowSummary, RunKind, Settings,
+    TargetStatus, median, median_u64,
+};
+use super::system::{self, SHORT_COMMAND_TIMEOUT};
+use crate::echo::{EchoOptions, EchoServer, TcpEchoServer};
+use crate::load::{self, LoadConfig, LoadMode, Protocol};
+
+/// Streams per h2 connection kept in flight in the h2 and gRPC runs.
+const H2_STREAMS: usize = 4;
+
+/// Connections of the TCP run.
+const TCP_CONNECTIONS: usize = 4;
+
+/// Bytes echoed per TCP round trip.
+const TCP_BUFFER_BYTES: usize = 64 * 1024;
+
+/// The `body64k` request body.
+const BODY_BYTES: usize = 64 * 1024;
+
+/// The gRPC payload.
+const GRPC_PAYLOAD_BYTES: usize = 128;
+
+/// File descriptors kept spare beyond the idle connections.
+const SPARE_FILES: u64 = 2048;
+
+/// The fixed rate is this fraction of the slowest proxy's closed-loop
+/// throughput.
+const RATE_FRACTION: f64 = 0.5;
+
+/// How long the echo may take to drain at the end.
+const ECHO_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A one-minute load average above this before the run means other work
+/// shares the machine.
+const BUSY_LOAD_AVERAGE: f64 = 1.0;
+
+/// Why `newconn` cannot run.
+const NEWCONN_UNSUPPORTED: &str = "the load generator opens a new connection per request only \
+     in TCP mode (`weft-bench load --tcp --new-connection`), not for HTTP/1.1";
+
+/// Runs the comparison `config` describes on the current (multi-thread)
+/// Tokio runtime and reports it. The echo upstream and the load generator
+/// run in this process; proxies are child processes placed per
+/// [`CompareConfig::placement`].
+///
+/// # Errors
+///
+/// When the configuration is invalid, the work directory cannot be created
+/// or the echo cannot bind. Targets that cannot start and runs that fail are
+/// recorded in the report instead.
+pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.work_dir)
+        .with_context(|| format!("creating {}", config.work_dir.display()))?;
+    let started_at = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    let scenarios = config.scenarios_in_order();
+    let targets = config.targets_in_order();
+    let mut notes = Vec::new();
+    let load_at_start = system::load_average();
+    if let Some(busy) = load_at_start.as_deref().filter(|load| {
+        load.split_whitespace()
+            .next()
+            .and_then(|one_minute| one_minute.parse::<f64>().ok())
+            .is_some_and(|one_minute| one_minute > BUSY_LOAD_AVERAGE)
+    }) {
+        warn!(
+            load_average = busy,
+            "the machine is busy; figures will be noisy"
+        );
+        println!("warning: the machine is busy (load average {busy}); figures will be noisy");
+    }
+
+    let loopback = SocketAddr::from((Ipv4Addr::LOCALHOST, 0));
+    let echo = EchoServer::bind(EchoOptions::new(loopback).with_name("echo"))
+        .await
+        .context("starting the echo upstream")?;
+    let tcp_echo = TcpEchoServer::bind(loopback)
+        .await
+        .context("starting the TCP echo upstream")?;
+    let upstream = Upstream {
+        http: echo.local_addr(),
+        tcp: tcp_echo.local_addr(),
+    };
+
+    let programs = if targets.iter().any(|target| target.is_reference()) {
+        Programs::discover(&config.tools).await
+    } else {
+        Programs {
+            nginx: Err("not requested".to_owned()),
+            haproxy: Err("not requested".to_owned()),
+            nginx_stream: Err("not requested".to_owned()),
+        }
+    };
+    let idle_connections = if scenarios.contains(&Scenario::Idle) {
+        ensure_open_files(config.idle_connections, &config.tools, &mut notes).await
+    } else {
+        0
+    };
+    let statuses: Vec<TargetStatus> = targets
+        .iter()
+        .map(|&target| target_status(target, config, &programs))
+        .collect();
+    for status in &statuses {
+        if let Some(reason) = &status.skip_reason {
+            warn!(target = status.target.name(), reason, "target skipped");
+            println!("skipping {}: {reason}", status.target.name());
+        }
+    }
+    let versions = versions(config, &programs).await;
+
+    let h2_connections = (config.connections.get() / H2_STREAMS).max(1);
+    let mut report = CompareReport {
+        started_at,
+        command: None,
+        machine: system::machine(),
+        versions,
+        placement: config.placement.clone(),
+        settings: Settings {
+            scenarios: scenarios.clone(),
+            duration_seconds: config.duration.as_secs_f64(),
+            warmup_seconds: config.warmup.as_secs_f64(),
+            rounds: config.rounds.get(),
+            connections: config.connections.get(),
+            h2_connections,
+            h2_streams: H2_STREAMS,
+            idle_connections,
+            rate_per_second: config.rate,
+            settle_seconds: config.settle.as_secs_f64(),
+            idle_pause_seconds: config.idle_pause.as_secs_f64(),
+        },
+        targets: statuses,
+        memory: Vec::new(),
+        runs: Vec::new(),
+        weft_full_not_built: WEFT_NOT_BUILT.iter().map(|&f| f.to_owned()).collect(),
+        goals: Vec::new(),
+        notes,
+    };
+
+    let ctx = StartContext {
+        placement: &config.placement,
+        weft_bin: &config.weft_bin,
+        programs: &programs,
+        upstream,
+        work_dir: &config.work_dir,
+        limits: Limits {
+            connections: 4 * config.connections.get() + 64,
+            open_files: open_files(),
+        },
+    };
+    // The `idle` scenario's processes must hold its connections too.
+    let idle_ctx = StartContext {
+        limits: Limits {
+            connections: ctx.limits.connections + idle_connections,
+            ..ctx.limits
+        },
+        ..ctx
+    };
+
+    let memory_scenarios: Vec<Scenario> = scenarios
+        .iter()
+        .copied()
+        .filter(|s| s.is_memory())
+        .collect();
+    if !memory_scenarios.is_empty() {
+        report.memory = memory(
+            config,
+            (&ctx, &idle_ctx),
+            &report.targets,
+            &memory_scenarios,
+            idle_connections,
+        )
+        .await;
+    }
+
+    let load_scenarios: Vec<Scenario> = scenarios
+        .iter()
+        .copied()
+        .filter(|s| !s.is_memory())
+        .collect();
+    if !load_scenarios.is_empty() {
+        let mut running = start_all(&ctx, upstream, &mut report.targets).await;
+        for scenario in load_scenarios {
+            for spec in specs(scenario, config, h2_connections) {
+                let spec = match spec {
+                    Spec::Run(spec) => spec,
+                    Spec::FixedRate => match fixed_rate(config, &report) {
+                        Ok(rate) => {
+                            report.settings.rate_per_second = Some(rate);
+                            http1_rate(config, rate)
+                        }
+                        Err(reason) => {
+                            report.runs.push(skipped_run(
+                                "http1-rate",
+                                "HTTP/1.1 keep-alive GET at a fixed rate",
+                                scenario,
+                                RunKind::FixedRate,
+                                reason,
+                            ));
+                            continue;
+                        }
+                    },
+                    Spec::Skip { title, reason } => {
+                        report.runs.push(skipped_run(
+                            scenario.name(),
+                            title,
+                            scenario,
+                            RunKind::Max,
+                            reason.to_owned(),
+                        ));
+                        continue;
+                    }
+                };
+                let run = execute(&spec, config, &mut running, &report.targets).await;
+                report.runs.push(run);
+            }
+        }
+        drop(running);
+    }
+
+    // Bounded: a drain that does not finish is cut short by the drop.
+    let drain = async {
+        echo.shutdown().await;
+        tcp_echo.shutdown().await;
+    };
+    if tokio::time::timeout(ECHO_DRAIN_TIMEOUT, drain)
+        .await
+        .is_err()
+    {
+        warn!(timeout = ?ECHO_DRAIN_TIMEOUT, "echo drain timed out");
+    }
+    if let (Some(start), Some(end)) = (load_at_start, system::load_average()) {
+        report.notes.push(format!(
+            "load average (1, 5, 15 min) before the run: {start}; after it: {end}. The run \
+             itself keeps about two cores busy; a higher figure before it means other work \
+             shared the machine"
+        ));
+    }
+    report.evaluate_goals();
+    Ok(report)
+}
+
+/// Whether `target` can run, and how it is configured.
+fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs) -> TargetStatus {
+    let missing_weft = || {
+        (!config.weft_bin.exists()).then(|| {
+            format!(
+                "{} not found: build it with `cargo build --release -p weft-proxy` or pass --weft-bin",
+                config.weft_bin.display()
+            )
+        })
+    };
+    let (skip_reason, description) = match target {
+        TargetKind::Direct => (None, "the echo upstream, no proxy".to_owned()),
+        TargetKind::Weft => (
+            missing_weft(),
+            "weft-proxy --concurrency 1: one HTTP listener, one route, one cluster \
+             (`protocol: downstream`), plus a TCP listener"
+                .to_owned(),
+        ),
+        TargetKind::WeftFull => (
+            missing_weft(),
+            "weft-proxy --concurrency 1 with 3 virtual hosts, the matching route 5th after \
+             header, regex, exact and rewrite routes, request and response header rules, a 5 s \
+             route timeout, `via`, header limits, a JSON access log to a file, the admin server \
+             (metrics)"
+                .to_owned(),
+        ),
+        TargetKind::Nginx => (
+            programs.nginx.as_ref().err().cloned(),
+            "nginx, worker_processes 1, upstream keepalive 64, proxy_buffering and \
+             proxy_request_buffering off, access_log off"
+                .to_owned(),
+        ),
+        TargetKind::Haproxy => (
+            programs.haproxy.as_ref().err().cloned(),
+            "HAProxy, nbthread 1, http-reuse always, no logging".to_owned(),
+        ),
+    };
+    TargetStatus {
+        target,
+        skip_reason,
+        description,
+    }
+}
+
+/// Versions of the programs involved.
+async fn versions(config: &CompareConfig, programs: &Programs) -> BTreeMap<String, String> {
+    let mut versions = BTreeMap::new();
+    versions.insert(
+        "weft-bench".to_owned(),
+        format!("weft-bench {}", env!("CARGO_PKG_VERSION")),
+    );
+    if config.weft_bin.exists()
+        && let Some(line) = system::version_line(&config.weft_bin, "--version").await
+    {
+        versions.insert("weft-proxy".to_owned(), line);
+    }
+    if let Ok(nginx) = &programs.nginx
+        && let Some(line) = system::version_line(nginx, "-v").await
+    {
+        versions.insert("nginx".to_owned(), line);
+    }
+    if let Ok(haproxy) = &programs.haproxy
+        && let Some(line) = system::version_line(haproxy, "-v").await
+    {
+        versions.insert("haproxy".to_owned(), line);
+    }
+    versions
+}
+
+/// Makes room for `wanted` idle connections in this process and, by
+/// inheritance, the proxies it starts: two descriptors per connection
+/// (HAProxy reserves a client and a server side for each) plus spares.
+/// Raises `RLIMIT_NOFILE` with `prlimit` when needed, or returns a smaller
+/// count (with a note) when it cannot.
+async fn ensure_open_files(wanted: usize, tools: &super::Tools, notes: &mut Vec<String>) -> usize {
+    let needed = 2 * wanted as u64 + SPARE_FILES;
+    let Some((soft, hard)) = system::open_files_limit() else {
+        return wanted;
+    };
+    if soft.is_none_or(|soft| soft >= needed) {
+        return wanted;
+    }
+    let new_hard = match hard {
+        Some(hard) if hard < needed && system::is_root() => needed,
+        Some(hard) => hard,
+        None => needed,
+    };
+    if let Some(prlimit) = system::find_program("prlimit", tools.search_path.as_deref()) {
+        let pid = std::process::id().to_string();
+        // Raising the hard limit needs CAP_SYS_RESOURCE, even for root; if
+        // that fails, raise the soft limit as far as the hard one allows.
+        for (new_soft, new_hard) in [
+            (needed.min(new_hard), new_hard),
+            (needed.min(hard.unwrap_or(needed)), hard.unwrap_or(needed)),
+        ] {
+            let limit = format!("--nofile={new_soft}:{new_hard}");
+            match system::run_command(
+                &prlimit,
+                ["--pid", pid.as_str(), limit.as_str()],
+                SHORT_COMMAND_TIMEOUT,
+            )
+            .await
+            {
+                Ok((status, _, _)) if status.success() => break,
+                Ok((status, _, stderr)) => {
+                    debug!(%status, stderr = stderr.trim(), limit, "prlimit failed");
+                }
+                Err(err) => debug!(error = %format!("{err:#}"), limit, "prlimit failed"),
+            }
+        }
+    }
+    let soft = open_files();
+    if soft >= needed {
+        notes.push(format!(
+            "raised the open-files limit to {soft} (prlimit) for {wanted} idle connections"
+        ));
+        return wanted;
+    }
+    let reduced = usize::try_from(soft.saturating_sub(SPARE_FILES) / 2).unwrap_or(0);
+    let note = format!(
+        "idle connections reduced from {wanted} to {reduced}: the open-files limit is {soft} \
+         and could not be raised (HAProxy reserves two descriptors per connection)"
+    );
+    warn!(wanted, reduced, "idle connections reduced");
+    println!("{note}");
+    notes.push(note);
+    reduced
+}
+
+/// The current soft limit on open files (a large number when unlimited).
+fn open_files() -> u64 {
+    system::open_files_limit()
+        .and_then(|(soft, _)| soft)
+        .unwrap_or(1 << 20)
+}
+
+/// A target started for the load runs.
+#[derive(Debug)]
+struct Running {
+    target: TargetKind,
+    endpoints: Endpoints,
+    /// The process accounted (`None` for direct).
+    pid: Option<u32>,
+    proxy: Option<ProxyProcess>,
+}
+
+/// Starts every available target once for all load runs. A proxy that
+/// cannot start is marked skipped in `statuses`.
+async fn start_all(
+    ctx: &StartContext<'_>,
+    upstream: Upstream,
+    statuses: &mut [TargetStatus],
+) -> Vec<Running> {
+    let mut running = Vec::new();
+    for status in statuses.iter_mut().filter(|s| s.skip_reason.is_none()) {
+        if status.target == TargetKind::Direct {
+            running.push(Running {
+                target: TargetKind::Direct,
+                endpoints: Endpoints::direct(upstream),
+                pid: None,
+                proxy: None,
+            });
+            continue;
+        }
+        match ProxyProcess::start(status.target, ctx, 0).await {
+            Ok(proxy) => running.push(Running {
+                target: status.target,
+                endpoints: proxy.endpoints.clone(),
+                pid: Some(proxy.pid),
+                proxy: Some(proxy),
+            }),
+            Err(err) => {
+                let reason = format!("failed to start: {err:#}");
+                warn!(target = status.target.name(), reason, "target skipped");
+                println!("skipping {}: {reason}", status.target.name());
+                status.skip_reason = Some(reason);
+            }
+        }
+    }
+    running
+}
+
+/// What one load run sends.
+#[derive(Debug)]
+struct RunSpec {
+    id: String,
+    scenario: Scenario,
+    kind: RunKind,
+    title: String,
+    protocol: Protocol,
+    mode: LoadMode,
+    connections: usize,
+    streams: usize,
+    body_size_bytes: usize,
+}
+
+/// A scenario's runs, in order.
+#[derive(Debug)]
+enum Spec {
+    Run(RunSpec),
+    /// The `http1` fixed-rate run, whose rate depends on the closed-loop one.
+    FixedRate,
+    Skip {
+        title: &'static str,
+        reason: &'static str,
+    },
+}
+
+fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> Vec<Spec> {
+    let connections = config.connections.get();
+    let closed = |id: &str, title: String, protocol, connections, streams, body_size_bytes| {
+        Spec::Run(RunSpec {
+            id: id.to_owned(),
+            scenario,
+            kind: RunKind::Max,
+            title,
+            protocol,
+            mode: LoadMode::ClosedLoop,
+            connections,
+            streams,
+            body_size_bytes,
+        })
+    };
+    match scenario {
+        Scenario::Http1 => vec![
+            closed(
+                "http1-max",
+                format!("HTTP/1.1 keep-alive GET, no body, closed loop, {connections} connections"),
+                Protocol::Http1,
+                connections,
+                1,
+                0,
+            ),
+            Spec::FixedRate,
+        ],
+        Scenario::H2 => vec![closed(
+            "h2-max",
+            format!(
+                "h2c GET, no body, closed loop, {h2_connections} connections x {H2_STREAMS} streams"
+            ),
+            Protocol::Http2,
+            h2_connections,
+            H2_STREAMS,
+            0,
+        )],
+        Scenario::Grpc => vec![closed(
+            "grpc-max",
+            format!(
+                "gRPC unary ({GRPC_PAYLOAD_BYTES} B payload) over h2c, closed loop, \
+                 {h2_connections} connections x {H2_STREAMS} streams"
+            ),
+            Protocol::Grpc,
+            h2_connections,
+            H2_STREAMS,
+            GRPC_PAYLOAD_BYTES,
+        )],
+        Scenario::Body64k => vec![closed(
+            "body64k-max",
+            format!(
+                "HTTP/1.1 keep-alive POST of 64 KiB, echoed, closed loop, {connections} connections"
+            ),
+            Protocol::Http1,
+            connections,
+            1,
+            BODY_BYTES,
+        )],
+        Scenario::Tcp => vec![closed(
+            "tcp-max",
+            format!(
+                "TCP, 64 KiB written and echoed per round trip, closed loop, {TCP_CONNECTIONS} connections"
+            ),
+            Protocol::Tcp,
+            TCP_CONNECTIONS,
+            1,
+            TCP_BUFFER_BYTES,
+        )],
+        Scenario::Newconn => vec![Spec::Skip {
+            title: "HTTP/1.1 GET, a new connection per request",
+            reason: NEWCONN_UNSUPPORTED,
+        }],
+        Scenario::Idle | Scenario::IdleRss => Vec::new(),
+    }
+}
+
+fn http1_rate(config: &CompareConfig, rate: f64) -> RunSpec {
+    let connections = config.connections.get();
+    RunSpec {
+        id: "http1-rate".to_owned(),
+        scenario: Scenario::Http1,
+        kind: RunKind::FixedRate,
+        title: format!(
+            "HTTP/1.1 keep-alive GET, open loop at {rate:.0} req/s, {connections} connections \
+             (latency corrected for coordinated omission)"
+        ),
+        protocol: Protocol::Http1,
+        mode: LoadMode::OpenLoop {
+            rate_per_second: rate,
+        },
+        connections,
+        streams: 1,
+        body_size_bytes: 0,
+    }
+}
+
+/// The fixed rate: `--rate`, else half the slowest proxy's closed-loop
+/// HTTP/1.1 throughput (direct's if no proxy ran).
+fn fixed_rate(config: &CompareConfig, report: &CompareReport) -> Result<f64, String> {
+    if let Some(rate) = config.rate {
+        return Ok(rate);
+    }
+    let Some(max) = report.run("http1-max") else {
+        return Err("no closed-loop HTTP/1.1 run to derive a rate from; pass --rate".to_owned());
+    };
+    let throughput = |proxies_only: bool| {
+        max.rows
+            .iter()
+            .filter(|row| !proxies_only || row.target != TargetKind::Direct)
+            .filter_map(|row| row.median.map(|m| m.throughput_per_second))
+            .filter(|&t| t > 0.0)
+            .reduce(f64::min)
+    };
+    throughput(true)
+        .or_else(|| throughput(false))
+        .map(|slowest| (slowest * RATE_FRACTION).round().max(1.0))
+        .ok_or_else(|| "no target completed a closed-loop HTTP/1.1 request; pass --rate".to_owned())
+}
+
+fn skipped_run(
+    id: &str,
+    title: &str,
+    scenario: Scenario,
+    kind: RunKind,
+    reason: String,
+) -> LoadRun {
+    warn!(scenario = scenario.name(), reason, "run skipped");
+    println!("skipping {id}: {reason}");
+    LoadRun {
+        id: id.to_owned(),
+        scenario,
+        kind,
+        title: title.to_owned(),
+        rate_per_second: None,
+        skip_reason: Some(reason),
+        rows: Vec::new(),
+    }
+}
+
+/// Runs `spec` against every target, interleaved, for every round.
+async fn execute(
+    spec: &RunSpec,
+    config: &CompareConfig,
+    running: &mut [Running],
+    statuses: &[TargetStatus],
+) -> LoadRun {
+    let mut rows: Vec<LoadRow> = statuses
+        .iter()
+        .map(|status| {
+            let endpoint_skip = running
+                .iter()
+                .find(|r| r.target == status.target)
+                .and_then(|r| endpoint(spec.protocol, &r.endpoints).err());
+            LoadRow {
+                target: status.target,
+                skip_reason: status.skip_reason.clone().or(endpoint_skip),
+                rounds: Vec::new(),
+                failures: Vec::new(),
+                median: None,
+            }
+        })
+        .collect();
+    for row in rows.iter().filter(|row| row.skip_reason.is_some()) {
+        let reason = row.skip_reason.as_deref().unwrap_or_default();
+        if statuses
+            .iter()
+            .any(|s| s.target == row.target && s.skip_reason.is_none())
+        {
+            println!("skipping {} for {}: {reason}", row.target.name(), spec.id);
+        }
+    }
+    for round in 1..=config.rounds.get() {
+        for row in rows.iter_mut().filter(|row| row.skip_reason.is_none()) {
+            let Some(target) = running.iter_mut().find(|r| r.target == row.target) else {
+                continue;
+            };
+            if let Some(proxy) = target.proxy.as_mut()
+                && !proxy.is_running()
+            {
+                row.failures.push(format!(
+                    "round {round}: the proxy is no longer running; its log:\n{}",
+                    proxy.log_tail()
+                ));
+                continue;
+            }
+            let Ok(addr) = endpoint(spec.protocol, &target.endpoints) else {
+                continue;
+            };
+            let load_config = load_config(spec, config, addr, target.pid);
+            match load::run(&load_config).await {
+                Ok(report) => {
+                    info!(
+                        run = spec.id,
+                        target = row.target.name(),
+                        round,
+                        throughput = format!("{:.0}", report.throughput_per_second),
+                        p99_us = report.latency.p99_us,
+                        cpu_us_per_request = ?report.process.and_then(|p| p.cpu_us_per_request),
+                        errors = report.errors.total(),
+                        "run finished"
+                    );
+                    row.rounds.push(report);
+                }
+                Err(err) => {
+                    warn!(run = spec.id, target = row.target.name(), round, error = %format!("{err:#}"), "run failed");
+                    row.failures.push(format!("round {round}: {err:#}"));
+                }
+            }
+        }
+    }
+    for row in &mut rows {
+        row.median = RowSummary::of(&row.rounds);
+    }
+    LoadRun {
+        id: spec.id.clone(),
+        scenario: spec.scenario,
+        kind: spec.kind,
+        title: spec.title.clone(),
+        rate_per_second: match spec.mode {
+            LoadMode::OpenLoop { rate_per_second } => Some(rate_per_second),
+            LoadMode::ClosedLoop => None,
+        },
+        skip_reason: None,
+        rows,
+    }
+}
+
+/// The address a target serves `protocol` on, or why it has none.
+fn endpoint(protocol: Protocol, endpoints: &Endpoints) -> Result<SocketAddr, String> {
+    match protocol {
+        Protocol::Http1 => Ok(endpoints.http1),
+        Protocol::Http2 | Protocol::Grpc => Ok(endpoints.h2),
+        Protocol::Tcp => endpoints.tcp.clone(),
+    }
+}
+
+fn load_config(
+    spec: &RunSpec,
+    config: &CompareConfig,
+    addr: SocketAddr,
+    pid: Option<u32>,
+) -> LoadConfig {
+    let scheme = if spec.protocol == Protocol::Tcp {
+        "tcp"
+    } else {
+        "http"
+    };
+    let target: Uri = format!("{scheme}://{addr}/")
+        .parse()
+        .unwrap_or_else(|_| Uri::from_static("http://127.0.0.1/"));
+    let mut load = LoadConfig::new(target, spec.protocol, spec.mode);
+    load.connections = NonZeroUsize::new(spec.connections).unwrap_or(NonZeroUsize::MIN);
+    load.streams_per_connection = NonZeroUsize::new(spec.streams).unwrap_or(NonZeroUsize::MIN);
+    load.duration = config.duration;
+    load.warmup = config.warmup;
+    load.body_size_bytes = spec.body_size_bytes;
+    load.pid = pid;
+    load
+}
+
+/// The memory scenarios: a fresh process per target and round.
+async fn memory(
+    config: &CompareConfig,
+    contexts: (&StartContext<'_>, &StartContext<'_>),
+    statuses: &[TargetStatus],
+    scenarios: &[Scenario],
+    idle_connections: usize,
+) -> Vec<MemoryRow> {
+    let with_rss = scenarios.contains(&Scenario::IdleRss);
+    let with_idle = scenarios.contains(&Scenario::Idle);
+    let mut rows: Vec<MemoryRow> = statuses
+        .iter()
+        .map(|status| MemoryRow {
+            target: status.target,
+            skip_reason: match status.target {
+                TargetKind::Direct => Some(
+                    "the echo runs inside weft-bench: there is no proxy process to measure"
+                        .to_owned(),
+                ),
+                _ => status.skip_reason.clone(),
+            },
+            idle_rss_bytes: Vec::new(),
+            idle_rss_median_bytes: None,
+            master_rss_bytes: None,
+            idle: with_idle.then(IdleSummary::default),
+            failures: Vec::new(),
+        })
+        .collect();
+    for round in 1..=config.rounds.get() {
+        for row in rows.iter_mut().filter(|row| row.skip_reason.is_none()) {
+            let round_result = async {
+                if with_rss {
+                    idle_rss_round(config, contexts.0, row, round).await?;
+                }
+                if with_idle {
+                    idle_round(config, contexts.1, row, round, idle_connections).await?;
+                }
+                anyhow::Ok(())
+            };
+            if let Err(err) = round_result.await {
+                warn!(target = row.target.name(), round, error = %format!("{err:#}"), "memory round failed");
+                row.failures.push(format!("round {round}: {err:#}"));
+            }
+        }
+    }
+    for row in &mut rows {
+        row.idle_rss_median_bytes = median_u64(&row.idle_rss_bytes);
+        if let Some(idle) = &mut row.idle {
+            let per: Vec<f64> = idle
+                .rounds
+                .iter()
+                .filter(|round| round.opened > 0)
+                .map(|round| round.per_connection_bytes)
+                .collect();
+            idle.per_connection_median_bytes = median(&per);
+            let marginal: Vec<f64> = idle
+                .rounds
+                .iter()
+                .filter_map(|round| round.marginal_per_connection_bytes)
+                .collect();
+            idle.marginal_per_connection_median_bytes = median(&marginal);
+        }
+    }
+    rows
+}
+
+/// `idle-rss`: a fresh process's resident memory after the settle time,
+/// configured as for the load runs.
+async fn idle_rss_round(
+    config: &CompareConfig,
+    ctx: &StartContext<'_>,
+    row: &mut MemoryRow,
+    round: usize,
+) -> anyhow::Result<()> {
+    let proxy = ProxyProcess::start(row.target, ctx, round).await?;
+    tokio::time::sleep(config.settle).await;
+    let rss = system::rss_bytes(proxy.pid).await?;
+    row.idle_rss_bytes.push(rss);
+    if let Some(master) = proxy.master_pid {
+        row.master_rss_bytes = system::rss_bytes(master).await.ok();
+    }
+    info!(
+        target = row.target.name(),
+        round,
+        rss_kib = rss / 1024,
+        "idle rss"
+    );
+    Ok(())
+}
+
+/// `idle`: a fresh process sized for the connections, then
+/// [`idle::measure`].
+async fn idle_round(
+    config: &CompareConfig,
+    ctx: &StartContext<'_>,
+    row: &mut MemoryRow,
+    round: usize,
+    idle_connections: usize,
+) -> anyhow::Result<()> {
+    let Some(idle) = row.idle.as_mut() else {
+        return Ok(());
+    };
+    let proxy = ProxyProcess::start(row.target, ctx, 100 + round).await?;
+    let measured = idle::measure(
+        proxy.endpoints.http1,
+        idle_connections,
+        proxy.pid,
+        config.idle_pause,
+    )
+    .await?;
+    info!(
+        target = row.target.name(),
+        round,
+        opened = measured.opened,
+        per_connection_bytes = format!("{:.0}", measured.per_connection_bytes),
+        "idle connections"
+    );
+    idle.rounds.push(measured);
+    Ok(())
+}

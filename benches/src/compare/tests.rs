@@ -1,0 +1,500 @@
+//! Unit tests of the runner's pure parts: `/proc` parsing, medians and
+//! ratios, the generated proxy configurations (weft's are checked by
+//! weft's own validator), the goals, the markdown and the chart.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use super::proxies::{self, Limits, ReferencePorts, Upstream};
+use super::report::{self, LoadRow, LoadRun, MemoryRow, RowSummary, RunKind};
+use super::system;
+use super::*;
+use crate::load::{
+    ErrorCounts, LatencySummary, LoadReport, LoopKind, ProcessUsage, Protocol, RequestCounts,
+};
+
+fn addr(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn upstream() -> Upstream {
+    Upstream {
+        http: addr(40001),
+        tcp: addr(40002),
+    }
+}
+
+/// A load report with the given throughput, p99 and proxy CPU per request.
+fn load_report(throughput: f64, p99_us: u64, cpu_us: Option<f64>) -> LoadReport {
+    let latency = LatencySummary {
+        count: 100,
+        mean_us: p99_us as f64 / 2.0,
+        p50_us: p99_us / 4,
+        p90_us: p99_us / 2,
+        p99_us,
+        p999_us: p99_us * 2,
+        max_us: p99_us * 3,
+    };
+    LoadReport {
+        target: "http://127.0.0.1:1/".to_owned(),
+        address: "127.0.0.1:1".to_owned(),
+        protocol: Protocol::Http1,
+        mode: LoopKind::ClosedLoop,
+        rate_per_second: None,
+        connections: 16,
+        streams_per_connection: None,
+        body_size_bytes: 0,
+        duration_seconds: 1.0,
+        warmup_seconds: 0.0,
+        requests: RequestCounts {
+            sent: 100,
+            completed: 100,
+            ok: 100,
+            unfinished: 0,
+        },
+        throughput_per_second: throughput,
+        errors: ErrorCounts {
+            status_5xx: 1,
+            ..ErrorCounts::default()
+        },
+        latency,
+        service_time: latency,
+        schedule: None,
+        tcp: None,
+        process: cpu_us.map(|cpu| ProcessUsage {
+            pid: 1,
+            cpu_seconds: cpu * 100.0 / 1e6,
+            cpu_us_per_request: Some(cpu),
+            rss_before_bytes: 5 << 20,
+            rss_peak_bytes: 6 << 20,
+            rss_after_bytes: 6 << 20,
+        }),
+        generator_cpu_seconds: None,
+    }
+}
+
+fn row(target: TargetKind, rounds: Vec<LoadReport>) -> LoadRow {
+    LoadRow {
+        target,
+        skip_reason: None,
+        median: RowSummary::of(&rounds),
+        rounds,
+        failures: Vec::new(),
+    }
+}
+
+fn run(id: &str, scenario: Scenario, kind: RunKind, rows: Vec<LoadRow>) -> LoadRun {
+    LoadRun {
+        id: id.to_owned(),
+        scenario,
+        kind,
+        title: "test".to_owned(),
+        rate_per_second: (kind == RunKind::FixedRate).then_some(1000.0),
+        skip_reason: None,
+        rows,
+    }
+}
+
+fn memory_row(target: TargetKind, rss_mib: u64, per_connection: f64) -> MemoryRow {
+    MemoryRow {
+        target,
+        skip_reason: None,
+        idle_rss_bytes: vec![rss_mib << 20],
+        idle_rss_median_bytes: Some(rss_mib << 20),
+        master_rss_bytes: None,
+        idle: Some(IdleSummary {
+            rounds: Vec::new(),
+            per_connection_median_bytes: Some(per_connection),
+            marginal_per_connection_median_bytes: Some(per_connection / 2.0),
+        }),
+        failures: Vec::new(),
+    }
+}
+
+/// A report where weft spends 20 µs per HTTP/1.1 request against nginx's
+/// 30 and HAProxy's 25 (0.8x the best), and 30 µs per h2 request against
+/// HAProxy's 40 (0.75x).
+fn sample_report() -> CompareReport {
+    let http1 = run(
+        "http1-max",
+        Scenario::Http1,
+        RunKind::Max,
+        vec![
+            row(TargetKind::Direct, vec![load_report(40_000.0, 1_000, None)]),
+            row(
+                TargetKind::Weft,
+                vec![
+                    load_report(30_000.0, 2_000, Some(19.0)),
+                    load_report(31_000.0, 2_100, Some(20.0)),
+                    load_report(29_000.0, 9_000, Some(40.0)),
+                ],
+            ),
+            row(
+                TargetKind::Nginx,
+                vec![load_report(28_000.0, 3_000, Some(30.0))],
+            ),
+            row(
+                TargetKind::Haproxy,
+                vec![load_report(29_500.0, 2_500, Some(25.0))],
+            ),
+        ],
+    );
+    let rate = run(
+        "http1-rate",
+        Scenario::Http1,
+        RunKind::FixedRate,
+        vec![
+            row(TargetKind::Direct, vec![load_report(1000.0, 500, None)]),
+            row(TargetKind::Weft, vec![load_report(1000.0, 800, Some(30.0))]),
+            row(
+                TargetKind::Nginx,
+                vec![load_report(1000.0, 1_500, Some(35.0))],
+            ),
+            row(
+                TargetKind::Haproxy,
+                vec![load_report(1000.0, 700, Some(33.0))],
+            ),
+        ],
+    );
+    let h2 = run(
+        "h2-max",
+        Scenario::H2,
+        RunKind::Max,
+        vec![
+            row(
+                TargetKind::Weft,
+                vec![load_report(10_000.0, 3_000, Some(30.0))],
+            ),
+            row(
+                TargetKind::Haproxy,
+                vec![load_report(10_000.0, 3_000, Some(40.0))],
+            ),
+        ],
+    );
+    let mut nginx_skipped = row(TargetKind::Nginx, Vec::new());
+    nginx_skipped.skip_reason = Some("no stream | module".to_owned());
+    let tcp = run("tcp-max", Scenario::Tcp, RunKind::Max, vec![nginx_skipped]);
+    let mut report = CompareReport {
+        started_at: "2026-01-01T00:00:00Z".to_owned(),
+        command: Some("weft-bench compare".to_owned()),
+        machine: system::machine(),
+        versions: [("weft-proxy".to_owned(), "weft-proxy 0.1.0".to_owned())].into(),
+        placement: Placement::unpinned("test"),
+        settings: Settings {
+            scenarios: Scenario::ALL.to_vec(),
+            duration_seconds: 1.0,
+            warmup_seconds: 0.0,
+            rounds: 3,
+            connections: 16,
+            h2_connections: 4,
+            h2_streams: 4,
+            idle_connections: 100,
+            rate_per_second: Some(1000.0),
+            settle_seconds: 1.0,
+            idle_pause_seconds: 1.5,
+        },
+        targets: [
+            TargetKind::Direct,
+            TargetKind::Weft,
+            TargetKind::Nginx,
+            TargetKind::Haproxy,
+        ]
+        .into_iter()
+        .map(|target| TargetStatus {
+            target,
+            skip_reason: None,
+            description: target.name().to_owned(),
+        })
+        .collect(),
+        memory: vec![
+            memory_row(TargetKind::Weft, 5, 20.0 * 1024.0),
+            {
+                let mut nginx = memory_row(TargetKind::Nginx, 5, 512.0);
+                if let Some(idle) = nginx.idle.as_mut() {
+                    idle.rounds.push(IdleRound {
+                        opened: 100,
+                        rss_before_bytes: (5 << 20) + 40_960,
+                        rss_after_bytes: (5 << 20) + 40_960 + 51_200,
+                        per_connection_bytes: 512.0,
+                        marginal_per_connection_bytes: Some(500.0),
+                        error: None,
+                    });
+                }
+                nginx
+            },
+            memory_row(TargetKind::Haproxy, 15, 1100.0),
+        ],
+        runs: vec![http1, rate, h2, tcp],
+        weft_full_not_built: vec!["retries".to_owned()],
+        goals: Vec::new(),
+        notes: vec!["a note".to_owned()],
+    };
+    report.evaluate_goals();
+    report
+}
+
+#[test]
+fn proc_text_is_parsed() {
+    let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                  Max cpu time              unlimited            unlimited            seconds\n\
+                  Max open files            1024                 524288               files\n";
+    assert_eq!(
+        system::parse_open_files_limit(limits),
+        Some((Some(1024), Some(524_288)))
+    );
+    let unlimited = "Max open files            unlimited            unlimited            files\n";
+    assert_eq!(
+        system::parse_open_files_limit(unlimited),
+        Some((None, None))
+    );
+    assert_eq!(system::parse_open_files_limit("nothing"), None);
+
+    let stat = "4242 (nginx: worker (x)) S 4241 4241 4241 0 -1 4194624 0 0 0 0 1 2";
+    assert_eq!(system::parse_parent_pid(stat), Some(4241));
+    assert_eq!(system::parse_parent_pid("garbage"), None);
+
+    assert_eq!(system::parse_cpu_list("0-1"), Some(vec![0, 1]));
+    assert_eq!(system::parse_cpu_list("0,2-3,7"), Some(vec![0, 2, 3, 7]));
+    assert_eq!(system::parse_cpu_list("3-1"), None);
+    assert_eq!(system::parse_cpu_list("x"), None);
+
+    let status = "Name:\tweft-proxy\nVmRSS:\t    5432 kB\n";
+    assert_eq!(system::parse_status_kib(status, "VmRSS:"), Some(5432));
+    assert_eq!(system::parse_status_kib("VmRSS: 12 MB", "VmRSS:"), None);
+}
+
+#[test]
+fn medians_of_odd_even_and_empty_sets() {
+    assert_eq!(report::median(&[]), None);
+    assert_eq!(report::median(&[3.0, 1.0, 2.0]), Some(2.0));
+    assert_eq!(report::median(&[4.0, 1.0, 3.0, 2.0]), Some(2.5));
+    assert_eq!(report::median_u64(&[10, 30, 20]), Some(20));
+}
+
+#[test]
+fn row_summary_takes_medians_and_sums_errors() {
+    let report = sample_report();
+    let weft = report
+        .run("http1-max")
+        .and_then(|run| run.summary(TargetKind::Weft))
+        .copied()
+        .expect("weft measured");
+    assert_eq!(weft.rounds, 3);
+    assert_eq!(weft.completed_total, 300);
+    assert_eq!(weft.errors_total, 3);
+    assert_eq!(weft.throughput_per_second, 30_000.0);
+    assert_eq!(weft.p99_us, 2_100.0);
+    assert_eq!(weft.cpu_us_per_request, Some(20.0));
+    assert_eq!(weft.rss_peak_bytes, Some(6 << 20));
+    assert_eq!(RowSummary::of(&[]), None);
+}
+
+#[test]
+fn best_reference_picks_the_better_of_nginx_and_haproxy() {
+    let report = sample_report();
+    let run = report.run("http1-max").expect("http1-max");
+    assert_eq!(
+        run.best_reference(|s| s.cpu_us_per_request, true),
+        Some((TargetKind::Haproxy, 25.0))
+    );
+    assert_eq!(
+        run.best_reference(|s| Some(s.throughput_per_second), false),
+        Some((TargetKind::Haproxy, 29_500.0))
+    );
+    // Direct and weft never count as references.
+    assert_eq!(
+        run.best_reference(|s| Some(s.p99_us), true),
+        Some((TargetKind::Haproxy, 2_500.0))
+    );
+}
+
+#[test]
+fn goals_are_checked_against_this_runs_figures() {
+    let report = sample_report();
+    let goals: Vec<(&str, Option<bool>)> = report
+        .goals
+        .iter()
+        .map(|goal| (goal.goal.as_str(), goal.met))
+        .collect();
+    assert_eq!(goals.len(), 5, "{goals:?}");
+    // 20 µs against HAProxy's 25: 0.8x, above 0.7x.
+    assert_eq!(report.goals[0].ratio, Some(0.8));
+    assert_eq!(report.goals[0].met, Some(false));
+    // +0.3 ms against HAProxy's +0.2 ms.
+    assert_eq!(report.goals[1].met, Some(false));
+    assert_eq!(report.goals[1].value, Some(300.0));
+    assert_eq!(report.goals[1].reference, Some(200.0));
+    // 30 µs against HAProxy's 40: 0.75x, within 0.8x.
+    assert_eq!(report.goals[2].met, Some(true));
+    // 5 MiB idle: met; 20 KiB per connection: not.
+    assert_eq!(report.goals[3].met, Some(true));
+    assert_eq!(report.goals[4].met, Some(false));
+}
+
+#[test]
+fn goals_without_references_are_unmeasured() {
+    let mut report = sample_report();
+    report.runs.retain(|run| run.id != "h2-max");
+    report.memory.clear();
+    report.evaluate_goals();
+    assert_eq!(report.goals[2].met, None);
+    assert_eq!(report.goals[3].met, None);
+    assert_eq!(report.goals[4].met, None);
+}
+
+#[test]
+fn markdown_has_ratios_skips_and_goals() {
+    let markdown = render_markdown(&sample_report());
+    // weft's row of http1-max: 30000 req/s = 0.75x direct, 1.02x the best
+    // reference (HAProxy's 29500); 20 µs = 0.80x HAProxy's CPU.
+    assert!(
+        markdown.contains("| weft | 30000 | 0.75 | 1.02 | 3 | 0.525 | 1.050 | 2.100 | 4.200 | +1.100 | 20.0 | 0.80 | 6.0 |"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("| direct | 40000 | 1.00 |"), "{markdown}");
+    assert!(
+        markdown.contains("- nginx: skipped (no stream / module)"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("| weft | 5.00 | 1.00 | 20.00 | 40.00 | 10.00 | 40.00 |"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("- nginx: sized for the idle connections, it starts 0.40 KiB"),
+        "{markdown}"
+    );
+    assert!(!markdown.contains("- weft: sized"), "{markdown}");
+    assert!(markdown.contains("## Goals"), "{markdown}");
+    assert!(
+        markdown.contains("not part of its figures: retries"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("- a note"), "{markdown}");
+}
+
+#[test]
+fn chart_draws_a_curve_per_measured_target() {
+    let report = sample_report();
+    let svg = latency_svg(report.run("http1-rate").expect("http1-rate"))
+        .expect("drawn")
+        .expect("something to draw");
+    assert!(svg.starts_with("<svg"), "{svg}");
+    for name in [
+        "direct",
+        "weft",
+        "nginx",
+        "haproxy",
+        "p99.9",
+        "latency at 1000 req/s",
+    ] {
+        assert!(svg.contains(name), "{name} missing from the chart");
+    }
+    let nothing = run("x", Scenario::Tcp, RunKind::Max, Vec::new());
+    assert!(latency_svg(&nothing).expect("drawn").is_none());
+}
+
+#[test]
+fn weft_configs_pass_weft_validation() {
+    for kind in [TargetKind::Weft, TargetKind::WeftFull] {
+        let yaml = proxies::weft_config(kind, upstream(), Path::new("/tmp/a \"b\"/access.log"));
+        if let Err(err) = weft_proxy::config::Config::from_yaml(&yaml, kind.name()) {
+            panic!("{} config rejected: {err}\n{yaml}", kind.name());
+        }
+    }
+}
+
+#[test]
+fn reference_configs_name_every_port() {
+    let ports = ReferencePorts {
+        http1: addr(41001),
+        h2: addr(41002),
+        tcp: addr(41003),
+    };
+    let limits = Limits {
+        connections: 10_000,
+        open_files: 65_536,
+    };
+    let nginx = proxies::nginx_config(Path::new("/tmp/n"), upstream(), ports, None, limits);
+    assert!(nginx.contains("worker_processes 1;"), "{nginx}");
+    assert!(nginx.contains("listen 127.0.0.1:41001;"), "{nginx}");
+    assert!(nginx.contains("listen 127.0.0.1:41002 http2;"), "{nginx}");
+    assert!(nginx.contains("keepalive 64;"), "{nginx}");
+    assert!(nginx.contains("worker_connections 21024;"), "{nginx}");
+    assert!(nginx.contains("worker_rlimit_nofile 65536;"), "{nginx}");
+    assert!(!nginx.contains("stream {"), "no stream module: {nginx}");
+    let module = Some(std::path::PathBuf::from("/m/ngx_stream_module.so"));
+    let with_stream = proxies::nginx_config(
+        Path::new("/tmp/n"),
+        upstream(),
+        ports,
+        Some(&module),
+        limits,
+    );
+    assert!(with_stream.starts_with("load_module /m/ngx_stream_module.so;"));
+    assert!(
+        with_stream.contains("proxy_pass 127.0.0.1:40002;"),
+        "{with_stream}"
+    );
+
+    let haproxy = proxies::haproxy_config(upstream(), ports, limits);
+    for expected in [
+        "maxconn 11024",
+        "nbthread 1",
+        "bind 127.0.0.1:41001\n",
+        "bind 127.0.0.1:41002 proto h2",
+        "bind 127.0.0.1:41003",
+        "server echo 127.0.0.1:40001 proto h2",
+        "server echo 127.0.0.1:40002",
+        "http-reuse always",
+    ] {
+        assert!(
+            haproxy.contains(expected),
+            "{expected:?} missing:\n{haproxy}"
+        );
+    }
+}
+
+#[test]
+fn connection_limits_fit_the_open_files_limit() {
+    // (connections, open files) -> (HAProxy maxconn, nginx worker_connections)
+    let cases = [
+        ((128, 20_000), (1_152, 1_280)),
+        ((10_128, 65_536), (11_152, 21_280)),
+        // Short of descriptors: HAProxy gets half (client and server side),
+        // nginx what is left.
+        ((10_128, 20_000), (9_872, 19_936)),
+    ];
+    for ((connections, open_files), expected) in cases {
+        let limits = Limits {
+            connections,
+            open_files,
+        };
+        assert_eq!(
+            (limits.haproxy_maxconn(), limits.nginx_worker_connections()),
+            expected,
+            "{limits:?}"
+        );
+    }
+}
+
+#[test]
+fn scenario_and_target_names_match_the_cli() {
+    use clap::ValueEnum as _;
+    for scenario in Scenario::ALL {
+        let value = scenario.to_possible_value().expect("listed");
+        assert_eq!(value.get_name(), scenario.name());
+    }
+    for target in TargetKind::ALL {
+        let value = target.to_possible_value().expect("listed");
+        assert_eq!(value.get_name(), target.name());
+    }
+    let json = serde_json::to_string(&Scenario::IdleRss).expect("serialises");
+    assert_eq!(json, "\"idle-rss\"");
+}
+
+#[test]
+fn missing_programs_are_not_found() {
+    assert_eq!(system::find_program("nginx", Some("".as_ref())), None);
+    assert!(system::find_program("sh", Some("/bin:/usr/bin".as_ref())).is_some());
+}

@@ -1,0 +1,162 @@
+//! The scenario runner end to end through its library API: the echo, a
+//! real `weft-proxy` process and the load generator on loopback, with tiny
+//! durations. nginx and HAProxy are hidden from the runner (an empty search
+//! path, installing disabled), so they are skipped with a reason whether
+//! or not this machine has them. No assertion is about timing.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use weft_bench::compare::{self, CompareConfig, Scenario, TargetKind, Tools};
+
+/// Bound on the whole run (it takes a few seconds).
+const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The `weft-proxy` binary of this build profile, built on first use so
+/// that the test never runs a stale one.
+fn proxy_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| {
+        // Test executables live in target/<profile>/deps/.
+        let exe = std::env::current_exe().expect("the test knows its own path");
+        let profile_dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("test executables live in target/<profile>/deps");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = std::process::Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "weft-proxy",
+            "--bin",
+            "weft-proxy",
+        ]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("cargo runs");
+        assert!(status.success(), "building weft-proxy failed");
+        let path = profile_dir.join("weft-proxy");
+        assert!(path.exists(), "{} missing after build", path.display());
+        path
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_reports_direct_and_weft_and_skips_missing_proxies() {
+    let weft = tokio::task::spawn_blocking(|| proxy_binary().to_path_buf())
+        .await
+        .expect("the build task finishes");
+    let work = tempfile::tempdir().expect("a scratch directory");
+    let mut config = CompareConfig::new(weft, work.path().join("work"));
+    config.scenarios = vec![Scenario::Http1, Scenario::IdleRss, Scenario::Idle];
+    config.targets = vec![
+        TargetKind::Direct,
+        TargetKind::Weft,
+        TargetKind::Nginx,
+        TargetKind::Haproxy,
+    ];
+    config.duration = Duration::from_millis(300);
+    config.warmup = Duration::from_millis(50);
+    config.rounds = std::num::NonZeroUsize::MIN;
+    config.connections = std::num::NonZeroUsize::new(4).expect("not zero");
+    config.idle_connections = 20;
+    config.settle = Duration::from_millis(100);
+    config.idle_pause = Duration::from_millis(100);
+    config.tools = Tools::none();
+
+    let report = tokio::time::timeout(TEST_TIMEOUT, compare::run(&config))
+        .await
+        .expect("the comparison finishes in time")
+        .expect("the comparison runs");
+
+    for status in &report.targets {
+        println!(
+            "{}: {}",
+            status.target.name(),
+            status.skip_reason.as_deref().unwrap_or("measured")
+        );
+    }
+    for skipped in [TargetKind::Nginx, TargetKind::Haproxy] {
+        let status = report
+            .targets
+            .iter()
+            .find(|status| status.target == skipped)
+            .expect("every requested target has a status");
+        let reason = status.skip_reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("not found"),
+            "{} should be skipped with a reason, got {reason:?}",
+            skipped.name()
+        );
+    }
+
+    let ids: Vec<&str> = report.runs.iter().map(|run| run.id.as_str()).collect();
+    assert_eq!(ids, ["http1-max", "http1-rate"]);
+    for run in &report.runs {
+        assert_eq!(run.skip_reason, None, "{} skipped", run.id);
+        for target in [TargetKind::Direct, TargetKind::Weft] {
+            let row = run
+                .rows
+                .iter()
+                .find(|row| row.target == target)
+                .unwrap_or_else(|| panic!("{}: no row for {}", run.id, target.name()));
+            assert!(row.failures.is_empty(), "{}: {:?}", run.id, row.failures);
+            let summary = row
+                .median
+                .unwrap_or_else(|| panic!("{}: {} not measured", run.id, target.name()));
+            assert!(
+                summary.completed_total > 0,
+                "{}: {} completed nothing",
+                run.id,
+                target.name()
+            );
+            assert_eq!(summary.errors_total, 0, "{}: {}", run.id, target.name());
+            // Proxy CPU is accounted for weft, never for direct.
+            assert_eq!(
+                summary.cpu_us_per_request.is_some(),
+                target == TargetKind::Weft,
+                "{}: {}",
+                run.id,
+                target.name()
+            );
+        }
+        for skipped in [TargetKind::Nginx, TargetKind::Haproxy] {
+            let row = run
+                .rows
+                .iter()
+                .find(|row| row.target == skipped)
+                .expect("skipped targets keep a row");
+            assert!(row.skip_reason.is_some() && row.median.is_none());
+        }
+    }
+    let rate = report.run("http1-rate").and_then(|run| run.rate_per_second);
+    assert!(rate.is_some_and(|rate| rate >= 1.0), "{rate:?}");
+
+    let weft_memory = report
+        .memory_of(TargetKind::Weft)
+        .expect("weft's memory row");
+    assert!(
+        weft_memory.failures.is_empty(),
+        "{:?}",
+        weft_memory.failures
+    );
+    assert!(weft_memory.idle_rss_median_bytes.is_some_and(|rss| rss > 0));
+    let idle = weft_memory.idle.as_ref().expect("the idle scenario ran");
+    assert_eq!(idle.rounds.len(), 1);
+    assert_eq!(idle.rounds[0].opened, 20, "{:?}", idle.rounds[0].error);
+    assert!(
+        report
+            .memory_of(TargetKind::Direct)
+            .is_some_and(|row| row.skip_reason.is_some())
+    );
+
+    let markdown = compare::render_markdown(&report);
+    assert!(markdown.contains("| weft |"), "{markdown}");
+    assert!(markdown.contains("nginx not found"), "{markdown}");
+    let svg = compare::latency_svg(&report.runs[1]).expect("the chart draws");
+    assert!(svg.is_some_and(|svg| svg.contains("weft")));
+}
