@@ -407,3 +407,29 @@ pub async fn echo_client(
         origin,
     ))
 }
+
+/// The smallest proxy configuration: admin and one HTTP listener `web` on
+/// port 0, one route `all` for every host and path, to one cluster `echo`
+/// at `echo` speaking `protocol` upstream. `top` is spliced in at the top
+/// level (e.g. `drain_timeout: 5s`); listener fields can be added by
+/// replacing `route_config: main }`.
+pub fn one_route_config(echo: SocketAddr, protocol: &str, top: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+{top}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ name: all, cluster: echo }}]
+clusters:
+  - name: echo
+    protocol: {protocol}
+    endpoints: [{{ address: "{echo}" }}]
+"#
+    )
+}

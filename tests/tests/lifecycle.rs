@@ -8,24 +8,7 @@ use http_body_util::Full;
 use weft_tests::*;
 
 fn config(echo: std::net::SocketAddr, extra: &str) -> String {
-    format!(
-        r#"
-admin: {{ address: "127.0.0.1:0" }}
-drain_timeout: 5s
-{extra}
-listeners:
-  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
-route_configs:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes:
-          - {{ name: all, cluster: echo }}
-clusters:
-  - {{ name: echo, endpoints: [{{ address: "{echo}" }}] }}
-"#
-    )
+    one_route_config(echo, "http1", &format!("drain_timeout: 5s\n{extra}"))
 }
 
 #[tokio::test]

@@ -16,23 +16,7 @@ use weft_proto::echo::v1::EchoRequest;
 use weft_tests::*;
 
 fn config(echo: std::net::SocketAddr, protocol: &str) -> String {
-    format!(
-        r#"
-admin: {{ address: "127.0.0.1:0" }}
-listeners:
-  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
-route_configs:
-  - name: main
-    virtual_hosts:
-      - name: all
-        domains: ["*"]
-        routes: [{{ name: all, cluster: echo }}]
-clusters:
-  - name: echo
-    protocol: {protocol}
-    endpoints: [{{ address: "{echo}" }}]
-"#
-    )
+    one_route_config(echo, protocol, "")
 }
 
 #[tokio::test]

@@ -328,7 +328,7 @@ async fn handle(
             Box::new(AccessRecord {
                 start: SystemTime::now(),
                 listener: listener.config.name.clone(),
-                route: Arc::from(""),
+                route: None,
                 method: req.method().clone(),
                 uri: req.uri().clone(),
                 host: req.headers().get(header::HOST).cloned(),
@@ -359,7 +359,7 @@ async fn handle(
             }
         };
     let access = log.map(|(log, mut record)| {
-        record.route = outcome.route.clone().unwrap_or_else(|| Arc::from(""));
+        record.route = outcome.route.clone();
         record.status = response.status().as_u16();
         record.flag = flag;
         record.upstream = outcome.upstream;

@@ -27,8 +27,8 @@ pub struct AccessRecord {
     pub start: SystemTime,
     /// Listener name.
     pub listener: Arc<str>,
-    /// Route name (empty when no route matched).
-    pub route: Arc<str>,
+    /// Route name (`None` when no route matched).
+    pub route: Option<Arc<str>>,
     /// Request method.
     pub method: Method,
     /// Request URI (authority and path).
@@ -83,7 +83,7 @@ impl AccessRecord {
         let line = Line {
             time: humantime::format_rfc3339_millis(self.start).to_string(),
             listener: &self.listener,
-            route: &self.route,
+            route: self.route.as_deref().unwrap_or(""),
             method: self.method.as_str(),
             authority,
             path: self
@@ -180,7 +180,7 @@ mod tests {
         let record = AccessRecord {
             start: SystemTime::UNIX_EPOCH,
             listener: "web".into(),
-            route: "api".into(),
+            route: Some("api".into()),
             method: Method::GET,
             uri: Uri::from_static("/a?b=1"),
             host: Some(HeaderValue::from_static("example.com")),
