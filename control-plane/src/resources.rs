@@ -1,0 +1,186 @@
+//! The resources one proxy (an xDS node) should have, grouped by type URL,
+//! each versioned by its content.
+//!
+//! Versions are content hashes: the same resources always get the same
+//! version, so a rebuild that changes nothing for a node pushes nothing to
+//! it, and a proxy that reconnects with the version it already runs is not
+//! sent it again. A resource's version hashes its encoded bytes (prost
+//! encodes deterministically: maps are `BTreeMap`s); a type's version hashes
+//! its resources' names and versions in name order.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use weft_proto::config::v1 as pb;
+use weft_proto::prost::Name;
+use weft_proto::prost_types::Any;
+use weft_proxy::config::proto::pack;
+
+/// The type URLs the control plane serves, in the order a push sends them:
+/// a cluster arrives before the route that uses it, a route configuration
+/// before the listener that names it.
+pub const TYPE_URLS: [&str; 3] = [
+    pb::CLUSTER_TYPE_URL,
+    pb::ROUTE_CONFIGURATION_TYPE_URL,
+    pb::LISTENER_TYPE_URL,
+];
+
+/// One named resource with its own version (the delta protocol compares
+/// these one by one).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VersionedResource {
+    /// Hash of the encoded resource.
+    pub version: String,
+    /// The resource, packed under its type URL.
+    pub resource: Any,
+}
+
+/// Every resource of one type for one node.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TypeResources {
+    /// Hash of every resource's name and version; the state-of-the-world
+    /// `version_info`.
+    pub version: String,
+    /// The resources by name.
+    pub resources: BTreeMap<String, VersionedResource>,
+}
+
+impl TypeResources {
+    fn new(resources: BTreeMap<String, VersionedResource>) -> Self {
+        let mut hasher = sha1_smol::Sha1::new();
+        for (name, resource) in &resources {
+            hasher.update(name.as_bytes());
+            hasher.update(&[0]);
+            hasher.update(resource.version.as_bytes());
+            hasher.update(&[0]);
+        }
+        Self {
+            version: short_hash(&hasher),
+            resources,
+        }
+    }
+}
+
+/// The resources one node should have, by type URL. Every type in
+/// [`TYPE_URLS`] is present, possibly with no resources.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeResources {
+    /// By type URL.
+    pub types: BTreeMap<&'static str, TypeResources>,
+}
+
+impl Default for NodeResources {
+    fn default() -> Self {
+        Self::new(Vec::new(), Vec::new(), Vec::new())
+    }
+}
+
+impl NodeResources {
+    /// Packs and versions a node's resources.
+    pub fn new(
+        listeners: Vec<pb::Listener>,
+        route_configurations: Vec<pb::RouteConfiguration>,
+        clusters: Vec<pb::Cluster>,
+    ) -> Self {
+        let mut types = BTreeMap::new();
+        types.insert(
+            pb::LISTENER_TYPE_URL,
+            versioned(listeners, |l: &pb::Listener| l.name.clone()),
+        );
+        types.insert(
+            pb::ROUTE_CONFIGURATION_TYPE_URL,
+            versioned(route_configurations, |r: &pb::RouteConfiguration| {
+                r.name.clone()
+            }),
+        );
+        types.insert(
+            pb::CLUSTER_TYPE_URL,
+            versioned(clusters, |c: &pb::Cluster| c.name.clone()),
+        );
+        Self { types }
+    }
+
+    /// The resources of one type; `None` for a type this node is not served.
+    pub fn get(&self, type_url: &str) -> Option<&TypeResources> {
+        self.types.get(type_url)
+    }
+}
+
+fn versioned<M: Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> TypeResources {
+    let resources = items
+        .into_iter()
+        .map(|item| {
+            let resource = pack(&item);
+            let mut hasher = sha1_smol::Sha1::new();
+            hasher.update(&resource.value);
+            (
+                name(&item),
+                VersionedResource {
+                    version: short_hash(&hasher),
+                    resource,
+                },
+            )
+        })
+        .collect();
+    TypeResources::new(resources)
+}
+
+/// The first 8 bytes of a SHA-1, in hex: collisions among one node's
+/// versions are not a practical concern, and short versions keep logs and
+/// status output readable.
+fn short_hash(hasher: &sha1_smol::Sha1) -> String {
+    hasher.digest().to_string()[..16].to_owned()
+}
+
+/// Every node's resources for one state of the mesh.
+#[derive(Debug, Clone, Default)]
+pub struct MeshSnapshot {
+    /// By node id.
+    pub nodes: BTreeMap<String, NodeEntry>,
+}
+
+/// What the mesh says about one node.
+#[derive(Debug, Clone)]
+pub struct NodeEntry {
+    /// The service the node belongs to (a gateway has none). A proxy that
+    /// names another service in its xDS `Node.cluster` is refused.
+    pub service: Option<String>,
+    /// Its resources.
+    pub resources: Arc<NodeResources>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cluster(name: &str, address: &str) -> pb::Cluster {
+        pb::Cluster {
+            name: name.into(),
+            endpoints: vec![pb::Endpoint {
+                address: address.into(),
+                weight: None,
+            }],
+            ..pb::Cluster::default()
+        }
+    }
+
+    #[test]
+    fn versions_follow_content_only() {
+        let a = NodeResources::new(vec![], vec![], vec![cluster("a", "127.0.0.1:1")]);
+        let same = NodeResources::new(vec![], vec![], vec![cluster("a", "127.0.0.1:1")]);
+        let changed = NodeResources::new(vec![], vec![], vec![cluster("a", "127.0.0.1:2")]);
+        let clusters = |n: &NodeResources| n.get(pb::CLUSTER_TYPE_URL).unwrap().clone();
+        assert_eq!(clusters(&a), clusters(&same));
+        assert_ne!(clusters(&a).version, clusters(&changed).version);
+        assert_ne!(
+            clusters(&a).resources["a"].version,
+            clusters(&changed).resources["a"].version
+        );
+        // Types that did not change keep their version.
+        assert_eq!(
+            a.get(pb::LISTENER_TYPE_URL).unwrap().version,
+            changed.get(pb::LISTENER_TYPE_URL).unwrap().version
+        );
+        assert_eq!(a.types.len(), TYPE_URLS.len());
+    }
+}
