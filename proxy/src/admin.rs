@@ -7,7 +7,6 @@
 //! configuration.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 
@@ -29,7 +28,8 @@ pub(crate) struct AdminState {
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) ready: Arc<AtomicBool>,
     pub(crate) drain: Drain,
-    pub(crate) listeners: Arc<Vec<(String, SocketAddr)>>,
+    /// The xDS client's state, when configuration comes over xDS.
+    pub(crate) xds_status: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
 }
 
 /// Serves admin connections until the process exits.
@@ -85,18 +85,26 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/config_dump" => {
             let snapshot = state.shared.load();
+            let xds = state
+                .xds_status
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             json(&serde_json::json!({
                 "source": &*snapshot.config.source,
+                "xds": xds,
                 "config": &*snapshot.config.spec,
             }))
         }
         "/listeners" => json(
             &state
-                .listeners
+                .shared
+                .load()
+                .bound
                 .iter()
-                .map(
-                    |(name, addr)| serde_json::json!({ "name": name, "address": addr.to_string() }),
-                )
+                .map(|(name, addr)| {
+                    serde_json::json!({ "name": &**name, "address": addr.to_string() })
+                })
                 .collect::<Vec<_>>(),
         ),
         "/clusters" => json(&clusters(state)),

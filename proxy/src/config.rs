@@ -32,6 +32,11 @@ pub struct ConfigError {
     pub field: String,
     /// What is wrong, with the offending value.
     pub message: String,
+    /// The field names a resource of another kind that does not exist.
+    /// Over xDS such an error can be transient (the resource may be on its
+    /// way in the next response), so the client waits briefly before
+    /// rejecting.
+    pub is_unresolved_reference: bool,
 }
 
 impl fmt::Display for ConfigError {
@@ -92,6 +97,12 @@ pub enum LoadError {
 }
 
 impl Config {
+    /// A configuration with nothing in it: no admin, listeners or clusters.
+    pub fn empty() -> Self {
+        Config::try_from(BootstrapSpec::default())
+            .expect("the empty configuration is valid (unit-tested)")
+    }
+
     /// Parses and validates a YAML document. `origin` names it in errors.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, LoadError> {
         let spec: BootstrapSpec =

@@ -35,6 +35,29 @@ impl Drain {
         self.tracker.spawn(task)
     }
 
+    /// Spawns a tracked task on `runtime` (listeners are started from the
+    /// control runtime but accept on the workers).
+    pub fn spawn_on<F>(
+        &self,
+        task: F,
+        runtime: &tokio::runtime::Handle,
+    ) -> tokio::task::JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.tracker.spawn_on(task, runtime)
+    }
+
+    /// A drain for one part of the process (a listener): signalled with the
+    /// process or on its own, its tasks tracked with the process's.
+    pub fn child(&self) -> Self {
+        Self {
+            token: self.token.child_token(),
+            tracker: self.tracker.clone(),
+        }
+    }
+
     /// Resolves once shutdown has begun. Cancel safe.
     pub fn cancelled(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
         self.token.cancelled()
@@ -89,5 +112,17 @@ mod tests {
         drain.spawn(std::future::pending::<()>());
         drain.signal();
         assert_eq!(drain.wait(Duration::from_secs(1)).await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_child_drains_alone_or_with_its_parent() {
+        let parent = Drain::new();
+        let first = parent.child();
+        let second = parent.child();
+        first.signal();
+        assert!(first.is_draining());
+        assert!(!parent.is_draining() && !second.is_draining());
+        parent.signal();
+        assert!(second.is_draining());
     }
 }

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod drain;
 pub mod telemetry;
+pub mod xds;
 
 mod admin;
 mod cluster;
@@ -30,33 +31,51 @@ pub mod hotpath {
 }
 
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
 use crate::cluster::ClusterRegistry;
-use crate::config::{Config, ListenerKind};
+use crate::config::Config;
 use crate::drain::Drain;
+use crate::listener::ListenerSet;
 use crate::telemetry::{AccessLog, Metrics};
+
+pub use crate::listener::BindError;
 
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     /// A listener's address could not be bound.
-    #[error("listener {listener:?}: cannot bind {address}")]
-    Bind {
-        /// Listener name (`admin` for the admin server).
-        listener: String,
-        /// The address.
-        address: SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// Several listeners could not be bound.
+    #[error("{}", display_all(.0))]
+    Listeners(Vec<BindError>),
     /// The access log could not be opened.
     #[error("access log: cannot open")]
     AccessLog(#[source] std::io::Error),
+}
+
+/// Why a new configuration was not applied; the previous one keeps
+/// serving.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// New listeners could not be bound (an address in use, say).
+    #[error("{}", display_all(.0))]
+    Bind(Vec<BindError>),
+}
+
+fn display_all(errors: &[BindError]) -> String {
+    errors
+        .iter()
+        .map(|e| match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Addresses the proxy actually bound (port 0 resolved).
@@ -71,22 +90,55 @@ pub struct BoundAddresses {
 /// A running proxy.
 #[derive(Debug)]
 pub struct Proxy {
-    drain: Drain,
-    /// Long-lived cluster state that later snapshots reconcile against.
-    _registry: ClusterRegistry,
+    handle: ConfigHandle,
     addresses: BoundAddresses,
     drain_timeout: std::time::Duration,
 }
 
+/// Applies new configurations to a running proxy; cheap to clone. The xDS
+/// client holds one.
+#[derive(Debug, Clone)]
+pub struct ConfigHandle {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shared: stack::Shared,
+    /// Long-lived cluster state that each snapshot reconciles against.
+    registry: ClusterRegistry,
+    metrics: Arc<Metrics>,
+    access_log: Option<AccessLog>,
+    /// Held across a whole apply (binding, building, publishing), so that
+    /// applies never interleave.
+    listeners: tokio::sync::Mutex<ListenerSet>,
+    drain: Drain,
+    /// Where listeners accept and connections run.
+    workers: tokio::runtime::Handle,
+    ready: Arc<AtomicBool>,
+    /// What the xDS client reports for `/config_dump`, if it runs.
+    xds_status: Arc<Mutex<Option<serde_json::Value>>>,
+}
+
+/// When the proxy reports ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    /// As soon as the configuration given to [`Proxy::start`] serves.
+    Immediate,
+    /// Once [`ConfigHandle::set_ready`] is called (by the xDS client, after
+    /// its first complete configuration).
+    Deferred,
+}
+
 impl Proxy {
-    /// Binds and starts serving. Call it on the worker runtime (listeners
-    /// and connections run where this is polled); `control` runs the admin
-    /// server and DNS refresh.
+    /// Binds and starts serving `config`. Call it on the worker runtime
+    /// (listeners and connections run where this is polled); `control` runs
+    /// the admin server, DNS refresh and configuration work.
     pub async fn start(
         config: Config,
         control: tokio::runtime::Handle,
+        readiness: Readiness,
     ) -> Result<Self, StartError> {
-        let config = Arc::new(config);
         let metrics = Arc::new(Metrics::new());
         let access_log = config
             .access_log
@@ -96,89 +148,76 @@ impl Proxy {
             .map_err(StartError::AccessLog)?;
         let registry = ClusterRegistry::new(metrics.clone(), control.clone());
         let drain = Drain::new();
-
-        let mut bound = Vec::with_capacity(config.listeners.len());
-        for listener in &config.listeners {
-            let socket = tokio::net::TcpListener::bind(listener.address)
-                .await
-                .map_err(|source| StartError::Bind {
-                    listener: listener.name.to_string(),
-                    address: listener.address,
-                    source,
-                })?;
-            let address = socket.local_addr().map_err(|source| StartError::Bind {
-                listener: listener.name.to_string(),
-                address: listener.address,
-                source,
-            })?;
-            bound.push((socket, address));
-        }
         let admin_socket = match config.admin {
             Some(address) => {
-                let bind = |source| StartError::Bind {
+                let socket = listener::bind("admin", address)?;
+                let local = socket.local_addr().map_err(|source| BindError {
                     listener: "admin".into(),
                     address,
                     source,
-                };
-                let socket = std::net::TcpListener::bind(address).map_err(bind)?;
-                socket.set_nonblocking(true).map_err(bind)?;
-                let local = socket.local_addr().map_err(bind)?;
+                })?;
                 Some((socket, local))
             }
             None => None,
         };
-
-        let snapshot = stack::build(config.clone(), &registry, &metrics, access_log.as_ref()).await;
-        let shared = Arc::new(ArcSwap::from_pointee(snapshot));
-        let addresses = BoundAddresses {
-            admin: admin_socket.as_ref().map(|(_, a)| *a),
-            listeners: config
-                .listeners
-                .iter()
-                .zip(&bound)
-                .map(|(l, (_, a))| (l.name.to_string(), *a))
-                .collect(),
-        };
-        for (index, ((socket, address), listener)) in
-            bound.into_iter().zip(&config.listeners).enumerate()
-        {
-            let kind = match listener.kind {
-                ListenerKind::Http { .. } => "http",
-                ListenerKind::Tcp { .. } => "tcp",
-            };
-            tracing::info!(listener = %listener.name, %address, kind, "listening");
-            drain.spawn(listener::accept_loop(
-                socket,
-                index,
-                shared.clone(),
-                drain.clone(),
-                listener.max_connections,
-            ));
-        }
+        let empty = Arc::new(Config::empty());
+        let snapshot = stack::build(empty, &[], &registry, &metrics, None).await;
         let ready = Arc::new(AtomicBool::new(false));
+        let handle = ConfigHandle {
+            inner: Arc::new(Inner {
+                shared: Arc::new(ArcSwap::from_pointee(snapshot)),
+                registry,
+                metrics: metrics.clone(),
+                access_log,
+                listeners: tokio::sync::Mutex::new(ListenerSet::default()),
+                drain: drain.clone(),
+                workers: tokio::runtime::Handle::current(),
+                ready: ready.clone(),
+                xds_status: Arc::new(Mutex::new(None)),
+            }),
+        };
+        let drain_timeout = config.drain_timeout;
+        let listeners = match handle.apply(config).await {
+            Ok(listeners) => listeners,
+            Err(ApplyError::Bind(mut errors)) => {
+                return Err(match errors.len() {
+                    1 => StartError::Bind(errors.remove(0)),
+                    _ => StartError::Listeners(errors),
+                });
+            }
+        };
+        let admin_address = admin_socket.as_ref().map(|(_, address)| *address);
         if let Some((socket, address)) = admin_socket {
             tracing::info!(%address, "admin listening");
             let state = admin::AdminState {
-                shared,
+                shared: handle.inner.shared.clone(),
                 metrics,
                 ready: ready.clone(),
-                drain: drain.clone(),
-                listeners: Arc::new(addresses.listeners.clone()),
+                drain,
+                xds_status: handle.inner.xds_status.clone(),
             };
             control.spawn(admin::serve(socket, state));
         }
-        ready.store(true, Relaxed);
+        if readiness == Readiness::Immediate {
+            ready.store(true, Relaxed);
+        }
         Ok(Self {
-            drain,
-            addresses,
-            drain_timeout: config.drain_timeout,
-            _registry: registry,
+            addresses: BoundAddresses {
+                admin: admin_address,
+                listeners,
+            },
+            handle,
+            drain_timeout,
         })
     }
-
-    /// What was bound.
+    /// What was bound at start.
     pub fn addresses(&self) -> &BoundAddresses {
         &self.addresses
+    }
+
+    /// A handle that applies new configurations.
+    pub fn handle(&self) -> ConfigHandle {
+        self.handle.clone()
     }
 
     /// Drains: readiness turns false, listeners stop accepting, connections
@@ -186,13 +225,83 @@ impl Proxy {
     /// Returns the number of tasks still running at the deadline.
     pub async fn shutdown(self) -> usize {
         tracing::info!(timeout = ?self.drain_timeout, "draining");
-        self.drain.signal();
-        let remaining = self.drain.wait(self.drain_timeout).await;
+        let drain = &self.handle.inner.drain;
+        drain.signal();
+        let remaining = drain.wait(self.drain_timeout).await;
         if remaining > 0 {
             tracing::warn!(remaining, "drain deadline passed; closing what remains");
         } else {
             tracing::info!("drained");
         }
         remaining
+    }
+}
+
+impl ConfigHandle {
+    /// Applies a validated configuration: binds listeners that are new,
+    /// builds a snapshot (reusing the state of unchanged clusters),
+    /// publishes it, then starts the new listeners and drains the removed
+    /// ones. In-flight requests finish on the snapshot they started with,
+    /// and open connections stay open on listeners that remain.
+    ///
+    /// Only the data-plane resources (listeners, route configurations,
+    /// clusters) change; `admin`, `access_log` and `drain_timeout` keep
+    /// their values from the start. On error nothing changed. Returns each
+    /// listener's name and bound address.
+    pub async fn apply(&self, config: Config) -> Result<Vec<(String, SocketAddr)>, ApplyError> {
+        let inner = &*self.inner;
+        let mut listeners = inner.listeners.lock().await;
+        let plan = listeners
+            .prepare(&config.listeners)
+            .map_err(ApplyError::Bind)?;
+        let config = Arc::new(config);
+        let snapshot = stack::build(
+            config.clone(),
+            &plan.slots,
+            &inner.registry,
+            &inner.metrics,
+            inner.access_log.as_ref(),
+        )
+        .await;
+        let bound = snapshot
+            .bound
+            .iter()
+            .map(|(name, address)| (name.to_string(), *address))
+            .collect();
+        inner.shared.store(Arc::new(snapshot));
+        listeners.commit(
+            plan,
+            &config.listeners,
+            &inner.shared,
+            &inner.drain,
+            &inner.workers,
+        );
+        tracing::info!(
+            source = %config.source,
+            listeners = config.listeners.len(),
+            route_configs = config.route_configs.len(),
+            clusters = config.clusters.len(),
+            "configuration applied"
+        );
+        Ok(bound)
+    }
+
+    /// Marks the proxy ready (`/ready` answers 200 unless draining).
+    pub fn set_ready(&self) {
+        self.inner.ready.store(true, Relaxed);
+    }
+
+    /// Publishes the xDS client's state for `/config_dump`.
+    pub(crate) fn set_xds_status(&self, status: serde_json::Value) {
+        *self
+            .inner
+            .xds_status
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(status);
+    }
+
+    /// The process's drain signal.
+    pub fn drain(&self) -> Drain {
+        self.inner.drain.clone()
     }
 }

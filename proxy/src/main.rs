@@ -6,8 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use weft_proxy::Proxy;
-use weft_proxy::config::Config;
+use weft_proxy::{Proxy, Readiness};
+use weft_proxy::config::{AdminSpec, BootstrapSpec, Config};
+use weft_proxy::xds::XdsOptions;
 
 /// Weft's L4/L7 proxy.
 #[derive(Debug, Parser)]
@@ -30,9 +31,23 @@ struct Args {
         requires = "listen"
     )]
     upstream: Vec<String>,
-    /// Quick reverse proxy: serve the admin API here.
-    #[arg(long, value_name = "ADDR", requires = "listen")]
+    /// Serve the admin API here (quick reverse proxy and --xds modes).
+    #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
+    /// Take listeners, routes and clusters from this control plane
+    /// (`HOST:PORT`). `--config`, if given, then holds only the proxy's own
+    /// settings (admin, access_log, drain_timeout).
+    #[arg(long, value_name = "ADDR", requires = "node_id", conflicts_with = "listen")]
+    xds: Option<String>,
+    /// This proxy's node id, as the control plane knows it (with --xds).
+    #[arg(long, value_name = "ID", requires = "xds")]
+    node_id: Option<String>,
+    /// The service this proxy runs beside (with --xds).
+    #[arg(long, value_name = "NAME", requires = "xds")]
+    service: Option<String>,
+    /// A file holding the bearer token for the control plane (with --xds).
+    #[arg(long, value_name = "FILE", requires = "xds")]
+    token_file: Option<PathBuf>,
     /// Worker threads for the data plane.
     #[arg(long, value_name = "N", default_value_t = 2)]
     concurrency: usize,
@@ -69,13 +84,24 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    let config = match (&args.config, &args.listen) {
-        (Some(path), _) => Config::from_file(path)?,
-        (None, Some(listen)) => {
+    let xds = args.xds.as_ref().map(|server| xds_options(args, server)).transpose()?;
+    let config = match (&xds, &args.config, &args.listen) {
+        (Some(options), _, _) => Config::try_from(options.bootstrap.clone())
+            .map_err(|errors| anyhow::anyhow!("invalid bootstrap:\n{errors}"))?,
+        (None, Some(path), _) => {
+            anyhow::ensure!(
+                args.admin.is_none(),
+                "--admin goes with --listen or --xds; with --config, set admin in the file"
+            );
+            Config::from_file(path)?
+        }
+        (None, None, Some(listen)) => {
             Config::reverse_proxy(listen, &args.upstream, args.admin.as_deref())?
         }
-        (None, None) => {
-            anyhow::bail!("nothing to run: pass --config FILE or --listen ADDR --upstream ADDR")
+        (None, None, None) => {
+            anyhow::bail!(
+                "nothing to run: pass --config FILE, --listen ADDR --upstream ADDR, or --xds ADDR --node-id ID"
+            )
         }
     };
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
@@ -92,7 +118,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the worker runtime")?;
-    let proxy = workers.block_on(Proxy::start(config, control.handle().clone()))?;
+    let readiness = if xds.is_some() {
+        Readiness::Deferred
+    } else {
+        Readiness::Immediate
+    };
+    let proxy = workers.block_on(Proxy::start(config, control.handle().clone(), readiness))?;
+    if let Some(options) = xds {
+        control.spawn(weft_proxy::xds::run(options, proxy.handle()));
+    }
     if args.print_addresses {
         println!(
             "{}",
@@ -106,6 +140,47 @@ fn run(args: &Args) -> anyhow::Result<()> {
     workers.shutdown_timeout(std::time::Duration::from_millis(100));
     control.shutdown_timeout(std::time::Duration::from_millis(100));
     Ok(())
+}
+
+/// The xDS client's settings: the bootstrap (from `--config` and
+/// `--admin`), the node, and the token.
+fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
+    let mut bootstrap = match &args.config {
+        Some(path) => {
+            let config = Config::from_file(path)?;
+            let spec = (*config.spec).clone();
+            anyhow::ensure!(
+                spec.listeners.is_empty() && spec.route_configs.is_empty() && spec.clusters.is_empty(),
+                "{}: with --xds, listeners, route_configs and clusters come from the control plane; \
+                 the file may only set admin, access_log and drain_timeout",
+                path.display()
+            );
+            spec
+        }
+        None => BootstrapSpec::default(),
+    };
+    if let Some(admin) = &args.admin {
+        bootstrap.admin = Some(AdminSpec {
+            address: admin.clone(),
+        });
+    }
+    let token = match &args.token_file {
+        Some(path) => {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token file {}", path.display()))?;
+            let token = token.trim().to_owned();
+            anyhow::ensure!(!token.is_empty(), "{}: the token file is empty", path.display());
+            Some(token)
+        }
+        None => None,
+    };
+    Ok(XdsOptions {
+        server: server.to_owned(),
+        node_id: args.node_id.clone().unwrap_or_default(),
+        service: args.service.clone(),
+        token,
+        bootstrap,
+    })
 }
 
 async fn shutdown_signal() {

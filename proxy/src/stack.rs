@@ -41,14 +41,19 @@ pub(crate) type RouteService = Timeout<ClusterService>;
 #[derive(Debug)]
 pub(crate) struct Snapshot {
     pub(crate) config: Arc<Config>,
-    /// Index-aligned with `config.listeners`.
-    listeners: Vec<ListenerSnapshot>,
+    /// By listener slot (`listener::ListenerSet`); `None` for the slots of
+    /// listeners this configuration does not have.
+    listeners: Vec<Option<ListenerSnapshot>>,
+    /// Each listener's bound address, in configuration order.
+    pub(crate) bound: Vec<(Arc<str>, std::net::SocketAddr)>,
     pub(crate) clusters: HashMap<Arc<str>, Arc<ClusterState>>,
 }
 
 impl Snapshot {
-    pub(crate) fn listener(&self, index: usize) -> Option<&ListenerSnapshot> {
-        self.listeners.get(index)
+    /// The listener serving the socket in `slot`, if this configuration
+    /// still has one there.
+    pub(crate) fn listener(&self, slot: usize) -> Option<&ListenerSnapshot> {
+        self.listeners.get(slot)?.as_ref()
     }
 }
 
@@ -136,11 +141,13 @@ fn route_service(route: &config::Route, cluster: &Arc<ClusterState>) -> RouteSer
     svc
 }
 
-/// Builds a snapshot. Reconciles cluster state (resolving new DNS names
-/// first), so it awaits; it does no I/O on the request path's runtime
-/// beyond that.
+/// Builds a snapshot. `slots` gives each listener's socket slot and bound
+/// address, in configuration order. Reconciles cluster state (resolving new
+/// DNS names first), so it awaits; it does no I/O on the request path's
+/// runtime beyond that.
 pub(crate) async fn build(
     config: Arc<Config>,
+    slots: &[(usize, std::net::SocketAddr)],
     registry: &ClusterRegistry,
     metrics: &Metrics,
     access_log: Option<&AccessLog>,
@@ -153,7 +160,7 @@ pub(crate) async fn build(
             .expect("validation guarantees that cluster references resolve")
     };
     let empty: Arc<str> = Arc::from("");
-    let listeners = config
+    let prepared = config
         .listeners
         .iter()
         .map(|listener| {
@@ -192,11 +199,22 @@ pub(crate) async fn build(
                     }))
                 }
             }
-        })
+        });
+    let slot_count = slots.iter().map(|(slot, _)| slot + 1).max().unwrap_or(0);
+    let mut listeners = vec![None; slot_count];
+    for ((slot, _), listener) in slots.iter().zip(prepared) {
+        listeners[*slot] = Some(listener);
+    }
+    let bound = config
+        .listeners
+        .iter()
+        .zip(slots)
+        .map(|(listener, (_, address))| (listener.name.clone(), *address))
         .collect();
     Snapshot {
         config,
         listeners,
+        bound,
         clusters,
     }
 }
@@ -280,7 +298,10 @@ clusters:
 
     async fn snapshot(registry: &ClusterRegistry, metrics: &Metrics, yaml: &str) -> Snapshot {
         let config = Arc::new(Config::from_yaml(yaml, "test").unwrap());
-        build(config, registry, metrics, None).await
+        let slots: Vec<_> = (0..config.listeners.len())
+            .map(|slot| (slot, "127.0.0.1:1".parse().unwrap()))
+            .collect();
+        build(config, &slots, registry, metrics, None).await
     }
 
     #[tokio::test]

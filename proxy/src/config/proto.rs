@@ -113,6 +113,7 @@ impl From<ConversionErrors> for ValidationErrors {
                     resource: error.resource,
                     field: error.field,
                     message: error.value.to_string(),
+                    is_unresolved_reference: false,
                 })
                 .collect(),
         )

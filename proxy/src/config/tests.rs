@@ -285,3 +285,10 @@ fn rules_found_by_review_are_enforced() {
         );
     }
 }
+
+#[test]
+fn the_empty_configuration_is_valid() {
+    let config = Config::empty();
+    assert!(config.listeners.is_empty() && config.clusters.is_empty());
+    assert!(config.admin.is_none());
+}

@@ -50,7 +50,16 @@ impl Checker<'_> {
             resource: self.resource.clone(),
             field: field.into(),
             message: message.into(),
+            is_unresolved_reference: false,
         });
+    }
+
+    /// A reference to a resource of another kind that does not exist.
+    fn unresolved(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.error(field, message);
+        if let Some(error) = self.errors.last_mut() {
+            error.is_unresolved_reference = true;
+        }
     }
 }
 
@@ -133,6 +142,7 @@ impl TryFrom<BootstrapSpec> for Config {
                     resource: listener.name.to_string(),
                     field: "address".into(),
                     message: format!("{} is already used by another listener", listener.address),
+                    is_unresolved_reference: false,
                 });
             }
         }
@@ -166,6 +176,7 @@ fn check_unique<'a>(
                 resource: name.to_owned(),
                 field: "name".into(),
                 message: "duplicate name".into(),
+                is_unresolved_reference: false,
             });
         }
     }
@@ -226,7 +237,7 @@ fn validate_listener(
                     None
                 }
                 Some(name) if !route_names.contains(name) => {
-                    check.error("route_config", format!("unknown route_config {name:?}"));
+                    check.unresolved("route_config", format!("unknown route_config {name:?}"));
                     None
                 }
                 Some(name) => Some(ListenerKind::Http {
@@ -265,7 +276,7 @@ fn validate_listener(
                     None
                 }
                 Some(name) if !cluster_names.contains(name) => {
-                    check.error("cluster", format!("unknown cluster {name:?}"));
+                    check.unresolved("cluster", format!("unknown cluster {name:?}"));
                     None
                 }
                 Some(name) => Some(ListenerKind::Tcp {
@@ -539,7 +550,7 @@ fn validate_route(
             if cluster_names.contains(cluster.as_str()) {
                 Some(RouteAction::Cluster(cluster.as_str().into()))
             } else {
-                check.error(
+                check.unresolved(
                     format!("{at}.cluster"),
                     format!("unknown cluster {cluster:?}"),
                 );
@@ -550,7 +561,7 @@ fn validate_route(
             let mut targets = Vec::with_capacity(split.len());
             for (i, target) in split.iter().enumerate() {
                 if !cluster_names.contains(target.cluster.as_str()) {
-                    check.error(
+                    check.unresolved(
                         format!("{at}.weighted_clusters[{i}].cluster"),
                         format!("unknown cluster {:?}", target.cluster),
                     );

@@ -1,0 +1,335 @@
+//! The control-plane client: subscribes to listeners, route configurations
+//! and clusters over one aggregated discovery stream (Envoy's ADS, state of
+//! the world), applies what validates, ACKs and NACKs, and keeps the last
+//! good configuration serving whatever happens to the control plane.
+//!
+//! It runs on the control runtime, apart from the workers. The decisions
+//! (what to apply, ACK or NACK) are in [`state`], without sockets; this
+//! module owns the connection: connect with a deadline, authenticate with a
+//! bearer token, open the stream, and on any failure reconnect after a
+//! jittered exponential backoff. A reconnecting client names the versions
+//! it runs, so a control plane with nothing newer sends nothing.
+
+mod state;
+
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::sync::mpsc;
+use weft_proto::envoy::config::core::v3::Node;
+use weft_proto::envoy::service::discovery::v3::DiscoveryRequest;
+use weft_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+
+use crate::ConfigHandle;
+use crate::config::BootstrapSpec;
+use state::{Step, XdsState};
+
+/// Deadline for the TCP connect and HTTP/2 handshake to the control plane.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// First reconnect delay; doubles per failed attempt up to [`MAX_BACKOFF`].
+const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
+/// The longest wait between reconnect attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// HTTP/2 pings find a control plane that vanished without closing.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(15);
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests queued for the stream (ACKs, NACKs); the loop never has more
+/// than one response's worth outstanding.
+const REQUEST_QUEUE: usize = 16;
+
+/// How to reach the control plane and who this proxy is.
+#[derive(Debug, Clone)]
+pub struct XdsOptions {
+    /// The control plane's xDS address, `HOST:PORT` (an `http://` prefix is
+    /// accepted).
+    pub server: String,
+    /// This proxy's node id.
+    pub node_id: String,
+    /// The service this proxy runs for (`Node.cluster`), if any.
+    pub service: Option<String>,
+    /// The bearer token sent with the stream.
+    pub token: Option<String>,
+    /// The proxy's own settings, merged into every configuration received.
+    pub bootstrap: BootstrapSpec,
+}
+
+/// Why one connection to the control plane ended.
+#[derive(Debug, thiserror::Error)]
+enum StreamError {
+    #[error("cannot resolve {0}")]
+    Resolve(String, #[source] std::io::Error),
+    #[error("connect timed out")]
+    ConnectTimeout,
+    #[error("cannot connect")]
+    Connect(#[source] std::io::Error),
+    #[error("HTTP/2 handshake failed")]
+    Handshake(#[source] hyper::Error),
+    #[error("the token is not a valid header value")]
+    Token,
+    #[error("stream failed: {0}")]
+    Grpc(#[from] tonic::Status),
+    #[error("the control plane closed the stream")]
+    Closed,
+}
+
+/// Runs the client until the proxy drains: connects, streams, reconnects.
+pub async fn run(options: XdsOptions, handle: ConfigHandle) {
+    let drain = handle.drain();
+    let source = format!("xds {}", server_address(&options.server));
+    let mut state = XdsState::new(options.bootstrap.clone(), source);
+    let node = Node {
+        id: options.node_id.clone(),
+        cluster: options.service.clone().unwrap_or_default(),
+        metadata: None,
+        user_agent_name: "weft-proxy".into(),
+    };
+    let mut attempt: u32 = 0;
+    loop {
+        let mut received = false;
+        let result = tokio::select! {
+            result = stream(&options, &node, &mut state, &handle, &mut received) => result,
+            () = drain.cancelled() => return,
+        };
+        publish(&handle, &options, &state, false);
+        if received {
+            attempt = 0;
+        }
+        let delay = backoff(attempt);
+        attempt = attempt.saturating_add(1);
+        match result {
+            Ok(()) => {}
+            Err(error) => tracing::warn!(
+                server = %options.server,
+                error = %error_chain(&error),
+                retry_in = ?delay,
+                "control plane stream ended; serving the last good configuration"
+            ),
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = drain.cancelled() => return,
+        }
+    }
+}
+
+/// One connection's life: connect, subscribe, handle responses until the
+/// stream ends. `received` turns true on the first response (the backoff
+/// then starts over).
+async fn stream(
+    options: &XdsOptions,
+    node: &Node,
+    state: &mut XdsState,
+    handle: &ConfigHandle,
+    received: &mut bool,
+) -> Result<(), StreamError> {
+    let address = server_address(&options.server);
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, Channel::connect(address, handle))
+        .await
+        .map_err(|_| StreamError::ConnectTimeout)??;
+    let origin = http::Uri::builder()
+        .scheme("http")
+        .authority(address)
+        .path_and_query("/")
+        .build()
+        .map_err(|_| StreamError::Resolve(address.to_owned(), std::io::ErrorKind::InvalidInput.into()))?;
+    let mut client = AggregatedDiscoveryServiceClient::with_origin(channel, origin);
+
+    let (requests, queue) = mpsc::channel::<DiscoveryRequest>(REQUEST_QUEUE);
+    for request in state.initial_requests(node) {
+        // The queue is empty and larger than the number of types.
+        let _ = requests.try_send(request);
+    }
+    let mut request = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(queue));
+    if let Some(token) = &options.token {
+        let value = tonic::metadata::MetadataValue::try_from(format!("Bearer {token}"))
+            .map_err(|_| StreamError::Token)?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    let mut responses = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        client.stream_aggregated_resources(request),
+    )
+    .await
+    .map_err(|_| StreamError::ConnectTimeout)??
+    .into_inner();
+    tracing::info!(server = %options.server, node = %options.node_id, "control plane stream open");
+    publish(handle, options, state, true);
+    loop {
+        let deadline = state.warming_deadline();
+        let message = tokio::select! {
+            message = responses.message() => message?,
+            () = sleep_until(deadline) => {
+                send(&requests, state.warming_expired()).await?;
+                publish(handle, options, state, true);
+                continue;
+            }
+        };
+        let Some(response) = message else {
+            return Err(StreamError::Closed);
+        };
+        *received = true;
+        tracing::debug!(type_url = %response.type_url, version = %response.version_info, "configuration received");
+        let replies = match state.on_response(response, Instant::now()) {
+            Step::Send(replies) => replies,
+            Step::Apply(config) => match handle.apply(*config).await {
+                Ok(_) => {
+                    let acks = state.applied();
+                    if state.is_complete() {
+                        handle.set_ready();
+                    }
+                    acks
+                }
+                Err(error) => state.rejected(&error.to_string()),
+            },
+        };
+        send(&requests, replies).await?;
+        publish(handle, options, state, true);
+    }
+}
+
+async fn send(
+    requests: &mpsc::Sender<DiscoveryRequest>,
+    replies: Vec<DiscoveryRequest>,
+) -> Result<(), StreamError> {
+    for reply in replies {
+        requests.send(reply).await.map_err(|_| StreamError::Closed)?;
+    }
+    Ok(())
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn publish(handle: &ConfigHandle, options: &XdsOptions, state: &XdsState, connected: bool) {
+    handle.set_xds_status(serde_json::json!({
+        "server": options.server,
+        "node": options.node_id,
+        "service": options.service,
+        "connected": connected,
+        "types": state.status(),
+    }));
+}
+
+/// `http://host:port/` or `host:port` → `host:port`.
+fn server_address(server: &str) -> &str {
+    let server = server
+        .strip_prefix("http://")
+        .unwrap_or(server)
+        .trim_end_matches('/');
+    server
+}
+
+/// Equal jitter: half the exponential delay, plus a random part of the
+/// other half, so that proxies cut off together do not return together.
+fn backoff(attempt: u32) -> Duration {
+    let exponential = INITIAL_BACKOFF.saturating_mul(1 << attempt.min(16));
+    let capped = exponential.min(MAX_BACKOFF);
+    let half = capped / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+fn error_chain(error: &StreamError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// An HTTP/2 connection to the control plane, as a tonic channel.
+#[derive(Debug, Clone)]
+struct Channel {
+    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
+}
+
+impl Channel {
+    async fn connect(address: &str, handle: &ConfigHandle) -> Result<Self, StreamError> {
+        let addresses: Vec<SocketAddr> = tokio::net::lookup_host(address)
+            .await
+            .map_err(|e| StreamError::Resolve(address.to_owned(), e))?
+            .collect();
+        let mut last = None;
+        let mut stream = None;
+        for candidate in addresses {
+            match tokio::net::TcpStream::connect(candidate).await {
+                Ok(s) => {
+                    stream = Some(s);
+                    break;
+                }
+                Err(error) => last = Some(error),
+            }
+        }
+        let stream = stream.ok_or_else(|| {
+            StreamError::Connect(
+                last.unwrap_or_else(|| std::io::ErrorKind::AddrNotAvailable.into()),
+            )
+        })?;
+        let _ = stream.set_nodelay(true);
+        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(StreamError::Handshake)?;
+        // The connection task ends when the client (and so the sender) is
+        // dropped, at the latest when the proxy drains.
+        handle.drain().spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "control plane connection closed");
+            }
+        });
+        Ok(Self { sender })
+    }
+}
+
+impl tower::Service<Request<tonic::body::Body>> for Channel {
+    type Response = Response<Incoming>;
+    type Error = hyper::Error;
+    type Future = Pin<
+        Box<dyn std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>,
+    >;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
+        self.sender.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
+        Box::pin(self.sender.send_request(request))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_jittered_and_capped() {
+        for attempt in 0..40 {
+            let delay = backoff(attempt);
+            let full = INITIAL_BACKOFF
+                .saturating_mul(1 << attempt.min(16))
+                .min(MAX_BACKOFF);
+            assert!(delay >= full / 2 && delay <= full, "attempt {attempt}: {delay:?}");
+        }
+        assert!(backoff(30) <= MAX_BACKOFF);
+    }
+
+    #[test]
+    fn server_addresses_accept_a_scheme() {
+        assert_eq!(server_address("http://127.0.0.1:1/"), "127.0.0.1:1");
+        assert_eq!(server_address("cp:18000"), "cp:18000");
+    }
+}
