@@ -6,9 +6,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use weft_proxy::{Proxy, Readiness};
 use weft_proxy::config::{AdminSpec, BootstrapSpec, Config};
 use weft_proxy::xds::XdsOptions;
+use weft_proxy::{Proxy, Readiness};
 
 /// Weft's L4/L7 proxy.
 #[derive(Debug, Parser)]
@@ -37,7 +37,12 @@ struct Args {
     /// Take listeners, routes and clusters from this control plane
     /// (`HOST:PORT`). `--config`, if given, then holds only the proxy's own
     /// settings (admin, access_log, drain_timeout).
-    #[arg(long, value_name = "ADDR", requires = "node_id", conflicts_with = "listen")]
+    #[arg(
+        long,
+        value_name = "ADDR",
+        requires = "node_id",
+        conflicts_with = "listen"
+    )]
     xds: Option<String>,
     /// This proxy's node id, as the control plane knows it (with --xds).
     #[arg(long, value_name = "ID", requires = "xds")]
@@ -84,7 +89,11 @@ fn main() -> ExitCode {
 }
 
 fn run(args: &Args) -> anyhow::Result<()> {
-    let xds = args.xds.as_ref().map(|server| xds_options(args, server)).transpose()?;
+    let xds = args
+        .xds
+        .as_ref()
+        .map(|server| xds_options(args, server))
+        .transpose()?;
     let config = match (&xds, &args.config, &args.listen) {
         (Some(options), _, _) => Config::try_from(options.bootstrap.clone())
             .map_err(|errors| anyhow::anyhow!("invalid bootstrap:\n{errors}"))?,
@@ -150,7 +159,9 @@ fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
             let config = Config::from_file(path)?;
             let spec = (*config.spec).clone();
             anyhow::ensure!(
-                spec.listeners.is_empty() && spec.route_configs.is_empty() && spec.clusters.is_empty(),
+                spec.listeners.is_empty()
+                    && spec.route_configs.is_empty()
+                    && spec.clusters.is_empty(),
                 "{}: with --xds, listeners, route_configs and clusters come from the control plane; \
                  the file may only set admin, access_log and drain_timeout",
                 path.display()
@@ -169,7 +180,11 @@ fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
             let token = std::fs::read_to_string(path)
                 .with_context(|| format!("reading the token file {}", path.display()))?;
             let token = token.trim().to_owned();
-            anyhow::ensure!(!token.is_empty(), "{}: the token file is empty", path.display());
+            anyhow::ensure!(
+                !token.is_empty(),
+                "{}: the token file is empty",
+                path.display()
+            );
             Some(token)
         }
         None => None,

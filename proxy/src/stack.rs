@@ -160,46 +160,41 @@ pub(crate) async fn build(
             .expect("validation guarantees that cluster references resolve")
     };
     let empty: Arc<str> = Arc::from("");
-    let prepared = config
-        .listeners
-        .iter()
-        .map(|listener| {
-            let listener_metrics = metrics.listener(&listener.name);
-            match &listener.kind {
-                ListenerKind::Tcp { cluster: name } => {
-                    ListenerSnapshot::Tcp(Arc::new(TcpListener {
-                        config: listener.clone(),
-                        cluster: cluster(name),
-                        metrics: listener_metrics,
-                    }))
-                }
-                ListenerKind::Http { route_config } => {
-                    let routes = config
-                        .route_configs
-                        .iter()
-                        .find(|r| r.name == *route_config)
-                        .expect("validation guarantees that route_config references resolve");
-                    let table = RouteTable::new(routes, |_, route| {
-                        Arc::new(prepare_route(route, &listener.name, metrics, &cluster))
-                    });
-                    let via = |version: &str| {
-                        listener
-                            .via
-                            .as_ref()
-                            .and_then(|via| HeaderValue::try_from(format!("{version} {via}")).ok())
-                    };
-                    ListenerSnapshot::Http(Arc::new(HttpListener {
-                        config: listener.clone(),
-                        table,
-                        via_h1: via("1.1"),
-                        via_h2: via("2"),
-                        unrouted: metrics.request(&listener.name, &empty, &empty),
-                        metrics: listener_metrics,
-                        access_log: access_log.cloned(),
-                    }))
-                }
+    let prepared = config.listeners.iter().map(|listener| {
+        let listener_metrics = metrics.listener(&listener.name);
+        match &listener.kind {
+            ListenerKind::Tcp { cluster: name } => ListenerSnapshot::Tcp(Arc::new(TcpListener {
+                config: listener.clone(),
+                cluster: cluster(name),
+                metrics: listener_metrics,
+            })),
+            ListenerKind::Http { route_config } => {
+                let routes = config
+                    .route_configs
+                    .iter()
+                    .find(|r| r.name == *route_config)
+                    .expect("validation guarantees that route_config references resolve");
+                let table = RouteTable::new(routes, |_, route| {
+                    Arc::new(prepare_route(route, &listener.name, metrics, &cluster))
+                });
+                let via = |version: &str| {
+                    listener
+                        .via
+                        .as_ref()
+                        .and_then(|via| HeaderValue::try_from(format!("{version} {via}")).ok())
+                };
+                ListenerSnapshot::Http(Arc::new(HttpListener {
+                    config: listener.clone(),
+                    table,
+                    via_h1: via("1.1"),
+                    via_h2: via("2"),
+                    unrouted: metrics.request(&listener.name, &empty, &empty),
+                    metrics: listener_metrics,
+                    access_log: access_log.cloned(),
+                }))
             }
-        });
+        }
+    });
     let slot_count = slots.iter().map(|(slot, _)| slot + 1).max().unwrap_or(0);
     let mut listeners = vec![None; slot_count];
     for ((slot, _), listener) in slots.iter().zip(prepared) {

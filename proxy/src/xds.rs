@@ -136,7 +136,9 @@ async fn stream(
         .authority(address)
         .path_and_query("/")
         .build()
-        .map_err(|_| StreamError::Resolve(address.to_owned(), std::io::ErrorKind::InvalidInput.into()))?;
+        .map_err(|_| {
+            StreamError::Resolve(address.to_owned(), std::io::ErrorKind::InvalidInput.into())
+        })?;
     let mut client = AggregatedDiscoveryServiceClient::with_origin(channel, origin);
 
     let (requests, queue) = mpsc::channel::<DiscoveryRequest>(REQUEST_QUEUE);
@@ -150,13 +152,11 @@ async fn stream(
             .map_err(|_| StreamError::Token)?;
         request.metadata_mut().insert("authorization", value);
     }
-    let mut responses = tokio::time::timeout(
-        CONNECT_TIMEOUT,
-        client.stream_aggregated_resources(request),
-    )
-    .await
-    .map_err(|_| StreamError::ConnectTimeout)??
-    .into_inner();
+    let mut responses =
+        tokio::time::timeout(CONNECT_TIMEOUT, client.stream_aggregated_resources(request))
+            .await
+            .map_err(|_| StreamError::ConnectTimeout)??
+            .into_inner();
     tracing::info!(server = %options.server, node = %options.node_id, "control plane stream open");
     publish(handle, options, state, true);
     loop {
@@ -197,7 +197,10 @@ async fn send(
     replies: Vec<DiscoveryRequest>,
 ) -> Result<(), StreamError> {
     for reply in replies {
-        requests.send(reply).await.map_err(|_| StreamError::Closed)?;
+        requests
+            .send(reply)
+            .await
+            .map_err(|_| StreamError::Closed)?;
     }
     Ok(())
 }
@@ -298,9 +301,8 @@ impl Channel {
 impl tower::Service<Request<tonic::body::Body>> for Channel {
     type Response = Response<Incoming>;
     type Error = hyper::Error;
-    type Future = Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>,
-    >;
+    type Future =
+        Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
         self.sender.poll_ready(cx)
@@ -322,7 +324,10 @@ mod tests {
             let full = INITIAL_BACKOFF
                 .saturating_mul(1 << attempt.min(16))
                 .min(MAX_BACKOFF);
-            assert!(delay >= full / 2 && delay <= full, "attempt {attempt}: {delay:?}");
+            assert!(
+                delay >= full / 2 && delay <= full,
+                "attempt {attempt}: {delay:?}"
+            );
         }
         assert!(backoff(30) <= MAX_BACKOFF);
     }

@@ -89,7 +89,11 @@ fn responses_in_dependency_order_apply_one_by_one() {
     let now = Instant::now();
     let sent = feed(
         &mut state,
-        response(pb::CLUSTER_TYPE_URL, "c1", vec![pack(&cluster("app", None))]),
+        response(
+            pb::CLUSTER_TYPE_URL,
+            "c1",
+            vec![pack(&cluster("app", None))],
+        ),
         now,
     );
     assert!(is_ack(&sent[0], pb::CLUSTER_TYPE_URL, "c1"), "{sent:?}");
@@ -106,7 +110,11 @@ fn responses_in_dependency_order_apply_one_by_one() {
     assert!(is_ack(&sent[0], pb::ROUTE_CONFIGURATION_TYPE_URL, "r1"));
     let sent = feed(
         &mut state,
-        response(pb::LISTENER_TYPE_URL, "l1", vec![pack(&listener("web", "main"))]),
+        response(
+            pb::LISTENER_TYPE_URL,
+            "l1",
+            vec![pack(&listener("web", "main"))],
+        ),
         now,
     );
     assert!(is_ack(&sent[0], pb::LISTENER_TYPE_URL, "l1"));
@@ -137,7 +145,11 @@ fn a_reference_to_a_resource_on_its_way_waits_then_both_are_acked() {
     // The cluster arrives: both apply together, each ACKed with its nonce.
     let sent = feed(
         &mut state,
-        response(pb::CLUSTER_TYPE_URL, "c1", vec![pack(&cluster("app", None))]),
+        response(
+            pb::CLUSTER_TYPE_URL,
+            "c1",
+            vec![pack(&cluster("app", None))],
+        ),
         now,
     );
     assert_eq!(sent.len(), 2, "{sent:?}");
@@ -152,7 +164,11 @@ fn an_invalid_resource_is_nacked_naming_it_and_the_last_good_version_is_kept() {
     let now = Instant::now();
     feed(
         &mut state,
-        response(pb::CLUSTER_TYPE_URL, "c1", vec![pack(&cluster("app", None))]),
+        response(
+            pb::CLUSTER_TYPE_URL,
+            "c1",
+            vec![pack(&cluster("app", None))],
+        ),
         now,
     );
     let sent = feed(
@@ -166,7 +182,10 @@ fn an_invalid_resource_is_nacked_naming_it_and_the_last_good_version_is_kept() {
     );
     assert_eq!(sent.len(), 1);
     let nack = &sent[0];
-    assert_eq!(nack.version_info, "c1", "a NACK names the version still in use");
+    assert_eq!(
+        nack.version_info, "c1",
+        "a NACK names the version still in use"
+    );
     assert_eq!(nack.response_nonce, "n-c2");
     let detail = nack.error_detail.as_ref().unwrap();
     assert_eq!(detail.code, INVALID_ARGUMENT);
@@ -185,7 +204,11 @@ fn a_resource_of_the_wrong_type_is_nacked() {
     let mut state = state();
     let sent = feed(
         &mut state,
-        response(pb::CLUSTER_TYPE_URL, "c1", vec![pack(&listener("web", "main"))]),
+        response(
+            pb::CLUSTER_TYPE_URL,
+            "c1",
+            vec![pack(&listener("web", "main"))],
+        ),
         Instant::now(),
     );
     assert_eq!(sent.len(), 1);
@@ -199,7 +222,11 @@ fn references_that_never_resolve_are_nacked_when_the_wait_ends() {
     let now = Instant::now();
     let sent = feed(
         &mut state,
-        response(pb::LISTENER_TYPE_URL, "l1", vec![pack(&listener("web", "missing"))]),
+        response(
+            pb::LISTENER_TYPE_URL,
+            "l1",
+            vec![pack(&listener("web", "missing"))],
+        ),
         now,
     );
     assert!(sent.is_empty());
@@ -222,7 +249,11 @@ fn references_that_never_resolve_are_nacked_when_the_wait_ends() {
 fn a_failed_apply_nacks_every_pending_response() {
     let mut state = state();
     let Step::Apply(_) = state.on_response(
-        response(pb::CLUSTER_TYPE_URL, "c1", vec![pack(&cluster("app", None))]),
+        response(
+            pb::CLUSTER_TYPE_URL,
+            "c1",
+            vec![pack(&cluster("app", None))],
+        ),
         Instant::now(),
     ) else {
         panic!("a valid cluster applies")
