@@ -224,11 +224,10 @@ fn publish(handle: &ConfigHandle, options: &XdsOptions, state: &XdsState, connec
 
 /// `http://host:port/` or `host:port` → `host:port`.
 fn server_address(server: &str) -> &str {
-    let server = server
+    server
         .strip_prefix("http://")
         .unwrap_or(server)
-        .trim_end_matches('/');
-    server
+        .trim_end_matches('/')
 }
 
 /// Equal jitter: half the exponential delay, plus a random part of the
