@@ -1,12 +1,19 @@
-//! `weft-cp`: the control plane's command line. For now it validates proxy
-//! configuration files with the proxy's own validator; `serve`, `status`
-//! and `demo` arrive with the xDS server.
+//! `weft-cp`: the control plane's command line. `validate` checks proxy
+//! configuration files with the proxy's own validator; `status` shows what
+//! a running control plane serves and what each proxy acknowledged.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
+use anyhow::Context as _;
 use clap::{Parser, Subcommand};
+use weft_cp::status;
 use weft_proxy::config::Config;
+
+/// How long `status` waits for each step of its request.
+const STATUS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Weft's control plane.
 #[derive(Debug, Parser)]
@@ -25,13 +32,65 @@ enum Command {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
+    /// Show a running control plane's mesh generation, last config error
+    /// and connected proxies with what each acknowledged or rejected.
+    Status {
+        /// The control plane's admin address (host:port).
+        #[arg(long)]
+        admin: SocketAddr,
+        /// A file holding the bootstrap token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Print the raw JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
         Command::Validate { paths } => validate(&paths),
+        Command::Status {
+            admin,
+            token_file,
+            json,
+        } => match show_status(admin, token_file.as_deref(), json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("error: {error:#}");
+                ExitCode::from(1)
+            }
+        },
     }
+}
+
+fn show_status(
+    admin: SocketAddr,
+    token_file: Option<&std::path::Path>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let token = token_file
+        .map(|path| {
+            std::fs::read_to_string(path)
+                .with_context(|| format!("reading the token file {}", path.display()))
+                .map(|token| token.trim().to_owned())
+        })
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let body = runtime
+        .block_on(status::fetch_json(admin, token.as_deref(), STATUS_TIMEOUT))
+        .with_context(|| format!("fetching the status from {admin}"))?;
+    if json {
+        println!("{}", String::from_utf8_lossy(&body));
+    } else {
+        let report = status::parse(&body).context("reading the status")?;
+        print!("{}", status::render_table(&report));
+    }
+    Ok(())
 }
 
 fn validate(paths: &[PathBuf]) -> ExitCode {

@@ -1,0 +1,637 @@
+//! The xDS server: Envoy's aggregated discovery service, state of the world
+//! ([`sotw`]) and incremental ([`delta`]), served from one
+//! [`SnapshotCache`], plus the admin HTTP API ([`crate::admin`]) that
+//! reports on it.
+//!
+//! What it owns: the listening sockets, every connection and stream task
+//! (tracked by one `TaskTracker`, all holding one drain token), the
+//! connection registry behind `/status`, and the counters behind
+//! `/metrics`. What it leaves to others: building snapshots (the mesh
+//! module calls [`SnapshotCache::set`]).
+//!
+//! Wire behaviour:
+//! - gRPC over cleartext HTTP/2 with prior knowledge; tonic's generated
+//!   service is served by hyper directly.
+//! - Every RPC must carry `authorization: Bearer <token>` ([`Auth`]), else it
+//!   fails `UNAUTHENTICATED` before reaching the service.
+//! - The first request of a stream must name a node with an id
+//!   (`INVALID_ARGUMENT`); a node that claims (`Node.cluster`) a service
+//!   other than the mesh's is refused (`PERMISSION_DENIED`).
+//! - Type URLs other than [`crate::resources::TYPE_URLS`] are ignored with a
+//!   debug log: the server never invents a resource type, and a client
+//!   waiting for one falls back on its own initial-fetch timeout. Keeping no
+//!   state for them also bounds a stream's memory whatever a client asks.
+//! - Each stream has its own task and a bounded response queue: a slow
+//!   client delays only itself.
+//!
+//! Long-lived streams have no read deadline of their own: an idle stream is
+//! normal. Dead peers are found by HTTP/2 keep-alive pings, which close the
+//! connection when unanswered.
+
+mod auth;
+mod delta;
+mod registry;
+mod sotw;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::codegen::Service as _;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument as _, debug, info, warn};
+use weft_proto::envoy::config::core::v3::Node;
+use weft_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use weft_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
+
+pub use self::auth::{Auth, BootstrapToken};
+use self::registry::Registry;
+use crate::cache::{NodeWatch, SnapshotCache};
+use crate::status::{Protocol, ProxyStatus, StatusReport};
+
+/// Responses queued per stream before its task waits for the client. A
+/// push is at most one response per type, so this holds a full push.
+const RESPONSE_QUEUE: usize = 4;
+/// How long a new stream may take to send its first request.
+const FIRST_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request accepted: requests carry names and error messages,
+/// never resources.
+const MAX_REQUEST_BYTES: usize = 1024 * 1024;
+/// A proxy speaks one ADS stream at a time; a few more allow overlap while
+/// it reconnects.
+const H2_MAX_CONCURRENT_STREAMS: u32 = 4;
+/// Flow-control windows: requests are small, so the receive side needs
+/// little. Kept modest to bound memory per connection.
+const H2_STREAM_WINDOW_BYTES: u32 = 64 * 1024;
+const H2_CONNECTION_WINDOW_BYTES: u32 = 128 * 1024;
+/// Bytes hyper buffers per stream for sending before it waits for the
+/// client's window.
+const H2_MAX_SEND_BUF_BYTES: usize = 64 * 1024;
+const H2_MAX_HEADER_LIST_BYTES: u32 = 16 * 1024;
+/// Dead-peer detection for long-lived, mostly idle streams.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+const H2_KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// Node ids longer than this are refused: they are stored per stream.
+const MAX_NODE_ID_BYTES: usize = 512;
+/// NACK messages longer than this are truncated before being stored.
+const MAX_NACK_MESSAGE_BYTES: usize = 1024;
+
+/// How to start a [`Server`].
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Where proxies connect (gRPC, h2c); port 0 picks a free port.
+    pub xds_addr: SocketAddr,
+    /// Where the admin API listens (HTTP/1.1); port 0 picks a free port.
+    pub admin_addr: SocketAddr,
+    /// Who may call the xDS and admin APIs.
+    pub auth: Auth,
+    /// The snapshots to serve.
+    pub cache: SnapshotCache,
+    /// How long [`Server::shutdown`] waits for connections to close before
+    /// dropping them.
+    pub drain_timeout: Duration,
+}
+
+/// Why the server did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listening socket could not be bound.
+    #[error("binding the {what} address {addr}")]
+    Bind {
+        /// `xds` or `admin`.
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running xDS and admin server on the current Tokio runtime.
+///
+/// Dropping it without [`Server::shutdown`] stops accepting but leaves
+/// established streams to end on their own.
+#[derive(Debug)]
+pub struct Server {
+    xds_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shared: Arc<Shared>,
+    drain_timeout: Duration,
+}
+
+impl Server {
+    /// Binds both addresses and starts serving.
+    ///
+    /// # Errors
+    ///
+    /// When an address cannot be bound.
+    pub async fn start(options: ServerOptions) -> Result<Self, ServerError> {
+        let bind = |what: &'static str, addr: SocketAddr| async move {
+            let listener = TcpListener::bind(addr)
+                .await
+                .map_err(|source| ServerError::Bind { what, addr, source })?;
+            let local =
+                listener
+                    .local_addr()
+                    .map_err(|source| ServerError::Bind { what, addr, source })?;
+            Ok::<_, ServerError>((listener, local))
+        };
+        let (xds_listener, xds_addr) = bind("xds", options.xds_addr).await?;
+        let (admin_listener, admin_addr) = bind("admin", options.admin_addr).await?;
+        if matches!(options.auth, Auth::Insecure) {
+            warn!("xds and admin APIs accept unauthenticated clients (insecure)");
+        }
+        let shared = Arc::new(Shared {
+            cache: options.cache,
+            auth: options.auth,
+            registry: Arc::new(Registry::default()),
+            metrics: Metrics::default(),
+            nonce: AtomicU64::new(0),
+            tasks: TaskTracker::new(),
+            drain: CancellationToken::new(),
+            abort: CancellationToken::new(),
+            is_draining: AtomicBool::new(false),
+        });
+        shared.tasks.spawn(
+            accept_xds(xds_listener, Arc::clone(&shared))
+                .instrument(tracing::info_span!("xds", listener = %xds_addr)),
+        );
+        shared.tasks.spawn(
+            crate::admin::serve(admin_listener, Arc::clone(&shared))
+                .instrument(tracing::info_span!("admin", listener = %admin_addr)),
+        );
+        info!(xds = %xds_addr, admin = %admin_addr, "control plane listening");
+        Ok(Self {
+            xds_addr,
+            admin_addr,
+            shared,
+            drain_timeout: options.drain_timeout,
+        })
+    }
+
+    /// The bound xDS address.
+    pub fn xds_addr(&self) -> SocketAddr {
+        self.xds_addr
+    }
+
+    /// The bound admin address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The cache the server serves from.
+    pub fn cache(&self) -> &SnapshotCache {
+        &self.shared.cache
+    }
+
+    /// The status report `/status` serves.
+    pub fn status(&self) -> StatusReport {
+        self.shared.status_report()
+    }
+
+    /// Drains: `/ready` turns 503, accepting stops, every stream ends
+    /// (`UNAVAILABLE`, so that proxies reconnect elsewhere) and every
+    /// connection gets a GOAWAY. What is still open after the drain timeout
+    /// is dropped.
+    pub async fn shutdown(self) {
+        info!("control plane draining");
+        self.shared.is_draining.store(true, Ordering::Relaxed);
+        self.shared.drain.cancel();
+        self.shared.tasks.close();
+        if tokio::time::timeout(self.drain_timeout, self.shared.tasks.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                remaining = self.shared.tasks.len(),
+                "drain timed out; closing what remains"
+            );
+            self.shared.abort.cancel();
+            self.shared.tasks.wait().await;
+        }
+        info!("control plane stopped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        // Without a shutdown, at least stop accepting and end the streams.
+        self.shared.drain.cancel();
+    }
+}
+
+/// Counters behind `/metrics`.
+#[derive(Debug, Default)]
+pub(crate) struct Metrics {
+    pub(crate) responses_sent: AtomicU64,
+    pub(crate) acks: AtomicU64,
+    pub(crate) nacks: AtomicU64,
+    pub(crate) unauthenticated: AtomicU64,
+}
+
+/// State shared by every connection, stream and the admin API.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    cache: SnapshotCache,
+    auth: Auth,
+    registry: Arc<Registry>,
+    metrics: Metrics,
+    nonce: AtomicU64,
+    tasks: TaskTracker,
+    /// Cancelled when draining starts.
+    drain: CancellationToken,
+    /// Cancelled when the drain deadline passes.
+    abort: CancellationToken,
+    is_draining: AtomicBool,
+}
+
+impl Shared {
+    /// A nonce never used before by this server.
+    fn next_nonce(&self) -> String {
+        (self.nonce.fetch_add(1, Ordering::Relaxed) + 1).to_string()
+    }
+
+    pub(crate) fn tasks(&self) -> &TaskTracker {
+        &self.tasks
+    }
+
+    pub(crate) fn drain(&self) -> &CancellationToken {
+        &self.drain
+    }
+
+    pub(crate) fn abort(&self) -> &CancellationToken {
+        &self.abort
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        !self.is_draining.load(Ordering::Relaxed)
+    }
+
+    /// Checks a request's `authorization` header; counts and logs failures
+    /// (never the header's value).
+    pub(crate) fn authorize(&self, headers: &http::HeaderMap, peer: SocketAddr) -> bool {
+        match self.auth.check(headers) {
+            Ok(()) => true,
+            Err(reason) => {
+                self.metrics.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                warn!(peer.addr = %peer, reason = reason.as_str(), "request refused: unauthenticated");
+                false
+            }
+        }
+    }
+
+    pub(crate) fn status_report(&self) -> StatusReport {
+        StatusReport {
+            mesh_generation: self.cache.generation(),
+            config_error: self.cache.config_error(),
+            proxies: self.registry.snapshot(),
+        }
+    }
+
+    /// The Prometheus text exposition of the counters.
+    pub(crate) fn metrics_text(&self) -> String {
+        let m = &self.metrics;
+        let rows: [(&str, &str, &str, u64); 6] = [
+            (
+                "weft_cp_connected_proxies",
+                "gauge",
+                "xDS streams currently open.",
+                self.registry.len() as u64,
+            ),
+            (
+                "weft_cp_mesh_generation",
+                "gauge",
+                "Mesh snapshots applied.",
+                self.cache.generation(),
+            ),
+            (
+                "weft_cp_xds_responses_total",
+                "counter",
+                "xDS responses sent.",
+                m.responses_sent.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_xds_acks_total",
+                "counter",
+                "xDS responses acknowledged.",
+                m.acks.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_xds_nacks_total",
+                "counter",
+                "xDS responses rejected.",
+                m.nacks.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_unauthenticated_requests_total",
+                "counter",
+                "Requests refused for a missing or wrong token.",
+                m.unauthenticated.load(Ordering::Relaxed),
+            ),
+        ];
+        let mut out = String::new();
+        for (name, kind, help, value) in rows {
+            out.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
+            ));
+        }
+        out
+    }
+}
+
+/// Seconds since the Unix epoch (0 if the clock is before it).
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// The peer address, put in each request's extensions for the service.
+#[derive(Debug, Clone, Copy)]
+struct PeerAddr(SocketAddr);
+
+async fn accept_xds(listener: TcpListener, shared: Arc<Shared>) {
+    let service = AggregatedDiscoveryServiceServer::new(AdsService {
+        shared: Arc::clone(&shared),
+    })
+    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(H2_MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW_BYTES)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW_BYTES)
+        .max_send_buf_size(H2_MAX_SEND_BUF_BYTES)
+        .max_header_list_size(H2_MAX_HEADER_LIST_BYTES)
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
+    let builder = Arc::new(builder);
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = shared.drain.cancelled() => return,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                shared.tasks.spawn(
+                    serve_xds_connection(
+                        stream,
+                        peer,
+                        Arc::clone(&shared),
+                        service.clone(),
+                        Arc::clone(&builder),
+                    )
+                    .instrument(tracing::debug_span!("conn", peer.addr = %peer)),
+                );
+            }
+            Err(error) => {
+                warn!(error = %error, "accept failed");
+                tokio::select! {
+                    () = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    () = shared.drain.cancelled() => return,
+                }
+            }
+        }
+    }
+}
+
+async fn serve_xds_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    shared: Arc<Shared>,
+    service: AggregatedDiscoveryServiceServer<AdsService>,
+    builder: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
+) {
+    if let Err(error) = stream.set_nodelay(true) {
+        debug!(error = %error, "setting TCP_NODELAY failed");
+    }
+    let handler_shared = Arc::clone(&shared);
+    let handler = service_fn(move |mut request: http::Request<Incoming>| {
+        let shared = Arc::clone(&handler_shared);
+        let mut service = service.clone();
+        async move {
+            if !shared.authorize(request.headers(), peer) {
+                let status = Status::unauthenticated("missing or wrong bearer token");
+                return Ok::<_, Infallible>(status.into_http());
+            }
+            request.extensions_mut().insert(PeerAddr(peer));
+            service.call(request).await
+        }
+    });
+    let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), handler));
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shared.drain.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::select! {
+                result = conn.as_mut() => result,
+                () = shared.abort.cancelled() => return,
+            }
+        }
+    };
+    if let Err(error) = result {
+        debug!(error = %error, "xds connection closed with an error");
+    }
+}
+
+/// The tonic service: admits a stream, then hands it to its own task.
+#[derive(Debug)]
+struct AdsService {
+    shared: Arc<Shared>,
+}
+
+type ResponseStream<T> = ReceiverStream<Result<T, Status>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type StreamAggregatedResourcesStream = ResponseStream<DiscoveryResponse>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        let mut inbound = request.into_inner();
+        let first = first_request(&mut inbound).await?;
+        let (node_id, watch) = admit(&self.shared, first.node.as_ref())?;
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let span = tracing::info_span!("ads", node = %node_id, protocol = "sotw");
+        let stream = self.start_stream(node_id, &watch, Protocol::Sotw, peer);
+        self.shared
+            .tasks
+            .spawn(sotw::run(stream, watch, inbound, first, tx).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type DeltaAggregatedResourcesStream = ResponseStream<DeltaDiscoveryResponse>;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        let mut inbound = request.into_inner();
+        let first = first_request(&mut inbound).await?;
+        let (node_id, watch) = admit(&self.shared, first.node.as_ref())?;
+        let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
+        let span = tracing::info_span!("ads", node = %node_id, protocol = "delta");
+        let stream = self.start_stream(node_id, &watch, Protocol::Delta, peer);
+        self.shared
+            .tasks
+            .spawn(delta::run(stream, watch, inbound, first, tx).instrument(span));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+impl AdsService {
+    fn start_stream(
+        &self,
+        node_id: String,
+        watch: &NodeWatch,
+        protocol: Protocol,
+        peer: Option<SocketAddr>,
+    ) -> StreamContext {
+        info!(node = %node_id, protocol = protocol.as_str(), "proxy connected");
+        let registration = self.shared.registry.register(ProxyStatus {
+            node_id: node_id.clone(),
+            service: watch.service().map(str::to_owned),
+            protocol,
+            peer,
+            connected_since_unix: unix_now(),
+            types: std::collections::BTreeMap::new(),
+        });
+        StreamContext {
+            shared: Arc::clone(&self.shared),
+            node_id,
+            registration,
+        }
+    }
+}
+
+/// What a stream task needs besides its protocol state.
+#[derive(Debug)]
+struct StreamContext {
+    shared: Arc<Shared>,
+    node_id: String,
+    registration: registry::Registration,
+}
+
+impl StreamContext {
+    fn sent(&self, type_url: &str, version: &str) {
+        self.shared
+            .metrics
+            .responses_sent
+            .fetch_add(1, Ordering::Relaxed);
+        self.registration.sent(type_url, version);
+    }
+
+    fn acked(&self, type_url: &str, version: &str) {
+        self.shared.metrics.acks.fetch_add(1, Ordering::Relaxed);
+        debug!(type_url, version, "ack");
+        self.registration.acked(type_url, version);
+    }
+
+    fn nacked(&self, type_url: &str, version: &str, error: &str) {
+        self.shared.metrics.nacks.fetch_add(1, Ordering::Relaxed);
+        let error = truncate(error, MAX_NACK_MESSAGE_BYTES);
+        warn!(node = %self.node_id, type_url, version, error, "proxy rejected configuration");
+        self.registration
+            .nacked(type_url, version, error, unix_now());
+    }
+
+    fn next_nonce(&self) -> String {
+        self.shared.next_nonce()
+    }
+
+    fn drain(&self) -> &CancellationToken {
+        &self.shared.drain
+    }
+}
+
+impl Drop for StreamContext {
+    fn drop(&mut self) {
+        info!(node = %self.node_id, "proxy disconnected");
+    }
+}
+
+fn truncate(text: &str, max_bytes: usize) -> &str {
+    if text.len() <= max_bytes {
+        return text;
+    }
+    let mut end = max_bytes;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
+/// A message type with a `Node` on a stream's first request.
+trait FirstRequest: Default + Send + 'static {}
+impl FirstRequest for DiscoveryRequest {}
+impl FirstRequest for DeltaDiscoveryRequest {}
+
+/// Reads a stream's first request under a deadline.
+async fn first_request<T: FirstRequest>(inbound: &mut Streaming<T>) -> Result<T, Status> {
+    match tokio::time::timeout(FIRST_REQUEST_TIMEOUT, inbound.message()).await {
+        Err(_) => Err(Status::deadline_exceeded(
+            "no discovery request within the first-request deadline",
+        )),
+        Ok(Err(status)) => Err(status),
+        Ok(Ok(None)) => Err(Status::invalid_argument(
+            "the stream ended before its first request",
+        )),
+        Ok(Ok(Some(request))) => Ok(request),
+    }
+}
+
+/// Checks a stream's node and starts watching its resources.
+fn admit(shared: &Shared, node: Option<&Node>) -> Result<(String, NodeWatch), Status> {
+    let Some(node) = node.filter(|n| !n.id.is_empty()) else {
+        return Err(Status::invalid_argument(
+            "the first request of a stream must carry a node with an id",
+        ));
+    };
+    if node.id.len() > MAX_NODE_ID_BYTES {
+        return Err(Status::invalid_argument(format!(
+            "node id longer than {MAX_NODE_ID_BYTES} bytes"
+        )));
+    }
+    let watch = shared.cache.watch(&node.id);
+    if !node.cluster.is_empty()
+        && let Some(service) = watch.service()
+        && service != node.cluster
+    {
+        warn!(node = %node.id, claimed = %node.cluster, service, "proxy refused: service mismatch");
+        return Err(Status::permission_denied(format!(
+            "node {:?} belongs to service {service:?} in the mesh, not {:?}",
+            node.id, node.cluster
+        )));
+    }
+    if !watch.is_known() {
+        warn!(node = %node.id, "node unknown to the mesh; serving it no resources until the mesh adds it");
+    }
+    Ok((node.id.clone(), watch))
+}
+
+/// Ends a stream because the server is draining: `UNAVAILABLE` tells the
+/// proxy to reconnect (to another replica, or to this one when it is back).
+fn end_draining<T>(tx: &mpsc::Sender<Result<T, Status>>) {
+    let _ = tx.try_send(Err(Status::unavailable("control plane draining")));
+}

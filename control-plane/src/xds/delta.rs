@@ -1,0 +1,268 @@
+//! The incremental protocol (`DeltaAggregatedResources`): each response
+//! carries only the resources that changed, and the names removed.
+//!
+//! Per stream and type URL the state is the subscription (wildcard when the
+//! type's first request subscribes to nothing or to `*`, plus explicit
+//! names), the version of each resource the client has (seeded from
+//! `initial_resource_versions`), and the latest nonce. After each event the
+//! stream sends, in [`TYPE_URLS`] order, each type whose wanted resources
+//! differ from what the client has: changed ones in `resources`, vanished
+//! ones in `removed_resources`. A type's first request is always answered,
+//! possibly with nothing, so the client knows its initial state is
+//! complete.
+//!
+//! NACK: the client did not apply the response, so what it sent is undone
+//! from the client's recorded versions, and the type is held (nothing is
+//! resent) until its version changes; then everything the client lacks is
+//! sent again, including the parts of the rejected response that did not
+//! change. ACKs and NACKs echoing a nonce other than the latest are stale
+//! and ignored; subscription changes in any request are applied.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+use tracing::debug;
+use weft_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+
+use super::StreamContext;
+use crate::cache::NodeWatch;
+use crate::resources::{NodeResources, TYPE_URLS};
+
+type Sender = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
+
+/// One type URL's state on one stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    is_subscribed: bool,
+    is_wildcard: bool,
+    /// Names subscribed explicitly (beside the wildcard).
+    names: BTreeSet<String>,
+    /// Name -> version of each resource the client has (or was sent).
+    client: BTreeMap<String, String>,
+    /// Since the last ACK: name -> the client's version before we sent it
+    /// (`None`: it did not have it). Undone on NACK.
+    undo: BTreeMap<String, Option<String>>,
+    /// The latest nonce sent for this type.
+    nonce: Option<String>,
+    /// The type version of the latest response.
+    sent_version: Option<String>,
+    /// After a NACK: send nothing while the type's version is this one.
+    held_version: Option<String>,
+    /// Answer even with nothing to send (the type's first request).
+    needs_send: bool,
+}
+
+impl TypeState {
+    fn wants(&self, name: &str) -> bool {
+        self.is_wildcard || self.names.contains(name)
+    }
+}
+
+#[derive(Debug)]
+struct Delta {
+    ctx: StreamContext,
+    types: [TypeState; TYPE_URLS.len()],
+}
+
+/// Serves one stream until the client leaves or the server drains.
+pub(super) async fn run(
+    ctx: StreamContext,
+    mut watch: NodeWatch,
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    first: DeltaDiscoveryRequest,
+    tx: Sender,
+) {
+    let mut stream = Delta {
+        ctx,
+        types: Default::default(),
+    };
+    let mut request = Some(first);
+    loop {
+        if let Some(request) = request.take()
+            && let Err(status) = stream.on_request(request)
+        {
+            let _ = tx.try_send(Err(status));
+            return;
+        }
+        let resources = watch.current();
+        while let Some(response) = stream.next_response(&resources) {
+            tokio::select! {
+                sent = tx.send(Ok(response)) => if sent.is_err() { return },
+                () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
+            }
+        }
+        drop(resources);
+        tokio::select! {
+            () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
+            message = inbound.message() => match message {
+                Ok(Some(next)) => request = Some(next),
+                Ok(None) => return,
+                Err(status) => {
+                    debug!(code = ?status.code(), "stream read failed");
+                    return;
+                }
+            },
+            changed = watch.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}
+
+impl Delta {
+    fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Result<(), Status> {
+        let Some(index) = TYPE_URLS.iter().position(|t| *t == request.type_url) else {
+            if request.type_url.is_empty() {
+                return Err(Status::invalid_argument(
+                    "requests on an aggregated stream must name a type_url",
+                ));
+            }
+            debug!(type_url = %request.type_url, "unknown type url ignored");
+            return Ok(());
+        };
+        let type_url = TYPE_URLS[index];
+        let state = &mut self.types[index];
+
+        if !state.is_subscribed {
+            state.is_subscribed = true;
+            state.needs_send = true;
+            state.is_wildcard = request.resource_names_subscribe.is_empty();
+            state.client = request.initial_resource_versions;
+        }
+        if !request.resource_names_subscribe.is_empty() {
+            // New names must be answered even while a rejected version is
+            // held back.
+            state.held_version = None;
+        }
+        for name in request.resource_names_subscribe {
+            if name == "*" {
+                state.is_wildcard = true;
+            } else {
+                state.names.insert(name);
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            if name == "*" {
+                state.is_wildcard = false;
+            } else {
+                state.names.remove(name);
+            }
+        }
+        // The client forgets what it no longer wants; so do we, so that a
+        // later subscription sends it again.
+        if !request.resource_names_unsubscribe.is_empty() {
+            let TypeState {
+                client,
+                undo,
+                is_wildcard,
+                names,
+                ..
+            } = state;
+            client.retain(|name, _| *is_wildcard || names.contains(name));
+            undo.retain(|name, _| *is_wildcard || names.contains(name));
+        }
+
+        if request.response_nonce.is_empty() {
+            return Ok(());
+        }
+        if state.nonce.as_deref() != Some(request.response_nonce.as_str()) {
+            debug!(type_url, nonce = %request.response_nonce, "stale ack ignored");
+            return Ok(());
+        }
+        let sent = state.sent_version.clone().unwrap_or_default();
+        match &request.error_detail {
+            Some(error) => {
+                self.ctx.nacked(type_url, &sent, &error.message);
+                for (name, previous) in std::mem::take(&mut state.undo) {
+                    match previous {
+                        Some(version) => state.client.insert(name, version),
+                        None => state.client.remove(&name),
+                    };
+                }
+                state.held_version = Some(sent);
+            }
+            None => {
+                self.ctx.acked(type_url, &sent);
+                state.undo.clear();
+                state.held_version = None;
+            }
+        }
+        Ok(())
+    }
+
+    /// The next response to send, if any type needs one, in [`TYPE_URLS`]
+    /// order.
+    fn next_response(&mut self, resources: &NodeResources) -> Option<DeltaDiscoveryResponse> {
+        for (state, type_url) in self.types.iter_mut().zip(TYPE_URLS) {
+            if !state.is_subscribed {
+                continue;
+            }
+            let Some(typed) = resources.get(type_url) else {
+                continue;
+            };
+            if !state.needs_send && state.held_version.as_deref() == Some(typed.version.as_str()) {
+                continue;
+            }
+            let mut changed = Vec::new();
+            for (name, resource) in &typed.resources {
+                if state.wants(name)
+                    && state.client.get(name).map(String::as_str) != Some(&resource.version)
+                {
+                    changed.push(Resource {
+                        version: resource.version.clone(),
+                        resource: Some(resource.resource.clone()),
+                        name: name.clone(),
+                    });
+                }
+            }
+            let mut removed = Vec::new();
+            let mut forgotten = Vec::new();
+            for name in state.client.keys() {
+                if !state.wants(name) {
+                    forgotten.push(name.clone());
+                } else if !typed.resources.contains_key(name) {
+                    removed.push(name.clone());
+                }
+            }
+            for name in &forgotten {
+                state.client.remove(name);
+            }
+            if changed.is_empty() && removed.is_empty() && !state.needs_send {
+                continue;
+            }
+            for resource in &changed {
+                let previous = state
+                    .client
+                    .insert(resource.name.clone(), resource.version.clone());
+                state.undo.entry(resource.name.clone()).or_insert(previous);
+            }
+            for name in &removed {
+                let previous = state.client.remove(name);
+                state.undo.entry(name.clone()).or_insert(previous);
+            }
+            let nonce = self.ctx.next_nonce();
+            state.needs_send = false;
+            state.held_version = None;
+            state.nonce = Some(nonce.clone());
+            state.sent_version = Some(typed.version.clone());
+            self.ctx.sent(type_url, &typed.version);
+            debug!(
+                type_url,
+                version = %typed.version,
+                resources = changed.len(),
+                removed = removed.len(),
+                "sending"
+            );
+            return Some(DeltaDiscoveryResponse {
+                system_version_info: typed.version.clone(),
+                resources: changed,
+                type_url: type_url.to_owned(),
+                nonce,
+                removed_resources: removed,
+            });
+        }
+        None
+    }
+}

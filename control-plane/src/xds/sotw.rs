@@ -1,0 +1,195 @@
+//! The state-of-the-world protocol (`StreamAggregatedResources`): each
+//! response carries every resource of its type the client asked for.
+//!
+//! Per stream and type URL the state is the subscribed names (empty or
+//! `*`: all of the type), the version the client has or was last sent, and
+//! the latest nonce. The stream task alternates between reading requests
+//! and waking on node changes; after each event it sends, in
+//! [`TYPE_URLS`] order, every subscribed type whose version differs from
+//! what the client has. That one rule gives the protocol's behaviours:
+//! - a new subscription whose `version_info` is already current gets
+//!   nothing (a reconnecting proxy with the current config);
+//! - a NACKed version is not resent (the client was sent it), and the type
+//!   is sent again only when its resources change;
+//! - a change pushes only the types that changed, clusters first.
+//!
+//! A request echoing a nonce that is not the latest sent for its type is
+//! stale (the client has not seen the newest response yet) and ignored.
+
+use std::sync::Arc;
+
+use tokio::sync::mpsc;
+use tonic::{Status, Streaming};
+use tracing::debug;
+use weft_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use super::StreamContext;
+use crate::cache::NodeWatch;
+use crate::resources::{NodeResources, TYPE_URLS};
+
+type Sender = mpsc::Sender<Result<DiscoveryResponse, Status>>;
+
+/// One type URL's state on one stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    is_subscribed: bool,
+    /// Sorted, deduplicated; empty means every resource of the type.
+    names: Vec<String>,
+    /// The version the client has, or was last sent.
+    known_version: Option<String>,
+    /// The latest nonce sent for this type.
+    nonce: Option<String>,
+    /// Send even if the version is unchanged (the names changed).
+    needs_send: bool,
+}
+
+#[derive(Debug)]
+struct Sotw {
+    ctx: StreamContext,
+    types: [TypeState; TYPE_URLS.len()],
+}
+
+/// Serves one stream until the client leaves or the server drains.
+pub(super) async fn run(
+    ctx: StreamContext,
+    mut watch: NodeWatch,
+    mut inbound: Streaming<DiscoveryRequest>,
+    first: DiscoveryRequest,
+    tx: Sender,
+) {
+    let mut stream = Sotw {
+        ctx,
+        types: Default::default(),
+    };
+    let mut request = Some(first);
+    loop {
+        if let Some(request) = request.take()
+            && let Err(status) = stream.on_request(request)
+        {
+            let _ = tx.try_send(Err(status));
+            return;
+        }
+        let resources = watch.current();
+        while let Some(response) = stream.next_response(&resources) {
+            tokio::select! {
+                sent = tx.send(Ok(response)) => if sent.is_err() { return },
+                () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
+            }
+        }
+        drop(resources);
+        tokio::select! {
+            () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
+            message = inbound.message() => match message {
+                Ok(Some(next)) => request = Some(next),
+                Ok(None) => return,
+                Err(status) => {
+                    debug!(code = ?status.code(), "stream read failed");
+                    return;
+                }
+            },
+            changed = watch.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}
+
+impl Sotw {
+    fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
+        let Some(index) = TYPE_URLS.iter().position(|t| *t == request.type_url) else {
+            if request.type_url.is_empty() {
+                return Err(Status::invalid_argument(
+                    "requests on an aggregated stream must name a type_url",
+                ));
+            }
+            debug!(type_url = %request.type_url, "unknown type url ignored");
+            return Ok(());
+        };
+        let type_url = TYPE_URLS[index];
+        let state = &mut self.types[index];
+        let mut names = request.resource_names;
+        if names.iter().any(|n| n == "*") {
+            names.clear();
+        }
+        names.sort_unstable();
+        names.dedup();
+
+        if !request.response_nonce.is_empty()
+            && let Some(latest) = &state.nonce
+        {
+            if *latest != request.response_nonce {
+                debug!(type_url, nonce = %request.response_nonce, "stale request ignored");
+                return Ok(());
+            }
+            let sent = state.known_version.as_deref().unwrap_or_default();
+            match &request.error_detail {
+                Some(error) => self.ctx.nacked(type_url, sent, &error.message),
+                None => self.ctx.acked(type_url, sent),
+            }
+            if names != state.names {
+                state.names = names;
+                state.needs_send = true;
+            }
+            return Ok(());
+        }
+
+        // A new subscription, or one that echoes no nonce of ours.
+        if !state.is_subscribed {
+            state.is_subscribed = true;
+            if !request.version_info.is_empty() {
+                // The client says it runs this version: it is sent the
+                // type only if the current one differs.
+                self.ctx.acked(type_url, &request.version_info);
+                state.known_version = Some(request.version_info);
+            }
+            state.names = names;
+        } else if names != state.names {
+            state.names = names;
+            state.needs_send = true;
+        }
+        Ok(())
+    }
+
+    /// The next response to send, if any type needs one, in [`TYPE_URLS`]
+    /// order.
+    fn next_response(&mut self, resources: &Arc<NodeResources>) -> Option<DiscoveryResponse> {
+        for (state, type_url) in self.types.iter_mut().zip(TYPE_URLS) {
+            if !state.is_subscribed {
+                continue;
+            }
+            let typed = resources.get(type_url);
+            let version = typed.map_or("", |t| t.version.as_str());
+            if !state.needs_send && state.known_version.as_deref() == Some(version) {
+                continue;
+            }
+            let selected = typed.map_or_else(Vec::new, |typed| {
+                if state.names.is_empty() {
+                    typed
+                        .resources
+                        .values()
+                        .map(|r| r.resource.clone())
+                        .collect()
+                } else {
+                    state
+                        .names
+                        .iter()
+                        .filter_map(|name| typed.resources.get(name))
+                        .map(|r| r.resource.clone())
+                        .collect()
+                }
+            });
+            let nonce = self.ctx.next_nonce();
+            state.needs_send = false;
+            state.nonce = Some(nonce.clone());
+            state.known_version = Some(version.to_owned());
+            self.ctx.sent(type_url, version);
+            debug!(type_url, version, resources = selected.len(), "sending");
+            return Some(DiscoveryResponse {
+                version_info: version.to_owned(),
+                resources: selected,
+                type_url: type_url.to_owned(),
+                nonce,
+            });
+        }
+        None
+    }
+}
