@@ -71,7 +71,7 @@ enum StreamError {
     Handshake(#[source] hyper::Error),
     #[error("the token is not a valid header value")]
     Token,
-    #[error("stream failed: {0}")]
+    #[error("stream failed")]
     Grpc(#[from] tonic::Status),
     #[error("the control plane closed the stream")]
     Closed,
@@ -103,6 +103,22 @@ pub async fn run(options: XdsOptions, handle: ConfigHandle) {
         attempt = attempt.saturating_add(1);
         match result {
             Ok(()) => {}
+            // Refused: an operator must fix the token or the node's
+            // identity; retrying (slowly) picks up a fixed control plane.
+            Err(StreamError::Grpc(status))
+                if matches!(
+                    status.code(),
+                    tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+                ) =>
+            {
+                tracing::error!(
+                    server = %options.server,
+                    code = ?status.code(),
+                    message = status.message(),
+                    retry_in = ?delay,
+                    "control plane refused this proxy"
+                );
+            }
             Err(error) => tracing::warn!(
                 server = %options.server,
                 error = %error_chain(&error),

@@ -24,6 +24,8 @@ use tokio::net::TcpStream;
 
 pub use weft_bench::echo::{EchoOptions, EchoServer, TcpEchoServer};
 
+pub mod xds;
+
 /// Generous bound for anything that should take milliseconds.
 pub const DEADLINE: Duration = Duration::from_secs(10);
 
@@ -32,6 +34,12 @@ pub const DEADLINE: Duration = Duration::from_secs(10);
 pub fn proxy_binary() -> &'static Path {
     static BINARY: OnceLock<PathBuf> = OnceLock::new();
     BINARY.get_or_init(|| build_binary("weft-proxy", "weft-proxy"))
+}
+
+/// The `weft-cp` binary, built on first use.
+pub fn cp_binary() -> &'static Path {
+    static BINARY: OnceLock<PathBuf> = OnceLock::new();
+    BINARY.get_or_init(|| build_binary("weft-cp", "weft-cp"))
 }
 
 fn build_binary(package: &str, bin: &str) -> PathBuf {
@@ -87,7 +95,72 @@ impl ProxyProcess {
         Self::spawn(&args, dir).await
     }
 
+    /// Starts a proxy configured by the control plane at `xds` as node
+    /// `node`, and waits until it is ready (its first configuration
+    /// applied).
+    pub async fn start_xds(
+        xds: SocketAddr,
+        node: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let proxy = Self::start_xds_unready(xds, node, token).await?;
+        proxy.wait_ready().await?;
+        Ok(proxy)
+    }
+
+    /// Like [`ProxyProcess::start_xds`], without waiting for readiness.
+    pub async fn start_xds_unready(
+        xds: SocketAddr,
+        node: &str,
+        token: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let dir = TempDir::new()?;
+        let xds = xds.to_string();
+        let mut args: Vec<std::ffi::OsString> = vec![
+            "--xds".into(),
+            xds.into(),
+            "--node-id".into(),
+            node.into(),
+            "--admin".into(),
+            "127.0.0.1:0".into(),
+        ];
+        if let Some(token) = token {
+            let path = dir.path().join("token");
+            std::fs::write(&path, token)?;
+            args.extend(["--token-file".into(), path.into_os_string()]);
+        }
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+        Self::launch(&args, dir).await
+    }
+
     async fn spawn(args: &[&std::ffi::OsStr], dir: TempDir) -> anyhow::Result<Self> {
+        let proxy = Self::launch(args, dir).await?;
+        proxy.wait_ready().await?;
+        Ok(proxy)
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let ready = eventually(DEADLINE, || async {
+            self.admin_get("/ready").await.is_ok_and(|(s, _)| s == 200)
+        })
+        .await;
+        anyhow::ensure!(ready, "proxy never became ready; log:\n{}", self.log());
+        Ok(())
+    }
+
+    /// A listener's address as the proxy reports it now (`/listeners`);
+    /// for listeners that came over xDS.
+    pub async fn bound_listener(&self, name: &str) -> Option<SocketAddr> {
+        let (_, body) = self.admin_get("/listeners").await.ok()?;
+        let listeners: serde_json::Value = serde_json::from_str(&body).ok()?;
+        listeners
+            .as_array()?
+            .iter()
+            .find_map(|l| (l["name"] == name).then(|| l["address"].as_str()?.parse().ok())?)
+    }
+
+    async fn launch(args: &[&std::ffi::OsStr], dir: TempDir) -> anyhow::Result<Self> {
         let log = std::fs::File::create(dir.path().join("proxy.log"))?;
         let mut child = tokio::process::Command::new(proxy_binary())
             .args(args)
@@ -125,18 +198,12 @@ impl ProxyProcess {
             let addr = entry[1].as_str().context("listener address")?.parse()?;
             listeners.insert(name, addr);
         }
-        let proxy = Self {
+        Ok(Self {
             child,
             admin,
             listeners,
             dir,
-        };
-        let ready = eventually(DEADLINE, || async {
-            proxy.admin_get("/ready").await.is_ok_and(|(s, _)| s == 200)
         })
-        .await;
-        anyhow::ensure!(ready, "proxy never became ready; log:\n{}", proxy.log());
-        Ok(proxy)
     }
 
     /// A listener's bound address.
