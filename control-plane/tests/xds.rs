@@ -1,6 +1,10 @@
 //! The xDS server end to end: an in-process server on loopback port 0 and
 //! tonic clients over real HTTP/2 connections.
 
+// Test helpers outside `#[test]` functions unwrap too: a failure is the
+// test's failure.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
