@@ -11,12 +11,15 @@
 //! possibly with nothing, so the client knows its initial state is
 //! complete.
 //!
-//! NACK: the client did not apply the response, so what it sent is undone
-//! from the client's recorded versions, and the type is held (nothing is
-//! resent) until its version changes; then everything the client lacks is
-//! sent again, including the parts of the rejected response that did not
-//! change. ACKs and NACKs echoing a nonce other than the latest are stale
-//! and ignored; subscription changes in any request are applied.
+//! ACK and NACK: every delta response is applied (or rejected) on its
+//! own, so each response not yet answered is remembered with what it
+//! changed in the client's recorded versions, and an answer to any of them
+//! counts (not only to the latest). A NACK undoes that response's changes
+//! (except names a later response sent again) and holds the type: nothing
+//! is resent while its version stays the rejected one; when it changes,
+//! everything the client lacks is sent, including the parts of the rejected
+//! response that did not change. An answer naming no remembered response is
+//! ignored. Subscription changes in any request are applied.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -42,18 +45,28 @@ struct TypeState {
     names: BTreeSet<String>,
     /// Name -> version of each resource the client has (or was sent).
     client: BTreeMap<String, String>,
-    /// Since the last ACK: name -> the client's version before we sent it
-    /// (`None`: it did not have it). Undone on NACK.
-    undo: BTreeMap<String, Option<String>>,
-    /// The latest nonce sent for this type.
-    nonce: Option<String>,
-    /// The type version of the latest response.
-    sent_version: Option<String>,
+    /// Responses sent and not answered yet, oldest first.
+    in_flight: Vec<InFlight>,
     /// After a NACK: send nothing while the type's version is this one.
     held_version: Option<String>,
     /// Answer even with nothing to send (the type's first request).
     needs_send: bool,
 }
+
+/// A response the client has not answered yet.
+#[derive(Debug)]
+struct InFlight {
+    nonce: String,
+    /// The type version it was built from.
+    version: String,
+    /// Each name it sent or removed, with the client's version before
+    /// (`None`: the client did not have it).
+    changes: Vec<(String, Option<String>)>,
+}
+
+/// Unanswered responses remembered per type; beyond this the oldest is
+/// assumed applied. Bounds a stream's memory when a client never answers.
+const MAX_IN_FLIGHT: usize = 4;
 
 impl TypeState {
     fn wants(&self, name: &str) -> bool {
@@ -155,37 +168,49 @@ impl Delta {
         if !request.resource_names_unsubscribe.is_empty() {
             let TypeState {
                 client,
-                undo,
                 is_wildcard,
                 names,
                 ..
             } = state;
             client.retain(|name, _| *is_wildcard || names.contains(name));
-            undo.retain(|name, _| *is_wildcard || names.contains(name));
         }
 
         if request.response_nonce.is_empty() {
             return Ok(());
         }
-        if state.nonce.as_deref() != Some(request.response_nonce.as_str()) {
-            debug!(type_url, nonce = %request.response_nonce, "stale ack ignored");
+        let Some(position) = state
+            .in_flight
+            .iter()
+            .position(|f| f.nonce == request.response_nonce)
+        else {
+            debug!(type_url, nonce = %request.response_nonce, "answer to an unknown response ignored");
             return Ok(());
-        }
-        let sent = state.sent_version.clone().unwrap_or_default();
+        };
         match &request.error_detail {
             Some(error) => {
-                self.ctx.nacked(type_url, &sent, &error.message);
-                for (name, previous) in std::mem::take(&mut state.undo) {
+                let rejected = state.in_flight.remove(position);
+                self.ctx.nacked(type_url, &rejected.version, &error.message);
+                for (name, previous) in rejected.changes {
+                    // A later response that sent the name again decides
+                    // what the client has.
+                    let resent = state.in_flight[position..]
+                        .iter()
+                        .any(|later| later.changes.iter().any(|(n, _)| *n == name));
+                    if resent {
+                        continue;
+                    }
                     match previous {
                         Some(version) => state.client.insert(name, version),
                         None => state.client.remove(&name),
                     };
                 }
-                state.held_version = Some(sent);
+                state.held_version = Some(rejected.version);
             }
             None => {
-                self.ctx.acked(type_url, &sent);
-                state.undo.clear();
+                let acked: Vec<InFlight> = state.in_flight.drain(..=position).collect();
+                if let Some(last) = acked.last() {
+                    self.ctx.acked(type_url, &last.version);
+                }
                 state.held_version = None;
             }
         }
@@ -232,21 +257,28 @@ impl Delta {
             if changed.is_empty() && removed.is_empty() && !state.needs_send {
                 continue;
             }
+            let mut changes = Vec::with_capacity(changed.len() + removed.len());
             for resource in &changed {
                 let previous = state
                     .client
                     .insert(resource.name.clone(), resource.version.clone());
-                state.undo.entry(resource.name.clone()).or_insert(previous);
+                changes.push((resource.name.clone(), previous));
             }
             for name in &removed {
                 let previous = state.client.remove(name);
-                state.undo.entry(name.clone()).or_insert(previous);
+                changes.push((name.clone(), previous));
             }
             let nonce = self.ctx.next_nonce();
             state.needs_send = false;
             state.held_version = None;
-            state.nonce = Some(nonce.clone());
-            state.sent_version = Some(typed.version.clone());
+            if state.in_flight.len() == MAX_IN_FLIGHT {
+                state.in_flight.remove(0);
+            }
+            state.in_flight.push(InFlight {
+                nonce: nonce.clone(),
+                version: typed.version.clone(),
+                changes,
+            });
             self.ctx.sent(type_url, &typed.version);
             debug!(
                 type_url,
