@@ -1,11 +1,12 @@
-//! `weft-cp`: the control plane's command line. For now it validates proxy
-//! configuration files with the proxy's own validator; `serve`, `status`
-//! and `demo` arrive with the xDS server.
+//! `weft-cp`: the control plane's command line. For now it validates mesh
+//! directories and proxy configuration files; `serve`, `status` and `demo`
+//! arrive with the xDS server.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use weft_cp::mesh;
 use weft_proxy::config::Config;
 
 /// Weft's control plane.
@@ -18,11 +19,16 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Check proxy configuration files (or every .yaml/.yml file in a
-    /// directory) and report each problem with its resource and field.
+    /// Check mesh directories and proxy configuration files, and report
+    /// every problem with its file, resource and field.
+    ///
+    /// A directory is a mesh: its *.yaml/*.yml files (not recursive) hold
+    /// services and gateways; it is checked as a whole, including each
+    /// node's generated proxy configuration. A file is one proxy
+    /// configuration, as `weft-proxy --check-config` reads it.
     Validate {
-        /// Files or directories.
-        #[arg(required = true)]
+        /// Mesh directories and/or proxy configuration files.
+        #[arg(required = true, value_name = "DIR|FILE")]
         paths: Vec<PathBuf>,
     },
 }
@@ -35,42 +41,57 @@ fn main() -> ExitCode {
 }
 
 fn validate(paths: &[PathBuf]) -> ExitCode {
-    let mut files = Vec::new();
-    for path in paths {
-        if path.is_dir() {
-            match std::fs::read_dir(path) {
-                Ok(entries) => {
-                    let mut found: Vec<PathBuf> = entries
-                        .filter_map(Result::ok)
-                        .map(|e| e.path())
-                        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-                        .collect();
-                    found.sort();
-                    files.extend(found);
-                }
-                Err(error) => {
-                    eprintln!("{}: {error}", path.display());
-                    return ExitCode::from(1);
-                }
-            }
-        } else {
-            files.push(path.clone());
-        }
-    }
     let mut failed = 0;
-    for file in &files {
-        match Config::from_file(file) {
-            Ok(_) => println!("{}: ok", file.display()),
-            Err(error) => {
-                failed += 1;
-                eprintln!("{error}");
-            }
+    for path in paths {
+        let ok = if path.is_dir() {
+            validate_mesh(path)
+        } else {
+            validate_proxy_file(path)
+        };
+        if !ok {
+            failed += 1;
         }
     }
     if failed > 0 {
-        eprintln!("{failed} of {} file(s) invalid", files.len());
+        eprintln!("{failed} of {} path(s) invalid", paths.len());
         ExitCode::from(1)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn validate_mesh(dir: &Path) -> bool {
+    let built = mesh::load_dir(dir).and_then(|mesh| {
+        let snapshot = mesh.snapshot()?;
+        Ok((mesh, snapshot))
+    });
+    match built {
+        Ok((mesh, snapshot)) => {
+            println!(
+                "{}: ok ({} service(s), {} gateway(s), {} node(s))",
+                dir.display(),
+                mesh.services().len(),
+                mesh.gateways().len(),
+                snapshot.nodes.len()
+            );
+            true
+        }
+        Err(errors) => {
+            eprintln!("{}: invalid mesh:\n{errors}", dir.display());
+            false
+        }
+    }
+}
+
+fn validate_proxy_file(file: &Path) -> bool {
+    match Config::from_file(file) {
+        Ok(_) => {
+            println!("{}: ok", file.display());
+            true
+        }
+        Err(error) => {
+            eprintln!("{error}");
+            false
+        }
     }
 }
