@@ -274,6 +274,8 @@ async fn start_proxies(
                 "--print-addresses",
                 "--concurrency",
                 "1",
+                // Proxies must not outlive a demo that is killed.
+                "--exit-with-parent",
             ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
