@@ -189,7 +189,10 @@ fn show_status(
         println!("{}", String::from_utf8_lossy(&body));
     } else {
         let report = status::parse(&body).context("reading the status")?;
-        print!("{}", status::render_table(&report));
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        print!("{}", status::render_table(&report, now));
     }
     Ok(())
 }

@@ -209,7 +209,8 @@ pub fn parse(json: &[u8]) -> Result<StatusReport, FetchError> {
 
 /// Renders a report as a human-readable table: a header with the mesh
 /// generation and config error, then one row per proxy.
-pub fn render_table(report: &StatusReport) -> String {
+/// `now_unix` (seconds since the Unix epoch) turns timestamps into ages.
+pub fn render_table(report: &StatusReport, now_unix: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "mesh generation: {}", report.mesh_generation);
     match &report.config_error {
@@ -230,7 +231,7 @@ pub fn render_table(report: &StatusReport) -> String {
         "NODE",
         "SERVICE",
         "PROTO",
-        "CONNECTED",
+        "UP",
         "CLUSTERS",
         "ROUTES",
         "LISTENERS",
@@ -256,8 +257,10 @@ pub fn render_table(report: &StatusReport) -> String {
                 |(type_url, nack)| {
                     let short = type_url.rsplit('.').next().unwrap_or(type_url);
                     format!(
-                        "{short} {} at {}: {}",
-                        nack.version, nack.at_unix, nack.error
+                        "{short} {} {} ago: {}",
+                        nack.version,
+                        age(now_unix, nack.at_unix),
+                        nack.error
                     )
                 },
             );
@@ -265,7 +268,7 @@ pub fn render_table(report: &StatusReport) -> String {
             proxy.node_id.clone(),
             proxy.service.clone().unwrap_or_else(|| "-".to_owned()),
             proxy.protocol.as_str().to_owned(),
-            proxy.connected_since_unix.to_string(),
+            age(now_unix, proxy.connected_since_unix),
             acked(".Cluster"),
             acked(".RouteConfiguration"),
             acked(".Listener"),
@@ -295,6 +298,17 @@ pub fn render_table(report: &StatusReport) -> String {
         line(&mut row.iter().map(String::as_str));
     }
     out
+}
+
+/// A compact age: `42s`, `7m`, `3h`, `2d`.
+fn age(now_unix: u64, then_unix: u64) -> String {
+    let seconds = now_unix.saturating_sub(then_unix);
+    match seconds {
+        0..60 => format!("{seconds}s"),
+        60..3_600 => format!("{}m", seconds / 60),
+        3_600..86_400 => format!("{}h", seconds / 3_600),
+        _ => format!("{}d", seconds / 86_400),
+    }
 }
 
 #[cfg(test)]
@@ -335,14 +349,14 @@ mod tests {
                 types,
             }],
         };
-        let table = render_table(&report);
+        let table = render_table(&report, 1_700_000_190);
         let expected = "\
 mesh generation: 7
 config error: mesh.yaml: oops (serving the last good snapshot)
 connected proxies: 1
 
-NODE   SERVICE  PROTO  CONNECTED   CLUSTERS  ROUTES  LISTENERS  LAST NACK
-web-1  web      delta  1700000000  c1        -       l1         Cluster c2 at 1700000100: cluster \"x\": bad
+NODE   SERVICE  PROTO  UP  CLUSTERS  ROUTES  LISTENERS  LAST NACK
+web-1  web      delta  3m  c1        -       l1         Cluster c2 1m ago: cluster \"x\": bad
 ";
         assert_eq!(table, expected);
         // The JSON round-trips.
@@ -352,7 +366,7 @@ web-1  web      delta  1700000000  c1        -       l1         Cluster c2 at 17
 
     #[test]
     fn table_without_proxies_has_no_rows() {
-        let table = render_table(&StatusReport::default());
+        let table = render_table(&StatusReport::default(), 0);
         assert_eq!(
             table,
             "mesh generation: 0\nconfig error: none\nconnected proxies: 0\n"

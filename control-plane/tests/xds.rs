@@ -1023,7 +1023,7 @@ async fn admin_status_metrics_and_ready() {
         .await
         .unwrap();
     assert_eq!(status::parse(&fetched).unwrap(), report);
-    let table = status::render_table(&report);
+    let table = status::render_table(&report, 0);
     assert!(table.contains("web-1"), "{table}");
 
     let (code, metrics) = admin_get(admin, "/metrics", Some(TOKEN)).await;

@@ -52,10 +52,6 @@ const ECHO_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 /// shares the machine.
 const BUSY_LOAD_AVERAGE: f64 = 1.0;
 
-/// Why `newconn` cannot run.
-const NEWCONN_UNSUPPORTED: &str = "the load generator opens a new connection per request only \
-     in TCP mode (`weft-bench load --tcp --new-connection`), not for HTTP/1.1";
-
 /// Runs the comparison `config` describes on the current (multi-thread)
 /// Tokio runtime and reports it. The echo upstream and the load generator
 /// run in this process; proxies are child processes placed per
@@ -217,16 +213,6 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
                             continue;
                         }
                     },
-                    Spec::Skip { title, reason } => {
-                        report.runs.push(skipped_run(
-                            scenario.name(),
-                            title,
-                            scenario,
-                            RunKind::Max,
-                            reason.to_owned(),
-                        ));
-                        continue;
-                    }
                 };
                 let run = execute(&spec, config, &mut running, &report.targets).await;
                 report.runs.push(run);
@@ -451,6 +437,7 @@ struct RunSpec {
     connections: usize,
     streams: usize,
     body_size_bytes: usize,
+    is_new_connection_per_request: bool,
 }
 
 /// A scenario's runs, in order.
@@ -459,10 +446,6 @@ enum Spec {
     Run(RunSpec),
     /// The `http1` fixed-rate run, whose rate depends on the closed-loop one.
     FixedRate,
-    Skip {
-        title: &'static str,
-        reason: &'static str,
-    },
 }
 
 fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> Vec<Spec> {
@@ -478,6 +461,7 @@ fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> V
             connections,
             streams,
             body_size_bytes,
+            is_new_connection_per_request: false,
         })
     };
     match scenario {
@@ -533,10 +517,21 @@ fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> V
             1,
             TCP_BUFFER_BYTES,
         )],
-        Scenario::Newconn => vec![Spec::Skip {
-            title: "HTTP/1.1 GET, a new connection per request",
-            reason: NEWCONN_UNSUPPORTED,
-        }],
+        Scenario::Newconn => vec![Spec::Run(RunSpec {
+            id: "newconn-max".to_owned(),
+            scenario,
+            kind: RunKind::Max,
+            title: format!(
+                "HTTP/1.1 GET, no body, a new connection per request, closed loop, \
+                 {connections} connections at a time"
+            ),
+            protocol: Protocol::Http1,
+            mode: LoadMode::ClosedLoop,
+            connections,
+            streams: 1,
+            body_size_bytes: 0,
+            is_new_connection_per_request: true,
+        })],
         Scenario::Idle | Scenario::IdleRss => Vec::new(),
     }
 }
@@ -558,6 +553,7 @@ fn http1_rate(config: &CompareConfig, rate: f64) -> RunSpec {
         connections,
         streams: 1,
         body_size_bytes: 0,
+        is_new_connection_per_request: false,
     }
 }
 
@@ -721,6 +717,7 @@ fn load_config(
     load.duration = config.duration;
     load.warmup = config.warmup;
     load.body_size_bytes = spec.body_size_bytes;
+    load.new_connection_per_request = spec.is_new_connection_per_request;
     load.pid = pid;
     load
 }

@@ -70,6 +70,7 @@ fn load_report(throughput: f64, p99_us: u64, cpu_us: Option<f64>) -> LoadReport 
             rss_after_bytes: 6 << 20,
         }),
         generator_cpu_seconds: None,
+        http_connections_opened: None,
     }
 }
 

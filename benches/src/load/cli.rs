@@ -59,8 +59,9 @@ pub struct LoadArgs {
     /// it back; reports MB/s.
     #[arg(long)]
     pub tcp: bool,
-    /// TCP: open a new connection for every request; reports connections/s.
-    #[arg(long, requires = "tcp")]
+    /// HTTP/1.1 and TCP: open a new connection for every request (the
+    /// client closes it after the response); reports connections opened.
+    #[arg(long, conflicts_with_all = ["http2", "grpc"])]
     pub new_connection: bool,
     /// HTTP: POST a body of N bytes (default: GET, no body). gRPC: the
     /// payload size. TCP: the buffer size (default 16384).

@@ -140,8 +140,8 @@ impl LoadConfig {
             );
         } else {
             anyhow::ensure!(
-                !self.new_connection_per_request,
-                "a new connection per request is only supported in TCP mode"
+                !self.new_connection_per_request || self.protocol == Protocol::Http1,
+                "a new connection per request is supported for HTTP/1.1 and TCP, not HTTP/2 or gRPC"
             );
         }
         Ok(())

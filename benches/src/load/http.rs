@@ -255,18 +255,31 @@ pub(crate) async fn connect_h2(ctx: &Context) -> Result<H2Sender, Outcome> {
 }
 
 /// One HTTP/1.1 connection's task: one request at a time until the plan
-/// runs out of slots.
+/// runs out of slots. With `is_new_connection_per_request`, every request
+/// connects first (its latency includes the handshake) and the client
+/// closes the connection once the response is read.
 pub(crate) async fn run_h1(
     ctx: Arc<Context>,
     template: Arc<RequestTemplate>,
     mut sender: Option<H1Sender>,
+    is_new_connection_per_request: bool,
     mut recorder: Recorder,
 ) -> Recorder {
     while let Some(slot) = ctx.plan.next_slot() {
         let timing = ctx.plan.wait(slot).await;
+        if is_new_connection_per_request {
+            // Dropping the sender ends the connection task, which closes
+            // the socket.
+            sender = None;
+        }
         if sender.as_ref().is_none_or(H1Sender::is_closed) {
             match connect_h1(&ctx).await {
-                Ok(opened) => sender = Some(opened),
+                Ok(opened) => {
+                    if is_new_connection_per_request {
+                        recorder.record_connection(&timing);
+                    }
+                    sender = Some(opened);
+                }
                 Err(outcome) => {
                     recorder.record(&timing, Instant::now(), outcome);
                     ctx.back_off_after_connect_failure().await;

@@ -52,6 +52,10 @@ pub struct LoadReport {
     pub schedule: Option<ScheduleSummary>,
     /// Bytes and connections (TCP mode only).
     pub tcp: Option<TcpSummary>,
+    /// HTTP/1.1 with a new connection per request: connections opened for
+    /// measured requests.
+    #[serde(default)]
+    pub http_connections_opened: Option<u64>,
     /// Resources of the process given with `--pid`.
     pub process: Option<ProcessUsage>,
     /// CPU time the generator itself used during the measured window, in
@@ -320,6 +324,9 @@ impl fmt::Display for LoadReport {
                 tcp.connections_opened,
                 tcp.connections_per_second
             )?;
+        }
+        if let Some(opened) = self.http_connections_opened {
+            writeln!(f, "connections   {opened} opened, one per request")?;
         }
         if let Some(process) = &self.process {
             let per_request = process

@@ -96,7 +96,13 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
         match connection {
             Initial::H1(sender) => spawn(
                 &mut tasks,
-                http::run_h1(ctx, template_of(template.as_ref()), sender, recorder),
+                http::run_h1(
+                    ctx,
+                    template_of(template.as_ref()),
+                    sender,
+                    config.new_connection_per_request,
+                    recorder,
+                ),
                 span,
             ),
             Initial::H2(sender) => spawn(
@@ -159,6 +165,10 @@ enum Initial {
 async fn open_initial(ctx: &Context, config: &LoadConfig) -> Vec<Initial> {
     let count = config.connections.get();
     match config.protocol {
+        // Each request opens its own connection.
+        Protocol::Http1 if config.new_connection_per_request => {
+            (0..count).map(|_| Initial::H1(None)).collect()
+        }
         Protocol::Http1 => join_all((0..count).map(|_| http::connect_h1(ctx)))
             .await
             .into_iter()
@@ -255,6 +265,9 @@ fn report(
         tcp,
         process,
         generator_cpu_seconds: watched.generator_cpu_seconds,
+        http_connections_opened: (config.protocol == Protocol::Http1
+            && config.new_connection_per_request)
+            .then_some(total.connections_opened),
     }
 }
 

@@ -418,6 +418,27 @@ async fn tcp_mode_moves_bytes_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_new_connection_mode_opens_one_connection_per_request() {
+    within(async {
+        let server = echo().await;
+        let mut config = open_loop(
+            http_uri(server.local_addr()),
+            Protocol::Http1,
+            100.0,
+            Duration::from_millis(500),
+        );
+        config.new_connection_per_request = true;
+        let report = run(&config).await.unwrap();
+        assert_accounted(&report);
+        assert_eq!(report.errors.total(), 0, "{report:#?}");
+        assert_eq!(report.requests.ok, 50, "{report:#?}");
+        assert_eq!(report.http_connections_opened, Some(50));
+        assert!(report.to_string().contains("50 opened, one per request"));
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pid_accounting_reads_the_process() {
     within(async {
         let server = echo().await;
@@ -638,7 +659,13 @@ fn cli_flags_become_a_config() {
             "--header",
             "no-colon",
         ],
-        &["--target", "http://127.0.0.1/", "--max", "--new-connection"],
+        &[
+            "--target",
+            "http://127.0.0.1/",
+            "--max",
+            "--http2",
+            "--new-connection",
+        ],
         &["--target", "tcp://127.0.0.1:9", "--max", "--tcp", "--http2"],
         &[
             "--target",
@@ -667,9 +694,11 @@ fn invalid_configs_are_rejected() {
     config.duration = Duration::ZERO;
     assert!(config.validate().is_err());
 
-    let mut config = LoadConfig::new(target.clone(), Protocol::Http1, LoadMode::ClosedLoop);
+    let mut config = LoadConfig::new(target.clone(), Protocol::Http2, LoadMode::ClosedLoop);
     config.new_connection_per_request = true;
     assert!(config.validate().is_err());
+    config.protocol = Protocol::Http1;
+    assert!(config.validate().is_ok());
 
     let mut config = LoadConfig::new(target, Protocol::Tcp, LoadMode::ClosedLoop);
     config.body_size_bytes = 0;
@@ -706,6 +735,7 @@ fn report_serialises_to_one_json_object_and_back() {
         tcp: None,
         process: None,
         generator_cpu_seconds: None,
+        http_connections_opened: None,
     };
     let json = serde_json::to_string(&report).unwrap();
     assert!(!json.contains('\n'));
