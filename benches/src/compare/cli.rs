@@ -22,7 +22,7 @@ process on loopback ports chosen at run time, one worker each, pinned to CPU 0 \
 (this process moves to the other CPUs) when the machine has two or more. Load \
 runs interleave the targets round after round; tables show medians. nginx and \
 HAProxy are used when on PATH; when missing, `apt-get install -y nginx-light \
-haproxy` is tried if running as root outside CI, else they are skipped with the \
+libnginx-mod-stream haproxy` is tried if running as root outside CI, else they are skipped with the \
 reason.")]
 pub struct CompareArgs {
     /// Scenario to run, repeatable (default: all).

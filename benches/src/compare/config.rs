@@ -149,7 +149,7 @@ pub struct Tools {
     /// Directories searched, in `PATH` syntax; `None`: the process's
     /// `PATH`.
     pub search_path: Option<OsString>,
-    /// Try `apt-get install -y nginx-light haproxy` when a reference proxy
+    /// Try `apt-get install -y nginx-light libnginx-mod-stream haproxy` when a reference proxy
     /// is missing. Honoured only when running as root and `CI` is unset.
     pub allow_install: bool,
 }

@@ -101,15 +101,19 @@ pub(crate) struct Programs {
 }
 
 impl Programs {
-    /// Finds nginx and HAProxy; if one is missing, installs both with
-    /// `apt-get` when `tools` allow it, the process runs as root and `CI`
-    /// is unset.
+    /// Finds nginx (and its stream module) and HAProxy; if one is missing,
+    /// installs them with `apt-get` when `tools` allow it, the process runs
+    /// as root and `CI` is unset.
     pub(crate) async fn discover(tools: &Tools) -> Self {
         let search = tools.search_path.as_deref();
         let mut nginx = system::find_program("nginx", search);
         let mut haproxy = system::find_program("haproxy", search);
+        let has_stream = match &nginx {
+            Some(path) => stream_module(path).await.is_ok(),
+            None => false,
+        };
         let mut install_note = "installing is disabled".to_owned();
-        if (nginx.is_none() || haproxy.is_none()) && tools.allow_install {
+        if (nginx.is_none() || haproxy.is_none() || !has_stream) && tools.allow_install {
             if std::env::var_os("CI").is_some() {
                 install_note = "not installing under CI".to_owned();
             } else if !system::is_root() {
@@ -122,7 +126,7 @@ impl Programs {
         }
         let missing = |program: &str| {
             format!(
-                "{program} not found on PATH ({install_note}; apt-get install -y nginx-light haproxy)"
+                "{program} not found on PATH ({install_note}; apt-get install -y nginx-light libnginx-mod-stream haproxy)"
             )
         };
         let nginx = nginx.ok_or_else(|| missing("nginx"));
@@ -138,14 +142,22 @@ impl Programs {
     }
 }
 
-/// Runs `apt-get install -y nginx-light haproxy`; returns what happened.
+/// Runs `apt-get install -y nginx-light libnginx-mod-stream haproxy`;
+/// returns what happened.
 async fn install(search: Option<&OsStr>) -> String {
     let Some(apt) = system::find_program("apt-get", search) else {
         return "apt-get not found".to_owned();
     };
-    info!("installing nginx-light and haproxy");
+    info!("installing nginx-light, its stream module and haproxy");
     let child = tokio::process::Command::new(apt)
-        .args(["install", "-y", "-q", "nginx-light", "haproxy"])
+        .args([
+            "install",
+            "-y",
+            "-q",
+            "nginx-light",
+            "libnginx-mod-stream",
+            "haproxy",
+        ])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
