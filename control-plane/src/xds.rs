@@ -61,6 +61,7 @@ use weft_proto::envoy::service::discovery::v3::{
 pub use self::auth::{Auth, BootstrapToken};
 use self::registry::Registry;
 use crate::cache::{NodeWatch, SnapshotCache};
+use crate::resources::{NodeResources, TYPE_URLS};
 use crate::status::{Protocol, ProxyStatus, StatusReport};
 
 /// Responses queued per stream before its task waits for the client. A
@@ -474,9 +475,9 @@ impl AggregatedDiscoveryService for AdsService {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "sotw");
         let stream = self.start_stream(node_id, &watch, Protocol::Sotw, peer);
-        self.shared
-            .tasks
-            .spawn(sotw::run(stream, watch, inbound, first, tx).instrument(span));
+        self.shared.tasks.spawn(
+            serve_stream(sotw::Sotw::new(stream), watch, inbound, first, tx).instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
@@ -493,9 +494,9 @@ impl AggregatedDiscoveryService for AdsService {
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "delta");
         let stream = self.start_stream(node_id, &watch, Protocol::Delta, peer);
-        self.shared
-            .tasks
-            .spawn(delta::run(stream, watch, inbound, first, tx).instrument(span));
+        self.shared.tasks.spawn(
+            serve_stream(delta::Delta::new(stream), watch, inbound, first, tx).instrument(span),
+        );
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
@@ -634,4 +635,79 @@ fn admit(shared: &Shared, node: Option<&Node>) -> Result<(String, NodeWatch), St
 /// proxy to reconnect (to another replica, or to this one when it is back).
 fn end_draining<T>(tx: &mpsc::Sender<Result<T, Status>>) {
     let _ = tx.try_send(Err(Status::unavailable("control plane draining")));
+}
+
+/// What differs between the two discovery protocols: how a request
+/// changes the stream's state, and what to send for the node's current
+/// resources. [`serve_stream`] drives either.
+trait StreamProtocol {
+    type Request;
+    type Response;
+
+    /// The stream's shared context (drain signal, registry entry).
+    fn context(&self) -> &StreamContext;
+
+    /// Applies a request (subscription, ACK or NACK); an error ends the
+    /// stream with that status.
+    fn on_request(&mut self, request: Self::Request) -> Result<(), Status>;
+
+    /// The next response owed to the client for `resources`, if any.
+    fn next_response(&mut self, resources: &NodeResources) -> Option<Self::Response>;
+}
+
+/// Serves one stream until the client leaves or the server drains: after
+/// each request or change of the node's resources, sends every response
+/// the protocol owes, then waits for the next event.
+async fn serve_stream<P: StreamProtocol>(
+    mut stream: P,
+    mut watch: NodeWatch,
+    mut inbound: Streaming<P::Request>,
+    first: P::Request,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
+) {
+    let mut request = Some(first);
+    loop {
+        if let Some(request) = request.take()
+            && let Err(status) = stream.on_request(request)
+        {
+            let _ = tx.try_send(Err(status));
+            return;
+        }
+        let resources = watch.current();
+        while let Some(response) = stream.next_response(&resources) {
+            tokio::select! {
+                sent = tx.send(Ok(response)) => if sent.is_err() { return },
+                () = stream.context().drain().cancelled() => return end_draining(&tx),
+            }
+        }
+        drop(resources);
+        tokio::select! {
+            () = stream.context().drain().cancelled() => return end_draining(&tx),
+            message = inbound.message() => match message {
+                Ok(Some(next)) => request = Some(next),
+                Ok(None) => return,
+                Err(status) => {
+                    debug!(code = ?status.code(), "stream read failed");
+                    return;
+                }
+            },
+            changed = watch.changed() => if changed.is_err() { return },
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// The index in [`TYPE_URLS`] of a request's type: `None` for a type this
+/// server does not serve (ignored), an error for a request naming none.
+fn type_index(type_url: &str) -> Result<Option<usize>, Status> {
+    if type_url.is_empty() {
+        return Err(Status::invalid_argument(
+            "requests on an aggregated stream must name a type_url",
+        ));
+    }
+    let index = TYPE_URLS.iter().position(|t| *t == type_url);
+    if index.is_none() {
+        debug!(type_url, "unknown type url ignored");
+    }
+    Ok(index)
 }

@@ -23,18 +23,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use tracing::debug;
 use weft_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
 
-use super::StreamContext;
-use crate::cache::NodeWatch;
+use super::{StreamContext, StreamProtocol, type_index};
 use crate::resources::{NodeResources, TYPE_URLS};
-
-type Sender = mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>;
 
 /// One type URL's state on one stream.
 #[derive(Debug, Default)]
@@ -75,64 +71,30 @@ impl TypeState {
 }
 
 #[derive(Debug)]
-struct Delta {
+pub(super) struct Delta {
     ctx: StreamContext,
     types: [TypeState; TYPE_URLS.len()],
 }
 
-/// Serves one stream until the client leaves or the server drains.
-pub(super) async fn run(
-    ctx: StreamContext,
-    mut watch: NodeWatch,
-    mut inbound: Streaming<DeltaDiscoveryRequest>,
-    first: DeltaDiscoveryRequest,
-    tx: Sender,
-) {
-    let mut stream = Delta {
-        ctx,
-        types: Default::default(),
-    };
-    let mut request = Some(first);
-    loop {
-        if let Some(request) = request.take()
-            && let Err(status) = stream.on_request(request)
-        {
-            let _ = tx.try_send(Err(status));
-            return;
-        }
-        let resources = watch.current();
-        while let Some(response) = stream.next_response(&resources) {
-            tokio::select! {
-                sent = tx.send(Ok(response)) => if sent.is_err() { return },
-                () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
-            }
-        }
-        drop(resources);
-        tokio::select! {
-            () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
-            message = inbound.message() => match message {
-                Ok(Some(next)) => request = Some(next),
-                Ok(None) => return,
-                Err(status) => {
-                    debug!(code = ?status.code(), "stream read failed");
-                    return;
-                }
-            },
-            changed = watch.changed() => if changed.is_err() { return },
-            () = tx.closed() => return,
+impl Delta {
+    pub(super) fn new(ctx: StreamContext) -> Self {
+        Self {
+            ctx,
+            types: Default::default(),
         }
     }
 }
 
-impl Delta {
+impl StreamProtocol for Delta {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+
+    fn context(&self) -> &StreamContext {
+        &self.ctx
+    }
+
     fn on_request(&mut self, request: DeltaDiscoveryRequest) -> Result<(), Status> {
-        let Some(index) = TYPE_URLS.iter().position(|t| *t == request.type_url) else {
-            if request.type_url.is_empty() {
-                return Err(Status::invalid_argument(
-                    "requests on an aggregated stream must name a type_url",
-                ));
-            }
-            debug!(type_url = %request.type_url, "unknown type url ignored");
+        let Some(index) = type_index(&request.type_url)? else {
             return Ok(());
         };
         let type_url = TYPE_URLS[index];

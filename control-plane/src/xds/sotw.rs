@@ -16,18 +16,12 @@
 //! A request echoing a nonce that is not the latest sent for its type is
 //! stale (the client has not seen the newest response yet) and ignored.
 
-use std::sync::Arc;
-
-use tokio::sync::mpsc;
-use tonic::{Status, Streaming};
+use tonic::Status;
 use tracing::debug;
 use weft_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
-use super::StreamContext;
-use crate::cache::NodeWatch;
+use super::{StreamContext, StreamProtocol, type_index};
 use crate::resources::{NodeResources, TYPE_URLS};
-
-type Sender = mpsc::Sender<Result<DiscoveryResponse, Status>>;
 
 /// One type URL's state on one stream.
 #[derive(Debug, Default)]
@@ -44,64 +38,30 @@ struct TypeState {
 }
 
 #[derive(Debug)]
-struct Sotw {
+pub(super) struct Sotw {
     ctx: StreamContext,
     types: [TypeState; TYPE_URLS.len()],
 }
 
-/// Serves one stream until the client leaves or the server drains.
-pub(super) async fn run(
-    ctx: StreamContext,
-    mut watch: NodeWatch,
-    mut inbound: Streaming<DiscoveryRequest>,
-    first: DiscoveryRequest,
-    tx: Sender,
-) {
-    let mut stream = Sotw {
-        ctx,
-        types: Default::default(),
-    };
-    let mut request = Some(first);
-    loop {
-        if let Some(request) = request.take()
-            && let Err(status) = stream.on_request(request)
-        {
-            let _ = tx.try_send(Err(status));
-            return;
-        }
-        let resources = watch.current();
-        while let Some(response) = stream.next_response(&resources) {
-            tokio::select! {
-                sent = tx.send(Ok(response)) => if sent.is_err() { return },
-                () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
-            }
-        }
-        drop(resources);
-        tokio::select! {
-            () = stream.ctx.drain().cancelled() => return super::end_draining(&tx),
-            message = inbound.message() => match message {
-                Ok(Some(next)) => request = Some(next),
-                Ok(None) => return,
-                Err(status) => {
-                    debug!(code = ?status.code(), "stream read failed");
-                    return;
-                }
-            },
-            changed = watch.changed() => if changed.is_err() { return },
-            () = tx.closed() => return,
+impl Sotw {
+    pub(super) fn new(ctx: StreamContext) -> Self {
+        Self {
+            ctx,
+            types: Default::default(),
         }
     }
 }
 
-impl Sotw {
+impl StreamProtocol for Sotw {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+
+    fn context(&self) -> &StreamContext {
+        &self.ctx
+    }
+
     fn on_request(&mut self, request: DiscoveryRequest) -> Result<(), Status> {
-        let Some(index) = TYPE_URLS.iter().position(|t| *t == request.type_url) else {
-            if request.type_url.is_empty() {
-                return Err(Status::invalid_argument(
-                    "requests on an aggregated stream must name a type_url",
-                ));
-            }
-            debug!(type_url = %request.type_url, "unknown type url ignored");
+        let Some(index) = type_index(&request.type_url)? else {
             return Ok(());
         };
         let type_url = TYPE_URLS[index];
@@ -151,7 +111,7 @@ impl Sotw {
 
     /// The next response to send, if any type needs one, in [`TYPE_URLS`]
     /// order.
-    fn next_response(&mut self, resources: &Arc<NodeResources>) -> Option<DiscoveryResponse> {
+    fn next_response(&mut self, resources: &NodeResources) -> Option<DiscoveryResponse> {
         for (state, type_url) in self.types.iter_mut().zip(TYPE_URLS) {
             if !state.is_subscribed {
                 continue;
