@@ -62,6 +62,10 @@ struct Args {
     /// Print the bound addresses as one JSON line on stdout once serving.
     #[arg(long)]
     print_addresses: bool,
+    /// Drain and exit when the process that started this one exits, even
+    /// if it was killed (for supervisors such as `weft-cp demo`).
+    #[arg(long)]
+    exit_with_parent: bool,
 }
 
 fn main() -> ExitCode {
@@ -142,8 +146,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             serde_json::to_string(proxy.addresses()).context("encoding addresses")?
         );
     }
+    let parent = args
+        .exit_with_parent
+        .then(std::os::unix::process::parent_id);
     workers.block_on(async {
-        shutdown_signal().await;
+        tokio::select! {
+            () = shutdown_signal() => {}
+            () = parent_exit(parent) => tracing::info!("parent process exited"),
+        }
         proxy.shutdown().await;
     });
     workers.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -196,6 +206,18 @@ fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
         token,
         bootstrap,
     })
+}
+
+/// Resolves once this process is no longer the child of `parent` (it was
+/// re-parented because the parent exited); never when `parent` is `None`.
+async fn parent_exit(parent: Option<u32>) {
+    let Some(parent) = parent else {
+        return std::future::pending().await;
+    };
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(500));
+    while std::os::unix::process::parent_id() == parent {
+        tick.tick().await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -1,0 +1,522 @@
+//! `weft-cp demo`: a whole mesh on loopback, for a first look.
+//!
+//! It serves a mesh directory (`config/demo/` when run from the
+//! repository, otherwise the copy built into this binary), starts one small
+//! application per workload ([`app`]), one `weft-proxy` sidecar process per
+//! workload and one `weft-proxy` process per gateway, all configured only
+//! over xDS; then prints what to try, and a live line of traffic through the
+//! gateway until Ctrl-C, when every child process is stopped.
+
+mod app;
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Child;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::mesh::{self, Mesh};
+use crate::serve::{ControlPlane, ServeOptions};
+use crate::xds::Auth;
+
+/// The demo mesh built into the binary, for runs outside the repository.
+const EMBEDDED: [(&str, &str); 3] = [
+    (
+        "services.yaml",
+        include_str!("../../config/demo/services.yaml"),
+    ),
+    ("echo.yaml", include_str!("../../config/demo/echo.yaml")),
+    (
+        "ingress.yaml",
+        include_str!("../../config/demo/ingress.yaml"),
+    ),
+];
+
+/// How long a proxy may take to start and receive its configuration.
+const PROXY_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `weft-cp demo` flags.
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// The mesh directory. Default: `config/demo` if it exists here,
+    /// otherwise the demo mesh built into weft-cp.
+    #[arg(long, value_name = "DIR")]
+    pub config_dir: Option<PathBuf>,
+    /// The weft-proxy binary. Default: next to weft-cp; when run through
+    /// `cargo run`, it is built (or found up to date) first.
+    #[arg(long, value_name = "FILE")]
+    pub proxy_binary: Option<PathBuf>,
+    /// The control plane's xDS address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15900")]
+    pub xds: SocketAddr,
+    /// The control plane's admin address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15901")]
+    pub admin: SocketAddr,
+    /// Background requests per second through the first gateway route
+    /// (0: none).
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub rate: u32,
+    /// Stop after this long instead of waiting for Ctrl-C.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+/// A started `weft-proxy`.
+#[derive(Debug)]
+struct ProxyChild {
+    node: String,
+    role: String,
+    admin: SocketAddr,
+    child: Child,
+}
+
+/// Runs the demo until Ctrl-C (or `--duration`).
+pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
+    crate::init_logging(Some("warn"));
+    let scratch = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
+    let dir = mesh_dir(args, &scratch)?;
+    let proxy = proxy_binary(args)?;
+    let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let token_file = scratch.join("token");
+    std::fs::write(&token_file, &token).context("writing the token file")?;
+    let mesh = mesh::load_dir(&dir).map_err(|errors| {
+        anyhow::anyhow!("{}: the demo mesh does not load:\n{errors}", dir.display())
+    })?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(demo(
+        args,
+        &dir,
+        &mesh,
+        &proxy,
+        &token,
+        &token_file,
+        &scratch,
+    ))
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn demo(
+    args: &DemoArgs,
+    dir: &Path,
+    mesh: &Mesh,
+    proxy: &Path,
+    token: &str,
+    token_file: &Path,
+    scratch: &Path,
+) -> anyhow::Result<()> {
+    let control_plane = ControlPlane::start(ServeOptions {
+        config_dir: dir.to_owned(),
+        xds_addr: args.xds,
+        admin_addr: args.admin,
+        auth: Auth::token(token),
+        poll_interval: crate::watch::DEFAULT_POLL_INTERVAL,
+        drain_timeout: Duration::from_secs(2),
+    })
+    .await
+    .context("starting the control plane")?;
+    let stop = CancellationToken::new();
+    let tasks = TaskTracker::new();
+    let result = async {
+        start_apps(mesh, &stop, &tasks).await?;
+        let mut proxies = Vec::new();
+        let started = start_proxies(mesh, args.xds, proxy, token_file, scratch, &mut proxies).await;
+        let outcome = match started {
+            Ok(()) => {
+                print_banner(args, mesh, &proxies, token_file, dir, scratch);
+                traffic(args, mesh, &proxies).await;
+                Ok(())
+            }
+            Err(error) => Err(error),
+        };
+        stop_proxies(&mut proxies).await;
+        outcome
+    }
+    .await;
+    stop.cancel();
+    tasks.close();
+    control_plane.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(2), tasks.wait()).await;
+    println!("\nstopped; logs are in {}", scratch.display());
+    result
+}
+
+/// The mesh directory: the flag, `config/demo`, or the embedded copy
+/// written to `scratch`.
+fn mesh_dir(args: &DemoArgs, scratch: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = &args.config_dir {
+        return Ok(dir.clone());
+    }
+    let local = PathBuf::from("config/demo");
+    if local.join("services.yaml").is_file() {
+        return Ok(local);
+    }
+    let dir = scratch.join("mesh");
+    std::fs::create_dir_all(&dir)?;
+    for (name, text) in EMBEDDED {
+        std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))?;
+    }
+    Ok(dir)
+}
+
+/// The weft-proxy binary: the flag, or the one next to this executable
+/// (built first when cargo runs us, so that it is never stale).
+fn proxy_binary(args: &DemoArgs) -> anyhow::Result<PathBuf> {
+    if let Some(path) = &args.proxy_binary {
+        return Ok(path.clone());
+    }
+    let exe = std::env::current_exe().context("finding weft-cp's own path")?;
+    let dir = exe.parent().context("weft-cp's directory")?;
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        println!("building weft-proxy (up to date after the first run)...");
+        let mut build = std::process::Command::new(cargo);
+        build.args([
+            "build",
+            "--quiet",
+            "-p",
+            "weft-proxy",
+            "--bin",
+            "weft-proxy",
+        ]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.status().context("running cargo build")?;
+        anyhow::ensure!(status.success(), "building weft-proxy failed");
+    }
+    let path = dir.join("weft-proxy");
+    anyhow::ensure!(
+        path.is_file(),
+        "{} not found; build it with `cargo build --release --bin weft-proxy` or pass --proxy-binary",
+        path.display()
+    );
+    Ok(path)
+}
+
+async fn start_apps(
+    mesh: &Mesh,
+    stop: &CancellationToken,
+    tasks: &TaskTracker,
+) -> anyhow::Result<()> {
+    for service in mesh.services() {
+        let service = &service.spec;
+        for workload in &service.workloads {
+            let address: SocketAddr = workload
+                .app
+                .parse()
+                .with_context(|| format!("workload {}: app address", workload.name))?;
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("binding {}'s application at {address}", workload.name))?;
+            let outbound = workload
+                .outbound
+                .as_deref()
+                .map(str::parse)
+                .transpose()
+                .with_context(|| format!("workload {}: outbound address", workload.name))?;
+            let app = Arc::new(app::App {
+                service: service.name.clone(),
+                workload: workload.name.clone(),
+                version: workload.version.clone(),
+                is_http2: service.protocol.as_deref() == Some("http2"),
+                outbound,
+                calls: service.calls.clone(),
+            });
+            tasks.spawn(app::serve(listener, app, stop.clone(), tasks.clone()));
+        }
+    }
+    Ok(())
+}
+
+async fn start_proxies(
+    mesh: &Mesh,
+    xds: SocketAddr,
+    binary: &Path,
+    token_file: &Path,
+    scratch: &Path,
+    proxies: &mut Vec<ProxyChild>,
+) -> anyhow::Result<()> {
+    let mut nodes = Vec::new();
+    for service in mesh.services() {
+        for workload in &service.spec.workloads {
+            nodes.push((
+                workload.name.clone(),
+                Some(service.spec.name.clone()),
+                format!("sidecar of {}", service.spec.name),
+            ));
+        }
+    }
+    for gateway in mesh.gateways() {
+        nodes.push((gateway.spec.name.clone(), None, "gateway".to_owned()));
+    }
+    for (node, service, role) in nodes {
+        let log = scratch.join(format!("{node}.log"));
+        let mut command = tokio::process::Command::new(binary);
+        command
+            .args(["--xds", &xds.to_string(), "--node-id", &node])
+            .arg("--token-file")
+            .arg(token_file)
+            .args([
+                "--admin",
+                "127.0.0.1:0",
+                "--print-addresses",
+                "--concurrency",
+                "1",
+                // Proxies must not outlive a demo that is killed.
+                "--exit-with-parent",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log)?)
+            .kill_on_drop(true);
+        if let Some(service) = &service {
+            command.args(["--service", service]);
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting {}", binary.display()))?;
+        let stdout = child.stdout.take().context("stdout is piped")?;
+        let mut lines = BufReader::new(stdout).lines();
+        let line = tokio::time::timeout(PROXY_START_TIMEOUT, lines.next_line())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .flatten()
+            .with_context(|| format!("{node} did not start; see {}", log.display()))?;
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        let printed: serde_json::Value = serde_json::from_str(&line)?;
+        let admin = printed["admin"]
+            .as_str()
+            .context("admin address printed")?
+            .parse()?;
+        proxies.push(ProxyChild {
+            node,
+            role,
+            admin,
+            child,
+        });
+    }
+    let deadline = Instant::now() + PROXY_START_TIMEOUT;
+    for proxy in proxies.iter() {
+        loop {
+            let ready = app::get(proxy.admin, "admin", "/ready", &[])
+                .await
+                .is_ok_and(|(status, _, _)| status.is_success());
+            if ready {
+                break;
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not become ready; see {}",
+                proxy.node,
+                scratch.join(format!("{}.log", proxy.node)).display()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    Ok(())
+}
+
+/// One request the demo suggests: a gateway route's URL and headers.
+struct Suggestion {
+    address: SocketAddr,
+    path: String,
+    headers: Vec<(String, String)>,
+    what: String,
+}
+
+fn suggestions(mesh: &Mesh) -> Vec<Suggestion> {
+    let mut out = Vec::new();
+    for gateway in mesh.gateways() {
+        for listener in &gateway.spec.listeners {
+            let Ok(address) = listener.address.parse::<SocketAddr>() else {
+                continue;
+            };
+            for route in &listener.routes {
+                let matcher = route.matcher.as_ref();
+                let path = matcher
+                    .and_then(|m| m.prefix.clone().or_else(|| m.exact.clone()))
+                    .unwrap_or_else(|| "/".to_owned());
+                let headers: Vec<(String, String)> = matcher
+                    .and_then(|m| m.headers.as_ref())
+                    .map(|hs| {
+                        hs.iter()
+                            .filter_map(|h| Some((h.name.clone(), h.exact.clone()?)))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let target = match (&route.version, &route.split) {
+                    (Some(version), _) => format!("{} version {version} only", route.service),
+                    (None, Some(split)) => format!(
+                        "{} split {}",
+                        route.service,
+                        split
+                            .iter()
+                            .map(|(v, w)| format!("{v}:{w}"))
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    ),
+                    (None, None) => format!("every {} workload", route.service),
+                };
+                out.push(Suggestion {
+                    address,
+                    path,
+                    headers,
+                    what: format!("route {:?} -> {target}", route.name),
+                });
+            }
+        }
+    }
+    out
+}
+
+fn print_banner(
+    args: &DemoArgs,
+    mesh: &Mesh,
+    proxies: &[ProxyChild],
+    token_file: &Path,
+    dir: &Path,
+    scratch: &Path,
+) {
+    println!(
+        "\nWeft demo mesh is up: control plane + {} proxies, all configured over xDS.\n",
+        proxies.len()
+    );
+    println!("Try (through the ingress gateway):");
+    for s in suggestions(mesh) {
+        let headers: String = s
+            .headers
+            .iter()
+            .map(|(n, v)| format!("-H '{n}: {v}' "))
+            .collect();
+        println!("  curl -s {headers}http://{}{}", s.address, s.path);
+        println!("      # {}", s.what);
+    }
+    println!("\nProxies (admin: /config_dump /clusters /metrics /ready):");
+    for p in proxies {
+        println!(
+            "  {:<12} {:<22} http://{}/config_dump",
+            p.node, p.role, p.admin
+        );
+    }
+    println!("\nControl plane:");
+    println!(
+        "  weft-cp status --admin {} --token-file {}",
+        args.admin,
+        token_file.display()
+    );
+    println!(
+        "  edit {}/*.yaml (e.g. the backend split): proxies get the change within a second",
+        dir.display()
+    );
+    println!("  logs: {}", scratch.display());
+    println!("\nCtrl-C stops everything.\n");
+}
+
+/// Sends `--rate` requests per second through the first suggested route
+/// and prints a line of figures every second.
+async fn traffic(args: &DemoArgs, mesh: &Mesh, proxies: &[ProxyChild]) {
+    let end = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let until_end = async {
+        match end {
+            Some(end) => tokio::time::sleep_until(end).await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(until_end);
+    let signal = crate::shutdown_signal();
+    tokio::pin!(signal);
+    // Traffic through a split shows it live; otherwise the first route.
+    let candidates: Vec<Suggestion> = suggestions(mesh)
+        .into_iter()
+        .filter(|s| s.headers.is_empty())
+        .collect();
+    let split = candidates.iter().position(|s| s.what.contains(" split "));
+    let target = candidates.into_iter().nth(split.unwrap_or(0));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let period = Duration::from_secs(1) / args.rate.max(1);
+    let mut send = tokio::time::interval(period);
+    let mut versions: BTreeMap<String, u64> = BTreeMap::new();
+    let (mut sent, mut ok, mut failed, mut last_sent) = (0u64, 0u64, 0u64, 0u64);
+    let (results, mut completed) = tokio::sync::mpsc::channel::<Result<Option<String>, ()>>(64);
+    loop {
+        tokio::select! {
+            () = &mut signal => return,
+            () = &mut until_end => return,
+            _ = send.tick(), if args.rate > 0 && target.is_some() => {
+                if let Some(target) = &target {
+                    let (address, path, results) = (target.address, target.path.clone(), results.clone());
+                    sent += 1;
+                    tokio::spawn(async move {
+                        let outcome = match app::get(address, "demo", &path, &[]).await {
+                            Ok((status, version, _)) if status.is_success() => Ok(version),
+                            _ => Err(()),
+                        };
+                        let _ = results.send(outcome).await;
+                    });
+                }
+            }
+            Some(outcome) = completed.recv() => match outcome {
+                Ok(version) => {
+                    ok += 1;
+                    *versions.entry(version.unwrap_or_else(|| "-".into())).or_default() += 1;
+                }
+                Err(()) => failed += 1,
+            },
+            _ = tick.tick() => {
+                let mut ready = 0;
+                for p in proxies {
+                    if app::get(p.admin, "admin", "/ready", &[]).await.is_ok_and(|(s, _, _)| s.is_success()) {
+                        ready += 1;
+                    }
+                }
+                let total: u64 = versions.values().sum();
+                let split: String = versions
+                    .iter()
+                    .map(|(v, n)| format!("{v} {:.0}%", 100.0 * *n as f64 / total.max(1) as f64))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let route = target.as_ref().map_or("", |t| t.path.as_str());
+                print!(
+                    "\r{} req/s to {route} | ok {ok} failed {failed} | answered by: {split} | proxies ready {ready}/{}   ",
+                    sent - last_sent,
+                    proxies.len()
+                );
+                let _ = std::io::stdout().flush();
+                last_sent = sent;
+            }
+        }
+    }
+}
+
+/// SIGTERM to every proxy (they drain), then waits a little and kills what
+/// remains.
+async fn stop_proxies(proxies: &mut [ProxyChild]) {
+    for proxy in proxies.iter() {
+        if let Some(pid) = proxy.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+    for proxy in proxies.iter_mut() {
+        if tokio::time::timeout(Duration::from_secs(5), proxy.child.wait())
+            .await
+            .is_err()
+        {
+            let _ = proxy.child.kill().await;
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! The demo's applications: one small HTTP server per workload that says
+//! who answered (service, workload, version) and, for a service that calls
+//! others, calls each of them through its sidecar's outbound listener, so
+//! that one request shows the whole path through the mesh. Also the plain
+//! HTTP/1.1 client the demo uses.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+/// How long the demo waits for any one HTTP exchange.
+pub(crate) const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// What one demo application is.
+#[derive(Debug)]
+pub(crate) struct App {
+    pub(crate) service: String,
+    pub(crate) workload: String,
+    pub(crate) version: Option<String>,
+    /// Serve HTTP/2 (prior knowledge) rather than HTTP/1.1.
+    pub(crate) is_http2: bool,
+    /// Its sidecar's outbound listener and the services it calls there.
+    pub(crate) outbound: Option<SocketAddr>,
+    pub(crate) calls: Vec<String>,
+}
+
+/// Serves `app` on `listener` until `stop`.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+            () = stop.cancelled() => return,
+        };
+        let is_http2 = app.is_http2;
+        let app = app.clone();
+        let stop = stop.clone();
+        tasks.spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let app = app.clone();
+                async move { Ok::<_, Infallible>(answer(&app, &request).await) }
+            });
+            let io = TokioIo::new(stream);
+            if is_http2 {
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service);
+                tokio::select! {
+                    _ = connection => {}
+                    () = stop.cancelled() => {}
+                }
+            } else {
+                let connection =
+                    hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+                tokio::select! {
+                    _ = connection => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        });
+    }
+}
+
+async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let version = app.version.as_deref().unwrap_or("-");
+    let mut body = format!(
+        "{} (workload {}, version {version}) answered {} {}\n",
+        app.service,
+        app.workload,
+        request.method(),
+        request.uri().path()
+    );
+    if let Some(outbound) = app.outbound {
+        for callee in &app.calls {
+            let line = match get(outbound, callee, "/", &[]).await {
+                Ok((status, _, text)) => format!(
+                    "  -> {callee}: {status} {}",
+                    text.lines().next().unwrap_or("")
+                ),
+                Err(error) => format!("  -> {callee}: failed: {error}"),
+            };
+            body.push_str(&line);
+            body.push('\n');
+        }
+    }
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    let headers = response.headers_mut();
+    for (name, value) in [
+        ("x-demo-service", app.service.as_str()),
+        ("x-demo-workload", app.workload.as_str()),
+        ("x-demo-version", version),
+    ] {
+        if let Ok(value) = http::HeaderValue::try_from(value) {
+            headers.insert(name, value);
+        }
+    }
+    response
+}
+
+/// One HTTP/1.1 GET over a new connection: status, `x-demo-workload` (who
+/// answered, if a demo application did) and the body as text.
+pub(crate) async fn get(
+    address: SocketAddr,
+    host: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<(StatusCode, Option<String>, String)> {
+    let exchange = async {
+        let stream = TcpStream::connect(address).await?;
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+        let mut builder = Request::get(path).header(http::header::HOST, host);
+        for (name, value) in headers {
+            builder = builder.header(*name, *value);
+        }
+        let request = builder.body(Empty::<Bytes>::new())?;
+        // The connection task ends when `sender` is dropped below.
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await?;
+        let status = response.status();
+        let version = response
+            .headers()
+            .get("x-demo-workload")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response.into_body().collect().await?.to_bytes();
+        anyhow::Ok((status, version, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))?
+}

@@ -1,0 +1,385 @@
+//! The per-node resource builder: turns a validated [`Mesh`] into each
+//! proxy's listeners, route configurations and clusters, as proxy spec
+//! structs, checks each node's whole configuration with the proxy's
+//! validator, and converts it to protos.
+//!
+//! Names a node receives:
+//! - sidecar: listeners `inbound` (and `outbound`), route configurations of
+//!   the same names, cluster `local_app` (the application; `_` cannot occur
+//!   in a service name, so it never collides), and per called service a
+//!   cluster `<service>` (every workload's inbound address) and
+//!   `<service>.<version>` subsets, only those its routes use.
+//! - gateway: one listener and one route configuration per gateway
+//!   listener, named after it, and the service clusters its routes use.
+//!
+//! Everything is built in a fixed order from sorted maps, so the same mesh
+//! always gives byte-identical resources and therefore identical versions.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use weft_proto::config::v1 as pb;
+use weft_proxy::config::{
+    BootstrapSpec, ClusterSpec, Config, EndpointSpec, ListenerSpec, RouteConfigSpec,
+    RouteMatchSpec, RouteSpec, VirtualHostSpec, WeightedClusterSpec,
+};
+
+use super::spec::{GatewayListenerSpec, GatewayRouteSpec, ServiceSpec, WorkloadSpec};
+use super::{Mesh, MeshError, MeshErrors};
+use crate::resources::{MeshSnapshot, NodeEntry, NodeResources};
+
+/// The sidecar's cluster for its own application.
+pub(super) const LOCAL_APP_CLUSTER: &str = "local_app";
+/// Sidecar listener and route configuration names.
+pub(super) const INBOUND: &str = "inbound";
+/// Sidecar listener and route configuration names.
+pub(super) const OUTBOUND: &str = "outbound";
+
+/// Where a route sends requests.
+enum Target<'a> {
+    /// Every workload of the service.
+    All,
+    /// The workloads of one version.
+    Version(&'a str),
+    /// Weighted across versions.
+    Split(&'a BTreeMap<String, u32>),
+}
+
+impl<'a> Target<'a> {
+    fn new(version: Option<&'a str>, split: Option<&'a BTreeMap<String, u32>>) -> Self {
+        match (version, split) {
+            (Some(version), _) => Target::Version(version),
+            (None, Some(split)) => Target::Split(split),
+            (None, None) => Target::All,
+        }
+    }
+}
+
+/// One node's configuration while it is being assembled.
+#[derive(Default)]
+struct NodeSpec {
+    listeners: Vec<ListenerSpec>,
+    route_configs: Vec<RouteConfigSpec>,
+    clusters: BTreeMap<String, ClusterSpec>,
+}
+
+impl NodeSpec {
+    /// Points `route` at `target` of `service`, adding the clusters it needs.
+    fn target(&mut self, route: &mut RouteSpec, service: &ServiceSpec, target: &Target<'_>) {
+        match target {
+            Target::All => route.cluster = Some(self.service_cluster(service, None)),
+            Target::Version(version) => {
+                route.cluster = Some(self.service_cluster(service, Some(version)));
+            }
+            Target::Split(split) => {
+                route.weighted_clusters = Some(
+                    split
+                        .iter()
+                        .map(|(version, weight)| WeightedClusterSpec {
+                            cluster: self.service_cluster(service, Some(version)),
+                            weight: *weight,
+                        })
+                        .collect(),
+                );
+            }
+        }
+    }
+
+    /// Adds (once) the cluster of a service's workloads, or of one version
+    /// of them, and returns its name.
+    fn service_cluster(&mut self, service: &ServiceSpec, version: Option<&str>) -> String {
+        let name = match version {
+            Some(version) => format!("{}.{version}", service.name),
+            None => service.name.clone(),
+        };
+        self.clusters.entry(name.clone()).or_insert_with(|| {
+            let endpoints = service
+                .workloads
+                .iter()
+                .filter(|w| version.is_none() || w.version.as_deref() == version)
+                .map(|w| EndpointSpec {
+                    address: w.inbound.clone(),
+                    weight: None,
+                })
+                .collect();
+            cluster(name.clone(), service, endpoints)
+        });
+        name
+    }
+
+    fn finish(
+        self,
+        file: &Arc<str>,
+        node: &str,
+        errors: &mut Vec<MeshError>,
+    ) -> Option<NodeResources> {
+        let spec = BootstrapSpec {
+            listeners: self.listeners,
+            route_configs: self.route_configs,
+            clusters: self.clusters.into_values().collect(),
+            ..BootstrapSpec::default()
+        };
+        if let Err(rejected) = Config::try_from(spec.clone()) {
+            errors.extend(rejected.0.into_iter().map(|error| MeshError::Node {
+                file: file.clone(),
+                node: node.to_owned(),
+                error,
+            }));
+            return None;
+        }
+        Some(NodeResources::new(
+            spec.listeners.iter().map(pb::Listener::from).collect(),
+            spec.route_configs
+                .iter()
+                .map(pb::RouteConfiguration::from)
+                .collect(),
+            spec.clusters.iter().map(pb::Cluster::from).collect(),
+        ))
+    }
+}
+
+pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
+    let services: BTreeMap<&str, &ServiceSpec> = mesh
+        .services
+        .iter()
+        .map(|s| (s.spec.name.as_str(), &s.spec))
+        .collect();
+    let mut errors = Vec::new();
+    let mut snapshot = MeshSnapshot::default();
+    for service in &mesh.services {
+        for workload in &service.spec.workloads {
+            let node = sidecar(&service.spec, workload, &services);
+            if let Some(resources) = node.finish(&service.file, &workload.name, &mut errors) {
+                snapshot.nodes.insert(
+                    workload.name.clone(),
+                    NodeEntry {
+                        service: Some(service.spec.name.clone()),
+                        resources: Arc::new(resources),
+                    },
+                );
+            }
+        }
+    }
+    for gateway in &mesh.gateways {
+        let mut node = NodeSpec::default();
+        for listener in &gateway.spec.listeners {
+            gateway_listener(&mut node, listener, &services);
+        }
+        if let Some(resources) = node.finish(&gateway.file, &gateway.spec.name, &mut errors) {
+            snapshot.nodes.insert(
+                gateway.spec.name.clone(),
+                NodeEntry {
+                    service: None,
+                    resources: Arc::new(resources),
+                },
+            );
+        }
+    }
+    if errors.is_empty() {
+        Ok(snapshot)
+    } else {
+        Err(MeshErrors(errors))
+    }
+}
+
+fn sidecar(
+    service: &ServiceSpec,
+    workload: &WorkloadSpec,
+    services: &BTreeMap<&str, &ServiceSpec>,
+) -> NodeSpec {
+    let mut node = NodeSpec::default();
+    node.listeners
+        .push(http_listener(INBOUND, &workload.inbound));
+    node.route_configs.push(RouteConfigSpec {
+        name: INBOUND.into(),
+        virtual_hosts: vec![VirtualHostSpec {
+            name: "local".into(),
+            // Whatever host the caller used, the request is for this app.
+            domains: vec!["*".into()],
+            routes: vec![RouteSpec {
+                // The caller's proxy (sidecar or gateway) enforces the
+                // route's deadline; a second one here could only cut a
+                // request short that the caller allowed to run longer.
+                timeout: Some(Duration::ZERO),
+                cluster: Some(LOCAL_APP_CLUSTER.into()),
+                ..route(LOCAL_APP_CLUSTER, None)
+            }],
+        }],
+    });
+    node.clusters.insert(
+        LOCAL_APP_CLUSTER.into(),
+        cluster(
+            LOCAL_APP_CLUSTER.into(),
+            service,
+            vec![EndpointSpec {
+                address: workload.app.clone(),
+                weight: None,
+            }],
+        ),
+    );
+
+    if let Some(outbound) = &workload.outbound {
+        let mut virtual_hosts = Vec::new();
+        for callee in &service.calls {
+            // Validation guarantees every callee exists.
+            let Some(callee) = services.get(callee.as_str()) else {
+                continue;
+            };
+            let mut routes = Vec::new();
+            if callee.routes.is_empty() {
+                let mut spec = route("default", None);
+                spec.timeout = callee.timeout;
+                node.target(&mut spec, callee, &Target::All);
+                routes.push(spec);
+            }
+            for r in &callee.routes {
+                let mut spec = route(&r.name, r.matcher.clone());
+                spec.timeout = r.timeout.or(callee.timeout);
+                spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
+                let target = Target::new(r.version.as_deref(), r.split.as_ref());
+                node.target(&mut spec, callee, &target);
+                routes.push(spec);
+            }
+            virtual_hosts.push(VirtualHostSpec {
+                name: callee.name.clone(),
+                domains: vec![callee.name.clone()],
+                routes,
+            });
+        }
+        node.listeners.push(http_listener(OUTBOUND, outbound));
+        node.route_configs.push(RouteConfigSpec {
+            name: OUTBOUND.into(),
+            virtual_hosts,
+        });
+    }
+    node
+}
+
+fn gateway_listener(
+    node: &mut NodeSpec,
+    listener: &GatewayListenerSpec,
+    services: &BTreeMap<&str, &ServiceSpec>,
+) {
+    // The proxy picks a virtual host by the request's host first, then the
+    // first matching route within it. To keep the gateway's "first route
+    // that matches host and request wins" across routes with different
+    // hosts, every distinct host pattern gets a virtual host holding, in
+    // order, every route whose hosts cover it.
+    let hosts: Vec<BTreeSet<String>> = listener.routes.iter().map(route_hosts).collect();
+    let domains: BTreeSet<&String> = hosts.iter().flatten().collect();
+    let mut virtual_hosts = Vec::new();
+    for domain in domains {
+        let mut routes = Vec::new();
+        for (r, patterns) in listener.routes.iter().zip(&hosts) {
+            if !patterns.iter().any(|p| covers(p, domain)) {
+                continue;
+            }
+            let Some(service) = services.get(r.service.as_str()) else {
+                continue;
+            };
+            routes.push(gateway_route(node, r, service));
+        }
+        virtual_hosts.push(VirtualHostSpec {
+            name: virtual_host_name(domain),
+            domains: vec![domain.clone()],
+            routes,
+        });
+    }
+    node.listeners
+        .push(http_listener(&listener.name, &listener.address));
+    node.route_configs.push(RouteConfigSpec {
+        name: listener.name.clone(),
+        virtual_hosts,
+    });
+}
+
+fn gateway_route(node: &mut NodeSpec, r: &GatewayRouteSpec, service: &ServiceSpec) -> RouteSpec {
+    let mut spec = route(&r.name, r.matcher.clone());
+    spec.timeout = r.timeout.or(service.timeout);
+    spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
+    spec.host_rewrite.clone_from(&r.host_rewrite);
+    let target = Target::new(r.version.as_deref(), r.split.as_ref());
+    node.target(&mut spec, service, &target);
+    spec
+}
+
+/// A route's host patterns, lower-cased (hosts compare case-insensitively).
+fn route_hosts(route: &GatewayRouteSpec) -> BTreeSet<String> {
+    match &route.hosts {
+        None => BTreeSet::from(["*".to_owned()]),
+        Some(hosts) => hosts.iter().map(|h| h.to_ascii_lowercase()).collect(),
+    }
+}
+
+/// Whether every request host that the proxy would route to the virtual
+/// host `domain` also matches `pattern`.
+pub(super) fn covers(pattern: &str, domain: &str) -> bool {
+    if pattern == domain || pattern == "*" {
+        return true;
+    }
+    let Some(suffix) = pattern.strip_prefix("*.") else {
+        return false;
+    };
+    // `*.example.com` covers `a.example.com` and `*.a.example.com`, and
+    // `*.example.com` itself (handled above), but not `example.com`.
+    let name = domain.strip_prefix("*.").unwrap_or(domain);
+    name.strip_suffix(suffix)
+        .is_some_and(|rest| rest.ends_with('.'))
+}
+
+/// Virtual host names follow the proxy's resource-name rule, which has no
+/// `*`.
+fn virtual_host_name(domain: &str) -> String {
+    match domain {
+        "*" => "any".into(),
+        _ => match domain.strip_prefix("*.") {
+            Some(suffix) => format!("suffix:{suffix}"),
+            None => format!("host:{domain}"),
+        },
+    }
+}
+
+fn http_listener(name: &str, address: &str) -> ListenerSpec {
+    ListenerSpec {
+        name: name.into(),
+        address: address.into(),
+        protocol: None,
+        route_config: Some(name.into()),
+        cluster: None,
+        max_connections: None,
+        header_read_timeout: None,
+        idle_timeout: None,
+        max_request_headers_bytes: None,
+        max_request_headers: None,
+        max_concurrent_streams: None,
+        via: None,
+    }
+}
+
+fn route(name: &str, matcher: Option<RouteMatchSpec>) -> RouteSpec {
+    RouteSpec {
+        name: Some(name.into()),
+        matcher,
+        cluster: None,
+        weighted_clusters: None,
+        direct_response: None,
+        prefix_rewrite: None,
+        host_rewrite: None,
+        timeout: None,
+        request_headers: None,
+        response_headers: None,
+    }
+}
+
+fn cluster(name: String, service: &ServiceSpec, endpoints: Vec<EndpointSpec>) -> ClusterSpec {
+    ClusterSpec {
+        name,
+        protocol: service.protocol.clone(),
+        lb: service.lb.clone(),
+        connect_timeout: service.connect_timeout,
+        dns_refresh: None,
+        pool: None,
+        endpoints,
+    }
+}

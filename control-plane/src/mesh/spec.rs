@@ -1,0 +1,154 @@
+//! The serde shapes of a mesh directory's files. Nothing here is checked
+//! beyond its syntax; `validate` reports every problem with its file,
+//! resource and field.
+//!
+//! As in the proxy's spec, enum-like fields (`protocol`, `lb`) are plain
+//! strings so that a bad value is reported with the resource that holds it.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use weft_proxy::config::RouteMatchSpec;
+
+/// One file of a mesh directory. Both lists are optional.
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshFileSpec {
+    /// Services and their workloads.
+    #[serde(default)]
+    pub services: Vec<ServiceSpec>,
+    /// Ingress gateways.
+    #[serde(default)]
+    pub gateways: Vec<GatewaySpec>,
+}
+
+/// A service: a name callers use as the host, and the workloads serving it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceSpec {
+    /// DNS label (`[a-z0-9-]`, at most 63 characters); callers send it as
+    /// the `Host`.
+    pub name: String,
+    /// How the application speaks: `http1` (default) or `http2` (gRPC).
+    #[serde(default)]
+    pub protocol: Option<String>,
+    /// Default whole-request deadline for calls to this service.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Deadline for a TCP connect to one of its workloads.
+    #[serde(default, with = "humantime_serde")]
+    pub connect_timeout: Option<Duration>,
+    /// `round_robin` (default), `random` or `least_request`.
+    #[serde(default)]
+    pub lb: Option<String>,
+    /// The instances of the service, each with its own sidecar.
+    #[serde(default)]
+    pub workloads: Vec<WorkloadSpec>,
+    /// Services this service may call through its sidecars.
+    #[serde(default)]
+    pub calls: Vec<String>,
+    /// How calls to this service are routed; first match wins. Empty: every
+    /// request goes to every workload.
+    #[serde(default)]
+    pub routes: Vec<ServiceRouteSpec>,
+}
+
+/// One instance of a service and its sidecar.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkloadSpec {
+    /// The node id of the workload's sidecar proxy; unique across the mesh.
+    pub name: String,
+    /// Label that routes select (`version:`, `split:`).
+    #[serde(default)]
+    pub version: Option<String>,
+    /// `IP:PORT` of the application; the inbound listener forwards here.
+    pub app: String,
+    /// `IP:PORT` of the sidecar's inbound listener; the mesh sends this
+    /// workload's traffic here.
+    pub inbound: String,
+    /// `IP:PORT` of the sidecar's outbound listener, where the application
+    /// calls other services with `Host: <service>`. Without it the sidecar
+    /// has no outbound listener.
+    #[serde(default)]
+    pub outbound: Option<String>,
+}
+
+/// One route of a service, applied by every caller's sidecar.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceRouteSpec {
+    /// Unique within the service; a metrics label.
+    pub name: String,
+    /// Which requests the route takes (the proxy's match); absent matches
+    /// everything.
+    #[serde(default, rename = "match")]
+    pub matcher: Option<RouteMatchSpec>,
+    /// Send to the workloads of this version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Or split across versions by weight. Neither: every workload.
+    #[serde(default)]
+    pub split: Option<BTreeMap<String, u32>>,
+    /// Overrides the service's `timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Replace the matched path prefix (or the whole exact path).
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+}
+
+/// An ingress gateway: a proxy of its own, in front of the mesh.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewaySpec {
+    /// The node id of the gateway proxy; unique across the mesh.
+    pub name: String,
+    /// Its HTTP listeners.
+    pub listeners: Vec<GatewayListenerSpec>,
+}
+
+/// One HTTP listener of a gateway.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayListenerSpec {
+    /// Unique within the gateway.
+    pub name: String,
+    /// `IP:PORT`; port 0 picks a free port.
+    pub address: String,
+    /// First match wins.
+    pub routes: Vec<GatewayRouteSpec>,
+}
+
+/// One route of a gateway listener.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayRouteSpec {
+    /// Unique within the listener; a metrics label.
+    pub name: String,
+    /// Request hosts this route applies to: `example.com`, `*.example.com`
+    /// or `*` (default `["*"]`).
+    #[serde(default)]
+    pub hosts: Option<Vec<String>>,
+    /// Which requests the route takes; absent matches everything.
+    #[serde(default, rename = "match")]
+    pub matcher: Option<RouteMatchSpec>,
+    /// The service to send to.
+    pub service: String,
+    /// Only to the workloads of this version.
+    #[serde(default)]
+    pub version: Option<String>,
+    /// Or split across versions by weight. Neither: every workload.
+    #[serde(default)]
+    pub split: Option<BTreeMap<String, u32>>,
+    /// Overrides the service's `timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+    /// Replace the matched path prefix (or the whole exact path).
+    #[serde(default)]
+    pub prefix_rewrite: Option<String>,
+    /// Replace the host sent to the service.
+    #[serde(default)]
+    pub host_rewrite: Option<String>,
+}

@@ -1,0 +1,545 @@
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use weft_proto::config::v1 as pb;
+use weft_proxy::config::proto::{bootstrap_from_resources, unpack};
+use weft_proxy::config::{BootstrapSpec, ClusterSpec, RouteConfigSpec, RouteSpec};
+
+use super::*;
+use crate::resources::NodeResources;
+
+fn files(sources: &[(&str, &str)]) -> Vec<SourceFile> {
+    sources
+        .iter()
+        .map(|(name, text)| SourceFile {
+            name: (*name).into(),
+            text: (*text).to_owned(),
+        })
+        .collect()
+}
+
+fn errors(sources: &[(&str, &str)]) -> Vec<String> {
+    let result = Mesh::parse(&files(sources)).and_then(|mesh| mesh.snapshot());
+    match result {
+        Ok(_) => Vec::new(),
+        Err(errors) => errors.0.iter().map(ToString::to_string).collect(),
+    }
+}
+
+fn snapshot(sources: &[(&str, &str)]) -> MeshSnapshot {
+    match Mesh::parse(&files(sources)).and_then(|mesh| mesh.snapshot()) {
+        Ok(snapshot) => snapshot,
+        Err(errors) => panic!("unexpected errors:\n{errors}"),
+    }
+}
+
+/// A node's resources back as the proxy's spec, for readable assertions.
+fn node_spec(resources: &NodeResources) -> BootstrapSpec {
+    fn all<M: weft_proto::prost::Name + Default>(resources: &NodeResources, url: &str) -> Vec<M> {
+        resources.types[url]
+            .resources
+            .values()
+            .map(|r| unpack(&r.resource).unwrap())
+            .collect()
+    }
+    bootstrap_from_resources(
+        all::<pb::Listener>(resources, pb::LISTENER_TYPE_URL),
+        all::<pb::RouteConfiguration>(resources, pb::ROUTE_CONFIGURATION_TYPE_URL),
+        all::<pb::Cluster>(resources, pb::CLUSTER_TYPE_URL),
+    )
+    .unwrap()
+}
+
+fn node(snapshot: &MeshSnapshot, id: &str) -> BootstrapSpec {
+    let entry = snapshot
+        .nodes
+        .get(id)
+        .unwrap_or_else(|| panic!("no node {id:?} in {:?}", snapshot.nodes.keys()));
+    node_spec(&entry.resources)
+}
+
+fn cluster_names(spec: &BootstrapSpec) -> Vec<&str> {
+    spec.clusters.iter().map(|c| c.name.as_str()).collect()
+}
+
+fn cluster<'a>(spec: &'a BootstrapSpec, name: &str) -> &'a ClusterSpec {
+    spec.clusters
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no cluster {name:?}"))
+}
+
+fn route_config<'a>(spec: &'a BootstrapSpec, name: &str) -> &'a RouteConfigSpec {
+    spec.route_configs
+        .iter()
+        .find(|r| r.name == name)
+        .unwrap_or_else(|| panic!("no route config {name:?}"))
+}
+
+fn endpoints(cluster: &ClusterSpec) -> Vec<&str> {
+    cluster
+        .endpoints
+        .iter()
+        .map(|e| e.address.as_str())
+        .collect()
+}
+
+fn weights(route: &RouteSpec) -> Vec<(&str, u32)> {
+    route
+        .weighted_clusters
+        .iter()
+        .flatten()
+        .map(|w| (w.cluster.as_str(), w.weight))
+        .collect()
+}
+
+const CANARY: &str = r#"
+services:
+  - name: web
+    workloads:
+      - { name: web-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101", outbound: "127.0.0.1:9201" }
+    calls: [api]
+  - name: api
+    protocol: http2
+    timeout: 5s
+    workloads:
+      - { name: api-a, version: v1, app: "127.0.0.1:9002", inbound: "127.0.0.1:9102" }
+      - { name: api-b, version: v1, app: "127.0.0.1:9003", inbound: "127.0.0.1:9103" }
+      - { name: api-c, version: v2, app: "127.0.0.1:9004", inbound: "127.0.0.1:9104" }
+    routes:
+      - name: canary
+        match: { prefix: /, headers: [{ name: x-canary, exact: "1" }] }
+        version: v2
+      - name: default
+        split: { v1: 90, v2: 10 }
+        timeout: 2s
+"#;
+
+#[test]
+fn invalid_meshes_name_file_resource_and_field() {
+    let ok_service = r#"
+services:
+  - name: api
+    workloads:
+      - { name: api-1, version: v1, app: "127.0.0.1:9011", inbound: "127.0.0.1:9102" }
+      - { name: api-2, version: v2, app: "127.0.0.1:9003", inbound: "127.0.0.1:9103" }
+"#;
+    let cases: &[(&str, &str, &[&str])] = &[
+        (
+            "unknown version in a split",
+            r#"
+services:
+  - name: web
+    workloads: [{ name: web-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101" }]
+    routes:
+      - { name: r0, version: v1 }
+      - { name: r1, split: { v1: 1, v3: 1 } }
+"#,
+            &[
+                r#"m.yaml: service "web": routes[0].version: unknown version "v1" (workloads have no versions)"#,
+                r#"m.yaml: service "web": routes[1].split.v1: unknown version "v1" (workloads have no versions)"#,
+                r#"m.yaml: service "web": routes[1].split.v3: unknown version "v3" (workloads have no versions)"#,
+            ],
+        ),
+        (
+            "unknown service in calls and gateway routes",
+            r#"
+services:
+  - name: web
+    workloads: [{ name: web-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101", outbound: "127.0.0.1:9201" }]
+    calls: [api, nope, api]
+gateways:
+  - name: gw
+    listeners:
+      - name: http
+        address: 127.0.0.1:9000
+        routes:
+          - { name: a, service: nope }
+          - { name: b, service: api, version: v3 }
+          - { name: c, service: api, split: { v1: 0, v2: 0 } }
+          - { name: d, service: api, version: v1, split: { v1: 1 } }
+          - { name: e, service: api, hosts: ["api.example.com:80", "*.ok.com", "*"] }
+          - { name: e, service: api, hosts: [] }
+"#,
+            &[
+                r#"m.yaml: service "web": calls[1]: unknown service "nope""#,
+                r#"m.yaml: service "web": calls[2]: "api" is listed twice"#,
+                r#"m.yaml: gateway "gw": listeners[0].routes[0].service: unknown service "nope""#,
+                r#"m.yaml: gateway "gw": listeners[0].routes[1].version: unknown version "v3" (workloads have v1, v2)"#,
+                r#"m.yaml: gateway "gw": listeners[0].routes[2].split: weights sum to 0 (at least one must be positive)"#,
+                r#"m.yaml: gateway "gw": listeners[0].routes[3]: set version or split, not both"#,
+                r#"m.yaml: gateway "gw": listeners[0].routes[4].hosts[0]: invalid host "api.example.com:80" (expected host, *.suffix or *, without a port)"#,
+                r#"m.yaml: gateway "gw": listeners[0].routes[5].name: duplicate route "e""#,
+                r#"m.yaml: gateway "gw": listeners[0].routes[5].hosts: must list at least one host (omit it for any host)"#,
+            ],
+        ),
+        (
+            "bad names, values and addresses",
+            r#"
+services:
+  - name: Web_1
+    protocol: grpc
+    lb: fastest
+    connect_timeout: 0s
+    workloads:
+      - { name: w, version: "V1", app: "localhost:9001", inbound: "0.0.0.0:9101", outbound: "127.0.0.1:x" }
+      - { name: w2, app: "127.0.0.1:0", inbound: "127.0.0.1:0" }
+  - name: empty
+    workloads: []
+"#,
+            &[
+                r#"m.yaml: service "Web_1": name: invalid name "Web_1" (expected 1-63 lowercase letters, digits or '-', not starting or ending with '-')"#,
+                r#"m.yaml: service "Web_1": protocol: unknown value "grpc" (expected http1, http2)"#,
+                r#"m.yaml: service "Web_1": lb: unknown value "fastest" (expected round_robin, random, least_request)"#,
+                r#"m.yaml: service "Web_1": connect_timeout: must be greater than zero"#,
+                r#"m.yaml: service "Web_1": workloads[0].version: invalid name "V1""#,
+                r#"m.yaml: service "Web_1": workloads[0].app: invalid socket address "localhost:9001" (expected IP:PORT)"#,
+                r#"m.yaml: service "Web_1": workloads[0].inbound: 0.0.0.0:9101: callers connect to this address, so it must not be unspecified"#,
+                r#"m.yaml: service "Web_1": workloads[0].outbound: invalid socket address "127.0.0.1:x" (expected IP:PORT)"#,
+                r#"m.yaml: service "Web_1": workloads[1].app: 127.0.0.1:0: port 0 is not allowed here (proxies connect to this address)"#,
+                r#"m.yaml: service "Web_1": workloads[1].inbound: 127.0.0.1:0: port 0 is not allowed here (proxies connect to this address)"#,
+                r#"m.yaml: service "empty": workloads: a service needs at least one workload"#,
+            ],
+        ),
+        (
+            "duplicates across files name both files",
+            r#"
+services:
+  - name: api
+    workloads: [{ name: api-1, app: "127.0.0.1:9004", inbound: "127.0.0.1:9102" }]
+gateways:
+  - name: api-2
+    listeners:
+      - name: http
+        address: 127.0.0.1:9011
+        routes: [{ name: all, service: api }]
+      - name: http
+        address: 0.0.0.0:9011
+        routes: [{ name: all, service: api }]
+"#,
+            &[
+                r#"m.yaml: service "api": name: duplicate service name (also defined in a.yaml)"#,
+                r#"m.yaml: service "api": workloads[0].name: node id "api-1" is already used by a workload of service "api" (a.yaml)"#,
+                r#"m.yaml: service "api": workloads[0].inbound: 127.0.0.1:9102 is already used by service "api" workloads[0].inbound (a.yaml)"#,
+                r#"m.yaml: gateway "api-2": name: node id "api-2" is already used by a workload of service "api" (a.yaml)"#,
+                r#"m.yaml: gateway "api-2": listeners[1].name: duplicate listener "http""#,
+                r#"m.yaml: gateway "api-2": listeners[1].address: 0.0.0.0:9011 is already used by gateway "api-2" listeners[0].address (m.yaml)"#,
+                r#"a.yaml: service "api": workloads[0].app: 127.0.0.1:9011 is a listener of gateway "api-2" listeners[0].address (m.yaml)"#,
+            ],
+        ),
+        (
+            "unknown fields are syntax errors with the file",
+            r#"
+services:
+  - name: web
+    workloads: [{ name: web-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101", outbnd: x }]
+"#,
+            &["m.yaml: services[0].workloads[0]: unknown field `outbnd`"],
+        ),
+        (
+            "what only the proxy checks is reported per node",
+            r#"
+services:
+  - name: web
+    workloads: [{ name: web-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101", outbound: "127.0.0.1:9201" }]
+    calls: [web]
+    routes:
+      - { name: bad, match: { prefix: nope } }
+"#,
+            &[
+                r#"m.yaml: node "web-1": route_config "outbound": virtual_hosts[0].routes[0].match.prefix:"#,
+            ],
+        ),
+    ];
+    for (what, yaml, expected) in cases {
+        // a.yaml is read first: duplicates are reported in the later file.
+        let got = errors(&[("a.yaml", ok_service), ("m.yaml", yaml)]);
+        for want in *expected {
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "{what}: missing {want:?} in:\n{}",
+                got.join("\n")
+            );
+        }
+        assert_eq!(got.len(), expected.len(), "{what}:\n{}", got.join("\n"));
+    }
+}
+
+#[test]
+fn calling_itself_and_empty_files_are_allowed() {
+    let snapshot = snapshot(&[
+        ("empty.yaml", "# nothing yet\n"),
+        (
+            "m.yaml",
+            r#"
+services:
+  - name: cache
+    workloads: [{ name: cache-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101", outbound: "127.0.0.1:9201" }]
+    calls: [cache]
+"#,
+        ),
+    ]);
+    let spec = node(&snapshot, "cache-1");
+    assert_eq!(cluster_names(&spec), ["cache", "local_app"]);
+}
+
+#[test]
+fn sidecar_gets_inbound_outbound_and_only_the_clusters_its_routes_use() {
+    let snapshot = snapshot(&[("m.yaml", CANARY)]);
+    assert_eq!(
+        snapshot.nodes.keys().collect::<Vec<_>>(),
+        ["api-a", "api-b", "api-c", "web-1"]
+    );
+    assert_eq!(snapshot.nodes["web-1"].service.as_deref(), Some("web"));
+    assert_eq!(snapshot.nodes["api-c"].service.as_deref(), Some("api"));
+
+    let web = node(&snapshot, "web-1");
+    let listeners: Vec<(&str, &str, Option<&str>)> = web
+        .listeners
+        .iter()
+        .map(|l| {
+            (
+                l.name.as_str(),
+                l.address.as_str(),
+                l.route_config.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listeners,
+        [
+            ("inbound", "127.0.0.1:9101", Some("inbound")),
+            ("outbound", "127.0.0.1:9201", Some("outbound")),
+        ]
+    );
+    // The whole service is not referenced by any route: no `api` cluster.
+    assert_eq!(cluster_names(&web), ["api.v1", "api.v2", "local_app"]);
+    assert_eq!(
+        endpoints(cluster(&web, "api.v1")),
+        ["127.0.0.1:9102", "127.0.0.1:9103"]
+    );
+    assert_eq!(endpoints(cluster(&web, "api.v2")), ["127.0.0.1:9104"]);
+    assert_eq!(
+        cluster(&web, "api.v1").protocol.as_deref(),
+        Some("http2"),
+        "callers speak the callee's protocol"
+    );
+    assert_eq!(endpoints(cluster(&web, "local_app")), ["127.0.0.1:9001"]);
+
+    let outbound = route_config(&web, "outbound");
+    assert_eq!(outbound.virtual_hosts.len(), 1);
+    let api = &outbound.virtual_hosts[0];
+    assert_eq!(api.domains, ["api"]);
+    let [canary, default] = api.routes.as_slice() else {
+        panic!("two routes expected: {:?}", api.routes);
+    };
+    // A header-matched version route.
+    assert_eq!(canary.name.as_deref(), Some("canary"));
+    assert_eq!(canary.cluster.as_deref(), Some("api.v2"));
+    let headers = canary.matcher.as_ref().unwrap().headers.as_ref().unwrap();
+    assert_eq!(headers[0].name, "x-canary");
+    assert_eq!(
+        canary.timeout,
+        Some(Duration::from_secs(5)),
+        "service timeout"
+    );
+    // A split becomes a weighted route over subset clusters.
+    assert_eq!(weights(default), [("api.v1", 90), ("api.v2", 10)]);
+    assert_eq!(default.cluster, None);
+    assert_eq!(
+        default.timeout,
+        Some(Duration::from_secs(2)),
+        "route timeout"
+    );
+
+    // The callee's sidecar: inbound only, to its app, in its protocol.
+    let api_c = node(&snapshot, "api-c");
+    assert_eq!(api_c.listeners.len(), 1);
+    assert_eq!(cluster_names(&api_c), ["local_app"]);
+    assert_eq!(
+        cluster(&api_c, "local_app").protocol.as_deref(),
+        Some("http2")
+    );
+    assert_eq!(endpoints(cluster(&api_c, "local_app")), ["127.0.0.1:9004"]);
+    let inbound = route_config(&api_c, "inbound");
+    assert_eq!(inbound.virtual_hosts[0].domains, ["*"]);
+    assert_eq!(
+        inbound.virtual_hosts[0].routes[0].cluster.as_deref(),
+        Some("local_app")
+    );
+}
+
+#[test]
+fn a_service_without_routes_gets_one_route_to_every_workload() {
+    let yaml = CANARY.replace("calls: [api]", "calls: [web]");
+    let snapshot = snapshot(&[("m.yaml", &yaml)]);
+    let web = node(&snapshot, "web-1");
+    assert_eq!(cluster_names(&web), ["local_app", "web"]);
+    let vhost = &route_config(&web, "outbound").virtual_hosts[0];
+    assert_eq!(vhost.routes.len(), 1);
+    assert_eq!(vhost.routes[0].cluster.as_deref(), Some("web"));
+    assert_eq!(vhost.routes[0].matcher, None);
+}
+
+#[test]
+fn gateway_routes_keep_first_match_order_across_hosts() {
+    let gateway = r#"
+gateways:
+  - name: gw
+    listeners:
+      - name: http
+        address: 127.0.0.1:9000
+        routes:
+          - { name: admin, hosts: [admin.example.com], match: { prefix: /admin/ }, service: web }
+          - { name: v2, hosts: ["*.example.com"], match: { prefix: /v2/ }, service: api, version: v2, prefix_rewrite: / }
+          - { name: rest, service: api, split: { v1: 3, v2: 1 }, timeout: 1s }
+"#;
+    let snapshot = snapshot(&[("a.yaml", CANARY), ("b.yaml", gateway)]);
+    assert_eq!(snapshot.nodes["gw"].service, None);
+    let gw = node(&snapshot, "gw");
+    assert_eq!(gw.listeners.len(), 1);
+    assert_eq!(gw.listeners[0].address, "127.0.0.1:9000");
+    assert_eq!(cluster_names(&gw), ["api.v1", "api.v2", "web"]);
+    let vhosts: BTreeMap<&str, Vec<&str>> = route_config(&gw, "http")
+        .virtual_hosts
+        .iter()
+        .map(|v| {
+            (
+                v.domains[0].as_str(),
+                v.routes
+                    .iter()
+                    .map(|r| r.name.as_deref().unwrap())
+                    .collect(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        vhosts,
+        BTreeMap::from([
+            ("*", vec!["rest"]),
+            ("*.example.com", vec!["v2", "rest"]),
+            ("admin.example.com", vec!["admin", "v2", "rest"]),
+        ])
+    );
+    let rest = &route_config(&gw, "http").virtual_hosts[0].routes[0];
+    assert_eq!(weights(rest), [("api.v1", 3), ("api.v2", 1)]);
+    assert_eq!(rest.timeout, Some(Duration::from_secs(1)));
+}
+
+#[test]
+fn host_patterns_cover_what_the_proxy_would_route_to_a_virtual_host() {
+    let cases = [
+        ("*", "a.com", true),
+        ("a.com", "a.com", true),
+        ("a.com", "b.com", false),
+        ("*.com", "a.com", true),
+        ("*.com", "*.a.com", true),
+        ("*.a.com", "*.com", false),
+        ("*.a.com", "a.com", false),
+        ("*.a.com", "xa.com", false),
+        ("a.com", "*", false),
+    ];
+    for (pattern, domain, want) in cases {
+        assert_eq!(
+            build::covers(pattern, domain),
+            want,
+            "{pattern} vs {domain}"
+        );
+    }
+}
+
+#[test]
+fn building_twice_gives_identical_resources() {
+    let first = snapshot(&[("m.yaml", CANARY)]);
+    let second = snapshot(&[("m.yaml", CANARY)]);
+    for (id, entry) in &first.nodes {
+        assert_eq!(*entry.resources, *second.nodes[id].resources, "{id}");
+    }
+    // A change to one service changes its callers, not unrelated nodes.
+    let changed = snapshot(&[("m.yaml", &CANARY.replace("v1: 90", "v1: 80"))]);
+    assert_ne!(
+        *changed.nodes["web-1"].resources,
+        *first.nodes["web-1"].resources
+    );
+    assert_eq!(
+        *changed.nodes["api-a"].resources,
+        *first.nodes["api-a"].resources
+    );
+}
+
+#[test]
+fn demo_mesh_validates_and_builds_every_node() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/demo");
+    let snapshot = match build_dir(&dir) {
+        Ok(snapshot) => snapshot,
+        Err(errors) => panic!("config/demo is invalid:\n{errors}"),
+    };
+    assert_eq!(
+        snapshot.nodes.keys().collect::<Vec<_>>(),
+        [
+            "backend-v1",
+            "backend-v2",
+            "echo-1",
+            "frontend-1",
+            "ingress"
+        ]
+    );
+    let frontend = node(&snapshot, "frontend-1");
+    assert_eq!(frontend.listeners.len(), 2);
+    assert_eq!(
+        cluster_names(&frontend),
+        ["backend.v1", "backend.v2", "echo", "local_app"]
+    );
+    let hosts: Vec<&str> = route_config(&frontend, "outbound")
+        .virtual_hosts
+        .iter()
+        .map(|v| v.domains[0].as_str())
+        .collect();
+    assert_eq!(hosts, ["backend", "echo"]);
+    assert_eq!(
+        cluster(&frontend, "echo").protocol.as_deref(),
+        Some("http2")
+    );
+
+    for id in ["backend-v1", "backend-v2", "echo-1"] {
+        let spec = node(&snapshot, id);
+        assert_eq!(spec.listeners.len(), 1, "{id}");
+        assert_eq!(cluster_names(&spec), ["local_app"], "{id}");
+    }
+
+    let ingress = node(&snapshot, "ingress");
+    assert_eq!(ingress.listeners[0].address, "127.0.0.1:15000");
+    assert_eq!(
+        cluster_names(&ingress),
+        ["backend.v1", "backend.v2", "frontend"]
+    );
+    let routes: Vec<(&str, Option<&str>)> = route_config(&ingress, "http").virtual_hosts[0]
+        .routes
+        .iter()
+        .map(|r| (r.name.as_deref().unwrap(), r.prefix_rewrite.as_deref()))
+        .collect();
+    assert_eq!(
+        routes,
+        [
+            ("frontend", Some("/")),
+            ("backend-canary", Some("/")),
+            ("backend", Some("/")),
+        ]
+    );
+}
+
+#[test]
+fn only_visible_yaml_files_are_mesh_files() {
+    let cases = [
+        ("a.yaml", true),
+        ("a.yml", true),
+        ("a.yaml~", false),
+        (".a.yaml.swp", false),
+        (".#a.yaml", false),
+        ("a.json", false),
+    ];
+    for (name, want) in cases {
+        assert_eq!(is_mesh_file(Path::new(name)), want, "{name}");
+    }
+}

@@ -1,0 +1,480 @@
+//! Mesh-level validation: the rules that span resources and files (unique
+//! names and node ids, references between services, versions, address
+//! collisions) and the values the builder relies on. What the proxy checks
+//! anyway in each node's configuration (route matches, rewrites) is left to
+//! the proxy's validator, which `build` runs on every node.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::spec::{GatewaySpec, ServiceSpec};
+use super::{Located, Mesh, MeshError, MeshErrors};
+
+/// Service protocols, as the proxy's cluster `protocol` spells them.
+pub(super) const PROTOCOLS: [&str; 2] = ["http1", "http2"];
+const LB_POLICIES: [&str; 3] = ["round_robin", "random", "least_request"];
+
+/// Collects problems of one resource.
+struct Report<'a> {
+    errors: &'a mut Vec<MeshError>,
+    file: &'a Arc<str>,
+    kind: &'static str,
+    name: &'a str,
+}
+
+impl Report<'_> {
+    fn error(&mut self, field: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(MeshError::Invalid {
+            file: self.file.clone(),
+            kind: self.kind,
+            name: self.name.to_owned(),
+            field: field.into(),
+            message: message.into(),
+        });
+    }
+}
+
+/// Who holds a listener address, for collision messages.
+struct Bound {
+    addr: SocketAddr,
+    owner: String,
+}
+
+/// Mesh-wide state gathered while checking resources one by one.
+#[derive(Default)]
+struct Registry {
+    /// Node id -> "workload of service \"x\" (file)" / "gateway (file)".
+    node_ids: HashMap<String, String>,
+    listeners: Vec<Bound>,
+    apps: Vec<(SocketAddr, Arc<str>, String, String)>,
+}
+
+impl Registry {
+    fn claim_node(&mut self, report: &mut Report<'_>, field: &str, id: &str, owner: String) {
+        match self.node_ids.get(id) {
+            Some(previous) => report.error(
+                field,
+                format!("node id {id:?} is already used by {previous}"),
+            ),
+            None => {
+                self.node_ids.insert(id.to_owned(), owner);
+            }
+        }
+    }
+
+    fn bind(&mut self, report: &mut Report<'_>, field: &str, addr: SocketAddr, owner: String) {
+        // Port 0 picks a free port, so it never collides.
+        if addr.port() == 0 {
+            return;
+        }
+        if let Some(previous) = self.listeners.iter().find(|b| collides(b.addr, addr)) {
+            report.error(
+                field,
+                format!("{addr} is already used by {}", previous.owner),
+            );
+            return;
+        }
+        self.listeners.push(Bound { addr, owner });
+    }
+}
+
+/// Two listeners cannot both bind when their ports are equal and their IPs
+/// are equal or one of them is the unspecified address of the same family.
+fn collides(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.is_ipv4() == b.is_ipv4()
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
+pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
+    let mut errors = Vec::new();
+    let mut registry = Registry::default();
+
+    // Services by name (the first definition wins for reference checks),
+    // and the versions their workloads declare.
+    let mut services: BTreeMap<&str, &Located<ServiceSpec>> = BTreeMap::new();
+    for service in &mesh.services {
+        services
+            .entry(service.spec.name.as_str())
+            .or_insert(service);
+    }
+    let versions: BTreeMap<&str, BTreeSet<&str>> = services
+        .iter()
+        .map(|(name, s)| {
+            let versions = s
+                .spec
+                .workloads
+                .iter()
+                .filter_map(|w| w.version.as_deref())
+                .collect();
+            (*name, versions)
+        })
+        .collect();
+
+    let mut first_file: HashMap<(&str, &str), &Arc<str>> = HashMap::new();
+    for service in &mesh.services {
+        let mut report = Report {
+            errors: &mut errors,
+            file: &service.file,
+            kind: "service",
+            name: &service.spec.name,
+        };
+        if let Some(file) = first_file.get(&("service", service.spec.name.as_str())) {
+            report.error(
+                "name",
+                format!("duplicate service name (also defined in {file})"),
+            );
+        } else {
+            first_file.insert(("service", &service.spec.name), &service.file);
+        }
+        check_service(&mut report, &service.spec, &versions, &mut registry);
+    }
+    for gateway in &mesh.gateways {
+        let mut report = Report {
+            errors: &mut errors,
+            file: &gateway.file,
+            kind: "gateway",
+            name: &gateway.spec.name,
+        };
+        if let Some(file) = first_file.get(&("gateway", gateway.spec.name.as_str())) {
+            report.error(
+                "name",
+                format!("duplicate gateway name (also defined in {file})"),
+            );
+        } else {
+            first_file.insert(("gateway", &gateway.spec.name), &gateway.file);
+        }
+        check_gateway(&mut report, &gateway.spec, &versions, &mut registry);
+    }
+
+    // An application address that is also a listener would make a proxy
+    // forward to itself.
+    let apps = std::mem::take(&mut registry.apps);
+    for (addr, file, name, field) in apps {
+        if let Some(bound) = registry
+            .listeners
+            .iter()
+            .find(|b| b.addr.port() == addr.port() && (b.addr.ip() == addr.ip()))
+        {
+            errors.push(MeshError::Invalid {
+                file,
+                kind: "service",
+                name,
+                field,
+                message: format!("{addr} is a listener of {}", bound.owner),
+            });
+        }
+    }
+
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(MeshErrors(errors))
+    }
+}
+
+fn check_service(
+    report: &mut Report<'_>,
+    spec: &ServiceSpec,
+    versions: &BTreeMap<&str, BTreeSet<&str>>,
+    registry: &mut Registry,
+) {
+    check_label(report, "name", &spec.name);
+    if let Some(protocol) = &spec.protocol
+        && !PROTOCOLS.contains(&protocol.as_str())
+    {
+        report.error(
+            "protocol",
+            format!("unknown value {protocol:?} (expected http1, http2)"),
+        );
+    }
+    if let Some(lb) = &spec.lb
+        && !LB_POLICIES.contains(&lb.as_str())
+    {
+        report.error(
+            "lb",
+            format!("unknown value {lb:?} (expected round_robin, random, least_request)"),
+        );
+    }
+    if spec.connect_timeout.is_some_and(|t| t == Duration::ZERO) {
+        report.error("connect_timeout", "must be greater than zero");
+    }
+    if spec.workloads.is_empty() {
+        report.error("workloads", "a service needs at least one workload");
+    }
+    let file = report.file.clone();
+    for (i, workload) in spec.workloads.iter().enumerate() {
+        let at = format!("workloads[{i}]");
+        let owner = |field: &str| format!("service {:?} {at}.{field} ({file})", spec.name,);
+        check_label(report, &format!("{at}.name"), &workload.name);
+        registry.claim_node(
+            report,
+            &format!("{at}.name"),
+            &workload.name,
+            format!("a workload of service {:?} ({file})", spec.name),
+        );
+        if let Some(version) = &workload.version {
+            check_label(report, &format!("{at}.version"), version);
+        }
+        if let Some(app) = parse_addr(report, &format!("{at}.app"), &workload.app, true) {
+            registry
+                .apps
+                .push((app, file.clone(), spec.name.clone(), format!("{at}.app")));
+        }
+        if let Some(inbound) = parse_addr(report, &format!("{at}.inbound"), &workload.inbound, true)
+        {
+            if inbound.ip().is_unspecified() {
+                report.error(
+                    format!("{at}.inbound"),
+                    format!(
+                        "{inbound}: callers connect to this address, so it must not be unspecified"
+                    ),
+                );
+            }
+            registry.bind(report, &format!("{at}.inbound"), inbound, owner("inbound"));
+        }
+        if let Some(outbound) = &workload.outbound
+            && let Some(addr) = parse_addr(report, &format!("{at}.outbound"), outbound, false)
+        {
+            registry.bind(report, &format!("{at}.outbound"), addr, owner("outbound"));
+        }
+    }
+
+    // Calling itself is allowed: replicas of one service may talk to each
+    // other (a cache ring, leader forwarding).
+    let mut called = HashSet::new();
+    for (i, callee) in spec.calls.iter().enumerate() {
+        if !versions.contains_key(callee.as_str()) {
+            report.error(format!("calls[{i}]"), format!("unknown service {callee:?}"));
+        } else if !called.insert(callee.as_str()) {
+            report.error(format!("calls[{i}]"), format!("{callee:?} is listed twice"));
+        }
+    }
+
+    let own_versions = versions.get(spec.name.as_str());
+    let mut route_names = HashSet::new();
+    for (i, route) in spec.routes.iter().enumerate() {
+        let at = format!("routes[{i}]");
+        check_route_name(report, &format!("{at}.name"), &route.name);
+        if !route_names.insert(route.name.as_str()) {
+            report.error(
+                format!("{at}.name"),
+                format!("duplicate route {:?}", route.name),
+            );
+        }
+        if let Some(versions) = own_versions {
+            check_target(
+                report,
+                &at,
+                route.version.as_deref(),
+                route.split.as_ref(),
+                versions,
+            );
+        }
+    }
+}
+
+fn check_gateway(
+    report: &mut Report<'_>,
+    spec: &GatewaySpec,
+    versions: &BTreeMap<&str, BTreeSet<&str>>,
+    registry: &mut Registry,
+) {
+    check_label(report, "name", &spec.name);
+    let file = report.file.clone();
+    registry.claim_node(report, "name", &spec.name, format!("a gateway ({file})"));
+    if spec.listeners.is_empty() {
+        report.error("listeners", "a gateway needs at least one listener");
+    }
+    let mut listener_names = HashSet::new();
+    for (li, listener) in spec.listeners.iter().enumerate() {
+        let at = format!("listeners[{li}]");
+        check_route_name(report, &format!("{at}.name"), &listener.name);
+        if !listener_names.insert(listener.name.as_str()) {
+            report.error(
+                format!("{at}.name"),
+                format!("duplicate listener {:?}", listener.name),
+            );
+        }
+        if let Some(addr) = parse_addr(report, &format!("{at}.address"), &listener.address, false) {
+            registry.bind(
+                report,
+                &format!("{at}.address"),
+                addr,
+                format!("gateway {:?} {at}.address ({file})", spec.name),
+            );
+        }
+        let mut route_names = HashSet::new();
+        for (ri, route) in listener.routes.iter().enumerate() {
+            let at = format!("{at}.routes[{ri}]");
+            check_route_name(report, &format!("{at}.name"), &route.name);
+            if !route_names.insert(route.name.as_str()) {
+                report.error(
+                    format!("{at}.name"),
+                    format!("duplicate route {:?}", route.name),
+                );
+            }
+            if let Some(hosts) = &route.hosts {
+                if hosts.is_empty() {
+                    report.error(
+                        format!("{at}.hosts"),
+                        "must list at least one host (omit it for any host)",
+                    );
+                }
+                for (hi, host) in hosts.iter().enumerate() {
+                    if !is_host_pattern(host) {
+                        report.error(
+                            format!("{at}.hosts[{hi}]"),
+                            format!(
+                                "invalid host {host:?} (expected host, *.suffix or *, without a port)"
+                            ),
+                        );
+                    }
+                }
+            }
+            match versions.get(route.service.as_str()) {
+                None => report.error(
+                    format!("{at}.service"),
+                    format!("unknown service {:?}", route.service),
+                ),
+                Some(versions) => check_target(
+                    report,
+                    &at,
+                    route.version.as_deref(),
+                    route.split.as_ref(),
+                    versions,
+                ),
+            }
+        }
+    }
+}
+
+/// Checks a route's `version` / `split` against the target's versions.
+fn check_target(
+    report: &mut Report<'_>,
+    at: &str,
+    version: Option<&str>,
+    split: Option<&BTreeMap<String, u32>>,
+    versions: &BTreeSet<&str>,
+) {
+    let known = || {
+        if versions.is_empty() {
+            "workloads have no versions".to_owned()
+        } else {
+            format!(
+                "workloads have {}",
+                versions.iter().copied().collect::<Vec<_>>().join(", ")
+            )
+        }
+    };
+    if version.is_some() && split.is_some() {
+        report.error(at, "set version or split, not both");
+    }
+    if let Some(version) = version
+        && !versions.contains(version)
+    {
+        report.error(
+            format!("{at}.version"),
+            format!("unknown version {version:?} ({})", known()),
+        );
+    }
+    if let Some(split) = split {
+        for name in split.keys() {
+            if !versions.contains(name.as_str()) {
+                report.error(
+                    format!("{at}.split.{name}"),
+                    format!("unknown version {name:?} ({})", known()),
+                );
+            }
+        }
+        let total: u64 = split.values().map(|w| u64::from(*w)).sum();
+        if total == 0 {
+            report.error(
+                format!("{at}.split"),
+                "weights sum to 0 (at least one must be positive)",
+            );
+        } else if total > u64::from(u32::MAX) {
+            report.error(
+                format!("{at}.split"),
+                format!("weights sum to {total} (at most {})", u32::MAX),
+            );
+        }
+    }
+}
+
+/// Names that become node ids, cluster names and host names: one DNS label.
+fn check_label(report: &mut Report<'_>, field: &str, value: &str) {
+    let valid = !value.is_empty()
+        && value.len() <= 63
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !value.starts_with('-')
+        && !value.ends_with('-');
+    if !valid {
+        report.error(
+            field,
+            format!(
+                "invalid name {value:?} (expected 1-63 lowercase letters, digits or '-', not starting or ending with '-')"
+            ),
+        );
+    }
+}
+
+/// Route and listener names follow the proxy's resource-name rule.
+fn check_route_name(report: &mut Report<'_>, field: &str, value: &str) {
+    let valid = !value.is_empty()
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
+    if !valid {
+        report.error(
+            field,
+            format!("invalid name {value:?} (expected ASCII letters, digits and - _ . : / only)"),
+        );
+    }
+}
+
+/// `*`, `*.suffix` or a host name, as the proxy's virtual host domains.
+pub(super) fn is_host_pattern(host: &str) -> bool {
+    let name = match host {
+        "*" => return true,
+        _ => host.strip_prefix("*.").unwrap_or(host),
+    };
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
+fn parse_addr(
+    report: &mut Report<'_>,
+    field: &str,
+    value: &str,
+    needs_port: bool,
+) -> Option<SocketAddr> {
+    match value.parse::<SocketAddr>() {
+        Ok(addr) if needs_port && addr.port() == 0 => {
+            report.error(
+                field,
+                format!("{value}: port 0 is not allowed here (proxies connect to this address)"),
+            );
+            None
+        }
+        Ok(addr) => Some(addr),
+        Err(_) => {
+            report.error(
+                field,
+                format!("invalid socket address {value:?} (expected IP:PORT)"),
+            );
+            None
+        }
+    }
+}

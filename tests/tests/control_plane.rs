@@ -1,0 +1,271 @@
+//! `weft-cp serve` and `weft-cp demo` as real processes: a mesh directory's
+//! changes reach the proxies, a bad change is rejected with the last good
+//! state kept, proxies ride out a control-plane restart, and the demo runs.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+
+use weft_tests::xds::{CpProcess, TOKEN};
+use weft_tests::*;
+
+/// Two services whose only workloads are reached at the echo servers
+/// (standing in for their sidecars), and a gateway on port 0.
+fn services(alpha: SocketAddr, beta: SocketAddr) -> String {
+    format!(
+        r#"
+services:
+  - name: alpha
+    workloads:
+      - {{ name: alpha-1, app: "127.0.0.1:1", inbound: "{alpha}" }}
+  - name: beta
+    workloads:
+      - {{ name: beta-1, app: "127.0.0.1:2", inbound: "{beta}" }}
+"#
+    )
+}
+
+fn gateway(service: &str) -> String {
+    format!(
+        r#"
+gateways:
+  - name: gw
+    listeners:
+      - name: http
+        address: "127.0.0.1:0"
+        routes:
+          - {{ name: all, service: {service} }}
+"#
+    )
+}
+
+/// Replaces a file atomically, as editors and config management do.
+fn write(dir: &Path, name: &str, text: &str) {
+    let temporary = dir.join(format!(".{name}.tmp"));
+    std::fs::write(&temporary, text).unwrap();
+    std::fs::rename(&temporary, dir.join(name)).unwrap();
+}
+
+async fn served_by(addr: SocketAddr) -> Option<String> {
+    let response = http1_request(addr, get(addr, "/")).await.ok()?;
+    (response.status() == 200).then(|| header(&response, "x-echo-server").to_owned())
+}
+
+struct Mesh {
+    dir: TempDir,
+    cp: CpProcess,
+    proxy: ProxyProcess,
+    web: SocketAddr,
+    _echoes: [EchoServer; 2],
+}
+
+impl Mesh {
+    async fn start() -> Self {
+        let alpha = echo("alpha").await;
+        let beta = echo("beta").await;
+        let dir = TempDir::new().unwrap();
+        write(
+            dir.path(),
+            "services.yaml",
+            &services(alpha.local_addr(), beta.local_addr()),
+        );
+        write(dir.path(), "gateway.yaml", &gateway("alpha"));
+        let cp = CpProcess::start(dir.path()).await.unwrap();
+        let proxy = ProxyProcess::start_xds(cp.xds, "gw", Some(TOKEN))
+            .await
+            .unwrap();
+        let web = proxy.bound_listener("http").await.unwrap();
+        Self {
+            dir,
+            cp,
+            proxy,
+            web,
+            _echoes: [alpha, beta],
+        }
+    }
+
+    async fn routes_to(&self, name: &str) -> bool {
+        eventually(DEADLINE, || async {
+            served_by(self.web).await.as_deref() == Some(name)
+        })
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_file_change_reaches_the_proxy_and_changes_routing() {
+    let mesh = Mesh::start().await;
+    assert_eq!(served_by(mesh.web).await.as_deref(), Some("alpha"));
+    write(mesh.dir.path(), "gateway.yaml", &gateway("beta"));
+    assert!(mesh.routes_to("beta").await, "cp log:\n{}", mesh.cp.log());
+    let status = mesh.cp.status().await.unwrap();
+    assert_eq!(status.proxies.len(), 1);
+    assert_eq!(status.proxies[0].node_id, "gw");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_mesh_change_is_rejected_and_the_last_good_state_kept() {
+    let mesh = Mesh::start().await;
+    write(mesh.dir.path(), "gateway.yaml", &gateway("gamma"));
+    let rejected = eventually(DEADLINE, || async {
+        mesh.cp
+            .status()
+            .await
+            .ok()
+            .and_then(|s| s.config_error)
+            .is_some_and(|e| e.contains("gateway.yaml") && e.contains("\"gamma\""))
+    })
+    .await;
+    assert!(
+        rejected,
+        "status shows the rejection; cp log:\n{}",
+        mesh.cp.log()
+    );
+    assert_eq!(served_by(mesh.web).await.as_deref(), Some("alpha"));
+
+    // `weft-cp validate` reports the same problem and fails.
+    let output = std::process::Command::new(cp_binary())
+        .arg("validate")
+        .arg(mesh.dir.path())
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("gateway.yaml") && stderr.contains("gamma"),
+        "{stderr}"
+    );
+
+    // Fixed, it is applied and the error clears.
+    write(mesh.dir.path(), "gateway.yaml", &gateway("beta"));
+    assert!(mesh.routes_to("beta").await);
+    assert_eq!(mesh.cp.status().await.unwrap().config_error, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_keep_serving_through_a_control_plane_restart() {
+    let mut mesh = Mesh::start().await;
+    let (xds, admin) = (mesh.cp.xds, mesh.cp.admin);
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let traffic = {
+        let (stop, ok, failed, web) = (stop.clone(), ok.clone(), failed.clone(), mesh.web);
+        tokio::spawn(async move {
+            // Bounded in count as well as by the test's own steps.
+            for _ in 0..100_000 {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                match served_by(web).await {
+                    Some(_) => ok.fetch_add(1, Relaxed),
+                    None => failed.fetch_add(1, Relaxed),
+                };
+            }
+        })
+    };
+    let before = ok.load(Relaxed);
+    assert!(eventually(DEADLINE, || async { ok.load(Relaxed) > before + 20 }).await);
+
+    mesh.cp.kill().await;
+    let during = ok.load(Relaxed);
+    assert!(eventually(DEADLINE, || async { ok.load(Relaxed) > during + 50 }).await);
+
+    // A change made while the control plane was down reaches the proxy
+    // once it is back (the proxy reconnects with backoff).
+    write(mesh.dir.path(), "gateway.yaml", &gateway("beta"));
+    mesh.cp = CpProcess::start_at(mesh.dir.path(), xds, admin)
+        .await
+        .unwrap();
+    assert!(
+        mesh.routes_to("beta").await,
+        "proxy log:\n{}",
+        mesh.proxy.log()
+    );
+    stop.store(true, Relaxed);
+    traffic.await.unwrap();
+    assert_eq!(failed.load(Relaxed), 0, "no request failed");
+    assert!(ok.load(Relaxed) > 70);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
+    // The demo mesh uses fixed ports (config/demo): skip if they are taken.
+    let gateway: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    if std::net::TcpListener::bind(gateway).is_err() {
+        eprintln!("skipped: {gateway} (the demo gateway's port) is in use");
+        return;
+    }
+    let mut demo = tokio::process::Command::new(cp_binary())
+        .args(["demo", "--rate", "5", "--duration", "60s", "--proxy-binary"])
+        .arg(proxy_binary())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let stdout = demo.stdout.take().unwrap();
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+    let mut admins = Vec::new();
+    let up = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(url) = line
+                .split_whitespace()
+                .find(|w| w.starts_with("http://") && w.ends_with("/config_dump"))
+            {
+                let address = url
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/config_dump");
+                admins.push(address.parse::<SocketAddr>().unwrap());
+            }
+            if line.starts_with("Ctrl-C stops everything") {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(up.ok(), Some(true), "the demo prints its banner");
+    assert_eq!(admins.len(), 5, "four sidecars and a gateway");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+
+    // gateway -> frontend sidecar -> frontend app -> its outbound sidecar
+    // listener -> backend and echo sidecars -> their apps.
+    let response = http1_request(gateway, get(gateway, "/frontend/hello"))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = String::from_utf8(body_bytes(response).await.unwrap().to_vec()).unwrap();
+    assert!(body.starts_with("frontend (workload frontend-1"), "{body}");
+    assert!(
+        body.contains("-> backend: 200 OK backend (workload backend-v"),
+        "{body}"
+    );
+    assert!(
+        body.contains("-> echo: 200 OK echo (workload echo-1"),
+        "{body}"
+    );
+    let mut canary = get(gateway, "/backend/x");
+    canary
+        .headers_mut()
+        .insert("x-canary", "1".parse().unwrap());
+    let response = http1_request(gateway, canary).await.unwrap();
+    assert_eq!(header(&response, "x-demo-workload"), "backend-v2");
+
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &demo.id().unwrap().to_string()])
+        .status();
+    let status = tokio::time::timeout(DEADLINE, demo.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    for address in admins.into_iter().chain([gateway]) {
+        assert!(
+            tokio::net::TcpStream::connect(address).await.is_err(),
+            "{address} is closed"
+        );
+    }
+}
