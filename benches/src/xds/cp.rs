@@ -182,11 +182,14 @@ async fn get_status(admin: SocketAddr, token: &str) -> anyhow::Result<Bytes> {
         Ok(body)
     };
     let mut connection = std::pin::pin!(connection);
+    let mut exchange = std::pin::pin!(exchange);
     tokio::select! {
-        body = exchange => body,
+        body = &mut exchange => body,
+        // A connection the server closes after the response ends here
+        // first; what it delivered is still read from the exchange.
         result = &mut connection => {
             result.context("admin connection")?;
-            bail!("the admin connection closed before the response")
+            exchange.await
         }
     }
 }
