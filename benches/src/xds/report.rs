@@ -107,7 +107,7 @@ pub(super) fn median(values: impl IntoIterator<Item = Option<f64>>) -> Option<f6
     }
     values.sort_by(f64::total_cmp);
     let middle = values.len() / 2;
-    Some(if values.len() % 2 == 0 {
+    Some(if values.len().is_multiple_of(2) {
         f64::midpoint(values[middle - 1], values[middle])
     } else {
         values[middle]
