@@ -61,11 +61,18 @@ pub fn run_cli(args: &XdsArgs) -> anyhow::Result<()> {
         cp_binary.display()
     );
     // Before the runtime exists, so that its threads inherit the affinity.
-    let placement = if args.no_pin {
+    let mut placement = if args.no_pin {
         Placement::unpinned("--no-pin")
     } else {
         Placement::pin_current_process(None)
     };
+    if let (Some(cp_cpus), Some(client_cpus)) = (&placement.proxy_cpus, &placement.load_cpus) {
+        placement.description = format!(
+            "weft-cp pinned to CPU {cp_cpus} (`taskset -c {cp_cpus}`, all its threads); the \
+             simulated proxies run in the weft-bench process, pinned to CPU {client_cpus} \
+             (`taskset -a -p -c {client_cpus}` on itself)"
+        );
+    }
     let client_threads = std::thread::available_parallelism().map_or(1, NonZeroUsize::get);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(client_threads)
