@@ -46,7 +46,7 @@ mod placement;
 mod proxies;
 mod report;
 mod runner;
-mod system;
+pub(crate) mod system;
 
 #[cfg(test)]
 mod tests;

@@ -11,8 +11,11 @@
 //!   coordinated omission;
 //! - the scenario runner ([`compare`]): the same scenarios through no proxy,
 //!   weft, nginx and HAProxy, interleaved, reported as tables, JSON and
-//!   latency charts.
+//!   latency charts;
+//! - the control-plane benchmark ([`xds`]): push convergence and memory per
+//!   connected proxy of a real `weft-cp serve` under N simulated proxies.
 
 pub mod compare;
 pub mod echo;
 pub mod load;
+pub mod xds;

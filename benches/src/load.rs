@@ -42,7 +42,7 @@ mod config;
 mod driver;
 mod http;
 mod plan;
-mod process;
+pub(crate) mod process;
 mod progress;
 mod record;
 mod report;

@@ -29,6 +29,9 @@ enum Command {
     /// Compare direct, weft, nginx and HAProxy on the same scenarios and
     /// report tables, JSON and latency charts.
     Compare(weft_bench::compare::CompareArgs),
+    /// Measure the control plane: push convergence time and memory per
+    /// connected proxy, with N simulated proxies on ADS.
+    Xds(weft_bench::xds::XdsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Command::Echo(args) => weft_bench::echo::run(&args),
         Command::Load(args) => weft_bench::load::run_cli(&args),
         Command::Compare(args) => weft_bench::compare::run_cli(&args),
+        Command::Xds(args) => weft_bench::xds::run_cli(&args),
     }
 }

@@ -117,7 +117,7 @@ async fn sample(path: &str) -> io::Result<(u64, u64)> {
 }
 
 /// `utime + stime` of the process at `path` (`/proc/PID`), in clock ticks.
-async fn cpu_ticks(path: &str) -> io::Result<u64> {
+pub(crate) async fn cpu_ticks(path: &str) -> io::Result<u64> {
     let stat = tokio::fs::read_to_string(format!("{path}/stat")).await?;
     parse_cpu_ticks(&stat).ok_or_else(|| {
         io::Error::new(
@@ -162,7 +162,7 @@ pub(crate) fn parse_rss_bytes(status: &str) -> Option<u64> {
 }
 
 /// `sysconf(_SC_CLK_TCK)`, read from the auxiliary vector.
-async fn clock_ticks_per_second() -> u64 {
+pub(crate) async fn clock_ticks_per_second() -> u64 {
     match tokio::fs::read("/proc/self/auxv").await {
         Ok(auxv) => parse_auxv_clock_ticks(&auxv).unwrap_or(DEFAULT_CLOCK_TICKS_PER_SECOND),
         Err(_) => DEFAULT_CLOCK_TICKS_PER_SECOND,
