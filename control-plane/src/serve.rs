@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::cache::SnapshotCache;
-use crate::mesh::{self, MeshErrors};
+use crate::mesh::MeshErrors;
 use crate::watch::{self, MeshUpdate, WatchHandle};
 use crate::xds::{Auth, Server, ServerError, ServerOptions};
 
@@ -62,41 +62,53 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Loads the directory, starts serving it, and starts watching it.
     pub async fn start(options: ServeOptions) -> Result<Self, ServeError> {
-        let dir = options.config_dir.clone();
-        let initial = tokio::task::spawn_blocking(move || mesh::build_dir(&dir))
-            .await
-            .unwrap_or_else(|join| std::panic::resume_unwind(join.into_panic()))
-            .map_err(|errors| ServeError::Mesh {
-                dir: options.config_dir.display().to_string(),
-                errors,
-            })?;
         let cache = SnapshotCache::new();
-        tracing::info!(
-            dir = %options.config_dir.display(),
-            nodes = initial.nodes.len(),
-            "mesh loaded"
-        );
-        cache.set(initial);
+        // The watcher's first poll is the initial load: it decides whether
+        // the control plane starts. Later updates replace the snapshot or
+        // record why they were rejected.
+        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<usize, MeshErrors>>();
+        let mut first = Some(first_tx);
+        let updates = cache.clone();
+        let watcher = watch::spawn(
+            options.config_dir.clone(),
+            options.poll_interval,
+            move |update| match update {
+                MeshUpdate::Loaded(snapshot) => {
+                    let nodes = snapshot.nodes.len();
+                    updates.set(snapshot);
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Ok(nodes));
+                    }
+                }
+                MeshUpdate::Rejected(errors) => {
+                    if let Some(first) = first.take() {
+                        let _ = first.send(Err(errors));
+                        return;
+                    }
+                    tracing::warn!(%errors, "mesh change rejected; serving the last good state");
+                    updates.set_config_error(Some(errors.to_string()));
+                }
+            },
+        )
+        .map_err(ServeError::Watch)?;
+        let dir = options.config_dir.display().to_string();
+        match first_rx.await {
+            Ok(Ok(nodes)) => tracing::info!(%dir, nodes, "mesh loaded"),
+            Ok(Err(errors)) => return Err(ServeError::Mesh { dir, errors }),
+            Err(_) => {
+                return Err(ServeError::Watch(std::io::Error::other(
+                    "the directory watcher stopped before its first load",
+                )));
+            }
+        }
         let server = Server::start(ServerOptions {
             xds_addr: options.xds_addr,
             admin_addr: options.admin_addr,
             auth: options.auth,
-            cache: cache.clone(),
+            cache,
             drain_timeout: options.drain_timeout,
         })
         .await?;
-        // The watcher's first poll reports the directory as loaded again;
-        // its resources have the same versions, so nothing is pushed.
-        let watcher = watch::spawn(options.config_dir, options.poll_interval, move |update| {
-            match update {
-                MeshUpdate::Loaded(snapshot) => cache.set(snapshot),
-                MeshUpdate::Rejected(errors) => {
-                    tracing::warn!(%errors, "mesh change rejected; serving the last good state");
-                    cache.set_config_error(Some(errors.to_string()));
-                }
-            }
-        })
-        .map_err(ServeError::Watch)?;
         Ok(Self { server, watcher })
     }
 
