@@ -166,8 +166,18 @@ fn run(args: &Args) -> anyhow::Result<()> {
 fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
     let mut bootstrap = match &args.config {
         Some(path) => {
-            let config = Config::from_file(path)?;
-            let spec = (*config.spec).clone();
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            let spec: BootstrapSpec = match serde_yaml_ng::from_str(&text) {
+                Ok(spec) => spec,
+                // The loader reports syntax errors with their path and line.
+                Err(_) => {
+                    return Err(Config::from_file(path).err().map_or_else(
+                        || anyhow::anyhow!("{}: cannot be parsed", path.display()),
+                        anyhow::Error::from,
+                    ));
+                }
+            };
             anyhow::ensure!(
                 spec.listeners.is_empty()
                     && spec.route_configs.is_empty()

@@ -225,3 +225,67 @@ fn tokio_stream_from<T: Send + 'static>(
 ) -> impl futures_util::Stream<Item = T> + Send + 'static {
     futures_util::stream::poll_fn(move |cx| queue.poll_recv(cx))
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_xds_a_bootstrap_file_gives_only_the_proxys_own_settings() {
+    let dir = TempDir::new().unwrap();
+    let bootstrap = dir.path().join("bootstrap.yaml");
+    std::fs::write(
+        &bootstrap,
+        "listeners:\n  - { name: web, address: \"127.0.0.1:0\", route_config: main }\n",
+    )
+    .unwrap();
+    let output = tokio::process::Command::new(proxy_binary())
+        .args(["--xds", "127.0.0.1:1", "--node-id", "gw", "--config"])
+        .arg(&bootstrap)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("come from the control plane"), "{stderr}");
+
+    // Admin and the access log from the file; everything else over xDS.
+    let echo = echo("logged").await;
+    let cp = TestCp::start().await.unwrap();
+    cp.set(
+        "gw",
+        vec![listener("web")],
+        vec![routes("echo", 0)],
+        vec![cluster("echo", echo.local_addr(), "http1")],
+    );
+    let log = dir.path().join("access.log");
+    std::fs::write(
+        &bootstrap,
+        format!(
+            "admin: {{ address: \"127.0.0.1:0\" }}\naccess_log: {{ path: \"{}\" }}\n",
+            log.display()
+        ),
+    )
+    .unwrap();
+    let xds = cp.xds_addr().to_string();
+    let token = dir.path().join("token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let proxy = ProxyProcess::start_with_args(&[
+        "--xds",
+        &xds,
+        "--node-id",
+        "gw",
+        "--token-file",
+        token.to_str().unwrap(),
+        "--config",
+        bootstrap.to_str().unwrap(),
+    ])
+    .await
+    .unwrap();
+    let web = proxy.bound_listener("web").await.unwrap();
+    assert_eq!(served_by(web).await, "logged");
+    let logged = eventually(DEADLINE, || async {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("\"listener\":\"web\""))
+    })
+    .await;
+    assert!(
+        logged,
+        "the access log from the bootstrap file records xDS traffic"
+    );
+}
