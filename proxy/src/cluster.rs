@@ -2,7 +2,10 @@
 //!
 //! A [`ClusterState`] is long-lived: it is kept in the [`ClusterRegistry`]
 //! by name and survives a configuration change that leaves its cluster
-//! unchanged, keeping its pools and counters. Its endpoint set changes on
+//! unchanged, keeping its pools and counters; a change that leaves the way
+//! endpoints are reached alone (endpoints added or removed, another load
+//! balancer) keeps the pools of the endpoints that remain. Its endpoint set
+//! changes on
 //! its own (DNS re-resolution), so it sits behind its own `ArcSwap`; one
 //! `load` gives a consistent set and its prepared balancer.
 
@@ -49,11 +52,19 @@ pub(crate) struct ClusterState {
 }
 
 impl ClusterState {
-    fn new(config: Arc<Cluster>, metrics: &Metrics) -> Self {
+    /// A cluster's state. When `previous` (the same cluster's state under
+    /// the last configuration) reaches its endpoints the same way (protocol,
+    /// connect timeout, pool settings), the endpoints still listed keep
+    /// their connection pools and counters: a mesh's most frequent change,
+    /// a workload added or removed, then costs no reconnects.
+    fn new(config: Arc<Cluster>, metrics: &Metrics, previous: Option<&ClusterState>) -> Self {
         let settings = PoolSettings::new(&config, metrics.cluster(&config.name));
+        let inherited = previous
+            .filter(|p| reaches_endpoints_alike(&p.config, &config))
+            .map(|p| p.set.load_full());
         let state = Self {
             settings,
-            set: ArcSwap::from_pointee(EndpointSet::empty(config.lb)),
+            set: ArcSwap::new(inherited.unwrap_or_else(|| Arc::new(EndpointSet::empty(config.lb)))),
             dns_cache: Mutex::new(vec![Vec::new(); config.endpoints.len()]),
             config,
         };
@@ -194,6 +205,16 @@ impl ClusterState {
     }
 }
 
+/// Whether endpoints built for `a` serve `b` unchanged: same protocol,
+/// connect timeout and pool settings (the load balancer and the endpoint
+/// list may differ).
+fn reaches_endpoints_alike(a: &Cluster, b: &Cluster) -> bool {
+    a.protocol == b.protocol
+        && a.connect_timeout == b.connect_timeout
+        && a.pool_idle_timeout == b.pool_idle_timeout
+        && a.max_idle_per_endpoint == b.max_idle_per_endpoint
+}
+
 /// Sorts by address and merges duplicates (two names resolving to one
 /// address) by adding their weights.
 fn merge(mut addrs: Vec<(SocketAddr, u32)>) -> Vec<(SocketAddr, u32)> {
@@ -275,10 +296,15 @@ impl ClusterRegistry {
             configs
                 .iter()
                 .map(|config| {
-                    let state = match current.get(&config.name) {
+                    let previous = current.get(&config.name);
+                    let state = match previous {
                         Some(state) if *state.config == **config => state.clone(),
                         _ => {
-                            let state = Arc::new(ClusterState::new(config.clone(), &self.metrics));
+                            let state = Arc::new(ClusterState::new(
+                                config.clone(),
+                                &self.metrics,
+                                previous.map(|p| &**p),
+                            ));
                             fresh.push(state.clone());
                             state
                         }

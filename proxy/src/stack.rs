@@ -353,6 +353,40 @@ clusters:
         );
     }
 
+    #[tokio::test]
+    async fn endpoints_that_stay_keep_their_pools_when_a_cluster_changes() {
+        let metrics = Arc::new(Metrics::new());
+        let registry = ClusterRegistry::new(metrics.clone(), tokio::runtime::Handle::current());
+        let first = snapshot(&registry, &metrics, CONFIG).await;
+        let endpoint = |s: &Snapshot, cluster: &str, address: &str| {
+            s.clusters[cluster]
+                .endpoints()
+                .endpoints
+                .iter()
+                .find(|e| e.addr.to_string() == address)
+                .cloned()
+        };
+        // A workload joins `app`, and its balancer changes.
+        let scaled = CONFIG.replace(
+            r#"{ name: app, endpoints: [{ address: "127.0.0.1:1" }] }"#,
+            r#"{ name: app, lb: random, endpoints: [{ address: "127.0.0.1:1" }, { address: "127.0.0.1:4" }] }"#,
+        );
+        let second = snapshot(&registry, &metrics, &scaled).await;
+        let kept = endpoint(&first, "app", "127.0.0.1:1").unwrap();
+        assert!(Arc::ptr_eq(
+            &kept,
+            &endpoint(&second, "app", "127.0.0.1:1").unwrap()
+        ));
+        assert!(endpoint(&second, "app", "127.0.0.1:4").is_some());
+        // A new connect timeout means new connections: nothing is kept.
+        let slower = scaled.replace("lb: random,", "lb: random, connect_timeout: 9s,");
+        let third = snapshot(&registry, &metrics, &slower).await;
+        assert!(!Arc::ptr_eq(
+            &kept,
+            &endpoint(&third, "app", "127.0.0.1:1").unwrap()
+        ));
+    }
+
     /// Idle connections must stay cheap: the per-connection task is the
     /// future of `http::server::serve`, measured here before it is polled.
     /// (hyper's own buffers come on top and are measured by the benches.)
