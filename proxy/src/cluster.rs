@@ -5,9 +5,8 @@
 //! unchanged, keeping its pools and counters; a change that leaves the way
 //! endpoints are reached alone (endpoints added or removed, another load
 //! balancer) keeps the pools of the endpoints that remain. Its endpoint set
-//! changes on
-//! its own (DNS re-resolution), so it sits behind its own `ArcSwap`; one
-//! `load` gives a consistent set and its prepared balancer.
+//! changes on its own (DNS re-resolution), so it sits behind its own
+//! `ArcSwap`; one `load` gives a consistent set and its prepared balancer.
 
 mod lb;
 mod pool;
