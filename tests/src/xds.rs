@@ -13,7 +13,7 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use weft_cp::cache::SnapshotCache;
 use weft_cp::resources::{MeshSnapshot, NodeEntry, NodeResources};
-use weft_cp::status::StatusReport;
+use weft_cp::status::{StatusReport, TypeStatus};
 use weft_cp::xds::{Auth, Server, ServerOptions};
 use weft_proto::config::v1 as pb;
 
@@ -68,30 +68,25 @@ impl TestCp {
         self.cache.set(MeshSnapshot { nodes });
     }
 
-    /// The version `node` last ACKed for `type_url`, if it is connected.
-    pub fn acked(&self, node: &str, type_url: &str) -> Option<String> {
+    /// What the control plane knows of `node`'s `type_url`, if connected.
+    fn type_status(&self, node: &str, type_url: &str) -> Option<TypeStatus> {
         self.server
             .status()
             .proxies
-            .iter()
+            .into_iter()
             .find(|p| p.node_id == node)?
             .types
-            .get(type_url)?
-            .acked_version
-            .clone()
+            .remove(type_url)
+    }
+
+    /// The version `node` last ACKed for `type_url`, if it is connected.
+    pub fn acked(&self, node: &str, type_url: &str) -> Option<String> {
+        self.type_status(node, type_url)?.acked_version
     }
 
     /// The version the control plane last sent `node` for `type_url`.
     pub fn sent(&self, node: &str, type_url: &str) -> Option<String> {
-        self.server
-            .status()
-            .proxies
-            .iter()
-            .find(|p| p.node_id == node)?
-            .types
-            .get(type_url)?
-            .sent_version
-            .clone()
+        self.type_status(node, type_url)?.sent_version
     }
 
     /// Waits until `node` has ACKed everything sent to it.
