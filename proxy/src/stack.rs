@@ -83,6 +83,8 @@ pub(crate) struct TcpListener {
     pub(crate) config: config::Listener,
     pub(crate) cluster: Arc<ClusterState>,
     pub(crate) metrics: Arc<ListenerMetrics>,
+    /// How long a connection may outlive the drain signal.
+    pub(crate) drain_timeout: std::time::Duration,
 }
 
 /// A route, ready to serve.
@@ -167,6 +169,7 @@ pub(crate) async fn build(
                 config: listener.clone(),
                 cluster: cluster(name),
                 metrics: listener_metrics,
+                drain_timeout: config.drain_timeout,
             })),
             ListenerKind::Http { route_config } => {
                 let routes = config

@@ -2,7 +2,8 @@
 //!
 //! A TCP connection is not cut by the drain signal (there is no graceful
 //! close for an opaque stream); it runs until either side closes or the
-//! process's drain deadline passes.
+//! drain timeout passes after the signal (the process's, or its listener's
+//! when a configuration removed the listener).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -28,7 +29,7 @@ pub(crate) async fn proxy(
     mut downstream: TcpStream,
     peer: SocketAddr,
     listener: Arc<TcpListener>,
-    _drain: Drain,
+    drain: Drain,
 ) {
     let _guard = ConnectionGuard::new(listener.metrics.clone());
     let endpoint = match listener.cluster.pick() {
@@ -46,14 +47,24 @@ pub(crate) async fn proxy(
             return;
         }
     };
-    match tokio::io::copy_bidirectional_with_sizes(
+    let copy = tokio::io::copy_bidirectional_with_sizes(
         &mut downstream,
         &mut upstream,
         TCP_BUFFER_BYTES,
         TCP_BUFFER_BYTES,
-    )
-    .await
-    {
+    );
+    let drained = async {
+        drain.cancelled().await;
+        tokio::time::sleep(listener.drain_timeout).await;
+    };
+    let copied = tokio::select! {
+        copied = copy => copied,
+        () = drained => {
+            tracing::debug!(listener = %listener.config.name, peer.addr = %peer, "drain timeout; closing tcp connection");
+            return;
+        }
+    };
+    match copied {
         Ok((from_client, to_client)) => {
             listener
                 .metrics

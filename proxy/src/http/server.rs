@@ -236,8 +236,10 @@ enum Ending {
 ///   drops the connection (slowloris);
 /// - a connection with nothing in flight for the idle timeout, or the drain
 ///   signal, gets a graceful close (HTTP/2 GOAWAY, HTTP/1.1 close after the
-///   in-flight response) and is polled until it finishes; the process-wide
-///   drain deadline bounds that;
+///   in-flight response) and is polled until it finishes;
+/// - after the drain signal (the process's, or its listener's when a
+///   configuration removed the listener), a connection still open after
+///   the drain timeout is closed;
 /// - with `park_after`, a connection idle that long is asked to finish so
 ///   that its caller can park it.
 async fn drive<C>(
@@ -256,6 +258,7 @@ async fn drive<C>(
     let mut wake = std::pin::pin!(wake);
     let mut closing = false;
     let mut parking = false;
+    let mut drain_deadline: Option<Instant> = None;
     loop {
         tokio::select! {
             result = std::future::poll_fn(|cx| poll(connection, cx)) => {
@@ -265,12 +268,23 @@ async fn drive<C>(
                 }
                 return if parking && !closing { Ending::Parked } else { Ending::Closed };
             }
-            () = conn.drain.cancelled(), if !closing => {
-                closing = true;
-                shutdown(connection);
+            () = conn.drain.cancelled(), if drain_deadline.is_none() => {
+                let deadline = Instant::now() + conn.shared.load().config.drain_timeout;
+                drain_deadline = Some(deadline);
+                if !closing {
+                    closing = true;
+                    shutdown(connection);
+                }
+                if wake.deadline().into_std() > deadline {
+                    wake.as_mut().reset(tokio::time::Instant::from_std(deadline));
+                }
             }
             () = wake.as_mut() => {
                 let now = Instant::now();
+                if drain_deadline.is_some_and(|deadline| now >= deadline) {
+                    tracing::debug!(peer.addr = %conn.peer, "drain timeout; closing");
+                    return Ending::Dropped;
+                }
                 let next = if let Some(head) = conn.state.head_started() {
                     if now >= head + deadlines.header {
                         tracing::debug!(peer.addr = %conn.peer, "request header timeout");
@@ -294,6 +308,7 @@ async fn drive<C>(
                 } else {
                     now + check_every
                 };
+                let next = drain_deadline.map_or(next, |deadline| next.min(deadline));
                 wake.as_mut().reset(tokio::time::Instant::from_std(next.max(now + MIN_CHECK)));
             }
         }
