@@ -1,6 +1,6 @@
-//! The scenario runner end to end through its library API: the echo, a
-//! real `weft-proxy` process and the load generator on loopback, with tiny
-//! durations. nginx and HAProxy are hidden from the runner (an empty search
+//! The scenario runner end to end through its library API: the echo, real
+//! `weft-proxy` processes (one for `weft`, two chained for `weft-s2s`) and
+//! the load generator on loopback, with tiny durations. nginx and HAProxy are hidden from the runner (an empty search
 //! path, installing disabled), so they are skipped with a reason whether
 //! or not this machine has them. No assertion is about timing.
 
@@ -46,16 +46,22 @@ fn proxy_binary() -> &'static Path {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compare_reports_direct_and_weft_and_skips_missing_proxies() {
+async fn compare_reports_direct_weft_and_sidecars_and_skips_missing_proxies() {
     let weft = tokio::task::spawn_blocking(|| proxy_binary().to_path_buf())
         .await
         .expect("the build task finishes");
     let work = tempfile::tempdir().expect("a scratch directory");
     let mut config = CompareConfig::new(weft, work.path().join("work"));
-    config.scenarios = vec![Scenario::Http1, Scenario::IdleRss, Scenario::Idle];
+    config.scenarios = vec![
+        Scenario::Http1,
+        Scenario::Tcp,
+        Scenario::IdleRss,
+        Scenario::Idle,
+    ];
     config.targets = vec![
         TargetKind::Direct,
         TargetKind::Weft,
+        TargetKind::WeftSidecars,
         TargetKind::Nginx,
         TargetKind::Haproxy,
     ];
@@ -95,10 +101,14 @@ async fn compare_reports_direct_and_weft_and_skips_missing_proxies() {
     }
 
     let ids: Vec<&str> = report.runs.iter().map(|run| run.id.as_str()).collect();
-    assert_eq!(ids, ["http1-max", "http1-rate"]);
+    assert_eq!(ids, ["http1-max", "http1-rate", "tcp-max"]);
     for run in &report.runs {
         assert_eq!(run.skip_reason, None, "{} skipped", run.id);
-        for target in [TargetKind::Direct, TargetKind::Weft] {
+        for target in [
+            TargetKind::Direct,
+            TargetKind::Weft,
+            TargetKind::WeftSidecars,
+        ] {
             let row = run
                 .rows
                 .iter()
@@ -115,14 +125,25 @@ async fn compare_reports_direct_and_weft_and_skips_missing_proxies() {
                 target.name()
             );
             assert_eq!(summary.errors_total, 0, "{}: {}", run.id, target.name());
-            // Proxy CPU is accounted for weft, never for direct.
+            // Proxy CPU is accounted for the proxies, never for direct;
+            // for weft-s2s, over both sidecars.
             assert_eq!(
                 summary.cpu_us_per_request.is_some(),
-                target == TargetKind::Weft,
+                target != TargetKind::Direct,
                 "{}: {}",
                 run.id,
                 target.name()
             );
+            let pids = row.rounds[0]
+                .process
+                .as_ref()
+                .map_or(0, |process| process.pids.len());
+            let expected_pids = match target {
+                TargetKind::Direct => 0,
+                TargetKind::WeftSidecars => 2,
+                _ => 1,
+            };
+            assert_eq!(pids, expected_pids, "{}: {}", run.id, target.name());
         }
         for skipped in [TargetKind::Nginx, TargetKind::Haproxy] {
             let row = run
@@ -136,18 +157,14 @@ async fn compare_reports_direct_and_weft_and_skips_missing_proxies() {
     let rate = report.run("http1-rate").and_then(|run| run.rate_per_second);
     assert!(rate.is_some_and(|rate| rate >= 1.0), "{rate:?}");
 
-    let weft_memory = report
-        .memory_of(TargetKind::Weft)
-        .expect("weft's memory row");
-    assert!(
-        weft_memory.failures.is_empty(),
-        "{:?}",
-        weft_memory.failures
-    );
-    assert!(weft_memory.idle_rss_median_bytes.is_some_and(|rss| rss > 0));
-    let idle = weft_memory.idle.as_ref().expect("the idle scenario ran");
-    assert_eq!(idle.rounds.len(), 1);
-    assert_eq!(idle.rounds[0].opened, 20, "{:?}", idle.rounds[0].error);
+    for target in [TargetKind::Weft, TargetKind::WeftSidecars] {
+        let memory = report.memory_of(target).expect("a memory row");
+        assert!(memory.failures.is_empty(), "{:?}", memory.failures);
+        assert!(memory.idle_rss_median_bytes.is_some_and(|rss| rss > 0));
+        let idle = memory.idle.as_ref().expect("the idle scenario ran");
+        assert_eq!(idle.rounds.len(), 1);
+        assert_eq!(idle.rounds[0].opened, 20, "{:?}", idle.rounds[0].error);
+    }
     assert!(
         report
             .memory_of(TargetKind::Direct)
@@ -156,7 +173,8 @@ async fn compare_reports_direct_and_weft_and_skips_missing_proxies() {
 
     let markdown = compare::render_markdown(&report);
     assert!(markdown.contains("| weft |"), "{markdown}");
+    assert!(markdown.contains("| weft-s2s |"), "{markdown}");
     assert!(markdown.contains("nginx not found"), "{markdown}");
     let svg = compare::latency_svg(&report.runs[1]).expect("the chart draws");
-    assert!(svg.is_some_and(|svg| svg.contains("weft")));
+    assert!(svg.is_some_and(|svg| svg.contains("weft-s2s")));
 }

@@ -19,7 +19,8 @@ use super::{
 #[command(after_help = "\
 Starts the echo upstream in this process and each proxy under test as a child \
 process on loopback ports chosen at run time, one worker each, pinned to CPU 0 \
-(this process moves to the other CPUs) when the machine has two or more. Load \
+(this process moves to the other CPUs) when the machine has two or more; weft-s2s \
+is two chained weft-proxy processes, both on that CPU, accounted together. Load \
 runs interleave the targets round after round; tables show medians. nginx and \
 HAProxy are used when on PATH; when missing, `apt-get install -y nginx-light \
 libnginx-mod-stream haproxy` is tried if running as root outside CI, else they are skipped with the \

@@ -103,6 +103,13 @@ pub enum TargetKind {
     Weft,
     /// `weft-proxy` with every feature built today configured.
     WeftFull,
+    /// Two `weft-proxy` processes chained as a mesh runs them: the client
+    /// sidecar's outbound listener routes to the server sidecar's inbound
+    /// listener, which routes to the echo. Each is configured as `weft`.
+    /// The hop between them is cleartext until mTLS lands.
+    #[serde(rename = "weft-s2s")]
+    #[value(name = "weft-s2s")]
+    WeftSidecars,
     /// nginx, one worker.
     Nginx,
     /// HAProxy, one thread.
@@ -111,10 +118,11 @@ pub enum TargetKind {
 
 impl TargetKind {
     /// Every target, in the order runs interleave.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Direct,
         Self::Weft,
         Self::WeftFull,
+        Self::WeftSidecars,
         Self::Nginx,
         Self::Haproxy,
     ];
@@ -125,20 +133,27 @@ impl TargetKind {
             Self::Direct => "direct",
             Self::Weft => "weft",
             Self::WeftFull => "weft-full",
+            Self::WeftSidecars => "weft-s2s",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
         }
     }
 
     /// Whether this is one of the reference proxies (nginx, HAProxy) that
-    /// ratios are taken against.
+    /// ratios are taken against. `weft-s2s` never is: it is two proxies.
     pub fn is_reference(self) -> bool {
         matches!(self, Self::Nginx | Self::Haproxy)
     }
 
     /// Whether this is a weft configuration.
     pub fn is_weft(self) -> bool {
-        matches!(self, Self::Weft | Self::WeftFull)
+        matches!(self, Self::Weft | Self::WeftFull | Self::WeftSidecars)
+    }
+
+    /// Whether traffic crosses more than one proxy process (whose CPU and
+    /// memory are then summed).
+    pub fn is_proxy_chain(self) -> bool {
+        self == Self::WeftSidecars
     }
 }
 

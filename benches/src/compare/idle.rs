@@ -37,7 +37,8 @@ const ROUND_TIMEOUT: Duration = Duration::from_secs(120);
 /// A response head longer than this is refused.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// Measures memory per idle connection of process `pid` serving HTTP/1.1
+/// Measures memory per idle connection of processes `pids` (summed: a
+/// chain of proxies counts as one) serving HTTP/1.1
 /// on `addr`, pausing `pause` after the warm connection and after each
 /// batch.
 ///
@@ -49,7 +50,7 @@ const MAX_HEAD_BYTES: usize = 64 * 1024;
 pub(crate) async fn measure(
     addr: SocketAddr,
     count: usize,
-    pid: u32,
+    pids: &[u32],
     pause: Duration,
 ) -> anyhow::Result<IdleRound> {
     let mut held = Vec::with_capacity(count + 1);
@@ -59,7 +60,7 @@ pub(crate) async fn measure(
             .context("the warm-up connection failed")?,
     );
     tokio::time::sleep(pause).await;
-    let rss_before = system::rss_bytes(pid).await?;
+    let rss_before = system::rss_bytes_sum(pids).await?;
     let batches = u32::try_from(count.div_ceil(BATCH)).unwrap_or(u32::MAX);
     let deadline = Instant::now() + ROUND_TIMEOUT + pause.saturating_mul(batches);
     let mut error = None;
@@ -83,14 +84,14 @@ pub(crate) async fn measure(
         tokio::time::sleep(pause).await;
         let opened = held.len() - 1;
         if half.is_none() && opened >= count / 2 && opened < count {
-            half = Some((opened, system::rss_bytes(pid).await?));
+            half = Some((opened, system::rss_bytes_sum(pids).await?));
         }
     }
     let opened = held.len() - 1;
     if error.is_some() {
         tokio::time::sleep(pause).await;
     }
-    let rss_after = system::rss_bytes(pid).await?;
+    let rss_after = system::rss_bytes_sum(pids).await?;
     drop(held);
     let per_connection = |rss_from: u64, connections: usize| {
         (connections > 0).then(|| rss_after.saturating_sub(rss_from) as f64 / connections as f64)

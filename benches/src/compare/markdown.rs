@@ -4,7 +4,9 @@
 //!
 //! "×best" is always the row's value over the better of nginx's and
 //! HAProxy's: above 1 means more requests per second (throughput), or more
-//! CPU, latency or memory (the others) than the better reference.
+//! CPU, latency or memory (the others) than the better reference. A chain
+//! of proxies (weft-s2s) is never the reference; its rows compare the pair
+//! with one proxy, and the report says so.
 
 use std::fmt::Write as _;
 
@@ -74,6 +76,19 @@ fn setup(out: &mut String, report: &CompareReport) {
          the window.\n",
         settings.duration_seconds, settings.warmup_seconds, settings.rounds,
     );
+    if report
+        .targets
+        .iter()
+        .any(|status| status.target.is_proxy_chain())
+    {
+        let _ = writeln!(
+            out,
+            "weft-s2s is two proxies in series, so its proxy CPU and RSS are the sums over both \
+             sidecars (the cost of a mesh hop pair, to be set against two Envoys or \
+             linkerd-proxies), and its ×best compares that pair with one nginx or HAProxy. It \
+             is never the best reference itself and has no goals.\n"
+        );
+    }
     let _ = writeln!(out, "| target | configuration | status |");
     let _ = writeln!(out, "| --- | --- | --- |");
     for status in &report.targets {
@@ -109,7 +124,7 @@ fn memory(out: &mut String, report: &CompareReport) {
         let _ = write!(
             out,
             " Idle RSS: `VmRSS` {:.1} s after start, before any traffic, configured as for the \
-             load runs (nginx: the worker).",
+             load runs (nginx: the worker; weft-s2s: both sidecars, summed).",
             settings.settle_seconds
         );
     }
@@ -119,7 +134,8 @@ fn memory(out: &mut String, report: &CompareReport) {
             " Per idle connection: RSS growth over {} keep-alive connections opened one after \
              another in batches of {}, each after one GET, held open, with a {:.1} s pause after \
              each batch (as `benches/scripts/idle-connections.py` does): overall, and marginal \
-             over the second half (the steady-state cost).",
+             over the second half (the steady-state cost); weft-s2s: both sidecars' RSS, \
+             summed.",
             settings.idle_connections,
             super::idle::BATCH,
             settings.idle_pause_seconds

@@ -10,6 +10,7 @@
 //! | --- | --- | --- | --- |
 //! | weft | one listener (h1 and h2c by preface), one route, cluster `protocol: downstream` | same listener; h2 upstream | `protocol: tcp` listener |
 //! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, `via`, an access-log file and the admin server (metrics) | same | same |
+//! | weft-s2s | two weft processes, each configured as weft: the client sidecar's `outbound` listener routes to a cluster holding the server sidecar's `inbound` listener, which routes to the echo (both clusters `protocol: downstream`) | same chain; h2 on both upstream hops | `outbound-tcp` -> `inbound-tcp` -> echo |
 //! | nginx | `proxy_pass` to an upstream with `keepalive 64` | a `listen ... http2` server: `proxy_pass` (HTTP/1.1 upstream: nginx has no h2 upstream) and `grpc_pass` for gRPC | `stream` module, if installed |
 //! | HAProxy | `mode http`, `http-reuse always` | a `proto h2` frontend to a `proto h2` server | `mode tcp` |
 //!
@@ -18,6 +19,12 @@
 //! read, release) and are retried with new ports if they fail to start.
 //! Each proxy runs in its own process group and the whole group is killed
 //! when its [`ProxyProcess`] is dropped.
+//!
+//! weft-s2s starts the server sidecar first (it binds port 0 like weft),
+//! then the client sidecar configured with the server sidecar's reported
+//! addresses. Both are pinned like every proxy and run `--concurrency 1`.
+//! The hop between them is rendered by [`SidecarHop`] alone, so securing it
+//! with mTLS is a change there and nowhere else.
 
 use std::ffi::OsStr;
 use std::fmt::Write as _;
@@ -262,6 +269,9 @@ pub(crate) struct ProxyProcess {
     child: tokio::process::Child,
     pgid: Option<u32>,
     log: PathBuf,
+    /// weft-s2s: the server sidecar this (client) sidecar forwards to,
+    /// stopped with it.
+    next_hop: Option<Box<ProxyProcess>>,
 }
 
 impl Drop for ProxyProcess {
@@ -283,6 +293,7 @@ impl ProxyProcess {
         let name = format!("{}-{instance}", kind.name());
         let started = match kind {
             TargetKind::Weft | TargetKind::WeftFull => start_weft(kind, ctx, &name).await,
+            TargetKind::WeftSidecars => start_sidecars(ctx, &name).await,
             TargetKind::Nginx | TargetKind::Haproxy => {
                 let mut last_error = None;
                 for attempt in 1..=START_ATTEMPTS {
@@ -299,18 +310,39 @@ impl ProxyProcess {
             TargetKind::Direct => bail!("direct is not a proxy"),
         };
         let proxy = started?;
-        info!(proxy = kind.name(), pid = proxy.pid, "proxy started");
+        info!(proxy = kind.name(), pids = ?proxy.accounted_pids(), "proxy started");
         Ok(proxy)
     }
 
-    /// The proxy's log (stderr, and nginx's error log), for error messages.
-    pub(crate) fn log_tail(&self) -> String {
-        tail(&self.log)
+    /// The processes whose CPU and memory are the target's: the serving
+    /// process, then (weft-s2s) the server sidecar.
+    pub(crate) fn accounted_pids(&self) -> Vec<u32> {
+        let mut pids = vec![self.pid];
+        if let Some(next) = &self.next_hop {
+            pids.extend(next.accounted_pids());
+        }
+        pids
     }
 
-    /// Whether the process is still running.
+    /// The proxy's log (stderr, and nginx's error log), for error messages;
+    /// weft-s2s: both sidecars' logs.
+    pub(crate) fn log_tail(&self) -> String {
+        match &self.next_hop {
+            None => tail(&self.log),
+            Some(next) => format!(
+                "{}:\n{}\n{}:\n{}",
+                self.log.display(),
+                tail(&self.log),
+                next.log.display(),
+                next.log_tail()
+            ),
+        }
+    }
+
+    /// Whether the process (weft-s2s: both processes) is still running.
     pub(crate) fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
+            && self.next_hop.as_mut().is_none_or(|next| next.is_running())
     }
 }
 
@@ -344,14 +376,59 @@ async fn start_weft(
     ctx: &StartContext<'_>,
     name: &str,
 ) -> anyhow::Result<ProxyProcess> {
+    let access_log = ctx.work_dir.join(format!("{name}-access.log"));
+    let config = weft_config(kind, ctx.upstream, &access_log);
+    spawn_weft(ctx, name, &config, ("http", "tcp")).await
+}
+
+/// weft-s2s: the server sidecar, then the client sidecar pointed at it.
+/// The returned process is the client sidecar (where traffic enters); it
+/// owns the server sidecar.
+async fn start_sidecars(ctx: &StartContext<'_>, name: &str) -> anyhow::Result<ProxyProcess> {
+    let hop = SidecarHop::CURRENT;
+    let server = spawn_weft(
+        ctx,
+        &format!("{name}-server"),
+        &server_sidecar_config(ctx.upstream, hop),
+        ("inbound", "inbound-tcp"),
+    )
+    .await
+    .context("starting the server sidecar")?;
+    let inbound = Upstream {
+        http: server.endpoints.http1,
+        tcp: server
+            .endpoints
+            .tcp
+            .clone()
+            .map_err(|reason| anyhow::anyhow!("{reason}"))?,
+    };
+    let mut client = spawn_weft(
+        ctx,
+        &format!("{name}-client"),
+        &client_sidecar_config(inbound, hop),
+        ("outbound", "outbound-tcp"),
+    )
+    .await
+    .context("starting the client sidecar")?;
+    client.next_hop = Some(Box::new(server));
+    Ok(client)
+}
+
+/// Starts `weft-proxy --concurrency 1` with `config` (written to
+/// `NAME.yaml`) and reads back where its HTTP and TCP listeners (named
+/// `listeners`) bound.
+async fn spawn_weft(
+    ctx: &StartContext<'_>,
+    name: &str,
+    config: &str,
+    listeners: (&str, &str),
+) -> anyhow::Result<ProxyProcess> {
     anyhow::ensure!(
         ctx.weft_bin.exists(),
         "{} not found: build it with `cargo build --release -p weft-proxy` or pass --weft-bin",
         ctx.weft_bin.display()
     );
     let config_path = ctx.work_dir.join(format!("{name}.yaml"));
-    let access_log = ctx.work_dir.join(format!("{name}-access.log"));
-    let config = weft_config(kind, ctx.upstream, &access_log);
     std::fs::write(&config_path, config)
         .with_context(|| format!("writing {}", config_path.display()))?;
     let log = ctx.work_dir.join(format!("{name}.log"));
@@ -397,8 +474,8 @@ async fn start_weft(
             .parse()
             .with_context(|| format!("listener {wanted:?} in {line}"))
     };
-    let http = listener("http")?;
-    let tcp = listener("tcp")?;
+    let http = listener(listeners.0)?;
+    let tcp = listener(listeners.1)?;
     Ok(ProxyProcess {
         pid,
         master_pid: None,
@@ -410,7 +487,128 @@ async fn start_weft(
         child,
         pgid: Some(pid),
         log,
+        next_hop: None,
     })
+}
+
+/// How the hop between weft-s2s's two sidecars is secured. It renders the
+/// only fields that differ: those of the server sidecar's inbound listeners
+/// and of the client sidecar's clusters that point at them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SidecarHop {
+    /// Cleartext HTTP (h2 with prior knowledge) and TCP: weft has no TLS
+    /// yet. mTLS becomes a second variant once the identity work gives
+    /// listeners and clusters their `tls` settings.
+    Cleartext,
+}
+
+impl SidecarHop {
+    /// What weft-s2s measures today.
+    pub(crate) const CURRENT: Self = Self::Cleartext;
+
+    /// Extra fields of an inbound listener (indented as a list entry's
+    /// fields, each line ending in a newline).
+    fn inbound_listener_fields(self) -> &'static str {
+        match self {
+            Self::Cleartext => "",
+        }
+    }
+
+    /// Extra fields of a cluster whose endpoint is the server sidecar.
+    fn to_server_cluster_fields(self) -> &'static str {
+        match self {
+            Self::Cleartext => "",
+        }
+    }
+
+    /// The hop in words, for the report.
+    pub(crate) fn describe(self) -> &'static str {
+        match self {
+            Self::Cleartext => "cleartext until mTLS lands",
+        }
+    }
+}
+
+/// weft-s2s's server sidecar: `inbound` (HTTP) and `inbound-tcp` listeners
+/// to the local app, the echo; otherwise as plain weft.
+pub(crate) fn server_sidecar_config(app: Upstream, hop: SidecarHop) -> String {
+    let listener_fields = hop.inbound_listener_fields();
+    format!(
+        "# weft-bench compare: weft-s2s, the server-side sidecar (mesh -> local app).
+listeners:
+  - name: inbound
+    address: 127.0.0.1:0
+    route_config: inbound
+{listener_fields}  - name: inbound-tcp
+    address: 127.0.0.1:0
+    protocol: tcp
+    cluster: local-app-tcp
+{listener_fields}
+route_configs:
+  - name: inbound
+    virtual_hosts:
+      - name: local
+        domains: [\"*\"]
+        routes:
+          - name: local_app
+            cluster: local-app
+
+clusters:
+  - name: local-app
+    # The caller's protocol, as for plain weft: h2 for h2c and gRPC.
+    protocol: downstream
+    endpoints:
+      - address: {http}
+  - name: local-app-tcp
+    endpoints:
+      - address: {tcp}
+",
+        http = app.http,
+        tcp = app.tcp,
+    )
+}
+
+/// weft-s2s's client sidecar: `outbound` (HTTP) and `outbound-tcp`
+/// listeners the app calls, routing to the server sidecar's `inbound`
+/// listeners; otherwise as plain weft.
+pub(crate) fn client_sidecar_config(inbound: Upstream, hop: SidecarHop) -> String {
+    let cluster_fields = hop.to_server_cluster_fields();
+    format!(
+        "# weft-bench compare: weft-s2s, the client-side sidecar (app -> mesh).
+listeners:
+  - name: outbound
+    address: 127.0.0.1:0
+    route_config: outbound
+  - name: outbound-tcp
+    address: 127.0.0.1:0
+    protocol: tcp
+    cluster: echo-tcp
+
+route_configs:
+  - name: outbound
+    virtual_hosts:
+      # A mesh's outbound virtual host matches the service's name; the
+      # load generator sends `Host: 127.0.0.1:PORT`, so match every host
+      # as plain weft does.
+      - name: echo
+        domains: [\"*\"]
+        routes:
+          - name: echo
+            cluster: echo
+
+clusters:
+  # The server sidecar's inbound listeners.
+  - name: echo
+    protocol: downstream
+    endpoints:
+      - address: {http}
+{cluster_fields}  - name: echo-tcp
+    endpoints:
+      - address: {tcp}
+{cluster_fields}",
+        http = inbound.http,
+        tcp = inbound.tcp,
+    )
 }
 
 /// weft's configuration: plain (one route) or full (every feature built).
@@ -620,7 +818,7 @@ async fn start_reference(
                 .stdout(Stdio::null());
             (command, Ok(ports.tcp))
         }
-        TargetKind::Direct | TargetKind::Weft | TargetKind::WeftFull => {
+        TargetKind::Direct | TargetKind::Weft | TargetKind::WeftFull | TargetKind::WeftSidecars => {
             bail!("{} is not a reference proxy", kind.name())
         }
     };
@@ -654,6 +852,7 @@ async fn start_reference(
         child,
         pgid: Some(master),
         log,
+        next_hop: None,
     })
 }
 

@@ -268,11 +268,11 @@ impl RowSummary {
         };
         let cpu: Vec<f64> = rounds
             .iter()
-            .filter_map(|r| r.process.and_then(|p| p.cpu_us_per_request))
+            .filter_map(|r| r.process.as_ref().and_then(|p| p.cpu_us_per_request))
             .collect();
         let rss: Vec<u64> = rounds
             .iter()
-            .filter_map(|r| r.process.map(|p| p.rss_peak_bytes))
+            .filter_map(|r| r.process.as_ref().map(|p| p.rss_peak_bytes))
             .collect();
         let mb: Vec<f64> = rounds
             .iter()
@@ -345,6 +345,7 @@ impl CompareReport {
     /// stores them in [`CompareReport::goals`].
     pub(crate) fn evaluate_goals(&mut self) {
         let mut goals = Vec::new();
+        // Goals are per proxy: weft-s2s, two proxies in series, has none.
         for target in [TargetKind::Weft, TargetKind::WeftFull] {
             if !self
                 .targets

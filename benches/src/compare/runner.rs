@@ -14,7 +14,9 @@ use tracing::{debug, info, warn};
 use super::config::{CompareConfig, Scenario, TargetKind};
 use super::idle;
 use super::proxies::Programs;
-use super::proxies::{Endpoints, Limits, ProxyProcess, StartContext, Upstream, WEFT_NOT_BUILT};
+use super::proxies::{
+    Endpoints, Limits, ProxyProcess, SidecarHop, StartContext, Upstream, WEFT_NOT_BUILT,
+};
 use super::report::{
     CompareReport, IdleSummary, LoadRow, LoadRun, MemoryRow, RowSummary, RunKind, Settings,
     TargetStatus, median, median_u64,
@@ -269,6 +271,24 @@ fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs
              (metrics)"
                 .to_owned(),
         ),
+        TargetKind::WeftSidecars => {
+            let placement = match &config.placement.proxy_cpus {
+                Some(cpus) => format!("both pinned to CPU {cpus} (`taskset -c {cpus}`)"),
+                None => "both unpinned, like the other proxies of this run".to_owned(),
+            };
+            (
+                missing_weft(),
+                format!(
+                    "two weft-proxy processes, each --concurrency 1, {placement}: the client \
+                     sidecar (outbound listener, one route, one cluster (`protocol: \
+                     downstream`) to the server sidecar) and the server sidecar (inbound \
+                     listener, one route, one cluster (`protocol: downstream`) to the echo), \
+                     plus TCP listeners chained the same way; the hop between them is {}. Proxy \
+                     CPU and RSS are the two processes' sums",
+                    SidecarHop::CURRENT.describe()
+                ),
+            )
+        }
         TargetKind::Nginx => (
             programs.nginx.as_ref().err().cloned(),
             "nginx, worker_processes 1, upstream keepalive 64, proxy_buffering and \
@@ -384,8 +404,9 @@ fn open_files() -> u64 {
 struct Running {
     target: TargetKind,
     endpoints: Endpoints,
-    /// The process accounted (`None` for direct).
-    pid: Option<u32>,
+    /// The processes accounted (none for direct; both sidecars for
+    /// weft-s2s).
+    pids: Vec<u32>,
     proxy: Option<ProxyProcess>,
 }
 
@@ -402,7 +423,7 @@ async fn start_all(
             running.push(Running {
                 target: TargetKind::Direct,
                 endpoints: Endpoints::direct(upstream),
-                pid: None,
+                pids: Vec::new(),
                 proxy: None,
             });
             continue;
@@ -411,7 +432,7 @@ async fn start_all(
             Ok(proxy) => running.push(Running {
                 target: status.target,
                 endpoints: proxy.endpoints.clone(),
-                pid: Some(proxy.pid),
+                pids: proxy.accounted_pids(),
                 proxy: Some(proxy),
             }),
             Err(err) => {
@@ -558,7 +579,8 @@ fn http1_rate(config: &CompareConfig, rate: f64) -> RunSpec {
 }
 
 /// The fixed rate: `--rate`, else half the slowest proxy's closed-loop
-/// HTTP/1.1 throughput (direct's if no proxy ran).
+/// HTTP/1.1 throughput (direct's if no proxy ran). weft-s2s counts: every
+/// target measured must sustain the rate, or its latency is queueing.
 fn fixed_rate(config: &CompareConfig, report: &CompareReport) -> Result<f64, String> {
     if let Some(rate) = config.rate {
         return Ok(rate);
@@ -649,7 +671,7 @@ async fn execute(
             let Ok(addr) = endpoint(spec.protocol, &target.endpoints) else {
                 continue;
             };
-            let load_config = load_config(spec, config, addr, target.pid);
+            let load_config = load_config(spec, config, addr, &target.pids);
             match load::run(&load_config).await {
                 Ok(report) => {
                     info!(
@@ -658,7 +680,7 @@ async fn execute(
                         round,
                         throughput = format!("{:.0}", report.throughput_per_second),
                         p99_us = report.latency.p99_us,
-                        cpu_us_per_request = ?report.process.and_then(|p| p.cpu_us_per_request),
+                        cpu_us_per_request = ?report.process.as_ref().and_then(|p| p.cpu_us_per_request),
                         errors = report.errors.total(),
                         "run finished"
                     );
@@ -701,7 +723,7 @@ fn load_config(
     spec: &RunSpec,
     config: &CompareConfig,
     addr: SocketAddr,
-    pid: Option<u32>,
+    pids: &[u32],
 ) -> LoadConfig {
     let scheme = if spec.protocol == Protocol::Tcp {
         "tcp"
@@ -718,7 +740,7 @@ fn load_config(
     load.warmup = config.warmup;
     load.body_size_bytes = spec.body_size_bytes;
     load.new_connection_per_request = spec.is_new_connection_per_request;
-    load.pid = pid;
+    load.pids = pids.to_vec();
     load
 }
 
@@ -798,7 +820,7 @@ async fn idle_rss_round(
 ) -> anyhow::Result<()> {
     let proxy = ProxyProcess::start(row.target, ctx, round).await?;
     tokio::time::sleep(config.settle).await;
-    let rss = system::rss_bytes(proxy.pid).await?;
+    let rss = system::rss_bytes_sum(&proxy.accounted_pids()).await?;
     row.idle_rss_bytes.push(rss);
     if let Some(master) = proxy.master_pid {
         row.master_rss_bytes = system::rss_bytes(master).await.ok();
@@ -828,7 +850,7 @@ async fn idle_round(
     let measured = idle::measure(
         proxy.endpoints.http1,
         idle_connections,
-        proxy.pid,
+        &proxy.accounted_pids(),
         config.idle_pause,
     )
     .await?;

@@ -91,6 +91,16 @@ pub(crate) async fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
         .with_context(|| format!("no VmRSS in {path}"))
 }
 
+/// `VmRSS` of the processes `pids`, summed, in bytes (a chain of proxies
+/// is measured as one).
+pub(crate) async fn rss_bytes_sum(pids: &[u32]) -> anyhow::Result<u64> {
+    let mut sum = 0;
+    for &pid in pids {
+        sum += rss_bytes(pid).await?;
+    }
+    Ok(sum)
+}
+
 /// A `NAME:  1234 kB` line of `/proc/PID/status` (or `/proc/meminfo`), in
 /// KiB.
 pub(crate) fn parse_status_kib(status: &str, key: &str) -> Option<u64> {

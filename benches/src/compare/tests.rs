@@ -62,7 +62,7 @@ fn load_report(throughput: f64, p99_us: u64, cpu_us: Option<f64>) -> LoadReport 
         schedule: None,
         tcp: None,
         process: cpu_us.map(|cpu| ProcessUsage {
-            pid: 1,
+            pids: vec![1],
             cpu_seconds: cpu * 100.0 / 1e6,
             cpu_us_per_request: Some(cpu),
             rss_before_bytes: 5 << 20,
@@ -332,6 +332,73 @@ fn goals_are_checked_against_this_runs_figures() {
     assert_eq!(report.goals[4].met, Some(false));
 }
 
+/// `sample_report` with weft-s2s measured in http1-max and in memory,
+/// with figures better than either reference so that any leak into "best"
+/// would show.
+fn report_with_sidecars() -> CompareReport {
+    let mut report = sample_report();
+    report.targets.push(TargetStatus {
+        target: TargetKind::WeftSidecars,
+        skip_reason: None,
+        description: "two sidecars".to_owned(),
+    });
+    let http1 = report
+        .runs
+        .iter_mut()
+        .find(|run| run.id == "http1-max")
+        .expect("http1-max");
+    http1.rows.push(row(
+        TargetKind::WeftSidecars,
+        vec![load_report(35_000.0, 1_200, Some(10.0))],
+    ));
+    report
+        .memory
+        .push(memory_row(TargetKind::WeftSidecars, 1, 100.0));
+    report.evaluate_goals();
+    report
+}
+
+#[test]
+fn sidecar_chain_is_never_the_reference_and_has_no_goals() {
+    let report = report_with_sidecars();
+    let run = report.run("http1-max").expect("http1-max");
+    assert_eq!(
+        run.best_reference(|s| s.cpu_us_per_request, true),
+        Some((TargetKind::Haproxy, 25.0))
+    );
+    assert_eq!(
+        run.best_reference(|s| Some(s.throughput_per_second), false),
+        Some((TargetKind::Haproxy, 29_500.0))
+    );
+    assert_eq!(report.goals.len(), 5);
+    assert!(
+        report
+            .goals
+            .iter()
+            .all(|goal| goal.target == TargetKind::Weft)
+    );
+
+    let markdown = render_markdown(&report);
+    // Its own row, with ratios against the single proxies: 35000 req/s =
+    // 0.88x direct, 1.19x HAProxy; 10 µs = 0.40x HAProxy's CPU.
+    assert!(
+        markdown.contains("| weft-s2s | 35000 | 0.88 | 1.19 | 1 |"),
+        "{markdown}"
+    );
+    assert!(markdown.contains("| 10.0 | 0.40 | 6.0 |"), "{markdown}");
+    // The memory table's best is still nginx's 5 MiB and 0.5 KiB.
+    assert!(
+        markdown.contains("| weft-s2s | 1.00 | 0.20 | 0.10 | 0.20 |"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("weft-s2s is two proxies in series"),
+        "{markdown}"
+    );
+    // Without weft-s2s the note is not there.
+    assert!(!render_markdown(&sample_report()).contains("two proxies in series"));
+}
+
 #[test]
 fn goals_without_references_are_unmeasured() {
     let mut report = sample_report();
@@ -403,6 +470,51 @@ fn weft_configs_pass_weft_validation() {
             panic!("{} config rejected: {err}\n{yaml}", kind.name());
         }
     }
+}
+
+#[test]
+fn sidecar_configs_chain_and_pass_weft_validation() {
+    let hop = proxies::SidecarHop::CURRENT;
+    assert_eq!(hop, proxies::SidecarHop::Cleartext);
+    let server = proxies::server_sidecar_config(upstream(), hop);
+    let inbound = Upstream {
+        http: addr(42001),
+        tcp: addr(42002),
+    };
+    let client = proxies::client_sidecar_config(inbound, hop);
+    for (name, yaml) in [("server", &server), ("client", &client)] {
+        if let Err(err) = weft_proxy::config::Config::from_yaml(yaml, name) {
+            panic!("{name} sidecar config rejected: {err}\n{yaml}");
+        }
+        // Configured as plain weft: one HTTP and one TCP listener, one
+        // route, `protocol: downstream` on the HTTP cluster only.
+        assert_eq!(yaml.matches("\n  - name: ").count(), 5, "{yaml}");
+        assert_eq!(yaml.matches("protocol: downstream").count(), 1, "{yaml}");
+        assert_eq!(yaml.matches("protocol: tcp").count(), 1, "{yaml}");
+        assert!(!yaml.contains("admin:") && !yaml.contains("access_log:"));
+    }
+    // The server sidecar's inbound listeners lead to the echo...
+    for expected in [
+        "name: inbound\n",
+        "name: inbound-tcp\n",
+        "cluster: local-app-tcp",
+        "address: 127.0.0.1:40001",
+        "address: 127.0.0.1:40002",
+    ] {
+        assert!(server.contains(expected), "{expected:?} missing:\n{server}");
+    }
+    // ...and the client sidecar's outbound listeners to those listeners.
+    for expected in [
+        "name: outbound\n",
+        "name: outbound-tcp\n",
+        "address: 127.0.0.1:42001",
+        "address: 127.0.0.1:42002",
+    ] {
+        assert!(client.contains(expected), "{expected:?} missing:\n{client}");
+    }
+    assert!(!client.contains("127.0.0.1:4000"), "{client}");
+    // Cleartext: nothing about TLS on either side of the hop.
+    assert!(!server.contains("tls") && !client.contains("tls"));
 }
 
 #[test]

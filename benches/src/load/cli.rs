@@ -78,9 +78,10 @@ pub struct LoadArgs {
     #[arg(long, value_name = "N", default_value_t = NonZeroUsize::new(DEFAULT_STREAMS_PER_CONNECTION).expect("non-zero default"))]
     pub streams: NonZeroUsize,
     /// Account CPU time and memory of this process (the proxy under test)
-    /// over the measured window (Linux /proc).
-    #[arg(long, value_name = "PID")]
-    pub pid: Option<u32>,
+    /// over the measured window (Linux /proc). Repeat it for a chain of
+    /// proxies: their CPU times and resident memory are summed.
+    #[arg(long = "pid", value_name = "PID")]
+    pub pids: Vec<u32>,
     /// Print the report as one JSON object instead of the summary.
     #[arg(long)]
     pub json: bool,
@@ -146,7 +147,7 @@ impl LoadArgs {
         config.headers = headers;
         config.streams_per_connection = self.streams;
         config.new_connection_per_request = self.new_connection;
-        config.pid = self.pid;
+        config.pids.clone_from(&self.pids);
         config.show_progress = std::io::stderr().is_terminal();
         config
     }

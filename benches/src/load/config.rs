@@ -83,9 +83,10 @@ pub struct LoadConfig {
     /// TCP: open a new connection for every request (reports connections
     /// per second).
     pub new_connection_per_request: bool,
-    /// Account the CPU time and memory of this process (the proxy under
-    /// test) over the measured window. Linux only (reads `/proc`).
-    pub pid: Option<u32>,
+    /// Account the CPU time and memory of these processes (the proxy under
+    /// test, or a chain of proxies, summed) over the measured window. Linux
+    /// only (reads `/proc`).
+    pub pids: Vec<u32>,
     /// Print a one-line progress report on stderr every second.
     pub show_progress: bool,
 }
@@ -113,7 +114,7 @@ impl LoadConfig {
             streams_per_connection: NonZeroUsize::new(DEFAULT_STREAMS_PER_CONNECTION)
                 .expect("the default stream cap is not zero"),
             new_connection_per_request: false,
-            pid: None,
+            pids: Vec::new(),
             show_progress: false,
         }
     }

@@ -1,6 +1,11 @@
 //! Resource accounting from Linux's `/proc`: CPU time and resident memory of
-//! the process under test (`--pid`) and CPU time of the generator itself,
-//! over the measured window.
+//! the processes under test (`--pid`, repeatable) and CPU time of the
+//! generator itself, over the measured window.
+//!
+//! Several processes are accounted as one: a pair of sidecars, say, whose
+//! cost per request is that of the hop pair. CPU time is the sum of their
+//! `utime + stime`; resident memory is the sum of their `VmRSS` read in the
+//! same sampling pass, so the peak is the peak of the sum.
 //!
 //! CPU time is `utime + stime` from `/proc/PID/stat`, in clock ticks. The
 //! tick rate is `sysconf(_SC_CLK_TCK)`, which the kernel also hands every
@@ -29,42 +34,46 @@ const AT_CLKTCK: usize = 17;
 const DEFAULT_CLOCK_TICKS_PER_SECOND: u64 = 100;
 
 /// What the watcher measured over the window.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Watched {
-    /// The process under test, if one was given and could be read
+    /// The processes under test, if any were given and all could be read
     /// throughout. `cpu_us_per_request` is left for the caller to fill.
     pub(crate) process: Option<ProcessUsage>,
     /// CPU seconds the generator used.
     pub(crate) generator_cpu_seconds: Option<f64>,
 }
 
-/// Fails unless `/proc/PID/stat` and `/proc/PID/status` are readable.
-pub(crate) async fn check(pid: u32) -> anyhow::Result<()> {
-    let path = format!("/proc/{pid}");
-    cpu_ticks(&path)
-        .await
-        .with_context(|| format!("--pid {pid}: reading {path}/stat"))?;
-    rss_bytes(&path)
-        .await
-        .with_context(|| format!("--pid {pid}: reading {path}/status"))?;
+/// Fails unless `/proc/PID/stat` and `/proc/PID/status` are readable for
+/// every pid.
+pub(crate) async fn check(pids: &[u32]) -> anyhow::Result<()> {
+    for pid in pids {
+        let path = format!("/proc/{pid}");
+        cpu_ticks(&path)
+            .await
+            .with_context(|| format!("--pid {pid}: reading {path}/stat"))?;
+        rss_bytes(&path)
+            .await
+            .with_context(|| format!("--pid {pid}: reading {path}/status"))?;
+    }
     Ok(())
 }
 
-/// Samples from `measure_start` to `end` and returns the usage.
+/// Samples `pids` (none: only the generator) from `measure_start` to `end`
+/// and returns the usage.
 ///
 /// Cancel safety: cancel safe (it only reads files and sleeps), but then
 /// measures nothing.
-pub(crate) async fn watch(pid: Option<u32>, measure_start: Instant, end: Instant) -> Watched {
+pub(crate) async fn watch(pids: &[u32], measure_start: Instant, end: Instant) -> Watched {
     let ticks_per_second = clock_ticks_per_second().await as f64;
-    let target = pid.map(|pid| (pid, format!("/proc/{pid}")));
+    let paths: Vec<String> = pids.iter().map(|pid| format!("/proc/{pid}")).collect();
     tokio::time::sleep_until(measure_start).await;
 
     let generator_before = cpu_ticks("/proc/self").await.ok();
     let mut before = None;
-    if let Some((pid, path)) = &target {
-        match sample(path).await {
+    if !paths.is_empty() {
+        match sample_all(&paths).await {
             Ok(sampled) => before = Some(sampled),
-            Err(err) => warn!(pid, error = %err, "cannot read the process under test"),
+            Err(err) => warn!(?pids, error = %err, "cannot read the processes under test"),
         }
     }
     let mut peak_rss = before.map_or(0, |(_, rss)| rss);
@@ -76,8 +85,8 @@ pub(crate) async fn watch(pid: Option<u32>, measure_start: Instant, end: Instant
         tokio::select! {
             () = &mut window_end => break,
             _ = ticks.tick() => {
-                if let (Some((_, path)), Some(_)) = (&target, before)
-                    && let Ok(rss) = rss_bytes(path).await
+                if before.is_some()
+                    && let Ok(rss) = rss_sum(&paths).await
                 {
                     peak_rss = peak_rss.max(rss);
                 }
@@ -89,10 +98,10 @@ pub(crate) async fn watch(pid: Option<u32>, measure_start: Instant, end: Instant
         (Some(before), Some(after)) => Some(after.saturating_sub(before) as f64 / ticks_per_second),
         _ => None,
     };
-    let process = match (&target, before) {
-        (Some((pid, path)), Some((cpu_before, rss_before))) => match sample(path).await {
+    let process = match before {
+        Some((cpu_before, rss_before)) => match sample_all(&paths).await {
             Ok((cpu_after, rss_after)) => Some(ProcessUsage {
-                pid: *pid,
+                pids: pids.to_vec(),
                 cpu_seconds: cpu_after.saturating_sub(cpu_before) as f64 / ticks_per_second,
                 cpu_us_per_request: None,
                 rss_before_bytes: rss_before,
@@ -100,11 +109,11 @@ pub(crate) async fn watch(pid: Option<u32>, measure_start: Instant, end: Instant
                 rss_after_bytes: rss_after,
             }),
             Err(err) => {
-                warn!(pid, error = %err, "the process under test could not be read after the run");
+                warn!(?pids, error = %err, "the processes under test could not be read after the run");
                 None
             }
         },
-        _ => None,
+        None => None,
     };
     Watched {
         process,
@@ -112,7 +121,28 @@ pub(crate) async fn watch(pid: Option<u32>, measure_start: Instant, end: Instant
     }
 }
 
-async fn sample(path: &str) -> io::Result<(u64, u64)> {
+/// CPU ticks and resident bytes of every process at `paths`, summed.
+pub(crate) async fn sample_all(paths: &[String]) -> io::Result<(u64, u64)> {
+    let mut cpu = 0;
+    let mut rss = 0;
+    for path in paths {
+        let (ticks, bytes) = sample(path).await?;
+        cpu += ticks;
+        rss += bytes;
+    }
+    Ok((cpu, rss))
+}
+
+/// Resident bytes of every process at `paths`, summed.
+async fn rss_sum(paths: &[String]) -> io::Result<u64> {
+    let mut sum = 0;
+    for path in paths {
+        sum += rss_bytes(path).await?;
+    }
+    Ok(sum)
+}
+
+pub(crate) async fn sample(path: &str) -> io::Result<(u64, u64)> {
     Ok((cpu_ticks(path).await?, rss_bytes(path).await?))
 }
 

@@ -56,7 +56,7 @@ pub struct LoadReport {
     /// measured requests.
     #[serde(default)]
     pub http_connections_opened: Option<u64>,
-    /// Resources of the process given with `--pid`.
+    /// Resources of the processes given with `--pid`, summed.
     pub process: Option<ProcessUsage>,
     /// CPU time the generator itself used during the measured window, in
     /// seconds (Linux only).
@@ -186,11 +186,15 @@ pub struct TcpSummary {
     pub connections_per_second: f64,
 }
 
-/// CPU and memory of the process under test over the measured window.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+/// CPU and memory of the processes under test over the measured window,
+/// summed over the processes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct ProcessUsage {
-    /// The process id.
-    pub pid: u32,
+    /// The process ids, in the order given. Reports written when one
+    /// process was accounted have a single `pid` instead, read as a set of
+    /// one.
+    #[serde(alias = "pid", deserialize_with = "one_or_many_pids")]
+    pub pids: Vec<u32>,
     /// User plus system CPU time used, in seconds.
     pub cpu_seconds: f64,
     /// `cpu_seconds` per completed request, in microseconds.
@@ -201,6 +205,33 @@ pub struct ProcessUsage {
     pub rss_peak_bytes: u64,
     /// Resident set size when the window ended.
     pub rss_after_bytes: u64,
+}
+
+/// `pids` as a list, or as the single number older reports hold.
+fn one_or_many_pids<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Vec<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Pids {
+        One(u32),
+        Many(Vec<u32>),
+    }
+    Ok(match Pids::deserialize(deserializer)? {
+        Pids::One(pid) => vec![pid],
+        Pids::Many(pids) => pids,
+    })
+}
+
+/// `pid 12` or `pids 12 + 34` (the figures after it are sums).
+fn pid_list(pids: &[u32]) -> String {
+    match pids {
+        [pid] => format!("pid {pid}"),
+        _ => {
+            let listed: Vec<String> = pids.iter().map(u32::to_string).collect();
+            format!("pids {}", listed.join(" + "))
+        }
+    }
 }
 
 fn ms(micros: u64) -> f64 {
@@ -335,8 +366,8 @@ impl fmt::Display for LoadReport {
                 .unwrap_or_default();
             writeln!(
                 f,
-                "process       pid {}: cpu {:.2} s{per_request}; rss {:.1} MiB before, {:.1} MiB peak, {:.1} MiB after",
-                process.pid,
+                "process       {}: cpu {:.2} s{per_request}; rss {:.1} MiB before, {:.1} MiB peak, {:.1} MiB after",
+                pid_list(&process.pids),
                 process.cpu_seconds,
                 mib(process.rss_before_bytes),
                 mib(process.rss_peak_bytes),

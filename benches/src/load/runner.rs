@@ -32,15 +32,13 @@ use super::{LoadConfig, LoadMode, Protocol, tcp};
 /// # Errors
 ///
 /// When the config is invalid, the target is not a loopback address
-/// ([`TargetError`](super::TargetError)), the `--pid` process cannot be
+/// ([`TargetError`](super::TargetError)), a `--pid` process cannot be
 /// read, or a connection task panics. Failed requests are not errors: they
 /// are counted in the report.
 pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
     config.validate()?;
     let target = Target::resolve(&config.target, config.protocol).await?;
-    if let Some(pid) = config.pid {
-        process::check(pid).await?;
-    }
+    process::check(&config.pids).await?;
     let template = match config.protocol {
         Protocol::Tcp => None,
         _ => Some(Arc::new(RequestTemplate::new(config, &target)?)),
@@ -137,7 +135,7 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
         }
         anyhow::Ok(total)
     };
-    let watch = process::watch(config.pid, ctx.plan.measure_start, ctx.plan.end);
+    let watch = process::watch(&config.pids, ctx.plan.measure_start, ctx.plan.end);
     let (total, watched) = tokio::join!(collect, watch);
     stop_progress.cancel();
     while helpers.join_next().await.is_some() {}

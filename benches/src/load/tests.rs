@@ -21,7 +21,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
-use super::process::{parse_auxv_clock_ticks, parse_cpu_ticks, parse_rss_bytes};
+use super::process::{parse_auxv_clock_ticks, parse_cpu_ticks, parse_rss_bytes, sample_all};
 use super::target::{Target, check_loopback};
 use super::*;
 use crate::echo::{
@@ -449,10 +449,10 @@ async fn pid_accounting_reads_the_process() {
             Duration::from_millis(300),
         );
         // The test process itself is the "proxy": it serves the echo.
-        config.pid = Some(std::process::id());
+        config.pids = vec![std::process::id()];
         let report = run(&config).await.unwrap();
-        let process = report.process.unwrap();
-        assert_eq!(process.pid, std::process::id());
+        let process = report.process.clone().unwrap();
+        assert_eq!(process.pids, [std::process::id()]);
         assert!(process.cpu_seconds >= 0.0);
         assert!(process.cpu_us_per_request.is_some());
         assert!(process.rss_before_bytes > 0);
@@ -460,11 +460,94 @@ async fn pid_accounting_reads_the_process() {
         assert!(process.rss_peak_bytes >= process.rss_after_bytes);
         assert!(report.generator_cpu_seconds.is_some());
 
-        config.pid = Some(u32::MAX);
+        config.pids = vec![std::process::id(), u32::MAX];
         let err = run(&config).await.unwrap_err();
-        assert!(format!("{err:#}").contains("--pid"), "{err:#}");
+        assert!(
+            format!("{err:#}").contains(&format!("--pid {}", u32::MAX)),
+            "{err:#}"
+        );
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pid_set_accounting_sums_the_processes() {
+    within(async {
+        // A second process whose memory does not move: `sleep`.
+        let Some(sleep) = ["/bin/sleep", "/usr/bin/sleep"]
+            .into_iter()
+            .find(|path| std::path::Path::new(path).exists())
+        else {
+            println!("skipped: no sleep program");
+            return;
+        };
+        let mut child = tokio::process::Command::new(sleep)
+            .arg("60")
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let child_pid = child.id().unwrap();
+        let child_status = tokio::fs::read_to_string(format!("/proc/{child_pid}/status"))
+            .await
+            .unwrap();
+        let child_rss = parse_rss_bytes(&child_status).unwrap();
+
+        let server = echo().await;
+        let mut config = open_loop(
+            http_uri(server.local_addr()),
+            Protocol::Http1,
+            100.0,
+            Duration::from_millis(300),
+        );
+        config.pids = vec![std::process::id(), child_pid];
+        let report = run(&config).await.unwrap();
+        let process = report.process.clone().unwrap();
+        assert_eq!(process.pids, [std::process::id(), child_pid]);
+        assert!(process.cpu_us_per_request.is_some());
+        // This process alone is larger than `sleep`; the sum is larger
+        // than both.
+        assert!(process.rss_before_bytes > 2 * child_rss, "{process:?}");
+        assert!(process.rss_peak_bytes >= process.rss_after_bytes);
+        assert!(
+            report
+                .to_string()
+                .contains(&format!("pids {} + {child_pid}:", std::process::id())),
+            "{report}"
+        );
+        child.kill().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn proc_samples_of_several_processes_are_summed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut paths = Vec::new();
+    for (name, utime, stime, rss_kib) in [("a", 250, 75, 1000), ("b", 40, 2, 24)] {
+        let path = dir.path().join(name);
+        std::fs::create_dir(&path).unwrap();
+        std::fs::write(
+            path.join("stat"),
+            format!("7 (weft proxy) S 1 7 7 0 -1 0 0 0 0 0 {utime} {stime} 0 0 20 0 1 0 5\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            path.join("status"),
+            format!("Name:\tweft-proxy\nVmRSS:\t  {rss_kib} kB\n"),
+        )
+        .unwrap();
+        paths.push(path.to_string_lossy().into_owned());
+    }
+    assert_eq!(
+        sample_all(&paths).await.unwrap(),
+        (250 + 75 + 40 + 2, (1000 + 24) * 1024)
+    );
+    assert_eq!(sample_all(&paths[1..]).await.unwrap(), (42, 24 * 1024));
+    assert_eq!(sample_all(&[]).await.unwrap(), (0, 0));
+    // One unreadable process fails the whole sample rather than
+    // under-counting.
+    paths.push(dir.path().join("gone").to_string_lossy().into_owned());
+    assert!(sample_all(&paths).await.is_err());
 }
 
 #[tokio::test]
@@ -617,6 +700,8 @@ fn cli_flags_become_a_config() {
         "x-a:2",
         "--pid",
         "42",
+        "--pid",
+        "43",
     ])
     .unwrap();
     let config = args.to_config();
@@ -631,7 +716,7 @@ fn cli_flags_become_a_config() {
     assert_eq!(config.warmup, Duration::from_millis(500));
     assert_eq!(config.connections.get(), 16);
     assert_eq!(config.body_size_bytes, 64);
-    assert_eq!(config.pid, Some(42));
+    assert_eq!(config.pids, [42, 43]);
     let values: Vec<_> = config.headers.get_all("x-a").iter().collect();
     assert_eq!(values, ["1", "2"]);
 
@@ -749,4 +834,22 @@ fn report_serialises_to_one_json_object_and_back() {
     let text = report.to_string();
     assert!(text.contains("5xx 1"), "{text}");
     assert!(text.contains("on schedule"), "{text}");
+}
+
+#[test]
+fn process_usage_reads_a_pid_set_and_the_older_single_pid() {
+    let usage = ProcessUsage {
+        pids: vec![7, 8],
+        cpu_seconds: 0.5,
+        ..ProcessUsage::default()
+    };
+    let json = serde_json::to_value(&usage).unwrap();
+    assert_eq!(json["pids"], serde_json::json!([7, 8]));
+    let back: ProcessUsage = serde_json::from_value(json).unwrap();
+    assert_eq!(back, usage);
+
+    let older = r#"{"pid":7,"cpu_seconds":0.5,"cpu_us_per_request":null,
+        "rss_before_bytes":0,"rss_peak_bytes":0,"rss_after_bytes":0}"#;
+    let back: ProcessUsage = serde_json::from_str(older).unwrap();
+    assert_eq!(back.pids, [7]);
 }
