@@ -47,12 +47,9 @@ pub use crate::listener::BindError;
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    /// A listener's address could not be bound.
-    #[error(transparent)]
-    Bind(#[from] BindError),
-    /// Several listeners could not be bound.
+    /// Listener (or admin) addresses could not be bound.
     #[error("{}", display_all(.0))]
-    Listeners(Vec<BindError>),
+    Bind(Vec<BindError>),
     /// The access log could not be opened.
     #[error("access log: cannot open")]
     AccessLog(#[source] std::io::Error),
@@ -150,13 +147,15 @@ impl Proxy {
         let drain = Drain::new();
         let admin_socket = match config.admin {
             Some(address) => {
-                let socket = listener::bind("admin", address)?;
-                let local = socket.local_addr().map_err(|source| BindError {
-                    listener: "admin".into(),
-                    address,
-                    source,
-                })?;
-                Some((socket, local))
+                let bound = listener::bind("admin", address).and_then(|socket| {
+                    let local = socket.local_addr().map_err(|source| BindError {
+                        listener: "admin".into(),
+                        address,
+                        source,
+                    })?;
+                    Ok((socket, local))
+                });
+                Some(bound.map_err(|error| StartError::Bind(vec![error]))?)
             }
             None => None,
         };
@@ -179,12 +178,7 @@ impl Proxy {
         let drain_timeout = config.drain_timeout;
         let listeners = match handle.apply(config).await {
             Ok(listeners) => listeners,
-            Err(ApplyError::Bind(mut errors)) => {
-                return Err(match errors.len() {
-                    1 => StartError::Bind(errors.remove(0)),
-                    _ => StartError::Listeners(errors),
-                });
-            }
+            Err(ApplyError::Bind(errors)) => return Err(StartError::Bind(errors)),
         };
         let admin_address = admin_socket.as_ref().map(|(_, address)| *address);
         if let Some((socket, address)) = admin_socket {

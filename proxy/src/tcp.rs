@@ -1,14 +1,17 @@
-//! L4 forwarding: pick an endpoint, connect, copy bytes both ways.
+//! L4 forwarding: pick an endpoint, connect, copy bytes both ways; and
+//! [`splice`], the drain-bounded copy that TCP listeners and upgraded HTTP
+//! connections (WebSocket) share.
 //!
-//! A TCP connection is not cut by the drain signal (there is no graceful
-//! close for an opaque stream); it runs until either side closes or the
-//! drain timeout passes after the signal (the process's, or its listener's
-//! when a configuration removed the listener).
+//! An opaque stream is not cut by the drain signal (there is no graceful
+//! close for it); it runs until either side closes or the drain timeout
+//! passes after the signal (the process's, or its listener's when a
+//! configuration removed the listener).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
 use crate::drain::Drain;
@@ -47,22 +50,17 @@ pub(crate) async fn proxy(
             return;
         }
     };
-    let copy = tokio::io::copy_bidirectional_with_sizes(
+    let Some(copied) = splice(
         &mut downstream,
         &mut upstream,
         TCP_BUFFER_BYTES,
-        TCP_BUFFER_BYTES,
-    );
-    let drained = async {
-        drain.cancelled().await;
-        tokio::time::sleep(listener.drain_timeout).await;
-    };
-    let copied = tokio::select! {
-        copied = copy => copied,
-        () = drained => {
-            tracing::debug!(listener = %listener.config.name, peer.addr = %peer, "drain timeout; closing tcp connection");
-            return;
-        }
+        &drain,
+        listener.drain_timeout,
+    )
+    .await
+    else {
+        tracing::debug!(listener = %listener.config.name, peer.addr = %peer, "drain timeout; closing tcp connection");
+        return;
     };
     match copied {
         Ok((from_client, to_client)) => {
@@ -75,5 +73,30 @@ pub(crate) async fn proxy(
         Err(error) => {
             tracing::debug!(listener = %listener.config.name, peer.addr = %peer, %error, "tcp connection ended with an error");
         }
+    }
+}
+
+/// Copies bytes both ways, with `buffer_bytes` buffered per direction,
+/// until either side closes (the byte counts each way) or `drain_timeout`
+/// has passed since the drain signal (`None`).
+pub(crate) async fn splice<A, B>(
+    a: &mut A,
+    b: &mut B,
+    buffer_bytes: usize,
+    drain: &Drain,
+    drain_timeout: std::time::Duration,
+) -> Option<std::io::Result<(u64, u64)>>
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
+    let copy = tokio::io::copy_bidirectional_with_sizes(a, b, buffer_bytes, buffer_bytes);
+    let drained = async {
+        drain.cancelled().await;
+        tokio::time::sleep(drain_timeout).await;
+    };
+    tokio::select! {
+        copied = copy => Some(copied),
+        () = drained => None,
     }
 }

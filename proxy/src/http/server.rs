@@ -191,7 +191,7 @@ async fn serve_h1(
         io = parts.io.into_inner();
         io.unread(parts.read_buf);
         if let Some(upstream) = conn.take_upgrade() {
-            tunnel(io, upstream, conn.peer).await;
+            tunnel(io, upstream, conn).await;
             return;
         }
         if ending != Ending::Parked || !park(&io, conn, deadlines).await {
@@ -556,19 +556,37 @@ fn rewrite_path(uri: &Uri, rewrite: Option<&PathRewrite>) -> Result<PathAndQuery
 }
 
 /// Copies bytes between an upgraded client and upstream until either side
-/// closes.
+/// closes, or the drain timeout passes after the drain signal (as for TCP
+/// listeners).
 async fn tunnel(
     mut downstream: DownstreamIo,
     upstream: hyper::upgrade::OnUpgrade,
-    peer: SocketAddr,
+    conn: &Connection,
 ) {
+    let peer = conn.peer;
     let Ok(upstream) = upstream.await else {
         tracing::debug!(peer.addr = %peer, "upgrade did not complete");
         return;
     };
     let mut upstream = TokioIo::new(upstream);
-    if let Err(error) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        tracing::debug!(peer.addr = %peer, %error, "upgraded connection ended with an error");
+    let drain_timeout = conn.shared.load().config.drain_timeout;
+    // Upgraded connections (WebSocket) are often many and quiet: tokio's
+    // default 8 KiB per direction rather than the TCP listeners' 32 KiB.
+    let buffer_bytes = 8 * 1024;
+    match crate::tcp::splice(
+        &mut downstream,
+        &mut upstream,
+        buffer_bytes,
+        &conn.drain,
+        drain_timeout,
+    )
+    .await
+    {
+        Some(Ok(_)) => {}
+        Some(Err(error)) => {
+            tracing::debug!(peer.addr = %peer, %error, "upgraded connection ended with an error");
+        }
+        None => tracing::debug!(peer.addr = %peer, "drain timeout; closing upgraded connection"),
     }
 }
 
