@@ -9,8 +9,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
+use weft_proxy::xds::GrpcChannel;
 
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
@@ -143,51 +143,26 @@ async fn eventually(mut condition: impl FnMut() -> bool) -> bool {
 
 // ---- a gRPC client over one hyper HTTP/2 connection ----------------------
 
-#[derive(Debug, Clone)]
-struct GrpcChannel {
-    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-}
-
-impl GrpcChannel {
-    async fn connect(addr: SocketAddr) -> Self {
-        let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
-            .await
-            .unwrap()
-            .unwrap();
-        let (sender, conn) = tokio::time::timeout(
-            DEADLINE,
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)),
-        )
+/// Connects to `addr` with HTTP/2 prior knowledge.
+async fn connect_h2(addr: SocketAddr) -> GrpcChannel {
+    let stream = tokio::time::timeout(DEADLINE, TcpStream::connect(addr))
         .await
         .unwrap()
         .unwrap();
-        tokio::spawn(conn);
-        Self { sender }
-    }
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for GrpcChannel {
-    type Response = http::Response<Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn Future<Output = Result<http::Response<Incoming>, hyper::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.sender.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.sender.send_request(req))
-    }
+    let (sender, conn) = tokio::time::timeout(
+        DEADLINE,
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    tokio::spawn(conn);
+    GrpcChannel(sender)
 }
 
 async fn client(addr: SocketAddr) -> AggregatedDiscoveryServiceClient<GrpcChannel> {
     let origin: http::Uri = format!("http://{addr}").parse().unwrap();
-    AggregatedDiscoveryServiceClient::with_origin(GrpcChannel::connect(addr).await, origin)
+    AggregatedDiscoveryServiceClient::with_origin(connect_h2(addr).await, origin)
 }
 
 fn with_token<T>(message: T, token: Option<&str>) -> tonic::Request<T> {

@@ -164,6 +164,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
 /// The xDS client's settings: the bootstrap (from `--config` and
 /// `--admin`), the node, and the token.
 fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
+    anyhow::ensure!(
+        weft_proxy::xds::server_authority(server).is_some(),
+        "--xds {server:?}: expected the control plane's HOST:PORT"
+    );
     let mut bootstrap = match &args.config {
         Some(path) => {
             let text = std::fs::read_to_string(path)

@@ -12,7 +12,6 @@
 
 mod state;
 
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -61,8 +60,8 @@ pub struct XdsOptions {
 /// Why one connection to the control plane ended.
 #[derive(Debug, thiserror::Error)]
 enum StreamError {
-    #[error("cannot resolve {0}")]
-    Resolve(String, #[source] std::io::Error),
+    #[error("{0:?} is not a HOST:PORT address")]
+    BadAddress(String),
     #[error("connect timed out")]
     ConnectTimeout,
     #[error("cannot connect")]
@@ -80,7 +79,10 @@ enum StreamError {
 /// Runs the client until the proxy drains: connects, streams, reconnects.
 pub async fn run(options: XdsOptions, handle: ConfigHandle) {
     let drain = handle.drain();
-    let source = format!("xds {}", server_address(&options.server));
+    let source = match server_authority(&options.server) {
+        Some(authority) => format!("xds {authority}"),
+        None => format!("xds {}", options.server),
+    };
     let mut state = XdsState::new(options.bootstrap.clone(), source);
     let node = Node {
         id: options.node_id.clone(),
@@ -143,18 +145,17 @@ async fn stream(
     handle: &ConfigHandle,
     received: &mut bool,
 ) -> Result<(), StreamError> {
-    let address = server_address(&options.server);
-    let channel = tokio::time::timeout(CONNECT_TIMEOUT, Channel::connect(address, handle))
+    let authority = server_authority(&options.server)
+        .ok_or_else(|| StreamError::BadAddress(options.server.clone()))?;
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, connect(authority.as_str(), handle))
         .await
         .map_err(|_| StreamError::ConnectTimeout)??;
     let origin = http::Uri::builder()
         .scheme("http")
-        .authority(address)
+        .authority(authority)
         .path_and_query("/")
         .build()
-        .map_err(|_| {
-            StreamError::Resolve(address.to_owned(), std::io::ErrorKind::InvalidInput.into())
-        })?;
+        .map_err(|_| StreamError::BadAddress(options.server.clone()))?;
     let mut client = AggregatedDiscoveryServiceClient::with_origin(channel, origin);
 
     let (requests, queue) = mpsc::channel::<DiscoveryRequest>(REQUEST_QUEUE);
@@ -238,12 +239,17 @@ fn publish(handle: &ConfigHandle, options: &XdsOptions, state: &XdsState, connec
     }));
 }
 
-/// `http://host:port/` or `host:port` → `host:port`.
-fn server_address(server: &str) -> &str {
-    server
+/// The control plane's `HOST:PORT` from `--xds` (`http://HOST:PORT/` is
+/// accepted too); `None` if it is not one.
+pub fn server_authority(server: &str) -> Option<http::uri::Authority> {
+    let address = server
         .strip_prefix("http://")
         .unwrap_or(server)
-        .trim_end_matches('/')
+        .trim_end_matches('/');
+    address
+        .parse::<http::uri::Authority>()
+        .ok()
+        .filter(|authority| authority.port().is_some())
 }
 
 /// Equal jitter: half the exponential delay, plus a random part of the
@@ -266,66 +272,49 @@ fn error_chain(error: &StreamError) -> String {
     text
 }
 
-/// An HTTP/2 connection to the control plane, as a tonic channel.
+/// A tonic channel over one hyper HTTP/2 connection: what tonic's
+/// generated clients need, without tonic's own transport. The caller opens
+/// the connection (and drives its connection task).
 #[derive(Debug, Clone)]
-struct Channel {
-    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-}
+pub struct GrpcChannel(pub hyper::client::conn::http2::SendRequest<tonic::body::Body>);
 
-impl Channel {
-    async fn connect(address: &str, handle: &ConfigHandle) -> Result<Self, StreamError> {
-        let addresses: Vec<SocketAddr> = tokio::net::lookup_host(address)
-            .await
-            .map_err(|e| StreamError::Resolve(address.to_owned(), e))?
-            .collect();
-        let mut last = None;
-        let mut stream = None;
-        for candidate in addresses {
-            match tokio::net::TcpStream::connect(candidate).await {
-                Ok(s) => {
-                    stream = Some(s);
-                    break;
-                }
-                Err(error) => last = Some(error),
-            }
-        }
-        let stream = stream.ok_or_else(|| {
-            StreamError::Connect(
-                last.unwrap_or_else(|| std::io::ErrorKind::AddrNotAvailable.into()),
-            )
-        })?;
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .keep_alive_interval(KEEPALIVE_INTERVAL)
-            .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(StreamError::Handshake)?;
-        // The connection task ends when the client (and so the sender) is
-        // dropped, at the latest when the proxy drains.
-        handle.drain().spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "control plane connection closed");
-            }
-        });
-        Ok(Self { sender })
-    }
-}
-
-impl tower::Service<Request<tonic::body::Body>> for Channel {
+impl tower::Service<Request<tonic::body::Body>> for GrpcChannel {
     type Response = Response<Incoming>;
     type Error = hyper::Error;
     type Future =
         Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), hyper::Error>> {
-        self.sender.poll_ready(cx)
+        self.0.poll_ready(cx)
     }
 
     fn call(&mut self, request: Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.sender.send_request(request))
+        Box::pin(self.0.send_request(request))
     }
+}
+
+/// Opens the HTTP/2 connection to the control plane.
+async fn connect(address: &str, handle: &ConfigHandle) -> Result<GrpcChannel, StreamError> {
+    // Resolves the name and tries each address in turn.
+    let stream = tokio::net::TcpStream::connect(address)
+        .await
+        .map_err(StreamError::Connect)?;
+    let _ = stream.set_nodelay(true);
+    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(KEEPALIVE_INTERVAL)
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(StreamError::Handshake)?;
+    // The connection task ends when the client (and so the sender) is
+    // dropped, at the latest when the proxy drains.
+    handle.drain().spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "control plane connection closed");
+        }
+    });
+    Ok(GrpcChannel(sender))
 }
 
 #[cfg(test)]
@@ -348,8 +337,14 @@ mod tests {
     }
 
     #[test]
-    fn server_addresses_accept_a_scheme() {
-        assert_eq!(server_address("http://127.0.0.1:1/"), "127.0.0.1:1");
-        assert_eq!(server_address("cp:18000"), "cp:18000");
+    fn server_addresses_accept_a_scheme_and_need_a_port() {
+        let authority = |s: &str| server_authority(s).map(|a| a.to_string());
+        assert_eq!(
+            authority("http://127.0.0.1:1/").as_deref(),
+            Some("127.0.0.1:1")
+        );
+        assert_eq!(authority("cp:18000").as_deref(), Some("cp:18000"));
+        assert_eq!(authority("cp"), None);
+        assert_eq!(authority("cp:18000/path"), None);
     }
 }

@@ -428,41 +428,7 @@ pub fn header<'a>(response: &'a Response<Incoming>, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
-/// A gRPC channel over one HTTP/2 connection, for tonic's generated
-/// clients (which bring no transport of their own here).
-#[derive(Debug, Clone)]
-pub struct GrpcChannel {
-    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-}
-
-impl GrpcChannel {
-    /// Connects to `addr` with HTTP/2 prior knowledge.
-    pub async fn connect(addr: SocketAddr) -> anyhow::Result<Self> {
-        Ok(Self {
-            sender: http2_connect(addr).await?,
-        })
-    }
-}
-
-impl tower::Service<Request<tonic::body::Body>> for GrpcChannel {
-    type Response = Response<Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn std::future::Future<Output = Result<Response<Incoming>, hyper::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.sender.poll_ready(cx)
-    }
-
-    fn call(&mut self, req: Request<tonic::body::Body>) -> Self::Future {
-        let fut = self.sender.send_request(req);
-        Box::pin(fut)
-    }
-}
+pub use weft_proxy::xds::GrpcChannel;
 
 /// A tonic echo client over a [`GrpcChannel`] to `addr`.
 pub async fn echo_client(
@@ -470,7 +436,7 @@ pub async fn echo_client(
 ) -> anyhow::Result<weft_proto::echo::v1::echo_client::EchoClient<GrpcChannel>> {
     let origin: http::Uri = format!("http://{addr}").parse()?;
     Ok(weft_proto::echo::v1::echo_client::EchoClient::with_origin(
-        GrpcChannel::connect(addr).await?,
+        GrpcChannel(http2_connect(addr).await?),
         origin,
     ))
 }

@@ -10,9 +10,9 @@
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use weft_proxy::xds::GrpcChannel;
 
 use anyhow::Context as _;
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpStream;
 use tokio::sync::{Semaphore, mpsc};
@@ -198,31 +198,6 @@ pub(super) async fn run(index: usize, workload: Workload, context: ClientContext
     }
 }
 
-/// A tower service over one HTTP/2 connection, for the generated client.
-#[derive(Debug)]
-struct Channel {
-    sender: hyper::client::conn::http2::SendRequest<tonic::body::Body>,
-}
-
-impl tower::Service<http::Request<tonic::body::Body>> for Channel {
-    type Response = http::Response<Incoming>;
-    type Error = hyper::Error;
-    type Future = std::pin::Pin<
-        Box<dyn Future<Output = Result<http::Response<Incoming>, hyper::Error>> + Send>,
-    >;
-
-    fn poll_ready(
-        &mut self,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Result<(), hyper::Error>> {
-        self.sender.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: http::Request<tonic::body::Body>) -> Self::Future {
-        Box::pin(self.sender.send_request(request))
-    }
-}
-
 async fn session(index: usize, workload: &Workload, context: ClientContext) -> anyhow::Result<()> {
     let permit = Arc::clone(&context.connecting)
         .acquire_owned()
@@ -285,7 +260,7 @@ async fn ads(
     let origin: http::Uri = format!("http://{}", context.xds)
         .parse()
         .context("the xDS address as a URI")?;
-    let mut client = AggregatedDiscoveryServiceClient::with_origin(Channel { sender }, origin);
+    let mut client = AggregatedDiscoveryServiceClient::with_origin(GrpcChannel(sender), origin);
     let mut inbound =
         tokio::time::timeout(CONNECT_TIMEOUT, client.stream_aggregated_resources(request))
             .await
