@@ -161,6 +161,11 @@ impl SnapshotCache {
             || Arc::clone(&self.inner.empty),
             |entry| Arc::clone(&entry.resources),
         );
+        // Forget nodes nobody watches any more, so that proxies coming and
+        // going under ever new ids do not grow the map between mesh changes.
+        state
+            .watchers
+            .retain(|_, sender| sender.receiver_count() > 0);
         let receiver = match state.watchers.get(node_id) {
             Some(sender) => sender.subscribe(),
             None => {

@@ -101,13 +101,7 @@ fn main() -> ExitCode {
             admin,
             token_file,
             json,
-        } => match show_status(admin, token_file.as_deref(), json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(error) => {
-                eprintln!("error: {error:#}");
-                ExitCode::from(1)
-            }
-        },
+        } => exit(show_status(admin, token_file.as_deref(), json)),
     }
 }
 

@@ -169,7 +169,11 @@ fn stat_dir(dir: &std::path::Path) -> Option<Vec<FileStat>> {
         }
         // Follows symbolic links, as reading does (ConfigMap mounts are
         // links to a directory swapped atomically).
-        let metadata = std::fs::metadata(&path).ok()?;
+        // An entry that cannot be read (a dangling link) is skipped, as
+        // the read skips it; it must not disable this check for good.
+        let Ok(metadata) = std::fs::metadata(&path) else {
+            continue;
+        };
         if metadata.is_file() {
             files.push((
                 path,

@@ -631,10 +631,20 @@ fn admit(shared: &Shared, node: Option<&Node>) -> Result<(String, NodeWatch), St
     Ok((node.id.clone(), watch))
 }
 
-/// Ends a stream because the server is draining: `UNAVAILABLE` tells the
-/// proxy to reconnect (to another replica, or to this one when it is back).
-fn end_draining<T>(tx: &mpsc::Sender<Result<T, Status>>) {
-    let _ = tx.try_send(Err(Status::unavailable("control plane draining")));
+/// Ends a stream with `status`. Waits for room in the response queue (a
+/// dropped status would end the stream as if it had succeeded), but not
+/// past the server's abort.
+async fn end_with<T>(tx: &mpsc::Sender<Result<T, Status>>, ctx: &StreamContext, status: Status) {
+    tokio::select! {
+        _ = tx.send(Err(status)) => {}
+        () = ctx.shared.abort.cancelled() => {}
+    }
+}
+
+/// `UNAVAILABLE` tells a proxy to reconnect (to another replica, or to
+/// this one when it is back).
+fn draining() -> Status {
+    Status::unavailable("control plane draining")
 }
 
 /// What differs between the two discovery protocols: how a request
@@ -670,19 +680,19 @@ async fn serve_stream<P: StreamProtocol>(
         if let Some(request) = request.take()
             && let Err(status) = stream.on_request(request)
         {
-            let _ = tx.try_send(Err(status));
+            end_with(&tx, stream.context(), status).await;
             return;
         }
         let resources = watch.current();
         while let Some(response) = stream.next_response(&resources) {
             tokio::select! {
                 sent = tx.send(Ok(response)) => if sent.is_err() { return },
-                () = stream.context().drain().cancelled() => return end_draining(&tx),
+                () = stream.context().drain().cancelled() => return end_with(&tx, stream.context(), draining()).await,
             }
         }
         drop(resources);
         tokio::select! {
-            () = stream.context().drain().cancelled() => return end_draining(&tx),
+            () = stream.context().drain().cancelled() => return end_with(&tx, stream.context(), draining()).await,
             message = inbound.message() => match message {
                 Ok(Some(next)) => request = Some(next),
                 Ok(None) => return,

@@ -45,7 +45,12 @@ pub(crate) async fn serve(
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
-                Err(_) => continue,
+                Err(error) => {
+                    // Out of file descriptors: back off instead of spinning.
+                    tracing::warn!(workload = %app.workload, %error, "demo application accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
             },
             () = stop.cancelled() => return,
         };

@@ -153,11 +153,7 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
     // forward to itself.
     let apps = std::mem::take(&mut registry.apps);
     for (addr, file, name, field) in apps {
-        if let Some(bound) = registry
-            .listeners
-            .iter()
-            .find(|b| b.addr.port() == addr.port() && (b.addr.ip() == addr.ip()))
-        {
+        if let Some(bound) = registry.listeners.iter().find(|b| collides(b.addr, addr)) {
             errors.push(MeshError::Invalid {
                 file,
                 kind: "service",

@@ -60,6 +60,9 @@ struct InFlight {
     changes: Vec<(String, Option<String>)>,
 }
 
+/// Explicitly subscribed names one stream may hold per type.
+const MAX_SUBSCRIBED_NAMES: usize = 10_000;
+
 /// Unanswered responses remembered per type; beyond this the oldest is
 /// assumed applied. Bounds a stream's memory when a client never answers.
 const MAX_IN_FLIGHT: usize = 4;
@@ -124,6 +127,12 @@ impl StreamProtocol for Delta {
             } else {
                 state.names.remove(name);
             }
+        }
+        // Names accumulate across requests: bound what one stream holds.
+        if state.names.len() > MAX_SUBSCRIBED_NAMES {
+            return Err(Status::resource_exhausted(format!(
+                "more than {MAX_SUBSCRIBED_NAMES} resource names subscribed for {type_url}"
+            )));
         }
         // The client forgets what it no longer wants; so do we, so that a
         // later subscription sends it again.
