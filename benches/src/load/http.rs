@@ -267,11 +267,6 @@ pub(crate) async fn run_h1(
 ) -> Recorder {
     while let Some(slot) = ctx.plan.next_slot() {
         let timing = ctx.plan.wait(slot).await;
-        if is_new_connection_per_request {
-            // Dropping the sender ends the connection task, which closes
-            // the socket.
-            sender = None;
-        }
         if sender.as_ref().is_none_or(H1Sender::is_closed) {
             match connect_h1(&ctx).await {
                 Ok(opened) => {
@@ -295,11 +290,15 @@ pub(crate) async fn run_h1(
             open.send_request(template.request()).await
         };
         let (outcome, end) = exchange(&ctx, response, template.is_grpc, &timing).await;
-        if matches!(
-            outcome,
-            Outcome::Timeout | Outcome::ResetOrProtocol | Outcome::Unfinished
-        ) {
-            // The connection may still carry the abandoned exchange.
+        if is_new_connection_per_request
+            || matches!(
+                outcome,
+                Outcome::Timeout | Outcome::ResetOrProtocol | Outcome::Unfinished
+            )
+        {
+            // Dropping the sender ends the connection task, which closes
+            // the socket: at once in new-connection mode, and whenever the
+            // connection may still carry an abandoned exchange.
             sender = None;
         }
         recorder.record(&timing, end, outcome);

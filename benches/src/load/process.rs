@@ -58,12 +58,18 @@ pub(crate) async fn check(pids: &[u32]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Samples `pids` (none: only the generator) from `measure_start` to `end`
+/// Samples `pids` (none: only the generator) from `measure_start` until
+/// `done` resolves (when the last measured request has completed, so that
+/// the CPU time covers the same requests as the count it is divided by)
 /// and returns the usage.
 ///
 /// Cancel safety: cancel safe (it only reads files and sleeps), but then
 /// measures nothing.
-pub(crate) async fn watch(pids: &[u32], measure_start: Instant, end: Instant) -> Watched {
+pub(crate) async fn watch(
+    pids: &[u32],
+    measure_start: Instant,
+    done: tokio::sync::oneshot::Receiver<()>,
+) -> Watched {
     let ticks_per_second = clock_ticks_per_second().await as f64;
     let paths: Vec<String> = pids.iter().map(|pid| format!("/proc/{pid}")).collect();
     tokio::time::sleep_until(measure_start).await;
@@ -79,11 +85,11 @@ pub(crate) async fn watch(pids: &[u32], measure_start: Instant, end: Instant) ->
     let mut peak_rss = before.map_or(0, |(_, rss)| rss);
     let mut ticks =
         tokio::time::interval_at(measure_start + RSS_SAMPLE_INTERVAL, RSS_SAMPLE_INTERVAL);
-    let window_end = tokio::time::sleep_until(end);
-    tokio::pin!(window_end);
+    let mut done = done;
     loop {
         tokio::select! {
-            () = &mut window_end => break,
+            // Sent, or the sender dropped: either way the run is over.
+            _ = &mut done => break,
             _ = ticks.tick() => {
                 if before.is_some()
                     && let Ok(rss) = rss_sum(&paths).await

@@ -128,14 +128,16 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
         }
     }
 
+    let (collected, done) = tokio::sync::oneshot::channel();
     let collect = async {
         let mut total = Recorder::new(Arc::default());
         while let Some(joined) = tasks.join_next().await {
             total.merge(&joined.context("a load connection task failed")?);
         }
+        let _ = collected.send(());
         anyhow::Ok(total)
     };
-    let watch = process::watch(&config.pids, ctx.plan.measure_start, ctx.plan.end);
+    let watch = process::watch(&config.pids, ctx.plan.measure_start, done);
     let (total, watched) = tokio::join!(collect, watch);
     stop_progress.cancel();
     while helpers.join_next().await.is_some() {}

@@ -64,6 +64,8 @@ struct TrackerState {
     dropped_events: usize,
     /// Clients that ended before being told to, with why.
     failures: Vec<String>,
+    /// Every failure, including those whose message was not kept.
+    failed_total: usize,
 }
 
 /// What every client saw.
@@ -107,8 +109,11 @@ impl Tracker {
 
     fn fail(&self, message: String) {
         let mut state = self.lock();
+        state.failed_total += 1;
         if state.failures.len() < 100 {
             state.failures.push(message);
+        } else if state.failures.len() == 100 {
+            state.failures.push("(later failures not kept)".to_owned());
         }
     }
 
@@ -164,7 +169,7 @@ impl Tracker {
     }
 
     pub(super) fn failure_count(&self) -> usize {
-        self.lock().failures.len()
+        self.lock().failed_total
     }
 }
 
