@@ -80,7 +80,7 @@ struct ProxyChild {
 
 /// Runs the demo until Ctrl-C (or `--duration`).
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    crate::init_logging(Some("warn"));
+    weft_proxy::cli::init_logging(Some("warn"));
     let scratch = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
     std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
     let dir = mesh_dir(args, &scratch)?;
@@ -436,7 +436,7 @@ async fn traffic(args: &DemoArgs, mesh: &Mesh, proxies: &[ProxyChild]) {
         }
     };
     tokio::pin!(until_end);
-    let signal = crate::shutdown_signal();
+    let signal = weft_proxy::cli::shutdown_signal();
     tokio::pin!(signal);
     // Traffic through a split shows it live; otherwise the first route.
     let candidates: Vec<Suggestion> = suggestions(mesh)

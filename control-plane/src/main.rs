@@ -115,23 +115,10 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
-/// Reads a token file: the whole file, surrounding whitespace removed.
-fn read_token(path: &Path) -> anyhow::Result<String> {
-    let token = std::fs::read_to_string(path)
-        .with_context(|| format!("reading the token file {}", path.display()))?;
-    let token = token.trim().to_owned();
-    anyhow::ensure!(
-        !token.is_empty(),
-        "{}: the token file is empty",
-        path.display()
-    );
-    Ok(token)
-}
-
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    weft_cp::init_logging(args.log_level.as_deref());
+    weft_proxy::cli::init_logging(args.log_level.as_deref());
     let auth = match &args.token_file {
-        Some(path) => Auth::token(read_token(path)?),
+        Some(path) => Auth::token(weft_proxy::cli::read_token(path)?),
         None => Auth::Insecure,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -160,7 +147,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 })
             );
         }
-        weft_cp::shutdown_signal().await;
+        weft_proxy::cli::shutdown_signal().await;
         control_plane.shutdown().await;
         anyhow::Ok(())
     })
@@ -171,7 +158,7 @@ fn show_status(
     token_file: Option<&std::path::Path>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let token = token_file.map(read_token).transpose()?;
+    let token = token_file.map(weft_proxy::cli::read_token).transpose()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -5,6 +5,7 @@
 //! The binary (`main.rs`) only parses flags, builds the worker and control
 //! runtimes and calls this.
 
+pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod telemetry;

@@ -70,7 +70,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    init_logging(args.log_level.as_deref());
+    weft_proxy::cli::init_logging(args.log_level.as_deref());
     if let Some(path) = &args.check_config {
         return match Config::from_file(path) {
             Ok(_) => {
@@ -151,7 +151,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .then(std::os::unix::process::parent_id);
     workers.block_on(async {
         tokio::select! {
-            () = shutdown_signal() => {}
+            () = weft_proxy::cli::shutdown_signal() => {}
             () = parent_exit(parent) => tracing::info!("parent process exited"),
         }
         proxy.shutdown().await;
@@ -232,32 +232,4 @@ async fn parent_exit(parent: Option<u32>) {
     while std::os::unix::process::parent_id() == parent {
         tick.tick().await;
     }
-}
-
-async fn shutdown_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(term) => term,
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops the proxy");
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
-}
-
-fn init_logging(filter: Option<&str>) {
-    use tracing_subscriber::EnvFilter;
-    let filter = match filter {
-        Some(f) => EnvFilter::try_new(f),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
-    }
-    .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
 }
