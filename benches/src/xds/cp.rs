@@ -13,11 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
-use bytes::Bytes;
-use http_body_util::{BodyExt as _, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt as _, BufReader};
-use tokio::net::TcpStream;
 
 use super::client::TYPE_URLS;
 use crate::compare::Placement;
@@ -28,9 +24,6 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Bound on one `/status` request, connect to end of body.
 const STATUS_TIMEOUT: Duration = Duration::from_secs(20);
-
-/// Cap on the `/status` body (5,000 proxies take about 2 MB).
-const MAX_STATUS_BYTES: usize = 256 * 1024 * 1024;
 
 /// A running `weft-cp serve`. Killed when dropped.
 #[derive(Debug)]
@@ -151,71 +144,31 @@ impl CpProcess {
 
     /// `GET /status`, summarised.
     pub(super) async fn status(&self) -> anyhow::Result<StatusSummary> {
-        let body = tokio::time::timeout(STATUS_TIMEOUT, get_status(self.admin, &self.token))
+        let body = weft_cp::status::fetch_json(self.admin, Some(&self.token), STATUS_TIMEOUT)
             .await
-            .context("GET /status timed out")??;
+            .context("GET /status")?;
         parse_status(&body)
     }
 }
 
-async fn get_status(admin: SocketAddr, token: &str) -> anyhow::Result<Bytes> {
-    let stream = TcpStream::connect(admin)
-        .await
-        .with_context(|| format!("connecting to the admin address {admin}"))?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .context("admin HTTP/1.1 handshake")?;
-    let request = http::Request::get("/status")
-        .header(http::header::HOST, admin.to_string())
-        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
-        .body(Empty::<Bytes>::new())
-        .context("building the /status request")?;
-    let exchange = async {
-        let response = sender.send_request(request).await.context("GET /status")?;
-        let status = response.status();
-        let body = Limited::new(response.into_body(), MAX_STATUS_BYTES)
-            .collect()
-            .await
-            .map_err(|err| anyhow::anyhow!("reading the /status body: {err}"))?
-            .to_bytes();
-        anyhow::ensure!(status.is_success(), "GET /status answered {status}");
-        Ok(body)
-    };
-    let mut connection = std::pin::pin!(connection);
-    let mut exchange = std::pin::pin!(exchange);
-    tokio::select! {
-        body = &mut exchange => body,
-        // A connection the server closes after the response ends here
-        // first; what it delivered is still read from the exchange.
-        result = &mut connection => {
-            result.context("admin connection")?;
-            exchange.await
-        }
-    }
-}
-
-/// Summarises a `/status` JSON body.
+/// Summarises a `/status` JSON body (`weft_cp::status::StatusReport`).
 pub(super) fn parse_status(body: &[u8]) -> anyhow::Result<StatusSummary> {
-    let json: serde_json::Value = serde_json::from_slice(body).context("parsing /status JSON")?;
-    let proxies = json["proxies"]
-        .as_array()
-        .context("/status has no proxies list")?;
-    let settled = proxies
+    let report = weft_cp::status::parse(body).context("parsing /status")?;
+    let settled = report
+        .proxies
         .iter()
         .filter(|proxy| {
             TYPE_URLS.iter().all(|type_url| {
-                let state = &proxy["types"][*type_url];
-                let sent = state["sent_version"].as_str();
-                sent.is_some() && sent == state["acked_version"].as_str()
+                proxy.types.get(*type_url).is_some_and(|state| {
+                    state.sent_version.is_some() && state.sent_version == state.acked_version
+                })
             })
         })
         .count();
     Ok(StatusSummary {
-        mesh_generation: json["mesh_generation"]
-            .as_u64()
-            .context("/status has no mesh_generation")?,
-        config_error: json["config_error"].as_str().map(str::to_owned),
-        proxies: proxies.len(),
+        mesh_generation: report.mesh_generation,
+        config_error: report.config_error,
+        proxies: report.proxies.len(),
         settled,
     })
 }

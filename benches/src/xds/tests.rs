@@ -69,11 +69,11 @@ async fn generated_mesh_lists_every_workload_once_and_edits_only_the_timeout() {
 #[test]
 fn status_counts_proxies_with_everything_acked() {
     let body = br#"{"mesh_generation": 3, "config_error": null, "proxies": [
-      {"node_id": "w0", "types": {
+      {"node_id": "w0", "service": null, "protocol": "sotw", "peer": null, "connected_since_unix": 1, "types": {
         "type.googleapis.com/weft.config.v1.Cluster": {"acked_version": "a", "sent_version": "a"},
         "type.googleapis.com/weft.config.v1.RouteConfiguration": {"acked_version": "b", "sent_version": "b"},
         "type.googleapis.com/weft.config.v1.Listener": {"acked_version": "c", "sent_version": "c"}}},
-      {"node_id": "w1", "types": {
+      {"node_id": "w1", "service": null, "protocol": "sotw", "peer": null, "connected_since_unix": 1, "types": {
         "type.googleapis.com/weft.config.v1.Cluster": {"acked_version": "a", "sent_version": "a"},
         "type.googleapis.com/weft.config.v1.RouteConfiguration": {"acked_version": "b", "sent_version": "b2"},
         "type.googleapis.com/weft.config.v1.Listener": {"acked_version": "c", "sent_version": "c"}}}
