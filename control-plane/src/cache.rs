@@ -35,6 +35,13 @@ struct Inner {
     empty: Arc<NodeResources>,
 }
 
+/// What a node's watchers see: its service and its resources.
+#[derive(Debug, Clone)]
+struct Served {
+    service: Option<String>,
+    resources: Arc<NodeResources>,
+}
+
 #[derive(Debug, Default)]
 struct State {
     snapshot: MeshSnapshot,
@@ -42,15 +49,14 @@ struct State {
     config_error: Option<String>,
     /// One channel per node id with at least one stream; pruned when its
     /// last receiver is gone.
-    watchers: HashMap<String, watch::Sender<Arc<NodeResources>>>,
+    watchers: HashMap<String, watch::Sender<Served>>,
 }
 
 /// What one stream sees of its node: the node's current resources, and a
 /// wake-up when they change.
 #[derive(Debug)]
 pub struct NodeWatch {
-    receiver: watch::Receiver<Arc<NodeResources>>,
-    service: Option<String>,
+    receiver: watch::Receiver<Served>,
     is_known: bool,
 }
 
@@ -58,7 +64,7 @@ impl NodeWatch {
     /// The node's resources now; marks them seen, so that [`Self::changed`]
     /// waits for the next change.
     pub fn current(&mut self) -> Arc<NodeResources> {
-        Arc::clone(&self.receiver.borrow_and_update())
+        Arc::clone(&self.receiver.borrow_and_update().resources)
     }
 
     /// Waits until the node's resources change. Errors only when the cache
@@ -69,9 +75,10 @@ impl NodeWatch {
         self.receiver.changed().await.map_err(|_| CacheClosed)
     }
 
-    /// The service the mesh said the node belongs to when the watch began.
-    pub fn service(&self) -> Option<&str> {
-        self.service.as_deref()
+    /// The service the mesh says the node belongs to now (it can change
+    /// with the mesh, which wakes [`Self::changed`]).
+    pub fn service(&self) -> Option<String> {
+        self.receiver.borrow().service.clone()
     }
 
     /// Whether the mesh knew the node when the watch began.
@@ -112,12 +119,10 @@ impl SnapshotCache {
             .retain(|_, sender| sender.receiver_count() > 0);
         let mut woken = 0_usize;
         for (node_id, sender) in &state.watchers {
-            let next = snapshot.nodes.get(node_id).map_or_else(
-                || Arc::clone(&self.inner.empty),
-                |entry| Arc::clone(&entry.resources),
-            );
+            let next = self.served(snapshot.nodes.get(node_id));
             let changed = sender.send_if_modified(|current| {
-                let changed = !same_versions(current, &next);
+                let changed = current.service != next.service
+                    || !same_versions(&current.resources, &next.resources);
                 // Swapped even when unchanged, so that the old snapshot's
                 // resources are freed.
                 *current = next;
@@ -155,12 +160,8 @@ impl SnapshotCache {
     pub fn watch(&self, node_id: &str) -> NodeWatch {
         let mut state = self.state();
         let entry = state.snapshot.nodes.get(node_id);
-        let service = entry.and_then(|e| e.service.clone());
         let is_known = entry.is_some();
-        let current = entry.map_or_else(
-            || Arc::clone(&self.inner.empty),
-            |entry| Arc::clone(&entry.resources),
-        );
+        let current = self.served(entry);
         // Forget nodes nobody watches any more, so that proxies coming and
         // going under ever new ids do not grow the map between mesh changes.
         state
@@ -174,10 +175,20 @@ impl SnapshotCache {
                 receiver
             }
         };
-        NodeWatch {
-            receiver,
-            service,
-            is_known,
+        NodeWatch { receiver, is_known }
+    }
+
+    /// What watchers of a node with `entry` (none: unknown) see.
+    fn served(&self, entry: Option<&crate::resources::NodeEntry>) -> Served {
+        match entry {
+            Some(entry) => Served {
+                service: entry.service.clone(),
+                resources: Arc::clone(&entry.resources),
+            },
+            None => Served {
+                service: None,
+                resources: Arc::clone(&self.inner.empty),
+            },
         }
     }
 }
@@ -236,7 +247,7 @@ mod tests {
         let mut a = cache.watch("a");
         let mut b = cache.watch("b");
         assert!(a.is_known());
-        assert_eq!(a.service(), Some("svc"));
+        assert_eq!(a.service().as_deref(), Some("svc"));
         a.current();
         b.current();
         cache.set(mesh(&[("a", &["x", "z"]), ("b", &["y"])]));

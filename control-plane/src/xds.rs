@@ -474,7 +474,12 @@ impl AggregatedDiscoveryService for AdsService {
         let (node_id, watch) = admit(&self.shared, first.node.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "sotw");
-        let stream = self.start_stream(node_id, &watch, Protocol::Sotw, peer);
+        let claimed = first
+            .node
+            .as_ref()
+            .map(|n| n.cluster.clone())
+            .filter(|c| !c.is_empty());
+        let stream = self.start_stream(node_id, claimed, &watch, Protocol::Sotw, peer);
         self.shared.tasks.spawn(
             serve_stream(sotw::Sotw::new(stream), watch, inbound, first, tx).instrument(span),
         );
@@ -493,7 +498,12 @@ impl AggregatedDiscoveryService for AdsService {
         let (node_id, watch) = admit(&self.shared, first.node.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "delta");
-        let stream = self.start_stream(node_id, &watch, Protocol::Delta, peer);
+        let claimed = first
+            .node
+            .as_ref()
+            .map(|n| n.cluster.clone())
+            .filter(|c| !c.is_empty());
+        let stream = self.start_stream(node_id, claimed, &watch, Protocol::Delta, peer);
         self.shared.tasks.spawn(
             serve_stream(delta::Delta::new(stream), watch, inbound, first, tx).instrument(span),
         );
@@ -505,6 +515,7 @@ impl AdsService {
     fn start_stream(
         &self,
         node_id: String,
+        claimed_service: Option<String>,
         watch: &NodeWatch,
         protocol: Protocol,
         peer: Option<SocketAddr>,
@@ -512,7 +523,7 @@ impl AdsService {
         info!(node = %node_id, protocol = protocol.as_str(), "proxy connected");
         let registration = self.shared.registry.register(ProxyStatus {
             node_id: node_id.clone(),
-            service: watch.service().map(str::to_owned),
+            service: watch.service(),
             protocol,
             peer,
             connected_since_unix: unix_now(),
@@ -521,6 +532,7 @@ impl AdsService {
         StreamContext {
             shared: Arc::clone(&self.shared),
             node_id,
+            claimed_service,
             registration,
         }
     }
@@ -531,6 +543,9 @@ impl AdsService {
 struct StreamContext {
     shared: Arc<Shared>,
     node_id: String,
+    /// The service the proxy said it runs for (`Node.cluster`), if any:
+    /// checked again whenever the mesh changes.
+    claimed_service: Option<String>,
     registration: registry::Registration,
 }
 
@@ -603,6 +618,20 @@ async fn first_request<T: FirstRequest>(inbound: &mut Streaming<T>) -> Result<T,
 }
 
 /// Checks a stream's node and starts watching its resources.
+/// Refuses a node that claims (`Node.cluster`) another service than the
+/// one the mesh gives it now.
+fn check_service(node_id: &str, claimed: &str, watch: &NodeWatch) -> Result<(), Status> {
+    match watch.service() {
+        Some(service) if service != claimed => {
+            warn!(node = %node_id, claimed, service, "proxy refused: service mismatch");
+            Err(Status::permission_denied(format!(
+                "node {node_id:?} belongs to service {service:?} in the mesh, not {claimed:?}"
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 fn admit(shared: &Shared, node: Option<&Node>) -> Result<(String, NodeWatch), Status> {
     let Some(node) = node.filter(|n| !n.id.is_empty()) else {
         return Err(Status::invalid_argument(
@@ -615,15 +644,8 @@ fn admit(shared: &Shared, node: Option<&Node>) -> Result<(String, NodeWatch), St
         )));
     }
     let watch = shared.cache.watch(&node.id);
-    if !node.cluster.is_empty()
-        && let Some(service) = watch.service()
-        && service != node.cluster
-    {
-        warn!(node = %node.id, claimed = %node.cluster, service, "proxy refused: service mismatch");
-        return Err(Status::permission_denied(format!(
-            "node {:?} belongs to service {service:?} in the mesh, not {:?}",
-            node.id, node.cluster
-        )));
+    if !node.cluster.is_empty() {
+        check_service(&node.id, &node.cluster, &watch)?;
     }
     if !watch.is_known() {
         warn!(node = %node.id, "node unknown to the mesh; serving it no resources until the mesh adds it");
@@ -684,6 +706,13 @@ async fn serve_stream<P: StreamProtocol>(
             return;
         }
         let resources = watch.current();
+        let ctx = stream.context();
+        if let Some(claimed) = &ctx.claimed_service
+            && let Err(status) = check_service(&ctx.node_id, claimed, &watch)
+        {
+            end_with(&tx, ctx, status).await;
+            return;
+        }
         while let Some(response) = stream.next_response(&resources) {
             tokio::select! {
                 sent = tx.send(Ok(response)) => if sent.is_err() { return },

@@ -665,6 +665,38 @@ async fn first_request_without_node_or_with_another_service_is_refused() {
     server.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_claimed_service_is_checked_again_when_the_mesh_changes() {
+    let server = start_default(mesh(&[("web-1", Some("web"), web_v1())])).await;
+    // Unknown to the mesh at connect time, so nothing contradicts the claim.
+    let mut stream = Sotw::open(
+        server.xds_addr(),
+        Some(TOKEN),
+        request(node("newcomer", "web"), CLUSTERS, "", "", &[]),
+    )
+    .await
+    .unwrap();
+    let empty = stream.recv().await;
+    stream.ack(&empty).await;
+    // The mesh then gives the node to another service: the stream ends
+    // refused instead of receiving that service's configuration.
+    server.cache().set(mesh(&[
+        ("web-1", Some("web"), web_v1()),
+        ("newcomer", Some("payments"), web_v1()),
+    ]));
+    let ended = tokio::time::timeout(DEADLINE, stream.rx.message())
+        .await
+        .expect("the stream ends in time");
+    let status = ended.expect_err("the stream ends with an error");
+    assert_eq!(status.code(), Code::PermissionDenied);
+    assert!(
+        status.message().contains("payments"),
+        "{}",
+        status.message()
+    );
+    server.shutdown().await;
+}
+
 // ---- delta ------------------------------------------------------------------
 
 fn delta_subscribe(node_id: Option<&str>, type_url: &str, names: &[&str]) -> DeltaDiscoveryRequest {
