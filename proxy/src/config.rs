@@ -21,6 +21,20 @@ pub use spec::*;
 #[cfg(test)]
 use validate::parse_endpoint_address;
 
+/// Whether `name` is a valid resource name (listener, route configuration,
+/// route, cluster, ...): non-empty, ASCII letters, digits and `- _ . : /`.
+/// For other tools (the control plane's mesh model) that check names with
+/// the validator's own rule.
+pub fn is_valid_name(name: &str) -> bool {
+    !name.is_empty() && validate::is_valid_name(name)
+}
+
+/// Whether `domain` is a valid virtual-host domain: `*`, `*.suffix` or a
+/// host name, without a port.
+pub fn is_valid_domain(domain: &str) -> bool {
+    validate::parse_domain(domain).is_some()
+}
+
 /// One problem found while validating: which resource, which field, what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {

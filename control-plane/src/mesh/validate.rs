@@ -320,7 +320,7 @@ fn check_gateway(
                     );
                 }
                 for (hi, host) in hosts.iter().enumerate() {
-                    if !is_host_pattern(host) {
+                    if !weft_proxy::config::is_valid_domain(host) {
                         report.error(
                             format!("{at}.hosts[{hi}]"),
                             format!(
@@ -421,33 +421,12 @@ fn check_label(report: &mut Report<'_>, field: &str, value: &str) {
 
 /// Route and listener names follow the proxy's resource-name rule.
 fn check_route_name(report: &mut Report<'_>, field: &str, value: &str) {
-    let valid = !value.is_empty()
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b));
-    if !valid {
+    if !weft_proxy::config::is_valid_name(value) {
         report.error(
             field,
             format!("invalid name {value:?} (expected ASCII letters, digits and - _ . : / only)"),
         );
     }
-}
-
-/// `*`, `*.suffix` or a host name, as the proxy's virtual host domains.
-pub(super) fn is_host_pattern(host: &str) -> bool {
-    let name = match host {
-        "*" => return true,
-        _ => host.strip_prefix("*.").unwrap_or(host),
-    };
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-        })
 }
 
 fn parse_addr(

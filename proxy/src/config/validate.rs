@@ -195,13 +195,16 @@ fn parse_socket_addr(check: &mut Checker<'_>, field: &str, value: &str) -> Optio
     }
 }
 
+/// The resource-name rule: ASCII letters, digits and `- _ . : /`.
+pub(super) fn is_valid_name(name: &str) -> bool {
+    name.bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+}
+
 fn check_name(check: &mut Checker<'_>, field: &str, name: &str) {
     if name.is_empty() {
         check.error(field, "must not be empty");
-    } else if !name
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
-    {
+    } else if !is_valid_name(name) {
         check.error(
             field,
             format!("{name:?} may only contain ASCII letters, digits and - _ . : /"),
@@ -434,7 +437,7 @@ fn validate_route_config(
     })
 }
 
-fn parse_domain(domain: &str) -> Option<DomainMatch> {
+pub(super) fn parse_domain(domain: &str) -> Option<DomainMatch> {
     if domain == "*" {
         return Some(DomainMatch::Any);
     }
