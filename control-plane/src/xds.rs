@@ -36,7 +36,7 @@ mod sotw;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::body::Incoming;
@@ -168,7 +168,6 @@ impl Server {
             tasks: TaskTracker::new(),
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
-            is_draining: AtomicBool::new(false),
         });
         shared.tasks.spawn(
             accept_xds(xds_listener, Arc::clone(&shared))
@@ -213,7 +212,6 @@ impl Server {
     /// is dropped.
     pub async fn shutdown(self) {
         info!("control plane draining");
-        self.shared.is_draining.store(true, Ordering::Relaxed);
         self.shared.drain.cancel();
         self.shared.tasks.close();
         if tokio::time::timeout(self.drain_timeout, self.shared.tasks.wait())
@@ -260,7 +258,6 @@ pub(crate) struct Shared {
     drain: CancellationToken,
     /// Cancelled when the drain deadline passes.
     abort: CancellationToken,
-    is_draining: AtomicBool,
 }
 
 impl Shared {
@@ -282,7 +279,7 @@ impl Shared {
     }
 
     pub(crate) fn is_ready(&self) -> bool {
-        !self.is_draining.load(Ordering::Relaxed)
+        !self.drain.is_cancelled()
     }
 
     /// Checks a request's `authorization` header; counts and logs failures
