@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Memory per idle keep-alive connection of a running HTTP proxy.
+"""Memory per idle keep-alive connection of a running HTTP or TCP proxy.
 
 Opens N connections in batches, sends one GET on each and reads the
 response head, and keeps them all open, pausing between batches so that a
@@ -8,9 +8,13 @@ connections idle for a second) can do so and reuse that memory for the
 next batch. Reports the proxy's RSS growth per connection over all N, and
 the marginal growth over the second half (the steady-state cost).
 
-Usage: idle-connections.py PORT N PID [PAUSE_SECONDS]
+With TCP=1 in the environment each connection sends 16 bytes and reads
+16 back (a TCP listener in front of an echo) instead of a GET.
+
+Usage: [TCP=1] idle-connections.py PORT N PID [PAUSE_SECONDS]
 (raise `ulimit -n` above N first)
 """
+import os
 import socket
 import sys
 import time
@@ -28,6 +32,15 @@ def rss_kib(pid):
 
 def open_one(port):
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    if os.environ.get("TCP") == "1":
+        sock.sendall(b"0123456789abcdef")
+        data = b""
+        while len(data) < 16:
+            chunk = sock.recv(16 - len(data))
+            if not chunk:
+                raise SystemExit("connection closed before the echo")
+            data += chunk
+        return sock
     sock.sendall(b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n")
     data = b""
     while b"\r\n\r\n" not in data:
@@ -54,7 +67,7 @@ def main():
     per = (after - before) / count
     marginal = (after - half[1]) / max(count - half[0], 1)
     print(
-        f"{count} idle keep-alive connections: RSS {before} KiB -> {after} KiB, "
+        f"{count} idle {'TCP' if os.environ.get('TCP') == '1' else 'keep-alive'} connections: RSS {before} KiB -> {after} KiB, "
         f"{per:.2f} KiB per connection overall, {marginal:.2f} KiB per connection over the second half"
     )
 

@@ -1,30 +1,47 @@
-//! L4 forwarding: pick an endpoint, connect, copy bytes both ways; and
-//! [`splice`], the drain-bounded copy that TCP listeners and upgraded HTTP
-//! connections (WebSocket) share.
+//! L4 forwarding: pick an endpoint, connect, move bytes both ways; and
+//! [`splice`], the drain-bounded copy that upgraded HTTP connections
+//! (WebSocket) use.
+//!
+//! A TCP listener's connection is forwarded by [`Forward`], which holds no
+//! buffer while the connection is quiet: it waits for the socket to become
+//! readable, borrows a buffer for the bytes that are there, and gives it
+//! back once they are written. A sidecar in front of a database pool or a
+//! message broker keeps thousands of quiet connections open; each then
+//! costs its task and its sockets, not 64 KiB of buffers. Bytes are counted
+//! as they move, so `/metrics` shows a long-lived connection's traffic
+//! before it closes. A connection on which no byte has moved either way
+//! for the listener's `idle_timeout` is closed.
 //!
 //! An opaque stream is not cut by the drain signal (there is no graceful
-//! close for it); it runs until either side closes or the drain timeout
-//! passes after the signal (the process's, or its listener's when a
-//! configuration removed the listener).
+//! close for it); it runs until either side closes, it idles out, or the
+//! drain timeout passes after the signal (the process's, or its listener's
+//! when a configuration removed the listener).
 
+use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+use tokio::net::tcp::{ReadHalf, WriteHalf};
+use tokio::time::{Instant, Sleep};
 
 use crate::drain::Drain;
 use crate::listener::ConnectionGuard;
 use crate::stack::TcpListener;
 
-/// Bytes buffered per direction of a forwarded connection.
+/// The most bytes moved per read, per direction.
 ///
 /// PERF: `weft-bench compare --scenario tcp` (64 KiB echoed per round
 /// trip, 3 rounds): tokio's default 8 KiB gave 606 MB/s at 106.8 µs of
 /// proxy CPU per round trip; 32 KiB gives 739 MB/s at 80.3 µs, and 64 KiB
 /// no more (742 MB/s, 77.7 µs). nginx and HAProxy buffer 16 KiB per
-/// direction; these buffers live as long as the connection.
+/// direction. The buffer is held only while bytes are in flight.
 const TCP_BUFFER_BYTES: usize = 32 * 1024;
 
 /// Forwards one accepted connection to the listener's cluster.
@@ -35,10 +52,11 @@ pub(crate) async fn proxy(
     drain: Drain,
 ) {
     let _guard = ConnectionGuard::new(listener.metrics.clone());
+    let name = &listener.config.name;
     let endpoint = match listener.cluster.pick() {
         Ok(endpoint) => endpoint,
         Err(error) => {
-            tracing::debug!(listener = %listener.config.name, peer.addr = %peer, %error, "tcp connection refused");
+            tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection refused");
             return;
         }
     };
@@ -46,32 +64,216 @@ pub(crate) async fn proxy(
     let mut upstream = match endpoint.connect().await {
         Ok(stream) => stream,
         Err(error) => {
-            tracing::debug!(listener = %listener.config.name, peer.addr = %peer, %error, "tcp upstream connect failed");
+            tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp upstream connect failed");
             return;
         }
     };
-    let Some(copied) = splice(
+    let metrics = &listener.metrics;
+    let forward = Forward::new(
         &mut downstream,
         &mut upstream,
-        TCP_BUFFER_BYTES,
-        &drain,
-        listener.drain_timeout,
-    )
-    .await
-    else {
-        tracing::debug!(listener = %listener.config.name, peer.addr = %peer, "drain timeout; closing tcp connection");
-        return;
+        Counters {
+            from_client: &metrics.bytes_received,
+            to_client: &metrics.bytes_sent,
+        },
+        listener.config.idle_timeout,
+    );
+    let drained = async {
+        drain.cancelled().await;
+        tokio::time::sleep(listener.drain_timeout).await;
     };
-    match copied {
-        Ok((from_client, to_client)) => {
-            listener
-                .metrics
-                .bytes_received
-                .fetch_add(from_client, Relaxed);
-            listener.metrics.bytes_sent.fetch_add(to_client, Relaxed);
+    let ended = tokio::select! {
+        ended = forward => ended,
+        () = drained => {
+            tracing::debug!(listener = %name, peer.addr = %peer, "drain timeout; closing tcp connection");
+            return;
+        }
+    };
+    match ended {
+        Ok(Ended::Closed) => {}
+        Ok(Ended::Idle) => {
+            tracing::debug!(listener = %name, peer.addr = %peer, "idle timeout; closing tcp connection");
         }
         Err(error) => {
-            tracing::debug!(listener = %listener.config.name, peer.addr = %peer, %error, "tcp connection ended with an error");
+            tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection ended with an error");
+        }
+    }
+}
+
+/// Where [`Forward`] counts the bytes it has written, per direction.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Counters<'a> {
+    /// Bytes read from the client and written upstream.
+    pub(crate) from_client: &'a AtomicU64,
+    /// Bytes read from the upstream and written to the client.
+    pub(crate) to_client: &'a AtomicU64,
+}
+
+/// How a forwarded connection ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Both sides closed their sending half, and each close was passed on.
+    Closed,
+    /// No byte moved either way for the idle timeout.
+    Idle,
+}
+
+/// Moves bytes between a client and an upstream socket until both have
+/// closed their sending half (each close is passed on to the other side as
+/// a half-close), one fails, or the connection idles out.
+///
+/// Cancel safety: dropping it drops whatever bytes it had read and not yet
+/// written; the caller then closes both sockets.
+#[derive(Debug)]
+pub(crate) struct Forward<'a> {
+    to_upstream: Half<'a>,
+    to_client: Half<'a>,
+    counters: Counters<'a>,
+    idle_timeout: Duration,
+    /// When a byte last moved; the idle timer is pushed out to this plus
+    /// the timeout when it fires, rather than reset on every read.
+    last_activity: Instant,
+    idle: Pin<Box<Sleep>>,
+}
+
+impl<'a> Forward<'a> {
+    pub(crate) fn new(
+        client: &'a mut TcpStream,
+        upstream: &'a mut TcpStream,
+        counters: Counters<'a>,
+        idle_timeout: Duration,
+    ) -> Self {
+        let (client_read, client_write) = client.split();
+        let (upstream_read, upstream_write) = upstream.split();
+        let now = Instant::now();
+        Self {
+            to_upstream: Half::new(client_read, upstream_write),
+            to_client: Half::new(upstream_read, client_write),
+            counters,
+            idle_timeout,
+            last_activity: now,
+            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+        }
+    }
+
+    /// Buffers held now (0 while no bytes are in flight).
+    #[cfg(test)]
+    fn buffers_held(&self) -> usize {
+        usize::from(self.to_upstream.buffer.is_some())
+            + usize::from(self.to_client.buffer.is_some())
+    }
+}
+
+impl Future for Forward<'_> {
+    type Output = io::Result<Ended>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let mut moved = false;
+        let up = this
+            .to_upstream
+            .poll_transfer(cx, this.counters.from_client, &mut moved)?;
+        let down = this
+            .to_client
+            .poll_transfer(cx, this.counters.to_client, &mut moved)?;
+        if up.is_ready() && down.is_ready() {
+            return Poll::Ready(Ok(Ended::Closed));
+        }
+        if moved {
+            this.last_activity = Instant::now();
+        }
+        while this.idle.as_mut().poll(cx).is_ready() {
+            let deadline = this.last_activity + this.idle_timeout;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Ok(Ended::Idle));
+            }
+            // Bytes moved since the timer was set: wait for the rest.
+            this.idle.as_mut().reset(deadline);
+        }
+        Poll::Pending
+    }
+}
+
+/// One direction: reads from one socket, writes to the other.
+#[derive(Debug)]
+struct Half<'a> {
+    from: ReadHalf<'a>,
+    to: WriteHalf<'a>,
+    /// Read and not yet written: `buffer[written..]`. `None` while the
+    /// direction waits for bytes.
+    buffer: Option<Vec<u8>>,
+    written: usize,
+    /// The source closed its sending half.
+    is_eof: bool,
+    /// The close was passed on: this direction is finished.
+    is_done: bool,
+}
+
+impl<'a> Half<'a> {
+    fn new(from: ReadHalf<'a>, to: WriteHalf<'a>) -> Self {
+        Self {
+            from,
+            to,
+            buffer: None,
+            written: 0,
+            is_eof: false,
+            is_done: false,
+        }
+    }
+
+    /// Moves what can be moved now. Ready once the source's close has been
+    /// passed on; sets `moved` when any byte was read or written.
+    fn poll_transfer(
+        &mut self,
+        cx: &mut Context<'_>,
+        counter: &AtomicU64,
+        moved: &mut bool,
+    ) -> Poll<io::Result<()>> {
+        if self.is_done {
+            return Poll::Ready(Ok(()));
+        }
+        loop {
+            if let Some(buffer) = &self.buffer
+                && self.written < buffer.len()
+            {
+                let to: &TcpStream = self.to.as_ref();
+                ready!(to.poll_write_ready(cx))?;
+                match to.try_write(&buffer[self.written..]) {
+                    Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                    Ok(n) => {
+                        self.written += n;
+                        counter.fetch_add(n as u64, Relaxed);
+                        *moved = true;
+                    }
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+                continue;
+            }
+            if self.is_eof {
+                ready!(Pin::new(&mut self.to).poll_shutdown(cx))?;
+                self.is_done = true;
+                return Poll::Ready(Ok(()));
+            }
+            // Everything read has been written: wait for more without
+            // holding a buffer.
+            let from: &TcpStream = self.from.as_ref();
+            if from.poll_read_ready(cx)?.is_pending() {
+                self.buffer = None;
+                return Poll::Pending;
+            }
+            let buffer = self
+                .buffer
+                .get_or_insert_with(|| Vec::with_capacity(TCP_BUFFER_BYTES));
+            buffer.clear();
+            self.written = 0;
+            match from.try_read_buf(buffer) {
+                Ok(0) => self.is_eof = true,
+                Ok(_) => *moved = true,
+                // The readiness was stale; the next poll registers again.
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                Err(error) => return Poll::Ready(Err(error)),
+            }
         }
     }
 }
@@ -98,5 +300,163 @@ where
     tokio::select! {
         copied = copy => Some(copied),
         () = drained => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::pin;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    /// Two connected loopback sockets.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let connect = TcpStream::connect(listener.local_addr().unwrap());
+        let (connected, accepted) = tokio::join!(connect, listener.accept());
+        (connected.unwrap(), accepted.unwrap().0)
+    }
+
+    #[derive(Default)]
+    struct Counted {
+        from_client: AtomicU64,
+        to_client: AtomicU64,
+    }
+
+    impl Counted {
+        fn counters(&self) -> Counters<'_> {
+            Counters {
+                from_client: &self.from_client,
+                to_client: &self.to_client,
+            }
+        }
+    }
+
+    const HOUR: Duration = Duration::from_secs(3600);
+
+    #[tokio::test]
+    async fn bytes_move_both_ways_and_each_close_is_passed_on() {
+        let (mut client, mut client_side) = pair().await;
+        let (mut upstream_side, mut upstream) = pair().await;
+        let counted = Counted::default();
+        let forward = Forward::new(
+            &mut client_side,
+            &mut upstream_side,
+            counted.counters(),
+            HOUR,
+        );
+        let request: Vec<u8> = (0..200_000u32).map(|i| (i % 253) as u8).collect();
+        let apps = async {
+            client.write_all(&request).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut received = Vec::new();
+            upstream.read_to_end(&mut received).await.unwrap();
+            assert_eq!(
+                received, request,
+                "the upstream sees the client's bytes, then its close"
+            );
+            // The upstream may still answer after the client's half-close.
+            upstream.write_all(b"answer").await.unwrap();
+            upstream.shutdown().await.unwrap();
+            let mut answer = Vec::new();
+            client.read_to_end(&mut answer).await.unwrap();
+            assert_eq!(answer, b"answer");
+        };
+        let (ended, ()) = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(forward, apps)
+        })
+        .await
+        .unwrap();
+        assert_eq!(ended.unwrap(), Ended::Closed);
+        assert_eq!(counted.from_client.load(Relaxed), 200_000);
+        assert_eq!(counted.to_client.load(Relaxed), 6);
+    }
+
+    #[tokio::test]
+    async fn a_quiet_connection_holds_no_buffer_and_counts_bytes_as_they_move() {
+        let (mut client, mut client_side) = pair().await;
+        let (mut upstream_side, mut upstream) = pair().await;
+        let counted = Counted::default();
+        let mut forward = pin!(Forward::new(
+            &mut client_side,
+            &mut upstream_side,
+            counted.counters(),
+            HOUR,
+        ));
+        for round in 1..=3u64 {
+            client.write_all(b"ping").await.unwrap();
+            let mut buf = [0u8; 4];
+            tokio::select! {
+                ended = forward.as_mut() => panic!("forwarding ended: {ended:?}"),
+                read = upstream.read_exact(&mut buf) => { read.unwrap(); }
+            }
+            upstream.write_all(b"pong").await.unwrap();
+            tokio::select! {
+                ended = forward.as_mut() => panic!("forwarding ended: {ended:?}"),
+                read = client.read_exact(&mut buf) => { read.unwrap(); }
+            }
+            assert_eq!(&buf, b"pong");
+            // Everything read has been written, so the poll that wrote it
+            // went on to wait for more with no buffer.
+            assert_eq!(forward.buffers_held(), 0, "round {round}");
+            assert_eq!(counted.from_client.load(Relaxed), 4 * round);
+            assert_eq!(counted.to_client.load(Relaxed), 4 * round);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_closed_after_the_idle_timeout_counted_from_its_last_byte() {
+        let (mut client, mut client_side) = pair().await;
+        let (mut upstream_side, mut upstream) = pair().await;
+        let counted = Counted::default();
+        let idle_timeout = Duration::from_secs(30);
+        let start = Instant::now();
+        let mut forward = pin!(Forward::new(
+            &mut client_side,
+            &mut upstream_side,
+            counted.counters(),
+            idle_timeout,
+        ));
+        // A byte at 20 s moves the deadline to 50 s.
+        let traffic = async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            client.write_all(b"x").await.unwrap();
+            let mut buf = [0u8; 1];
+            upstream.read_exact(&mut buf).await.unwrap();
+        };
+        tokio::select! {
+            ended = forward.as_mut() => panic!("ended before the traffic: {ended:?}"),
+            () = traffic => {}
+        }
+        assert_eq!(forward.await.unwrap(), Ended::Idle);
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(50) && elapsed < Duration::from_secs(51),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_reset_upstream_ends_forwarding_with_an_error() {
+        let (_client, mut client_side) = pair().await;
+        let (mut upstream_side, upstream) = pair().await;
+        let counted = Counted::default();
+        let forward = Forward::new(
+            &mut client_side,
+            &mut upstream_side,
+            counted.counters(),
+            HOUR,
+        );
+        // Linger 0 makes the close a reset.
+        socket2::SockRef::from(&upstream)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(upstream);
+        let ended = tokio::time::timeout(Duration::from_secs(10), forward)
+            .await
+            .unwrap();
+        assert!(ended.is_err(), "{ended:?}");
     }
 }

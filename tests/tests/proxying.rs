@@ -367,6 +367,57 @@ clusters:
 }
 
 #[tokio::test]
+async fn tcp_connection_counts_bytes_while_open_and_closes_after_the_idle_timeout() {
+    let tcp_echo = TcpEchoServer::bind(loopback0()).await.unwrap();
+    let idle_timeout = Duration::from_millis(300);
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: raw, address: "127.0.0.1:0", protocol: tcp, cluster: backend, idle_timeout: 300ms }}
+clusters:
+  - {{ name: backend, endpoints: [{{ address: "{}" }}] }}
+"#,
+        tcp_echo.local_addr()
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut stream = TcpStream::connect(proxy.listener("raw")).await.unwrap();
+    stream.write_all(b"0123456789").await.unwrap();
+    let mut back = [0u8; 10];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, b"0123456789");
+    let last_byte = std::time::Instant::now();
+    // Counted as they moved, not when the connection closes.
+    assert_eq!(
+        proxy
+            .metric(r#"weft_downstream_received_bytes_total{listener="raw"}"#)
+            .await,
+        10.0
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"weft_downstream_sent_bytes_total{listener="raw"}"#)
+            .await,
+        10.0
+    );
+    // Nothing moves now: the proxy closes the connection.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(
+        last_byte.elapsed() >= idle_timeout,
+        "closed {:?} after the last byte",
+        last_byte.elapsed()
+    );
+    // A close (EOF) or a reset both end the client's connection.
+    assert!(rest.is_empty(), "{rest:?} {read:?}");
+}
+
+#[tokio::test]
 async fn quick_reverse_proxy_mode_round_robins_without_a_config_file() {
     let (a, b) = (echo("a").await, echo("b").await);
     let upstreams = format!("{},{}", a.local_addr(), b.local_addr());

@@ -256,7 +256,6 @@ fn validate_listener(
             // TCP listener looking as if they protected it.
             let http_only = [
                 ("header_read_timeout", spec.header_read_timeout.is_some()),
-                ("idle_timeout", spec.idle_timeout.is_some()),
                 (
                     "max_request_headers_bytes",
                     spec.max_request_headers_bytes.is_some(),
