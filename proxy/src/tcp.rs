@@ -1,6 +1,6 @@
 //! L4 forwarding: pick an endpoint, connect, move bytes both ways; and
-//! [`splice`], the drain-bounded copy that upgraded HTTP connections
-//! (WebSocket) use.
+//! [`splice`], the drain- and idle-bounded copy that upgraded HTTP
+//! connections (WebSocket) use.
 //!
 //! A TCP listener's connection is forwarded by [`Forward`], which holds no
 //! buffer while the connection is quiet: it waits for the socket to become
@@ -278,28 +278,124 @@ impl<'a> Half<'a> {
     }
 }
 
+/// How a [`splice`] ended, other than by both sides closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cut {
+    /// The drain timeout passed after the drain signal.
+    Drained,
+    /// No byte was read from either side for the idle timeout.
+    Idle,
+}
+
 /// Copies bytes both ways, with `buffer_bytes` buffered per direction,
-/// until either side closes (the byte counts each way) or `drain_timeout`
-/// has passed since the drain signal (`None`).
+/// until either side closes (the byte counts each way), no byte has been
+/// read from either side for `idle_timeout`, or `drain_timeout` has passed
+/// since the drain signal. For streams other than two `TcpStream`s (an
+/// upgraded HTTP connection), whose buffers live as long as the copy.
 pub(crate) async fn splice<A, B>(
     a: &mut A,
     b: &mut B,
     buffer_bytes: usize,
+    idle_timeout: Duration,
     drain: &Drain,
-    drain_timeout: std::time::Duration,
-) -> Option<std::io::Result<(u64, u64)>>
+    drain_timeout: Duration,
+) -> Result<io::Result<(u64, u64)>, Cut>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let copy = tokio::io::copy_bidirectional_with_sizes(a, b, buffer_bytes, buffer_bytes);
+    let start = Instant::now();
+    let activity = Activity {
+        start,
+        last_read_nanos: AtomicU64::new(0),
+    };
+    let mut a = Watched {
+        io: a,
+        activity: &activity,
+    };
+    let mut b = Watched {
+        io: b,
+        activity: &activity,
+    };
+    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, buffer_bytes, buffer_bytes);
     let drained = async {
         drain.cancelled().await;
         tokio::time::sleep(drain_timeout).await;
     };
+    let idle = async {
+        let mut deadline = start + idle_timeout;
+        loop {
+            tokio::time::sleep_until(deadline).await;
+            let next = activity.last_read() + idle_timeout;
+            if next <= Instant::now() {
+                return;
+            }
+            deadline = next;
+        }
+    };
     tokio::select! {
-        copied = copy => Some(copied),
-        () = drained => None,
+        copied = copy => Ok(copied),
+        () = drained => Err(Cut::Drained),
+        () = idle => Err(Cut::Idle),
+    }
+}
+
+/// When a [`splice`] last read a byte, shared by its two sides.
+#[derive(Debug)]
+struct Activity {
+    start: Instant,
+    /// Nanoseconds from `start` to the last read that returned bytes.
+    last_read_nanos: AtomicU64,
+}
+
+impl Activity {
+    fn record(&self) {
+        let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        self.last_read_nanos.fetch_max(nanos, Relaxed);
+    }
+
+    fn last_read(&self) -> Instant {
+        self.start + Duration::from_nanos(self.last_read_nanos.load(Relaxed))
+    }
+}
+
+/// A stream that records each read that returned bytes.
+struct Watched<'a, T: ?Sized> {
+    io: &'a mut T,
+    activity: &'a Activity,
+}
+
+impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut *this.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            this.activity.record();
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -436,6 +532,64 @@ mod tests {
             elapsed >= Duration::from_secs(50) && elapsed < Duration::from_secs(51),
             "{elapsed:?}"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_splice_is_cut_after_the_idle_timeout_from_its_last_read() {
+        let (mut client, mut client_side) = tokio::io::duplex(1024);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(1024);
+        let drain = Drain::new();
+        let start = Instant::now();
+        let mut splice = pin!(splice(
+            &mut client_side,
+            &mut upstream_side,
+            1024,
+            Duration::from_secs(30),
+            &drain,
+            Duration::from_secs(10),
+        ));
+        // A byte each way at 20 s moves the cut to 50 s.
+        let traffic = async {
+            tokio::time::sleep(Duration::from_secs(20)).await;
+            let mut buf = [0u8; 1];
+            client.write_all(b"x").await.unwrap();
+            upstream.read_exact(&mut buf).await.unwrap();
+            upstream.write_all(b"y").await.unwrap();
+            client.read_exact(&mut buf).await.unwrap();
+        };
+        tokio::select! {
+            ended = splice.as_mut() => panic!("ended before the traffic: {ended:?}"),
+            () = traffic => {}
+        }
+        assert_eq!(splice.await.unwrap_err(), Cut::Idle);
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(50) && elapsed < Duration::from_secs(51),
+            "{elapsed:?}"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_splice_is_cut_at_the_drain_timeout_after_the_signal() {
+        let (_client, mut client_side) = tokio::io::duplex(1024);
+        let (mut upstream_side, _upstream) = tokio::io::duplex(1024);
+        let drain = Drain::new();
+        let start = Instant::now();
+        let splice = splice(
+            &mut client_side,
+            &mut upstream_side,
+            1024,
+            Duration::from_secs(3600),
+            &drain,
+            Duration::from_secs(10),
+        );
+        let signal = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            drain.signal();
+        };
+        let (ended, ()) = tokio::join!(splice, signal);
+        assert_eq!(ended.unwrap_err(), Cut::Drained);
+        assert_eq!(start.elapsed().as_secs(), 15);
     }
 
     #[tokio::test]

@@ -221,11 +221,14 @@ async fn hundred_megabytes_stream_both_ways_with_bounded_proxy_memory() {
 }
 
 #[tokio::test]
-async fn websocket_upgrade_tunnels_bytes_both_ways() {
+async fn websocket_upgrade_tunnels_bytes_both_ways_until_idle() {
     let echo = echo("ws").await;
-    let proxy = ProxyProcess::start(&config(echo.local_addr(), "http1"))
-        .await
-        .unwrap();
+    let idle_timeout = Duration::from_millis(500);
+    let config = config(echo.local_addr(), "http1").replace(
+        "route_config: main }",
+        "route_config: main, idle_timeout: 500ms }",
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
     let mut stream = TcpStream::connect(proxy.listener("web")).await.unwrap();
     stream
         .write_all(
@@ -250,6 +253,18 @@ async fn websocket_upgrade_tunnels_bytes_both_ways() {
             .unwrap();
         assert_eq!(back, message);
     }
+    // A quiet tunnel is closed after the listener's idle timeout.
+    let last_byte = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    assert!(
+        last_byte.elapsed() >= idle_timeout,
+        "closed {:?} after the last byte",
+        last_byte.elapsed()
+    );
 }
 
 #[tokio::test]

@@ -25,6 +25,7 @@ use crate::listener::{ConnState, ConnectionGuard, DownstreamIo, Protocol, detect
 use crate::stack::{
     HttpListener, ListenerSnapshot, PathRewrite, PreparedAction, PreparedRoute, Shared,
 };
+use crate::tcp::Cut;
 use crate::telemetry::{AccessRecord, RequestMetrics};
 
 /// hyper's HTTP/1 read buffer never goes below this.
@@ -191,7 +192,7 @@ async fn serve_h1(
         io = parts.io.into_inner();
         io.unread(parts.read_buf);
         if let Some(upstream) = conn.take_upgrade() {
-            tunnel(io, upstream, conn).await;
+            tunnel(io, upstream, conn, deadlines.idle).await;
             return;
         }
         if ending != Ending::Parked || !park(&io, conn, deadlines).await {
@@ -556,12 +557,13 @@ fn rewrite_path(uri: &Uri, rewrite: Option<&PathRewrite>) -> Result<PathAndQuery
 }
 
 /// Copies bytes between an upgraded client and upstream until either side
-/// closes, or the drain timeout passes after the drain signal (as for TCP
-/// listeners).
+/// closes, no byte moves for the listener's idle timeout, or the drain
+/// timeout passes after the drain signal (as for TCP listeners).
 async fn tunnel(
     mut downstream: DownstreamIo,
     upstream: hyper::upgrade::OnUpgrade,
     conn: &Connection,
+    idle_timeout: Duration,
 ) {
     let peer = conn.peer;
     let Ok(upstream) = upstream.await else {
@@ -577,16 +579,22 @@ async fn tunnel(
         &mut downstream,
         &mut upstream,
         buffer_bytes,
+        idle_timeout,
         &conn.drain,
         drain_timeout,
     )
     .await
     {
-        Some(Ok(_)) => {}
-        Some(Err(error)) => {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
             tracing::debug!(peer.addr = %peer, %error, "upgraded connection ended with an error");
         }
-        None => tracing::debug!(peer.addr = %peer, "drain timeout; closing upgraded connection"),
+        Err(Cut::Drained) => {
+            tracing::debug!(peer.addr = %peer, "drain timeout; closing upgraded connection");
+        }
+        Err(Cut::Idle) => {
+            tracing::debug!(peer.addr = %peer, "idle timeout; closing upgraded connection");
+        }
     }
 }
 
