@@ -14,6 +14,7 @@ use weft_proxy::hotpath::{
     Balancer, RequestParts, RouteTable, add_forwarded, apply_header_ops, ensure_request_id,
     strip_hop_by_hop,
 };
+use weft_proxy::telemetry::AccessRecord;
 
 /// A route configuration with `n` routes in one virtual host: mostly
 /// prefixes, every tenth an exact path, every twenty-fifth a regex, every
@@ -148,6 +149,40 @@ route_configs:
     group.finish();
 }
 
+fn access_log_line(c: &mut Criterion) {
+    let record = AccessRecord {
+        start: std::time::SystemTime::now(),
+        listener: "http".into(),
+        route: Some("all".into()),
+        method: http::Method::GET,
+        uri: http::Uri::from_static("/api/v1/items/42?expand=owner"),
+        host: Some(HeaderValue::from_static("api.example.com")),
+        version: http::Version::HTTP_11,
+        status: 200,
+        flag: "",
+        upstream: Some(([127, 0, 0, 1], 8080).into()),
+        bytes_sent: 1234,
+        duration: std::time::Duration::from_micros(1534),
+        request_id: Some(HeaderValue::from_static(
+            "6f1c2e0a-4b7d-4e8f-9a3b-2c1d0e9f8a7b",
+        )),
+        peer: ([10, 1, 2, 3], 54321).into(),
+    };
+    let mut out = Vec::with_capacity(64 * 1024);
+    let mut group = c.benchmark_group("access_log");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("json_line", |b| {
+        b.iter(|| {
+            out.clear();
+            record
+                .write_line(&mut out)
+                .expect("writing to a Vec cannot fail");
+            black_box(out.len())
+        })
+    });
+    group.finish();
+}
+
 fn snapshot_load(c: &mut Criterion) {
     let shared = arc_swap::ArcSwap::from_pointee(vec![1u64; 64]);
     let mut group = c.benchmark_group("snapshot");
@@ -164,6 +199,7 @@ criterion_group!(
     route_match,
     lb_pick,
     header_handling,
+    access_log_line,
     snapshot_load
 );
 criterion_main!(hotpath);

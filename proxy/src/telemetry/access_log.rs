@@ -13,14 +13,13 @@ use std::sync::mpsc::{self, SyncSender, TrySendError};
 use std::time::{Duration, SystemTime};
 
 use http::{HeaderValue, Method, Uri};
-use serde::Serialize;
 
 use crate::config::AccessLogTarget;
 
 /// Records queued at most; beyond this the log drops (and counts).
 const QUEUE_CAPACITY: usize = 8192;
 /// How long the writer pauses after each write (see `AccessLog::start`).
-const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
+const WRITE_INTERVAL: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// One finished request.
 #[derive(Debug)]
@@ -55,62 +54,116 @@ pub struct AccessRecord {
     pub peer: SocketAddr,
 }
 
-#[derive(Serialize)]
-struct Line<'a> {
-    time: String,
-    listener: &'a str,
-    route: &'a str,
-    method: &'a str,
-    authority: &'a str,
-    path: &'a str,
-    protocol: &'a str,
-    status: u16,
-    #[serde(skip_serializing_if = "str::is_empty")]
-    flag: &'a str,
-    upstream: Option<String>,
-    bytes_sent: u64,
-    duration_ms: f64,
-    request_id: &'a str,
-    peer: String,
-}
-
 impl AccessRecord {
-    fn to_json(&self) -> String {
+    /// Appends the record as one JSON object on one line, newline
+    /// included. Field order is fixed; `flag` appears only when set,
+    /// `upstream` is `null` when no endpoint was chosen, and
+    /// `duration_ms` has microsecond resolution.
+    ///
+    /// PERF: written field by field straight into the writer's buffer.
+    /// Through serde_json and a `String` per line and per address the
+    /// writer spent about 2.3 µs of weft-full's one core per request
+    /// (perf), in one burst per write interval; see benches/RESULTS.md
+    /// (`cargo bench -p weft-bench --bench hotpath -- access_log`) for the
+    /// figures before and after.
+    pub fn write_line(&self, out: &mut impl Write) -> std::io::Result<()> {
         let authority = self
             .uri
             .authority()
             .map(http::uri::Authority::as_str)
             .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
             .unwrap_or("");
-        let line = Line {
-            time: humantime::format_rfc3339_millis(self.start).to_string(),
-            listener: &self.listener,
-            route: self.route.as_deref().unwrap_or(""),
-            method: self.method.as_str(),
-            authority,
-            path: self
-                .uri
-                .path_and_query()
-                .map_or("/", http::uri::PathAndQuery::as_str),
-            protocol: match self.version {
-                http::Version::HTTP_2 => "HTTP/2",
-                http::Version::HTTP_10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
-            },
-            status: self.status,
-            flag: self.flag,
-            upstream: self.upstream.map(|a| a.to_string()),
-            bytes_sent: self.bytes_sent,
-            duration_ms: self.duration.as_secs_f64() * 1000.0,
-            request_id: self
-                .request_id
-                .as_ref()
-                .and_then(|v| v.to_str().ok())
-                .unwrap_or(""),
-            peer: self.peer.to_string(),
+        let path = self
+            .uri
+            .path_and_query()
+            .map_or("/", http::uri::PathAndQuery::as_str);
+        let protocol = match self.version {
+            http::Version::HTTP_2 => "HTTP/2",
+            http::Version::HTTP_10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
         };
-        serde_json::to_string(&line).unwrap_or_default()
+        let request_id = self
+            .request_id
+            .as_ref()
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("");
+        write!(
+            out,
+            "{{\"time\":\"{}\",\"listener\":",
+            humantime::format_rfc3339_millis(self.start)
+        )?;
+        json_string(out, &self.listener)?;
+        out.write_all(b",\"route\":")?;
+        json_string(out, self.route.as_deref().unwrap_or(""))?;
+        out.write_all(b",\"method\":")?;
+        json_string(out, self.method.as_str())?;
+        out.write_all(b",\"authority\":")?;
+        json_string(out, authority)?;
+        out.write_all(b",\"path\":")?;
+        json_string(out, path)?;
+        write!(
+            out,
+            ",\"protocol\":\"{protocol}\",\"status\":{}",
+            self.status
+        )?;
+        if !self.flag.is_empty() {
+            out.write_all(b",\"flag\":")?;
+            json_string(out, self.flag)?;
+        }
+        match self.upstream {
+            // An address's text needs no escaping.
+            Some(upstream) => write!(out, ",\"upstream\":\"{upstream}\"")?,
+            None => out.write_all(b",\"upstream\":null")?,
+        }
+        let micros = self.duration.as_micros();
+        write!(
+            out,
+            ",\"bytes_sent\":{},\"duration_ms\":{}.{:03},\"request_id\":",
+            self.bytes_sent,
+            micros / 1000,
+            micros % 1000
+        )?;
+        json_string(out, request_id)?;
+        writeln!(out, ",\"peer\":\"{}\"}}", self.peer)
     }
+}
+
+/// Writes `text` as a JSON string: quoted, with `"`, `\\` and control
+/// characters escaped. Most values need no escape and go out in one write.
+fn json_string(out: &mut impl Write, text: &str) -> std::io::Result<()> {
+    out.write_all(b"\"")?;
+    let bytes = text.as_bytes();
+    // No early exit, so that the check compiles to a vectorised scan.
+    let needs_escape = |byte: u8| byte < 0x20 || byte == b'"' || byte == b'\\' || byte == 0x7f;
+    if !bytes
+        .iter()
+        .fold(false, |any, &byte| any | needs_escape(byte))
+    {
+        out.write_all(bytes)?;
+        return out.write_all(b"\"");
+    }
+    let mut start = 0;
+    for (index, &byte) in bytes.iter().enumerate() {
+        let escape: &[u8] = match byte {
+            b'"' => b"\\\"",
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            0..0x20 | 0x7f => {
+                out.write_all(&bytes[start..index])?;
+                write!(out, "\\u{byte:04x}")?;
+                start = index + 1;
+                continue;
+            }
+            _ => continue,
+        };
+        out.write_all(&bytes[start..index])?;
+        out.write_all(escape)?;
+        start = index + 1;
+    }
+    out.write_all(&bytes[start..])?;
+    out.write_all(b"\"")
 }
 
 /// The access-log sink. Cloning shares the one writer.
@@ -141,7 +194,7 @@ impl AccessLog {
                 // Block for one record, then take whatever else is queued before
                 // flushing, so a burst costs one write.
                 while let Ok(record) = rx.recv() {
-                    let mut write = |r: &AccessRecord| writeln!(buf, "{}", r.to_json());
+                    let mut write = |r: &AccessRecord| r.write_line(&mut buf);
                     let mut ok = write(&record).is_ok();
                     while let Ok(more) = rx.try_recv() {
                         ok &= write(&more).is_ok();
@@ -155,7 +208,12 @@ impl AccessLog {
                     // per request on the proxy's core (perf: 15 % of
                     // weft-full's time in wake-ups and task switches). A
                     // line now waits at most this long, and a busy proxy
-                    // wakes the writer about 100 times a second.
+                    // wakes the writer at most 1,000 times a second. At
+                    // 10 ms each batch (about 400 lines at 40k req/s) held
+                    // the proxy's one core long enough to show in the p99:
+                    // weft-full at --max, 1.2-1.6 ms at 10 ms, 0.6-0.9 ms
+                    // at 2 ms, 0.6-0.7 ms at 1 ms, the same CPU per request
+                    // (benches/RESULTS.md).
                     std::thread::park_timeout(WRITE_INTERVAL);
                 }
             })?;
@@ -203,7 +261,11 @@ mod tests {
             request_id: Some(HeaderValue::from_static("abc")),
             peer: "127.0.0.1:5555".parse().unwrap(),
         };
-        let json: serde_json::Value = serde_json::from_str(&record.to_json()).unwrap();
+        let mut out = Vec::new();
+        record.write_line(&mut out).unwrap();
+        assert_eq!(out.iter().filter(|&&b| b == b'\n').count(), 1);
+        assert!(out.ends_with(b"\n"));
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
         assert_eq!(json["authority"], "example.com");
         assert_eq!(json["path"], "/a?b=1");
         assert_eq!(json["status"], 503);
@@ -211,5 +273,59 @@ mod tests {
         assert_eq!(json["upstream"], "127.0.0.1:9");
         assert_eq!(json["duration_ms"], 1.5);
         assert_eq!(json["time"], "1970-01-01T00:00:00.000Z");
+        assert_eq!(json["peer"], "127.0.0.1:5555");
+        assert_eq!(json["request_id"], "abc");
+    }
+
+    #[test]
+    fn strings_are_escaped_and_read_back_unchanged() {
+        for text in [
+            "",
+            "plain",
+            "quote \" and backslash \\",
+            "line\nbreak\r\ttab",
+            "control \u{1} \u{1f} \u{7f}",
+            "unicode é ✓ 🦀",
+            "\"\"\\",
+        ] {
+            let mut out = Vec::new();
+            json_string(&mut out, text).unwrap();
+            let back: String = serde_json::from_slice(&out)
+                .unwrap_or_else(|e| panic!("{text:?} -> {:?}: {e}", String::from_utf8_lossy(&out)));
+            assert_eq!(back, text);
+        }
+    }
+
+    #[test]
+    fn a_record_without_flag_or_upstream_omits_the_flag_and_has_a_null_upstream() {
+        let record = AccessRecord {
+            start: SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123),
+            listener: "web".into(),
+            route: None,
+            method: Method::POST,
+            uri: Uri::from_static("http://api.example.com/p%22ath?q=\\"),
+            host: None,
+            version: http::Version::HTTP_2,
+            status: 404,
+            flag: "",
+            upstream: None,
+            bytes_sent: 0,
+            duration: Duration::from_nanos(2_345_678),
+            request_id: None,
+            peer: "[::1]:5555".parse().unwrap(),
+        };
+        let mut out = Vec::new();
+        record.write_line(&mut out).unwrap();
+        let json: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(json["time"], "2023-11-14T22:13:20.123Z");
+        assert_eq!(json["route"], "");
+        assert_eq!(json["method"], "POST");
+        assert_eq!(json["authority"], "api.example.com");
+        assert_eq!(json["protocol"], "HTTP/2");
+        assert!(json.get("flag").is_none(), "{json}");
+        assert!(json["upstream"].is_null());
+        assert_eq!(json["duration_ms"], 2.345);
+        assert_eq!(json["request_id"], "");
+        assert_eq!(json["peer"], "[::1]:5555");
     }
 }
