@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
@@ -312,12 +313,43 @@ impl ClusterRegistry {
                 })
                 .collect()
         };
-        for state in fresh.iter().filter(|s| s.has_dns()) {
-            state.resolve().await;
-            self.control.spawn(refresh_dns(Arc::downgrade(state)));
+        for state in &fresh {
+            if state.has_dns() {
+                state.resolve().await;
+                self.control.spawn(refresh_dns(Arc::downgrade(state)));
+            }
+            self.control.spawn(expire_idle(Arc::downgrade(state)));
         }
         *self.clusters.lock().unwrap_or_else(PoisonError::into_inner) = next.clone();
         next
+    }
+}
+
+/// The idle-connection sweep never runs more often than this.
+const MIN_EXPIRE_PERIOD: Duration = Duration::from_millis(100);
+
+/// Closes a cluster's expired idle upstream connections every half pool
+/// idle timeout (so a connection is closed at most 1.5 idle timeouts after
+/// its last use), until the cluster is dropped.
+async fn expire_idle(state: Weak<ClusterState>) {
+    loop {
+        let Some(period) = state
+            .upgrade()
+            .map(|s| (s.config.pool_idle_timeout / 2).max(MIN_EXPIRE_PERIOD))
+        else {
+            return;
+        };
+        tokio::time::sleep(period).await;
+        let Some(state) = state.upgrade() else { return };
+        let closed: usize = state
+            .endpoints()
+            .endpoints
+            .iter()
+            .map(|e| e.expire_idle())
+            .sum();
+        if closed > 0 {
+            tracing::debug!(cluster = %state.config.name, closed, "idle upstream connections closed");
+        }
     }
 }
 

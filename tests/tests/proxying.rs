@@ -65,6 +65,42 @@ async fn keep_alive_connection_serves_many_requests_over_pooled_upstreams() {
 }
 
 #[tokio::test]
+async fn pooled_connections_unused_for_the_idle_timeout_are_closed_without_traffic() {
+    let echo = echo("a").await;
+    let config = config(echo.local_addr(), "http1").replace(
+        "    protocol: http1\n",
+        "    protocol: http1\n    pool: { idle_timeout: 300ms }\n",
+    );
+    assert!(config.contains("idle_timeout: 300ms"), "{config}");
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let web = proxy.listener("web");
+    let active = r#"weft_upstream_connections_active{cluster="echo"}"#;
+    let response = http1_request(web, get(web, "/")).await.unwrap();
+    body_bytes(response).await.unwrap();
+    let returned = std::time::Instant::now();
+    assert_eq!(proxy.metric(active).await, 1.0);
+    // Nothing uses the pool again: the sweep closes the connection.
+    assert!(
+        eventually(DEADLINE, || async { proxy.metric(active).await == 0.0 }).await,
+        "the idle upstream connection is still open"
+    );
+    assert!(
+        returned.elapsed() >= Duration::from_millis(300),
+        "closed {:?} after its last use",
+        returned.elapsed()
+    );
+    // The next request opens a new one.
+    let response = http1_request(web, get(web, "/")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        proxy
+            .metric(r#"weft_upstream_connections_total{cluster="echo"}"#)
+            .await,
+        2.0
+    );
+}
+
+#[tokio::test]
 async fn http2_client_to_http1_upstream_carries_the_authority_as_host() {
     let echo = echo("a").await;
     let proxy = ProxyProcess::start(&config(echo.local_addr(), "http1"))

@@ -4,7 +4,8 @@
 //! is the least likely to have been closed by the server); a connection goes
 //! back only after its response body has been read to the end, so a taken
 //! connection is never mid-response. Entries older than the idle timeout are
-//! discarded when the stack is touched. A request that fails on a reused
+//! discarded when the stack is touched, and by the cluster's periodic
+//! [`Endpoint::expire_idle`] when it is not. A request that fails on a reused
 //! connection *before it was written* (the server closed it while idle) is
 //! sent again on a fresh connection; nothing that reached the server is
 //! resent.
@@ -229,6 +230,17 @@ impl Endpoint {
             }
         }
         None
+    }
+
+    /// Closes the idle HTTP/1.1 connections that have outlived the pool's
+    /// idle timeout (or that the server has closed); returns how many were
+    /// dropped. Run periodically, so that a pool nobody uses does not hold
+    /// its connections (and the upstream's) forever.
+    pub(crate) fn expire_idle(&self) -> usize {
+        let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let before = idle.len();
+        idle.retain(|e| e.since.elapsed() < self.settings.idle_timeout && !e.sender.is_closed());
+        before - idle.len()
     }
 
     fn give_back(&self, sender: http1::SendRequest<Incoming>) {
