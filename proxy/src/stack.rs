@@ -414,6 +414,8 @@ clusters:
         // PERF: 3.7 KiB while hyper's connection state lived inline; boxed
         // (and released while a connection is parked) it is 1.4 KiB, and an
         // idle connection costs 3.2 KiB instead of 25.5 (benches/RESULTS.md).
-        assert!(size <= 2048, "connection future is {size} bytes");
+        // An upgraded tunnel's copy state made it 1,920 bytes until the
+        // tunnel was boxed too (1,328 bytes).
+        assert!(size <= 1536, "connection future is {size} bytes");
     }
 }

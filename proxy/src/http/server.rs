@@ -192,7 +192,9 @@ async fn serve_h1(
         io = parts.io.into_inner();
         io.unread(parts.read_buf);
         if let Some(upstream) = conn.take_upgrade() {
-            tunnel(io, upstream, conn, deadlines.idle).await;
+            // Boxed: a tunnel's copy state would otherwise make every
+            // connection's task larger (`connection_future_stays_small`).
+            Box::pin(tunnel(io, upstream, conn, deadlines.idle)).await;
             return;
         }
         if ending != Ending::Parked || !park(&io, conn, deadlines).await {
