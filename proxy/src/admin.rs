@@ -32,8 +32,21 @@ pub(crate) struct AdminState {
     pub(crate) xds_status: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
 }
 
+/// Admin connections served at once; more wait in the accept queue. An
+/// operator's tools and a scraper need a handful; the bound keeps a
+/// misbehaving client from taking the process's file descriptors.
+const MAX_ADMIN_CONNECTIONS: usize = 64;
+
 /// Serves admin connections until the process exits.
 pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
+    serve_with_limit(listener, state, MAX_ADMIN_CONNECTIONS).await;
+}
+
+/// Admin connection tasks are not part of the drain: the admin server keeps
+/// answering while the proxy drains (a scraper's keep-alive connection
+/// would otherwise hold the drain to its deadline), and ends with the
+/// process.
+async fn serve_with_limit(listener: std::net::TcpListener, state: AdminState, limit: usize) {
     let listener = match tokio::net::TcpListener::from_std(listener) {
         Ok(listener) => listener,
         Err(error) => {
@@ -41,12 +54,24 @@ pub(crate) async fn serve(listener: std::net::TcpListener, state: AdminState) {
             return;
         }
     };
+    let slots = Arc::new(tokio::sync::Semaphore::new(limit));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
-            continue;
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            return; // the semaphore is never closed
+        };
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of file descriptors, or a connection reset before
+                // accept: back off rather than spin.
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
         };
         let state = state.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, &req)) }
@@ -186,5 +211,67 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
             response
         }
         Err(error) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use arc_swap::ArcSwap;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    use super::*;
+    use crate::cluster::ClusterRegistry;
+    use crate::config::Config;
+
+    async fn state() -> AdminState {
+        let metrics = Arc::new(Metrics::new());
+        let registry = ClusterRegistry::new(metrics.clone(), tokio::runtime::Handle::current());
+        let config = Arc::new(Config::from_yaml("listeners: []", "test").unwrap());
+        let snapshot = crate::stack::build(config, &[], &registry, &metrics, None).await;
+        AdminState {
+            shared: Arc::new(ArcSwap::from_pointee(snapshot)),
+            metrics,
+            ready: Arc::new(AtomicBool::new(true)),
+            drain: Drain::new(),
+            xds_status: Arc::new(std::sync::Mutex::new(None)),
+        }
+    }
+
+    /// Sends `GET /live` and returns the first bytes of the answer.
+    async fn live(stream: &mut TcpStream) -> String {
+        stream
+            .write_all(b"GET /live HTTP/1.1\r\nhost: admin\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = [0u8; 12];
+        stream.read_exact(&mut buf).await.unwrap();
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_limit_wait_for_a_free_slot() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(serve_with_limit(listener, state().await, 2));
+        let mut first = TcpStream::connect(address).await.unwrap();
+        let mut second = TcpStream::connect(address).await.unwrap();
+        assert_eq!(live(&mut first).await, "HTTP/1.1 200");
+        assert_eq!(live(&mut second).await, "HTTP/1.1 200");
+        let mut third = TcpStream::connect(address).await.unwrap();
+        let waited = tokio::time::timeout(Duration::from_millis(300), live(&mut third)).await;
+        assert!(waited.is_err(), "served beyond the limit");
+        drop(first);
+        let answer = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut buf = [0u8; 12];
+            third.read_exact(&mut buf).await.unwrap();
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+        .await
+        .unwrap();
+        assert_eq!(answer, "HTTP/1.1 200");
     }
 }
