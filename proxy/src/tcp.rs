@@ -251,6 +251,7 @@ impl<'a> Half<'a> {
                 continue;
             }
             if self.is_eof {
+                self.buffer = None;
                 ready!(Pin::new(&mut self.to).poll_shutdown(cx))?;
                 self.is_done = true;
                 return Poll::Ready(Ok(()));
@@ -432,6 +433,16 @@ mod tests {
 
     const HOUR: Duration = Duration::from_secs(3600);
 
+    /// Asserts that `seconds` (and less than one more) passed since `start`
+    /// on the paused clock.
+    fn assert_ended_at(start: Instant, seconds: u64) {
+        let elapsed = start.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(seconds) && elapsed < Duration::from_secs(seconds + 1),
+            "ended after {elapsed:?}"
+        );
+    }
+
     #[tokio::test]
     async fn bytes_move_both_ways_and_each_close_is_passed_on() {
         let (mut client, mut client_side) = pair().await;
@@ -500,6 +511,16 @@ mod tests {
             assert_eq!(counted.from_client.load(Relaxed), 4 * round);
             assert_eq!(counted.to_client.load(Relaxed), 4 * round);
         }
+        // The client's close is passed on; the direction it closed keeps
+        // no buffer while the other stays open.
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        tokio::select! {
+            ended = forward.as_mut() => panic!("forwarding ended: {ended:?}"),
+            read = upstream.read_to_end(&mut rest) => { read.unwrap(); }
+        }
+        assert!(rest.is_empty());
+        assert_eq!(forward.buffers_held(), 0);
     }
 
     #[tokio::test(start_paused = true)]
@@ -527,11 +548,7 @@ mod tests {
             () = traffic => {}
         }
         assert_eq!(forward.await.unwrap(), Ended::Idle);
-        let elapsed = start.elapsed();
-        assert!(
-            elapsed >= Duration::from_secs(50) && elapsed < Duration::from_secs(51),
-            "{elapsed:?}"
-        );
+        assert_ended_at(start, 50);
     }
 
     #[tokio::test(start_paused = true)]
@@ -562,11 +579,7 @@ mod tests {
             () = traffic => {}
         }
         assert_eq!(splice.await.unwrap_err(), Cut::Idle);
-        let elapsed = start.elapsed();
-        assert!(
-            elapsed >= Duration::from_secs(50) && elapsed < Duration::from_secs(51),
-            "{elapsed:?}"
-        );
+        assert_ended_at(start, 50);
     }
 
     #[tokio::test(start_paused = true)]

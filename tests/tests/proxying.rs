@@ -290,17 +290,7 @@ async fn websocket_upgrade_tunnels_bytes_both_ways_until_idle() {
         assert_eq!(back, message);
     }
     // A quiet tunnel is closed after the listener's idle timeout.
-    let last_byte = std::time::Instant::now();
-    let mut rest = Vec::new();
-    let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
-        .await
-        .unwrap();
-    assert!(rest.is_empty(), "{rest:?}");
-    assert!(
-        last_byte.elapsed() >= idle_timeout,
-        "closed {:?} after the last byte",
-        last_byte.elapsed()
-    );
+    assert_closed_when_idle(&mut stream, std::time::Instant::now(), idle_timeout).await;
 }
 
 #[tokio::test]
@@ -390,17 +380,9 @@ async fn connections_over_the_limit_wait_for_a_free_slot() {
 #[tokio::test]
 async fn tcp_listener_forwards_opaque_bytes() {
     let tcp_echo = TcpEchoServer::bind(loopback0()).await.unwrap();
-    let config = format!(
-        r#"
-admin: {{ address: "127.0.0.1:0" }}
-listeners:
-  - {{ name: raw, address: "127.0.0.1:0", protocol: tcp, cluster: backend }}
-clusters:
-  - {{ name: backend, endpoints: [{{ address: "{}" }}] }}
-"#,
-        tcp_echo.local_addr()
-    );
-    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let proxy = ProxyProcess::start(&tcp_config(tcp_echo.local_addr(), ""))
+        .await
+        .unwrap();
     let mut stream = TcpStream::connect(proxy.listener("raw")).await.unwrap();
     let payload: Vec<u8> = (0..1_000_000u32).map(|i| (i % 251) as u8).collect();
     let (mut read, mut write) = stream.split();
@@ -421,16 +403,7 @@ clusters:
 async fn tcp_connection_counts_bytes_while_open_and_closes_after_the_idle_timeout() {
     let tcp_echo = TcpEchoServer::bind(loopback0()).await.unwrap();
     let idle_timeout = Duration::from_millis(300);
-    let config = format!(
-        r#"
-admin: {{ address: "127.0.0.1:0" }}
-listeners:
-  - {{ name: raw, address: "127.0.0.1:0", protocol: tcp, cluster: backend, idle_timeout: 300ms }}
-clusters:
-  - {{ name: backend, endpoints: [{{ address: "{}" }}] }}
-"#,
-        tcp_echo.local_addr()
-    );
+    let config = tcp_config(tcp_echo.local_addr(), ", idle_timeout: 300ms");
     let proxy = ProxyProcess::start(&config).await.unwrap();
     let mut stream = TcpStream::connect(proxy.listener("raw")).await.unwrap();
     stream.write_all(b"0123456789").await.unwrap();
@@ -455,17 +428,7 @@ clusters:
         10.0
     );
     // Nothing moves now: the proxy closes the connection.
-    let mut rest = Vec::new();
-    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
-        .await
-        .unwrap();
-    assert!(
-        last_byte.elapsed() >= idle_timeout,
-        "closed {:?} after the last byte",
-        last_byte.elapsed()
-    );
-    // A close (EOF) or a reset both end the client's connection.
-    assert!(rest.is_empty(), "{rest:?} {read:?}");
+    assert_closed_when_idle(&mut stream, last_byte, idle_timeout).await;
 }
 
 #[tokio::test]
@@ -490,6 +453,40 @@ async fn quick_reverse_proxy_mode_round_robins_without_a_config_file() {
     }
     names.sort();
     assert_eq!(names, ["a", "a", "b", "b"]);
+}
+
+/// A TCP listener `raw` forwarding to `backend`; `listener_fields` adds to
+/// the listener's flow mapping (`", idle_timeout: 1s"`).
+fn tcp_config(backend: std::net::SocketAddr, listener_fields: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: raw, address: "127.0.0.1:0", protocol: tcp, cluster: backend{listener_fields} }}
+clusters:
+  - {{ name: backend, endpoints: [{{ address: "{backend}" }}] }}
+"#
+    )
+}
+
+/// Waits for the proxy to close a connection on which nothing moves, and
+/// checks that nothing more arrived and that the close came no sooner than
+/// `idle_timeout` after `last_byte`. A close (EOF) and a reset both count.
+async fn assert_closed_when_idle(
+    stream: &mut TcpStream,
+    last_byte: std::time::Instant,
+    idle_timeout: Duration,
+) {
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest))
+        .await
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?} {read:?}");
+    assert!(
+        last_byte.elapsed() >= idle_timeout,
+        "closed {:?} after the last byte",
+        last_byte.elapsed()
+    );
 }
 
 /// Reads one response head (up to the blank line).
