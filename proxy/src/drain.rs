@@ -63,6 +63,13 @@ impl Drain {
         self.token.cancelled()
     }
 
+    /// Resolves `timeout` after shutdown has begun: what still runs then
+    /// is cut (streams that have no graceful close, such as TCP).
+    pub async fn deadline(&self, timeout: Duration) {
+        self.cancelled().await;
+        tokio::time::sleep(timeout).await;
+    }
+
     /// True once shutdown has begun.
     pub fn is_draining(&self) -> bool {
         self.token.is_cancelled()

@@ -78,21 +78,17 @@ pub(crate) async fn proxy(
         },
         listener.config.idle_timeout,
     );
-    let drained = async {
-        drain.cancelled().await;
-        tokio::time::sleep(listener.drain_timeout).await;
-    };
     let ended = tokio::select! {
         ended = forward => ended,
-        () = drained => {
-            tracing::debug!(listener = %name, peer.addr = %peer, "drain timeout; closing tcp connection");
-            return;
-        }
+        () = drain.deadline(listener.drain_timeout) => Ok(Ended::Drained),
     };
     match ended {
         Ok(Ended::Closed) => {}
         Ok(Ended::Idle) => {
             tracing::debug!(listener = %name, peer.addr = %peer, "idle timeout; closing tcp connection");
+        }
+        Ok(Ended::Drained) => {
+            tracing::debug!(listener = %name, peer.addr = %peer, "drain timeout; closing tcp connection");
         }
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection ended with an error");
@@ -109,13 +105,15 @@ pub(crate) struct Counters<'a> {
     pub(crate) to_client: &'a AtomicU64,
 }
 
-/// How a forwarded connection ended without an error.
+/// How a forwarded connection or a [`splice`] ended without an error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Ended {
     /// Both sides closed their sending half, and each close was passed on.
     Closed,
     /// No byte moved either way for the idle timeout.
     Idle,
+    /// The drain timeout passed after the drain signal.
+    Drained,
 }
 
 /// Moves bytes between a client and an upstream socket until both have
@@ -129,11 +127,9 @@ pub(crate) struct Forward<'a> {
     to_upstream: Half<'a>,
     to_client: Half<'a>,
     counters: Counters<'a>,
-    idle_timeout: Duration,
-    /// When a byte last moved; the idle timer is pushed out to this plus
-    /// the timeout when it fires, rather than reset on every read.
+    /// When a byte last moved.
     last_activity: Instant,
-    idle: Pin<Box<Sleep>>,
+    idle: IdleDeadline,
 }
 
 impl<'a> Forward<'a> {
@@ -145,14 +141,12 @@ impl<'a> Forward<'a> {
     ) -> Self {
         let (client_read, client_write) = client.split();
         let (upstream_read, upstream_write) = upstream.split();
-        let now = Instant::now();
         Self {
             to_upstream: Half::new(client_read, upstream_write),
             to_client: Half::new(upstream_read, client_write),
             counters,
-            idle_timeout,
-            last_activity: now,
-            idle: Box::pin(tokio::time::sleep_until(now + idle_timeout)),
+            last_activity: Instant::now(),
+            idle: IdleDeadline::new(idle_timeout),
         }
     }
 
@@ -182,13 +176,35 @@ impl Future for Forward<'_> {
         if moved {
             this.last_activity = Instant::now();
         }
-        while this.idle.as_mut().poll(cx).is_ready() {
-            let deadline = this.last_activity + this.idle_timeout;
+        ready!(this.idle.poll_expired(cx, this.last_activity));
+        Poll::Ready(Ok(Ended::Idle))
+    }
+}
+
+/// A deadline `timeout` after the last activity. The timer is pushed out
+/// when it fires, not re-armed on every byte.
+#[derive(Debug)]
+struct IdleDeadline {
+    timeout: Duration,
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl IdleDeadline {
+    fn new(timeout: Duration) -> Self {
+        Self {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        }
+    }
+
+    /// Ready once `timeout` has passed since `last_activity`.
+    fn poll_expired(&mut self, cx: &mut Context<'_>, last_activity: Instant) -> Poll<()> {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            let deadline = last_activity + self.timeout;
             if deadline <= Instant::now() {
-                return Poll::Ready(Ok(Ended::Idle));
+                return Poll::Ready(());
             }
-            // Bytes moved since the timer was set: wait for the rest.
-            this.idle.as_mut().reset(deadline);
+            self.sleep.as_mut().reset(deadline);
         }
         Poll::Pending
     }
@@ -279,20 +295,11 @@ impl<'a> Half<'a> {
     }
 }
 
-/// How a [`splice`] ended, other than by both sides closing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Cut {
-    /// The drain timeout passed after the drain signal.
-    Drained,
-    /// No byte was read from either side for the idle timeout.
-    Idle,
-}
-
 /// Copies bytes both ways, with `buffer_bytes` buffered per direction,
-/// until either side closes (the byte counts each way), no byte has been
-/// read from either side for `idle_timeout`, or `drain_timeout` has passed
-/// since the drain signal. For streams other than two `TcpStream`s (an
-/// upgraded HTTP connection), whose buffers live as long as the copy.
+/// until either side closes, no byte has been read from either side for
+/// `idle_timeout`, or `drain_timeout` has passed since the drain signal.
+/// For streams other than two `TcpStream`s (an upgraded HTTP connection),
+/// whose buffers live as long as the copy.
 pub(crate) async fn splice<A, B>(
     a: &mut A,
     b: &mut B,
@@ -300,14 +307,13 @@ pub(crate) async fn splice<A, B>(
     idle_timeout: Duration,
     drain: &Drain,
     drain_timeout: Duration,
-) -> Result<io::Result<(u64, u64)>, Cut>
+) -> io::Result<Ended>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
-    let start = Instant::now();
     let activity = Activity {
-        start,
+        start: Instant::now(),
         last_read_nanos: AtomicU64::new(0),
     };
     let mut a = Watched {
@@ -319,25 +325,11 @@ where
         activity: &activity,
     };
     let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, buffer_bytes, buffer_bytes);
-    let drained = async {
-        drain.cancelled().await;
-        tokio::time::sleep(drain_timeout).await;
-    };
-    let idle = async {
-        let mut deadline = start + idle_timeout;
-        loop {
-            tokio::time::sleep_until(deadline).await;
-            let next = activity.last_read() + idle_timeout;
-            if next <= Instant::now() {
-                return;
-            }
-            deadline = next;
-        }
-    };
+    let mut idle = IdleDeadline::new(idle_timeout);
     tokio::select! {
-        copied = copy => Ok(copied),
-        () = drained => Err(Cut::Drained),
-        () = idle => Err(Cut::Idle),
+        copied = copy => copied.map(|_| Ended::Closed),
+        () = std::future::poll_fn(|cx| idle.poll_expired(cx, activity.last_read())) => Ok(Ended::Idle),
+        () = drain.deadline(drain_timeout) => Ok(Ended::Drained),
     }
 }
 
@@ -351,8 +343,9 @@ struct Activity {
 
 impl Activity {
     fn record(&self) {
+        // One task polls both sides, so the last store is the latest read.
         let nanos = u64::try_from(self.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        self.last_read_nanos.fetch_max(nanos, Relaxed);
+        self.last_read_nanos.store(nanos, Relaxed);
     }
 
     fn last_read(&self) -> Instant {
@@ -578,7 +571,7 @@ mod tests {
             ended = splice.as_mut() => panic!("ended before the traffic: {ended:?}"),
             () = traffic => {}
         }
-        assert_eq!(splice.await.unwrap_err(), Cut::Idle);
+        assert_eq!(splice.await.unwrap(), Ended::Idle);
         assert_ended_at(start, 50);
     }
 
@@ -601,7 +594,7 @@ mod tests {
             drain.signal();
         };
         let (ended, ()) = tokio::join!(splice, signal);
-        assert_eq!(ended.unwrap_err(), Cut::Drained);
+        assert_eq!(ended.unwrap(), Ended::Drained);
         assert_eq!(start.elapsed().as_secs(), 15);
     }
 

@@ -25,7 +25,7 @@ use crate::listener::{ConnState, ConnectionGuard, DownstreamIo, Protocol, detect
 use crate::stack::{
     HttpListener, ListenerSnapshot, PathRewrite, PreparedAction, PreparedRoute, Shared,
 };
-use crate::tcp::Cut;
+use crate::tcp::Ended;
 use crate::telemetry::{AccessRecord, RequestMetrics};
 
 /// hyper's HTTP/1 read buffer never goes below this.
@@ -587,14 +587,14 @@ async fn tunnel(
     )
     .await
     {
-        Ok(Ok(_)) => {}
-        Ok(Err(error)) => {
+        Ok(Ended::Closed) => {}
+        Err(error) => {
             tracing::debug!(peer.addr = %peer, %error, "upgraded connection ended with an error");
         }
-        Err(Cut::Drained) => {
+        Ok(Ended::Drained) => {
             tracing::debug!(peer.addr = %peer, "drain timeout; closing upgraded connection");
         }
-        Err(Cut::Idle) => {
+        Ok(Ended::Idle) => {
             tracing::debug!(peer.addr = %peer, "idle timeout; closing upgraded connection");
         }
     }
