@@ -22,13 +22,13 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version, header};
-use hyper::body::Incoming;
 
-pub(crate) use lb::with_thread_rng;
 pub(crate) use pool::{Endpoint, UpstreamBody};
 
+use crate::body::RequestBody;
 use crate::config::{Cluster, EndpointAddress, UpstreamProtocol};
-use crate::http::error::ProxyError;
+use crate::error::ProxyError;
+use crate::rng::with_thread_rng;
 use crate::telemetry::Metrics;
 pub use lb::Balancer;
 use pool::{PoolSettings, Wire};
@@ -172,7 +172,7 @@ impl ClusterState {
     /// router: origin-form URI and a `host` header carrying the authority.
     async fn forward(
         self: Arc<Self>,
-        mut req: Request<Incoming>,
+        mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let endpoint = self.pick()?;
         let guard = endpoint.begin();
@@ -250,7 +250,7 @@ impl ClusterService {
     }
 }
 
-impl tower::Service<Request<Incoming>> for ClusterService {
+impl tower::Service<Request<RequestBody>> for ClusterService {
     type Response = Response<UpstreamBody>;
     type Error = ProxyError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ProxyError>> + Send>>;
@@ -259,7 +259,7 @@ impl tower::Service<Request<Incoming>> for ClusterService {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<Incoming>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
         Box::pin(self.state.clone().forward(req))
     }
 }

@@ -12,12 +12,16 @@ pub mod telemetry;
 pub mod xds;
 
 mod admin;
+mod body;
 mod cluster;
+mod error;
 mod http;
 mod listener;
 mod resilience;
+mod rng;
 mod stack;
 mod tcp;
+mod transport;
 
 /// Hot-path building blocks, public only so that the criterion
 /// micro-benchmarks in `benches/` can measure them. Not a stable API.

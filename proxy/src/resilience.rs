@@ -14,7 +14,7 @@ use std::time::Duration;
 use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
-use crate::http::error::ProxyError;
+use crate::error::ProxyError;
 
 /// Builds [`Timeout`] services.
 #[derive(Debug, Clone, Copy)]

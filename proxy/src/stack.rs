@@ -408,8 +408,8 @@ clusters:
         let peer = client.local_addr().unwrap();
         let (server, _) = listener.accept().await.unwrap();
         let shared: Shared = Arc::new(ArcSwap::new(snapshot));
-        let future =
-            crate::http::server::serve(server, peer, 0, http, shared, crate::drain::Drain::new());
+        let drain = crate::drain::Drain::new();
+        let future = crate::http::server::serve(server, peer, 0, http, shared, drain);
         let size = std::mem::size_of_val(&future);
         // PERF: 3.7 KiB while hyper's connection state lived inline; boxed
         // (and released while a connection is parked) it is 1.4 KiB, and an

@@ -32,8 +32,8 @@ use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
 use crate::drain::Drain;
-use crate::listener::ConnectionGuard;
 use crate::stack::TcpListener;
+use crate::transport::Stream;
 
 /// The most bytes moved per read, per direction.
 ///
@@ -46,12 +46,11 @@ const TCP_BUFFER_BYTES: usize = 32 * 1024;
 
 /// Forwards one accepted connection to the listener's cluster.
 pub(crate) async fn proxy(
-    mut downstream: TcpStream,
+    mut downstream: Stream,
     peer: SocketAddr,
     listener: Arc<TcpListener>,
     drain: Drain,
 ) {
-    let _guard = ConnectionGuard::new(listener.metrics.clone());
     let name = &listener.config.name;
     let endpoint = match listener.cluster.pick() {
         Ok(endpoint) => endpoint,
@@ -69,19 +68,31 @@ pub(crate) async fn proxy(
         }
     };
     let metrics = &listener.metrics;
-    let forward = Forward::new(
-        &mut downstream,
-        &mut upstream,
-        Counters {
-            from_client: &metrics.bytes_received,
-            to_client: &metrics.bytes_sent,
-        },
-        listener.config.idle_timeout,
-    );
-    let ended = tokio::select! {
-        ended = forward => ended,
-        () = drain.deadline(listener.drain_timeout) => Ok(Ended::Drained),
-    };
+    let idle_timeout = listener.config.idle_timeout;
+    let ended =
+        if let (Some(client), Some(server)) = (downstream.as_tcp_mut(), upstream.as_tcp_mut()) {
+            let counters = Counters {
+                from_client: &metrics.bytes_received,
+                to_client: &metrics.bytes_sent,
+            };
+            tokio::select! {
+                ended = Forward::new(client, server, counters, idle_timeout) => ended,
+                () = drain.deadline(listener.drain_timeout) => Ok(Ended::Drained),
+            }
+        } else {
+            // A TLS side cannot wait for readiness without a buffer: copy
+            // through buffers held for the connection's life.
+            // TODO(#11): count the bytes of TLS-terminated L4 connections.
+            splice(
+                &mut downstream,
+                &mut upstream,
+                TCP_BUFFER_BYTES,
+                idle_timeout,
+                &drain,
+                listener.drain_timeout,
+            )
+            .await
+        };
     match ended {
         Ok(Ended::Closed) => {}
         Ok(Ended::Idle) => {

@@ -11,3 +11,24 @@ mod metrics;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub use metrics::{ClusterMetrics, Histogram, ListenerMetrics, Metrics, RequestMetrics};
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering::Relaxed;
+
+/// Counts a listener's open connections while alive.
+#[derive(Debug)]
+pub(crate) struct ConnectionGuard(Arc<ListenerMetrics>);
+
+impl ConnectionGuard {
+    pub(crate) fn new(metrics: Arc<ListenerMetrics>) -> Self {
+        metrics.connections_total.fetch_add(1, Relaxed);
+        metrics.connections_active.fetch_add(1, Relaxed);
+        Self(metrics)
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        self.0.connections_active.fetch_sub(1, Relaxed);
+    }
+}

@@ -2,22 +2,13 @@
 //! (power of two choices). Everything a pick needs is prepared when the
 //! endpoint set is built; a pick is lock-free and allocation-free.
 
-use std::cell::RefCell;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use crate::config::LbPolicy;
+use crate::rng::with_thread_rng;
 
 /// Longest round-robin schedule; larger weight sums are scaled down.
 const MAX_SCHEDULE: u64 = 16_384;
-
-thread_local! {
-    static RNG: RefCell<fastrand::Rng> = RefCell::new(fastrand::Rng::new());
-}
-
-/// Runs `f` with this thread's random number generator.
-pub(crate) fn with_thread_rng<T>(f: impl FnOnce(&mut fastrand::Rng) -> T) -> T {
-    RNG.with(|rng| f(&mut rng.borrow_mut()))
-}
 
 /// A prepared balancer for one endpoint set.
 #[derive(Debug)]

@@ -30,11 +30,17 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use pin_project_lite::pin_project;
-use tokio::net::TcpStream;
 
+use crate::body::{DownstreamBodyError, RequestBody};
 use crate::config::Cluster;
-use crate::http::error::ProxyError;
+use crate::error::ProxyError;
 use crate::telemetry::ClusterMetrics;
+use crate::transport::Stream;
+
+/// Freshly dialled HTTP/1.1 connections that may turn out closed before
+/// one request is given up: an upstream that accepts and at once closes
+/// gets a 502, not a dialling loop.
+const MAX_FRESH_CONNECTION_FAILURES: u32 = 3;
 
 /// Pool settings, from the cluster's config.
 #[derive(Debug, Clone)]
@@ -58,9 +64,16 @@ impl PoolSettings {
     }
 }
 
+/// Which HTTP version to speak to the endpoint for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Wire {
+    Http1,
+    Http2,
+}
+
 #[derive(Debug)]
 struct IdleH1 {
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
 }
 
@@ -77,14 +90,7 @@ pub(crate) struct Endpoint {
     connect_failures: AtomicU64,
     settings: PoolSettings,
     idle_h1: Mutex<Vec<IdleH1>>,
-    h2: Mutex<Option<http2::SendRequest<Incoming>>>,
-}
-
-/// Which HTTP version to speak to the endpoint for one request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Wire {
-    Http1,
-    Http2,
+    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
 }
 
 impl Endpoint {
@@ -131,12 +137,11 @@ impl Endpoint {
         ActiveGuard(self.clone())
     }
 
-    /// Opens a TCP connection, bounded by the connect timeout.
-    pub(crate) async fn connect(&self) -> Result<TcpStream, ProxyError> {
+    /// Opens a connection, bounded by the connect timeout.
+    pub(crate) async fn connect(&self) -> Result<Stream, ProxyError> {
         let metrics = &self.settings.metrics;
         let result =
-            tokio::time::timeout(self.settings.connect_timeout, TcpStream::connect(self.addr))
-                .await;
+            tokio::time::timeout(self.settings.connect_timeout, Stream::connect(self.addr)).await;
         let failed = |error| {
             metrics.connect_failures.fetch_add(1, Relaxed);
             self.connect_failures.fetch_add(1, Relaxed);
@@ -145,8 +150,6 @@ impl Endpoint {
         };
         match result {
             Ok(Ok(stream)) => {
-                // Small requests and responses must not wait for Nagle.
-                let _ = stream.set_nodelay(true);
                 metrics.connections_total.fetch_add(1, Relaxed);
                 Ok(stream)
             }
@@ -169,7 +172,7 @@ impl Endpoint {
     /// one connection; the pool stays consistent.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         wire: Wire,
         guard: ActiveGuard,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
@@ -182,18 +185,28 @@ impl Endpoint {
 
     async fn send_h1(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         guard: ActiveGuard,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let mut req = req;
         let mut reuse = true;
+        let mut fresh_failures = 0;
         loop {
             let (mut sender, reused) = match reuse.then(|| self.take_idle()).flatten() {
                 Some(sender) => (sender, true),
                 None => (self.connect_h1().await?, false),
             };
-            if sender.ready().await.is_err() {
-                continue; // closed while idle; take another
+            if let Err(source) = sender.ready().await {
+                // A pooled connection closed while idle: take another. A
+                // fresh one that is closed already is the upstream's doing;
+                // give up after a few rather than dial forever.
+                if !reused {
+                    fresh_failures += 1;
+                    if fresh_failures >= MAX_FRESH_CONNECTION_FAILURES {
+                        return Err(self.reset(source, true));
+                    }
+                }
+                continue;
             }
             match sender.try_send_request(req).await {
                 Ok(response) => {
@@ -211,18 +224,29 @@ impl Endpoint {
                         req = unsent;
                         reuse = false;
                     }
-                    _ => {
-                        return Err(ProxyError::UpstreamReset {
-                            endpoint: self.addr,
-                            source: error.into_error(),
-                        });
-                    }
+                    unsent => return Err(self.reset(error.into_error(), unsent.is_some())),
                 },
             }
         }
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<Incoming>> {
+    /// The error for a request that failed on a connection to this
+    /// endpoint: the client's when its own body broke, else the upstream's.
+    fn reset(&self, source: hyper::Error, request_unsent: bool) -> ProxyError {
+        if DownstreamBodyError::find(&source) {
+            return ProxyError::DownstreamBody {
+                endpoint: self.addr,
+                source,
+            };
+        }
+        ProxyError::UpstreamReset {
+            endpoint: self.addr,
+            request_sent: !request_unsent,
+            source,
+        }
+    }
+
+    fn take_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(entry) = idle.pop() {
             if entry.since.elapsed() < self.settings.idle_timeout && !entry.sender.is_closed() {
@@ -243,7 +267,7 @@ impl Endpoint {
         before - idle.len()
     }
 
-    fn give_back(&self, sender: http1::SendRequest<Incoming>) {
+    fn give_back(&self, sender: http1::SendRequest<RequestBody>) {
         if sender.is_closed() {
             return;
         }
@@ -262,7 +286,7 @@ impl Endpoint {
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<Incoming>, ProxyError> {
+    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
         let stream = self.connect().await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
@@ -280,7 +304,7 @@ impl Endpoint {
 
     async fn send_h2(
         self: &Arc<Self>,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
         guard: ActiveGuard,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let shared = self
@@ -299,20 +323,14 @@ impl Endpoint {
         sender
             .ready()
             .await
-            .map_err(|source| ProxyError::UpstreamReset {
-                endpoint: self.addr,
-                source,
-            })?;
+            .map_err(|source| self.reset(source, true))?;
         match sender.send_request(req).await {
             Ok(response) => Ok(response.map(|body| UpstreamBody::new(body, None, guard))),
-            Err(source) => Err(ProxyError::UpstreamReset {
-                endpoint: self.addr,
-                source,
-            }),
+            Err(source) => Err(self.reset(source, false)),
         }
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<Incoming>, ProxyError> {
+    async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
         let stream = self.connect().await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
@@ -360,7 +378,7 @@ impl Drop for ActiveGuard {
 #[derive(Debug)]
 struct GiveBack {
     endpoint: Arc<Endpoint>,
-    sender: http1::SendRequest<Incoming>,
+    sender: http1::SendRequest<RequestBody>,
 }
 
 pin_project! {

@@ -24,7 +24,7 @@ pub(crate) struct Finish {
     pub(crate) access: Option<(AccessLog, Box<AccessRecord>)>,
     /// Keeps the request in flight on its connection until the response
     /// is over (the idle timeout must not fire mid-stream).
-    pub(crate) request: Option<crate::listener::RequestGuard>,
+    pub(crate) request: Option<crate::transport::RequestGuard>,
 }
 
 impl Finish {

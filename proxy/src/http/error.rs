@@ -1,169 +1,41 @@
-//! Proxy errors and the one function that turns them into what the client
-//! sees. The same value gives the response status, the `x-weft-error`
-//! header, the access log's flag and the metrics' status class, so the
-//! three never disagree. Nothing here parses error messages.
-
-use std::net::SocketAddr;
-use std::sync::Arc;
+//! The one function that turns a proxy error (`crate::error`) into what
+//! the client sees: status, body, `x-weft-error`, and for gRPC callers a
+//! trailers-only response with the matching `grpc-status`.
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, StatusCode, header};
+use http::{HeaderName, HeaderValue, Response, header};
 
 use super::body::ResponseBody;
+use crate::error::{Origin, ProxyError};
 
 /// The response header naming why the proxy answered itself.
 pub(crate) static ERROR_HEADER: HeaderName = HeaderName::from_static("x-weft-error");
 
-/// Who failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Origin {
-    /// The client sent something we cannot serve.
-    Downstream,
-    /// The upstream failed or was unreachable.
-    Upstream,
-    /// Our configuration or a local limit decided.
-    Local,
+/// The gRPC status for gRPC callers (grpc/doc/http-grpc-status-mapping).
+fn grpc_status(error: &ProxyError) -> &'static str {
+    match error {
+        ProxyError::NoRoute => "12", // UNIMPLEMENTED
+        ProxyError::Malformed(_)
+        | ProxyError::HeadersTooLarge
+        | ProxyError::DownstreamBody { .. } => "13", // INTERNAL
+        ProxyError::UpstreamTimeout => "4", // DEADLINE_EXCEEDED
+        _ => "14",                   // UNAVAILABLE
+    }
 }
 
-/// Everything that can end a request without an upstream response.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ProxyError {
-    /// No virtual host or route matched.
-    #[error("no route matched")]
-    NoRoute,
-    /// The request is not valid HTTP for a proxy (e.g. HTTP/1.1 without Host).
-    #[error("malformed request: {0}")]
-    Malformed(&'static str),
-    /// The request headers exceed the listener's limit.
-    #[error("request headers too large")]
-    HeadersTooLarge,
-    /// The cluster has no endpoint to send to.
-    #[error("no healthy endpoint in cluster {cluster}")]
-    NoHealthyEndpoint {
-        /// Cluster name.
-        cluster: Arc<str>,
-    },
-    /// Connecting to the endpoint failed.
-    #[error("connect to {endpoint} in cluster {cluster} failed")]
-    UpstreamConnect {
-        /// Cluster name.
-        cluster: Arc<str>,
-        /// Endpoint address.
-        endpoint: SocketAddr,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Connecting to the endpoint took longer than the connect timeout.
-    #[error("connect to {endpoint} in cluster {cluster} timed out")]
-    ConnectTimeout {
-        /// Cluster name.
-        cluster: Arc<str>,
-        /// Endpoint address.
-        endpoint: SocketAddr,
-    },
-    /// The HTTP handshake with the endpoint failed.
-    #[error("handshake with {endpoint} failed")]
-    UpstreamHandshake {
-        /// Endpoint address.
-        endpoint: SocketAddr,
-        /// The cause.
-        #[source]
-        source: hyper::Error,
-    },
-    /// The upstream reset the connection or broke the protocol.
-    #[error("upstream {endpoint} failed")]
-    UpstreamReset {
-        /// Endpoint address.
-        endpoint: SocketAddr,
-        /// The cause.
-        #[source]
-        source: hyper::Error,
-    },
-    /// The route's timeout elapsed before the response headers arrived.
-    #[error("upstream timed out")]
-    UpstreamTimeout,
-}
-
-impl ProxyError {
-    /// The HTTP status the client gets.
-    pub(crate) fn status(&self) -> StatusCode {
-        match self {
-            Self::NoRoute => StatusCode::NOT_FOUND,
-            Self::Malformed(_) => StatusCode::BAD_REQUEST,
-            Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            Self::NoHealthyEndpoint { .. }
-            | Self::UpstreamConnect { .. }
-            | Self::ConnectTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::UpstreamHandshake { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+fn body(error: &ProxyError) -> &'static str {
+    match error {
+        ProxyError::NoRoute => "no route matched this request\n",
+        ProxyError::Malformed(_) | ProxyError::DownstreamBody { .. } => "malformed request\n",
+        ProxyError::HeadersTooLarge => "request headers too large\n",
+        ProxyError::NoHealthyEndpoint { .. } => "no healthy upstream\n",
+        ProxyError::UpstreamConnect { .. } | ProxyError::ConnectTimeout { .. } => {
+            "upstream connect error\n"
         }
-    }
-
-    /// A short, stable name: the `x-weft-error` value and access-log flag.
-    pub(crate) fn flag(&self) -> &'static str {
-        match self {
-            Self::NoRoute => "no_route",
-            Self::Malformed(_) => "malformed_request",
-            Self::HeadersTooLarge => "headers_too_large",
-            Self::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
-            Self::UpstreamConnect { .. } => "upstream_connect_failure",
-            Self::ConnectTimeout { .. } => "upstream_connect_timeout",
-            Self::UpstreamHandshake { .. } => "upstream_protocol_error",
-            Self::UpstreamReset { .. } => "upstream_reset",
-            Self::UpstreamTimeout => "upstream_timeout",
+        ProxyError::UpstreamHandshake { .. } | ProxyError::UpstreamReset { .. } => {
+            "upstream reset or protocol error\n"
         }
-    }
-
-    /// Who failed.
-    pub(crate) fn origin(&self) -> Origin {
-        match self {
-            Self::NoRoute => Origin::Local,
-            Self::Malformed(_) | Self::HeadersTooLarge => Origin::Downstream,
-            Self::NoHealthyEndpoint { .. }
-            | Self::UpstreamConnect { .. }
-            | Self::ConnectTimeout { .. }
-            | Self::UpstreamHandshake { .. }
-            | Self::UpstreamReset { .. }
-            | Self::UpstreamTimeout => Origin::Upstream,
-        }
-    }
-
-    /// The endpoint involved, when one had been chosen.
-    pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
-        match self {
-            Self::UpstreamConnect { endpoint, .. }
-            | Self::ConnectTimeout { endpoint, .. }
-            | Self::UpstreamHandshake { endpoint, .. }
-            | Self::UpstreamReset { endpoint, .. } => Some(*endpoint),
-            _ => None,
-        }
-    }
-
-    /// The gRPC status for gRPC callers (grpc/doc/http-grpc-status-mapping).
-    fn grpc_status(&self) -> &'static str {
-        match self {
-            Self::NoRoute => "12",                              // UNIMPLEMENTED
-            Self::Malformed(_) | Self::HeadersTooLarge => "13", // INTERNAL
-            Self::UpstreamTimeout => "4",                       // DEADLINE_EXCEEDED
-            _ => "14",                                          // UNAVAILABLE
-        }
-    }
-
-    fn body(&self) -> &'static str {
-        match self {
-            Self::NoRoute => "no route matched this request\n",
-            Self::Malformed(_) => "malformed request\n",
-            Self::HeadersTooLarge => "request headers too large\n",
-            Self::NoHealthyEndpoint { .. } => "no healthy upstream\n",
-            Self::UpstreamConnect { .. } | Self::ConnectTimeout { .. } => {
-                "upstream connect error\n"
-            }
-            Self::UpstreamHandshake { .. } | Self::UpstreamReset { .. } => {
-                "upstream reset or protocol error\n"
-            }
-            Self::UpstreamTimeout => "upstream request timeout\n",
-        }
+        ProxyError::UpstreamTimeout => "upstream request timeout\n",
     }
 }
 
@@ -179,13 +51,13 @@ pub(crate) fn to_response(error: &ProxyError, is_grpc: bool) -> Response<Respons
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/grpc"),
         );
-        headers.insert("grpc-status", HeaderValue::from_static(error.grpc_status()));
+        headers.insert("grpc-status", HeaderValue::from_static(grpc_status(error)));
         headers.insert("grpc-message", HeaderValue::from_static(error.flag()));
         headers.insert(ERROR_HEADER.clone(), flag);
         return response;
     }
     let mut response = Response::new(ResponseBody::full(Bytes::from_static(
-        error.body().as_bytes(),
+        body(error).as_bytes(),
     )));
     *response.status_mut() = error.status();
     let headers = response.headers_mut();
@@ -207,6 +79,10 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use std::net::SocketAddr;
+
+    use http::StatusCode;
+
     use super::*;
 
     #[test]

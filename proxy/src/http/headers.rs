@@ -110,7 +110,7 @@ pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
 }
 
 fn random_request_id() -> HeaderValue {
-    let (hi, lo) = crate::cluster::with_thread_rng(|rng| (rng.u64(..), rng.u64(..)));
+    let (hi, lo) = crate::rng::with_thread_rng(|rng| (rng.u64(..), rng.u64(..)));
     let bits = (u128::from(hi) << 64 | u128::from(lo)) & !(0xF000u128 << 64) & !(0xC000u128 << 48);
     let bits = bits | (0x4000u128 << 64) | (0x8000u128 << 48);
     let mut out = [0u8; 36];

@@ -17,16 +17,18 @@ use tokio::net::TcpStream;
 use tower::Service;
 
 use super::body::{Finish, ResponseBody};
-use super::error::{ProxyError, is_grpc, to_response};
+use super::error::{is_grpc, to_response};
 use super::headers;
 use super::router::RequestParts;
+use crate::body::RequestBody;
 use crate::drain::{Drain, TrackedExecutor};
-use crate::listener::{ConnState, ConnectionGuard, DownstreamIo, Protocol, detect};
+use crate::error::ProxyError;
 use crate::stack::{
     HttpListener, ListenerSnapshot, PathRewrite, PreparedAction, PreparedRoute, Shared,
 };
 use crate::tcp::Ended;
 use crate::telemetry::{AccessRecord, RequestMetrics};
+use crate::transport::{ConnState, DownstreamIo, Protocol, detect};
 
 /// hyper's HTTP/1 read buffer never goes below this.
 const MIN_H1_BUFFER: usize = 8192;
@@ -69,7 +71,6 @@ pub(crate) async fn serve(
     shared: Shared,
     drain: Drain,
 ) {
-    let _guard = ConnectionGuard::new(listener.metrics.clone());
     let settings = &listener.config;
     let state = Arc::new(ConnState::new(true));
     let detected = detect(
@@ -444,7 +445,7 @@ async fn route_and_forward(
             let target = if targets.len() == 1 {
                 &targets[0]
             } else {
-                let x = crate::cluster::with_thread_rng(|rng| rng.u64(..*total_weight));
+                let x = crate::rng::with_thread_rng(|rng| rng.u64(..*total_weight));
                 let i = targets.partition_point(|t| t.cumulative_weight <= x);
                 &targets[i.min(targets.len() - 1)]
             };
@@ -483,7 +484,7 @@ async fn route_and_forward(
     }
     *req.uri_mut() = Uri::from(rewrite_path(req.uri(), route.rewrite.as_ref())?);
 
-    let response = service.call(req).await?;
+    let response = service.call(req.map(RequestBody::new)).await?;
     outcome.upstream = Some(response.body().endpoint());
     let (mut parts, body) = response.into_parts();
     let upgraded = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;

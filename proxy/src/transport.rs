@@ -1,0 +1,384 @@
+//! The transport seam: the byte streams connections run on, and what is
+//! known of the peer at the other end.
+//!
+//! Every downstream and upstream connection is a [`Stream`]. Today a stream
+//! is plain TCP; TLS (rustls, terminating or originating mTLS) becomes a
+//! second variant carrying the peer's verified identity, and nothing above
+//! this module changes shape: the HTTP server and client take any
+//! [`Stream`], and the L4 forwarder asks for the raw TCP socket only for
+//! its buffer-free fast path. (Pools are per endpoint and protocol today;
+//! the expected server identity joins their key with upstream TLS.)
+//!
+//! [`detect`] finds the HTTP version a cleartext connection speaks from its
+//! first bytes: the HTTP/2 connection preface means HTTP/2 (prior
+//! knowledge), anything else HTTP/1.x. (Under TLS, ALPN will say.)
+//! [`DownstreamIo`] is a downstream connection as the HTTP server reads it:
+//! the bytes read during detection replayed first, bytes counted
+//! both ways, and the reads reported to [`ConnState`], which keeps what the
+//! connection's deadlines need.
+//!
+//! This module depends only on `telemetry` (for byte counters).
+
+use std::io;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+use crate::telemetry::ListenerMetrics;
+
+/// The HTTP/2 client connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Bytes asked for by each read while the protocol is being detected.
+const DETECT_READ_BYTES: usize = 4096;
+
+/// The HTTP version a downstream connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// A connection's byte stream.
+#[derive(Debug)]
+pub(crate) enum Stream {
+    /// Plain TCP.
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    /// The raw TCP socket, when the stream is plain TCP: the L4 forwarder
+    /// then moves bytes with no buffer held between reads.
+    pub(crate) fn as_tcp_mut(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            Self::Tcp(stream) => Some(stream),
+        }
+    }
+
+    /// Waits until the peer sends more (true) or closes (false), without
+    /// holding a buffer.
+    ///
+    /// Cancel safety: cancel safe (it only waits for readiness).
+    pub(crate) async fn wait_for_data(&self) -> bool {
+        match self {
+            Self::Tcp(stream) => {
+                let mut probe = [0u8; 1];
+                matches!(stream.peek(&mut probe).await, Ok(n) if n > 0)
+            }
+        }
+    }
+
+    /// Opens a plain TCP connection with `TCP_NODELAY` (small requests and
+    /// responses must not wait for Nagle).
+    ///
+    /// Cancel safety: cancel safe.
+    pub(crate) async fn connect(address: SocketAddr) -> io::Result<Self> {
+        let stream = TcpStream::connect(address).await?;
+        let _ = stream.set_nodelay(true);
+        Ok(Self::Tcp(stream))
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => Pin::new(stream).poll_write(cx, data),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => Pin::new(stream).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Reads until the protocol is known, within `deadline`. `None` when the
+/// client sent nothing useful in time (the connection is then dropped).
+pub(crate) async fn detect(
+    mut stream: TcpStream,
+    deadline: Duration,
+    metrics: Arc<ListenerMetrics>,
+    state: Arc<ConnState>,
+) -> Option<(DownstreamIo, Protocol)> {
+    // PERF: one read takes the whole of a typical request head, so that
+    // hyper finds it already read; reading just the 24 bytes that decide
+    // the protocol cost a second read system call on every new connection
+    // (see benches/RESULTS.md). The buffer goes once hyper has taken its
+    // bytes.
+    let mut buffer = BytesMut::with_capacity(DETECT_READ_BYTES);
+    let read = async {
+        loop {
+            let n = stream.read_buf(&mut buffer).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            let len = buffer.len().min(H2_PREFACE.len());
+            if buffer[..len] != H2_PREFACE[..len] {
+                return Some(Protocol::Http1);
+            }
+            if len == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+        }
+    };
+    let protocol = tokio::time::timeout(deadline, read).await.ok()??;
+    metrics
+        .bytes_received
+        .fetch_add(buffer.len() as u64, Relaxed);
+    // The first request's head began with the bytes just read.
+    state.on_read();
+    let prefix = buffer.freeze();
+    Some((
+        DownstreamIo {
+            stream: Stream::Tcp(stream),
+            prefix,
+            metrics,
+            state,
+        },
+        protocol,
+    ))
+}
+
+/// A downstream connection: replays the bytes read for detection, then
+/// reads the socket; counts bytes both ways.
+#[derive(Debug)]
+pub(crate) struct DownstreamIo {
+    stream: Stream,
+    /// Bytes already read from the socket that the next reader must see
+    /// first (detection bytes, or what hyper had buffered when it let go).
+    prefix: Bytes,
+    metrics: Arc<ListenerMetrics>,
+    state: Arc<ConnState>,
+}
+
+impl DownstreamIo {
+    /// Puts bytes back in front of the stream.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        if bytes.is_empty() {
+            return;
+        }
+        if self.prefix.is_empty() {
+            self.prefix = bytes;
+            return;
+        }
+        let mut joined = Vec::with_capacity(bytes.len() + self.prefix.len());
+        joined.extend_from_slice(&bytes);
+        joined.extend_from_slice(&self.prefix);
+        self.prefix = joined.into();
+    }
+
+    /// Waits until the client sends more, without holding a buffer.
+    /// Returns false when the client closed the connection instead.
+    ///
+    /// Cancel safety: cancel safe (it only waits for readiness).
+    pub(crate) async fn wait_for_data(&self) -> bool {
+        if !self.prefix.is_empty() {
+            return true;
+        }
+        self.stream.wait_for_data().await
+    }
+}
+
+impl AsyncRead for DownstreamIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = &mut *self;
+        if !this.prefix.is_empty() {
+            let n = this.prefix.len().min(buf.remaining());
+            buf.put_slice(&this.prefix.split_to(n));
+            if this.prefix.is_empty() {
+                // An empty slice would still hold the whole buffer.
+                this.prefix = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.stream).poll_read(cx, buf);
+        let read = buf.filled().len() - before;
+        if polled.is_ready() && read > 0 {
+            this.metrics.bytes_received.fetch_add(read as u64, Relaxed);
+            this.state.on_read();
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for DownstreamIo {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write(cx, data);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+        }
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = polled {
+            self.metrics.bytes_sent.fetch_add(n as u64, Relaxed);
+        }
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+/// What a connection's deadlines need to know: requests in flight, when
+/// the last one finished, and when the bytes of a not-yet-parsed request
+/// head began to arrive.
+///
+/// hyper's own HTTP/1 header timer also runs while a keep-alive connection
+/// waits for its next request, which would close idle keep-alive
+/// connections after the header timeout; so the proxy keeps these deadlines
+/// itself: the header timeout starts at the first byte of a request head,
+/// the idle timeout when the last response ends.
+#[derive(Debug)]
+pub(crate) struct ConnState {
+    born: Instant,
+    /// Track request heads (HTTP/1 only: HTTP/2 frames between streams are
+    /// not request heads).
+    track_heads: std::sync::atomic::AtomicBool,
+    in_flight: AtomicU32,
+    started: AtomicU64,
+    /// Milliseconds since `born` (+1; 0 = none).
+    head_started_ms: AtomicU64,
+    last_done_ms: AtomicU64,
+}
+
+impl ConnState {
+    pub(crate) fn new(track_heads: bool) -> Self {
+        Self {
+            born: Instant::now(),
+            track_heads: std::sync::atomic::AtomicBool::new(track_heads),
+            in_flight: AtomicU32::new(0),
+            started: AtomicU64::new(0),
+            head_started_ms: AtomicU64::new(0),
+            last_done_ms: AtomicU64::new(1),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    fn instant(&self, ms: u64) -> Instant {
+        self.born + Duration::from_millis(ms.saturating_sub(1))
+    }
+
+    pub(crate) fn on_read(&self) {
+        if self.track_heads.load(Relaxed)
+            && self.in_flight.load(Relaxed) == 0
+            && self.head_started_ms.load(Relaxed) == 0
+        {
+            self.head_started_ms.store(self.now_ms(), Relaxed);
+        }
+    }
+
+    /// Stops the header deadline (once the protocol turned out HTTP/2).
+    pub(crate) fn stop_tracking_heads(&self) {
+        self.track_heads.store(false, Relaxed);
+        self.head_started_ms.store(0, Relaxed);
+    }
+
+    /// A request's head was parsed; it is in flight until the guard drops
+    /// (when its response body has been sent or abandoned).
+    pub(crate) fn begin_request(self: &Arc<Self>) -> RequestGuard {
+        self.in_flight.fetch_add(1, Relaxed);
+        self.started.fetch_add(1, Relaxed);
+        self.head_started_ms.store(0, Relaxed);
+        RequestGuard(self.clone())
+    }
+
+    /// When the bytes of an unparsed request head began to arrive.
+    pub(crate) fn head_started(&self) -> Option<Instant> {
+        match self.head_started_ms.load(Relaxed) {
+            0 => None,
+            ms => Some(self.instant(ms)),
+        }
+    }
+
+    /// Since when the connection has had nothing to do; `None` when busy.
+    pub(crate) fn idle_since(&self) -> Option<Instant> {
+        if self.in_flight.load(Relaxed) > 0 || self.head_started_ms.load(Relaxed) != 0 {
+            return None;
+        }
+        Some(self.instant(self.last_done_ms.load(Relaxed)))
+    }
+}
+
+/// Marks a request in flight on its connection.
+#[derive(Debug)]
+pub(crate) struct RequestGuard(Arc<ConnState>);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0.last_done_ms.store(self.0.now_ms(), Relaxed);
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
