@@ -12,6 +12,8 @@ pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-for
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// Only meaningful beside an `h2c` upgrade, which is never forwarded.
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 static HTTP: HeaderValue = HeaderValue::from_static("http");
 static UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 
@@ -42,6 +44,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
+    headers.remove(&HTTP2_SETTINGS);
     headers.remove(header::TRANSFER_ENCODING);
     // `te: trailers` is how gRPC says it understands trailers; anything
     // else in `te` is about this hop only.
@@ -56,6 +59,47 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else {
         headers.remove(header::UPGRADE);
     }
+}
+
+/// True when `upgrade` offers `h2c` (HTTP/2 over cleartext, RFC 7540
+/// §3.2; removed from HTTP/2 by RFC 9113).
+pub(crate) fn upgrade_names_h2c(headers: &HeaderMap) -> bool {
+    headers.get_all(header::UPGRADE).iter().any(|v| {
+        v.as_bytes()
+            .split(|b| *b == b',')
+            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"h2c"))
+    })
+}
+
+/// True for a Host value that can be a URI authority (RFC 3986 §3.2):
+/// reg-name or IP-literal characters and a port. Whitespace, `/`, `@`,
+/// `?`, `#` and controls are not: such a Host is malformed, never a name
+/// that merely matches no route.
+pub(crate) fn is_valid_host(host: &[u8]) -> bool {
+    host.iter().all(|&b| {
+        b.is_ascii_alphanumeric()
+            || matches!(
+                b,
+                b'-' | b'.'
+                    | b'_'
+                    | b'~'
+                    | b'%'
+                    | b'!'
+                    | b'$'
+                    | b'&'
+                    | b'\''
+                    | b'('
+                    | b')'
+                    | b'*'
+                    | b'+'
+                    | b','
+                    | b';'
+                    | b'='
+                    | b':'
+                    | b'['
+                    | b']'
+            )
+    })
 }
 
 /// A client cannot make the proxy drop these by listing them in
@@ -161,6 +205,57 @@ mod tests {
             m.append(*k, HeaderValue::from_static(v));
         }
         m
+    }
+
+    #[test]
+    fn host_values_are_authorities_or_malformed() {
+        let valid = [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]:8443",
+            "xn--bcher-kva.example",
+            "a_b.internal",
+            "",
+        ];
+        for host in valid {
+            assert!(is_valid_host(host.as_bytes()), "{host:?}");
+        }
+        let invalid = [
+            "exa mple.com",
+            "example.com\t",
+            "a/b",
+            "user@example.com",
+            "example.com?x",
+            "example.com#x",
+            "a\"b",
+            "a\\b",
+        ];
+        for host in invalid {
+            assert!(!is_valid_host(host.as_bytes()), "{host:?}");
+        }
+    }
+
+    #[test]
+    fn h2c_is_found_in_any_upgrade_token() {
+        let cases = [
+            (&[("upgrade", "h2c")][..], true),
+            (&[("upgrade", "websocket, H2C")][..], true),
+            (&[("upgrade", "websocket"), ("upgrade", " h2c ")][..], true),
+            (&[("upgrade", "websocket")][..], false),
+            (&[("upgrade", "h2")][..], false),
+            (&[][..], false),
+        ];
+        for (pairs, want) in cases {
+            assert_eq!(upgrade_names_h2c(&map(pairs)), want, "{pairs:?}");
+        }
+    }
+
+    #[test]
+    fn http2_settings_never_travels_upstream() {
+        let mut h = map(&[("http2-settings", "AAMAAABkAAQCAAAAAAIAAAAA")]);
+        strip_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
     }
 
     #[test]

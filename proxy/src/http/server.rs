@@ -113,7 +113,12 @@ pub(crate) async fn serve(
             builder
                 .timer(TokioTimer::new())
                 .max_concurrent_streams(settings.max_concurrent_streams)
-                .max_header_list_size(settings.max_request_headers_bytes);
+                // The codec's limit is twice the listener's: a request over
+                // the listener's limit reaches `route_and_forward` and is
+                // answered 431 with a body, as for HTTP/1.1. At the codec's
+                // own limit h2 refuses the stream (REFUSED_STREAM), which
+                // clients take as an invitation to retry.
+                .max_header_list_size(settings.max_request_headers_bytes.saturating_mul(2));
             // Boxed, as for HTTP/1, to keep the connection task small.
             let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
             drive(
@@ -267,6 +272,9 @@ async fn drive<C>(
         tokio::select! {
             result = std::future::poll_fn(|cx| poll(connection, cx)) => {
                 if let Err(error) = result {
+                    if error.is_parse() {
+                        rejected(conn, &error);
+                    }
                     tracing::debug!(peer.addr = %conn.peer, %error, "connection ended with an error");
                     return Ending::Dropped;
                 }
@@ -316,6 +324,51 @@ async fn drive<C>(
                 wake.as_mut().reset(tokio::time::Instant::from_std(next.max(now + MIN_CHECK)));
             }
         }
+    }
+}
+
+/// Records a request the HTTP/1 parser rejected (hyper has answered it
+/// with 400, or 431 when too large, and closes the connection): counted by
+/// reason and written to the access log, since no request reached
+/// [`handle`].
+fn rejected(conn: &Connection, error: &hyper::Error) {
+    let snapshot = conn.shared.load();
+    let Some(ListenerSnapshot::Http(listener)) = snapshot.listener(conn.index) else {
+        return;
+    };
+    let (counter, status, flag) = if error.is_parse_too_large() {
+        (
+            &listener.metrics.rejected_too_large,
+            431,
+            "headers_too_large",
+        )
+    } else {
+        (
+            &listener.metrics.rejected_malformed,
+            400,
+            "malformed_request",
+        )
+    };
+    counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    if let Some(log) = &listener.access_log {
+        log.log(AccessRecord {
+            start: SystemTime::now(),
+            listener: listener.config.name.clone(),
+            route: None,
+            // Nothing of the request could be trusted: `-` and `*` stand
+            // for the method and target that did not parse.
+            method: http::Method::from_bytes(b"-").unwrap_or_default(),
+            uri: Uri::from_static("*"),
+            host: None,
+            version: Version::HTTP_11,
+            status,
+            flag,
+            upstream: None,
+            bytes_sent: 0,
+            duration: Duration::ZERO,
+            request_id: None,
+            peer: conn.peer,
+        });
     }
 }
 
@@ -457,8 +510,12 @@ async fn route_and_forward(
     // Prepare the upstream request. The route's own rules run before the
     // proxy's, so a route that removes `x-forwarded-for` (not trusting the
     // client's) still gets the client's address appended.
-    let is_upgrade =
-        req.version() == Version::HTTP_11 && headers::is_upgrade_request(req.headers());
+    // An `h2c` upgrade is never forwarded: an upstream that accepted it
+    // would tunnel the client past routing and policy (h2c smuggling). The
+    // request is served as plain HTTP/1.1 instead, as nginx does.
+    let is_upgrade = req.version() == Version::HTTP_11
+        && headers::is_upgrade_request(req.headers())
+        && !headers::upgrade_names_h2c(req.headers());
     let via = if req.version() == Version::HTTP_2 {
         &listener.via_h2
     } else {
@@ -507,15 +564,23 @@ async fn route_and_forward(
 }
 
 /// The request's authority: the URI's (HTTP/2, absolute-form) or `host`.
+///
+/// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
+/// Host, with more than one Host line, or with an invalid Host.
 fn authority(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() {
+        return Err(ProxyError::Malformed("more than one host header"));
+    }
     if let Some(authority) = req.uri().authority() {
         return HeaderValue::from_str(authority.as_str())
             .map_err(|_| ProxyError::Malformed("invalid authority"));
     }
-    match req.headers().get(header::HOST) {
-        Some(host) => Ok(host.clone()),
-        // RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request
-        // without Host. HTTP/1.0 clients may omit it.
+    match host {
+        Some(host) if headers::is_valid_host(host.as_bytes()) => Ok(host.clone()),
+        Some(_) => Err(ProxyError::Malformed("invalid host")),
+        // HTTP/1.0 clients may omit Host.
         None if req.version() == Version::HTTP_10 => Ok(HeaderValue::from_static("")),
         None => Err(ProxyError::Malformed("missing host")),
     }

@@ -91,6 +91,11 @@ pub struct ListenerMetrics {
     pub bytes_received: AtomicU64,
     /// Bytes written to clients.
     pub bytes_sent: AtomicU64,
+    /// Requests the HTTP/1 parser rejected as malformed (answered 400).
+    pub rejected_malformed: AtomicU64,
+    /// Requests the HTTP/1 parser rejected as too large (answered 431,
+    /// or 414 for a request target past 64 KiB).
+    pub rejected_too_large: AtomicU64,
 }
 
 /// Per-cluster upstream counters.
@@ -234,6 +239,21 @@ impl Metrics {
                     "{name}{{listener=\"{}\"}} {}",
                     escape(listener),
                     read(m)
+                );
+            }
+        }
+        out.push_str("# HELP weft_downstream_rejected_requests_total Requests the HTTP parser rejected before routing, by reason.\n");
+        out.push_str("# TYPE weft_downstream_rejected_requests_total counter\n");
+        for (listener, m) in &registry.listeners {
+            for (reason, count) in [
+                ("malformed", &m.rejected_malformed),
+                ("too_large", &m.rejected_too_large),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "weft_downstream_rejected_requests_total{{listener=\"{}\",reason=\"{reason}\"}} {}",
+                    escape(listener),
+                    count.load(Relaxed)
                 );
             }
         }
