@@ -140,8 +140,8 @@ route_configs:
             |headers| {
                 strip_hop_by_hop(headers, false);
                 apply_header_ops(ops, headers);
-                add_forwarded(headers, &peer);
-                black_box(ensure_request_id(headers).len())
+                add_forwarded(headers, &peer, 0);
+                black_box(ensure_request_id(headers, false).len())
             },
             BatchSize::SmallInput,
         );

@@ -167,6 +167,8 @@ impl Config {
                 max_request_headers: None,
                 max_concurrent_streams: None,
                 via: None,
+                xff_num_trusted_hops: None,
+                preserve_request_id: None,
             }],
             route_configs: vec![RouteConfigSpec {
                 name: "default".into(),

@@ -85,12 +85,15 @@ async fn access_log_writes_one_json_line_per_request() {
     let echo = echo("a").await;
     let dir = TempDir::new().unwrap();
     let log = dir.path().join("access.log");
-    let proxy = ProxyProcess::start(&config(
+    let config = config(
         echo.local_addr(),
         &format!("access_log: {{ path: \"{}\" }}", log.display()),
-    ))
-    .await
-    .unwrap();
+    )
+    .replace(
+        "route_config: main }",
+        "route_config: main, preserve_request_id: true }",
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
     let web = proxy.listener("web");
     let mut req = request(web, "POST", "/logged?q=1", Bytes::from_static(b"12345"));
     req.headers_mut()

@@ -322,7 +322,8 @@ clusters:
     );
     assert_eq!(
         header(&response, "x-echo-req-x-forwarded-for"),
-        "203.0.113.9, 127.0.0.1"
+        "127.0.0.1",
+        "no hop in front is trusted: the client's own value is dropped"
     );
     assert_eq!(header(&response, "x-echo-req-x-forwarded-proto"), "http");
     assert_eq!(
@@ -346,7 +347,51 @@ clusters:
             &[("x-echo-headers", "1"), ("x-request-id", "given")],
         )
         .await;
-    assert_eq!(header(&kept, "x-echo-req-x-request-id"), "given");
+    let replaced = header(&kept, "x-echo-req-x-request-id");
+    assert_ne!(replaced, "given", "a client's request id is not trusted");
+    assert_eq!(replaced.len(), 36);
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_trusted_only_from_the_configured_hops() {
+    let mesh = Mesh::start(
+        &["app"],
+        r#"
+admin: { address: "127.0.0.1:0" }
+listeners:
+  - { name: web, address: "127.0.0.1:0", route_config: main, xff_num_trusted_hops: 1 }
+route_configs:
+  - name: main
+    virtual_hosts: [{ name: all, domains: ["*"], routes: [{ name: all, cluster: app }] }]
+clusters:
+  - { name: app, endpoints: [{ address: "{app}" }] }
+"#,
+    )
+    .await;
+    let response = mesh
+        .send(
+            "a",
+            "GET",
+            "/",
+            &[
+                ("x-echo-headers", "1"),
+                ("x-forwarded-for", "198.51.100.1, 203.0.113.9"),
+                ("x-forwarded-proto", "https"),
+                ("x-request-id", "from-the-edge"),
+            ],
+        )
+        .await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-echo-req-x-forwarded-for"),
+        "203.0.113.9, 127.0.0.1",
+        "the trusted hop's entry is kept, what came before it is not"
+    );
+    assert_eq!(header(&response, "x-echo-req-x-forwarded-proto"), "https");
+    assert_eq!(
+        header(&response, "x-echo-req-x-request-id"),
+        "from-the-edge"
+    );
 }
 
 #[tokio::test]

@@ -190,7 +190,7 @@ fn sidecar(
 ) -> NodeSpec {
     let mut node = NodeSpec::default();
     node.listeners
-        .push(http_listener(INBOUND, &workload.inbound));
+        .push(http_listener(INBOUND, &workload.inbound, Side::Sidecar));
     node.route_configs.push(RouteConfigSpec {
         name: INBOUND.into(),
         virtual_hosts: vec![VirtualHostSpec {
@@ -247,7 +247,8 @@ fn sidecar(
                 routes,
             });
         }
-        node.listeners.push(http_listener(OUTBOUND, outbound));
+        node.listeners
+            .push(http_listener(OUTBOUND, outbound, Side::Sidecar));
         node.route_configs.push(RouteConfigSpec {
             name: OUTBOUND.into(),
             virtual_hosts,
@@ -286,8 +287,11 @@ fn gateway_listener(
             routes,
         });
     }
-    node.listeners
-        .push(http_listener(&listener.name, &listener.address));
+    node.listeners.push(http_listener(
+        &listener.name,
+        &listener.address,
+        Side::Gateway,
+    ));
     node.route_configs.push(RouteConfigSpec {
         name: listener.name.clone(),
         virtual_hosts,
@@ -340,7 +344,19 @@ fn virtual_host_name(domain: &str) -> String {
     }
 }
 
-fn http_listener(name: &str, address: &str) -> ListenerSpec {
+/// Whose listener: what it may believe of its clients differs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    /// A sidecar's inbound or outbound listener: its clients are other
+    /// sidecars and the local application, which propagate the id of the
+    /// request they serve, so a client's `x-request-id` is kept.
+    Sidecar,
+    /// A gateway listener faces clients outside the mesh: nothing they
+    /// send about themselves is believed (the proxy's defaults).
+    Gateway,
+}
+
+fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
     ListenerSpec {
         name: name.into(),
         address: address.into(),
@@ -354,6 +370,8 @@ fn http_listener(name: &str, address: &str) -> ListenerSpec {
         max_request_headers: None,
         max_concurrent_streams: None,
         via: None,
+        xff_num_trusted_hops: None,
+        preserve_request_id: (side == Side::Sidecar).then_some(true),
     }
 }
 

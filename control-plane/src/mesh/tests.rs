@@ -400,6 +400,18 @@ gateways:
     let gw = node(&snapshot, "gw");
     assert_eq!(gw.listeners.len(), 1);
     assert_eq!(gw.listeners[0].address, "127.0.0.1:9000");
+    // A gateway believes nothing its clients say about themselves; a
+    // sidecar keeps the request ids its callers propagate.
+    assert_eq!(gw.listeners[0].xff_num_trusted_hops, None);
+    assert_eq!(gw.listeners[0].preserve_request_id, None);
+    let web = node(&snapshot, "web-1");
+    assert!(
+        web.listeners
+            .iter()
+            .all(|l| l.preserve_request_id == Some(true) && l.xff_num_trusted_hops.is_none()),
+        "{:?}",
+        web.listeners
+    );
     assert_eq!(cluster_names(&gw), ["api.v1", "api.v2", "web"]);
     let vhosts: BTreeMap<&str, Vec<&str>> = route_config(&gw, "http")
         .virtual_hosts

@@ -67,6 +67,10 @@ pub struct Listener {
     pub max_concurrent_streams: u32,
     /// Pseudonym for the `via` header.
     pub via: Option<Arc<str>>,
+    /// Proxies in front trusted to have set the forwarding headers.
+    pub xff_num_trusted_hops: u32,
+    /// Keep a client-sent `x-request-id` even with no trusted hop.
+    pub preserve_request_id: bool,
 }
 
 /// What a listener does with its connections.

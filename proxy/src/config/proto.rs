@@ -327,6 +327,8 @@ impl From<&ListenerSpec> for pb::Listener {
             max_request_headers: spec.max_request_headers,
             max_concurrent_streams: spec.max_concurrent_streams,
             via: spec.via.clone(),
+            xff_num_trusted_hops: spec.xff_num_trusted_hops,
+            preserve_request_id: spec.preserve_request_id,
         }
     }
 }
@@ -354,6 +356,8 @@ impl TryFrom<pb::Listener> for ListenerSpec {
             max_request_headers: listener.max_request_headers,
             max_concurrent_streams: listener.max_concurrent_streams,
             via: listener.via,
+            xff_num_trusted_hops: listener.xff_num_trusted_hops,
+            preserve_request_id: listener.preserve_request_id,
         })
     }
 }

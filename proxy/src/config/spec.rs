@@ -91,6 +91,13 @@ pub struct ListenerSpec {
     /// responses.
     #[serde(default)]
     pub via: Option<String>,
+    /// How many proxies in front are trusted to have set
+    /// `x-forwarded-for`, `x-forwarded-proto` and `x-request-id`.
+    #[serde(default)]
+    pub xff_num_trusted_hops: Option<u32>,
+    /// Keep a client-sent `x-request-id` even with no trusted hop.
+    #[serde(default)]
+    pub preserve_request_id: Option<bool>,
 }
 
 /// A named routing table.

@@ -18,6 +18,8 @@ use super::spec::{
 };
 use super::{ConfigError, ValidationErrors};
 
+/// More proxies in front than this is a configuration mistake.
+const MAX_TRUSTED_HOPS: u32 = 16;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -266,6 +268,8 @@ fn validate_listener(
                     spec.max_concurrent_streams.is_some(),
                 ),
                 ("via", spec.via.is_some()),
+                ("xff_num_trusted_hops", spec.xff_num_trusted_hops.is_some()),
+                ("preserve_request_id", spec.preserve_request_id.is_some()),
             ];
             for (field, set) in http_only {
                 if set {
@@ -339,6 +343,13 @@ fn validate_listener(
     {
         check.error("via", format!("{via:?} is not a valid header value"));
     }
+    let xff_num_trusted_hops = spec.xff_num_trusted_hops.unwrap_or(0);
+    if xff_num_trusted_hops > MAX_TRUSTED_HOPS {
+        check.error(
+            "xff_num_trusted_hops",
+            format!("{xff_num_trusted_hops} is out of range (0..={MAX_TRUSTED_HOPS})"),
+        );
+    }
     if errors.len() > before {
         return None;
     }
@@ -353,6 +364,8 @@ fn validate_listener(
         max_request_headers,
         max_concurrent_streams,
         via: spec.via.as_deref().map(Arc::from),
+        xff_num_trusted_hops,
+        preserve_request_id: spec.preserve_request_id.unwrap_or(false),
     })
 }
 

@@ -1,7 +1,8 @@
 //! Header rules every proxied request and response follows: hop-by-hop
-//! headers removed (RFC 9110 §7.6.1), `x-forwarded-for` appended,
-//! `x-forwarded-proto` set when absent, `x-request-id` generated when
-//! absent, `via` appended when configured, and each route's own rules.
+//! headers removed (RFC 9110 §7.6.1), `x-forwarded-for`,
+//! `x-forwarded-proto` and `x-request-id` set as far as the listener trusts
+//! the proxies in front of it (a client's own values are never trusted),
+//! `via` appended when configured, and each route's own rules.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
@@ -123,31 +124,68 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Appends the client's address to `x-forwarded-for` and sets
-/// `x-forwarded-proto` when absent.
-pub fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue) {
-    match headers.get(&X_FORWARDED_FOR) {
-        Some(existing) => {
-            let mut value = Vec::with_capacity(existing.len() + 2 + peer_ip.len());
-            value.extend_from_slice(existing.as_bytes());
+/// Sets the forwarding headers for a listener that trusts `trusted_hops`
+/// proxies in front of it (Envoy's `xff_num_trusted_hops`).
+///
+/// `x-forwarded-for`: the last `trusted_hops` entries the client sent are
+/// kept (each was appended by a trusted proxy; the first of them is the
+/// client's address as that proxy saw it), anything before them (what the
+/// client claimed) is dropped, and the peer's address is appended. With no
+/// trusted hop it is just the peer's address.
+///
+/// `x-forwarded-proto`: with no trusted hop, the scheme of this connection;
+/// otherwise a trusted proxy's value is kept.
+pub fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue, trusted_hops: u32) {
+    let kept = if trusted_hops == 0 {
+        None
+    } else {
+        trusted_entries(headers, trusted_hops)
+    };
+    match kept {
+        Some(kept) => {
+            let mut value = Vec::with_capacity(kept.len() + 2 + peer_ip.len());
+            value.extend_from_slice(&kept);
             value.extend_from_slice(b", ");
             value.extend_from_slice(peer_ip.as_bytes());
-            if let Ok(value) = HeaderValue::from_bytes(&value) {
-                headers.insert(X_FORWARDED_FOR.clone(), value);
-            }
+            match HeaderValue::from_bytes(&value) {
+                Ok(value) => headers.insert(X_FORWARDED_FOR.clone(), value),
+                Err(_) => headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone()),
+            };
         }
         None => {
             headers.insert(X_FORWARDED_FOR.clone(), peer_ip.clone());
         }
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
+    if trusted_hops == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
     }
 }
 
-/// Returns the request's `x-request-id`, generating a random (UUIDv4
-/// shaped) one when absent.
-pub fn ensure_request_id(headers: &mut HeaderMap) -> &HeaderValue {
+/// The last `hops` comma-separated entries of every `x-forwarded-for`
+/// line, joined with ", "; `None` when there are none.
+fn trusted_entries(headers: &HeaderMap, hops: u32) -> Option<Vec<u8>> {
+    let lines = headers.get_all(&X_FORWARDED_FOR);
+    let mut entries: Vec<&[u8]> = lines
+        .iter()
+        .flat_map(|line| line.as_bytes().split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|entry| !entry.is_empty())
+        .collect();
+    let skip = entries.len().saturating_sub(hops as usize);
+    entries.drain(..skip);
+    if entries.is_empty() {
+        return None;
+    }
+    Some(entries.join(&b", "[..]))
+}
+
+/// Returns the request's `x-request-id`: the one it carries when `keep`
+/// (a trusted hop set it, or the listener preserves client ids), else a
+/// new random (UUIDv4 shaped) one.
+pub fn ensure_request_id(headers: &mut HeaderMap, keep: bool) -> &HeaderValue {
+    if !keep {
+        headers.insert(X_REQUEST_ID.clone(), random_request_id());
+    }
     headers
         .entry(X_REQUEST_ID.clone())
         .or_insert_with(random_request_id)
@@ -290,28 +328,75 @@ mod tests {
     }
 
     #[test]
-    fn forwarded_for_is_appended() {
+    fn forwarding_headers_trust_only_the_configured_hops() {
         let ip = HeaderValue::from_static("10.0.0.2");
-        let mut h = map(&[("x-forwarded-for", "1.2.3.4")]);
-        add_forwarded(&mut h, &ip);
-        assert_eq!(h["x-forwarded-for"], "1.2.3.4, 10.0.0.2");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        let mut h = map(&[("x-forwarded-proto", "https")]);
-        add_forwarded(&mut h, &ip);
-        assert_eq!(h["x-forwarded-for"], "10.0.0.2");
-        assert_eq!(h["x-forwarded-proto"], "https");
+        type Sent = &'static [(&'static str, &'static str)];
+        // (client-sent headers, trusted hops, x-forwarded-for, x-forwarded-proto)
+        let cases: [(Sent, u32, &str, &str); 8] = [
+            (&[], 0, "10.0.0.2", "http"),
+            (
+                &[
+                    ("x-forwarded-for", "1.2.3.4"),
+                    ("x-forwarded-proto", "https"),
+                ],
+                0,
+                "10.0.0.2",
+                "http",
+            ),
+            (
+                &[("x-forwarded-for", "1.2.3.4")],
+                1,
+                "1.2.3.4, 10.0.0.2",
+                "http",
+            ),
+            (
+                &[
+                    ("x-forwarded-for", "6.6.6.6, 1.2.3.4"),
+                    ("x-forwarded-proto", "https"),
+                ],
+                1,
+                "1.2.3.4, 10.0.0.2",
+                "https",
+            ),
+            (
+                &[
+                    ("x-forwarded-for", "6.6.6.6,1.2.3.4"),
+                    ("x-forwarded-for", "5.5.5.5"),
+                ],
+                2,
+                "1.2.3.4, 5.5.5.5, 10.0.0.2",
+                "http",
+            ),
+            (
+                &[("x-forwarded-for", "1.2.3.4")],
+                3,
+                "1.2.3.4, 10.0.0.2",
+                "http",
+            ),
+            (&[("x-forwarded-for", " , ")], 1, "10.0.0.2", "http"),
+            (&[("x-forwarded-proto", "https")], 1, "10.0.0.2", "https"),
+        ];
+        for (sent, hops, xff, proto) in cases {
+            let mut h = map(sent);
+            add_forwarded(&mut h, &ip, hops);
+            assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1, "{sent:?}");
+            assert_eq!(h["x-forwarded-for"], xff, "{sent:?} {hops}");
+            assert_eq!(h["x-forwarded-proto"], proto, "{sent:?} {hops}");
+        }
     }
 
     #[test]
     fn request_id_is_kept_or_generated_as_uuid_v4() {
         let mut h = map(&[("x-request-id", "abc")]);
-        assert_eq!(ensure_request_id(&mut h), "abc");
+        assert_eq!(ensure_request_id(&mut h, true), "abc");
+        assert_ne!(ensure_request_id(&mut h, false), "abc");
+        assert_eq!(h.get_all("x-request-id").iter().count(), 1);
         let mut h = HeaderMap::new();
-        let id = ensure_request_id(&mut h).clone();
+        let id = ensure_request_id(&mut h, true).clone();
         let s = id.to_str().unwrap();
         assert_eq!(s.len(), 36);
         assert_eq!(&s[14..15], "4", "{s}");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
-        assert_ne!(ensure_request_id(&mut HeaderMap::new()), id);
+        assert_ne!(ensure_request_id(&mut HeaderMap::new(), false), id);
     }
 }

@@ -525,7 +525,7 @@ async fn route_and_forward(
         let h = req.headers_mut();
         headers::strip_hop_by_hop(h, is_upgrade);
         headers::apply(&route.request_headers, h);
-        headers::add_forwarded(h, &conn.peer_ip);
+        headers::add_forwarded(h, &conn.peer_ip, settings.xff_num_trusted_hops);
         if let Some(via) = via {
             h.append(header::VIA, via.clone());
         }
@@ -533,7 +533,8 @@ async fn route_and_forward(
             header::HOST,
             route.host_rewrite.clone().unwrap_or(authority),
         );
-        let request_id = headers::ensure_request_id(h);
+        let keep_id = settings.preserve_request_id || settings.xff_num_trusted_hops > 0;
+        let request_id = headers::ensure_request_id(h, keep_id);
         // Cloning a generated id costs an allocation; only the log needs it.
         if listener.access_log.is_some() {
             outcome.request_id = Some(request_id.clone());

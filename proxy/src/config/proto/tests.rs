@@ -148,6 +148,8 @@ fn unset_optional_fields_stay_unset() {
         max_request_headers: None,
         max_concurrent_streams: None,
         via: None,
+        xff_num_trusted_hops: None,
+        preserve_request_id: None,
     };
     let proto = pb::Listener::from(&listener);
     assert_eq!(
@@ -319,6 +321,8 @@ fn protos_round_trip_through_the_spec() {
         max_request_headers: Some(50),
         max_concurrent_streams: Some(100),
         via: Some("weft".into()),
+        xff_num_trusted_hops: Some(2),
+        preserve_request_id: Some(true),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();
     assert_eq!(pb::Listener::from(&spec), listener);
