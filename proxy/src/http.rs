@@ -4,5 +4,6 @@
 pub(crate) mod body;
 pub(crate) mod error;
 pub(crate) mod headers;
+pub(crate) mod route;
 pub(crate) mod router;
 pub(crate) mod server;

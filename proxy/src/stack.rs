@@ -7,20 +7,39 @@
 //! values. Long-lived state (cluster pools, counters) comes from registries
 //! keyed by name, so an unchanged cluster keeps its connections.
 //!
-//! An HTTP request flows: connection (`http::server`: limits, telemetry,
-//! router, header rules) -> route stack built by [`route_service`]:
-//! timeout -> cluster (load balancer -> endpoint pool -> upstream).
+//! An HTTP request flows, in the order this file builds it:
+//!
+//! ```text
+//! connection (http::server: limits, Host, the proxy's header rules,
+//!             telemetry and the access log, errors -> responses)
+//!   -> router (http::router::RouteTable::select, pure)
+//!   -> weighted split (PreparedRoute::pick, pure)
+//!   -> route stack (route_service): route rules -> timeout
+//!   -> backend: cluster (load balancer -> endpoint pool -> upstream)
+//!               or a direct response, answered locally
+//! ```
+//!
+//! A layer may answer locally (a direct response today; a fault abort, a
+//! policy deny, a rate limit later): that is a response, not an error.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{HeaderValue, StatusCode};
-use tower::ServiceBuilder;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use pin_project_lite::pin_project;
+use tower::{Service, ServiceBuilder};
 
+use crate::body::RequestBody;
 use crate::cluster::{ClusterRegistry, ClusterService, ClusterState};
-use crate::config::{self, Config, HeaderOps, ListenerKind, PathMatch, RouteAction};
+use crate::config::{self, Config, ListenerKind, PathMatch, RouteAction};
+use crate::error::ProxyError;
+use crate::http::body::ResponseBody;
+use crate::http::headers;
+use crate::http::route::{Direct, PathRewrite, RouteRules, Rules, RulesLayer};
 use crate::http::router::RouteTable;
 use crate::resilience::{Timeout, TimeoutLayer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
@@ -28,14 +47,14 @@ use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
 /// The published snapshot, shared by every listener.
 pub(crate) type Shared = Arc<ArcSwap<Snapshot>>;
 
-/// A route's service stack.
+/// A route's service stack ([`route_service`]).
 ///
 /// PERF: every route has the same stack (a layer a route does not use is a
 /// pass-through), so the type is named rather than erased with
 /// `BoxCloneSyncService`, whose clone and call cost two allocations per
 /// request (dhat: 17 -> 12 allocations per proxied request together with
 /// the header-count and request-id changes, benches/RESULTS.md).
-pub(crate) type RouteService = Timeout<ClusterService>;
+pub(crate) type RouteService = Rules<Timeout<Backend>>;
 
 /// Everything the data plane needs for one configuration.
 #[derive(Debug)]
@@ -87,60 +106,126 @@ pub(crate) struct TcpListener {
     pub(crate) drain_timeout: std::time::Duration,
 }
 
-/// A route, ready to serve.
+/// A route, ready to serve: its stack for each cluster of its split.
 #[derive(Debug)]
 pub(crate) struct PreparedRoute {
     pub(crate) name: Arc<str>,
-    pub(crate) action: PreparedAction,
-    pub(crate) rewrite: Option<PathRewrite>,
-    pub(crate) host_rewrite: Option<HeaderValue>,
-    pub(crate) request_headers: HeaderOps,
-    pub(crate) response_headers: HeaderOps,
+    /// One unless a weighted split; never empty.
+    targets: Vec<Target>,
+    total_weight: u64,
+    /// False for a direct response: nothing is sent upstream.
+    pub(crate) forwards: bool,
 }
 
-/// What a prepared route does.
-#[derive(Debug)]
-pub(crate) enum PreparedAction {
-    /// Forward to one of the targets (one unless a weighted split).
-    Forward {
-        targets: Vec<Target>,
-        total_weight: u64,
-    },
-    /// Answer directly.
-    Direct {
-        status: StatusCode,
-        body: Bytes,
-        metrics: Arc<RequestMetrics>,
-    },
+impl PreparedRoute {
+    /// The target this request goes to. The weighted split is decided once
+    /// per request, before the route's stack runs (as Envoy's weighted
+    /// clusters are), so that a retry stays within the chosen cluster.
+    pub(crate) fn pick(&self) -> &Target {
+        if self.targets.len() == 1 {
+            return &self.targets[0];
+        }
+        let x = crate::rng::with_thread_rng(|rng| rng.u64(..self.total_weight));
+        &self.targets[split_index(&self.targets, x)]
+    }
 }
 
-/// One cluster a route forwards to.
+/// The target whose cumulative weight range holds `x` (in
+/// `0..total_weight`).
+fn split_index(targets: &[Target], x: u64) -> usize {
+    targets
+        .partition_point(|t| t.cumulative_weight <= x)
+        .min(targets.len() - 1)
+}
+
+/// One cluster a route forwards to (or its direct response), with the
+/// route's stack in front of it.
 #[derive(Debug)]
 pub(crate) struct Target {
     pub(crate) service: RouteService,
     pub(crate) metrics: Arc<RequestMetrics>,
     /// Running weight sum up to and including this target.
-    pub(crate) cumulative_weight: u64,
+    cumulative_weight: u64,
 }
 
-/// How a route rewrites the path.
-#[derive(Debug)]
-pub(crate) enum PathRewrite {
-    /// Replace the first `matched` bytes (the matched prefix).
-    Prefix {
-        matched: usize,
-        replacement: Box<str>,
-    },
-    /// Replace the whole path (an exact match).
-    Whole(Box<str>),
-}
-
-/// A route's stack, top to bottom in request order.
-fn route_service(route: &config::Route, cluster: &Arc<ClusterState>) -> RouteService {
-    let svc = ServiceBuilder::new()
+/// A route's stack, top to bottom in request order (`ServiceBuilder` wraps
+/// its first layer outermost).
+fn route_service(route: &config::Route, rules: &Arc<RouteRules>, backend: Backend) -> RouteService {
+    ServiceBuilder::new()
+        .layer(RulesLayer::new(rules.clone())) // route header rules, host and path rewrites
         .layer(TimeoutLayer::new(route.timeout)) // request to response headers
-        .service(ClusterService::new(cluster.clone())); // lb -> pool -> upstream
-    svc
+        .service(backend) // cluster (lb -> pool -> upstream), or a direct response
+}
+
+/// The bottom of a route's stack: a cluster, or the route's own answer.
+#[derive(Debug, Clone)]
+pub(crate) enum Backend {
+    /// Load balancer -> endpoint pool -> upstream.
+    Cluster(ClusterService),
+    /// A direct response, answered locally.
+    Direct(Direct),
+}
+
+impl Service<Request<RequestBody>> for Backend {
+    type Response = Response<ResponseBody>;
+    type Error = ProxyError;
+    type Future = BackendFuture;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        match self {
+            Self::Cluster(cluster) => cluster.poll_ready(cx),
+            Self::Direct(_) => Poll::Ready(Ok(())),
+        }
+    }
+
+    fn call(&mut self, req: Request<RequestBody>) -> BackendFuture {
+        match self {
+            Self::Cluster(cluster) => {
+                // The connection's rules left `upgrade` only on a real
+                // upgrade request.
+                let is_upgrade = req.headers().contains_key(header::UPGRADE);
+                BackendFuture::Upstream {
+                    inner: cluster.call(req),
+                    is_upgrade,
+                }
+            }
+            Self::Direct(direct) => BackendFuture::Local {
+                response: Some(direct.respond()),
+            },
+        }
+    }
+}
+
+type ClusterFuture = <ClusterService as Service<Request<RequestBody>>>::Future;
+
+pin_project! {
+    /// The future of [`Backend`].
+    #[project = BackendProj]
+    pub(crate) enum BackendFuture {
+        Upstream { #[pin] inner: ClusterFuture, is_upgrade: bool },
+        Local { response: Option<Response<ResponseBody>> },
+    }
+}
+
+impl Future for BackendFuture {
+    type Output = Result<Response<ResponseBody>, ProxyError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            BackendProj::Upstream { inner, is_upgrade } => {
+                let (mut parts, body) = ready!(inner.poll(cx))?.into_parts();
+                let upgraded = *is_upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS;
+                headers::strip_hop_by_hop(&mut parts.headers, upgraded);
+                Poll::Ready(Ok(Response::from_parts(
+                    parts,
+                    ResponseBody::upstream(body),
+                )))
+            }
+            BackendProj::Local { response } => {
+                Poll::Ready(Ok(response.take().expect("a local answer is polled once")))
+            }
+        }
+    }
 }
 
 /// Builds a snapshot. `slots` gives each listener's socket slot and bound
@@ -223,37 +308,6 @@ fn prepare_route(
     metrics: &Metrics,
     cluster: &impl Fn(&str) -> Arc<ClusterState>,
 ) -> PreparedRoute {
-    let target = |name: &Arc<str>, cumulative_weight: u64| Target {
-        service: route_service(route, &cluster(name)),
-        metrics: metrics.request(listener, &route.name, name),
-        cumulative_weight,
-    };
-    let action = match &route.action {
-        RouteAction::Cluster(name) => PreparedAction::Forward {
-            targets: vec![target(name, 1)],
-            total_weight: 1,
-        },
-        RouteAction::Weighted(split) => {
-            let mut total = 0;
-            let targets = split
-                .iter()
-                .filter(|(_, weight)| *weight > 0)
-                .map(|(name, weight)| {
-                    total += u64::from(*weight);
-                    target(name, total)
-                })
-                .collect();
-            PreparedAction::Forward {
-                targets,
-                total_weight: total,
-            }
-        }
-        RouteAction::Direct { status, body } => PreparedAction::Direct {
-            status: *status,
-            body: body.clone(),
-            metrics: metrics.request(listener, &route.name, &Arc::from("")),
-        },
-    };
     let rewrite = route
         .prefix_rewrite
         .as_ref()
@@ -264,13 +318,50 @@ fn prepare_route(
             },
             PathMatch::Exact(_) | PathMatch::Regex(_) => PathRewrite::Whole(replacement.clone()),
         });
-    PreparedRoute {
-        name: route.name.clone(),
-        action,
+    let rules = Arc::new(RouteRules {
         rewrite,
         host_rewrite: route.host_rewrite.clone(),
         request_headers: route.request_headers.clone(),
         response_headers: route.response_headers.clone(),
+    });
+    let forward = |name: &Arc<str>, cumulative_weight: u64| Target {
+        service: route_service(
+            route,
+            &rules,
+            Backend::Cluster(ClusterService::new(cluster(name))),
+        ),
+        metrics: metrics.request(listener, &route.name, name),
+        cumulative_weight,
+    };
+    let (targets, total_weight) = match &route.action {
+        RouteAction::Cluster(name) => (vec![forward(name, 1)], 1),
+        RouteAction::Weighted(split) => {
+            let mut total = 0;
+            let targets = split
+                .iter()
+                .filter(|(_, weight)| *weight > 0)
+                .map(|(name, weight)| {
+                    total += u64::from(*weight);
+                    forward(name, total)
+                })
+                .collect();
+            (targets, total)
+        }
+        RouteAction::Direct { status, body } => {
+            let direct = Backend::Direct(Direct::new(*status, body.clone()));
+            let target = Target {
+                service: route_service(route, &rules, direct),
+                metrics: metrics.request(listener, &route.name, &Arc::from("")),
+                cumulative_weight: 1,
+            };
+            (vec![target], 1)
+        }
+    };
+    PreparedRoute {
+        name: route.name.clone(),
+        forwards: !matches!(route.action, RouteAction::Direct { .. }),
+        targets,
+        total_weight,
     }
 }
 
@@ -318,21 +409,19 @@ clusters:
             headers: &headers,
         };
         let route = http.table.select(&parts).unwrap();
-        let PreparedAction::Forward {
-            targets,
-            total_weight,
-        } = &route.action
-        else {
-            panic!("forwarding route")
-        };
-        assert_eq!(*total_weight, 4);
+        assert!(route.forwards);
+        assert_eq!(route.total_weight, 4);
         assert_eq!(
-            targets
+            route
+                .targets
                 .iter()
                 .map(|t| t.cumulative_weight)
                 .collect::<Vec<_>>(),
             [1, 4]
         );
+        // x in 0..4: 0 goes to the first target, 1..=3 to the second.
+        let picks: Vec<usize> = (0..4).map(|x| split_index(&route.targets, x)).collect();
+        assert_eq!(picks, [0, 1, 1, 1]);
         assert!(matches!(
             snapshot.listener(1),
             Some(ListenerSnapshot::Tcp(_))

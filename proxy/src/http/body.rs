@@ -99,6 +99,15 @@ impl ResponseBody {
         }
     }
 
+    /// The endpoint that answered, for an upstream's body; `None` for a
+    /// body the proxy made.
+    pub(crate) fn endpoint(&self) -> Option<std::net::SocketAddr> {
+        match &self.inner {
+            Inner::Upstream { body } => Some(body.endpoint()),
+            Inner::Full { .. } => None,
+        }
+    }
+
     /// Records `finish` when this body is dropped.
     pub(crate) fn set_finish(&mut self, finish: Finish) {
         self.finish = Some(finish);

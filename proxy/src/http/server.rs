@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use http::uri::PathAndQuery;
 use http::{HeaderValue, Request, Response, Uri, Version, header};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -23,9 +22,7 @@ use super::router::RequestParts;
 use crate::body::RequestBody;
 use crate::drain::{Drain, TrackedExecutor};
 use crate::error::ProxyError;
-use crate::stack::{
-    HttpListener, ListenerSnapshot, PathRewrite, PreparedAction, PreparedRoute, Shared,
-};
+use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
 use crate::telemetry::{AccessRecord, RequestMetrics};
 use crate::transport::{ConnState, DownstreamIo, Protocol, detect};
@@ -449,6 +446,9 @@ async fn handle(
     Ok(response)
 }
 
+/// The connection's part of a request: limits and Host, routing and the
+/// weighted split, the proxy's own header rules; then the route's stack
+/// (`stack::route_service`) does the rest.
 async fn route_and_forward(
     conn: &Connection,
     listener: &HttpListener,
@@ -479,37 +479,12 @@ async fn route_and_forward(
             .ok_or(ProxyError::NoRoute)?
     };
     outcome.route = Some(route.name.clone());
-    let mut service = match &route.action {
-        PreparedAction::Direct {
-            status,
-            body,
-            metrics,
-        } => {
-            outcome.metrics = Some(metrics.clone());
-            let mut response = Response::new(ResponseBody::full(body.clone()));
-            *response.status_mut() = *status;
-            headers::apply(&route.response_headers, response.headers_mut());
-            return Ok(response);
-        }
-        PreparedAction::Forward {
-            targets,
-            total_weight,
-        } => {
-            let target = if targets.len() == 1 {
-                &targets[0]
-            } else {
-                let x = crate::rng::with_thread_rng(|rng| rng.u64(..*total_weight));
-                let i = targets.partition_point(|t| t.cumulative_weight <= x);
-                &targets[i.min(targets.len() - 1)]
-            };
-            outcome.metrics = Some(target.metrics.clone());
-            target.service.clone()
-        }
-    };
+    let target = route.pick();
+    outcome.metrics = Some(target.metrics.clone());
+    let mut service = target.service.clone();
 
-    // Prepare the upstream request. The route's own rules run before the
-    // proxy's, so a route that removes `x-forwarded-for` (not trusting the
-    // client's) still gets the client's address appended.
+    // The proxy's own header rules; the route's stack applies the route's
+    // rules after these, so a route has the last word.
     // An `h2c` upgrade is never forwarded: an upstream that accepted it
     // would tunnel the client past routing and policy (h2c smuggling). The
     // request is served as plain HTTP/1.1 instead, as nginx does.
@@ -521,18 +496,14 @@ async fn route_and_forward(
     } else {
         &listener.via_h1
     };
-    {
+    if route.forwards {
         let h = req.headers_mut();
         headers::strip_hop_by_hop(h, is_upgrade);
-        headers::apply(&route.request_headers, h);
         headers::add_forwarded(h, &conn.peer_ip, settings.xff_num_trusted_hops);
         if let Some(via) = via {
             h.append(header::VIA, via.clone());
         }
-        h.insert(
-            header::HOST,
-            route.host_rewrite.clone().unwrap_or(authority),
-        );
+        h.insert(header::HOST, authority);
         let keep_id = settings.preserve_request_id || settings.xff_num_trusted_hops > 0;
         let request_id = headers::ensure_request_id(h, keep_id);
         // Cloning a generated id costs an allocation; only the log needs it.
@@ -540,19 +511,17 @@ async fn route_and_forward(
             outcome.request_id = Some(request_id.clone());
         }
     }
-    *req.uri_mut() = Uri::from(rewrite_path(req.uri(), route.rewrite.as_ref())?);
 
-    let response = service.call(req.map(RequestBody::new)).await?;
-    outcome.upstream = Some(response.body().endpoint());
-    let (mut parts, body) = response.into_parts();
-    let upgraded = parts.status == http::StatusCode::SWITCHING_PROTOCOLS;
-    headers::strip_hop_by_hop(&mut parts.headers, upgraded && is_upgrade);
-    headers::apply(&route.response_headers, &mut parts.headers);
-    if let Some(via) = via {
-        parts.headers.append(header::VIA, via.clone());
+    let mut response = service.call(req.map(RequestBody::new)).await?;
+    outcome.upstream = response.body().endpoint();
+    if outcome.upstream.is_none() {
+        // Answered locally (a direct response): no `via`, no upgrade.
+        return Ok(response);
     }
-    let mut response = Response::from_parts(parts, ResponseBody::upstream(body));
-    if upgraded && is_upgrade {
+    if let Some(via) = via {
+        response.headers_mut().append(header::VIA, via.clone());
+    }
+    if is_upgrade && response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
         // The connection task joins the two sides once hyper has written
         // the 101 and handed the client's socket back (`serve_h1`).
         let upstream = hyper::upgrade::on(&mut response);
@@ -585,44 +554,6 @@ fn authority(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
         None if req.version() == Version::HTTP_10 => Ok(HeaderValue::from_static("")),
         None => Err(ProxyError::Malformed("missing host")),
     }
-}
-
-/// The path and query to send upstream.
-fn rewrite_path(uri: &Uri, rewrite: Option<&PathRewrite>) -> Result<PathAndQuery, ProxyError> {
-    let original = uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let Some(rewrite) = rewrite else {
-        return Ok(original);
-    };
-    let path = original.path();
-    let new_path = match rewrite {
-        PathRewrite::Prefix {
-            matched,
-            replacement,
-        } => {
-            let rest = path.get(*matched..).unwrap_or("");
-            // Literal replacement, as Envoy does, except that a "//" at
-            // the seam collapses to one slash.
-            if replacement.ends_with('/') && rest.starts_with('/') {
-                format!("{}{}", replacement, &rest[1..])
-            } else {
-                format!("{replacement}{rest}")
-            }
-        }
-        PathRewrite::Whole(replacement) => replacement.to_string(),
-    };
-    let new_path = if new_path.is_empty() {
-        "/".to_owned()
-    } else {
-        new_path
-    };
-    let full = match original.query() {
-        Some(query) => format!("{new_path}?{query}"),
-        None => new_path,
-    };
-    PathAndQuery::try_from(full).map_err(|_| ProxyError::Malformed("rewritten path"))
 }
 
 /// Copies bytes between an upgraded client and upstream until either side
@@ -663,36 +594,6 @@ async fn tunnel(
         }
         Ok(Ended::Idle) => {
             tracing::debug!(peer.addr = %peer, "idle timeout; closing upgraded connection");
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn path_rewrites_join_cleanly_and_keep_the_query() {
-        let prefix = |matched: &str, replacement: &str| PathRewrite::Prefix {
-            matched: matched.len(),
-            replacement: replacement.into(),
-        };
-        let cases = [
-            ("/api/users?x=1", prefix("/api", "/v2"), "/v2/users?x=1"),
-            ("/api/users", prefix("/api/", "/"), "/users"),
-            ("/api", prefix("/api", "/"), "/"),
-            ("/api/users", prefix("/api", "/v2/"), "/v2/users"),
-            ("/apiusers", prefix("/api", "/v2"), "/v2users"),
-            ("/old", PathRewrite::Whole("/new".into()), "/new"),
-            ("/old?q", PathRewrite::Whole("/new".into()), "/new?q"),
-        ];
-        for (uri, rewrite, want) in cases {
-            let uri: Uri = uri.parse().unwrap();
-            assert_eq!(
-                rewrite_path(&uri, Some(&rewrite)).unwrap().as_str(),
-                want,
-                "{uri}"
-            );
         }
     }
 }
