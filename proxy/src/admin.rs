@@ -222,15 +222,15 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
+    use std::collections::HashMap;
+
     use super::*;
-    use crate::cluster::ClusterRegistry;
     use crate::config::Config;
 
     async fn state() -> AdminState {
         let metrics = Arc::new(Metrics::new());
-        let registry = ClusterRegistry::new(metrics.clone(), tokio::runtime::Handle::current());
         let config = Arc::new(Config::from_yaml("listeners: []", "test").unwrap());
-        let snapshot = crate::stack::build(config, &[], &registry, &metrics, None).await;
+        let snapshot = crate::stack::build(config, &[], HashMap::new(), &metrics, None);
         AdminState {
             shared: Arc::new(ArcSwap::from_pointee(snapshot)),
             metrics,

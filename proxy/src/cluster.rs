@@ -109,10 +109,14 @@ impl ClusterState {
             match &endpoint.address {
                 EndpointAddress::Socket(addr) => resolved.push((*addr, endpoint.weight)),
                 EndpointAddress::Dns { host, port } => {
-                    match tokio::net::lookup_host((&**host, *port)).await {
-                        Ok(addrs) => cache[i] = addrs.collect(),
-                        Err(error) => {
+                    let lookup = tokio::net::lookup_host((&**host, *port));
+                    match tokio::time::timeout(DNS_TIMEOUT, lookup).await {
+                        Ok(Ok(addrs)) => cache[i] = addrs.collect(),
+                        Ok(Err(error)) => {
                             tracing::warn!(cluster = %self.config.name, %host, %error, "dns resolution failed; keeping last addresses");
+                        }
+                        Err(_) => {
+                            tracing::warn!(cluster = %self.config.name, %host, timeout = ?DNS_TIMEOUT, "dns resolution timed out; keeping last addresses");
                         }
                     }
                     resolved.extend(cache[i].iter().map(|a| (*a, endpoint.weight)));
@@ -282,16 +286,15 @@ impl ClusterRegistry {
         }
     }
 
-    /// Returns the state for each configured cluster, reusing the state of
-    /// every cluster whose configuration did not change, and forgets the
-    /// clusters that are gone. New DNS clusters are resolved before this
-    /// returns, so a snapshot never starts with a needlessly empty set.
-    pub(crate) async fn reconcile(
-        &self,
-        configs: &[Arc<Cluster>],
-    ) -> HashMap<Arc<str>, Arc<ClusterState>> {
+    /// The state for each configured cluster, reusing the state of every
+    /// cluster whose configuration did not change. New DNS clusters are
+    /// resolved (each name within [`DNS_TIMEOUT`]) before this returns, so a
+    /// snapshot never starts with a needlessly empty set. Nothing changes
+    /// until [`ClusterRegistry::commit`]; so this runs before the caller
+    /// takes any lock that the data path or another apply would wait on.
+    pub(crate) async fn prepare(&self, configs: &[Arc<Cluster>]) -> PreparedClusters {
         let mut fresh = Vec::new();
-        let next: HashMap<Arc<str>, Arc<ClusterState>> = {
+        let states: HashMap<Arc<str>, Arc<ClusterState>> = {
             let current = self.clusters.lock().unwrap_or_else(PoisonError::into_inner);
             configs
                 .iter()
@@ -316,14 +319,41 @@ impl ClusterRegistry {
         for state in &fresh {
             if state.has_dns() {
                 state.resolve().await;
+            }
+        }
+        PreparedClusters { states, fresh }
+    }
+
+    /// Makes prepared cluster states the registry's, starts the background
+    /// work of the new ones (DNS refresh, idle-connection sweeps) and forgets
+    /// the clusters that are gone. Returns the states by name.
+    pub(crate) fn commit(
+        &self,
+        prepared: PreparedClusters,
+    ) -> HashMap<Arc<str>, Arc<ClusterState>> {
+        for state in &prepared.fresh {
+            if state.has_dns() {
                 self.control.spawn(refresh_dns(Arc::downgrade(state)));
             }
             self.control.spawn(expire_idle(Arc::downgrade(state)));
         }
-        *self.clusters.lock().unwrap_or_else(PoisonError::into_inner) = next.clone();
-        next
+        *self.clusters.lock().unwrap_or_else(PoisonError::into_inner) = prepared.states.clone();
+        prepared.states
     }
 }
+
+/// Cluster states prepared for a configuration, not yet the registry's.
+#[derive(Debug)]
+pub(crate) struct PreparedClusters {
+    states: HashMap<Arc<str>, Arc<ClusterState>>,
+    /// The states created for this configuration (the rest are reused).
+    fresh: Vec<Arc<ClusterState>>,
+}
+
+/// How long one name may take to resolve. A resolver that hangs must not
+/// hold up a configuration change (nor, on refresh, the cluster's next
+/// refresh): the name keeps its last addresses and is tried again.
+pub(crate) const DNS_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The idle-connection sweep never runs more often than this.
 const MIN_EXPIRE_PERIOD: Duration = Duration::from_millis(100);
@@ -363,5 +393,62 @@ async fn refresh_dns(state: Weak<ClusterState>) {
         tokio::time::sleep(period).await;
         let Some(state) = state.upgrade() else { return };
         state.resolve().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn clusters(yaml: &str) -> Vec<Arc<Cluster>> {
+        let text = format!("listeners: []\nclusters:\n{yaml}");
+        Config::from_yaml(&text, "test").unwrap().clusters
+    }
+
+    #[test]
+    fn duplicate_addresses_merge_and_add_their_weights() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let cases = [
+            (vec![], vec![]),
+            (vec![(b, 1), (a, 2)], vec![(a, 2), (b, 1)]),
+            (vec![(a, 1), (b, 1), (a, 3)], vec![(a, 4), (b, 1)]),
+            (vec![(a, u32::MAX), (a, 1)], vec![(a, u32::MAX)]),
+        ];
+        for (input, want) in cases {
+            assert_eq!(merge(input.clone()), want, "{input:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn prepared_clusters_change_nothing_until_committed() {
+        let metrics = Arc::new(Metrics::new());
+        let registry = ClusterRegistry::new(metrics, tokio::runtime::Handle::current());
+        let first = clusters("  - { name: app, endpoints: [{ address: \"127.0.0.1:1\" }] }");
+        let committed = registry.commit(registry.prepare(&first).await);
+        let changed = clusters("  - { name: app, endpoints: [{ address: \"127.0.0.1:2\" }] }");
+        let prepared = registry.prepare(&changed).await;
+        assert!(!Arc::ptr_eq(&prepared.states["app"], &committed["app"]));
+        // Not committed: preparing the first configuration again reuses
+        // its state, as if the change had never been seen.
+        let again = registry.prepare(&first).await;
+        assert!(Arc::ptr_eq(&again.states["app"], &committed["app"]));
+        assert!(again.fresh.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_cluster_with_no_endpoint_answers_no_healthy_endpoint() {
+        let metrics = Arc::new(Metrics::new());
+        let registry = ClusterRegistry::new(metrics, tokio::runtime::Handle::current());
+        let config = clusters("  - { name: app, endpoints: [{ address: \"127.0.0.1:1\" }] }");
+        let state = registry.commit(registry.prepare(&config).await)["app"].clone();
+        state.publish(Vec::new());
+        let error = state.pick().unwrap_err();
+        assert!(
+            matches!(error, ProxyError::NoHealthyEndpoint { .. }),
+            "{error:?}"
+        );
+        assert_eq!(error.status(), http::StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -35,6 +35,7 @@ pub mod hotpath {
     pub use crate::http::router::{RequestParts, RouteTable};
 }
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -58,6 +59,9 @@ pub enum StartError {
     /// The access log could not be opened.
     #[error("access log: cannot open")]
     AccessLog(#[source] std::io::Error),
+    /// The runtime shut down while the proxy was starting.
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 /// Why a new configuration was not applied; the previous one keeps
@@ -67,6 +71,9 @@ pub enum ApplyError {
     /// New listeners could not be bound (an address in use, say).
     #[error("{}", display_all(.0))]
     Bind(Vec<BindError>),
+    /// The process is shutting down.
+    #[error("shutting down")]
+    ShuttingDown,
 }
 
 fn display_all(errors: &[BindError]) -> String {
@@ -165,7 +172,7 @@ impl Proxy {
             None => None,
         };
         let empty = Arc::new(Config::empty());
-        let snapshot = stack::build(empty, &[], &registry, &metrics, None).await;
+        let snapshot = stack::build(empty, &[], HashMap::new(), &metrics, None);
         let ready = Arc::new(AtomicBool::new(false));
         let handle = ConfigHandle {
             inner: Arc::new(Inner {
@@ -184,6 +191,7 @@ impl Proxy {
         let listeners = match handle.apply(config).await {
             Ok(listeners) => listeners,
             Err(ApplyError::Bind(errors)) => return Err(StartError::Bind(errors)),
+            Err(ApplyError::ShuttingDown) => return Err(StartError::ShuttingDown),
         };
         let admin_address = admin_socket.as_ref().map(|(_, address)| *address);
         if let Some((socket, address)) = admin_socket {
@@ -249,19 +257,34 @@ impl ConfigHandle {
     /// listener's name and bound address.
     pub async fn apply(&self, config: Config) -> Result<Vec<(String, SocketAddr)>, ApplyError> {
         let inner = &*self.inner;
+        // Resolving new DNS names (bounded by `cluster::DNS_TIMEOUT`) happens
+        // before the listener lock: a slow resolver holds up this change
+        // only, not the next one's binding nor anything else behind the lock.
+        let clusters = inner.registry.prepare(&config.clusters).await;
         let mut listeners = inner.listeners.lock().await;
         let plan = listeners
             .prepare(&config.listeners)
             .map_err(ApplyError::Bind)?;
         let config = Arc::new(config);
-        let snapshot = stack::build(
-            config.clone(),
-            &plan.slots,
-            &inner.registry,
-            &inner.metrics,
-            inner.access_log.as_ref(),
-        )
-        .await;
+        let clusters = inner.registry.commit(clusters);
+        // Building is CPU work (route tables, regexes, every route's stack):
+        // off the control runtime's thread, so that a large configuration
+        // does not stall the admin server or the xDS stream.
+        let snapshot = {
+            let config = config.clone();
+            let slots = plan.slots.clone();
+            let metrics = inner.metrics.clone();
+            let access_log = inner.access_log.clone();
+            let build =
+                move || stack::build(config, &slots, clusters, &metrics, access_log.as_ref());
+            match tokio::task::spawn_blocking(build).await {
+                Ok(snapshot) => snapshot,
+                Err(error) => match error.try_into_panic() {
+                    Ok(panic) => std::panic::resume_unwind(panic),
+                    Err(_) => return Err(ApplyError::ShuttingDown),
+                },
+            }
+        };
         let bound = snapshot
             .bound
             .iter()

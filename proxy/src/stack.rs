@@ -34,7 +34,9 @@ use pin_project_lite::pin_project;
 use tower::{Service, ServiceBuilder};
 
 use crate::body::RequestBody;
-use crate::cluster::{ClusterRegistry, ClusterService, ClusterState};
+#[cfg(test)]
+use crate::cluster::ClusterRegistry;
+use crate::cluster::{ClusterService, ClusterState};
 use crate::config::{self, Config, ListenerKind, PathMatch, RouteAction};
 use crate::error::ProxyError;
 use crate::http::body::ResponseBody;
@@ -228,18 +230,17 @@ impl Future for BackendFuture {
     }
 }
 
-/// Builds a snapshot. `slots` gives each listener's socket slot and bound
-/// address, in configuration order. Reconciles cluster state (resolving new
-/// DNS names first), so it awaits; it does no I/O on the request path's
-/// runtime beyond that.
-pub(crate) async fn build(
+/// Builds a snapshot: CPU work only (route tables, every route's stack,
+/// metric handles), no I/O. `slots` gives each listener's socket slot and
+/// bound address, in configuration order; `clusters` the cluster states
+/// prepared for `config` (`ClusterRegistry::prepare`, then `commit`).
+pub(crate) fn build(
     config: Arc<Config>,
     slots: &[(usize, std::net::SocketAddr)],
-    registry: &ClusterRegistry,
+    clusters: HashMap<Arc<str>, Arc<ClusterState>>,
     metrics: &Metrics,
     access_log: Option<&AccessLog>,
 ) -> Snapshot {
-    let clusters = registry.reconcile(&config.clusters).await;
     let cluster = |name: &str| {
         clusters
             .get(name)
@@ -390,7 +391,8 @@ clusters:
         let slots: Vec<_> = (0..config.listeners.len())
             .map(|slot| (slot, "127.0.0.1:1".parse().unwrap()))
             .collect();
-        build(config, &slots, registry, metrics, None).await
+        let clusters = registry.commit(registry.prepare(&config.clusters).await);
+        build(config, &slots, clusters, metrics, None)
     }
 
     #[tokio::test]

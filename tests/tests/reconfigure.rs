@@ -87,7 +87,9 @@ async fn routing_changes_reach_open_connections_and_removed_listeners_drain() {
         ))
         .await
         .unwrap_err();
-    let ApplyError::Bind(errors) = &error;
+    let ApplyError::Bind(errors) = &error else {
+        panic!("expected a bind error, got {error}");
+    };
     assert_eq!(errors.len(), 1);
     assert!(error.to_string().contains("\"more\""), "{error}");
     assert_eq!(served_by(&mut connection, web).await, "two");

@@ -441,3 +441,6 @@ impl Body for UpstreamBody {
         self.body.size_hint()
     }
 }
+
+#[cfg(test)]
+mod tests;

@@ -151,3 +151,47 @@ impl Body for ResponseBody {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use http_body_util::BodyExt;
+
+    use super::*;
+    use crate::telemetry::Metrics;
+
+    fn finish(metrics: &Arc<RequestMetrics>, status: http::StatusCode) -> Finish {
+        Finish {
+            start: Instant::now(),
+            status,
+            metrics: metrics.clone(),
+            access: None,
+            request: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_records_its_request_once_when_read_to_the_end() {
+        let registry = Metrics::new();
+        let metrics = registry.request(&"l".into(), &"r".into(), &"c".into());
+        let mut body = ResponseBody::full(Bytes::from_static(b"twelve bytes"));
+        body.set_finish(finish(&metrics, http::StatusCode::OK));
+        assert_eq!(body.size_hint().exact(), Some(12));
+        let read = body.collect().await.unwrap().to_bytes();
+        assert_eq!(read, "twelve bytes");
+        assert_eq!(metrics.count(2), 1);
+        assert_eq!(metrics.count(5), 0);
+    }
+
+    #[test]
+    fn an_abandoned_body_still_records_its_request() {
+        let registry = Metrics::new();
+        let metrics = registry.request(&"l".into(), &"r".into(), &"c".into());
+        let mut body = ResponseBody::empty();
+        assert!(body.is_end_stream());
+        body.set_finish(finish(&metrics, http::StatusCode::BAD_GATEWAY));
+        drop(body);
+        assert_eq!(metrics.count(5), 1);
+    }
+}
