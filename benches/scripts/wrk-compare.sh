@@ -1,20 +1,50 @@
 #!/usr/bin/env bash
-# Interim side-by-side measurement until `weft-bench compare` lands:
-# HTTP/1.1 keep-alive GETs through weft-proxy, nginx and HAProxy (one
-# worker each, pinned to CPU 0), against the weft-bench echo upstream, with
-# wrk and the upstream pinned to CPU 1. Reports requests/s, wrk's mean
-# latency and the process CPU time per request (utime+stime from /proc).
+# CPU per request through weft-proxy, nginx and HAProxy, measured with the
+# load generators users trust: wrk (HTTP/1.1 keep-alive) and h2load (h2c).
 #
-# Needs: a release build (cargo build --release -p weft-proxy -p weft-bench),
-# wrk, nginx, haproxy (apt-get install -y wrk nginx-light haproxy), taskset.
+# Each proxy runs one worker pinned to CPU 0; the load generator and the
+# upstream (an nginx serving a fixed 2-byte response over keep-alive, so
+# that the upstream costs as little as possible) share CPU 1. Targets are
+# interleaved within each round; the summary gives medians over the rounds.
+# For each figure it says whether the proxy's core saturated (its CPU time
+# over the wall time): a figure taken with the proxy's core idle half the
+# time measures the generator, not the proxy.
+#
+# Needs: a release build (cargo build --release -p weft-proxy), wrk, h2load,
+# nginx, haproxy (apt-get install -y wrk nghttp2-client nginx-light haproxy),
+# taskset. WEFT_BINS="before=/path/to/weft-proxy ..." adds other weft builds
+# (each NAME=PATH becomes a target `weft-NAME`) to compare before and after a
+# change in the same run.
+#
 # Usage: benches/scripts/wrk-compare.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 set -euo pipefail
-rounds=${1:-3}; seconds=${2:-5}; conns=${3:-16}
+rounds=${1:-3}; seconds=${2:-5}; conns=${3:-32}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin=$root/target/release
 work=$(mktemp -d)
-trap 'kill $(jobs -p) 2>/dev/null; [ -f $work/nginx.pid ] && kill $(cat $work/nginx.pid) 2>/dev/null; rm -rf $work' EXIT
-echo_port=19181 weft_port=19180 nginx_port=19182 haproxy_port=19183
+cleanup() {
+  kill $(jobs -p) 2>/dev/null || true
+  for pid in "$work"/*.pid; do [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
+up_port=19281 weft_port=19280 base_port=19284 nginx_port=19282 haproxy_port=19283
+
+cat > "$work/upstream.conf" <<NGINX
+worker_processes 1;
+daemon off;
+pid $work/upstream.pid;
+error_log $work/upstream.err warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server {
+    listen 127.0.0.1:$up_port;
+    location / { return 200 "ok"; }
+  }
+}
+NGINX
 
 cat > "$work/nginx.conf" <<NGINX
 worker_processes 1;
@@ -24,10 +54,13 @@ error_log $work/nginx.err warn;
 events { worker_connections 4096; }
 http {
   access_log off;
-  upstream echo { server 127.0.0.1:$echo_port; keepalive 64; }
+  keepalive_requests 1000000;
+  upstream up { server 127.0.0.1:$up_port; keepalive 64; }
   server {
     listen 127.0.0.1:$nginx_port;
-    location / { proxy_pass http://echo; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    # nginx 1.22 speaks h2c (prior knowledge) only on a port of its own.
+    listen 127.0.0.1:$((nginx_port + 100)) http2;
+    location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
 NGINX
@@ -41,43 +74,80 @@ defaults
   timeout server 30s
   option http-keep-alive
 frontend fe
+  # HTTP/1.1 and h2c (prior knowledge) on one port, as weft.
   bind 127.0.0.1:$haproxy_port
   default_backend be
 backend be
   http-reuse always
-  server s1 127.0.0.1:$echo_port
+  server s1 127.0.0.1:$up_port
 HAPROXY
 
-taskset -c 1 "$bin/weft-bench" echo --listen 127.0.0.1:$echo_port --concurrency 1 >/dev/null 2>&1 &
-echo_pid=$!
-taskset -c 0 "$bin/weft-proxy" --listen 127.0.0.1:$weft_port --upstream 127.0.0.1:$echo_port \
+taskset -c 1 nginx -c "$work/upstream.conf" >/dev/null 2>&1 &
+taskset -c 0 "$bin/weft-proxy" --listen 127.0.0.1:$weft_port --upstream 127.0.0.1:$up_port \
   --concurrency 1 --log-level warn >/dev/null 2>&1 &
 weft_pid=$!
+declare -A extra_pid extra_port
+extra_targets=
+next_port=$base_port
+for spec in ${WEFT_BINS:-}; do
+  name=weft-${spec%%=*}
+  next_port=$((next_port + 1))
+  taskset -c 0 "${spec#*=}" --listen 127.0.0.1:$next_port --upstream 127.0.0.1:$up_port \
+    --concurrency 1 --log-level warn >/dev/null 2>&1 &
+  extra_pid[$name]=$! extra_port[$name]=$next_port
+  extra_targets="$extra_targets $name"
+done
 taskset -c 0 nginx -c "$work/nginx.conf" >/dev/null 2>&1 &
 taskset -c 0 haproxy -f "$work/haproxy.cfg" >/dev/null 2>&1 &
 haproxy_pid=$!
-sleep 1
+for _ in $(seq 50); do
+  [ -f "$work/nginx.pid" ] && [ -f "$work/upstream.pid" ] && curl -sf "http://127.0.0.1:$weft_port/" >/dev/null && break
+  sleep 0.1
+done
 nginx_pid=$(pgrep -P "$(cat "$work/nginx.pid")" | head -1)
 
-cpu() { awk '{print $14+$15}' "/proc/$1/stat"; }
-rss() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+targets="weft$extra_targets nginx haproxy"
+cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
-echo "idle RSS KiB: weft=$(rss $weft_pid) nginx-worker=$(rss $nginx_pid) haproxy=$(rss $haproxy_pid)"
+now_ns() { date +%s%N; }
+results=$work/results
+: > "$results"
 for round in $(seq "$rounds"); do
-  for target in direct weft nginx haproxy; do
-    case $target in
-      direct) port=$echo_port pid=$echo_pid ;;
-      weft) port=$weft_port pid=$weft_pid ;;
-      nginx) port=$nginx_port pid=$nginx_pid ;;
-      haproxy) port=$haproxy_port pid=$haproxy_pid ;;
-    esac
-    before=$(cpu "$pid")
-    out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${seconds}s" "http://127.0.0.1:$port/" 2>&1)
-    after=$(cpu "$pid")
-    rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
-    total=$(awk '/requests in/ {print $1}' <<<"$out")
-    latency=$(awk '/Latency/ {print $2}' <<<"$out")
-    us=$(awk -v t=$((after - before)) -v n="$total" -v hz="$hz" 'BEGIN { printf "%.1f", t * 1e6 / hz / n }')
-    echo "round=$round target=$target rps=$rps mean_latency=$latency cpu_us_per_request=$us (of the $target process; direct = the echo)"
+  for mode in h1 h2; do
+    for target in $targets; do
+      case $target in
+        weft) port=$weft_port pid=$weft_pid ;;
+        weft-*) port=${extra_port[$target]} pid=${extra_pid[$target]} ;;
+        nginx) port=$nginx_port pid=$nginx_pid
+               [ "$mode" = h2 ] && port=$((nginx_port + 100)) ;;
+        haproxy) port=$haproxy_port pid=$haproxy_pid ;;
+      esac
+      before=$(cpu_ticks "$pid"); start=$(now_ns)
+      if [ "$mode" = h1 ]; then
+        out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${seconds}s" "http://127.0.0.1:$port/" 2>&1)
+        total=$(awk '/requests in/ {print $1}' <<<"$out")
+        errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+      else
+        out=$(taskset -c 1 h2load -c4 -m8 -D"$seconds" "http://127.0.0.1:$port/" 2>&1)
+        total=$(awk '/^requests:/ {print $8}' <<<"$out")
+        errors=$(awk '/^requests:/ && $10 != 0 {print "errored " $10}' <<<"$out")
+      fi
+      after=$(cpu_ticks "$pid"); end=$(now_ns)
+      awk -v t=$((after - before)) -v n="$total" -v hz="$hz" -v ns=$((end - start)) \
+          -v r="$round" -v m="$mode" -v tg="$target" -v e="$errors" 'BEGIN {
+        cpu = t / hz; wall = ns / 1e9;
+        printf "round=%s mode=%s target=%s rps=%.0f cpu_us_per_request=%.1f proxy_core_busy=%.0f%% %s\n",
+          r, m, tg, n / wall, cpu * 1e6 / n, 100 * cpu / wall, e
+      }' | tee -a "$results"
+    done
+  done
+done
+echo
+echo "medians over $rounds rounds (wrk -t1 -c$conns; h2load -c4 -m8; ${seconds}s each):"
+for mode in h1 h2; do
+  for target in $targets; do
+    grep " mode=$mode target=$target " "$results" | sed 's/.*rps=\([0-9.]*\) cpu_us_per_request=\([0-9.]*\) proxy_core_busy=\([0-9]*\)%.*/\1 \2 \3/' |
+      sort -k2 -n | awk -v m="$mode" -v tg="$target" '{ rps[NR] = $1; cpu[NR] = $2; busy[NR] = $3 }
+        END { i = int((NR + 1) / 2); printf "%s %-9s cpu_us_per_request=%s rps=%s proxy_core_busy=%s%%\n", m, tg, cpu[i], rps[i], busy[i] }'
   done
 done

@@ -125,12 +125,22 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("building the control runtime")?;
-    let workers = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(args.concurrency)
-        .thread_name("weft-worker")
-        .enable_all()
-        .build()
-        .context("building the worker runtime")?;
+    // One worker: tokio's current-thread scheduler on this thread, which
+    // drives the data plane inside `block_on` below. It skips the
+    // multi-thread scheduler's work-stealing queues and cross-thread
+    // wake-ups, which a single worker never needs.
+    let workers = if args.concurrency == 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.concurrency)
+            .thread_name("weft-worker")
+            .enable_all()
+            .build()
+    }
+    .context("building the worker runtime")?;
     let readiness = if xds.is_some() {
         Readiness::Deferred
     } else {

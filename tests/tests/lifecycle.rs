@@ -284,3 +284,39 @@ async fn streaming_response_is_not_cut_by_the_idle_timeout() {
     }
     assert_eq!(received, SIZE);
 }
+
+/// One worker runs on tokio's current-thread scheduler (the data plane on
+/// the main thread): HTTP/1.1 and HTTP/2 are served, a configuration from
+/// the admin side reaches it, and it drains and exits cleanly.
+#[tokio::test]
+async fn a_single_worker_proxy_serves_both_protocols_and_drains() {
+    let echo = echo("single").await;
+    let upstream = echo.local_addr().to_string();
+    let mut proxy = ProxyProcess::start_with_args(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--admin",
+        "127.0.0.1:0",
+        "--concurrency",
+        "1",
+    ])
+    .await
+    .unwrap();
+    let web = proxy.listener("http");
+    for _ in 0..3 {
+        let response = http1_request(web, get(web, "/one")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let req = http::Request::builder()
+            .uri(format!("http://{web}/two"))
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let response = http2_request(web, req).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let (status, _) = proxy.admin_get("/ready").await.unwrap();
+    assert_eq!(status, 200);
+    proxy.terminate();
+    assert_eq!(proxy.wait().await.unwrap(), Some(0));
+}
