@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::drain::Drain;
 use crate::stack::{ListenerSnapshot, Shared};
@@ -231,6 +232,12 @@ impl ListenerSet {
     }
 }
 
+/// The `conn` span (at debug) every connection's task runs in. (`peer.id`,
+/// the peer's verified identity, joins it with TLS.)
+fn connection_span(listener: &str, peer: SocketAddr) -> tracing::Span {
+    tracing::debug_span!("conn", listener, peer.addr = %peer)
+}
+
 /// Runs one listener's accept loop until its drain signal.
 async fn accept_loop(
     listener: std::net::TcpListener,
@@ -274,19 +281,28 @@ async fn accept_loop(
             Some(ListenerSnapshot::Http(http)) => {
                 let http = http.clone();
                 let shared = shared.clone();
-                drain.spawn(async move {
-                    let _permit = permit;
-                    let _guard = ConnectionGuard::new(http.metrics.clone());
-                    crate::http::server::serve(stream, peer, index, http, shared, conn_drain).await;
-                });
+                let span = connection_span(&http.config.name, peer);
+                drain.spawn(
+                    async move {
+                        let _permit = permit;
+                        let _guard = ConnectionGuard::new(http.metrics.clone());
+                        crate::http::server::serve(stream, peer, index, http, shared, conn_drain)
+                            .await;
+                    }
+                    .instrument(span),
+                );
             }
             Some(ListenerSnapshot::Tcp(tcp)) => {
                 let tcp = tcp.clone();
-                drain.spawn(async move {
-                    let _permit = permit;
-                    let _guard = ConnectionGuard::new(tcp.metrics.clone());
-                    crate::tcp::proxy(Stream::Tcp(stream), peer, tcp, conn_drain).await;
-                });
+                let span = connection_span(&tcp.config.name, peer);
+                drain.spawn(
+                    async move {
+                        let _permit = permit;
+                        let _guard = ConnectionGuard::new(tcp.metrics.clone());
+                        crate::tcp::proxy(Stream::Tcp(stream), peer, tcp, conn_drain).await;
+                    }
+                    .instrument(span),
+                );
             }
             None => {}
         }

@@ -14,6 +14,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::Service;
+use tracing::Instrument;
 
 use super::body::{Finish, ResponseBody};
 use super::error::{is_grpc, to_response};
@@ -103,7 +104,10 @@ pub(crate) async fn serve(
         Protocol::Http2 => {
             let service = {
                 let conn = conn.clone();
-                hyper::service::service_fn(move |req| handle(conn.clone(), req))
+                hyper::service::service_fn(move |req| {
+                    let span = request_span(&req);
+                    handle(conn.clone(), req).instrument(span)
+                })
             };
             let mut builder =
                 hyper::server::conn::http2::Builder::new(TrackedExecutor(drain.clone()));
@@ -174,7 +178,10 @@ async fn serve_h1(
             // Boxed because handing the connection back needs an `Unpin`
             // service future: one allocation per request buys the release
             // of 16 KiB per idle connection.
-            hyper::service::service_fn(move |req| Box::pin(handle(conn.clone(), req)))
+            hyper::service::service_fn(move |req| {
+                let span = request_span(&req);
+                Box::pin(handle(conn.clone(), req).instrument(span))
+            })
         };
         // Boxed so that a parked connection's task keeps no room for
         // hyper's state: the task stays small, the box goes while parked.
@@ -369,6 +376,19 @@ fn rejected(conn: &Connection, error: &hyper::Error) {
     }
 }
 
+/// The `req` span (at debug): method and path now, route and request id
+/// once known. Disabled, it costs a check of the level filter; the fields
+/// are not even formatted.
+fn request_span<B>(req: &Request<B>) -> tracing::Span {
+    tracing::debug_span!(
+        "req",
+        method = %req.method(),
+        path = req.uri().path(),
+        route = tracing::field::Empty,
+        request_id = tracing::field::Empty,
+    )
+}
+
 /// What a request's telemetry learns on its way through.
 #[derive(Debug, Default)]
 struct Outcome {
@@ -479,6 +499,9 @@ async fn route_and_forward(
             .ok_or(ProxyError::NoRoute)?
     };
     outcome.route = Some(route.name.clone());
+    if tracing::level_enabled!(tracing::Level::DEBUG) {
+        tracing::Span::current().record("route", &*route.name);
+    }
     let target = route.pick();
     outcome.metrics = Some(target.metrics.clone());
     let mut service = target.service.clone();
@@ -506,6 +529,10 @@ async fn route_and_forward(
         h.insert(header::HOST, authority);
         let keep_id = settings.preserve_request_id || settings.xff_num_trusted_hops > 0;
         let request_id = headers::ensure_request_id(h, keep_id);
+        if tracing::level_enabled!(tracing::Level::DEBUG) {
+            let id = request_id.to_str().unwrap_or("");
+            tracing::Span::current().record("request_id", id);
+        }
         // Cloning a generated id costs an allocation; only the log needs it.
         if listener.access_log.is_some() {
             outcome.request_id = Some(request_id.clone());
@@ -595,5 +622,55 @@ async fn tunnel(
         Ok(Ended::Idle) => {
             tracing::debug!(peer.addr = %peer, "idle timeout; closing upgraded connection");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::Mutex;
+
+    use super::*;
+
+    #[derive(Clone, Default)]
+    struct Capture(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn request_spans_carry_method_path_and_route_and_are_off_unless_debug() {
+        let req = Request::builder().uri("/x?q=1").body(()).unwrap();
+        let quiet = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        tracing::subscriber::with_default(quiet, || {
+            assert!(request_span(&req).is_disabled());
+        });
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let verbose = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(verbose, || {
+            let span = request_span(&req);
+            let _entered = span.enter();
+            tracing::Span::current().record("route", "api");
+            tracing::debug!("inside");
+        });
+        let out = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+        assert!(
+            out.contains("req{method=GET path=\"/x\" route=\"api\"}"),
+            "{out}"
+        );
     }
 }
