@@ -39,6 +39,7 @@ impl TestCp {
             auth: Auth::token(TOKEN),
             cache: cache.clone(),
             drain_timeout: std::time::Duration::from_secs(1),
+            limits: weft_cp::xds::XdsLimits::default(),
         })
         .await?;
         Ok(Self { server, cache })
