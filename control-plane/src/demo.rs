@@ -619,3 +619,26 @@ async fn stop_proxies(proxies: &mut [ProxyChild]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn secret_file_is_owner_only_never_reused_and_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let secret = SecretFile::create(path.clone(), "s3cret").unwrap();
+        let metadata = std::fs::metadata(&path).unwrap();
+        assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "s3cret");
+        // An existing file (or a link planted there) is never written.
+        let error = SecretFile::create(path.clone(), "other").unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "s3cret");
+        drop(secret);
+        assert!(!path.exists());
+    }
+}
