@@ -397,7 +397,9 @@ async fn removing_a_connected_gateway_is_refused_unless_allowed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_refuses_to_start_on_an_empty_directory_unless_allowed() {
     let dir = TempDir::new().unwrap();
-    let output = std::process::Command::new(cp_binary())
+    // Bounded and killed on drop: a control plane that wrongly starts must
+    // fail the test, not hang it.
+    let output = tokio::process::Command::new(cp_binary())
         .args([
             "serve",
             "--insecure",
@@ -408,7 +410,11 @@ async fn serve_refuses_to_start_on_an_empty_directory_unless_allowed() {
             "--config-dir",
         ])
         .arg(dir.path())
-        .output()
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(DEADLINE, output)
+        .await
+        .expect("weft-cp exits at once")
         .unwrap();
     assert_eq!(output.status.code(), Some(1), "{output:?}");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -515,64 +521,70 @@ async fn serve_closes_an_xds_connection_that_sends_nothing() {
     );
 }
 
-#[test]
-fn absurd_flag_values_are_refused_and_help_matches_behaviour() {
-    let run = |args: &[&str]| {
-        std::process::Command::new(cp_binary())
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_flag_values_are_refused_and_help_matches_behaviour() {
+    // Every command would fail or stay on loopback port 0 even if a flag
+    // were accepted, and is killed at the deadline rather than hanging.
+    let run = async |args: &[&str]| {
+        let output = tokio::process::Command::new(cp_binary())
             .args(args)
-            .output()
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(DEADLINE, output)
+            .await
+            .unwrap_or_else(|_| panic!("weft-cp {args:?} exits at once"))
             .unwrap()
     };
-    let cases: [(&[&str], &str); 6] = [
+    let serve = [
+        "serve",
+        "--config-dir",
+        "/nonexistent",
+        "--xds",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let demo = [
+        "demo",
+        "--config-dir",
+        "/nonexistent",
+        "--proxy-binary",
+        "/nonexistent",
+        "--xds",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let cases: [(&[&str], &[&str], &str); 6] = [
         (
-            &[
-                "serve",
-                "--config-dir",
-                ".",
-                "--insecure",
-                "--poll-interval",
-                "0s",
-            ],
+            &serve,
+            &["--insecure", "--poll-interval", "0s"],
             "'--poll-interval <DURATION>': \"0s\" is out of range: expected 10ms to 1h",
         ),
         (
-            &[
-                "serve",
-                "--config-dir",
-                ".",
-                "--insecure",
-                "--xds-handshake-timeout",
-                "0s",
-            ],
+            &serve,
+            &["--insecure", "--xds-handshake-timeout", "0s"],
             "\"0s\" is out of range: expected 100ms to 5m",
         ),
         (
-            &[
-                "serve",
-                "--config-dir",
-                ".",
-                "--insecure",
-                "--max-xds-connections",
-                "0",
-            ],
+            &serve,
+            &["--insecure", "--max-xds-connections", "0"],
             "--max-xds-connections",
         ),
-        (&["demo", "--duration", "0s"], "expected 1s to 30days"),
-        (&["demo", "--rate", "4294967295"], "--rate"),
-        (
-            &["serve", "--config-dir", "."],
-            "<--token-file <FILE>|--insecure>",
-        ),
+        (&demo, &["--duration", "0s"], "expected 1s to 30days"),
+        (&demo, &["--rate", "4294967295"], "--rate"),
+        (&serve, &[], "<--token-file <FILE>|--insecure>"),
     ];
-    for (args, expected) in cases {
-        let output = run(args);
+    for (command, flags, expected) in cases {
+        let args: Vec<&str> = command.iter().chain(flags).copied().collect();
+        let output = run(&args).await;
         assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
-    let help = String::from_utf8(run(&["--help"]).stdout).unwrap();
+    let help = String::from_utf8(run(&["--help"]).await.stdout).unwrap();
     assert!(!help.contains("certificate authority"), "{help}");
-    let serve_help = String::from_utf8(run(&["serve", "--help"]).stdout).unwrap();
+    let serve_help = String::from_utf8(run(&["serve", "--help"]).await.stdout).unwrap();
     assert!(
         serve_help.contains(
             "Usage: weft-cp serve [OPTIONS] --config-dir <DIR> <--token-file <FILE>|--insecure>"
