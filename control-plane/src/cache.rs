@@ -11,8 +11,14 @@
 //!   `Arc<NodeResources>` as the snapshot, never a copy.
 //! - A node id the mesh does not know is served an empty [`NodeResources`]
 //!   and stays subscribed: when a later snapshot adds it, its streams wake.
+//!   (The xDS server refuses such nodes at admission; a watched node only
+//!   becomes unknown when a snapshot removing it is set on purpose.)
 //! - A rejected mesh change ([`SnapshotCache::set_config_error`]) changes no
 //!   resources: the last good snapshot keeps being served.
+//! - [`SnapshotCache::set_checked`] refuses, atomically with the check, a
+//!   snapshot that is empty or that would take every listener from a node
+//!   with a connected stream: the tear-down an unmounted volume or a bad
+//!   deploy would otherwise cause within a second.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -35,9 +41,11 @@ struct Inner {
     empty: Arc<NodeResources>,
 }
 
-/// What a node's watchers see: its service and its resources.
+/// What a node's watchers see: whether the mesh has the node, its service
+/// and its resources.
 #[derive(Debug, Clone)]
 struct Served {
+    is_known: bool,
     service: Option<String>,
     resources: Arc<NodeResources>,
 }
@@ -85,12 +93,36 @@ impl NodeWatch {
     pub fn is_known(&self) -> bool {
         self.is_known
     }
+
+    /// Whether the mesh has the node now (it can change with the mesh,
+    /// which wakes [`Self::changed`]).
+    pub fn is_known_now(&self) -> bool {
+        self.receiver.borrow().is_known
+    }
 }
 
 /// The cache was dropped while a stream was watching it.
 #[derive(Debug, Clone, Copy, thiserror::Error)]
 #[error("the snapshot cache is gone")]
 pub struct CacheClosed;
+
+/// Why [`SnapshotCache::set_checked`] refused a snapshot. Nothing was
+/// changed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotRefused {
+    /// The snapshot has no node at all.
+    #[error("the mesh is empty (no services and no gateways)")]
+    EmptyMesh,
+    /// Nodes with a connected proxy would lose every listener they have.
+    #[error(
+        "the change removes every listener of connected proxies: node {}",
+        nodes.iter().map(|n| format!("{n:?}")).collect::<Vec<_>>().join(", node ")
+    )]
+    RemovesEveryListener {
+        /// The node ids, sorted.
+        nodes: Vec<String>,
+    },
+}
 
 impl SnapshotCache {
     /// An empty cache: generation 0, no nodes.
@@ -112,6 +144,10 @@ impl SnapshotCache {
     /// the nodes whose resources changed.
     pub fn set(&self, snapshot: MeshSnapshot) {
         let mut state = self.state();
+        self.apply(&mut state, snapshot);
+    }
+
+    fn apply(&self, state: &mut State, snapshot: MeshSnapshot) {
         state.generation += 1;
         state.config_error = None;
         state
@@ -121,7 +157,8 @@ impl SnapshotCache {
         for (node_id, sender) in &state.watchers {
             let next = self.served(snapshot.nodes.get(node_id));
             let changed = sender.send_if_modified(|current| {
-                let changed = current.service != next.service
+                let changed = current.is_known != next.is_known
+                    || current.service != next.service
                     || !same_versions(&current.resources, &next.resources);
                 // Swapped even when unchanged, so that the old snapshot's
                 // resources are freed.
@@ -137,6 +174,36 @@ impl SnapshotCache {
             streams_woken = woken,
             "mesh snapshot applied"
         );
+    }
+
+    /// Like [`Self::set`], unless the snapshot is empty or would remove
+    /// every listener of a node that has a connected stream now: then
+    /// nothing changes and the reason is returned. The check and the swap
+    /// happen under one lock, so no stream can connect in between.
+    pub fn set_checked(&self, snapshot: MeshSnapshot) -> Result<(), SnapshotRefused> {
+        if snapshot.nodes.is_empty() {
+            return Err(SnapshotRefused::EmptyMesh);
+        }
+        let mut state = self.state();
+        let mut nodes: Vec<String> = state
+            .watchers
+            .iter()
+            .filter(|(node_id, sender)| {
+                sender.receiver_count() > 0
+                    && sender.borrow().resources.listener_count() > 0
+                    && snapshot
+                        .nodes
+                        .get(*node_id)
+                        .is_none_or(|entry| entry.resources.listener_count() == 0)
+            })
+            .map(|(node_id, _)| node_id.clone())
+            .collect();
+        if !nodes.is_empty() {
+            nodes.sort_unstable();
+            return Err(SnapshotRefused::RemovesEveryListener { nodes });
+        }
+        self.apply(&mut state, snapshot);
+        Ok(())
     }
 
     /// Records that the latest mesh change was rejected (`Some(error)`), or
@@ -182,10 +249,12 @@ impl SnapshotCache {
     fn served(&self, entry: Option<&crate::resources::NodeEntry>) -> Served {
         match entry {
             Some(entry) => Served {
+                is_known: true,
                 service: entry.service.clone(),
                 resources: Arc::clone(&entry.resources),
             },
             None => Served {
+                is_known: false,
                 service: None,
                 resources: Arc::clone(&self.inner.empty),
             },
@@ -266,6 +335,82 @@ mod tests {
         assert!(w.receiver.has_changed().unwrap());
         let got = w.current();
         assert_eq!(got.get(pb::CLUSTER_TYPE_URL).unwrap().resources.len(), 1);
+    }
+
+    /// Nodes with that many listeners each.
+    fn with_listeners(nodes: &[(&str, usize)]) -> MeshSnapshot {
+        MeshSnapshot {
+            nodes: nodes
+                .iter()
+                .map(|(id, count)| {
+                    let listeners = (0..*count)
+                        .map(|i| pb::Listener {
+                            name: format!("l{i}"),
+                            ..pb::Listener::default()
+                        })
+                        .collect();
+                    let resources = NodeResources::new(listeners, vec![], vec![]);
+                    (
+                        (*id).to_owned(),
+                        NodeEntry {
+                            service: None,
+                            resources: Arc::new(resources),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn set_checked_refuses_an_empty_mesh_and_keeps_the_last_good_one() {
+        let cache = SnapshotCache::new();
+        cache.set_checked(with_listeners(&[("gw", 1)])).unwrap();
+        assert_eq!(
+            cache.set_checked(MeshSnapshot::default()),
+            Err(SnapshotRefused::EmptyMesh)
+        );
+        assert_eq!(cache.generation(), 1);
+        let mut gw = cache.watch("gw");
+        assert!(gw.is_known());
+        assert_eq!(gw.current().listener_count(), 1);
+        // `set` is not checked: tests and callers that mean it still can.
+        cache.set(MeshSnapshot::default());
+        assert!(!gw.is_known_now());
+        assert_eq!(gw.current().listener_count(), 0);
+    }
+
+    #[test]
+    fn set_checked_refuses_to_remove_every_listener_of_a_connected_node() {
+        let cache = SnapshotCache::new();
+        cache.set(with_listeners(&[("gw", 1), ("idle", 1), ("web-1", 2)]));
+        let gw = cache.watch("gw");
+        let _web = cache.watch("web-1");
+        // A node nobody watches may go; a watched one may lose some.
+        cache
+            .set_checked(with_listeners(&[("gw", 1), ("web-1", 1)]))
+            .unwrap();
+        for next in [
+            with_listeners(&[("web-1", 1)]),
+            with_listeners(&[("gw", 0), ("web-1", 1)]),
+        ] {
+            let refused = cache.set_checked(next).unwrap_err();
+            assert_eq!(
+                refused,
+                SnapshotRefused::RemovesEveryListener {
+                    nodes: vec!["gw".into()]
+                }
+            );
+            assert_eq!(
+                refused.to_string(),
+                "the change removes every listener of connected proxies: node \"gw\""
+            );
+        }
+        assert_eq!(cache.generation(), 2);
+        // Once its proxy is gone, the node may be removed.
+        drop(gw);
+        cache.set_checked(with_listeners(&[("web-1", 1)])).unwrap();
+        assert_eq!(cache.generation(), 3);
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! workload and one `weft-proxy` process per gateway, all configured only
 //! over xDS; then prints what to try, and a live line of traffic through the
 //! gateway until Ctrl-C, when every child process is stopped.
+//!
+//! The bootstrap token lives in a file only the user can read (mode 0600),
+//! created fresh and removed when the demo ends, whether by `--duration`,
+//! Ctrl-C/SIGTERM (at any point: the signals are watched before the file
+//! exists) or an error. Only SIGKILL leaves it behind. The scratch
+//! directory, with the proxies' logs, is kept and its path printed.
 
 mod app;
 
@@ -61,11 +67,11 @@ pub struct DemoArgs {
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15901")]
     pub admin: SocketAddr,
     /// Background requests per second through the first gateway route
-    /// (0: none).
-    #[arg(long, value_name = "N", default_value_t = 10)]
-    pub rate: u32,
-    /// Stop after this long instead of waiting for Ctrl-C.
-    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    /// (0: none; at most 1000).
+    #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(crate::flags::DEMO_RATE))]
+    pub rate: u64,
+    /// Stop after this long instead of waiting for Ctrl-C (1s to 30days).
+    #[arg(long, value_name = "DURATION", value_parser = crate::flags::demo_duration)]
     pub duration: Option<Duration>,
 }
 
@@ -78,33 +84,113 @@ struct ProxyChild {
     child: Child,
 }
 
+/// A file holding a secret: created only if absent (never through an
+/// existing file or link), readable by its owner only, removed on drop.
+#[derive(Debug)]
+pub struct SecretFile {
+    path: PathBuf,
+}
+
+impl SecretFile {
+    /// Creates `path` with mode 0600 and writes `contents`.
+    ///
+    /// # Errors
+    ///
+    /// When the file exists already or cannot be written.
+    pub fn create(path: PathBuf, contents: &str) -> std::io::Result<Self> {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        // From here on, the file is removed whatever happens.
+        let secret = Self { path };
+        file.write_all(contents.as_bytes())?;
+        file.sync_all()?;
+        Ok(secret)
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for SecretFile {
+    fn drop(&mut self) {
+        if let Err(error) = std::fs::remove_file(&self.path)
+            && error.kind() != std::io::ErrorKind::NotFound
+        {
+            eprintln!(
+                "weft-cp: cannot remove the token file {}: {error}",
+                self.path.display()
+            );
+        }
+    }
+}
+
 /// Runs the demo until Ctrl-C (or `--duration`).
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
     weft_proxy::cli::init_logging(Some("warn"));
-    let scratch = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
-    std::fs::create_dir_all(&scratch).with_context(|| format!("creating {}", scratch.display()))?;
-    let dir = mesh_dir(args, &scratch)?;
-    let proxy = proxy_binary(args)?;
-    let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
-    let token_file = scratch.join("token");
-    std::fs::write(&token_file, &token).context("writing the token file")?;
-    let mesh = mesh::load_dir(&dir).map_err(|errors| {
-        anyhow::anyhow!("{}: the demo mesh does not load:\n{errors}", dir.display())
-    })?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    runtime.block_on(demo(
-        args,
-        &dir,
-        &mesh,
-        &proxy,
-        &token,
-        &token_file,
-        &scratch,
-    ))
+    runtime.block_on(async {
+        // Watched before the token file exists, so that Ctrl-C at any
+        // point ends the demo through the code that removes it.
+        let stop_requested = watch_stop_signals()?;
+        let scratch = std::env::temp_dir().join(format!("weft-demo-{}", std::process::id()));
+        {
+            use std::os::unix::fs::DirBuilderExt as _;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&scratch)
+                .with_context(|| format!("creating {}", scratch.display()))?;
+        }
+        let dir = mesh_dir(args, &scratch)?;
+        let proxy = proxy_binary(args)?;
+        let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        let token_file = SecretFile::create(scratch.join("token"), &token)
+            .with_context(|| format!("creating the token file in {}", scratch.display()))?;
+        let mesh = mesh::load_dir(&dir).map_err(|errors| {
+            anyhow::anyhow!("{}: the demo mesh does not load:\n{errors}", dir.display())
+        })?;
+        let result = demo(
+            args,
+            &dir,
+            &mesh,
+            &proxy,
+            &token,
+            token_file.path(),
+            &scratch,
+            &stop_requested,
+        )
+        .await;
+        drop(token_file);
+        result
+    })
+}
+
+/// Cancelled on the first SIGINT or SIGTERM. The handlers are installed
+/// before this returns.
+fn watch_stop_signals() -> anyhow::Result<CancellationToken> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut interrupt = signal(SignalKind::interrupt()).context("watching SIGINT")?;
+    let mut terminate = signal(SignalKind::terminate()).context("watching SIGTERM")?;
+    let stop = CancellationToken::new();
+    let cancel = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = interrupt.recv() => {}
+            _ = terminate.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(stop)
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -116,6 +202,7 @@ async fn demo(
     token: &str,
     token_file: &Path,
     scratch: &Path,
+    stop_requested: &CancellationToken,
 ) -> anyhow::Result<()> {
     let control_plane = ControlPlane::start(ServeOptions {
         config_dir: dir.to_owned(),
@@ -124,19 +211,26 @@ async fn demo(
         auth: Auth::token(token),
         poll_interval: crate::watch::DEFAULT_POLL_INTERVAL,
         drain_timeout: Duration::from_secs(2),
-    })
-    .await
-    .context("starting the control plane")?;
+        allow_empty: false,
+        limits: crate::xds::XdsLimits::default(),
+    });
+    let control_plane = tokio::select! {
+        started = control_plane => started.context("starting the control plane")?,
+        () = stop_requested.cancelled() => anyhow::bail!("interrupted while starting"),
+    };
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let result = async {
         start_apps(mesh, &stop, &tasks).await?;
         let mut proxies = Vec::new();
-        let started = start_proxies(mesh, args.xds, proxy, token_file, scratch, &mut proxies).await;
+        let started = tokio::select! {
+            started = start_proxies(mesh, args.xds, proxy, token_file, scratch, &mut proxies) => started,
+            () = stop_requested.cancelled() => Err(anyhow::anyhow!("interrupted while starting the proxies")),
+        };
         let outcome = match started {
             Ok(()) => {
                 print_banner(args, mesh, &proxies, token_file, dir, scratch);
-                traffic(args, mesh, &proxies).await;
+                traffic(args, mesh, &proxies, stop_requested).await;
                 Ok(())
             }
             Err(error) => Err(error),
@@ -427,7 +521,12 @@ fn print_banner(
 
 /// Sends `--rate` requests per second through the first suggested route
 /// and prints a line of figures every second.
-async fn traffic(args: &DemoArgs, mesh: &Mesh, proxies: &[ProxyChild]) {
+async fn traffic(
+    args: &DemoArgs,
+    mesh: &Mesh,
+    proxies: &[ProxyChild],
+    stop_requested: &CancellationToken,
+) {
     let end = args.duration.map(|d| tokio::time::Instant::now() + d);
     let until_end = async {
         match end {
@@ -436,8 +535,6 @@ async fn traffic(args: &DemoArgs, mesh: &Mesh, proxies: &[ProxyChild]) {
         }
     };
     tokio::pin!(until_end);
-    let signal = weft_proxy::cli::shutdown_signal();
-    tokio::pin!(signal);
     // Traffic through a split shows it live; otherwise the first route.
     let candidates: Vec<Suggestion> = suggestions(mesh)
         .into_iter()
@@ -446,14 +543,16 @@ async fn traffic(args: &DemoArgs, mesh: &Mesh, proxies: &[ProxyChild]) {
     let split = candidates.iter().position(|s| s.what.contains(" split "));
     let target = candidates.into_iter().nth(split.unwrap_or(0));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
-    let period = Duration::from_secs(1) / args.rate.max(1);
+    // `--rate` is at most 1,000 (flags::DEMO_RATE), so the period is at
+    // least a millisecond: never zero, which would panic the interval.
+    let period = Duration::from_secs(1) / u32::try_from(args.rate.max(1)).unwrap_or(1_000);
     let mut send = tokio::time::interval(period);
     let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     let (mut sent, mut ok, mut failed, mut last_sent) = (0u64, 0u64, 0u64, 0u64);
     let (results, mut completed) = tokio::sync::mpsc::channel::<Result<Option<String>, ()>>(64);
     loop {
         tokio::select! {
-            () = &mut signal => return,
+            () = stop_requested.cancelled() => return,
             () = &mut until_end => return,
             _ = send.tick(), if args.rate > 0 && target.is_some() => {
                 if let Some(target) = &target {
@@ -518,5 +617,28 @@ async fn stop_proxies(proxies: &mut [ProxyChild]) {
         {
             let _ = proxy.child.kill().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::*;
+
+    #[test]
+    fn secret_file_is_owner_only_never_reused_and_removed_on_drop() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let secret = SecretFile::create(path.clone(), "s3cret").unwrap();
+        let metadata = std::fs::metadata(&path).unwrap();
+        assert_eq!(metadata.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "s3cret");
+        // An existing file (or a link planted there) is never written.
+        let error = SecretFile::create(path.clone(), "other").unwrap_err();
+        assert_eq!(error.kind(), std::io::ErrorKind::AlreadyExists);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "s3cret");
+        drop(secret);
+        assert!(!path.exists());
     }
 }

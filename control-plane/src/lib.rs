@@ -14,11 +14,13 @@
 //!   by [`xds::Server`].
 //! - [`status`]: the status report's types, its client and its table.
 //! - [`serve`]: `weft-cp serve`, the server fed by a watched directory.
+//! - [`flags`]: command-line value parsers with their bounds.
 //! - [`demo`]: `weft-cp demo`, a whole mesh on loopback.
 
 mod admin;
 pub mod cache;
 pub mod demo;
+pub mod flags;
 pub mod mesh;
 pub mod resources;
 pub mod serve;

@@ -12,8 +12,8 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use weft_cp::serve::{ControlPlane, ServeOptions};
-use weft_cp::xds::Auth;
-use weft_cp::{mesh, status};
+use weft_cp::xds::{Auth, XdsLimits};
+use weft_cp::{flags, mesh, status};
 use weft_proxy::config::Config;
 
 /// How long `status` waits for each step of its request.
@@ -40,6 +40,10 @@ enum Command {
         /// Mesh directories and/or proxy configuration files.
         #[arg(required = true, value_name = "DIR|FILE")]
         paths: Vec<PathBuf>,
+        /// Accept a mesh directory with no services and no gateways (as
+        /// `serve --allow-empty` would serve it).
+        #[arg(long)]
+        allow_empty: bool,
     },
     /// Serve a mesh directory to proxies over xDS, pushing every valid
     /// change to the proxies it affects.
@@ -64,6 +68,7 @@ enum Command {
 
 /// `weft-cp serve` flags.
 #[derive(Debug, clap::Args)]
+#[command(group(clap::ArgGroup::new("auth").required(true).args(["token_file", "insecure"])))]
 struct ServeArgs {
     /// The mesh directory (its *.yaml/*.yml files), watched for changes.
     #[arg(long, value_name = "DIR")]
@@ -74,15 +79,30 @@ struct ServeArgs {
     /// Where the admin API (status, metrics, readiness) listens.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:18001")]
     admin: SocketAddr,
-    /// A file holding the bootstrap token proxies and operators present.
-    #[arg(long, value_name = "FILE", required_unless_present = "insecure")]
+    /// A file holding the bootstrap token proxies and operators present
+    /// (this or --insecure).
+    #[arg(long, value_name = "FILE")]
     token_file: Option<PathBuf>,
-    /// Accept every client without a token (local experiments only).
-    #[arg(long, conflicts_with = "token_file")]
+    /// Accept every client without a token (local experiments only; this
+    /// or --token-file).
+    #[arg(long)]
     insecure: bool,
-    /// How often the directory is checked for changes.
-    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = humantime::parse_duration)]
+    /// How often the directory is checked for changes (10ms to 1h).
+    #[arg(long, value_name = "DURATION", default_value = "250ms", value_parser = flags::poll_interval)]
     poll_interval: Duration,
+    /// Serve an empty mesh, and apply changes that remove every listener
+    /// of a connected proxy. Without it both are refused (logged, shown in
+    /// `status`) and the last good state is kept: they are what an
+    /// unmounted volume or a bad deploy looks like.
+    #[arg(long)]
+    allow_empty: bool,
+    /// xDS connections open at once; more are closed when accepted.
+    #[arg(long, value_name = "N", default_value_t = XdsLimits::DEFAULT_MAX_CONNECTIONS as u64, value_parser = clap::value_parser!(u64).range(flags::MAX_CONNECTIONS))]
+    max_xds_connections: u64,
+    /// How long a new xDS connection may take to send the HTTP/2 preface
+    /// and open its first authenticated stream (100ms to 5m).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = flags::handshake_timeout)]
+    xds_handshake_timeout: Duration,
     /// Print the bound addresses as one JSON line on stdout once serving.
     #[arg(long)]
     print_addresses: bool,
@@ -94,7 +114,7 @@ struct ServeArgs {
 fn main() -> ExitCode {
     let args = Args::parse();
     match args.command {
-        Command::Validate { paths } => validate(&paths),
+        Command::Validate { paths, allow_empty } => validate(&paths, allow_empty),
         Command::Serve(args) => exit(serve(&args)),
         Command::Demo(args) => exit(weft_cp::demo::run(&args)),
         Command::Status {
@@ -135,6 +155,12 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
             auth,
             poll_interval: args.poll_interval,
             drain_timeout: Duration::from_secs(5),
+            allow_empty: args.allow_empty,
+            limits: XdsLimits {
+                max_connections: usize::try_from(args.max_xds_connections)
+                    .context("--max-xds-connections does not fit this platform")?,
+                handshake_timeout: args.xds_handshake_timeout,
+            },
         })
         .await?;
         if args.print_addresses {
@@ -178,11 +204,11 @@ fn show_status(
     Ok(())
 }
 
-fn validate(paths: &[PathBuf]) -> ExitCode {
+fn validate(paths: &[PathBuf], allow_empty: bool) -> ExitCode {
     let mut failed = 0;
     for path in paths {
         let ok = if path.is_dir() {
-            validate_mesh(path)
+            validate_mesh(path, allow_empty)
         } else {
             validate_proxy_file(path)
         };
@@ -198,12 +224,19 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
     }
 }
 
-fn validate_mesh(dir: &Path) -> bool {
+fn validate_mesh(dir: &Path, allow_empty: bool) -> bool {
     let built = mesh::load_dir(dir).and_then(|mesh| {
         let snapshot = mesh.snapshot()?;
         Ok((mesh, snapshot))
     });
     match built {
+        Ok((_, snapshot)) if snapshot.nodes.is_empty() && !allow_empty => {
+            eprintln!(
+                "{}: invalid mesh:\nno services and no gateways (weft-cp serve refuses an empty mesh unless --allow-empty)",
+                dir.display()
+            );
+            false
+        }
         Ok((mesh, snapshot)) => {
             println!(
                 "{}: ok ({} service(s), {} gateway(s), {} node(s))",

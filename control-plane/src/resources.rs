@@ -104,6 +104,12 @@ impl NodeResources {
     pub fn get(&self, type_url: &str) -> Option<&TypeResources> {
         self.types.get(type_url)
     }
+
+    /// How many listeners the node has.
+    pub fn listener_count(&self) -> usize {
+        self.get(pb::LISTENER_TYPE_URL)
+            .map_or(0, |listeners| listeners.resources.len())
+    }
 }
 
 fn versioned<M: Name>(items: Vec<M>, name: impl Fn(&M) -> String) -> TypeResources {

@@ -15,8 +15,23 @@
 //! - Every RPC must carry `authorization: Bearer <token>` ([`Auth`]), else it
 //!   fails `UNAUTHENTICATED` before reaching the service.
 //! - The first request of a stream must name a node with an id
-//!   (`INVALID_ARGUMENT`); a node that claims (`Node.cluster`) a service
-//!   other than the mesh's is refused (`PERMISSION_DENIED`).
+//!   (`INVALID_ARGUMENT`). A node id the mesh does not know is refused
+//!   (`PERMISSION_DENIED`, naming the id): it would get no configuration,
+//!   and a proxy that waits for one is a proxy misconfigured.
+//! - A node's service is the mesh's, never the proxy's: its claim
+//!   (`Node.cluster`, the proxy's `--service`) must be exactly the service
+//!   the mesh gives the node, or none for a gateway, else the stream is
+//!   refused (`PERMISSION_DENIED`), at admission and again whenever the
+//!   mesh changes. So a proxy that omits `--service` gets no workload's
+//!   configuration. With a shared bootstrap token this is a consistency
+//!   check, not an identity: a proxy holding the token can still name any
+//!   node and its service.
+//! - At most [`XdsLimits::max_connections`] connections at once: one more
+//!   is closed as soon as it is accepted, and counted, while the others
+//!   keep working. A new connection must complete the HTTP/2 handshake and
+//!   open an authenticated stream within [`XdsLimits::handshake_timeout`],
+//!   else it is closed: a peer that connects and sends nothing (or only
+//!   refused requests) cannot hold a connection slot.
 //! - Type URLs other than [`crate::resources::TYPE_URLS`] are ignored with a
 //!   debug log: the server never invents a resource type, and a client
 //!   waiting for one falls back on its own initial-fetch timeout. Keeping no
@@ -36,14 +51,14 @@ mod sotw;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -93,6 +108,37 @@ const MAX_NODE_ID_BYTES: usize = 512;
 /// NACK messages longer than this are truncated before being stored.
 const MAX_NACK_MESSAGE_BYTES: usize = 1024;
 
+/// Connection limits of the xDS server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct XdsLimits {
+    /// Connections open at once; more are closed when accepted.
+    pub max_connections: usize,
+    /// How long a new connection may take to send the HTTP/2 preface and
+    /// open its first authenticated stream.
+    pub handshake_timeout: Duration,
+}
+
+impl XdsLimits {
+    /// The default connection cap. A proxy holds one connection; about
+    /// 40 KiB of control-plane memory each (`weft-bench xds`,
+    /// benches/RESULTS.md) makes 10,000 about 400 MiB, and the bench's
+    /// 5,000 proxies fit with room to reconnect.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+    /// The default handshake deadline: a proxy sends its preface, SETTINGS
+    /// and first request in one round trip, so 10 s is generous even across
+    /// a loaded network, while a silent peer is gone quickly.
+    pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+}
+
+impl Default for XdsLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: Self::DEFAULT_MAX_CONNECTIONS,
+            handshake_timeout: Self::DEFAULT_HANDSHAKE_TIMEOUT,
+        }
+    }
+}
+
 /// How to start a [`Server`].
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -107,6 +153,8 @@ pub struct ServerOptions {
     /// How long [`Server::shutdown`] waits for connections to close before
     /// dropping them.
     pub drain_timeout: Duration,
+    /// Connection cap and handshake deadline.
+    pub limits: XdsLimits,
 }
 
 /// Why the server did not start.
@@ -168,6 +216,8 @@ impl Server {
             tasks: TaskTracker::new(),
             drain: CancellationToken::new(),
             abort: CancellationToken::new(),
+            connections: Arc::new(Semaphore::new(options.limits.max_connections)),
+            limits: options.limits,
         });
         shared.tasks.spawn(
             accept_xds(xds_listener, Arc::clone(&shared))
@@ -243,6 +293,10 @@ pub(crate) struct Metrics {
     pub(crate) acks: AtomicU64,
     pub(crate) nacks: AtomicU64,
     pub(crate) unauthenticated: AtomicU64,
+    pub(crate) unknown_nodes: AtomicU64,
+    pub(crate) service_mismatches: AtomicU64,
+    pub(crate) connections_refused: AtomicU64,
+    pub(crate) handshake_timeouts: AtomicU64,
 }
 
 /// State shared by every connection, stream and the admin API.
@@ -258,6 +312,9 @@ pub(crate) struct Shared {
     drain: CancellationToken,
     /// Cancelled when the drain deadline passes.
     abort: CancellationToken,
+    /// One permit per open xDS connection.
+    connections: Arc<Semaphore>,
+    limits: XdsLimits,
 }
 
 impl Shared {
@@ -306,7 +363,11 @@ impl Shared {
     /// The Prometheus text exposition of the counters.
     pub(crate) fn metrics_text(&self) -> String {
         let m = &self.metrics;
-        let rows: [(&str, &str, &str, u64); 6] = [
+        let open_connections = self
+            .limits
+            .max_connections
+            .saturating_sub(self.connections.available_permits());
+        let rows: [(&str, &str, &str, u64); 11] = [
             (
                 "weft_cp_connected_proxies",
                 "gauge",
@@ -342,6 +403,36 @@ impl Shared {
                 "counter",
                 "Requests refused for a missing or wrong token.",
                 m.unauthenticated.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_unknown_node_streams_total",
+                "counter",
+                "xDS streams refused because the mesh does not know their node id.",
+                m.unknown_nodes.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_service_mismatch_streams_total",
+                "counter",
+                "xDS streams refused or ended because the proxy's service claim disagrees with the mesh.",
+                m.service_mismatches.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_xds_connections",
+                "gauge",
+                "xDS connections currently open.",
+                open_connections as u64,
+            ),
+            (
+                "weft_cp_xds_connections_refused_total",
+                "counter",
+                "xDS connections closed at accept because the connection cap was reached.",
+                m.connections_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_xds_handshake_timeouts_total",
+                "counter",
+                "xDS connections closed for not opening an authenticated stream within the handshake deadline.",
+                m.handshake_timeouts.load(Ordering::Relaxed),
             ),
         ];
         let mut out = String::new();
@@ -381,6 +472,9 @@ async fn accept_xds(listener: TcpListener, shared: Arc<Shared>) {
         .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(H2_KEEP_ALIVE_TIMEOUT);
     let builder = Arc::new(builder);
+    // Whether the last connection was refused for the cap: the warning is
+    // logged once per episode, not once per connection of a flood.
+    let mut is_at_capacity = false;
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -388,6 +482,27 @@ async fn accept_xds(listener: TcpListener, shared: Arc<Shared>) {
         };
         match accepted {
             Ok((stream, peer)) => {
+                let Ok(permit) = Arc::clone(&shared.connections).try_acquire_owned() else {
+                    // Closed at once (dropping the socket): the peer sees
+                    // the connection end before any HTTP/2 frame.
+                    shared
+                        .metrics
+                        .connections_refused
+                        .fetch_add(1, Ordering::Relaxed);
+                    if is_at_capacity {
+                        debug!(peer.addr = %peer, "xds connection refused: connection cap reached");
+                    } else {
+                        warn!(
+                            peer.addr = %peer,
+                            max_connections = shared.limits.max_connections,
+                            "xds connection cap reached; refusing new connections"
+                        );
+                        is_at_capacity = true;
+                    }
+                    drop(stream);
+                    continue;
+                };
+                is_at_capacity = false;
                 shared.tasks.spawn(
                     serve_xds_connection(
                         stream,
@@ -395,6 +510,7 @@ async fn accept_xds(listener: TcpListener, shared: Arc<Shared>) {
                         Arc::clone(&shared),
                         service.clone(),
                         Arc::clone(&builder),
+                        permit,
                     )
                     .instrument(tracing::debug_span!("conn", peer.addr = %peer)),
                 );
@@ -416,31 +532,59 @@ async fn serve_xds_connection(
     shared: Arc<Shared>,
     service: AggregatedDiscoveryServiceServer<AdsService>,
     builder: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
+    // Held until the connection ends: its slot under the cap.
+    _permit: OwnedSemaphorePermit,
 ) {
     if let Err(error) = stream.set_nodelay(true) {
         debug!(error = %error, "setting TCP_NODELAY failed");
     }
+    // Set by the first authenticated request: the handshake is complete.
+    let is_established = Arc::new(AtomicBool::new(false));
     let handler_shared = Arc::clone(&shared);
+    let handler_established = Arc::clone(&is_established);
     let handler = service_fn(move |mut request: http::Request<Incoming>| {
         let shared = Arc::clone(&handler_shared);
+        let is_established = Arc::clone(&handler_established);
         let mut service = service.clone();
         async move {
             if !shared.authorize(request.headers(), peer) {
                 let status = Status::unauthenticated("missing or wrong bearer token");
                 return Ok::<_, Infallible>(status.into_http());
             }
+            is_established.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(PeerAddr(peer));
             service.call(request).await
         }
     });
     let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), handler));
-    let result = tokio::select! {
-        result = conn.as_mut() => result,
-        () = shared.drain.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            tokio::select! {
-                result = conn.as_mut() => result,
-                () = shared.abort.cancelled() => return,
+    // The connection future makes no progress without bytes from the peer,
+    // and hyper has no deadline for the preface: this one bounds how long a
+    // peer can hold a slot without opening a stream.
+    let handshake_deadline = tokio::time::sleep(shared.limits.handshake_timeout);
+    let mut handshake_deadline = std::pin::pin!(handshake_deadline);
+    let mut is_past_handshake = false;
+    let result = loop {
+        tokio::select! {
+            result = conn.as_mut() => break result,
+            () = handshake_deadline.as_mut(), if !is_past_handshake => {
+                if is_established.load(Ordering::Relaxed) {
+                    is_past_handshake = true;
+                    continue;
+                }
+                shared.metrics.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+                debug!(
+                    timeout = ?shared.limits.handshake_timeout,
+                    "xds connection closed: no authenticated stream within the handshake deadline"
+                );
+                // Dropping the connection closes the socket.
+                return;
+            }
+            () = shared.drain.cancelled() => {
+                conn.as_mut().graceful_shutdown();
+                tokio::select! {
+                    result = conn.as_mut() => break result,
+                    () = shared.abort.cancelled() => return,
+                }
             }
         }
     };
@@ -468,14 +612,9 @@ impl AggregatedDiscoveryService for AdsService {
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
         let mut inbound = request.into_inner();
         let first = first_request(&mut inbound).await?;
-        let (node_id, watch) = admit(&self.shared, first.node.as_ref())?;
+        let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "sotw");
-        let claimed = first
-            .node
-            .as_ref()
-            .map(|n| n.cluster.clone())
-            .filter(|c| !c.is_empty());
         let stream = self.start_stream(node_id, claimed, &watch, Protocol::Sotw, peer);
         self.shared.tasks.spawn(
             serve_stream(sotw::Sotw::new(stream), watch, inbound, first, tx).instrument(span),
@@ -492,14 +631,9 @@ impl AggregatedDiscoveryService for AdsService {
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
         let mut inbound = request.into_inner();
         let first = first_request(&mut inbound).await?;
-        let (node_id, watch) = admit(&self.shared, first.node.as_ref())?;
+        let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "delta");
-        let claimed = first
-            .node
-            .as_ref()
-            .map(|n| n.cluster.clone())
-            .filter(|c| !c.is_empty());
         let stream = self.start_stream(node_id, claimed, &watch, Protocol::Delta, peer);
         self.shared.tasks.spawn(
             serve_stream(delta::Delta::new(stream), watch, inbound, first, tx).instrument(span),
@@ -540,8 +674,8 @@ impl AdsService {
 struct StreamContext {
     shared: Arc<Shared>,
     node_id: String,
-    /// The service the proxy said it runs for (`Node.cluster`), if any:
-    /// checked again whenever the mesh changes.
+    /// The service the proxy said it runs for (`Node.cluster`; `None`: no
+    /// service, a gateway): checked again whenever the mesh changes.
     claimed_service: Option<String>,
     registration: registry::Registration,
 }
@@ -614,22 +748,47 @@ async fn first_request<T: FirstRequest>(inbound: &mut Streaming<T>) -> Result<T,
     }
 }
 
-/// Checks a stream's node and starts watching its resources.
-/// Refuses a node that claims (`Node.cluster`) another service than the
-/// one the mesh gives it now.
-fn check_service(node_id: &str, claimed: &str, watch: &NodeWatch) -> Result<(), Status> {
-    match watch.service() {
-        Some(service) if service != claimed => {
-            warn!(node = %node_id, claimed, service, "proxy refused: service mismatch");
-            Err(Status::permission_denied(format!(
-                "node {node_id:?} belongs to service {service:?} in the mesh, not {claimed:?}"
-            )))
-        }
-        _ => Ok(()),
+/// Checks a node's service claim (`Node.cluster`; `None` when empty)
+/// against the service the mesh gives the node now: they must be equal,
+/// `None` meaning a gateway. A node the mesh no longer has is not checked
+/// (its streams are served nothing; see [`admit`] for new streams).
+fn check_service(
+    shared: &Shared,
+    node_id: &str,
+    claimed: Option<&str>,
+    watch: &NodeWatch,
+) -> Result<(), Status> {
+    if !watch.is_known_now() {
+        return Ok(());
     }
+    let message = match (watch.service(), claimed) {
+        (service, claimed) if service.as_deref() == claimed => return Ok(()),
+        (Some(service), Some(claimed)) => {
+            format!("node {node_id:?} belongs to service {service:?} in the mesh, not {claimed:?}")
+        }
+        (Some(service), None) => format!(
+            "node {node_id:?} belongs to service {service:?} in the mesh, and the proxy claims no service (start it with --service {service})"
+        ),
+        (None, claimed) => format!(
+            "node {node_id:?} is a gateway in the mesh, with no service, not a workload of {:?} (start it without --service)",
+            claimed.unwrap_or_default()
+        ),
+    };
+    shared
+        .metrics
+        .service_mismatches
+        .fetch_add(1, Ordering::Relaxed);
+    warn!(node = ?node_id, claimed, "proxy refused: service claim disagrees with the mesh");
+    Err(Status::permission_denied(message))
 }
 
-fn admit(shared: &Shared, node: Option<&Node>) -> Result<(String, NodeWatch), Status> {
+/// Admits a stream's node: it must have an id the mesh knows, and claim
+/// exactly the service the mesh gives it. Returns the id, the claim and
+/// the node's watch.
+fn admit(
+    shared: &Shared,
+    node: Option<&Node>,
+) -> Result<(String, Option<String>, NodeWatch), Status> {
     let Some(node) = node.filter(|n| !n.id.is_empty()) else {
         return Err(Status::invalid_argument(
             "the first request of a stream must carry a node with an id",
@@ -641,13 +800,17 @@ fn admit(shared: &Shared, node: Option<&Node>) -> Result<(String, NodeWatch), St
         )));
     }
     let watch = shared.cache.watch(&node.id);
-    if !node.cluster.is_empty() {
-        check_service(&node.id, &node.cluster, &watch)?;
-    }
     if !watch.is_known() {
-        warn!(node = %node.id, "node unknown to the mesh; serving it no resources until the mesh adds it");
+        shared.metrics.unknown_nodes.fetch_add(1, Ordering::Relaxed);
+        warn!(node = ?node.id, "proxy refused: node id unknown to the mesh");
+        return Err(Status::permission_denied(format!(
+            "node id {:?} is unknown to the mesh: no workload or gateway has this name",
+            node.id
+        )));
     }
-    Ok((node.id.clone(), watch))
+    let claimed = Some(node.cluster.clone()).filter(|c| !c.is_empty());
+    check_service(shared, &node.id, claimed.as_deref(), &watch)?;
+    Ok((node.id.clone(), claimed, watch))
 }
 
 /// Ends a stream with `status`. Waits for room in the response queue (a
@@ -704,9 +867,12 @@ async fn serve_stream<P: StreamProtocol>(
         }
         let resources = watch.current();
         let ctx = stream.context();
-        if let Some(claimed) = &ctx.claimed_service
-            && let Err(status) = check_service(&ctx.node_id, claimed, &watch)
-        {
+        if let Err(status) = check_service(
+            &ctx.shared,
+            &ctx.node_id,
+            ctx.claimed_service.as_deref(),
+            &watch,
+        ) {
             end_with(&tx, ctx, status).await;
             return;
         }

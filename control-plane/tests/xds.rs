@@ -19,7 +19,7 @@ use tonic::{Code, Streaming};
 use weft_cp::cache::SnapshotCache;
 use weft_cp::resources::{MeshSnapshot, NodeEntry, NodeResources};
 use weft_cp::status::{self, Protocol, StatusReport};
-use weft_cp::xds::{Auth, Server, ServerOptions};
+use weft_cp::xds::{Auth, Server, ServerOptions, XdsLimits};
 use weft_proto::config::v1 as pb;
 use weft_proto::envoy::config::core::v3::Node;
 use weft_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
@@ -97,6 +97,15 @@ fn version(resources: &NodeResources, type_url: &str) -> String {
     resources.get(type_url).unwrap().version.clone()
 }
 
+/// The service a fixture node claims: workloads are named
+/// `<service>-<n>` (`web-1` claims `web`); other names claim none.
+fn claim(node_id: &str) -> &str {
+    node_id
+        .rsplit_once('-')
+        .filter(|(_, n)| n.bytes().all(|b| b.is_ascii_digit()))
+        .map_or("", |(service, _)| service)
+}
+
 fn node(id: &str, service: &str) -> Option<Node> {
     Some(Node {
         id: id.into(),
@@ -118,6 +127,7 @@ async fn start(auth: Auth, snapshot: MeshSnapshot) -> Server {
         auth,
         cache,
         drain_timeout: DEADLINE,
+        limits: XdsLimits::default(),
     })
     .await
     .expect("server starts")
@@ -204,7 +214,7 @@ impl Sotw {
         Self::open(
             addr,
             Some(TOKEN),
-            request(node(node_id, ""), type_url, "", "", &[]),
+            request(node(node_id, claim(node_id)), type_url, "", "", &[]),
         )
         .await
         .expect("stream admitted")
@@ -276,18 +286,24 @@ struct Delta {
 
 impl Delta {
     async fn open(addr: SocketAddr, first: DeltaDiscoveryRequest) -> Self {
+        Self::try_open(addr, first).await.expect("stream admitted")
+    }
+
+    async fn try_open(
+        addr: SocketAddr,
+        first: DeltaDiscoveryRequest,
+    ) -> Result<Self, tonic::Status> {
         let mut client = client(addr).await;
         let (tx, rx) = mpsc::channel(16);
         tx.send(first).await.unwrap();
         let request = with_token(ReceiverStream::new(rx), Some(TOKEN));
         let response = tokio::time::timeout(DEADLINE, client.delta_aggregated_resources(request))
             .await
-            .unwrap()
-            .expect("stream admitted");
-        Self {
+            .unwrap()?;
+        Ok(Self {
             tx,
             rx: response.into_inner(),
-        }
+        })
     }
 
     async fn send(&self, request: DeltaDiscoveryRequest) {
@@ -585,19 +601,49 @@ async fn sotw_reconnect_with_current_version_gets_nothing_until_a_change() {
 }
 
 #[tokio::test]
-async fn unknown_node_gets_empty_resources_then_config_when_the_mesh_adds_it() {
+async fn unknown_node_is_refused_with_its_id_and_counted() {
     let server = start_default(mesh(&[("web-1", Some("web"), web_v1())])).await;
-    let mut stream = Sotw::subscribe(server.xds_addr(), "newcomer", CLUSTERS).await;
-    let empty = stream.recv().await;
-    assert!(empty.resources.is_empty());
-    stream.ack(&empty).await;
-    let newcomer = resources(&[("api", "10.0.0.5:80")], &[], &[]);
+    let sotw = Sotw::open(
+        server.xds_addr(),
+        Some(TOKEN),
+        request(node("newcomer", ""), CLUSTERS, "", "", &[]),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(sotw.code(), Code::PermissionDenied);
+    assert!(
+        sotw.message()
+            .contains("node id \"newcomer\" is unknown to the mesh"),
+        "{}",
+        sotw.message()
+    );
+    let delta = Delta::try_open(
+        server.xds_addr(),
+        delta_subscribe(Some("web-2"), CLUSTERS, &[]),
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(delta.code(), Code::PermissionDenied);
+    assert!(delta.message().contains("\"web-2\""), "{}", delta.message());
+    assert!(server.status().proxies.is_empty());
+    let (_, metrics) = admin_get(server.admin_addr(), "/metrics", Some(TOKEN)).await;
+    assert!(
+        metrics.contains("weft_cp_unknown_node_streams_total 2\n"),
+        "{metrics}"
+    );
+    // Once the mesh has the node, it is admitted.
     server.cache().set(mesh(&[
         ("web-1", Some("web"), web_v1()),
-        ("newcomer", None, Arc::clone(&newcomer)),
+        (
+            "newcomer",
+            None,
+            resources(&[("api", "10.0.0.5:80")], &[], &[]),
+        ),
     ]));
-    let config = stream.recv().await;
-    assert_eq!(names_in(&config), ["api"]);
+    let mut stream = Sotw::subscribe(server.xds_addr(), "newcomer", CLUSTERS).await;
+    assert_eq!(names_in(&stream.recv().await), ["api"]);
     server.shutdown().await;
 }
 
@@ -610,7 +656,7 @@ async fn missing_or_wrong_token_is_unauthenticated() {
         let result = Sotw::open(
             server.xds_addr(),
             token,
-            request(node("web-1", ""), CLUSTERS, "", "", &[]),
+            request(node("web-1", "web"), CLUSTERS, "", "", &[]),
         )
         .await;
         let status = result.err().expect("refused");
@@ -621,7 +667,7 @@ async fn missing_or_wrong_token_is_unauthenticated() {
     let mut stream = Sotw::open(
         insecure.xds_addr(),
         None,
-        request(node("web-1", ""), CLUSTERS, "", "", &[]),
+        request(node("web-1", "web"), CLUSTERS, "", "", &[]),
     )
     .await
     .unwrap();
@@ -666,24 +712,86 @@ async fn first_request_without_node_or_with_another_service_is_refused() {
 }
 
 #[tokio::test]
-async fn a_claimed_service_is_checked_again_when_the_mesh_changes() {
-    let server = start_default(mesh(&[("web-1", Some("web"), web_v1())])).await;
-    // Unknown to the mesh at connect time, so nothing contradicts the claim.
-    let mut stream = Sotw::open(
+async fn a_node_s_service_comes_from_the_mesh_and_a_missing_claim_is_refused() {
+    let server = start_default(mesh(&[
+        ("web-1", Some("web"), web_v1()),
+        ("gw", None, web_v1()),
+    ]))
+    .await;
+    let open = |id: &'static str, claimed: &'static str| {
+        Sotw::open(
+            server.xds_addr(),
+            Some(TOKEN),
+            request(node(id, claimed), CLUSTERS, "", "", &[]),
+        )
+    };
+    // A workload's sidecar that claims no service gets nothing of it.
+    let unclaimed = open("web-1", "").await.err().expect("refused");
+    assert_eq!(unclaimed.code(), Code::PermissionDenied);
+    assert!(
+        unclaimed.message().contains("claims no service")
+            && unclaimed.message().contains("--service web"),
+        "{}",
+        unclaimed.message()
+    );
+    // A gateway is not a workload of any service.
+    let posing = open("gw", "web").await.err().expect("refused");
+    assert_eq!(posing.code(), Code::PermissionDenied);
+    assert!(
+        posing.message().contains("\"gw\" is a gateway"),
+        "{}",
+        posing.message()
+    );
+    let delta = Delta::try_open(
         server.xds_addr(),
-        Some(TOKEN),
-        request(node("newcomer", "web"), CLUSTERS, "", "", &[]),
+        DeltaDiscoveryRequest {
+            node: node("web-1", ""),
+            type_url: CLUSTERS.into(),
+            ..DeltaDiscoveryRequest::default()
+        },
     )
     .await
-    .unwrap();
-    let empty = stream.recv().await;
-    stream.ack(&empty).await;
+    .err()
+    .expect("refused");
+    assert_eq!(delta.code(), Code::PermissionDenied);
+    let (_, metrics) = admin_get(server.admin_addr(), "/metrics", Some(TOKEN)).await;
+    assert!(
+        metrics.contains("weft_cp_service_mismatch_streams_total 3\n"),
+        "{metrics}"
+    );
+    // A gateway that claims nothing is admitted, and the status shows each
+    // node's service from the mesh.
+    let mut gateway = open("gw", "").await.unwrap();
+    gateway.recv().await;
+    let mut sidecar = open("web-1", "web").await.unwrap();
+    sidecar.recv().await;
+    let services: BTreeMap<String, Option<String>> = server
+        .status()
+        .proxies
+        .into_iter()
+        .map(|p| (p.node_id, p.service))
+        .collect();
+    assert_eq!(
+        services,
+        BTreeMap::from([
+            ("gw".to_owned(), None),
+            ("web-1".to_owned(), Some("web".to_owned()))
+        ])
+    );
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_claimed_service_is_checked_again_when_the_mesh_changes() {
+    let server = start_default(mesh(&[("web-1", Some("web"), web_v1())])).await;
+    let mut stream = Sotw::subscribe(server.xds_addr(), "web-1", CLUSTERS).await;
+    let first = stream.recv().await;
+    stream.ack(&first).await;
     // The mesh then gives the node to another service: the stream ends
     // refused instead of receiving that service's configuration.
-    server.cache().set(mesh(&[
-        ("web-1", Some("web"), web_v1()),
-        ("newcomer", Some("payments"), web_v1()),
-    ]));
+    server
+        .cache()
+        .set(mesh(&[("web-1", Some("payments"), web_v1())]));
     let ended = tokio::time::timeout(DEADLINE, stream.rx.message())
         .await
         .expect("the stream ends in time");
@@ -701,7 +809,7 @@ async fn a_claimed_service_is_checked_again_when_the_mesh_changes() {
 
 fn delta_subscribe(node_id: Option<&str>, type_url: &str, names: &[&str]) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
-        node: node_id.and_then(|id| node(id, "")),
+        node: node_id.and_then(|id| node(id, claim(id))),
         type_url: type_url.into(),
         resource_names_subscribe: names.iter().map(|n| (*n).to_owned()).collect(),
         ..DeltaDiscoveryRequest::default()
@@ -1074,4 +1182,123 @@ async fn shutdown_ends_streams_with_unavailable() {
         .await
         .unwrap();
     assert_eq!(end.unwrap_err().code(), Code::Unavailable);
+}
+
+// ---- connection limits --------------------------------------------------------
+
+async fn start_limited(limits: XdsLimits) -> Server {
+    let cache = SnapshotCache::new();
+    cache.set(mesh(&[
+        ("web-1", Some("web"), web_v1()),
+        ("other-1", Some("other"), web_v1()),
+    ]));
+    Server::start(ServerOptions {
+        xds_addr: loopback0(),
+        admin_addr: loopback0(),
+        auth: Auth::token(TOKEN),
+        cache,
+        drain_timeout: DEADLINE,
+        limits,
+    })
+    .await
+    .expect("server starts")
+}
+
+/// Reads until the server closes the connection; `false` if it is still
+/// open at the deadline.
+async fn closed_by_server(stream: &mut TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buffer = [0_u8; 256];
+    let until_closed = async {
+        // The server may send its SETTINGS first.
+        while let Ok(read) = stream.read(&mut buffer).await {
+            if read == 0 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, until_closed).await.is_ok()
+}
+
+/// Polls the admin `/metrics` until `line` appears.
+async fn metrics_show(server: &Server, line: &str) -> bool {
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let (_, metrics) = admin_get(server.admin_addr(), "/metrics", Some(TOKEN)).await;
+        if metrics.contains(line) {
+            return true;
+        }
+        if tokio::time::Instant::now() >= end {
+            eprintln!("{metrics}");
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_connection_that_sends_nothing_is_closed_after_the_handshake_deadline() {
+    let server = start_limited(XdsLimits {
+        handshake_timeout: Duration::from_millis(200),
+        ..XdsLimits::default()
+    })
+    .await;
+    // A proxy's connection, opened first: its deadline passes before the
+    // silent one's.
+    let mut stream = Sotw::subscribe(server.xds_addr(), "web-1", CLUSTERS).await;
+    let first = stream.recv().await;
+    stream.ack(&first).await;
+
+    let mut silent = TcpStream::connect(server.xds_addr()).await.unwrap();
+    assert!(
+        closed_by_server(&mut silent).await,
+        "a silent connection is closed"
+    );
+    assert!(metrics_show(&server, "weft_cp_xds_handshake_timeouts_total 1\n").await);
+
+    // The established stream outlived its own deadline and still works.
+    let web2 = resources(&[("backend", "10.0.0.1:81")], &["main"], &[]);
+    server.cache().set(mesh(&[
+        ("web-1", Some("web"), Arc::clone(&web2)),
+        ("other-1", Some("other"), web_v1()),
+    ]));
+    assert_eq!(stream.recv().await.version_info, version(&web2, CLUSTERS));
+    server.shutdown().await;
+}
+
+#[tokio::test]
+async fn connections_over_the_cap_are_closed_while_the_others_keep_working() {
+    let server = start_limited(XdsLimits {
+        max_connections: 2,
+        ..XdsLimits::default()
+    })
+    .await;
+    let mut web = Sotw::subscribe(server.xds_addr(), "web-1", CLUSTERS).await;
+    web.recv().await;
+    let mut other = Sotw::subscribe(server.xds_addr(), "other-1", CLUSTERS).await;
+    other.recv().await;
+
+    let mut third = TcpStream::connect(server.xds_addr()).await.unwrap();
+    assert!(
+        closed_by_server(&mut third).await,
+        "a connection over the cap is closed"
+    );
+    assert!(metrics_show(&server, "weft_cp_xds_connections_refused_total 1\n").await);
+    assert!(metrics_show(&server, "weft_cp_xds_connections 2\n").await);
+
+    // Both admitted connections keep receiving pushes.
+    let next = resources(&[("backend", "10.0.0.1:81")], &["main"], &[]);
+    server.cache().set(mesh(&[
+        ("web-1", Some("web"), Arc::clone(&next)),
+        ("other-1", Some("other"), Arc::clone(&next)),
+    ]));
+    assert_eq!(web.recv().await.version_info, version(&next, CLUSTERS));
+    assert_eq!(other.recv().await.version_info, version(&next, CLUSTERS));
+
+    // A connection that ends frees its slot.
+    drop(other);
+    assert!(metrics_show(&server, "weft_cp_xds_connections 1\n").await);
+    let mut again = Sotw::subscribe(server.xds_addr(), "other-1", CLUSTERS).await;
+    again.recv().await;
+    server.shutdown().await;
 }

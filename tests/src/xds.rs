@@ -39,6 +39,7 @@ impl TestCp {
             auth: Auth::token(TOKEN),
             cache: cache.clone(),
             drain_timeout: std::time::Duration::from_secs(1),
+            limits: weft_cp::xds::XdsLimits::default(),
         })
         .await?;
         Ok(Self { server, cache })
@@ -132,6 +133,16 @@ impl CpProcess {
     /// Serves the mesh in `dir` on the given addresses (to restart a
     /// control plane where its proxies expect it).
     pub async fn start_at(dir: &Path, xds: SocketAddr, admin: SocketAddr) -> anyhow::Result<Self> {
+        Self::start_with_args(dir, xds, admin, &[]).await
+    }
+
+    /// Like [`CpProcess::start_at`], with more `weft-cp serve` flags.
+    pub async fn start_with_args(
+        dir: &Path,
+        xds: SocketAddr,
+        admin: SocketAddr,
+        extra_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let scratch = TempDir::new()?;
         let token = scratch.path().join("token");
         std::fs::write(&token, TOKEN)?;
@@ -143,6 +154,7 @@ impl CpProcess {
             .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
             .arg("--token-file")
             .arg(&token)
+            .args(extra_args)
             .args(["--print-addresses", "--log-level", "weft_cp=debug,info"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

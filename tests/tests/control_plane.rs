@@ -209,8 +209,12 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     let stdout = demo.stdout.take().unwrap();
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
     let mut admins = Vec::new();
+    let mut token_file = None;
     let up = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         while let Ok(Some(line)) = lines.next_line().await {
+            if let Some((_, path)) = line.split_once(" --token-file ") {
+                token_file = Some(std::path::PathBuf::from(path.trim()));
+            }
             if let Some(url) = line
                 .split_whitespace()
                 .find(|w| w.starts_with("http://") && w.ends_with("/config_dump"))
@@ -229,6 +233,12 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     .await;
     assert_eq!(up.ok(), Some(true), "the demo prints its banner");
     assert_eq!(admins.len(), 5, "four sidecars and a gateway");
+    // The bootstrap token is readable by its owner only.
+    let token_file = token_file.expect("the banner names the token file");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "{}", token_file.display());
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
 
     // gateway -> frontend sidecar -> frontend app -> its outbound sidecar
@@ -262,10 +272,323 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         .unwrap()
         .unwrap();
     assert!(status.success(), "{status:?}");
+    assert!(
+        !token_file.exists(),
+        "{} is removed at exit",
+        token_file.display()
+    );
     for address in admins.into_iter().chain([gateway]) {
         assert!(
             tokio::net::TcpStream::connect(address).await.is_err(),
             "{address} is closed"
         );
     }
+}
+
+/// Runs `weft-cp status` against `cp` and returns its table.
+fn status_table(cp: &CpProcess, dir: &Path) -> String {
+    let token = dir.join(".token");
+    std::fs::write(&token, TOKEN).unwrap();
+    let output = std::process::Command::new(cp_binary())
+        .args(["status", "--admin", &cp.admin.to_string(), "--token-file"])
+        .arg(&token)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_mesh_directory_is_refused_and_the_gateway_keeps_its_listener() {
+    let mesh = Mesh::start().await;
+    // Every mesh file moved away, as an unmounted volume would look.
+    let away = TempDir::new().unwrap();
+    for name in ["services.yaml", "gateway.yaml"] {
+        std::fs::rename(mesh.dir.path().join(name), away.path().join(name)).unwrap();
+    }
+    let refused = eventually(DEADLINE, || async {
+        mesh.cp
+            .status()
+            .await
+            .ok()
+            .and_then(|s| s.config_error)
+            .is_some_and(|e| e.contains("the mesh is empty") && e.contains("--allow-empty"))
+    })
+    .await;
+    assert!(
+        refused,
+        "status shows the refusal; cp log:\n{}",
+        mesh.cp.log()
+    );
+    assert!(
+        mesh.cp
+            .log()
+            .lines()
+            .any(|l| l.contains("ERROR") && l.contains("mesh change refused")),
+        "logged at error:\n{}",
+        mesh.cp.log()
+    );
+    let table = status_table(&mesh.cp, away.path());
+    assert!(table.contains("config error: "), "{table}");
+    assert!(table.contains("the mesh is empty"), "{table}");
+    assert_eq!(served_by(mesh.web).await.as_deref(), Some("alpha"));
+    assert_eq!(mesh.proxy.bound_listener("http").await, Some(mesh.web));
+
+    // Back in place, the mesh is served again and the error clears.
+    std::fs::rename(
+        away.path().join("services.yaml"),
+        mesh.dir.path().join("services.yaml"),
+    )
+    .unwrap();
+    std::fs::rename(
+        away.path().join("gateway.yaml"),
+        mesh.dir.path().join("gateway.yaml"),
+    )
+    .unwrap();
+    let cleared = eventually(DEADLINE, || async {
+        mesh.cp
+            .status()
+            .await
+            .is_ok_and(|s| s.config_error.is_none())
+    })
+    .await;
+    assert!(cleared, "cp log:\n{}", mesh.cp.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_connected_gateway_is_refused_unless_allowed() {
+    let mesh = Mesh::start().await;
+    std::fs::remove_file(mesh.dir.path().join("gateway.yaml")).unwrap();
+    let refused = eventually(DEADLINE, || async {
+        mesh.cp
+            .status()
+            .await
+            .ok()
+            .and_then(|s| s.config_error)
+            .is_some_and(|e| e.contains("removes every listener of connected proxies: node \"gw\""))
+    })
+    .await;
+    assert!(refused, "cp log:\n{}", mesh.cp.log());
+    assert_eq!(served_by(mesh.web).await.as_deref(), Some("alpha"));
+
+    // With --allow-empty, the operator means it: the gateway is emptied.
+    let allowed = CpProcess::start_with_args(
+        mesh.dir.path(),
+        loopback0(),
+        loopback0(),
+        &["--allow-empty"],
+    )
+    .await
+    .unwrap();
+    write(mesh.dir.path(), "gateway.yaml", &gateway("alpha"));
+    let proxy = ProxyProcess::start_xds(allowed.xds, "gw", Some(TOKEN))
+        .await
+        .unwrap();
+    let web = proxy.bound_listener("http").await.unwrap();
+    assert_eq!(served_by(web).await.as_deref(), Some("alpha"));
+    std::fs::remove_file(mesh.dir.path().join("gateway.yaml")).unwrap();
+    let removed = eventually(DEADLINE, || async {
+        proxy.bound_listener("http").await.is_none()
+    })
+    .await;
+    assert!(removed, "cp log:\n{}", allowed.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_to_start_on_an_empty_directory_unless_allowed() {
+    let dir = TempDir::new().unwrap();
+    // Bounded and killed on drop: a control plane that wrongly starts must
+    // fail the test, not hang it.
+    let output = tokio::process::Command::new(cp_binary())
+        .args([
+            "serve",
+            "--insecure",
+            "--xds",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--config-dir",
+        ])
+        .arg(dir.path())
+        .kill_on_drop(true)
+        .output();
+    let output = tokio::time::timeout(DEADLINE, output)
+        .await
+        .expect("weft-cp exits at once")
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&dir.path().display().to_string())
+            && stderr.contains("the mesh is empty")
+            && stderr.contains("--allow-empty"),
+        "{stderr}"
+    );
+    let cp = CpProcess::start_with_args(dir.path(), loopback0(), loopback0(), &["--allow-empty"])
+        .await
+        .unwrap();
+    assert_eq!(cp.status().await.unwrap().mesh_generation, 1);
+
+    let validate = |allow: bool| {
+        let mut command = std::process::Command::new(cp_binary());
+        command.arg("validate").arg(dir.path());
+        if allow {
+            command.arg("--allow-empty");
+        }
+        command.output().unwrap()
+    };
+    let refused = validate(false);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no services and no gateways"));
+    assert!(validate(true).status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_with_an_unknown_node_id_or_without_its_service_is_refused() {
+    let mesh = Mesh::start().await;
+    let stranger = ProxyProcess::start_xds_unready(mesh.cp.xds, "stranger", Some(TOKEN))
+        .await
+        .unwrap();
+    // `alpha-1` is a workload of `alpha`: without `--service alpha` it
+    // gets nothing.
+    let unclaimed = ProxyProcess::start_xds_unready(mesh.cp.xds, "alpha-1", Some(TOKEN))
+        .await
+        .unwrap();
+    let refused = eventually(DEADLINE, || async {
+        let stranger = stranger.log();
+        let unclaimed = unclaimed.log();
+        stranger.contains("control plane refused this proxy")
+            && stranger.contains("stranger")
+            && stranger.contains("is unknown to the mesh")
+            && unclaimed.contains("control plane refused this proxy")
+            && unclaimed.contains("claims no service")
+    })
+    .await;
+    assert!(
+        refused,
+        "stranger:\n{}\nunclaimed:\n{}",
+        stranger.log(),
+        unclaimed.log()
+    );
+    let status = mesh.cp.status().await.unwrap();
+    assert_eq!(status.proxies.len(), 1, "only the gateway: {status:?}");
+    assert!(
+        mesh.cp
+            .log()
+            .contains("proxy refused: node id unknown to the mesh")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_closes_an_xds_connection_that_sends_nothing() {
+    use tokio::io::AsyncReadExt as _;
+    let dir = TempDir::new().unwrap();
+    write(
+        dir.path(),
+        "services.yaml",
+        &services(
+            "127.0.0.1:11".parse().unwrap(),
+            "127.0.0.1:12".parse().unwrap(),
+        ),
+    );
+    let cp = CpProcess::start_with_args(
+        dir.path(),
+        loopback0(),
+        loopback0(),
+        &[
+            "--xds-handshake-timeout",
+            "200ms",
+            "--max-xds-connections",
+            "8",
+        ],
+    )
+    .await
+    .unwrap();
+    let mut silent = tokio::net::TcpStream::connect(cp.xds).await.unwrap();
+    let mut buffer = [0_u8; 256];
+    let closed = tokio::time::timeout(DEADLINE, async {
+        while let Ok(read) = silent.read(&mut buffer).await {
+            if read == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the silent connection is closed; cp log:\n{}",
+        cp.log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_flag_values_are_refused_and_help_matches_behaviour() {
+    // Every command would fail or stay on loopback port 0 even if a flag
+    // were accepted, and is killed at the deadline rather than hanging.
+    let run = async |args: &[&str]| {
+        let output = tokio::process::Command::new(cp_binary())
+            .args(args)
+            .kill_on_drop(true)
+            .output();
+        tokio::time::timeout(DEADLINE, output)
+            .await
+            .unwrap_or_else(|_| panic!("weft-cp {args:?} exits at once"))
+            .unwrap()
+    };
+    let serve = [
+        "serve",
+        "--config-dir",
+        "/nonexistent",
+        "--xds",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let demo = [
+        "demo",
+        "--config-dir",
+        "/nonexistent",
+        "--proxy-binary",
+        "/nonexistent",
+        "--xds",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ];
+    let cases: [(&[&str], &[&str], &str); 6] = [
+        (
+            &serve,
+            &["--insecure", "--poll-interval", "0s"],
+            "'--poll-interval <DURATION>': \"0s\" is out of range: expected 10ms to 1h",
+        ),
+        (
+            &serve,
+            &["--insecure", "--xds-handshake-timeout", "0s"],
+            "\"0s\" is out of range: expected 100ms to 5m",
+        ),
+        (
+            &serve,
+            &["--insecure", "--max-xds-connections", "0"],
+            "--max-xds-connections",
+        ),
+        (&demo, &["--duration", "0s"], "expected 1s to 30days"),
+        (&demo, &["--rate", "4294967295"], "--rate"),
+        (&serve, &[], "<--token-file <FILE>|--insecure>"),
+    ];
+    for (command, flags, expected) in cases {
+        let args: Vec<&str> = command.iter().chain(flags).copied().collect();
+        let output = run(&args).await;
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {output:?}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    let help = String::from_utf8(run(&["--help"]).await.stdout).unwrap();
+    assert!(!help.contains("certificate authority"), "{help}");
+    let serve_help = String::from_utf8(run(&["serve", "--help"]).await.stdout).unwrap();
+    assert!(
+        serve_help.contains(
+            "Usage: weft-cp serve [OPTIONS] --config-dir <DIR> <--token-file <FILE>|--insecure>"
+        ),
+        "{serve_help}"
+    );
 }
