@@ -140,7 +140,7 @@ route_configs:
             |headers| {
                 strip_hop_by_hop(headers, false);
                 apply_header_ops(ops, headers);
-                add_forwarded(headers, &peer, 0);
+                add_forwarded(headers, &peer, 0, false);
                 black_box(ensure_request_id(headers, false).len())
             },
             BatchSize::SmallInput,

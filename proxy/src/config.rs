@@ -10,6 +10,7 @@
 mod model;
 pub mod proto;
 mod spec;
+mod tls;
 mod validate;
 
 use std::fmt;
@@ -169,6 +170,7 @@ impl Config {
                 via: None,
                 xff_num_trusted_hops: None,
                 preserve_request_id: None,
+                tls: None,
             }],
             route_configs: vec![RouteConfigSpec {
                 name: "default".into(),

@@ -21,6 +21,7 @@ mod resilience;
 mod rng;
 mod stack;
 mod tcp;
+mod tls;
 mod transport;
 
 /// Hot-path building blocks, public only so that the criterion

@@ -89,6 +89,8 @@ pub(crate) enum ListenerSnapshot {
 #[derive(Debug)]
 pub(crate) struct HttpListener {
     pub(crate) config: config::Listener,
+    /// TLS termination, when the listener has it.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) table: RouteTable<Arc<PreparedRoute>>,
     pub(crate) via_h1: Option<HeaderValue>,
     pub(crate) via_h2: Option<HeaderValue>,
@@ -272,8 +274,10 @@ pub(crate) fn build(
                         .as_ref()
                         .and_then(|via| HeaderValue::try_from(format!("{version} {via}")).ok())
                 };
+                let tls = listener.tls.as_deref().map(crate::tls::server_config);
                 ListenerSnapshot::Http(Arc::new(HttpListener {
                     config: listener.clone(),
+                    tls,
                     table,
                     via_h1: via("1.1"),
                     via_h2: via("2"),

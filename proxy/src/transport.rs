@@ -50,6 +50,9 @@ pub(crate) enum Protocol {
 pub(crate) enum Stream {
     /// Plain TCP.
     Tcp(TcpStream),
+    /// TLS terminated here. Boxed: rustls's connection state is large and
+    /// most connections are plain.
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl Stream {
@@ -58,6 +61,7 @@ impl Stream {
     pub(crate) fn as_tcp_mut(&mut self) -> Option<&mut TcpStream> {
         match self {
             Self::Tcp(stream) => Some(stream),
+            Self::TlsServer(_) => None,
         }
     }
 
@@ -66,12 +70,14 @@ impl Stream {
     ///
     /// Cancel safety: cancel safe (it only waits for readiness).
     pub(crate) async fn wait_for_data(&self) -> bool {
-        match self {
-            Self::Tcp(stream) => {
-                let mut probe = [0u8; 1];
-                matches!(stream.peek(&mut probe).await, Ok(n) if n > 0)
-            }
-        }
+        let mut probe = [0u8; 1];
+        let socket = match self {
+            Self::Tcp(stream) => stream,
+            // Bytes on the socket; rustls may also hold decrypted ones, so
+            // TLS connections are never parked (see `http::server`).
+            Self::TlsServer(stream) => stream.get_ref().0,
+        };
+        matches!(socket.peek(&mut probe).await, Ok(n) if n > 0)
     }
 
     /// Opens a plain TCP connection with `TCP_NODELAY` (small requests and
@@ -93,6 +99,7 @@ impl AsyncRead for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::TlsServer(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
         }
     }
 }
@@ -105,6 +112,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_write(cx, data),
+            Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write(cx, data),
         }
     }
 
@@ -115,24 +123,28 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
         }
     }
 
     fn is_write_vectored(&self) -> bool {
         match self {
             Self::Tcp(stream) => stream.is_write_vectored(),
+            Self::TlsServer(stream) => stream.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_flush(cx),
+            Self::TlsServer(stream) => Pin::new(&mut **stream).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::TlsServer(stream) => Pin::new(&mut **stream).poll_shutdown(cx),
         }
     }
 }
@@ -177,6 +189,48 @@ pub(crate) async fn detect(
         DownstreamIo {
             stream: Stream::Tcp(stream),
             prefix,
+            metrics,
+            state,
+        },
+        protocol,
+    ))
+}
+
+/// Completes a TLS handshake within `deadline`; the protocol is what ALPN
+/// chose (`h2`, else HTTP/1.1). `None` when the handshake failed or timed
+/// out (counted; the connection is then dropped).
+pub(crate) async fn accept_tls(
+    stream: TcpStream,
+    config: &Arc<rustls::ServerConfig>,
+    deadline: Duration,
+    metrics: Arc<ListenerMetrics>,
+    state: Arc<ConnState>,
+) -> Option<(DownstreamIo, Protocol)> {
+    // Boxed: the handshake's state (rustls's connection and buffers) would
+    // otherwise sit in every connection's task, TLS or not.
+    let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
+    let handshake = Box::pin(acceptor.accept(stream));
+    let stream = match tokio::time::timeout(deadline, handshake).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            metrics.tls_handshake_failures.fetch_add(1, Relaxed);
+            tracing::debug!(%error, "tls handshake failed");
+            return None;
+        }
+        Err(_) => {
+            metrics.tls_handshake_failures.fetch_add(1, Relaxed);
+            tracing::debug!("tls handshake timed out");
+            return None;
+        }
+    };
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
+    Some((
+        DownstreamIo {
+            stream: Stream::TlsServer(Box::new(stream)),
+            prefix: Bytes::new(),
             metrics,
             state,
         },

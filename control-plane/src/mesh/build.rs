@@ -372,6 +372,7 @@ fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
         via: None,
         xff_num_trusted_hops: None,
         preserve_request_id: (side == Side::Sidecar).then_some(true),
+        tls: None,
     }
 }
 

@@ -71,6 +71,38 @@ pub struct Listener {
     pub xff_num_trusted_hops: u32,
     /// Keep a client-sent `x-request-id` even with no trusted hop.
     pub preserve_request_id: bool,
+    /// TLS termination, when configured.
+    pub tls: Option<Arc<ListenerTls>>,
+}
+
+/// A listener's TLS termination, its files loaded and checked.
+#[derive(Debug)]
+pub struct ListenerTls {
+    /// Certificates in configuration order.
+    pub certificates: Vec<TlsCertificate>,
+    /// The oldest protocol version accepted.
+    pub min_version: TlsVersion,
+}
+
+/// A loaded certificate chain with its signing key.
+#[derive(Debug)]
+pub struct TlsCertificate {
+    /// The chain and key, as rustls serves them. (The key is never
+    /// printed: rustls's signing keys show only their algorithm.)
+    pub key: Arc<rustls::sign::CertifiedKey>,
+    /// SNI names it serves; empty for the default certificate.
+    pub server_names: Vec<DomainMatch>,
+    /// Where the chain came from, for logs and `/config_dump`.
+    pub cert_file: Arc<str>,
+}
+
+/// TLS protocol versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsVersion {
+    /// TLS 1.2 (and 1.3).
+    Tls12,
+    /// TLS 1.3 only.
+    Tls13,
 }
 
 /// What a listener does with its connections.

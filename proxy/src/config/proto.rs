@@ -27,8 +27,8 @@ use weft_proto::prost_types;
 
 use super::spec::{
     BootstrapSpec, ClusterSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec, HeaderOpsSpec,
-    ListenerSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, VirtualHostSpec,
-    WeightedClusterSpec,
+    ListenerSpec, ListenerTlsSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec, RouteSpec,
+    TlsCertificateSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -329,6 +329,18 @@ impl From<&ListenerSpec> for pb::Listener {
             via: spec.via.clone(),
             xff_num_trusted_hops: spec.xff_num_trusted_hops,
             preserve_request_id: spec.preserve_request_id,
+            tls: spec.tls.as_ref().map(|tls| pb::ListenerTls {
+                certificates: tls
+                    .certificates
+                    .iter()
+                    .map(|c| pb::TlsCertificate {
+                        cert_file: c.cert_file.clone(),
+                        key_file: c.key_file.clone(),
+                        server_names: c.server_names.clone(),
+                    })
+                    .collect(),
+                min_version: tls.min_version.clone(),
+            }),
         }
     }
 }
@@ -358,6 +370,18 @@ impl TryFrom<pb::Listener> for ListenerSpec {
             via: listener.via,
             xff_num_trusted_hops: listener.xff_num_trusted_hops,
             preserve_request_id: listener.preserve_request_id,
+            tls: listener.tls.map(|tls| ListenerTlsSpec {
+                certificates: tls
+                    .certificates
+                    .into_iter()
+                    .map(|c| TlsCertificateSpec {
+                        cert_file: c.cert_file,
+                        key_file: c.key_file,
+                        server_names: c.server_names,
+                    })
+                    .collect(),
+                min_version: tls.min_version,
+            }),
         })
     }
 }

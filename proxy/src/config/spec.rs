@@ -98,6 +98,35 @@ pub struct ListenerSpec {
     /// Keep a client-sent `x-request-id` even with no trusted hop.
     #[serde(default)]
     pub preserve_request_id: Option<bool>,
+    /// HTTP listeners: terminate TLS with these certificates.
+    #[serde(default)]
+    pub tls: Option<ListenerTlsSpec>,
+}
+
+/// TLS termination on a listener.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsSpec {
+    /// Certificates, chosen by the client's SNI; the first without
+    /// `server_names` (else the first) serves clients that send none or
+    /// an unknown name.
+    pub certificates: Vec<TlsCertificateSpec>,
+    /// `"1.2"` (the default) or `"1.3"`.
+    #[serde(default)]
+    pub min_version: Option<String>,
+}
+
+/// A certificate chain and its private key, from PEM files.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificateSpec {
+    /// PEM file: the certificate, then its intermediates.
+    pub cert_file: String,
+    /// PEM file: the private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// SNI names this certificate serves (`example.com`, `*.example.com`).
+    #[serde(default)]
+    pub server_names: Vec<String>,
 }
 
 /// A named routing table.

@@ -13,8 +13,8 @@ use regex::Regex;
 
 use super::model::*;
 use super::spec::{
-    BootstrapSpec, ClusterSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec, RouteConfigSpec,
-    RouteSpec,
+    BootstrapSpec, ClusterSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec, ListenerTlsSpec,
+    RouteConfigSpec, RouteSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -270,6 +270,7 @@ fn validate_listener(
                 ("via", spec.via.is_some()),
                 ("xff_num_trusted_hops", spec.xff_num_trusted_hops.is_some()),
                 ("preserve_request_id", spec.preserve_request_id.is_some()),
+                ("tls", spec.tls.is_some()),
             ];
             for (field, set) in http_only {
                 if set {
@@ -350,6 +351,11 @@ fn validate_listener(
             format!("{xff_num_trusted_hops} is out of range (0..={MAX_TRUSTED_HOPS})"),
         );
     }
+    let tls = spec
+        .tls
+        .as_ref()
+        .and_then(|tls| listener_tls(tls, &mut check))
+        .map(Arc::new);
     if errors.len() > before {
         return None;
     }
@@ -366,6 +372,54 @@ fn validate_listener(
         via: spec.via.as_deref().map(Arc::from),
         xff_num_trusted_hops,
         preserve_request_id: spec.preserve_request_id.unwrap_or(false),
+        tls,
+    })
+}
+
+/// Loads a listener's certificates and keys; every problem names its field
+/// and file.
+fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<ListenerTls> {
+    let min_version = match spec.min_version.as_deref() {
+        None | Some("1.2") => TlsVersion::Tls12,
+        Some("1.3") => TlsVersion::Tls13,
+        Some(other) => {
+            check.error(
+                "tls.min_version",
+                format!("unknown value {other:?} (expected \"1.2\", \"1.3\")"),
+            );
+            TlsVersion::Tls12
+        }
+    };
+    if spec.certificates.is_empty() {
+        check.error("tls.certificates", "must list at least one certificate");
+    }
+    let mut certificates = Vec::new();
+    for (i, cert) in spec.certificates.iter().enumerate() {
+        let at = format!("tls.certificates[{i}]");
+        let mut server_names = Vec::new();
+        for (j, name) in cert.server_names.iter().enumerate() {
+            match parse_domain(&name.to_ascii_lowercase()) {
+                Some(DomainMatch::Any) | None => check.error(
+                    format!("{at}.server_names[{j}]"),
+                    format!("invalid server name {name:?} (expected host or *.suffix)"),
+                ),
+                Some(domain) => server_names.push(domain),
+            }
+        }
+        match super::tls::load_certified_key(&cert.cert_file, &cert.key_file) {
+            Ok(key) => certificates.push(TlsCertificate {
+                key: Arc::new(key),
+                server_names,
+                cert_file: cert.cert_file.as_str().into(),
+            }),
+            Err(super::tls::LoadKeyError { field, message }) => {
+                check.error(format!("{at}.{field}"), message);
+            }
+        }
+    }
+    Some(ListenerTls {
+        certificates,
+        min_version,
     })
 }
 

@@ -16,6 +16,7 @@ static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection"
 /// Only meaningful beside an `h2c` upgrade, which is never forwarded.
 static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 static HTTP: HeaderValue = HeaderValue::from_static("http");
+static HTTPS: HeaderValue = HeaderValue::from_static("https");
 static UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 
 /// Removes connection-specific headers. With `keep_upgrade` (an HTTP/1.1
@@ -133,9 +134,15 @@ pub fn is_upgrade_request(headers: &HeaderMap) -> bool {
 /// client claimed) is dropped, and the peer's address is appended. With no
 /// trusted hop it is just the peer's address.
 ///
-/// `x-forwarded-proto`: with no trusted hop, the scheme of this connection;
+/// `x-forwarded-proto`: with no trusted hop, the scheme of this connection
+/// (`https` when `is_tls`);
 /// otherwise a trusted proxy's value is kept.
-pub fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue, trusted_hops: u32) {
+pub fn add_forwarded(
+    headers: &mut HeaderMap,
+    peer_ip: &HeaderValue,
+    trusted_hops: u32,
+    is_tls: bool,
+) {
     let kept = if trusted_hops == 0 {
         None
     } else {
@@ -157,7 +164,8 @@ pub fn add_forwarded(headers: &mut HeaderMap, peer_ip: &HeaderValue, trusted_hop
         }
     }
     if trusted_hops == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HTTP.clone());
+        let scheme = if is_tls { &HTTPS } else { &HTTP };
+        headers.insert(X_FORWARDED_PROTO.clone(), scheme.clone());
     }
 }
 
@@ -378,7 +386,7 @@ mod tests {
         ];
         for (sent, hops, xff, proto) in cases {
             let mut h = map(sent);
-            add_forwarded(&mut h, &ip, hops);
+            add_forwarded(&mut h, &ip, hops, false);
             assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1, "{sent:?}");
             assert_eq!(h["x-forwarded-for"], xff, "{sent:?} {hops}");
             assert_eq!(h["x-forwarded-proto"], proto, "{sent:?} {hops}");

@@ -26,7 +26,7 @@ use crate::error::ProxyError;
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
 use crate::telemetry::{AccessRecord, RequestMetrics};
-use crate::transport::{ConnState, DownstreamIo, Protocol, detect};
+use crate::transport::{ConnState, DownstreamIo, Protocol, accept_tls, detect};
 
 /// hyper's HTTP/1 read buffer never goes below this.
 const MIN_H1_BUFFER: usize = 8192;
@@ -43,6 +43,8 @@ struct Connection {
     index: usize,
     peer: SocketAddr,
     peer_ip: HeaderValue,
+    /// TLS terminated on this connection.
+    is_tls: bool,
     shared: Shared,
     drain: Drain,
     state: Arc<ConnState>,
@@ -71,13 +73,12 @@ pub(crate) async fn serve(
 ) {
     let settings = &listener.config;
     let state = Arc::new(ConnState::new(true));
-    let detected = detect(
-        stream,
-        settings.header_read_timeout,
-        listener.metrics.clone(),
-        state.clone(),
-    )
-    .await;
+    let deadline = settings.header_read_timeout;
+    let metrics = listener.metrics.clone();
+    let detected = match &listener.tls {
+        Some(acceptor) => accept_tls(stream, acceptor, deadline, metrics, state.clone()).await,
+        None => detect(stream, deadline, metrics, state.clone()).await,
+    };
     let Some((io, protocol)) = detected else {
         return;
     };
@@ -88,6 +89,7 @@ pub(crate) async fn serve(
     let conn = Arc::new(Connection {
         index,
         peer,
+        is_tls: listener.tls.is_some(),
         peer_ip: HeaderValue::try_from(peer.ip().to_string())
             .expect("an IP address is a valid header value"),
         shared,
@@ -192,7 +194,9 @@ async fn serve_h1(
             |c| Pin::new(&mut **c).graceful_shutdown(),
             conn,
             deadlines,
-            Some(PARK_AFTER),
+            // A TLS connection is not parked: rustls may hold decrypted
+            // bytes that a wait on the socket would not see.
+            (!conn.is_tls).then_some(PARK_AFTER),
         )
         .await;
         if ending == Ending::Dropped {
@@ -522,7 +526,7 @@ async fn route_and_forward(
     if route.forwards {
         let h = req.headers_mut();
         headers::strip_hop_by_hop(h, is_upgrade);
-        headers::add_forwarded(h, &conn.peer_ip, settings.xff_num_trusted_hops);
+        headers::add_forwarded(h, &conn.peer_ip, settings.xff_num_trusted_hops, conn.is_tls);
         if let Some(via) = via {
             h.append(header::VIA, via.clone());
         }

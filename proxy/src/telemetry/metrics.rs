@@ -91,6 +91,8 @@ pub struct ListenerMetrics {
     pub bytes_received: AtomicU64,
     /// Bytes written to clients.
     pub bytes_sent: AtomicU64,
+    /// TLS handshakes that failed or timed out.
+    pub tls_handshake_failures: AtomicU64,
     /// Requests the HTTP/1 parser rejected as malformed (answered 400).
     pub rejected_malformed: AtomicU64,
     /// Requests the HTTP/1 parser rejected as too large (answered 431,
@@ -256,6 +258,16 @@ impl Metrics {
                     count.load(Relaxed)
                 );
             }
+        }
+        out.push_str("# HELP weft_downstream_tls_handshake_failures_total TLS handshakes with clients that failed or timed out.\n");
+        out.push_str("# TYPE weft_downstream_tls_handshake_failures_total counter\n");
+        for (listener, m) in &registry.listeners {
+            let _ = writeln!(
+                out,
+                "weft_downstream_tls_handshake_failures_total{{listener=\"{}\"}} {}",
+                escape(listener),
+                m.tls_handshake_failures.load(Relaxed)
+            );
         }
         let cluster_series: [Series<ClusterMetrics>; 4] = [
             (

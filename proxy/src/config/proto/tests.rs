@@ -150,6 +150,7 @@ fn unset_optional_fields_stay_unset() {
         via: None,
         xff_num_trusted_hops: None,
         preserve_request_id: None,
+        tls: None,
     };
     let proto = pb::Listener::from(&listener);
     assert_eq!(
@@ -323,6 +324,14 @@ fn protos_round_trip_through_the_spec() {
         via: Some("weft".into()),
         xff_num_trusted_hops: Some(2),
         preserve_request_id: Some(true),
+        tls: Some(pb::ListenerTls {
+            certificates: vec![pb::TlsCertificate {
+                cert_file: "/etc/weft/a.pem".into(),
+                key_file: "/etc/weft/a.key".into(),
+                server_names: vec!["a.example.com".into()],
+            }],
+            min_version: Some("1.3".into()),
+        }),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();
     assert_eq!(pb::Listener::from(&spec), listener);

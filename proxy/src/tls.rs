@@ -1,0 +1,179 @@
+//! rustls configurations built from the model: what a TLS listener serves
+//! (certificates chosen by SNI, ALPN `h2` and `http/1.1`, TLS 1.2+ with
+//! rustls's modern cipher suites and the ring crypto provider).
+//!
+//! Built once per snapshot, off the request path; a handshake only looks
+//! the client's server name up in a prepared table. Mesh mTLS (SPIFFE
+//! identities, client certificates, upstream TLS) builds on this.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+
+use crate::config::{DomainMatch, ListenerTls, TlsVersion};
+
+/// The ALPN protocols a TLS listener offers, most preferred first.
+const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// The server configuration of a TLS listener.
+pub(crate) fn server_config(tls: &ListenerTls) -> Arc<rustls::ServerConfig> {
+    let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
+        TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
+        TlsVersion::Tls13 => &[&rustls::version::TLS13],
+    };
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(versions)
+        .expect("the ring provider supports TLS 1.2 and 1.3")
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(SniResolver::new(tls)));
+    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    Arc::new(config)
+}
+
+/// Chooses a certificate by the client's server name: an exact name, then
+/// the longest `*.suffix`, then the default.
+#[derive(Debug)]
+pub(crate) struct SniResolver {
+    exact: HashMap<Box<str>, Arc<CertifiedKey>>,
+    /// `(".example.com", key)`, longest suffix first.
+    suffixes: Vec<(Box<str>, Arc<CertifiedKey>)>,
+    default: Option<Arc<CertifiedKey>>,
+}
+
+impl SniResolver {
+    fn new(tls: &ListenerTls) -> Self {
+        let mut exact = HashMap::new();
+        let mut suffixes = Vec::new();
+        for cert in &tls.certificates {
+            for name in &cert.server_names {
+                match name {
+                    DomainMatch::Exact(host) => {
+                        exact
+                            .entry(host.clone())
+                            .or_insert_with(|| cert.key.clone());
+                    }
+                    DomainMatch::Suffix(suffix) => {
+                        suffixes.push((suffix.clone(), cert.key.clone()))
+                    }
+                    DomainMatch::Any => {}
+                }
+            }
+        }
+        suffixes.sort_by_key(|(suffix, _)| std::cmp::Reverse(suffix.len()));
+        let default = tls
+            .certificates
+            .iter()
+            .find(|c| c.server_names.is_empty())
+            .or_else(|| tls.certificates.first())
+            .map(|c| c.key.clone());
+        Self {
+            exact,
+            suffixes,
+            default,
+        }
+    }
+
+    /// The certificate for `server_name` (lower case, as rustls gives it).
+    fn choose(&self, server_name: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        if let Some(name) = server_name {
+            if let Some(key) = self.exact.get(name) {
+                return Some(key.clone());
+            }
+            // `*.example.com` covers `a.example.com`, not `example.com`.
+            if let Some((_, key)) = self
+                .suffixes
+                .iter()
+                .find(|(suffix, _)| name.len() > suffix.len() && name.ends_with(&**suffix))
+            {
+                return Some(key.clone());
+            }
+        }
+        self.default.clone()
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        match hello.server_name() {
+            Some(name) if name.bytes().any(|b| b.is_ascii_uppercase()) => {
+                self.choose(Some(&name.to_ascii_lowercase()))
+            }
+            name => self.choose(name),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TlsCertificate;
+
+    fn key(name: &str) -> Arc<CertifiedKey> {
+        let rcgen::CertifiedKey { cert, signing_key } =
+            rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+        let der = rustls_pki_types::PrivateKeyDer::try_from(signing_key.serialize_der()).unwrap();
+        let signing = rustls::crypto::ring::sign::any_supported_type(&der).unwrap();
+        Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing))
+    }
+
+    fn cert(key: &Arc<CertifiedKey>, names: &[&str]) -> TlsCertificate {
+        TlsCertificate {
+            key: key.clone(),
+            server_names: names
+                .iter()
+                .map(|n| match n.strip_prefix('*') {
+                    Some(suffix) => DomainMatch::Suffix(suffix.into()),
+                    None => DomainMatch::Exact((*n).into()),
+                })
+                .collect(),
+            cert_file: "test.pem".into(),
+        }
+    }
+
+    #[test]
+    fn sni_picks_exact_then_longest_suffix_then_the_default() {
+        let (api, wild, deep, fallback) = (
+            key("api.example.com"),
+            key("*.example.com"),
+            key("*.eu.example.com"),
+            key("default"),
+        );
+        let tls = ListenerTls {
+            certificates: vec![
+                cert(&api, &["api.example.com"]),
+                cert(&wild, &["*.example.com"]),
+                cert(&fallback, &[]),
+                cert(&deep, &["*.eu.example.com"]),
+            ],
+            min_version: TlsVersion::Tls12,
+        };
+        let resolver = SniResolver::new(&tls);
+        let cases = [
+            (Some("api.example.com"), &api),
+            (Some("www.example.com"), &wild),
+            (Some("a.eu.example.com"), &deep),
+            (Some("example.com"), &fallback),
+            (Some("other.org"), &fallback),
+            (None, &fallback),
+        ];
+        for (name, want) in cases {
+            let got = resolver.choose(name).unwrap();
+            assert!(Arc::ptr_eq(&got, want), "{name:?}");
+        }
+        // With no certificate lacking names, the first is the default.
+        let tls = ListenerTls {
+            certificates: vec![cert(&api, &["api.example.com"])],
+            min_version: TlsVersion::Tls13,
+        };
+        let got = SniResolver::new(&tls).choose(Some("x.org")).unwrap();
+        assert!(Arc::ptr_eq(&got, &api));
+        let config = server_config(&tls);
+        assert_eq!(
+            config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+    }
+}

@@ -1,0 +1,306 @@
+//! TLS termination on HTTP listeners: certificates from PEM files chosen by
+//! SNI, HTTP/1.1 or HTTP/2 by ALPN, `x-forwarded-proto: https`, failed
+//! handshakes counted, bad files named in the error, and curl interop.
+
+// Helpers outside #[test] functions unwrap too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use weft_tests::*;
+
+/// A test CA and the leaf certificates it signed, written as PEM files.
+struct Pki {
+    dir: TempDir,
+    ca_der: CertificateDer<'static>,
+    /// DER of each leaf, by file stem.
+    leaves: Vec<(String, CertificateDer<'static>)>,
+}
+
+impl Pki {
+    fn new(leaves: &[(&str, &[&str])]) -> Self {
+        let dir = TempDir::new().unwrap();
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "weft test ca");
+        let ca = ca_params.self_signed(&ca_key).unwrap();
+        std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+        let issuer = rcgen::Issuer::new(ca_params, ca_key);
+        let mut written = Vec::new();
+        for (stem, names) in leaves {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+            let cert = rcgen::CertificateParams::new(names)
+                .unwrap()
+                .signed_by(&key, &issuer)
+                .unwrap();
+            std::fs::write(dir.path().join(format!("{stem}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+            written.push(((*stem).to_owned(), cert.der().clone()));
+        }
+        Self {
+            dir,
+            ca_der: ca.der().clone(),
+            leaves: written,
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn leaf(&self, stem: &str) -> &CertificateDer<'static> {
+        &self.leaves.iter().find(|(s, _)| s == stem).unwrap().1
+    }
+
+    fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.ca_der.clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+fn tls_config(pki: &Pki, echo: SocketAddr) -> String {
+    let tls = format!(
+        r#", tls: {{ certificates: [
+        {{ cert_file: "{api}", key_file: "{api_key}", server_names: [api.example.com] }},
+        {{ cert_file: "{wild}", key_file: "{wild_key}", server_names: ["*.example.com"] }},
+        {{ cert_file: "{default}", key_file: "{default_key}" }} ] }} }}"#,
+        api = pki.path("api.pem"),
+        api_key = pki.path("api.key"),
+        wild = pki.path("wild.pem"),
+        wild_key = pki.path("wild.key"),
+        default = pki.path("default.pem"),
+        default_key = pki.path("default.key"),
+    );
+    one_route_config(echo, "http1", "")
+        .replace("route_config: main }", &format!("route_config: main{tls}"))
+}
+
+fn standard_pki() -> Pki {
+    Pki::new(&[
+        ("api", &["api.example.com"]),
+        ("wild", &["*.example.com"]),
+        ("default", &["default.test"]),
+    ])
+}
+
+async fn tls_connect(
+    pki: &Pki,
+    addr: SocketAddr,
+    server_name: &str,
+    alpn: &[&[u8]],
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from(server_name.to_owned()).unwrap();
+    pki.client(alpn).connect(name, tcp).await.unwrap()
+}
+
+fn request(authority: &str, version: http::Version) -> http::Request<Full<Bytes>> {
+    let uri = match version {
+        http::Version::HTTP_2 => format!("https://{authority}/tls"),
+        _ => "/tls".to_owned(),
+    };
+    let mut builder = http::Request::builder()
+        .uri(uri)
+        .version(version)
+        .header("x-echo-headers", "1")
+        // A client's claim is not believed: the connection says https.
+        .header("x-forwarded-proto", "http");
+    if version != http::Version::HTTP_2 {
+        builder = builder.header(http::header::HOST, authority);
+    }
+    builder.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn tls_listeners_serve_http1_and_http2_by_alpn_with_certificates_chosen_by_sni() {
+    let pki = standard_pki();
+    let echo = echo("tls").await;
+    let proxy = ProxyProcess::start(&tls_config(&pki, echo.local_addr()))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+
+    // HTTP/1.1 over TLS.
+    let stream = tls_connect(&pki, web, "api.example.com", &[b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+    let served = stream.get_ref().1.peer_certificates().unwrap()[0].clone();
+    assert_eq!(&served, pki.leaf("api"));
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request("api.example.com", http::Version::HTTP_11))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-echo-req-x-forwarded-proto"), "https");
+
+    // HTTP/2 over TLS, chosen by ALPN; a wildcard name.
+    let stream = tls_connect(&pki, web, "www.example.com", &[b"h2", b"http/1.1"]).await;
+    assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+    assert_eq!(
+        &stream.get_ref().1.peer_certificates().unwrap()[0],
+        pki.leaf("wild")
+    );
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let response = sender
+        .send_request(request("www.example.com", http::Version::HTTP_2))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.version(), http::Version::HTTP_2);
+    assert_eq!(header(&response, "x-echo-req-x-forwarded-proto"), "https");
+
+    // An unknown name gets the default certificate (which does not match
+    // it, so a verifying client refuses; a client asking for the default
+    // name is served).
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let name = ServerName::try_from("unknown.org").unwrap();
+    assert!(pki.client(&[]).connect(name, tcp).await.is_err());
+    let stream = tls_connect(&pki, web, "default.test", &[]).await;
+    assert_eq!(
+        &stream.get_ref().1.peer_certificates().unwrap()[0],
+        pki.leaf("default")
+    );
+}
+
+#[tokio::test]
+async fn plaintext_to_a_tls_listener_is_refused_and_counted() {
+    let pki = standard_pki();
+    let echo = echo("tls").await;
+    let proxy = ProxyProcess::start(&tls_config(&pki, echo.local_addr()))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let mut stream = TcpStream::connect(web).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut out)).await;
+    // The proxy closes (after a TLS alert at most); never an HTTP answer.
+    assert!(read.is_ok(), "the connection is closed");
+    assert!(
+        !String::from_utf8_lossy(&out).contains("HTTP/1.1"),
+        "{out:?}"
+    );
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy
+                .metric("weft_downstream_tls_handshake_failures_total{listener=\"web\"}")
+                .await
+                == 1.0
+        })
+        .await
+    );
+}
+
+#[tokio::test]
+async fn curl_trusts_the_listener_through_the_test_ca() {
+    if std::process::Command::new("curl")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        eprintln!("skipped: curl is not installed");
+        return;
+    }
+    let pki = standard_pki();
+    let echo = echo("tls").await;
+    let proxy = ProxyProcess::start(&tls_config(&pki, echo.local_addr()))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let resolve = format!("api.example.com:{}:127.0.0.1", web.port());
+    let url = format!("https://api.example.com:{}/curl", web.port());
+    let ca = pki.path("ca.pem");
+    let output = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code} %{http_version}",
+        ])
+        .args(["--cacert", &ca, "--resolve", &resolve, &url])
+        .output()
+        .await
+        .unwrap();
+    let written = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{written} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(written.starts_with("200 "), "{written}");
+}
+
+fn check_config(path: &Path) -> (bool, String) {
+    let output = std::process::Command::new(proxy_binary())
+        .arg("--check-config")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn unreadable_or_mismatched_key_files_are_named_in_the_error() {
+    let pki = standard_pki();
+    let echo: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let file = pki.dir.path().join("proxy.yaml");
+
+    let missing = tls_config(&pki, echo).replace(&pki.path("api.key"), "/nonexistent/api.key");
+    std::fs::write(&file, missing).unwrap();
+    let (ok, stderr) = check_config(&file);
+    assert!(!ok);
+    assert!(
+        stderr.contains(r#"listener "web": tls.certificates[0].key_file: cannot read a private key from "/nonexistent/api.key""#),
+        "{stderr}"
+    );
+
+    let swapped = tls_config(&pki, echo).replace(&pki.path("api.key"), &pki.path("wild.key"));
+    std::fs::write(&file, swapped).unwrap();
+    let (ok, stderr) = check_config(&file);
+    assert!(!ok);
+    assert!(
+        stderr.contains(r#"listener "web": tls.certificates[0].key_file:"#)
+            && stderr.contains("does not match the certificate"),
+        "{stderr}"
+    );
+
+    std::fs::write(&file, tls_config(&pki, echo)).unwrap();
+    let (ok, stderr) = check_config(&file);
+    assert!(ok, "{stderr}");
+}
