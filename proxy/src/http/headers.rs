@@ -23,43 +23,94 @@ static UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 /// upgrade being forwarded), `upgrade` stays and `connection: upgrade` is
 /// restored, since the upstream must see the upgrade request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
-    // Headers the sender listed in `connection` are hop-by-hop too.
-    if let Some(connection) = headers.get(header::CONNECTION).cloned() {
-        for token in connection.to_str().unwrap_or("").split(',') {
-            let token = token.trim();
-            // `keep-alive` is removed below anyway, and parsing it would
-            // allocate (it is not one of http's predefined names).
-            if token.is_empty()
-                || ["upgrade", "close", "keep-alive"]
-                    .iter()
-                    .any(|t| token.eq_ignore_ascii_case(t))
-            {
-                continue;
-            }
-            if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
-                && !is_end_to_end_essential(&name)
-            {
-                headers.remove(name);
+    // PERF: one pass over the names finds the hop-by-hop headers present;
+    // removing an absent one would still hash its name and probe the map
+    // (`cargo bench --bench hotpath -- request_headers`, benches/RESULTS.md).
+    let mut present = HopByHop::default();
+    for name in headers.keys() {
+        present.note(name);
+    }
+    if present.connection {
+        // Headers the sender listed in `connection` are hop-by-hop too.
+        if let Some(connection) = headers.get(header::CONNECTION).cloned() {
+            for token in connection.to_str().unwrap_or("").split(',') {
+                let token = token.trim();
+                // `keep-alive` is removed below anyway, and parsing it would
+                // allocate (it is not one of http's predefined names).
+                if token.is_empty()
+                    || ["upgrade", "close", "keep-alive"]
+                        .iter()
+                        .any(|t| token.eq_ignore_ascii_case(t))
+                {
+                    continue;
+                }
+                if let Ok(name) = HeaderName::from_bytes(token.as_bytes())
+                    && !is_end_to_end_essential(&name)
+                {
+                    headers.remove(name);
+                }
             }
         }
         headers.remove(header::CONNECTION);
     }
-    headers.remove(&KEEP_ALIVE);
-    headers.remove(&PROXY_CONNECTION);
-    headers.remove(&HTTP2_SETTINGS);
-    headers.remove(header::TRANSFER_ENCODING);
+    if present.keep_alive {
+        headers.remove(&KEEP_ALIVE);
+    }
+    if present.proxy_connection {
+        headers.remove(&PROXY_CONNECTION);
+    }
+    if present.http2_settings {
+        headers.remove(&HTTP2_SETTINGS);
+    }
+    if present.transfer_encoding {
+        headers.remove(header::TRANSFER_ENCODING);
+    }
     // `te: trailers` is how gRPC says it understands trailers; anything
     // else in `te` is about this hop only.
-    if headers
-        .get(header::TE)
-        .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
+    if present.te
+        && headers
+            .get(header::TE)
+            .is_some_and(|te| !te.as_bytes().eq_ignore_ascii_case(b"trailers"))
     {
         headers.remove(header::TE);
     }
     if keep_upgrade {
         headers.insert(header::CONNECTION, UPGRADE.clone());
-    } else {
+    } else if present.upgrade {
         headers.remove(header::UPGRADE);
+    }
+}
+
+/// Which of the fixed hop-by-hop headers a map holds.
+#[derive(Debug, Default)]
+struct HopByHop {
+    connection: bool,
+    keep_alive: bool,
+    proxy_connection: bool,
+    http2_settings: bool,
+    transfer_encoding: bool,
+    te: bool,
+    upgrade: bool,
+}
+
+impl HopByHop {
+    fn note(&mut self, name: &HeaderName) {
+        // Predefined names compare as enum values; the custom ones by bytes.
+        if name == header::CONNECTION {
+            self.connection = true;
+        } else if name == header::TRANSFER_ENCODING {
+            self.transfer_encoding = true;
+        } else if name == header::TE {
+            self.te = true;
+        } else if name == header::UPGRADE {
+            self.upgrade = true;
+        } else if name == KEEP_ALIVE {
+            self.keep_alive = true;
+        } else if name == PROXY_CONNECTION {
+            self.proxy_connection = true;
+        } else if name == HTTP2_SETTINGS {
+            self.http2_settings = true;
+        }
     }
 }
 
