@@ -10,7 +10,7 @@
 mod model;
 pub mod proto;
 mod spec;
-mod tls;
+pub(crate) mod tls;
 mod validate;
 
 use std::fmt;

@@ -232,10 +232,10 @@ impl ListenerSet {
     }
 }
 
-/// The `conn` span (at debug) every connection's task runs in. (`peer.id`,
-/// the peer's verified identity, joins it with TLS.)
+/// The `conn` span (at debug) every connection's task runs in; `peer.id`
+/// is recorded once a TLS client proved its SPIFFE ID.
 fn connection_span(listener: &str, peer: SocketAddr) -> tracing::Span {
-    tracing::debug_span!("conn", listener, peer.addr = %peer)
+    tracing::debug_span!("conn", listener, peer.addr = %peer, peer.id = tracing::field::Empty)
 }
 
 /// Runs one listener's accept loop until its drain signal.

@@ -9,8 +9,10 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::config::{DomainMatch, ListenerTls, TlsVersion};
 
@@ -24,13 +26,118 @@ pub(crate) fn server_config(tls: &ListenerTls) -> Arc<rustls::ServerConfig> {
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(versions)
-        .expect("the ring provider supports TLS 1.2 and 1.3")
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(SniResolver::new(tls)));
+        .expect("the ring provider supports TLS 1.2 and 1.3");
+    let builder = match &tls.clients {
+        Some(clients) => {
+            let verifier =
+                WebPkiClientVerifier::builder_with_provider(clients.roots.clone(), provider);
+            let verifier = if clients.required {
+                verifier.build()
+            } else {
+                verifier.allow_unauthenticated().build()
+            };
+            match verifier {
+                Ok(verifier) => builder.with_client_cert_verifier(verifier),
+                // Validation loaded at least one root, which is all the
+                // builder needs; refuse every client rather than none.
+                Err(error) => {
+                    tracing::error!(%error, "client certificate verifier; refusing all clients");
+                    builder.with_client_cert_verifier(Arc::new(RefuseAll))
+                }
+            }
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(tls)));
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
+}
+
+/// What a TLS listener learned of its client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PeerCheck {
+    /// No client certificate (none asked for, or optional and not sent).
+    Anonymous,
+    /// A verified certificate with this SPIFFE ID (or none in it).
+    Verified(Option<Arc<str>>),
+    /// Refused: the certificate's identity is malformed or not allowed.
+    Refused(&'static str),
+}
+
+/// Checks a verified client certificate's identity against the
+/// listener's rules. The chain was verified during the handshake.
+pub(crate) fn check_peer(tls: &ListenerTls, leaf: Option<&CertificateDer<'_>>) -> PeerCheck {
+    let Some(leaf) = leaf else {
+        return PeerCheck::Anonymous;
+    };
+    let id = match crate::config::tls::spiffe_id(leaf) {
+        Ok(id) => id,
+        Err(crate::config::tls::IdentityError::SeveralUris) => {
+            return PeerCheck::Refused("several URI SANs");
+        }
+        Err(_) => return PeerCheck::Refused("malformed identity"),
+    };
+    let allowed = tls
+        .clients
+        .as_ref()
+        .map_or(&[][..], |c| &c.allowed_identities[..]);
+    if !allowed.is_empty() && !id.as_ref().is_some_and(|id| allowed.contains(id)) {
+        return PeerCheck::Refused("identity not allowed");
+    }
+    PeerCheck::Verified(id)
+}
+
+/// A verifier that accepts no client: used only if a verifier could not
+/// be built, so that a listener meant for mutual TLS never serves without
+/// it.
+#[derive(Debug)]
+struct RefuseAll;
+
+impl ClientCertVerifier for RefuseAll {
+    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        Err(rustls::Error::General(
+            "client verification unavailable".into(),
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "client verification unavailable".into(),
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General(
+            "client verification unavailable".into(),
+        ))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// Chooses a certificate by the client's server name: an exact name, then
@@ -130,6 +237,7 @@ mod tests {
                 })
                 .collect(),
             cert_file: "test.pem".into(),
+            spiffe_id: None,
         }
     }
 
@@ -149,6 +257,7 @@ mod tests {
                 cert(&deep, &["*.eu.example.com"]),
             ],
             min_version: TlsVersion::Tls12,
+            clients: None,
         };
         let resolver = SniResolver::new(&tls);
         let cases = [
@@ -167,6 +276,7 @@ mod tests {
         let tls = ListenerTls {
             certificates: vec![cert(&api, &["api.example.com"])],
             min_version: TlsVersion::Tls13,
+            clients: None,
         };
         let got = SniResolver::new(&tls).choose(Some("x.org")).unwrap();
         assert!(Arc::ptr_eq(&got, &api));

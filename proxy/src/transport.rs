@@ -32,6 +32,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
 use crate::telemetry::ListenerMetrics;
+use crate::tls::PeerCheck;
 
 /// The HTTP/2 client connection preface (RFC 9113 §3.4).
 const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -191,6 +192,7 @@ pub(crate) async fn detect(
             prefix,
             metrics,
             state,
+            peer_identity: None,
         },
         protocol,
     ))
@@ -202,6 +204,7 @@ pub(crate) async fn detect(
 pub(crate) async fn accept_tls(
     stream: TcpStream,
     config: &Arc<rustls::ServerConfig>,
+    tls: &crate::config::ListenerTls,
     deadline: Duration,
     metrics: Arc<ListenerMetrics>,
     state: Arc<ConnState>,
@@ -223,7 +226,18 @@ pub(crate) async fn accept_tls(
             return None;
         }
     };
-    let protocol = match stream.get_ref().1.alpn_protocol() {
+    let session = stream.get_ref().1;
+    let leaf = session.peer_certificates().and_then(<[_]>::first);
+    let peer_identity = match crate::tls::check_peer(tls, leaf) {
+        PeerCheck::Anonymous => None,
+        PeerCheck::Verified(id) => id,
+        PeerCheck::Refused(reason) => {
+            metrics.tls_peer_refused.fetch_add(1, Relaxed);
+            tracing::debug!(reason, "tls client refused");
+            return None;
+        }
+    };
+    let protocol = match session.alpn_protocol() {
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
@@ -233,6 +247,7 @@ pub(crate) async fn accept_tls(
             prefix: Bytes::new(),
             metrics,
             state,
+            peer_identity,
         },
         protocol,
     ))
@@ -248,9 +263,16 @@ pub(crate) struct DownstreamIo {
     prefix: Bytes,
     metrics: Arc<ListenerMetrics>,
     state: Arc<ConnState>,
+    /// The client's verified SPIFFE ID (mutual TLS).
+    peer_identity: Option<Arc<str>>,
 }
 
 impl DownstreamIo {
+    /// The client's verified SPIFFE ID, when it presented one.
+    pub(crate) fn peer_identity(&self) -> Option<&Arc<str>> {
+        self.peer_identity.as_ref()
+    }
+
     /// Puts bytes back in front of the stream.
     pub(crate) fn unread(&mut self, bytes: Bytes) {
         if bytes.is_empty() {

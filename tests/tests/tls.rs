@@ -27,6 +27,11 @@ struct Pki {
 
 impl Pki {
     fn new(leaves: &[(&str, &[&str])]) -> Self {
+        Self::with_uris(leaves, &[])
+    }
+
+    /// `clients`: (file stem, URI SANs) of client certificates.
+    fn with_uris(leaves: &[(&str, &[&str])], clients: &[(&str, &[&str])]) -> Self {
         let dir = TempDir::new().unwrap();
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -49,6 +54,19 @@ impl Pki {
             std::fs::write(dir.path().join(format!("{stem}.key")), key.serialize_pem()).unwrap();
             written.push(((*stem).to_owned(), cert.der().clone()));
         }
+        for (stem, uris) in clients {
+            let key = rcgen::KeyPair::generate().unwrap();
+            let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            for uri in *uris {
+                params
+                    .subject_alt_names
+                    .push(rcgen::SanType::URI((*uri).try_into().unwrap()));
+            }
+            let cert = params.signed_by(&key, &issuer).unwrap();
+            std::fs::write(dir.path().join(format!("{stem}.pem")), cert.pem()).unwrap();
+            std::fs::write(dir.path().join(format!("{stem}.key")), key.serialize_pem()).unwrap();
+            written.push(((*stem).to_owned(), cert.der().clone()));
+        }
         Self {
             dir,
             ca_der: ca.der().clone(),
@@ -65,14 +83,35 @@ impl Pki {
     }
 
     fn client(&self, alpn: &[&[u8]]) -> tokio_rustls::TlsConnector {
+        self.client_as(alpn, None)
+    }
+
+    /// A client presenting the certificate `stem` (from `other`'s CA when
+    /// given), trusting this CA.
+    fn client_as(
+        &self,
+        alpn: &[&[u8]],
+        identity: Option<(&Pki, &str)>,
+    ) -> tokio_rustls::TlsConnector {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca_der.clone()).unwrap();
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((pki, stem)) => {
+                use rustls_pki_types::pem::PemObject;
+                let chain = vec![pki.leaf(stem).clone()];
+                let key = rustls_pki_types::PrivateKeyDer::from_pem_file(
+                    pki.path(&format!("{stem}.key")),
+                )
+                .unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
         config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         tokio_rustls::TlsConnector::from(Arc::new(config))
     }
@@ -303,4 +342,146 @@ async fn unreadable_or_mismatched_key_files_are_named_in_the_error() {
     std::fs::write(&file, tls_config(&pki, echo)).unwrap();
     let (ok, stderr) = check_config(&file);
     assert!(ok, "{stderr}");
+}
+
+const CLIENT_ID: &str = "spiffe://weft.test/ns/default/sa/client";
+
+fn mtls_pki() -> Pki {
+    Pki::with_uris(
+        &[("server", &["api.example.com"])],
+        &[
+            ("client", &[CLIENT_ID]),
+            ("other", &["spiffe://weft.test/ns/default/sa/other"]),
+            (
+                "twice",
+                &[CLIENT_ID, "spiffe://weft.test/ns/default/sa/other"],
+            ),
+        ],
+    )
+}
+
+fn mtls_config(pki: &Pki, echo: SocketAddr, extra: &str) -> String {
+    let tls = format!(
+        r#", tls: {{ certificates: [{{ cert_file: "{cert}", key_file: "{key}" }}], client_ca_file: "{ca}"{extra} }} }}"#,
+        cert = pki.path("server.pem"),
+        key = pki.path("server.key"),
+        ca = pki.path("ca.pem"),
+    );
+    one_route_config(echo, "http1", "")
+        .replace("route_config: main }", &format!("route_config: main{tls}"))
+}
+
+/// Sends one HTTP/1.1 request over mutual TLS as `stem`; `Err` when the
+/// connection is refused.
+async fn mtls_get(
+    pki: &Pki,
+    web: SocketAddr,
+    identity: Option<(&Pki, &str)>,
+) -> Result<http::Response<hyper::body::Incoming>, String> {
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let name = ServerName::try_from("api.example.com").unwrap();
+    let stream = pki
+        .client_as(&[b"http/1.1"], identity)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(conn);
+    let mut req = request("api.example.com", http::Version::HTTP_11);
+    // A client cannot claim an identity for itself.
+    req.headers_mut().insert(
+        "x-forwarded-client-cert",
+        "URI=spiffe://weft.test/ns/x/sa/admin".parse().unwrap(),
+    );
+    tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn mutual_tls_passes_the_clients_spiffe_id_and_refuses_the_rest() {
+    let pki = mtls_pki();
+    let stranger = Pki::with_uris(&[], &[("client", &[CLIENT_ID])]);
+    let echo = echo("mtls").await;
+    let proxy = ProxyProcess::start(&mtls_config(&pki, echo.local_addr(), ""))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+
+    let response = mtls_get(&pki, web, Some((&pki, "client"))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-echo-req-x-forwarded-client-cert"),
+        format!("URI={CLIENT_ID}"),
+        "set by the proxy, never the client's own"
+    );
+
+    // No certificate, or one from a CA the listener does not trust: the
+    // handshake fails and is counted.
+    assert!(mtls_get(&pki, web, None).await.is_err());
+    assert!(
+        mtls_get(&pki, web, Some((&stranger, "client")))
+            .await
+            .is_err()
+    );
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy
+                .metric("weft_downstream_tls_handshake_failures_total{listener=\"web\"}")
+                .await
+                == 2.0
+        })
+        .await
+    );
+
+    // Two URI SANs is not an X.509-SVID: refused after the handshake.
+    assert!(mtls_get(&pki, web, Some((&pki, "twice"))).await.is_err());
+    assert_eq!(
+        proxy
+            .metric("weft_downstream_tls_peer_refused_total{listener=\"web\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn allowed_identities_admit_only_the_listed_callers() {
+    let pki = mtls_pki();
+    let echo = echo("mtls").await;
+    let extra = format!(r#", allowed_identities: ["{CLIENT_ID}"]"#);
+    let proxy = ProxyProcess::start(&mtls_config(&pki, echo.local_addr(), &extra))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let response = mtls_get(&pki, web, Some((&pki, "client"))).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(mtls_get(&pki, web, Some((&pki, "other"))).await.is_err());
+    assert_eq!(
+        proxy
+            .metric("weft_downstream_tls_peer_refused_total{listener=\"web\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_client_sent_forwarded_client_cert_never_reaches_the_upstream() {
+    let echo = echo("plain").await;
+    let proxy = ProxyProcess::start(&one_route_config(echo.local_addr(), "http1", ""))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let mut req = get(web, "/");
+    req.headers_mut()
+        .insert("x-echo-headers", "1".parse().unwrap());
+    req.headers_mut().insert(
+        "x-forwarded-client-cert",
+        "URI=spiffe://weft.test/ns/x/sa/admin".parse().unwrap(),
+    );
+    let response = http1_request(web, req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-echo-req-x-forwarded-client-cert"), "");
 }

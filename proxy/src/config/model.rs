@@ -82,6 +82,19 @@ pub struct ListenerTls {
     pub certificates: Vec<TlsCertificate>,
     /// The oldest protocol version accepted.
     pub min_version: TlsVersion,
+    /// Mutual TLS: how client certificates are verified.
+    pub clients: Option<ClientVerification>,
+}
+
+/// A listener's verification of client certificates.
+#[derive(Debug)]
+pub struct ClientVerification {
+    /// The CAs that sign client certificates.
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Refuse clients without a certificate.
+    pub required: bool,
+    /// SPIFFE IDs allowed to connect; empty allows any.
+    pub allowed_identities: Vec<Arc<str>>,
 }
 
 /// A loaded certificate chain with its signing key.
@@ -94,6 +107,8 @@ pub struct TlsCertificate {
     pub server_names: Vec<DomainMatch>,
     /// Where the chain came from, for logs and `/config_dump`.
     pub cert_file: Arc<str>,
+    /// The SPIFFE ID the certificate carries, if any.
+    pub spiffe_id: Option<Arc<str>>,
 }
 
 /// TLS protocol versions.

@@ -340,6 +340,9 @@ impl From<&ListenerSpec> for pb::Listener {
                     })
                     .collect(),
                 min_version: tls.min_version.clone(),
+                client_ca_file: tls.client_ca_file.clone(),
+                require_client_certificate: tls.require_client_certificate,
+                allowed_identities: tls.allowed_identities.clone(),
             }),
         }
     }
@@ -381,6 +384,9 @@ impl TryFrom<pb::Listener> for ListenerSpec {
                     })
                     .collect(),
                 min_version: tls.min_version,
+                client_ca_file: tls.client_ca_file,
+                require_client_certificate: tls.require_client_certificate,
+                allowed_identities: tls.allowed_identities,
             }),
         })
     }

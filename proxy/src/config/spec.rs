@@ -114,6 +114,17 @@ pub struct ListenerTlsSpec {
     /// `"1.2"` (the default) or `"1.3"`.
     #[serde(default)]
     pub min_version: Option<String>,
+    /// PEM file of the CAs that sign client certificates (mutual TLS).
+    #[serde(default)]
+    pub client_ca_file: Option<String>,
+    /// With `client_ca_file`: refuse clients without a certificate
+    /// (default true).
+    #[serde(default)]
+    pub require_client_certificate: Option<bool>,
+    /// With `client_ca_file`: the SPIFFE IDs allowed to connect (empty:
+    /// any the CAs signed).
+    #[serde(default)]
+    pub allowed_identities: Vec<String>,
 }
 
 /// A certificate chain and its private key, from PEM files.

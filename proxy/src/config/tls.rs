@@ -1,5 +1,6 @@
-//! Loading certificate chains and private keys from PEM files into the
-//! model, with errors that name the field and the file.
+//! Loading certificate chains, private keys and CA bundles from PEM files
+//! into the model, with errors that name the field and the file; and the
+//! SPIFFE ID a certificate carries (X.509-SVID: exactly one URI SAN).
 
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
@@ -49,4 +50,130 @@ pub(super) fn load_certified_key(
         )
     })?;
     Ok(certified)
+}
+
+/// Reads a PEM bundle of CA certificates.
+pub(super) fn load_roots(path: &str) -> Result<rustls::RootCertStore, String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<_, _>>())
+        .map_err(|e| format!("cannot read {path:?}: {e}"))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, ignored) = roots.add_parsable_certificates(certs);
+    if ignored > 0 {
+        return Err(format!(
+            "{path:?}: {ignored} certificate(s) are not valid CA certificates"
+        ));
+    }
+    if added == 0 {
+        return Err(format!("{path:?} holds no PEM certificate"));
+    }
+    Ok(roots)
+}
+
+/// True for `spiffe://<trust-domain>/<path>`.
+pub(crate) fn is_spiffe_id(id: &str) -> bool {
+    id.strip_prefix("spiffe://").is_some_and(|rest| {
+        rest.split_once('/').is_some_and(|(domain, path)| {
+            !domain.is_empty()
+                && !path.is_empty()
+                && domain
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+                && path
+                    .bytes()
+                    .all(|b| b.is_ascii_graphic() && b != b'?' && b != b'#')
+        })
+    })
+}
+
+/// Why a certificate's identity is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(crate) enum IdentityError {
+    /// The certificate could not be parsed.
+    #[error("certificate does not parse")]
+    Unparsable,
+    /// More than one URI SAN: an X.509-SVID has exactly one.
+    #[error("certificate has more than one URI SAN")]
+    SeveralUris,
+    /// The URI SAN is not a SPIFFE ID.
+    #[error("certificate's URI SAN is not a SPIFFE ID")]
+    NotSpiffe,
+}
+
+/// The SPIFFE ID of a certificate: `None` when it has no URI SAN.
+pub(crate) fn spiffe_id(der: &[u8]) -> Result<Option<std::sync::Arc<str>>, IdentityError> {
+    use x509_parser::extensions::GeneralName;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparsable)?;
+    let san = cert
+        .subject_alternative_name()
+        .map_err(|_| IdentityError::Unparsable)?;
+    let mut uris = san
+        .iter()
+        .flat_map(|san| san.value.general_names.iter())
+        .filter_map(|name| match name {
+            GeneralName::URI(uri) => Some(*uri),
+            _ => None,
+        });
+    let Some(uri) = uris.next() else {
+        return Ok(None);
+    };
+    if uris.next().is_some() {
+        return Err(IdentityError::SeveralUris);
+    }
+    if !is_spiffe_id(uri) {
+        return Err(IdentityError::NotSpiffe);
+    }
+    Ok(Some(uri.into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cert_with_uris(uris: &[&str]) -> Vec<u8> {
+        let mut params = rcgen::CertificateParams::new(vec!["a.example".to_owned()]).unwrap();
+        for uri in uris {
+            params
+                .subject_alt_names
+                .push(rcgen::SanType::URI((*uri).try_into().unwrap()));
+        }
+        let key = rcgen::KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn spiffe_ids_are_exactly_one_uri_san() {
+        let one = cert_with_uris(&["spiffe://example.org/ns/a/sa/b"]);
+        assert_eq!(
+            spiffe_id(&one).unwrap().as_deref(),
+            Some("spiffe://example.org/ns/a/sa/b")
+        );
+        assert_eq!(spiffe_id(&cert_with_uris(&[])).unwrap(), None);
+        let two = cert_with_uris(&["spiffe://example.org/a", "spiffe://example.org/b"]);
+        assert_eq!(spiffe_id(&two), Err(IdentityError::SeveralUris));
+        let https = cert_with_uris(&["https://example.org/a"]);
+        assert_eq!(spiffe_id(&https), Err(IdentityError::NotSpiffe));
+        assert_eq!(
+            spiffe_id(b"not a certificate"),
+            Err(IdentityError::Unparsable)
+        );
+    }
+
+    #[test]
+    fn spiffe_id_syntax() {
+        let cases = [
+            ("spiffe://example.org/ns/default/sa/web", true),
+            ("spiffe://td-1.local/x", true),
+            ("spiffe://example.org", false),
+            ("spiffe://example.org/", false),
+            ("spiffe:///ns/a", false),
+            ("spiffe://Example.org/a", false),
+            ("spiffe://example.org/a?b", false),
+            ("https://example.org/a", false),
+        ];
+        for (id, valid) in cases {
+            assert_eq!(is_spiffe_id(id), valid, "{id}");
+        }
+    }
 }

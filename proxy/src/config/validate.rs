@@ -407,19 +407,62 @@ fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<Liste
             }
         }
         match super::tls::load_certified_key(&cert.cert_file, &cert.key_file) {
-            Ok(key) => certificates.push(TlsCertificate {
-                key: Arc::new(key),
-                server_names,
-                cert_file: cert.cert_file.as_str().into(),
-            }),
+            Ok(key) => {
+                let spiffe_id = key
+                    .end_entity_cert()
+                    .ok()
+                    .and_then(|leaf| super::tls::spiffe_id(leaf).ok().flatten());
+                certificates.push(TlsCertificate {
+                    key: Arc::new(key),
+                    server_names,
+                    cert_file: cert.cert_file.as_str().into(),
+                    spiffe_id,
+                });
+            }
             Err(super::tls::LoadKeyError { field, message }) => {
                 check.error(format!("{at}.{field}"), message);
             }
         }
     }
+    let clients = match &spec.client_ca_file {
+        Some(path) => match super::tls::load_roots(path) {
+            Ok(roots) => {
+                let mut allowed_identities = Vec::new();
+                for (i, id) in spec.allowed_identities.iter().enumerate() {
+                    if super::tls::is_spiffe_id(id) {
+                        allowed_identities.push(Arc::from(id.as_str()));
+                    } else {
+                        check.error(
+                            format!("tls.allowed_identities[{i}]"),
+                            format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+                        );
+                    }
+                }
+                Some(ClientVerification {
+                    roots: Arc::new(roots),
+                    required: spec.require_client_certificate.unwrap_or(true),
+                    allowed_identities,
+                })
+            }
+            Err(message) => {
+                check.error("tls.client_ca_file", message);
+                None
+            }
+        },
+        None => {
+            if spec.require_client_certificate.is_some() {
+                check.error("tls.require_client_certificate", "needs client_ca_file");
+            }
+            if !spec.allowed_identities.is_empty() {
+                check.error("tls.allowed_identities", "needs client_ca_file");
+            }
+            None
+        }
+    };
     Some(ListenerTls {
         certificates,
         min_version,
+        clients,
     })
 }
 

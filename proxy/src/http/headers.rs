@@ -11,6 +11,8 @@ use crate::config::HeaderOps;
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub(crate) static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub(crate) static X_FORWARDED_CLIENT_CERT: HeaderName =
+    HeaderName::from_static("x-forwarded-client-cert");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 /// Only meaningful beside an `h2c` upgrade, which is never forwarded.
@@ -236,6 +238,29 @@ fn trusted_entries(headers: &HeaderMap, hops: u32) -> Option<Vec<u8>> {
         return None;
     }
     Some(entries.join(&b", "[..]))
+}
+
+/// The `x-forwarded-client-cert` value for a client that proved `peer`
+/// (Envoy's format: `By=<this proxy's SPIFFE ID>;URI=<the client's>`;
+/// `By` only when the listener's default certificate carries one).
+/// Built once per connection.
+pub(crate) fn client_cert_value(
+    tls: Option<&crate::config::ListenerTls>,
+    peer: &str,
+) -> Option<HeaderValue> {
+    let own = tls.and_then(|tls| {
+        let default = tls
+            .certificates
+            .iter()
+            .find(|c| c.server_names.is_empty())
+            .or_else(|| tls.certificates.first())?;
+        default.spiffe_id.clone()
+    });
+    let value = match own {
+        Some(own) => format!("By={own};URI={peer}"),
+        None => format!("URI={peer}"),
+    };
+    HeaderValue::try_from(value).ok()
 }
 
 /// Returns the request's `x-request-id`: the one it carries when `keep`

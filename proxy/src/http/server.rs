@@ -45,6 +45,8 @@ struct Connection {
     peer_ip: HeaderValue,
     /// TLS terminated on this connection.
     is_tls: bool,
+    /// `x-forwarded-client-cert` for a client that proved a SPIFFE ID.
+    client_cert: Option<HeaderValue>,
     shared: Shared,
     drain: Drain,
     state: Arc<ConnState>,
@@ -75,13 +77,20 @@ pub(crate) async fn serve(
     let state = Arc::new(ConnState::new(true));
     let deadline = settings.header_read_timeout;
     let metrics = listener.metrics.clone();
-    let detected = match &listener.tls {
-        Some(acceptor) => accept_tls(stream, acceptor, deadline, metrics, state.clone()).await,
-        None => detect(stream, deadline, metrics, state.clone()).await,
+    let detected = match (&listener.tls, settings.tls.as_deref()) {
+        (Some(server), Some(tls)) => {
+            accept_tls(stream, server, tls, deadline, metrics, state.clone()).await
+        }
+        _ => detect(stream, deadline, metrics, state.clone()).await,
     };
     let Some((io, protocol)) = detected else {
         return;
     };
+    if let Some(id) = io.peer_identity()
+        && tracing::level_enabled!(tracing::Level::DEBUG)
+    {
+        tracing::Span::current().record("peer.id", &**id);
+    }
     if protocol == Protocol::Http2 {
         // HTTP/2 frames between streams are not request heads.
         state.stop_tracking_heads();
@@ -90,6 +99,9 @@ pub(crate) async fn serve(
         index,
         peer,
         is_tls: listener.tls.is_some(),
+        client_cert: io
+            .peer_identity()
+            .and_then(|peer| headers::client_cert_value(settings.tls.as_deref(), peer)),
         peer_ip: HeaderValue::try_from(peer.ip().to_string())
             .expect("an IP address is a valid header value"),
         shared,
@@ -527,6 +539,14 @@ async fn route_and_forward(
         let h = req.headers_mut();
         headers::strip_hop_by_hop(h, is_upgrade);
         headers::add_forwarded(h, &conn.peer_ip, settings.xff_num_trusted_hops, conn.is_tls);
+        // Only this proxy says who the client proved to be.
+        h.remove(&headers::X_FORWARDED_CLIENT_CERT);
+        if let Some(client_cert) = &conn.client_cert {
+            h.insert(
+                headers::X_FORWARDED_CLIENT_CERT.clone(),
+                client_cert.clone(),
+            );
+        }
         if let Some(via) = via {
             h.append(header::VIA, via.clone());
         }

@@ -93,6 +93,8 @@ pub struct ListenerMetrics {
     pub bytes_sent: AtomicU64,
     /// TLS handshakes that failed or timed out.
     pub tls_handshake_failures: AtomicU64,
+    /// TLS clients refused for their identity (malformed, or not allowed).
+    pub tls_peer_refused: AtomicU64,
     /// Requests the HTTP/1 parser rejected as malformed (answered 400).
     pub rejected_malformed: AtomicU64,
     /// Requests the HTTP/1 parser rejected as too large (answered 431,
@@ -267,6 +269,16 @@ impl Metrics {
                 "weft_downstream_tls_handshake_failures_total{{listener=\"{}\"}} {}",
                 escape(listener),
                 m.tls_handshake_failures.load(Relaxed)
+            );
+        }
+        out.push_str("# HELP weft_downstream_tls_peer_refused_total TLS clients refused for their certificate's identity.\n");
+        out.push_str("# TYPE weft_downstream_tls_peer_refused_total counter\n");
+        for (listener, m) in &registry.listeners {
+            let _ = writeln!(
+                out,
+                "weft_downstream_tls_peer_refused_total{{listener=\"{}\"}} {}",
+                escape(listener),
+                m.tls_peer_refused.load(Relaxed)
             );
         }
         let cluster_series: [Series<ClusterMetrics>; 4] = [

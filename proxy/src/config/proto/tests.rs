@@ -331,6 +331,9 @@ fn protos_round_trip_through_the_spec() {
                 server_names: vec!["a.example.com".into()],
             }],
             min_version: Some("1.3".into()),
+            client_ca_file: Some("/etc/weft/ca.pem".into()),
+            require_client_certificate: Some(false),
+            allowed_identities: vec!["spiffe://example.org/ns/a/sa/b".into()],
         }),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();
