@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version, header};
 
-pub(crate) use pool::{Endpoint, UpstreamBody};
+pub(crate) use pool::{Endpoint, UpstreamBody, Wire};
 
 use crate::body::RequestBody;
 use crate::config::{Cluster, EndpointAddress, UpstreamProtocol};
@@ -31,7 +31,7 @@ use crate::error::ProxyError;
 use crate::rng::with_thread_rng;
 use crate::telemetry::Metrics;
 pub use lb::Balancer;
-use pool::{PoolSettings, Wire};
+use pool::PoolSettings;
 
 /// A resolved endpoint set with its prepared balancer.
 #[derive(Debug)]
@@ -210,13 +210,15 @@ impl ClusterState {
 }
 
 /// Whether endpoints built for `a` serve `b` unchanged: same protocol,
-/// connect timeout and pool settings (the load balancer and the endpoint
-/// list may differ).
+/// connect timeout, pool and TLS settings (the load balancer and the
+/// endpoint list may differ). A connection verified for one server
+/// identity never carries a request meant for another.
 fn reaches_endpoints_alike(a: &Cluster, b: &Cluster) -> bool {
     a.protocol == b.protocol
         && a.connect_timeout == b.connect_timeout
         && a.pool_idle_timeout == b.pool_idle_timeout
         && a.max_idle_per_endpoint == b.max_idle_per_endpoint
+        && a.tls == b.tls
 }
 
 /// Sorts by address and merges duplicates (two names resolving to one

@@ -205,6 +205,7 @@ impl Config {
                         weight: None,
                     })
                     .collect(),
+                tls: None,
             }],
             ..BootstrapSpec::default()
         };

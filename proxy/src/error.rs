@@ -81,6 +81,18 @@ pub(crate) enum ProxyError {
         #[source]
         source: std::io::Error,
     },
+    /// The TLS handshake with the endpoint failed (its certificate was not
+    /// trusted, or not for the identity the cluster expects).
+    #[error("tls with {endpoint} in cluster {cluster} failed")]
+    UpstreamTls {
+        /// Cluster name.
+        cluster: Arc<str>,
+        /// Endpoint address.
+        endpoint: SocketAddr,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
     /// Connecting to the endpoint took longer than the connect timeout.
     #[error("connect to {endpoint} in cluster {cluster} timed out")]
     ConnectTimeout {
@@ -124,6 +136,7 @@ impl ProxyError {
             Self::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::NoHealthyEndpoint { .. }
             | Self::UpstreamConnect { .. }
+            | Self::UpstreamTls { .. }
             | Self::ConnectTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamHandshake { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
@@ -139,6 +152,7 @@ impl ProxyError {
             Self::DownstreamBody { .. } => "downstream_body_error",
             Self::NoHealthyEndpoint { .. } => "no_healthy_endpoint",
             Self::UpstreamConnect { .. } => "upstream_connect_failure",
+            Self::UpstreamTls { .. } => "upstream_tls_failure",
             Self::ConnectTimeout { .. } => "upstream_connect_timeout",
             Self::UpstreamHandshake { .. } => "upstream_protocol_error",
             Self::UpstreamReset { .. } => "upstream_reset",
@@ -155,6 +169,7 @@ impl ProxyError {
             }
             Self::NoHealthyEndpoint { .. }
             | Self::UpstreamConnect { .. }
+            | Self::UpstreamTls { .. }
             | Self::ConnectTimeout { .. }
             | Self::UpstreamHandshake { .. }
             | Self::UpstreamReset { .. }
@@ -168,6 +183,7 @@ impl ProxyError {
         match self {
             Self::NoHealthyEndpoint { .. }
             | Self::UpstreamConnect { .. }
+            | Self::UpstreamTls { .. }
             | Self::ConnectTimeout { .. }
             | Self::UpstreamHandshake { .. }
             | Self::UpstreamReset {
@@ -189,6 +205,7 @@ impl ProxyError {
     pub(crate) fn endpoint(&self) -> Option<SocketAddr> {
         match self {
             Self::UpstreamConnect { endpoint, .. }
+            | Self::UpstreamTls { endpoint, .. }
             | Self::ConnectTimeout { endpoint, .. }
             | Self::UpstreamHandshake { endpoint, .. }
             | Self::UpstreamReset { endpoint, .. }

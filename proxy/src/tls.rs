@@ -9,12 +9,13 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
 
-use crate::config::{DomainMatch, ListenerTls, TlsVersion};
+use crate::config::{ClusterTls, DomainMatch, ListenerTls, ServerIdentity, TlsVersion};
 
 /// The ALPN protocols a TLS listener offers, most preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -53,6 +54,144 @@ pub(crate) fn server_config(tls: &ListenerTls) -> Arc<rustls::ServerConfig> {
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(tls)));
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
+}
+
+/// The client side of TLS to a cluster's endpoints, prepared once per
+/// cluster state: one configuration per ALPN offer, so that a pooled
+/// connection speaks the protocol its pool expects.
+#[derive(Debug)]
+pub(crate) struct UpstreamTls {
+    /// ALPN `http/1.1` (and for L4 forwarding, none needed).
+    pub(crate) http1: Arc<rustls::ClientConfig>,
+    /// ALPN `h2`.
+    pub(crate) http2: Arc<rustls::ClientConfig>,
+    /// The name verified and sent as SNI; `None` for a SPIFFE identity
+    /// (no SNI; the endpoint's address stands in for rustls).
+    pub(crate) server_name: Option<ServerName<'static>>,
+}
+
+impl UpstreamTls {
+    pub(crate) fn new(tls: &ClusterTls) -> Self {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let verifier: Arc<dyn ServerCertVerifier> = match &tls.server {
+            ServerIdentity::Spiffe(id) => Arc::new(SpiffeServerVerifier {
+                roots: tls.roots.clone(),
+                expected: id.clone(),
+                provider: provider.clone(),
+            }),
+            ServerIdentity::DnsName(_) => {
+                match rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    tls.roots.clone(),
+                    provider.clone(),
+                )
+                .build()
+                {
+                    Ok(verifier) => verifier,
+                    Err(error) => {
+                        tracing::error!(%error, "upstream tls verifier; refusing every server");
+                        Arc::new(SpiffeServerVerifier {
+                            roots: Arc::new(rustls::RootCertStore::empty()),
+                            expected: Arc::from(""),
+                            provider: provider.clone(),
+                        })
+                    }
+                }
+            }
+        };
+        let config = |alpn: &[u8]| {
+            let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
+                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+                .expect("the ring provider supports TLS 1.2 and 1.3")
+                .dangerous()
+                .with_custom_certificate_verifier(verifier.clone());
+            let mut config = match &tls.client_cert {
+                Some(cert) => builder.with_client_cert_resolver(Arc::new(
+                    rustls::sign::SingleCertAndKey::from(cert.clone()),
+                )),
+                None => builder.with_no_client_auth(),
+            };
+            config.alpn_protocols = vec![alpn.to_vec()];
+            Arc::new(config)
+        };
+        Self {
+            http1: config(b"http/1.1"),
+            http2: config(b"h2"),
+            server_name: match &tls.server {
+                ServerIdentity::DnsName(name) => Some(name.clone()),
+                ServerIdentity::Spiffe(_) => None,
+            },
+        }
+    }
+}
+
+/// Verifies an upstream's chain against the cluster's CAs and its SPIFFE
+/// ID (its one URI SAN) against the cluster's expected identity; DNS names
+/// play no part (X.509-SVIDs need not carry any).
+#[derive(Debug)]
+struct SpiffeServerVerifier {
+    roots: Arc<rustls::RootCertStore>,
+    expected: Arc<str>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        match crate::config::tls::spiffe_id(end_entity) {
+            Ok(Some(id)) if *id == *self.expected => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// What a TLS listener learned of its client.

@@ -54,6 +54,8 @@ pub(crate) enum Stream {
     /// TLS terminated here. Boxed: rustls's connection state is large and
     /// most connections are plain.
     TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS originated here, to an upstream.
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
 impl Stream {
@@ -62,7 +64,7 @@ impl Stream {
     pub(crate) fn as_tcp_mut(&mut self) -> Option<&mut TcpStream> {
         match self {
             Self::Tcp(stream) => Some(stream),
-            Self::TlsServer(_) => None,
+            Self::TlsServer(_) | Self::TlsClient(_) => None,
         }
     }
 
@@ -77,6 +79,7 @@ impl Stream {
             // Bytes on the socket; rustls may also hold decrypted ones, so
             // TLS connections are never parked (see `http::server`).
             Self::TlsServer(stream) => stream.get_ref().0,
+            Self::TlsClient(stream) => stream.get_ref().0,
         };
         matches!(socket.peek(&mut probe).await, Ok(n) if n > 0)
     }
@@ -90,6 +93,29 @@ impl Stream {
         let _ = stream.set_nodelay(true);
         Ok(Self::Tcp(stream))
     }
+
+    /// Originates TLS on a plain stream, verifying the server as `config`
+    /// says; `server_name` is sent as SNI (`None`: the address stands in,
+    /// and no SNI is sent).
+    ///
+    /// Cancel safety: cancel safe (the stream is dropped).
+    pub(crate) async fn start_tls(
+        self,
+        config: &Arc<rustls::ClientConfig>,
+        server_name: Option<&rustls_pki_types::ServerName<'static>>,
+        address: SocketAddr,
+    ) -> io::Result<Self> {
+        let Self::Tcp(tcp) = self else {
+            return Err(io::Error::other("TLS over TLS is not supported"));
+        };
+        let name = server_name
+            .cloned()
+            .unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(address.ip().into()));
+        let connector = tokio_rustls::TlsConnector::from(config.clone());
+        // Boxed: the handshake's state is large and rare next to a request.
+        let stream = Box::pin(connector.connect(name, tcp)).await?;
+        Ok(Self::TlsClient(Box::new(stream)))
+    }
 }
 
 impl AsyncRead for Stream {
@@ -101,6 +127,7 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
+            Self::TlsClient(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
         }
     }
 }
@@ -114,6 +141,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_write(cx, data),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write(cx, data),
+            Self::TlsClient(stream) => Pin::new(&mut **stream).poll_write(cx, data),
         }
     }
 
@@ -125,6 +153,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
+            Self::TlsClient(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -132,6 +161,7 @@ impl AsyncWrite for Stream {
         match self {
             Self::Tcp(stream) => stream.is_write_vectored(),
             Self::TlsServer(stream) => stream.is_write_vectored(),
+            Self::TlsClient(stream) => stream.is_write_vectored(),
         }
     }
 
@@ -139,6 +169,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_flush(cx),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_flush(cx),
+            Self::TlsClient(stream) => Pin::new(&mut **stream).poll_flush(cx),
         }
     }
 
@@ -146,6 +177,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Self::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_shutdown(cx),
+            Self::TlsClient(stream) => Pin::new(&mut **stream).poll_shutdown(cx),
         }
     }
 }

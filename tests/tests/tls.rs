@@ -485,3 +485,124 @@ async fn a_client_sent_forwarded_client_cert_never_reaches_the_upstream() {
     assert_eq!(response.status(), 200);
     assert_eq!(header(&response, "x-echo-req-x-forwarded-client-cert"), "");
 }
+
+const SERVER_ID: &str = "spiffe://weft.test/ns/default/sa/api";
+
+/// Two proxies on the mesh hop: `outbound` (plain listener, a cluster
+/// over mutual TLS) -> `inbound` (mutual TLS listener) -> echo.
+async fn mesh_hop(
+    pki: &Pki,
+    echo: SocketAddr,
+    protocol: &str,
+    verify: &str,
+) -> (ProxyProcess, ProxyProcess) {
+    hop_with_server_cert(pki, echo, protocol, verify, "api-svid").await
+}
+
+/// As [`mesh_hop`], the inbound serving the certificate `server_cert`.
+async fn hop_with_server_cert(
+    pki: &Pki,
+    echo: SocketAddr,
+    protocol: &str,
+    verify: &str,
+    server_cert: &str,
+) -> (ProxyProcess, ProxyProcess) {
+    let inbound_tls = format!(
+        r#", tls: {{ certificates: [{{ cert_file: "{cert}", key_file: "{key}" }}], client_ca_file: "{ca}" }} }}"#,
+        cert = pki.path(&format!("{server_cert}.pem")),
+        key = pki.path(&format!("{server_cert}.key")),
+        ca = pki.path("ca.pem"),
+    );
+    let inbound = one_route_config(echo, "http1", "").replace(
+        "route_config: main }",
+        &format!("route_config: main{inbound_tls}"),
+    );
+    let inbound = ProxyProcess::start(&inbound).await.unwrap();
+    let hop = inbound.listener("web");
+    let outbound = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ name: all, cluster: api }}] }}]
+clusters:
+  - name: api
+    protocol: {protocol}
+    endpoints: [{{ address: "{hop}" }}]
+    tls: {{ ca_file: "{ca}", cert_file: "{cert}", key_file: "{key}", {verify} }}
+"#,
+        ca = pki.path("ca.pem"),
+        cert = pki.path("client.pem"),
+        key = pki.path("client.key"),
+    );
+    let outbound = ProxyProcess::start(&outbound).await.unwrap();
+    (outbound, inbound)
+}
+
+fn hop_pki() -> Pki {
+    Pki::with_uris(
+        &[("api", &["api.example.com"])],
+        &[("client", &[CLIENT_ID]), ("api-svid", &[SERVER_ID])],
+    )
+}
+
+#[tokio::test]
+async fn a_cluster_over_mutual_tls_verifies_the_servers_spiffe_id_and_proves_its_own() {
+    let pki = hop_pki();
+    let echo = echo("hop").await;
+    for protocol in ["http1", "http2"] {
+        let verify = format!(r#"server_identity: "{SERVER_ID}""#);
+        let (outbound, _inbound) = mesh_hop(&pki, echo.local_addr(), protocol, &verify).await;
+        let web = outbound.listener("web");
+        let mut req = get(web, "/hop");
+        req.headers_mut()
+            .insert("x-echo-headers", "1".parse().unwrap());
+        let response = http1_request(web, req).await.unwrap();
+        assert_eq!(response.status(), 200, "{protocol}");
+        assert_eq!(
+            header(&response, "x-echo-req-x-forwarded-client-cert"),
+            format!("By={SERVER_ID};URI={CLIENT_ID}"),
+            "{protocol}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_upstream_with_another_identity_is_refused_with_503() {
+    let pki = hop_pki();
+    let echo = echo("hop").await;
+    let verify = r#"server_identity: "spiffe://weft.test/ns/default/sa/someone-else""#;
+    let (outbound, _inbound) = mesh_hop(&pki, echo.local_addr(), "http1", verify).await;
+    let web = outbound.listener("web");
+    let response = http1_request(web, get(web, "/")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "x-weft-error"), "upstream_tls_failure");
+    assert_eq!(
+        outbound
+            .metric("weft_upstream_connect_failures_total{cluster=\"api\"}")
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn a_cluster_can_verify_a_dns_name_instead() {
+    let pki = hop_pki();
+    let echo = echo("hop").await;
+    let verify = r#"server_name: api.example.com"#;
+    let (outbound, _inbound) =
+        hop_with_server_cert(&pki, echo.local_addr(), "http1", verify, "api").await;
+    let web = outbound.listener("web");
+    let response = http1_request(web, get(web, "/")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    // The same server is refused under a name its certificate lacks.
+    let verify = r#"server_name: db.example.com"#;
+    let (outbound, _inbound) =
+        hop_with_server_cert(&pki, echo.local_addr(), "http1", verify, "api").await;
+    let web = outbound.listener("web");
+    let response = http1_request(web, get(web, "/")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    assert_eq!(header(&response, "x-weft-error"), "upstream_tls_failure");
+}

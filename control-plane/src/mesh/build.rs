@@ -400,5 +400,6 @@ fn cluster(name: String, service: &ServiceSpec, endpoints: Vec<EndpointSpec>) ->
         dns_refresh: None,
         pool: None,
         endpoints,
+        tls: None,
     }
 }

@@ -35,6 +35,7 @@ use crate::body::{DownstreamBodyError, RequestBody};
 use crate::config::Cluster;
 use crate::error::ProxyError;
 use crate::telemetry::ClusterMetrics;
+use crate::tls::UpstreamTls;
 use crate::transport::Stream;
 
 /// Freshly dialled HTTP/1.1 connections that may turn out closed before
@@ -50,6 +51,8 @@ pub(crate) struct PoolSettings {
     pub(crate) idle_timeout: Duration,
     pub(crate) max_idle: usize,
     pub(crate) metrics: Arc<ClusterMetrics>,
+    /// TLS to the endpoints, prepared once per cluster state.
+    pub(crate) tls: Option<Arc<UpstreamTls>>,
 }
 
 impl PoolSettings {
@@ -60,6 +63,10 @@ impl PoolSettings {
             idle_timeout: cluster.pool_idle_timeout,
             max_idle: cluster.max_idle_per_endpoint as usize,
             metrics,
+            tls: cluster
+                .tls
+                .as_deref()
+                .map(|tls| Arc::new(UpstreamTls::new(tls))),
         }
     }
 }
@@ -137,27 +144,47 @@ impl Endpoint {
         ActiveGuard(self.clone())
     }
 
-    /// Opens a connection, bounded by the connect timeout.
-    pub(crate) async fn connect(&self) -> Result<Stream, ProxyError> {
+    /// Opens a connection (and, for a TLS cluster, completes the handshake,
+    /// offering `wire`'s ALPN), all within the connect timeout.
+    pub(crate) async fn connect(&self, wire: Wire) -> Result<Stream, ProxyError> {
         let metrics = &self.settings.metrics;
-        let result =
-            tokio::time::timeout(self.settings.connect_timeout, Stream::connect(self.addr)).await;
         let failed = |error| {
             metrics.connect_failures.fetch_add(1, Relaxed);
             self.connect_failures.fetch_add(1, Relaxed);
             tracing::debug!(cluster = %self.settings.cluster, endpoint = %self.addr, %error, "upstream connect failed");
             error
         };
-        match result {
+        let connect = async {
+            let stream =
+                Stream::connect(self.addr)
+                    .await
+                    .map_err(|source| ProxyError::UpstreamConnect {
+                        cluster: self.settings.cluster.clone(),
+                        endpoint: self.addr,
+                        source,
+                    })?;
+            let Some(tls) = &self.settings.tls else {
+                return Ok(stream);
+            };
+            let config = match wire {
+                Wire::Http1 => &tls.http1,
+                Wire::Http2 => &tls.http2,
+            };
+            stream
+                .start_tls(config, tls.server_name.as_ref(), self.addr)
+                .await
+                .map_err(|source| ProxyError::UpstreamTls {
+                    cluster: self.settings.cluster.clone(),
+                    endpoint: self.addr,
+                    source,
+                })
+        };
+        match tokio::time::timeout(self.settings.connect_timeout, connect).await {
             Ok(Ok(stream)) => {
                 metrics.connections_total.fetch_add(1, Relaxed);
                 Ok(stream)
             }
-            Ok(Err(source)) => Err(failed(ProxyError::UpstreamConnect {
-                cluster: self.settings.cluster.clone(),
-                endpoint: self.addr,
-                source,
-            })),
+            Ok(Err(error)) => Err(failed(error)),
             Err(_) => Err(failed(ProxyError::ConnectTimeout {
                 cluster: self.settings.cluster.clone(),
                 endpoint: self.addr,
@@ -287,7 +314,7 @@ impl Endpoint {
     }
 
     async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
-        let stream = self.connect().await?;
+        let stream = self.connect(Wire::Http1).await?;
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -331,7 +358,7 @@ impl Endpoint {
     }
 
     async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
-        let stream = self.connect().await?;
+        let stream = self.connect(Wire::Http2).await?;
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))

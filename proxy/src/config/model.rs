@@ -282,6 +282,40 @@ pub struct Cluster {
     pub max_idle_per_endpoint: u32,
     /// Endpoints in file order.
     pub endpoints: Vec<Endpoint>,
+    /// TLS to the endpoints, when configured.
+    pub tls: Option<Arc<ClusterTls>>,
+}
+
+/// TLS to a cluster's endpoints, its files loaded.
+#[derive(Debug)]
+pub struct ClusterTls {
+    /// The CAs that sign the endpoints' certificates.
+    pub roots: Arc<rustls::RootCertStore>,
+    /// Mutual TLS: this proxy's chain and key.
+    pub client_cert: Option<Arc<rustls::sign::CertifiedKey>>,
+    /// What every endpoint must prove.
+    pub server: ServerIdentity,
+    /// The files, by which two configurations compare (the files are not
+    /// watched: the same paths mean the same TLS settings).
+    pub files: Vec<Arc<str>>,
+}
+
+impl PartialEq for ClusterTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.files == other.files && self.server == other.server
+    }
+}
+
+impl Eq for ClusterTls {}
+
+/// The identity an upstream endpoint must prove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerIdentity {
+    /// A SPIFFE ID (its certificate's one URI SAN); DNS names are ignored.
+    Spiffe(Arc<str>),
+    /// A DNS name in its certificate, verified as a browser would; also
+    /// sent as SNI.
+    DnsName(rustls_pki_types::ServerName<'static>),
 }
 
 /// Which HTTP version the proxy speaks to a cluster.

@@ -26,9 +26,9 @@ use weft_proto::prost::{self, Name};
 use weft_proto::prost_types;
 
 use super::spec::{
-    BootstrapSpec, ClusterSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec, HeaderOpsSpec,
-    ListenerSpec, ListenerTlsSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec, RouteSpec,
-    TlsCertificateSpec, VirtualHostSpec, WeightedClusterSpec,
+    BootstrapSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec,
+    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec,
+    RouteSpec, TlsCertificateSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -572,6 +572,13 @@ impl From<&ClusterSpec> for pb::Cluster {
                     weight: endpoint.weight,
                 })
                 .collect(),
+            tls: spec.tls.as_ref().map(|tls| pb::ClusterTls {
+                ca_file: tls.ca_file.clone(),
+                cert_file: tls.cert_file.clone(),
+                key_file: tls.key_file.clone(),
+                server_identity: tls.server_identity.clone(),
+                server_name: tls.server_name.clone(),
+            }),
         }
     }
 }
@@ -602,6 +609,13 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
                     weight: endpoint.weight,
                 })
                 .collect(),
+            tls: cluster.tls.map(|tls| ClusterTlsSpec {
+                ca_file: tls.ca_file,
+                cert_file: tls.cert_file,
+                key_file: tls.key_file,
+                server_identity: tls.server_identity,
+                server_name: tls.server_name,
+            }),
         })
     }
 }

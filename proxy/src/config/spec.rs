@@ -295,6 +295,29 @@ pub struct ClusterSpec {
     pub pool: Option<PoolSpec>,
     /// The endpoints.
     pub endpoints: Vec<EndpointSpec>,
+    /// TLS to the endpoints.
+    #[serde(default)]
+    pub tls: Option<ClusterTlsSpec>,
+}
+
+/// TLS (and mutual TLS) to a cluster's endpoints.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterTlsSpec {
+    /// PEM file of the CAs that sign the endpoints' certificates.
+    pub ca_file: String,
+    /// Mutual TLS: this proxy's certificate chain (PEM).
+    #[serde(default)]
+    pub cert_file: Option<String>,
+    /// Mutual TLS: its private key (PEM).
+    #[serde(default)]
+    pub key_file: Option<String>,
+    /// The SPIFFE ID every endpoint must prove.
+    #[serde(default)]
+    pub server_identity: Option<String>,
+    /// The DNS name every endpoint's certificate must carry (also SNI).
+    #[serde(default)]
+    pub server_name: Option<String>,
 }
 
 /// Per-endpoint connection pool settings.

@@ -13,8 +13,8 @@ use regex::Regex;
 
 use super::model::*;
 use super::spec::{
-    BootstrapSpec, ClusterSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec, ListenerTlsSpec,
-    RouteConfigSpec, RouteSpec,
+    BootstrapSpec, ClusterSpec, ClusterTlsSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec,
+    ListenerTlsSpec, RouteConfigSpec, RouteSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -968,10 +968,16 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
             ),
         }
     }
+    let tls = spec
+        .tls
+        .as_ref()
+        .and_then(|tls| cluster_tls(tls, &mut check))
+        .map(Arc::new);
     if errors.len() > before {
         return None;
     }
     Some(Cluster {
+        tls,
         name: spec.name.as_str().into(),
         protocol: protocol?,
         lb: lb?,
@@ -982,6 +988,76 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
             .max_idle_per_endpoint
             .unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
         endpoints,
+    })
+}
+
+/// Loads a cluster's TLS files; every problem names its field and file.
+fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<ClusterTls> {
+    let roots = super::tls::load_roots(&spec.ca_file)
+        .map_err(|message| check.error("tls.ca_file", message))
+        .ok();
+    let client_cert = match (&spec.cert_file, &spec.key_file) {
+        (Some(cert), Some(key)) => match super::tls::load_certified_key(cert, key) {
+            Ok(key) => Some(Arc::new(key)),
+            Err(super::tls::LoadKeyError { field, message }) => {
+                check.error(format!("tls.{field}"), message);
+                None
+            }
+        },
+        (None, None) => None,
+        (Some(_), None) => {
+            check.error("tls.key_file", "required with cert_file");
+            None
+        }
+        (None, Some(_)) => {
+            check.error("tls.cert_file", "required with key_file");
+            None
+        }
+    };
+    let server = match (&spec.server_identity, &spec.server_name) {
+        (Some(id), None) if super::tls::is_spiffe_id(id) => {
+            Some(ServerIdentity::Spiffe(id.as_str().into()))
+        }
+        (Some(id), None) => {
+            check.error(
+                "tls.server_identity",
+                format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+            );
+            None
+        }
+        (None, Some(name)) => match rustls_pki_types::ServerName::try_from(name.clone()) {
+            Ok(name) => Some(ServerIdentity::DnsName(name)),
+            Err(_) => {
+                check.error("tls.server_name", format!("{name:?} is not a DNS name"));
+                None
+            }
+        },
+        (Some(_), Some(_)) => {
+            check.error("tls", "set server_identity or server_name, not both");
+            None
+        }
+        (None, None) => {
+            check.error(
+                "tls",
+                "set server_identity (a SPIFFE ID) or server_name (a DNS name): what the endpoints must prove",
+            );
+            None
+        }
+    };
+    let files = [
+        Some(&spec.ca_file),
+        spec.cert_file.as_ref(),
+        spec.key_file.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|f| Arc::from(f.as_str()))
+    .collect();
+    Some(ClusterTls {
+        roots: Arc::new(roots?),
+        client_cert,
+        server: server?,
+        files,
     })
 }
 

@@ -32,6 +32,7 @@ fn body(error: &ProxyError) -> &'static str {
         ProxyError::UpstreamConnect { .. } | ProxyError::ConnectTimeout { .. } => {
             "upstream connect error\n"
         }
+        ProxyError::UpstreamTls { .. } => "upstream tls error\n",
         ProxyError::UpstreamHandshake { .. } | ProxyError::UpstreamReset { .. } => {
             "upstream reset or protocol error\n"
         }
@@ -120,6 +121,16 @@ mod tests {
                 "14",
             ),
             (ProxyError::UpstreamTimeout, 504, "upstream_timeout", "4"),
+            (
+                ProxyError::UpstreamTls {
+                    cluster: "c".into(),
+                    endpoint,
+                    source: std::io::Error::other("bad certificate"),
+                },
+                503,
+                "upstream_tls_failure",
+                "14",
+            ),
         ];
         for (error, status, flag, grpc) in cases {
             let response = to_response(&error, false);

@@ -18,6 +18,7 @@ fn settings() -> PoolSettings {
         idle_timeout: Duration::from_secs(60),
         max_idle: 8,
         metrics: Arc::new(ClusterMetrics::default()),
+        tls: None,
     }
 }
 

@@ -200,6 +200,7 @@ fn unset_optional_fields_stay_unset() {
             address: "127.0.0.1:1".into(),
             weight: None,
         }],
+        tls: None,
     };
     let proto = pb::Cluster::from(&cluster);
     assert_eq!(proto.pool, Some(pb::Pool::default()));
@@ -368,6 +369,13 @@ fn protos_round_trip_through_the_spec() {
                 weight: None,
             },
         ],
+        tls: Some(pb::ClusterTls {
+            ca_file: "/etc/weft/ca.pem".into(),
+            cert_file: Some("/etc/weft/me.pem".into()),
+            key_file: Some("/etc/weft/me.key".into()),
+            server_identity: Some("spiffe://example.org/ns/a/sa/users".into()),
+            server_name: None,
+        }),
     };
     let spec = ClusterSpec::try_from(cluster.clone()).unwrap();
     assert_eq!(pb::Cluster::from(&spec), cluster);
