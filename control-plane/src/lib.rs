@@ -16,8 +16,10 @@
 //! - [`serve`]: `weft-cp serve`, the server fed by a watched directory.
 //! - [`flags`]: command-line value parsers with their bounds.
 //! - [`demo`]: `weft-cp demo`, a whole mesh on loopback.
+//! - [`ca`]: the mesh's certificate authority (`weft-cp cert`).
 
 mod admin;
+pub mod ca;
 pub mod cache;
 pub mod demo;
 pub mod flags;

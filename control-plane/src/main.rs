@@ -51,6 +51,9 @@ enum Command {
     /// Run a whole mesh on loopback: the control plane with config/demo,
     /// echo services with weft-proxy sidecars, and an ingress gateway.
     Demo(weft_cp::demo::DemoArgs),
+    /// Certificates from the mesh's certificate authority.
+    #[command(subcommand)]
+    Cert(CertCommand),
     /// Show a running control plane's mesh generation, last config error
     /// and connected proxies with what each acknowledged or rejected.
     Status {
@@ -63,6 +66,54 @@ enum Command {
         /// Print the raw JSON instead of a table.
         #[arg(long)]
         json: bool,
+    },
+}
+
+/// `weft-cp cert` commands.
+#[derive(Debug, Subcommand)]
+enum CertCommand {
+    /// Issue an X.509-SVID (one URI SAN: the SPIFFE ID; client and server
+    /// authentication) for a workload or client outside the mesh: writes
+    /// cert.pem (the certificate, then the CA's chain), key.pem (mode
+    /// 0600) and ca.pem (the trust bundle) to --out.
+    Issue {
+        /// The identity: spiffe://<trust-domain>/<path>, in the CA's trust
+        /// domain.
+        #[arg(long, value_name = "ID")]
+        spiffe_id: String,
+        /// Also a DNS name (repeatable), for clients that verify a host
+        /// name rather than the SPIFFE ID (curl, browsers).
+        #[arg(long = "dns-name", value_name = "NAME")]
+        dns_names: Vec<String>,
+        /// Directory to write cert.pem, key.pem and ca.pem to.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// Lifetime of the certificate (at most 366 days).
+        #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The control plane's state directory. Its CA (ca.pem, ca.key) is
+        /// created there on first use, for the SPIFFE ID's trust domain.
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "ca_cert",
+            conflicts_with = "ca_cert"
+        )]
+        state_dir: Option<PathBuf>,
+        /// An operator's CA certificate (root or intermediate, followed by
+        /// its chain), with a spiffe://<trust-domain> URI SAN.
+        #[arg(long, value_name = "FILE", requires = "ca_key")]
+        ca_cert: Option<PathBuf>,
+        /// The operator's CA key.
+        #[arg(long, value_name = "FILE", requires = "ca_cert")]
+        ca_key: Option<PathBuf>,
+    },
+    /// Show each certificate of a PEM file: subject, SPIFFE ID and other
+    /// names, issuer, serial, validity. Keys in the file are never shown.
+    Inspect {
+        /// A PEM file.
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
     },
 }
 
@@ -117,11 +168,86 @@ fn main() -> ExitCode {
         Command::Validate { paths, allow_empty } => validate(&paths, allow_empty),
         Command::Serve(args) => exit(serve(&args)),
         Command::Demo(args) => exit(weft_cp::demo::run(&args)),
+        Command::Cert(command) => exit(cert(command)),
         Command::Status {
             admin,
             token_file,
             json,
         } => exit(show_status(admin, token_file.as_deref(), json)),
+    }
+}
+
+fn cert(command: CertCommand) -> anyhow::Result<()> {
+    use weft_cp::ca::{self, Ca};
+    match command {
+        CertCommand::Issue {
+            spiffe_id,
+            dns_names,
+            out,
+            ttl,
+            state_dir,
+            ca_cert,
+            ca_key,
+        } => {
+            let ca = match (state_dir, ca_cert, ca_key) {
+                (Some(dir), _, _) => {
+                    let domain =
+                        weft_proxy::config::spiffe_trust_domain(&spiffe_id).with_context(|| {
+                            format!(
+                                "--spiffe-id {spiffe_id:?}: expected spiffe://<trust-domain>/<path>"
+                            )
+                        })?;
+                    Ca::load_or_create(&dir, domain)?
+                }
+                (None, Some(cert), Some(key)) => Ca::from_files(&cert, &key)?,
+                _ => anyhow::bail!("give --state-dir DIR, or --ca-cert FILE with --ca-key FILE"),
+            };
+            let issued = ca.issue(&spiffe_id, &dns_names, ttl)?;
+            let [cert, key, bundle] = ca::write_issued(&out, &issued, &ca)?;
+            println!("issued {spiffe_id}");
+            println!(
+                "  expires  {}",
+                humantime::format_rfc3339_seconds(issued.not_after)
+            );
+            println!("  cert     {}", cert.display());
+            println!("  key      {}", key.display());
+            println!("  ca       {}", bundle.display());
+            Ok(())
+        }
+        CertCommand::Inspect { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let summaries =
+                ca::inspect(&text).map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            for (i, cert) in summaries.iter().enumerate() {
+                println!("certificate {} of {}", i + 1, summaries.len());
+                let subject = if cert.subject.is_empty() {
+                    "(none)"
+                } else {
+                    &cert.subject
+                };
+                println!("  subject     {subject}");
+                for uri in &cert.uris {
+                    let label = if uri.starts_with("spiffe://") {
+                        "spiffe id"
+                    } else {
+                        "uri"
+                    };
+                    println!("  {label:<11} {uri}");
+                }
+                for dns in &cert.dns_names {
+                    println!("  dns         {dns}");
+                }
+                println!("  issuer      {}", cert.issuer);
+                println!("  serial      {}", cert.serial);
+                println!("  valid from  {}", cert.not_before);
+                println!("  expires     {}", cert.not_after);
+                if cert.is_ca {
+                    println!("  ca          yes");
+                }
+            }
+            Ok(())
+        }
     }
 }
 

@@ -30,6 +30,15 @@ pub fn is_valid_name(name: &str) -> bool {
     !name.is_empty() && validate::is_valid_name(name)
 }
 
+/// The trust domain of a SPIFFE ID (`spiffe://<trust-domain>/<path>`);
+/// `None` when `id` is not one.
+pub fn spiffe_trust_domain(id: &str) -> Option<&str> {
+    if !tls::is_spiffe_id(id) {
+        return None;
+    }
+    id.strip_prefix("spiffe://")?.split('/').next()
+}
+
 /// Whether `domain` is a valid virtual-host domain: `*`, `*.suffix` or a
 /// host name, without a port.
 pub fn is_valid_domain(domain: &str) -> bool {

@@ -606,3 +606,136 @@ async fn a_cluster_can_verify_a_dns_name_instead() {
     assert_eq!(response.status(), 503);
     assert_eq!(header(&response, "x-weft-error"), "upstream_tls_failure");
 }
+
+/// Runs `weft-cp cert issue` into `state/<stem>`.
+fn cp_issue(state: &Path, id: &str, stem: &str, dns: Option<&str>) -> std::path::PathBuf {
+    let out = state.join(stem);
+    let mut command = std::process::Command::new(cp_binary());
+    command
+        .args(["cert", "issue", "--ttl", "1h", "--spiffe-id", id])
+        .arg("--state-dir")
+        .arg(state.join("ca"))
+        .arg("--out")
+        .arg(&out);
+    if let Some(dns) = dns {
+        command.args(["--dns-name", dns]);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    out
+}
+
+#[tokio::test]
+async fn certificates_from_weft_cp_secure_a_hop_and_serve_curl_and_openssl() {
+    let scratch = TempDir::new().unwrap();
+    let state = scratch.path();
+    let api = cp_issue(state, SERVER_ID, "api", Some("api.weft.test"));
+    let client = cp_issue(state, CLIENT_ID, "client", None);
+    let file = |dir: &Path, name: &str| dir.join(name).display().to_string();
+    let echo = echo("cp-certs").await;
+    let inbound_tls = format!(
+        r#", tls: {{ certificates: [{{ cert_file: "{}", key_file: "{}" }}], client_ca_file: "{}" }} }}"#,
+        file(&api, "cert.pem"),
+        file(&api, "key.pem"),
+        file(&api, "ca.pem"),
+    );
+    let inbound = one_route_config(echo.local_addr(), "http1", "").replace(
+        "route_config: main }",
+        &format!("route_config: main{inbound_tls}"),
+    );
+    let inbound = ProxyProcess::start(&inbound).await.unwrap();
+    let hop = inbound.listener("web");
+    let outbound = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners: [{{ name: web, address: "127.0.0.1:0", route_config: main }}]
+route_configs:
+  - name: main
+    virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ name: all, cluster: api }}] }}]
+clusters:
+  - name: api
+    protocol: http2
+    endpoints: [{{ address: "{hop}" }}]
+    tls: {{ ca_file: "{}", cert_file: "{}", key_file: "{}", server_identity: "{SERVER_ID}" }}
+"#,
+        file(&client, "ca.pem"),
+        file(&client, "cert.pem"),
+        file(&client, "key.pem"),
+    );
+    let outbound = ProxyProcess::start(&outbound).await.unwrap();
+    let web = outbound.listener("web");
+    let mut req = get(web, "/");
+    req.headers_mut()
+        .insert("x-echo-headers", "1".parse().unwrap());
+    let response = http1_request(web, req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header(&response, "x-echo-req-x-forwarded-client-cert"),
+        format!("By={SERVER_ID};URI={CLIENT_ID}")
+    );
+
+    // curl, as the client certificate's holder, by the DNS name.
+    let curl = tokio::process::Command::new("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "10",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+        ])
+        .args(["--cacert", &file(&client, "ca.pem")])
+        .args([
+            "--cert",
+            &file(&client, "cert.pem"),
+            "--key",
+            &file(&client, "key.pem"),
+        ])
+        .args([
+            "--resolve",
+            &format!("api.weft.test:{}:127.0.0.1", hop.port()),
+        ])
+        .arg(format!("https://api.weft.test:{}/", hop.port()))
+        .output()
+        .await;
+    match curl {
+        Err(error) => eprintln!("skipped the curl check: {error}"),
+        Ok(output) => assert_eq!(
+            String::from_utf8_lossy(&output.stdout),
+            "200",
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    }
+
+    // openssl s_client completes the mutual handshake and verifies the chain.
+    let s_client = tokio::process::Command::new("openssl")
+        .args(["s_client", "-brief", "-connect", &hop.to_string()])
+        .args(["-CAfile", &file(&client, "ca.pem")])
+        .args([
+            "-cert",
+            &file(&client, "cert.pem"),
+            "-key",
+            &file(&client, "key.pem"),
+        ])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await;
+    match s_client {
+        Err(error) => eprintln!("skipped the openssl check: {error}"),
+        Ok(output) => {
+            let text = format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+            assert!(text.contains("Verification: OK"), "{text}");
+            assert!(text.contains("TLSv1.3"), "{text}");
+        }
+    }
+}
