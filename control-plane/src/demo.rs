@@ -132,7 +132,7 @@ impl Drop for SecretFile {
 
 /// Runs the demo until Ctrl-C (or `--duration`).
 pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
-    weft_proxy::cli::init_logging(Some("warn"));
+    weft_proxy::cli::init_logging(Some("warn")).context("logging")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

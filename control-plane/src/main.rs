@@ -262,7 +262,7 @@ fn exit(result: anyhow::Result<()>) -> ExitCode {
 }
 
 fn serve(args: &ServeArgs) -> anyhow::Result<()> {
-    weft_proxy::cli::init_logging(args.log_level.as_deref());
+    weft_proxy::cli::init_logging(args.log_level.as_deref()).context("--log-level")?;
     let auth = match &args.token_file {
         Some(path) => Auth::token(weft_proxy::cli::read_token(path)?),
         None => Auth::Insecure,

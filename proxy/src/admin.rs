@@ -91,12 +91,20 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/ready" => {
-            if state.ready.load(Relaxed) && !state.drain.is_draining() {
-                text(StatusCode::OK, "ready\n".into())
-            } else if state.drain.is_draining() {
-                text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into())
+            // Not ready, and why: an orchestrator's probe only needs the
+            // status; an operator reads the body.
+            let not_ready = if state.drain.is_draining() {
+                Some("draining\n")
+            } else if !state.ready.load(Relaxed) {
+                Some("no complete configuration from the control plane yet\n")
+            } else if state.shared.load().config.listeners.is_empty() {
+                Some("the configuration has no listeners\n")
             } else {
-                text(StatusCode::SERVICE_UNAVAILABLE, "starting\n".into())
+                None
+            };
+            match not_ready {
+                None => text(StatusCode::OK, "ready\n".into()),
+                Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason.into()),
             }
         }
         "/live" => text(StatusCode::OK, "live\n".into()),

@@ -3,19 +3,38 @@
 
 use std::path::{Path, PathBuf};
 
-/// Logs to stderr with `filter` (or `RUST_LOG`, or `info`; an invalid
-/// filter falls back to `info`). A second call keeps the first setup.
-pub fn init_logging(filter: Option<&str>) {
+/// A `--log-level` (or `RUST_LOG`) filter that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid log filter {filter:?}: {reason} (e.g. info, or weft_proxy=debug,info)")]
+pub struct InvalidLogFilter {
+    /// The filter as given.
+    pub filter: String,
+    /// The parser's reason.
+    pub reason: String,
+}
+
+/// Logs to stderr with `filter` (or else `RUST_LOG`, or else `info`). An
+/// invalid filter is an error, never a silent `info`. Colours only when
+/// stderr is a terminal. A second call keeps the first setup.
+pub fn init_logging(filter: Option<&str>) -> Result<(), InvalidLogFilter> {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = match filter {
-        Some(f) => EnvFilter::try_new(f),
-        None => EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new("info")),
-    }
-    .unwrap_or_else(|_| EnvFilter::new("info"));
+    let given = filter
+        .map(str::to_owned)
+        .or_else(|| std::env::var(EnvFilter::DEFAULT_ENV).ok())
+        .unwrap_or_else(|| "info".to_owned());
+    let filter = EnvFilter::builder()
+        .parse(&given)
+        .map_err(|error| InvalidLogFilter {
+            reason: error.to_string(),
+            filter: given,
+        })?;
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
+    Ok(())
 }
 
 /// Resolves on SIGTERM or Ctrl-C (only Ctrl-C if SIGTERM cannot be

@@ -189,11 +189,26 @@ impl Proxy {
             }),
         };
         let drain_timeout = config.drain_timeout;
+        let source = config.source.clone();
+        let counts = (
+            config.listeners.len(),
+            config.route_configs.len(),
+            config.clusters.len(),
+        );
         let listeners = match handle.apply(config).await {
             Ok(listeners) => listeners,
             Err(ApplyError::Bind(errors)) => return Err(StartError::Bind(errors)),
             Err(ApplyError::ShuttingDown) => return Err(StartError::ShuttingDown),
         };
+        if readiness == Readiness::Immediate {
+            tracing::info!(
+                %source,
+                listeners = counts.0,
+                route_configs = counts.1,
+                clusters = counts.2,
+                "configuration applied"
+            );
+        }
         let admin_address = admin_socket.as_ref().map(|(_, address)| *address);
         if let Some((socket, address)) = admin_socket {
             tracing::info!(%address, "admin listening");
@@ -299,7 +314,9 @@ impl ConfigHandle {
             &inner.drain,
             &inner.workers,
         );
-        tracing::info!(
+        // One xDS push is several applies (clusters, then routes, then
+        // listeners): the xDS client says once at info that a push landed.
+        tracing::debug!(
             source = %config.source,
             listeners = config.listeners.len(),
             route_configs = config.route_configs.len(),
@@ -307,6 +324,11 @@ impl ConfigHandle {
             "configuration applied"
         );
         Ok(bound)
+    }
+
+    /// The configuration now serving.
+    pub(crate) fn current_config(&self) -> Arc<Config> {
+        self.inner.shared.load().config.clone()
     }
 
     /// Marks the proxy ready (`/ready` answers 200 unless draining).

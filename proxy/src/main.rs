@@ -70,7 +70,10 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    weft_proxy::cli::init_logging(args.log_level.as_deref());
+    if let Err(error) = weft_proxy::cli::init_logging(args.log_level.as_deref()) {
+        eprintln!("weft-proxy: --log-level: {error}");
+        return ExitCode::from(2);
+    }
     if let Some(path) = &args.check_config {
         return match Config::from_file(path) {
             Ok(_) => {
@@ -78,7 +81,14 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(error) => {
-                eprintln!("{error}");
+                // With its causes: "cannot read f.yaml: No such file ...".
+                let mut message = error.to_string();
+                let mut cause = std::error::Error::source(&error);
+                while let Some(error) = cause {
+                    message.push_str(&format!(": {error}"));
+                    cause = error.source();
+                }
+                eprintln!("{message}");
                 ExitCode::from(1)
             }
         };

@@ -29,6 +29,8 @@ use crate::config::BootstrapSpec;
 use state::{Step, XdsState};
 
 /// Deadline for the TCP connect and HTTP/2 handshake to the control plane.
+/// A push's applies are announced once, this long after the last of them.
+const ANNOUNCE_AFTER: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// First reconnect delay; doubles per failed attempt up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
@@ -176,6 +178,9 @@ async fn stream(
             .into_inner();
     tracing::info!(server = %options.server, node = %options.node_id, "control plane stream open");
     publish(handle, options, state, true);
+    // When to say at info that configuration was applied: once a burst of
+    // responses (one push is one per resource type) has settled.
+    let mut announce: Option<Instant> = None;
     loop {
         let deadline = state.warming_deadline();
         let message = tokio::select! {
@@ -183,6 +188,18 @@ async fn stream(
             () = sleep_until(deadline) => {
                 send(&requests, state.warming_expired()).await?;
                 publish(handle, options, state, true);
+                continue;
+            }
+            () = sleep_until(announce) => {
+                announce = None;
+                let config = handle.current_config();
+                tracing::info!(
+                    server = %options.server,
+                    listeners = config.listeners.len(),
+                    route_configs = config.route_configs.len(),
+                    clusters = config.clusters.len(),
+                    "configuration applied"
+                );
                 continue;
             }
         };
@@ -195,6 +212,7 @@ async fn stream(
             Step::Send(replies) => replies,
             Step::Apply(config) => match handle.apply(*config).await {
                 Ok(_) => {
+                    announce = Some(Instant::now() + ANNOUNCE_AFTER);
                     let acks = state.applied();
                     if state.is_complete() {
                         handle.set_ready();

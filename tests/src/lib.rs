@@ -88,6 +88,15 @@ impl ProxyProcess {
         Self::spawn(&["--config".as_ref(), path.as_os_str()], dir).await
     }
 
+    /// Like [`ProxyProcess::start`], without waiting for readiness (for a
+    /// configuration that is not meant to become ready).
+    pub async fn start_unready(config: &str) -> anyhow::Result<Self> {
+        let dir = TempDir::new()?;
+        let path = dir.path().join("proxy.yaml");
+        std::fs::write(&path, config)?;
+        Self::launch(&["--config".as_ref(), path.as_os_str()], dir).await
+    }
+
     /// Starts a proxy with raw arguments (plus `--print-addresses`).
     pub async fn start_with_args(args: &[&str]) -> anyhow::Result<Self> {
         let dir = TempDir::new()?;

@@ -289,3 +289,49 @@ async fn with_xds_a_bootstrap_file_gives_only_the_proxys_own_settings() {
         "the access log from the bootstrap file records xDS traffic"
     );
 }
+
+#[tokio::test]
+async fn one_push_is_announced_once() {
+    let echo = echo("announce").await;
+    let cp = TestCp::start().await.unwrap();
+    cp.set(
+        "gw",
+        vec![listener("web")],
+        vec![routes("echo", 0)],
+        vec![cluster("echo", echo.local_addr(), "http1")],
+    );
+    let proxy = ProxyProcess::start_xds(cp.xds_addr(), "gw", Some(TOKEN))
+        .await
+        .unwrap();
+    let applied = || proxy.log().matches("configuration applied").count();
+    // Three responses (clusters, routes, listeners), one line at info; the
+    // per-apply lines are at debug ("DEBUG" in the test's log level).
+    let announced = |n: usize| {
+        let proxy = &proxy;
+        async move {
+            eventually(DEADLINE, || async {
+                proxy
+                    .log()
+                    .lines()
+                    .filter(|l| l.contains("INFO") && l.contains("configuration applied"))
+                    .count()
+                    == n
+            })
+            .await
+        }
+    };
+    assert!(announced(1).await, "{}", proxy.log());
+    assert!(
+        applied() >= 3,
+        "each apply is logged at debug: {}",
+        proxy.log()
+    );
+    // A push that changes every type: one more line.
+    cp.set(
+        "gw",
+        vec![listener("web")],
+        vec![routes("echo", 1)],
+        vec![cluster("echo", echo.local_addr(), "http2")],
+    );
+    assert!(announced(2).await, "{}", proxy.log());
+}

@@ -292,3 +292,55 @@ fn the_empty_configuration_is_valid() {
     assert!(config.listeners.is_empty() && config.clusters.is_empty());
     assert!(config.admin.is_none());
 }
+
+#[test]
+fn addresses_that_cannot_all_be_bound_are_rejected() {
+    let config = |admin: &str, a: &str, b: &str| {
+        format!(
+            "admin: {{ address: \"{admin}\" }}\nlisteners:\n  - {{ name: a, address: \"{a}\", protocol: tcp, cluster: c }}\n  - {{ name: b, address: \"{b}\", protocol: tcp, cluster: c }}\nclusters: [{{ name: c, endpoints: [{{ address: \"127.0.0.1:1\" }}] }}]\n"
+        )
+    };
+    let cases = [
+        (
+            "127.0.0.1:0",
+            "127.0.0.1:9000",
+            "127.0.0.1:9000",
+            Some(
+                r#"listener "b": address: 127.0.0.1:9000 clashes with listener "a" (127.0.0.1:9000)"#,
+            ),
+        ),
+        (
+            "127.0.0.1:0",
+            "0.0.0.0:9000",
+            "127.0.0.1:9000",
+            Some(
+                r#"listener "b": address: 127.0.0.1:9000 clashes with listener "a" (0.0.0.0:9000)"#,
+            ),
+        ),
+        (
+            "127.0.0.1:0",
+            "127.0.0.1:9000",
+            "[::]:9000",
+            Some(r#"listener "b": address: [::]:9000 clashes with listener "a" (127.0.0.1:9000)"#),
+        ),
+        (
+            "127.0.0.1:9000",
+            "127.0.0.1:9000",
+            "127.0.0.1:9001",
+            Some(r#"listener "a": address: 127.0.0.1:9000 clashes with the admin server"#),
+        ),
+        ("127.0.0.1:0", "0.0.0.0:9000", "[::1]:9000", None),
+        ("127.0.0.1:0", "127.0.0.1:9000", "127.0.0.2:9000", None),
+        ("127.0.0.1:0", "127.0.0.1:0", "127.0.0.1:0", None),
+    ];
+    for (admin, a, b, want) in cases {
+        let result = Config::from_yaml(&config(admin, a, b), "t");
+        match want {
+            None => assert!(result.is_ok(), "{admin} {a} {b}: {:?}", result.err()),
+            Some(message) => {
+                let error = result.unwrap_err().to_string();
+                assert!(error.contains(message), "{admin} {a} {b}: {error}");
+            }
+        }
+    }
+}

@@ -136,17 +136,36 @@ impl TryFrom<BootstrapSpec> for Config {
             "listener",
             spec.listeners.iter().map(|l| l.name.as_str()),
         );
-        let mut bound = HashSet::new();
+        // Addresses that could not all be bound: the same one twice, a
+        // wildcard beside a specific address of its family on the same
+        // port (the kernel refuses the second bind), or the admin server's.
+        let mut taken: Vec<(SocketAddr, String)> = Vec::new();
+        if let Some(admin) = admin
+            && admin.port() != 0
+        {
+            taken.push((admin, "the admin server".to_owned()));
+        }
         for listener in &listeners {
-            if listener.address.port() != 0 && !bound.insert(listener.address) {
+            let address = listener.address;
+            if address.port() == 0 {
+                continue;
+            }
+            if let Some((_, owner)) = taken
+                .iter()
+                .find(|(other, _)| addresses_clash(*other, address))
+            {
                 errors.push(ConfigError {
                     kind: "listener",
                     resource: listener.name.to_string(),
                     field: "address".into(),
-                    message: format!("{} is already used by another listener", listener.address),
+                    message: format!("{address} clashes with {owner}"),
                     is_unresolved_reference: false,
                 });
             }
+            taken.push((
+                address,
+                format!("listener {:?} ({address})", &*listener.name),
+            ));
         }
 
         if !errors.is_empty() {
@@ -163,6 +182,17 @@ impl TryFrom<BootstrapSpec> for Config {
             clusters,
         })
     }
+}
+
+/// Whether two sockets on one host cannot both be bound: the same port and
+/// either the same address, or a wildcard and an address it covers
+/// (`0.0.0.0` covers IPv4; `[::]`, dual-stack as the proxy binds it, covers
+/// both families).
+fn addresses_clash(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |wild: SocketAddr, other: SocketAddr| {
+        wild.ip().is_unspecified() && (wild.is_ipv6() || other.is_ipv4())
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a, b) || covers(b, a))
 }
 
 fn check_unique<'a>(
