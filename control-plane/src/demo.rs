@@ -368,6 +368,9 @@ async fn start_proxies(
                 "--print-addresses",
                 "--concurrency",
                 "1",
+                // The demo's processes stop together: no one to tell.
+                "--drain-delay",
+                "0s",
                 // Proxies must not outlive a demo that is killed.
                 "--exit-with-parent",
             ])

@@ -27,9 +27,14 @@ pub(crate) struct AdminState {
     pub(crate) shared: Shared,
     pub(crate) metrics: Arc<Metrics>,
     pub(crate) ready: Arc<AtomicBool>,
+    /// The shutdown signal arrived (the drain may not have started yet).
+    pub(crate) stopping: Arc<AtomicBool>,
     pub(crate) drain: Drain,
     /// The xDS client's state, when configuration comes over xDS.
     pub(crate) xds_status: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+    /// `authorization: Bearer <token>` every request but `/ready` and
+    /// `/live` must carry, when set.
+    pub(crate) token: Option<Arc<[u8]>>,
 }
 
 /// Admin connections served at once; more wait in the accept queue. An
@@ -85,15 +90,49 @@ async fn serve_with_limit(listener: std::net::TcpListener, state: AdminState, li
     }
 }
 
+/// Whether the request carries `authorization: Bearer <token>`, compared
+/// in constant time (no early exit on the first differing byte).
+fn presents(req: &Request<Incoming>, token: &[u8]) -> bool {
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(given, token)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = u8::from(a.len() != b.len());
+    for (i, x) in a.iter().enumerate() {
+        diff |= x ^ b.get(i % b.len().max(1)).copied().unwrap_or(0);
+    }
+    diff == 0
+}
+
 fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into());
     }
-    match req.uri().path() {
+    let path = req.uri().path();
+    if let Some(token) = &state.token
+        && path != "/ready"
+        && path != "/live"
+        && !presents(req, token)
+    {
+        let mut response = text(StatusCode::UNAUTHORIZED, "bearer token required\n".into());
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+        return response;
+    }
+    match path {
         "/ready" => {
             // Not ready, and why: an orchestrator's probe only needs the
             // status; an operator reads the body.
-            let not_ready = if state.drain.is_draining() {
+            let not_ready = if state.drain.is_draining() || state.stopping.load(Relaxed) {
                 Some("draining\n")
             } else if !state.ready.load(Relaxed) {
                 Some("no complete configuration from the control plane yet\n")
@@ -233,6 +272,21 @@ mod tests {
     use std::collections::HashMap;
 
     use super::*;
+
+    #[test]
+    fn tokens_compare_whole() {
+        let cases: [(&[u8], &[u8], bool); 6] = [
+            (b"secret", b"secret", true),
+            (b"secret", b"secreT", false),
+            (b"secre", b"secret", false),
+            (b"secret!", b"secret", false),
+            (b"", b"secret", false),
+            (b"xsecret", b"secret", false),
+        ];
+        for (given, token, want) in cases {
+            assert_eq!(constant_time_eq(given, token), want, "{given:?}");
+        }
+    }
     use crate::config::Config;
 
     async fn state() -> AdminState {
@@ -243,6 +297,8 @@ mod tests {
             shared: Arc::new(ArcSwap::from_pointee(snapshot)),
             metrics,
             ready: Arc::new(AtomicBool::new(true)),
+            stopping: Arc::new(AtomicBool::new(false)),
+            token: None,
             drain: Drain::new(),
             xds_status: Arc::new(std::sync::Mutex::new(None)),
         }

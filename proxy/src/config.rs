@@ -159,10 +159,12 @@ impl Config {
         listen: &str,
         upstreams: &[String],
         admin: Option<&str>,
+        admin_token_file: Option<&str>,
     ) -> Result<Self, LoadError> {
         let spec = BootstrapSpec {
             admin: admin.map(|address| AdminSpec {
                 address: address.to_owned(),
+                token_file: admin_token_file.map(str::to_owned),
             }),
             listeners: vec![ListenerSpec {
                 name: "http".into(),

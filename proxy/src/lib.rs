@@ -103,6 +103,7 @@ pub struct Proxy {
     handle: ConfigHandle,
     addresses: BoundAddresses,
     drain_timeout: std::time::Duration,
+    drain_delay: std::time::Duration,
 }
 
 /// Applies new configurations to a running proxy; cheap to clone. The xDS
@@ -126,6 +127,9 @@ struct Inner {
     /// Where listeners accept and connections run.
     workers: tokio::runtime::Handle,
     ready: Arc<AtomicBool>,
+    /// Set by the shutdown signal, before the drain delay: `/ready` says
+    /// `draining` while listeners still accept.
+    stopping: Arc<AtomicBool>,
     /// What the xDS client reports for `/config_dump`, if it runs.
     xds_status: Arc<Mutex<Option<serde_json::Value>>>,
 }
@@ -174,6 +178,7 @@ impl Proxy {
         };
         let empty = Arc::new(Config::empty());
         let snapshot = stack::build(empty, &[], HashMap::new(), &metrics, None);
+        let stopping = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(AtomicBool::new(false));
         let handle = ConfigHandle {
             inner: Arc::new(Inner {
@@ -185,11 +190,14 @@ impl Proxy {
                 drain: drain.clone(),
                 workers: tokio::runtime::Handle::current(),
                 ready: ready.clone(),
+                stopping: stopping.clone(),
                 xds_status: Arc::new(Mutex::new(None)),
             }),
         };
         let drain_timeout = config.drain_timeout;
+        let drain_delay = config.drain_delay;
         let source = config.source.clone();
+        let admin_token = config.admin_token.clone();
         let counts = (
             config.listeners.len(),
             config.route_configs.len(),
@@ -212,12 +220,23 @@ impl Proxy {
         let admin_address = admin_socket.as_ref().map(|(_, address)| *address);
         if let Some((socket, address)) = admin_socket {
             tracing::info!(%address, "admin listening");
+            if !address.ip().is_loopback() {
+                // /config_dump, /clusters and /metrics tell an attacker a
+                // great deal; beyond loopback, a token is the least.
+                tracing::warn!(
+                    %address,
+                    token = admin_token.is_some(),
+                    "admin API reachable beyond loopback; set admin.token_file (or --admin-token-file)"
+                );
+            }
             let state = admin::AdminState {
                 shared: handle.inner.shared.clone(),
                 metrics,
                 ready: ready.clone(),
+                stopping,
                 drain,
                 xds_status: handle.inner.xds_status.clone(),
+                token: admin_token.map(|t| Arc::from(t.0.as_bytes())),
             };
             control.spawn(admin::serve(socket, state));
         }
@@ -231,6 +250,7 @@ impl Proxy {
             },
             handle,
             drain_timeout,
+            drain_delay,
         })
     }
     /// What was bound at start.
@@ -243,12 +263,20 @@ impl Proxy {
         self.handle.clone()
     }
 
-    /// Drains: readiness turns false, listeners stop accepting, connections
-    /// close gracefully; waits at most the configured drain timeout.
-    /// Returns the number of tasks still running at the deadline.
+    /// Drains: readiness turns false at once; listeners keep accepting for
+    /// the drain delay (so that an orchestrator that routes by readiness
+    /// stops sending before the port closes); then listeners stop
+    /// accepting and connections close gracefully, for at most the drain
+    /// timeout. Returns the number of tasks still running at the deadline.
     pub async fn shutdown(self) -> usize {
+        let inner = &self.handle.inner;
+        inner.stopping.store(true, Relaxed);
+        if !self.drain_delay.is_zero() {
+            tracing::info!(delay = ?self.drain_delay, "not ready; still accepting before the drain");
+            tokio::time::sleep(self.drain_delay).await;
+        }
         tracing::info!(timeout = ?self.drain_timeout, "draining");
-        let drain = &self.handle.inner.drain;
+        let drain = &inner.drain;
         drain.signal();
         let remaining = drain.wait(self.drain_timeout).await;
         if remaining > 0 {

@@ -34,6 +34,15 @@ struct Args {
     /// Serve the admin API here (quick reverse proxy and --xds modes).
     #[arg(long, value_name = "ADDR")]
     admin: Option<String>,
+    /// How long listeners keep accepting after SIGTERM, with /ready at 503,
+    /// before the drain starts (overrides the file's drain_delay; default
+    /// 5s).
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    drain_delay: Option<std::time::Duration>,
+    /// With --admin: a file holding the bearer token every admin request
+    /// but /ready and /live must present.
+    #[arg(long, value_name = "FILE", requires = "admin")]
+    admin_token_file: Option<String>,
     /// Take listeners, routes and clusters from this control plane
     /// (`HOST:PORT`). `--config`, if given, then holds only the proxy's own
     /// settings (admin, access_log, drain_timeout).
@@ -108,7 +117,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .as_ref()
         .map(|server| xds_options(args, server))
         .transpose()?;
-    let config = match (&xds, &args.config, &args.listen) {
+    let mut config = match (&xds, &args.config, &args.listen) {
         (Some(options), _, _) => Config::try_from(options.bootstrap.clone())
             .map_err(|errors| anyhow::anyhow!("invalid bootstrap:\n{errors}"))?,
         (None, Some(path), _) => {
@@ -118,15 +127,25 @@ fn run(args: &Args) -> anyhow::Result<()> {
             );
             Config::from_file(path)?
         }
-        (None, None, Some(listen)) => {
-            Config::reverse_proxy(listen, &args.upstream, args.admin.as_deref())?
-        }
+        (None, None, Some(listen)) => Config::reverse_proxy(
+            listen,
+            &args.upstream,
+            args.admin.as_deref(),
+            args.admin_token_file.as_deref(),
+        )?,
         (None, None, None) => {
             anyhow::bail!(
                 "nothing to run: pass --config FILE, --listen ADDR --upstream ADDR, or --xds ADDR --node-id ID"
             )
         }
     };
+    if let Some(delay) = args.drain_delay {
+        anyhow::ensure!(
+            delay <= std::time::Duration::from_secs(300),
+            "--drain-delay: at most 5m"
+        );
+        config.drain_delay = delay;
+    }
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
     // Admin, DNS and other control work run apart from the workers.
     let control = tokio::runtime::Builder::new_multi_thread()
@@ -217,6 +236,7 @@ fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
     if let Some(admin) = &args.admin {
         bootstrap.admin = Some(AdminSpec {
             address: admin.clone(),
+            token_file: args.admin_token_file.clone(),
         });
     }
     let token = match &args.token_file {

@@ -171,8 +171,15 @@ impl ProxyProcess {
 
     async fn launch(args: &[&std::ffi::OsStr], dir: TempDir) -> anyhow::Result<Self> {
         let log = std::fs::File::create(dir.path().join("proxy.log"))?;
+        // Tests drain at once unless they ask for a delay.
+        let delay: &[&str] = if args.iter().any(|a| *a == "--drain-delay") {
+            &[]
+        } else {
+            &["--drain-delay", "0s"]
+        };
         let mut child = tokio::process::Command::new(proxy_binary())
             .args(args)
+            .args(delay)
             .args(["--print-addresses", "--log-level", "weft_proxy=debug,info"])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -320,3 +320,46 @@ async fn a_single_worker_proxy_serves_both_protocols_and_drains() {
     proxy.terminate();
     assert_eq!(proxy.wait().await.unwrap(), Some(0));
 }
+
+/// SIGTERM makes `/ready` 503 at once while listeners keep accepting for
+/// the drain delay, so that traffic routed by readiness stops before the
+/// port closes; then the drain runs and the process exits.
+#[tokio::test]
+async fn during_the_drain_delay_not_ready_but_still_serving() {
+    let echo = echo("delay").await;
+    let upstream = echo.local_addr().to_string();
+    let mut proxy = ProxyProcess::start_with_args(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &upstream,
+        "--admin",
+        "127.0.0.1:0",
+        "--drain-delay",
+        "3s",
+    ])
+    .await
+    .unwrap();
+    let web = proxy.listener("http");
+    proxy.terminate();
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy
+                .admin_get("/ready")
+                .await
+                .is_ok_and(|(status, body)| status == 503 && body == "draining\n")
+        })
+        .await
+    );
+    // A new connection, after readiness went false, is still served.
+    let response = http1_request(web, get(web, "/late")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(proxy.wait().await.unwrap(), Some(0));
+    assert!(
+        proxy
+            .log()
+            .contains("not ready; still accepting before the drain"),
+        "{}",
+        proxy.log()
+    );
+}

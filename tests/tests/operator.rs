@@ -64,3 +64,63 @@ async fn logs_carry_no_colour_codes_when_not_on_a_terminal() {
     assert!(log.contains("configuration applied"), "{log}");
     assert!(!log.contains('\u{1b}'), "{log:?}");
 }
+
+#[tokio::test]
+async fn an_admin_token_guards_everything_but_the_probes() {
+    let echo = echo("admin-token").await;
+    let scratch = TempDir::new().unwrap();
+    let token_file = scratch.path().join("admin-token");
+    std::fs::write(&token_file, "s3cret-admin\n").unwrap();
+    let config = one_route_config(echo.local_addr(), "http1", "").replace(
+        "admin: { address: \"127.0.0.1:0\" }",
+        &format!(
+            "admin: {{ address: \"127.0.0.1:0\", token_file: \"{}\" }}",
+            token_file.display()
+        ),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let admin = proxy.admin;
+    let get_with = |path: &'static str, auth: Option<&'static str>| async move {
+        let mut req = get(admin, path);
+        if let Some(auth) = auth {
+            req.headers_mut()
+                .insert("authorization", auth.parse().unwrap());
+        }
+        let response = http1_request(admin, req).await.unwrap();
+        let status = response.status().as_u16();
+        (status, header(&response, "www-authenticate").to_owned())
+    };
+    assert_eq!(get_with("/ready", None).await.0, 200);
+    assert_eq!(get_with("/live", None).await.0, 200);
+    for path in ["/metrics", "/config_dump", "/clusters", "/listeners"] {
+        assert_eq!(
+            get_with(path, None).await,
+            (401, "Bearer".to_owned()),
+            "{path}"
+        );
+        assert_eq!(get_with(path, Some("Bearer wrong")).await.0, 401, "{path}");
+        assert_eq!(
+            get_with(path, Some("Bearer s3cret-admin")).await.0,
+            200,
+            "{path}"
+        );
+    }
+    assert!(
+        !proxy.log().contains("s3cret-admin"),
+        "the token is never logged"
+    );
+}
+
+#[tokio::test]
+async fn an_admin_api_beyond_loopback_is_warned_about() {
+    // Bound on the wildcard but never sent any traffic: the warning is
+    // what is checked.
+    let proxy = ProxyProcess::start_unready("admin: { address: \"0.0.0.0:0\" }\nlisteners: []\n")
+        .await
+        .unwrap();
+    let warned = eventually(DEADLINE, || async {
+        proxy.log().contains("admin API reachable beyond loopback")
+    })
+    .await;
+    assert!(warned, "{}", proxy.log());
+}

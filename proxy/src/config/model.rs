@@ -21,8 +21,13 @@ pub struct Config {
     pub source: Arc<str>,
     /// Admin server address, if any.
     pub admin: Option<SocketAddr>,
+    /// The admin API's bearer token, if one is required (never logged).
+    pub admin_token: Option<AdminToken>,
     /// Drain deadline on shutdown.
     pub drain_timeout: Duration,
+    /// How long listeners keep accepting after the shutdown signal, with
+    /// readiness already false, before the drain starts.
+    pub drain_delay: Duration,
     /// Access log destination, if any.
     pub access_log: Option<AccessLogTarget>,
     /// Listeners in file order.
@@ -42,6 +47,16 @@ pub enum AccessLogTarget {
     Stderr,
     /// A file, appended to.
     File(std::path::PathBuf),
+}
+
+/// A secret bearer token. Its `Debug` shows no part of it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(pub Arc<str>);
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(..)")
+    }
 }
 
 /// A validated listener.

@@ -177,9 +177,9 @@ pub fn unpack<M: Name + Default>(any: &prost_types::Any) -> Result<M, UnpackErro
 /// by `Config::try_from`. Fails with every field, of every resource, that
 /// the spec cannot hold.
 ///
-/// Only the xDS-served parts are filled in: `admin`, `drain_timeout` and
-/// `access_log` belong to the proxy's local bootstrap, and the caller copies
-/// them in before validating.
+/// Only the xDS-served parts are filled in: `admin`, `drain_timeout`,
+/// `drain_delay` and `access_log` belong to the proxy's local bootstrap, and
+/// the caller copies them in before validating.
 pub fn bootstrap_from_resources(
     listeners: Vec<pb::Listener>,
     routes: Vec<pb::RouteConfiguration>,

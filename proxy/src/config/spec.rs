@@ -21,6 +21,10 @@ pub struct BootstrapSpec {
     /// How long in-flight requests may run after SIGTERM/SIGINT.
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
+    /// How long listeners keep accepting after SIGTERM/SIGINT, with
+    /// `/ready` already at 503, before the drain starts.
+    #[serde(default, with = "humantime_serde")]
+    pub drain_delay: Option<Duration>,
     /// JSON-lines access log.
     #[serde(default)]
     pub access_log: Option<AccessLogSpec>,
@@ -41,6 +45,10 @@ pub struct BootstrapSpec {
 pub struct AdminSpec {
     /// `IP:PORT`; port 0 picks a free port.
     pub address: String,
+    /// A file holding a bearer token every admin request but `/ready` and
+    /// `/live` must present.
+    #[serde(default)]
+    pub token_file: Option<String>,
 }
 
 /// Where access-log lines go.

@@ -1,3 +1,5 @@
+use std::time::Duration;
+
 use super::*;
 
 const VALID: &str = r#"
@@ -227,10 +229,11 @@ fn reverse_proxy_shorthand_is_valid() {
         "127.0.0.1:0",
         &["127.0.0.1:1".into(), "127.0.0.1:2".into()],
         None,
+        None,
     )
     .unwrap();
     assert_eq!(config.clusters[0].endpoints.len(), 2);
-    let err = Config::reverse_proxy("127.0.0.1:0", &["nope".into()], None).unwrap_err();
+    let err = Config::reverse_proxy("127.0.0.1:0", &["nope".into()], None, None).unwrap_err();
     assert!(err.to_string().contains("endpoints[0].address"), "{err}");
 }
 
@@ -343,4 +346,19 @@ fn addresses_that_cannot_all_be_bound_are_rejected() {
             }
         }
     }
+}
+
+#[test]
+fn drain_delay_defaults_to_five_seconds_and_is_bounded() {
+    let config = Config::from_yaml("listeners: []", "t").unwrap();
+    assert_eq!(config.drain_delay, Duration::from_secs(5));
+    let config = Config::from_yaml("drain_delay: 0s\nlisteners: []", "t").unwrap();
+    assert_eq!(config.drain_delay, Duration::ZERO);
+    let error = Config::from_yaml("drain_delay: 10m\nlisteners: []", "t")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("drain_delay: 10m is longer than 5m"),
+        "{error}"
+    );
 }

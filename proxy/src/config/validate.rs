@@ -21,6 +21,11 @@ use super::{ConfigError, ValidationErrors};
 /// More proxies in front than this is a configuration mistake.
 const MAX_TRUSTED_HOPS: u32 = 16;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Long enough for an orchestrator's endpoint controller and a load
+/// balancer to see `/ready` at 503 and stop sending (Istio's default
+/// termination drain is 5 s too).
+const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+const MAX_DRAIN_DELAY: Duration = Duration::from_secs(300);
 const DEFAULT_MAX_CONNECTIONS: u32 = 65_536;
 const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -78,6 +83,23 @@ impl TryFrom<BootstrapSpec> for Config {
                 errors: &mut errors,
             };
             parse_socket_addr(&mut check, "address", &admin.address)
+        });
+        let admin_token = spec.admin.as_ref().and_then(|admin| {
+            let path = admin.token_file.as_ref()?;
+            let mut check = Checker {
+                kind: "admin",
+                resource: "admin".into(),
+                errors: &mut errors,
+            };
+            match crate::cli::read_token(std::path::Path::new(path)) {
+                Ok(token) => Some(AdminToken(token.into())),
+                Err(error) => {
+                    let reason = std::error::Error::source(&error)
+                        .map_or_else(|| error.to_string(), |cause| format!("{error}: {cause}"));
+                    check.error("token_file", reason);
+                    None
+                }
+            }
         });
         let access_log = spec
             .access_log
@@ -168,6 +190,20 @@ impl TryFrom<BootstrapSpec> for Config {
             ));
         }
 
+        let drain_delay = spec.drain_delay.unwrap_or(DEFAULT_DRAIN_DELAY);
+        if drain_delay > MAX_DRAIN_DELAY {
+            errors.push(ConfigError {
+                kind: "bootstrap",
+                resource: "drain_delay".into(),
+                field: "drain_delay".into(),
+                message: format!(
+                    "{} is longer than {}",
+                    humantime::format_duration(drain_delay),
+                    humantime::format_duration(MAX_DRAIN_DELAY)
+                ),
+                is_unresolved_reference: false,
+            });
+        }
         if !errors.is_empty() {
             return Err(ValidationErrors(errors));
         }
@@ -175,7 +211,9 @@ impl TryFrom<BootstrapSpec> for Config {
             spec: Arc::new(spec.clone()),
             source: Arc::from("inline"),
             admin,
+            admin_token,
             drain_timeout: spec.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
+            drain_delay,
             access_log,
             listeners,
             route_configs,

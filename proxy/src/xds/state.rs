@@ -278,6 +278,7 @@ impl XdsState {
         let spec = BootstrapSpec {
             admin: self.bootstrap.admin.clone(),
             drain_timeout: self.bootstrap.drain_timeout,
+            drain_delay: self.bootstrap.drain_delay,
             access_log: self.bootstrap.access_log.clone(),
             ..spec
         };
