@@ -32,6 +32,8 @@ pub(crate) struct AdminState {
     pub(crate) drain: Drain,
     /// The xDS client's state, when configuration comes over xDS.
     pub(crate) xds_status: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
+    /// The access log, whose dropped lines `/metrics` reports.
+    pub(crate) access_log: Option<crate::telemetry::AccessLog>,
     /// `authorization: Bearer <token>` every request but `/ready` and
     /// `/live` must carry, when set.
     pub(crate) token: Option<Arc<[u8]>>,
@@ -148,7 +150,19 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/metrics" => {
-            let mut response = text(StatusCode::OK, state.metrics.render());
+            // Series of removed resources go once the last connection or
+            // request that used them has ended (which may be after the
+            // configuration change that removed them).
+            state.metrics.prune();
+            let mut body = state.metrics.render();
+            if let Some(log) = &state.access_log {
+                body.push_str(
+                    "# HELP weft_access_log_dropped_total Access-log lines dropped because the writer was behind.\n\
+                     # TYPE weft_access_log_dropped_total counter\n",
+                );
+                body.push_str(&format!("weft_access_log_dropped_total {}\n", log.dropped()));
+            }
+            let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
@@ -298,6 +312,7 @@ mod tests {
             metrics,
             ready: Arc::new(AtomicBool::new(true)),
             stopping: Arc::new(AtomicBool::new(false)),
+            access_log: None,
             token: None,
             drain: Drain::new(),
             xds_status: Arc::new(std::sync::Mutex::new(None)),

@@ -237,6 +237,7 @@ impl Proxy {
                 drain,
                 xds_status: handle.inner.xds_status.clone(),
                 token: admin_token.map(|t| Arc::from(t.0.as_bytes())),
+                access_log: handle.inner.access_log.clone(),
             };
             control.spawn(admin::serve(socket, state));
         }
@@ -342,6 +343,10 @@ impl ConfigHandle {
             &inner.drain,
             &inner.workers,
         );
+        let pruned = inner.metrics.prune();
+        if pruned > 0 {
+            tracing::debug!(pruned, "metric series of removed resources dropped");
+        }
         // One xDS push is several applies (clusters, then routes, then
         // listeners): the xDS client says once at info that a push landed.
         tracing::debug!(

@@ -119,6 +119,11 @@ async fn access_log_writes_one_json_line_per_request() {
     assert_eq!(entry["route"], "all");
     assert_eq!(entry["upstream"], echo.local_addr().to_string());
     assert_eq!(entry["bytes_sent"], 5);
+    let (_, metrics) = proxy.admin_get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("weft_access_log_dropped_total 0\n"),
+        "{metrics}"
+    );
     assert_eq!(entry["request_id"], "req-1");
     assert!(entry["duration_ms"].as_f64().unwrap() >= 0.0);
 }

@@ -335,3 +335,36 @@ async fn one_push_is_announced_once() {
     );
     assert!(announced(2).await, "{}", proxy.log());
 }
+
+#[tokio::test]
+async fn metrics_of_removed_clusters_and_routes_go_away() {
+    let echo = echo("prune").await;
+    let cp = TestCp::start().await.unwrap();
+    cp.set(
+        "gw",
+        vec![listener("web")],
+        vec![routes("old", 0)],
+        vec![cluster("old", echo.local_addr(), "http1")],
+    );
+    let proxy = ProxyProcess::start_xds(cp.xds_addr(), "gw", Some(TOKEN))
+        .await
+        .unwrap();
+    let web = proxy.bound_listener("web").await.unwrap();
+    assert_eq!(served_by(web).await, "prune");
+    let metrics = || async { proxy.admin_get("/metrics").await.unwrap().1 };
+    assert!(metrics().await.contains("cluster=\"old\""));
+    cp.set(
+        "gw",
+        vec![listener("web")],
+        vec![routes("new", 0)],
+        vec![cluster("new", echo.local_addr(), "http1")],
+    );
+    assert!(cp.wait_converged("gw").await);
+    assert_eq!(served_by(web).await, "prune");
+    let pruned = eventually(DEADLINE, || async {
+        let text = metrics().await;
+        text.contains("cluster=\"new\"") && !text.contains("cluster=\"old\"")
+    })
+    .await;
+    assert!(pruned, "{}", metrics().await);
+}

@@ -170,6 +170,22 @@ impl Metrics {
             .clone()
     }
 
+    /// Forgets the series nothing uses any more: a handle only the registry
+    /// holds belongs to a listener, route or cluster that no snapshot,
+    /// connection or request in flight refers to. Called after each
+    /// configuration change and before each scrape, so that `/metrics` does
+    /// not list removed resources forever; a resource added again starts from zero (as a
+    /// restarted process would, which Prometheus's `rate()` handles).
+    /// Returns how many series were removed.
+    pub fn prune(&self) -> usize {
+        let mut registry = self.registry();
+        let before = registry.requests.len() + registry.listeners.len() + registry.clusters.len();
+        registry.requests.retain(|_, m| Arc::strong_count(m) > 1);
+        registry.listeners.retain(|_, m| Arc::strong_count(m) > 1);
+        registry.clusters.retain(|_, m| Arc::strong_count(m) > 1);
+        before - (registry.requests.len() + registry.listeners.len() + registry.clusters.len())
+    }
+
     /// The counters of a cluster.
     pub fn cluster(&self, name: &Arc<str>) -> Arc<ClusterMetrics> {
         self.registry()
@@ -333,6 +349,24 @@ fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn series_nothing_holds_are_pruned_and_the_rest_kept() {
+        let metrics = Metrics::new();
+        let (l, r, c) = (Arc::from("web"), Arc::from("api"), Arc::from("users"));
+        let kept = metrics.request(&l, &r, &c);
+        kept.record(http::StatusCode::OK, std::time::Duration::from_millis(1));
+        let _listener = metrics.listener(&l);
+        drop(metrics.request(&l, &Arc::from("gone"), &c));
+        drop(metrics.cluster(&Arc::from("gone")));
+        assert_eq!(metrics.prune(), 2);
+        let text = metrics.render();
+        assert!(!text.contains("gone"), "{text}");
+        assert!(text.contains("route=\"api\""), "{text}");
+        // A kept handle still counts into the same series.
+        assert!(Arc::ptr_eq(&kept, &metrics.request(&l, &r, &c)));
+        assert_eq!(metrics.prune(), 0);
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_when_rendered() {
