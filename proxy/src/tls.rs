@@ -9,11 +9,9 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, ServerName};
 
 use crate::config::{ClusterTls, DomainMatch, ListenerTls, ServerIdentity, TlsVersion};
 
@@ -27,28 +25,11 @@ pub(crate) fn server_config(tls: &ListenerTls) -> Arc<rustls::ServerConfig> {
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+    let builder = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(versions)
         .expect("the ring provider supports TLS 1.2 and 1.3");
     let builder = match &tls.clients {
-        Some(clients) => {
-            let verifier =
-                WebPkiClientVerifier::builder_with_provider(clients.roots.clone(), provider);
-            let verifier = if clients.required {
-                verifier.build()
-            } else {
-                verifier.allow_unauthenticated().build()
-            };
-            match verifier {
-                Ok(verifier) => builder.with_client_cert_verifier(verifier),
-                // Validation loaded at least one root, which is all the
-                // builder needs; refuse every client rather than none.
-                Err(error) => {
-                    tracing::error!(%error, "client certificate verifier; refusing all clients");
-                    builder.with_client_cert_verifier(Arc::new(RefuseAll))
-                }
-            }
-        }
+        Some(clients) => builder.with_client_cert_verifier(clients.verifier.clone()),
         None => builder.with_no_client_auth(),
     };
     let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(tls)));
@@ -73,31 +54,7 @@ pub(crate) struct UpstreamTls {
 impl UpstreamTls {
     pub(crate) fn new(tls: &ClusterTls) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier: Arc<dyn ServerCertVerifier> = match &tls.server {
-            ServerIdentity::Spiffe(id) => Arc::new(SpiffeServerVerifier {
-                roots: tls.roots.clone(),
-                expected: id.clone(),
-                provider: provider.clone(),
-            }),
-            ServerIdentity::DnsName(_) => {
-                match rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    tls.roots.clone(),
-                    provider.clone(),
-                )
-                .build()
-                {
-                    Ok(verifier) => verifier,
-                    Err(error) => {
-                        tracing::error!(%error, "upstream tls verifier; refusing every server");
-                        Arc::new(SpiffeServerVerifier {
-                            roots: Arc::new(rustls::RootCertStore::empty()),
-                            expected: Arc::from(""),
-                            provider: provider.clone(),
-                        })
-                    }
-                }
-            }
-        };
+        let verifier = tls.verifier.clone();
         let config = |alpn: &[u8]| {
             let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -121,76 +78,6 @@ impl UpstreamTls {
                 ServerIdentity::Spiffe(_) => None,
             },
         }
-    }
-}
-
-/// Verifies an upstream's chain against the cluster's CAs and its SPIFFE
-/// ID (its one URI SAN) against the cluster's expected identity; DNS names
-/// play no part (X.509-SVIDs need not carry any).
-#[derive(Debug)]
-struct SpiffeServerVerifier {
-    roots: Arc<rustls::RootCertStore>,
-    expected: Arc<str>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl ServerCertVerifier for SpiffeServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &self.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        match crate::config::tls::spiffe_id(end_entity) {
-            Ok(Some(id)) if *id == *self.expected => Ok(ServerCertVerified::assertion()),
-            _ => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName,
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &rustls::DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -226,57 +113,6 @@ pub(crate) fn check_peer(tls: &ListenerTls, leaf: Option<&CertificateDer<'_>>) -
         return PeerCheck::Refused("identity not allowed");
     }
     PeerCheck::Verified(id)
-}
-
-/// A verifier that accepts no client: used only if a verifier could not
-/// be built, so that a listener meant for mutual TLS never serves without
-/// it.
-#[derive(Debug)]
-struct RefuseAll;
-
-impl ClientCertVerifier for RefuseAll {
-    fn root_hint_subjects(&self) -> &[rustls::DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        Err(rustls::Error::General(
-            "client verification unavailable".into(),
-        ))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "client verification unavailable".into(),
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General(
-            "client verification unavailable".into(),
-        ))
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
 }
 
 /// Chooses a certificate by the client's server name: an exact name, then

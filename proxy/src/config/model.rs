@@ -104,10 +104,9 @@ pub struct ListenerTls {
 /// A listener's verification of client certificates.
 #[derive(Debug)]
 pub struct ClientVerification {
-    /// The CAs that sign client certificates.
-    pub roots: Arc<rustls::RootCertStore>,
-    /// Refuse clients without a certificate.
-    pub required: bool,
+    /// Verifies client chains against the listener's CAs (and refuses
+    /// clients without a certificate when one is required).
+    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
     /// SPIFFE IDs allowed to connect; empty allows any.
     pub allowed_identities: Vec<Arc<str>>,
 }
@@ -304,12 +303,13 @@ pub struct Cluster {
 /// TLS to a cluster's endpoints, its files loaded.
 #[derive(Debug)]
 pub struct ClusterTls {
-    /// The CAs that sign the endpoints' certificates.
-    pub roots: Arc<rustls::RootCertStore>,
     /// Mutual TLS: this proxy's chain and key.
     pub client_cert: Option<Arc<rustls::sign::CertifiedKey>>,
     /// What every endpoint must prove.
     pub server: ServerIdentity,
+    /// Verifies an endpoint's chain against the cluster's CAs (`ca_file`),
+    /// for `server`.
+    pub verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
     /// The files, by which two configurations compare (the files are not
     /// watched: the same paths mean the same TLS settings).
     pub files: Vec<Arc<str>>,

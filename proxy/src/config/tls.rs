@@ -2,9 +2,12 @@
 //! into the model, with errors that name the field and the file; and the
 //! SPIFFE ID a certificate carries (X.509-SVID: exactly one URI SAN).
 
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 
 /// Why a certificate and key could not be loaded.
 #[derive(Debug)]
@@ -68,6 +71,118 @@ pub(super) fn load_roots(path: &str) -> Result<rustls::RootCertStore, String> {
         return Err(format!("{path:?} holds no PEM certificate"));
     }
     Ok(roots)
+}
+
+/// The verifier of client certificates signed by `roots`; `required`
+/// refuses clients without one.
+pub(super) fn client_verifier(
+    roots: rustls::RootCertStore,
+    required: bool,
+) -> Result<std::sync::Arc<dyn rustls::server::danger::ClientCertVerifier>, String> {
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        std::sync::Arc::new(roots),
+        provider,
+    );
+    let builder = if required {
+        builder
+    } else {
+        builder.allow_unauthenticated()
+    };
+    builder.build().map_err(|e| e.to_string())
+}
+
+/// The verifier of an upstream's certificate for `server`, against
+/// `roots`.
+pub(super) fn server_verifier(
+    roots: Arc<rustls::RootCertStore>,
+    server: &crate::config::ServerIdentity,
+) -> Result<Arc<dyn ServerCertVerifier>, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    match server {
+        crate::config::ServerIdentity::Spiffe(id) => Ok(Arc::new(SpiffeServerVerifier {
+            roots,
+            expected: id.clone(),
+            provider,
+        })),
+        crate::config::ServerIdentity::DnsName(_) => {
+            let verifier =
+                rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+            Ok(verifier)
+        }
+    }
+}
+
+/// Verifies an upstream's chain against the cluster's CAs and its SPIFFE
+/// ID (its one URI SAN) against the cluster's expected identity; DNS names
+/// play no part (X.509-SVIDs need not carry any).
+#[derive(Debug)]
+pub(super) struct SpiffeServerVerifier {
+    pub(super) roots: Arc<rustls::RootCertStore>,
+    pub(super) expected: Arc<str>,
+    pub(super) provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+        rustls::client::verify_server_cert_signed_by_trust_anchor(
+            &cert,
+            &self.roots,
+            intermediates,
+            now,
+            self.provider.signature_verification_algorithms.all,
+        )?;
+        match spiffe_id(end_entity) {
+            Ok(Some(id)) if *id == *self.expected => Ok(ServerCertVerified::assertion()),
+            _ => Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::NotValidForName,
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
 }
 
 /// True for `spiffe://<trust-domain>/<path>`.

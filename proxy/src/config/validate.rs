@@ -506,11 +506,17 @@ fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<Liste
                         );
                     }
                 }
-                Some(ClientVerification {
-                    roots: Arc::new(roots),
-                    required: spec.require_client_certificate.unwrap_or(true),
-                    allowed_identities,
-                })
+                let required = spec.require_client_certificate.unwrap_or(true);
+                match super::tls::client_verifier(roots, required) {
+                    Ok(verifier) => Some(ClientVerification {
+                        verifier,
+                        allowed_identities,
+                    }),
+                    Err(message) => {
+                        check.error("tls.client_ca_file", format!("{path:?}: {message}"));
+                        None
+                    }
+                }
             }
             Err(message) => {
                 check.error("tls.client_ca_file", message);
@@ -1121,10 +1127,14 @@ fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<Cluster
     .flatten()
     .map(|f| Arc::from(f.as_str()))
     .collect();
+    let (roots, server) = (Arc::new(roots?), server?);
+    let verifier = super::tls::server_verifier(roots, &server)
+        .map_err(|message| check.error("tls.ca_file", format!("{:?}: {message}", spec.ca_file)))
+        .ok()?;
     Some(ClusterTls {
-        roots: Arc::new(roots?),
         client_cert,
-        server: server?,
+        server,
+        verifier,
         files,
     })
 }
