@@ -582,8 +582,14 @@ async fn absurd_flag_values_are_refused_and_help_matches_behaviour() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
+    // The help advertises what exists: the certificate authority is the
+    // `cert` command, and the help says so only there.
     let help = String::from_utf8(run(&["--help"]).await.stdout).unwrap();
-    assert!(!help.contains("certificate authority"), "{help}");
+    assert_eq!(help.matches("certificate authority").count(), 1, "{help}");
+    assert!(
+        help.contains("cert      Certificates from the mesh's certificate authority"),
+        "{help}"
+    );
     let serve_help = String::from_utf8(run(&["serve", "--help"]).await.stdout).unwrap();
     assert!(
         serve_help.contains(
