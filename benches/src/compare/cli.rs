@@ -24,7 +24,8 @@ is two chained weft-proxy processes, both on that CPU, accounted together. Load 
 runs interleave the targets round after round; tables show medians. nginx and \
 HAProxy are used when on PATH; when missing, `apt-get install -y nginx-light \
 libnginx-mod-stream haproxy` is tried if running as root outside CI, else they are skipped with the \
-reason.")]
+reason. http1-max is driven by wrk and h2-max by h2load when they are on PATH (pinned to the \
+load CPUs), else by the built-in generator, which drives every other run.")]
 pub struct CompareArgs {
     /// Scenario to run, repeatable (default: all).
     #[arg(long = "scenario", value_name = "NAME", value_enum)]
@@ -74,6 +75,10 @@ pub struct CompareArgs {
     /// Never try to install nginx or HAProxy.
     #[arg(long)]
     pub no_install: bool,
+    /// Drive every run with the built-in generator, even where wrk
+    /// (http1-max) or h2load (h2-max) is installed.
+    #[arg(long)]
+    pub builtin_driver: bool,
     /// Run nothing: render report.md and the charts again from this
     /// report.json (into --out, default: the file's directory).
     #[arg(long, value_name = "FILE")]
@@ -152,6 +157,7 @@ pub fn run_cli(args: &CompareArgs) -> anyhow::Result<()> {
     config.idle_connections = args.idle_connections.unwrap_or(config.idle_connections);
     config.idle_pause = args.idle_pause.unwrap_or(config.idle_pause);
     config.rate = args.rate;
+    config.external_drivers = !args.builtin_driver;
     config.connections = args.connections;
     config.tools = Tools {
         search_path: None,

@@ -224,6 +224,10 @@ pub struct CompareConfig {
     pub tools: Tools,
     /// CPU placement of the proxies (the current process is already placed).
     pub placement: Placement,
+    /// Drive `http1-max` with wrk and `h2-max` with h2load when they are
+    /// found (on [`CompareConfig::tools`]' search path); `false`: the
+    /// built-in generator drives every run.
+    pub external_drivers: bool,
     /// Directory for generated configs, logs and access logs (created).
     pub work_dir: PathBuf,
 }
@@ -247,6 +251,7 @@ impl CompareConfig {
             weft_bin,
             tools: Tools::system(),
             placement: Placement::unpinned("not requested"),
+            external_drivers: true,
             work_dir,
         }
     }
