@@ -47,7 +47,8 @@ pub struct CompareArgs {
     #[arg(long, value_name = "N")]
     pub rounds: Option<NonZeroUsize>,
     /// Rate of the HTTP/1.1 fixed-rate run, requests per second (default:
-    /// half the slowest proxy's closed-loop throughput).
+    /// 0.6 / the best of nginx's and HAProxy's CPU seconds per request in
+    /// http1-max, so that its core is about 60 % busy).
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     pub rate: Option<f64>,
     /// HTTP/1.1 connections (h2 and gRPC: a quarter, 4 streams each).

@@ -203,8 +203,9 @@ pub struct CompareConfig {
     /// Rounds: each load run is repeated this many times per target,
     /// interleaved, and medians are reported.
     pub rounds: NonZeroUsize,
-    /// The open-loop rate of the `http1` fixed-rate run; `None`: half the
-    /// slowest proxy's closed-loop throughput.
+    /// The open-loop rate of the `http1` fixed-rate run; `None`: 0.6 / the
+    /// best peer's (nginx's or HAProxy's) CPU seconds per request in the
+    /// closed-loop run, so that its core is about 60 % busy.
     pub rate: Option<f64>,
     /// HTTP/1.1 connections (h2 and gRPC use a quarter of them, with 4
     /// streams each, for the same requests in flight).

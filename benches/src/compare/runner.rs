@@ -44,8 +44,12 @@ const GRPC_PAYLOAD_BYTES: usize = 128;
 /// File descriptors kept spare beyond the idle connections.
 const SPARE_FILES: u64 = 2048;
 
-/// The fixed rate is this fraction of the slowest proxy's closed-loop
-/// throughput.
+/// The fixed rate keeps the best peer's proxy core this busy: rate =
+/// `TARGET_BUSY` / its CPU seconds per request in the closed loop.
+const TARGET_BUSY: f64 = 0.6;
+
+/// Without any proxy CPU figure, the fixed rate is this fraction of
+/// direct's closed-loop throughput.
 const RATE_FRACTION: f64 = 0.5;
 
 /// How long the echo may take to drain at the end.
@@ -618,10 +622,11 @@ fn http1_rate(config: &CompareConfig, rate: f64) -> RunSpec {
     }
 }
 
-/// The fixed rate and how it was chosen: `--rate`, else half the slowest
-/// proxy's closed-loop HTTP/1.1 throughput (direct's if no proxy ran).
-/// weft-s2s counts: every target measured must sustain the rate, or its
-/// latency is queueing.
+/// The fixed rate and how it was chosen: `--rate`; else the rate that
+/// keeps the best peer's (nginx's or HAProxy's) proxy core
+/// [`TARGET_BUSY`] busy, from its CPU per request in the closed-loop
+/// HTTP/1.1 run; else the same from the cheapest proxy measured; else half
+/// direct's closed-loop throughput.
 pub(super) fn fixed_rate(
     config: &CompareConfig,
     report: &CompareReport,
@@ -632,20 +637,59 @@ pub(super) fn fixed_rate(
     let Some(max) = report.run("http1-max") else {
         return Err("no closed-loop HTTP/1.1 run to derive a rate from; pass --rate".to_owned());
     };
-    let throughput = |proxies_only: bool| {
+    let driver = |target: TargetKind| {
         max.rows
             .iter()
-            .filter(|row| !proxies_only || row.target != TargetKind::Direct)
-            .filter_map(|row| row.median.map(|m| m.throughput_per_second))
-            .filter(|&t| t > 0.0)
-            .reduce(f64::min)
+            .find(|row| row.target == target)
+            .map_or("?", |row| row.driver.name())
     };
-    throughput(true)
-        .or_else(|| throughput(false))
-        .map(|slowest| {
+    let busy_percent = TARGET_BUSY * 100.0;
+    let peer = max
+        .best_reference(|s| s.cpu_us_per_request, true)
+        .filter(|&(_, cpu)| cpu > 0.0);
+    let cheapest_proxy = || {
+        max.rows
+            .iter()
+            .filter(|row| row.target != TargetKind::Direct && !row.target.is_proxy_chain())
+            .filter_map(|row| Some((row.target, row.median?.cpu_us_per_request?)))
+            .filter(|&(_, cpu)| cpu > 0.0)
+            .reduce(|best, candidate| {
+                if candidate.1 < best.1 {
+                    candidate
+                } else {
+                    best
+                }
+            })
+    };
+    let from_cpu = |(target, cpu_us): (TargetKind, f64), whose: &str| {
+        let rate = (TARGET_BUSY / (cpu_us / 1e6)).round().max(1.0);
+        let basis = format!(
+            "{TARGET_BUSY} / {whose} proxy CPU per request in http1-max ({} {cpu_us:.1} µs,              driven by {}), so that its core is about {busy_percent:.0} % busy",
+            target.name(),
+            driver(target),
+        );
+        (rate, basis)
+    };
+    if let Some(peer) = peer {
+        return Ok(from_cpu(peer, "the best peer's (nginx/HAProxy)"));
+    }
+    if let Some(proxy) = cheapest_proxy() {
+        return Ok(from_cpu(
+            proxy,
+            "the lowest (no nginx or HAProxy was measured)",
+        ));
+    }
+    max.summary(TargetKind::Direct)
+        .map(|s| s.throughput_per_second)
+        .filter(|&t| t > 0.0)
+        .map(|direct| {
             (
-                (slowest * RATE_FRACTION).round().max(1.0),
-                format!("{RATE_FRACTION} x the slowest closed-loop HTTP/1.1 throughput"),
+                (direct * RATE_FRACTION).round().max(1.0),
+                format!(
+                    "no proxy CPU was measured: {RATE_FRACTION} x direct's closed-loop \
+                     throughput ({direct:.0} req/s, driven by {})",
+                    driver(TargetKind::Direct)
+                ),
             )
         })
         .ok_or_else(|| "no target completed a closed-loop HTTP/1.1 request; pass --rate".to_owned())

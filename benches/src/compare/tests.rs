@@ -8,6 +8,7 @@ use std::path::Path;
 use super::driver::Driver;
 use super::proxies::{self, Limits, ReferencePorts, Upstream};
 use super::report::{self, LoadRow, LoadRun, MemoryRow, RowSummary, RunKind};
+use super::runner;
 use super::system;
 use super::*;
 use crate::load::{
@@ -808,4 +809,45 @@ fn tool_rounds_give_busy_fractions_and_flag_a_generator_bound_proxy() {
     }
     let old: CompareReport = serde_json::from_value(value).expect("an older report loads");
     assert_eq!(old.runs[0].rows[1].driver, Driver::WeftBench);
+}
+
+#[test]
+fn fixed_rate_keeps_the_best_peer_60_percent_busy() {
+    let dir = Path::new("/nonexistent");
+    let config = CompareConfig::new(dir.join("weft-proxy"), dir.to_path_buf());
+    let mut report = sample_report();
+    // HAProxy's 25 µs per request is the best peer's: 0.6 / 25 µs.
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 24_000.0);
+    assert!(
+        basis.contains("best peer") && basis.contains("haproxy 25.0 µs"),
+        "{basis}"
+    );
+    assert!(basis.contains("driven by weft-bench"), "{basis}");
+
+    // Without a peer, the cheapest proxy measured (weft's 20 µs).
+    for run in &mut report.runs {
+        run.rows.retain(|row| !row.target.is_reference());
+    }
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 30_000.0);
+    assert!(basis.contains("no nginx or HAProxy"), "{basis}");
+
+    // Without any proxy CPU, half of direct's throughput.
+    for run in &mut report.runs {
+        run.rows.retain(|row| row.target == TargetKind::Direct);
+    }
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 20_000.0);
+    assert!(basis.contains("direct"), "{basis}");
+
+    // --rate wins; no closed-loop run is an error.
+    let mut given = config.clone();
+    given.rate = Some(123.0);
+    assert_eq!(
+        runner::fixed_rate(&given, &report).map(|(rate, _)| rate),
+        Ok(123.0)
+    );
+    report.runs.retain(|run| run.id != "http1-max");
+    assert!(runner::fixed_rate(&config, &report).is_err());
 }
