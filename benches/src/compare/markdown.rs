@@ -88,7 +88,8 @@ fn setup(out: &mut String, report: &CompareReport) {
          upstream, which share the load CPUs, over the wall time times those CPUs. A \
          closed-loop row whose proxy was under {:.0} % busy is marked generator-bound: the \
          generator, not the proxy, set its pace, so its throughput and CPU per request say \
-         little about the proxy.\n",
+         little about the proxy; when neither core saturated, other work on the machine most \
+         likely took CPU time from both.\n",
         SATURATED_BUSY * 100.0
     );
     if report

@@ -222,7 +222,14 @@ struct RoundFigures {
 
 impl RoundFigures {
     fn of_load(report: &LoadReport, load_cpus: usize) -> Self {
-        let wall = report.duration_seconds;
+        // CPU is read until the last measured request completed, which
+        // is also the time the throughput is taken over (longer than the
+        // window when the generator fell behind).
+        let wall = if report.throughput_per_second > 0.0 && report.requests.completed > 0 {
+            report.requests.completed as f64 / report.throughput_per_second
+        } else {
+            report.duration_seconds
+        };
         let busy = |cpu: f64, cores: usize| (wall > 0.0).then(|| cpu / (wall * cores as f64));
         let latency = &report.latency;
         let has_latency = latency.count > 0;

@@ -3,6 +3,7 @@
 //! targets, round after round.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::time::{Duration, SystemTime};
@@ -663,12 +664,31 @@ pub(super) fn fixed_rate(
     };
     let from_cpu = |(target, cpu_us): (TargetKind, f64), whose: &str| {
         let rate = (TARGET_BUSY / (cpu_us / 1e6)).round().max(1.0);
-        let basis = format!(
-            "{TARGET_BUSY} / {whose} proxy CPU per request in http1-max ({} {cpu_us:.1} µs,              driven by {}), so that its core is about {busy_percent:.0} % busy",
+        let mut basis = format!(
+            "{TARGET_BUSY} / {whose} proxy CPU per request in http1-max ({} {cpu_us:.1} µs, \
+             driven by {}), so that its core is about {busy_percent:.0} % busy",
             target.name(),
             driver(target),
         );
-        (rate, basis)
+        // A rate above what the target served in the closed loop cannot
+        // be what keeps its core 60 % busy: the core was shared or the
+        // generator ran short there.
+        let served = max
+            .summary(target)
+            .map(|s| s.throughput_per_second)
+            .filter(|&t| t > 0.0 && t < rate);
+        match served {
+            Some(served) => {
+                let _ = write!(
+                    basis,
+                    "; capped at the {served:.0} req/s {} served in the closed loop, below the \
+                     {rate:.0} req/s that figure gives (its core was not saturated there)",
+                    target.name()
+                );
+                (served.round().max(1.0), basis)
+            }
+            None => (rate, basis),
+        }
     };
     if let Some(peer) = peer {
         return Ok(from_cpu(peer, "the best peer's (nginx/HAProxy)"));

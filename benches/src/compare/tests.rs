@@ -427,11 +427,12 @@ fn goals_without_references_are_unmeasured() {
 fn markdown_has_ratios_skips_and_goals() {
     let markdown = render_markdown(&sample_report());
     // weft's row of http1-max: 30000 req/s = 0.75x direct, 1.02x the best
-    // reference (HAProxy's 29500); 20 µs = 0.80x HAProxy's CPU.
+    // reference (HAProxy's 29500); 20 µs = 0.80x HAProxy's CPU; its core
+    // busy for 100 requests at 31,000 req/s, 20 µs each: 62 %.
     assert!(
         markdown.contains(
             "| weft | weft-bench | 30000 | 0.75 | 1.02 | 3 | 1.050 | 0.525 | 1.050 | 2.100 | \
-             4.200 | +1.100 | 20.0 | 0.80 | 6.0 | 0 % | — | neither; **generator-bound** |"
+             4.200 | +1.100 | 20.0 | 0.80 | 6.0 | 62 % | — | neither; **generator-bound** |"
         ),
         "{markdown}"
     );
@@ -850,4 +851,28 @@ fn fixed_rate_keeps_the_best_peer_60_percent_busy() {
     );
     report.runs.retain(|run| run.id != "http1-max");
     assert!(runner::fixed_rate(&config, &report).is_err());
+}
+
+#[test]
+fn fixed_rate_is_capped_at_what_the_peer_served() {
+    let dir = Path::new("/nonexistent");
+    let config = CompareConfig::new(dir.join("weft-proxy"), dir.to_path_buf());
+    let mut report = sample_report();
+    // HAProxy served 29,500 req/s at 25 µs; at 40 µs, 0.6 / 40 µs = 15,000
+    // is below that and stands; at 10 µs, 60,000 is capped.
+    let max = &mut report.runs[0];
+    max.rows.retain(|row| row.target != TargetKind::Nginx);
+    let haproxy = max
+        .rows
+        .iter_mut()
+        .find(|row| row.target == TargetKind::Haproxy)
+        .and_then(|row| row.median.as_mut())
+        .expect("haproxy ran");
+    haproxy.cpu_us_per_request = Some(10.0);
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 29_500.0);
+    assert!(
+        basis.contains("capped at the 29500 req/s haproxy served"),
+        "{basis}"
+    );
 }
