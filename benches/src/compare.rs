@@ -40,6 +40,7 @@
 mod chart;
 mod cli;
 mod config;
+mod driver;
 mod idle;
 mod markdown;
 mod placement;
@@ -54,6 +55,7 @@ mod tests;
 pub use chart::latency_svg;
 pub use cli::{CompareArgs, run_cli};
 pub use config::{CompareConfig, Scenario, TargetKind, Tools};
+pub use driver::{Driver, ToolErrors, ToolLatency, ToolOutput, ToolRound};
 pub use markdown::render_markdown;
 pub use placement::Placement;
 pub use report::{

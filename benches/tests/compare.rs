@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use weft_bench::compare::{self, CompareConfig, Scenario, TargetKind, Tools};
+use weft_bench::compare::{self, CompareConfig, Driver, Scenario, TargetKind, Tools};
 
 /// Bound on the whole run (it takes a few seconds).
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
@@ -156,6 +156,23 @@ async fn compare_reports_direct_weft_and_sidecars_and_skips_missing_proxies() {
     }
     let rate = report.run("http1-rate").and_then(|run| run.rate_per_second);
     assert!(rate.is_some_and(|rate| rate >= 1.0), "{rate:?}");
+    // With an empty search path wrk is not found: the built-in generator
+    // drives every run, and the notes say why.
+    assert!(
+        report
+            .runs
+            .iter()
+            .flat_map(|run| &run.rows)
+            .all(|row| row.driver == Driver::WeftBench && row.tool_rounds.is_empty())
+    );
+    assert!(
+        report
+            .notes
+            .iter()
+            .any(|note| note.starts_with("http1-max: wrk is not installed")),
+        "{:?}",
+        report.notes
+    );
 
     for target in [TargetKind::Weft, TargetKind::WeftSidecars] {
         let memory = report.memory_of(target).expect("a memory row");
@@ -177,4 +194,84 @@ async fn compare_reports_direct_weft_and_sidecars_and_skips_missing_proxies() {
     assert!(markdown.contains("nginx not found"), "{markdown}");
     let svg = compare::latency_svg(&report.runs[1]).expect("the chart draws");
     assert!(svg.is_some_and(|svg| svg.contains("weft-s2s")));
+}
+
+/// wrk and h2load, when this machine has them on PATH, drive the
+/// closed-loop HTTP/1.1 and h2c runs against direct and weft; the
+/// fixed-rate run stays with the built-in generator.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_drives_closed_loops_with_wrk_and_h2load_when_installed() {
+    let on_path = |program: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
+    };
+    if !on_path("wrk") || !on_path("h2load") {
+        println!("wrk or h2load is not installed: nothing to check");
+        return;
+    }
+    let weft = tokio::task::spawn_blocking(|| proxy_binary().to_path_buf())
+        .await
+        .expect("the build task finishes");
+    let work = tempfile::tempdir().expect("a scratch directory");
+    let mut config = CompareConfig::new(weft, work.path().join("work"));
+    config.scenarios = vec![Scenario::Http1, Scenario::H2];
+    config.targets = vec![TargetKind::Direct, TargetKind::Weft];
+    // wrk counts whole seconds.
+    config.duration = Duration::from_secs(1);
+    config.warmup = Duration::ZERO;
+    config.rounds = std::num::NonZeroUsize::MIN;
+    config.connections = std::num::NonZeroUsize::new(4).expect("not zero");
+    config.tools = Tools {
+        search_path: None,
+        allow_install: false,
+    };
+
+    let report = tokio::time::timeout(TEST_TIMEOUT, compare::run(&config))
+        .await
+        .expect("the comparison finishes in time")
+        .expect("the comparison runs");
+
+    for (id, driver) in [
+        ("http1-max", Driver::Wrk),
+        ("http1-rate", Driver::WeftBench),
+        ("h2-max", Driver::H2load),
+    ] {
+        let run = report.run(id).unwrap_or_else(|| panic!("no {id} run"));
+        for row in &run.rows {
+            let name = row.target.name();
+            assert!(row.failures.is_empty(), "{id}: {name}: {:?}", row.failures);
+            assert_eq!(row.driver, driver, "{id}: {name}");
+            let summary = row
+                .median
+                .unwrap_or_else(|| panic!("{id}: {name} not measured"));
+            assert!(summary.completed_total > 0, "{id}: {name}");
+            assert_eq!(summary.errors_total, 0, "{id}: {name}");
+            assert_eq!(
+                summary.proxy_core_busy.is_some(),
+                row.target == TargetKind::Weft,
+                "{id}: {name}"
+            );
+            if driver != Driver::WeftBench {
+                let round = &row.tool_rounds[0];
+                assert!(round.generator_cpu_seconds.is_some(), "{id}: {name}");
+                assert!(summary.generator_core_busy.is_some(), "{id}: {name}");
+                assert_eq!(
+                    round.process.as_ref().map(|p| p.pids.len()),
+                    (row.target == TargetKind::Weft).then_some(1),
+                    "{id}: {name}"
+                );
+            }
+        }
+    }
+    let rate = report.run("http1-rate").expect("the fixed-rate run");
+    assert!(
+        rate.rate_basis
+            .as_deref()
+            .is_some_and(|basis| basis.contains("weft")),
+        "{:?}",
+        rate.rate_basis
+    );
+    let markdown = compare::render_markdown(&report);
+    assert!(markdown.contains("| weft | wrk |"), "{markdown}");
+    assert!(markdown.contains("| weft | h2load |"), "{markdown}");
 }

@@ -38,19 +38,27 @@ fn colour(target: TargetKind) -> RGBColor {
 ///
 /// When plotters fails to draw (it writes to a string, so only on a bug).
 pub fn latency_svg(run: &LoadRun) -> anyhow::Result<Option<String>> {
-    let curves: Vec<(TargetKind, [f64; 5])> = run
+    // A driver that gives no percentile (h2load) draws no curve; one
+    // that gives some (wrk: no p99.9) draws the points it has.
+    let curves: Vec<(TargetKind, Vec<(f64, f64)>)> = run
         .rows
         .iter()
         .filter_map(|row| {
             let m = row.median.as_ref()?;
-            let points = [m.p50_us, m.p90_us, m.p99_us, m.p999_us, m.max_us];
-            Some((row.target, points.map(|us| (us / 1000.0).max(0.001))))
+            let points: Vec<(f64, f64)> = [m.p50_us, m.p90_us, m.p99_us, m.p999_us, m.max_us]
+                .iter()
+                .enumerate()
+                .filter_map(|(i, us)| Some((i as f64, (us.as_ref()? / 1000.0).max(0.001))))
+                .collect();
+            (points.len() >= 2).then_some((row.target, points))
         })
         .collect();
     if curves.is_empty() {
         return Ok(None);
     }
-    let values = curves.iter().flat_map(|(_, points)| points.iter().copied());
+    let values = curves
+        .iter()
+        .flat_map(|(_, points)| points.iter().map(|&(_, ms)| ms));
     // plotters labels a log axis from the first power of ten inside it:
     // start just below one (rounding must not push it above), so that the
     // lowest decade is labelled.
@@ -91,9 +99,9 @@ pub fn latency_svg(run: &LoadRun) -> anyhow::Result<Option<String>> {
             .light_line_style(TRANSPARENT)
             .draw()
             .map_err(draw_error)?;
-        for &(target, points) in &curves {
-            let colour = colour(target);
-            let line = points.iter().enumerate().map(|(i, &ms)| (i as f64, ms));
+        for (target, points) in &curves {
+            let colour = colour(*target);
+            let line = points.iter().copied();
             chart
                 .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
                 .map_err(draw_error)?

@@ -24,7 +24,8 @@ is two chained weft-proxy processes, both on that CPU, accounted together. Load 
 runs interleave the targets round after round; tables show medians. nginx and \
 HAProxy are used when on PATH; when missing, `apt-get install -y nginx-light \
 libnginx-mod-stream haproxy` is tried if running as root outside CI, else they are skipped with the \
-reason.")]
+reason. http1-max is driven by wrk and h2-max by h2load when they are on PATH (pinned to the \
+load CPUs), else by the built-in generator, which drives every other run.")]
 pub struct CompareArgs {
     /// Scenario to run, repeatable (default: all).
     #[arg(long = "scenario", value_name = "NAME", value_enum)]
@@ -46,7 +47,8 @@ pub struct CompareArgs {
     #[arg(long, value_name = "N")]
     pub rounds: Option<NonZeroUsize>,
     /// Rate of the HTTP/1.1 fixed-rate run, requests per second (default:
-    /// half the slowest proxy's closed-loop throughput).
+    /// 0.6 / the best of nginx's and HAProxy's CPU seconds per request in
+    /// http1-max, so that its core is about 60 % busy).
     #[arg(long, value_name = "R", value_parser = parse_rate)]
     pub rate: Option<f64>,
     /// HTTP/1.1 connections (h2 and gRPC: a quarter, 4 streams each).
@@ -74,6 +76,10 @@ pub struct CompareArgs {
     /// Never try to install nginx or HAProxy.
     #[arg(long)]
     pub no_install: bool,
+    /// Drive every run with the built-in generator, even where wrk
+    /// (http1-max) or h2load (h2-max) is installed.
+    #[arg(long)]
+    pub builtin_driver: bool,
     /// Run nothing: render report.md and the charts again from this
     /// report.json (into --out, default: the file's directory).
     #[arg(long, value_name = "FILE")]
@@ -152,6 +158,7 @@ pub fn run_cli(args: &CompareArgs) -> anyhow::Result<()> {
     config.idle_connections = args.idle_connections.unwrap_or(config.idle_connections);
     config.idle_pause = args.idle_pause.unwrap_or(config.idle_pause);
     config.rate = args.rate;
+    config.external_drivers = !args.builtin_driver;
     config.connections = args.connections;
     config.tools = Tools {
         search_path: None,

@@ -203,8 +203,9 @@ pub struct CompareConfig {
     /// Rounds: each load run is repeated this many times per target,
     /// interleaved, and medians are reported.
     pub rounds: NonZeroUsize,
-    /// The open-loop rate of the `http1` fixed-rate run; `None`: half the
-    /// slowest proxy's closed-loop throughput.
+    /// The open-loop rate of the `http1` fixed-rate run; `None`: 0.6 / the
+    /// best peer's (nginx's or HAProxy's) CPU seconds per request in the
+    /// closed-loop run, so that its core is about 60 % busy.
     pub rate: Option<f64>,
     /// HTTP/1.1 connections (h2 and gRPC use a quarter of them, with 4
     /// streams each, for the same requests in flight).
@@ -224,6 +225,10 @@ pub struct CompareConfig {
     pub tools: Tools,
     /// CPU placement of the proxies (the current process is already placed).
     pub placement: Placement,
+    /// Drive `http1-max` with wrk and `h2-max` with h2load when they are
+    /// found (on [`CompareConfig::tools`]' search path); `false`: the
+    /// built-in generator drives every run.
+    pub external_drivers: bool,
     /// Directory for generated configs, logs and access logs (created).
     pub work_dir: PathBuf,
 }
@@ -247,6 +252,7 @@ impl CompareConfig {
             weft_bin,
             tools: Tools::system(),
             placement: Placement::unpinned("not requested"),
+            external_drivers: true,
             work_dir,
         }
     }

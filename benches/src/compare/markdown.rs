@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use super::report::{CompareReport, LoadRun, MemoryRow, RowSummary, RunKind};
+use super::report::{CompareReport, LoadRun, MemoryRow, RowSummary, RunKind, SATURATED_BUSY};
 use super::{Scenario, TargetKind};
 
 const MIB: f64 = 1024.0 * 1024.0;
@@ -75,6 +75,22 @@ fn setup(out: &mut String, report: &CompareReport) {
          utime+stime over the window divided by the requests completed; RSS is its peak during \
          the window.\n",
         settings.duration_seconds, settings.warmup_seconds, settings.rounds,
+    );
+    let _ = writeln!(
+        out,
+        "Drivers: each row names the load generator that produced it. `wrk` (HTTP/1.1) and \
+         `h2load` (h2c) drive the closed-loop runs they can when installed, pinned to the load \
+         CPUs with the same connections (and streams) as the built-in generator, after a \
+         separate unmeasured warm-up run; their latency is what they report (wrk: \
+         p50/p90/p99 and max, no p99.9; h2load: mean and max only). `weft-bench` is the \
+         built-in generator. \"proxy busy\" is the proxy's CPU time over the wall time (1.00 = \
+         its core saturated); \"gen busy\" is the CPU time of the generator and the echo \
+         upstream, which share the load CPUs, over the wall time times those CPUs. A \
+         closed-loop row whose proxy was under {:.0} % busy is marked generator-bound: the \
+         generator, not the proxy, set its pace, so its throughput and CPU per request say \
+         little about the proxy; when neither core saturated, other work on the machine most \
+         likely took CPU time from both.\n",
+        SATURATED_BUSY * 100.0
     );
     if report
         .targets
@@ -252,6 +268,9 @@ fn load_run(out: &mut String, run: &LoadRun) {
         let _ = writeln!(out, "Skipped: {}\n", one_line(reason));
         return;
     }
+    if let (Some(rate), Some(basis)) = (run.rate_per_second, &run.rate_basis) {
+        let _ = writeln!(out, "Rate: {rate:.0} req/s, {}.\n", one_line(basis));
+    }
     let is_tcp = run.scenario == Scenario::Tcp;
     let throughput = |s: &RowSummary| {
         if is_tcp {
@@ -263,12 +282,14 @@ fn load_run(out: &mut String, run: &LoadRun) {
     let unit = if is_tcp { "MB/s" } else { "req/s" };
     let _ = writeln!(
         out,
-        "| target | {unit} | ×direct | ×best | errors | p50 ms | p90 ms | p99 ms | p99.9 ms | \
-         p99 over direct ms | proxy CPU µs/req | CPU ×best | peak RSS MiB |"
+        "| target | driver | {unit} | ×direct | ×best | errors | mean ms | p50 ms | p90 ms | \
+         p99 ms | p99.9 ms | p99 over direct ms | proxy CPU µs/req | CPU ×best | peak RSS MiB | \
+         proxy busy | gen busy | saturated |"
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | \
+         --- | --- | --- | --- |"
     );
     let direct = run.summary(TargetKind::Direct);
     let best_throughput = run.best_reference(throughput, false).map(|(_, v)| v);
@@ -282,19 +303,22 @@ fn load_run(out: &mut String, run: &LoadRun) {
         let value = throughput(summary);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | \
+             {} | {} |",
             row.target.name(),
+            row.driver.name(),
             value.map_or(dash(), |v| format!("{v:.0}")),
             ratio(value, direct.and_then(throughput)),
             ratio(value, best_throughput),
             summary.errors_total,
+            ms(summary.mean_us),
             ms(summary.p50_us),
             ms(summary.p90_us),
             ms(summary.p99_us),
             ms(summary.p999_us),
-            match direct {
-                Some(direct) if row.target != TargetKind::Direct => {
-                    format!("{:+.3}", (summary.p99_us - direct.p99_us) / 1000.0)
+            match (direct.and_then(|d| d.p99_us), summary.p99_us) {
+                (Some(direct), Some(p99)) if row.target != TargetKind::Direct => {
+                    format!("{:+.3}", (p99 - direct) / 1000.0)
                 }
                 _ => dash(),
             },
@@ -305,9 +329,30 @@ fn load_run(out: &mut String, run: &LoadRun) {
             summary
                 .rss_peak_bytes
                 .map_or(dash(), |b| format!("{:.1}", b as f64 / MIB)),
+            busy(summary.proxy_core_busy),
+            busy(summary.generator_core_busy),
+            if summary.is_generator_bound {
+                format!("{}; **generator-bound**", summary.saturated())
+            } else {
+                summary.saturated().to_owned()
+            },
         );
     }
     out.push('\n');
+    let bound: Vec<&str> = run
+        .rows
+        .iter()
+        .filter(|row| row.median.is_some_and(|m| m.is_generator_bound))
+        .map(|row| row.target.name())
+        .collect();
+    if !bound.is_empty() {
+        let _ = writeln!(
+            out,
+            "- generator-bound (proxy core under {:.0} % busy in a closed loop): {}",
+            SATURATED_BUSY * 100.0,
+            bound.join(", ")
+        );
+    }
     if run.kind == RunKind::FixedRate {
         let behind: Vec<&str> = run
             .rows
@@ -375,8 +420,12 @@ fn ratio(value: Option<f64>, reference: Option<f64>) -> String {
     }
 }
 
-fn ms(micros: f64) -> String {
-    format!("{:.3}", micros / 1000.0)
+fn busy(fraction: Option<f64>) -> String {
+    fraction.map_or(dash(), |f| format!("{:.0} %", f * 100.0))
+}
+
+fn ms(micros: Option<f64>) -> String {
+    micros.map_or(dash(), |micros| format!("{:.3}", micros / 1000.0))
 }
 
 fn dash() -> String {

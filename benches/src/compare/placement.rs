@@ -118,4 +118,33 @@ impl Placement {
             _ => tokio::process::Command::new(program),
         }
     }
+
+    /// A command that runs an external load generator (wrk, h2load) on
+    /// the load CPUs (plain `program` when unpinned).
+    pub(crate) fn generator_command(&self, program: &Path) -> tokio::process::Command {
+        match (&self.taskset, &self.load_cpus) {
+            (Some(taskset), Some(cpus)) => {
+                let mut command = tokio::process::Command::new(taskset);
+                command.arg("-c").arg(cpus).arg(program);
+                command
+            }
+            _ => tokio::process::Command::new(program),
+        }
+    }
+
+    /// How [`Placement::generator_command`] starts `program`, for reports.
+    pub(crate) fn generator_prefix(&self, program: &Path) -> String {
+        match (&self.taskset, &self.load_cpus) {
+            (Some(_), Some(cpus)) => format!("taskset -c {cpus} {}", program.display()),
+            _ => program.display().to_string(),
+        }
+    }
+
+    /// CPUs the load generator runs on: those of `load_cpus`, else one.
+    pub(crate) fn load_cpu_count(&self) -> usize {
+        self.load_cpus
+            .as_deref()
+            .and_then(system::parse_cpu_list)
+            .map_or(1, |cpus| cpus.len().max(1))
+    }
 }

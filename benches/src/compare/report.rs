@@ -8,8 +8,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use super::driver::{Driver, ToolRound};
 use super::{Placement, Scenario, TargetKind};
 use crate::load::LoadReport;
+
+/// A core this busy or more (CPU time over wall time) counts as saturated.
+pub(crate) const SATURATED_BUSY: f64 = 0.9;
 
 /// Everything one comparison measured.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -119,6 +123,9 @@ pub struct LoadRun {
     pub title: String,
     /// The open-loop rate.
     pub rate_per_second: Option<f64>,
+    /// How the open-loop rate was chosen, in words.
+    #[serde(default)]
+    pub rate_basis: Option<String>,
     /// Why the whole run was skipped.
     pub skip_reason: Option<String>,
     /// One row per target.
@@ -130,17 +137,26 @@ pub struct LoadRun {
 pub struct LoadRow {
     /// The target.
     pub target: TargetKind,
+    /// The load generator that drove it (reports written before drivers
+    /// were recorded: the built-in one).
+    #[serde(default)]
+    pub driver: Driver,
     /// Why this target was not measured.
     pub skip_reason: Option<String>,
-    /// The full report of every round that ran.
+    /// The full report of every round the built-in generator ran.
     pub rounds: Vec<LoadReport>,
+    /// Every round wrk or h2load ran.
+    #[serde(default)]
+    pub tool_rounds: Vec<ToolRound>,
     /// Rounds that could not run, with the reason.
     pub failures: Vec<String>,
     /// Medians over `rounds` (absent when none ran).
     pub median: Option<RowSummary>,
 }
 
-/// Medians of a row's rounds (totals where noted).
+/// Medians of a row's rounds (totals where noted). Latency figures a
+/// driver does not give are absent (h2load: no percentiles; wrk: no
+/// p99.9).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RowSummary {
     /// Rounds summarised.
@@ -153,21 +169,118 @@ pub struct RowSummary {
     pub throughput_per_second: f64,
     /// TCP: MB (10^6 bytes) echoed per second.
     pub mb_per_second: Option<f64>,
+    /// Mean latency, µs.
+    #[serde(default)]
+    pub mean_us: Option<f64>,
     /// Latency percentiles, µs (corrected for coordinated omission in open
     /// loop).
-    pub p50_us: f64,
+    pub p50_us: Option<f64>,
     /// 90th percentile, µs.
-    pub p90_us: f64,
+    pub p90_us: Option<f64>,
     /// 99th percentile, µs.
-    pub p99_us: f64,
+    pub p99_us: Option<f64>,
     /// 99.9th percentile, µs.
-    pub p999_us: f64,
+    pub p999_us: Option<f64>,
     /// Maximum, µs.
-    pub max_us: f64,
+    pub max_us: Option<f64>,
     /// Proxy CPU time per completed request, µs (not for `direct`).
     pub cpu_us_per_request: Option<f64>,
     /// Peak resident memory of the proxy during the window.
     pub rss_peak_bytes: Option<u64>,
+    /// The proxy's CPU time over the wall time: 1.0 is one core saturated
+    /// (weft-s2s: both sidecars, which share one core when pinned).
+    #[serde(default)]
+    pub proxy_core_busy: Option<f64>,
+    /// CPU time of what runs on the load CPUs (the generator and the echo
+    /// upstream) over the wall time times those CPUs.
+    #[serde(default)]
+    pub generator_core_busy: Option<f64>,
+    /// A closed-loop row whose proxy core was under
+    /// [`SATURATED_BUSY`]: the generator, not the proxy, set the pace.
+    #[serde(default)]
+    pub is_generator_bound: bool,
+}
+
+/// One round's figures, whichever driver produced it.
+#[derive(Clone, Copy, Debug, Default)]
+struct RoundFigures {
+    completed: u64,
+    errors: u64,
+    throughput: f64,
+    mb_per_second: Option<f64>,
+    mean_us: Option<f64>,
+    p50_us: Option<f64>,
+    p90_us: Option<f64>,
+    p99_us: Option<f64>,
+    p999_us: Option<f64>,
+    max_us: Option<f64>,
+    cpu_us_per_request: Option<f64>,
+    rss_peak_bytes: Option<u64>,
+    proxy_core_busy: Option<f64>,
+    generator_core_busy: Option<f64>,
+}
+
+impl RoundFigures {
+    fn of_load(report: &LoadReport, load_cpus: usize) -> Self {
+        // CPU is read until the last measured request completed, which
+        // is also the time the throughput is taken over (longer than the
+        // window when the generator fell behind).
+        let wall = if report.throughput_per_second > 0.0 && report.requests.completed > 0 {
+            report.requests.completed as f64 / report.throughput_per_second
+        } else {
+            report.duration_seconds
+        };
+        let busy = |cpu: f64, cores: usize| (wall > 0.0).then(|| cpu / (wall * cores as f64));
+        let latency = &report.latency;
+        let has_latency = latency.count > 0;
+        let us = |value: u64| has_latency.then_some(value as f64);
+        Self {
+            completed: report.requests.completed,
+            errors: report.errors.total() + report.requests.unfinished,
+            throughput: report.throughput_per_second,
+            mb_per_second: report.tcp.map(|t| t.received_mb_per_second),
+            mean_us: has_latency.then_some(latency.mean_us),
+            p50_us: us(latency.p50_us),
+            p90_us: us(latency.p90_us),
+            p99_us: us(latency.p99_us),
+            p999_us: us(latency.p999_us),
+            max_us: us(latency.max_us),
+            cpu_us_per_request: report.process.as_ref().and_then(|p| p.cpu_us_per_request),
+            rss_peak_bytes: report.process.as_ref().map(|p| p.rss_peak_bytes),
+            proxy_core_busy: report.process.as_ref().and_then(|p| busy(p.cpu_seconds, 1)),
+            generator_core_busy: report
+                .generator_cpu_seconds
+                .and_then(|cpu| busy(cpu, load_cpus.max(1))),
+        }
+    }
+
+    fn of_tool(round: &ToolRound) -> Self {
+        let wall = round.wall_seconds;
+        let busy = |cpu: f64, cores: usize| (wall > 0.0).then(|| cpu / (wall * cores as f64));
+        let output = &round.output;
+        let latency = &output.latency;
+        Self {
+            completed: output.completed,
+            errors: output.errors.total() + output.requests.saturating_sub(output.completed),
+            throughput: output.requests_per_second,
+            mb_per_second: None,
+            mean_us: latency.mean_us,
+            p50_us: latency.p50_us,
+            p90_us: latency.p90_us,
+            p99_us: latency.p99_us,
+            p999_us: None,
+            max_us: latency.max_us,
+            cpu_us_per_request: round.process.as_ref().and_then(|p| p.cpu_us_per_request),
+            rss_peak_bytes: round.process.as_ref().map(|p| p.rss_peak_bytes),
+            proxy_core_busy: round.process.as_ref().and_then(|p| busy(p.cpu_seconds, 1)),
+            generator_core_busy: round.generator_cpu_seconds.and_then(|tool| {
+                busy(
+                    tool + round.echo_cpu_seconds.unwrap_or(0.0),
+                    round.load_cpus.max(1),
+                )
+            }),
+        }
+    }
 }
 
 /// Memory of one target.
@@ -258,43 +371,59 @@ pub(crate) fn median_u64(values: &[u64]) -> Option<u64> {
 }
 
 impl RowSummary {
-    /// Medians of `rounds` (`None` when empty).
-    pub(crate) fn of(rounds: &[LoadReport]) -> Option<Self> {
+    /// Medians of a row, whichever driver ran its rounds.
+    pub(crate) fn of_row(row: &LoadRow, load_cpus: usize, kind: RunKind) -> Option<Self> {
+        let figures: Vec<RoundFigures> = row
+            .rounds
+            .iter()
+            .map(|round| RoundFigures::of_load(round, load_cpus))
+            .chain(row.tool_rounds.iter().map(RoundFigures::of_tool))
+            .collect();
+        Self::of_figures(&figures, kind)
+    }
+
+    fn of_figures(rounds: &[RoundFigures], kind: RunKind) -> Option<Self> {
         if rounds.is_empty() {
             return None;
         }
-        let of = |f: fn(&LoadReport) -> f64| {
-            median(&rounds.iter().map(f).collect::<Vec<_>>()).unwrap_or(0.0)
+        let of = |f: fn(&RoundFigures) -> Option<f64>| {
+            median(&rounds.iter().filter_map(f).collect::<Vec<_>>())
         };
-        let cpu: Vec<f64> = rounds
-            .iter()
-            .filter_map(|r| r.process.as_ref().and_then(|p| p.cpu_us_per_request))
-            .collect();
-        let rss: Vec<u64> = rounds
-            .iter()
-            .filter_map(|r| r.process.as_ref().map(|p| p.rss_peak_bytes))
-            .collect();
-        let mb: Vec<f64> = rounds
-            .iter()
-            .filter_map(|r| r.tcp.map(|t| t.received_mb_per_second))
-            .collect();
+        let rss: Vec<u64> = rounds.iter().filter_map(|r| r.rss_peak_bytes).collect();
+        let proxy_core_busy = of(|r| r.proxy_core_busy);
         Some(Self {
             rounds: rounds.len(),
-            completed_total: rounds.iter().map(|r| r.requests.completed).sum(),
-            errors_total: rounds
-                .iter()
-                .map(|r| r.errors.total() + r.requests.unfinished)
-                .sum(),
-            throughput_per_second: of(|r| r.throughput_per_second),
-            mb_per_second: median(&mb),
-            p50_us: of(|r| r.latency.p50_us as f64),
-            p90_us: of(|r| r.latency.p90_us as f64),
-            p99_us: of(|r| r.latency.p99_us as f64),
-            p999_us: of(|r| r.latency.p999_us as f64),
-            max_us: of(|r| r.latency.max_us as f64),
-            cpu_us_per_request: median(&cpu),
+            completed_total: rounds.iter().map(|r| r.completed).sum(),
+            errors_total: rounds.iter().map(|r| r.errors).sum(),
+            throughput_per_second: of(|r| Some(r.throughput)).unwrap_or(0.0),
+            mb_per_second: of(|r| r.mb_per_second),
+            mean_us: of(|r| r.mean_us),
+            p50_us: of(|r| r.p50_us),
+            p90_us: of(|r| r.p90_us),
+            p99_us: of(|r| r.p99_us),
+            p999_us: of(|r| r.p999_us),
+            max_us: of(|r| r.max_us),
+            cpu_us_per_request: of(|r| r.cpu_us_per_request),
             rss_peak_bytes: median_u64(&rss),
+            proxy_core_busy,
+            generator_core_busy: of(|r| r.generator_core_busy),
+            is_generator_bound: kind == RunKind::Max
+                && proxy_core_busy.is_some_and(|busy| busy < SATURATED_BUSY),
         })
+    }
+
+    /// Which core saturated, in words: `proxy`, `generator`, `both`,
+    /// `neither`, or `—` when not measured.
+    pub fn saturated(&self) -> &'static str {
+        let proxy = self.proxy_core_busy.map(|b| b >= SATURATED_BUSY);
+        let generator = self.generator_core_busy.map(|b| b >= SATURATED_BUSY);
+        match (proxy, generator) {
+            (Some(true), Some(true)) => "both",
+            (Some(true), _) => "proxy",
+            (_, Some(true)) => "generator",
+            (Some(false), _) | (_, Some(false)) => "neither",
+            (None, None) => "—",
+        }
     }
 }
 
@@ -421,9 +550,15 @@ impl CompareReport {
         let Some(run) = self.run("http1-rate") else {
             return unmeasured(goal, target, None);
         };
-        let direct = run.summary(TargetKind::Direct).map_or(0.0, |s| s.p99_us);
-        let value = run.summary(target).map(|s| s.p99_us - direct);
-        let reference = run.best_reference(|s| Some(s.p99_us - direct), true);
+        let direct = run
+            .summary(TargetKind::Direct)
+            .and_then(|s| s.p99_us)
+            .unwrap_or(0.0);
+        let value = run
+            .summary(target)
+            .and_then(|s| s.p99_us)
+            .map(|p99| p99 - direct);
+        let reference = run.best_reference(|s| s.p99_us.map(|p99| p99 - direct), true);
         match (value, reference) {
             (Some(value), Some((kind, reference))) => Goal {
                 goal,

@@ -3,6 +3,7 @@
 //! targets, round after round.
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::time::{Duration, SystemTime};
@@ -12,6 +13,7 @@ use http::Uri;
 use tracing::{debug, info, warn};
 
 use super::config::{CompareConfig, Scenario, TargetKind};
+use super::driver::{self, Driver, ExternalDrivers, ToolRun};
 use super::idle;
 use super::proxies::Programs;
 use super::proxies::{
@@ -43,8 +45,12 @@ const GRPC_PAYLOAD_BYTES: usize = 128;
 /// File descriptors kept spare beyond the idle connections.
 const SPARE_FILES: u64 = 2048;
 
-/// The fixed rate is this fraction of the slowest proxy's closed-loop
-/// throughput.
+/// The fixed rate keeps the best peer's proxy core this busy: rate =
+/// `TARGET_BUSY` / its CPU seconds per request in the closed loop.
+const TARGET_BUSY: f64 = 0.6;
+
+/// Without any proxy CPU figure, the fixed rate is this fraction of
+/// direct's closed-loop throughput.
 const RATE_FRACTION: f64 = 0.5;
 
 /// How long the echo may take to drain at the end.
@@ -107,6 +113,11 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
             nginx_stream: Err("not requested".to_owned()),
         }
     };
+    let drivers = if config.external_drivers {
+        ExternalDrivers::discover(&config.tools)
+    } else {
+        ExternalDrivers::disabled("the built-in generator was asked for (--builtin-driver)")
+    };
     let idle_connections = if scenarios.contains(&Scenario::Idle) {
         ensure_open_files(config.idle_connections, &config.tools, &mut notes).await
     } else {
@@ -122,7 +133,7 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
             println!("skipping {}: {reason}", status.target.name());
         }
     }
-    let versions = versions(config, &programs).await;
+    let versions = versions(config, &programs, &drivers).await;
 
     let h2_connections = (config.connections.get() / H2_STREAMS).max(1);
     let mut report = CompareReport {
@@ -200,9 +211,13 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
                 let spec = match spec {
                     Spec::Run(spec) => spec,
                     Spec::FixedRate => match fixed_rate(config, &report) {
-                        Ok(rate) => {
+                        Ok((rate, basis)) => {
+                            info!(rate, basis, "fixed rate chosen");
+                            println!("http1-rate: {rate:.0} req/s ({basis})");
                             report.settings.rate_per_second = Some(rate);
-                            http1_rate(config, rate)
+                            let mut spec = http1_rate(config, rate);
+                            spec.rate_basis = Some(basis);
+                            spec
                         }
                         Err(reason) => {
                             report.runs.push(skipped_run(
@@ -216,7 +231,17 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
                         }
                     },
                 };
-                let run = execute(&spec, config, &mut running, &report.targets).await;
+                let (driver, fallback) = choose_driver(&spec, &drivers);
+                if let Some(reason) = fallback {
+                    let note = format!(
+                        "{}: {reason}; driven by weft-bench's built-in generator instead",
+                        spec.id
+                    );
+                    warn!(run = spec.id, reason, "external driver unavailable");
+                    println!("{note}");
+                    report.notes.push(note);
+                }
+                let run = execute(&spec, driver, config, &mut running, &report.targets).await;
                 report.runs.push(run);
             }
         }
@@ -308,7 +333,11 @@ fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs
 }
 
 /// Versions of the programs involved.
-async fn versions(config: &CompareConfig, programs: &Programs) -> BTreeMap<String, String> {
+async fn versions(
+    config: &CompareConfig,
+    programs: &Programs,
+    drivers: &ExternalDrivers,
+) -> BTreeMap<String, String> {
     let mut versions = BTreeMap::new();
     versions.insert(
         "weft-bench".to_owned(),
@@ -328,6 +357,17 @@ async fn versions(config: &CompareConfig, programs: &Programs) -> BTreeMap<Strin
         && let Some(line) = system::version_line(haproxy, "-v").await
     {
         versions.insert("haproxy".to_owned(), line);
+    }
+    // wrk has no version flag: `-v` prints its version and usage, and exits 1.
+    if let Ok(wrk) = &drivers.wrk
+        && let Some(line) = system::version_line(wrk, "-v").await
+    {
+        versions.insert("wrk".to_owned(), line);
+    }
+    if let Ok(h2load) = &drivers.h2load
+        && let Some(line) = system::version_line(h2load, "--version").await
+    {
+        versions.insert("h2load".to_owned(), line);
     }
     versions
 }
@@ -459,6 +499,8 @@ struct RunSpec {
     streams: usize,
     body_size_bytes: usize,
     is_new_connection_per_request: bool,
+    /// How the open-loop rate was chosen.
+    rate_basis: Option<String>,
 }
 
 /// A scenario's runs, in order.
@@ -483,6 +525,7 @@ fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> V
             streams,
             body_size_bytes,
             is_new_connection_per_request: false,
+            rate_basis: None,
         })
     };
     match scenario {
@@ -552,6 +595,7 @@ fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> V
             streams: 1,
             body_size_bytes: 0,
             is_new_connection_per_request: true,
+            rate_basis: None,
         })],
         Scenario::Idle | Scenario::IdleRss => Vec::new(),
     }
@@ -575,31 +619,138 @@ fn http1_rate(config: &CompareConfig, rate: f64) -> RunSpec {
         streams: 1,
         body_size_bytes: 0,
         is_new_connection_per_request: false,
+        rate_basis: None,
     }
 }
 
-/// The fixed rate: `--rate`, else half the slowest proxy's closed-loop
-/// HTTP/1.1 throughput (direct's if no proxy ran). weft-s2s counts: every
-/// target measured must sustain the rate, or its latency is queueing.
-fn fixed_rate(config: &CompareConfig, report: &CompareReport) -> Result<f64, String> {
+/// The fixed rate and how it was chosen: `--rate`; else the rate that
+/// keeps the best peer's (nginx's or HAProxy's) proxy core
+/// [`TARGET_BUSY`] busy, from its CPU per request in the closed-loop
+/// HTTP/1.1 run; else the same from the cheapest proxy measured; else half
+/// direct's closed-loop throughput.
+pub(super) fn fixed_rate(
+    config: &CompareConfig,
+    report: &CompareReport,
+) -> Result<(f64, String), String> {
     if let Some(rate) = config.rate {
-        return Ok(rate);
+        return Ok((rate, "given with --rate".to_owned()));
     }
     let Some(max) = report.run("http1-max") else {
         return Err("no closed-loop HTTP/1.1 run to derive a rate from; pass --rate".to_owned());
     };
-    let throughput = |proxies_only: bool| {
+    let driver = |target: TargetKind| {
         max.rows
             .iter()
-            .filter(|row| !proxies_only || row.target != TargetKind::Direct)
-            .filter_map(|row| row.median.map(|m| m.throughput_per_second))
-            .filter(|&t| t > 0.0)
-            .reduce(f64::min)
+            .find(|row| row.target == target)
+            .map_or("?", |row| row.driver.name())
     };
-    throughput(true)
-        .or_else(|| throughput(false))
-        .map(|slowest| (slowest * RATE_FRACTION).round().max(1.0))
+    let busy_percent = TARGET_BUSY * 100.0;
+    let peer = max
+        .best_reference(|s| s.cpu_us_per_request, true)
+        .filter(|&(_, cpu)| cpu > 0.0);
+    let cheapest_proxy = || {
+        max.rows
+            .iter()
+            .filter(|row| row.target != TargetKind::Direct && !row.target.is_proxy_chain())
+            .filter_map(|row| Some((row.target, row.median?.cpu_us_per_request?)))
+            .filter(|&(_, cpu)| cpu > 0.0)
+            .reduce(|best, candidate| {
+                if candidate.1 < best.1 {
+                    candidate
+                } else {
+                    best
+                }
+            })
+    };
+    let from_cpu = |(target, cpu_us): (TargetKind, f64), whose: &str| {
+        let rate = (TARGET_BUSY / (cpu_us / 1e6)).round().max(1.0);
+        let mut basis = format!(
+            "{TARGET_BUSY} / {whose} proxy CPU per request in http1-max ({} {cpu_us:.1} µs, \
+             driven by {}), so that its core is about {busy_percent:.0} % busy",
+            target.name(),
+            driver(target),
+        );
+        // A rate above what the target served in the closed loop cannot
+        // be what keeps its core 60 % busy: the core was shared or the
+        // generator ran short there.
+        let served = max
+            .summary(target)
+            .map(|s| s.throughput_per_second)
+            .filter(|&t| t > 0.0 && t < rate);
+        match served {
+            Some(served) => {
+                let _ = write!(
+                    basis,
+                    "; capped at the {served:.0} req/s {} served in the closed loop, below the \
+                     {rate:.0} req/s that figure gives (its core was not saturated there)",
+                    target.name()
+                );
+                (served.round().max(1.0), basis)
+            }
+            None => (rate, basis),
+        }
+    };
+    if let Some(peer) = peer {
+        return Ok(from_cpu(peer, "the best peer's (nginx/HAProxy)"));
+    }
+    if let Some(proxy) = cheapest_proxy() {
+        return Ok(from_cpu(
+            proxy,
+            "the lowest (no nginx or HAProxy was measured)",
+        ));
+    }
+    max.summary(TargetKind::Direct)
+        .map(|s| s.throughput_per_second)
+        .filter(|&t| t > 0.0)
+        .map(|direct| {
+            (
+                (direct * RATE_FRACTION).round().max(1.0),
+                format!(
+                    "no proxy CPU was measured: {RATE_FRACTION} x direct's closed-loop \
+                     throughput ({direct:.0} req/s, driven by {})",
+                    driver(TargetKind::Direct)
+                ),
+            )
+        })
         .ok_or_else(|| "no target completed a closed-loop HTTP/1.1 request; pass --rate".to_owned())
+}
+
+/// The driver of `spec`'s rounds: wrk for `http1-max`, h2load for
+/// `h2-max` when installed (else the built-in generator, and why), the
+/// built-in generator for every other run.
+fn choose_driver<'a>(
+    spec: &RunSpec,
+    drivers: &'a ExternalDrivers,
+) -> (DriverChoice<'a>, Option<String>) {
+    let external = match spec.id.as_str() {
+        "http1-max" => Some((Driver::Wrk, &drivers.wrk)),
+        "h2-max" => Some((Driver::H2load, &drivers.h2load)),
+        _ => None,
+    };
+    match external {
+        Some((driver, Ok(program))) => (DriverChoice::External { driver, program }, None),
+        Some((_, Err(reason))) => (DriverChoice::BuiltIn, Some(reason.clone())),
+        None => (DriverChoice::BuiltIn, None),
+    }
+}
+
+/// Who drives a run.
+#[derive(Clone, Copy, Debug)]
+enum DriverChoice<'a> {
+    BuiltIn,
+    External {
+        driver: Driver,
+        program: &'a std::path::Path,
+    },
+}
+
+impl DriverChoice<'_> {
+    fn driver(self) -> Driver {
+        match self {
+            Self::BuiltIn => Driver::WeftBench,
+            Self::External { driver, .. } => driver,
+        }
+    }
 }
 
 fn skipped_run(
@@ -617,6 +768,7 @@ fn skipped_run(
         kind,
         title: title.to_owned(),
         rate_per_second: None,
+        rate_basis: None,
         skip_reason: Some(reason),
         rows: Vec::new(),
     }
@@ -625,6 +777,7 @@ fn skipped_run(
 /// Runs `spec` against every target, interleaved, for every round.
 async fn execute(
     spec: &RunSpec,
+    driver: DriverChoice<'_>,
     config: &CompareConfig,
     running: &mut [Running],
     statuses: &[TargetStatus],
@@ -638,8 +791,10 @@ async fn execute(
                 .and_then(|r| endpoint(spec.protocol, &r.endpoints).err());
             LoadRow {
                 target: status.target,
+                driver: driver.driver(),
                 skip_reason: status.skip_reason.clone().or(endpoint_skip),
                 rounds: Vec::new(),
+                tool_rounds: Vec::new(),
                 failures: Vec::new(),
                 median: None,
             }
@@ -671,6 +826,38 @@ async fn execute(
             let Ok(addr) = endpoint(spec.protocol, &target.endpoints) else {
                 continue;
             };
+            if let DriverChoice::External { driver, program } = driver {
+                let tool_run = ToolRun {
+                    driver,
+                    program,
+                    url: format!("http://{addr}/"),
+                    connections: spec.connections,
+                    streams: spec.streams,
+                    warmup: config.warmup,
+                    duration: config.duration,
+                    pids: &target.pids,
+                };
+                match driver::run_tool(&tool_run, &config.placement).await {
+                    Ok(round_report) => {
+                        info!(
+                            run = spec.id,
+                            target = row.target.name(),
+                            round,
+                            driver = driver.name(),
+                            throughput = format!("{:.0}", round_report.output.requests_per_second),
+                            cpu_us_per_request = ?round_report.process.as_ref().and_then(|p| p.cpu_us_per_request),
+                            errors = round_report.output.errors.total(),
+                            "run finished"
+                        );
+                        row.tool_rounds.push(round_report);
+                    }
+                    Err(err) => {
+                        warn!(run = spec.id, target = row.target.name(), round, error = %format!("{err:#}"), "run failed");
+                        row.failures.push(format!("round {round}: {err:#}"));
+                    }
+                }
+                continue;
+            }
             let load_config = load_config(spec, config, addr, &target.pids);
             match load::run(&load_config).await {
                 Ok(report) => {
@@ -693,8 +880,9 @@ async fn execute(
             }
         }
     }
+    let load_cpus = config.placement.load_cpu_count();
     for row in &mut rows {
-        row.median = RowSummary::of(&row.rounds);
+        row.median = RowSummary::of_row(row, load_cpus, spec.kind);
     }
     LoadRun {
         id: spec.id.clone(),
@@ -705,6 +893,7 @@ async fn execute(
             LoadMode::OpenLoop { rate_per_second } => Some(rate_per_second),
             LoadMode::ClosedLoop => None,
         },
+        rate_basis: spec.rate_basis.clone(),
         skip_reason: None,
         rows,
     }

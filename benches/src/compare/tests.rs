@@ -5,8 +5,10 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use super::driver::Driver;
 use super::proxies::{self, Limits, ReferencePorts, Upstream};
 use super::report::{self, LoadRow, LoadRun, MemoryRow, RowSummary, RunKind};
+use super::runner;
 use super::system;
 use super::*;
 use crate::load::{
@@ -75,22 +77,30 @@ fn load_report(throughput: f64, p99_us: u64, cpu_us: Option<f64>) -> LoadReport 
 }
 
 fn row(target: TargetKind, rounds: Vec<LoadReport>) -> LoadRow {
-    LoadRow {
+    let mut row = LoadRow {
         target,
+        driver: Driver::WeftBench,
         skip_reason: None,
-        median: RowSummary::of(&rounds),
         rounds,
+        tool_rounds: Vec::new(),
         failures: Vec::new(),
-    }
+        median: None,
+    };
+    row.median = RowSummary::of_row(&row, 1, RunKind::Max);
+    row
 }
 
-fn run(id: &str, scenario: Scenario, kind: RunKind, rows: Vec<LoadRow>) -> LoadRun {
+fn run(id: &str, scenario: Scenario, kind: RunKind, mut rows: Vec<LoadRow>) -> LoadRun {
+    for row in &mut rows {
+        row.median = RowSummary::of_row(row, 1, kind);
+    }
     LoadRun {
         id: id.to_owned(),
         scenario,
         kind,
         title: "test".to_owned(),
         rate_per_second: (kind == RunKind::FixedRate).then_some(1000.0),
+        rate_basis: None,
         skip_reason: None,
         rows,
     }
@@ -284,10 +294,13 @@ fn row_summary_takes_medians_and_sums_errors() {
     assert_eq!(weft.completed_total, 300);
     assert_eq!(weft.errors_total, 3);
     assert_eq!(weft.throughput_per_second, 30_000.0);
-    assert_eq!(weft.p99_us, 2_100.0);
+    assert_eq!(weft.p99_us, Some(2_100.0));
     assert_eq!(weft.cpu_us_per_request, Some(20.0));
     assert_eq!(weft.rss_peak_bytes, Some(6 << 20));
-    assert_eq!(RowSummary::of(&[]), None);
+    assert_eq!(
+        RowSummary::of_row(&row(TargetKind::Weft, Vec::new()), 1, RunKind::Max),
+        None
+    );
 }
 
 #[test]
@@ -304,7 +317,7 @@ fn best_reference_picks_the_better_of_nginx_and_haproxy() {
     );
     // Direct and weft never count as references.
     assert_eq!(
-        run.best_reference(|s| Some(s.p99_us), true),
+        run.best_reference(|s| s.p99_us, true),
         Some((TargetKind::Haproxy, 2_500.0))
     );
 }
@@ -382,7 +395,7 @@ fn sidecar_chain_is_never_the_reference_and_has_no_goals() {
     // Its own row, with ratios against the single proxies: 35000 req/s =
     // 0.88x direct, 1.19x HAProxy; 10 µs = 0.40x HAProxy's CPU.
     assert!(
-        markdown.contains("| weft-s2s | 35000 | 0.88 | 1.19 | 1 |"),
+        markdown.contains("| weft-s2s | weft-bench | 35000 | 0.88 | 1.19 | 1 |"),
         "{markdown}"
     );
     assert!(markdown.contains("| 10.0 | 0.40 | 6.0 |"), "{markdown}");
@@ -414,12 +427,19 @@ fn goals_without_references_are_unmeasured() {
 fn markdown_has_ratios_skips_and_goals() {
     let markdown = render_markdown(&sample_report());
     // weft's row of http1-max: 30000 req/s = 0.75x direct, 1.02x the best
-    // reference (HAProxy's 29500); 20 µs = 0.80x HAProxy's CPU.
+    // reference (HAProxy's 29500); 20 µs = 0.80x HAProxy's CPU; its core
+    // busy for 100 requests at 31,000 req/s, 20 µs each: 62 %.
     assert!(
-        markdown.contains("| weft | 30000 | 0.75 | 1.02 | 3 | 0.525 | 1.050 | 2.100 | 4.200 | +1.100 | 20.0 | 0.80 | 6.0 |"),
+        markdown.contains(
+            "| weft | weft-bench | 30000 | 0.75 | 1.02 | 3 | 1.050 | 0.525 | 1.050 | 2.100 | \
+             4.200 | +1.100 | 20.0 | 0.80 | 6.0 | 62 % | — | neither; **generator-bound** |"
+        ),
         "{markdown}"
     );
-    assert!(markdown.contains("| direct | 40000 | 1.00 |"), "{markdown}");
+    assert!(
+        markdown.contains("| direct | weft-bench | 40000 | 1.00 |"),
+        "{markdown}"
+    );
     assert!(
         markdown.contains("- nginx: skipped (no stream / module)"),
         "{markdown}"
@@ -610,4 +630,249 @@ fn scenario_and_target_names_match_the_cli() {
 fn missing_programs_are_not_found() {
     assert_eq!(system::find_program("nginx", Some("".as_ref())), None);
     assert!(system::find_program("sh", Some("/bin:/usr/bin".as_ref())).is_some());
+}
+
+/// A wrk or h2load round: `requests` in 1 s of wall time, the proxy using
+/// `proxy_cpu` s and the tool (plus the echo) `generator_cpu` s.
+fn tool_round(
+    driver: Driver,
+    requests: u64,
+    proxy_cpu: Option<f64>,
+    generator_cpu: f64,
+) -> ToolRound {
+    let latency = match driver {
+        Driver::Wrk => ToolLatency {
+            mean_us: Some(300.0),
+            sd_us: Some(40.0),
+            max_us: Some(5_000.0),
+            p50_us: Some(250.0),
+            p75_us: Some(280.0),
+            p90_us: Some(340.0),
+            p99_us: Some(2_000.0),
+            min_us: None,
+        },
+        _ => ToolLatency {
+            mean_us: Some(255.0),
+            sd_us: Some(143.0),
+            min_us: Some(22.0),
+            max_us: Some(4_560.0),
+            ..ToolLatency::default()
+        },
+    };
+    ToolRound {
+        driver,
+        command: format!("{} ...", driver.name()),
+        output: ToolOutput {
+            requests,
+            completed: requests,
+            succeeded: requests - 2,
+            duration_seconds: 1.0,
+            requests_per_second: requests as f64,
+            latency,
+            errors: ToolErrors {
+                non_2xx_3xx: 2,
+                ..ToolErrors::default()
+            },
+        },
+        wall_seconds: 1.0,
+        process: proxy_cpu.map(|cpu| ProcessUsage {
+            pids: vec![1],
+            cpu_seconds: cpu,
+            cpu_us_per_request: Some(cpu * 1e6 / requests as f64),
+            rss_before_bytes: 5 << 20,
+            rss_peak_bytes: 6 << 20,
+            rss_after_bytes: 6 << 20,
+        }),
+        generator_cpu_seconds: Some(generator_cpu * 0.75),
+        echo_cpu_seconds: Some(generator_cpu * 0.25),
+        load_cpus: 1,
+    }
+}
+
+fn tool_row(target: TargetKind, driver: Driver, rounds: Vec<ToolRound>) -> LoadRow {
+    let mut row = LoadRow {
+        target,
+        driver,
+        skip_reason: None,
+        rounds: Vec::new(),
+        tool_rounds: rounds,
+        failures: Vec::new(),
+        median: None,
+    };
+    row.median = RowSummary::of_row(&row, 1, RunKind::Max);
+    row
+}
+
+#[test]
+fn tool_rounds_give_busy_fractions_and_flag_a_generator_bound_proxy() {
+    // weft's core 60 % busy while wrk's was saturated: generator-bound.
+    let weft = tool_row(
+        TargetKind::Weft,
+        Driver::Wrk,
+        vec![tool_round(Driver::Wrk, 50_000, Some(0.6), 1.0)],
+    );
+    let summary = weft.median.expect("a round ran");
+    assert_eq!(summary.throughput_per_second, 50_000.0);
+    assert_eq!(summary.errors_total, 2);
+    assert_eq!(summary.proxy_core_busy, Some(0.6));
+    assert_eq!(summary.generator_core_busy, Some(1.0));
+    assert_eq!(summary.cpu_us_per_request, Some(12.0));
+    assert_eq!(summary.p99_us, Some(2_000.0));
+    assert_eq!(summary.p999_us, None);
+    assert!(summary.is_generator_bound);
+    assert_eq!(summary.saturated(), "generator");
+
+    // nginx's core saturated: not generator-bound.
+    let nginx = tool_row(
+        TargetKind::Nginx,
+        Driver::Wrk,
+        vec![
+            tool_round(Driver::Wrk, 60_000, Some(0.95), 0.7),
+            tool_round(Driver::Wrk, 62_000, Some(0.97), 0.8),
+            tool_round(Driver::Wrk, 61_000, Some(0.99), 0.75),
+        ],
+    );
+    let summary = nginx.median.expect("rounds ran");
+    assert_eq!(summary.rounds, 3);
+    assert_eq!(summary.throughput_per_second, 61_000.0);
+    assert_eq!(summary.proxy_core_busy, Some(0.97));
+    assert!(!summary.is_generator_bound);
+    assert_eq!(summary.saturated(), "proxy");
+
+    // h2load gives no percentiles: only mean and max; direct has no proxy.
+    let direct = tool_row(
+        TargetKind::Direct,
+        Driver::H2load,
+        vec![tool_round(Driver::H2load, 57_000, None, 0.92)],
+    );
+    let summary = direct.median.expect("a round ran");
+    assert_eq!((summary.p50_us, summary.mean_us), (None, Some(255.0)));
+    assert_eq!(summary.max_us, Some(4_560.0));
+    assert_eq!(summary.proxy_core_busy, None);
+    assert!(!summary.is_generator_bound);
+    assert_eq!(summary.saturated(), "generator");
+
+    // The markdown names each row's driver and flags the bound row.
+    let mut report = sample_report();
+    report.runs[0] = run(
+        "http1-max",
+        Scenario::Http1,
+        RunKind::Max,
+        vec![
+            tool_row(
+                TargetKind::Direct,
+                Driver::Wrk,
+                vec![tool_round(Driver::Wrk, 70_000, None, 1.0)],
+            ),
+            weft,
+            nginx,
+        ],
+    );
+    report.runs[2] = run("h2-max", Scenario::H2, RunKind::Max, vec![direct]);
+    let markdown = render_markdown(&report);
+    assert!(
+        markdown.contains(
+            "| weft | wrk | 50000 | 0.71 | 0.82 | 2 | 0.300 | 0.250 | 0.340 | 2.000 | — | \
+             +0.000 | 12.0 | 0.76 | 6.0 | 60 % | 100 % | generator; **generator-bound** |"
+        ),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("| nginx | wrk | 61000 |")
+            && markdown.contains("| 97 % | 75 % | proxy |"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("| direct | h2load | 57000 | 1.00 | — | 2 | 0.255 | — | — | — | — |"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("- generator-bound (proxy core under 90 % busy in a closed loop): weft"),
+        "{markdown}"
+    );
+    // h2load's row draws no curve; wrk's rows still chart.
+    assert!(latency_svg(&report.runs[2]).expect("draws").is_none());
+    assert!(latency_svg(&report.runs[0]).expect("draws").is_some());
+
+    // The JSON keeps the driver and the tool's rounds, and old reports
+    // without them still load (as the built-in generator's).
+    let json = serde_json::to_string(&report).expect("serialises");
+    let back: CompareReport = serde_json::from_str(&json).expect("parses back");
+    assert_eq!(back.runs[0].rows[1].driver, Driver::Wrk);
+    assert_eq!(back.runs[0].rows[1].tool_rounds.len(), 1);
+    let mut value: serde_json::Value = serde_json::from_str(&json).expect("json");
+    if let Some(row) = value
+        .pointer_mut("/runs/0/rows/1")
+        .and_then(|r| r.as_object_mut())
+    {
+        row.remove("driver");
+        row.remove("tool_rounds");
+    }
+    let old: CompareReport = serde_json::from_value(value).expect("an older report loads");
+    assert_eq!(old.runs[0].rows[1].driver, Driver::WeftBench);
+}
+
+#[test]
+fn fixed_rate_keeps_the_best_peer_60_percent_busy() {
+    let dir = Path::new("/nonexistent");
+    let config = CompareConfig::new(dir.join("weft-proxy"), dir.to_path_buf());
+    let mut report = sample_report();
+    // HAProxy's 25 µs per request is the best peer's: 0.6 / 25 µs.
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 24_000.0);
+    assert!(
+        basis.contains("best peer") && basis.contains("haproxy 25.0 µs"),
+        "{basis}"
+    );
+    assert!(basis.contains("driven by weft-bench"), "{basis}");
+
+    // Without a peer, the cheapest proxy measured (weft's 20 µs).
+    for run in &mut report.runs {
+        run.rows.retain(|row| !row.target.is_reference());
+    }
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 30_000.0);
+    assert!(basis.contains("no nginx or HAProxy"), "{basis}");
+
+    // Without any proxy CPU, half of direct's throughput.
+    for run in &mut report.runs {
+        run.rows.retain(|row| row.target == TargetKind::Direct);
+    }
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 20_000.0);
+    assert!(basis.contains("direct"), "{basis}");
+
+    // --rate wins; no closed-loop run is an error.
+    let mut given = config.clone();
+    given.rate = Some(123.0);
+    assert_eq!(
+        runner::fixed_rate(&given, &report).map(|(rate, _)| rate),
+        Ok(123.0)
+    );
+    report.runs.retain(|run| run.id != "http1-max");
+    assert!(runner::fixed_rate(&config, &report).is_err());
+}
+
+#[test]
+fn fixed_rate_is_capped_at_what_the_peer_served() {
+    let dir = Path::new("/nonexistent");
+    let config = CompareConfig::new(dir.join("weft-proxy"), dir.to_path_buf());
+    let mut report = sample_report();
+    // HAProxy served 29,500 req/s at 25 µs; at 40 µs, 0.6 / 40 µs = 15,000
+    // is below that and stands; at 10 µs, 60,000 is capped.
+    let max = &mut report.runs[0];
+    max.rows.retain(|row| row.target != TargetKind::Nginx);
+    let haproxy = max
+        .rows
+        .iter_mut()
+        .find(|row| row.target == TargetKind::Haproxy)
+        .and_then(|row| row.median.as_mut())
+        .expect("haproxy ran");
+    haproxy.cpu_us_per_request = Some(10.0);
+    let (rate, basis) = runner::fixed_rate(&config, &report).expect("a rate");
+    assert_eq!(rate, 29_500.0);
+    assert!(
+        basis.contains("capped at the 29500 req/s haproxy served"),
+        "{basis}"
+    );
 }
