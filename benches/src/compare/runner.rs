@@ -366,7 +366,8 @@ async fn versions(
     if let Ok(wrk) = &drivers.wrk
         && let Some(line) = system::version_line(wrk, "-v").await
     {
-        versions.insert("wrk".to_owned(), line);
+        let version = line.split(" Copyright").next().unwrap_or(&line).to_owned();
+        versions.insert("wrk".to_owned(), version);
     }
     if let Ok(h2load) = &drivers.h2load
         && let Some(line) = system::version_line(h2load, "--version").await
