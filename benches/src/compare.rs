@@ -13,6 +13,10 @@
 //! - Running the [`Scenario`]s: each load run goes through
 //!   [`load::run`](crate::load::run) in-process, interleaved across targets
 //!   (A B C A B C ...) for [`CompareConfig::rounds`]; medians are reported.
+//!   The closed-loop HTTP/1.1 and h2c runs are driven by `wrk` and `h2load`
+//!   instead when they are installed (see `driver`), pinned to the load
+//!   CPUs; every row names its [`Driver`] and says how busy the proxy's
+//!   core and the load CPUs were.
 //!   Memory scenarios start a fresh process per target and round.
 //! - The [`CompareReport`]: every per-round load report plus medians, as
 //!   JSON, a markdown table with ratios to direct and to the best of

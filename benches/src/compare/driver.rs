@@ -304,6 +304,7 @@ pub(crate) async fn run_tool(
         Driver::H2load => parse_h2load(&measured.stdout),
         Driver::WeftBench => bail!("the built-in generator is not an external tool"),
     }
+    .and_then(|output| completed_some(run.driver, output))
     .with_context(|| {
         format!(
             "parsing the output of `{}`:\n{}",
@@ -326,6 +327,19 @@ pub(crate) async fn run_tool(
         echo_cpu_seconds: measured.echo_cpu_seconds,
         load_cpus: threads,
     })
+}
+
+/// `output`, unless no request completed: h2load exits successfully
+/// when it could not connect at all, and a round of nothing is no figure.
+pub(crate) fn completed_some(driver: Driver, output: ToolOutput) -> anyhow::Result<ToolOutput> {
+    if output.completed == 0 {
+        bail!(
+            "{} completed no request ({} failed; could it connect?)",
+            driver.name(),
+            output.errors.total()
+        );
+    }
+    Ok(output)
 }
 
 /// One run of a tool with its CPU accounting.

@@ -83,7 +83,7 @@ fn setup(out: &mut String, report: &CompareReport) {
          CPUs with the same connections (and streams) as the built-in generator, after a \
          separate unmeasured warm-up run; their latency is what they report (wrk: \
          p50/p90/p99 and max, no p99.9; h2load: mean and max only). `weft-bench` is the \
-         built-in generator. \"proxy busy\" is the proxy's CPU time over the wall time (1.00 = \
+         built-in generator. \"proxy busy\" is the proxy's CPU time over the wall time (100 % = \
          its core saturated); \"gen busy\" is the CPU time of the generator and the echo \
          upstream, which share the load CPUs, over the wall time times those CPUs. A \
          closed-loop row whose proxy was under {:.0} % busy is marked generator-bound: the \

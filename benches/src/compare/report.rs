@@ -196,7 +196,7 @@ pub struct RowSummary {
     #[serde(default)]
     pub generator_core_busy: Option<f64>,
     /// A closed-loop row whose proxy core was under
-    /// [`SATURATED_BUSY`]: the generator, not the proxy, set the pace.
+    /// 90 % busy: the generator, not the proxy, set the pace.
     #[serde(default)]
     pub is_generator_bound: bool,
 }

@@ -241,6 +241,10 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
                     println!("{note}");
                     report.notes.push(note);
                 }
+                if let Some(note) = whole_seconds_note(&spec.id, driver.driver(), config) {
+                    println!("{note}");
+                    report.notes.push(note);
+                }
                 let run = execute(&spec, driver, config, &mut running, &report.targets).await;
                 report.runs.push(run);
             }
@@ -362,7 +366,8 @@ async fn versions(
     if let Ok(wrk) = &drivers.wrk
         && let Some(line) = system::version_line(wrk, "-v").await
     {
-        versions.insert("wrk".to_owned(), line);
+        let version = line.split(" Copyright").next().unwrap_or(&line).to_owned();
+        versions.insert("wrk".to_owned(), version);
     }
     if let Ok(h2load) = &drivers.h2load
         && let Some(line) = system::version_line(h2load, "--version").await
@@ -732,6 +737,28 @@ fn choose_driver<'a>(
         Some((_, Err(reason))) => (DriverChoice::BuiltIn, Some(reason.clone())),
         None => (DriverChoice::BuiltIn, None),
     }
+}
+
+/// wrk takes whole seconds: what the runs it drives last when the
+/// configured duration or warm-up has a fraction.
+pub(super) fn whole_seconds_note(
+    id: &str,
+    driver: Driver,
+    config: &CompareConfig,
+) -> Option<String> {
+    let fractional = |d: std::time::Duration| d.subsec_nanos() != 0;
+    if driver != Driver::Wrk || (!fractional(config.duration) && !fractional(config.warmup)) {
+        return None;
+    }
+    let warmup = if config.warmup.is_zero() {
+        "no warm-up".to_owned()
+    } else {
+        format!("a {} s warm-up run", driver::wrk_seconds(config.warmup))
+    };
+    Some(format!(
+        "{id}: wrk counts whole seconds, so its runs last {} s after {warmup}",
+        driver::wrk_seconds(config.duration)
+    ))
 }
 
 /// Who drives a run.

@@ -876,3 +876,29 @@ fn fixed_rate_is_capped_at_what_the_peer_served() {
         "{basis}"
     );
 }
+
+#[test]
+fn fractional_seconds_under_wrk_are_noted() {
+    let dir = Path::new("/nonexistent");
+    let mut config = CompareConfig::new(dir.join("weft-proxy"), dir.to_path_buf());
+    // 5 s after 1 s: whole seconds already.
+    assert_eq!(
+        runner::whole_seconds_note("http1-max", Driver::Wrk, &config),
+        None
+    );
+    config.duration = std::time::Duration::from_millis(1500);
+    config.warmup = std::time::Duration::from_millis(200);
+    assert_eq!(
+        runner::whole_seconds_note("http1-max", Driver::Wrk, &config).as_deref(),
+        Some("http1-max: wrk counts whole seconds, so its runs last 2 s after a 1 s warm-up run")
+    );
+    // h2load and the built-in generator take fractions.
+    assert_eq!(
+        runner::whole_seconds_note("h2-max", Driver::H2load, &config),
+        None
+    );
+    assert_eq!(
+        runner::whole_seconds_note("grpc-max", Driver::WeftBench, &config),
+        None
+    );
+}

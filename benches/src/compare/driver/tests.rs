@@ -199,6 +199,14 @@ fn h2load_failures_are_counted() {
     assert_eq!((out.requests, out.completed), (0, 0));
     assert_eq!(out.requests_per_second, 0.0);
     assert_eq!(out.latency, ToolLatency::default());
+    // h2load exits 0 when it cannot connect: a round of nothing fails.
+    let err = completed_some(Driver::H2load, out).expect_err("nothing completed");
+    assert!(
+        err.to_string().contains("h2load completed no request"),
+        "{err}"
+    );
+    let out = parse_h2load(H2LOAD).expect("parses");
+    assert!(completed_some(Driver::H2load, out).is_ok());
 }
 
 #[test]
