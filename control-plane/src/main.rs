@@ -274,6 +274,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        // Before the ports open: from then on a SIGTERM must drain.
+        let mut shutdown = weft_proxy::cli::ShutdownSignal::install();
         let control_plane = ControlPlane::start(ServeOptions {
             config_dir: args.config_dir.clone(),
             xds_addr: args.xds,
@@ -299,7 +301,7 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 })
             );
         }
-        weft_proxy::cli::shutdown_signal().await;
+        shutdown.recv().await;
         control_plane.shutdown().await;
         anyhow::Ok(())
     })

@@ -37,20 +37,51 @@ pub fn init_logging(filter: Option<&str>) -> Result<(), InvalidLogFilter> {
     Ok(())
 }
 
-/// Resolves on SIGTERM or Ctrl-C (only Ctrl-C if SIGTERM cannot be
-/// watched, which is logged).
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
+/// SIGTERM and SIGINT, watched from the moment [`ShutdownSignal::install`]
+/// returns. Install it before announcing the process as started (printing
+/// its addresses, answering readiness): a signal that arrives before the
+/// handler exists takes the default action and kills the process without
+/// a drain.
+#[derive(Debug)]
+pub struct ShutdownSignal {
+    terminate: Option<tokio::signal::unix::Signal>,
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    /// Installs the handlers. Must run inside a Tokio runtime. A signal
+    /// that cannot be watched is logged, and the other one still is.
+    pub fn install() -> Self {
+        use tokio::signal::unix::{SignalKind, signal};
+        let watch = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(stream) => Some(stream),
+            Err(error) => {
+                tracing::warn!(%error, "cannot watch {name}");
+                None
+            }
+        };
+        Self {
+            terminate: watch(SignalKind::terminate(), "SIGTERM"),
+            interrupt: watch(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    /// Resolves at the next SIGTERM or SIGINT (never, if neither could be
+    /// watched).
+    pub async fn recv(&mut self) {
+        async fn next(signal: Option<&mut tokio::signal::unix::Signal>) {
+            match signal {
+                Some(signal) => {
+                    if signal.recv().await.is_none() {
+                        std::future::pending::<()>().await;
+                    }
+                }
+                None => std::future::pending().await,
             }
         }
-        Err(error) => {
-            tracing::warn!(%error, "cannot watch SIGTERM; only Ctrl-C stops the process");
-            let _ = tokio::signal::ctrl_c().await;
+        tokio::select! {
+            () = next(self.terminate.as_mut()) => {}
+            () = next(self.interrupt.as_mut()) => {}
         }
     }
 }

@@ -175,6 +175,11 @@ fn run(args: &Args) -> anyhow::Result<()> {
     } else {
         Readiness::Immediate
     };
+    // Before the listeners open: from then on a SIGTERM must drain.
+    let mut shutdown = {
+        let _runtime = workers.enter();
+        weft_proxy::cli::ShutdownSignal::install()
+    };
     let proxy = workers.block_on(Proxy::start(config, control.handle().clone(), readiness))?;
     if let Some(options) = xds {
         control.spawn(weft_proxy::xds::run(options, proxy.handle()));
@@ -190,7 +195,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         .then(std::os::unix::process::parent_id);
     workers.block_on(async {
         tokio::select! {
-            () = weft_proxy::cli::shutdown_signal() => {}
+            () = shutdown.recv() => {}
             () = parent_exit(parent) => tracing::info!("parent process exited"),
         }
         proxy.shutdown().await;

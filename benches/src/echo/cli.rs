@@ -52,6 +52,9 @@ pub fn run(args: &EchoArgs) -> anyhow::Result<()> {
 }
 
 async fn serve(args: &EchoArgs, workers: usize) -> anyhow::Result<()> {
+    // Before the addresses are printed, so that a SIGTERM sent as soon as
+    // they are read drains rather than kills.
+    let mut shutdown = ShutdownSignal::install()?;
     let http = EchoServer::bind(EchoOptions {
         listen: args.listen,
         name: args.name.clone(),
@@ -74,7 +77,7 @@ async fn serve(args: &EchoArgs, workers: usize) -> anyhow::Result<()> {
         "echo started"
     );
 
-    shutdown_signal().await?;
+    shutdown.recv().await;
     info!("echo draining");
     let drain = async {
         http.shutdown().await;
@@ -89,21 +92,26 @@ async fn serve(args: &EchoArgs, workers: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Completes on SIGINT (Ctrl-C) or SIGTERM.
-async fn shutdown_signal() -> anyhow::Result<()> {
-    #[cfg(unix)]
-    {
+/// SIGINT and SIGTERM, watched from [`ShutdownSignal::install`] on.
+struct ShutdownSignal {
+    interrupt: tokio::signal::unix::Signal,
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn install() -> anyhow::Result<Self> {
         use tokio::signal::unix::{SignalKind, signal};
-        let mut terminate =
-            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            terminate: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+        })
+    }
+
+    /// Completes at the next SIGINT or SIGTERM.
+    async fn recv(&mut self) {
         tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("waiting for SIGINT")?,
-            _ = terminate.recv() => {}
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
         }
     }
-    #[cfg(not(unix))]
-    tokio::signal::ctrl_c()
-        .await
-        .context("waiting for Ctrl-C")?;
-    Ok(())
 }
