@@ -48,9 +48,13 @@ pub enum CaError {
         /// What is wrong.
         message: String,
     },
-    /// The SPIFFE ID is malformed or of another trust domain.
+    /// The SPIFFE ID is malformed or of another trust domain, or a CSR
+    /// asks for an identity it may not hold.
     #[error("{0}")]
     Identity(String),
+    /// A CSR does not parse or its signature does not verify.
+    #[error("the CSR is not valid: {0}")]
+    Csr(String),
 }
 
 /// A loaded CA.
@@ -167,6 +171,15 @@ impl Ca {
         &self.bundle_pem
     }
 
+    /// The root of the CA's chain (PEM): what peers trust. For a CA the
+    /// control plane created, the CA itself; for an operator's
+    /// intermediate, the last certificate of its file.
+    pub fn root_pem(&self) -> String {
+        pem_blocks(&self.bundle_pem)
+            .last()
+            .unwrap_or_else(|| self.bundle_pem.clone())
+    }
+
     /// Issues an X.509-SVID for `spiffe_id` with a fresh key: exactly one
     /// URI SAN, no subject, client and server authentication, valid for
     /// `ttl` (at most [`MAX_TTL`]). `dns_names` are added as DNS SANs, for
@@ -178,6 +191,70 @@ impl Ca {
         dns_names: &[String],
         ttl: Duration,
     ) -> Result<Issued, CaError> {
+        let what = PathBuf::from(spiffe_id);
+        let key = KeyPair::generate().map_err(|e| invalid(&what, &e))?;
+        let (params, not_after) = self.leaf_params(spiffe_id, dns_names, ttl)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|e| invalid(&what, &e))?;
+        let mut chain_pem = cert.pem();
+        chain_pem.push_str(&self.bundle_pem);
+        Ok(Issued {
+            chain_pem,
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
+    }
+
+    /// Signs a proxy's CSR (PEM) for `spiffe_id`, the identity the caller
+    /// may hold. The CSR's signature must verify (the caller holds the
+    /// key), and it must ask for exactly that identity: one URI SAN and no
+    /// other name. Nothing else of the CSR is used: the certificate's
+    /// extensions, lifetime and serial are the CA's, as in [`Ca::issue`].
+    /// Returns the chain (leaf first, PEM) and its expiry.
+    pub fn sign_csr(
+        &self,
+        csr_pem: &str,
+        spiffe_id: &str,
+        ttl: Duration,
+    ) -> Result<(String, SystemTime), CaError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|e| CaError::Csr(e.to_string()))?;
+        let asked: Vec<String> = csr
+            .params
+            .subject_alt_names
+            .iter()
+            .map(|san| match san {
+                SanType::URI(uri) => uri.as_str().to_owned(),
+                SanType::DnsName(name) => format!("DNS:{}", name.as_str()),
+                other => format!("{other:?}"),
+            })
+            .collect();
+        if asked != [spiffe_id] {
+            return Err(CaError::Identity(format!(
+                "the CSR asks for {asked:?}; this caller may hold {spiffe_id:?} only"
+            )));
+        }
+        let (params, not_after) = self.leaf_params(spiffe_id, &[], ttl)?;
+        let signed = rcgen::CertificateSigningRequestParams {
+            params,
+            public_key: csr.public_key,
+        }
+        .signed_by(&self.issuer)
+        .map_err(|e| invalid(Path::new(spiffe_id), &e))?;
+        let mut chain_pem = signed.pem();
+        chain_pem.push_str(&self.bundle_pem);
+        Ok((chain_pem, not_after))
+    }
+
+    /// The parameters of an X.509-SVID for `spiffe_id`, valid from a
+    /// minute ago for `ttl`.
+    fn leaf_params(
+        &self,
+        spiffe_id: &str,
+        dns_names: &[String],
+        ttl: Duration,
+    ) -> Result<(CertificateParams, SystemTime), CaError> {
         let domain = weft_proxy::config::spiffe_trust_domain(spiffe_id).ok_or_else(|| {
             CaError::Identity(format!(
                 "{spiffe_id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"
@@ -197,7 +274,6 @@ impl Ca {
             )));
         }
         let what = PathBuf::from(spiffe_id);
-        let key = KeyPair::generate().map_err(|e| invalid(&what, &e))?;
         let mut params =
             CertificateParams::new(Vec::<String>::new()).map_err(|e| invalid(&what, &e))?;
         params.distinguished_name = DistinguishedName::new();
@@ -229,16 +305,7 @@ impl Ca {
         params.not_before = (now - BACKDATE).into();
         params.not_after = not_after.into();
         params.serial_number = Some(random_serial());
-        let cert = params
-            .signed_by(&key, &self.issuer)
-            .map_err(|e| invalid(&what, &e))?;
-        let mut chain_pem = cert.pem();
-        chain_pem.push_str(&self.bundle_pem);
-        Ok(Issued {
-            chain_pem,
-            key_pem: key.serialize_pem(),
-            not_after,
-        })
+        Ok((params, not_after))
     }
 }
 
@@ -470,6 +537,61 @@ mod tests {
         );
         assert!(refused("https://example.org/x", 60).contains("is not a SPIFFE ID"));
         assert!(refused(id, 0).contains("out of range"));
+    }
+
+    fn csr(sans: Vec<SanType>, is_ca: bool) -> String {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = sans;
+        if is_ca {
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        }
+        params.serialize_request(&key).unwrap().pem().unwrap()
+    }
+
+    #[test]
+    fn a_csr_is_signed_for_the_callers_identity_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::load_or_create(dir.path(), "example.org").unwrap();
+        let id = "spiffe://example.org/ns/shop/sa/web";
+        let uri = |id: &str| SanType::URI(id.to_owned().try_into().unwrap());
+        // Asking to be a CA is ignored: the certificate's extensions are
+        // the CA's own choice.
+        let (chain, not_after) = ca
+            .sign_csr(&csr(vec![uri(id)], true), id, Duration::from_secs(600))
+            .unwrap();
+        let certs = inspect(&chain).unwrap();
+        assert_eq!(certs[0].uris, [id]);
+        assert!(!certs[0].is_ca);
+        assert_eq!(certs[0].issuer, certs[1].subject);
+        assert!(not_after > SystemTime::now() + Duration::from_secs(590));
+        let refused = |sans: Vec<SanType>| {
+            ca.sign_csr(&csr(sans, false), id, Duration::from_secs(600))
+                .unwrap_err()
+                .to_string()
+        };
+        let other = "spiffe://example.org/ns/shop/sa/admin";
+        assert!(refused(vec![uri(other)]).contains("may hold"));
+        assert!(refused(vec![uri(id), uri(other)]).contains("may hold"));
+        assert!(refused(vec![]).contains("may hold"));
+        assert!(
+            refused(vec![
+                uri(id),
+                SanType::DnsName("web.example.org".try_into().unwrap())
+            ])
+            .contains("DNS:web.example.org")
+        );
+        let garbage = ca
+            .sign_csr(
+                "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+                id,
+                Duration::from_secs(60),
+            )
+            .unwrap_err();
+        assert!(
+            garbage.to_string().contains("the CSR is not valid"),
+            "{garbage}"
+        );
     }
 
     #[test]

@@ -218,6 +218,16 @@ impl SnapshotCache {
         self.state().config_error.clone()
     }
 
+    /// The identity the mesh gives `node_id`: `None` for a node the mesh
+    /// does not know, `Some(None)` for one without an identity.
+    pub fn identity(&self, node_id: &str) -> Option<Option<String>> {
+        self.state()
+            .snapshot
+            .nodes
+            .get(node_id)
+            .map(|entry| entry.identity.clone())
+    }
+
     /// How many snapshots have been set.
     pub fn generation(&self) -> u64 {
         self.state().generation
@@ -301,11 +311,13 @@ mod tests {
                         (*id).to_owned(),
                         NodeEntry {
                             service: Some("svc".into()),
+                            identity: None,
                             resources: Arc::new(resources),
                         },
                     )
                 })
                 .collect::<BTreeMap<_, _>>(),
+            trust_domain: None,
         }
     }
 
@@ -354,11 +366,13 @@ mod tests {
                         (*id).to_owned(),
                         NodeEntry {
                             service: None,
+                            identity: None,
                             resources: Arc::new(resources),
                         },
                     )
                 })
                 .collect(),
+            trust_domain: None,
         }
     }
 

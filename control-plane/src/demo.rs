@@ -34,7 +34,8 @@ use crate::serve::{ControlPlane, ServeOptions};
 use crate::xds::Auth;
 
 /// The demo mesh built into the binary, for runs outside the repository.
-const EMBEDDED: [(&str, &str); 3] = [
+const EMBEDDED: [(&str, &str); 4] = [
+    ("mesh.yaml", include_str!("../../config/demo/mesh.yaml")),
     (
         "services.yaml",
         include_str!("../../config/demo/services.yaml"),
@@ -213,6 +214,8 @@ async fn demo(
         drain_timeout: Duration::from_secs(2),
         allow_empty: false,
         limits: crate::xds::XdsLimits::default(),
+        ca: Some(crate::serve::CaSource::StateDir(scratch.join("ca"))),
+        svid_ttl: crate::serve::DEFAULT_SVID_TTL,
     });
     let control_plane = tokio::select! {
         started = control_plane => started.context("starting the control plane")?,
@@ -507,6 +510,37 @@ fn print_banner(
             "  {:<12} {:<22} http://{}/config_dump",
             p.node, p.role, p.admin
         );
+    }
+    if let Some(domain) = mesh.trust_domain() {
+        let inbound = mesh
+            .services()
+            .iter()
+            .flat_map(|s| s.spec.workloads.iter().map(move |w| (&s.spec, w)))
+            .find(|(s, _)| s.protocol.as_deref() != Some("http2"));
+        println!(
+            "\nMutual TLS on every sidecar hop (trust domain {domain}); each app shows its caller's SPIFFE ID."
+        );
+        if let Some((service, workload)) = inbound {
+            let ca = scratch.join("ca");
+            let client = scratch.join("client");
+            println!(
+                "  Call the {} sidecar directly with a certificate of your own:",
+                service.name
+            );
+            println!(
+                "  weft-cp cert issue --state-dir {} --spiffe-id spiffe://{domain}/ns/default/sa/cli --out {}",
+                ca.display(),
+                client.display()
+            );
+            println!(
+                "  curl -sk --cert {0}/cert.pem --key {0}/key.pem https://{1}/",
+                client.display(),
+                workload.inbound
+            );
+            println!(
+                "      # -k: curl cannot check a SPIFFE ID; the sidecar still checks yours (try without --cert)"
+            );
+        }
     }
     println!("\nControl plane:");
     println!(

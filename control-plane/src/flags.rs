@@ -21,6 +21,12 @@ pub const POLL_INTERVAL: RangeInclusive<Duration> =
 pub const HANDSHAKE_TIMEOUT: RangeInclusive<Duration> =
     Duration::from_millis(100)..=Duration::from_secs(300);
 
+/// Bounds of `weft-cp serve --svid-ttl`: proxies renew at about half
+/// life, so a few seconds is already a renewal every couple of seconds per
+/// proxy (useful to watch rotation, never in production).
+pub const SVID_TTL: RangeInclusive<Duration> =
+    Duration::from_secs(5)..=Duration::from_secs(366 * 24 * 3600);
+
 /// Bounds of `weft-cp serve --max-xds-connections`.
 pub const MAX_CONNECTIONS: RangeInclusive<u64> = 1..=1_000_000;
 
@@ -95,6 +101,15 @@ pub fn poll_interval(value: &str) -> Result<Duration, DurationFlagError> {
 /// Outside [`HANDSHAKE_TIMEOUT`].
 pub fn handshake_timeout(value: &str) -> Result<Duration, DurationFlagError> {
     duration_in(value, &HANDSHAKE_TIMEOUT)
+}
+
+/// `weft-cp serve --svid-ttl`.
+///
+/// # Errors
+///
+/// Outside [`SVID_TTL`].
+pub fn svid_ttl(value: &str) -> Result<Duration, DurationFlagError> {
+    duration_in(value, &SVID_TTL)
 }
 
 /// `weft-cp demo --duration`.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use weft_cp::serve::{ControlPlane, ServeOptions};
+use weft_cp::serve::{CaSource, ControlPlane, ServeOptions};
 use weft_cp::xds::{Auth, XdsLimits};
 use weft_cp::{flags, mesh, status};
 use weft_proxy::config::Config;
@@ -154,6 +154,24 @@ struct ServeArgs {
     /// and open its first authenticated stream (100ms to 5m).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = flags::handshake_timeout)]
     xds_handshake_timeout: Duration,
+    /// The state directory: the mesh's CA (ca.pem, and ca.key mode 0600)
+    /// is created there on first start, for the mesh's trust_domain, and
+    /// signs workload certificates. Needed when the mesh has a
+    /// trust_domain (this or --ca-cert and --ca-key).
+    #[arg(long, value_name = "DIR", conflicts_with = "ca_cert")]
+    state_dir: Option<PathBuf>,
+    /// An operator's CA certificate (root or intermediate, followed by its
+    /// chain) with a spiffe://<trust-domain> URI SAN, instead of one in
+    /// --state-dir.
+    #[arg(long, value_name = "FILE", requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// The operator's CA key.
+    #[arg(long, value_name = "FILE", requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Lifetime of workload certificates, and the longest a proxy may ask
+    /// for (5s to 366 days); proxies renew at about half of it.
+    #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = flags::svid_ttl)]
+    svid_ttl: Duration,
     /// Print the bound addresses as one JSON line on stdout once serving.
     #[arg(long)]
     print_addresses: bool,
@@ -289,6 +307,15 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                     .context("--max-xds-connections does not fit this platform")?,
                 handshake_timeout: args.xds_handshake_timeout,
             },
+            ca: match (&args.state_dir, &args.ca_cert, &args.ca_key) {
+                (Some(dir), _, _) => Some(CaSource::StateDir(dir.clone())),
+                (None, Some(cert), Some(key)) => Some(CaSource::Files {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                }),
+                _ => None,
+            },
+            svid_ttl: args.svid_ttl,
         })
         .await?;
         if args.print_addresses {

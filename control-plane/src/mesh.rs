@@ -136,6 +136,7 @@ pub struct Located<T> {
 pub struct Mesh {
     services: Vec<Located<ServiceSpec>>,
     gateways: Vec<Located<GatewaySpec>>,
+    trust_domain: Option<Located<String>>,
 }
 
 /// Whether `path` names a file the mesh reads: `*.yaml` or `*.yml`, not
@@ -201,6 +202,7 @@ impl Mesh {
         let mut mesh = Mesh {
             services: Vec::new(),
             gateways: Vec::new(),
+            trust_domain: None,
         };
         for file in files {
             // An empty file (or one holding only comments) is an empty mesh
@@ -213,6 +215,29 @@ impl Mesh {
             };
             match parsed {
                 Ok(spec) => {
+                    if let Some(domain) = spec.trust_domain {
+                        match &mesh.trust_domain {
+                            Some(first) if first.spec != domain => {
+                                errors.push(MeshError::Invalid {
+                                    file: file.name.clone(),
+                                    kind: "mesh",
+                                    name: "trust_domain".into(),
+                                    field: "trust_domain".into(),
+                                    message: format!(
+                                        "{domain:?} disagrees with {:?} set in {}",
+                                        first.spec, first.file
+                                    ),
+                                });
+                            }
+                            Some(_) => {}
+                            None => {
+                                mesh.trust_domain = Some(Located {
+                                    file: file.name.clone(),
+                                    spec: domain,
+                                });
+                            }
+                        }
+                    }
                     mesh.services
                         .extend(spec.services.into_iter().map(|spec| Located {
                             file: file.name.clone(),
@@ -245,6 +270,11 @@ impl Mesh {
     /// The gateways, in file order then definition order.
     pub fn gateways(&self) -> &[Located<GatewaySpec>] {
         &self.gateways
+    }
+
+    /// The SPIFFE trust domain, if the mesh has identities.
+    pub fn trust_domain(&self) -> Option<&str> {
+        self.trust_domain.as_ref().map(|d| d.spec.as_str())
     }
 
     /// Builds every node's resources: one sidecar per workload (node id =

@@ -143,6 +143,8 @@ fn short_hash(hasher: &sha1_smol::Sha1) -> String {
 pub struct MeshSnapshot {
     /// By node id.
     pub nodes: BTreeMap<String, NodeEntry>,
+    /// The mesh's SPIFFE trust domain, if it has identities.
+    pub trust_domain: Option<String>,
 }
 
 /// What the mesh says about one node.
@@ -151,6 +153,10 @@ pub struct NodeEntry {
     /// The service the node belongs to (a gateway has none). A proxy that
     /// names another service in its xDS `Node.cluster` is refused.
     pub service: Option<String>,
+    /// The SPIFFE ID its proxy may hold (the identity service signs
+    /// certificates for it and nothing else); `None` when the mesh has no
+    /// trust domain.
+    pub identity: Option<String>,
     /// Its resources.
     pub resources: Arc<NodeResources>,
 }

@@ -16,12 +16,15 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use crate::ca::Ca;
 
 use crate::cache::{SnapshotCache, SnapshotRefused};
 use crate::mesh::MeshErrors;
 use crate::watch::{self, MeshUpdate, WatchHandle};
-use crate::xds::{Auth, Server, ServerError, ServerOptions, XdsLimits};
+use crate::xds::{Auth, IdentityOptions, Server, ServerError, ServerOptions, XdsLimits};
 
 /// How to start a [`ControlPlane`].
 #[derive(Debug, Clone)]
@@ -43,7 +46,31 @@ pub struct ServeOptions {
     pub allow_empty: bool,
     /// Connection limits and deadlines of the xDS server.
     pub limits: XdsLimits,
+    /// Where the CA that signs workload certificates comes from; needed
+    /// when the mesh has a `trust_domain`.
+    pub ca: Option<CaSource>,
+    /// The lifetime of workload certificates (and the longest a proxy may
+    /// ask for).
+    pub svid_ttl: Duration,
 }
+
+/// Where the control plane's CA comes from.
+#[derive(Debug, Clone)]
+pub enum CaSource {
+    /// Created on first start in this state directory, for the mesh's
+    /// trust domain, and loaded from it afterwards.
+    StateDir(PathBuf),
+    /// An operator's CA: its certificate (then its chain) and key.
+    Files {
+        /// The CA certificate file.
+        cert: PathBuf,
+        /// The CA key file.
+        key: PathBuf,
+    },
+}
+
+/// The default lifetime of workload certificates.
+pub const DEFAULT_SVID_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// Why the control plane did not start.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +97,19 @@ pub enum ServeError {
     /// The watcher thread could not start.
     #[error("cannot start the directory watcher")]
     Watch(#[source] std::io::Error),
+    /// The mesh has a trust domain but there is no CA for it.
+    #[error(
+        "{dir}: the mesh's trust_domain {trust_domain:?} needs a CA: pass --state-dir DIR (created there on first start) or --ca-cert FILE --ca-key FILE"
+    )]
+    NoCa {
+        /// The directory.
+        dir: String,
+        /// The mesh's trust domain.
+        trust_domain: String,
+    },
+    /// The CA could not be loaded or created, or signs for another domain.
+    #[error("certificate authority")]
+    Ca(#[from] crate::ca::CaError),
 }
 
 /// A running control plane: the server and the directory watcher.
@@ -83,10 +123,15 @@ impl ControlPlane {
     /// Loads the directory, starts serving it, and starts watching it.
     pub async fn start(options: ServeOptions) -> Result<Self, ServeError> {
         let cache = SnapshotCache::new();
+        // The trust domain the CA signs for, once known: a mesh change to
+        // another one is rejected (a new domain needs a new CA).
+        let pinned_domain: Arc<OnceLock<Option<String>>> = Arc::new(OnceLock::new());
+        let watched_domain = Arc::clone(&pinned_domain);
         // The watcher's first poll is the initial load: it decides whether
         // the control plane starts. Later updates replace the snapshot or
         // record why they were rejected.
-        let (first_tx, first_rx) = tokio::sync::oneshot::channel::<Result<usize, ServeError>>();
+        let (first_tx, first_rx) =
+            tokio::sync::oneshot::channel::<Result<(usize, Option<String>), ServeError>>();
         let mut first = Some(first_tx);
         let updates = cache.clone();
         let allow_empty = options.allow_empty;
@@ -96,8 +141,23 @@ impl ControlPlane {
             options.config_dir.clone(),
             options.poll_interval,
             move |update| match update {
+                MeshUpdate::Loaded(snapshot)
+                    if watched_domain
+                        .get()
+                        .is_some_and(|pinned| *pinned != snapshot.trust_domain) =>
+                {
+                    let message = format!(
+                        "{watched_dir}: trust_domain {:?} differs from {:?}, which this control plane started with; \
+                         changing the trust domain needs a restart (and a CA for it)",
+                        snapshot.trust_domain,
+                        watched_domain.get().cloned().flatten(),
+                    );
+                    tracing::warn!(%message, "mesh change rejected; serving the last good state");
+                    updates.set_config_error(Some(message));
+                }
                 MeshUpdate::Loaded(snapshot) => {
                     let nodes = snapshot.nodes.len();
+                    let domain = snapshot.trust_domain.clone();
                     let applied = if allow_empty {
                         updates.set(snapshot);
                         Ok(())
@@ -106,7 +166,8 @@ impl ControlPlane {
                     };
                     match (applied, first.take()) {
                         (Ok(()), Some(first)) => {
-                            let _ = first.send(Ok(nodes));
+                            let _ = watched_domain.set(domain.clone());
+                            let _ = first.send(Ok((nodes, domain)));
                         }
                         (Ok(()), None) => {}
                         (Err(reason), Some(first)) => {
@@ -142,15 +203,24 @@ impl ControlPlane {
             },
         )
         .map_err(ServeError::Watch)?;
-        match first_rx.await {
-            Ok(Ok(nodes)) => tracing::info!(%dir, nodes, "mesh loaded"),
+        let trust_domain = match first_rx.await {
+            Ok(Ok((nodes, trust_domain))) => {
+                tracing::info!(%dir, nodes, trust_domain, "mesh loaded");
+                trust_domain
+            }
             Ok(Err(error)) => return Err(error),
             Err(_) => {
                 return Err(ServeError::Watch(std::io::Error::other(
                     "the directory watcher stopped before its first load",
                 )));
             }
-        }
+        };
+        let identity = load_ca(&dir, options.ca.as_ref(), trust_domain.as_deref())?.map(|ca| {
+            IdentityOptions {
+                ca: Arc::new(ca),
+                ttl: options.svid_ttl,
+            }
+        });
         let server = Server::start(ServerOptions {
             xds_addr: options.xds_addr,
             admin_addr: options.admin_addr,
@@ -158,6 +228,7 @@ impl ControlPlane {
             cache,
             drain_timeout: options.drain_timeout,
             limits: options.limits,
+            identity,
         })
         .await?;
         Ok(Self { server, watcher })
@@ -173,4 +244,52 @@ impl ControlPlane {
         drop(self.watcher);
         self.server.shutdown().await;
     }
+}
+
+/// The CA for the mesh's trust domain: loaded or created from the state
+/// directory, or the operator's (which must sign for that domain).
+/// Without a trust domain there is nothing to sign (an operator's CA is
+/// still checked, so that a typo is found now).
+fn load_ca(
+    dir: &str,
+    source: Option<&CaSource>,
+    trust_domain: Option<&str>,
+) -> Result<Option<Ca>, ServeError> {
+    let ca = match (source, trust_domain) {
+        (None, None) => return Ok(None),
+        (None, Some(domain)) => {
+            return Err(ServeError::NoCa {
+                dir: dir.to_owned(),
+                trust_domain: domain.to_owned(),
+            });
+        }
+        (Some(CaSource::StateDir(_)), None) => {
+            tracing::warn!(%dir, "the mesh has no trust_domain: workloads have no identity and calls are cleartext");
+            return Ok(None);
+        }
+        (Some(CaSource::StateDir(state)), Some(domain)) => Ca::load_or_create(state, domain)?,
+        (Some(CaSource::Files { cert, key }), domain) => {
+            let ca = Ca::from_files(cert, key)?;
+            if let Some(domain) = domain
+                && ca.trust_domain() != domain
+            {
+                return Err(crate::ca::CaError::Identity(format!(
+                    "{}: the CA signs for trust domain {:?}, the mesh's is {domain:?}",
+                    cert.display(),
+                    ca.trust_domain()
+                ))
+                .into());
+            }
+            if domain.is_none() {
+                tracing::warn!(%dir, "the mesh has no trust_domain: workloads have no identity and calls are cleartext");
+                return Ok(None);
+            }
+            ca
+        }
+    };
+    tracing::info!(
+        trust_domain = ca.trust_domain(),
+        "certificate authority loaded"
+    );
+    Ok(Some(ca))
 }

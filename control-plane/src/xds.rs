@@ -45,6 +45,7 @@
 
 mod auth;
 mod delta;
+mod identity;
 mod registry;
 mod sotw;
 
@@ -72,8 +73,10 @@ use weft_proto::envoy::service::discovery::v3::aggregated_discovery_service_serv
 use weft_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
+use weft_proto::identity::v1::identity_service_server::IdentityServiceServer;
 
 pub use self::auth::{Auth, BootstrapToken};
+pub use self::identity::{IdentityOptions, MIN_TTL};
 use self::registry::Registry;
 use crate::cache::{NodeWatch, SnapshotCache};
 use crate::resources::{NodeResources, TYPE_URLS};
@@ -155,6 +158,9 @@ pub struct ServerOptions {
     pub drain_timeout: Duration,
     /// Connection cap and handshake deadline.
     pub limits: XdsLimits,
+    /// The CA behind the identity service; without one, signing requests
+    /// fail `FAILED_PRECONDITION`.
+    pub identity: Option<IdentityOptions>,
 }
 
 /// Why the server did not start.
@@ -218,6 +224,7 @@ impl Server {
             abort: CancellationToken::new(),
             connections: Arc::new(Semaphore::new(options.limits.max_connections)),
             limits: options.limits,
+            identity: options.identity,
         });
         shared.tasks.spawn(
             accept_xds(xds_listener, Arc::clone(&shared))
@@ -297,6 +304,8 @@ pub(crate) struct Metrics {
     pub(crate) service_mismatches: AtomicU64,
     pub(crate) connections_refused: AtomicU64,
     pub(crate) handshake_timeouts: AtomicU64,
+    pub(crate) certificates_issued: AtomicU64,
+    pub(crate) csr_refused: AtomicU64,
 }
 
 /// State shared by every connection, stream and the admin API.
@@ -315,6 +324,7 @@ pub(crate) struct Shared {
     /// One permit per open xDS connection.
     connections: Arc<Semaphore>,
     limits: XdsLimits,
+    identity: Option<IdentityOptions>,
 }
 
 impl Shared {
@@ -367,7 +377,7 @@ impl Shared {
             .limits
             .max_connections
             .saturating_sub(self.connections.available_permits());
-        let rows: [(&str, &str, &str, u64); 11] = [
+        let rows: [(&str, &str, &str, u64); 13] = [
             (
                 "weft_cp_connected_proxies",
                 "gauge",
@@ -434,6 +444,18 @@ impl Shared {
                 "xDS connections closed for not opening an authenticated stream within the handshake deadline.",
                 m.handshake_timeouts.load(Ordering::Relaxed),
             ),
+            (
+                "weft_cp_certificates_issued_total",
+                "counter",
+                "Workload certificates signed by the identity service.",
+                m.certificates_issued.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_csr_refused_total",
+                "counter",
+                "Certificate signing requests refused (unknown node, another identity, invalid CSR, no CA).",
+                m.csr_refused.load(Ordering::Relaxed),
+            ),
         ];
         let mut out = String::new();
         for (name, kind, help, value) in rows {
@@ -454,13 +476,20 @@ fn unix_now() -> u64 {
 
 /// The peer address, put in each request's extensions for the service.
 #[derive(Debug, Clone, Copy)]
-struct PeerAddr(SocketAddr);
+pub(crate) struct PeerAddr(pub(crate) SocketAddr);
 
 async fn accept_xds(listener: TcpListener, shared: Arc<Shared>) {
-    let service = AggregatedDiscoveryServiceServer::new(AdsService {
-        shared: Arc::clone(&shared),
-    })
-    .max_decoding_message_size(MAX_REQUEST_BYTES);
+    let service = Services {
+        ads: AggregatedDiscoveryServiceServer::new(AdsService {
+            shared: Arc::clone(&shared),
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
+        identity: IdentityServiceServer::new(identity::Signer {
+            shared: Arc::clone(&shared),
+            options: shared.identity.clone(),
+        })
+        .max_decoding_message_size(MAX_REQUEST_BYTES),
+    };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())
@@ -530,7 +559,7 @@ async fn serve_xds_connection(
     stream: TcpStream,
     peer: SocketAddr,
     shared: Arc<Shared>,
-    service: AggregatedDiscoveryServiceServer<AdsService>,
+    service: Services,
     builder: Arc<hyper::server::conn::http2::Builder<TokioExecutor>>,
     // Held until the connection ends: its slot under the cap.
     _permit: OwnedSemaphorePermit,
@@ -553,7 +582,11 @@ async fn serve_xds_connection(
             }
             is_established.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(PeerAddr(peer));
-            service.call(request).await
+            if request.uri().path().starts_with(IDENTITY_PATH) {
+                service.identity.call(request).await
+            } else {
+                service.ads.call(request).await
+            }
         }
     });
     let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), handler));
@@ -592,6 +625,16 @@ async fn serve_xds_connection(
         debug!(error = %error, "xds connection closed with an error");
     }
 }
+
+/// The gRPC services of the xDS port, chosen by path.
+#[derive(Debug, Clone)]
+struct Services {
+    ads: AggregatedDiscoveryServiceServer<AdsService>,
+    identity: IdentityServiceServer<identity::Signer>,
+}
+
+/// The path prefix of the identity service's methods.
+const IDENTITY_PATH: &str = "/weft.identity.v1.IdentityService/";
 
 /// The tonic service: admits a stream, then hands it to its own task.
 #[derive(Debug)]

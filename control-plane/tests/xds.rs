@@ -85,11 +85,13 @@ fn mesh(nodes: &[(&str, Option<&str>, Arc<NodeResources>)]) -> MeshSnapshot {
                     (*id).to_owned(),
                     NodeEntry {
                         service: service.map(str::to_owned),
+                        identity: None,
                         resources: Arc::clone(resources),
                     },
                 )
             })
             .collect(),
+        trust_domain: None,
     }
 }
 
@@ -128,6 +130,7 @@ async fn start(auth: Auth, snapshot: MeshSnapshot) -> Server {
         cache,
         drain_timeout: DEADLINE,
         limits: XdsLimits::default(),
+        identity: None,
     })
     .await
     .expect("server starts")
@@ -1199,6 +1202,7 @@ async fn start_limited(limits: XdsLimits) -> Server {
         cache,
         drain_timeout: DEADLINE,
         limits,
+        identity: None,
     })
     .await
     .expect("server starts")

@@ -50,6 +50,17 @@ pub mod config {
     }
 }
 
+/// The control plane's identity service (`weft.identity.v1`): workload
+/// certificates signed from CSRs.
+pub mod identity {
+    /// Version 1 of the identity API.
+    pub mod v1 {
+        #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+        #![allow(clippy::all, clippy::pedantic)]
+        tonic::include_proto!("weft.identity.v1");
+    }
+}
+
 /// The subset of Envoy's API (`envoy.*`) that Weft's xDS transport speaks,
 /// with Envoy's package, message names and field numbers.
 pub mod envoy {

@@ -37,6 +37,8 @@ pub(crate) struct AdminState {
     /// `authorization: Bearer <token>` every request but `/ready` and
     /// `/live` must carry, when set.
     pub(crate) token: Option<Arc<[u8]>>,
+    /// Workload certificates and trust bundles.
+    pub(crate) identities: Arc<crate::identity::Identities>,
 }
 
 /// Admin connections served at once; more wait in the accept queue. An
@@ -135,17 +137,18 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             // Not ready, and why: an orchestrator's probe only needs the
             // status; an operator reads the body.
             let not_ready = if state.drain.is_draining() || state.stopping.load(Relaxed) {
-                Some("draining\n")
+                Some("draining".to_owned())
             } else if !state.ready.load(Relaxed) {
-                Some("no complete configuration from the control plane yet\n")
+                Some("no complete configuration from the control plane yet".to_owned())
             } else if state.shared.load().config.listeners.is_empty() {
-                Some("the configuration has no listeners\n")
+                Some("the configuration has no listeners".to_owned())
             } else {
-                None
+                // Mesh mTLS cannot serve without its certificate.
+                state.identities.not_ready_reason()
             };
             match not_ready {
                 None => text(StatusCode::OK, "ready\n".into()),
-                Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, reason.into()),
+                Some(reason) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
             }
         }
         "/live" => text(StatusCode::OK, "live\n".into()),
@@ -155,6 +158,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             // configuration change that removed them).
             state.metrics.prune();
             let mut body = state.metrics.render();
+            body.push_str(&identity_metrics(&state.identities));
             if let Some(log) = &state.access_log {
                 body.push_str(
                     "# HELP weft_access_log_dropped_total Access-log lines dropped because the writer was behind.\n\
@@ -194,9 +198,11 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .collect::<Vec<_>>(),
         ),
         "/clusters" => json(&clusters(state)),
+        "/certs" => json(&certs(&state.identities)),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found; try /ready /live /metrics /config_dump /listeners /clusters\n".into(),
+            "not found; try /ready /live /metrics /config_dump /listeners /clusters /certs\n"
+                .into(),
         ),
     }
 }
@@ -275,6 +281,59 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
     }
 }
 
+/// `/certs`: the workload certificates held (identity, serial, validity;
+/// never a key) and the trust bundles.
+fn certs(identities: &crate::identity::Identities) -> serde_json::Value {
+    let time = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let now = std::time::SystemTime::now();
+    serde_json::json!({
+        "workload_certificates": identities.all_svids().iter().map(|svid| serde_json::json!({
+            "spiffe_id": &*svid.spiffe_id,
+            "serial": svid.serial,
+            "not_before": time(svid.not_before),
+            "not_after": time(svid.not_after),
+            "expired": svid.not_after <= now,
+        })).collect::<Vec<_>>(),
+        "wanted": identities.wanted().iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+        "trust_bundles": identities.all_bundles().iter().map(|bundle| serde_json::json!({
+            "trust_domain": &*bundle.trust_domain,
+            "roots": bundle.subjects,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The identity series of `/metrics`.
+fn identity_metrics(identities: &crate::identity::Identities) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::from(
+        "# HELP weft_identity_certificate_expiry_seconds Unix time at which a workload certificate expires.\n\
+         # TYPE weft_identity_certificate_expiry_seconds gauge\n",
+    );
+    for svid in identities.all_svids() {
+        let expiry = svid
+            .not_after
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let _ = writeln!(
+            out,
+            "weft_identity_certificate_expiry_seconds{{identity=\"{}\"}} {expiry}",
+            crate::telemetry::escape_label(&svid.spiffe_id)
+        );
+    }
+    let _ = write!(
+        out,
+        "# HELP weft_identity_renewals_total Workload certificates signed by the control plane and installed.\n\
+         # TYPE weft_identity_renewals_total counter\n\
+         weft_identity_renewals_total {}\n\
+         # HELP weft_identity_renewal_failures_total Signing attempts that failed (and were retried).\n\
+         # TYPE weft_identity_renewal_failures_total counter\n\
+         weft_identity_renewal_failures_total {}\n",
+        identities.renewals.load(Relaxed),
+        identities.renewal_failures.load(Relaxed),
+    );
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -306,7 +365,14 @@ mod tests {
     async fn state() -> AdminState {
         let metrics = Arc::new(Metrics::new());
         let config = Arc::new(Config::from_yaml("listeners: []", "test").unwrap());
-        let snapshot = crate::stack::build(config, &[], HashMap::new(), &metrics, None);
+        let snapshot = crate::stack::build(
+            config,
+            &[],
+            HashMap::new(),
+            &metrics,
+            &crate::identity::Identities::new(),
+            None,
+        );
         AdminState {
             shared: Arc::new(ArcSwap::from_pointee(snapshot)),
             metrics,
@@ -316,6 +382,7 @@ mod tests {
             token: None,
             drain: Drain::new(),
             xds_status: Arc::new(std::sync::Mutex::new(None)),
+            identities: crate::identity::Identities::new(),
         }
     }
 

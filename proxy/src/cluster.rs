@@ -28,6 +28,7 @@ pub(crate) use pool::{Endpoint, UpstreamBody, Wire};
 use crate::body::RequestBody;
 use crate::config::{Cluster, EndpointAddress, UpstreamProtocol};
 use crate::error::ProxyError;
+use crate::identity::Identities;
 use crate::rng::with_thread_rng;
 use crate::telemetry::Metrics;
 pub use lb::Balancer;
@@ -57,8 +58,13 @@ impl ClusterState {
     /// connect timeout, pool settings), the endpoints still listed keep
     /// their connection pools and counters: a mesh's most frequent change,
     /// a workload added or removed, then costs no reconnects.
-    fn new(config: Arc<Cluster>, metrics: &Metrics, previous: Option<&ClusterState>) -> Self {
-        let settings = PoolSettings::new(&config, metrics.cluster(&config.name));
+    fn new(
+        config: Arc<Cluster>,
+        metrics: &Metrics,
+        identities: &Arc<Identities>,
+        previous: Option<&ClusterState>,
+    ) -> Self {
+        let settings = PoolSettings::new(&config, metrics.cluster(&config.name), identities);
         let inherited = previous
             .filter(|p| reaches_endpoints_alike(&p.config, &config))
             .map(|p| p.set.load_full());
@@ -275,15 +281,22 @@ impl tower::Service<Request<RequestBody>> for ClusterService {
 pub(crate) struct ClusterRegistry {
     clusters: Mutex<HashMap<Arc<str>, Arc<ClusterState>>>,
     metrics: Arc<Metrics>,
+    /// Workload certificates and trust bundles for mesh mTLS.
+    identities: Arc<Identities>,
     /// Where DNS refresh tasks run (the control runtime).
     control: tokio::runtime::Handle,
 }
 
 impl ClusterRegistry {
-    pub(crate) fn new(metrics: Arc<Metrics>, control: tokio::runtime::Handle) -> Self {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        identities: Arc<Identities>,
+        control: tokio::runtime::Handle,
+    ) -> Self {
         Self {
             clusters: Mutex::new(HashMap::new()),
             metrics,
+            identities,
             control,
         }
     }
@@ -308,6 +321,7 @@ impl ClusterRegistry {
                             let state = Arc::new(ClusterState::new(
                                 config.clone(),
                                 &self.metrics,
+                                &self.identities,
                                 previous.map(|p| &**p),
                             ));
                             fresh.push(state.clone());
@@ -426,7 +440,11 @@ mod tests {
     #[tokio::test]
     async fn prepared_clusters_change_nothing_until_committed() {
         let metrics = Arc::new(Metrics::new());
-        let registry = ClusterRegistry::new(metrics, tokio::runtime::Handle::current());
+        let registry = ClusterRegistry::new(
+            metrics,
+            crate::identity::Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
         let first = clusters("  - { name: app, endpoints: [{ address: \"127.0.0.1:1\" }] }");
         let committed = registry.commit(registry.prepare(&first).await);
         let changed = clusters("  - { name: app, endpoints: [{ address: \"127.0.0.1:2\" }] }");
@@ -442,7 +460,11 @@ mod tests {
     #[tokio::test]
     async fn a_cluster_with_no_endpoint_answers_no_healthy_endpoint() {
         let metrics = Arc::new(Metrics::new());
-        let registry = ClusterRegistry::new(metrics, tokio::runtime::Handle::current());
+        let registry = ClusterRegistry::new(
+            metrics,
+            crate::identity::Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
         let config = clusters("  - { name: app, endpoints: [{ address: \"127.0.0.1:1\" }] }");
         let state = registry.commit(registry.prepare(&config).await)["app"].clone();
         state.publish(Vec::new());

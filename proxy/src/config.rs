@@ -127,6 +127,20 @@ impl Config {
             .expect("the empty configuration is valid (unit-tested)")
     }
 
+    /// The workload identities (SPIFFE IDs) the listeners and clusters
+    /// present, whose certificates the control plane signs.
+    pub fn workload_identities(&self) -> std::collections::BTreeSet<Arc<str>> {
+        let listeners = self
+            .listeners
+            .iter()
+            .filter_map(|l| l.tls.as_ref()?.workload_identity.clone());
+        let clusters = self
+            .clusters
+            .iter()
+            .filter_map(|c| c.tls.as_ref()?.workload_identity().cloned());
+        listeners.chain(clusters).collect()
+    }
+
     /// Parses and validates a YAML document. `origin` names it in errors.
     pub fn from_yaml(text: &str, origin: &str) -> Result<Self, LoadError> {
         let spec: BootstrapSpec =

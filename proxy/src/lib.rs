@@ -8,6 +8,7 @@
 pub mod cli;
 pub mod config;
 pub mod drain;
+pub mod identity;
 pub mod telemetry;
 pub mod xds;
 
@@ -46,6 +47,7 @@ use arc_swap::ArcSwap;
 use crate::cluster::ClusterRegistry;
 use crate::config::Config;
 use crate::drain::Drain;
+use crate::identity::Identities;
 use crate::listener::ListenerSet;
 use crate::telemetry::{AccessLog, Metrics};
 
@@ -132,6 +134,8 @@ struct Inner {
     stopping: Arc<AtomicBool>,
     /// What the xDS client reports for `/config_dump`, if it runs.
     xds_status: Arc<Mutex<Option<serde_json::Value>>>,
+    /// Workload certificates and trust bundles (mesh mTLS).
+    identities: Arc<Identities>,
 }
 
 /// When the proxy reports ready.
@@ -160,7 +164,8 @@ impl Proxy {
             .map(AccessLog::start)
             .transpose()
             .map_err(StartError::AccessLog)?;
-        let registry = ClusterRegistry::new(metrics.clone(), control.clone());
+        let identities = Identities::new();
+        let registry = ClusterRegistry::new(metrics.clone(), identities.clone(), control.clone());
         let drain = Drain::new();
         let admin_socket = match config.admin {
             Some(address) => {
@@ -177,7 +182,7 @@ impl Proxy {
             None => None,
         };
         let empty = Arc::new(Config::empty());
-        let snapshot = stack::build(empty, &[], HashMap::new(), &metrics, None);
+        let snapshot = stack::build(empty, &[], HashMap::new(), &metrics, &identities, None);
         let stopping = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(AtomicBool::new(false));
         let handle = ConfigHandle {
@@ -192,6 +197,7 @@ impl Proxy {
                 ready: ready.clone(),
                 stopping: stopping.clone(),
                 xds_status: Arc::new(Mutex::new(None)),
+                identities: identities.clone(),
             }),
         };
         let drain_timeout = config.drain_timeout;
@@ -237,6 +243,7 @@ impl Proxy {
                 drain,
                 xds_status: handle.inner.xds_status.clone(),
                 token: admin_token.map(|t| Arc::from(t.0.as_bytes())),
+                identities: identities.clone(),
                 access_log: handle.inner.access_log.clone(),
             };
             control.spawn(admin::serve(socket, state));
@@ -320,8 +327,17 @@ impl ConfigHandle {
             let slots = plan.slots.clone();
             let metrics = inner.metrics.clone();
             let access_log = inner.access_log.clone();
-            let build =
-                move || stack::build(config, &slots, clusters, &metrics, access_log.as_ref());
+            let identities = inner.identities.clone();
+            let build = move || {
+                stack::build(
+                    config,
+                    &slots,
+                    clusters,
+                    &metrics,
+                    &identities,
+                    access_log.as_ref(),
+                )
+            };
             match tokio::task::spawn_blocking(build).await {
                 Ok(snapshot) => snapshot,
                 Err(error) => match error.try_into_panic() {
@@ -343,6 +359,7 @@ impl ConfigHandle {
             &inner.drain,
             &inner.workers,
         );
+        inner.identities.set_wanted(config.workload_identities());
         let pruned = inner.metrics.prune();
         if pruned > 0 {
             tracing::debug!(pruned, "metric series of removed resources dropped");
@@ -362,6 +379,11 @@ impl ConfigHandle {
     /// The configuration now serving.
     pub(crate) fn current_config(&self) -> Arc<Config> {
         self.inner.shared.load().config.clone()
+    }
+
+    /// The workload certificates and trust bundles this proxy holds.
+    pub fn identities(&self) -> Arc<Identities> {
+        self.inner.identities.clone()
     }
 
     /// Marks the proxy ready (`/ready` answers 200 unless draining).

@@ -139,6 +139,14 @@ fn run(args: &Args) -> anyhow::Result<()> {
             )
         }
     };
+    if xds.is_none()
+        && let Some(id) = config.workload_identities().first()
+    {
+        anyhow::bail!(
+            "workload_identity {id:?}: its certificate is signed by the control plane; \
+             run with --xds (files: use certificates / cert_file and key_file)"
+        );
+    }
     if let Some(delay) = args.drain_delay {
         anyhow::ensure!(
             delay <= std::time::Duration::from_secs(300),
@@ -182,7 +190,21 @@ fn run(args: &Args) -> anyhow::Result<()> {
     };
     let proxy = workers.block_on(Proxy::start(config, control.handle().clone(), readiness))?;
     if let Some(options) = xds {
-        control.spawn(weft_proxy::xds::run(options, proxy.handle()));
+        // Keeps the workload identities the pushed configuration uses
+        // signed by the control plane's identity service.
+        let rotation = weft_proxy::identity::RotationOptions {
+            server: options.server.clone(),
+            node_id: options.node_id.clone(),
+            token: options.token.clone(),
+            ttl: None,
+        };
+        let handle = proxy.handle();
+        control.spawn(weft_proxy::identity::rotate(
+            rotation,
+            handle.identities(),
+            handle.drain(),
+        ));
+        control.spawn(weft_proxy::xds::run(options, handle));
     }
     if args.print_addresses {
         println!(

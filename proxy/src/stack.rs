@@ -43,6 +43,7 @@ use crate::http::body::ResponseBody;
 use crate::http::headers;
 use crate::http::route::{Direct, PathRewrite, RouteRules, Rules, RulesLayer};
 use crate::http::router::RouteTable;
+use crate::identity::Identities;
 use crate::resilience::{Timeout, TimeoutLayer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
 
@@ -241,6 +242,7 @@ pub(crate) fn build(
     slots: &[(usize, std::net::SocketAddr)],
     clusters: HashMap<Arc<str>, Arc<ClusterState>>,
     metrics: &Metrics,
+    identities: &Arc<Identities>,
     access_log: Option<&AccessLog>,
 ) -> Snapshot {
     let cluster = |name: &str| {
@@ -274,7 +276,10 @@ pub(crate) fn build(
                         .as_ref()
                         .and_then(|via| HeaderValue::try_from(format!("{version} {via}")).ok())
                 };
-                let tls = listener.tls.as_deref().map(crate::tls::server_config);
+                let tls = listener
+                    .tls
+                    .as_deref()
+                    .map(|tls| crate::tls::server_config(tls, identities));
                 ListenerSnapshot::Http(Arc::new(HttpListener {
                     config: listener.clone(),
                     tls,
@@ -396,13 +401,17 @@ clusters:
             .map(|slot| (slot, "127.0.0.1:1".parse().unwrap()))
             .collect();
         let clusters = registry.commit(registry.prepare(&config.clusters).await);
-        build(config, &slots, clusters, metrics, None)
+        build(config, &slots, clusters, metrics, &Identities::new(), None)
     }
 
     #[tokio::test]
     async fn weighted_targets_skip_zero_weights_and_accumulate() {
         let metrics = Arc::new(Metrics::new());
-        let registry = ClusterRegistry::new(metrics.clone(), tokio::runtime::Handle::current());
+        let registry = ClusterRegistry::new(
+            metrics.clone(),
+            Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
         let snapshot = snapshot(&registry, &metrics, CONFIG).await;
         let Some(ListenerSnapshot::Http(http)) = snapshot.listener(0) else {
             panic!("listener 0 is http")
@@ -437,7 +446,11 @@ clusters:
     #[tokio::test]
     async fn unchanged_clusters_keep_their_state_across_snapshots() {
         let metrics = Arc::new(Metrics::new());
-        let registry = ClusterRegistry::new(metrics.clone(), tokio::runtime::Handle::current());
+        let registry = ClusterRegistry::new(
+            metrics.clone(),
+            Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
         let first = snapshot(&registry, &metrics, CONFIG).await;
         let changed = CONFIG.replace("127.0.0.1:2", "127.0.0.1:3");
         let second = snapshot(&registry, &metrics, &changed).await;
@@ -454,7 +467,11 @@ clusters:
     #[tokio::test]
     async fn endpoints_that_stay_keep_their_pools_when_a_cluster_changes() {
         let metrics = Arc::new(Metrics::new());
-        let registry = ClusterRegistry::new(metrics.clone(), tokio::runtime::Handle::current());
+        let registry = ClusterRegistry::new(
+            metrics.clone(),
+            Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
         let first = snapshot(&registry, &metrics, CONFIG).await;
         let endpoint = |s: &Snapshot, cluster: &str, address: &str| {
             s.clusters[cluster]
@@ -491,7 +508,11 @@ clusters:
     #[tokio::test]
     async fn connection_future_stays_small() {
         let metrics = Arc::new(Metrics::new());
-        let registry = ClusterRegistry::new(metrics.clone(), tokio::runtime::Handle::current());
+        let registry = ClusterRegistry::new(
+            metrics.clone(),
+            Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
         let snapshot = Arc::new(snapshot(&registry, &metrics, CONFIG).await);
         let Some(ListenerSnapshot::Http(http)) = snapshot.listener(0).cloned() else {
             panic!("listener 0 is http")

@@ -10,6 +10,7 @@ pub(crate) mod access_log;
 mod metrics;
 
 pub use access_log::{AccessLog, AccessRecord};
+pub(crate) use metrics::escape as escape_label;
 pub use metrics::{ClusterMetrics, Histogram, ListenerMetrics, Metrics, RequestMetrics};
 
 use std::sync::Arc;

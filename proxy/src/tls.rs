@@ -13,13 +13,21 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{CertificateDer, ServerName};
 
-use crate::config::{ClusterTls, DomainMatch, ListenerTls, ServerIdentity, TlsVersion};
+use crate::config::{
+    ClientCert, ClientRoots, ClusterTls, DomainMatch, ListenerTls, ServerIdentity, TlsVersion,
+};
+use crate::identity::{Identities, MeshClientVerifier, MeshServerVerifier, WorkloadCert};
 
 /// The ALPN protocols a TLS listener offers, most preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 
-/// The server configuration of a TLS listener.
-pub(crate) fn server_config(tls: &ListenerTls) -> Arc<rustls::ServerConfig> {
+/// The server configuration of a TLS listener. A workload identity's
+/// certificate and the mesh's trust bundles are read from `identities` at
+/// each handshake.
+pub(crate) fn server_config(
+    tls: &ListenerTls,
+    identities: &Arc<Identities>,
+) -> Arc<rustls::ServerConfig> {
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
         TlsVersion::Tls13 => &[&rustls::version::TLS13],
@@ -29,10 +37,20 @@ pub(crate) fn server_config(tls: &ListenerTls) -> Arc<rustls::ServerConfig> {
         .with_protocol_versions(versions)
         .expect("the ring provider supports TLS 1.2 and 1.3");
     let builder = match &tls.clients {
-        Some(clients) => builder.with_client_cert_verifier(clients.verifier.clone()),
+        Some(clients) => builder.with_client_cert_verifier(match &clients.roots {
+            ClientRoots::Files(verifier) => verifier.clone(),
+            ClientRoots::Mesh => Arc::new(MeshClientVerifier::new(identities.clone())),
+        }),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder.with_cert_resolver(Arc::new(SniResolver::new(tls)));
+    let resolver: Arc<dyn ResolvesServerCert> = match &tls.workload_identity {
+        Some(id) => Arc::new(WorkloadCert {
+            identities: identities.clone(),
+            spiffe_id: id.clone(),
+        }),
+        None => Arc::new(SniResolver::new(tls)),
+    };
+    let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
@@ -52,9 +70,17 @@ pub(crate) struct UpstreamTls {
 }
 
 impl UpstreamTls {
-    pub(crate) fn new(tls: &ClusterTls) -> Self {
+    pub(crate) fn new(tls: &ClusterTls, identities: &Arc<Identities>) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier = tls.verifier.clone();
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
+            match (&tls.verifier, &tls.server) {
+                (Some(verifier), _) => verifier.clone(),
+                // Validation pairs the mesh's bundle with a SPIFFE ID.
+                (None, ServerIdentity::Spiffe(id)) => {
+                    Arc::new(MeshServerVerifier::new(identities.clone(), id.clone()))
+                }
+                (None, ServerIdentity::DnsName(_)) => Arc::new(RefuseAll),
+            };
         let config = |alpn: &[u8]| {
             let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -62,9 +88,15 @@ impl UpstreamTls {
                 .dangerous()
                 .with_custom_certificate_verifier(verifier.clone());
             let mut config = match &tls.client_cert {
-                Some(cert) => builder.with_client_cert_resolver(Arc::new(
+                Some(ClientCert::File(cert)) => builder.with_client_cert_resolver(Arc::new(
                     rustls::sign::SingleCertAndKey::from(cert.clone()),
                 )),
+                Some(ClientCert::Workload(id)) => {
+                    builder.with_client_cert_resolver(Arc::new(WorkloadCert {
+                        identities: identities.clone(),
+                        spiffe_id: id.clone(),
+                    }))
+                }
                 None => builder.with_no_client_auth(),
             };
             config.alpn_protocols = vec![alpn.to_vec()];
@@ -188,6 +220,51 @@ impl ResolvesServerCert for SniResolver {
     }
 }
 
+/// Refuses every server: stands for a verifier validation never leaves
+/// out (a DNS name always comes with `ca_file`), so that a broken model
+/// fails closed.
+#[derive(Debug)]
+struct RefuseAll;
+
+impl rustls::client::danger::ServerCertVerifier for RefuseAll {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::UnknownIssuer,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("no verifier".into()))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::General("no verifier".into()))
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +308,7 @@ mod tests {
                 cert(&fallback, &[]),
                 cert(&deep, &["*.eu.example.com"]),
             ],
+            workload_identity: None,
             min_version: TlsVersion::Tls12,
             clients: None,
         };
@@ -250,12 +328,13 @@ mod tests {
         // With no certificate lacking names, the first is the default.
         let tls = ListenerTls {
             certificates: vec![cert(&api, &["api.example.com"])],
+            workload_identity: None,
             min_version: TlsVersion::Tls13,
             clients: None,
         };
         let got = SniResolver::new(&tls).choose(Some("x.org")).unwrap();
         assert!(Arc::ptr_eq(&got, &api));
-        let config = server_config(&tls);
+        let config = server_config(&tls, &Identities::new());
         assert_eq!(
             config.alpn_protocols,
             [b"h2".to_vec(), b"http/1.1".to_vec()]

@@ -26,6 +26,7 @@ use weft_proto::envoy::service::discovery::v3::aggregated_discovery_service_clie
 
 use crate::ConfigHandle;
 use crate::config::BootstrapSpec;
+use crate::drain::Drain;
 use state::{Step, XdsState};
 
 /// Deadline for the TCP connect and HTTP/2 handshake to the control plane.
@@ -61,7 +62,7 @@ pub struct XdsOptions {
 
 /// Why one connection to the control plane ended.
 #[derive(Debug, thiserror::Error)]
-enum StreamError {
+pub(crate) enum StreamError {
     #[error("{0:?} is not a HOST:PORT address")]
     BadAddress(String),
     #[error("connect timed out")]
@@ -149,9 +150,12 @@ async fn stream(
 ) -> Result<(), StreamError> {
     let authority = server_authority(&options.server)
         .ok_or_else(|| StreamError::BadAddress(options.server.clone()))?;
-    let channel = tokio::time::timeout(CONNECT_TIMEOUT, connect(authority.as_str(), handle))
-        .await
-        .map_err(|_| StreamError::ConnectTimeout)??;
+    let channel = tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        connect(authority.as_str(), &handle.drain()),
+    )
+    .await
+    .map_err(|_| StreamError::ConnectTimeout)??;
     let origin = http::Uri::builder()
         .scheme("http")
         .authority(authority)
@@ -312,7 +316,7 @@ impl tower::Service<Request<tonic::body::Body>> for GrpcChannel {
 }
 
 /// Opens the HTTP/2 connection to the control plane.
-async fn connect(address: &str, handle: &ConfigHandle) -> Result<GrpcChannel, StreamError> {
+pub(crate) async fn connect(address: &str, drain: &Drain) -> Result<GrpcChannel, StreamError> {
     // Resolves the name and tries each address in turn.
     let stream = tokio::net::TcpStream::connect(address)
         .await
@@ -327,7 +331,7 @@ async fn connect(address: &str, handle: &ConfigHandle) -> Result<GrpcChannel, St
         .map_err(StreamError::Handshake)?;
     // The connection task ends when the client (and so the sender) is
     // dropped, at the latest when the proxy drains.
-    handle.drain().spawn(async move {
+    drain.spawn(async move {
         if let Err(error) = connection.await {
             tracing::debug!(%error, "control plane connection closed");
         }

@@ -40,6 +40,7 @@ impl TestCp {
             cache: cache.clone(),
             drain_timeout: std::time::Duration::from_secs(1),
             limits: weft_cp::xds::XdsLimits::default(),
+            identity: None,
         })
         .await?;
         Ok(Self { server, cache })
@@ -63,10 +64,14 @@ impl TestCp {
             node.to_owned(),
             NodeEntry {
                 service: None,
+                identity: None,
                 resources: Arc::new(NodeResources::new(listeners, routes, clusters)),
             },
         );
-        self.cache.set(MeshSnapshot { nodes });
+        self.cache.set(MeshSnapshot {
+            nodes,
+            trust_domain: None,
+        });
     }
 
     /// What the control plane knows of `node`'s `type_url`, if connected.
@@ -121,7 +126,7 @@ pub struct CpProcess {
     /// The admin address.
     pub admin: SocketAddr,
     log: PathBuf,
-    _scratch: TempDir,
+    scratch: TempDir,
 }
 
 impl CpProcess {
@@ -154,6 +159,9 @@ impl CpProcess {
             .args(["--xds", &xds.to_string(), "--admin", &admin.to_string()])
             .arg("--token-file")
             .arg(&token)
+            // Where the CA of a mesh with a trust domain is created.
+            .arg("--state-dir")
+            .arg(scratch.path().join("state"))
             .args(extra_args)
             .args(["--print-addresses", "--log-level", "weft_cp=debug,info"])
             .stdin(Stdio::null())
@@ -185,7 +193,7 @@ impl CpProcess {
             admin: address("admin")?,
             child,
             log,
-            _scratch: scratch,
+            scratch,
         })
     }
 
@@ -217,5 +225,27 @@ impl CpProcess {
     /// The log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The state directory (`--state-dir`), where the mesh's CA lives.
+    pub fn state_dir(&self) -> PathBuf {
+        self.scratch.path().join("state")
+    }
+
+    /// A series' value from the admin API's `/metrics` (0 if absent).
+    pub async fn metric(&self, series: &str) -> f64 {
+        let request = http::Request::get("/metrics")
+            .header(http::header::HOST, self.admin.to_string())
+            .header(http::header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new());
+        let Ok(request) = request else { return 0.0 };
+        let Ok(response) = crate::http1_request(self.admin, request).await else {
+            return 0.0;
+        };
+        let text = crate::body_bytes(response).await.unwrap_or_default();
+        String::from_utf8_lossy(&text)
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
     }
 }

@@ -257,6 +257,20 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         body.contains("-> echo: 200 OK echo (workload echo-1"),
         "{body}"
     );
+    // Every hop is mutual TLS with certificates from the control plane:
+    // each application names the caller its sidecar verified.
+    assert!(
+        body.lines().next().unwrap().ends_with(
+            "answered GET /hello (caller: spiffe://demo.weft.local/ns/default/sa/ingress)"
+        ),
+        "{body}"
+    );
+    assert_eq!(
+        body.matches("(caller: spiffe://demo.weft.local/ns/default/sa/frontend)")
+            .count(),
+        2,
+        "{body}"
+    );
     let mut canary = get(gateway, "/backend/x");
     canary
         .headers_mut()

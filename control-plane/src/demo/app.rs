@@ -84,8 +84,21 @@ pub(crate) async fn serve(
 
 async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let version = app.version.as_deref().unwrap_or("-");
+    // The caller's identity, as its sidecar proved it over mutual TLS and
+    // this workload's sidecar passed it on.
+    let caller = request
+        .headers()
+        .get("x-forwarded-client-cert")
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            value
+                .split(';')
+                .find_map(|part| part.strip_prefix("URI="))
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| "no client certificate".to_owned());
     let mut body = format!(
-        "{} (workload {}, version {version}) answered {} {}\n",
+        "{} (workload {}, version {version}) answered {} {} (caller: {caller})\n",
         app.service,
         app.workload,
         request.method(),

@@ -21,8 +21,9 @@ use std::time::Duration;
 
 use weft_proto::config::v1 as pb;
 use weft_proxy::config::{
-    BootstrapSpec, ClusterSpec, Config, EndpointSpec, ListenerSpec, RouteConfigSpec,
-    RouteMatchSpec, RouteSpec, VirtualHostSpec, WeightedClusterSpec,
+    BootstrapSpec, ClusterSpec, ClusterTlsSpec, Config, EndpointSpec, ListenerSpec,
+    ListenerTlsSpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, VirtualHostSpec,
+    WeightedClusterSpec,
 };
 
 use super::spec::{GatewayListenerSpec, GatewayRouteSpec, ServiceSpec, WorkloadSpec};
@@ -62,9 +63,49 @@ struct NodeSpec {
     listeners: Vec<ListenerSpec>,
     route_configs: Vec<RouteConfigSpec>,
     clusters: BTreeMap<String, ClusterSpec>,
+    /// The mesh's trust domain, if it has identities.
+    trust_domain: Option<String>,
+    /// This node's own SPIFFE ID (with a trust domain).
+    identity: Option<String>,
+}
+
+/// The SPIFFE ID of a service account.
+fn spiffe_id(trust_domain: &str, namespace: Option<&str>, service_account: &str) -> String {
+    format!(
+        "spiffe://{trust_domain}/ns/{}/sa/{service_account}",
+        namespace.unwrap_or(DEFAULT_NAMESPACE)
+    )
+}
+
+/// The namespace of services and gateways that name none.
+const DEFAULT_NAMESPACE: &str = "default";
+
+/// A service's identity, if the mesh has a trust domain.
+fn service_identity(trust_domain: Option<&str>, service: &ServiceSpec) -> Option<String> {
+    trust_domain.map(|domain| {
+        spiffe_id(
+            domain,
+            service.namespace.as_deref(),
+            service.service_account.as_deref().unwrap_or(&service.name),
+        )
+    })
+}
+
+/// Whether calls to `service` use mutual TLS: the mesh has identities and
+/// the service does not disable it.
+fn uses_mtls(trust_domain: Option<&str>, service: &ServiceSpec) -> bool {
+    trust_domain.is_some() && service.mtls.as_deref() != Some("disable")
 }
 
 impl NodeSpec {
+    fn new(trust_domain: Option<&str>, identity: Option<String>) -> Self {
+        Self {
+            trust_domain: trust_domain.map(str::to_owned),
+            identity,
+            ..Self::default()
+        }
+    }
+
     /// Points `route` at `target` of `service`, adding the clusters it needs.
     fn target(&mut self, route: &mut RouteSpec, service: &ServiceSpec, target: &Target<'_>) {
         match target {
@@ -103,7 +144,18 @@ impl NodeSpec {
                     weight: None,
                 })
                 .collect();
-            cluster(name.clone(), service, endpoints)
+            let mut spec = cluster(name.clone(), service, endpoints);
+            // Mutual TLS to the service's sidecars: this node's certificate,
+            // and theirs must prove the service's identity.
+            let domain = self.trust_domain.as_deref();
+            if uses_mtls(domain, service) {
+                spec.tls = Some(ClusterTlsSpec {
+                    workload_identity: self.identity.clone(),
+                    server_identity: service_identity(domain, service),
+                    ..ClusterTlsSpec::default()
+                });
+            }
+            spec
         });
         name
     }
@@ -146,15 +198,21 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
         .map(|s| (s.spec.name.as_str(), &s.spec))
         .collect();
     let mut errors = Vec::new();
-    let mut snapshot = MeshSnapshot::default();
+    let mut snapshot = MeshSnapshot {
+        trust_domain: mesh.trust_domain().map(str::to_owned),
+        ..MeshSnapshot::default()
+    };
+    let domain = mesh.trust_domain();
     for service in &mesh.services {
+        let identity = service_identity(domain, &service.spec);
         for workload in &service.spec.workloads {
-            let node = sidecar(&service.spec, workload, &services);
+            let node = sidecar(&service.spec, workload, &services, domain, identity.clone());
             if let Some(resources) = node.finish(&service.file, &workload.name, &mut errors) {
                 snapshot.nodes.insert(
                     workload.name.clone(),
                     NodeEntry {
                         service: Some(service.spec.name.clone()),
+                        identity: identity.clone(),
                         resources: Arc::new(resources),
                     },
                 );
@@ -162,7 +220,18 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
         }
     }
     for gateway in &mesh.gateways {
-        let mut node = NodeSpec::default();
+        let identity = domain.map(|domain| {
+            spiffe_id(
+                domain,
+                gateway.spec.namespace.as_deref(),
+                gateway
+                    .spec
+                    .service_account
+                    .as_deref()
+                    .unwrap_or(&gateway.spec.name),
+            )
+        });
+        let mut node = NodeSpec::new(domain, identity.clone());
         for listener in &gateway.spec.listeners {
             gateway_listener(&mut node, listener, &services);
         }
@@ -171,6 +240,7 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
                 gateway.spec.name.clone(),
                 NodeEntry {
                     service: None,
+                    identity,
                     resources: Arc::new(resources),
                 },
             );
@@ -187,10 +257,19 @@ fn sidecar(
     service: &ServiceSpec,
     workload: &WorkloadSpec,
     services: &BTreeMap<&str, &ServiceSpec>,
+    trust_domain: Option<&str>,
+    identity: Option<String>,
 ) -> NodeSpec {
-    let mut node = NodeSpec::default();
-    node.listeners
-        .push(http_listener(INBOUND, &workload.inbound, Side::Sidecar));
+    let mut node = NodeSpec::new(trust_domain, identity.clone());
+    let mut inbound = http_listener(INBOUND, &workload.inbound, Side::Sidecar);
+    if uses_mtls(trust_domain, service) {
+        // Strict: only callers with a certificate from the mesh's CA.
+        inbound.tls = Some(ListenerTlsSpec {
+            workload_identity: identity,
+            ..ListenerTlsSpec::default()
+        });
+    }
+    node.listeners.push(inbound);
     node.route_configs.push(RouteConfigSpec {
         name: INBOUND.into(),
         virtual_hosts: vec![VirtualHostSpec {

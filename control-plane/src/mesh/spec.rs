@@ -15,6 +15,13 @@ use weft_proxy::config::RouteMatchSpec;
 #[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct MeshFileSpec {
+    /// The mesh's SPIFFE trust domain (`example.org`). With one, every
+    /// workload and gateway has an identity,
+    /// `spiffe://<trust_domain>/ns/<namespace>/sa/<service_account>`, whose
+    /// certificate the control plane's CA signs, and calls between
+    /// sidecars use mutual TLS (see `mtls`). Set in at most one file.
+    #[serde(default)]
+    pub trust_domain: Option<String>,
     /// Services and their workloads.
     #[serde(default)]
     pub services: Vec<ServiceSpec>,
@@ -52,6 +59,18 @@ pub struct ServiceSpec {
     /// request goes to every workload.
     #[serde(default)]
     pub routes: Vec<ServiceRouteSpec>,
+    /// The namespace part of its identity (default `default`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The service-account part of its identity (default: the service's
+    /// name).
+    #[serde(default)]
+    pub service_account: Option<String>,
+    /// Inbound mutual TLS, with a `trust_domain`: `strict` (the default:
+    /// only callers with a certificate from the mesh's CA) or `disable`
+    /// (cleartext).
+    #[serde(default)]
+    pub mtls: Option<String>,
 }
 
 /// One instance of a service and its sidecar.
@@ -107,6 +126,12 @@ pub struct GatewaySpec {
     pub name: String,
     /// Its HTTP listeners.
     pub listeners: Vec<GatewayListenerSpec>,
+    /// The namespace part of its identity (default `default`).
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// The service-account part of its identity (default: its name).
+    #[serde(default)]
+    pub service_account: Option<String>,
 }
 
 /// One HTTP listener of a gateway.

@@ -555,3 +555,148 @@ fn only_visible_yaml_files_are_mesh_files() {
         assert_eq!(is_mesh_file(Path::new(name)), want, "{name}");
     }
 }
+
+const MTLS_MESH: &str = r#"
+trust_domain: example.org
+services:
+  - name: web
+    namespace: shop
+    calls: [api, legacy]
+    workloads:
+      - { name: web-1, app: "127.0.0.1:8080", inbound: "127.0.0.1:15001", outbound: "127.0.0.1:15002" }
+  - name: api
+    service_account: api-runner
+    workloads:
+      - { name: api-1, app: "127.0.0.1:8081", inbound: "127.0.0.1:15011" }
+  - name: legacy
+    mtls: disable
+    workloads:
+      - { name: legacy-1, app: "127.0.0.1:8082", inbound: "127.0.0.1:15021" }
+gateways:
+  - name: edge
+    listeners:
+      - name: http
+        address: "127.0.0.1:0"
+        routes: [{ name: api, service: api }]
+"#;
+
+#[test]
+fn a_trust_domain_gives_every_node_an_identity_and_mtls_between_sidecars() {
+    let snapshot = snapshot(&[("mesh.yaml", MTLS_MESH)]);
+    assert_eq!(snapshot.trust_domain.as_deref(), Some("example.org"));
+    let identity = |node: &str| snapshot.nodes[node].identity.clone().unwrap();
+    assert_eq!(identity("web-1"), "spiffe://example.org/ns/shop/sa/web");
+    assert_eq!(
+        identity("api-1"),
+        "spiffe://example.org/ns/default/sa/api-runner"
+    );
+    assert_eq!(identity("edge"), "spiffe://example.org/ns/default/sa/edge");
+
+    // Inbound: strict mTLS with the workload's own identity, unless the
+    // service opts out.
+    let api = node(&snapshot, "api-1");
+    let inbound = api.listeners.iter().find(|l| l.name == "inbound").unwrap();
+    let tls = inbound.tls.as_ref().unwrap();
+    assert_eq!(
+        tls.workload_identity.as_deref(),
+        Some("spiffe://example.org/ns/default/sa/api-runner")
+    );
+    assert!(tls.certificates.is_empty() && tls.client_ca_file.is_none());
+    let legacy = node(&snapshot, "legacy-1");
+    assert!(legacy.listeners.iter().all(|l| l.tls.is_none()));
+    // Local hops stay cleartext: the app cluster and the outbound listener.
+    let web = node(&snapshot, "web-1");
+    assert!(cluster(&web, "local_app").tls.is_none());
+    assert!(
+        web.listeners
+            .iter()
+            .find(|l| l.name == "outbound")
+            .unwrap()
+            .tls
+            .is_none()
+    );
+
+    // Outbound: the caller's identity, the callee's expected.
+    let to_api = cluster(&web, "api").tls.as_ref().unwrap();
+    assert_eq!(
+        to_api.workload_identity.as_deref(),
+        Some("spiffe://example.org/ns/shop/sa/web")
+    );
+    assert_eq!(
+        to_api.server_identity.as_deref(),
+        Some("spiffe://example.org/ns/default/sa/api-runner")
+    );
+    assert!(to_api.ca_file.is_none());
+    assert!(cluster(&web, "legacy").tls.is_none());
+    let edge = node(&snapshot, "edge");
+    assert_eq!(
+        cluster(&edge, "api")
+            .tls
+            .as_ref()
+            .unwrap()
+            .workload_identity
+            .as_deref(),
+        Some("spiffe://example.org/ns/default/sa/edge")
+    );
+
+    // Without a trust domain nothing changes: no identity, no TLS.
+    let plain = MTLS_MESH
+        .replace("trust_domain: example.org\n", "")
+        .replace("    mtls: disable\n", "");
+    let snapshot = super::tests::snapshot(&[("mesh.yaml", &plain)]);
+    assert!(snapshot.nodes.values().all(|n| n.identity.is_none()));
+    assert!(
+        node(&snapshot, "api-1")
+            .listeners
+            .iter()
+            .all(|l| l.tls.is_none())
+    );
+}
+
+#[test]
+fn identity_fields_are_checked() {
+    let bad = MTLS_MESH
+        .replace("namespace: shop", "namespace: Shop")
+        .replace("mtls: disable", "mtls: sometimes");
+    let found = errors(&[("mesh.yaml", &bad)]);
+    assert!(
+        found
+            .iter()
+            .any(|e| e.contains("service \"web\": namespace: invalid name \"Shop\"")),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|e| e.contains("service \"legacy\": mtls: unknown value \"sometimes\"")),
+        "{found:?}"
+    );
+    let no_domain = MTLS_MESH
+        .replace("trust_domain: example.org\n", "")
+        .replace("mtls: disable", "mtls: strict");
+    let found = errors(&[("mesh.yaml", &no_domain)]);
+    assert!(
+        found
+            .iter()
+            .any(|e| e.contains("mtls: strict needs the mesh's trust_domain")),
+        "{found:?}"
+    );
+    let found = errors(&[
+        ("a.yaml", MTLS_MESH),
+        ("b.yaml", "trust_domain: other.org\n"),
+    ]);
+    assert!(
+        found.iter().any(|e| e.starts_with("b.yaml: mesh \"trust_domain\": trust_domain: \"other.org\" disagrees with \"example.org\" set in a.yaml")),
+        "{found:?}"
+    );
+    let found = errors(&[(
+        "a.yaml",
+        &MTLS_MESH.replace("trust_domain: example.org", "trust_domain: Example.org"),
+    )]);
+    assert!(
+        found
+            .iter()
+            .any(|e| e.contains("invalid trust domain \"Example.org\"")),
+        "{found:?}"
+    );
+}

@@ -15,6 +15,8 @@ use super::{Located, Mesh, MeshError, MeshErrors};
 /// Service protocols, as the proxy's cluster `protocol` spells them.
 pub(super) const PROTOCOLS: [&str; 2] = ["http1", "http2"];
 const LB_POLICIES: [&str; 3] = ["round_robin", "random", "least_request"];
+/// Inbound mutual TLS modes of a service.
+const MTLS_MODES: [&str; 2] = ["strict", "disable"];
 
 /// Collects problems of one resource.
 struct Report<'a> {
@@ -113,6 +115,28 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
         })
         .collect();
 
+    if let Some(domain) = &mesh.trust_domain {
+        let valid = !domain.spec.is_empty()
+            && domain.spec.len() <= 255
+            && domain
+                .spec
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b));
+        if !valid {
+            errors.push(MeshError::Invalid {
+                file: domain.file.clone(),
+                kind: "mesh",
+                name: "trust_domain".into(),
+                field: "trust_domain".into(),
+                message: format!(
+                    "invalid trust domain {:?} (expected lowercase letters, digits, '-', '.', '_')",
+                    domain.spec
+                ),
+            });
+        }
+    }
+    let has_identities = mesh.trust_domain.is_some();
+
     let mut first_file: HashMap<(&str, &str), &Arc<str>> = HashMap::new();
     for service in &mesh.services {
         let mut report = Report {
@@ -130,6 +154,24 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
             first_file.insert(("service", &service.spec.name), &service.file);
         }
         check_service(&mut report, &service.spec, &versions, &mut registry);
+        check_identity(
+            &mut report,
+            service.spec.namespace.as_deref(),
+            service.spec.service_account.as_deref(),
+        );
+        if let Some(mode) = &service.spec.mtls {
+            if !MTLS_MODES.contains(&mode.as_str()) {
+                report.error(
+                    "mtls",
+                    format!("unknown value {mode:?} (expected strict, disable)"),
+                );
+            } else if mode == "strict" && !has_identities {
+                report.error(
+                    "mtls",
+                    "strict needs the mesh's trust_domain (workloads have no identity without one)",
+                );
+            }
+        }
     }
     for gateway in &mesh.gateways {
         let mut report = Report {
@@ -147,6 +189,11 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
             first_file.insert(("gateway", &gateway.spec.name), &gateway.file);
         }
         check_gateway(&mut report, &gateway.spec, &versions, &mut registry);
+        check_identity(
+            &mut report,
+            gateway.spec.namespace.as_deref(),
+            gateway.spec.service_account.as_deref(),
+        );
     }
 
     // An application address that is also a listener would make a proxy
@@ -416,6 +463,16 @@ fn check_label(report: &mut Report<'_>, field: &str, value: &str) {
                 "invalid name {value:?} (expected 1-63 lowercase letters, digits or '-', not starting or ending with '-')"
             ),
         );
+    }
+}
+
+/// The parts of a SPIFFE ID path: lowercase labels.
+fn check_identity(report: &mut Report<'_>, namespace: Option<&str>, service_account: Option<&str>) {
+    if let Some(namespace) = namespace {
+        check_label(report, "namespace", namespace);
+    }
+    if let Some(account) = service_account {
+        check_label(report, "service_account", account);
     }
 }
 

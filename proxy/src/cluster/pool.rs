@@ -56,7 +56,11 @@ pub(crate) struct PoolSettings {
 }
 
 impl PoolSettings {
-    pub(crate) fn new(cluster: &Cluster, metrics: Arc<ClusterMetrics>) -> Self {
+    pub(crate) fn new(
+        cluster: &Cluster,
+        metrics: Arc<ClusterMetrics>,
+        identities: &Arc<crate::identity::Identities>,
+    ) -> Self {
         Self {
             cluster: cluster.name.clone(),
             connect_timeout: cluster.connect_timeout,
@@ -66,7 +70,7 @@ impl PoolSettings {
             tls: cluster
                 .tls
                 .as_deref()
-                .map(|tls| Arc::new(UpstreamTls::new(tls))),
+                .map(|tls| Arc::new(UpstreamTls::new(tls, identities))),
         }
     }
 }

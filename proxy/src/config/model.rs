@@ -93,8 +93,13 @@ pub struct Listener {
 /// A listener's TLS termination, its files loaded and checked.
 #[derive(Debug)]
 pub struct ListenerTls {
-    /// Certificates in configuration order.
+    /// Certificates in configuration order (empty with a workload
+    /// identity).
     pub certificates: Vec<TlsCertificate>,
+    /// Mesh mTLS: serve this SPIFFE ID's certificate, signed by the
+    /// control plane and rotated by the proxy, and verify clients against
+    /// the mesh's trust bundles.
+    pub workload_identity: Option<Arc<str>>,
     /// The oldest protocol version accepted.
     pub min_version: TlsVersion,
     /// Mutual TLS: how client certificates are verified.
@@ -104,11 +109,21 @@ pub struct ListenerTls {
 /// A listener's verification of client certificates.
 #[derive(Debug)]
 pub struct ClientVerification {
-    /// Verifies client chains against the listener's CAs (and refuses
-    /// clients without a certificate when one is required).
-    pub verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+    /// What client chains are verified against.
+    pub roots: ClientRoots,
     /// SPIFFE IDs allowed to connect; empty allows any.
     pub allowed_identities: Vec<Arc<str>>,
+}
+
+/// What a listener verifies client chains against.
+#[derive(Debug)]
+pub enum ClientRoots {
+    /// The listener's CAs (`client_ca_file`); the verifier also refuses
+    /// clients without a certificate when one is required.
+    Files(Arc<dyn rustls::server::danger::ClientCertVerifier>),
+    /// The mesh's trust bundle of the trust domain the client's SPIFFE ID
+    /// names; a certificate is required.
+    Mesh,
 }
 
 /// A loaded certificate chain with its signing key.
@@ -303,13 +318,14 @@ pub struct Cluster {
 /// TLS to a cluster's endpoints, its files loaded.
 #[derive(Debug)]
 pub struct ClusterTls {
-    /// Mutual TLS: this proxy's chain and key.
-    pub client_cert: Option<Arc<rustls::sign::CertifiedKey>>,
+    /// Mutual TLS: the certificate this proxy presents.
+    pub client_cert: Option<ClientCert>,
     /// What every endpoint must prove.
     pub server: ServerIdentity,
     /// Verifies an endpoint's chain against the cluster's CAs (`ca_file`),
-    /// for `server`.
-    pub verifier: Arc<dyn rustls::client::danger::ServerCertVerifier>,
+    /// for `server`; `None`: against the mesh's trust bundle of `server`'s
+    /// trust domain.
+    pub verifier: Option<Arc<dyn rustls::client::danger::ServerCertVerifier>>,
     /// The files, by which two configurations compare (the files are not
     /// watched: the same paths mean the same TLS settings).
     pub files: Vec<Arc<str>>,
@@ -317,8 +333,30 @@ pub struct ClusterTls {
 
 impl PartialEq for ClusterTls {
     fn eq(&self, other: &Self) -> bool {
-        self.files == other.files && self.server == other.server
+        self.files == other.files
+            && self.server == other.server
+            && self.workload_identity() == other.workload_identity()
     }
+}
+
+impl ClusterTls {
+    /// The workload identity presented, if the client certificate is one.
+    pub fn workload_identity(&self) -> Option<&Arc<str>> {
+        match &self.client_cert {
+            Some(ClientCert::Workload(id)) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+/// The certificate a proxy presents to a cluster's endpoints.
+#[derive(Debug)]
+pub enum ClientCert {
+    /// Loaded from `cert_file` and `key_file`.
+    File(Arc<rustls::sign::CertifiedKey>),
+    /// The current certificate of this workload identity, signed by the
+    /// control plane.
+    Workload(Arc<str>),
 }
 
 impl Eq for ClusterTls {}

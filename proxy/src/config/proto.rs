@@ -343,6 +343,7 @@ impl From<&ListenerSpec> for pb::Listener {
                 client_ca_file: tls.client_ca_file.clone(),
                 require_client_certificate: tls.require_client_certificate,
                 allowed_identities: tls.allowed_identities.clone(),
+                workload_identity: tls.workload_identity.clone(),
             }),
         }
     }
@@ -387,6 +388,7 @@ impl TryFrom<pb::Listener> for ListenerSpec {
                 client_ca_file: tls.client_ca_file,
                 require_client_certificate: tls.require_client_certificate,
                 allowed_identities: tls.allowed_identities,
+                workload_identity: tls.workload_identity,
             }),
         })
     }
@@ -573,7 +575,8 @@ impl From<&ClusterSpec> for pb::Cluster {
                 })
                 .collect(),
             tls: spec.tls.as_ref().map(|tls| pb::ClusterTls {
-                ca_file: tls.ca_file.clone(),
+                ca_file: tls.ca_file.clone().unwrap_or_default(),
+                workload_identity: tls.workload_identity.clone(),
                 cert_file: tls.cert_file.clone(),
                 key_file: tls.key_file.clone(),
                 server_identity: tls.server_identity.clone(),
@@ -610,7 +613,8 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
                 })
                 .collect(),
             tls: cluster.tls.map(|tls| ClusterTlsSpec {
-                ca_file: tls.ca_file,
+                ca_file: Some(tls.ca_file).filter(|f| !f.is_empty()),
+                workload_identity: tls.workload_identity,
                 cert_file: tls.cert_file,
                 key_file: tls.key_file,
                 server_identity: tls.server_identity,

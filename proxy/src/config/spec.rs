@@ -112,13 +112,20 @@ pub struct ListenerSpec {
 }
 
 /// TLS termination on a listener.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTlsSpec {
     /// Certificates, chosen by the client's SNI; the first without
     /// `server_names` (else the first) serves clients that send none or
-    /// an unknown name.
+    /// an unknown name. Not with `workload_identity`.
+    #[serde(default)]
     pub certificates: Vec<TlsCertificateSpec>,
+    /// Mesh mTLS (strict): serve this SPIFFE ID's certificate, which the
+    /// proxy keeps signed by the control plane (`--xds` only), and require
+    /// a client certificate that chains to the mesh's trust bundle of the
+    /// trust domain its SPIFFE ID names.
+    #[serde(default)]
+    pub workload_identity: Option<String>,
     /// `"1.2"` (the default) or `"1.3"`.
     #[serde(default)]
     pub min_version: Option<String>,
@@ -309,11 +316,18 @@ pub struct ClusterSpec {
 }
 
 /// TLS (and mutual TLS) to a cluster's endpoints.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClusterTlsSpec {
-    /// PEM file of the CAs that sign the endpoints' certificates.
-    pub ca_file: String,
+    /// PEM file of the CAs that sign the endpoints' certificates. Not with
+    /// `workload_identity` (the mesh's trust bundle is used).
+    #[serde(default)]
+    pub ca_file: Option<String>,
+    /// Mesh mTLS: present this SPIFFE ID's certificate, which the proxy
+    /// keeps signed by the control plane (`--xds` only), and verify the
+    /// endpoints' `server_identity` against the mesh's trust bundle.
+    #[serde(default)]
+    pub workload_identity: Option<String>,
     /// Mutual TLS: this proxy's certificate chain (PEM).
     #[serde(default)]
     pub cert_file: Option<String>,

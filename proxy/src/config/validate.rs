@@ -458,8 +458,20 @@ fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<Liste
             TlsVersion::Tls12
         }
     };
-    if spec.certificates.is_empty() {
-        check.error("tls.certificates", "must list at least one certificate");
+    let workload_identity = spec
+        .workload_identity
+        .as_deref()
+        .and_then(|id| spiffe_field(check, "tls.workload_identity", id));
+    match (&spec.workload_identity, spec.certificates.is_empty()) {
+        (None, true) => check.error(
+            "tls.certificates",
+            "must list at least one certificate (or set workload_identity)",
+        ),
+        (Some(_), false) => check.error(
+            "tls.certificates",
+            "not with workload_identity (the control plane signs its certificate)",
+        ),
+        _ => {}
     }
     let mut certificates = Vec::new();
     for (i, cert) in spec.certificates.iter().enumerate() {
@@ -492,24 +504,38 @@ fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<Liste
             }
         }
     }
-    let clients = match &spec.client_ca_file {
-        Some(path) => match super::tls::load_roots(path) {
+    let mut allowed_identities = Vec::new();
+    for (i, id) in spec.allowed_identities.iter().enumerate() {
+        if let Some(id) = spiffe_field(check, &format!("tls.allowed_identities[{i}]"), id) {
+            allowed_identities.push(id);
+        }
+    }
+    let clients = match (&spec.client_ca_file, &workload_identity) {
+        (Some(_), Some(_)) => {
+            check.error(
+                "tls.client_ca_file",
+                "not with workload_identity (clients are verified against the mesh's trust bundle)",
+            );
+            None
+        }
+        (None, Some(_)) => {
+            if spec.require_client_certificate == Some(false) {
+                check.error(
+                    "tls.require_client_certificate",
+                    "mesh mTLS always requires a client certificate",
+                );
+            }
+            Some(ClientVerification {
+                roots: ClientRoots::Mesh,
+                allowed_identities,
+            })
+        }
+        (Some(path), None) => match super::tls::load_roots(path) {
             Ok(roots) => {
-                let mut allowed_identities = Vec::new();
-                for (i, id) in spec.allowed_identities.iter().enumerate() {
-                    if super::tls::is_spiffe_id(id) {
-                        allowed_identities.push(Arc::from(id.as_str()));
-                    } else {
-                        check.error(
-                            format!("tls.allowed_identities[{i}]"),
-                            format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
-                        );
-                    }
-                }
                 let required = spec.require_client_certificate.unwrap_or(true);
                 match super::tls::client_verifier(roots, required) {
                     Ok(verifier) => Some(ClientVerification {
-                        verifier,
+                        roots: ClientRoots::Files(verifier),
                         allowed_identities,
                     }),
                     Err(message) => {
@@ -523,18 +549,22 @@ fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<Liste
                 None
             }
         },
-        None => {
+        (None, None) => {
             if spec.require_client_certificate.is_some() {
                 check.error("tls.require_client_certificate", "needs client_ca_file");
             }
             if !spec.allowed_identities.is_empty() {
-                check.error("tls.allowed_identities", "needs client_ca_file");
+                check.error(
+                    "tls.allowed_identities",
+                    "needs client_ca_file or workload_identity",
+                );
             }
             None
         }
     };
     Some(ListenerTls {
         certificates,
+        workload_identity,
         min_version,
         clients,
     })
@@ -1067,18 +1097,47 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
 
 /// Loads a cluster's TLS files; every problem names its field and file.
 fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<ClusterTls> {
-    let roots = super::tls::load_roots(&spec.ca_file)
-        .map_err(|message| check.error("tls.ca_file", message))
-        .ok();
+    let workload_identity = spec
+        .workload_identity
+        .as_deref()
+        .and_then(|id| spiffe_field(check, "tls.workload_identity", id));
+    let roots = match (&spec.ca_file, &spec.workload_identity) {
+        (Some(path), None) => super::tls::load_roots(path)
+            .map_err(|message| check.error("tls.ca_file", message))
+            .ok()
+            .map(Some),
+        (None, Some(_)) => Some(None),
+        (Some(_), Some(_)) => {
+            check.error(
+                "tls.ca_file",
+                "not with workload_identity (endpoints are verified against the mesh's trust bundle)",
+            );
+            None
+        }
+        (None, None) => {
+            check.error(
+                "tls.ca_file",
+                "required (or set workload_identity for mesh mTLS)",
+            );
+            None
+        }
+    };
     let client_cert = match (&spec.cert_file, &spec.key_file) {
+        (Some(_), _) | (_, Some(_)) if spec.workload_identity.is_some() => {
+            check.error(
+                "tls.cert_file",
+                "not with workload_identity (the control plane signs its certificate)",
+            );
+            None
+        }
         (Some(cert), Some(key)) => match super::tls::load_certified_key(cert, key) {
-            Ok(key) => Some(Arc::new(key)),
+            Ok(key) => Some(ClientCert::File(Arc::new(key))),
             Err(super::tls::LoadKeyError { field, message }) => {
                 check.error(format!("tls.{field}"), message);
                 None
             }
         },
-        (None, None) => None,
+        (None, None) => workload_identity.map(ClientCert::Workload),
         (Some(_), None) => {
             check.error("tls.key_file", "required with cert_file");
             None
@@ -1089,13 +1148,13 @@ fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<Cluster
         }
     };
     let server = match (&spec.server_identity, &spec.server_name) {
-        (Some(id), None) if super::tls::is_spiffe_id(id) => {
-            Some(ServerIdentity::Spiffe(id.as_str().into()))
-        }
         (Some(id), None) => {
+            spiffe_field(check, "tls.server_identity", id).map(ServerIdentity::Spiffe)
+        }
+        (None, Some(_)) if spec.workload_identity.is_some() => {
             check.error(
-                "tls.server_identity",
-                format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+                "tls.server_name",
+                "mesh mTLS verifies a SPIFFE ID: set server_identity instead",
             );
             None
         }
@@ -1119,7 +1178,7 @@ fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<Cluster
         }
     };
     let files = [
-        Some(&spec.ca_file),
+        spec.ca_file.as_ref(),
         spec.cert_file.as_ref(),
         spec.key_file.as_ref(),
     ]
@@ -1127,16 +1186,36 @@ fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<Cluster
     .flatten()
     .map(|f| Arc::from(f.as_str()))
     .collect();
-    let (roots, server) = (Arc::new(roots?), server?);
-    let verifier = super::tls::server_verifier(roots, &server)
-        .map_err(|message| check.error("tls.ca_file", format!("{:?}: {message}", spec.ca_file)))
-        .ok()?;
+    let (roots, server) = (roots?, server?);
+    let verifier = match roots {
+        Some(roots) => Some(
+            super::tls::server_verifier(Arc::new(roots), &server)
+                .map_err(|message| {
+                    check.error("tls.ca_file", format!("{:?}: {message}", spec.ca_file))
+                })
+                .ok()?,
+        ),
+        None => None,
+    };
     Some(ClusterTls {
         client_cert,
         server,
         verifier,
         files,
     })
+}
+
+/// A SPIFFE ID field; reports the field when it is not one.
+fn spiffe_field(check: &mut Checker<'_>, field: &str, id: &str) -> Option<Arc<str>> {
+    if super::tls::is_spiffe_id(id) {
+        Some(Arc::from(id))
+    } else {
+        check.error(
+            field,
+            format!("{id:?} is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+        );
+        None
+    }
 }
 
 /// `IP:PORT`, `[IPv6]:PORT` or `HOST:PORT` with a DNS-shaped host.

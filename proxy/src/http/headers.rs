@@ -242,13 +242,17 @@ fn trusted_entries(headers: &HeaderMap, hops: u32) -> Option<Vec<u8>> {
 
 /// The `x-forwarded-client-cert` value for a client that proved `peer`
 /// (Envoy's format: `By=<this proxy's SPIFFE ID>;URI=<the client's>`;
-/// `By` only when the listener's default certificate carries one).
+/// `By` only when the listener's workload identity or default certificate
+/// gives one).
 /// Built once per connection.
 pub(crate) fn client_cert_value(
     tls: Option<&crate::config::ListenerTls>,
     peer: &str,
 ) -> Option<HeaderValue> {
     let own = tls.and_then(|tls| {
+        if let Some(own) = &tls.workload_identity {
+            return Some(own.clone());
+        }
         let default = tls
             .certificates
             .iter()

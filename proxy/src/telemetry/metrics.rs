@@ -334,7 +334,7 @@ impl Metrics {
 }
 
 /// Escapes a label value (names are validated, but be safe).
-fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn escape(value: &str) -> std::borrow::Cow<'_, str> {
     if value.bytes().any(|b| matches!(b, b'\\' | b'"' | b'\n')) {
         value
             .replace('\\', "\\\\")

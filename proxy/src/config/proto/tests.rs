@@ -335,6 +335,7 @@ fn protos_round_trip_through_the_spec() {
             client_ca_file: Some("/etc/weft/ca.pem".into()),
             require_client_certificate: Some(false),
             allowed_identities: vec!["spiffe://example.org/ns/a/sa/b".into()],
+            workload_identity: Some("spiffe://example.org/ns/a/sa/web".into()),
         }),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();
@@ -375,6 +376,7 @@ fn protos_round_trip_through_the_spec() {
             key_file: Some("/etc/weft/me.key".into()),
             server_identity: Some("spiffe://example.org/ns/a/sa/users".into()),
             server_name: None,
+            workload_identity: Some("spiffe://example.org/ns/a/sa/web".into()),
         }),
     };
     let spec = ClusterSpec::try_from(cluster.clone()).unwrap();

@@ -1,0 +1,367 @@
+//! Mesh identity end to end: `weft-cp serve` with a trust domain signs each
+//! sidecar's certificate (the key made on the proxy, from a CSR); sidecars
+//! call each other over strict mutual TLS; the callee's application learns
+//! the caller's SPIFFE ID; whatever lacks a mesh certificate is refused and
+//! counted; a CSR for an identity the node may not hold is refused; and
+//! certificates rotate under traffic without a failed request.
+
+#![allow(clippy::unwrap_used)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use weft_proto::identity::v1::SignRequest;
+use weft_proto::identity::v1::identity_service_client::IdentityServiceClient;
+use weft_tests::xds::{CpProcess, TOKEN};
+use weft_tests::*;
+
+const DOMAIN: &str = "test.weft.local";
+
+fn id(account: &str) -> String {
+    format!("spiffe://{DOMAIN}/ns/default/sa/{account}")
+}
+
+/// An address nothing listens on now (the sidecar binds it next).
+fn free_address() -> SocketAddr {
+    let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    socket.local_addr().unwrap()
+}
+
+/// `alpha` calls `beta`; each workload has a real sidecar.
+struct Mesh {
+    cp: CpProcess,
+    alpha: ProxyProcess,
+    beta: ProxyProcess,
+    /// alpha's outbound listener: its application calls beta here.
+    alpha_out: SocketAddr,
+    /// beta's inbound listener: strict mTLS.
+    beta_in: SocketAddr,
+    _dir: TempDir,
+    _apps: [EchoServer; 2],
+}
+
+async fn sidecar(cp: &CpProcess, node: &str, service: &str, dir: &TempDir) -> ProxyProcess {
+    let token = dir.path().join(format!("{node}.token"));
+    std::fs::write(&token, TOKEN).unwrap();
+    let xds = cp.xds.to_string();
+    let token = token.to_str().unwrap();
+    let args = [
+        "--xds",
+        &xds,
+        "--node-id",
+        node,
+        "--service",
+        service,
+        "--admin",
+        "127.0.0.1:0",
+        "--token-file",
+        token,
+    ];
+    ProxyProcess::start_with_args(&args).await.unwrap()
+}
+
+impl Mesh {
+    async fn start(cp_args: &[&str]) -> Self {
+        let alpha_app = echo("alpha-app").await;
+        let beta_app = echo("beta-app").await;
+        let (alpha_in, alpha_out, beta_in) = (free_address(), free_address(), free_address());
+        let dir = TempDir::new().unwrap();
+        std::fs::write(
+            dir.path().join("mesh.yaml"),
+            format!(
+                r#"
+trust_domain: {DOMAIN}
+services:
+  - name: alpha
+    calls: [beta]
+    workloads:
+      - {{ name: alpha-1, app: "{}", inbound: "{alpha_in}", outbound: "{alpha_out}" }}
+  - name: beta
+    workloads:
+      - {{ name: beta-1, app: "{}", inbound: "{beta_in}" }}
+"#,
+                alpha_app.local_addr(),
+                beta_app.local_addr(),
+            ),
+        )
+        .unwrap();
+        let cp = CpProcess::start_with_args(dir.path(), loopback0(), loopback0(), cp_args)
+            .await
+            .unwrap();
+        // Ready means configured and holding a certificate.
+        let beta = sidecar(&cp, "beta-1", "beta", &dir).await;
+        let alpha = sidecar(&cp, "alpha-1", "alpha", &dir).await;
+        Mesh {
+            cp,
+            alpha,
+            beta,
+            alpha_out,
+            beta_in,
+            _dir: dir,
+            _apps: [alpha_app, beta_app],
+        }
+    }
+
+    /// What alpha's application does: call beta through its sidecar.
+    async fn call_beta(&self, forged_cert_header: Option<&str>) -> anyhow::Result<(u16, String)> {
+        let mut request = http::Request::get("/hello")
+            .header(http::header::HOST, "beta")
+            .header("x-echo-headers", "1");
+        if let Some(forged) = forged_cert_header {
+            request = request.header("x-forwarded-client-cert", forged);
+        }
+        let response = http1_request(
+            self.alpha_out,
+            request.body(http_body_util::Empty::<bytes::Bytes>::new())?,
+        )
+        .await?;
+        let status = response.status().as_u16();
+        let cert = header(&response, "x-echo-req-x-forwarded-client-cert").to_owned();
+        Ok((status, cert))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_call_each_other_over_mtls_with_certificates_from_the_control_plane() {
+    let mesh = Mesh::start(&[]).await;
+    // The callee's application sees who called: the header is the
+    // sidecar's, whatever the caller's application sent.
+    let expected = format!("By={};URI={}", id("beta"), id("alpha"));
+    for forged in [
+        None,
+        Some("URI=spiffe://test.weft.local/ns/default/sa/admin"),
+    ] {
+        let (status, cert) = mesh.call_beta(forged).await.unwrap();
+        assert_eq!(status, 200, "{}", mesh.alpha.log());
+        assert_eq!(cert, expected);
+    }
+
+    // Each sidecar holds the certificate for its own identity only, with
+    // the CA's bundle, and says so (never a key).
+    let (status, certs) = mesh.beta.admin_get("/certs").await.unwrap();
+    assert_eq!(status, 200);
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(
+        certs["workload_certificates"][0]["spiffe_id"],
+        id("beta").as_str()
+    );
+    assert_eq!(certs["trust_bundles"][0]["trust_domain"], DOMAIN);
+    assert!(!certs.to_string().contains("PRIVATE KEY"));
+    assert_eq!(mesh.beta.metric("weft_identity_renewals_total").await, 1.0);
+    assert_eq!(
+        mesh.cp.metric("weft_cp_certificates_issued_total").await,
+        2.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_strict_mesh_listener_refuses_clients_without_a_mesh_certificate() {
+    let mesh = Mesh::start(&[]).await;
+    let failures = "weft_downstream_tls_handshake_failures_total{listener=\"inbound\"}";
+    let before = mesh.beta.metric(failures).await;
+
+    // Plaintext HTTP: the TLS handshake fails, nothing reaches the app.
+    assert!(
+        http1_request(mesh.beta_in, get(mesh.beta_in, "/"))
+            .await
+            .is_err()
+    );
+
+    // TLS without a client certificate, and with one from another CA for
+    // the right trust domain: refused.
+    let curl = |extra: &[&str]| {
+        let mut command = std::process::Command::new("curl");
+        command
+            .args([
+                "-sk",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .args(extra)
+            .arg(format!("https://{}/", mesh.beta_in));
+        command.output().unwrap()
+    };
+    let anonymous = curl(&[]);
+    assert!(!anonymous.status.success(), "{anonymous:?}");
+    let stranger = TempDir::new().unwrap();
+    let foreign_ca = TempDir::new().unwrap();
+    let issue = |state: &std::path::Path, out: &std::path::Path| {
+        let output = std::process::Command::new(cp_binary())
+            .args(["cert", "issue", "--spiffe-id", &id("cli"), "--state-dir"])
+            .arg(state)
+            .arg("--out")
+            .arg(out)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+    };
+    issue(&foreign_ca.path().join("state"), stranger.path());
+    let pem = |dir: &TempDir, name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let foreign = curl(&[
+        "--cert",
+        &pem(&stranger, "cert.pem"),
+        "--key",
+        &pem(&stranger, "key.pem"),
+    ]);
+    assert!(!foreign.status.success(), "{foreign:?}");
+
+    // A certificate from the mesh's own CA (`weft-cp cert issue`, as a
+    // job or an operator would get one) is let in, and the application
+    // sees its identity.
+    let client = TempDir::new().unwrap();
+    issue(&mesh.cp.state_dir(), client.path());
+    let output = std::process::Command::new("curl")
+        .args([
+            "-sk",
+            "-H",
+            "x-echo-headers: 1",
+            "-D",
+            "-",
+            "-o",
+            "/dev/null",
+        ])
+        .args([
+            "--cert",
+            &pem(&client, "cert.pem"),
+            "--key",
+            &pem(&client, "key.pem"),
+        ])
+        .arg(format!("https://{}/", mesh.beta_in))
+        .output()
+        .unwrap();
+    let headers = String::from_utf8_lossy(&output.stdout).to_ascii_lowercase();
+    assert!(headers.starts_with("http/"), "{output:?}");
+    assert!(headers.contains(" 200"), "{headers}");
+    assert!(
+        headers.contains(&format!(
+            "x-echo-req-x-forwarded-client-cert: by={};uri={}",
+            id("beta"),
+            id("cli")
+        )),
+        "{headers}"
+    );
+
+    let after = mesh.beta.metric(failures).await;
+    assert!(after >= before + 3.0, "before {before}, after {after}");
+}
+
+/// A signing request over the xDS port, as a proxy sends it.
+async fn sign(cp: &CpProcess, node: &str, spiffe_id: &str) -> Result<String, tonic::Status> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        spiffe_id.to_owned().try_into().unwrap(),
+    )];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let origin: http::Uri = format!("http://{}", cp.xds).parse().unwrap();
+    let mut client = IdentityServiceClient::with_origin(
+        GrpcChannel(http2_connect(cp.xds).await.unwrap()),
+        origin,
+    );
+    let mut request = tonic::Request::new(SignRequest {
+        node_id: node.to_owned(),
+        csr_pem: csr,
+        ttl: None,
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    client
+        .sign(request)
+        .await
+        .map(|answer| answer.into_inner().cert_chain_pem)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_csr_for_an_identity_the_node_may_not_hold_is_refused() {
+    let mesh = Mesh::start(&[]).await;
+    // The node's own identity is signed.
+    let chain = sign(&mesh.cp, "alpha-1", &id("alpha")).await.unwrap();
+    assert!(chain.contains("BEGIN CERTIFICATE"));
+    // Another service's identity, an unknown node, another trust domain.
+    let cases = [
+        (
+            "alpha-1",
+            id("beta"),
+            tonic::Code::PermissionDenied,
+            "may hold",
+        ),
+        (
+            "nobody",
+            id("alpha"),
+            tonic::Code::PermissionDenied,
+            "not in the mesh",
+        ),
+        (
+            "alpha-1",
+            "spiffe://other.example/ns/default/sa/alpha".to_owned(),
+            tonic::Code::PermissionDenied,
+            "may hold",
+        ),
+    ];
+    for (node, asked, code, message) in cases {
+        let refused = sign(&mesh.cp, node, &asked).await.unwrap_err();
+        assert_eq!(refused.code(), code, "{node} {asked}: {refused:?}");
+        assert!(refused.message().contains(message), "{refused:?}");
+    }
+    assert_eq!(mesh.cp.metric("weft_cp_csr_refused_total").await, 3.0);
+    assert!(
+        mesh.cp.log().contains("certificate signing refused"),
+        "{}",
+        mesh.cp.log()
+    );
+    // Without the bootstrap token, nothing is signed.
+    let origin: http::Uri = format!("http://{}", mesh.cp.xds).parse().unwrap();
+    let mut client = IdentityServiceClient::with_origin(
+        GrpcChannel(http2_connect(mesh.cp.xds).await.unwrap()),
+        origin,
+    );
+    let refused = client
+        .sign(SignRequest {
+            node_id: "alpha-1".into(),
+            csr_pem: String::new(),
+            ttl: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_rotate_under_traffic_without_a_failed_request() {
+    // Five-second certificates: each sidecar renews every 2 to 3 s.
+    let mesh = Arc::new(Mesh::start(&["--svid-ttl", "5s"]).await);
+    let first = mesh.beta.admin_get("/certs").await.unwrap().1;
+    let renewed = eventually(std::time::Duration::from_secs(20), || {
+        let mesh = mesh.clone();
+        async move {
+            // Requests keep flowing (new connections and pooled ones)
+            // while both sides rotate.
+            for _ in 0..5 {
+                let (status, cert) = mesh.call_beta(None).await.unwrap();
+                assert_eq!(status, 200, "{}", mesh.alpha.log());
+                assert!(cert.ends_with(&id("alpha")), "{cert}");
+            }
+            mesh.beta.metric("weft_identity_renewals_total").await >= 3.0
+                && mesh.alpha.metric("weft_identity_renewals_total").await >= 3.0
+        }
+    })
+    .await;
+    assert!(renewed, "{}", mesh.beta.log());
+    let now = mesh.beta.admin_get("/certs").await.unwrap().1;
+    let serial = |certs: &str| {
+        let certs: serde_json::Value = serde_json::from_str(certs).unwrap();
+        certs["workload_certificates"][0]["serial"].clone()
+    };
+    assert_ne!(serial(&first), serial(&now), "a new certificate serves");
+    assert_eq!(
+        mesh.beta
+            .metric("weft_identity_renewal_failures_total")
+            .await,
+        0.0
+    );
+}
