@@ -310,6 +310,7 @@ mod tests {
             ],
             workload_identity: None,
             min_version: TlsVersion::Tls12,
+            permissive: false,
             clients: None,
         };
         let resolver = SniResolver::new(&tls);
@@ -330,6 +331,7 @@ mod tests {
             certificates: vec![cert(&api, &["api.example.com"])],
             workload_identity: None,
             min_version: TlsVersion::Tls13,
+            permissive: false,
             clients: None,
         };
         let got = SniResolver::new(&tls).choose(Some("x.org")).unwrap();

@@ -299,7 +299,34 @@ pub(crate) struct DownstreamIo {
     peer_identity: Option<Arc<str>>,
 }
 
+/// A permissive listener: TLS and plaintext on one port, told apart by the
+/// client's first byte (a TLS handshake record, content type 22), looked at
+/// without consuming it. The client must send it within `deadline`.
+pub(crate) async fn accept_permissive(
+    stream: TcpStream,
+    config: &Arc<rustls::ServerConfig>,
+    tls: &crate::config::ListenerTls,
+    deadline: Duration,
+    metrics: Arc<ListenerMetrics>,
+    state: Arc<ConnState>,
+) -> Option<(DownstreamIo, Protocol)> {
+    const HANDSHAKE: u8 = 0x16;
+    let mut first = [0u8; 1];
+    match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+        Ok(Ok(1)) if first[0] == HANDSHAKE => {
+            accept_tls(stream, config, tls, deadline, metrics, state).await
+        }
+        Ok(Ok(1)) => detect(stream, deadline, metrics, state).await,
+        _ => None,
+    }
+}
+
 impl DownstreamIo {
+    /// Whether the connection is TLS.
+    pub(crate) fn is_tls(&self) -> bool {
+        !matches!(self.stream, Stream::Tcp(_))
+    }
+
     /// The client's verified SPIFFE ID, when it presented one.
     pub(crate) fn peer_identity(&self) -> Option<&Arc<str>> {
         self.peer_identity.as_ref()

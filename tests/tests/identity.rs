@@ -61,7 +61,8 @@ async fn sidecar(cp: &CpProcess, node: &str, service: &str, dir: &TempDir) -> Pr
 }
 
 impl Mesh {
-    async fn start(cp_args: &[&str]) -> Self {
+    /// `beta` is spliced into the beta service's definition.
+    async fn start(cp_args: &[&str], beta: &str) -> Self {
         let alpha_app = echo("alpha-app").await;
         let beta_app = echo("beta-app").await;
         let (alpha_in, alpha_out, beta_in) = (free_address(), free_address(), free_address());
@@ -77,7 +78,7 @@ services:
     workloads:
       - {{ name: alpha-1, app: "{}", inbound: "{alpha_in}", outbound: "{alpha_out}" }}
   - name: beta
-    workloads:
+{beta}    workloads:
       - {{ name: beta-1, app: "{}", inbound: "{beta_in}" }}
 "#,
                 alpha_app.local_addr(),
@@ -123,7 +124,7 @@ services:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sidecars_call_each_other_over_mtls_with_certificates_from_the_control_plane() {
-    let mesh = Mesh::start(&[]).await;
+    let mesh = Mesh::start(&[], "").await;
     // The callee's application sees who called: the header is the
     // sidecar's, whatever the caller's application sent.
     let expected = format!("By={};URI={}", id("beta"), id("alpha"));
@@ -156,7 +157,7 @@ async fn sidecars_call_each_other_over_mtls_with_certificates_from_the_control_p
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_strict_mesh_listener_refuses_clients_without_a_mesh_certificate() {
-    let mesh = Mesh::start(&[]).await;
+    let mesh = Mesh::start(&[], "").await;
     let failures = "weft_downstream_tls_handshake_failures_total{listener=\"inbound\"}";
     let before = mesh.beta.metric(failures).await;
 
@@ -278,7 +279,7 @@ async fn sign(cp: &CpProcess, node: &str, spiffe_id: &str) -> Result<String, ton
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_csr_for_an_identity_the_node_may_not_hold_is_refused() {
-    let mesh = Mesh::start(&[]).await;
+    let mesh = Mesh::start(&[], "").await;
     // The node's own identity is signed.
     let chain = sign(&mesh.cp, "alpha-1", &id("alpha")).await.unwrap();
     assert!(chain.contains("BEGIN CERTIFICATE"));
@@ -334,7 +335,7 @@ async fn a_csr_for_an_identity_the_node_may_not_hold_is_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_rotate_under_traffic_without_a_failed_request() {
     // Five-second certificates: each sidecar renews every 2 to 3 s.
-    let mesh = Arc::new(Mesh::start(&["--svid-ttl", "5s"]).await);
+    let mesh = Arc::new(Mesh::start(&["--svid-ttl", "5s"], "").await);
     let first = mesh.beta.admin_get("/certs").await.unwrap().1;
     let renewed = eventually(std::time::Duration::from_secs(20), || {
         let mesh = mesh.clone();
@@ -364,4 +365,34 @@ async fn certificates_rotate_under_traffic_without_a_failed_request() {
             .await,
         0.0
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permissive_listener_serves_mesh_callers_over_mtls_and_plaintext_clients() {
+    let mesh = Mesh::start(&[], "    mtls: permissive\n").await;
+    // Sidecars still call over mTLS, and the callee learns who called.
+    let (status, cert) = mesh.call_beta(None).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(cert, format!("By={};URI={}", id("beta"), id("alpha")));
+    // A plaintext client on the same port is served, with no identity:
+    // a forged one is removed.
+    let mut request = get(mesh.beta_in, "/");
+    let headers = request.headers_mut();
+    headers.insert("x-echo-headers", "1".parse().unwrap());
+    headers.insert(
+        "x-forwarded-client-cert",
+        format!("URI={}", id("admin")).parse().unwrap(),
+    );
+    let response = http1_request(mesh.beta_in, request).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(header(&response, "x-echo-req-x-forwarded-client-cert"), "");
+    assert_eq!(header(&response, "x-echo-req-x-forwarded-proto"), "http");
+    // TLS without a certificate is still refused: permissive means mTLS
+    // or plaintext, never anonymous TLS.
+    let anonymous = std::process::Command::new("curl")
+        .args(["-sk", "-o", "/dev/null", "--max-time", "5"])
+        .arg(format!("https://{}/", mesh.beta_in))
+        .output()
+        .unwrap();
+    assert!(!anonymous.status.success(), "{anonymous:?}");
 }

@@ -263,9 +263,12 @@ fn sidecar(
     let mut node = NodeSpec::new(trust_domain, identity.clone());
     let mut inbound = http_listener(INBOUND, &workload.inbound, Side::Sidecar);
     if uses_mtls(trust_domain, service) {
-        // Strict: only callers with a certificate from the mesh's CA.
+        // Strict: only callers with a certificate from the mesh's CA;
+        // permissive: plaintext callers too (while they migrate). Callers'
+        // sidecars use mTLS either way.
         inbound.tls = Some(ListenerTlsSpec {
             workload_identity: identity,
+            mode: (service.mtls.as_deref() == Some("permissive")).then(|| "permissive".into()),
             ..ListenerTlsSpec::default()
         });
     }

@@ -67,8 +67,9 @@ pub struct ServiceSpec {
     #[serde(default)]
     pub service_account: Option<String>,
     /// Inbound mutual TLS, with a `trust_domain`: `strict` (the default:
-    /// only callers with a certificate from the mesh's CA) or `disable`
-    /// (cleartext).
+    /// only callers with a certificate from the mesh's CA), `permissive`
+    /// (plaintext callers too, for migrating; mesh callers still use
+    /// mTLS) or `disable` (cleartext).
     #[serde(default)]
     pub mtls: Option<String>,
 }

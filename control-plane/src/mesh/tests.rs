@@ -681,6 +681,10 @@ fn identity_fields_are_checked() {
             .any(|e| e.contains("mtls: strict needs the mesh's trust_domain")),
         "{found:?}"
     );
+    assert!(
+        !found.iter().any(|e| e.contains("service \"web\": mtls")),
+        "{found:?}"
+    );
     let found = errors(&[
         ("a.yaml", MTLS_MESH),
         ("b.yaml", "trust_domain: other.org\n"),

@@ -16,7 +16,7 @@ use super::{Located, Mesh, MeshError, MeshErrors};
 pub(super) const PROTOCOLS: [&str; 2] = ["http1", "http2"];
 const LB_POLICIES: [&str; 3] = ["round_robin", "random", "least_request"];
 /// Inbound mutual TLS modes of a service.
-const MTLS_MODES: [&str; 2] = ["strict", "disable"];
+const MTLS_MODES: [&str; 3] = ["strict", "permissive", "disable"];
 
 /// Collects problems of one resource.
 struct Report<'a> {
@@ -163,12 +163,14 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
             if !MTLS_MODES.contains(&mode.as_str()) {
                 report.error(
                     "mtls",
-                    format!("unknown value {mode:?} (expected strict, disable)"),
+                    format!("unknown value {mode:?} (expected strict, permissive, disable)"),
                 );
-            } else if mode == "strict" && !has_identities {
+            } else if mode != "disable" && !has_identities {
                 report.error(
                     "mtls",
-                    "strict needs the mesh's trust_domain (workloads have no identity without one)",
+                    format!(
+                        "{mode} needs the mesh's trust_domain (workloads have no identity without one)"
+                    ),
                 );
             }
         }

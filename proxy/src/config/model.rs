@@ -102,6 +102,9 @@ pub struct ListenerTls {
     pub workload_identity: Option<Arc<str>>,
     /// The oldest protocol version accepted.
     pub min_version: TlsVersion,
+    /// Plaintext clients are served too, told apart by their first byte
+    /// (a TLS handshake record or not): for migrating to mTLS.
+    pub permissive: bool,
     /// Mutual TLS: how client certificates are verified.
     pub clients: Option<ClientVerification>,
 }

@@ -344,6 +344,7 @@ impl From<&ListenerSpec> for pb::Listener {
                 require_client_certificate: tls.require_client_certificate,
                 allowed_identities: tls.allowed_identities.clone(),
                 workload_identity: tls.workload_identity.clone(),
+                mode: tls.mode.clone(),
             }),
         }
     }
@@ -389,6 +390,7 @@ impl TryFrom<pb::Listener> for ListenerSpec {
                 require_client_certificate: tls.require_client_certificate,
                 allowed_identities: tls.allowed_identities,
                 workload_identity: tls.workload_identity,
+                mode: tls.mode,
             }),
         })
     }

@@ -129,6 +129,10 @@ pub struct ListenerTlsSpec {
     /// `"1.2"` (the default) or `"1.3"`.
     #[serde(default)]
     pub min_version: Option<String>,
+    /// `strict` (the default: TLS only) or `permissive` (TLS and plaintext
+    /// on one port, told apart by the first byte; for migrating to mTLS).
+    #[serde(default)]
+    pub mode: Option<String>,
     /// PEM file of the CAs that sign client certificates (mutual TLS).
     #[serde(default)]
     pub client_ca_file: Option<String>,

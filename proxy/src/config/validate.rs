@@ -458,6 +458,17 @@ fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<Liste
             TlsVersion::Tls12
         }
     };
+    let permissive = match spec.mode.as_deref() {
+        None | Some("strict") => false,
+        Some("permissive") => true,
+        Some(other) => {
+            check.error(
+                "tls.mode",
+                format!("unknown value {other:?} (expected strict, permissive)"),
+            );
+            false
+        }
+    };
     let workload_identity = spec
         .workload_identity
         .as_deref()
@@ -566,6 +577,7 @@ fn listener_tls(spec: &ListenerTlsSpec, check: &mut Checker<'_>) -> Option<Liste
         certificates,
         workload_identity,
         min_version,
+        permissive,
         clients,
     })
 }

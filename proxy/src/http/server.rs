@@ -26,7 +26,7 @@ use crate::error::ProxyError;
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
 use crate::telemetry::{AccessRecord, RequestMetrics};
-use crate::transport::{ConnState, DownstreamIo, Protocol, accept_tls, detect};
+use crate::transport::{ConnState, DownstreamIo, Protocol, accept_permissive, accept_tls, detect};
 
 /// hyper's HTTP/1 read buffer never goes below this.
 const MIN_H1_BUFFER: usize = 8192;
@@ -78,6 +78,19 @@ pub(crate) async fn serve(
     let deadline = settings.header_read_timeout;
     let metrics = listener.metrics.clone();
     let detected = match (&listener.tls, settings.tls.as_deref()) {
+        // Boxed: only permissive listeners take this path, and its state
+        // would otherwise sit in every connection's future.
+        (Some(server), Some(tls)) if tls.permissive => {
+            Box::pin(accept_permissive(
+                stream,
+                server,
+                tls,
+                deadline,
+                metrics,
+                state.clone(),
+            ))
+            .await
+        }
         (Some(server), Some(tls)) => {
             accept_tls(stream, server, tls, deadline, metrics, state.clone()).await
         }
@@ -98,7 +111,7 @@ pub(crate) async fn serve(
     let conn = Arc::new(Connection {
         index,
         peer,
-        is_tls: listener.tls.is_some(),
+        is_tls: io.is_tls(),
         client_cert: io
             .peer_identity()
             .and_then(|peer| headers::client_cert_value(settings.tls.as_deref(), peer)),

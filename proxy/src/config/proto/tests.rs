@@ -336,6 +336,7 @@ fn protos_round_trip_through_the_spec() {
             require_client_certificate: Some(false),
             allowed_identities: vec!["spiffe://example.org/ns/a/sa/b".into()],
             workload_identity: Some("spiffe://example.org/ns/a/sa/web".into()),
+            mode: Some("permissive".into()),
         }),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();
