@@ -459,6 +459,17 @@ fn create_private_dir(dir: &Path) -> Result<(), CaError> {
         .map_err(io)
 }
 
+/// Writes a secret file (mode 0600), replacing any file there.
+pub fn write_private_file(path: &Path, contents: &[u8]) -> Result<(), CaError> {
+    write_file(path, contents, 0o600)
+}
+
+/// Writes a secret file (mode 0600) in `dir`, created 0700 if missing.
+pub(crate) fn write_secret(dir: &Path, path: &Path, contents: &[u8]) -> Result<(), CaError> {
+    create_private_dir(dir)?;
+    write_file(path, contents, 0o600)
+}
+
 /// Writes a new file with `mode`; an existing file is replaced only by
 /// writing a fresh one beside it and renaming, so that a key is never
 /// readable with a wider mode, even for a moment.

@@ -7,7 +7,9 @@
 //! over xDS; then prints what to try, and a live line of traffic through the
 //! gateway until Ctrl-C, when every child process is stopped.
 //!
-//! The bootstrap token lives in a file only the user can read (mode 0600),
+//! The operator's token (the admin API, `weft-cp status`) and each proxy's
+//! node token (`weft-cp token issue`; the control plane accepts nothing
+//! else from proxies) live in files only the user can read (mode 0600),
 //! created fresh and removed when the demo ends, whether by `--duration`,
 //! Ctrl-C/SIGTERM (at any point: the signals are watched before the file
 //! exists) or an error. Only SIGKILL leaves it behind. The scratch
@@ -83,6 +85,8 @@ struct ProxyChild {
     role: String,
     admin: SocketAddr,
     child: Child,
+    /// Its node token, removed when the demo ends.
+    _token: SecretFile,
 }
 
 /// A file holding a secret: created only if absent (never through an
@@ -154,7 +158,11 @@ pub fn run(args: &DemoArgs) -> anyhow::Result<()> {
         }
         let dir = mesh_dir(args, &scratch)?;
         let proxy = proxy_binary(args)?;
-        let token = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+        // From the system's CSPRNG: the token guards the admin API.
+        let mut secret = [0u8; 16];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| anyhow::anyhow!("the system's random source failed"))?;
+        let token: String = secret.iter().map(|b| format!("{b:02x}")).collect();
         let token_file = SecretFile::create(scratch.join("token"), &token)
             .with_context(|| format!("creating the token file in {}", scratch.display()))?;
         let mesh = mesh::load_dir(&dir).map_err(|errors| {
@@ -216,6 +224,10 @@ async fn demo(
         limits: crate::xds::XdsLimits::default(),
         ca: Some(crate::serve::CaSource::StateDir(scratch.join("ca"))),
         svid_ttl: crate::serve::DEFAULT_SVID_TTL,
+        // Proxies present node tokens; the mesh-wide token is the
+        // operator's (weft-cp status).
+        node_tokens_dir: Some(scratch.join("ca")),
+        require_node_tokens: true,
     });
     let control_plane = tokio::select! {
         started = control_plane => started.context("starting the control plane")?,
@@ -227,7 +239,7 @@ async fn demo(
         start_apps(mesh, &stop, &tasks).await?;
         let mut proxies = Vec::new();
         let started = tokio::select! {
-            started = start_proxies(mesh, args.xds, proxy, token_file, scratch, &mut proxies) => started,
+            started = start_proxies(mesh, args.xds, proxy, scratch, &mut proxies) => started,
             () = stop_requested.cancelled() => Err(anyhow::anyhow!("interrupted while starting the proxies")),
         };
         let outcome = match started {
@@ -341,10 +353,11 @@ async fn start_proxies(
     mesh: &Mesh,
     xds: SocketAddr,
     binary: &Path,
-    token_file: &Path,
     scratch: &Path,
     proxies: &mut Vec<ProxyChild>,
 ) -> anyhow::Result<()> {
+    // Each proxy proves its own node, and only that, with a node token.
+    let tokens = crate::xds::NodeTokens::load_or_create(&scratch.join("ca"))?;
     let mut nodes = Vec::new();
     for service in mesh.services() {
         for workload in &service.spec.workloads {
@@ -360,11 +373,13 @@ async fn start_proxies(
     }
     for (node, service, role) in nodes {
         let log = scratch.join(format!("{node}.log"));
+        let token = SecretFile::create(scratch.join(format!("{node}.token")), &tokens.issue(&node))
+            .with_context(|| format!("writing the node token of {node}"))?;
         let mut command = tokio::process::Command::new(binary);
         command
             .args(["--xds", &xds.to_string(), "--node-id", &node])
             .arg("--token-file")
-            .arg(token_file)
+            .arg(token.path())
             .args([
                 "--admin",
                 "127.0.0.1:0",
@@ -406,6 +421,7 @@ async fn start_proxies(
             role,
             admin,
             child,
+            _token: token,
         });
     }
     let deadline = Instant::now() + PROXY_START_TIMEOUT;

@@ -54,6 +54,9 @@ enum Command {
     /// Certificates from the mesh's certificate authority.
     #[command(subcommand)]
     Cert(CertCommand),
+    /// Per-node bootstrap tokens.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Show a running control plane's mesh generation, last config error
     /// and connected proxies with what each acknowledged or rejected.
     Status {
@@ -117,6 +120,27 @@ enum CertCommand {
     },
 }
 
+/// `weft-cp token` commands.
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Issue the bootstrap token of one node (a workload or gateway):
+    /// accepted by `weft-cp serve --state-dir DIR` for that node only, on
+    /// the xDS and identity APIs (never the admin API). Give it to the
+    /// node's proxy with --token-file.
+    Issue {
+        /// The node id, as the mesh names the workload or gateway.
+        #[arg(long, value_name = "ID")]
+        node_id: String,
+        /// The control plane's state directory (its token key is created
+        /// there on first use).
+        #[arg(long, value_name = "DIR")]
+        state_dir: PathBuf,
+        /// Write the token to this file (mode 0600) instead of stdout.
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
+    },
+}
+
 /// `weft-cp serve` flags.
 #[derive(Debug, clap::Args)]
 #[command(group(clap::ArgGroup::new("auth").required(true).args(["token_file", "insecure"])))]
@@ -168,6 +192,11 @@ struct ServeArgs {
     /// The operator's CA key.
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// Accept only node tokens (`weft-cp token issue`) on the xDS and
+    /// identity APIs: the --token-file token then serves operators (the
+    /// admin API) only. Needs --state-dir.
+    #[arg(long, requires = "state_dir")]
+    require_node_tokens: bool,
     /// Lifetime of workload certificates, and the longest a proxy may ask
     /// for (5s to 366 days); proxies renew at about half of it.
     #[arg(long, value_name = "DURATION", default_value = "24h", value_parser = flags::svid_ttl)]
@@ -187,12 +216,35 @@ fn main() -> ExitCode {
         Command::Serve(args) => exit(serve(&args)),
         Command::Demo(args) => exit(weft_cp::demo::run(&args)),
         Command::Cert(command) => exit(cert(command)),
+        Command::Token(command) => exit(token(command)),
         Command::Status {
             admin,
             token_file,
             json,
         } => exit(show_status(admin, token_file.as_deref(), json)),
     }
+}
+
+fn token(command: TokenCommand) -> anyhow::Result<()> {
+    let TokenCommand::Issue {
+        node_id,
+        state_dir,
+        out,
+    } = command;
+    anyhow::ensure!(
+        !node_id.is_empty() && node_id.len() <= 512 && !node_id.contains(char::is_whitespace),
+        "--node-id {node_id:?}: expected a node id (a workload's or gateway's name)"
+    );
+    let tokens = weft_cp::xds::NodeTokens::load_or_create(&state_dir)?;
+    let token = tokens.issue(&node_id);
+    match out {
+        Some(path) => {
+            weft_cp::ca::write_private_file(&path, format!("{token}\n").as_bytes())?;
+            println!("node token for {node_id:?} written to {}", path.display());
+        }
+        None => println!("{token}"),
+    }
+    Ok(())
 }
 
 fn cert(command: CertCommand) -> anyhow::Result<()> {
@@ -316,6 +368,8 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 _ => None,
             },
             svid_ttl: args.svid_ttl,
+            node_tokens_dir: args.state_dir.clone(),
+            require_node_tokens: args.require_node_tokens,
         })
         .await?;
         if args.print_addresses {

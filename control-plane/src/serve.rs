@@ -52,6 +52,11 @@ pub struct ServeOptions {
     /// The lifetime of workload certificates (and the longest a proxy may
     /// ask for).
     pub svid_ttl: Duration,
+    /// Accept per-node tokens (`weft-cp token issue`), whose key lives in
+    /// this state directory.
+    pub node_tokens_dir: Option<PathBuf>,
+    /// Refuse the mesh-wide token on the xDS and identity APIs.
+    pub require_node_tokens: bool,
 }
 
 /// Where the control plane's CA comes from.
@@ -221,6 +226,14 @@ impl ControlPlane {
                 ttl: options.svid_ttl,
             }
         });
+        let node_tokens = match &options.node_tokens_dir {
+            Some(dir) => {
+                let mut tokens = crate::xds::NodeTokens::load_or_create(dir)?;
+                tokens.require = options.require_node_tokens;
+                Some(tokens)
+            }
+            None => None,
+        };
         let server = Server::start(ServerOptions {
             xds_addr: options.xds_addr,
             admin_addr: options.admin_addr,
@@ -229,6 +242,7 @@ impl ControlPlane {
             drain_timeout: options.drain_timeout,
             limits: options.limits,
             identity,
+            node_tokens,
         })
         .await?;
         Ok(Self { server, watcher })

@@ -75,7 +75,8 @@ use weft_proto::envoy::service::discovery::v3::{
 };
 use weft_proto::identity::v1::identity_service_server::IdentityServiceServer;
 
-pub use self::auth::{Auth, BootstrapToken};
+use self::auth::Caller;
+pub use self::auth::{Auth, BootstrapToken, NodeTokens};
 pub use self::identity::{IdentityOptions, MIN_TTL};
 use self::registry::Registry;
 use crate::cache::{NodeWatch, SnapshotCache};
@@ -161,6 +162,9 @@ pub struct ServerOptions {
     /// The CA behind the identity service; without one, signing requests
     /// fail `FAILED_PRECONDITION`.
     pub identity: Option<IdentityOptions>,
+    /// Per-node tokens, accepted beside `auth`'s on the xDS and identity
+    /// APIs.
+    pub node_tokens: Option<NodeTokens>,
 }
 
 /// Why the server did not start.
@@ -225,6 +229,7 @@ impl Server {
             connections: Arc::new(Semaphore::new(options.limits.max_connections)),
             limits: options.limits,
             identity: options.identity,
+            node_tokens: options.node_tokens,
         });
         shared.tasks.spawn(
             accept_xds(xds_listener, Arc::clone(&shared))
@@ -306,6 +311,7 @@ pub(crate) struct Metrics {
     pub(crate) handshake_timeouts: AtomicU64,
     pub(crate) certificates_issued: AtomicU64,
     pub(crate) csr_refused: AtomicU64,
+    pub(crate) token_node_mismatches: AtomicU64,
 }
 
 /// State shared by every connection, stream and the admin API.
@@ -325,6 +331,7 @@ pub(crate) struct Shared {
     connections: Arc<Semaphore>,
     limits: XdsLimits,
     identity: Option<IdentityOptions>,
+    node_tokens: Option<NodeTokens>,
 }
 
 impl Shared {
@@ -362,6 +369,49 @@ impl Shared {
         }
     }
 
+    /// Who an xDS or identity request's token proves the caller to be;
+    /// counts and logs failures (never the token).
+    fn identify(&self, headers: &http::HeaderMap, peer: SocketAddr) -> Option<Caller> {
+        match auth::identify(&self.auth, self.node_tokens.as_ref(), headers) {
+            Ok(caller) => Some(caller),
+            Err(reason) => {
+                self.metrics.unauthenticated.fetch_add(1, Ordering::Relaxed);
+                warn!(peer.addr = %peer, reason = reason.as_str(), "request refused: unauthenticated");
+                None
+            }
+        }
+    }
+
+    /// Whether `caller` may act as `node_id`: a node token only for its
+    /// own node, the mesh-wide token unless node tokens are required.
+    pub(super) fn check_caller(
+        &self,
+        caller: Option<&Caller>,
+        node_id: &str,
+    ) -> Result<(), Status> {
+        let refuse = |message: String| {
+            self.metrics
+                .token_node_mismatches
+                .fetch_add(1, Ordering::Relaxed);
+            warn!(node = node_id, reason = %message, "request refused: the token does not prove this node");
+            Err(Status::permission_denied(message))
+        };
+        match caller {
+            Some(Caller::Node(node)) if **node != *node_id => {
+                refuse(format!("the token is for node {node:?}, not {node_id:?}"))
+            }
+            Some(Caller::Operator) | None
+                if self.node_tokens.as_ref().is_some_and(|t| t.require) =>
+            {
+                refuse(
+                    "this control plane accepts node tokens only (issue one with weft-cp token issue)"
+                        .to_owned(),
+                )
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn status_report(&self) -> StatusReport {
         StatusReport {
             mesh_generation: self.cache.generation(),
@@ -377,7 +427,7 @@ impl Shared {
             .limits
             .max_connections
             .saturating_sub(self.connections.available_permits());
-        let rows: [(&str, &str, &str, u64); 13] = [
+        let rows: [(&str, &str, &str, u64); 14] = [
             (
                 "weft_cp_connected_proxies",
                 "gauge",
@@ -455,6 +505,12 @@ impl Shared {
                 "counter",
                 "Certificate signing requests refused (unknown node, another identity, invalid CSR, no CA).",
                 m.csr_refused.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_node_token_refusals_total",
+                "counter",
+                "xDS streams and signing requests refused because the node token is for another node, or node tokens are required.",
+                m.token_node_mismatches.load(Ordering::Relaxed),
             ),
         ];
         let mut out = String::new();
@@ -576,12 +632,13 @@ async fn serve_xds_connection(
         let is_established = Arc::clone(&handler_established);
         let mut service = service.clone();
         async move {
-            if !shared.authorize(request.headers(), peer) {
+            let Some(caller) = shared.identify(request.headers(), peer) else {
                 let status = Status::unauthenticated("missing or wrong bearer token");
                 return Ok::<_, Infallible>(status.into_http());
-            }
+            };
             is_established.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(PeerAddr(peer));
+            request.extensions_mut().insert(caller);
             if request.uri().path().starts_with(IDENTITY_PATH) {
                 service.identity.call(request).await
             } else {
@@ -653,9 +710,10 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        let caller = request.extensions().get::<Caller>().cloned();
         let mut inbound = request.into_inner();
         let first = first_request(&mut inbound).await?;
-        let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref())?;
+        let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref(), caller.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "sotw");
         let stream = self.start_stream(node_id, claimed, &watch, Protocol::Sotw, peer);
@@ -672,9 +730,10 @@ impl AggregatedDiscoveryService for AdsService {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+        let caller = request.extensions().get::<Caller>().cloned();
         let mut inbound = request.into_inner();
         let first = first_request(&mut inbound).await?;
-        let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref())?;
+        let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref(), caller.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "delta");
         let stream = self.start_stream(node_id, claimed, &watch, Protocol::Delta, peer);
@@ -831,6 +890,7 @@ fn check_service(
 fn admit(
     shared: &Shared,
     node: Option<&Node>,
+    caller: Option<&Caller>,
 ) -> Result<(String, Option<String>, NodeWatch), Status> {
     let Some(node) = node.filter(|n| !n.id.is_empty()) else {
         return Err(Status::invalid_argument(
@@ -842,6 +902,7 @@ fn admit(
             "node id longer than {MAX_NODE_ID_BYTES} bytes"
         )));
     }
+    shared.check_caller(caller, &node.id)?;
     let watch = shared.cache.watch(&node.id);
     if !watch.is_known() {
         shared.metrics.unknown_nodes.fetch_add(1, Ordering::Relaxed);

@@ -131,6 +131,7 @@ async fn start(auth: Auth, snapshot: MeshSnapshot) -> Server {
         drain_timeout: DEADLINE,
         limits: XdsLimits::default(),
         identity: None,
+        node_tokens: None,
     })
     .await
     .expect("server starts")
@@ -1203,6 +1204,7 @@ async fn start_limited(limits: XdsLimits) -> Server {
         drain_timeout: DEADLINE,
         limits,
         identity: None,
+        node_tokens: None,
     })
     .await
     .expect("server starts")

@@ -52,6 +52,26 @@ fn build_binary(package: &str, bin: &str) -> PathBuf {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let mut build = std::process::Command::new(cargo);
     build.args(["build", "--quiet", "-p", package, "--bin", bin]);
+    // `cargo test` gives this process the test crate's CARGO_PKG_*,
+    // CARGO_MANIFEST_DIR and the like. Build scripts that declare them
+    // (ring's does) would see them change between the two cargo
+    // invocations and rebuild everything above them, twice per test run.
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let keep = ["CARGO_HOME", "CARGO_TARGET_DIR", "CARGO_INCREMENTAL"].contains(&name)
+            || [
+                "CARGO_BUILD_",
+                "CARGO_PROFILE_",
+                "CARGO_REGISTRIES_",
+                "CARGO_NET_",
+                "CARGO_TERM_",
+            ]
+            .iter()
+            .any(|prefix| name.starts_with(prefix));
+        if name.starts_with("CARGO_") && !keep {
+            build.env_remove(name);
+        }
+    }
     // The same profile as this test, so that the binary `cargo test` has
     // already built for the proxy's own integration tests is reused
     // instead of being built again.
@@ -102,6 +122,14 @@ impl ProxyProcess {
         let dir = TempDir::new()?;
         let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
         Self::spawn(&args, dir).await
+    }
+
+    /// Like [`ProxyProcess::start_with_args`], without waiting for
+    /// readiness.
+    pub async fn start_with_args_unready(args: &[&str]) -> anyhow::Result<Self> {
+        let dir = TempDir::new()?;
+        let args: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_ref()).collect();
+        Self::launch(&args, dir).await
     }
 
     /// Starts a proxy configured by the control plane at `xds` as node

@@ -41,6 +41,7 @@ impl TestCp {
             drain_timeout: std::time::Duration::from_secs(1),
             limits: weft_cp::xds::XdsLimits::default(),
             identity: None,
+            node_tokens: None,
         })
         .await?;
         Ok(Self { server, cache })

@@ -40,9 +40,27 @@ struct Mesh {
     _apps: [EchoServer; 2],
 }
 
+/// `weft-cp token issue` for `node`, into `out`.
+fn issue_node_token(cp: &CpProcess, node: &str, out: &std::path::Path) {
+    let output = std::process::Command::new(cp_binary())
+        .args(["token", "issue", "--node-id", node, "--state-dir"])
+        .arg(cp.state_dir())
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+}
+
 async fn sidecar(cp: &CpProcess, node: &str, service: &str, dir: &TempDir) -> ProxyProcess {
     let token = dir.path().join(format!("{node}.token"));
-    std::fs::write(&token, TOKEN).unwrap();
+    if cp.state_dir().join("node-token.key").exists() {
+        // The control plane takes node tokens: each sidecar proves its own
+        // node.
+        issue_node_token(cp, node, &token);
+    } else {
+        std::fs::write(&token, TOKEN).unwrap();
+    }
     let xds = cp.xds.to_string();
     let token = token.to_str().unwrap();
     let args = [
@@ -89,6 +107,9 @@ services:
         let cp = CpProcess::start_with_args(dir.path(), loopback0(), loopback0(), cp_args)
             .await
             .unwrap();
+        if cp_args.contains(&"--require-node-tokens") {
+            assert!(cp.state_dir().join("node-token.key").exists());
+        }
         // Ready means configured and holding a certificate.
         let beta = sidecar(&cp, "beta-1", "beta", &dir).await;
         let alpha = sidecar(&cp, "alpha-1", "alpha", &dir).await;
@@ -252,6 +273,15 @@ async fn a_strict_mesh_listener_refuses_clients_without_a_mesh_certificate() {
 
 /// A signing request over the xDS port, as a proxy sends it.
 async fn sign(cp: &CpProcess, node: &str, spiffe_id: &str) -> Result<String, tonic::Status> {
+    sign_with(cp, TOKEN, node, spiffe_id).await
+}
+
+async fn sign_with(
+    cp: &CpProcess,
+    token: &str,
+    node: &str,
+    spiffe_id: &str,
+) -> Result<String, tonic::Status> {
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     params.subject_alt_names = vec![rcgen::SanType::URI(
@@ -270,7 +300,7 @@ async fn sign(cp: &CpProcess, node: &str, spiffe_id: &str) -> Result<String, ton
     });
     request
         .metadata_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
     client
         .sign(request)
         .await
@@ -395,4 +425,78 @@ async fn a_permissive_listener_serves_mesh_callers_over_mtls_and_plaintext_clien
         .output()
         .unwrap();
     assert!(!anonymous.status.success(), "{anonymous:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_tokens_prove_one_node_and_the_mesh_wide_token_can_be_refused() {
+    let mesh = Mesh::start(&["--require-node-tokens"], "").await;
+    // The mesh works with node tokens.
+    let (status, cert) = mesh.call_beta(None).await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(cert, format!("By={};URI={}", id("beta"), id("alpha")));
+
+    let dir = TempDir::new().unwrap();
+    let alpha_token_file = dir.path().join("alpha.token");
+    issue_node_token(&mesh.cp, "alpha-1", &alpha_token_file);
+    let alpha_token = std::fs::read_to_string(&alpha_token_file).unwrap();
+    let alpha_token = alpha_token.trim();
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&alpha_token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+
+    // alpha-1's token signs alpha's identity only, never beta's node.
+    assert!(
+        sign_with(&mesh.cp, alpha_token, "alpha-1", &id("alpha"))
+            .await
+            .is_ok()
+    );
+    let refused = sign_with(&mesh.cp, alpha_token, "beta-1", &id("beta"))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused
+            .message()
+            .contains("the token is for node \"alpha-1\""),
+        "{refused:?}"
+    );
+    // The mesh-wide token no longer serves proxies...
+    let refused = sign(&mesh.cp, "alpha-1", &id("alpha")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(
+        refused.message().contains("node tokens only"),
+        "{refused:?}"
+    );
+
+    // ... nor does a stolen token let a proxy pose as another node.
+    let args = [
+        "--xds",
+        &mesh.cp.xds.to_string(),
+        "--node-id",
+        "beta-1",
+        "--service",
+        "beta",
+        "--admin",
+        "127.0.0.1:0",
+        "--token-file",
+        alpha_token_file.to_str().unwrap(),
+    ];
+    let impostor = ProxyProcess::start_with_args_unready(&args).await.unwrap();
+    let refused = eventually(DEADLINE, || async {
+        impostor.log().contains("the token is for node")
+    })
+    .await;
+    assert!(refused, "{}", impostor.log());
+    assert_eq!(impostor.admin_get("/ready").await.unwrap().0, 503);
+    assert!(mesh.cp.metric("weft_cp_node_token_refusals_total").await >= 3.0);
+
+    // A node token is not an operator's: the admin API refuses it.
+    let request = http::Request::get("/status")
+        .header(http::header::HOST, mesh.cp.admin.to_string())
+        .header(http::header::AUTHORIZATION, format!("Bearer {alpha_token}"))
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = http1_request(mesh.cp.admin, request).await.unwrap();
+    assert_eq!(response.status(), 401);
 }

@@ -19,6 +19,7 @@ use tracing::{info, warn};
 use weft_proto::identity::v1::identity_service_server::IdentityService;
 use weft_proto::identity::v1::{SignRequest, SignResponse};
 
+use super::auth::Caller;
 use super::{PeerAddr, Shared};
 use crate::ca::{Ca, CaError};
 
@@ -63,6 +64,7 @@ impl Signer {
 impl IdentityService for Signer {
     async fn sign(&self, request: Request<SignRequest>) -> Result<Response<SignResponse>, Status> {
         let peer = request.extensions().get::<PeerAddr>().copied();
+        let caller = request.extensions().get::<Caller>().cloned();
         let request = request.into_inner();
         let node = request.node_id.as_str();
         if node.is_empty() || node.len() > super::MAX_NODE_ID_BYTES {
@@ -71,6 +73,9 @@ impl IdentityService for Signer {
                 peer,
                 Status::invalid_argument("node_id: required, at most 512 bytes"),
             ));
+        }
+        if let Err(status) = self.shared.check_caller(caller.as_ref(), node) {
+            return Err(self.refuse(node, peer, status));
         }
         let Some(options) = &self.options else {
             return Err(self.refuse(
