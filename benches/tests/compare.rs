@@ -62,6 +62,7 @@ async fn compare_reports_direct_weft_and_sidecars_and_skips_missing_proxies() {
         TargetKind::Direct,
         TargetKind::Weft,
         TargetKind::WeftSidecars,
+        TargetKind::WeftSidecarsMtls,
         TargetKind::Nginx,
         TargetKind::Haproxy,
     ];
@@ -108,6 +109,7 @@ async fn compare_reports_direct_weft_and_sidecars_and_skips_missing_proxies() {
             TargetKind::Direct,
             TargetKind::Weft,
             TargetKind::WeftSidecars,
+            TargetKind::WeftSidecarsMtls,
         ] {
             let row = run
                 .rows
@@ -140,7 +142,7 @@ async fn compare_reports_direct_weft_and_sidecars_and_skips_missing_proxies() {
                 .map_or(0, |process| process.pids.len());
             let expected_pids = match target {
                 TargetKind::Direct => 0,
-                TargetKind::WeftSidecars => 2,
+                TargetKind::WeftSidecars | TargetKind::WeftSidecarsMtls => 2,
                 _ => 1,
             };
             assert_eq!(pids, expected_pids, "{}: {}", run.id, target.name());
@@ -154,6 +156,18 @@ async fn compare_reports_direct_weft_and_sidecars_and_skips_missing_proxies() {
             assert!(row.skip_reason.is_some() && row.median.is_none());
         }
     }
+    // The mTLS pair is held against the cleartext pair.
+    let mtls_goal = report
+        .goals
+        .iter()
+        .find(|goal| goal.target == TargetKind::WeftSidecarsMtls)
+        .expect("a goal for the mTLS pair");
+    assert!(
+        mtls_goal.goal.contains("1.25x weft-s2s"),
+        "{}",
+        mtls_goal.goal
+    );
+    assert!(mtls_goal.ratio.is_some(), "{}", mtls_goal.detail);
     let rate = report.run("http1-rate").and_then(|run| run.rate_per_second);
     assert!(rate.is_some_and(|rate| rate >= 1.0), "{rate:?}");
     // With an empty search path wrk is not found: the built-in generator

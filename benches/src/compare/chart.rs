@@ -26,6 +26,7 @@ fn colour(target: TargetKind) -> RGBColor {
         TargetKind::Weft => RGBColor(31, 119, 180),
         TargetKind::WeftFull => RGBColor(148, 103, 189),
         TargetKind::WeftSidecars => RGBColor(23, 190, 207),
+        TargetKind::WeftSidecarsMtls => RGBColor(188, 189, 34),
         TargetKind::Nginx => RGBColor(44, 160, 44),
         TargetKind::Haproxy => RGBColor(214, 39, 40),
     }

@@ -106,10 +106,16 @@ pub enum TargetKind {
     /// Two `weft-proxy` processes chained as a mesh runs them: the client
     /// sidecar's outbound listener routes to the server sidecar's inbound
     /// listener, which routes to the echo. Each is configured as `weft`.
-    /// The hop between them is cleartext until mTLS lands.
+    /// The hop between them is cleartext.
     #[serde(rename = "weft-s2s")]
     #[value(name = "weft-s2s")]
     WeftSidecars,
+    /// `weft-s2s` with mutual TLS on the HTTP hop between the sidecars, as
+    /// a mesh runs it: SPIFFE certificates from the mesh CA (ECDSA P-256),
+    /// each side verifying the other's identity, TLS 1.3.
+    #[serde(rename = "weft-s2s-mtls")]
+    #[value(name = "weft-s2s-mtls")]
+    WeftSidecarsMtls,
     /// nginx, one worker.
     Nginx,
     /// HAProxy, one thread.
@@ -118,11 +124,12 @@ pub enum TargetKind {
 
 impl TargetKind {
     /// Every target, in the order runs interleave.
-    pub const ALL: [Self; 6] = [
+    pub const ALL: [Self; 7] = [
         Self::Direct,
         Self::Weft,
         Self::WeftFull,
         Self::WeftSidecars,
+        Self::WeftSidecarsMtls,
         Self::Nginx,
         Self::Haproxy,
     ];
@@ -134,6 +141,7 @@ impl TargetKind {
             Self::Weft => "weft",
             Self::WeftFull => "weft-full",
             Self::WeftSidecars => "weft-s2s",
+            Self::WeftSidecarsMtls => "weft-s2s-mtls",
             Self::Nginx => "nginx",
             Self::Haproxy => "haproxy",
         }
@@ -147,13 +155,16 @@ impl TargetKind {
 
     /// Whether this is a weft configuration.
     pub fn is_weft(self) -> bool {
-        matches!(self, Self::Weft | Self::WeftFull | Self::WeftSidecars)
+        matches!(
+            self,
+            Self::Weft | Self::WeftFull | Self::WeftSidecars | Self::WeftSidecarsMtls
+        )
     }
 
     /// Whether traffic crosses more than one proxy process (whose CPU and
     /// memory are then summed).
     pub fn is_proxy_chain(self) -> bool {
-        self == Self::WeftSidecars
+        matches!(self, Self::WeftSidecars | Self::WeftSidecarsMtls)
     }
 }
 

@@ -56,8 +56,7 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Features a complete weft configuration would have but that weft does
 /// not implement yet (no configuration field exists for them).
-pub(crate) const WEFT_NOT_BUILT: [&str; 7] = [
-    "TLS and mTLS",
+pub(crate) const WEFT_NOT_BUILT: [&str; 6] = [
     "policy (authorization)",
     "retries",
     "circuit breaking",
@@ -293,7 +292,11 @@ impl ProxyProcess {
         let name = format!("{}-{instance}", kind.name());
         let started = match kind {
             TargetKind::Weft | TargetKind::WeftFull => start_weft(kind, ctx, &name).await,
-            TargetKind::WeftSidecars => start_sidecars(ctx, &name).await,
+            TargetKind::WeftSidecars => start_sidecars(ctx, &name, &SidecarHop::Cleartext).await,
+            TargetKind::WeftSidecarsMtls => {
+                let hop = SidecarHop::mtls(ctx.work_dir).context("making the mesh certificates")?;
+                start_sidecars(ctx, &name, &hop).await
+            }
             TargetKind::Nginx | TargetKind::Haproxy => {
                 let mut last_error = None;
                 for attempt in 1..=START_ATTEMPTS {
@@ -384,8 +387,11 @@ async fn start_weft(
 /// weft-s2s: the server sidecar, then the client sidecar pointed at it.
 /// The returned process is the client sidecar (where traffic enters); it
 /// owns the server sidecar.
-async fn start_sidecars(ctx: &StartContext<'_>, name: &str) -> anyhow::Result<ProxyProcess> {
-    let hop = SidecarHop::CURRENT;
+async fn start_sidecars(
+    ctx: &StartContext<'_>,
+    name: &str,
+    hop: &SidecarHop,
+) -> anyhow::Result<ProxyProcess> {
     let server = spawn_weft(
         ctx,
         &format!("{name}-server"),
@@ -492,46 +498,93 @@ async fn spawn_weft(
 }
 
 /// How the hop between weft-s2s's two sidecars is secured. It renders the
-/// only fields that differ: those of the server sidecar's inbound listeners
-/// and of the client sidecar's clusters that point at them.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// only fields that differ: those of the server sidecar's inbound HTTP
+/// listener and of the client sidecar's HTTP cluster that points at it.
+/// (TCP listeners do not terminate TLS: the TCP hop stays cleartext.)
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) enum SidecarHop {
-    /// Cleartext HTTP (h2 with prior knowledge) and TCP: weft has no TLS
-    /// yet. mTLS becomes a second variant once the identity work gives
-    /// listeners and clusters their `tls` settings.
+    /// Cleartext HTTP (h2 with prior knowledge for h2c and gRPC) and TCP.
     Cleartext,
+    /// Mutual TLS with SPIFFE identities from a mesh CA, as `weft-cp`'s
+    /// mesh runs it (files here, as the control plane is not part of the
+    /// measured path).
+    Mtls(MeshCerts),
 }
 
-impl SidecarHop {
-    /// What weft-s2s measures today.
-    pub(crate) const CURRENT: Self = Self::Cleartext;
+/// Certificate files for the mTLS hop.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct MeshCerts {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
 
-    /// Extra fields of an inbound listener (indented as a list entry's
-    /// fields, each line ending in a newline).
-    fn inbound_listener_fields(self) -> &'static str {
+/// The identities of the two sidecars.
+const SERVER_ID: &str = "spiffe://bench.weft.local/ns/default/sa/echo";
+const CLIENT_ID: &str = "spiffe://bench.weft.local/ns/default/sa/client";
+
+impl SidecarHop {
+    /// A fresh mesh CA in `dir/ca` and a certificate for each sidecar.
+    pub(crate) fn mtls(dir: &Path) -> anyhow::Result<Self> {
+        let ca = weft_cp::ca::Ca::load_or_create(&dir.join("ca"), "bench.weft.local")?;
+        let ttl = Duration::from_secs(24 * 3600);
+        let [server_cert, server_key, bundle] =
+            weft_cp::ca::write_issued(&dir.join("server"), &ca.issue(SERVER_ID, &[], ttl)?, &ca)?;
+        let [client_cert, client_key, _] =
+            weft_cp::ca::write_issued(&dir.join("client"), &ca.issue(CLIENT_ID, &[], ttl)?, &ca)?;
+        Ok(Self::Mtls(MeshCerts {
+            ca: bundle,
+            server_cert,
+            server_key,
+            client_cert,
+            client_key,
+        }))
+    }
+
+    /// Extra fields of the inbound HTTP listener (indented as a list
+    /// entry's fields, each line ending in a newline).
+    fn inbound_listener_fields(&self) -> String {
         match self {
-            Self::Cleartext => "",
+            Self::Cleartext => String::new(),
+            Self::Mtls(certs) => format!(
+                "    tls:\n      certificates:\n        - {{ cert_file: {:?}, key_file: {:?} }}\n      \
+                 min_version: \"1.3\"\n      client_ca_file: {:?}\n      allowed_identities: [{CLIENT_ID:?}]\n",
+                certs.server_cert, certs.server_key, certs.ca
+            ),
         }
     }
 
-    /// Extra fields of a cluster whose endpoint is the server sidecar.
-    fn to_server_cluster_fields(self) -> &'static str {
+    /// Extra fields of the HTTP cluster whose endpoint is the server
+    /// sidecar.
+    fn to_server_cluster_fields(&self) -> String {
         match self {
-            Self::Cleartext => "",
+            Self::Cleartext => String::new(),
+            Self::Mtls(certs) => format!(
+                "    tls:\n      ca_file: {:?}\n      cert_file: {:?}\n      key_file: {:?}\n      \
+                 server_identity: {SERVER_ID:?}\n",
+                certs.ca, certs.client_cert, certs.client_key
+            ),
         }
     }
 
     /// The hop in words, for the report.
-    pub(crate) fn describe(self) -> &'static str {
-        match self {
-            Self::Cleartext => "cleartext until mTLS lands",
+    pub(crate) fn describe(kind: TargetKind) -> &'static str {
+        match kind {
+            TargetKind::WeftSidecarsMtls => {
+                "mutual TLS 1.3 on the HTTP hop (ECDSA P-256 SPIFFE certificates from a mesh CA, \
+                 each side checking the other's identity; ALPN h2 for h2c and gRPC, http/1.1 \
+                 otherwise), the TCP hop cleartext"
+            }
+            _ => "cleartext",
         }
     }
 }
 
 /// weft-s2s's server sidecar: `inbound` (HTTP) and `inbound-tcp` listeners
 /// to the local app, the echo; otherwise as plain weft.
-pub(crate) fn server_sidecar_config(app: Upstream, hop: SidecarHop) -> String {
+pub(crate) fn server_sidecar_config(app: Upstream, hop: &SidecarHop) -> String {
     let listener_fields = hop.inbound_listener_fields();
     format!(
         "# weft-bench compare: weft-s2s, the server-side sidecar (mesh -> local app).
@@ -543,7 +596,7 @@ listeners:
     address: 127.0.0.1:0
     protocol: tcp
     cluster: local-app-tcp
-{listener_fields}
+
 route_configs:
   - name: inbound
     virtual_hosts:
@@ -571,7 +624,7 @@ clusters:
 /// weft-s2s's client sidecar: `outbound` (HTTP) and `outbound-tcp`
 /// listeners the app calls, routing to the server sidecar's `inbound`
 /// listeners; otherwise as plain weft.
-pub(crate) fn client_sidecar_config(inbound: Upstream, hop: SidecarHop) -> String {
+pub(crate) fn client_sidecar_config(inbound: Upstream, hop: &SidecarHop) -> String {
     let cluster_fields = hop.to_server_cluster_fields();
     format!(
         "# weft-bench compare: weft-s2s, the client-side sidecar (app -> mesh).
@@ -605,7 +658,7 @@ clusters:
 {cluster_fields}  - name: echo-tcp
     endpoints:
       - address: {tcp}
-{cluster_fields}",
+",
         http = inbound.http,
         tcp = inbound.tcp,
     )
@@ -818,7 +871,11 @@ async fn start_reference(
                 .stdout(Stdio::null());
             (command, Ok(ports.tcp))
         }
-        TargetKind::Direct | TargetKind::Weft | TargetKind::WeftFull | TargetKind::WeftSidecars => {
+        TargetKind::Direct
+        | TargetKind::Weft
+        | TargetKind::WeftFull
+        | TargetKind::WeftSidecars
+        | TargetKind::WeftSidecarsMtls => {
             bail!("{} is not a reference proxy", kind.name())
         }
     };

@@ -474,7 +474,8 @@ impl CompareReport {
     /// stores them in [`CompareReport::goals`].
     pub(crate) fn evaluate_goals(&mut self) {
         let mut goals = Vec::new();
-        // Goals are per proxy: weft-s2s, two proxies in series, has none.
+        // Goals are per proxy: weft-s2s, two proxies in series, is only
+        // the reference of its mTLS twin below.
         for target in [TargetKind::Weft, TargetKind::WeftFull] {
             if !self
                 .targets
@@ -488,6 +489,21 @@ impl CompareReport {
             goals.push(self.cpu_goal("h2-max", target, Some(TargetKind::Haproxy), 0.8));
             goals.push(self.memory_goal(target, false));
             goals.push(self.memory_goal(target, true));
+        }
+        // The mesh hop's security has a price too: the mTLS pair against
+        // the cleartext pair, per keep-alive request.
+        let measured = |kind: TargetKind| {
+            self.targets
+                .iter()
+                .any(|status| status.target == kind && status.skip_reason.is_none())
+        };
+        if measured(TargetKind::WeftSidecarsMtls) && measured(TargetKind::WeftSidecars) {
+            goals.push(self.cpu_goal(
+                "http1-max",
+                TargetKind::WeftSidecarsMtls,
+                Some(TargetKind::WeftSidecars),
+                1.25,
+            ));
         }
         self.goals = goals;
     }

@@ -300,7 +300,7 @@ fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs
              (metrics)"
                 .to_owned(),
         ),
-        TargetKind::WeftSidecars => {
+        TargetKind::WeftSidecars | TargetKind::WeftSidecarsMtls => {
             let placement = match &config.placement.proxy_cpus {
                 Some(cpus) => format!("both pinned to CPU {cpus} (`taskset -c {cpus}`)"),
                 None => "both unpinned, like the other proxies of this run".to_owned(),
@@ -314,7 +314,7 @@ fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs
                      listener, one route, one cluster (`protocol: downstream`) to the echo), \
                      plus TCP listeners chained the same way; the hop between them is {}. Proxy \
                      CPU and RSS are the two processes' sums",
-                    SidecarHop::CURRENT.describe()
+                    SidecarHop::describe(target)
                 ),
             )
         }

@@ -494,8 +494,7 @@ fn weft_configs_pass_weft_validation() {
 
 #[test]
 fn sidecar_configs_chain_and_pass_weft_validation() {
-    let hop = proxies::SidecarHop::CURRENT;
-    assert_eq!(hop, proxies::SidecarHop::Cleartext);
+    let hop = &proxies::SidecarHop::Cleartext;
     let server = proxies::server_sidecar_config(upstream(), hop);
     let inbound = Upstream {
         http: addr(42001),
@@ -535,6 +534,45 @@ fn sidecar_configs_chain_and_pass_weft_validation() {
     assert!(!client.contains("127.0.0.1:4000"), "{client}");
     // Cleartext: nothing about TLS on either side of the hop.
     assert!(!server.contains("tls") && !client.contains("tls"));
+}
+
+#[test]
+fn the_mtls_hop_is_mutual_tls_with_spiffe_identities_and_loads() {
+    let dir = tempfile::tempdir().unwrap();
+    let hop = proxies::SidecarHop::mtls(dir.path()).unwrap();
+    let server = proxies::server_sidecar_config(upstream(), &hop);
+    let inbound = Upstream {
+        http: addr(42001),
+        tcp: addr(42002),
+    };
+    let client = proxies::client_sidecar_config(inbound, &hop);
+    // The files exist, so validation loads and checks every key and CA.
+    let server_config = weft_proxy::config::Config::from_yaml(&server, "server")
+        .unwrap_or_else(|e| panic!("{e}\n{server}"));
+    let client_config = weft_proxy::config::Config::from_yaml(&client, "client")
+        .unwrap_or_else(|e| panic!("{e}\n{client}"));
+    // TLS on the HTTP hop only: one listener, one cluster.
+    let listener_tls: Vec<_> = server_config
+        .listeners
+        .iter()
+        .filter_map(|l| l.tls.as_ref())
+        .collect();
+    assert_eq!(listener_tls.len(), 1);
+    assert!(
+        listener_tls[0].clients.is_some(),
+        "client certificates required"
+    );
+    let cluster_tls: Vec<_> = client_config
+        .clusters
+        .iter()
+        .filter_map(|c| c.tls.as_ref())
+        .collect();
+    assert_eq!(cluster_tls.len(), 1);
+    assert!(cluster_tls[0].client_cert.is_some());
+    assert!(
+        server.contains("allowed_identities: [\"spiffe://bench.weft.local/ns/default/sa/client\"]")
+    );
+    assert!(client.contains("server_identity: \"spiffe://bench.weft.local/ns/default/sa/echo\""));
 }
 
 #[test]
