@@ -224,7 +224,7 @@ pub(crate) async fn detect(
             prefix,
             metrics,
             state,
-            peer_identity: None,
+            peer: None,
         },
         protocol,
     ))
@@ -260,6 +260,8 @@ pub(crate) async fn accept_tls(
     };
     let session = stream.get_ref().1;
     let leaf = session.peer_certificates().and_then(<[_]>::first);
+    let peer_not_after = leaf.and_then(|leaf| crate::config::tls::not_after(leaf));
+    let has_peer_cert = leaf.is_some();
     let peer_identity = match crate::tls::check_peer(tls, leaf) {
         PeerCheck::Anonymous => None,
         PeerCheck::Verified(id) => id,
@@ -279,7 +281,12 @@ pub(crate) async fn accept_tls(
             prefix: Bytes::new(),
             metrics,
             state,
-            peer_identity,
+            peer: has_peer_cert.then(|| {
+                Box::new(PeerCert {
+                    identity: peer_identity,
+                    not_after: peer_not_after,
+                })
+            }),
         },
         protocol,
     ))
@@ -295,8 +302,18 @@ pub(crate) struct DownstreamIo {
     prefix: Bytes,
     metrics: Arc<ListenerMetrics>,
     state: Arc<ConnState>,
-    /// The client's verified SPIFFE ID (mutual TLS).
-    peer_identity: Option<Arc<str>>,
+    /// What the client's certificate proved (mutual TLS); boxed, as most
+    /// connections have none.
+    peer: Option<Box<PeerCert>>,
+}
+
+/// What a client's verified certificate says.
+#[derive(Debug)]
+struct PeerCert {
+    /// Its SPIFFE ID, if any.
+    identity: Option<Arc<str>>,
+    /// When it expires.
+    not_after: Option<std::time::SystemTime>,
 }
 
 /// A permissive listener: TLS and plaintext on one port, told apart by the
@@ -329,7 +346,12 @@ impl DownstreamIo {
 
     /// The client's verified SPIFFE ID, when it presented one.
     pub(crate) fn peer_identity(&self) -> Option<&Arc<str>> {
-        self.peer_identity.as_ref()
+        self.peer.as_ref()?.identity.as_ref()
+    }
+
+    /// When the client's certificate expires, when it presented one.
+    pub(crate) fn peer_not_after(&self) -> Option<std::time::SystemTime> {
+        self.peer.as_ref()?.not_after
     }
 
     /// Puts bytes back in front of the stream.

@@ -32,6 +32,16 @@ impl Pki {
 
     /// `clients`: (file stem, URI SANs) of client certificates.
     fn with_uris(leaves: &[(&str, &[&str])], clients: &[(&str, &[&str])]) -> Self {
+        Self::with_client_life(leaves, clients, None)
+    }
+
+    /// As [`Pki::with_uris`]; client certificates expire `life` from now
+    /// when given.
+    fn with_client_life(
+        leaves: &[(&str, &[&str])],
+        clients: &[(&str, &[&str])],
+        life: Option<std::time::Duration>,
+    ) -> Self {
         let dir = TempDir::new().unwrap();
         let ca_key = rcgen::KeyPair::generate().unwrap();
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
@@ -57,6 +67,11 @@ impl Pki {
         for (stem, uris) in clients {
             let key = rcgen::KeyPair::generate().unwrap();
             let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+            if let Some(life) = life {
+                let now = std::time::SystemTime::now();
+                params.not_before = (now - std::time::Duration::from_secs(60)).into();
+                params.not_after = (now + life).into();
+            }
             for uri in *uris {
                 params
                     .subject_alt_names
@@ -444,6 +459,63 @@ async fn mutual_tls_passes_the_clients_spiffe_id_and_refuses_the_rest() {
             .metric("weft_downstream_tls_peer_refused_total{listener=\"web\"}")
             .await,
         1.0
+    );
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_the_clients_certificate_expires() {
+    // Built first, so that the certificate's seconds are not spent on it.
+    tokio::task::spawn_blocking(proxy_binary).await.unwrap();
+    // X.509 times have a resolution of one second: 3 s leaves 2 to 3 s.
+    let pki = Pki::with_client_life(
+        &[("server", &["api.example.com"])],
+        &[("client", &[CLIENT_ID])],
+        Some(std::time::Duration::from_secs(3)),
+    );
+    let echo = echo("expiry").await;
+    let proxy = ProxyProcess::start(&mtls_config(&pki, echo.local_addr(), ""))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let stream = pki
+        .client_as(&[b"http/1.1"], Some((&pki, "client")))
+        .connect(ServerName::try_from("api.example.com").unwrap(), tcp)
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let connection = tokio::spawn(conn);
+    let started = std::time::Instant::now();
+    let response = sender
+        .send_request(request("api.example.com", http::Version::HTTP_11))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    drop(response);
+    // The keep-alive connection is idle, well within its idle timeout; the
+    // proxy closes it when the certificate expires, not before.
+    let closed = tokio::time::timeout(DEADLINE, connection).await;
+    assert!(closed.is_ok(), "still open after {:?}", started.elapsed());
+    let after = started.elapsed();
+    assert!(
+        after >= std::time::Duration::from_secs(1),
+        "closed after {after:?}, before the certificate expired"
+    );
+    assert_eq!(
+        proxy
+            .metric("weft_downstream_tls_peer_expired_total{listener=\"web\"}")
+            .await,
+        1.0
+    );
+    // A new connection with the expired certificate is refused (once the
+    // second of its expiry has passed: validity includes that second).
+    assert!(
+        eventually(DEADLINE, || async {
+            mtls_get(&pki, web, Some((&pki, "client"))).await.is_err()
+        })
+        .await
     );
 }
 

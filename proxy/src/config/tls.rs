@@ -215,6 +215,13 @@ pub(crate) enum IdentityError {
     NotSpiffe,
 }
 
+/// When a certificate expires; `None` if it does not parse.
+pub(crate) fn not_after(der: &[u8]) -> Option<std::time::SystemTime> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
+    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+}
+
 /// The SPIFFE ID of a certificate: `None` when it has no URI SAN.
 pub(crate) fn spiffe_id(der: &[u8]) -> Result<Option<std::sync::Arc<str>>, IdentityError> {
     use x509_parser::extensions::GeneralName;

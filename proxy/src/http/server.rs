@@ -25,7 +25,7 @@ use crate::drain::{Drain, TrackedExecutor};
 use crate::error::ProxyError;
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
-use crate::telemetry::{AccessRecord, RequestMetrics};
+use crate::telemetry::{AccessRecord, ListenerMetrics, RequestMetrics};
 use crate::transport::{ConnState, DownstreamIo, Protocol, accept_permissive, accept_tls, detect};
 
 /// hyper's HTTP/1 read buffer never goes below this.
@@ -53,6 +53,10 @@ struct Connection {
     /// The upstream side of an upgrade answered with 101, waiting for the
     /// connection to hand its socket over.
     upgrade: std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>,
+    /// When the client's certificate expires (mutual TLS).
+    peer_expiry: Option<Instant>,
+    /// The listener's counters.
+    metrics: Arc<ListenerMetrics>,
 }
 
 impl Connection {
@@ -62,6 +66,14 @@ impl Connection {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .take()
     }
+}
+
+/// The monotonic instant of a wall-clock time (now, if it is past).
+fn instant_of(time: std::time::SystemTime) -> Instant {
+    let left = time
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Instant::now() + left
 }
 
 /// Serves one accepted connection until it closes, drains or idles out.
@@ -111,6 +123,10 @@ pub(crate) async fn serve(
     let conn = Arc::new(Connection {
         index,
         peer,
+        // The connection must not outlive the client's certificate: at its
+        // expiry the connection is closed gracefully (see `drive`).
+        peer_expiry: io.peer_not_after().map(instant_of),
+        metrics: listener.metrics.clone(),
         is_tls: io.is_tls(),
         client_cert: io
             .peer_identity()
@@ -296,7 +312,12 @@ async fn drive<C>(
         .header
         .min(deadlines.idle)
         .min(park_after.unwrap_or(Duration::MAX));
-    let wake = tokio::time::sleep(check_every);
+    let first_wake = conn
+        .peer_expiry
+        .map_or(Instant::now() + check_every, |expiry| {
+            expiry.min(Instant::now() + check_every)
+        });
+    let wake = tokio::time::sleep_until(tokio::time::Instant::from_std(first_wake));
     let mut wake = std::pin::pin!(wake);
     let mut closing = false;
     let mut parking = false;
@@ -330,6 +351,20 @@ async fn drive<C>(
                     tracing::debug!(peer.addr = %conn.peer, "drain timeout; closing");
                     return Ending::Dropped;
                 }
+                // Trust ends with the client's certificate: no new request
+                // on this connection (GOAWAY, or close after the request
+                // in flight); the client reconnects with its new one.
+                if let Some(expiry) = conn.peer_expiry
+                    && now >= expiry
+                    && !closing
+                {
+                    tracing::debug!(peer.addr = %conn.peer, "client certificate expired; closing");
+                    conn.metrics
+                        .tls_peer_expired
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    closing = true;
+                    shutdown(connection);
+                }
                 let next = if let Some(head) = conn.state.head_started() {
                     if now >= head + deadlines.header {
                         tracing::debug!(peer.addr = %conn.peer, "request header timeout");
@@ -354,6 +389,10 @@ async fn drive<C>(
                     now + check_every
                 };
                 let next = drain_deadline.map_or(next, |deadline| next.min(deadline));
+                let next = match conn.peer_expiry {
+                    Some(expiry) if !closing && expiry > now => next.min(expiry),
+                    _ => next,
+                };
                 wake.as_mut().reset(tokio::time::Instant::from_std(next.max(now + MIN_CHECK)));
             }
         }

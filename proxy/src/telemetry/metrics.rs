@@ -95,6 +95,8 @@ pub struct ListenerMetrics {
     pub tls_handshake_failures: AtomicU64,
     /// TLS clients refused for their identity (malformed, or not allowed).
     pub tls_peer_refused: AtomicU64,
+    /// Connections closed because the client's certificate expired.
+    pub tls_peer_expired: AtomicU64,
     /// Requests the HTTP/1 parser rejected as malformed (answered 400).
     pub rejected_malformed: AtomicU64,
     /// Requests the HTTP/1 parser rejected as too large (answered 431,
@@ -295,6 +297,16 @@ impl Metrics {
                 "weft_downstream_tls_peer_refused_total{{listener=\"{}\"}} {}",
                 escape(listener),
                 m.tls_peer_refused.load(Relaxed)
+            );
+        }
+        out.push_str("# HELP weft_downstream_tls_peer_expired_total Client connections closed because the client's certificate expired.\n");
+        out.push_str("# TYPE weft_downstream_tls_peer_expired_total counter\n");
+        for (listener, m) in &registry.listeners {
+            let _ = writeln!(
+                out,
+                "weft_downstream_tls_peer_expired_total{{listener=\"{}\"}} {}",
+                escape(listener),
+                m.tls_peer_expired.load(Relaxed)
             );
         }
         let cluster_series: [Series<ClusterMetrics>; 4] = [
