@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod drain;
 pub mod identity;
+pub mod reload;
 pub mod telemetry;
 pub mod xds;
 
@@ -379,6 +380,11 @@ impl ConfigHandle {
     /// The configuration now serving.
     pub(crate) fn current_config(&self) -> Arc<Config> {
         self.inner.shared.load().config.clone()
+    }
+
+    /// The proxy's metrics.
+    pub(crate) fn metrics(&self) -> Arc<Metrics> {
+        self.inner.metrics.clone()
     }
 
     /// The workload certificates and trust bundles this proxy holds.

@@ -39,6 +39,11 @@ struct Args {
     /// 5s).
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
     drain_delay: Option<std::time::Duration>,
+    /// With --config: how often the file and the TLS files it names are
+    /// checked for changes, which are then validated and applied (0s: only
+    /// on SIGHUP; at most 1h).
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    reload_interval: std::time::Duration,
     /// With --admin: a file holding the bearer token every admin request
     /// but /ready and /live must present.
     #[arg(long, value_name = "FILE", requires = "admin")]
@@ -155,6 +160,10 @@ fn run(args: &Args) -> anyhow::Result<()> {
         config.drain_delay = delay;
     }
     anyhow::ensure!(args.concurrency >= 1, "--concurrency must be at least 1");
+    anyhow::ensure!(
+        args.reload_interval <= std::time::Duration::from_secs(3600),
+        "--reload-interval: at most 1h"
+    );
     // Admin, DNS and other control work run apart from the workers.
     let control = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -189,6 +198,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         weft_proxy::cli::ShutdownSignal::install()
     };
     let proxy = workers.block_on(Proxy::start(config, control.handle().clone(), readiness))?;
+    let reload_file = args.config.clone().filter(|_| xds.is_none());
     if let Some(options) = xds {
         // Keeps the workload identities the pushed configuration uses
         // signed by the control plane's identity service.
@@ -205,6 +215,15 @@ fn run(args: &Args) -> anyhow::Result<()> {
             handle.drain(),
         ));
         control.spawn(weft_proxy::xds::run(options, handle));
+    }
+    if let Some(path) = reload_file {
+        // A changed file (or SIGHUP) is validated and applied; a bad one
+        // is logged and the last good configuration keeps serving.
+        control.spawn(weft_proxy::reload::watch(
+            path,
+            proxy.handle(),
+            args.reload_interval,
+        ));
     }
     if args.print_addresses {
         println!(

@@ -811,3 +811,82 @@ clusters:
         }
     }
 }
+
+/// Replaces `to` with `from`'s bytes as certificate tools do: written
+/// beside, then renamed over.
+fn replace_file(from: &str, to: &str) {
+    let temporary = format!("{to}.new");
+    std::fs::copy(from, &temporary).unwrap();
+    std::fs::rename(&temporary, to).unwrap();
+}
+
+#[tokio::test]
+async fn a_renewed_certificate_file_is_served_without_a_restart_and_a_bad_one_is_refused() {
+    let pki = Pki::new(&[
+        ("server", &["api.example.com"]),
+        ("renewed", &["api.example.com"]),
+    ]);
+    let echo = echo("reload").await;
+    let dir = TempDir::new().unwrap();
+    let config = dir.path().join("weft.yaml");
+    let tls = format!(
+        r#", tls: {{ certificates: [{{ cert_file: "{cert}", key_file: "{key}" }}] }} }}"#,
+        cert = pki.path("server.pem"),
+        key = pki.path("server.key"),
+    );
+    std::fs::write(
+        &config,
+        one_route_config(echo.local_addr(), "http1", "")
+            .replace("route_config: main }", &format!("route_config: main{tls}")),
+    )
+    .unwrap();
+    let proxy = ProxyProcess::start_with_args(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--reload-interval",
+        "100ms",
+    ])
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    let served = || async {
+        let stream = tls_connect(&pki, web, "api.example.com", &[b"http/1.1"]).await;
+        stream.get_ref().1.peer_certificates().unwrap()[0].clone()
+    };
+    assert_eq!(&served().await, pki.leaf("server"));
+
+    // The renewed certificate and key replace the old files: new
+    // handshakes get it, with no restart and no SIGHUP.
+    replace_file(&pki.path("renewed.key"), &pki.path("server.key"));
+    replace_file(&pki.path("renewed.pem"), &pki.path("server.pem"));
+    let renewed = eventually(DEADLINE, || async {
+        &served().await == pki.leaf("renewed")
+    })
+    .await;
+    assert!(renewed, "{}", proxy.log());
+    assert!(proxy.metric("weft_config_reloads_total").await >= 1.0);
+
+    // A key that does not match is refused, named, and the last good
+    // certificate keeps serving.
+    let failures = proxy.metric("weft_config_reload_failures_total").await;
+    std::fs::write(
+        dir.path().join("stray.key"),
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    replace_file(
+        dir.path().join("stray.key").to_str().unwrap(),
+        &pki.path("server.key"),
+    );
+    let refused = eventually(DEADLINE, || async {
+        proxy.metric("weft_config_reload_failures_total").await > failures
+    })
+    .await;
+    assert!(refused, "{}", proxy.log());
+    assert!(
+        proxy.log().contains("does not match the certificate"),
+        "{}",
+        proxy.log()
+    );
+    assert_eq!(&served().await, pki.leaf("renewed"));
+}

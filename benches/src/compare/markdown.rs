@@ -99,10 +99,11 @@ fn setup(out: &mut String, report: &CompareReport) {
     {
         let _ = writeln!(
             out,
-            "weft-s2s is two proxies in series, so its proxy CPU and RSS are the sums over both \
-             sidecars (the cost of a mesh hop pair, to be set against two Envoys or \
-             linkerd-proxies), and its ×best compares that pair with one nginx or HAProxy. It \
-             is never the best reference itself and has no goals.\n"
+            "weft-s2s (and weft-s2s-mtls) is two proxies in series, so its proxy CPU and RSS \
+             are the sums over both sidecars (the cost of a mesh hop pair, to be set against \
+             two Envoys or linkerd-proxies), and its ×best compares that pair with one nginx or \
+             HAProxy. It is never the best reference itself; its one goal holds the mTLS pair \
+             against the cleartext pair.\n"
         );
     }
     let _ = writeln!(out, "| target | configuration | status |");

@@ -405,7 +405,7 @@ fn sidecar_chain_is_never_the_reference_and_has_no_goals() {
         "{markdown}"
     );
     assert!(
-        markdown.contains("weft-s2s is two proxies in series"),
+        markdown.contains("weft-s2s (and weft-s2s-mtls) is two proxies in series"),
         "{markdown}"
     );
     // Without weft-s2s the note is not there.

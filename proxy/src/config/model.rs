@@ -329,14 +329,17 @@ pub struct ClusterTls {
     /// for `server`; `None`: against the mesh's trust bundle of `server`'s
     /// trust domain.
     pub verifier: Option<Arc<dyn rustls::client::danger::ServerCertVerifier>>,
-    /// The files, by which two configurations compare (the files are not
-    /// watched: the same paths mean the same TLS settings).
+    /// The files, by which two configurations compare.
     pub files: Vec<Arc<str>>,
+    /// A hash of the files' contents when loaded: a renewed certificate
+    /// under the same path is a change (new connections use it).
+    pub fingerprint: u64,
 }
 
 impl PartialEq for ClusterTls {
     fn eq(&self, other: &Self) -> bool {
         self.files == other.files
+            && self.fingerprint == other.fingerprint
             && self.server == other.server
             && self.workload_identity() == other.workload_identity()
     }

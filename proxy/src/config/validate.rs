@@ -1189,7 +1189,7 @@ fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<Cluster
             None
         }
     };
-    let files = [
+    let files: Vec<Arc<str>> = [
         spec.ca_file.as_ref(),
         spec.cert_file.as_ref(),
         spec.key_file.as_ref(),
@@ -1209,11 +1209,22 @@ fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<Cluster
         ),
         None => None,
     };
+    let fingerprint = {
+        use std::hash::{Hash as _, Hasher as _};
+        // Read again after loading: a file replaced in between makes the
+        // next check see a change, never miss one.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        for file in &files {
+            std::fs::read(&**file).unwrap_or_default().hash(&mut hasher);
+        }
+        hasher.finish()
+    };
     Some(ClusterTls {
         client_cert,
         server,
         verifier,
         files,
+        fingerprint,
     })
 }
 

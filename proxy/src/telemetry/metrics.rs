@@ -134,6 +134,10 @@ struct Registry {
 #[derive(Debug, Default)]
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// Configuration files reloaded and applied (`--config`).
+    pub config_reloads: AtomicU64,
+    /// Configuration reloads refused (the last good configuration kept).
+    pub config_reload_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -341,6 +345,17 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(cluster), read(m));
             }
         }
+        let _ = write!(
+            out,
+            "# HELP weft_config_reloads_total Configuration file reloads applied.\n\
+             # TYPE weft_config_reloads_total counter\n\
+             weft_config_reloads_total {}\n\
+             # HELP weft_config_reload_failures_total Configuration file reloads refused (the last good configuration kept serving).\n\
+             # TYPE weft_config_reload_failures_total counter\n\
+             weft_config_reload_failures_total {}\n",
+            self.config_reloads.load(Relaxed),
+            self.config_reload_failures.load(Relaxed),
+        );
         out
     }
 }
