@@ -18,11 +18,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime};
 
-use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::danger::HandshakeSignatureValid;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 mod rotate;
 
@@ -355,89 +355,11 @@ impl ClientCertVerifier for MeshClientVerifier {
     }
 }
 
-/// Verifies a mesh upstream: its chain against the bundle of the expected
-/// identity's trust domain, and its SPIFFE ID against the expected one.
-#[derive(Debug)]
-pub(crate) struct MeshServerVerifier {
-    identities: Arc<Identities>,
-    expected: Arc<str>,
-    provider: Arc<rustls::crypto::CryptoProvider>,
-}
-
-impl MeshServerVerifier {
-    pub(crate) fn new(identities: Arc<Identities>, expected: Arc<str>) -> Self {
-        Self {
-            identities,
-            expected,
-            provider: provider(),
-        }
-    }
-}
-
-impl ServerCertVerifier for MeshServerVerifier {
-    fn verify_server_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        let domain = crate::config::spiffe_trust_domain(&self.expected).unwrap_or_default();
-        let bundle = self
-            .identities
-            .bundle(domain)
-            .ok_or(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::UnknownIssuer,
-            ))?;
-        let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(
-            &cert,
-            &bundle.roots,
-            intermediates,
-            now,
-            self.provider.signature_verification_algorithms.all,
-        )?;
-        match crate::config::tls::spiffe_id(end_entity) {
-            Ok(Some(id)) if *id == *self.expected => Ok(ServerCertVerified::assertion()),
-            _ => Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::NotValidForName,
-            )),
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+/// The mesh's bundles, per trust domain, as a server verifier reads them
+/// at each handshake.
+impl crate::config::tls::TrustRoots for Arc<Identities> {
+    fn roots(&self, trust_domain: &str) -> Option<Arc<rustls::RootCertStore>> {
+        self.bundle(trust_domain).map(|bundle| bundle.roots.clone())
     }
 }
 

@@ -16,7 +16,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use crate::config::{
     ClientCert, ClientRoots, ClusterTls, DomainMatch, ListenerTls, ServerIdentity, TlsVersion,
 };
-use crate::identity::{Identities, MeshClientVerifier, MeshServerVerifier, WorkloadCert};
+use crate::identity::{Identities, MeshClientVerifier, WorkloadCert};
 
 /// The ALPN protocols a TLS listener offers, most preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -76,9 +76,9 @@ impl UpstreamTls {
             match (&tls.verifier, &tls.server) {
                 (Some(verifier), _) => verifier.clone(),
                 // Validation pairs the mesh's bundle with a SPIFFE ID.
-                (None, ServerIdentity::Spiffe(id)) => {
-                    Arc::new(MeshServerVerifier::new(identities.clone(), id.clone()))
-                }
+                (None, ServerIdentity::Spiffe(id)) => Arc::new(
+                    crate::config::tls::SpiffeServerVerifier::new(identities.clone(), id.clone()),
+                ),
                 (None, ServerIdentity::DnsName(_)) => Arc::new(RefuseAll),
             };
         let config = |alpn: &[u8]| {

@@ -100,11 +100,9 @@ pub(super) fn server_verifier(
 ) -> Result<Arc<dyn ServerCertVerifier>, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     match server {
-        crate::config::ServerIdentity::Spiffe(id) => Ok(Arc::new(SpiffeServerVerifier {
-            roots,
-            expected: id.clone(),
-            provider,
-        })),
+        crate::config::ServerIdentity::Spiffe(id) => {
+            Ok(Arc::new(SpiffeServerVerifier::new(roots, id.clone())))
+        }
         crate::config::ServerIdentity::DnsName(_) => {
             let verifier =
                 rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider)
@@ -115,17 +113,41 @@ pub(super) fn server_verifier(
     }
 }
 
-/// Verifies an upstream's chain against the cluster's CAs and its SPIFFE
-/// ID (its one URI SAN) against the cluster's expected identity; DNS names
-/// play no part (X.509-SVIDs need not carry any).
-#[derive(Debug)]
-pub(super) struct SpiffeServerVerifier {
-    pub(super) roots: Arc<rustls::RootCertStore>,
-    pub(super) expected: Arc<str>,
-    pub(super) provider: Arc<rustls::crypto::CryptoProvider>,
+/// Where a verifier finds the roots of a trust domain.
+pub(crate) trait TrustRoots: std::fmt::Debug + Send + Sync {
+    /// The roots that may sign certificates of `trust_domain`.
+    fn roots(&self, trust_domain: &str) -> Option<Arc<rustls::RootCertStore>>;
 }
 
-impl ServerCertVerifier for SpiffeServerVerifier {
+/// A cluster's own CAs (`ca_file`): the same roots whatever the domain.
+impl TrustRoots for Arc<rustls::RootCertStore> {
+    fn roots(&self, _trust_domain: &str) -> Option<Arc<rustls::RootCertStore>> {
+        Some(self.clone())
+    }
+}
+
+/// Verifies an upstream's chain against the roots of the expected
+/// identity's trust domain (a cluster's CAs, or the mesh's bundle) and its
+/// SPIFFE ID (its one URI SAN) against that identity; DNS names play no
+/// part (X.509-SVIDs need not carry any).
+#[derive(Debug)]
+pub(crate) struct SpiffeServerVerifier<R> {
+    roots: R,
+    expected: Arc<str>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl<R> SpiffeServerVerifier<R> {
+    pub(crate) fn new(roots: R, expected: Arc<str>) -> Self {
+        Self {
+            roots,
+            expected,
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        }
+    }
+}
+
+impl<R: TrustRoots> ServerCertVerifier for SpiffeServerVerifier<R> {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -134,10 +156,17 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let domain = crate::config::spiffe_trust_domain(&self.expected).unwrap_or_default();
+        let roots = self
+            .roots
+            .roots(domain)
+            .ok_or(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::UnknownIssuer,
+            ))?;
         let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
         rustls::client::verify_server_cert_signed_by_trust_anchor(
             &cert,
-            &self.roots,
+            &roots,
             intermediates,
             now,
             self.provider.signature_verification_algorithms.all,
