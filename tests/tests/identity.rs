@@ -211,9 +211,9 @@ async fn a_strict_mesh_listener_refuses_clients_without_a_mesh_certificate() {
     assert!(!anonymous.status.success(), "{anonymous:?}");
     let stranger = TempDir::new().unwrap();
     let foreign_ca = TempDir::new().unwrap();
-    let issue = |state: &std::path::Path, out: &std::path::Path| {
+    let issue_as = |spiffe_id: &str, state: &std::path::Path, out: &std::path::Path| {
         let output = std::process::Command::new(cp_binary())
-            .args(["cert", "issue", "--spiffe-id", &id("cli"), "--state-dir"])
+            .args(["cert", "issue", "--spiffe-id", spiffe_id, "--state-dir"])
             .arg(state)
             .arg("--out")
             .arg(out)
@@ -221,6 +221,7 @@ async fn a_strict_mesh_listener_refuses_clients_without_a_mesh_certificate() {
             .unwrap();
         assert!(output.status.success(), "{output:?}");
     };
+    let issue = |state: &std::path::Path, out: &std::path::Path| issue_as(&id("cli"), state, out);
     issue(&foreign_ca.path().join("state"), stranger.path());
     let pem = |dir: &TempDir, name: &str| dir.path().join(name).to_str().unwrap().to_owned();
     let foreign = curl(&[
@@ -230,6 +231,22 @@ async fn a_strict_mesh_listener_refuses_clients_without_a_mesh_certificate() {
         &pem(&stranger, "key.pem"),
     ]);
     assert!(!foreign.status.success(), "{foreign:?}");
+    // Another trust domain's certificate is never judged by this domain's
+    // bundle: refused.
+    let elsewhere = TempDir::new().unwrap();
+    let other_ca = TempDir::new().unwrap();
+    issue_as(
+        "spiffe://other.example/ns/default/sa/cli",
+        &other_ca.path().join("state"),
+        elsewhere.path(),
+    );
+    let other_domain = curl(&[
+        "--cert",
+        &pem(&elsewhere, "cert.pem"),
+        "--key",
+        &pem(&elsewhere, "key.pem"),
+    ]);
+    assert!(!other_domain.status.success(), "{other_domain:?}");
 
     // A certificate from the mesh's own CA (`weft-cp cert issue`, as a
     // job or an operator would get one) is let in, and the application
@@ -268,7 +285,7 @@ async fn a_strict_mesh_listener_refuses_clients_without_a_mesh_certificate() {
     );
 
     let after = mesh.beta.metric(failures).await;
-    assert!(after >= before + 3.0, "before {before}, after {after}");
+    assert!(after >= before + 4.0, "before {before}, after {after}");
 }
 
 /// A signing request over the xDS port, as a proxy sends it.
