@@ -363,15 +363,14 @@ impl crate::config::tls::TrustRoots for Arc<Identities> {
     }
 }
 
-/// When to renew a certificate valid from `not_before` to `not_after`:
-/// at half its life, moved by up to a tenth of it either way (`jitter` in
-/// [0, 1)), so that proxies issued together do not renew together.
-pub(crate) fn renew_at(not_before: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
-    let life = not_after
-        .duration_since(not_before)
-        .unwrap_or(Duration::ZERO);
+/// When to renew a certificate received at `start` and valid until
+/// `not_after`: at half its remaining life, moved by up to a tenth of it
+/// either way (`jitter` in [0, 1)), so that proxies issued together do not
+/// renew together.
+pub(crate) fn renew_at(start: SystemTime, not_after: SystemTime, jitter: f64) -> SystemTime {
+    let life = not_after.duration_since(start).unwrap_or(Duration::ZERO);
     let spread = life.mul_f64(0.2 * jitter.clamp(0.0, 1.0));
-    not_before + life.mul_f64(0.4) + spread
+    start + life.mul_f64(0.4) + spread
 }
 
 #[cfg(test)]

@@ -52,6 +52,15 @@ pub(crate) fn server_config(
     };
     let mut config = builder.with_cert_resolver(resolver);
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    if tls.clients.is_some() {
+        // No resumption with client certificates: a resumed session
+        // carries the client certificate of the session it resumes, so a
+        // client that renewed its certificate would still be seen with
+        // the old one, and closed at that one's expiry. Every connection
+        // proves its current certificate.
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     Arc::new(config)
 }
 
@@ -67,6 +76,31 @@ pub(crate) struct UpstreamTls {
     /// The name verified and sent as SNI; `None` for a SPIFFE identity
     /// (no SNI; the endpoint's address stands in for rustls).
     pub(crate) server_name: Option<ServerName<'static>>,
+    /// The certificate this proxy presents, to know when it expires.
+    client_cert: Option<PresentedCert>,
+}
+
+/// The client certificate a cluster's connections present.
+#[derive(Debug)]
+enum PresentedCert {
+    /// From files: its expiry is fixed.
+    File(Option<std::time::SystemTime>),
+    /// A workload identity: whatever certificate is current.
+    Workload(Arc<Identities>, Arc<str>),
+}
+
+impl UpstreamTls {
+    /// When the client certificate a connection opened now presents
+    /// expires: the server will close the connection then (as this proxy
+    /// does), so the pool stops reusing it shortly before.
+    pub(crate) fn client_not_after(&self) -> Option<std::time::SystemTime> {
+        match self.client_cert.as_ref()? {
+            PresentedCert::File(not_after) => *not_after,
+            PresentedCert::Workload(identities, id) => {
+                identities.svid(id).map(|svid| svid.not_after)
+            }
+        }
+    }
 }
 
 impl UpstreamTls {
@@ -100,6 +134,11 @@ impl UpstreamTls {
                 None => builder.with_no_client_auth(),
             };
             config.alpn_protocols = vec![alpn.to_vec()];
+            if tls.client_cert.is_some() {
+                // As on the server side: every connection presents the
+                // current certificate, never a resumed session's.
+                config.resumption = rustls::client::Resumption::disabled();
+            }
             Arc::new(config)
         };
         Self {
@@ -109,6 +148,14 @@ impl UpstreamTls {
                 ServerIdentity::DnsName(name) => Some(name.clone()),
                 ServerIdentity::Spiffe(_) => None,
             },
+            client_cert: tls.client_cert.as_ref().map(|cert| match cert {
+                ClientCert::File(key) => PresentedCert::File(
+                    key.end_entity_cert()
+                        .ok()
+                        .and_then(|leaf| crate::config::tls::not_after(leaf)),
+                ),
+                ClientCert::Workload(id) => PresentedCert::Workload(identities.clone(), id.clone()),
+            }),
         }
     }
 }

@@ -99,6 +99,15 @@ impl Stream {
     /// and no SNI is sent).
     ///
     /// Cancel safety: cancel safe (the stream is dropped).
+    /// For a TLS client stream: when the server's certificate expires.
+    pub(crate) fn server_not_after(&self) -> Option<std::time::SystemTime> {
+        let Self::TlsClient(stream) = self else {
+            return None;
+        };
+        let leaf = stream.get_ref().1.peer_certificates()?.first()?;
+        crate::config::tls::not_after(leaf)
+    }
+
     pub(crate) async fn start_tls(
         self,
         config: &Arc<rustls::ClientConfig>,

@@ -383,6 +383,7 @@ async fn a_csr_for_an_identity_the_node_may_not_hold_is_refused() {
 async fn certificates_rotate_under_traffic_without_a_failed_request() {
     // Five-second certificates: each sidecar renews every 2 to 3 s.
     let mesh = Arc::new(Mesh::start(&["--svid-ttl", "5s"], "").await);
+    let started = std::time::Instant::now();
     let first = mesh.beta.admin_get("/certs").await.unwrap().1;
     let renewed = eventually(std::time::Duration::from_secs(20), || {
         let mesh = mesh.clone();
@@ -391,7 +392,13 @@ async fn certificates_rotate_under_traffic_without_a_failed_request() {
             // while both sides rotate.
             for _ in 0..5 {
                 let (status, cert) = mesh.call_beta(None).await.unwrap();
-                assert_eq!(status, 200, "{}", mesh.alpha.log());
+                assert_eq!(
+                    status,
+                    200,
+                    "BETA:\n{}\nALPHA:\n{}",
+                    mesh.beta.log(),
+                    mesh.alpha.log()
+                );
                 assert!(cert.ends_with(&id("alpha")), "{cert}");
             }
             mesh.beta.metric("weft_identity_renewals_total").await >= 3.0
@@ -406,6 +413,15 @@ async fn certificates_rotate_under_traffic_without_a_failed_request() {
         certs["workload_certificates"][0]["serial"].clone()
     };
     assert_ne!(serial(&first), serial(&now), "a new certificate serves");
+    // Renewal waits for about half the remaining life (2 to 3 s here),
+    // never a tight loop: at most one per 2 s, plus the first.
+    let renewals = mesh.beta.metric("weft_identity_renewals_total").await;
+    let bound = 2.0 + started.elapsed().as_secs_f64() / 2.0;
+    assert!(
+        renewals <= bound,
+        "{renewals} renewals in {:?}",
+        started.elapsed()
+    );
     assert_eq!(
         mesh.beta
             .metric("weft_identity_renewal_failures_total")

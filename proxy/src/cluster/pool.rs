@@ -86,6 +86,8 @@ pub(crate) enum Wire {
 struct IdleH1 {
     sender: http1::SendRequest<RequestBody>,
     since: Instant,
+    /// Not reused from then on (see [`Retire`]).
+    retire: Retire,
 }
 
 /// An endpoint: its address, weight, load and connections.
@@ -101,7 +103,7 @@ pub(crate) struct Endpoint {
     connect_failures: AtomicU64,
     settings: PoolSettings,
     idle_h1: Mutex<Vec<IdleH1>>,
-    h2: Mutex<Option<http2::SendRequest<RequestBody>>>,
+    h2: Mutex<Option<(http2::SendRequest<RequestBody>, Retire)>>,
 }
 
 impl Endpoint {
@@ -146,6 +148,24 @@ impl Endpoint {
         self.active.fetch_add(1, Relaxed);
         self.total.fetch_add(1, Relaxed);
         ActiveGuard(self.clone())
+    }
+
+    /// When a connection just opened must stop taking new requests: a
+    /// little before the first of its two certificates expires.
+    fn retire_of(&self, stream: &Stream) -> Retire {
+        let Some(tls) = &self.settings.tls else {
+            return Retire(None);
+        };
+        let first = match (stream.server_not_after(), tls.client_not_after()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        Retire(first.map(|not_after| {
+            let left = not_after
+                .duration_since(std::time::SystemTime::now())
+                .unwrap_or(Duration::ZERO);
+            Instant::now() + left.saturating_sub(RETIRE_BEFORE_EXPIRY)
+        }))
     }
 
     /// Opens a connection (and, for a TLS cluster, completes the handshake,
@@ -223,9 +243,12 @@ impl Endpoint {
         let mut reuse = true;
         let mut fresh_failures = 0;
         loop {
-            let (mut sender, reused) = match reuse.then(|| self.take_idle()).flatten() {
-                Some(sender) => (sender, true),
-                None => (self.connect_h1().await?, false),
+            let (mut sender, retire, reused) = match reuse.then(|| self.take_idle()).flatten() {
+                Some((sender, retire)) => (sender, retire, true),
+                None => {
+                    let (sender, retire) = self.connect_h1().await?;
+                    (sender, retire, false)
+                }
             };
             if let Err(source) = sender.ready().await {
                 // A pooled connection closed while idle: take another. A
@@ -246,6 +269,7 @@ impl Endpoint {
                     let back = (!upgrade).then(|| GiveBack {
                         endpoint: self.clone(),
                         sender,
+                        retire,
                     });
                     return Ok(response.map(|body| UpstreamBody::new(body, back, guard)));
                 }
@@ -277,11 +301,14 @@ impl Endpoint {
         }
     }
 
-    fn take_idle(&self) -> Option<http1::SendRequest<RequestBody>> {
+    fn take_idle(&self) -> Option<(http1::SendRequest<RequestBody>, Retire)> {
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(entry) = idle.pop() {
-            if entry.since.elapsed() < self.settings.idle_timeout && !entry.sender.is_closed() {
-                return Some(entry.sender);
+            if entry.since.elapsed() < self.settings.idle_timeout
+                && !entry.sender.is_closed()
+                && !entry.retire.is_due()
+            {
+                return Some((entry.sender, entry.retire));
             }
         }
         None
@@ -294,12 +321,16 @@ impl Endpoint {
     pub(crate) fn expire_idle(&self) -> usize {
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
         let before = idle.len();
-        idle.retain(|e| e.since.elapsed() < self.settings.idle_timeout && !e.sender.is_closed());
+        idle.retain(|e| {
+            e.since.elapsed() < self.settings.idle_timeout
+                && !e.sender.is_closed()
+                && !e.retire.is_due()
+        });
         before - idle.len()
     }
 
-    fn give_back(&self, sender: http1::SendRequest<RequestBody>) {
-        if sender.is_closed() {
+    fn give_back(&self, sender: http1::SendRequest<RequestBody>, retire: Retire) {
+        if sender.is_closed() || retire.is_due() {
             return;
         }
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
@@ -313,12 +344,14 @@ impl Endpoint {
             idle.push(IdleH1 {
                 sender,
                 since: Instant::now(),
+                retire,
             });
         }
     }
 
-    async fn connect_h1(&self) -> Result<http1::SendRequest<RequestBody>, ProxyError> {
+    async fn connect_h1(&self) -> Result<(http1::SendRequest<RequestBody>, Retire), ProxyError> {
         let stream = self.connect(Wire::Http1).await?;
+        let retire = self.retire_of(&stream);
         let (sender, conn) = http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -330,7 +363,7 @@ impl Endpoint {
             // Errors here are reported to the request that saw them.
             let _ = conn.with_upgrades().await;
         });
-        Ok(sender)
+        Ok((sender, retire))
     }
 
     async fn send_h2(
@@ -344,10 +377,13 @@ impl Endpoint {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let mut sender = match shared {
-            Some(sender) if !sender.is_closed() => sender,
+            Some((sender, retire)) if !sender.is_closed() && !retire.is_due() => sender,
             _ => {
-                let sender = self.connect_h2().await?;
-                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) = Some(sender.clone());
+                // A retired connection finishes its streams and closes when
+                // the last sender is gone.
+                let (sender, retire) = self.connect_h2().await?;
+                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((sender.clone(), retire));
                 sender
             }
         };
@@ -361,8 +397,9 @@ impl Endpoint {
         }
     }
 
-    async fn connect_h2(&self) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
+    async fn connect_h2(&self) -> Result<(http2::SendRequest<RequestBody>, Retire), ProxyError> {
         let stream = self.connect(Wire::Http2).await?;
+        let retire = self.retire_of(&stream);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(30))
@@ -376,7 +413,7 @@ impl Endpoint {
         self.spawn_connection(async move {
             let _ = conn.await;
         });
-        Ok(sender)
+        Ok((sender, retire))
     }
 
     fn spawn_connection(&self, conn: impl std::future::Future<Output = ()> + Send + 'static) {
@@ -410,6 +447,23 @@ impl Drop for ActiveGuard {
 struct GiveBack {
     endpoint: Arc<Endpoint>,
     sender: http1::SendRequest<RequestBody>,
+    retire: Retire,
+}
+
+/// How long before a certificate of a pooled TLS connection expires the
+/// pool stops giving it new requests: the peer closes the connection at
+/// the expiry (as this proxy does), and a request sent into that close
+/// would fail.
+const RETIRE_BEFORE_EXPIRY: Duration = Duration::from_secs(1);
+
+/// When a pooled connection stops taking new requests (`None`: never).
+#[derive(Debug, Clone, Copy)]
+struct Retire(Option<Instant>);
+
+impl Retire {
+    fn is_due(self) -> bool {
+        self.0.is_some_and(|at| Instant::now() >= at)
+    }
 }
 
 pin_project! {
@@ -430,7 +484,7 @@ pin_project! {
             // A body dropped before its end leaves unread bytes on the
             // connection: it cannot be reused, so it is closed instead.
             if let Some(back) = this.back.take() && this.body.is_end_stream() {
-                back.endpoint.give_back(back.sender);
+                back.endpoint.give_back(back.sender, back.retire);
             }
         }
     }
@@ -459,7 +513,7 @@ impl Body for UpstreamBody {
         let polled = this.body.as_mut().poll_frame(cx);
         let finished = matches!(polled, Poll::Ready(None)) || this.body.is_end_stream();
         if finished && let Some(back) = this.back.take() {
-            back.endpoint.give_back(back.sender);
+            back.endpoint.give_back(back.sender, back.retire);
         }
         polled
     }

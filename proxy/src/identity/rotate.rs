@@ -108,7 +108,10 @@ async fn keep_signed(
             Ok((svid, bundle)) => {
                 failures = 0;
                 identities.renewals.fetch_add(1, Relaxed);
-                let renew = renew_at(svid.not_before, svid.not_after, fastrand::f64());
+                // From now, not from `not_before`: the CA backdates that by a
+                // minute for slow clocks, which would make a short-lived
+                // certificate due for renewal the moment it arrives.
+                let renew = renew_at(SystemTime::now(), svid.not_after, fastrand::f64());
                 tracing::info!(
                     identity = %spiffe_id,
                     serial = %svid.serial,
