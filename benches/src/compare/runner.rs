@@ -297,7 +297,8 @@ fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs
             "weft-proxy --concurrency 1 with 3 virtual hosts, the matching route 5th after \
              header, regex, exact and rewrite routes, request and response header rules, a 5 s \
              route timeout, `via`, header limits, a JSON access log to a file, the admin server \
-             (metrics)"
+             (metrics); its clients speak cleartext, so TLS and mTLS are measured in \
+             weft-s2s-mtls"
                 .to_owned(),
         ),
         TargetKind::WeftSidecars | TargetKind::WeftSidecarsMtls => {
