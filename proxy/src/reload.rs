@@ -112,7 +112,7 @@ pub async fn watch(config_file: PathBuf, handle: ConfigHandle, interval: Duratio
                 tracing::error!(
                     file = %config_file.display(),
                     changed = ?changed,
-                    error = %error_chain(&error),
+                    error = %crate::error::chain(&error),
                     "configuration reload refused; the last good configuration keeps serving"
                 );
                 continue;
@@ -163,17 +163,6 @@ async fn recv(signal: Option<&mut tokio::signal::unix::Signal>) -> Option<()> {
         Some(signal) => signal.recv().await,
         None => std::future::pending().await,
     }
-}
-
-fn error_chain(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 #[cfg(test)]

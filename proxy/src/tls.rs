@@ -15,6 +15,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 
 use crate::config::{
     ClientCert, ClientRoots, ClusterTls, DomainMatch, ListenerTls, ServerIdentity, TlsVersion,
+    UpstreamVerifier,
 };
 use crate::identity::{Identities, MeshClientVerifier, WorkloadCert};
 
@@ -106,15 +107,13 @@ impl UpstreamTls {
 impl UpstreamTls {
     pub(crate) fn new(tls: &ClusterTls, identities: &Arc<Identities>) -> Self {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> =
-            match (&tls.verifier, &tls.server) {
-                (Some(verifier), _) => verifier.clone(),
-                // Validation pairs the mesh's bundle with a SPIFFE ID.
-                (None, ServerIdentity::Spiffe(id)) => Arc::new(
-                    crate::config::tls::SpiffeServerVerifier::new(identities.clone(), id.clone()),
-                ),
-                (None, ServerIdentity::DnsName(_)) => Arc::new(RefuseAll),
-            };
+        let verifier: Arc<dyn rustls::client::danger::ServerCertVerifier> = match &tls.verifier {
+            UpstreamVerifier::Files(verifier) => verifier.clone(),
+            UpstreamVerifier::Mesh(id) => Arc::new(crate::config::tls::SpiffeServerVerifier::new(
+                identities.clone(),
+                id.clone(),
+            )),
+        };
         let config = |alpn: &[u8]| {
             let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
                 .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
@@ -165,8 +164,9 @@ impl UpstreamTls {
 pub(crate) enum PeerCheck {
     /// No client certificate (none asked for, or optional and not sent).
     Anonymous,
-    /// A verified certificate with this SPIFFE ID (or none in it).
-    Verified(Option<Arc<str>>),
+    /// A verified certificate with this SPIFFE ID (or none in it), which
+    /// expires then.
+    Verified(Option<Arc<str>>, std::time::SystemTime),
     /// Refused: the certificate's identity is malformed or not allowed.
     Refused(&'static str),
 }
@@ -177,8 +177,8 @@ pub(crate) fn check_peer(tls: &ListenerTls, leaf: Option<&CertificateDer<'_>>) -
     let Some(leaf) = leaf else {
         return PeerCheck::Anonymous;
     };
-    let id = match crate::config::tls::spiffe_id(leaf) {
-        Ok(id) => id,
+    let (id, not_after) = match crate::config::tls::leaf_facts(leaf) {
+        Ok(facts) => facts,
         Err(crate::config::tls::IdentityError::SeveralUris) => {
             return PeerCheck::Refused("several URI SANs");
         }
@@ -191,7 +191,7 @@ pub(crate) fn check_peer(tls: &ListenerTls, leaf: Option<&CertificateDer<'_>>) -
     if !allowed.is_empty() && !id.as_ref().is_some_and(|id| allowed.contains(id)) {
         return PeerCheck::Refused("identity not allowed");
     }
-    PeerCheck::Verified(id)
+    PeerCheck::Verified(id, not_after)
 }
 
 /// Chooses a certificate by the client's server name: an exact name, then
@@ -264,51 +264,6 @@ impl ResolvesServerCert for SniResolver {
             }
             name => self.choose(name),
         }
-    }
-}
-
-/// Refuses every server: stands for a verifier validation never leaves
-/// out (a DNS name always comes with `ca_file`), so that a broken model
-/// fails closed.
-#[derive(Debug)]
-struct RefuseAll;
-
-impl rustls::client::danger::ServerCertVerifier for RefuseAll {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: rustls_pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Err(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::UnknownIssuer,
-        ))
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("no verifier".into()))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::General("no verifier".into()))
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 

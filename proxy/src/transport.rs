@@ -269,11 +269,12 @@ pub(crate) async fn accept_tls(
     };
     let session = stream.get_ref().1;
     let leaf = session.peer_certificates().and_then(<[_]>::first);
-    let peer_not_after = leaf.and_then(|leaf| crate::config::tls::not_after(leaf));
-    let has_peer_cert = leaf.is_some();
-    let peer_identity = match crate::tls::check_peer(tls, leaf) {
+    let peer = match crate::tls::check_peer(tls, leaf) {
         PeerCheck::Anonymous => None,
-        PeerCheck::Verified(id) => id,
+        PeerCheck::Verified(identity, not_after) => Some(Box::new(PeerCert {
+            identity,
+            not_after,
+        })),
         PeerCheck::Refused(reason) => {
             metrics.tls_peer_refused.fetch_add(1, Relaxed);
             tracing::debug!(reason, "tls client refused");
@@ -290,12 +291,7 @@ pub(crate) async fn accept_tls(
             prefix: Bytes::new(),
             metrics,
             state,
-            peer: has_peer_cert.then(|| {
-                Box::new(PeerCert {
-                    identity: peer_identity,
-                    not_after: peer_not_after,
-                })
-            }),
+            peer,
         },
         protocol,
     ))
@@ -322,7 +318,7 @@ struct PeerCert {
     /// Its SPIFFE ID, if any.
     identity: Option<Arc<str>>,
     /// When it expires.
-    not_after: Option<std::time::SystemTime>,
+    not_after: std::time::SystemTime,
 }
 
 /// A permissive listener: TLS and plaintext on one port, told apart by the
@@ -360,7 +356,7 @@ impl DownstreamIo {
 
     /// When the client's certificate expires, when it presented one.
     pub(crate) fn peer_not_after(&self) -> Option<std::time::SystemTime> {
-        self.peer.as_ref()?.not_after
+        self.peer.as_ref().map(|peer| peer.not_after)
     }
 
     /// Puts bytes back in front of the stream.

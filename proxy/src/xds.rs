@@ -126,7 +126,7 @@ pub async fn run(options: XdsOptions, handle: ConfigHandle) {
             }
             Err(error) => tracing::warn!(
                 server = %options.server,
-                error = %error_chain(&error),
+                error = %crate::error::chain(&error),
                 retry_in = ?delay,
                 "control plane stream ended; serving the last good configuration"
             ),
@@ -274,24 +274,9 @@ pub fn server_authority(server: &str) -> Option<http::uri::Authority> {
         .filter(|authority| authority.port().is_some())
 }
 
-/// Equal jitter: half the exponential delay, plus a random part of the
-/// other half, so that proxies cut off together do not return together.
+/// The wait before reconnect attempt `attempt` (see [`crate::rng::backoff`]).
 fn backoff(attempt: u32) -> Duration {
-    let exponential = INITIAL_BACKOFF.saturating_mul(1 << attempt.min(16));
-    let capped = exponential.min(MAX_BACKOFF);
-    let half = capped / 2;
-    half + half.mul_f64(fastrand::f64())
-}
-
-fn error_chain(error: &StreamError) -> String {
-    let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+    crate::rng::backoff(INITIAL_BACKOFF, MAX_BACKOFF, attempt)
 }
 
 /// A tonic channel over one hyper HTTP/2 connection: what tonic's

@@ -325,10 +325,8 @@ pub struct ClusterTls {
     pub client_cert: Option<ClientCert>,
     /// What every endpoint must prove.
     pub server: ServerIdentity,
-    /// Verifies an endpoint's chain against the cluster's CAs (`ca_file`),
-    /// for `server`; `None`: against the mesh's trust bundle of `server`'s
-    /// trust domain.
-    pub verifier: Option<Arc<dyn rustls::client::danger::ServerCertVerifier>>,
+    /// How an endpoint's chain is verified.
+    pub verifier: UpstreamVerifier,
     /// The files, by which two configurations compare.
     pub files: Vec<Arc<str>>,
     /// A hash of the files' contents when loaded: a renewed certificate
@@ -353,6 +351,16 @@ impl ClusterTls {
             _ => None,
         }
     }
+}
+
+/// How a cluster verifies its endpoints' certificates.
+#[derive(Debug)]
+pub enum UpstreamVerifier {
+    /// Against the cluster's CAs (`ca_file`), for its `server` identity.
+    Files(Arc<dyn rustls::client::danger::ServerCertVerifier>),
+    /// Against the mesh's trust bundle of this SPIFFE ID's trust domain,
+    /// for this SPIFFE ID (`workload_identity` with `server_identity`).
+    Mesh(Arc<str>),
 }
 
 /// The certificate a proxy presents to a cluster's endpoints.

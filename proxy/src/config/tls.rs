@@ -247,12 +247,23 @@ pub(crate) enum IdentityError {
 /// When a certificate expires; `None` if it does not parse.
 pub(crate) fn not_after(der: &[u8]) -> Option<std::time::SystemTime> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    let seconds = u64::try_from(cert.validity().not_after.timestamp()).ok()?;
-    Some(std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds))
+    Some(expiry(&cert))
+}
+
+fn expiry(cert: &x509_parser::certificate::X509Certificate<'_>) -> std::time::SystemTime {
+    let seconds = u64::try_from(cert.validity().not_after.timestamp()).unwrap_or(0);
+    std::time::UNIX_EPOCH + std::time::Duration::from_secs(seconds)
 }
 
 /// The SPIFFE ID of a certificate: `None` when it has no URI SAN.
 pub(crate) fn spiffe_id(der: &[u8]) -> Result<Option<std::sync::Arc<str>>, IdentityError> {
+    leaf_facts(der).map(|(id, _)| id)
+}
+
+/// A leaf's SPIFFE ID (as [`spiffe_id`]) and expiry, from one parse.
+pub(crate) fn leaf_facts(
+    der: &[u8],
+) -> Result<(Option<std::sync::Arc<str>>, std::time::SystemTime), IdentityError> {
     use x509_parser::extensions::GeneralName;
     let (_, cert) =
         x509_parser::parse_x509_certificate(der).map_err(|_| IdentityError::Unparsable)?;
@@ -267,7 +278,7 @@ pub(crate) fn spiffe_id(der: &[u8]) -> Result<Option<std::sync::Arc<str>>, Ident
             _ => None,
         });
     let Some(uri) = uris.next() else {
-        return Ok(None);
+        return Ok((None, expiry(&cert)));
     };
     if uris.next().is_some() {
         return Err(IdentityError::SeveralUris);
@@ -275,7 +286,7 @@ pub(crate) fn spiffe_id(der: &[u8]) -> Result<Option<std::sync::Arc<str>>, Ident
     if !is_spiffe_id(uri) {
         return Err(IdentityError::NotSpiffe);
     }
-    Ok(Some(uri.into()))
+    Ok((Some(uri.into()), expiry(&cert)))
 }
 
 #[cfg(test)]

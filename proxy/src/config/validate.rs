@@ -1199,15 +1199,17 @@ fn cluster_tls(spec: &ClusterTlsSpec, check: &mut Checker<'_>) -> Option<Cluster
     .map(|f| Arc::from(f.as_str()))
     .collect();
     let (roots, server) = (roots?, server?);
-    let verifier = match roots {
-        Some(roots) => Some(
+    let verifier = match (roots, &server) {
+        (Some(roots), _) => UpstreamVerifier::Files(
             super::tls::server_verifier(Arc::new(roots), &server)
                 .map_err(|message| {
                     check.error("tls.ca_file", format!("{:?}: {message}", spec.ca_file))
                 })
                 .ok()?,
         ),
-        None => None,
+        (None, ServerIdentity::Spiffe(id)) => UpstreamVerifier::Mesh(id.clone()),
+        // Reported above: mesh mTLS verifies a SPIFFE ID.
+        (None, ServerIdentity::DnsName(_)) => return None,
     };
     let fingerprint = {
         use std::hash::{Hash as _, Hasher as _};

@@ -154,13 +154,9 @@ async fn keep_signed(
     }
 }
 
-/// Jittered exponential backoff: half the delay plus a random part of the
-/// other half.
+/// The wait after `failures` failed signings in a row.
 fn retry_delay(failures: u32) -> Duration {
-    let delay = FIRST_RETRY
-        .saturating_mul(1 << failures.min(8))
-        .min(MAX_RETRY);
-    delay / 2 + (delay / 2).mul_f64(fastrand::f64())
+    crate::rng::backoff(FIRST_RETRY, MAX_RETRY, failures)
 }
 
 /// One signing: a new key, a CSR, the call, the answer checked.

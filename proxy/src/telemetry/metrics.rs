@@ -122,6 +122,11 @@ type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
 /// A gauge or counter series: name, type, help, and how to read it.
 type Series<M> = (&'static str, &'static str, &'static str, fn(&M) -> i64);
 
+/// A counter's value as a series reads it.
+fn counter(count: &AtomicU64) -> i64 {
+    i64::try_from(count.load(Relaxed)).unwrap_or(i64::MAX)
+}
+
 #[derive(Debug, Default)]
 struct Registry {
     requests: BTreeMap<RequestKey, Arc<RequestMetrics>>,
@@ -231,7 +236,7 @@ impl Metrics {
             m.duration
                 .render(&mut out, "weft_http_request_duration_seconds", &labels);
         }
-        let listener_series: [Series<ListenerMetrics>; 4] = [
+        let listener_series: [Series<ListenerMetrics>; 7] = [
             (
                 "weft_downstream_connections_active",
                 "gauge",
@@ -242,19 +247,37 @@ impl Metrics {
                 "weft_downstream_connections_total",
                 "counter",
                 "Accepted client connections.",
-                |m| i64::try_from(m.connections_total.load(Relaxed)).unwrap_or(i64::MAX),
+                |m| counter(&m.connections_total),
             ),
             (
                 "weft_downstream_received_bytes_total",
                 "counter",
                 "Bytes read from clients.",
-                |m| i64::try_from(m.bytes_received.load(Relaxed)).unwrap_or(i64::MAX),
+                |m| counter(&m.bytes_received),
             ),
             (
                 "weft_downstream_sent_bytes_total",
                 "counter",
                 "Bytes written to clients.",
-                |m| i64::try_from(m.bytes_sent.load(Relaxed)).unwrap_or(i64::MAX),
+                |m| counter(&m.bytes_sent),
+            ),
+            (
+                "weft_downstream_tls_handshake_failures_total",
+                "counter",
+                "TLS handshakes with clients that failed or timed out.",
+                |m| counter(&m.tls_handshake_failures),
+            ),
+            (
+                "weft_downstream_tls_peer_refused_total",
+                "counter",
+                "TLS clients refused for their certificate's identity.",
+                |m| counter(&m.tls_peer_refused),
+            ),
+            (
+                "weft_downstream_tls_peer_expired_total",
+                "counter",
+                "Client connections closed because the client's certificate expired.",
+                |m| counter(&m.tls_peer_expired),
             ),
         ];
         for (name, kind, help, read) in listener_series {
@@ -283,42 +306,12 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP weft_downstream_tls_handshake_failures_total TLS handshakes with clients that failed or timed out.\n");
-        out.push_str("# TYPE weft_downstream_tls_handshake_failures_total counter\n");
-        for (listener, m) in &registry.listeners {
-            let _ = writeln!(
-                out,
-                "weft_downstream_tls_handshake_failures_total{{listener=\"{}\"}} {}",
-                escape(listener),
-                m.tls_handshake_failures.load(Relaxed)
-            );
-        }
-        out.push_str("# HELP weft_downstream_tls_peer_refused_total TLS clients refused for their certificate's identity.\n");
-        out.push_str("# TYPE weft_downstream_tls_peer_refused_total counter\n");
-        for (listener, m) in &registry.listeners {
-            let _ = writeln!(
-                out,
-                "weft_downstream_tls_peer_refused_total{{listener=\"{}\"}} {}",
-                escape(listener),
-                m.tls_peer_refused.load(Relaxed)
-            );
-        }
-        out.push_str("# HELP weft_downstream_tls_peer_expired_total Client connections closed because the client's certificate expired.\n");
-        out.push_str("# TYPE weft_downstream_tls_peer_expired_total counter\n");
-        for (listener, m) in &registry.listeners {
-            let _ = writeln!(
-                out,
-                "weft_downstream_tls_peer_expired_total{{listener=\"{}\"}} {}",
-                escape(listener),
-                m.tls_peer_expired.load(Relaxed)
-            );
-        }
         let cluster_series: [Series<ClusterMetrics>; 4] = [
             (
                 "weft_upstream_connect_failures_total",
                 "counter",
                 "Failed upstream connection attempts.",
-                |m| i64::try_from(m.connect_failures.load(Relaxed)).unwrap_or(i64::MAX),
+                |m| counter(&m.connect_failures),
             ),
             (
                 "weft_upstream_connections_active",
@@ -330,13 +323,13 @@ impl Metrics {
                 "weft_upstream_connections_total",
                 "counter",
                 "Upstream connections opened.",
-                |m| i64::try_from(m.connections_total.load(Relaxed)).unwrap_or(i64::MAX),
+                |m| counter(&m.connections_total),
             ),
             (
                 "weft_upstream_requests_total",
                 "counter",
                 "Requests sent upstream.",
-                |m| i64::try_from(m.requests_total.load(Relaxed)).unwrap_or(i64::MAX),
+                |m| counter(&m.requests_total),
             ),
         ];
         for (name, kind, help, read) in cluster_series {
