@@ -153,6 +153,10 @@ impl Ca {
             path: cert.to_owned(),
             message,
         })?;
+        check_key_matches(&first, &key_pair).map_err(|message| CaError::Invalid {
+            path: key.to_owned(),
+            message,
+        })?;
         let issuer = Issuer::from_ca_cert_pem(&first, key_pair).map_err(|e| invalid(cert, &e))?;
         Ok(Self {
             issuer,
@@ -164,6 +168,18 @@ impl Ca {
     /// The trust domain this CA signs for.
     pub fn trust_domain(&self) -> &str {
         &self.trust_domain
+    }
+
+    /// SHA-256 (lower-case hex) of the CA certificate that signs: what a
+    /// trust bundle names as its `signer` while this CA signs.
+    pub fn signer(&self) -> String {
+        pem_blocks(&self.bundle_pem)
+            .next()
+            .and_then(|pem| {
+                let (_, block) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).ok()?;
+                Some(sha256_hex(&block.contents))
+            })
+            .unwrap_or_default()
     }
 
     /// The trust bundle (PEM).
@@ -390,8 +406,35 @@ pub fn inspect(pem: &str) -> Result<Vec<Summary>, String> {
     Ok(out)
 }
 
+/// SHA-256 of `bytes`, lower-case hex.
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let digest = ring::digest::digest(&ring::digest::SHA256, bytes);
+    digest.as_ref().iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    })
+}
+
+/// Whether `key` is the private key of the certificate `cert_pem`: a CA
+/// file replaced by halves (the certificate renamed into place before the
+/// key) must not sign certificates nobody can verify.
+fn check_key_matches(cert_pem: &str, key: &KeyPair) -> Result<(), String> {
+    use rcgen::PublicKeyData as _;
+    let (_, block) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+        .map_err(|e| format!("certificate: {e}"))?;
+    let cert = block
+        .parse_x509()
+        .map_err(|e| format!("certificate: {e}"))?;
+    if cert.public_key().raw == key.subject_public_key_info().as_slice() {
+        Ok(())
+    } else {
+        Err("is not the key of the CA certificate".into())
+    }
+}
+
 /// The certificate blocks of a PEM text, each with its armour.
-fn pem_blocks(pem: &str) -> impl Iterator<Item = String> + '_ {
+pub(crate) fn pem_blocks(pem: &str) -> impl Iterator<Item = String> + '_ {
     const BEGIN: &str = "-----BEGIN CERTIFICATE-----";
     const END: &str = "-----END CERTIFICATE-----";
     pem.match_indices(BEGIN).filter_map(move |(start, _)| {
@@ -425,8 +468,14 @@ fn is_trust_domain(domain: &str) -> bool {
 }
 
 fn random_serial() -> SerialNumber {
+    use ring::rand::SecureRandom as _;
     let mut bytes = [0u8; 16];
-    fastrand::fill(&mut bytes);
+    // Serials are unpredictable, as the CA/Browser baseline asks of
+    // public CAs; should the system generator fail, a weaker one still
+    // gives unique serials.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        fastrand::fill(&mut bytes);
+    }
     // Positive, as DER integers for serials must be.
     bytes[0] &= 0x7f;
     SerialNumber::from_slice(&bytes)

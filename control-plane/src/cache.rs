@@ -55,6 +55,10 @@ struct State {
     snapshot: MeshSnapshot,
     generation: u64,
     config_error: Option<String>,
+    /// Served to every node with an identity, beside its own resources.
+    trust_bundle: Option<weft_proto::config::v1::TrustBundle>,
+    /// Why the latest change of the CA or trust bundle files was refused.
+    trust_error: Option<String>,
     /// One channel per node id with at least one stream; pruned when its
     /// last receiver is gone.
     watchers: HashMap<String, watch::Sender<Served>>,
@@ -147,9 +151,50 @@ impl SnapshotCache {
         self.apply(&mut state, snapshot);
     }
 
-    fn apply(&self, state: &mut State, snapshot: MeshSnapshot) {
+    fn apply(&self, state: &mut State, mut snapshot: MeshSnapshot) {
         state.generation += 1;
         state.config_error = None;
+        with_trust_bundle(&mut snapshot, state.trust_bundle.as_ref());
+        let woken = self.publish(state, &snapshot);
+        state.snapshot = snapshot;
+        info!(
+            generation = state.generation,
+            nodes = state.snapshot.nodes.len(),
+            streams_woken = woken,
+            "mesh snapshot applied"
+        );
+    }
+
+    /// Serves `bundle` to every node with an identity from now on, and
+    /// wakes their streams if it changed.
+    pub fn set_trust_bundle(&self, bundle: weft_proto::config::v1::TrustBundle) {
+        let mut state = self.state();
+        state.trust_error = None;
+        if state.trust_bundle.as_ref() == Some(&bundle) {
+            return;
+        }
+        state.trust_bundle = Some(bundle);
+        let mut snapshot = state.snapshot.clone();
+        with_trust_bundle(&mut snapshot, state.trust_bundle.as_ref());
+        let woken = self.publish(&mut state, &snapshot);
+        state.snapshot = snapshot;
+        info!(streams_woken = woken, "trust bundle applied");
+    }
+
+    /// Records that the latest change of the CA or bundle files was
+    /// refused (`Some(error)`), or clears that record.
+    pub fn set_trust_error(&self, error: Option<String>) {
+        self.state().trust_error = error;
+    }
+
+    /// Why the latest change of the CA or bundle files was refused.
+    pub fn trust_error(&self) -> Option<String> {
+        self.state().trust_error.clone()
+    }
+
+    /// Hands every watched node its resources in `snapshot`; returns how
+    /// many streams' resources changed.
+    fn publish(&self, state: &mut State, snapshot: &MeshSnapshot) -> usize {
         state
             .watchers
             .retain(|_, sender| sender.receiver_count() > 0);
@@ -167,13 +212,7 @@ impl SnapshotCache {
             });
             woken += usize::from(changed);
         }
-        state.snapshot = snapshot;
-        info!(
-            generation = state.generation,
-            nodes = state.snapshot.nodes.len(),
-            streams_woken = woken,
-            "mesh snapshot applied"
-        );
+        woken
     }
 
     /// Like [`Self::set`], unless the snapshot is empty or would remove
@@ -268,6 +307,18 @@ impl SnapshotCache {
                 service: None,
                 resources: Arc::clone(&self.inner.empty),
             },
+        }
+    }
+}
+
+/// Gives every node with an identity `bundle` as its trust bundle.
+fn with_trust_bundle(
+    snapshot: &mut MeshSnapshot,
+    bundle: Option<&weft_proto::config::v1::TrustBundle>,
+) {
+    for entry in snapshot.nodes.values_mut() {
+        if entry.identity.is_some() {
+            entry.resources = Arc::new(entry.resources.with_trust_bundle(bundle));
         }
     }
 }

@@ -223,6 +223,7 @@ async fn demo(
         allow_empty: false,
         limits: crate::xds::XdsLimits::default(),
         ca: Some(crate::serve::CaSource::StateDir(scratch.join("ca"))),
+        trust_bundle: None,
         svid_ttl: crate::serve::DEFAULT_SVID_TTL,
         // Proxies present node tokens; the mesh-wide token is the
         // operator's (weft-cp status).

@@ -17,8 +17,11 @@
 //! - [`flags`]: command-line value parsers with their bounds.
 //! - [`demo`]: `weft-cp demo`, a whole mesh on loopback.
 //! - [`ca`]: the mesh's certificate authority (`weft-cp cert`).
+//! - [`authority`]: the signing CA and the trust bundle, reloaded while
+//!   serving (CA rotation).
 
 mod admin;
+pub mod authority;
 pub mod ca;
 pub mod cache;
 pub mod demo;

@@ -178,11 +178,11 @@ struct ServeArgs {
     /// and open its first authenticated stream (100ms to 5m).
     #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = flags::handshake_timeout)]
     xds_handshake_timeout: Duration,
-    /// The state directory: the mesh's CA (ca.pem, and ca.key mode 0600)
-    /// is created there on first start, for the mesh's trust_domain, and
-    /// signs workload certificates. Needed when the mesh has a
-    /// trust_domain (this or --ca-cert and --ca-key).
-    #[arg(long, value_name = "DIR", conflicts_with = "ca_cert")]
+    /// The state directory: the key of node tokens, and, unless --ca-cert
+    /// is given, the mesh's CA (ca.pem, and ca.key mode 0600), created
+    /// there on first start for the mesh's trust_domain. A mesh with a
+    /// trust_domain needs this or --ca-cert and --ca-key.
+    #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
     /// An operator's CA certificate (root or intermediate, followed by its
     /// chain) with a spiffe://<trust-domain> URI SAN, instead of one in
@@ -192,6 +192,12 @@ struct ServeArgs {
     /// The operator's CA key.
     #[arg(long, value_name = "FILE", requires = "ca_cert")]
     ca_key: Option<PathBuf>,
+    /// The trust bundle pushed to proxies (PEM CA certificates), when it
+    /// must hold more than the signing CA's root: during a CA rotation,
+    /// the new root beside the old. Must include the signing CA's root.
+    /// The CA files and this one are re-read when they change.
+    #[arg(long, value_name = "FILE")]
+    trust_bundle: Option<PathBuf>,
     /// Accept only node tokens (`weft-cp token issue`) on the xDS and
     /// identity APIs: the --token-file token then serves operators (the
     /// admin API) only. Needs --state-dir.
@@ -360,13 +366,14 @@ fn serve(args: &ServeArgs) -> anyhow::Result<()> {
                 handshake_timeout: args.xds_handshake_timeout,
             },
             ca: match (&args.state_dir, &args.ca_cert, &args.ca_key) {
-                (Some(dir), _, _) => Some(CaSource::StateDir(dir.clone())),
-                (None, Some(cert), Some(key)) => Some(CaSource::Files {
+                (_, Some(cert), Some(key)) => Some(CaSource::Files {
                     cert: cert.clone(),
                     key: key.clone(),
                 }),
+                (Some(dir), _, _) => Some(CaSource::StateDir(dir.clone())),
                 _ => None,
             },
+            trust_bundle: args.trust_bundle.clone(),
             svid_ttl: args.svid_ttl,
             node_tokens_dir: args.state_dir.clone(),
             require_node_tokens: args.require_node_tokens,

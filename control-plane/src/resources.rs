@@ -17,9 +17,11 @@ use weft_proto::prost_types::Any;
 use weft_proxy::config::proto::pack;
 
 /// The type URLs the control plane serves, in the order a push sends them:
-/// a cluster arrives before the route that uses it, a route configuration
+/// the trust bundle before the clusters and listeners that verify peers
+/// with it, a cluster before the route that uses it, a route configuration
 /// before the listener that names it.
-pub const TYPE_URLS: [&str; 3] = [
+pub const TYPE_URLS: [&str; 4] = [
+    pb::TRUST_BUNDLE_TYPE_URL,
     pb::CLUSTER_TYPE_URL,
     pb::ROUTE_CONFIGURATION_TYPE_URL,
     pb::LISTENER_TYPE_URL,
@@ -65,8 +67,9 @@ impl TypeResources {
 /// [`TYPE_URLS`] is present, possibly with no resources.
 #[derive(Debug, Clone, PartialEq)]
 pub struct NodeResources {
-    /// By type URL.
-    pub types: BTreeMap<&'static str, TypeResources>,
+    /// By type URL. Shared, so that adding the trust bundle to a node's
+    /// resources copies no other type.
+    pub types: BTreeMap<&'static str, Arc<TypeResources>>,
 }
 
 impl Default for NodeResources {
@@ -85,24 +88,42 @@ impl NodeResources {
         let mut types = BTreeMap::new();
         types.insert(
             pb::LISTENER_TYPE_URL,
-            versioned(listeners, |l: &pb::Listener| l.name.clone()),
+            Arc::new(versioned(listeners, |l: &pb::Listener| l.name.clone())),
         );
         types.insert(
             pb::ROUTE_CONFIGURATION_TYPE_URL,
-            versioned(route_configurations, |r: &pb::RouteConfiguration| {
-                r.name.clone()
-            }),
+            Arc::new(versioned(
+                route_configurations,
+                |r: &pb::RouteConfiguration| r.name.clone(),
+            )),
         );
         types.insert(
             pb::CLUSTER_TYPE_URL,
-            versioned(clusters, |c: &pb::Cluster| c.name.clone()),
+            Arc::new(versioned(clusters, |c: &pb::Cluster| c.name.clone())),
+        );
+        types.insert(
+            pb::TRUST_BUNDLE_TYPE_URL,
+            Arc::new(TypeResources::new(BTreeMap::new())),
+        );
+        Self { types }
+    }
+
+    /// The same resources with `bundle` as the node's trust bundles (none:
+    /// no bundle).
+    pub fn with_trust_bundle(&self, bundle: Option<&pb::TrustBundle>) -> Self {
+        let mut types = self.types.clone();
+        types.insert(
+            pb::TRUST_BUNDLE_TYPE_URL,
+            Arc::new(versioned(bundle.into_iter().cloned().collect(), |b| {
+                b.trust_domain.clone()
+            })),
         );
         Self { types }
     }
 
     /// The resources of one type; `None` for a type this node is not served.
     pub fn get(&self, type_url: &str) -> Option<&TypeResources> {
-        self.types.get(type_url)
+        self.types.get(type_url).map(|t| &**t)
     }
 
     /// How many listeners the node has.
@@ -182,6 +203,18 @@ mod tests {
         let same = NodeResources::new(vec![], vec![], vec![cluster("a", "127.0.0.1:1")]);
         let changed = NodeResources::new(vec![], vec![], vec![cluster("a", "127.0.0.1:2")]);
         let clusters = |n: &NodeResources| n.get(pb::CLUSTER_TYPE_URL).unwrap().clone();
+        let bundle = pb::TrustBundle {
+            trust_domain: "example.org".into(),
+            roots_pem: "roots".into(),
+            signer: String::new(),
+        };
+        let with = a.with_trust_bundle(Some(&bundle));
+        assert_ne!(
+            with.get(pb::TRUST_BUNDLE_TYPE_URL).unwrap().version,
+            a.get(pb::TRUST_BUNDLE_TYPE_URL).unwrap().version
+        );
+        assert_eq!(clusters(&with), clusters(&a));
+        assert_eq!(a.with_trust_bundle(None), a);
         assert_eq!(clusters(&a), clusters(&same));
         assert_ne!(clusters(&a).version, clusters(&changed).version);
         assert_ne!(

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::ca::Ca;
+use crate::authority::Authority;
 
 use crate::cache::{SnapshotCache, SnapshotRefused};
 use crate::mesh::MeshErrors;
@@ -49,6 +49,9 @@ pub struct ServeOptions {
     /// Where the CA that signs workload certificates comes from; needed
     /// when the mesh has a `trust_domain`.
     pub ca: Option<CaSource>,
+    /// The trust bundle pushed to proxies, when it is more than the CA's
+    /// root (`--trust-bundle`; during a CA rotation).
+    pub trust_bundle: Option<PathBuf>,
     /// The lifetime of workload certificates (and the longest a proxy may
     /// ask for).
     pub svid_ttl: Duration,
@@ -122,6 +125,8 @@ pub enum ServeError {
 pub struct ControlPlane {
     server: Server,
     watcher: WatchHandle,
+    /// Polls the CA and trust bundle files.
+    trust_reload: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ControlPlane {
@@ -220,11 +225,24 @@ impl ControlPlane {
                 )));
             }
         };
-        let identity = load_ca(&dir, options.ca.as_ref(), trust_domain.as_deref())?.map(|ca| {
-            IdentityOptions {
-                ca: Arc::new(ca),
-                ttl: options.svid_ttl,
-            }
+        let authority = load_ca(
+            &dir,
+            options.ca.as_ref(),
+            options.trust_bundle.as_ref(),
+            trust_domain.as_deref(),
+        )?
+        .map(Arc::new);
+        let trust_reload = authority.as_ref().map(|authority| {
+            cache.set_trust_bundle(authority.trust_bundle());
+            tokio::spawn(reload_trust(
+                Arc::clone(authority),
+                cache.clone(),
+                options.poll_interval,
+            ))
+        });
+        let identity = authority.map(|authority| IdentityOptions {
+            authority,
+            ttl: options.svid_ttl,
         });
         let node_tokens = match &options.node_tokens_dir {
             Some(dir) => {
@@ -245,7 +263,11 @@ impl ControlPlane {
             node_tokens,
         })
         .await?;
-        Ok(Self { server, watcher })
+        Ok(Self {
+            server,
+            watcher,
+            trust_reload,
+        })
     }
 
     /// The server (addresses, cache, status).
@@ -256,6 +278,9 @@ impl ControlPlane {
     /// Stops watching, then drains the server.
     pub async fn shutdown(self) {
         drop(self.watcher);
+        if let Some(task) = self.trust_reload {
+            task.abort();
+        }
         self.server.shutdown().await;
     }
 }
@@ -267,8 +292,9 @@ impl ControlPlane {
 fn load_ca(
     dir: &str,
     source: Option<&CaSource>,
+    bundle: Option<&PathBuf>,
     trust_domain: Option<&str>,
-) -> Result<Option<Ca>, ServeError> {
+) -> Result<Option<Authority>, ServeError> {
     let ca = match (source, trust_domain) {
         (None, None) => return Ok(None),
         (None, Some(domain)) => {
@@ -281,9 +307,11 @@ fn load_ca(
             tracing::warn!(%dir, "the mesh has no trust_domain: workloads have no identity and calls are cleartext");
             return Ok(None);
         }
-        (Some(CaSource::StateDir(state)), Some(domain)) => Ca::load_or_create(state, domain)?,
-        (Some(CaSource::Files { cert, key }), domain) => {
-            let ca = Ca::from_files(cert, key)?;
+        (Some(source @ CaSource::StateDir(_)), Some(domain)) => {
+            Authority::load(source.clone(), bundle.cloned(), domain)?
+        }
+        (Some(source @ CaSource::Files { cert, key }), domain) => {
+            let ca = crate::ca::Ca::from_files(cert, key)?;
             if let Some(domain) = domain
                 && ca.trust_domain() != domain
             {
@@ -294,16 +322,40 @@ fn load_ca(
                 ))
                 .into());
             }
-            if domain.is_none() {
+            let Some(domain) = domain else {
                 tracing::warn!(%dir, "the mesh has no trust_domain: workloads have no identity and calls are cleartext");
                 return Ok(None);
-            }
-            ca
+            };
+            Authority::load(source.clone(), bundle.cloned(), domain)?
         }
     };
     tracing::info!(
         trust_domain = ca.trust_domain(),
+        signer = %ca.current().signer,
         "certificate authority loaded"
     );
     Ok(Some(ca))
+}
+
+/// Applies changes of the CA and trust bundle files, checked every
+/// `interval`: a new bundle (or signer) reaches every proxy with an
+/// identity; a change that does not load is logged and shown in
+/// `/status`, and the last good state keeps serving.
+async fn reload_trust(authority: Arc<Authority>, cache: SnapshotCache, interval: Duration) {
+    let mut ticks = tokio::time::interval(interval);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticks.tick().await;
+        let checked = Arc::clone(&authority);
+        match tokio::task::spawn_blocking(move || checked.reload_if_changed()).await {
+            Ok(Ok(true)) => cache.set_trust_bundle(authority.trust_bundle()),
+            Ok(Ok(false)) => {}
+            Ok(Err(error)) => {
+                let message = format!("certificate authority: {error}");
+                tracing::error!(%message, "CA or trust bundle change refused; the last good one keeps serving");
+                cache.set_trust_error(Some(message));
+            }
+            Err(_) => return,
+        }
+    }
 }

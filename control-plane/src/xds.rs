@@ -415,7 +415,10 @@ impl Shared {
     pub(crate) fn status_report(&self) -> StatusReport {
         StatusReport {
             mesh_generation: self.cache.generation(),
-            config_error: self.cache.config_error(),
+            config_error: match (self.cache.config_error(), self.cache.trust_error()) {
+                (Some(mesh), Some(trust)) => Some(format!("{mesh}\n{trust}")),
+                (mesh, trust) => mesh.or(trust),
+            },
             proxies: self.registry.snapshot(),
         }
     }

@@ -47,6 +47,8 @@ pub mod config {
             "type.googleapis.com/weft.config.v1.RouteConfiguration";
         /// The type URL of a [`Cluster`].
         pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/weft.config.v1.Cluster";
+        /// The type URL of a [`TrustBundle`].
+        pub const TRUST_BUNDLE_TYPE_URL: &str = "type.googleapis.com/weft.config.v1.TrustBundle";
     }
 }
 
@@ -126,6 +128,7 @@ mod tests {
             v1::ROUTE_CONFIGURATION_TYPE_URL
         );
         assert_eq!(v1::Cluster::type_url(), v1::CLUSTER_TYPE_URL);
+        assert_eq!(v1::TrustBundle::type_url(), v1::TRUST_BUNDLE_TYPE_URL);
         assert_eq!(
             DiscoveryRequest::full_name(),
             "envoy.service.discovery.v3.DiscoveryRequest"

@@ -293,11 +293,13 @@ fn certs(identities: &crate::identity::Identities) -> serde_json::Value {
             "not_before": time(svid.not_before),
             "not_after": time(svid.not_after),
             "expired": svid.not_after <= now,
+            "signer": svid.signer,
         })).collect::<Vec<_>>(),
         "wanted": identities.wanted().iter().map(|id| id.to_string()).collect::<Vec<_>>(),
         "trust_bundles": identities.all_bundles().iter().map(|bundle| serde_json::json!({
             "trust_domain": &*bundle.trust_domain,
             "roots": bundle.subjects,
+            "signer": bundle.signer,
         })).collect::<Vec<_>>(),
     })
 }

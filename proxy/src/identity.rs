@@ -42,6 +42,9 @@ pub struct Svid {
     pub not_before: SystemTime,
     /// Validity of the leaf.
     pub not_after: SystemTime,
+    /// SHA-256 (hex) of the CA certificate that signed it, when the
+    /// control plane said.
+    pub signer: Option<String>,
 }
 
 /// The roots of one trust domain.
@@ -54,6 +57,9 @@ pub struct TrustBundle {
     client: Arc<dyn ClientCertVerifier>,
     /// Subjects of the roots, for `/certs`.
     pub subjects: Vec<String>,
+    /// SHA-256 (hex) of the CA certificate that signs this domain's new
+    /// certificates, when known.
+    pub signer: Option<String>,
 }
 
 impl TrustBundle {
@@ -84,7 +90,13 @@ impl TrustBundle {
             roots,
             client,
             subjects,
+            signer: None,
         })
+    }
+
+    /// The same roots, naming the CA that signs now.
+    pub fn with_signer(self, signer: Option<String>) -> Self {
+        Self { signer, ..self }
     }
 }
 
@@ -92,7 +104,15 @@ impl TrustBundle {
 #[derive(Debug, Default)]
 pub struct Identities {
     svids: RwLock<HashMap<Arc<str>, Arc<Svid>>>,
+    /// Bundles the configuration gives (pushed by the control plane, or
+    /// federation): they win over those received with a certificate.
+    configured: RwLock<HashMap<Arc<str>, Arc<TrustBundle>>>,
+    /// Bundles received with a certificate, for domains the configuration
+    /// gives none.
     bundles: RwLock<HashMap<Arc<str>, Arc<TrustBundle>>>,
+    /// Bumped when the configured bundles change; renewal tasks watch it
+    /// for a new signer.
+    bundles_changed: tokio::sync::watch::Sender<u64>,
     /// The identities the configuration uses; the rotation task watches it.
     wanted: tokio::sync::watch::Sender<BTreeSet<Arc<str>>>,
     /// Certificates signed and installed.
@@ -132,26 +152,64 @@ impl Identities {
         all
     }
 
-    /// Every trust bundle, sorted by trust domain.
+    /// Every trust bundle in use, sorted by trust domain.
     pub fn all_bundles(&self) -> Vec<Arc<TrustBundle>> {
-        let mut all: Vec<_> = self
-            .bundles
+        let configured = self
+            .configured
             .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .values()
-            .cloned()
-            .collect();
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<_> = configured.values().cloned().collect();
+        all.extend(
+            self.bundles
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .filter(|b| !configured.contains_key(&b.trust_domain))
+                .cloned(),
+        );
         all.sort_by(|a, b| a.trust_domain.cmp(&b.trust_domain));
         all
     }
 
-    /// The bundle of `trust_domain`.
+    /// The bundle of `trust_domain`: the configuration's, else the one
+    /// received with a certificate.
     pub fn bundle(&self, trust_domain: &str) -> Option<Arc<TrustBundle>> {
-        self.bundles
+        let configured = self
+            .configured
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .get(trust_domain)
-            .cloned()
+            .cloned();
+        configured.or_else(|| {
+            self.bundles
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .get(trust_domain)
+                .cloned()
+        })
+    }
+
+    /// Replaces the configuration's bundles (a newly applied
+    /// configuration's); the next handshake verifies against them.
+    pub fn set_configured_bundles(&self, bundles: &[Arc<TrustBundle>]) {
+        let next: HashMap<Arc<str>, Arc<TrustBundle>> = bundles
+            .iter()
+            .map(|b| (b.trust_domain.clone(), b.clone()))
+            .collect();
+        let mut configured = self
+            .configured
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changed = configured.len() != next.len()
+            || next
+                .iter()
+                .any(|(domain, b)| configured.get(domain).is_none_or(|c| !Arc::ptr_eq(c, b)));
+        *configured = next;
+        drop(configured);
+        if changed {
+            self.bundles_changed
+                .send_modify(|generation| *generation += 1);
+        }
     }
 
     /// Installs a certificate; the next handshake serves it.
@@ -220,6 +278,27 @@ impl Identities {
 
     fn subscribe(&self) -> tokio::sync::watch::Receiver<BTreeSet<Arc<str>>> {
         self.wanted.subscribe()
+    }
+
+    fn subscribe_bundles(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bundles_changed.subscribe()
+    }
+
+    /// Whether the certificate held for `spiffe_id` came from another CA
+    /// than the one its domain's bundle says signs now: a CA rotation is
+    /// under way and the certificate should be renewed now.
+    fn signed_by_old_ca(&self, spiffe_id: &str) -> bool {
+        let Some(svid) = self.svid(spiffe_id) else {
+            return false;
+        };
+        let domain = crate::config::spiffe_trust_domain(spiffe_id).unwrap_or_default();
+        match (
+            self.bundle(domain).and_then(|b| b.signer.clone()),
+            &svid.signer,
+        ) {
+            (Some(now), Some(held)) => now != *held,
+            _ => false,
+        }
     }
 }
 
@@ -411,6 +490,7 @@ mod tests {
             serial: "01".into(),
             not_before: SystemTime::now(),
             not_after,
+            signer: None,
         };
         identities.install_svid(svid(SystemTime::now() - Duration::from_secs(1)));
         assert!(

@@ -352,6 +352,9 @@ impl ConfigHandle {
             .iter()
             .map(|(name, address)| (name.to_string(), *address))
             .collect();
+        inner
+            .identities
+            .set_configured_bundles(&config.trust_bundles);
         inner.shared.store(Arc::new(snapshot));
         listeners.commit(
             plan,

@@ -59,6 +59,11 @@ pub fn watched_files(config_file: &Path, spec: &BootstrapSpec) -> Vec<PathBuf> {
             }
         }
     }
+    files.extend(
+        spec.trust_bundles
+            .iter()
+            .filter_map(|b| b.ca_file.as_ref().map(PathBuf::from)),
+    );
     files.sort();
     files.dedup();
     files

@@ -533,3 +533,152 @@ async fn node_tokens_prove_one_node_and_the_mesh_wide_token_can_be_refused() {
     let response = http1_request(mesh.cp.admin, request).await.unwrap();
     assert_eq!(response.status(), 401);
 }
+
+/// Writes `contents` to `path` in one step (a rename), as a config
+/// management tool would.
+fn replace_file(path: &std::path::Path, contents: &[u8]) {
+    let next = path.with_extension("next");
+    std::fs::write(&next, contents).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// A sidecar's `/certs`, parsed.
+async fn certs_of(proxy: &ProxyProcess) -> serde_json::Value {
+    let (status, body) = proxy.admin_get("/certs").await.unwrap();
+    assert_eq!(status, 200);
+    serde_json::from_str(&body).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_rotation_reaches_every_sidecar_over_xds_without_a_failed_request() {
+    // Two CAs of the mesh's trust domain; the old one signs first.
+    let cas = TempDir::new().unwrap();
+    let old = weft_cp::ca::Ca::load_or_create(&cas.path().join("old"), DOMAIN).unwrap();
+    let new = weft_cp::ca::Ca::load_or_create(&cas.path().join("new"), DOMAIN).unwrap();
+    let (live_cert, live_key) = (cas.path().join("ca.pem"), cas.path().join("ca.key"));
+    let bundle = cas.path().join("bundle.pem");
+    let read = |dir: &str, file: &str| std::fs::read(cas.path().join(dir).join(file)).unwrap();
+    replace_file(&live_cert, &read("old", "ca.pem"));
+    replace_file(&live_key, &read("old", "ca.key"));
+    replace_file(&bundle, old.root_pem().as_bytes());
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    let (cert_arg, key_arg, bundle_arg) = (path(&live_cert), path(&live_key), path(&bundle));
+    let mesh = Arc::new(
+        Mesh::start(
+            &[
+                "--ca-cert",
+                &cert_arg,
+                "--ca-key",
+                &key_arg,
+                "--trust-bundle",
+                &bundle_arg,
+                "--poll-interval",
+                "100ms",
+            ],
+            "",
+        )
+        .await,
+    );
+    for proxy in [&mesh.alpha, &mesh.beta] {
+        let certs = certs_of(proxy).await;
+        assert_eq!(certs["workload_certificates"][0]["signer"], old.signer());
+        assert_eq!(certs["trust_bundles"][0]["signer"], old.signer());
+    }
+
+    // Requests flow through the whole rotation, on pooled connections and
+    // new ones.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn({
+        let (mesh, stop) = (mesh.clone(), stop.clone());
+        async move {
+            let (mut ok, mut failed) = (0_u32, Vec::new());
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) && ok < 100_000 {
+                match mesh.call_beta(None).await {
+                    Ok((200, _)) => ok += 1,
+                    other => failed.push(format!("{other:?}")),
+                }
+            }
+            (ok, failed)
+        }
+    });
+    let all_sidecars = |check: fn(&serde_json::Value, &str) -> bool, value: String| {
+        let mesh = mesh.clone();
+        move || {
+            let (mesh, value) = (mesh.clone(), value.clone());
+            async move {
+                check(&certs_of(&mesh.alpha).await, &value)
+                    && check(&certs_of(&mesh.beta).await, &value)
+            }
+        }
+    };
+    let roots = |certs: &serde_json::Value, count: &str| {
+        certs["trust_bundles"][0]["roots"].as_array().map(Vec::len) == count.parse::<usize>().ok()
+    };
+    let signed_by = |certs: &serde_json::Value, signer: &str| {
+        certs["workload_certificates"][0]["signer"] == signer
+            && certs["trust_bundles"][0]["signer"] == signer
+    };
+    let deadline = std::time::Duration::from_secs(20);
+
+    // 1. The new root is trusted beside the old one.
+    replace_file(&bundle, (old.root_pem() + &new.root_pem()).as_bytes());
+    assert!(
+        eventually(deadline, all_sidecars(roots, "2".into())).await,
+        "{}",
+        mesh.beta.log()
+    );
+    // 2. The new CA signs: every sidecar renews at once (the certificates
+    //    are a day long; half life is far away).
+    replace_file(&live_key, &read("new", "ca.key"));
+    replace_file(&live_cert, &read("new", "ca.pem"));
+    assert!(
+        eventually(deadline, all_sidecars(signed_by, new.signer())).await,
+        "{}\n{}",
+        mesh.beta.log(),
+        mesh.cp.log()
+    );
+    // 3. The old root is removed.
+    replace_file(&bundle, new.root_pem().as_bytes());
+    assert!(
+        eventually(deadline, all_sidecars(roots, "1".into())).await,
+        "{}",
+        mesh.beta.log()
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (ok, failed) = traffic.await.unwrap();
+    assert!(failed.is_empty(), "{} failed: {failed:?}", failed.len());
+    assert!(ok > 10, "{ok} requests");
+    assert_eq!(
+        mesh.alpha
+            .metric("weft_identity_renewal_failures_total")
+            .await,
+        0.0
+    );
+
+    // The old CA's certificates are no longer trusted: a client with one
+    // is refused; one from the new CA is let in.
+    let client = |ca: &weft_cp::ca::Ca| {
+        let dir = TempDir::new().unwrap();
+        let issued = ca
+            .issue(&id("cli"), &[], std::time::Duration::from_secs(600))
+            .unwrap();
+        weft_cp::ca::write_issued(dir.path(), &issued, ca).unwrap();
+        dir
+    };
+    let curl = |dir: &TempDir| {
+        std::process::Command::new("curl")
+            .args(["-sk", "-o", "/dev/null", "-w", "%{http_code}"])
+            .args(["--max-time", "5", "--cert"])
+            .arg(dir.path().join("cert.pem"))
+            .arg("--key")
+            .arg(dir.path().join("key.pem"))
+            .arg(format!("https://{}/", mesh.beta_in))
+            .output()
+            .unwrap()
+    };
+    let (old_client, new_client) = (client(&old), client(&new));
+    let refused = curl(&old_client);
+    assert!(!refused.status.success(), "{refused:?}");
+    let admitted = curl(&new_client);
+    assert_eq!(String::from_utf8_lossy(&admitted.stdout), "200");
+}

@@ -21,7 +21,8 @@ use weft_proto::identity::v1::{SignRequest, SignResponse};
 
 use super::auth::Caller;
 use super::{PeerAddr, Shared};
-use crate::ca::{Ca, CaError};
+use crate::authority::Authority;
+use crate::ca::CaError;
 
 /// The shortest certificate a proxy may ask for: renewing at half life,
 /// anything shorter would have proxies call the control plane constantly.
@@ -30,8 +31,8 @@ pub const MIN_TTL: Duration = Duration::from_secs(5);
 /// The CA and the certificate lifetimes the identity service uses.
 #[derive(Debug, Clone)]
 pub struct IdentityOptions {
-    /// The mesh's CA.
-    pub ca: Arc<Ca>,
+    /// The mesh's CA and trust bundle.
+    pub authority: Arc<Authority>,
     /// The lifetime of a certificate when the proxy asks for none, and the
     /// longest it may ask for.
     pub ttl: Duration,
@@ -118,7 +119,8 @@ impl IdentityService for Signer {
                 }
             },
         };
-        let (chain_pem, not_after) = options
+        let trust = options.authority.current();
+        let (chain_pem, not_after) = trust
             .ca
             .sign_csr(&request.csr_pem, &identity, ttl)
             .map_err(|error| {
@@ -141,8 +143,9 @@ impl IdentityService for Signer {
         );
         Ok(Response::new(SignResponse {
             cert_chain_pem: chain_pem,
-            trust_bundle_pem: options.ca.root_pem(),
+            trust_bundle_pem: trust.bundle_pem.clone(),
             spiffe_id: identity,
+            signer: trust.signer.clone(),
         }))
     }
 }

@@ -36,6 +36,8 @@ pub struct Config {
     pub route_configs: Vec<Arc<RouteConfig>>,
     /// Clusters in file order.
     pub clusters: Vec<Arc<Cluster>>,
+    /// Trust bundles, one per trust domain.
+    pub trust_bundles: Vec<Arc<crate::identity::TrustBundle>>,
 }
 
 /// Where access-log lines go.

@@ -28,7 +28,7 @@ use weft_proto::prost_types;
 use super::spec::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec,
     HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec,
-    RouteSpec, TlsCertificateSpec, VirtualHostSpec, WeightedClusterSpec,
+    RouteSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -198,6 +198,18 @@ pub fn bootstrap_from_resources(
         })
     } else {
         Err(ConversionErrors(errors))
+    }
+}
+
+/// A trust bundle as pushed: its roots inline, the signer when named.
+impl From<pb::TrustBundle> for TrustBundleSpec {
+    fn from(bundle: pb::TrustBundle) -> Self {
+        Self {
+            trust_domain: bundle.trust_domain,
+            ca_file: None,
+            roots_pem: Some(bundle.roots_pem),
+            signer: Some(bundle.signer).filter(|s| !s.is_empty()),
+        }
     }
 }
 

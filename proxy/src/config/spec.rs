@@ -37,6 +37,31 @@ pub struct BootstrapSpec {
     /// Upstream services.
     #[serde(default)]
     pub clusters: Vec<ClusterSpec>,
+    /// The roots of trust domains whose workloads this proxy verifies
+    /// (federation with another domain, or the mesh's own bundle as the
+    /// control plane pushes it).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust_bundles: Vec<TrustBundleSpec>,
+}
+
+/// The roots of one trust domain: peers whose SPIFFE ID names this domain
+/// are verified against them and nothing else.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustBundleSpec {
+    /// The trust domain (`example.org` of `spiffe://example.org/...`).
+    pub trust_domain: String,
+    /// A PEM file of its CA certificates (re-read when it changes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// Or the certificates themselves, PEM (as the control plane sends
+    /// them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub roots_pem: Option<String>,
+    /// SHA-256 (hex) of the CA certificate that signs this domain's new
+    /// certificates: a held certificate from another CA is renewed at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
 }
 
 /// The admin server.

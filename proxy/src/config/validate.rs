@@ -14,7 +14,7 @@ use regex::Regex;
 use super::model::*;
 use super::spec::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec,
-    ListenerTlsSpec, RouteConfigSpec, RouteSpec,
+    ListenerTlsSpec, RouteConfigSpec, RouteSpec, TrustBundleSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -143,6 +143,16 @@ impl TryFrom<BootstrapSpec> for Config {
             .filter_map(|l| validate_listener(l, &route_names, &cluster_names, &mut errors))
             .collect();
 
+        let trust_bundles: Vec<_> = spec
+            .trust_bundles
+            .iter()
+            .filter_map(|b| validate_trust_bundle(b, &mut errors))
+            .collect();
+        check_unique(
+            &mut errors,
+            "trust_bundle",
+            spec.trust_bundles.iter().map(|b| b.trust_domain.as_str()),
+        );
         check_unique(
             &mut errors,
             "cluster",
@@ -218,7 +228,59 @@ impl TryFrom<BootstrapSpec> for Config {
             listeners,
             route_configs,
             clusters,
+            trust_bundles,
         })
+    }
+}
+
+/// A trust domain's roots, from a file or inline, parsed.
+fn validate_trust_bundle(
+    spec: &TrustBundleSpec,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<crate::identity::TrustBundle>> {
+    let mut check = Checker {
+        kind: "trust_bundle",
+        resource: spec.trust_domain.clone(),
+        errors,
+    };
+    if !super::tls::is_spiffe_id(&format!("spiffe://{}/_", spec.trust_domain)) {
+        check.error(
+            "trust_domain",
+            format!(
+                "{:?} is not a trust domain (lower-case letters, digits, '-', '.', '_')",
+                spec.trust_domain
+            ),
+        );
+        return None;
+    }
+    let (field, pem) = match (&spec.ca_file, &spec.roots_pem) {
+        (Some(path), None) => match std::fs::read_to_string(path) {
+            Ok(pem) => ("ca_file", pem),
+            Err(error) => {
+                check.error("ca_file", format!("{path:?}: {error}"));
+                return None;
+            }
+        },
+        (None, Some(pem)) => ("roots_pem", pem.clone()),
+        _ => {
+            check.error("ca_file", "set exactly one of ca_file and roots_pem");
+            return None;
+        }
+    };
+    if let Some(signer) = &spec.signer
+        && (signer.len() != 64 || !signer.bytes().all(|b| b.is_ascii_hexdigit()))
+    {
+        check.error("signer", format!("{signer:?} is not a SHA-256 in hex"));
+        return None;
+    }
+    match crate::identity::TrustBundle::from_pem(&spec.trust_domain, &pem) {
+        Ok(bundle) => Some(Arc::new(
+            bundle.with_signer(spec.signer.as_deref().map(str::to_ascii_lowercase)),
+        )),
+        Err(message) => {
+            check.error(field, message);
+            None
+        }
     }
 }
 

@@ -98,6 +98,7 @@ async fn keep_signed(
     drain: Drain,
 ) {
     let mut failures: u32 = 0;
+    let mut bundles = identities.subscribe_bundles();
     loop {
         let result =
             match tokio::time::timeout(SIGN_TIMEOUT, sign(&options, &spiffe_id, &drain)).await {
@@ -147,9 +148,31 @@ async fn keep_signed(
                 delay
             }
         };
-        tokio::select! {
-            () = tokio::time::sleep(wait) => {}
-            () = drain.cancelled() => return,
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline) => break,
+                () = drain.cancelled() => return,
+                changed = bundles.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    if identities.signed_by_old_ca(&spiffe_id) {
+                        // A CA rotation: a new CA signs now. Renew within
+                        // a second, spread so that a whole mesh does not
+                        // ask at the same instant.
+                        let spread = Duration::from_millis(fastrand::u64(0..1000));
+                        tracing::info!(
+                            identity = %spiffe_id,
+                            "the trust domain has a new signing CA; renewing the workload certificate"
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(spread) => break,
+                            () = drain.cancelled() => return,
+                        }
+                    }
+                }
+            }
         }
     }
 }
@@ -195,12 +218,14 @@ async fn sign(
         .await
         .map_err(SignError::Refused)?
         .into_inner();
-    accept(
+    let (mut svid, bundle) = accept(
         spiffe_id,
         &answer.cert_chain_pem,
         &answer.trust_bundle_pem,
         &key_der,
-    )
+    )?;
+    svid.signer = Some(answer.signer.to_ascii_lowercase()).filter(|s| !s.is_empty());
+    Ok((svid, bundle))
 }
 
 /// A fresh key (ECDSA P-256) and a CSR whose one SAN is `spiffe_id`.
@@ -267,6 +292,7 @@ fn accept(
             serial,
             not_before,
             not_after,
+            signer: None,
         },
         bundle,
     ))

@@ -33,10 +33,12 @@ pub(crate) const WARMING_TIMEOUT: Duration = Duration::from_secs(3);
 /// `google.rpc.Code.INVALID_ARGUMENT`, the code of every NACK.
 const INVALID_ARGUMENT: i32 = 3;
 
-/// The types subscribed to, in the order of the first requests: a cluster
-/// before the route that uses it, a route before the listener that names
-/// it.
-pub(crate) const TYPE_URLS: [&str; 3] = [
+/// The types subscribed to, in the order of the first requests: trust
+/// bundles before the clusters and listeners that verify peers with them,
+/// a cluster before the route that uses it, a route before the listener
+/// that names it.
+pub(crate) const TYPE_URLS: [&str; 4] = [
+    pb::TRUST_BUNDLE_TYPE_URL,
     pb::CLUSTER_TYPE_URL,
     pb::ROUTE_CONFIGURATION_TYPE_URL,
     pb::LISTENER_TYPE_URL,
@@ -82,7 +84,7 @@ pub(crate) struct XdsState {
     bootstrap: BootstrapSpec,
     /// Names the configuration's source in logs and `/config_dump`.
     source: String,
-    types: [TypeState; 3],
+    types: [TypeState; TYPE_URLS.len()],
     /// Set while a candidate waits for references to resolve.
     warming_since: Option<Instant>,
 }
@@ -196,10 +198,16 @@ impl XdsState {
             .collect()
     }
 
-    /// True once every type has been applied at least once: the proxy has
-    /// its whole first configuration.
+    /// True once every configuration type has been applied at least once:
+    /// the proxy has its whole first configuration.
+    /// Trust bundles are not needed for that: a proxy with mesh identities
+    /// has its domain's bundle from its first certificate, and `/ready`
+    /// waits for that on its own.
     pub(crate) fn is_complete(&self) -> bool {
-        self.types.iter().all(|t| t.applied.is_some())
+        TYPE_URLS
+            .iter()
+            .zip(&self.types)
+            .all(|(type_url, t)| *type_url == pb::TRUST_BUNDLE_TYPE_URL || t.applied.is_some())
     }
 
     /// Versions and rejections, for `/config_dump`.
@@ -267,15 +275,17 @@ impl XdsState {
                 .map_or(&[][..], |r| r.resources.as_slice())
         };
         let mut errors = Vec::new();
-        let clusters = decode::<pb::Cluster>(latest(0), "cluster", &mut errors);
-        let routes = decode::<pb::RouteConfiguration>(latest(1), "route_config", &mut errors);
-        let listeners = decode::<pb::Listener>(latest(2), "listener", &mut errors);
+        let bundles = decode::<pb::TrustBundle>(latest(0), "trust_bundle", &mut errors);
+        let clusters = decode::<pb::Cluster>(latest(1), "cluster", &mut errors);
+        let routes = decode::<pb::RouteConfiguration>(latest(2), "route_config", &mut errors);
+        let listeners = decode::<pb::Listener>(latest(3), "listener", &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
         let spec = bootstrap_from_resources(listeners, routes, clusters)
             .map_err(|e| ValidationErrors::from(e).0)?;
         let spec = BootstrapSpec {
+            trust_bundles: bundles.into_iter().map(Into::into).collect(),
             admin: self.bootstrap.admin.clone(),
             drain_timeout: self.bootstrap.drain_timeout,
             drain_delay: self.bootstrap.drain_delay,

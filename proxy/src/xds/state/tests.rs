@@ -84,6 +84,60 @@ fn a_stream_subscribes_to_every_type_clusters_first() {
 }
 
 #[test]
+fn a_pushed_trust_bundle_is_applied_and_a_broken_one_refused() {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root = params.self_signed(&key).unwrap().pem();
+    let bundle = |pem: &str, signer: &str| pb::TrustBundle {
+        trust_domain: "example.org".into(),
+        roots_pem: pem.into(),
+        signer: signer.into(),
+    };
+    let mut state = state();
+    let now = Instant::now();
+    let signer = "ab".repeat(32);
+    let Step::Apply(config) = state.on_response(
+        response(
+            pb::TRUST_BUNDLE_TYPE_URL,
+            "b1",
+            vec![pack(&bundle(&root, &signer))],
+        ),
+        now,
+    ) else {
+        panic!("a valid bundle applies");
+    };
+    assert_eq!(config.trust_bundles.len(), 1);
+    assert_eq!(&*config.trust_bundles[0].trust_domain, "example.org");
+    assert_eq!(
+        config.trust_bundles[0].signer.as_deref(),
+        Some(signer.as_str())
+    );
+    let sent = state.applied();
+    assert!(
+        is_ack(&sent[0], pb::TRUST_BUNDLE_TYPE_URL, "b1"),
+        "{sent:?}"
+    );
+    assert!(
+        !state.is_complete(),
+        "bundles alone are not a configuration"
+    );
+
+    let sent = feed(
+        &mut state,
+        response(
+            pb::TRUST_BUNDLE_TYPE_URL,
+            "b2",
+            vec![pack(&bundle("not a certificate", ""))],
+        ),
+        now,
+    );
+    let nack = sent[0].error_detail.as_ref().expect("a NACK");
+    assert!(nack.message.contains("trust_bundle"), "{}", nack.message);
+    assert_eq!(sent[0].version_info, "b1", "the last good bundle stays");
+}
+
+#[test]
 fn responses_in_dependency_order_apply_one_by_one() {
     let mut state = state();
     let now = Instant::now();
@@ -123,7 +177,7 @@ fn responses_in_dependency_order_apply_one_by_one() {
     // A reconnect names the versions applied, and forgets nothing else.
     let again = state.initial_requests(&node());
     let versions: Vec<_> = again.iter().map(|r| r.version_info.as_str()).collect();
-    assert_eq!(versions, ["c1", "r1", "l1"]);
+    assert_eq!(versions, ["", "c1", "r1", "l1"]);
 }
 
 #[test]
