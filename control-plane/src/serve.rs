@@ -232,10 +232,15 @@ impl ControlPlane {
             trust_domain.as_deref(),
         )?
         .map(Arc::new);
+        let xds_tls = match &authority {
+            Some(authority) => Some(Arc::new(crate::xds::XdsTls::new(Arc::clone(authority))?)),
+            None => None,
+        };
         let trust_reload = authority.as_ref().map(|authority| {
             cache.set_trust_bundle(authority.trust_bundle());
             tokio::spawn(reload_trust(
                 Arc::clone(authority),
+                xds_tls.clone(),
                 cache.clone(),
                 options.poll_interval,
             ))
@@ -243,6 +248,7 @@ impl ControlPlane {
         let identity = authority.map(|authority| IdentityOptions {
             authority,
             ttl: options.svid_ttl,
+            xds_tls,
         });
         let node_tokens = match &options.node_tokens_dir {
             Some(dir) => {
@@ -341,13 +347,28 @@ fn load_ca(
 /// `interval`: a new bundle (or signer) reaches every proxy with an
 /// identity; a change that does not load is logged and shown in
 /// `/status`, and the last good state keeps serving.
-async fn reload_trust(authority: Arc<Authority>, cache: SnapshotCache, interval: Duration) {
+async fn reload_trust(
+    authority: Arc<Authority>,
+    xds_tls: Option<Arc<crate::xds::XdsTls>>,
+    cache: SnapshotCache,
+    interval: Duration,
+) {
     let mut ticks = tokio::time::interval(interval);
     ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticks.tick().await;
         let checked = Arc::clone(&authority);
-        match tokio::task::spawn_blocking(move || checked.reload_if_changed()).await {
+        let tls = xds_tls.clone();
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let changed = checked.reload_if_changed();
+            // The xDS port's own certificate follows the CA, and is
+            // re-issued at half life.
+            if let Some(Err(error)) = tls.map(|tls| tls.refresh_if_due()) {
+                tracing::error!(%error, "cannot re-issue the xDS port's certificate");
+            }
+            changed
+        });
+        match reloaded.await {
             Ok(Ok(true)) => cache.set_trust_bundle(authority.trust_bundle()),
             Ok(Ok(false)) => {}
             Ok(Err(error)) => {

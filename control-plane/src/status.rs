@@ -61,6 +61,10 @@ pub struct ProxyStatus {
     pub protocol: Protocol,
     /// The proxy's address as seen by the control plane.
     pub peer: Option<SocketAddr>,
+    /// The SPIFFE ID of the client certificate the stream's connection
+    /// was opened with (mTLS); none for a token over cleartext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// When the stream was opened, in seconds since the Unix epoch.
     pub connected_since_unix: u64,
     /// Per type URL the proxy subscribed to.
@@ -345,6 +349,7 @@ mod tests {
                 service: Some("web".into()),
                 protocol: Protocol::Delta,
                 peer: None,
+                identity: None,
                 connected_since_unix: 1_700_000_000,
                 types,
             }],

@@ -48,6 +48,7 @@ mod delta;
 mod identity;
 mod registry;
 mod sotw;
+mod tls;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -79,6 +80,7 @@ use self::auth::Caller;
 pub use self::auth::{Auth, BootstrapToken, NodeTokens};
 pub use self::identity::{IdentityOptions, MIN_TTL};
 use self::registry::Registry;
+pub use self::tls::{XdsTls, control_plane_id};
 use crate::cache::{NodeWatch, SnapshotCache};
 use crate::resources::{NodeResources, TYPE_URLS};
 use crate::status::{Protocol, ProxyStatus, StatusReport};
@@ -311,6 +313,7 @@ pub(crate) struct Metrics {
     pub(crate) handshake_timeouts: AtomicU64,
     pub(crate) certificates_issued: AtomicU64,
     pub(crate) csr_refused: AtomicU64,
+    pub(crate) tls_refused: AtomicU64,
     pub(crate) token_node_mismatches: AtomicU64,
 }
 
@@ -393,13 +396,22 @@ impl Shared {
             self.metrics
                 .token_node_mismatches
                 .fetch_add(1, Ordering::Relaxed);
-            warn!(node = node_id, reason = %message, "request refused: the token does not prove this node");
+            warn!(node = node_id, reason = %message, "request refused: the caller's credentials do not prove this node");
             Err(Status::permission_denied(message))
         };
         match caller {
             Some(Caller::Node(node)) if **node != *node_id => {
                 refuse(format!("the token is for node {node:?}, not {node_id:?}"))
             }
+            Some(Caller::Workload(id)) => match self.cache.identity(node_id) {
+                Some(Some(mesh)) if *mesh == **id => Ok(()),
+                Some(Some(mesh)) => refuse(format!(
+                    "the client certificate is for {id}; node {node_id:?} is {mesh}"
+                )),
+                _ => refuse(format!(
+                    "the client certificate is for {id}; node {node_id:?} has no identity in the mesh"
+                )),
+            },
             Some(Caller::Operator) | None
                 if self.node_tokens.as_ref().is_some_and(|t| t.require) =>
             {
@@ -430,7 +442,7 @@ impl Shared {
             .limits
             .max_connections
             .saturating_sub(self.connections.available_permits());
-        let rows: [(&str, &str, &str, u64); 14] = [
+        let rows: [(&str, &str, &str, u64); 15] = [
             (
                 "weft_cp_connected_proxies",
                 "gauge",
@@ -512,8 +524,14 @@ impl Shared {
             (
                 "weft_cp_node_token_refusals_total",
                 "counter",
-                "xDS streams and signing requests refused because the node token is for another node, or node tokens are required.",
+                "xDS streams and signing requests refused because the node token or client certificate is for another node, or node tokens are required.",
                 m.token_node_mismatches.load(Ordering::Relaxed),
+            ),
+            (
+                "weft_cp_xds_tls_refused_total",
+                "counter",
+                "xDS connections refused in TLS: failed handshake, no client certificate of the mesh, or a certificate without exactly one SPIFFE ID.",
+                m.tls_refused.load(Ordering::Relaxed),
             ),
         ];
         let mut out = String::new();
@@ -626,18 +644,48 @@ async fn serve_xds_connection(
     if let Err(error) = stream.set_nodelay(true) {
         debug!(error = %error, "setting TCP_NODELAY failed");
     }
+    // The handshake deadline covers TLS too: a peer holds a slot for at
+    // most this long without opening an authenticated stream.
+    let handshake_deadline = tokio::time::sleep(shared.limits.handshake_timeout);
+    let mut handshake_deadline = std::pin::pin!(handshake_deadline);
+    let accepted = tokio::select! {
+        accepted = accept_transport(stream, &shared) => accepted,
+        () = handshake_deadline.as_mut() => {
+            shared.metrics.handshake_timeouts.fetch_add(1, Ordering::Relaxed);
+            debug!("xds connection closed: no TLS handshake within the handshake deadline");
+            return;
+        }
+    };
+    let (io, workload) = match accepted {
+        Ok(accepted) => accepted,
+        Err(reason) => {
+            shared.metrics.tls_refused.fetch_add(1, Ordering::Relaxed);
+            warn!(peer.addr = %peer, %reason, "xds connection refused");
+            return;
+        }
+    };
     // Set by the first authenticated request: the handshake is complete.
     let is_established = Arc::new(AtomicBool::new(false));
     let handler_shared = Arc::clone(&shared);
     let handler_established = Arc::clone(&is_established);
+    let handler_workload = workload.as_ref().map(|w| w.spiffe_id.clone());
     let handler = service_fn(move |mut request: http::Request<Incoming>| {
         let shared = Arc::clone(&handler_shared);
         let is_established = Arc::clone(&handler_established);
+        let workload = handler_workload.clone();
         let mut service = service.clone();
         async move {
-            let Some(caller) = shared.identify(request.headers(), peer) else {
-                let status = Status::unauthenticated("missing or wrong bearer token");
-                return Ok::<_, Infallible>(status.into_http());
+            // A client certificate proves the caller; without one, the
+            // bearer token does.
+            let caller = match workload {
+                Some(id) => Caller::Workload(id),
+                None => match shared.identify(request.headers(), peer) {
+                    Some(caller) => caller,
+                    None => {
+                        let status = Status::unauthenticated("missing or wrong bearer token");
+                        return Ok::<_, Infallible>(status.into_http());
+                    }
+                },
             };
             is_established.store(true, Ordering::Relaxed);
             request.extensions_mut().insert(PeerAddr(peer));
@@ -649,16 +697,30 @@ async fn serve_xds_connection(
             }
         }
     });
-    let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(stream), handler));
+    // No connection outlives the client certificate that opened it: at its
+    // expiry the connection is closed gracefully, and the proxy reconnects
+    // with its renewed one.
+    let expiry = workload.as_ref().map_or(Duration::MAX, |w| {
+        w.not_after
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    });
+    let expiry = tokio::time::sleep(expiry.min(Duration::from_secs(400 * 24 * 3600)));
+    let mut expiry = std::pin::pin!(expiry);
+    let mut is_expiring = false;
     // The connection future makes no progress without bytes from the peer,
-    // and hyper has no deadline for the preface: this one bounds how long a
-    // peer can hold a slot without opening a stream.
-    let handshake_deadline = tokio::time::sleep(shared.limits.handshake_timeout);
-    let mut handshake_deadline = std::pin::pin!(handshake_deadline);
+    // and hyper has no deadline for the preface: the handshake deadline
+    // bounds how long a peer can hold a slot without opening a stream.
+    let mut conn = std::pin::pin!(builder.serve_connection(TokioIo::new(io), handler));
     let mut is_past_handshake = false;
     let result = loop {
         tokio::select! {
             result = conn.as_mut() => break result,
+            () = expiry.as_mut(), if !is_expiring => {
+                is_expiring = true;
+                debug!("xds connection closing: the client certificate expired");
+                conn.as_mut().graceful_shutdown();
+            }
             () = handshake_deadline.as_mut(), if !is_past_handshake => {
                 if is_established.load(Ordering::Relaxed) {
                     is_past_handshake = true;
@@ -684,6 +746,48 @@ async fn serve_xds_connection(
     if let Err(error) = result {
         debug!(error = %error, "xds connection closed with an error");
     }
+}
+
+/// Either side of the xDS port: cleartext, or TLS with a verified client.
+trait Transport: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Transport for T {}
+
+/// Tells TLS from cleartext by the first byte, and completes the TLS
+/// handshake; a TLS client must present a certificate of the mesh with
+/// exactly one SPIFFE ID.
+async fn accept_transport(
+    stream: TcpStream,
+    shared: &Shared,
+) -> Result<(Box<dyn Transport>, Option<tls::PeerIdentity>), String> {
+    /// The first byte of a TLS handshake record.
+    const TLS_HANDSHAKE: u8 = 0x16;
+    let mut first = [0_u8; 1];
+    let read = stream
+        .peek(&mut first)
+        .await
+        .map_err(|e| format!("reading: {e}"))?;
+    if read == 0 || first[0] != TLS_HANDSHAKE {
+        return Ok((Box::new(stream), None));
+    }
+    let Some(tls) = shared
+        .identity
+        .as_ref()
+        .and_then(|identity| identity.xds_tls.as_ref())
+    else {
+        return Err("a TLS client, but this control plane has no CA to serve TLS with".into());
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls.config());
+    let stream = acceptor
+        .accept(stream)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (_, session) = stream.get_ref();
+    let identity = session
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(tls::peer_identity)
+        .ok_or("the client certificate does not carry exactly one SPIFFE ID")?;
+    Ok((Box::new(stream), Some(identity)))
 }
 
 /// The gRPC services of the xDS port, chosen by path.
@@ -719,7 +823,8 @@ impl AggregatedDiscoveryService for AdsService {
         let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref(), caller.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "sotw");
-        let stream = self.start_stream(node_id, claimed, &watch, Protocol::Sotw, peer);
+        let identity = workload_identity(caller.as_ref());
+        let stream = self.start_stream(node_id, claimed, &watch, Protocol::Sotw, peer, identity);
         self.shared.tasks.spawn(
             serve_stream(sotw::Sotw::new(stream), watch, inbound, first, tx).instrument(span),
         );
@@ -739,7 +844,8 @@ impl AggregatedDiscoveryService for AdsService {
         let (node_id, claimed, watch) = admit(&self.shared, first.node.as_ref(), caller.as_ref())?;
         let (tx, rx) = mpsc::channel(RESPONSE_QUEUE);
         let span = tracing::info_span!("ads", node = %node_id, protocol = "delta");
-        let stream = self.start_stream(node_id, claimed, &watch, Protocol::Delta, peer);
+        let identity = workload_identity(caller.as_ref());
+        let stream = self.start_stream(node_id, claimed, &watch, Protocol::Delta, peer, identity);
         self.shared.tasks.spawn(
             serve_stream(delta::Delta::new(stream), watch, inbound, first, tx).instrument(span),
         );
@@ -755,13 +861,15 @@ impl AdsService {
         watch: &NodeWatch,
         protocol: Protocol,
         peer: Option<SocketAddr>,
+        identity: Option<String>,
     ) -> StreamContext {
-        info!(node = %node_id, protocol = protocol.as_str(), "proxy connected");
+        info!(node = %node_id, protocol = protocol.as_str(), identity, "proxy connected");
         let registration = self.shared.registry.register(ProxyStatus {
             node_id: node_id.clone(),
             service: watch.service(),
             protocol,
             peer,
+            identity,
             connected_since_unix: unix_now(),
             types: std::collections::BTreeMap::new(),
         });
@@ -771,6 +879,14 @@ impl AdsService {
             claimed_service,
             registration,
         }
+    }
+}
+
+/// The SPIFFE ID a caller proved with a client certificate.
+fn workload_identity(caller: Option<&Caller>) -> Option<String> {
+    match caller {
+        Some(Caller::Workload(id)) => Some(id.to_string()),
+        _ => None,
     }
 }
 

@@ -113,6 +113,9 @@ pub struct Identities {
     /// Bumped when the configured bundles change; renewal tasks watch it
     /// for a new signer.
     bundles_changed: tokio::sync::watch::Sender<u64>,
+    /// Bumped when a certificate is installed; the xDS client watches it to
+    /// move its stream to mTLS.
+    svids_changed: tokio::sync::watch::Sender<u64>,
     /// The identities the configuration uses; the rotation task watches it.
     wanted: tokio::sync::watch::Sender<BTreeSet<Arc<str>>>,
     /// Certificates signed and installed.
@@ -219,6 +222,13 @@ impl Identities {
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .insert(svid.spiffe_id.clone(), svid);
+        self.svids_changed
+            .send_modify(|generation| *generation += 1);
+    }
+
+    /// Wakes when a certificate is installed.
+    pub(crate) fn subscribe_svids(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.svids_changed.subscribe()
     }
 
     /// Installs (or replaces) a trust domain's bundle.
@@ -440,6 +450,44 @@ impl crate::config::tls::TrustRoots for Arc<Identities> {
     fn roots(&self, trust_domain: &str) -> Option<Arc<rustls::RootCertStore>> {
         self.bundle(trust_domain).map(|bundle| bundle.roots.clone())
     }
+}
+
+/// The control plane's SPIFFE ID in `trust_domain`, which a proxy checks
+/// before it trusts the xDS port with its certificate. Its path is not of
+/// the `ns/<namespace>/sa/<account>` shape, so no workload can hold it.
+pub fn control_plane_id(trust_domain: &str) -> String {
+    format!("spiffe://{trust_domain}/weft/control-plane")
+}
+
+/// How to reach the control plane over mutual TLS: with the current
+/// certificate of the first identity this proxy holds a valid one for,
+/// verifying the control plane's identity in that domain against the
+/// domain's bundle. `None` while no certificate is held (the bootstrap
+/// token over cleartext proves the proxy then).
+pub(crate) fn control_plane_tls(identities: &Arc<Identities>) -> Option<Arc<rustls::ClientConfig>> {
+    let spiffe_id = identities
+        .wanted()
+        .into_iter()
+        .find(|id| identities.svid(id).is_some())?;
+    let domain = crate::config::spiffe_trust_domain(&spiffe_id)?;
+    identities.bundle(domain)?;
+    let verifier = crate::config::tls::SpiffeServerVerifier::new(
+        identities.clone(),
+        Arc::from(control_plane_id(domain)),
+    );
+    let mut config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .ok()?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_client_cert_resolver(Arc::new(WorkloadCert {
+            identities: identities.clone(),
+            spiffe_id,
+        }));
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    // Every connection proves the current certificate.
+    config.resumption = rustls::client::Resumption::disabled();
+    Some(Arc::new(config))
 }
 
 /// When to renew a certificate received at `start` and valid until

@@ -13,6 +13,7 @@
 mod state;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -71,6 +72,8 @@ pub(crate) enum StreamError {
     Connect(#[source] std::io::Error),
     #[error("HTTP/2 handshake failed")]
     Handshake(#[source] hyper::Error),
+    #[error("mTLS handshake failed")]
+    Tls(#[source] std::io::Error),
     #[error("the token is not a valid header value")]
     Token,
     #[error("stream failed")]
@@ -150,9 +153,13 @@ async fn stream(
 ) -> Result<(), StreamError> {
     let authority = server_authority(&options.server)
         .ok_or_else(|| StreamError::BadAddress(options.server.clone()))?;
+    let identities = handle.identities();
+    let mut svids = identities.subscribe_svids();
+    let tls = crate::identity::control_plane_tls(&identities);
+    let is_mtls = tls.is_some();
     let channel = tokio::time::timeout(
         CONNECT_TIMEOUT,
-        connect(authority.as_str(), &handle.drain()),
+        connect(authority.as_str(), tls, &handle.drain()),
     )
     .await
     .map_err(|_| StreamError::ConnectTimeout)??;
@@ -180,7 +187,7 @@ async fn stream(
             .await
             .map_err(|_| StreamError::ConnectTimeout)??
             .into_inner();
-    tracing::info!(server = %options.server, node = %options.node_id, "control plane stream open");
+    tracing::info!(server = %options.server, node = %options.node_id, mtls = is_mtls, "control plane stream open");
     publish(handle, options, state, true);
     // When to say at info that configuration was applied: once a burst of
     // responses (one push is one per resource type) has settled.
@@ -192,6 +199,16 @@ async fn stream(
             () = sleep_until(deadline) => {
                 send(&requests, state.warming_expired()).await?;
                 publish(handle, options, state, true);
+                continue;
+            }
+            // The first certificate arrived: the stream moves to mTLS (a
+            // reconnect that names the versions it runs, so nothing is
+            // resent).
+            changed = svids.changed(), if !is_mtls => {
+                if changed.is_ok() && crate::identity::control_plane_tls(&identities).is_some() {
+                    tracing::info!(server = %options.server, "reconnecting to the control plane over mTLS");
+                    return Ok(());
+                }
                 continue;
             }
             () = sleep_until(announce) => {
@@ -279,6 +296,9 @@ fn backoff(attempt: u32) -> Duration {
     crate::rng::backoff(INITIAL_BACKOFF, MAX_BACKOFF, attempt)
 }
 
+/// The task that drives one connection to the control plane.
+type ConnectionTask = Pin<Box<dyn std::future::Future<Output = Result<(), hyper::Error>> + Send>>;
+
 /// A tonic channel over one hyper HTTP/2 connection: what tonic's
 /// generated clients need, without tonic's own transport. The caller opens
 /// the connection (and drives its connection task).
@@ -300,20 +320,46 @@ impl tower::Service<Request<tonic::body::Body>> for GrpcChannel {
     }
 }
 
-/// Opens the HTTP/2 connection to the control plane.
-pub(crate) async fn connect(address: &str, drain: &Drain) -> Result<GrpcChannel, StreamError> {
+/// Opens the HTTP/2 connection to the control plane: over mutual TLS with
+/// `tls` (see [`crate::identity::control_plane_tls`]), else cleartext.
+pub(crate) async fn connect(
+    address: &str,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    drain: &Drain,
+) -> Result<GrpcChannel, StreamError> {
     // Resolves the name and tries each address in turn.
     let stream = tokio::net::TcpStream::connect(address)
         .await
         .map_err(StreamError::Connect)?;
     let _ = stream.set_nodelay(true);
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    builder
         .timer(TokioTimer::new())
         .keep_alive_interval(KEEPALIVE_INTERVAL)
-        .keep_alive_timeout(KEEPALIVE_TIMEOUT)
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(StreamError::Handshake)?;
+        .keep_alive_timeout(KEEPALIVE_TIMEOUT);
+    let (sender, connection) = match tls {
+        Some(config) => {
+            // The control plane is verified by its SPIFFE ID, not a name.
+            let name = rustls_pki_types::ServerName::try_from("weft-control-plane")
+                .map_err(|_| StreamError::BadAddress(address.to_owned()))?;
+            let stream = tokio_rustls::TlsConnector::from(config)
+                .connect(name, stream)
+                .await
+                .map_err(StreamError::Tls)?;
+            let (sender, connection) = builder
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(StreamError::Handshake)?;
+            (sender, Box::pin(connection) as ConnectionTask)
+        }
+        None => {
+            let (sender, connection) = builder
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(StreamError::Handshake)?;
+            (sender, Box::pin(connection) as ConnectionTask)
+        }
+    };
     // The connection task ends when the client (and so the sender) is
     // dropped, at the latest when the proxy drains.
     drain.spawn(async move {

@@ -682,3 +682,195 @@ async fn a_ca_rotation_reaches_every_sidecar_over_xds_without_a_failed_request()
     let admitted = curl(&new_client);
     assert_eq!(String::from_utf8_lossy(&admitted.stdout), "200");
 }
+
+/// Accepts the server's certificate unverified: the test checks the
+/// identity it names itself, after the handshake.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// A CSR for `spiffe_id` sent over mTLS to the xDS port with the
+/// certificate in `dir` (`cert.pem`, `key.pem`) and no token; returns the
+/// SPIFFE ID the control plane's own certificate names, and the answer.
+async fn sign_over_mtls(
+    cp: &CpProcess,
+    dir: &std::path::Path,
+    node: &str,
+    spiffe_id: &str,
+) -> (String, Result<String, tonic::Status>) {
+    use rustls_pki_types::pem::PemObject;
+    let chain: Vec<rustls_pki_types::CertificateDer<'static>> =
+        rustls_pki_types::CertificateDer::pem_file_iter(dir.join("cert.pem"))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::from_pem_file(dir.join("key.pem")).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyServer(provider)))
+        .with_client_auth_cert(chain, key)
+        .unwrap();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(cp.xds).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls_pki_types::ServerName::try_from("weft-cp").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    let server_leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, server) = x509_parser::parse_x509_certificate(&server_leaf).unwrap();
+    let names = &server
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names;
+    let server_id = match &names[..] {
+        [x509_parser::extensions::GeneralName::URI(uri)] => (*uri).to_owned(),
+        other => panic!("the control plane's certificate names {other:?}"),
+    };
+    let (sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        spiffe_id.to_owned().try_into().unwrap(),
+    )];
+    let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+    let origin: http::Uri = format!("http://{}", cp.xds).parse().unwrap();
+    let mut client = IdentityServiceClient::with_origin(GrpcChannel(sender), origin);
+    let answer = client
+        .sign(SignRequest {
+            node_id: node.to_owned(),
+            csr_pem: csr,
+            ttl: None,
+        })
+        .await
+        .map(|answer| answer.into_inner().cert_chain_pem);
+    (server_id, answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_certified_a_sidecar_talks_to_the_control_plane_over_mtls_as_its_node() {
+    // Node tokens are required: over cleartext nothing but a node's own
+    // token is accepted.
+    let mesh = Mesh::start(&["--require-node-tokens"], "").await;
+    // Both sidecars moved their xDS streams to mTLS with their certificate,
+    // and the control plane knows each by its identity.
+    let on_mtls = eventually(std::time::Duration::from_secs(10), || async {
+        let Ok(status) = mesh.cp.status().await else {
+            return false;
+        };
+        let identity = |node: &str| {
+            status
+                .proxies
+                .iter()
+                .find(|p| p.node_id == node)
+                .and_then(|p| p.identity.clone())
+        };
+        identity("alpha-1") == Some(id("alpha")) && identity("beta-1") == Some(id("beta"))
+    })
+    .await;
+    assert!(
+        on_mtls,
+        "{:?}\n{}",
+        mesh.cp.status().await,
+        mesh.alpha.log()
+    );
+    // Requests still flow.
+    assert_eq!(mesh.call_beta(None).await.unwrap().0, 200);
+
+    // A certificate proves its node only: alpha's certificate renews
+    // alpha, without a token, and may not act as beta.
+    let alpha = TempDir::new().unwrap();
+    let output = std::process::Command::new(cp_binary())
+        .args(["cert", "issue", "--spiffe-id", &id("alpha"), "--state-dir"])
+        .arg(mesh.cp.state_dir())
+        .arg("--out")
+        .arg(alpha.path())
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let refusals = mesh.cp.metric("weft_cp_node_token_refusals_total").await;
+    let (server_id, renewed) =
+        sign_over_mtls(&mesh.cp, alpha.path(), "alpha-1", &id("alpha")).await;
+    assert_eq!(server_id, format!("spiffe://{DOMAIN}/weft/control-plane"));
+    assert!(renewed.unwrap().contains("BEGIN CERTIFICATE"));
+    let (_, as_beta) = sign_over_mtls(&mesh.cp, alpha.path(), "beta-1", &id("beta")).await;
+    let status = as_beta.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains(&id("alpha")), "{status:?}");
+    assert_eq!(
+        mesh.cp.metric("weft_cp_node_token_refusals_total").await,
+        refusals + 1.0
+    );
+
+    // A TLS client without a certificate is refused at the handshake.
+    let before = mesh.cp.metric("weft_cp_xds_tls_refused_total").await;
+    let output = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &mesh.cp.xds.to_string(), "-brief"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let _ = output;
+    assert!(
+        eventually(std::time::Duration::from_secs(5), || async {
+            mesh.cp.metric("weft_cp_xds_tls_refused_total").await > before
+        })
+        .await
+    );
+}

@@ -173,6 +173,9 @@ pub(crate) enum Caller {
     Operator,
     /// A node token: this node only.
     Node(Arc<str>),
+    /// A client certificate on the xDS port (mTLS): only a node the mesh
+    /// gives this SPIFFE ID.
+    Workload(Arc<str>),
 }
 
 /// Checks a request's bearer token against the mesh-wide token, then the

@@ -36,6 +36,8 @@ pub struct IdentityOptions {
     /// The lifetime of a certificate when the proxy asks for none, and the
     /// longest it may ask for.
     pub ttl: Duration,
+    /// mTLS on the xDS port, for proxies that hold a certificate.
+    pub xds_tls: Option<Arc<super::XdsTls>>,
 }
 
 #[derive(Debug)]

@@ -100,11 +100,15 @@ async fn keep_signed(
     let mut failures: u32 = 0;
     let mut bundles = identities.subscribe_bundles();
     loop {
-        let result =
-            match tokio::time::timeout(SIGN_TIMEOUT, sign(&options, &spiffe_id, &drain)).await {
-                Ok(result) => result,
-                Err(_) => Err(SignError::Timeout),
-            };
+        let result = match tokio::time::timeout(
+            SIGN_TIMEOUT,
+            sign(&options, &spiffe_id, &identities, &drain),
+        )
+        .await
+        {
+            Ok(result) => result,
+            Err(_) => Err(SignError::Timeout),
+        };
         let wait = match result {
             Ok((svid, bundle)) => {
                 failures = 0;
@@ -186,12 +190,16 @@ fn retry_delay(failures: u32) -> Duration {
 async fn sign(
     options: &RotationOptions,
     spiffe_id: &Arc<str>,
+    identities: &Arc<Identities>,
     drain: &Drain,
 ) -> Result<(Svid, TrustBundle), SignError> {
     let (csr_pem, key_der) = make_csr(spiffe_id)?;
     let authority = crate::xds::server_authority(&options.server)
         .ok_or_else(|| SignError::BadAddress(options.server.clone()))?;
-    let channel = crate::xds::connect(authority.as_str(), drain)
+    // Renewals are proved by the current certificate (mTLS); the first
+    // signing by the bootstrap token.
+    let tls = super::control_plane_tls(identities);
+    let channel = crate::xds::connect(authority.as_str(), tls, drain)
         .await
         .map_err(|e| SignError::Connect(e.to_string()))?;
     let origin = http::Uri::builder()
