@@ -190,6 +190,11 @@ impl ClusterState {
             (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Downstream, Version::HTTP_2) => {
                 Wire::Http2
             }
+            // An upgrade (WebSocket) needs HTTP/1.1's 101; everything
+            // else shares one multiplexed connection.
+            (UpstreamProtocol::Auto, _) if !req.headers().contains_key(header::UPGRADE) => {
+                Wire::Http2
+            }
             _ => Wire::Http1,
         };
         match wire {

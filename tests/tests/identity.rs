@@ -874,3 +874,64 @@ async fn once_certified_a_sidecar_talks_to_the_control_plane_over_mtls_as_its_no
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http1_from_the_application_crosses_the_mesh_hop_as_multiplexed_http2() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mesh = Arc::new(Mesh::start(&[], "").await);
+    let connections = "weft_downstream_connections_total{listener=\"inbound\"}";
+    let before = mesh.beta.metric(connections).await;
+    // Twenty HTTP/1.1 requests at once, each on its own connection from
+    // the application: one mTLS connection carries them all to beta.
+    let calls: Vec<_> = (0..20)
+        .map(|_| {
+            let mesh = mesh.clone();
+            tokio::spawn(async move { mesh.call_beta(None).await.unwrap() })
+        })
+        .collect();
+    for call in calls {
+        let (status, cert) = call.await.unwrap();
+        assert_eq!(status, 200);
+        assert!(cert.ends_with(&id("alpha")), "{cert}");
+    }
+    let opened = mesh.beta.metric(connections).await - before;
+    assert!(
+        (1.0..=2.0).contains(&opened),
+        "{opened} connections for 20 concurrent requests"
+    );
+    let (_, clusters) = mesh.alpha.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    assert_eq!(clusters[0]["protocol"], "auto", "{clusters}");
+
+    // An upgrade still takes HTTP/1.1 across the hop, end to end.
+    let mut stream = tokio::net::TcpStream::connect(mesh.alpha_out)
+        .await
+        .unwrap();
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: beta\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0_u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let read = tokio::time::timeout(DEADLINE, stream.read(&mut byte))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(read, 1, "closed after {:?}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let message = b"\x81\x05hello";
+    stream.write_all(message).await.unwrap();
+    let mut back = [0_u8; 7];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&back, message);
+}

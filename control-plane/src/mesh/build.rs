@@ -154,6 +154,12 @@ impl NodeSpec {
                     server_identity: service_identity(domain, service),
                     ..ClusterTlsSpec::default()
                 });
+                // HTTP/1.1 from the application crosses the mesh hop as
+                // multiplexed HTTP/2 (ALPN h2), and back to HTTP/1.1 at
+                // the callee's sidecar; upgrades keep HTTP/1.1.
+                if matches!(spec.protocol.as_deref(), None | Some("http1")) {
+                    spec.protocol = Some("auto".into());
+                }
             }
             spec
         });

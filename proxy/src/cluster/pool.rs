@@ -104,6 +104,8 @@ pub(crate) struct Endpoint {
     settings: PoolSettings,
     idle_h1: Mutex<Vec<IdleH1>>,
     h2: Mutex<Option<(http2::SendRequest<RequestBody>, Retire)>>,
+    /// Held while the multiplexed connection is being made.
+    h2_connecting: tokio::sync::Mutex<()>,
 }
 
 impl Endpoint {
@@ -117,6 +119,7 @@ impl Endpoint {
             settings,
             idle_h1: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
+            h2_connecting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -371,20 +374,24 @@ impl Endpoint {
         req: Request<RequestBody>,
         guard: ActiveGuard,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let shared = self
-            .h2
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone();
-        let mut sender = match shared {
-            Some((sender, retire)) if !sender.is_closed() && !retire.is_due() => sender,
-            _ => {
-                // A retired connection finishes its streams and closes when
-                // the last sender is gone.
-                let (sender, retire) = self.connect_h2().await?;
-                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
-                    Some((sender.clone(), retire));
-                sender
+        let mut sender = match self.shared_h2() {
+            Some(sender) => sender,
+            None => {
+                // One connect at a time: requests that arrive while the
+                // connection is being made wait for it and share it,
+                // instead of each opening its own.
+                let _connecting = self.h2_connecting.lock().await;
+                match self.shared_h2() {
+                    Some(sender) => sender,
+                    None => {
+                        // A retired connection finishes its streams and
+                        // closes when the last sender is gone.
+                        let (sender, retire) = self.connect_h2().await?;
+                        *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
+                            Some((sender.clone(), retire));
+                        sender
+                    }
+                }
             }
         };
         sender
@@ -394,6 +401,16 @@ impl Endpoint {
         match sender.send_request(req).await {
             Ok(response) => Ok(response.map(|body| UpstreamBody::new(body, None, guard))),
             Err(source) => Err(self.reset(source, false)),
+        }
+    }
+
+    /// The multiplexed connection, if one is open and not due to retire.
+    fn shared_h2(&self) -> Option<http2::SendRequest<RequestBody>> {
+        match &*self.h2.lock().unwrap_or_else(PoisonError::into_inner) {
+            Some((sender, retire)) if !sender.is_closed() && !retire.is_due() => {
+                Some(sender.clone())
+            }
+            _ => None,
         }
     }
 

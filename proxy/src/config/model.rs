@@ -396,6 +396,10 @@ pub enum UpstreamProtocol {
     Http2,
     /// Whatever the client spoke.
     Downstream,
+    /// HTTP/2, multiplexed, for every request but upgrades (WebSocket),
+    /// which take HTTP/1.1: how sidecars talk to each other over mTLS
+    /// (ALPN `h2` or `http/1.1` per connection).
+    Auto,
 }
 
 impl UpstreamProtocol {
@@ -405,6 +409,7 @@ impl UpstreamProtocol {
             Self::Http1 => "http1",
             Self::Http2 => "http2",
             Self::Downstream => "downstream",
+            Self::Auto => "auto",
         }
     }
 }

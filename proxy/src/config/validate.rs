@@ -1082,10 +1082,11 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
         "http1" => Some(UpstreamProtocol::Http1),
         "http2" => Some(UpstreamProtocol::Http2),
         "downstream" => Some(UpstreamProtocol::Downstream),
+        "auto" => Some(UpstreamProtocol::Auto),
         other => {
             check.error(
                 "protocol",
-                format!("unknown value {other:?} (expected http1, http2, downstream)"),
+                format!("unknown value {other:?} (expected http1, http2, downstream, auto)"),
             );
             None
         }
