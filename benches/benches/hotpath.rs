@@ -69,6 +69,7 @@ fn route_match(c: &mut Criterion) {
                     method: &Method::GET,
                     path: black_box(path),
                     headers: &headers,
+                    source: None,
                 };
                 black_box(table.select(&parts).is_some())
             });
@@ -167,6 +168,7 @@ fn access_log_line(c: &mut Criterion) {
             "6f1c2e0a-4b7d-4e8f-9a3b-2c1d0e9f8a7b",
         )),
         peer: ([10, 1, 2, 3], 54321).into(),
+        peer_identity: None,
     };
     let mut out = Vec::with_capacity(64 * 1024);
     let mut group = c.benchmark_group("access_log");

@@ -422,6 +422,7 @@ clusters:
             method: &http::Method::GET,
             path: "/",
             headers: &headers,
+            source: None,
         };
         let route = http.table.select(&parts).unwrap();
         assert!(route.forwards);

@@ -540,6 +540,58 @@ async fn allowed_identities_admit_only_the_listed_callers() {
 }
 
 #[tokio::test]
+async fn a_route_can_match_the_callers_spiffe_id_and_the_access_log_names_it() {
+    let pki = mtls_pki();
+    let echo = echo("mtls").await;
+    let log = TempDir::new().unwrap();
+    let log_path = log.path().join("access.log");
+    let config = mtls_config(&pki, echo.local_addr(), "")
+        .replace(
+            "routes: [{ name: all, cluster: echo }]",
+            &format!(
+                "routes: [{{ name: client-only, match: {{ source_identities: [\"{CLIENT_ID}\"] }}, \
+                 direct_response: {{ status: 200, body: \"hello client\" }} }}, \
+                 {{ name: all, cluster: echo }}]"
+            ),
+        )
+        .replace(
+            "admin: {",
+            &format!(
+                "access_log: {{ path: \"{}\" }}\nadmin: {{",
+                log_path.display()
+            ),
+        );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let web = proxy.listener("web");
+    let response = mtls_get(&pki, web, Some((&pki, "client"))).await.unwrap();
+    assert_eq!(body_bytes(response).await.unwrap(), "hello client");
+    // Another caller takes the next route; a forged header changes nothing.
+    let response = mtls_get(&pki, web, Some((&pki, "other"))).await.unwrap();
+    assert_eq!(header(&response, "x-echo-server"), "mtls");
+    let logged = eventually(DEADLINE, || async {
+        std::fs::read_to_string(&log_path)
+            .is_ok_and(|text| text.lines().filter(|l| l.contains("peer_identity")).count() == 2)
+    })
+    .await;
+    assert!(logged, "{:?}", std::fs::read_to_string(&log_path));
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    let first: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+    assert_eq!(first["route"], "client-only");
+    assert_eq!(first["peer_identity"], CLIENT_ID);
+    // Counted by caller.
+    let series = |id: &str| {
+        format!("weft_http_requests_by_source_total{{listener=\"web\",source_identity=\"{id}\"}}")
+    };
+    assert_eq!(proxy.metric(&series(CLIENT_ID)).await, 1.0);
+    assert_eq!(
+        proxy
+            .metric(&series("spiffe://weft.test/ns/default/sa/other"))
+            .await,
+        1.0
+    );
+}
+
+#[tokio::test]
 async fn a_client_sent_forwarded_client_cert_never_reaches_the_upstream() {
     let echo = echo("plain").await;
     let proxy = ProxyProcess::start(&one_route_config(echo.local_addr(), "http1", ""))

@@ -127,6 +127,19 @@ services:
 "#;
     let cases: &[(&str, &str, &[&str])] = &[
         (
+            "a caller identity where no caller has one",
+            r#"
+services:
+  - name: web
+    workloads: [{ name: web-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101" }]
+    routes:
+      - { name: r0, match: { source_identities: ["spiffe://x.org/ns/a/sa/b"] } }
+"#,
+            &[
+                r#"m.yaml: service "web": routes[0].match.source_identities: never matches here: these routes run where the caller has no certificate (use a proxy configuration for an mTLS listener)"#,
+            ],
+        ),
+        (
             "unknown version in a split",
             r#"
 services:

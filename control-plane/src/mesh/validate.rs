@@ -303,6 +303,7 @@ fn check_service(
     for (i, route) in spec.routes.iter().enumerate() {
         let at = format!("routes[{i}]");
         check_route_name(report, &format!("{at}.name"), &route.name);
+        check_no_source_match(report, &at, route.matcher.as_ref());
         if !route_names.insert(route.name.as_str()) {
             report.error(
                 format!("{at}.name"),
@@ -355,6 +356,7 @@ fn check_gateway(
         for (ri, route) in listener.routes.iter().enumerate() {
             let at = format!("{at}.routes[{ri}]");
             check_route_name(report, &format!("{at}.name"), &route.name);
+            check_no_source_match(report, &at, route.matcher.as_ref());
             if !route_names.insert(route.name.as_str()) {
                 report.error(
                     format!("{at}.name"),
@@ -479,6 +481,22 @@ fn check_identity(report: &mut Report<'_>, namespace: Option<&str>, service_acco
 }
 
 /// Route and listener names follow the proxy's resource-name rule.
+/// Service routes run in the callers' sidecars, whose client is the local
+/// application, and gateway listeners take clients without certificates:
+/// neither knows a caller identity, so a condition on one would never hold.
+fn check_no_source_match(
+    report: &mut Report<'_>,
+    at: &str,
+    matcher: Option<&weft_proxy::config::RouteMatchSpec>,
+) {
+    if matcher.is_some_and(|m| m.source_identities.is_some()) {
+        report.error(
+            format!("{at}.match.source_identities"),
+            "never matches here: these routes run where the caller has no certificate (use a proxy configuration for an mTLS listener)",
+        );
+    }
+}
+
 fn check_route_name(report: &mut Report<'_>, field: &str, value: &str) {
     if !weft_proxy::config::is_valid_name(value) {
         report.error(

@@ -230,6 +230,29 @@ pub struct RouteMatch {
     pub methods: Vec<Method>,
     /// Header conditions.
     pub headers: Vec<HeaderMatch>,
+    /// The caller's SPIFFE ID is one of these; empty allows any caller
+    /// (with or without an identity).
+    pub source_identities: Vec<IdentityMatch>,
+}
+
+/// A condition on the caller's SPIFFE ID.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentityMatch {
+    /// Exactly this ID.
+    Exact(Arc<str>),
+    /// Any ID under this path (written `spiffe://td/prefix/*`; kept with
+    /// its final `/`).
+    Prefix(Arc<str>),
+}
+
+impl IdentityMatch {
+    /// Whether `id` satisfies the condition.
+    pub fn matches(&self, id: &str) -> bool {
+        match self {
+            Self::Exact(want) => **want == *id,
+            Self::Prefix(prefix) => id.starts_with(&**prefix),
+        }
+    }
 }
 
 /// A path condition (the query string is never part of the path).

@@ -433,6 +433,7 @@ fn route_to_proto(spec: &RouteSpec) -> pb::Route {
             exact: m.exact.clone(),
             regex: m.regex.clone(),
             methods: m.methods.clone().unwrap_or_default(),
+            source_identities: m.source_identities.clone().unwrap_or_default(),
             headers: m
                 .headers
                 .iter()
@@ -528,6 +529,7 @@ fn route_from_proto(check: &mut Checker, vi: usize, ri: usize, route: pb::Route)
             exact: m.exact,
             regex: m.regex,
             methods: non_empty(m.methods),
+            source_identities: non_empty(m.source_identities),
             headers: non_empty(
                 m.headers
                     .into_iter()

@@ -261,6 +261,10 @@ pub struct RouteMatchSpec {
     /// Each header condition holds.
     #[serde(default)]
     pub headers: Option<Vec<HeaderMatchSpec>>,
+    /// The caller proved one of these SPIFFE IDs (`spiffe://td/path`, or
+    /// `spiffe://td/prefix/*`) with its client certificate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identities: Option<Vec<String>>,
 }
 
 /// One header condition.

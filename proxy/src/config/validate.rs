@@ -824,6 +824,25 @@ fn validate_route(
             ),
         }
     }
+    let mut source_identities = Vec::new();
+    for (i, id) in m.source_identities.iter().flatten().enumerate() {
+        let field = format!("{at}.match.source_identities[{i}]");
+        // `spiffe://td/path/*`: every ID under the path (kept with its `/`).
+        let prefix = id.strip_suffix('*').filter(|p| p.ends_with('/'));
+        let base = prefix.unwrap_or(id);
+        if base.contains('*') {
+            check.error(
+                field,
+                format!("{id:?}: a wildcard is allowed only as the whole last segment (spiffe://<trust-domain>/<path>/*)"),
+            );
+        } else if let Some(prefix) = prefix {
+            if spiffe_field(check, &field, &format!("{prefix}x")).is_some() {
+                source_identities.push(IdentityMatch::Prefix(Arc::from(prefix)));
+            }
+        } else if let Some(id) = spiffe_field(check, &field, id) {
+            source_identities.push(IdentityMatch::Exact(id));
+        }
+    }
     let mut headers = Vec::new();
     for (i, header) in m.headers.iter().flatten().enumerate() {
         if let Some(h) = validate_header_match(check, &format!("{at}.match.headers[{i}]"), header) {
@@ -940,6 +959,7 @@ fn validate_route(
             path: path?,
             methods,
             headers,
+            source_identities,
         },
         action: action?,
         prefix_rewrite: spec.prefix_rewrite.as_deref().map(Box::from),

@@ -38,6 +38,8 @@ pub struct RequestParts<'a> {
     pub path: &'a str,
     /// Request headers.
     pub headers: &'a HeaderMap,
+    /// The SPIFFE ID the caller proved with its client certificate.
+    pub source: Option<&'a str>,
 }
 
 impl<T> RouteTable<T> {
@@ -130,6 +132,10 @@ fn matches(m: &RouteMatch, parts: &RequestParts<'_>) -> bool {
     };
     path_ok
         && (m.methods.is_empty() || m.methods.contains(parts.method))
+        && (m.source_identities.is_empty()
+            || parts
+                .source
+                .is_some_and(|id| m.source_identities.iter().any(|want| want.matches(id))))
         && m.headers.iter().all(|h| {
             let mut values = parts.headers.get_all(&h.name).iter();
             match &h.kind {
@@ -176,6 +182,78 @@ route_configs:
     fn table() -> RouteTable<String> {
         let config = Config::from_yaml(ROUTES, "test").unwrap();
         RouteTable::new(&config.route_configs[0], |_, r| r.name.to_string())
+    }
+
+    #[test]
+    fn a_route_can_take_only_some_callers_by_spiffe_id() {
+        let config = Config::from_yaml(
+            r#"
+clusters: [{ name: c, endpoints: [{ address: "127.0.0.1:1" }] }]
+route_configs:
+  - name: r
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - { name: admin, match: { prefix: /, source_identities: ["spiffe://example.org/ns/ops/sa/admin"] }, cluster: c }
+          - { name: shop, match: { prefix: /, source_identities: ["spiffe://example.org/ns/shop/*"] }, cluster: c }
+          - { name: rest, cluster: c }
+"#,
+            "test",
+        )
+        .unwrap();
+        let table = RouteTable::new(&config.route_configs[0], |_, r| r.name.to_string());
+        let headers = HeaderMap::new();
+        let select = |source: Option<&str>| {
+            let parts = RequestParts {
+                host: "a",
+                method: &Method::GET,
+                path: "/",
+                headers: &headers,
+                source,
+            };
+            table.select(&parts).cloned()
+        };
+        let route = |id: &str| select(Some(id));
+        assert_eq!(
+            route("spiffe://example.org/ns/ops/sa/admin").as_deref(),
+            Some("admin")
+        );
+        assert_eq!(
+            route("spiffe://example.org/ns/shop/sa/web").as_deref(),
+            Some("shop")
+        );
+        assert_eq!(
+            route("spiffe://example.org/ns/shopping/sa/x").as_deref(),
+            Some("rest")
+        );
+        assert_eq!(
+            route("spiffe://other.org/ns/shop/sa/web").as_deref(),
+            Some("rest")
+        );
+        assert_eq!(
+            select(None).as_deref(),
+            Some("rest"),
+            "no identity, no match"
+        );
+
+        for (bad, why) in [
+            ("spiffe://example.org/ns/*/sa/x", "wildcard"),
+            ("spiffe://example.org/ns*", "wildcard"),
+            ("web", "not a SPIFFE ID"),
+        ] {
+            let yaml = format!(
+                "clusters: [{{ name: c, endpoints: [{{ address: \"127.0.0.1:1\" }}] }}]\n\
+                 route_configs: [{{ name: r, virtual_hosts: [{{ name: a, domains: [\"*\"], routes: [\
+                 {{ name: x, match: {{ source_identities: [\"{bad}\"] }}, cluster: c }}] }}] }}]\n"
+            );
+            let error = Config::from_yaml(&yaml, "t").unwrap_err().to_string();
+            assert!(
+                error.contains("match.source_identities[0]"),
+                "{bad}: {error}"
+            );
+            assert!(error.contains(why), "{bad}: {error}");
+        }
     }
 
     #[test]
@@ -304,6 +382,7 @@ route_configs:
                 method: &method,
                 path,
                 headers: &headers,
+                source: None,
             };
             assert_eq!(
                 table.select(&parts).map(String::as_str),

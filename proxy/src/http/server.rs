@@ -47,6 +47,11 @@ struct Connection {
     is_tls: bool,
     /// `x-forwarded-client-cert` for a client that proved a SPIFFE ID.
     client_cert: Option<HeaderValue>,
+    /// The SPIFFE ID the client proved (mutual TLS): for routing and the
+    /// access log.
+    peer_id: Option<Arc<str>>,
+    /// Its request counter on this listener.
+    source_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
     shared: Shared,
     drain: Drain,
     state: Arc<ConnState>,
@@ -128,6 +133,8 @@ pub(crate) async fn serve(
         peer_expiry: io.peer_not_after().map(instant_of),
         metrics: listener.metrics.clone(),
         is_tls: io.is_tls(),
+        peer_id: io.peer_identity().cloned(),
+        source_requests: io.peer_identity().map(|id| listener.metrics.source(id)),
         client_cert: io
             .peer_identity()
             .and_then(|peer| headers::client_cert_value(settings.tls.as_deref(), peer)),
@@ -440,6 +447,7 @@ fn rejected(conn: &Connection, error: &hyper::Error) {
             duration: Duration::ZERO,
             request_id: None,
             peer: conn.peer,
+            peer_identity: conn.peer_id.clone(),
         });
     }
 }
@@ -497,6 +505,7 @@ async fn handle(
                 duration: Duration::ZERO,
                 request_id: None,
                 peer: conn.peer,
+                peer_identity: conn.peer_id.clone(),
             }),
         )
     });
@@ -544,6 +553,9 @@ async fn route_and_forward(
     outcome: &mut Outcome,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let settings = &listener.config;
+    if let Some(requests) = &conn.source_requests {
+        requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
     if req.headers().len() > settings.max_request_headers as usize
         || headers::header_list_size(req.headers()) > settings.max_request_headers_bytes as usize
     {
@@ -559,6 +571,7 @@ async fn route_and_forward(
             method: req.method(),
             path: req.uri().path(),
             headers: req.headers(),
+            source: conn.peer_id.as_deref(),
         };
         listener
             .table

@@ -52,6 +52,8 @@ pub struct AccessRecord {
     pub request_id: Option<HeaderValue>,
     /// The client's address.
     pub peer: SocketAddr,
+    /// The SPIFFE ID the client proved with its certificate (mutual TLS).
+    pub peer_identity: Option<Arc<str>>,
 }
 
 impl AccessRecord {
@@ -124,7 +126,12 @@ impl AccessRecord {
             micros % 1000
         )?;
         json_string(out, request_id)?;
-        writeln!(out, ",\"peer\":\"{}\"}}", self.peer)
+        write!(out, ",\"peer\":\"{}\"", self.peer)?;
+        if let Some(id) = &self.peer_identity {
+            out.write_all(b",\"peer_identity\":")?;
+            json_string(out, id)?;
+        }
+        out.write_all(b"}\n")
     }
 }
 
@@ -279,6 +286,7 @@ mod tests {
             duration: Duration::from_micros(1500),
             request_id: Some(HeaderValue::from_static("abc")),
             peer: "127.0.0.1:5555".parse().unwrap(),
+            peer_identity: Some("spiffe://example.org/ns/a/sa/\"web\"".into()),
         }
     }
 
@@ -319,6 +327,10 @@ mod tests {
         assert_eq!(json["duration_ms"], 1.5);
         assert_eq!(json["time"], "1970-01-01T00:00:00.000Z");
         assert_eq!(json["peer"], "127.0.0.1:5555");
+        assert_eq!(
+            json["peer_identity"],
+            "spiffe://example.org/ns/a/sa/\"web\""
+        );
         assert_eq!(json["request_id"], "abc");
     }
 
@@ -358,6 +370,7 @@ mod tests {
             duration: Duration::from_nanos(2_345_678),
             request_id: None,
             peer: "[::1]:5555".parse().unwrap(),
+            peer_identity: None,
         };
         let mut out = Vec::new();
         record.write_line(&mut out).unwrap();
@@ -372,5 +385,6 @@ mod tests {
         assert_eq!(json["duration_ms"], 2.345);
         assert_eq!(json["request_id"], "");
         assert_eq!(json["peer"], "[::1]:5555");
+        assert!(json.get("peer_identity").is_none());
     }
 }

@@ -102,6 +102,31 @@ pub struct ListenerMetrics {
     /// Requests the HTTP/1 parser rejected as too large (answered 431,
     /// or 414 for a request target past 64 KiB).
     pub rejected_too_large: AtomicU64,
+    /// Requests by the SPIFFE ID the client proved, for the first
+    /// [`MAX_SOURCES`] identities; the rest under `other`.
+    sources: Mutex<BTreeMap<Arc<str>, Arc<AtomicU64>>>,
+}
+
+/// Distinct caller identities counted per listener: a gateway that takes
+/// client certificates from outside the mesh cannot grow `/metrics`
+/// without bound.
+pub(crate) const MAX_SOURCES: usize = 1024;
+
+impl ListenerMetrics {
+    /// The request counter of callers proving `identity` on this
+    /// listener; looked up once per connection.
+    pub fn source(&self, identity: &Arc<str>) -> Arc<AtomicU64> {
+        let mut sources = self.sources.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(counter) = sources.get(identity) {
+            return counter.clone();
+        }
+        let key = if sources.len() < MAX_SOURCES {
+            identity.clone()
+        } else {
+            Arc::from("other")
+        };
+        sources.entry(key).or_default().clone()
+    }
 }
 
 /// Per-cluster upstream counters.
@@ -291,6 +316,20 @@ impl Metrics {
                 );
             }
         }
+        out.push_str("# HELP weft_http_requests_by_source_total HTTP requests on mutual-TLS connections, by listener and the SPIFFE ID the client proved.\n");
+        out.push_str("# TYPE weft_http_requests_by_source_total counter\n");
+        for (listener, m) in &registry.listeners {
+            let sources = m.sources.lock().unwrap_or_else(PoisonError::into_inner);
+            for (source, count) in sources.iter() {
+                let _ = writeln!(
+                    out,
+                    "weft_http_requests_by_source_total{{listener=\"{}\",source_identity=\"{}\"}} {}",
+                    escape(listener),
+                    escape(source),
+                    counter(count)
+                );
+            }
+        }
         out.push_str("# HELP weft_downstream_rejected_requests_total Requests the HTTP parser rejected before routing, by reason.\n");
         out.push_str("# TYPE weft_downstream_rejected_requests_total counter\n");
         for (listener, m) in &registry.listeners {
@@ -369,6 +408,21 @@ pub(crate) fn escape(value: &str) -> std::borrow::Cow<'_, str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn callers_are_counted_by_identity_up_to_a_cap() {
+        let listener = ListenerMetrics::default();
+        let web: Arc<str> = "spiffe://example.org/ns/a/sa/web".into();
+        listener.source(&web).fetch_add(1, Relaxed);
+        listener.source(&web).fetch_add(1, Relaxed);
+        for i in 1..MAX_SOURCES + 10 {
+            listener.source(&Arc::from(format!("spiffe://example.org/ns/a/sa/{i}")));
+        }
+        let sources = listener.sources.lock().unwrap();
+        assert_eq!(sources.len(), MAX_SOURCES + 1, "the cap, and `other`");
+        assert_eq!(sources[&web].load(Relaxed), 2);
+        assert!(sources.contains_key("other"));
+    }
 
     #[test]
     fn series_nothing_holds_are_pruned_and_the_rest_kept() {

@@ -249,6 +249,7 @@ fn full_route_configuration() -> pb::RouteConfiguration {
                         exact: Some("/users".into()),
                         regex: Some("/users/[0-9]+".into()),
                         methods: vec!["GET".into()],
+                        source_identities: vec!["spiffe://example.org/ns/shop/*".into()],
                         headers: vec![pb::HeaderMatch {
                             name: "x-env".into(),
                             exact: Some("canary".into()),
