@@ -186,6 +186,7 @@ impl Config {
                 protocol: None,
                 route_config: Some("default".into()),
                 cluster: None,
+                sni_routes: None,
                 max_connections: None,
                 header_read_timeout: None,
                 idle_timeout: None,

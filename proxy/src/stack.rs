@@ -105,7 +105,10 @@ pub(crate) struct HttpListener {
 #[derive(Debug)]
 pub(crate) struct TcpListener {
     pub(crate) config: config::Listener,
-    pub(crate) cluster: Arc<ClusterState>,
+    /// Where connections go (with SNI routes: those no route takes).
+    pub(crate) cluster: Option<Arc<ClusterState>>,
+    /// TLS passthrough routes, first match wins.
+    pub(crate) sni_routes: Vec<(config::SniRoute, Arc<ClusterState>)>,
     pub(crate) metrics: Arc<ListenerMetrics>,
     /// How long a connection may outlive the drain signal.
     pub(crate) drain_timeout: std::time::Duration,
@@ -255,9 +258,16 @@ pub(crate) fn build(
     let prepared = config.listeners.iter().map(|listener| {
         let listener_metrics = metrics.listener(&listener.name);
         match &listener.kind {
-            ListenerKind::Tcp { cluster: name } => ListenerSnapshot::Tcp(Arc::new(TcpListener {
+            ListenerKind::Tcp {
+                cluster: name,
+                sni_routes,
+            } => ListenerSnapshot::Tcp(Arc::new(TcpListener {
                 config: listener.clone(),
-                cluster: cluster(name),
+                cluster: name.as_deref().map(cluster),
+                sni_routes: sni_routes
+                    .iter()
+                    .map(|route| (route.clone(), cluster(&route.cluster)))
+                    .collect(),
                 metrics: listener_metrics,
                 drain_timeout: config.drain_timeout,
             })),

@@ -52,7 +52,48 @@ pub(crate) async fn proxy(
     drain: Drain,
 ) {
     let name = &listener.config.name;
-    let endpoint = match listener.cluster.pick() {
+    // TLS passthrough: the ClientHello's server name picks the cluster;
+    // its bytes are replayed to the upstream before anything else.
+    let (cluster, hello) = if listener.sni_routes.is_empty() {
+        (listener.cluster.clone(), Vec::new())
+    } else {
+        let Some(client) = downstream.as_tcp_mut() else {
+            return;
+        };
+        let (hello, server_name) = match tokio::time::timeout(
+            CLIENT_HELLO_TIMEOUT,
+            read_client_hello(client),
+        )
+        .await
+        {
+            Ok(Ok(read)) => read,
+            Ok(Err(error)) => {
+                tracing::debug!(listener = %name, peer.addr = %peer, %error, "tls passthrough: no ClientHello");
+                listener.metrics.sni_unrouted.fetch_add(1, Relaxed);
+                return;
+            }
+            Err(_) => {
+                tracing::debug!(listener = %name, peer.addr = %peer, "tls passthrough: no ClientHello in time");
+                listener.metrics.sni_unrouted.fetch_add(1, Relaxed);
+                return;
+            }
+        };
+        let routed = server_name.as_deref().and_then(|sni| {
+            listener
+                .sni_routes
+                .iter()
+                .find(|(route, _)| route.matches(sni))
+                .map(|(_, cluster)| cluster.clone())
+        });
+        tracing::debug!(listener = %name, peer.addr = %peer, sni = ?server_name, routed = routed.is_some(), "tls passthrough");
+        (routed.or_else(|| listener.cluster.clone()), hello)
+    };
+    let Some(cluster) = cluster else {
+        listener.metrics.sni_unrouted.fetch_add(1, Relaxed);
+        tracing::debug!(listener = %name, peer.addr = %peer, "tls passthrough: no route for this server name; closing");
+        return;
+    };
+    let endpoint = match cluster.pick() {
         Ok(endpoint) => endpoint,
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection refused");
@@ -70,6 +111,16 @@ pub(crate) async fn proxy(
         }
     };
     let metrics = &listener.metrics;
+    if !hello.is_empty() {
+        use tokio::io::AsyncWriteExt as _;
+        if let Err(error) = upstream.write_all(&hello).await {
+            tracing::debug!(listener = %name, peer.addr = %peer, %error, "tls passthrough: upstream write failed");
+            return;
+        }
+        metrics
+            .bytes_received
+            .fetch_add(hello.len() as u64, Relaxed);
+    }
     let idle_timeout = listener.config.idle_timeout;
     let ended =
         if let (Some(client), Some(server)) = (downstream.as_tcp_mut(), upstream.as_tcp_mut()) {
@@ -105,6 +156,63 @@ pub(crate) async fn proxy(
         }
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection ended with an error");
+        }
+    }
+}
+
+/// How long a passthrough client has to send its ClientHello.
+const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// The most bytes read looking for a ClientHello (a handshake message is
+/// at most 16 MiB in theory; real ones, post-quantum key shares included,
+/// fit in a few KiB).
+const CLIENT_HELLO_MAX_BYTES: usize = 64 * 1024;
+
+/// Why no server name could be read.
+#[derive(Debug, thiserror::Error)]
+enum HelloError {
+    #[error("reading: {0}")]
+    Io(#[from] io::Error),
+    #[error("the client closed before its ClientHello was complete")]
+    Closed,
+    #[error("not a TLS ClientHello: {0}")]
+    NotTls(rustls::Error),
+    #[error("the ClientHello is larger than {CLIENT_HELLO_MAX_BYTES} bytes")]
+    TooLarge,
+}
+
+/// Reads a TLS ClientHello (rustls parses it; nothing is answered) and
+/// returns the bytes read, to be replayed upstream, and the server name
+/// (lower-case), if the client sent one.
+async fn read_client_hello(
+    client: &mut TcpStream,
+) -> Result<(Vec<u8>, Option<String>), HelloError> {
+    use tokio::io::AsyncReadExt as _;
+    let mut acceptor = rustls::server::Acceptor::default();
+    let mut read = Vec::new();
+    let mut chunk = [0_u8; 4096];
+    loop {
+        let n = client.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(HelloError::Closed);
+        }
+        read.extend_from_slice(&chunk[..n]);
+        let mut fresh = &chunk[..n];
+        while !fresh.is_empty() {
+            if acceptor.read_tls(&mut fresh)? == 0 {
+                return Err(HelloError::TooLarge);
+            }
+        }
+        match acceptor.accept() {
+            Ok(Some(accepted)) => {
+                let name = accepted
+                    .client_hello()
+                    .server_name()
+                    .map(str::to_ascii_lowercase);
+                return Ok((read, name));
+            }
+            Ok(None) if read.len() > CLIENT_HELLO_MAX_BYTES => return Err(HelloError::TooLarge),
+            Ok(None) => {}
+            Err((error, _)) => return Err(HelloError::NotTls(error)),
         }
     }
 }

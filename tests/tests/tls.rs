@@ -942,3 +942,103 @@ async fn a_renewed_certificate_file_is_served_without_a_restart_and_a_bad_one_is
     );
     assert_eq!(&served().await, pki.leaf("renewed"));
 }
+
+// Multi-threaded: the echo upstreams live in this process and must answer
+// while curl runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tcp_listeners_pass_tls_through_to_the_cluster_its_sni_names() {
+    let pki = standard_pki();
+    let (echo_a, echo_b) = (echo("a").await, echo("b").await);
+    // Two TLS backends (weft proxies terminating TLS), each before its echo.
+    let backend_a = ProxyProcess::start(&tls_config(&pki, echo_a.local_addr()))
+        .await
+        .unwrap();
+    let backend_b = ProxyProcess::start(&tls_config(&pki, echo_b.local_addr()))
+        .await
+        .unwrap();
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - name: edge
+    address: "127.0.0.1:0"
+    protocol: tcp
+    sni_routes:
+      - {{ server_names: [api.example.com], cluster: a }}
+      - {{ server_names: ["*.example.com"], cluster: b }}
+clusters:
+  - {{ name: a, endpoints: [{{ address: "{a}" }}] }}
+  - {{ name: b, endpoints: [{{ address: "{b}" }}] }}
+"#,
+        a = backend_a.listener("web"),
+        b = backend_b.listener("web"),
+    );
+    let edge = ProxyProcess::start(&config).await.unwrap();
+    let addr = edge.listener("edge");
+
+    for (name, leaf, server) in [
+        ("api.example.com", "api", "a"),
+        ("www.example.com", "wild", "b"),
+    ] {
+        // The certificate is the backend's: the edge did not terminate.
+        let stream = tls_connect(&pki, addr, name, &[b"http/1.1"]).await;
+        assert_eq!(
+            &stream.get_ref().1.peer_certificates().unwrap()[0],
+            pki.leaf(leaf)
+        );
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let response = sender
+            .send_request(request(name, http::Version::HTTP_11))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(header(&response, "x-echo-server"), server);
+    }
+
+    // curl agrees, through the edge, verifying the backend's certificate.
+    let output = std::process::Command::new("curl")
+        .args([
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--max-time",
+            "5",
+        ])
+        .arg("--cacert")
+        .arg(pki.path("ca.pem"))
+        .arg("--resolve")
+        .arg(format!("www.example.com:{}:127.0.0.1", addr.port()))
+        .arg(format!("https://www.example.com:{}/", addr.port()))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout),
+        "200",
+        "{output:?}\n{}",
+        edge.log()
+    );
+
+    // A name no route takes, and a client that does not speak TLS: closed
+    // and counted.
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("other.org").unwrap();
+    assert!(pki.client(&[]).connect(name, tcp).await.is_err());
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, plain.read_to_end(&mut rest)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?} {rest:?}");
+    assert_eq!(
+        edge.metric("weft_downstream_tls_passthrough_unrouted_total{listener=\"edge\"}")
+            .await,
+        2.0
+    );
+}

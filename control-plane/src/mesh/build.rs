@@ -451,6 +451,7 @@ fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
         protocol: None,
         route_config: Some(name.into()),
         cluster: None,
+        sni_routes: None,
         max_connections: None,
         header_read_timeout: None,
         idle_timeout: None,

@@ -162,11 +162,35 @@ pub enum ListenerKind {
         /// Route configuration name.
         route_config: Arc<str>,
     },
-    /// Opaque TCP forwarded to this cluster.
+    /// Opaque TCP forwarded to a cluster.
     Tcp {
-        /// Cluster name.
-        cluster: Arc<str>,
+        /// The cluster (with `sni_routes`: of connections no route takes;
+        /// none: they are closed).
+        cluster: Option<Arc<str>>,
+        /// TLS passthrough: the first route whose names match the
+        /// ClientHello's SNI takes the connection.
+        sni_routes: Vec<SniRoute>,
     },
+}
+
+/// A TLS passthrough route.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SniRoute {
+    /// Server names.
+    pub server_names: Vec<DomainMatch>,
+    /// Cluster name.
+    pub cluster: Arc<str>,
+}
+
+impl SniRoute {
+    /// Whether `sni` (lower-case) is one of the route's names.
+    pub fn matches(&self, sni: &str) -> bool {
+        self.server_names.iter().any(|name| match name {
+            DomainMatch::Exact(host) => **host == *sni,
+            DomainMatch::Suffix(suffix) => sni.ends_with(&**suffix),
+            DomainMatch::Any => true,
+        })
+    }
 }
 
 /// A named routing table.

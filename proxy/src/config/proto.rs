@@ -28,7 +28,8 @@ use weft_proto::prost_types;
 use super::spec::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec,
     HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec,
-    RouteSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
+    RouteSpec, SniRouteSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
+    WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -341,6 +342,15 @@ impl From<&ListenerSpec> for pb::Listener {
             via: spec.via.clone(),
             xff_num_trusted_hops: spec.xff_num_trusted_hops,
             preserve_request_id: spec.preserve_request_id,
+            sni_routes: spec
+                .sni_routes
+                .iter()
+                .flatten()
+                .map(|r| pb::SniRoute {
+                    server_names: r.server_names.clone(),
+                    cluster: r.cluster.clone(),
+                })
+                .collect(),
             tls: spec.tls.as_ref().map(|tls| pb::ListenerTls {
                 certificates: tls
                     .certificates
@@ -387,6 +397,16 @@ impl TryFrom<pb::Listener> for ListenerSpec {
             via: listener.via,
             xff_num_trusted_hops: listener.xff_num_trusted_hops,
             preserve_request_id: listener.preserve_request_id,
+            sni_routes: non_empty(
+                listener
+                    .sni_routes
+                    .into_iter()
+                    .map(|r| SniRouteSpec {
+                        server_names: r.server_names,
+                        cluster: r.cluster,
+                    })
+                    .collect(),
+            ),
             tls: listener.tls.map(|tls| ListenerTlsSpec {
                 certificates: tls
                     .certificates

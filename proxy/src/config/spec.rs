@@ -44,6 +44,16 @@ pub struct BootstrapSpec {
     pub trust_bundles: Vec<TrustBundleSpec>,
 }
 
+/// One TLS passthrough route of a TCP listener.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SniRouteSpec {
+    /// `example.com`, `*.example.com` or `*`.
+    pub server_names: Vec<String>,
+    /// Where the connection goes.
+    pub cluster: String,
+}
+
 /// The roots of one trust domain: peers whose SPIFFE ID names this domain
 /// are verified against them and nothing else.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -98,9 +108,14 @@ pub struct ListenerSpec {
     /// HTTP listeners: the route configuration to route with.
     #[serde(default)]
     pub route_config: Option<String>,
-    /// TCP listeners: the cluster to forward connections to.
+    /// TCP listeners: the cluster to forward connections to (with
+    /// `sni_routes`, those no route takes).
     #[serde(default)]
     pub cluster: Option<String>,
+    /// TCP listeners: TLS passed through unterminated, to a cluster chosen
+    /// by the ClientHello's server name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni_routes: Option<Vec<SniRouteSpec>>,
     /// Connections above this wait in the kernel's accept queue.
     #[serde(default)]
     pub max_connections: Option<u32>,

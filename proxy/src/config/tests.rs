@@ -362,3 +362,57 @@ fn drain_delay_defaults_to_five_seconds_and_is_bounded() {
         "{error}"
     );
 }
+
+#[test]
+fn tls_passthrough_routes_are_checked() {
+    let base = |listener: &str| {
+        format!(
+            "clusters: [{{ name: a, endpoints: [{{ address: \"127.0.0.1:1\" }}] }}]\n\
+             listeners: [{listener}]\n"
+        )
+    };
+    let ok = base(
+        "{ name: edge, address: \"127.0.0.1:0\", protocol: tcp, \
+         sni_routes: [{ server_names: [API.example.com, \"*.example.org\"], cluster: a }] }",
+    );
+    let config = Config::from_yaml(&ok, "test").unwrap();
+    let ListenerKind::Tcp {
+        cluster,
+        sni_routes,
+    } = &config.listeners[0].kind
+    else {
+        panic!("a tcp listener")
+    };
+    assert!(cluster.is_none());
+    assert!(
+        sni_routes[0].matches("api.example.com"),
+        "names are lower-cased"
+    );
+    assert!(sni_routes[0].matches("www.example.org"));
+    assert!(!sni_routes[0].matches("example.org"));
+
+    for (listener, want) in [
+        (
+            "{ name: edge, address: \"127.0.0.1:0\", protocol: tcp, sni_routes: [] }",
+            r#"listener "edge": sni_routes: must list at least one route"#,
+        ),
+        (
+            "{ name: edge, address: \"127.0.0.1:0\", protocol: tcp, sni_routes: [{ server_names: [\"a:443\"], cluster: a }] }",
+            r#"listener "edge": sni_routes[0].server_names[0]: invalid server name "a:443""#,
+        ),
+        (
+            "{ name: edge, address: \"127.0.0.1:0\", protocol: tcp, sni_routes: [{ server_names: [a.com], cluster: nope }] }",
+            r#"listener "edge": sni_routes[0].cluster: unknown cluster "nope""#,
+        ),
+        (
+            "{ name: edge, address: \"127.0.0.1:0\", route_config: r, sni_routes: [{ server_names: [a.com], cluster: a }] }",
+            r#"listener "edge": sni_routes: applies to tcp listeners only"#,
+        ),
+    ] {
+        let errors = errors_of(&base(listener));
+        assert!(
+            errors.iter().any(|e| e.starts_with(want)),
+            "{listener}: {errors:?}"
+        );
+    }
+}

@@ -366,6 +366,9 @@ fn validate_listener(
                     "only tcp listeners name a cluster; http listeners use route_config",
                 );
             }
+            if spec.sni_routes.is_some() {
+                check.error("sni_routes", "applies to tcp listeners only");
+            }
             match spec.route_config.as_deref() {
                 None => {
                     check.error("route_config", "required for an http listener");
@@ -407,18 +410,66 @@ fn validate_listener(
                     check.error(field, "applies to http listeners only");
                 }
             }
-            match spec.cluster.as_deref() {
-                None => {
-                    check.error("cluster", "required for a tcp listener");
+            let mut sni_routes = Vec::new();
+            let mut routes_ok = true;
+            for (i, route) in spec.sni_routes.iter().flatten().enumerate() {
+                let at = format!("sni_routes[{i}]");
+                let mut server_names = Vec::new();
+                if route.server_names.is_empty() {
+                    check.error(format!("{at}.server_names"), "must list at least one name");
+                    routes_ok = false;
+                }
+                for (j, name) in route.server_names.iter().enumerate() {
+                    match parse_domain(&name.to_ascii_lowercase()) {
+                        Some(parsed) => server_names.push(parsed),
+                        None => {
+                            check.error(
+                                format!("{at}.server_names[{j}]"),
+                                format!(
+                                    "invalid server name {name:?} (expected host, *.suffix or *)"
+                                ),
+                            );
+                            routes_ok = false;
+                        }
+                    }
+                }
+                if !cluster_names.contains(route.cluster.as_str()) {
+                    check.unresolved(
+                        format!("{at}.cluster"),
+                        format!("unknown cluster {:?}", route.cluster),
+                    );
+                    routes_ok = false;
+                }
+                sni_routes.push(SniRoute {
+                    server_names,
+                    cluster: route.cluster.as_str().into(),
+                });
+            }
+            if spec.sni_routes.as_ref().is_some_and(Vec::is_empty) {
+                check.error(
+                    "sni_routes",
+                    "must list at least one route (omit it to forward every connection to cluster)",
+                );
+                routes_ok = false;
+            }
+            let cluster = match spec.cluster.as_deref() {
+                None if sni_routes.is_empty() => {
+                    check.error("cluster", "required for a tcp listener (or sni_routes)");
                     None
                 }
+                None => Some(None),
                 Some(name) if !cluster_names.contains(name) => {
                     check.unresolved("cluster", format!("unknown cluster {name:?}"));
                     None
                 }
-                Some(name) => Some(ListenerKind::Tcp {
-                    cluster: name.into(),
+                Some(name) => Some(Some(Arc::from(name))),
+            };
+            match cluster {
+                Some(cluster) if routes_ok => Some(ListenerKind::Tcp {
+                    cluster,
+                    sni_routes,
                 }),
+                _ => None,
             }
         }
         other => {

@@ -97,6 +97,9 @@ pub struct ListenerMetrics {
     pub tls_peer_refused: AtomicU64,
     /// Connections closed because the client's certificate expired.
     pub tls_peer_expired: AtomicU64,
+    /// TLS passthrough connections closed without a route: no ClientHello,
+    /// or a server name no route takes and no default cluster.
+    pub sni_unrouted: AtomicU64,
     /// Requests the HTTP/1 parser rejected as malformed (answered 400).
     pub rejected_malformed: AtomicU64,
     /// Requests the HTTP/1 parser rejected as too large (answered 431,
@@ -261,7 +264,7 @@ impl Metrics {
             m.duration
                 .render(&mut out, "weft_http_request_duration_seconds", &labels);
         }
-        let listener_series: [Series<ListenerMetrics>; 7] = [
+        let listener_series: [Series<ListenerMetrics>; 8] = [
             (
                 "weft_downstream_connections_active",
                 "gauge",
@@ -303,6 +306,12 @@ impl Metrics {
                 "counter",
                 "Client connections closed because the client's certificate expired.",
                 |m| counter(&m.tls_peer_expired),
+            ),
+            (
+                "weft_downstream_tls_passthrough_unrouted_total",
+                "counter",
+                "TLS passthrough connections closed without a route (no ClientHello, or a server name no route takes).",
+                |m| counter(&m.sni_unrouted),
             ),
         ];
         for (name, kind, help, read) in listener_series {

@@ -141,6 +141,7 @@ fn unset_optional_fields_stay_unset() {
         protocol: None,
         route_config: None,
         cluster: None,
+        sni_routes: None,
         max_connections: None,
         header_read_timeout: None,
         idle_timeout: None,
@@ -311,6 +312,10 @@ fn protos_round_trip_through_the_spec() {
         protocol: Some("http".into()),
         route_config: Some("main".into()),
         cluster: Some("users".into()),
+        sni_routes: vec![pb::SniRoute {
+            server_names: vec!["*.example.com".into()],
+            cluster: "users".into(),
+        }],
         max_connections: Some(10),
         header_read_timeout: Some(prost_types::Duration {
             seconds: 5,
