@@ -198,7 +198,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .collect::<Vec<_>>(),
         ),
         "/clusters" => json(&clusters(state)),
-        "/certs" => json(&certs(&state.identities)),
+        "/certs" => json(&certs(&state.identities, &state.shared.load().config)),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found; try /ready /live /metrics /config_dump /listeners /clusters /certs\n"
@@ -282,11 +282,46 @@ fn json(value: &impl Serialize) -> Response<Full<Bytes>> {
 }
 
 /// `/certs`: the workload certificates held (identity, serial, validity;
-/// never a key) and the trust bundles.
-fn certs(identities: &crate::identity::Identities) -> serde_json::Value {
+/// never a key), the trust bundles, and the certificates listeners serve
+/// from files.
+fn certs(
+    identities: &crate::identity::Identities,
+    config: &crate::config::Config,
+) -> serde_json::Value {
     let time = |t: std::time::SystemTime| humantime::format_rfc3339_seconds(t).to_string();
     let now = std::time::SystemTime::now();
+    let served: Vec<serde_json::Value> = config
+        .listeners
+        .iter()
+        .filter_map(|listener| Some((listener, listener.tls.as_ref()?)))
+        .flat_map(|(listener, tls)| {
+            tls.certificates.iter().map(move |cert| {
+                let leaf = cert.key.cert.first().and_then(|der| {
+                    let (_, parsed) = x509_parser::parse_x509_certificate(der).ok()?;
+                    let not_after = std::time::UNIX_EPOCH
+                        + std::time::Duration::from_secs(
+                            u64::try_from(parsed.validity().not_after.timestamp()).unwrap_or(0),
+                        );
+                    Some((
+                        parsed.subject().to_string(),
+                        parsed.raw_serial_as_string(),
+                        not_after,
+                    ))
+                });
+                serde_json::json!({
+                    "listener": &*listener.name,
+                    "cert_file": &*cert.cert_file,
+                    "subject": leaf.as_ref().map(|l| l.0.clone()),
+                    "spiffe_id": cert.spiffe_id.as_deref(),
+                    "serial": leaf.as_ref().map(|l| l.1.clone()),
+                    "not_after": leaf.as_ref().map(|l| time(l.2)),
+                    "expired": leaf.as_ref().map(|l| l.2 <= now),
+                })
+            })
+        })
+        .collect();
     serde_json::json!({
+        "listener_certificates": served,
         "workload_certificates": identities.all_svids().iter().map(|svid| serde_json::json!({
             "spiffe_id": &*svid.spiffe_id,
             "serial": svid.serial,

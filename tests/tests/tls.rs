@@ -241,6 +241,19 @@ async fn tls_listeners_serve_http1_and_http2_by_alpn_with_certificates_chosen_by
         &stream.get_ref().1.peer_certificates().unwrap()[0],
         pki.leaf("default")
     );
+
+    // `/certs` shows what each listener serves (never a key).
+    let (status, certs) = proxy.admin_get("/certs").await.unwrap();
+    assert_eq!(status, 200);
+    assert!(!certs.contains("PRIVATE KEY"));
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    let served = certs["listener_certificates"].as_array().unwrap();
+    assert_eq!(served.len(), 3, "{certs}");
+    assert_eq!(served[0]["listener"], "web");
+    assert_eq!(served[0]["cert_file"], pki.path("api.pem").as_str());
+    assert_eq!(served[0]["expired"], false);
+    assert!(served[0]["serial"].as_str().is_some_and(|s| !s.is_empty()));
+    assert!(served[0]["not_after"].as_str().is_some());
 }
 
 #[tokio::test]
