@@ -224,6 +224,26 @@ fn run(args: &Args) -> anyhow::Result<()> {
             proxy.handle(),
             args.reload_interval,
         ));
+    } else {
+        // Nothing to reload (the control plane, or the command line, gives
+        // the configuration): SIGHUP, which operators send out of habit,
+        // must not kill the proxy by its default action.
+        // Registered before the addresses are printed, so that no SIGHUP
+        // can arrive unhandled.
+        let hangup = {
+            let _runtime = control.enter();
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        };
+        match hangup {
+            Ok(mut hangup) => {
+                control.spawn(async move {
+                    while hangup.recv().await.is_some() {
+                        tracing::info!("SIGHUP ignored: there is no configuration file to reload");
+                    }
+                });
+            }
+            Err(error) => tracing::warn!(%error, "cannot handle SIGHUP"),
+        }
     }
     if args.print_addresses {
         println!(

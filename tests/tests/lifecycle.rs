@@ -310,6 +310,18 @@ async fn a_single_worker_proxy_serves_both_protocols_and_drains() {
     .await
     .unwrap();
     let web = proxy.listener("http");
+    // SIGHUP has nothing to reload here, and must not kill the proxy.
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status();
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy.log().contains("SIGHUP ignored")
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
     for _ in 0..3 {
         let response = http1_request(web, get(web, "/one")).await.unwrap();
         assert_eq!(response.status(), 200);
