@@ -39,19 +39,111 @@ impl DownstreamBodyError {
 }
 
 pin_project! {
-    /// A request body as the proxy sends it upstream.
+    /// A request body as the proxy sends it upstream: the client's stream,
+    /// or a copy of a body read whole (up to a bound) so that it can be
+    /// sent again by a retry, or the bytes read before the bound followed
+    /// by the rest of the stream.
     #[derive(Debug)]
-    pub(crate) struct RequestBody {
-        #[pin]
-        body: Incoming,
+    #[project = RequestBodyProj]
+    pub(crate) enum RequestBody {
+        Streaming { #[pin] body: Incoming },
+        Replay { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
+        Prefixed { prefix: std::collections::VecDeque<Bytes>, #[pin] rest: Incoming },
     }
 }
 
 impl RequestBody {
     /// Streams the client's body.
     pub(crate) fn new(body: Incoming) -> Self {
-        Self { body }
+        Self::Streaming { body }
     }
+
+    /// A body already read whole.
+    fn replay(replayable: &Replayable) -> Self {
+        Self::Replay {
+            data: Some(replayable.data.clone()).filter(|d| !d.is_empty()),
+            trailers: replayable.trailers.clone(),
+        }
+    }
+}
+
+/// A request body read whole, to be sent once per attempt.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Replayable {
+    data: Bytes,
+    trailers: Option<http::HeaderMap>,
+}
+
+impl Replayable {
+    /// A body for one more attempt.
+    pub(crate) fn body(&self) -> RequestBody {
+        RequestBody::replay(self)
+    }
+}
+
+/// Reads `body` whole if it fits in `limit` bytes: then it can be sent
+/// again. A larger body gives back what was read followed by the rest of
+/// the stream, to be sent once. A body the client breaks is an error (the
+/// client's).
+pub(crate) async fn read_for_replay(
+    body: RequestBody,
+    limit: usize,
+) -> Result<Result<Replayable, RequestBody>, DownstreamBodyError> {
+    use http_body_util::BodyExt as _;
+    let mut incoming = match body {
+        RequestBody::Streaming { body } => body,
+        RequestBody::Replay { data, trailers } => {
+            return Ok(Ok(Replayable {
+                data: data.unwrap_or_default(),
+                trailers,
+            }));
+        }
+        prefixed @ RequestBody::Prefixed { .. } => return Ok(Err(prefixed)),
+    };
+    if incoming.is_end_stream() {
+        return Ok(Ok(Replayable::default()));
+    }
+    if incoming
+        .size_hint()
+        .lower()
+        .try_into()
+        .is_ok_and(|lower: usize| lower > limit)
+    {
+        return Ok(Err(RequestBody::Streaming { body: incoming }));
+    }
+    let mut chunks = std::collections::VecDeque::new();
+    let mut total = 0_usize;
+    let mut trailers = None;
+    while let Some(frame) = incoming.frame().await {
+        let frame = frame.map_err(DownstreamBodyError)?;
+        match frame.into_data() {
+            Ok(data) => {
+                total += data.len();
+                chunks.push_back(data);
+                if total > limit {
+                    return Ok(Err(RequestBody::Prefixed {
+                        prefix: chunks,
+                        rest: incoming,
+                    }));
+                }
+            }
+            Err(frame) => {
+                if let Ok(fields) = frame.into_trailers() {
+                    trailers = Some(fields);
+                }
+            }
+        }
+    }
+    let data = if chunks.len() == 1 {
+        chunks.pop_front().unwrap_or_default()
+    } else {
+        let mut joined = bytes::BytesMut::with_capacity(total);
+        for chunk in chunks {
+            joined.extend_from_slice(&chunk);
+        }
+        joined.freeze()
+    };
+    Ok(Ok(Replayable { data, trailers }))
 }
 
 impl Body for RequestBody {
@@ -62,18 +154,46 @@ impl Body for RequestBody {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, DownstreamBodyError>>> {
-        self.project()
-            .body
-            .poll_frame(cx)
-            .map_err(DownstreamBodyError)
+        match self.project() {
+            RequestBodyProj::Streaming { body } => body.poll_frame(cx).map_err(DownstreamBodyError),
+            RequestBodyProj::Replay { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            RequestBodyProj::Prefixed { prefix, rest } => match prefix.pop_front() {
+                Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
+                None => rest.poll_frame(cx).map_err(DownstreamBodyError),
+            },
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match self {
+            Self::Streaming { body } => body.is_end_stream(),
+            Self::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+            Self::Prefixed { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match self {
+            Self::Streaming { body } => body.size_hint(),
+            Self::Replay { data, .. } => {
+                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
+            }
+            Self::Prefixed { prefix, rest } => {
+                let buffered: u64 = prefix.iter().map(|d| d.len() as u64).sum();
+                let rest = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(rest.lower().saturating_add(buffered));
+                if let Some(upper) = rest.upper() {
+                    hint.set_upper(upper.saturating_add(buffered));
+                }
+                hint
+            }
+        }
     }
 }
 

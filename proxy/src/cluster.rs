@@ -50,6 +50,9 @@ pub(crate) struct ClusterState {
     /// The last good resolution of each endpoint (index-aligned with
     /// `config.endpoints`; empty for literal addresses).
     dns_cache: Mutex<Vec<Vec<SocketAddr>>>,
+    /// Every route's retries to this cluster draw on it; kept across
+    /// configuration changes.
+    pub(crate) retry_budget: Arc<crate::resilience::RetryBudget>,
 }
 
 impl ClusterState {
@@ -68,7 +71,9 @@ impl ClusterState {
         let inherited = previous
             .filter(|p| reaches_endpoints_alike(&p.config, &config))
             .map(|p| p.set.load_full());
+        let retry_budget = previous.map_or_else(Arc::default, |p| p.retry_budget.clone());
         let state = Self {
+            retry_budget,
             settings,
             set: ArcSwap::new(inherited.unwrap_or_else(|| Arc::new(EndpointSet::empty(config.lb)))),
             dns_cache: Mutex::new(vec![Vec::new(); config.endpoints.len()]),
@@ -168,6 +173,25 @@ impl ClusterState {
         }));
     }
 
+    /// The cluster's counters.
+    pub(crate) fn metrics(&self) -> Arc<crate::telemetry::ClusterMetrics> {
+        self.settings.metrics.clone()
+    }
+
+    /// Picks an endpoint with the balancer, preferring one not in `avoid`
+    /// (those a retried request already failed on): a few picks, then
+    /// whatever the balancer gives.
+    fn pick_avoiding(&self, avoid: &[SocketAddr]) -> Result<Arc<Endpoint>, ProxyError> {
+        let mut endpoint = self.pick()?;
+        for _ in 0..3 {
+            if !avoid.contains(&endpoint.addr) {
+                break;
+            }
+            endpoint = self.pick()?;
+        }
+        Ok(endpoint)
+    }
+
     /// Picks an endpoint with the cluster's balancer.
     pub(crate) fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
         let set = self.set.load();
@@ -184,7 +208,13 @@ impl ClusterState {
         self: Arc<Self>,
         mut req: Request<RequestBody>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let endpoint = self.pick()?;
+        let endpoint = match req
+            .extensions()
+            .get::<crate::resilience::retry::TriedEndpoints>()
+        {
+            Some(tried) => self.pick_avoiding(&tried.0)?,
+            None => self.pick()?,
+        };
         let guard = endpoint.begin();
         let wire = match (self.config.protocol, req.version()) {
             (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Downstream, Version::HTTP_2) => {

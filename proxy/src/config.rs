@@ -204,6 +204,7 @@ impl Config {
                     name: "all".into(),
                     domains: vec!["*".into()],
                     routes: vec![RouteSpec {
+                        retry_policy: None,
                         name: Some("all".into()),
                         matcher: None,
                         cluster: Some("upstream".into()),

@@ -26,9 +26,6 @@ pub(crate) enum Origin {
 
 /// Whether a failed request may be sent again (by a retry, or to another
 /// endpoint).
-// The retry layer (resilience) is its reader; until it lands, the table
-// below is held to its meaning by this module's tests.
-#[allow(dead_code)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum RetrySafety {
     /// Nothing reached the upstream: sending again is always safe.
@@ -58,8 +55,9 @@ pub(crate) enum ProxyError {
     /// say) or the client went away while sending it.
     #[error("downstream request body failed")]
     DownstreamBody {
-        /// The endpoint the body was being sent to.
-        endpoint: SocketAddr,
+        /// The endpoint the body was being sent to (none: it was being
+        /// read to be replayable).
+        endpoint: Option<SocketAddr>,
         /// The cause.
         #[source]
         source: hyper::Error,
@@ -125,6 +123,10 @@ pub(crate) enum ProxyError {
     /// The route's timeout elapsed before the response headers arrived.
     #[error("upstream timed out")]
     UpstreamTimeout,
+    /// One attempt's timeout (`retry_policy.per_try_timeout`) elapsed
+    /// before its response headers arrived.
+    #[error("upstream attempt timed out")]
+    AttemptTimeout,
 }
 
 impl ProxyError {
@@ -139,7 +141,7 @@ impl ProxyError {
             | Self::UpstreamTls { .. }
             | Self::ConnectTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamHandshake { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout | Self::AttemptTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -157,6 +159,7 @@ impl ProxyError {
             Self::UpstreamHandshake { .. } => "upstream_protocol_error",
             Self::UpstreamReset { .. } => "upstream_reset",
             Self::UpstreamTimeout => "upstream_timeout",
+            Self::AttemptTimeout => "upstream_per_try_timeout",
         }
     }
 
@@ -173,12 +176,12 @@ impl ProxyError {
             | Self::ConnectTimeout { .. }
             | Self::UpstreamHandshake { .. }
             | Self::UpstreamReset { .. }
-            | Self::UpstreamTimeout => Origin::Upstream,
+            | Self::UpstreamTimeout
+            | Self::AttemptTimeout => Origin::Upstream,
         }
     }
 
     /// Whether the request may be sent again.
-    #[allow(dead_code)] // see `RetrySafety`
     pub(crate) fn retry_safety(&self) -> RetrySafety {
         match self {
             Self::NoHealthyEndpoint { .. }
@@ -192,7 +195,8 @@ impl ProxyError {
             } => RetrySafety::NotSent,
             Self::UpstreamReset {
                 request_sent: true, ..
-            } => RetrySafety::MaybeProcessed,
+            }
+            | Self::AttemptTimeout => RetrySafety::MaybeProcessed,
             Self::NoRoute
             | Self::Malformed(_)
             | Self::HeadersTooLarge
@@ -209,7 +213,11 @@ impl ProxyError {
             | Self::ConnectTimeout { endpoint, .. }
             | Self::UpstreamHandshake { endpoint, .. }
             | Self::UpstreamReset { endpoint, .. }
-            | Self::DownstreamBody { endpoint, .. } => Some(*endpoint),
+            | Self::DownstreamBody {
+                endpoint: Some(endpoint),
+                ..
+            } => Some(*endpoint),
+            Self::DownstreamBody { endpoint: None, .. } | Self::AttemptTimeout => None,
             Self::NoRoute
             | Self::Malformed(_)
             | Self::HeadersTooLarge
@@ -278,6 +286,11 @@ mod tests {
                 ProxyError::UpstreamTimeout,
                 Origin::Upstream,
                 RetrySafety::Never,
+            ),
+            (
+                ProxyError::AttemptTimeout,
+                Origin::Upstream,
+                RetrySafety::MaybeProcessed,
             ),
         ];
         for (error, origin, safety) in cases {

@@ -1,5 +1,6 @@
-//! Resilience layers. For now: the route timeout. (Circuit breaking,
-//! retries with budgets and rate limits land here too, one layer each.)
+//! Resilience layers: the route timeout (here) and retries with a budget
+//! ([`retry`], [`budget`]). (Circuit breaking and rate limits land here
+//! too, one layer each.)
 //!
 //! The route timeout bounds the time from the request entering the route's
 //! stack to the upstream's response headers. It does not cut a response
@@ -15,6 +16,12 @@ use pin_project_lite::pin_project;
 use tokio::time::Sleep;
 
 use crate::error::ProxyError;
+
+pub(crate) mod budget;
+pub(crate) mod retry;
+
+pub(crate) use budget::RetryBudget;
+pub(crate) use retry::{Retry, RetryLayer, Retrying};
 
 /// Builds [`Timeout`] services.
 #[derive(Debug, Clone, Copy)]

@@ -44,7 +44,7 @@ use crate::http::headers;
 use crate::http::route::{Direct, PathRewrite, RouteRules, Rules, RulesLayer};
 use crate::http::router::RouteTable;
 use crate::identity::Identities;
-use crate::resilience::{Timeout, TimeoutLayer};
+use crate::resilience::{Retry, RetryLayer, Retrying, Timeout, TimeoutLayer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
 
 /// The published snapshot, shared by every listener.
@@ -57,7 +57,7 @@ pub(crate) type Shared = Arc<ArcSwap<Snapshot>>;
 /// `BoxCloneSyncService`, whose clone and call cost two allocations per
 /// request (dhat: 17 -> 12 allocations per proxied request together with
 /// the header-count and request-id changes, benches/RESULTS.md).
-pub(crate) type RouteService = Rules<Timeout<Backend>>;
+pub(crate) type RouteService = Rules<Timeout<Retry<Backend>>>;
 
 /// Everything the data plane needs for one configuration.
 #[derive(Debug)]
@@ -158,10 +158,16 @@ pub(crate) struct Target {
 
 /// A route's stack, top to bottom in request order (`ServiceBuilder` wraps
 /// its first layer outermost).
-fn route_service(route: &config::Route, rules: &Arc<RouteRules>, backend: Backend) -> RouteService {
+fn route_service(
+    route: &config::Route,
+    rules: &Arc<RouteRules>,
+    retrying: Option<Arc<Retrying>>,
+    backend: Backend,
+) -> RouteService {
     ServiceBuilder::new()
         .layer(RulesLayer::new(rules.clone())) // route header rules, host and path rewrites
-        .layer(TimeoutLayer::new(route.timeout)) // request to response headers
+        .layer(TimeoutLayer::new(route.timeout)) // request to response headers, retries included
+        .layer(RetryLayer::new(retrying)) // failed attempts sent again, within the budget
         .service(backend) // cluster (lb -> pool -> upstream), or a direct response
 }
 
@@ -344,14 +350,25 @@ fn prepare_route(
         request_headers: route.request_headers.clone(),
         response_headers: route.response_headers.clone(),
     });
-    let forward = |name: &Arc<str>, cumulative_weight: u64| Target {
-        service: route_service(
-            route,
-            &rules,
-            Backend::Cluster(ClusterService::new(cluster(name))),
-        ),
-        metrics: metrics.request(listener, &route.name, name),
-        cumulative_weight,
+    let forward = |name: &Arc<str>, cumulative_weight: u64| {
+        let state = cluster(name);
+        let retrying = route.retry.as_ref().map(|policy| {
+            Arc::new(Retrying {
+                policy: policy.clone(),
+                budget: state.retry_budget.clone(),
+                metrics: state.metrics(),
+            })
+        });
+        Target {
+            service: route_service(
+                route,
+                &rules,
+                retrying,
+                Backend::Cluster(ClusterService::new(state)),
+            ),
+            metrics: metrics.request(listener, &route.name, name),
+            cumulative_weight,
+        }
     };
     let (targets, total_weight) = match &route.action {
         RouteAction::Cluster(name) => (vec![forward(name, 1)], 1),
@@ -370,7 +387,7 @@ fn prepare_route(
         RouteAction::Direct { status, body } => {
             let direct = Backend::Direct(Direct::new(*status, body.clone()));
             let target = Target {
-                service: route_service(route, &rules, direct),
+                service: route_service(route, &rules, None, direct),
                 metrics: metrics.request(listener, &route.name, &Arc::from("")),
                 cumulative_weight: 1,
             };

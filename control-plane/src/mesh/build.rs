@@ -318,12 +318,14 @@ fn sidecar(
             if callee.routes.is_empty() {
                 let mut spec = route("default", None);
                 spec.timeout = callee.timeout;
+                spec.retry_policy.clone_from(&callee.retries);
                 node.target(&mut spec, callee, &Target::All);
                 routes.push(spec);
             }
             for r in &callee.routes {
                 let mut spec = route(&r.name, r.matcher.clone());
                 spec.timeout = r.timeout.or(callee.timeout);
+                spec.retry_policy.clone_from(&callee.retries);
                 spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
                 let target = Target::new(r.version.as_deref(), r.split.as_ref());
                 node.target(&mut spec, callee, &target);
@@ -389,6 +391,7 @@ fn gateway_listener(
 fn gateway_route(node: &mut NodeSpec, r: &GatewayRouteSpec, service: &ServiceSpec) -> RouteSpec {
     let mut spec = route(&r.name, r.matcher.clone());
     spec.timeout = r.timeout.or(service.timeout);
+    spec.retry_policy.clone_from(&service.retries);
     spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
     spec.host_rewrite.clone_from(&r.host_rewrite);
     let target = Target::new(r.version.as_deref(), r.split.as_ref());
@@ -477,6 +480,7 @@ fn route(name: &str, matcher: Option<RouteMatchSpec>) -> RouteSpec {
         timeout: None,
         request_headers: None,
         response_headers: None,
+        retry_policy: None,
     }
 }
 

@@ -43,6 +43,10 @@ pub struct ServiceSpec {
     /// Default whole-request deadline for calls to this service.
     #[serde(default, with = "humantime_serde")]
     pub timeout: Option<Duration>,
+    /// Retries of calls to this service (the proxy's `retry_policy`),
+    /// applied by every caller's sidecar and gateway.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<weft_proxy::config::RetryPolicySpec>,
     /// Deadline for a TCP connect to one of its workloads.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,

@@ -293,7 +293,7 @@ impl Endpoint {
     fn reset(&self, source: hyper::Error, request_unsent: bool) -> ProxyError {
         if DownstreamBodyError::find(&source) {
             return ProxyError::DownstreamBody {
-                endpoint: self.addr,
+                endpoint: Some(self.addr),
                 source,
             };
         }

@@ -243,6 +243,45 @@ pub struct Route {
     pub request_headers: HeaderOps,
     /// Changes to response headers.
     pub response_headers: HeaderOps,
+    /// Retries of failed attempts, if the route has them.
+    pub retry: Option<Arc<RetryPolicy>>,
+}
+
+/// When and how a route sends a failed request again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Attempts after the first.
+    pub num_retries: u32,
+    /// Any 5xx response is retried.
+    pub on_5xx: bool,
+    /// 502, 503 and 504 responses are retried.
+    pub on_gateway_error: bool,
+    /// Failures before the request was sent (connect, TLS, handshake).
+    pub on_connect_failure: bool,
+    /// Resets and attempt timeouts, after the request may have been seen.
+    pub on_reset: bool,
+    /// These statuses are retried.
+    pub statuses: Vec<StatusCode>,
+    /// These gRPC status codes are retried.
+    pub grpc_statuses: Vec<u8>,
+    /// Each attempt's deadline.
+    pub per_try_timeout: Option<Duration>,
+    /// Full-jitter exponential backoff: ceilings from `backoff_base`,
+    /// doubling, up to `backoff_max`.
+    pub backoff_base: Duration,
+    /// See `backoff_base`.
+    pub backoff_max: Duration,
+    /// POST and PATCH (and other non-idempotent methods) are retried too.
+    pub retry_non_idempotent: bool,
+    /// Request bodies up to this size are kept to be sent again.
+    pub max_body_bytes: usize,
+    /// Retries allowed: `ratio` of the requests plus `min_per_second`,
+    /// over `window`.
+    pub budget_ratio: f64,
+    /// See `budget_ratio`.
+    pub budget_min_per_second: u32,
+    /// See `budget_ratio`.
+    pub budget_window: Duration,
 }
 
 /// Match criteria; all must hold.

@@ -27,9 +27,9 @@ use weft_proto::prost_types;
 
 use super::spec::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec,
-    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, PoolSpec, RouteConfigSpec, RouteMatchSpec,
-    RouteSpec, SniRouteSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
-    WeightedClusterSpec,
+    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, PoolSpec, RetryBudgetSpec, RetryPolicySpec,
+    RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec, TlsCertificateSpec, TrustBundleSpec,
+    VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -491,6 +491,61 @@ fn route_to_proto(spec: &RouteSpec) -> pb::Route {
         timeout: spec.timeout.map(duration_to_proto),
         request_headers: spec.request_headers.as_ref().map(header_ops_to_proto),
         response_headers: spec.response_headers.as_ref().map(header_ops_to_proto),
+        retry_policy: spec.retry_policy.as_ref().map(retry_to_proto),
+    }
+}
+
+fn retry_to_proto(spec: &RetryPolicySpec) -> pb::RetryPolicy {
+    pb::RetryPolicy {
+        num_retries: spec.num_retries,
+        retry_on: spec.retry_on.clone().unwrap_or_default(),
+        retriable_status_codes: spec
+            .retriable_status_codes
+            .iter()
+            .flatten()
+            .map(|c| u32::from(*c))
+            .collect(),
+        retriable_grpc_statuses: spec.retriable_grpc_statuses.clone().unwrap_or_default(),
+        per_try_timeout: spec.per_try_timeout.map(duration_to_proto),
+        backoff_base: spec.backoff_base.map(duration_to_proto),
+        backoff_max: spec.backoff_max.map(duration_to_proto),
+        retry_non_idempotent: spec.retry_non_idempotent,
+        max_body_bytes: spec.max_body_bytes,
+        budget: spec.budget.as_ref().map(|b| pb::RetryBudget {
+            ratio: b.ratio,
+            min_per_second: b.min_per_second,
+            window: b.window.map(duration_to_proto),
+        }),
+    }
+}
+
+fn retry_from_proto(check: &mut Checker, at: &str, retry: pb::RetryPolicy) -> RetryPolicySpec {
+    let field = |name: &str| format!("{at}.retry_policy.{name}");
+    let per_try_timeout = check.duration(|| field("per_try_timeout"), retry.per_try_timeout);
+    let backoff_base = check.duration(|| field("backoff_base"), retry.backoff_base);
+    let backoff_max = check.duration(|| field("backoff_max"), retry.backoff_max);
+    // A code past u16 becomes 0, which the validator names as no status.
+    let statuses = retry
+        .retriable_status_codes
+        .into_iter()
+        .map(|code| u16::try_from(code).unwrap_or(0))
+        .collect();
+    let budget = retry.budget.map(|b| RetryBudgetSpec {
+        ratio: b.ratio,
+        min_per_second: b.min_per_second,
+        window: check.duration(|| field("budget.window"), b.window),
+    });
+    RetryPolicySpec {
+        num_retries: retry.num_retries,
+        retry_on: non_empty(retry.retry_on),
+        retriable_status_codes: non_empty(statuses),
+        retriable_grpc_statuses: non_empty(retry.retriable_grpc_statuses),
+        per_try_timeout,
+        backoff_base,
+        backoff_max,
+        retry_non_idempotent: retry.retry_non_idempotent,
+        max_body_bytes: retry.max_body_bytes,
+        budget,
     }
 }
 
@@ -579,6 +634,9 @@ fn route_from_proto(check: &mut Checker, vi: usize, ri: usize, route: pb::Route)
         timeout,
         request_headers: route.request_headers.map(header_ops_from_proto),
         response_headers: route.response_headers.map(header_ops_from_proto),
+        retry_policy: route
+            .retry_policy
+            .map(|retry| retry_from_proto(check, &at(), retry)),
     }
 }
 

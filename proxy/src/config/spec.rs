@@ -255,6 +255,80 @@ pub struct RouteSpec {
     /// Headers changed on the way back to the client.
     #[serde(default)]
     pub response_headers: Option<HeaderOpsSpec>,
+    /// Send failed attempts again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_policy: Option<RetryPolicySpec>,
+}
+
+/// When and how a route sends a failed request again.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicySpec {
+    /// How many times a request may be sent again (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_retries: Option<u32>,
+    /// What is retried: `5xx`, `gateway_error`, `connect_failure`,
+    /// `reset`, `retriable_status_codes` (default `[gateway_error]`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<Vec<String>>,
+    /// With `retriable_status_codes`: these statuses.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retriable_status_codes: Option<Vec<u16>>,
+    /// gRPC statuses retried (`unavailable`, `resource_exhausted`, ...),
+    /// read from a trailers-only response's `grpc-status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retriable_grpc_statuses: Option<Vec<String>>,
+    /// Deadline of each attempt; the route's `timeout` bounds them all.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub per_try_timeout: Option<Duration>,
+    /// First backoff ceiling (default 25ms); doubles per retry.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff_base: Option<Duration>,
+    /// Largest backoff ceiling (default 250ms).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub backoff_max: Option<Duration>,
+    /// Retry methods that are not idempotent (POST, PATCH) too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_non_idempotent: Option<bool>,
+    /// The largest request body kept to be sent again (default 65536);
+    /// a larger one is sent once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_body_bytes: Option<u32>,
+    /// Retries allowed beyond the requests themselves.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<RetryBudgetSpec>,
+}
+
+/// A retry budget: retries may add at most `ratio` of the requests, plus
+/// `min_per_second`, over the last `window`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudgetSpec {
+    /// Default 0.2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ratio: Option<f64>,
+    /// Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_per_second: Option<u32>,
+    /// Default 10s.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub window: Option<Duration>,
 }
 
 /// Request matching criteria; all given criteria must hold.

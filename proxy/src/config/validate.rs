@@ -14,7 +14,7 @@ use regex::Regex;
 use super::model::*;
 use super::spec::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec,
-    ListenerTlsSpec, RouteConfigSpec, RouteSpec, TrustBundleSpec,
+    ListenerTlsSpec, RetryPolicySpec, RouteConfigSpec, RouteSpec, TrustBundleSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -1001,6 +1001,16 @@ fn validate_route(
         Some(t) if t.is_zero() => None,
         Some(t) => Some(t),
     };
+    let retry = spec
+        .retry_policy
+        .as_ref()
+        .and_then(|policy| validate_retry_policy(check, &format!("{at}.retry_policy"), policy));
+    if spec.direct_response.is_some() && spec.retry_policy.is_some() {
+        check.error(
+            format!("{at}.retry_policy"),
+            "a direct response is never retried",
+        );
+    }
     if check.errors.len() > before {
         return None;
     }
@@ -1018,6 +1028,137 @@ fn validate_route(
         timeout,
         request_headers,
         response_headers,
+        retry: retry.map(Arc::new),
+    })
+}
+
+/// Defaults: two retries of gateway errors, 25 ms to 250 ms of backoff, a
+/// budget of 20 % of the requests plus 10 per second over 10 s (as
+/// Linkerd's), bodies up to 64 KiB kept.
+fn validate_retry_policy(
+    check: &mut Checker<'_>,
+    at: &str,
+    spec: &RetryPolicySpec,
+) -> Option<RetryPolicy> {
+    let before = check.errors.len();
+    let num_retries = spec.num_retries.unwrap_or(DEFAULT_NUM_RETRIES);
+    if num_retries > MAX_NUM_RETRIES {
+        check.error(
+            format!("{at}.num_retries"),
+            format!("{num_retries} is more than {MAX_NUM_RETRIES}"),
+        );
+    }
+    let mut policy = RetryPolicy {
+        num_retries,
+        on_5xx: false,
+        on_gateway_error: false,
+        on_connect_failure: false,
+        on_reset: false,
+        statuses: Vec::new(),
+        grpc_statuses: Vec::new(),
+        per_try_timeout: spec.per_try_timeout,
+        backoff_base: spec.backoff_base.unwrap_or(Duration::from_millis(25)),
+        backoff_max: spec.backoff_max.unwrap_or(Duration::from_millis(250)),
+        retry_non_idempotent: spec.retry_non_idempotent.unwrap_or(false),
+        max_body_bytes: spec.max_body_bytes.unwrap_or(64 * 1024) as usize,
+        budget_ratio: 0.2,
+        budget_min_per_second: 10,
+        budget_window: Duration::from_secs(10),
+    };
+    let default_on = ["gateway_error".to_owned()];
+    let mut wants_statuses = false;
+    for (i, on) in spec
+        .retry_on
+        .as_deref()
+        .unwrap_or(&default_on)
+        .iter()
+        .enumerate()
+    {
+        match on.as_str() {
+            "5xx" => policy.on_5xx = true,
+            "gateway_error" => policy.on_gateway_error = true,
+            "connect_failure" => policy.on_connect_failure = true,
+            "reset" => policy.on_reset = true,
+            "retriable_status_codes" => wants_statuses = true,
+            other => check.error(
+                format!("{at}.retry_on[{i}]"),
+                format!("unknown value {other:?} (expected 5xx, gateway_error, connect_failure, reset, retriable_status_codes)"),
+            ),
+        }
+    }
+    for (i, code) in spec.retriable_status_codes.iter().flatten().enumerate() {
+        match StatusCode::from_u16(*code) {
+            Ok(status) if (400..=599).contains(code) => policy.statuses.push(status),
+            _ => check.error(
+                format!("{at}.retriable_status_codes[{i}]"),
+                format!("{code} is not an error status (400..=599)"),
+            ),
+        }
+    }
+    if wants_statuses != spec.retriable_status_codes.is_some() {
+        check.error(
+            format!("{at}.retriable_status_codes"),
+            "set it together with retry_on: [retriable_status_codes]",
+        );
+    }
+    for (i, name) in spec.retriable_grpc_statuses.iter().flatten().enumerate() {
+        match grpc_code(name) {
+            Some(code) => policy.grpc_statuses.push(code),
+            None => check.error(
+                format!("{at}.retriable_grpc_statuses[{i}]"),
+                format!("unknown gRPC status {name:?} (expected cancelled, deadline_exceeded, internal, resource_exhausted or unavailable)"),
+            ),
+        }
+    }
+    if spec.per_try_timeout.is_some_and(|t| t.is_zero()) {
+        check.error(format!("{at}.per_try_timeout"), "must be above 0");
+    }
+    if policy.backoff_base.is_zero() || policy.backoff_max < policy.backoff_base {
+        check.error(
+            format!("{at}.backoff_base"),
+            "must be above 0 and at most backoff_max",
+        );
+    }
+    if policy.backoff_max > Duration::from_secs(60) {
+        check.error(format!("{at}.backoff_max"), "is longer than 1m");
+    }
+    if policy.max_body_bytes > 16 * 1024 * 1024 {
+        check.error(format!("{at}.max_body_bytes"), "is more than 16777216");
+    }
+    if let Some(budget) = &spec.budget {
+        if let Some(ratio) = budget.ratio {
+            if (0.0..=10.0).contains(&ratio) {
+                policy.budget_ratio = ratio;
+            } else {
+                check.error(format!("{at}.budget.ratio"), "must be within 0..=10");
+            }
+        }
+        policy.budget_min_per_second = budget.min_per_second.unwrap_or(10);
+        if let Some(window) = budget.window {
+            if (Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&window) {
+                policy.budget_window = window;
+            } else {
+                check.error(format!("{at}.budget.window"), "must be within 1s..=1h");
+            }
+        }
+    }
+    (check.errors.len() == before).then_some(policy)
+}
+
+/// Default retries of a route with a `retry_policy`.
+const DEFAULT_NUM_RETRIES: u32 = 2;
+/// Most retries of one request.
+const MAX_NUM_RETRIES: u32 = 10;
+
+/// The gRPC status codes worth retrying, by their canonical names.
+fn grpc_code(name: &str) -> Option<u8> {
+    Some(match name {
+        "cancelled" => 1,
+        "deadline_exceeded" => 4,
+        "resource_exhausted" => 8,
+        "internal" => 13,
+        "unavailable" => 14,
+        _ => return None,
     })
 }
 

@@ -448,6 +448,7 @@ fn rejected(conn: &Connection, error: &hyper::Error) {
             request_id: None,
             peer: conn.peer,
             peer_identity: conn.peer_id.clone(),
+            attempts: 0,
         });
     }
 }
@@ -472,6 +473,8 @@ struct Outcome {
     metrics: Option<Arc<RequestMetrics>>,
     upstream: Option<SocketAddr>,
     request_id: Option<HeaderValue>,
+    /// Attempts sent (retries plus one), when more than one.
+    attempts: u32,
 }
 
 /// Handles one request; never fails (errors become responses).
@@ -506,6 +509,7 @@ async fn handle(
                 request_id: None,
                 peer: conn.peer,
                 peer_identity: conn.peer_id.clone(),
+                attempts: 0,
             }),
         )
     });
@@ -530,6 +534,7 @@ async fn handle(
         record.flag = flag;
         record.upstream = outcome.upstream;
         record.request_id = outcome.request_id;
+        record.attempts = outcome.attempts;
         (log, record)
     });
     let metrics = outcome.metrics.unwrap_or_else(|| listener.unrouted.clone());
@@ -630,6 +635,12 @@ async fn route_and_forward(
 
     let mut response = service.call(req.map(RequestBody::new)).await?;
     outcome.upstream = response.body().endpoint();
+    if let Some(attempts) = response
+        .extensions()
+        .get::<crate::resilience::retry::Attempts>()
+    {
+        outcome.attempts = attempts.0;
+    }
     if outcome.upstream.is_none() {
         // Answered locally (a direct response): no `via`, no upgrade.
         return Ok(response);

@@ -54,6 +54,9 @@ pub struct AccessRecord {
     pub peer: SocketAddr,
     /// The SPIFFE ID the client proved with its certificate (mutual TLS).
     pub peer_identity: Option<Arc<str>>,
+    /// Attempts sent upstream, when a retry policy sent more than one (0
+    /// or 1: not written).
+    pub attempts: u32,
 }
 
 impl AccessRecord {
@@ -130,6 +133,9 @@ impl AccessRecord {
         if let Some(id) = &self.peer_identity {
             out.write_all(b",\"peer_identity\":")?;
             json_string(out, id)?;
+        }
+        if self.attempts > 1 {
+            write!(out, ",\"attempts\":{}", self.attempts)?;
         }
         out.write_all(b"}\n")
     }
@@ -287,6 +293,7 @@ mod tests {
             request_id: Some(HeaderValue::from_static("abc")),
             peer: "127.0.0.1:5555".parse().unwrap(),
             peer_identity: Some("spiffe://example.org/ns/a/sa/\"web\"".into()),
+            attempts: 3,
         }
     }
 
@@ -371,6 +378,7 @@ mod tests {
             request_id: None,
             peer: "[::1]:5555".parse().unwrap(),
             peer_identity: None,
+            attempts: 0,
         };
         let mut out = Vec::new();
         record.write_line(&mut out).unwrap();

@@ -143,6 +143,10 @@ pub struct ClusterMetrics {
     pub connections_total: AtomicU64,
     /// Requests sent upstream.
     pub requests_total: AtomicU64,
+    /// Attempts sent again by a route's retry policy.
+    pub retries: AtomicU64,
+    /// Retries not sent because the cluster's retry budget was spent.
+    pub retries_budget_exhausted: AtomicU64,
 }
 
 type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
@@ -354,7 +358,7 @@ impl Metrics {
                 );
             }
         }
-        let cluster_series: [Series<ClusterMetrics>; 4] = [
+        let cluster_series: [Series<ClusterMetrics>; 6] = [
             (
                 "weft_upstream_connect_failures_total",
                 "counter",
@@ -378,6 +382,18 @@ impl Metrics {
                 "counter",
                 "Requests sent upstream.",
                 |m| counter(&m.requests_total),
+            ),
+            (
+                "weft_upstream_retries_total",
+                "counter",
+                "Attempts sent again by a route's retry policy.",
+                |m| counter(&m.retries),
+            ),
+            (
+                "weft_upstream_retries_budget_exhausted_total",
+                "counter",
+                "Retries not sent because the cluster's retry budget was spent.",
+                |m| counter(&m.retries_budget_exhausted),
             ),
         ];
         for (name, kind, help, read) in cluster_series {

@@ -180,6 +180,7 @@ fn unset_optional_fields_stay_unset() {
                 timeout: None,
                 request_headers: None,
                 response_headers: None,
+                retry_policy: None,
             }],
         }],
     };
@@ -277,6 +278,25 @@ fn full_route_configuration() -> pb::RouteConfiguration {
                     }),
                     request_headers: Some(ops.clone()),
                     response_headers: Some(ops),
+                    retry_policy: Some(pb::RetryPolicy {
+                        num_retries: Some(3),
+                        retry_on: vec!["5xx".into(), "retriable_status_codes".into()],
+                        retriable_status_codes: vec![409],
+                        retriable_grpc_statuses: vec!["unavailable".into()],
+                        per_try_timeout: Some(prost_types::Duration {
+                            seconds: 1,
+                            nanos: 0,
+                        }),
+                        backoff_base: None,
+                        backoff_max: None,
+                        retry_non_idempotent: Some(true),
+                        max_body_bytes: Some(1024),
+                        budget: Some(pb::RetryBudget {
+                            ratio: Some(0.5),
+                            min_per_second: Some(3),
+                            window: None,
+                        }),
+                    }),
                 },
                 pb::Route {
                     weighted_clusters: Some(pb::WeightedClusters::default()),
@@ -408,6 +428,7 @@ fn empty_match_lists_mean_no_condition() {
         timeout: None,
         request_headers: None,
         response_headers: None,
+        retry_policy: None,
     };
     let config = RouteConfigSpec {
         name: "main".into(),
