@@ -73,6 +73,7 @@ fn load_report(throughput: f64, p99_us: u64, cpu_us: Option<f64>) -> LoadReport 
         }),
         generator_cpu_seconds: None,
         http_connections_opened: None,
+        tls_resumed_connections: None,
     }
 }
 
