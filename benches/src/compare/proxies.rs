@@ -1124,7 +1124,9 @@ async fn nginx_worker(master: u32, deadline: Instant) -> anyhow::Result<u32> {
 /// `tls`, two more servers proxy like the HTTP/1.1 one: a server-only TLS
 /// one with session tickets and a session cache, and a mutual-TLS one
 /// (`ssl_verify_client on`) without either, as weft allows no resumption
-/// with client certificates.
+/// with client certificates. Without `NumTickets 0`, OpenSSL would still
+/// send two (useless) TLS 1.3 tickets per connection there; weft sends
+/// none.
 pub(crate) fn nginx_config(
     dir: &Path,
     upstream: Upstream,
@@ -1212,6 +1214,7 @@ http {{
     ssl_verify_depth 2;
     ssl_session_cache off;
     ssl_session_tickets off;
+    ssl_conf_command NumTickets 0;
     location / {{
       {location}
     }}

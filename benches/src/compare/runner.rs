@@ -408,11 +408,13 @@ fn handshake_listeners(target: TargetKind) -> Option<&'static str> {
         TargetKind::Nginx => Some(
             "server-only (`ssl_session_tickets on`, `ssl_session_cache shared:10m`) and \
              mutual (`ssl_verify_client on`, `ssl_client_certificate` the mesh CA, tickets and \
-             session cache off, as weft allows no resumption with client certificates)",
+             session cache off and `ssl_conf_command NumTickets 0`, as weft allows no \
+             resumption with client certificates and sends no ticket)",
         ),
         TargetKind::Haproxy => Some(
             "`bind ... ssl crt` server-only (tickets and session cache on, the defaults) and \
-             mutual (`ca-file` the mesh CA, `verify required`, `no-tls-tickets`)",
+             mutual (`ca-file` the mesh CA, `verify required`, `no-tls-tickets`; HAProxy 2.6 \
+             still sends TLS 1.3 session-cache tickets there)",
         ),
         TargetKind::Direct
         | TargetKind::WeftFull

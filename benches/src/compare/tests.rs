@@ -1130,6 +1130,7 @@ fn handshake_listeners_are_tls_13_with_the_same_certificate_everywhere() {
         format!("ssl_client_certificate {ca};"),
         "ssl_verify_client on;".to_owned(),
         "ssl_session_tickets off;".to_owned(),
+        "ssl_conf_command NumTickets 0;".to_owned(),
     ] {
         assert!(nginx.contains(&expected), "{expected:?} missing:\n{nginx}");
     }
