@@ -18,6 +18,12 @@
 //!   CPUs; every row names its [`Driver`] and says how busy the proxy's
 //!   core and the load CPUs were.
 //!   Memory scenarios start a fresh process per target and round.
+//! - The handshake scenarios (`handshake`: mutual TLS, full handshakes;
+//!   `handshake-resume`: server-only TLS with every handshake full, then
+//!   resuming sessions): weft, nginx and HAProxy get TLS 1.3 listeners with
+//!   the same ECDSA P-256 certificate (see `handshake`), and the built-in
+//!   generator opens a new TLS connection per HTTP/1.1 request. Their
+//!   primary figure is handshakes per second of proxy CPU.
 //! - The [`CompareReport`]: every per-round load report plus medians, as
 //!   JSON, a markdown table with ratios to direct and to the best of
 //!   nginx/HAProxy, and SVG latency-percentile charts.
@@ -45,6 +51,7 @@ mod chart;
 mod cli;
 mod config;
 mod driver;
+mod handshake;
 mod idle;
 mod markdown;
 mod placement;

@@ -56,7 +56,7 @@ mod tests;
 use std::time::Duration;
 
 pub use cli::{LoadArgs, run_cli};
-pub use config::{LoadConfig, LoadMode, Protocol};
+pub use config::{LoadConfig, LoadMode, Protocol, TlsClient};
 pub use report::{
     ErrorCounts, LatencySummary, LoadReport, LoopKind, ProcessUsage, RequestCounts,
     ScheduleSummary, TcpSummary,

@@ -289,3 +289,94 @@ async fn compare_drives_closed_loops_with_wrk_and_h2load_when_installed() {
     assert!(markdown.contains("| weft | wrk |"), "{markdown}");
     assert!(markdown.contains("| weft | h2load |"), "{markdown}");
 }
+
+/// The handshake scenarios against weft alone: a new TLS connection per
+/// request, with a client certificate on the mutual-TLS listener, and
+/// sessions resumed only in the resumption run. Direct has no TLS
+/// listener and is skipped with the reason; without nginx the goals are
+/// unmeasured.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_measures_tls_handshakes_on_weft() {
+    let weft = tokio::task::spawn_blocking(|| proxy_binary().to_path_buf())
+        .await
+        .expect("the build task finishes");
+    let work = tempfile::tempdir().expect("a scratch directory");
+    let mut config = CompareConfig::new(weft, work.path().join("work"));
+    config.scenarios = vec![Scenario::Handshake, Scenario::HandshakeResume];
+    config.targets = vec![TargetKind::Direct, TargetKind::Weft, TargetKind::Nginx];
+    config.duration = Duration::from_millis(300);
+    config.warmup = Duration::from_millis(100);
+    config.rounds = std::num::NonZeroUsize::MIN;
+    config.connections = std::num::NonZeroUsize::new(2).expect("not zero");
+    config.tools = Tools::none();
+
+    let report = tokio::time::timeout(TEST_TIMEOUT, compare::run(&config))
+        .await
+        .expect("the comparison finishes in time")
+        .expect("the comparison runs");
+
+    let ids: Vec<&str> = report.runs.iter().map(|run| run.id.as_str()).collect();
+    assert_eq!(
+        ids,
+        [
+            "handshake-mtls-max",
+            "handshake-tls-max",
+            "handshake-resume-max"
+        ]
+    );
+    for run in &report.runs {
+        let id = &run.id;
+        assert_eq!(run.skip_reason, None, "{id} skipped");
+        let weft = run
+            .rows
+            .iter()
+            .find(|row| row.target == TargetKind::Weft)
+            .expect("a weft row");
+        assert!(weft.failures.is_empty(), "{id}: {:?}", weft.failures);
+        let summary = weft.median.unwrap_or_else(|| panic!("{id}: not measured"));
+        assert!(summary.completed_total > 0, "{id}");
+        assert_eq!(summary.errors_total, 0, "{id}");
+        assert!(
+            summary.handshakes_per_core_second().is_some(),
+            "{id}: no proxy CPU"
+        );
+        // Every measured request opened its own connection.
+        let round = &weft.rounds[0];
+        assert_eq!(
+            round.http_connections_opened,
+            Some(round.requests.completed),
+            "{id}"
+        );
+        let resumed = weft.tls_resumed_fraction().expect("TLS connections");
+        if id == "handshake-resume-max" {
+            assert!(resumed > 0.0, "{id}: nothing resumed");
+        } else {
+            assert_eq!(resumed, 0.0, "{id}: resumed {resumed}");
+        }
+        let direct = run
+            .rows
+            .iter()
+            .find(|row| row.target == TargetKind::Direct)
+            .expect("direct keeps a row");
+        assert!(
+            direct
+                .skip_reason
+                .as_deref()
+                .is_some_and(|reason| reason.contains("cleartext only")),
+            "{id}: {:?}",
+            direct.skip_reason
+        );
+    }
+    let handshake_goals: Vec<_> = report
+        .goals
+        .iter()
+        .filter(|goal| goal.goal.contains("handshakes"))
+        .collect();
+    assert_eq!(handshake_goals.len(), 3);
+    assert!(handshake_goals.iter().all(|goal| goal.met.is_none()));
+    let markdown = compare::render_markdown(&report);
+    assert!(
+        markdown.contains("handshakes per proxy core-second"),
+        "{markdown}"
+    );
+}

@@ -25,7 +25,9 @@ runs interleave the targets round after round; tables show medians. nginx and \
 HAProxy are used when on PATH; when missing, `apt-get install -y nginx-light \
 libnginx-mod-stream haproxy` is tried if running as root outside CI, else they are skipped with the \
 reason. http1-max is driven by wrk and h2-max by h2load when they are on PATH (pinned to the \
-load CPUs), else by the built-in generator, which drives every other run.")]
+load CPUs), else by the built-in generator, which drives every other run. The handshake \
+scenarios (handshake, handshake-resume) give weft, nginx and HAProxy TLS 1.3 listeners with one \
+ECDSA P-256 certificate and open a new TLS connection per request.")]
 pub struct CompareArgs {
     /// Scenario to run, repeatable (default: all).
     #[arg(long = "scenario", value_name = "NAME", value_enum)]

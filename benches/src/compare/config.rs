@@ -37,6 +37,13 @@ pub enum Scenario {
     Body64k,
     /// HTTP/1.1 with a new connection per request.
     Newconn,
+    /// New TLS 1.3 connections with client certificates (mutual TLS),
+    /// each making a full handshake (no resumption: weft allows none with
+    /// client certificates) and one HTTP/1.1 GET.
+    Handshake,
+    /// New server-only TLS 1.3 connections, each making one HTTP/1.1 GET:
+    /// once with every handshake full, once resuming sessions.
+    HandshakeResume,
     /// Opaque TCP through a TCP listener: 64 KiB echoed per round trip.
     Tcp,
     /// Memory per idle keep-alive connection (RSS growth over N
@@ -48,7 +55,7 @@ pub enum Scenario {
 
 impl Scenario {
     /// Every scenario, in the order they run.
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 10] = [
         Self::IdleRss,
         Self::Idle,
         Self::Http1,
@@ -56,6 +63,8 @@ impl Scenario {
         Self::Grpc,
         Self::Body64k,
         Self::Newconn,
+        Self::Handshake,
+        Self::HandshakeResume,
         Self::Tcp,
     ];
 
@@ -67,6 +76,8 @@ impl Scenario {
             Self::Grpc => "grpc",
             Self::Body64k => "body64k",
             Self::Newconn => "newconn",
+            Self::Handshake => "handshake",
+            Self::HandshakeResume => "handshake-resume",
             Self::Tcp => "tcp",
             Self::Idle => "idle",
             Self::IdleRss => "idle-rss",
@@ -77,6 +88,12 @@ impl Scenario {
     /// load through the shared ones.
     pub fn is_memory(self) -> bool {
         matches!(self, Self::Idle | Self::IdleRss)
+    }
+
+    /// Whether the scenario measures TLS handshakes (and needs the
+    /// targets' TLS listeners).
+    pub fn is_handshake(self) -> bool {
+        matches!(self, Self::Handshake | Self::HandshakeResume)
     }
 }
 

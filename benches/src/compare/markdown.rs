@@ -340,6 +340,9 @@ fn load_run(out: &mut String, run: &LoadRun) {
         );
     }
     out.push('\n');
+    if run.scenario.is_handshake() {
+        handshakes(out, run);
+    }
     let bound: Vec<&str> = run
         .rows
         .iter()
@@ -386,6 +389,51 @@ fn load_run(out: &mut String, run: &LoadRun) {
         for failure in &row.failures {
             let _ = writeln!(out, "- {}: {}", row.target.name(), one_line(failure));
         }
+    }
+    out.push('\n');
+}
+
+/// A handshake run's primary figure: handshakes per second of proxy CPU
+/// (each request opened its own connection), against nginx and the best
+/// of nginx/HAProxy, and how many handshakes resumed a session.
+fn handshakes(out: &mut String, run: &LoadRun) {
+    let _ = writeln!(
+        out,
+        "Handshakes per proxy core-second = 1 / proxy CPU per request: each request made its own \
+         connection and TLS handshake, so this is what one fully busy proxy core would sustain. \
+         \"resumed\" is the share of measured connections whose handshake resumed a session.\n"
+    );
+    let _ = writeln!(
+        out,
+        "| target | driver | handshakes/s | handshakes per proxy core-second | ×nginx | ×best | \
+         resumed | proxy busy | gen busy |"
+    );
+    let _ = writeln!(
+        out,
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    );
+    let per_core = |s: &RowSummary| s.handshakes_per_core_second();
+    let nginx = run.summary(TargetKind::Nginx).and_then(per_core);
+    let best = run.best_reference(per_core, false).map(|(_, v)| v);
+    for row in &run.rows {
+        let Some(summary) = &row.median else {
+            continue;
+        };
+        let value = per_core(summary);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.0} | {} | {} | {} | {} | {} | {} |",
+            row.target.name(),
+            row.driver.name(),
+            summary.throughput_per_second,
+            value.map_or(dash(), |v| format!("{v:.0}")),
+            ratio(value, nginx),
+            ratio(value, best),
+            row.tls_resumed_fraction()
+                .map_or(dash(), |f| format!("{:.0} %", f * 100.0)),
+            busy(summary.proxy_core_busy),
+            busy(summary.generator_core_busy),
+        );
     }
     out.push('\n');
 }

@@ -14,6 +14,11 @@
 //! | nginx | `proxy_pass` to an upstream with `keepalive 64` | a `listen ... http2` server: `proxy_pass` (HTTP/1.1 upstream: nginx has no h2 upstream) and `grpc_pass` for gRPC | `stream` module, if installed |
 //! | HAProxy | `mode http`, `http-reuse always` | a `proto h2` frontend to a `proto h2` server | `mode tcp` |
 //!
+//! For the handshake scenarios, weft (plain), nginx and HAProxy also get
+//! two HTTP/1.1 listeners that proxy like the cleartext one: server-only
+//! TLS 1.3 and mutual TLS 1.3, with the same certificate and key files
+//! ([`HandshakeCerts`]); the others have none (see [`no_tls_listener`]).
+//!
 //! weft binds port 0 and reports its ports (`--print-addresses`); nginx
 //! and HAProxy get free ports picked just before they start (bind port 0,
 //! read, release) and are retried with new ports if they fail to start.
@@ -38,6 +43,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::handshake::HandshakeCerts;
 use super::system::{self, SHORT_COMMAND_TIMEOUT};
 use super::{Placement, TargetKind, Tools};
 
@@ -83,15 +89,47 @@ pub(crate) struct Endpoints {
     pub(crate) h2: SocketAddr,
     /// Opaque TCP, or why there is none.
     pub(crate) tcp: Result<SocketAddr, String>,
+    /// HTTP/1.1 over server-only TLS (the handshake scenarios), or why
+    /// there is none.
+    pub(crate) tls: Result<SocketAddr, String>,
+    /// HTTP/1.1 over mutual TLS (the handshake scenarios), or why there is
+    /// none.
+    pub(crate) mtls: Result<SocketAddr, String>,
 }
 
 impl Endpoints {
     /// The echo itself.
     pub(crate) fn direct(upstream: Upstream) -> Self {
+        let no_tls = no_tls_listener(TargetKind::Direct, true);
         Self {
             http1: upstream.http,
             h2: upstream.http,
             tcp: Ok(upstream.tcp),
+            tls: Err(no_tls.clone()),
+            mtls: Err(no_tls),
+        }
+    }
+}
+
+/// Why `kind` has no TLS listener (`has_certs`: a handshake scenario asked
+/// for them).
+pub(crate) fn no_tls_listener(kind: TargetKind, has_certs: bool) -> String {
+    if !has_certs {
+        return "no handshake scenario was selected".to_owned();
+    }
+    match kind {
+        TargetKind::Direct => "the echo upstream speaks cleartext only".to_owned(),
+        TargetKind::WeftFull => {
+            "TLS listeners are configured on plain weft only (the handshake costs the same)"
+                .to_owned()
+        }
+        TargetKind::WeftSidecars | TargetKind::WeftSidecarsMtls => {
+            "clients reach the client sidecar in cleartext (the mTLS hop's handshakes are \
+             made once per pooled connection); handshakes are measured on plain weft"
+                .to_owned()
+        }
+        TargetKind::Weft | TargetKind::Nginx | TargetKind::Haproxy => {
+            "its TLS listeners are missing".to_owned()
         }
     }
 }
@@ -253,6 +291,9 @@ pub(crate) struct StartContext<'a> {
     /// Connections each proxy must be able to hold (sizes nginx's and
     /// HAProxy's connection limits).
     pub(crate) limits: Limits,
+    /// The handshake scenarios' certificates: when present, weft, nginx
+    /// and HAProxy also get a server-only and a mutual-TLS listener.
+    pub(crate) handshake: Option<&'a HandshakeCerts>,
 }
 
 /// A running proxy. Its process group is killed on drop.
@@ -380,8 +421,22 @@ async fn start_weft(
     name: &str,
 ) -> anyhow::Result<ProxyProcess> {
     let access_log = ctx.work_dir.join(format!("{name}-access.log"));
-    let config = weft_config(kind, ctx.upstream, &access_log);
-    spawn_weft(ctx, name, &config, ("http", "tcp")).await
+    let tls = ctx.handshake.filter(|_| kind == TargetKind::Weft);
+    let config = weft_config(kind, ctx.upstream, &access_log, tls);
+    let mut proxy = spawn_weft(
+        ctx,
+        name,
+        &config,
+        ("http", "tcp"),
+        tls.map(|_| ("tls", "mtls")),
+    )
+    .await?;
+    if tls.is_none() {
+        let reason = no_tls_listener(kind, ctx.handshake.is_some());
+        proxy.endpoints.tls = Err(reason.clone());
+        proxy.endpoints.mtls = Err(reason);
+    }
+    Ok(proxy)
 }
 
 /// weft-s2s: the server sidecar, then the client sidecar pointed at it.
@@ -397,6 +452,7 @@ async fn start_sidecars(
         &format!("{name}-server"),
         &server_sidecar_config(ctx.upstream, hop),
         ("inbound", "inbound-tcp"),
+        None,
     )
     .await
     .context("starting the server sidecar")?;
@@ -413,21 +469,27 @@ async fn start_sidecars(
         &format!("{name}-client"),
         &client_sidecar_config(inbound, hop),
         ("outbound", "outbound-tcp"),
+        None,
     )
     .await
     .context("starting the client sidecar")?;
+    let reason = no_tls_listener(TargetKind::WeftSidecars, ctx.handshake.is_some());
+    client.endpoints.tls = Err(reason.clone());
+    client.endpoints.mtls = Err(reason);
     client.next_hop = Some(Box::new(server));
     Ok(client)
 }
 
 /// Starts `weft-proxy --concurrency 1` with `config` (written to
 /// `NAME.yaml`) and reads back where its HTTP and TCP listeners (named
-/// `listeners`) bound.
+/// `listeners`) and its server-only and mutual TLS listeners (named
+/// `tls_listeners`, if any) bound.
 async fn spawn_weft(
     ctx: &StartContext<'_>,
     name: &str,
     config: &str,
     listeners: (&str, &str),
+    tls_listeners: Option<(&str, &str)>,
 ) -> anyhow::Result<ProxyProcess> {
     anyhow::ensure!(
         ctx.weft_bin.exists(),
@@ -482,6 +544,13 @@ async fn spawn_weft(
     };
     let http = listener(listeners.0)?;
     let tcp = listener(listeners.1)?;
+    let (tls, mtls) = match tls_listeners {
+        Some((tls, mtls)) => (Ok(listener(tls)?), Ok(listener(mtls)?)),
+        None => {
+            let reason = "no TLS listener configured".to_owned();
+            (Err(reason.clone()), Err(reason))
+        }
+    };
     Ok(ProxyProcess {
         pid,
         master_pid: None,
@@ -489,6 +558,8 @@ async fn spawn_weft(
             http1: http,
             h2: http,
             tcp: Ok(tcp),
+            tls,
+            mtls,
         },
         child,
         pgid: Some(pid),
@@ -521,26 +592,65 @@ pub(crate) struct MeshCerts {
     client_key: PathBuf,
 }
 
-/// The identities of the two sidecars.
+/// The identities of the two sidecars (and of the handshake scenarios'
+/// server and client).
 const SERVER_ID: &str = "spiffe://bench.weft.local/ns/default/sa/echo";
-const CLIENT_ID: &str = "spiffe://bench.weft.local/ns/default/sa/client";
+pub(crate) const CLIENT_ID: &str = "spiffe://bench.weft.local/ns/default/sa/client";
 
-impl SidecarHop {
-    /// A fresh mesh CA in `dir/ca` and a certificate for each sidecar.
-    pub(crate) fn mtls(dir: &Path) -> anyhow::Result<Self> {
+impl MeshCerts {
+    /// A fresh mesh CA in `dir/ca` (ECDSA P-256, as every key `weft_cp::ca`
+    /// makes), a server certificate for [`SERVER_ID`] (plus `server_dns_names`,
+    /// for clients that verify a host name) and a client certificate for
+    /// [`CLIENT_ID`].
+    pub(crate) fn create(dir: &Path, server_dns_names: &[String]) -> anyhow::Result<Self> {
         let ca = weft_cp::ca::Ca::load_or_create(&dir.join("ca"), "bench.weft.local")?;
         let ttl = Duration::from_secs(24 * 3600);
-        let [server_cert, server_key, bundle] =
-            weft_cp::ca::write_issued(&dir.join("server"), &ca.issue(SERVER_ID, &[], ttl)?, &ca)?;
+        let [server_cert, server_key, bundle] = weft_cp::ca::write_issued(
+            &dir.join("server"),
+            &ca.issue(SERVER_ID, server_dns_names, ttl)?,
+            &ca,
+        )?;
         let [client_cert, client_key, _] =
             weft_cp::ca::write_issued(&dir.join("client"), &ca.issue(CLIENT_ID, &[], ttl)?, &ca)?;
-        Ok(Self::Mtls(MeshCerts {
+        Ok(Self {
             ca: bundle,
             server_cert,
             server_key,
             client_cert,
             client_key,
-        }))
+        })
+    }
+
+    /// The CA bundle (PEM).
+    pub(crate) fn ca(&self) -> &Path {
+        &self.ca
+    }
+
+    /// The server's chain: leaf, then the CA (PEM).
+    pub(crate) fn server_cert(&self) -> &Path {
+        &self.server_cert
+    }
+
+    /// The server's key (PKCS#8 PEM).
+    pub(crate) fn server_key(&self) -> &Path {
+        &self.server_key
+    }
+
+    /// The client's chain: leaf, then the CA (PEM).
+    pub(crate) fn client_cert(&self) -> &Path {
+        &self.client_cert
+    }
+
+    /// The client's key (PKCS#8 PEM).
+    pub(crate) fn client_key(&self) -> &Path {
+        &self.client_key
+    }
+}
+
+impl SidecarHop {
+    /// A fresh mesh CA in `dir/ca` and a certificate for each sidecar.
+    pub(crate) fn mtls(dir: &Path) -> anyhow::Result<Self> {
+        Ok(Self::Mtls(MeshCerts::create(dir, &[])?))
     }
 
     /// Extra fields of the inbound HTTP listener (indented as a list
@@ -665,7 +775,15 @@ clusters:
 }
 
 /// weft's configuration: plain (one route) or full (every feature built).
-pub(crate) fn weft_config(kind: TargetKind, upstream: Upstream, access_log: &Path) -> String {
+/// With `tls`, plain weft also gets the handshake scenarios' listeners:
+/// `tls` (server-only) and `mtls` (client certificates required), routed
+/// like `http`.
+pub(crate) fn weft_config(
+    kind: TargetKind,
+    upstream: Upstream,
+    access_log: &Path,
+    tls: Option<&HandshakeCerts>,
+) -> String {
     let clusters = format!(
         "clusters:
   - name: echo
@@ -686,13 +804,14 @@ pub(crate) fn weft_config(kind: TargetKind, upstream: Upstream, access_log: &Pat
     cluster: echo-tcp
 ";
     if kind != TargetKind::WeftFull {
+        let tls_listeners = tls.map_or_else(String::new, weft_tls_listeners);
         return format!(
             "# weft-bench compare: plain weft, one HTTP listener, one route, one cluster.
 listeners:
   - name: http
     address: 127.0.0.1:0
     route_config: main
-{tcp_listener}
+{tcp_listener}{tls_listeners}
 route_configs:
   - name: main
     virtual_hosts:
@@ -784,6 +903,33 @@ route_configs:
     )
 }
 
+/// The handshake scenarios' listeners on plain weft: TLS 1.3 only, the
+/// same certificate; `mtls` requires a client certificate of the mesh CA
+/// and allows the bench client's identity, as a mesh's inbound listener
+/// does. weft resumes no session where client certificates are used.
+fn weft_tls_listeners(certs: &HandshakeCerts) -> String {
+    let certificate = format!(
+        "      certificates:\n        - {{ cert_file: {:?}, key_file: {:?} }}\n      \
+         min_version: \"1.3\"\n",
+        certs.server_cert(),
+        certs.server_key()
+    );
+    format!(
+        "  - name: tls
+    address: 127.0.0.1:0
+    route_config: main
+    tls:
+{certificate}  - name: mtls
+    address: 127.0.0.1:0
+    route_config: main
+    tls:
+{certificate}      client_ca_file: {ca:?}
+      allowed_identities: [{CLIENT_ID:?}]
+",
+        ca = certs.ca(),
+    )
+}
+
 /// Picks `count` distinct free loopback ports (bound together, then
 /// released for the proxy to take).
 fn free_ports(count: usize) -> anyhow::Result<Vec<SocketAddr>> {
@@ -803,6 +949,10 @@ pub(crate) struct ReferencePorts {
     pub(crate) http1: SocketAddr,
     pub(crate) h2: SocketAddr,
     pub(crate) tcp: SocketAddr,
+    /// The handshake scenarios' server-only TLS listener.
+    pub(crate) tls: SocketAddr,
+    /// The handshake scenarios' mutual-TLS listener.
+    pub(crate) mtls: SocketAddr,
 }
 
 async fn start_reference(
@@ -810,11 +960,13 @@ async fn start_reference(
     ctx: &StartContext<'_>,
     name: &str,
 ) -> anyhow::Result<ProxyProcess> {
-    let picked = free_ports(3)?;
+    let picked = free_ports(5)?;
     let ports = ReferencePorts {
         http1: picked[0],
         h2: picked[1],
         tcp: picked[2],
+        tls: picked[3],
+        mtls: picked[4],
     };
     let log = ctx.work_dir.join(format!("{name}.log"));
     let (mut command, tcp) = match kind {
@@ -832,6 +984,7 @@ async fn start_reference(
                 ports,
                 ctx.programs.nginx_stream.as_ref().ok(),
                 ctx.limits,
+                ctx.handshake,
             );
             let config_path = dir.join("nginx.conf");
             std::fs::write(&config_path, config)
@@ -860,7 +1013,7 @@ async fn start_reference(
             let config_path = ctx.work_dir.join(format!("{name}.cfg"));
             std::fs::write(
                 &config_path,
-                haproxy_config(ctx.upstream, ports, ctx.limits),
+                haproxy_config(ctx.upstream, ports, ctx.limits, ctx.handshake),
             )
             .with_context(|| format!("writing {}", config_path.display()))?;
             let mut command = base_command(ctx, haproxy, &log)?;
@@ -889,6 +1042,13 @@ async fn start_reference(
     if let Ok(tcp) = tcp {
         probes.push(tcp);
     }
+    let (tls, mtls) = if ctx.handshake.is_some() {
+        probes.extend([ports.tls, ports.mtls]);
+        (Ok(ports.tls), Ok(ports.mtls))
+    } else {
+        let reason = no_tls_listener(kind, false);
+        (Err(reason.clone()), Err(reason))
+    };
     let deadline = Instant::now() + START_TIMEOUT;
     wait_listening(&mut child, &probes, deadline)
         .await
@@ -905,6 +1065,8 @@ async fn start_reference(
             http1: ports.http1,
             h2: ports.h2,
             tcp,
+            tls,
+            mtls,
         },
         child,
         pgid: Some(master),
@@ -958,13 +1120,20 @@ async fn nginx_worker(master: u32, deadline: Instant) -> anyhow::Result<u32> {
     }
 }
 
-/// nginx's configuration (`dir` holds its pid and temp paths).
+/// nginx's configuration (`dir` holds its pid and temp paths). With
+/// `tls`, two more servers proxy like the HTTP/1.1 one: a server-only TLS
+/// one with session tickets and a session cache, and a mutual-TLS one
+/// (`ssl_verify_client on`) without either, as weft allows no resumption
+/// with client certificates. Without `NumTickets 0`, OpenSSL would still
+/// send two (useless) TLS 1.3 tickets per connection there; weft sends
+/// none.
 pub(crate) fn nginx_config(
     dir: &Path,
     upstream: Upstream,
     ports: ReferencePorts,
     stream: Option<&Option<PathBuf>>,
     limits: Limits,
+    tls: Option<&HandshakeCerts>,
 ) -> String {
     let dir = dir.display();
     let worker_connections = limits.nginx_worker_connections();
@@ -1012,13 +1181,51 @@ http {{
       grpc_pass grpc://echo_grpc;
     }}
   }}
-}}
 ",
         nofile = limits.open_files,
         echo = upstream.http,
         h1 = ports.http1,
         h2 = ports.h2,
     );
+    if let Some(certs) = tls {
+        let certificate = format!(
+            "ssl_certificate {};
+    ssl_certificate_key {};
+    ssl_protocols TLSv1.3;",
+            certs.server_cert().display(),
+            certs.server_key().display()
+        );
+        let _ = write!(
+            config,
+            "  server {{
+    listen {tls} ssl;
+    {certificate}
+    ssl_session_cache shared:weft_bench:10m;
+    ssl_session_tickets on;
+    location / {{
+      {location}
+    }}
+  }}
+  server {{
+    listen {mtls} ssl;
+    {certificate}
+    ssl_verify_client on;
+    ssl_client_certificate {ca};
+    ssl_verify_depth 2;
+    ssl_session_cache off;
+    ssl_session_tickets off;
+    ssl_conf_command NumTickets 0;
+    location / {{
+      {location}
+    }}
+  }}
+",
+            tls = ports.tls,
+            mtls = ports.mtls,
+            ca = certs.ca().display(),
+        );
+    }
+    config.push_str("}\n");
     if stream.is_some() {
         let _ = write!(
             config,
@@ -1036,8 +1243,33 @@ http {{
     config
 }
 
-/// HAProxy's configuration.
-pub(crate) fn haproxy_config(upstream: Upstream, ports: ReferencePorts, limits: Limits) -> String {
+/// HAProxy's configuration. With `tls`, two more frontends lead to the
+/// HTTP/1.1 backend: server-only TLS (session tickets and cache on, the
+/// defaults) and mutual TLS (`verify required`, `no-tls-tickets`).
+pub(crate) fn haproxy_config(
+    upstream: Upstream,
+    ports: ReferencePorts,
+    limits: Limits,
+    tls: Option<&HandshakeCerts>,
+) -> String {
+    let tls_frontends = tls.map_or_else(String::new, |certs| {
+        let bind = format!(
+            "ssl crt {} ssl-min-ver TLSv1.3 alpn http/1.1",
+            certs.haproxy_pem().display()
+        );
+        format!(
+            "frontend fe_tls
+  bind {tls} {bind}
+  default_backend be_h1
+frontend fe_mtls
+  bind {mtls} {bind} ca-file {ca} verify required no-tls-tickets
+  default_backend be_h1
+",
+            tls = ports.tls,
+            mtls = ports.mtls,
+            ca = certs.ca().display(),
+        )
+    });
     format!(
         "# weft-bench compare: HAProxy, one thread, upstream keep-alive.
 global
@@ -1069,7 +1301,7 @@ frontend fe_tcp
 backend be_tcp
   mode tcp
   server echo {echo_tcp}
-",
+{tls_frontends}",
         maxconn = limits.haproxy_maxconn(),
         h1 = ports.http1,
         h2 = ports.h2,

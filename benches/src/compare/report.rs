@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use super::driver::{Driver, ToolRound};
+use super::handshake::HandshakeKind;
 use super::{Placement, Scenario, TargetKind};
 use crate::load::LoadReport;
 
@@ -412,6 +413,15 @@ impl RowSummary {
         })
     }
 
+    /// Handshakes (connections) per second of proxy CPU: the inverse of
+    /// the proxy CPU per request, as each request of a handshake run opens
+    /// its own connection.
+    pub fn handshakes_per_core_second(&self) -> Option<f64> {
+        self.cpu_us_per_request
+            .filter(|&cpu| cpu > 0.0)
+            .map(|cpu| 1e6 / cpu)
+    }
+
     /// Which core saturated, in words: `proxy`, `generator`, `both`,
     /// `neither`, or `—` when not measured.
     pub fn saturated(&self) -> &'static str {
@@ -424,6 +434,26 @@ impl RowSummary {
             (Some(false), _) | (_, Some(false)) => "neither",
             (None, None) => "—",
         }
+    }
+}
+
+impl LoadRow {
+    /// The share of the connections opened for measured requests that
+    /// resumed a TLS session, over every round (`None` without TLS).
+    pub fn tls_resumed_fraction(&self) -> Option<f64> {
+        let (resumed, opened) = self
+            .rounds
+            .iter()
+            .filter_map(|round| {
+                Some((
+                    round.tls_resumed_connections?,
+                    round.http_connections_opened?,
+                ))
+            })
+            .fold((0, 0), |(r, o), (resumed, opened)| {
+                (r + resumed, o + opened)
+            });
+        (opened > 0).then(|| resumed as f64 / opened as f64)
     }
 }
 
@@ -474,6 +504,11 @@ impl CompareReport {
     /// stores them in [`CompareReport::goals`].
     pub(crate) fn evaluate_goals(&mut self) {
         let mut goals = Vec::new();
+        let measured = |kind: TargetKind| {
+            self.targets
+                .iter()
+                .any(|status| status.target == kind && status.skip_reason.is_none())
+        };
         // Goals are per proxy: weft-s2s, two proxies in series, is only
         // the reference of its mTLS twin below.
         for target in [TargetKind::Weft, TargetKind::WeftFull] {
@@ -490,13 +525,16 @@ impl CompareReport {
             goals.push(self.memory_goal(target, false));
             goals.push(self.memory_goal(target, true));
         }
+        // Handshakes: only plain weft terminates TLS for clients, and the
+        // goals appear only when a handshake scenario ran.
+        for kind in HandshakeKind::ALL {
+            let run_id = kind.run_id();
+            if self.run(run_id).is_some() && measured(TargetKind::Weft) {
+                goals.push(self.handshake_goal(run_id, TargetKind::Weft));
+            }
+        }
         // The mesh hop's security has a price too: the mTLS pair against
         // the cleartext pair, per keep-alive request.
-        let measured = |kind: TargetKind| {
-            self.targets
-                .iter()
-                .any(|status| status.target == kind && status.skip_reason.is_none())
-        };
         if measured(TargetKind::WeftSidecarsMtls) && measured(TargetKind::WeftSidecars) {
             goals.push(self.cpu_goal(
                 "http1-max",
@@ -553,6 +591,46 @@ impl CompareReport {
                         reference * max_ratio,
                         (1.0 - reference * max_ratio / value).max(0.0) * 100.0,
                     ),
+                }
+            }
+            _ => unmeasured(goal, target, value),
+        }
+    }
+
+    /// Weft's handshakes per second of proxy CPU in `run_id` against
+    /// nginx's, which they must at least equal.
+    fn handshake_goal(&self, run_id: &str, target: TargetKind) -> Goal {
+        let goal = format!("{run_id}: handshakes per proxy core-second ≥ nginx's");
+        let run = self.run(run_id);
+        let summary = |kind: TargetKind| run.and_then(|run| run.summary(kind));
+        let value = summary(target).and_then(RowSummary::handshakes_per_core_second);
+        let reference = summary(TargetKind::Nginx).and_then(RowSummary::handshakes_per_core_second);
+        match (value, reference) {
+            (Some(value), Some(reference)) if reference > 0.0 => {
+                let ratio = value / reference;
+                let bound: Vec<&str> = [target, TargetKind::Nginx]
+                    .into_iter()
+                    .filter(|&kind| summary(kind).is_some_and(|s| s.is_generator_bound))
+                    .map(TargetKind::name)
+                    .collect();
+                let mut detail = format!(
+                    "{value:.0} vs nginx {reference:.0} handshakes per proxy core-second = \
+                     {ratio:.2}x"
+                );
+                if !bound.is_empty() {
+                    detail.push_str(&format!(
+                        " (generator-bound: {}; its proxy core was not saturated)",
+                        bound.join(", ")
+                    ));
+                }
+                Goal {
+                    goal,
+                    target,
+                    value: Some(value),
+                    reference: Some(reference),
+                    ratio: Some(ratio),
+                    met: Some(ratio >= 1.0),
+                    detail,
                 }
             }
             _ => unmeasured(goal, target, value),

@@ -14,6 +14,7 @@ use tracing::{debug, info, warn};
 
 use super::config::{CompareConfig, Scenario, TargetKind};
 use super::driver::{self, Driver, ExternalDrivers, ToolRun};
+use super::handshake::{self, ClientMaterial, HandshakeCerts, HandshakeKind};
 use super::idle;
 use super::proxies::Programs;
 use super::proxies::{
@@ -125,7 +126,7 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
     };
     let statuses: Vec<TargetStatus> = targets
         .iter()
-        .map(|&target| target_status(target, config, &programs))
+        .map(|&target| target_status(target, config, &programs, &scenarios))
         .collect();
     for status in &statuses {
         if let Some(reason) = &status.skip_reason {
@@ -134,6 +135,26 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
         }
     }
     let versions = versions(config, &programs, &drivers).await;
+
+    // The handshake scenarios' certificates, and the generator's client
+    // material; without them those runs are skipped with the reason.
+    let handshake_certs = if scenarios.iter().any(|s| s.is_handshake()) {
+        let dir = config.work_dir.join("handshake-certs");
+        Some(
+            HandshakeCerts::create(&dir)
+                .and_then(|certs| Ok((ClientMaterial::load(&certs)?, certs)))
+                .map_err(|err| format!("making the handshake certificates failed: {err:#}")),
+        )
+    } else {
+        None
+    };
+    if let Some(Err(reason)) = &handshake_certs {
+        warn!(reason, "handshake scenarios skipped");
+    }
+    let (client_material, certs) = match &handshake_certs {
+        Some(Ok((material, certs))) => (Some(material), Some(certs)),
+        _ => (None, None),
+    };
 
     let h2_connections = (config.connections.get() / H2_STREAMS).max(1);
     let mut report = CompareReport {
@@ -173,6 +194,13 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
             connections: 4 * config.connections.get() + 64,
             open_files: open_files(),
         },
+        handshake: certs,
+    };
+    // Memory is measured as configured for the other load runs, without
+    // the handshake scenarios' TLS listeners.
+    let memory_ctx = StartContext {
+        handshake: None,
+        ..ctx
     };
     // The `idle` scenario's processes must hold its connections too.
     let idle_ctx = StartContext {
@@ -180,7 +208,7 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
             connections: ctx.limits.connections + idle_connections,
             ..ctx.limits
         },
-        ..ctx
+        ..memory_ctx
     };
 
     let memory_scenarios: Vec<Scenario> = scenarios
@@ -191,7 +219,7 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
     if !memory_scenarios.is_empty() {
         report.memory = memory(
             config,
-            (&ctx, &idle_ctx),
+            (&memory_ctx, &idle_ctx),
             &report.targets,
             &memory_scenarios,
             idle_connections,
@@ -231,6 +259,16 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
                         }
                     },
                 };
+                if let (Some(_), Some(Err(reason))) = (spec.handshake, &handshake_certs) {
+                    report.runs.push(skipped_run(
+                        &spec.id,
+                        &spec.title,
+                        scenario,
+                        spec.kind,
+                        reason.clone(),
+                    ));
+                    continue;
+                }
                 let (driver, fallback) = choose_driver(&spec, &drivers);
                 if let Some(reason) = fallback {
                     let note = format!(
@@ -245,7 +283,14 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
                     println!("{note}");
                     report.notes.push(note);
                 }
-                let run = execute(&spec, driver, config, &mut running, &report.targets).await;
+                let run = execute(
+                    &spec,
+                    driver,
+                    config,
+                    (&mut running, &report.targets),
+                    client_material,
+                )
+                .await;
                 report.runs.push(run);
             }
         }
@@ -275,7 +320,12 @@ pub async fn run(config: &CompareConfig) -> anyhow::Result<CompareReport> {
 }
 
 /// Whether `target` can run, and how it is configured.
-fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs) -> TargetStatus {
+fn target_status(
+    target: TargetKind,
+    config: &CompareConfig,
+    programs: &Programs,
+    scenarios: &[Scenario],
+) -> TargetStatus {
     let missing_weft = || {
         (!config.weft_bin.exists()).then(|| {
             format!(
@@ -330,10 +380,46 @@ fn target_status(target: TargetKind, config: &CompareConfig, programs: &Programs
             "HAProxy, nbthread 1, http-reuse always, no logging".to_owned(),
         ),
     };
+    let description = match handshake_listeners(target) {
+        Some(listeners) if scenarios.iter().any(|s| s.is_handshake()) => {
+            format!(
+                "{description}; for the handshake runs, two more HTTP/1.1 listeners proxying to \
+                 the echo like the cleartext one, TLS 1.3 only with the same ECDSA P-256 \
+                 certificate and key files (mesh CA from weft_cp::ca): {listeners}"
+            )
+        }
+        _ => description,
+    };
     TargetStatus {
         target,
         skip_reason,
         description,
+    }
+}
+
+/// How `target` terminates TLS in the handshake runs (`None`: it does not).
+fn handshake_listeners(target: TargetKind) -> Option<&'static str> {
+    match target {
+        TargetKind::Weft => Some(
+            "`tls` (server-only; rustls's default stateful session cache of 256 sessions, 2 \
+             TLS 1.3 tickets per connection) and `mtls` (`client_ca_file`, client certificate \
+             required, `allowed_identities` the client's SPIFFE ID; no resumption, by design)",
+        ),
+        TargetKind::Nginx => Some(
+            "server-only (`ssl_session_tickets on`, `ssl_session_cache shared:10m`) and \
+             mutual (`ssl_verify_client on`, `ssl_client_certificate` the mesh CA, tickets and \
+             session cache off and `ssl_conf_command NumTickets 0`, as weft allows no \
+             resumption with client certificates and sends no ticket)",
+        ),
+        TargetKind::Haproxy => Some(
+            "`bind ... ssl crt` server-only (tickets and session cache on, the defaults) and \
+             mutual (`ca-file` the mesh CA, `verify required`, `no-tls-tickets`; HAProxy 2.6 \
+             still sends TLS 1.3 session-cache tickets there)",
+        ),
+        TargetKind::Direct
+        | TargetKind::WeftFull
+        | TargetKind::WeftSidecars
+        | TargetKind::WeftSidecarsMtls => None,
     }
 }
 
@@ -505,6 +591,8 @@ struct RunSpec {
     streams: usize,
     body_size_bytes: usize,
     is_new_connection_per_request: bool,
+    /// The handshake runs: TLS on every (new) connection.
+    handshake: Option<HandshakeKind>,
     /// How the open-loop rate was chosen.
     rate_basis: Option<String>,
 }
@@ -531,6 +619,7 @@ fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> V
             streams,
             body_size_bytes,
             is_new_connection_per_request: false,
+            handshake: None,
             rate_basis: None,
         })
     };
@@ -601,8 +690,32 @@ fn specs(scenario: Scenario, config: &CompareConfig, h2_connections: usize) -> V
             streams: 1,
             body_size_bytes: 0,
             is_new_connection_per_request: true,
+            handshake: None,
             rate_basis: None,
         })],
+        Scenario::Handshake | Scenario::HandshakeResume => handshake::kinds(scenario)
+            .iter()
+            .map(|&kind| {
+                Spec::Run(RunSpec {
+                    id: kind.run_id().to_owned(),
+                    scenario,
+                    kind: RunKind::Max,
+                    title: format!(
+                        "{}: a new connection per HTTP/1.1 GET (no body), closed loop, \
+                         {connections} connections at a time",
+                        kind.describe()
+                    ),
+                    protocol: Protocol::Http1,
+                    mode: LoadMode::ClosedLoop,
+                    connections,
+                    streams: 1,
+                    body_size_bytes: 0,
+                    is_new_connection_per_request: true,
+                    handshake: Some(kind),
+                    rate_basis: None,
+                })
+            })
+            .collect(),
         Scenario::Idle | Scenario::IdleRss => Vec::new(),
     }
 }
@@ -625,6 +738,7 @@ fn http1_rate(config: &CompareConfig, rate: f64) -> RunSpec {
         streams: 1,
         body_size_bytes: 0,
         is_new_connection_per_request: false,
+        handshake: None,
         rate_basis: None,
     }
 }
@@ -802,13 +916,14 @@ fn skipped_run(
     }
 }
 
-/// Runs `spec` against every target, interleaved, for every round.
+/// Runs `spec` against every target, interleaved, for every round. The
+/// handshake runs build a fresh TLS client from `tls` for each round.
 async fn execute(
     spec: &RunSpec,
     driver: DriverChoice<'_>,
     config: &CompareConfig,
-    running: &mut [Running],
-    statuses: &[TargetStatus],
+    (running, statuses): (&mut [Running], &[TargetStatus]),
+    tls: Option<&ClientMaterial>,
 ) -> LoadRun {
     let mut rows: Vec<LoadRow> = statuses
         .iter()
@@ -816,7 +931,7 @@ async fn execute(
             let endpoint_skip = running
                 .iter()
                 .find(|r| r.target == status.target)
-                .and_then(|r| endpoint(spec.protocol, &r.endpoints).err());
+                .and_then(|r| endpoint(spec, &r.endpoints).err());
             LoadRow {
                 target: status.target,
                 driver: driver.driver(),
@@ -851,7 +966,7 @@ async fn execute(
                 ));
                 continue;
             }
-            let Ok(addr) = endpoint(spec.protocol, &target.endpoints) else {
+            let Ok(addr) = endpoint(spec, &target.endpoints) else {
                 continue;
             };
             if let DriverChoice::External { driver, program } = driver {
@@ -886,7 +1001,21 @@ async fn execute(
                 }
                 continue;
             }
-            let load_config = load_config(spec, config, addr, &target.pids);
+            let mut load_config = load_config(spec, config, addr, &target.pids);
+            if let Some(kind) = spec.handshake {
+                match tls.map(|material| material.client(kind)) {
+                    Some(Ok(client)) => load_config.tls = Some(client),
+                    Some(Err(err)) => {
+                        row.failures.push(format!("round {round}: {err:#}"));
+                        continue;
+                    }
+                    None => {
+                        row.failures
+                            .push(format!("round {round}: no TLS client material"));
+                        continue;
+                    }
+                }
+            }
             match load::run(&load_config).await {
                 Ok(report) => {
                     info!(
@@ -927,9 +1056,14 @@ async fn execute(
     }
 }
 
-/// The address a target serves `protocol` on, or why it has none.
-fn endpoint(protocol: Protocol, endpoints: &Endpoints) -> Result<SocketAddr, String> {
-    match protocol {
+/// The address a target serves `spec`'s traffic on, or why it has none.
+fn endpoint(spec: &RunSpec, endpoints: &Endpoints) -> Result<SocketAddr, String> {
+    match spec.handshake {
+        Some(kind) if kind.is_mutual() => return endpoints.mtls.clone(),
+        Some(_) => return endpoints.tls.clone(),
+        None => {}
+    }
+    match spec.protocol {
         Protocol::Http1 => Ok(endpoints.http1),
         Protocol::Http2 | Protocol::Grpc => Ok(endpoints.h2),
         Protocol::Tcp => endpoints.tcp.clone(),

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use super::driver::Driver;
+use super::handshake;
 use super::proxies::{self, Limits, ReferencePorts, Upstream};
 use super::report::{self, LoadRow, LoadRun, MemoryRow, RowSummary, RunKind};
 use super::runner;
@@ -73,6 +74,7 @@ fn load_report(throughput: f64, p99_us: u64, cpu_us: Option<f64>) -> LoadReport 
         }),
         generator_cpu_seconds: None,
         http_connections_opened: None,
+        tls_resumed_connections: None,
     }
 }
 
@@ -485,7 +487,8 @@ fn chart_draws_a_curve_per_measured_target() {
 #[test]
 fn weft_configs_pass_weft_validation() {
     for kind in [TargetKind::Weft, TargetKind::WeftFull] {
-        let yaml = proxies::weft_config(kind, upstream(), Path::new("/tmp/a \"b\"/access.log"));
+        let yaml =
+            proxies::weft_config(kind, upstream(), Path::new("/tmp/a \"b\"/access.log"), None);
         if let Err(err) = weft_proxy::config::Config::from_yaml(&yaml, kind.name()) {
             panic!("{} config rejected: {err}\n{yaml}", kind.name());
         }
@@ -581,12 +584,14 @@ fn reference_configs_name_every_port() {
         http1: addr(41001),
         h2: addr(41002),
         tcp: addr(41003),
+        tls: addr(41004),
+        mtls: addr(41005),
     };
     let limits = Limits {
         connections: 10_000,
         open_files: 65_536,
     };
-    let nginx = proxies::nginx_config(Path::new("/tmp/n"), upstream(), ports, None, limits);
+    let nginx = proxies::nginx_config(Path::new("/tmp/n"), upstream(), ports, None, limits, None);
     assert!(nginx.contains("worker_processes 1;"), "{nginx}");
     assert!(nginx.contains("listen 127.0.0.1:41001;"), "{nginx}");
     assert!(nginx.contains("listen 127.0.0.1:41002 http2;"), "{nginx}");
@@ -601,6 +606,7 @@ fn reference_configs_name_every_port() {
         ports,
         Some(&module),
         limits,
+        None,
     );
     assert!(with_stream.starts_with("load_module /m/ngx_stream_module.so;"));
     assert!(
@@ -608,7 +614,7 @@ fn reference_configs_name_every_port() {
         "{with_stream}"
     );
 
-    let haproxy = proxies::haproxy_config(upstream(), ports, limits);
+    let haproxy = proxies::haproxy_config(upstream(), ports, limits, None);
     for expected in [
         "maxconn 11024",
         "nbthread 1",
@@ -939,4 +945,257 @@ fn fractional_seconds_under_wrk_are_noted() {
         runner::whole_seconds_note("grpc-max", Driver::WeftBench, &config),
         None
     );
+}
+
+/// A handshake run: weft spends `weft_cpu` µs of proxy CPU per handshake,
+/// nginx 50 and HAProxy 80; weft's rounds resumed `resumed` of 100
+/// connections.
+fn handshake_run(kind: handshake::HandshakeKind, weft_cpu: f64, resumed: u64) -> LoadRun {
+    let with_connections = |mut report: LoadReport, resumed: u64| {
+        report.http_connections_opened = Some(100);
+        report.tls_resumed_connections = Some(resumed);
+        report
+    };
+    let scenario = if kind.is_mutual() {
+        Scenario::Handshake
+    } else {
+        Scenario::HandshakeResume
+    };
+    run(
+        kind.run_id(),
+        scenario,
+        RunKind::Max,
+        vec![
+            row(
+                TargetKind::Weft,
+                vec![with_connections(
+                    load_report(10_000.0, 2_000, Some(weft_cpu)),
+                    resumed,
+                )],
+            ),
+            row(
+                TargetKind::Nginx,
+                vec![with_connections(
+                    load_report(9_000.0, 2_000, Some(50.0)),
+                    resumed,
+                )],
+            ),
+            row(
+                TargetKind::Haproxy,
+                vec![with_connections(
+                    load_report(8_000.0, 2_000, Some(80.0)),
+                    resumed,
+                )],
+            ),
+        ],
+    )
+}
+
+#[test]
+fn handshake_goals_hold_weft_per_core_against_nginx() {
+    use handshake::HandshakeKind;
+    let mut report = sample_report();
+    // No handshake run, no handshake goal.
+    assert!(
+        report
+            .goals
+            .iter()
+            .all(|goal| !goal.goal.contains("handshakes"))
+    );
+    report.runs.extend([
+        handshake_run(HandshakeKind::Mutual, 40.0, 0),
+        handshake_run(HandshakeKind::Full, 62.5, 0),
+        handshake_run(HandshakeKind::Resumed, 50.0, 90),
+    ]);
+    report.evaluate_goals();
+    let handshake_goals: Vec<&Goal> = report
+        .goals
+        .iter()
+        .filter(|goal| goal.goal.contains("handshakes per proxy core-second"))
+        .collect();
+    assert_eq!(handshake_goals.len(), 3, "{handshake_goals:?}");
+    // 40 µs: 25000 per core-second against nginx's 20000 = 1.25x, met;
+    // 62.5 µs: 16000 = 0.8x, not met; 50 µs: equal, met.
+    let figures: Vec<(Option<f64>, Option<f64>, Option<bool>)> = handshake_goals
+        .iter()
+        .map(|goal| (goal.value, goal.ratio, goal.met))
+        .collect();
+    assert_eq!(
+        figures,
+        [
+            (Some(25_000.0), Some(1.25), Some(true)),
+            (Some(16_000.0), Some(0.8), Some(false)),
+            (Some(20_000.0), Some(1.0), Some(true)),
+        ]
+    );
+    assert!(handshake_goals[0].goal.starts_with("handshake-mtls-max: "));
+    // The rows' proxies were 40 % to 62 % busy: generator-bound, and the
+    // goal says so.
+    assert!(
+        handshake_goals[0]
+            .detail
+            .contains("generator-bound: weft, nginx"),
+        "{}",
+        handshake_goals[0].detail
+    );
+
+    let markdown = render_markdown(&report);
+    assert!(
+        markdown.contains("| target | driver | handshakes/s | handshakes per proxy core-second |"),
+        "{markdown}"
+    );
+    // weft: 25000 per core-second, 1.25x nginx, and nginx (20000) is the
+    // best of the two references (HAProxy: 12500).
+    assert!(
+        markdown.contains("| weft | weft-bench | 10000 | 25000 | 1.25 | 1.25 | 0 % |"),
+        "{markdown}"
+    );
+    assert!(
+        markdown.contains("| haproxy | weft-bench | 8000 | 12500 | 0.62 | 0.62 | 90 % |"),
+        "{markdown}"
+    );
+    // Other runs have no handshake table.
+    assert_eq!(
+        markdown
+            .matches("handshakes per proxy core-second |")
+            .count(),
+        3
+    );
+}
+
+#[test]
+fn handshake_listeners_are_tls_13_with_the_same_certificate_everywhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = handshake::HandshakeCerts::create(dir.path()).unwrap();
+    // weft: the files exist, so validation loads every key and CA.
+    let yaml = proxies::weft_config(
+        TargetKind::Weft,
+        upstream(),
+        Path::new("/tmp/access.log"),
+        Some(&certs),
+    );
+    let config = weft_proxy::config::Config::from_yaml(&yaml, "weft")
+        .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+    let tls = |name: &str| {
+        config
+            .listeners
+            .iter()
+            .find(|l| &*l.name == name)
+            .and_then(|l| l.tls.as_ref())
+            .unwrap_or_else(|| panic!("no TLS listener {name}:\n{yaml}"))
+    };
+    assert!(tls("tls").clients.is_none(), "server-only");
+    assert!(
+        tls("mtls").clients.is_some(),
+        "client certificates required"
+    );
+    assert_eq!(yaml.matches("min_version: \"1.3\"").count(), 2, "{yaml}");
+    // weft-full never gets them.
+    let full = proxies::weft_config(
+        TargetKind::WeftFull,
+        upstream(),
+        Path::new("/tmp/access.log"),
+        Some(&certs),
+    );
+    assert!(!full.contains("tls:"), "{full}");
+
+    let ports = ReferencePorts {
+        http1: addr(41001),
+        h2: addr(41002),
+        tcp: addr(41003),
+        tls: addr(41004),
+        mtls: addr(41005),
+    };
+    let limits = Limits {
+        connections: 100,
+        open_files: 65_536,
+    };
+    let cert = certs.server_cert().display().to_string();
+    let key = certs.server_key().display().to_string();
+    let ca = certs.ca().display().to_string();
+    assert!(yaml.contains(&format!("{cert:?}")) && yaml.contains(&format!("{key:?}")));
+    let nginx = proxies::nginx_config(
+        Path::new("/tmp/n"),
+        upstream(),
+        ports,
+        None,
+        limits,
+        Some(&certs),
+    );
+    for expected in [
+        "listen 127.0.0.1:41004 ssl;".to_owned(),
+        "listen 127.0.0.1:41005 ssl;".to_owned(),
+        format!("ssl_certificate {cert};"),
+        format!("ssl_certificate_key {key};"),
+        format!("ssl_client_certificate {ca};"),
+        "ssl_verify_client on;".to_owned(),
+        "ssl_session_tickets off;".to_owned(),
+        "ssl_conf_command NumTickets 0;".to_owned(),
+    ] {
+        assert!(nginx.contains(&expected), "{expected:?} missing:\n{nginx}");
+    }
+    assert_eq!(nginx.matches("ssl_protocols TLSv1.3;").count(), 2);
+    // The TLS servers are inside `http { }`, which closes once, last.
+    assert!(nginx.trim_end().ends_with("}\n}"), "{nginx}");
+    let haproxy = proxies::haproxy_config(upstream(), ports, limits, Some(&certs));
+    let combined = certs.haproxy_pem().display().to_string();
+    for expected in [
+        format!("bind 127.0.0.1:41004 ssl crt {combined} ssl-min-ver TLSv1.3 alpn http/1.1\n"),
+        format!(
+            "bind 127.0.0.1:41005 ssl crt {combined} ssl-min-ver TLSv1.3 alpn http/1.1 ca-file \
+             {ca} verify required no-tls-tickets\n"
+        ),
+    ] {
+        assert!(
+            haproxy.contains(&expected),
+            "{expected:?} missing:\n{haproxy}"
+        );
+    }
+    // HAProxy's file is the server chain, then its key.
+    let pem = std::fs::read_to_string(certs.haproxy_pem()).unwrap();
+    assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
+    assert!(pem.contains("PRIVATE KEY-----"));
+    // Without certificates, no TLS anywhere.
+    let plain = proxies::weft_config(TargetKind::Weft, upstream(), Path::new("/a"), None);
+    assert!(!plain.contains("tls"), "{plain}");
+    let nginx = proxies::nginx_config(Path::new("/n"), upstream(), ports, None, limits, None);
+    assert!(!nginx.contains("ssl"), "{nginx}");
+    let haproxy = proxies::haproxy_config(upstream(), ports, limits, None);
+    assert!(!haproxy.contains("ssl"), "{haproxy}");
+}
+
+#[test]
+fn handshake_clients_present_a_certificate_only_for_mutual_tls() {
+    use handshake::HandshakeKind;
+    let dir = tempfile::tempdir().unwrap();
+    let certs = handshake::HandshakeCerts::create(dir.path()).unwrap();
+    let material = handshake::ClientMaterial::load(&certs).unwrap();
+    for kind in HandshakeKind::ALL {
+        let client = material.client(kind).unwrap();
+        assert_eq!(
+            client.config.client_auth_cert_resolver.has_certs(),
+            kind.is_mutual(),
+            "{kind:?}"
+        );
+        assert_eq!(client.config.alpn_protocols, [b"http/1.1".to_vec()]);
+        assert_eq!(
+            client.server_name.to_str(),
+            handshake::SERVER_NAME,
+            "{kind:?}"
+        );
+    }
+    // Each client has its own session cache: a second one is a new
+    // configuration.
+    let first = material.client(HandshakeKind::Resumed).unwrap();
+    let second = material.client(HandshakeKind::Resumed).unwrap();
+    assert!(!std::sync::Arc::ptr_eq(&first.config, &second.config));
+    assert_eq!(
+        handshake::kinds(Scenario::HandshakeResume),
+        [HandshakeKind::Full, HandshakeKind::Resumed]
+    );
+    assert_eq!(
+        handshake::kinds(Scenario::Handshake),
+        [HandshakeKind::Mutual]
+    );
+    assert!(handshake::kinds(Scenario::Newconn).is_empty());
 }

@@ -2,9 +2,11 @@
 //! [`run`](super::run), built by the CLI or by in-process callers.
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use http::{HeaderMap, Uri};
+use rustls_pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 use super::{DEFAULT_STREAMS_PER_CONNECTION, DEFAULT_TCP_BUFFER_BYTES, DEFAULT_TIMEOUT};
@@ -52,6 +54,21 @@ pub enum LoadMode {
     ClosedLoop,
 }
 
+/// TLS on HTTP/1.1 connections: the client configuration and the name
+/// the server's certificate is verified against (and sent as SNI).
+///
+/// Whether sessions are resumed is the configuration's: its session cache
+/// ([`rustls::ClientConfig::resumption`]) is shared by every connection of
+/// the run, so a fresh configuration per run keeps runs (and targets on
+/// the same name) from resuming each other's sessions.
+#[derive(Clone, Debug)]
+pub struct TlsClient {
+    /// rustls client configuration (ALPN, client certificate, resumption).
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name verified in the server's certificate.
+    pub server_name: ServerName<'static>,
+}
+
 /// A load run's parameters. Build one with [`LoadConfig::new`] and adjust
 /// the public fields.
 #[derive(Clone, Debug)]
@@ -83,6 +100,9 @@ pub struct LoadConfig {
     /// TCP: open a new connection for every request (reports connections
     /// per second).
     pub new_connection_per_request: bool,
+    /// HTTP/1.1 only: speak TLS on every connection (each new connection
+    /// makes a TLS handshake before its first request).
+    pub tls: Option<TlsClient>,
     /// Account the CPU time and memory of these processes (the proxy under
     /// test, or a chain of proxies, summed) over the measured window. Linux
     /// only (reads `/proc`).
@@ -95,7 +115,7 @@ impl LoadConfig {
     /// A config for `target` with the defaults: one connection, 10 s, no
     /// warm-up, [`DEFAULT_TIMEOUT`], GET without a body (TCP: a
     /// [`DEFAULT_TCP_BUFFER_BYTES`] buffer), [`DEFAULT_STREAMS_PER_CONNECTION`],
-    /// no process accounting, no progress line.
+    /// cleartext, no process accounting, no progress line.
     pub fn new(target: Uri, protocol: Protocol, mode: LoadMode) -> Self {
         Self {
             target,
@@ -114,6 +134,7 @@ impl LoadConfig {
             streams_per_connection: NonZeroUsize::new(DEFAULT_STREAMS_PER_CONNECTION)
                 .expect("the default stream cap is not zero"),
             new_connection_per_request: false,
+            tls: None,
             pids: Vec::new(),
             show_progress: false,
         }
@@ -130,6 +151,10 @@ impl LoadConfig {
         }
         anyhow::ensure!(!self.duration.is_zero(), "duration must not be zero");
         anyhow::ensure!(!self.timeout.is_zero(), "timeout must not be zero");
+        anyhow::ensure!(
+            self.tls.is_none() || self.protocol == Protocol::Http1,
+            "TLS is supported for HTTP/1.1 only"
+        );
         if self.protocol == Protocol::Tcp {
             anyhow::ensure!(
                 self.body_size_bytes > 0,

@@ -1,5 +1,5 @@
 //! What every connection task shares: the plan, the target address, the
-//! timeouts, and the background tasks that drive hyper connections.
+//! timeouts, TLS, and the background tasks that drive hyper connections.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -11,6 +11,7 @@ use tokio_util::sync::{CancellationToken, DropGuard};
 use tokio_util::task::TaskTracker;
 use tracing::debug;
 
+use super::TlsClient;
 use super::plan::Plan;
 use super::record::Outcome;
 
@@ -26,6 +27,8 @@ pub(crate) struct Context {
     pub(crate) addr: SocketAddr,
     /// Timeout of a connect and of a request.
     pub(crate) timeout: Duration,
+    /// TLS on HTTP/1.1 connections.
+    pub(crate) tls: Option<TlsClient>,
     pub(crate) background: Background,
 }
 

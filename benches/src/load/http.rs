@@ -224,11 +224,43 @@ where
     (outcome, Instant::now())
 }
 
-/// Opens an HTTP/1.1 connection and spawns its driver.
+/// Opens an HTTP/1.1 connection (with TLS when the run has it) and spawns
+/// its driver. Also says whether its TLS handshake resumed a session.
 ///
 /// Cancel safety: cancel safe.
-pub(crate) async fn connect_h1(ctx: &Context) -> Result<H1Sender, Outcome> {
+pub(crate) async fn connect_h1(ctx: &Context) -> Result<(H1Sender, bool), Outcome> {
     let stream = ctx.connect().await?;
+    let Some(tls) = &ctx.tls else {
+        return Ok((handshake_h1(ctx, stream).await?, false));
+    };
+    let deadline = ctx.plan.deadline(Instant::now(), ctx.timeout);
+    let connector = tokio_rustls::TlsConnector::from(Arc::clone(&tls.config));
+    let stream =
+        match tokio::time::timeout_at(deadline, connector.connect(tls.server_name.clone(), stream))
+            .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => {
+                debug!(error = %err, "TLS handshake failed");
+                return Err(Outcome::Connect);
+            }
+            Err(_) if deadline >= ctx.plan.hard_stop => return Err(Outcome::Unfinished),
+            Err(_) => {
+                debug!("TLS handshake timed out");
+                return Err(Outcome::Connect);
+            }
+        };
+    let is_resumed = stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+    Ok((handshake_h1(ctx, stream).await?, is_resumed))
+}
+
+/// Starts HTTP/1.1 on an open stream and spawns the connection's driver.
+///
+/// Cancel safety: cancel safe.
+async fn handshake_h1<S>(ctx: &Context, stream: S) -> Result<H1Sender, Outcome>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static,
+{
     let (sender, connection) = http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|err| {
@@ -256,8 +288,8 @@ pub(crate) async fn connect_h2(ctx: &Context) -> Result<H2Sender, Outcome> {
 
 /// One HTTP/1.1 connection's task: one request at a time until the plan
 /// runs out of slots. With `is_new_connection_per_request`, every request
-/// connects first (its latency includes the handshake) and the client
-/// closes the connection once the response is read.
+/// connects first (its latency includes the TCP and any TLS handshake) and
+/// the client closes the connection once the response is read.
 pub(crate) async fn run_h1(
     ctx: Arc<Context>,
     template: Arc<RequestTemplate>,
@@ -269,9 +301,9 @@ pub(crate) async fn run_h1(
         let timing = ctx.plan.wait(slot).await;
         if sender.as_ref().is_none_or(H1Sender::is_closed) {
             match connect_h1(&ctx).await {
-                Ok(opened) => {
+                Ok((opened, is_tls_resumed)) => {
                     if is_new_connection_per_request {
-                        recorder.record_connection(&timing);
+                        recorder.record_connection(&timing, is_tls_resumed);
                     }
                     sender = Some(opened);
                 }

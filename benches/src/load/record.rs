@@ -69,6 +69,8 @@ pub(crate) struct Recorder {
     pub(crate) bytes_sent: u64,
     pub(crate) bytes_received: u64,
     pub(crate) connections_opened: u64,
+    /// Of those, TLS connections that resumed a session.
+    pub(crate) tls_resumed: u64,
     /// When the last measured request completed.
     pub(crate) last_completion: Option<Instant>,
     progress: Arc<Counter>,
@@ -97,6 +99,7 @@ impl Recorder {
             bytes_sent: 0,
             bytes_received: 0,
             connections_opened: 0,
+            tls_resumed: 0,
             last_completion: None,
             progress,
         }
@@ -146,10 +149,12 @@ impl Recorder {
         }
     }
 
-    /// Records a connection opened for a request with `timing`.
-    pub(crate) fn record_connection(&mut self, timing: &Timing) {
+    /// Records a connection opened for a request with `timing`, and
+    /// whether its TLS handshake resumed a session.
+    pub(crate) fn record_connection(&mut self, timing: &Timing, is_tls_resumed: bool) {
         if timing.is_measured {
             self.connections_opened += 1;
+            self.tls_resumed += u64::from(is_tls_resumed);
         }
     }
 
@@ -169,6 +174,7 @@ impl Recorder {
         self.bytes_sent += other.bytes_sent;
         self.bytes_received += other.bytes_received;
         self.connections_opened += other.connections_opened;
+        self.tls_resumed += other.tls_resumed;
         self.last_completion = self.last_completion.max(other.last_completion);
     }
 

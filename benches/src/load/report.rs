@@ -56,6 +56,11 @@ pub struct LoadReport {
     /// measured requests.
     #[serde(default)]
     pub http_connections_opened: Option<u64>,
+    /// HTTP/1.1 over TLS with a new connection per request: how many of
+    /// the connections opened for measured requests resumed a TLS session
+    /// (the others made a full handshake).
+    #[serde(default)]
+    pub tls_resumed_connections: Option<u64>,
     /// Resources of the processes given with `--pid`, summed.
     pub process: Option<ProcessUsage>,
     /// CPU time the generator itself used during the measured window, in

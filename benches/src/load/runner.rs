@@ -65,6 +65,7 @@ pub async fn run(config: &LoadConfig) -> anyhow::Result<LoadReport> {
         ),
         addr: target.addr,
         timeout: config.timeout,
+        tls: config.tls.clone(),
         background: background.clone(),
     };
     let initial = open_initial(&connect_ctx, config).await;
@@ -172,7 +173,7 @@ async fn open_initial(ctx: &Context, config: &LoadConfig) -> Vec<Initial> {
         Protocol::Http1 => join_all((0..count).map(|_| http::connect_h1(ctx)))
             .await
             .into_iter()
-            .map(|opened| Initial::H1(opened.ok()))
+            .map(|opened| Initial::H1(opened.ok().map(|(sender, _)| sender)))
             .collect(),
         Protocol::Http2 | Protocol::Grpc => join_all((0..count).map(|_| http::connect_h2(ctx)))
             .await
@@ -268,6 +269,8 @@ fn report(
         http_connections_opened: (config.protocol == Protocol::Http1
             && config.new_connection_per_request)
             .then_some(total.connections_opened),
+        tls_resumed_connections: (config.tls.is_some() && config.new_connection_per_request)
+            .then_some(total.tls_resumed),
     }
 }
 

@@ -34,7 +34,7 @@ pub(crate) async fn run_tcp(
             Some(open) => open,
             None => match ctx.connect().await {
                 Ok(opened) => {
-                    recorder.record_connection(&timing);
+                    recorder.record_connection(&timing, false);
                     stream.insert(opened)
                 }
                 Err(outcome) => {

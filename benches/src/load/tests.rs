@@ -784,6 +784,21 @@ fn invalid_configs_are_rejected() {
     assert!(config.validate().is_err());
     config.protocol = Protocol::Http1;
     assert!(config.validate().is_ok());
+    // TLS is for HTTP/1.1 only.
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.tls = Some(super::TlsClient {
+        config: std::sync::Arc::new(client),
+        server_name: rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+    });
+    assert!(config.validate().is_ok());
+    config.protocol = Protocol::Http2;
+    config.new_connection_per_request = false;
+    assert!(config.validate().is_err());
 
     let mut config = LoadConfig::new(target, Protocol::Tcp, LoadMode::ClosedLoop);
     config.body_size_bytes = 0;
@@ -821,6 +836,7 @@ fn report_serialises_to_one_json_object_and_back() {
         process: None,
         generator_cpu_seconds: None,
         http_connections_opened: None,
+        tls_resumed_connections: None,
     };
     let json = serde_json::to_string(&report).unwrap();
     assert!(!json.contains('\n'));
