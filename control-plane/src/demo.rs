@@ -49,6 +49,12 @@ const EMBEDDED: [(&str, &str); 4] = [
     ),
 ];
 
+/// The demo's failure to watch: this workload's application answers 503
+/// to one request in [`FLAKY_EVERY`]; the backend service's `retries`
+/// (services.yaml) keep its callers from seeing it.
+const FLAKY_WORKLOAD: &str = "backend-v2";
+const FLAKY_EVERY: u64 = 4;
+
 /// How long a proxy may take to start and receive its configuration.
 const PROXY_START_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -343,6 +349,8 @@ async fn start_apps(
                 is_http2: service.protocol.as_deref() == Some("http2"),
                 outbound,
                 calls: service.calls.clone(),
+                fail_every: (workload.name == FLAKY_WORKLOAD).then_some(FLAKY_EVERY),
+                served: std::sync::atomic::AtomicU64::new(0),
             });
             tasks.spawn(app::serve(listener, app, stop.clone(), tasks.clone()));
         }
@@ -559,6 +567,22 @@ fn print_banner(
             );
         }
     }
+    if mesh
+        .services()
+        .iter()
+        .any(|s| s.spec.workloads.iter().any(|w| w.name == FLAKY_WORKLOAD))
+    {
+        println!(
+            "\nA failure to watch: {FLAKY_WORKLOAD}'s application answers 503 to one request in {FLAKY_EVERY}."
+        );
+        println!(
+            "  The backend service's `retries` ({}/services.yaml) send each failed attempt again: the live line",
+            dir.display()
+        );
+        println!(
+            "  shows `failed 0` and counts `retried`. Remove `retries` there and the failures reach the callers."
+        );
+    }
     println!("\nControl plane:");
     println!(
         "  weft-cp status --admin {} --token-file {}",
@@ -642,8 +666,18 @@ async fn traffic(
                     .collect::<Vec<_>>()
                     .join(", ");
                 let route = target.as_ref().map_or("", |t| t.path.as_str());
+                let mut retried = 0.0;
+                for p in proxies {
+                    if let Ok((_, _, text)) = app::get(p.admin, "admin", "/metrics", &[]).await {
+                        retried += text
+                            .lines()
+                            .filter(|l| l.starts_with("weft_upstream_retries_total{"))
+                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                            .sum::<f64>();
+                    }
+                }
                 print!(
-                    "\r{} req/s to {route} | ok {ok} failed {failed} | answered by: {split} | proxies ready {ready}/{}   ",
+                    "\r{} req/s to {route} | ok {ok} failed {failed} retried {retried} | answered by: {split} | proxies ready {ready}/{}   ",
                     sent - last_sent,
                     proxies.len()
                 );

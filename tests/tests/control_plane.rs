@@ -277,6 +277,29 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         .insert("x-canary", "1".parse().unwrap());
     let response = http1_request(gateway, canary).await.unwrap();
     assert_eq!(header(&response, "x-demo-workload"), "backend-v2");
+    // backend-v2 fails one request in four on purpose; the backend
+    // service's retries hide it from every caller.
+    for _ in 0..12 {
+        let mut canary = get(gateway, "/backend/x");
+        canary
+            .headers_mut()
+            .insert("x-canary", "1".parse().unwrap());
+        let response = http1_request(gateway, canary).await.unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    let mut retried = 0.0;
+    for admin in &admins {
+        let response = http1_request(*admin, get(*admin, "/metrics"))
+            .await
+            .unwrap();
+        let text = String::from_utf8(body_bytes(response).await.unwrap().to_vec()).unwrap();
+        retried += text
+            .lines()
+            .filter(|l| l.starts_with("weft_upstream_retries_total{"))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>();
+    }
+    assert!(retried >= 3.0, "{retried} retries");
 
     let _ = std::process::Command::new("kill")
         .args(["-INT", &demo.id().unwrap().to_string()])

@@ -32,6 +32,10 @@ pub(crate) struct App {
     /// Its sidecar's outbound listener and the services it calls there.
     pub(crate) outbound: Option<SocketAddr>,
     pub(crate) calls: Vec<String>,
+    /// A failure to watch: every this many requests is answered 503.
+    pub(crate) fail_every: Option<u64>,
+    /// Requests answered so far.
+    pub(crate) served: std::sync::atomic::AtomicU64,
 }
 
 /// Serves `app` on `listener` until `stop`.
@@ -84,6 +88,20 @@ pub(crate) async fn serve(
 
 async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>> {
     let version = app.version.as_deref().unwrap_or("-");
+    let served = app
+        .served
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        + 1;
+    if let Some(every) = app.fail_every
+        && served.is_multiple_of(every)
+    {
+        let mut response = Response::new(Full::new(Bytes::from(format!(
+            "{} (workload {}): a failure on purpose, one request in {every}\n",
+            app.service, app.workload
+        ))));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return response;
+    }
     // The caller's identity, as its sidecar proved it over mutual TLS and
     // this workload's sidecar passed it on.
     let caller = request

@@ -1,0 +1,151 @@
+//! Resilience end to end: retries hide failing attempts from the client,
+//! only where the policy and the method allow, and the retry budget bounds
+//! what a failing upstream receives, counted at the upstream.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use http_body_util::Full;
+use weft_tests::*;
+
+/// One route to the echo server with `retry` as its retry policy.
+fn config(echo: std::net::SocketAddr, retry: &str, access_log: &std::path::Path) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+access_log: {{ path: "{log}" }}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: api
+            cluster: echo
+            retry_policy: {retry}
+clusters:
+  - name: echo
+    endpoints: [{{ address: "{echo}" }}]
+"#,
+        log = access_log.display()
+    )
+}
+
+fn request(
+    web: std::net::SocketAddr,
+    method: &str,
+    knobs: &[(&str, &str)],
+    body: &'static str,
+) -> http::Request<Full<Bytes>> {
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri("/api")
+        .header(http::header::HOST, web.to_string())
+        .header("x-echo-headers", "1")
+        // Only the proxy counts attempts.
+        .header("x-weft-attempt-count", "9");
+    for (name, value) in knobs {
+        builder = builder.header(*name, *value);
+    }
+    builder
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+#[tokio::test]
+async fn retries_hide_failed_attempts_for_idempotent_requests_only() {
+    let echo = echo("flaky").await;
+    let dir = TempDir::new().unwrap();
+    let log = dir.path().join("access.log");
+    let proxy = ProxyProcess::start(&config(
+        echo.local_addr(),
+        "{ retry_on: [5xx], num_retries: 2 }",
+        &log,
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    // Every second request carrying the knob fails with 500: each failed
+    // attempt is sent again, with its body, and the client sees none.
+    let fail_every = [("x-echo-fail-every", "2")];
+    let mut attempts = Vec::new();
+    for _ in 0..10 {
+        let response = http1_request(web, request(web, "PUT", &fail_every, "payload"))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        attempts.push(header(&response, "x-echo-req-x-weft-attempt-count").to_owned());
+        assert_eq!(body_bytes(response).await.unwrap(), "payload");
+    }
+    // The knob's counter: requests 2, 4, 6 ... fail, so the first answer
+    // succeeds at once, the second at its second attempt, and so on.
+    assert_eq!(attempts[0], "1");
+    assert!(attempts.iter().any(|a| a == "2"), "{attempts:?}");
+    assert!(
+        attempts.iter().all(|a| a == "1" || a == "2"),
+        "{attempts:?}"
+    );
+    // Each answer at a second attempt is one retry.
+    let retried = attempts.iter().filter(|a| *a == "2").count();
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_retries_total{cluster=\"echo\"}")
+            .await,
+        retried as f64
+    );
+
+    // POST is not idempotent: its failure goes back to the client.
+    let mut statuses = Vec::new();
+    for _ in 0..2 {
+        let response = http1_request(web, request(web, "POST", &fail_every, "x"))
+            .await
+            .unwrap();
+        statuses.push(response.status().as_u16());
+    }
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 500]);
+
+    // The access log says how many attempts a retried request took.
+    let logged = eventually(DEADLINE, || async {
+        std::fs::read_to_string(&log).is_ok_and(|text| text.contains("\"attempts\":2"))
+    })
+    .await;
+    assert!(logged, "{:?}", std::fs::read_to_string(&log));
+}
+
+#[tokio::test]
+async fn the_budget_bounds_what_a_failing_upstream_receives() {
+    let echo = echo("down").await;
+    let dir = TempDir::new().unwrap();
+    let proxy = ProxyProcess::start(&config(
+        echo.local_addr(),
+        "{ num_retries: 3, budget: { ratio: 0.2, min_per_second: 0 } }",
+        &dir.path().join("access.log"),
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    let before = echo.requests_served();
+    let sent = 100;
+    for _ in 0..sent {
+        let response = http1_request(web, request(web, "GET", &[("x-echo-status", "503")], ""))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 503);
+    }
+    // Without a budget, 400 attempts; with it, at most 20 % more than the
+    // requests.
+    let received = echo.requests_served() - before;
+    assert!(
+        received > sent && received <= sent + sent / 5,
+        "{received} requests at the upstream for {sent}"
+    );
+    assert!(
+        proxy
+            .metric("weft_upstream_retries_budget_exhausted_total{cluster=\"echo\"}")
+            .await
+            >= 70.0
+    );
+}
