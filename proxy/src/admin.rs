@@ -219,7 +219,13 @@ struct ClusterView {
 struct EndpointView {
     address: String,
     weight: u32,
+    /// `healthy`, or `ejected` by outlier detection.
     health: &'static str,
+    /// How much longer an ejected endpoint stays out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ejected_for_ms: Option<u64>,
+    /// Times outlier detection has ejected it.
+    ejections: u32,
     active_requests: u64,
     requests_total: u64,
     connect_failures: u64,
@@ -228,6 +234,7 @@ struct EndpointView {
 
 fn clusters(state: &AdminState) -> Vec<ClusterView> {
     let snapshot = state.shared.load();
+    let now = crate::cluster::outlier::now();
     let mut names: Vec<_> = snapshot.clusters.keys().collect();
     names.sort();
     names
@@ -244,9 +251,18 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
                 .map(|e| EndpointView {
                     address: e.addr.to_string(),
                     weight: e.weight,
-                    // Active health checking and outlier detection are not
-                    // built yet: every resolved endpoint is in rotation.
-                    health: "healthy",
+                    // Passive health only (outlier detection); active
+                    // checks are not built yet.
+                    health: if e.outlier.is_ejected(now) {
+                        "ejected"
+                    } else {
+                        "healthy"
+                    },
+                    ejected_for_ms: e
+                        .outlier
+                        .ejected_for(now)
+                        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+                    ejections: e.outlier.ejections(),
                     active_requests: e.active(),
                     requests_total: e.total(),
                     connect_failures: e.connect_failures(),

@@ -9,6 +9,7 @@
 //! `ArcSwap`; one `load` gives a consistent set and its prepared balancer.
 
 mod lb;
+pub(crate) mod outlier;
 mod pool;
 
 use std::collections::HashMap;
@@ -53,6 +54,9 @@ pub(crate) struct ClusterState {
     /// Every route's retries to this cluster draw on it; kept across
     /// configuration changes.
     pub(crate) retry_budget: Arc<crate::resilience::RetryBudget>,
+    /// The latest end of any endpoint's ejection ([`outlier::now`]): while
+    /// it is past, no endpoint is ejected and picks take the fast path.
+    ejected_until: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl ClusterState {
@@ -72,8 +76,10 @@ impl ClusterState {
             .filter(|p| reaches_endpoints_alike(&p.config, &config))
             .map(|p| p.set.load_full());
         let retry_budget = previous.map_or_else(Arc::default, |p| p.retry_budget.clone());
+        let ejected_until = previous.map_or_else(Arc::default, |p| p.ejected_until.clone());
         let state = Self {
             retry_budget,
+            ejected_until,
             settings,
             set: ArcSwap::new(inherited.unwrap_or_else(|| Arc::new(EndpointSet::empty(config.lb)))),
             dns_cache: Mutex::new(vec![Vec::new(); config.endpoints.len()]),
@@ -192,10 +198,42 @@ impl ClusterState {
         Ok(endpoint)
     }
 
-    /// Picks an endpoint with the cluster's balancer.
+    /// Picks an endpoint with the cluster's balancer, skipping ejected
+    /// ones (outlier detection) unless too few are left.
     pub(crate) fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
         let set = self.set.load();
-        with_thread_rng(|rng| set.balancer.pick(rng, |i| set.endpoints[i].active()))
+        let pick = |rng: &mut fastrand::Rng| set.balancer.pick(rng, |i| set.endpoints[i].active());
+        let chosen = with_thread_rng(|rng| {
+            let first = pick(rng)?;
+            let Some(config) = &self.config.outlier else {
+                return Some(first);
+            };
+            let now = outlier::now();
+            if self
+                .ejected_until
+                .load(std::sync::atomic::Ordering::Relaxed)
+                <= now
+                || !set.endpoints[first].outlier.is_ejected(now)
+            {
+                return Some(first);
+            }
+            let total = set.endpoints.len();
+            let healthy: Vec<usize> = (0..total)
+                .filter(|&i| !set.endpoints[i].outlier.is_ejected(now))
+                .collect();
+            if outlier::is_panic(config, healthy.len(), total) {
+                // Too few left: every endpoint takes traffic.
+                return Some(first);
+            }
+            for _ in 0..3 {
+                let i = pick(rng)?;
+                if !set.endpoints[i].outlier.is_ejected(now) {
+                    return Some(i);
+                }
+            }
+            Some(healthy[rng.usize(..healthy.len())])
+        });
+        chosen
             .map(|i| set.endpoints[i].clone())
             .ok_or_else(|| ProxyError::NoHealthyEndpoint {
                 cluster: self.config.name.clone(),
@@ -246,7 +284,68 @@ impl ClusterState {
                 *req.version_mut() = Version::HTTP_2;
             }
         }
-        endpoint.send(req, wire, guard).await
+        let result = endpoint.send(req, wire, guard).await;
+        if let Some(config) = &self.config.outlier {
+            self.observe(config, &endpoint, &result);
+        }
+        result
+    }
+
+    /// Passes one outcome to the endpoint's outlier record, ejecting it
+    /// when a threshold is crossed and the cluster's cap allows.
+    fn observe(
+        &self,
+        config: &crate::config::OutlierDetection,
+        endpoint: &Arc<Endpoint>,
+        result: &Result<Response<UpstreamBody>, ProxyError>,
+    ) {
+        use outlier::Observation;
+        let observation = match result {
+            Ok(response) => match response.status() {
+                http::StatusCode::BAD_GATEWAY
+                | http::StatusCode::SERVICE_UNAVAILABLE
+                | http::StatusCode::GATEWAY_TIMEOUT => Observation::GatewayError,
+                status if status.is_server_error() => Observation::ServerError,
+                _ => Observation::Success,
+            },
+            Err(error)
+                if error.origin() == crate::error::Origin::Upstream
+                    && error.endpoint() == Some(endpoint.addr) =>
+            {
+                Observation::GatewayError
+            }
+            // The client's fault, or a local decision: says nothing of
+            // the endpoint.
+            Err(_) => return,
+        };
+        let now = outlier::now();
+        let may_eject = || {
+            let set = self.set.load();
+            let ejected = set
+                .endpoints
+                .iter()
+                .filter(|e| e.outlier.is_ejected(now))
+                .count();
+            ejected < outlier::max_ejected(config, set.endpoints.len())
+        };
+        if let Some(until) = endpoint
+            .outlier
+            .observe(config, observation, now, may_eject)
+        {
+            self.ejected_until
+                .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+            self.settings
+                .metrics
+                .outlier_ejections
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(
+                cluster = %self.config.name,
+                endpoint = %endpoint.addr,
+                ejected_for = ?endpoint.outlier.ejected_for(now),
+                ejections = endpoint.outlier.ejections(),
+                "endpoint ejected: consecutive failures (outlier detection)"
+            );
+        }
     }
 }
 

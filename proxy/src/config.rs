@@ -219,6 +219,7 @@ impl Config {
                 }],
             }],
             clusters: vec![ClusterSpec {
+                outlier_detection: None,
                 name: "upstream".into(),
                 protocol: None,
                 lb: None,

@@ -149,3 +149,71 @@ async fn the_budget_bounds_what_a_failing_upstream_receives() {
             >= 70.0
     );
 }
+
+#[tokio::test]
+async fn a_failing_endpoint_is_ejected_and_retries_hide_its_failures() {
+    let (a, b) = (echo("a").await, echo("b").await);
+    // An address nothing listens on: every connect is refused.
+    let dead = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - name: api
+            cluster: pool
+            retry_policy: {{ retry_on: [gateway_error], num_retries: 2 }}
+clusters:
+  - name: pool
+    endpoints: [{{ address: "{a}" }}, {{ address: "{b}" }}, {{ address: "{dead}" }}]
+    outlier_detection: {{ consecutive_gateway_errors: 2, base_ejection_time: 60s }}
+"#,
+        a = a.local_addr(),
+        b = b.local_addr(),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let web = proxy.listener("web");
+    for _ in 0..30 {
+        let response = http1_request(web, get(web, "/")).await.unwrap();
+        assert_eq!(response.status(), 200, "retries hide the dead endpoint");
+    }
+    // Two refused connects ejected it; none since.
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_outlier_ejections_total{cluster=\"pool\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_connect_failures_total{cluster=\"pool\"}")
+            .await,
+        2.0
+    );
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let endpoints = clusters[0]["endpoints"].as_array().unwrap();
+    let dead_view = endpoints
+        .iter()
+        .find(|e| e["address"] == dead.to_string().as_str())
+        .unwrap();
+    assert_eq!(dead_view["health"], "ejected", "{clusters}");
+    assert!(dead_view["ejected_for_ms"].as_u64().unwrap() > 50_000);
+    assert_eq!(dead_view["ejections"], 1);
+    assert!(
+        endpoints
+            .iter()
+            .filter(|e| e["health"] == "healthy")
+            .count()
+            == 2
+    );
+}

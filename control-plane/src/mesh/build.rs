@@ -145,6 +145,8 @@ impl NodeSpec {
                 })
                 .collect();
             let mut spec = cluster(name.clone(), service, endpoints);
+            spec.outlier_detection
+                .clone_from(&service.outlier_detection);
             // Mutual TLS to the service's sidecars: this node's certificate,
             // and theirs must prove the service's identity.
             let domain = self.trust_domain.as_deref();
@@ -494,5 +496,6 @@ fn cluster(name: String, service: &ServiceSpec, endpoints: Vec<EndpointSpec>) ->
         pool: None,
         endpoints,
         tls: None,
+        outlier_detection: None,
     }
 }

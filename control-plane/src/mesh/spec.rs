@@ -47,6 +47,10 @@ pub struct ServiceSpec {
     /// applied by every caller's sidecar and gateway.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<weft_proxy::config::RetryPolicySpec>,
+    /// Passive health checking of its workloads (the proxy's
+    /// `outlier_detection`), in every caller's clusters for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<weft_proxy::config::OutlierDetectionSpec>,
     /// Deadline for a TCP connect to one of its workloads.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,

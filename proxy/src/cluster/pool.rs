@@ -106,6 +106,8 @@ pub(crate) struct Endpoint {
     h2: Mutex<Option<(http2::SendRequest<RequestBody>, Retire)>>,
     /// Held while the multiplexed connection is being made.
     h2_connecting: tokio::sync::Mutex<()>,
+    /// Passive health: consecutive failures and ejection.
+    pub(crate) outlier: super::outlier::OutlierState,
 }
 
 impl Endpoint {
@@ -120,6 +122,7 @@ impl Endpoint {
             idle_h1: Mutex::new(Vec::new()),
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
+            outlier: super::outlier::OutlierState::default(),
         }
     }
 

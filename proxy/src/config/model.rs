@@ -247,6 +247,24 @@ pub struct Route {
     pub retry: Option<Arc<RetryPolicy>>,
 }
 
+/// Passive health checking of a cluster's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierDetection {
+    /// Consecutive 5xx (or upstream failures) that eject; 0: never.
+    pub consecutive_5xx: u32,
+    /// Consecutive gateway errors that eject; 0: never.
+    pub consecutive_gateway_errors: u32,
+    /// The n-th ejection lasts n times this, up to `max_ejection_time`.
+    pub base_ejection_time: Duration,
+    /// See `base_ejection_time`.
+    pub max_ejection_time: Duration,
+    /// At most this percentage of the endpoints ejected at once (at least
+    /// one endpoint of two or more).
+    pub max_ejection_percent: u32,
+    /// Below this percentage of endpoints not ejected, all are used.
+    pub panic_threshold: u32,
+}
+
 /// When and how a route sends a failed request again.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RetryPolicy {
@@ -404,6 +422,8 @@ pub struct Cluster {
     pub endpoints: Vec<Endpoint>,
     /// TLS to the endpoints, when configured.
     pub tls: Option<Arc<ClusterTls>>,
+    /// Passive health checking, if configured.
+    pub outlier: Option<OutlierDetection>,
 }
 
 /// TLS to a cluster's endpoints, its files loaded.

@@ -27,9 +27,9 @@ use weft_proto::prost_types;
 
 use super::spec::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec,
-    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, PoolSpec, RetryBudgetSpec, RetryPolicySpec,
-    RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec, TlsCertificateSpec, TrustBundleSpec,
-    VirtualHostSpec, WeightedClusterSpec,
+    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec, RetryBudgetSpec,
+    RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec, TlsCertificateSpec,
+    TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -668,6 +668,17 @@ impl From<&ClusterSpec> for pb::Cluster {
                     weight: endpoint.weight,
                 })
                 .collect(),
+            outlier_detection: spec
+                .outlier_detection
+                .as_ref()
+                .map(|o| pb::OutlierDetection {
+                    consecutive_5xx: o.consecutive_5xx,
+                    consecutive_gateway_errors: o.consecutive_gateway_errors,
+                    base_ejection_time: o.base_ejection_time.map(duration_to_proto),
+                    max_ejection_time: o.max_ejection_time.map(duration_to_proto),
+                    max_ejection_percent: o.max_ejection_percent,
+                    panic_threshold: o.panic_threshold,
+                }),
             tls: spec.tls.as_ref().map(|tls| pb::ClusterTls {
                 ca_file: tls.ca_file.clone().unwrap_or_default(),
                 workload_identity: tls.workload_identity.clone(),
@@ -691,6 +702,20 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
             idle_timeout: check.duration(|| "pool.idle_timeout".into(), pool.idle_timeout),
             max_idle_per_endpoint: pool.max_idle_per_endpoint,
         });
+        let outlier_detection = cluster.outlier_detection.map(|o| OutlierDetectionSpec {
+            consecutive_5xx: o.consecutive_5xx,
+            consecutive_gateway_errors: o.consecutive_gateway_errors,
+            base_ejection_time: check.duration(
+                || "outlier_detection.base_ejection_time".into(),
+                o.base_ejection_time,
+            ),
+            max_ejection_time: check.duration(
+                || "outlier_detection.max_ejection_time".into(),
+                o.max_ejection_time,
+            ),
+            max_ejection_percent: o.max_ejection_percent,
+            panic_threshold: o.panic_threshold,
+        });
         check.finish(ClusterSpec {
             name: cluster.name,
             protocol: cluster.protocol,
@@ -706,6 +731,7 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
                     weight: endpoint.weight,
                 })
                 .collect(),
+            outlier_detection,
             tls: cluster.tls.map(|tls| ClusterTlsSpec {
                 ca_file: Some(tls.ca_file).filter(|f| !f.is_empty()),
                 workload_identity: tls.workload_identity,

@@ -435,6 +435,46 @@ pub struct ClusterSpec {
     /// TLS to the endpoints.
     #[serde(default)]
     pub tls: Option<ClusterTlsSpec>,
+    /// Passive health checking: eject endpoints that keep failing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<OutlierDetectionSpec>,
+}
+
+/// Ejects an endpoint after consecutive failures, for a time that grows
+/// with each ejection.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutlierDetectionSpec {
+    /// Any 5xx response or upstream failure, in a row (default 5; 0
+    /// disables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx: Option<u32>,
+    /// 502, 503, 504 or an upstream failure (connect, reset, timeout), in a
+    /// row (default 5; 0 disables).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<u32>,
+    /// The first ejection's length (default 30s); the n-th lasts n times
+    /// as long.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub base_ejection_time: Option<Duration>,
+    /// The longest ejection (default 300s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_ejection_time: Option<Duration>,
+    /// At most this share of the endpoints ejected at once (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<u32>,
+    /// Below this share of endpoints not ejected, balance across all of
+    /// them (default 50).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<u32>,
 }
 
 /// TLS (and mutual TLS) to a cluster's endpoints.

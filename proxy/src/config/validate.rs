@@ -1359,6 +1359,37 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
             ),
         }
     }
+    let outlier = spec.outlier_detection.as_ref().and_then(|o| {
+        let before = check.errors.len();
+        let outlier = OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx.unwrap_or(5),
+            consecutive_gateway_errors: o.consecutive_gateway_errors.unwrap_or(5),
+            base_ejection_time: o.base_ejection_time.unwrap_or(Duration::from_secs(30)),
+            max_ejection_time: o.max_ejection_time.unwrap_or(Duration::from_secs(300)),
+            max_ejection_percent: o.max_ejection_percent.unwrap_or(50),
+            panic_threshold: o.panic_threshold.unwrap_or(50),
+        };
+        if outlier.base_ejection_time.is_zero()
+            || outlier.max_ejection_time < outlier.base_ejection_time
+        {
+            check.error(
+                "outlier_detection.base_ejection_time",
+                "must be above 0 and at most max_ejection_time",
+            );
+        }
+        for (field, value) in [
+            ("max_ejection_percent", outlier.max_ejection_percent),
+            ("panic_threshold", outlier.panic_threshold),
+        ] {
+            if value > 100 {
+                check.error(
+                    format!("outlier_detection.{field}"),
+                    format!("{value} is more than 100"),
+                );
+            }
+        }
+        (check.errors.len() == before).then_some(outlier)
+    });
     let tls = spec
         .tls
         .as_ref()
@@ -1369,6 +1400,7 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
     }
     Some(Cluster {
         tls,
+        outlier,
         name: spec.name.as_str().into(),
         protocol: protocol?,
         lb: lb?,

@@ -147,6 +147,8 @@ pub struct ClusterMetrics {
     pub retries: AtomicU64,
     /// Retries not sent because the cluster's retry budget was spent.
     pub retries_budget_exhausted: AtomicU64,
+    /// Endpoints ejected by outlier detection.
+    pub outlier_ejections: AtomicU64,
 }
 
 type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
@@ -358,7 +360,7 @@ impl Metrics {
                 );
             }
         }
-        let cluster_series: [Series<ClusterMetrics>; 6] = [
+        let cluster_series: [Series<ClusterMetrics>; 7] = [
             (
                 "weft_upstream_connect_failures_total",
                 "counter",
@@ -394,6 +396,12 @@ impl Metrics {
                 "counter",
                 "Retries not sent because the cluster's retry budget was spent.",
                 |m| counter(&m.retries_budget_exhausted),
+            ),
+            (
+                "weft_upstream_outlier_ejections_total",
+                "counter",
+                "Endpoints ejected by outlier detection (consecutive failures).",
+                |m| counter(&m.outlier_ejections),
             ),
         ];
         for (name, kind, help, read) in cluster_series {

@@ -203,6 +203,7 @@ fn unset_optional_fields_stay_unset() {
             weight: None,
         }],
         tls: None,
+        outlier_detection: None,
     };
     let proto = pb::Cluster::from(&cluster);
     assert_eq!(proto.pool, Some(pb::Pool::default()));
@@ -386,6 +387,17 @@ fn protos_round_trip_through_the_spec() {
                 nanos: 0,
             }),
             max_idle_per_endpoint: Some(0),
+        }),
+        outlier_detection: Some(pb::OutlierDetection {
+            consecutive_5xx: Some(3),
+            consecutive_gateway_errors: None,
+            base_ejection_time: Some(prost_types::Duration {
+                seconds: 10,
+                nanos: 0,
+            }),
+            max_ejection_time: None,
+            max_ejection_percent: Some(34),
+            panic_threshold: Some(0),
         }),
         endpoints: vec![
             pb::Endpoint {
