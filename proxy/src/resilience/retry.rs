@@ -208,7 +208,7 @@ where
         *req.version_mut() = parts.version;
         *req.headers_mut() = parts.headers.clone();
         req.headers_mut()
-            .insert(&ATTEMPT_COUNT, HeaderValue::from(attempts));
+            .insert(&ATTEMPT_COUNT, attempt_value(attempts));
         if !tried.0.is_empty() {
             req.extensions_mut().insert(tried.clone());
         }
@@ -249,6 +249,16 @@ where
         // before the next attempt.
         drop(outcome);
         tokio::time::sleep(wait).await;
+    }
+}
+
+/// The header value of attempt `n`: static for every count a policy
+/// allows (at most 11 attempts), so that no attempt allocates for it.
+fn attempt_value(n: u32) -> HeaderValue {
+    const COUNTS: [&str; 11] = ["1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11"];
+    match COUNTS.get(n.saturating_sub(1) as usize) {
+        Some(count) => HeaderValue::from_static(count),
+        None => HeaderValue::from(n),
     }
 }
 
