@@ -139,6 +139,9 @@ pub fn run_cli(args: &CompareArgs) -> anyhow::Result<()> {
         Some(out) => out.clone(),
         None => default_out_dir(&exe),
     };
+    // Absolute: nginx resolves relative paths against its prefix (its own
+    // work directory), not against ours.
+    let out = std::path::absolute(&out).with_context(|| format!("resolving {}", out.display()))?;
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
 
     let mut config = CompareConfig::new(weft_bin, out.join("work"));
