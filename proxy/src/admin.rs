@@ -212,7 +212,17 @@ struct ClusterView {
     name: String,
     protocol: String,
     lb: String,
+    /// The circuit breakers: limits and what is in flight now.
+    circuit_breakers: BreakersView,
     endpoints: Vec<EndpointView>,
+}
+
+#[derive(Serialize)]
+struct BreakersView {
+    max_requests: u32,
+    requests_active: i64,
+    max_retries: u32,
+    retries_active: i64,
 }
 
 #[derive(Serialize)]
@@ -244,6 +254,19 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
             name: cluster.config.name.to_string(),
             protocol: cluster.config.protocol.as_str().to_owned(),
             lb: cluster.config.lb.as_str().to_owned(),
+            circuit_breakers: {
+                let metrics = cluster.metrics();
+                BreakersView {
+                    max_requests: cluster.config.max_requests,
+                    requests_active: metrics
+                        .requests_active
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                    max_retries: cluster.config.max_retries,
+                    retries_active: metrics
+                        .retries_active
+                        .load(std::sync::atomic::Ordering::Relaxed),
+                }
+            },
             endpoints: cluster
                 .endpoints()
                 .endpoints

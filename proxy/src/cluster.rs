@@ -253,7 +253,15 @@ impl ClusterState {
             Some(tried) => self.pick_avoiding(&tried.0)?,
             None => self.pick()?,
         };
-        let guard = endpoint.begin();
+        let Some(guard) = endpoint.begin_request(self.config.max_requests) else {
+            self.settings
+                .metrics
+                .overflows
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(ProxyError::Overflow {
+                cluster: self.config.name.clone(),
+            });
+        };
         let wire = match (self.config.protocol, req.version()) {
             (UpstreamProtocol::Http2, _) | (UpstreamProtocol::Downstream, Version::HTTP_2) => {
                 Wire::Http2

@@ -220,6 +220,7 @@ impl Config {
             }],
             clusters: vec![ClusterSpec {
                 outlier_detection: None,
+                circuit_breakers: None,
                 name: "upstream".into(),
                 protocol: None,
                 lb: None,

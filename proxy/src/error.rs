@@ -127,6 +127,13 @@ pub(crate) enum ProxyError {
     /// before its response headers arrived.
     #[error("upstream attempt timed out")]
     AttemptTimeout,
+    /// The cluster's circuit breaker is open: `max_requests` requests are
+    /// in flight already.
+    #[error("cluster {cluster} is at its limit of requests in flight")]
+    Overflow {
+        /// Cluster name.
+        cluster: Arc<str>,
+    },
 }
 
 impl ProxyError {
@@ -139,7 +146,8 @@ impl ProxyError {
             Self::NoHealthyEndpoint { .. }
             | Self::UpstreamConnect { .. }
             | Self::UpstreamTls { .. }
-            | Self::ConnectTimeout { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Self::ConnectTimeout { .. }
+            | Self::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamHandshake { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
             Self::UpstreamTimeout | Self::AttemptTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
@@ -160,13 +168,14 @@ impl ProxyError {
             Self::UpstreamReset { .. } => "upstream_reset",
             Self::UpstreamTimeout => "upstream_timeout",
             Self::AttemptTimeout => "upstream_per_try_timeout",
+            Self::Overflow { .. } => "upstream_overflow",
         }
     }
 
     /// Who failed.
     pub(crate) fn origin(&self) -> Origin {
         match self {
-            Self::NoRoute => Origin::Local,
+            Self::NoRoute | Self::Overflow { .. } => Origin::Local,
             Self::Malformed(_) | Self::HeadersTooLarge | Self::DownstreamBody { .. } => {
                 Origin::Downstream
             }
@@ -201,7 +210,9 @@ impl ProxyError {
             | Self::Malformed(_)
             | Self::HeadersTooLarge
             | Self::DownstreamBody { .. }
-            | Self::UpstreamTimeout => RetrySafety::Never,
+            | Self::UpstreamTimeout
+            // Retrying into a full cluster only adds load.
+            | Self::Overflow { .. } => RetrySafety::Never,
         }
     }
 
@@ -217,7 +228,9 @@ impl ProxyError {
                 endpoint: Some(endpoint),
                 ..
             } => Some(*endpoint),
-            Self::DownstreamBody { endpoint: None, .. } | Self::AttemptTimeout => None,
+            Self::DownstreamBody { endpoint: None, .. }
+            | Self::AttemptTimeout
+            | Self::Overflow { .. } => None,
             Self::NoRoute
             | Self::Malformed(_)
             | Self::HeadersTooLarge

@@ -357,6 +357,7 @@ fn prepare_route(
                 policy: policy.clone(),
                 budget: state.retry_budget.clone(),
                 metrics: state.metrics(),
+                max_retries: state.config.max_retries,
             })
         });
         Target {

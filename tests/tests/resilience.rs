@@ -217,3 +217,68 @@ clusters:
             == 2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cluster_sheds_load_at_once_with_503_upstream_overflow() {
+    let echo = echo("slow").await;
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ name: api, cluster: echo }}]
+clusters:
+  - name: echo
+    endpoints: [{{ address: "{echo}" }}]
+    circuit_breakers: {{ max_requests: 2 }}
+"#,
+        echo = echo.local_addr()
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let web = proxy.listener("web");
+    // Five at once, each held 1 s by the upstream: two are in flight, the
+    // other three are refused without waiting.
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..5)
+        .map(|_| {
+            tokio::spawn(async move {
+                let response =
+                    http1_request(web, request(web, "GET", &[("x-echo-delay-ms", "1000")], ""))
+                        .await
+                        .unwrap();
+                (
+                    response.status().as_u16(),
+                    header(&response, "x-weft-error").to_owned(),
+                    std::time::Instant::now(),
+                )
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(call.await.unwrap());
+    }
+    let refused: Vec<_> = outcomes.iter().filter(|(s, _, _)| *s == 503).collect();
+    assert_eq!(refused.len(), 3, "{outcomes:?}");
+    for (_, flag, at) in &refused {
+        assert_eq!(flag, "upstream_overflow");
+        assert!(at.duration_since(started) < std::time::Duration::from_millis(900));
+    }
+    assert_eq!(outcomes.iter().filter(|(s, _, _)| *s == 200).count(), 2);
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_overflow_total{cluster=\"echo\"}")
+            .await,
+        3.0
+    );
+    // Nothing is in flight any more, and /clusters says so.
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    assert_eq!(clusters[0]["circuit_breakers"]["max_requests"], 2);
+    assert_eq!(clusters[0]["circuit_breakers"]["requests_active"], 0);
+}

@@ -497,5 +497,6 @@ fn cluster(name: String, service: &ServiceSpec, endpoints: Vec<EndpointSpec>) ->
         endpoints,
         tls: None,
         outlier_detection: None,
+        circuit_breakers: None,
     }
 }

@@ -149,11 +149,25 @@ impl Endpoint {
             .len()
     }
 
-    /// Marks one request (or TCP connection) in flight until the guard drops.
+    /// Marks one TCP connection in flight until the guard drops.
     pub(crate) fn begin(self: &Arc<Self>) -> ActiveGuard {
         self.active.fetch_add(1, Relaxed);
         self.total.fetch_add(1, Relaxed);
-        ActiveGuard(self.clone())
+        ActiveGuard(self.clone(), false)
+    }
+
+    /// Marks one HTTP request in flight, on the endpoint and against its
+    /// cluster's `max_requests`, until the guard drops; `None` (nothing
+    /// counted) when the cluster is at its limit.
+    pub(crate) fn begin_request(self: &Arc<Self>, max_requests: u32) -> Option<ActiveGuard> {
+        let cluster = &self.settings.metrics.requests_active;
+        if cluster.fetch_add(1, Relaxed) >= i64::from(max_requests) {
+            cluster.fetch_sub(1, Relaxed);
+            return None;
+        }
+        self.active.fetch_add(1, Relaxed);
+        self.total.fetch_add(1, Relaxed);
+        Some(ActiveGuard(self.clone(), true))
     }
 
     /// When a connection just opened must stop taking new requests: a
@@ -446,9 +460,10 @@ impl Endpoint {
     }
 }
 
-/// Keeps an endpoint's in-flight count up while a request or tunnel lives.
+/// Keeps an endpoint's in-flight count up while a request or tunnel lives
+/// (and, for an HTTP request, its cluster's: the circuit breaker's).
 #[derive(Debug)]
-pub(crate) struct ActiveGuard(Arc<Endpoint>);
+pub(crate) struct ActiveGuard(Arc<Endpoint>, bool);
 
 impl ActiveGuard {
     /// The endpoint's address.
@@ -460,6 +475,13 @@ impl ActiveGuard {
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.fetch_sub(1, Relaxed);
+        if self.1 {
+            self.0
+                .settings
+                .metrics
+                .requests_active
+                .fetch_sub(1, Relaxed);
+        }
     }
 }
 

@@ -424,6 +424,10 @@ pub struct Cluster {
     pub tls: Option<Arc<ClusterTls>>,
     /// Passive health checking, if configured.
     pub outlier: Option<OutlierDetection>,
+    /// Requests in flight at once; more are refused (503).
+    pub max_requests: u32,
+    /// Retries in flight at once; more are not sent.
+    pub max_retries: u32,
 }
 
 /// TLS to a cluster's endpoints, its files loaded.

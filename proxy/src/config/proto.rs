@@ -26,10 +26,11 @@ use weft_proto::prost::{self, Name};
 use weft_proto::prost_types;
 
 use super::spec::{
-    BootstrapSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec, EndpointSpec, HeaderMatchSpec,
-    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec, RetryBudgetSpec,
-    RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec, TlsCertificateSpec,
-    TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
+    BootstrapSpec, CircuitBreakersSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec,
+    EndpointSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec, ListenerTlsSpec,
+    OutlierDetectionSpec, PoolSpec, RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec,
+    RouteMatchSpec, RouteSpec, SniRouteSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
+    WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -668,6 +669,10 @@ impl From<&ClusterSpec> for pb::Cluster {
                     weight: endpoint.weight,
                 })
                 .collect(),
+            circuit_breakers: spec.circuit_breakers.as_ref().map(|b| pb::CircuitBreakers {
+                max_requests: b.max_requests,
+                max_retries: b.max_retries,
+            }),
             outlier_detection: spec
                 .outlier_detection
                 .as_ref()
@@ -732,6 +737,10 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
                 })
                 .collect(),
             outlier_detection,
+            circuit_breakers: cluster.circuit_breakers.map(|b| CircuitBreakersSpec {
+                max_requests: b.max_requests,
+                max_retries: b.max_retries,
+            }),
             tls: cluster.tls.map(|tls| ClusterTlsSpec {
                 ca_file: Some(tls.ca_file).filter(|f| !f.is_empty()),
                 workload_identity: tls.workload_identity,

@@ -438,6 +438,21 @@ pub struct ClusterSpec {
     /// Passive health checking: eject endpoints that keep failing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<OutlierDetectionSpec>,
+    /// Limits beyond which requests and retries are refused at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breakers: Option<CircuitBreakersSpec>,
+}
+
+/// A cluster's circuit breakers.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakersSpec {
+    /// Requests in flight to the cluster at once (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u32>,
+    /// Retries in flight (or waiting their backoff) at once (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<u32>,
 }
 
 /// Ejects an endpoint after consecutive failures, for a time that grows

@@ -1398,9 +1398,13 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
     if errors.len() > before {
         return None;
     }
+    let breakers = spec.circuit_breakers.clone().unwrap_or_default();
     Some(Cluster {
         tls,
         outlier,
+        // Envoy's defaults.
+        max_requests: breakers.max_requests.unwrap_or(1024),
+        max_retries: breakers.max_retries.unwrap_or(3),
         name: spec.name.as_str().into(),
         protocol: protocol?,
         lb: lb?,

@@ -60,6 +60,30 @@ pub(crate) struct Retrying {
     pub(crate) policy: Arc<RetryPolicy>,
     pub(crate) budget: Arc<RetryBudget>,
     pub(crate) metrics: Arc<ClusterMetrics>,
+    /// The cluster's circuit breaker: retries in flight at once.
+    pub(crate) max_retries: u32,
+}
+
+/// Holds one of the cluster's `max_retries` from scheduling a retry to
+/// its attempt's outcome.
+#[derive(Debug)]
+struct RetryInFlight(Arc<ClusterMetrics>);
+
+impl RetryInFlight {
+    fn take(metrics: &Arc<ClusterMetrics>, max: u32) -> Option<Self> {
+        let active = &metrics.retries_active;
+        if active.fetch_add(1, Relaxed) >= i64::from(max) {
+            active.fetch_sub(1, Relaxed);
+            return None;
+        }
+        Some(Self(metrics.clone()))
+    }
+}
+
+impl Drop for RetryInFlight {
+    fn drop(&mut self) {
+        self.0.retries_active.fetch_sub(1, Relaxed);
+    }
 }
 
 /// Builds [`Retry`] services.
@@ -200,6 +224,7 @@ where
     };
     let mut tried = TriedEndpoints::default();
     let mut attempts: u32 = 0;
+    let mut in_flight: Option<RetryInFlight> = None;
     loop {
         attempts += 1;
         let mut req = Request::new(replayable.body());
@@ -213,6 +238,8 @@ where
             req.extensions_mut().insert(tried.clone());
         }
         let outcome = attempt(&mut inner, req, policy.per_try_timeout).await;
+        // A retried attempt is over: its place under `max_retries` frees.
+        drop(in_flight.take());
         let Some(failed_on) = retryable(policy, &outcome) else {
             return with_attempts(outcome, attempts);
         };
@@ -228,6 +255,11 @@ where
             Some(wait) => wait,
             None => backoff(policy, attempts),
         };
+        let Some(slot) = RetryInFlight::take(&retrying.metrics, retrying.max_retries) else {
+            retrying.metrics.retries_overflow.fetch_add(1, Relaxed);
+            tracing::debug!(attempts, "max_retries in flight; the failure goes back");
+            return with_attempts(outcome, attempts);
+        };
         if !retrying.budget.try_withdraw(
             tokio::time::Instant::now(),
             policy.budget_window,
@@ -242,6 +274,7 @@ where
             return with_attempts(outcome, attempts);
         }
         retrying.metrics.retries.fetch_add(1, Relaxed);
+        in_flight = Some(slot);
         if let Some(endpoint) = failed_on {
             tried.0.push(endpoint);
         }

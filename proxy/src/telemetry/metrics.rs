@@ -149,6 +149,14 @@ pub struct ClusterMetrics {
     pub retries_budget_exhausted: AtomicU64,
     /// Endpoints ejected by outlier detection.
     pub outlier_ejections: AtomicU64,
+    /// HTTP requests in flight to the cluster (circuit breaker).
+    pub requests_active: AtomicI64,
+    /// Requests refused because `max_requests` were in flight.
+    pub overflows: AtomicU64,
+    /// Retries in flight or waiting their backoff (circuit breaker).
+    pub retries_active: AtomicI64,
+    /// Retries not sent because `max_retries` were in flight.
+    pub retries_overflow: AtomicU64,
 }
 
 type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
@@ -360,7 +368,7 @@ impl Metrics {
                 );
             }
         }
-        let cluster_series: [Series<ClusterMetrics>; 7] = [
+        let cluster_series: [Series<ClusterMetrics>; 11] = [
             (
                 "weft_upstream_connect_failures_total",
                 "counter",
@@ -402,6 +410,30 @@ impl Metrics {
                 "counter",
                 "Endpoints ejected by outlier detection (consecutive failures).",
                 |m| counter(&m.outlier_ejections),
+            ),
+            (
+                "weft_upstream_requests_active",
+                "gauge",
+                "HTTP requests in flight to the cluster (against circuit_breakers.max_requests).",
+                |m| m.requests_active.load(Relaxed),
+            ),
+            (
+                "weft_upstream_overflow_total",
+                "counter",
+                "Requests refused at once (503 upstream_overflow): max_requests were in flight.",
+                |m| counter(&m.overflows),
+            ),
+            (
+                "weft_upstream_retries_active",
+                "gauge",
+                "Retries in flight or waiting their backoff (against circuit_breakers.max_retries).",
+                |m| m.retries_active.load(Relaxed),
+            ),
+            (
+                "weft_upstream_retries_overflow_total",
+                "counter",
+                "Retries not sent because max_retries were in flight.",
+                |m| counter(&m.retries_overflow),
             ),
         ];
         for (name, kind, help, read) in cluster_series {

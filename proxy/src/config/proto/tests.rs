@@ -204,6 +204,7 @@ fn unset_optional_fields_stay_unset() {
         }],
         tls: None,
         outlier_detection: None,
+        circuit_breakers: None,
     };
     let proto = pb::Cluster::from(&cluster);
     assert_eq!(proto.pool, Some(pb::Pool::default()));
@@ -387,6 +388,10 @@ fn protos_round_trip_through_the_spec() {
                 nanos: 0,
             }),
             max_idle_per_endpoint: Some(0),
+        }),
+        circuit_breakers: Some(pb::CircuitBreakers {
+            max_requests: Some(10),
+            max_retries: None,
         }),
         outlier_detection: Some(pb::OutlierDetection {
             consecutive_5xx: Some(3),

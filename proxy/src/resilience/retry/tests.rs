@@ -114,6 +114,7 @@ fn harness(policy: RetryPolicy, steps: Vec<Step>) -> Harness {
         policy: Arc::new(policy),
         budget: Arc::default(),
         metrics: metrics.clone(),
+        max_retries: 3,
     });
     let service = tower::Layer::layer(&RetryLayer::new(Some(retrying)), upstream.clone());
     Harness {
@@ -340,4 +341,32 @@ fn backoff_is_jittered_below_a_doubling_ceiling() {
         let wait = backoff(&policy, attempts);
         assert!(wait <= ceiling, "{attempts}: {wait:?}");
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_retry_beyond_the_clusters_retries_in_flight() {
+    let mut h = harness(policy(|_| {}), vec![Step::Status(StatusCode::BAD_GATEWAY)]);
+    // Three retries of other requests are in flight already.
+    h.metrics.retries_active.store(3, Relaxed);
+    assert_eq!(
+        send(&mut h, request(Method::GET, b"")).await.unwrap(),
+        StatusCode::BAD_GATEWAY
+    );
+    assert_eq!(h.upstream.seen().len(), 1);
+    assert_eq!(h.metrics.retries_overflow.load(Relaxed), 1);
+    assert_eq!(h.metrics.retries_active.load(Relaxed), 3, "nothing leaked");
+
+    // Below the cap a retry takes a place and gives it back.
+    let mut h = harness(
+        policy(|_| {}),
+        vec![
+            Step::Status(StatusCode::BAD_GATEWAY),
+            Step::Status(StatusCode::OK),
+        ],
+    );
+    assert_eq!(
+        send(&mut h, request(Method::GET, b"")).await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(h.metrics.retries_active.load(Relaxed), 0);
 }
