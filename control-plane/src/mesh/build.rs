@@ -147,6 +147,7 @@ impl NodeSpec {
             let mut spec = cluster(name.clone(), service, endpoints);
             spec.outlier_detection
                 .clone_from(&service.outlier_detection);
+            spec.circuit_breakers.clone_from(&service.circuit_breakers);
             // Mutual TLS to the service's sidecars: this node's certificate,
             // and theirs must prove the service's identity.
             let domain = self.trust_domain.as_deref();

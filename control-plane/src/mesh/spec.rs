@@ -51,6 +51,10 @@ pub struct ServiceSpec {
     /// `outlier_detection`), in every caller's clusters for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<weft_proxy::config::OutlierDetectionSpec>,
+    /// Limits of its callers' clusters for it (the proxy's
+    /// `circuit_breakers`; its defaults otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub circuit_breakers: Option<weft_proxy::config::CircuitBreakersSpec>,
     /// Deadline for a TCP connect to one of its workloads.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,

@@ -526,6 +526,21 @@ fn demo_mesh_validates_and_builds_every_node() {
         cluster(&frontend, "echo").protocol.as_deref(),
         Some("http2")
     );
+    // The backend service's resilience reaches its callers: retries on
+    // every route to it, outlier detection on its clusters.
+    let backend_routes = &route_config(&frontend, "outbound").virtual_hosts[0].routes;
+    assert!(
+        backend_routes
+            .iter()
+            .all(|r| r.retry_policy.as_ref().and_then(|p| p.num_retries) == Some(2))
+    );
+    assert_eq!(
+        cluster(&frontend, "backend.v2")
+            .outlier_detection
+            .as_ref()
+            .and_then(|o| o.consecutive_gateway_errors),
+        Some(5)
+    );
 
     for id in ["backend-v1", "backend-v2", "echo-1"] {
         let spec = node(&snapshot, id);
