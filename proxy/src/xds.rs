@@ -34,6 +34,11 @@ use state::{Step, XdsState};
 /// A push's applies are announced once, this long after the last of them.
 const ANNOUNCE_AFTER: Duration = Duration::from_millis(250);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// mTLS handshakes with the control plane that may fail in a row before a
+/// proxy holding a certificate falls back to its bootstrap token over
+/// cleartext once: a control plane restarted with a CA it did not keep
+/// must not strand its proxies until their certificates expire.
+pub(crate) const TLS_FAILURES_BEFORE_TOKEN: u32 = 3;
 /// First reconnect delay; doubles per failed attempt up to [`MAX_BACKOFF`].
 const INITIAL_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between reconnect attempts.
@@ -97,12 +102,27 @@ pub async fn run(options: XdsOptions, handle: ConfigHandle) {
         user_agent_name: "weft-proxy".into(),
     };
     let mut attempt: u32 = 0;
+    // mTLS handshakes with the control plane that failed in a row.
+    let mut tls_failures: u32 = 0;
     loop {
         let mut received = false;
+        let allow_tls = tls_failures < TLS_FAILURES_BEFORE_TOKEN;
         let result = tokio::select! {
-            result = stream(&options, &node, &mut state, &handle, &mut received) => result,
+            result = stream(&options, &node, &mut state, &handle, &mut received, allow_tls) => result,
             () = drain.cancelled() => return,
         };
+        tls_failures = match &result {
+            Err(StreamError::Tls(_)) => tls_failures.saturating_add(1),
+            _ if allow_tls => 0,
+            // After a cleartext attempt, try mTLS again next time.
+            _ => 0,
+        };
+        if tls_failures == TLS_FAILURES_BEFORE_TOKEN {
+            tracing::warn!(
+                server = %options.server,
+                "mTLS to the control plane keeps failing (a new CA it did not keep?); the next attempt proves this proxy with its token over cleartext"
+            );
+        }
         publish(&handle, &options, &state, false);
         if received {
             attempt = 0;
@@ -150,12 +170,13 @@ async fn stream(
     state: &mut XdsState,
     handle: &ConfigHandle,
     received: &mut bool,
+    allow_tls: bool,
 ) -> Result<(), StreamError> {
     let authority = server_authority(&options.server)
         .ok_or_else(|| StreamError::BadAddress(options.server.clone()))?;
     let identities = handle.identities();
     let mut svids = identities.subscribe_svids();
-    let tls = crate::identity::control_plane_tls(&identities);
+    let tls = crate::identity::control_plane_tls(&identities).filter(|_| allow_tls);
     let is_mtls = tls.is_some();
     let channel = tokio::time::timeout(
         CONNECT_TIMEOUT,

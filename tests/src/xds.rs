@@ -149,7 +149,30 @@ impl CpProcess {
         admin: SocketAddr,
         extra_args: &[&str],
     ) -> anyhow::Result<Self> {
-        let scratch = TempDir::new()?;
+        Self::spawn(dir, xds, admin, extra_args, TempDir::new()?).await
+    }
+
+    /// Kills the control plane and starts it again at the same addresses
+    /// with the same state directory, less its CA: a new CA is created,
+    /// which the proxies' certificates and bundles know nothing of (node
+    /// tokens stay valid).
+    pub async fn restart_with_new_ca(&mut self, dir: &Path) -> anyhow::Result<()> {
+        self.kill().await;
+        for file in ["ca.pem", "ca.key"] {
+            std::fs::remove_file(self.state_dir().join(file))?;
+        }
+        let scratch = std::mem::replace(&mut self.scratch, TempDir::new()?);
+        *self = Self::spawn(dir, self.xds, self.admin, &[], scratch).await?;
+        Ok(())
+    }
+
+    async fn spawn(
+        dir: &Path,
+        xds: SocketAddr,
+        admin: SocketAddr,
+        extra_args: &[&str],
+        scratch: TempDir,
+    ) -> anyhow::Result<Self> {
         let token = scratch.path().join("token");
         std::fs::write(&token, TOKEN)?;
         let log = scratch.path().join("cp.log");

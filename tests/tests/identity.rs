@@ -935,3 +935,34 @@ async fn http1_from_the_application_crosses_the_mesh_hop_as_multiplexed_http2() 
         .unwrap();
     assert_eq!(&back, message);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecars_recover_from_a_control_plane_restarted_with_a_new_ca() {
+    let mut mesh = Mesh::start(&[], "").await;
+    assert_eq!(mesh.call_beta(None).await.unwrap().0, 200);
+    let first_signer = certs_of(&mesh.beta).await["trust_bundles"][0]["signer"].clone();
+    // The control plane comes back where the sidecars expect it, with a
+    // fresh state directory: a new CA, which their certificates and
+    // bundles know nothing of. mTLS to it fails; after a few attempts they
+    // prove themselves with their tokens again, get the new bundle, and
+    // re-sign.
+    let dir = mesh._dir.path().to_owned();
+    mesh.cp.restart_with_new_ca(&dir).await.unwrap();
+    let recovered = eventually(std::time::Duration::from_secs(60), || async {
+        let signer = certs_of(&mesh.beta).await["workload_certificates"][0]["signer"].clone();
+        let alpha = certs_of(&mesh.alpha).await["workload_certificates"][0]["signer"].clone();
+        signer != first_signer
+            && alpha == signer
+            && mesh
+                .call_beta(None)
+                .await
+                .is_ok_and(|(status, _)| status == 200)
+    })
+    .await;
+    assert!(
+        recovered,
+        "ALPHA:\n{}\nCP:\n{}",
+        mesh.alpha.log(),
+        mesh.cp.log()
+    );
+}

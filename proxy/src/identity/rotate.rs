@@ -100,9 +100,13 @@ async fn keep_signed(
     let mut failures: u32 = 0;
     let mut bundles = identities.subscribe_bundles();
     loop {
+        // After a few failures in a row the bootstrap token proves the
+        // proxy again (a control plane whose CA changed refuses the
+        // current certificate).
+        let allow_tls = failures < crate::xds::TLS_FAILURES_BEFORE_TOKEN;
         let result = match tokio::time::timeout(
             SIGN_TIMEOUT,
-            sign(&options, &spiffe_id, &identities, &drain),
+            sign(&options, &spiffe_id, &identities, allow_tls, &drain),
         )
         .await
         {
@@ -191,6 +195,7 @@ async fn sign(
     options: &RotationOptions,
     spiffe_id: &Arc<str>,
     identities: &Arc<Identities>,
+    allow_tls: bool,
     drain: &Drain,
 ) -> Result<(Svid, TrustBundle), SignError> {
     let (csr_pem, key_der) = make_csr(spiffe_id)?;
@@ -198,7 +203,7 @@ async fn sign(
         .ok_or_else(|| SignError::BadAddress(options.server.clone()))?;
     // Renewals are proved by the current certificate (mTLS); the first
     // signing by the bootstrap token.
-    let tls = super::control_plane_tls(identities);
+    let tls = super::control_plane_tls(identities).filter(|_| allow_tls);
     let channel = crate::xds::connect(authority.as_str(), tls, drain)
         .await
         .map_err(|e| SignError::Connect(e.to_string()))?;
