@@ -376,7 +376,10 @@ async fn reload_trust(
                 tracing::error!(%message, "CA or trust bundle change refused; the last good one keeps serving");
                 cache.set_trust_error(Some(message));
             }
-            Err(_) => return,
+            Err(error) => {
+                tracing::error!(%error, "the CA reload task failed; CA and trust bundle changes are no longer picked up");
+                return;
+            }
         }
     }
 }

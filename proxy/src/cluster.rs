@@ -208,13 +208,15 @@ impl ClusterState {
             let Some(config) = &self.config.outlier else {
                 return Some(first);
             };
-            let now = outlier::now();
-            if self
+            // No clock read until something has been ejected.
+            let hint = self
                 .ejected_until
-                .load(std::sync::atomic::Ordering::Relaxed)
-                <= now
-                || !set.endpoints[first].outlier.is_ejected(now)
-            {
+                .load(std::sync::atomic::Ordering::Relaxed);
+            if hint == 0 {
+                return Some(first);
+            }
+            let now = outlier::now();
+            if hint <= now || !set.endpoints[first].outlier.is_ejected(now) {
                 return Some(first);
             }
             let total = set.endpoints.len();

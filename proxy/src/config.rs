@@ -39,6 +39,16 @@ pub fn spiffe_trust_domain(id: &str) -> Option<&str> {
     id.strip_prefix("spiffe://")?.split('/').next()
 }
 
+/// The SPIFFE ID and expiry of an X.509-SVID (DER): `None` unless it has
+/// exactly one URI SAN and that is a SPIFFE ID (as the X.509-SVID
+/// specification requires, and as the proxy's listeners check).
+pub fn svid_identity(der: &[u8]) -> Option<(Arc<str>, std::time::SystemTime)> {
+    match tls::leaf_facts(der) {
+        Ok((Some(id), not_after)) => Some((id, not_after)),
+        _ => None,
+    }
+}
+
 /// Whether `domain` is a valid virtual-host domain: `*`, `*.suffix` or a
 /// host name, without a port.
 pub fn is_valid_domain(domain: &str) -> bool {

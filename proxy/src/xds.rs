@@ -111,10 +111,10 @@ pub async fn run(options: XdsOptions, handle: ConfigHandle) {
             result = stream(&options, &node, &mut state, &handle, &mut received, allow_tls) => result,
             () = drain.cancelled() => return,
         };
+        // Any other outcome (a cleartext attempt included) starts the
+        // count over: the next attempt tries mTLS again.
         tls_failures = match &result {
             Err(StreamError::Tls(_)) => tls_failures.saturating_add(1),
-            _ if allow_tls => 0,
-            // After a cleartext attempt, try mTLS again next time.
             _ => 0,
         };
         if tls_failures == TLS_FAILURES_BEFORE_TOKEN {

@@ -136,26 +136,11 @@ fn build(authority: &Authority, trust: Arc<Trust>) -> Result<Serving, CaError> {
 }
 
 /// The SPIFFE ID and expiry of a verified client certificate: exactly one
-/// URI SAN, a SPIFFE ID; `None` otherwise.
+/// URI SAN, a SPIFFE ID; `None` otherwise (the proxy's own rule).
 pub(crate) fn peer_identity(certificate: &CertificateDer<'_>) -> Option<PeerIdentity> {
-    let (_, cert) = x509_parser::parse_x509_certificate(certificate).ok()?;
-    let san = cert.subject_alternative_name().ok()??;
-    let mut uris = san
-        .value
-        .general_names
-        .iter()
-        .filter_map(|name| match name {
-            x509_parser::extensions::GeneralName::URI(uri) => Some(*uri),
-            _ => None,
-        });
-    let (Some(uri), None) = (uris.next(), uris.next()) else {
-        return None;
-    };
-    weft_proxy::config::spiffe_trust_domain(uri)?;
-    let not_after = SystemTime::UNIX_EPOCH
-        + Duration::from_secs(u64::try_from(cert.validity().not_after.timestamp()).ok()?);
+    let (spiffe_id, not_after) = weft_proxy::config::svid_identity(certificate)?;
     Some(PeerIdentity {
-        spiffe_id: Arc::from(uri),
+        spiffe_id,
         not_after,
     })
 }
