@@ -448,6 +448,7 @@ mod tests {
             &metrics,
             &crate::identity::Identities::new(),
             None,
+            None,
         );
         AdminState {
             shared: Arc::new(ArcSwap::from_pointee(snapshot)),

@@ -207,6 +207,8 @@ impl Config {
                 xff_num_trusted_hops: None,
                 preserve_request_id: None,
                 tls: None,
+                rate_limit: None,
+                fault: None,
             }],
             route_configs: vec![RouteConfigSpec {
                 name: "default".into(),
@@ -215,6 +217,8 @@ impl Config {
                     domains: vec!["*".into()],
                     routes: vec![RouteSpec {
                         retry_policy: None,
+                        fault: None,
+                        rate_limit: None,
                         name: Some("all".into()),
                         matcher: None,
                         cluster: Some("upstream".into()),

@@ -17,6 +17,7 @@ mod admin;
 mod body;
 mod cluster;
 mod error;
+mod fault;
 mod http;
 mod listener;
 mod resilience;
@@ -183,7 +184,15 @@ impl Proxy {
             None => None,
         };
         let empty = Arc::new(Config::empty());
-        let snapshot = stack::build(empty, &[], HashMap::new(), &metrics, &identities, None);
+        let snapshot = stack::build(
+            empty,
+            &[],
+            HashMap::new(),
+            &metrics,
+            &identities,
+            None,
+            None,
+        );
         let stopping = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(AtomicBool::new(false));
         let handle = ConfigHandle {
@@ -329,6 +338,8 @@ impl ConfigHandle {
             let metrics = inner.metrics.clone();
             let access_log = inner.access_log.clone();
             let identities = inner.identities.clone();
+            // Listeners are locked: no other change can publish meanwhile.
+            let previous = inner.shared.load_full();
             let build = move || {
                 stack::build(
                     config,
@@ -337,6 +348,7 @@ impl ConfigHandle {
                     &metrics,
                     &identities,
                     access_log.as_ref(),
+                    Some(&previous),
                 )
             };
             match tokio::task::spawn_blocking(build).await {

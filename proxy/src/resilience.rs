@@ -18,6 +18,7 @@ use tokio::time::Sleep;
 use crate::error::ProxyError;
 
 pub(crate) mod budget;
+pub(crate) mod rate_limit;
 pub(crate) mod retry;
 
 pub(crate) use budget::RetryBudget;

@@ -39,11 +39,13 @@ use crate::cluster::ClusterRegistry;
 use crate::cluster::{ClusterService, ClusterState};
 use crate::config::{self, Config, ListenerKind, PathMatch, RouteAction};
 use crate::error::ProxyError;
+use crate::fault::{Fault, FaultLayer, Faulting, RouteFaults, TcpFaults};
 use crate::http::body::ResponseBody;
 use crate::http::headers;
 use crate::http::route::{Direct, PathRewrite, RouteRules, Rules, RulesLayer};
 use crate::http::router::RouteTable;
 use crate::identity::Identities;
+use crate::resilience::rate_limit::{Limited, Limiter, Limiters, RateLimit, RateLimitLayer};
 use crate::resilience::{Retry, RetryLayer, Retrying, Timeout, TimeoutLayer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
 
@@ -57,7 +59,7 @@ pub(crate) type Shared = Arc<ArcSwap<Snapshot>>;
 /// `BoxCloneSyncService`, whose clone and call cost two allocations per
 /// request (dhat: 17 -> 12 allocations per proxied request together with
 /// the header-count and request-id changes, benches/RESULTS.md).
-pub(crate) type RouteService = Rules<Timeout<Retry<Backend>>>;
+pub(crate) type RouteService = Fault<RateLimit<Rules<Timeout<Retry<Backend>>>>>;
 
 /// Everything the data plane needs for one configuration.
 #[derive(Debug)]
@@ -69,6 +71,9 @@ pub(crate) struct Snapshot {
     /// Each listener's bound address, in configuration order.
     pub(crate) bound: Vec<(Arc<str>, std::net::SocketAddr)>,
     pub(crate) clusters: HashMap<Arc<str>, Arc<ClusterState>>,
+    /// Rate limit buckets, taken over by the next snapshot where its limits
+    /// are the same.
+    limiters: Limiters,
 }
 
 impl Snapshot {
@@ -99,6 +104,8 @@ pub(crate) struct HttpListener {
     pub(crate) unrouted: Arc<RequestMetrics>,
     pub(crate) metrics: Arc<ListenerMetrics>,
     pub(crate) access_log: Option<AccessLog>,
+    /// The listener's rate limit, before routing.
+    pub(crate) rate_limit: Option<Arc<Limiter>>,
 }
 
 /// A TCP listener's prepared state.
@@ -112,6 +119,8 @@ pub(crate) struct TcpListener {
     pub(crate) metrics: Arc<ListenerMetrics>,
     /// How long a connection may outlive the drain signal.
     pub(crate) drain_timeout: std::time::Duration,
+    /// Faults injected into connections.
+    pub(crate) faults: Option<Arc<TcpFaults>>,
 }
 
 /// A route, ready to serve: its stack for each cluster of its split.
@@ -123,6 +132,9 @@ pub(crate) struct PreparedRoute {
     total_weight: u64,
     /// False for a direct response: nothing is sent upstream.
     pub(crate) forwards: bool,
+    /// The route's stack needs to know the client (per-client rate limit,
+    /// faults for some callers): the connection attaches it to requests.
+    pub(crate) needs_client: bool,
 }
 
 impl PreparedRoute {
@@ -160,15 +172,37 @@ pub(crate) struct Target {
 /// its first layer outermost).
 fn route_service(
     route: &config::Route,
-    rules: &Arc<RouteRules>,
+    shared: &RouteShared,
+    metrics: &Arc<RequestMetrics>,
     retrying: Option<Arc<Retrying>>,
     backend: Backend,
 ) -> RouteService {
+    let faulting = shared.faults.as_ref().map(|faults| {
+        Arc::new(Faulting {
+            faults: faults.clone(),
+            metrics: metrics.clone(),
+        })
+    });
+    let limited = shared.limiter.as_ref().map(|limiter| {
+        Arc::new(Limited {
+            limiter: limiter.clone(),
+            metrics: metrics.clone(),
+        })
+    });
     ServiceBuilder::new()
-        .layer(RulesLayer::new(rules.clone())) // route header rules, host and path rewrites
+        .layer(FaultLayer::new(faulting)) // delays and aborts injected (chaos)
+        .layer(RateLimitLayer::new(limited)) // 429 when the route's buckets are empty
+        .layer(RulesLayer::new(shared.rules.clone())) // route header rules, host and path rewrites
         .layer(TimeoutLayer::new(route.timeout)) // request to response headers, retries included
         .layer(RetryLayer::new(retrying)) // failed attempts sent again, within the budget
         .service(backend) // cluster (lb -> pool -> upstream), or a direct response
+}
+
+/// What a route's targets share: its rules, faults and rate limit.
+struct RouteShared {
+    rules: Arc<RouteRules>,
+    faults: Option<Arc<RouteFaults>>,
+    limiter: Option<Arc<Limiter>>,
 }
 
 /// The bottom of a route's stack: a cluster, or the route's own answer.
@@ -253,7 +287,10 @@ pub(crate) fn build(
     metrics: &Metrics,
     identities: &Arc<Identities>,
     access_log: Option<&AccessLog>,
+    previous: Option<&Snapshot>,
 ) -> Snapshot {
+    let limiters = Limiters::default();
+    let previous_limiters = previous.map(|p| &p.limiters);
     let cluster = |name: &str| {
         clusters
             .get(name)
@@ -276,6 +313,10 @@ pub(crate) fn build(
                     .collect(),
                 metrics: listener_metrics,
                 drain_timeout: config.drain_timeout,
+                faults: listener
+                    .fault
+                    .as_ref()
+                    .map(|fault| Arc::new(TcpFaults::new(fault.clone()))),
             })),
             ListenerKind::Http { route_config } => {
                 let routes = config
@@ -283,8 +324,18 @@ pub(crate) fn build(
                     .iter()
                     .find(|r| r.name == *route_config)
                     .expect("validation guarantees that route_config references resolve");
-                let table = RouteTable::new(routes, |_, route| {
-                    Arc::new(prepare_route(route, &listener.name, metrics, &cluster))
+                let table = RouteTable::new(routes, |vhost, route| {
+                    let limiter = route.rate_limit.as_ref().map(|limit| {
+                        let key = format!("route/{}/{}/{}", listener.name, vhost.name, route.name);
+                        limiters.get(previous_limiters, key, limit)
+                    });
+                    Arc::new(prepare_route(
+                        route,
+                        &listener.name,
+                        metrics,
+                        &cluster,
+                        limiter,
+                    ))
                 });
                 let via = |version: &str| {
                     listener
@@ -305,6 +356,10 @@ pub(crate) fn build(
                     unrouted: metrics.request(&listener.name, &empty, &empty),
                     metrics: listener_metrics,
                     access_log: access_log.cloned(),
+                    rate_limit: listener.rate_limit.as_ref().map(|limit| {
+                        let key = format!("listener/{}", listener.name);
+                        limiters.get(previous_limiters, key, limit)
+                    }),
                 }))
             }
         }
@@ -325,6 +380,7 @@ pub(crate) fn build(
         listeners,
         bound,
         clusters,
+        limiters,
     }
 }
 
@@ -333,6 +389,7 @@ fn prepare_route(
     listener: &Arc<str>,
     metrics: &Metrics,
     cluster: &impl Fn(&str) -> Arc<ClusterState>,
+    limiter: Option<Arc<Limiter>>,
 ) -> PreparedRoute {
     let rewrite = route
         .prefix_rewrite
@@ -344,12 +401,24 @@ fn prepare_route(
             },
             PathMatch::Exact(_) | PathMatch::Regex(_) => PathRewrite::Whole(replacement.clone()),
         });
-    let rules = Arc::new(RouteRules {
-        rewrite,
-        host_rewrite: route.host_rewrite.clone(),
-        request_headers: route.request_headers.clone(),
-        response_headers: route.response_headers.clone(),
-    });
+    let needs_client = limiter.as_ref().is_some_and(|l| l.per_client())
+        || route
+            .fault
+            .as_ref()
+            .is_some_and(|f| !f.source_identities.is_empty());
+    let shared = RouteShared {
+        rules: Arc::new(RouteRules {
+            rewrite,
+            host_rewrite: route.host_rewrite.clone(),
+            request_headers: route.request_headers.clone(),
+            response_headers: route.response_headers.clone(),
+        }),
+        faults: route
+            .fault
+            .as_ref()
+            .map(|fault| Arc::new(RouteFaults::new(fault.clone()))),
+        limiter,
+    };
     let forward = |name: &Arc<str>, cumulative_weight: u64| {
         let state = cluster(name);
         let retrying = route.retry.as_ref().map(|policy| {
@@ -360,14 +429,16 @@ fn prepare_route(
                 max_retries: state.config.max_retries,
             })
         });
+        let metrics = metrics.request(listener, &route.name, name);
         Target {
             service: route_service(
                 route,
-                &rules,
+                &shared,
+                &metrics,
                 retrying,
                 Backend::Cluster(ClusterService::new(state)),
             ),
-            metrics: metrics.request(listener, &route.name, name),
+            metrics,
             cumulative_weight,
         }
     };
@@ -387,9 +458,10 @@ fn prepare_route(
         }
         RouteAction::Direct { status, body } => {
             let direct = Backend::Direct(Direct::new(*status, body.clone()));
+            let metrics = metrics.request(listener, &route.name, &Arc::from(""));
             let target = Target {
-                service: route_service(route, &rules, None, direct),
-                metrics: metrics.request(listener, &route.name, &Arc::from("")),
+                service: route_service(route, &shared, &metrics, None, direct),
+                metrics,
                 cumulative_weight: 1,
             };
             (vec![target], 1)
@@ -398,6 +470,7 @@ fn prepare_route(
     PreparedRoute {
         name: route.name.clone(),
         forwards: !matches!(route.action, RouteAction::Direct { .. }),
+        needs_client,
         targets,
         total_weight,
     }
@@ -429,7 +502,15 @@ clusters:
             .map(|slot| (slot, "127.0.0.1:1".parse().unwrap()))
             .collect();
         let clusters = registry.commit(registry.prepare(&config.clusters).await);
-        build(config, &slots, clusters, metrics, &Identities::new(), None)
+        build(
+            config,
+            &slots,
+            clusters,
+            metrics,
+            &Identities::new(),
+            None,
+            None,
+        )
     }
 
     #[tokio::test]

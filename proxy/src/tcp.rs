@@ -52,6 +52,16 @@ pub(crate) async fn proxy(
     drain: Drain,
 ) {
     let name = &listener.config.name;
+    if let Some(faults) = &listener.faults
+        && faults.apply(&listener.metrics).await
+    {
+        tracing::debug!(listener = %name, peer.addr = %peer, "fault: connection reset");
+        if let Some(client) = downstream.as_tcp_mut() {
+            // Closing with a zero linger sends RST rather than FIN.
+            let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
+        }
+        return;
+    }
     // TLS passthrough: the ClientHello's server name picks the cluster;
     // its bytes are replayed to the upstream before anything else.
     let (cluster, hello) = if listener.sni_routes.is_empty() {

@@ -271,6 +271,7 @@ fn sidecar(
 ) -> NodeSpec {
     let mut node = NodeSpec::new(trust_domain, identity.clone());
     let mut inbound = http_listener(INBOUND, &workload.inbound, Side::Sidecar);
+    inbound.rate_limit.clone_from(&service.rate_limit);
     if uses_mtls(trust_domain, service) {
         // Strict: only callers with a certificate from the mesh's CA;
         // permissive: plaintext callers too (while they migrate). Callers'
@@ -322,6 +323,7 @@ fn sidecar(
                 let mut spec = route("default", None);
                 spec.timeout = callee.timeout;
                 spec.retry_policy.clone_from(&callee.retries);
+                spec.fault.clone_from(&callee.fault);
                 node.target(&mut spec, callee, &Target::All);
                 routes.push(spec);
             }
@@ -329,6 +331,7 @@ fn sidecar(
                 let mut spec = route(&r.name, r.matcher.clone());
                 spec.timeout = r.timeout.or(callee.timeout);
                 spec.retry_policy.clone_from(&callee.retries);
+                spec.fault = r.fault.clone().or_else(|| callee.fault.clone());
                 spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
                 let target = Target::new(r.version.as_deref(), r.split.as_ref());
                 node.target(&mut spec, callee, &target);
@@ -380,11 +383,9 @@ fn gateway_listener(
             routes,
         });
     }
-    node.listeners.push(http_listener(
-        &listener.name,
-        &listener.address,
-        Side::Gateway,
-    ));
+    let mut spec = http_listener(&listener.name, &listener.address, Side::Gateway);
+    spec.rate_limit.clone_from(&listener.rate_limit);
+    node.listeners.push(spec);
     node.route_configs.push(RouteConfigSpec {
         name: listener.name.clone(),
         virtual_hosts,
@@ -395,6 +396,8 @@ fn gateway_route(node: &mut NodeSpec, r: &GatewayRouteSpec, service: &ServiceSpe
     let mut spec = route(&r.name, r.matcher.clone());
     spec.timeout = r.timeout.or(service.timeout);
     spec.retry_policy.clone_from(&service.retries);
+    spec.fault = r.fault.clone().or_else(|| service.fault.clone());
+    spec.rate_limit.clone_from(&r.rate_limit);
     spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
     spec.host_rewrite.clone_from(&r.host_rewrite);
     let target = Target::new(r.version.as_deref(), r.split.as_ref());
@@ -468,6 +471,8 @@ fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
         xff_num_trusted_hops: None,
         preserve_request_id: (side == Side::Sidecar).then_some(true),
         tls: None,
+        rate_limit: None,
+        fault: None,
     }
 }
 
@@ -484,6 +489,8 @@ fn route(name: &str, matcher: Option<RouteMatchSpec>) -> RouteSpec {
         request_headers: None,
         response_headers: None,
         retry_policy: None,
+        fault: None,
+        rate_limit: None,
     }
 }
 

@@ -55,6 +55,16 @@ pub struct ServiceSpec {
     /// `circuit_breakers`; its defaults otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<weft_proxy::config::CircuitBreakersSpec>,
+    /// Faults injected into calls to this service (the proxy's route
+    /// `fault`), by every caller's sidecar and gateway, on every route
+    /// that sets none of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<weft_proxy::config::FaultSpec>,
+    /// A request rate limit on each of its workloads' inbound listeners
+    /// (the proxy's listener `rate_limit`; `per_client` buckets are per
+    /// caller identity under mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<weft_proxy::config::RateLimitSpec>,
     /// Deadline for a TCP connect to one of its workloads.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
@@ -129,6 +139,9 @@ pub struct ServiceRouteSpec {
     /// Replace the matched path prefix (or the whole exact path).
     #[serde(default)]
     pub prefix_rewrite: Option<String>,
+    /// Faults injected on this route (overrides the service's `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<weft_proxy::config::FaultSpec>,
 }
 
 /// An ingress gateway: a proxy of its own, in front of the mesh.
@@ -157,6 +170,10 @@ pub struct GatewayListenerSpec {
     pub address: String,
     /// First match wins.
     pub routes: Vec<GatewayRouteSpec>,
+    /// A request rate limit for the whole listener (the proxy's listener
+    /// `rate_limit`), before routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<weft_proxy::config::RateLimitSpec>,
 }
 
 /// One route of a gateway listener.
@@ -189,4 +206,10 @@ pub struct GatewayRouteSpec {
     /// Replace the host sent to the service.
     #[serde(default)]
     pub host_rewrite: Option<String>,
+    /// Faults injected on this route (overrides the service's `fault`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<weft_proxy::config::FaultSpec>,
+    /// The route's request rate limit (the proxy's route `rate_limit`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<weft_proxy::config::RateLimitSpec>,
 }

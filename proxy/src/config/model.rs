@@ -90,6 +90,95 @@ pub struct Listener {
     pub preserve_request_id: bool,
     /// TLS termination, when configured.
     pub tls: Option<Arc<ListenerTls>>,
+    /// HTTP: the listener's request rate limit, before routing.
+    pub rate_limit: Option<RateLimit>,
+    /// TCP: faults injected into connections.
+    pub fault: Option<TcpFault>,
+}
+
+/// Local rate limits: a bucket shared by every request, one per client,
+/// or both (a request needs a token from each).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// The shared bucket.
+    pub shared: Option<TokenBucket>,
+    /// Each client's bucket.
+    pub per_client: Option<TokenBucket>,
+    /// Clients tracked at once.
+    pub max_clients: u32,
+}
+
+/// A token bucket.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TokenBucket {
+    /// Tokens added per second.
+    pub per_second: f64,
+    /// The most the bucket holds (at least 1).
+    pub burst: u32,
+}
+
+/// Faults injected into a route's requests.
+#[derive(Debug, Clone)]
+pub struct Fault {
+    /// Hold requests this long, for this share of them.
+    pub delay: Option<(Duration, Percent)>,
+    /// Answer this share of requests with an error.
+    pub abort: Option<(FaultAbort, Percent)>,
+    /// Only requests with these headers get faults.
+    pub headers: Vec<HeaderMatch>,
+    /// Only requests from these callers; empty: any caller.
+    pub source_identities: Vec<IdentityMatch>,
+    /// Requests may ask for faults with `x-weft-fault-*` headers.
+    pub allow_header_faults: bool,
+    /// Faults in progress at once; beyond, requests pass untouched.
+    pub max_active: u32,
+}
+
+/// The error an abort fault answers with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FaultAbort {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// The `grpc-status` gRPC callers get.
+    pub grpc_status: u8,
+}
+
+/// The gRPC status a gRPC caller gets for an HTTP status the proxy
+/// answers (grpc/doc/http-grpc-status-mapping.md).
+pub fn grpc_status_for_http(status: StatusCode) -> u8 {
+    match status.as_u16() {
+        400 => 13,             // INTERNAL
+        401 => 16,             // UNAUTHENTICATED
+        403 => 7,              // PERMISSION_DENIED
+        404 => 12,             // UNIMPLEMENTED
+        429 | 502..=504 => 14, // UNAVAILABLE
+        _ => 2,                // UNKNOWN
+    }
+}
+
+/// A share of requests, in millionths (0 to 1_000_000).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Percent(pub u32);
+
+impl Percent {
+    /// Every request.
+    pub const ALL: Self = Self(1_000_000);
+
+    /// Whether a uniform draw `x` in `0..1_000_000` falls in the share.
+    pub fn hit(self, x: u32) -> bool {
+        x < self.0
+    }
+}
+
+/// Faults injected into a TCP listener's connections.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TcpFault {
+    /// Hold connections this long before connecting upstream.
+    pub delay: Option<(Duration, Percent)>,
+    /// Reset this share of connections at once.
+    pub reset: Option<Percent>,
+    /// Faults in progress at once.
+    pub max_active: u32,
 }
 
 /// A listener's TLS termination, its files loaded and checked.
@@ -245,6 +334,10 @@ pub struct Route {
     pub response_headers: HeaderOps,
     /// Retries of failed attempts, if the route has them.
     pub retry: Option<Arc<RetryPolicy>>,
+    /// Injected faults.
+    pub fault: Option<Arc<Fault>>,
+    /// The route's request rate limit.
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Passive health checking of a cluster's endpoints.
@@ -354,6 +447,18 @@ pub struct HeaderMatch {
     pub name: HeaderName,
     /// The test.
     pub kind: HeaderMatchKind,
+}
+
+impl HeaderMatch {
+    /// Whether `headers` satisfy the condition.
+    pub fn matches(&self, headers: &http::HeaderMap) -> bool {
+        let mut values = headers.get_all(&self.name).iter();
+        match &self.kind {
+            HeaderMatchKind::Present(present) => values.next().is_some() == *present,
+            HeaderMatchKind::Exact(want) => values.any(|v| v == want),
+            HeaderMatchKind::Regex(re) => values.any(|v| v.to_str().is_ok_and(|s| re.is_match(s))),
+        }
+    }
 }
 
 /// The test a header condition applies.

@@ -26,11 +26,11 @@ use weft_proto::prost::{self, Name};
 use weft_proto::prost_types;
 
 use super::spec::{
-    BootstrapSpec, CircuitBreakersSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec,
-    EndpointSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec, ListenerTlsSpec,
-    OutlierDetectionSpec, PoolSpec, RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec,
-    RouteMatchSpec, RouteSpec, SniRouteSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
-    WeightedClusterSpec,
+    BootstrapSpec, CircuitBreakersSpec, ClientRateLimitSpec, ClusterSpec, ClusterTlsSpec,
+    DirectResponseSpec, EndpointSpec, FaultAbortSpec, FaultDelaySpec, FaultSpec, HeaderMatchSpec,
+    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec, RateLimitSpec,
+    RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec,
+    TcpFaultSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -369,6 +369,12 @@ impl From<&ListenerSpec> for pb::Listener {
                 workload_identity: tls.workload_identity.clone(),
                 mode: tls.mode.clone(),
             }),
+            rate_limit: spec.rate_limit.as_ref().map(rate_limit_to_proto),
+            fault: spec.fault.as_ref().map(|fault| pb::TcpFault {
+                delay: fault.delay.as_ref().map(delay_to_proto),
+                reset_percent: fault.reset_percent,
+                max_active: fault.max_active,
+            }),
         }
     }
 }
@@ -383,6 +389,13 @@ impl TryFrom<pb::Listener> for ListenerSpec {
             listener.header_read_timeout,
         );
         let idle_timeout = check.duration(|| "idle_timeout".into(), listener.idle_timeout);
+        let fault = listener.fault.map(|fault| TcpFaultSpec {
+            delay: fault
+                .delay
+                .map(|d| delay_from_proto(&mut check, "fault.delay", d)),
+            reset_percent: fault.reset_percent,
+            max_active: fault.max_active,
+        });
         check.finish(ListenerSpec {
             name: listener.name,
             address: listener.address,
@@ -425,6 +438,8 @@ impl TryFrom<pb::Listener> for ListenerSpec {
                 workload_identity: tls.workload_identity,
                 mode: tls.mode,
             }),
+            rate_limit: listener.rate_limit.map(rate_limit_from_proto),
+            fault,
         })
     }
 }
@@ -459,12 +474,7 @@ fn route_to_proto(spec: &RouteSpec) -> pb::Route {
                 .headers
                 .iter()
                 .flatten()
-                .map(|h| pb::HeaderMatch {
-                    name: h.name.clone(),
-                    exact: h.exact.clone(),
-                    regex: h.regex.clone(),
-                    present: h.present,
-                })
+                .map(header_match_to_proto)
                 .collect(),
         }),
         cluster: spec.cluster.clone(),
@@ -493,6 +503,108 @@ fn route_to_proto(spec: &RouteSpec) -> pb::Route {
         request_headers: spec.request_headers.as_ref().map(header_ops_to_proto),
         response_headers: spec.response_headers.as_ref().map(header_ops_to_proto),
         retry_policy: spec.retry_policy.as_ref().map(retry_to_proto),
+        fault: spec.fault.as_ref().map(fault_to_proto),
+        rate_limit: spec.rate_limit.as_ref().map(rate_limit_to_proto),
+    }
+}
+
+fn header_match_to_proto(h: &HeaderMatchSpec) -> pb::HeaderMatch {
+    pb::HeaderMatch {
+        name: h.name.clone(),
+        exact: h.exact.clone(),
+        regex: h.regex.clone(),
+        present: h.present,
+    }
+}
+
+fn header_match_from_proto(h: pb::HeaderMatch) -> HeaderMatchSpec {
+    HeaderMatchSpec {
+        name: h.name,
+        exact: h.exact,
+        regex: h.regex,
+        present: h.present,
+    }
+}
+
+fn delay_to_proto(spec: &FaultDelaySpec) -> pb::FaultDelay {
+    pb::FaultDelay {
+        duration: spec.duration.map(duration_to_proto),
+        percent: spec.percent,
+    }
+}
+
+fn delay_from_proto(check: &mut Checker, at: &str, delay: pb::FaultDelay) -> FaultDelaySpec {
+    FaultDelaySpec {
+        duration: check.duration(|| format!("{at}.duration"), delay.duration),
+        percent: delay.percent,
+    }
+}
+
+fn fault_to_proto(spec: &FaultSpec) -> pb::Fault {
+    pb::Fault {
+        delay: spec.delay.as_ref().map(delay_to_proto),
+        abort: spec.abort.as_ref().map(|abort| pb::FaultAbort {
+            http_status: abort.http_status.map(u32::from),
+            grpc_status: abort.grpc_status.clone(),
+            percent: abort.percent,
+        }),
+        headers: spec
+            .headers
+            .iter()
+            .flatten()
+            .map(header_match_to_proto)
+            .collect(),
+        source_identities: spec.source_identities.clone().unwrap_or_default(),
+        allow_header_faults: spec.allow_header_faults,
+        max_active: spec.max_active,
+    }
+}
+
+fn fault_from_proto(check: &mut Checker, at: &str, fault: pb::Fault) -> FaultSpec {
+    FaultSpec {
+        delay: fault
+            .delay
+            .map(|d| delay_from_proto(check, &format!("{at}.fault.delay"), d)),
+        abort: fault.abort.map(|abort| FaultAbortSpec {
+            // A status past u16 becomes 0, which the validator refuses.
+            http_status: abort.http_status.map(|s| u16::try_from(s).unwrap_or(0)),
+            grpc_status: abort.grpc_status,
+            percent: abort.percent,
+        }),
+        headers: non_empty(
+            fault
+                .headers
+                .into_iter()
+                .map(header_match_from_proto)
+                .collect(),
+        ),
+        source_identities: non_empty(fault.source_identities),
+        allow_header_faults: fault.allow_header_faults,
+        max_active: fault.max_active,
+    }
+}
+
+fn rate_limit_to_proto(spec: &RateLimitSpec) -> pb::RateLimit {
+    pb::RateLimit {
+        requests_per_second: spec.requests_per_second,
+        burst: spec.burst,
+        per_client: spec.per_client.as_ref().map(|c| pb::ClientRateLimit {
+            requests_per_second: c.requests_per_second,
+            burst: c.burst,
+            max_clients: c.max_clients,
+        }),
+    }
+}
+
+fn rate_limit_from_proto(limit: pb::RateLimit) -> RateLimitSpec {
+    RateLimitSpec {
+        requests_per_second: limit.requests_per_second,
+        burst: limit.burst,
+        per_client: limit.per_client.map(|c| ClientRateLimitSpec {
+            requests_per_second: c.requests_per_second,
+            burst: c.burst,
+            max_clients: c.max_clients,
+        }),
     }
 }
 
@@ -606,17 +718,7 @@ fn route_from_proto(check: &mut Checker, vi: usize, ri: usize, route: pb::Route)
             regex: m.regex,
             methods: non_empty(m.methods),
             source_identities: non_empty(m.source_identities),
-            headers: non_empty(
-                m.headers
-                    .into_iter()
-                    .map(|h| HeaderMatchSpec {
-                        name: h.name,
-                        exact: h.exact,
-                        regex: h.regex,
-                        present: h.present,
-                    })
-                    .collect(),
-            ),
+            headers: non_empty(m.headers.into_iter().map(header_match_from_proto).collect()),
         }),
         cluster: route.cluster,
         weighted_clusters: route.weighted_clusters.map(|split| {
@@ -638,6 +740,10 @@ fn route_from_proto(check: &mut Checker, vi: usize, ri: usize, route: pb::Route)
         retry_policy: route
             .retry_policy
             .map(|retry| retry_from_proto(check, &at(), retry)),
+        fault: route
+            .fault
+            .map(|fault| fault_from_proto(check, &at(), fault)),
+        rate_limit: route.rate_limit.map(rate_limit_from_proto),
     }
 }
 

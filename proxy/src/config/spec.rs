@@ -149,6 +149,116 @@ pub struct ListenerSpec {
     /// HTTP listeners: terminate TLS with these certificates.
     #[serde(default)]
     pub tls: Option<ListenerTlsSpec>,
+    /// HTTP listeners: a request rate limit for the whole listener (and
+    /// per client), applied before routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+    /// TCP listeners: faults injected into connections (chaos testing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<TcpFaultSpec>,
+}
+
+/// Local token buckets: `requests_per_second` refills, `burst` is the most
+/// a bucket holds. Either or both of the shared bucket and `per_client`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitSpec {
+    /// One bucket for every request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_per_second: Option<f64>,
+    /// Default: `requests_per_second` rounded up (one second's worth).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// A bucket for each client: its SPIFFE ID when it proved one,
+    /// otherwise its IP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_client: Option<ClientRateLimitSpec>,
+}
+
+/// A token bucket for each client.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClientRateLimitSpec {
+    /// Each client's refill rate.
+    pub requests_per_second: f64,
+    /// Default: `requests_per_second` rounded up.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// Clients tracked at once (default 10000); see config/README.md.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_clients: Option<u32>,
+}
+
+/// Faults injected into a route's requests (chaos testing).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultSpec {
+    /// Hold requests before sending them on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelaySpec>,
+    /// Answer requests with an error instead of sending them on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbortSpec>,
+    /// Only requests with these headers get faults.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<Vec<HeaderMatchSpec>>,
+    /// Only requests from callers that proved one of these SPIFFE IDs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_identities: Option<Vec<String>>,
+    /// Requests may ask for a fault with `x-weft-fault-delay` (ms),
+    /// `x-weft-fault-abort` (HTTP status) or `x-weft-fault-abort-grpc`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow_header_faults: Option<bool>,
+    /// Faults in progress at once (default 1024); beyond, requests pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_active: Option<u32>,
+}
+
+/// An injected delay.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultDelaySpec {
+    /// How long (required).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub duration: Option<Duration>,
+    /// Share of requests delayed, 0 to 100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+}
+
+/// An injected error.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FaultAbortSpec {
+    /// The HTTP status answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<u16>,
+    /// The gRPC status gRPC callers get (a number, or a name such as
+    /// `unavailable`); default: mapped from `http_status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
+    /// Share of requests aborted, 0 to 100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+}
+
+/// Faults injected into a TCP listener's connections.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpFaultSpec {
+    /// Hold connections before connecting upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelaySpec>,
+    /// Reset this share of connections (0 to 100) at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reset_percent: Option<f64>,
+    /// Faults in progress at once (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_active: Option<u32>,
 }
 
 /// TLS termination on a listener.
@@ -258,6 +368,12 @@ pub struct RouteSpec {
     /// Send failed attempts again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RetryPolicySpec>,
+    /// Inject delays and errors (chaos testing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultSpec>,
+    /// Local request rate limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
 }
 
 /// When and how a route sends a failed request again.

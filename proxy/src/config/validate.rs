@@ -18,6 +18,8 @@ use super::spec::{
 };
 use super::{ConfigError, ValidationErrors};
 
+mod faults;
+
 /// More proxies in front than this is a configuration mistake.
 const MAX_TRUSTED_HOPS: u32 = 16;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -369,6 +371,12 @@ fn validate_listener(
             if spec.sni_routes.is_some() {
                 check.error("sni_routes", "applies to tcp listeners only");
             }
+            if spec.fault.is_some() {
+                check.error(
+                    "fault",
+                    "applies to tcp listeners only; an http listener's faults go on its routes",
+                );
+            }
             match spec.route_config.as_deref() {
                 None => {
                     check.error("route_config", "required for an http listener");
@@ -404,6 +412,7 @@ fn validate_listener(
                 ("xff_num_trusted_hops", spec.xff_num_trusted_hops.is_some()),
                 ("preserve_request_id", spec.preserve_request_id.is_some()),
                 ("tls", spec.tls.is_some()),
+                ("rate_limit", spec.rate_limit.is_some()),
             ];
             for (field, set) in http_only {
                 if set {
@@ -537,6 +546,20 @@ fn validate_listener(
         .as_ref()
         .and_then(|tls| listener_tls(tls, &mut check))
         .map(Arc::new);
+    let rate_limit = match spec.protocol.as_deref() {
+        Some("tcp") => None,
+        _ => spec
+            .rate_limit
+            .as_ref()
+            .and_then(|limit| faults::validate_rate_limit(&mut check, "rate_limit", limit)),
+    };
+    let fault = match spec.protocol.as_deref() {
+        Some("tcp") => spec
+            .fault
+            .as_ref()
+            .and_then(|fault| faults::validate_tcp_fault(&mut check, "fault", fault)),
+        _ => None,
+    };
     if errors.len() > before {
         return None;
     }
@@ -554,6 +577,8 @@ fn validate_listener(
         xff_num_trusted_hops,
         preserve_request_id: spec.preserve_request_id.unwrap_or(false),
         tls,
+        rate_limit,
+        fault,
     })
 }
 
@@ -875,25 +900,11 @@ fn validate_route(
             ),
         }
     }
-    let mut source_identities = Vec::new();
-    for (i, id) in m.source_identities.iter().flatten().enumerate() {
-        let field = format!("{at}.match.source_identities[{i}]");
-        // `spiffe://td/path/*`: every ID under the path (kept with its `/`).
-        let prefix = id.strip_suffix('*').filter(|p| p.ends_with('/'));
-        let base = prefix.unwrap_or(id);
-        if base.contains('*') {
-            check.error(
-                field,
-                format!("{id:?}: a wildcard is allowed only as the whole last segment (spiffe://<trust-domain>/<path>/*)"),
-            );
-        } else if let Some(prefix) = prefix {
-            if spiffe_field(check, &field, &format!("{prefix}x")).is_some() {
-                source_identities.push(IdentityMatch::Prefix(Arc::from(prefix)));
-            }
-        } else if let Some(id) = spiffe_field(check, &field, id) {
-            source_identities.push(IdentityMatch::Exact(id));
-        }
-    }
+    let source_identities = validate_identity_matches(
+        check,
+        &format!("{at}.match.source_identities"),
+        m.source_identities.as_deref().unwrap_or_default(),
+    );
     let mut headers = Vec::new();
     for (i, header) in m.headers.iter().flatten().enumerate() {
         if let Some(h) = validate_header_match(check, &format!("{at}.match.headers[{i}]"), header) {
@@ -1005,6 +1016,14 @@ fn validate_route(
         .retry_policy
         .as_ref()
         .and_then(|policy| validate_retry_policy(check, &format!("{at}.retry_policy"), policy));
+    let fault = spec
+        .fault
+        .as_ref()
+        .and_then(|fault| faults::validate_fault(check, &format!("{at}.fault"), fault));
+    let rate_limit = spec
+        .rate_limit
+        .as_ref()
+        .and_then(|limit| faults::validate_rate_limit(check, &format!("{at}.rate_limit"), limit));
     if spec.direct_response.is_some() && spec.retry_policy.is_some() {
         check.error(
             format!("{at}.retry_policy"),
@@ -1029,6 +1048,8 @@ fn validate_route(
         request_headers,
         response_headers,
         retry: retry.map(Arc::new),
+        fault: fault.map(Arc::new),
+        rate_limit,
     })
 }
 
@@ -1160,6 +1181,66 @@ fn grpc_code(name: &str) -> Option<u8> {
         "unavailable" => 14,
         _ => return None,
     })
+}
+
+/// Conditions on the caller's SPIFFE ID: exact, or `spiffe://td/path/*`
+/// for every ID under a path.
+fn validate_identity_matches(
+    check: &mut Checker<'_>,
+    at: &str,
+    ids: &[String],
+) -> Vec<IdentityMatch> {
+    let mut source_identities = Vec::new();
+    for (i, id) in ids.iter().enumerate() {
+        let field = format!("{at}[{i}]");
+        // `spiffe://td/path/*`: every ID under the path (kept with its `/`).
+        let prefix = id.strip_suffix('*').filter(|p| p.ends_with('/'));
+        let base = prefix.unwrap_or(id);
+        if base.contains('*') {
+            check.error(
+                field,
+                format!("{id:?}: a wildcard is allowed only as the whole last segment (spiffe://<trust-domain>/<path>/*)"),
+            );
+        } else if let Some(prefix) = prefix {
+            if spiffe_field(check, &field, &format!("{prefix}x")).is_some() {
+                source_identities.push(IdentityMatch::Prefix(Arc::from(prefix)));
+            }
+        } else if let Some(id) = spiffe_field(check, &field, id) {
+            source_identities.push(IdentityMatch::Exact(id));
+        }
+    }
+    source_identities
+}
+
+/// A gRPC status code by number (`14`) or canonical name (`unavailable`).
+fn grpc_code_number(value: &str) -> Option<u8> {
+    const NAMES: [&str; 17] = [
+        "ok",
+        "cancelled",
+        "unknown",
+        "invalid_argument",
+        "deadline_exceeded",
+        "not_found",
+        "already_exists",
+        "permission_denied",
+        "resource_exhausted",
+        "failed_precondition",
+        "aborted",
+        "out_of_range",
+        "unimplemented",
+        "internal",
+        "unavailable",
+        "data_loss",
+        "unauthenticated",
+    ];
+    if let Ok(code) = value.parse::<u8>() {
+        return (usize::from(code) < NAMES.len()).then_some(code);
+    }
+    let lower = value.to_ascii_lowercase();
+    NAMES
+        .iter()
+        .position(|name| *name == lower)
+        .and_then(|i| u8::try_from(i).ok())
 }
 
 fn check_path(check: &mut Checker<'_>, field: &str, path: &str) -> bool {

@@ -3,7 +3,7 @@
 //! trailers-only response with the matching `grpc-status`.
 
 use bytes::Bytes;
-use http::{HeaderName, HeaderValue, Response, header};
+use http::{HeaderName, HeaderValue, Response, StatusCode, header};
 
 use super::body::ResponseBody;
 use crate::error::{Origin, ProxyError};
@@ -72,6 +72,54 @@ pub(crate) fn to_response(error: &ProxyError, is_grpc: bool) -> Response<Respons
     response
 }
 
+/// Set on a response a layer answered itself (a fault abort, a rate
+/// limit), or on one it changed (a delay): the access log's flag, and the
+/// status the metrics count (a gRPC caller's HTTP 200 carries the status
+/// of the decision).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Decision {
+    /// The access log's flag (`x-weft-error` on a local answer).
+    pub(crate) flag: &'static str,
+    /// What the metrics count.
+    pub(crate) status: StatusCode,
+}
+
+/// A response the proxy makes itself for a local decision: `status` with
+/// `body` and `x-weft-error: flag`, or for a gRPC caller a trailers-only
+/// response with `grpc_status`. The [`Decision`] rides along for the
+/// access log and the metrics.
+pub(crate) fn local_reply(
+    status: StatusCode,
+    grpc_status: u8,
+    flag: &'static str,
+    body: &'static str,
+    is_grpc: bool,
+) -> Response<ResponseBody> {
+    let mut response = if is_grpc {
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(u16::from(grpc_status)));
+        headers.insert("grpc-message", HeaderValue::from_static(flag));
+        response
+    } else {
+        let mut response = Response::new(ResponseBody::full(Bytes::from_static(body.as_bytes())));
+        *response.status_mut() = status;
+        response
+            .headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        response
+    };
+    response
+        .headers_mut()
+        .insert(ERROR_HEADER.clone(), HeaderValue::from_static(flag));
+    response.extensions_mut().insert(Decision { flag, status });
+    response
+}
+
 /// True when the request is gRPC.
 pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
     headers
@@ -82,8 +130,6 @@ pub(crate) fn is_grpc(headers: &http::HeaderMap) -> bool {
 #[cfg(test)]
 mod tests {
     use std::net::SocketAddr;
-
-    use http::StatusCode;
 
     use super::*;
 

@@ -10,9 +10,7 @@ use std::collections::HashMap;
 
 use http::{HeaderMap, Method};
 
-use crate::config::{
-    DomainMatch, HeaderMatchKind, PathMatch, RouteConfig, RouteMatch, VirtualHost,
-};
+use crate::config::{DomainMatch, PathMatch, RouteConfig, RouteMatch, VirtualHost};
 
 /// Host names longer than this match only `*`.
 const MAX_HOST_LEN: usize = 255;
@@ -136,16 +134,7 @@ fn matches(m: &RouteMatch, parts: &RequestParts<'_>) -> bool {
             || parts
                 .source
                 .is_some_and(|id| m.source_identities.iter().any(|want| want.matches(id))))
-        && m.headers.iter().all(|h| {
-            let mut values = parts.headers.get_all(&h.name).iter();
-            match &h.kind {
-                HeaderMatchKind::Present(present) => values.next().is_some() == *present,
-                HeaderMatchKind::Exact(want) => values.any(|v| v == want),
-                HeaderMatchKind::Regex(re) => {
-                    values.any(|v| v.to_str().is_ok_and(|s| re.is_match(s)))
-                }
-            }
-        })
+        && m.headers.iter().all(|h| h.matches(parts.headers))
 }
 
 #[cfg(test)]

@@ -17,12 +17,13 @@ use tower::Service;
 use tracing::Instrument;
 
 use super::body::{Finish, ResponseBody};
-use super::error::{is_grpc, to_response};
+use super::error::{Decision, is_grpc, to_response};
 use super::headers;
 use super::router::RequestParts;
 use crate::body::RequestBody;
 use crate::drain::{Drain, TrackedExecutor};
 use crate::error::ProxyError;
+use crate::resilience::rate_limit::{Client, limited};
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
 use crate::telemetry::{AccessRecord, ListenerMetrics, RequestMetrics};
@@ -50,6 +51,9 @@ struct Connection {
     /// The SPIFFE ID the client proved (mutual TLS): for routing and the
     /// access log.
     peer_id: Option<Arc<str>>,
+    /// Who the client is, for per-client limits and source conditions:
+    /// its SPIFFE ID, else its IP address.
+    client: Client,
     /// Its request counter on this listener.
     source_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
     shared: Shared,
@@ -134,6 +138,9 @@ pub(crate) async fn serve(
         metrics: listener.metrics.clone(),
         is_tls: io.is_tls(),
         peer_id: io.peer_identity().cloned(),
+        client: io
+            .peer_identity()
+            .map_or(Client::Ip(peer.ip()), |id| Client::Identity(id.clone())),
         source_requests: io.peer_identity().map(|id| listener.metrics.source(id)),
         client_cert: io
             .peer_identity()
@@ -517,8 +524,14 @@ async fn handle(
     let (mut response, status, flag) =
         match route_and_forward(&conn, &listener, req, &mut outcome).await {
             Ok(response) => {
-                let status = response.status();
-                (response, status, "")
+                // A layer's decision (a fault, a rate limit) names itself.
+                match response.extensions().get::<Decision>().copied() {
+                    Some(decision) => (response, decision.status, decision.flag),
+                    None => {
+                        let status = response.status();
+                        (response, status, "")
+                    }
+                }
             }
             Err(error) => {
                 tracing::debug!(peer.addr = %conn.peer, %error, "request failed");
@@ -566,6 +579,15 @@ async fn route_and_forward(
     {
         return Err(ProxyError::HeadersTooLarge);
     }
+    if let Some(limiter) = &listener.rate_limit
+        && let Err(wait) = limiter.check(Some(&conn.client))
+    {
+        listener
+            .metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Ok(limited(wait, is_grpc(req.headers())));
+    }
     let authority = authority(&req)?;
     let host = authority
         .to_str()
@@ -587,6 +609,9 @@ async fn route_and_forward(
     outcome.route = Some(route.name.clone());
     if tracing::level_enabled!(tracing::Level::DEBUG) {
         tracing::Span::current().record("route", &*route.name);
+    }
+    if route.needs_client {
+        req.extensions_mut().insert(conn.client.clone());
     }
     let target = route.pick();
     outcome.metrics = Some(target.metrics.clone());

@@ -62,6 +62,14 @@ pub struct RequestMetrics {
     by_class: [AtomicU64; 5],
     /// Time from request headers received to response body finished.
     pub duration: Histogram,
+    /// Requests held by a delay fault.
+    pub faults_delayed: AtomicU64,
+    /// Requests answered by an abort fault.
+    pub faults_aborted: AtomicU64,
+    /// Faults not injected because `max_active` were in progress.
+    pub faults_overflow: AtomicU64,
+    /// Requests refused by the route's rate limit.
+    pub rate_limited: AtomicU64,
 }
 
 impl RequestMetrics {
@@ -105,6 +113,14 @@ pub struct ListenerMetrics {
     /// Requests the HTTP/1 parser rejected as too large (answered 431,
     /// or 414 for a request target past 64 KiB).
     pub rejected_too_large: AtomicU64,
+    /// HTTP requests refused by the listener's rate limit.
+    pub rate_limited: AtomicU64,
+    /// TCP connections reset by a fault.
+    pub faults_reset: AtomicU64,
+    /// TCP connections held by a delay fault.
+    pub faults_delayed: AtomicU64,
+    /// TCP faults not injected because `max_active` were in progress.
+    pub faults_overflow: AtomicU64,
     /// Requests by the SPIFFE ID the client proved, for the first
     /// [`MAX_SOURCES`] identities; the rest under `other`.
     sources: Mutex<BTreeMap<Arc<str>, Arc<AtomicU64>>>,
@@ -278,7 +294,75 @@ impl Metrics {
             m.duration
                 .render(&mut out, "weft_http_request_duration_seconds", &labels);
         }
-        let listener_series: [Series<ListenerMetrics>; 8] = [
+        // Faults and rate limits: only the series that counted something
+        // (most routes have neither).
+        out.push_str("# HELP weft_http_faults_injected_total Requests delayed or aborted by a route's fault injection.\n");
+        out.push_str("# TYPE weft_http_faults_injected_total counter\n");
+        for ((listener, route, cluster), m) in &registry.requests {
+            for (fault, count) in [("delay", &m.faults_delayed), ("abort", &m.faults_aborted)] {
+                let count = count.load(Relaxed);
+                if count > 0 {
+                    let _ = writeln!(
+                        out,
+                        "weft_http_faults_injected_total{{listener=\"{}\",route=\"{}\",cluster=\"{}\",fault=\"{fault}\"}} {count}",
+                        escape(listener),
+                        escape(route),
+                        escape(cluster),
+                    );
+                }
+            }
+        }
+        for (name, help, read) in [
+            (
+                "weft_http_faults_overflow_total",
+                "Faults not injected because the route's max_active were in progress.",
+                (|m| m.faults_overflow.load(Relaxed)) as fn(&RequestMetrics) -> u64,
+            ),
+            (
+                "weft_http_rate_limited_total",
+                "Requests answered 429 by the route's rate limit.",
+                |m| m.rate_limited.load(Relaxed),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for ((listener, route, cluster), m) in &registry.requests {
+                let count = read(m);
+                if count > 0 {
+                    let _ = writeln!(
+                        out,
+                        "{name}{{listener=\"{}\",route=\"{}\",cluster=\"{}\"}} {count}",
+                        escape(listener),
+                        escape(route),
+                        escape(cluster),
+                    );
+                }
+            }
+        }
+        let listener_series: [Series<ListenerMetrics>; 12] = [
+            (
+                "weft_downstream_rate_limited_total",
+                "counter",
+                "HTTP requests answered 429 by the listener's rate limit.",
+                |m| counter(&m.rate_limited),
+            ),
+            (
+                "weft_downstream_faults_reset_total",
+                "counter",
+                "TCP connections reset by the listener's fault injection.",
+                |m| counter(&m.faults_reset),
+            ),
+            (
+                "weft_downstream_faults_delayed_total",
+                "counter",
+                "TCP connections delayed by the listener's fault injection.",
+                |m| counter(&m.faults_delayed),
+            ),
+            (
+                "weft_downstream_faults_overflow_total",
+                "counter",
+                "TCP faults not injected because the listener's max_active were in progress.",
+                |m| counter(&m.faults_overflow),
+            ),
             (
                 "weft_downstream_connections_active",
                 "gauge",

@@ -152,6 +152,8 @@ fn unset_optional_fields_stay_unset() {
         xff_num_trusted_hops: None,
         preserve_request_id: None,
         tls: None,
+        rate_limit: None,
+        fault: None,
     };
     let proto = pb::Listener::from(&listener);
     assert_eq!(
@@ -181,6 +183,8 @@ fn unset_optional_fields_stay_unset() {
                 request_headers: None,
                 response_headers: None,
                 retry_policy: None,
+                fault: None,
+                rate_limit: None,
             }],
         }],
     };
@@ -299,6 +303,38 @@ fn full_route_configuration() -> pb::RouteConfiguration {
                             window: None,
                         }),
                     }),
+                    fault: Some(pb::Fault {
+                        delay: Some(pb::FaultDelay {
+                            duration: Some(prost_types::Duration {
+                                seconds: 0,
+                                nanos: 50_000_000,
+                            }),
+                            percent: Some(12.5),
+                        }),
+                        abort: Some(pb::FaultAbort {
+                            http_status: Some(503),
+                            grpc_status: Some("unavailable".into()),
+                            percent: Some(1.0),
+                        }),
+                        headers: vec![pb::HeaderMatch {
+                            name: "x-chaos".into(),
+                            exact: Some("1".into()),
+                            regex: None,
+                            present: None,
+                        }],
+                        source_identities: vec!["spiffe://example.org/ns/shop/sa/web".into()],
+                        allow_header_faults: Some(true),
+                        max_active: Some(10),
+                    }),
+                    rate_limit: Some(pb::RateLimit {
+                        requests_per_second: Some(100.0),
+                        burst: Some(20),
+                        per_client: Some(pb::ClientRateLimit {
+                            requests_per_second: 2.5,
+                            burst: None,
+                            max_clients: Some(500),
+                        }),
+                    }),
                 },
                 pb::Route {
                     weighted_clusters: Some(pb::WeightedClusters::default()),
@@ -365,6 +401,26 @@ fn protos_round_trip_through_the_spec() {
             allowed_identities: vec!["spiffe://example.org/ns/a/sa/b".into()],
             workload_identity: Some("spiffe://example.org/ns/a/sa/web".into()),
             mode: Some("permissive".into()),
+        }),
+        rate_limit: Some(pb::RateLimit {
+            requests_per_second: None,
+            burst: None,
+            per_client: Some(pb::ClientRateLimit {
+                requests_per_second: 10.0,
+                burst: Some(5),
+                max_clients: None,
+            }),
+        }),
+        fault: Some(pb::TcpFault {
+            delay: Some(pb::FaultDelay {
+                duration: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                percent: None,
+            }),
+            reset_percent: Some(5.0),
+            max_active: Some(3),
         }),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();
@@ -446,6 +502,8 @@ fn empty_match_lists_mean_no_condition() {
         request_headers: None,
         response_headers: None,
         retry_policy: None,
+        fault: None,
+        rate_limit: None,
     };
     let config = RouteConfigSpec {
         name: "main".into(),
