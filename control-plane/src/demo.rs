@@ -54,6 +54,12 @@ const EMBEDDED: [(&str, &str); 4] = [
 /// (services.yaml) keep its callers from seeing it.
 const FLAKY_WORKLOAD: &str = "backend-v2";
 const FLAKY_EVERY: u64 = 4;
+/// Another failure to watch: this workload's application is down (503 to
+/// everything) for [`OUTAGE`] of every [`OUTAGE_PERIOD`]; outlier detection
+/// (services.yaml) ejects it and retries send its calls to its peer.
+const OUTAGE_WORKLOAD: &str = "backend-v1b";
+const OUTAGE_PERIOD: Duration = Duration::from_secs(30);
+const OUTAGE: Duration = Duration::from_secs(8);
 
 /// How long a proxy may take to start and receive its configuration.
 const PROXY_START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -350,6 +356,13 @@ async fn start_apps(
                 outbound,
                 calls: service.calls.clone(),
                 fail_every: (workload.name == FLAKY_WORKLOAD).then_some(FLAKY_EVERY),
+                outage: (workload.name == OUTAGE_WORKLOAD).then(|| app::Outage {
+                    // The first outage a while after the start, once the
+                    // mesh is up and the live line is running.
+                    since: tokio::time::Instant::now() + OUTAGE_PERIOD / 2,
+                    period: OUTAGE_PERIOD,
+                    down: OUTAGE,
+                }),
                 served: std::sync::atomic::AtomicU64::new(0),
             });
             tasks.spawn(app::serve(listener, app, stop.clone(), tasks.clone()));
@@ -583,6 +596,27 @@ fn print_banner(
             "  shows `failed 0` and counts `retried`. Remove `retries` there and the failures reach the callers."
         );
     }
+    if mesh
+        .services()
+        .iter()
+        .any(|s| s.spec.workloads.iter().any(|w| w.name == OUTAGE_WORKLOAD))
+    {
+        println!(
+            "An outage to watch: {OUTAGE_WORKLOAD} is down {}s of every {}s. Outlier detection takes it out of",
+            OUTAGE.as_secs(),
+            OUTAGE_PERIOD.as_secs()
+        );
+        println!(
+            "  rotation (`ejections` on the live line, `/clusters` on a caller's sidecar) and retries hide its failures."
+        );
+        println!(
+            "Chaos on purpose: uncomment `fault:` under the backend service in {}/services.yaml and save;",
+            dir.display()
+        );
+        println!(
+            "  every caller then fails and delays a share of its calls to backend: the live line counts `faults`."
+        );
+    }
     println!("\nControl plane:");
     println!(
         "  weft-cp status --admin {} --token-file {}",
@@ -666,18 +700,22 @@ async fn traffic(
                     .collect::<Vec<_>>()
                     .join(", ");
                 let route = target.as_ref().map_or("", |t| t.path.as_str());
-                let mut retried = 0.0;
+                let (mut retried, mut ejections, mut faults) = (0.0, 0.0, 0.0);
                 for p in proxies {
                     if let Ok((_, _, text)) = app::get(p.admin, "admin", "/metrics", &[]).await {
-                        retried += text
-                            .lines()
-                            .filter(|l| l.starts_with("weft_upstream_retries_total{"))
-                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                            .sum::<f64>();
+                        let sum = |prefix: &str| {
+                            text.lines()
+                                .filter(|l| l.starts_with(prefix))
+                                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                                .sum::<f64>()
+                        };
+                        retried += sum("weft_upstream_retries_total{");
+                        ejections += sum("weft_upstream_outlier_ejections_total{");
+                        faults += sum("weft_http_faults_injected_total{");
                     }
                 }
                 print!(
-                    "\r{} req/s to {route} | ok {ok} failed {failed} retried {retried} | answered by: {split} | proxies ready {ready}/{}   ",
+                    "\r{} req/s to {route} | ok {ok} failed {failed} retried {retried} ejections {ejections} faults {faults} | answered by: {split} | proxies ready {ready}/{}   ",
                     sent - last_sent,
                     proxies.len()
                 );

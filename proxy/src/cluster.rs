@@ -294,7 +294,18 @@ impl ClusterState {
                 *req.version_mut() = Version::HTTP_2;
             }
         }
-        let result = endpoint.send(req, wire, guard).await;
+        let per_try = req
+            .extensions()
+            .get::<crate::resilience::retry::PerTryTimeout>()
+            .map(|t| t.0);
+        let result = match per_try {
+            None => endpoint.send(req, wire, guard).await,
+            Some(deadline) => tokio::time::timeout(deadline, endpoint.send(req, wire, guard))
+                .await
+                .unwrap_or(Err(ProxyError::AttemptTimeout {
+                    endpoint: endpoint.addr,
+                })),
+        };
         if let Some(config) = &self.config.outlier {
             self.observe(config, &endpoint, &result);
         }

@@ -125,8 +125,11 @@ pub(crate) enum ProxyError {
     UpstreamTimeout,
     /// One attempt's timeout (`retry_policy.per_try_timeout`) elapsed
     /// before its response headers arrived.
-    #[error("upstream attempt timed out")]
-    AttemptTimeout,
+    #[error("upstream {endpoint} attempt timed out")]
+    AttemptTimeout {
+        /// The endpoint the attempt went to.
+        endpoint: SocketAddr,
+    },
     /// The cluster's circuit breaker is open: `max_requests` requests are
     /// in flight already.
     #[error("cluster {cluster} is at its limit of requests in flight")]
@@ -149,7 +152,7 @@ impl ProxyError {
             | Self::ConnectTimeout { .. }
             | Self::Overflow { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::UpstreamHandshake { .. } | Self::UpstreamReset { .. } => StatusCode::BAD_GATEWAY,
-            Self::UpstreamTimeout | Self::AttemptTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::UpstreamTimeout | Self::AttemptTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -167,7 +170,7 @@ impl ProxyError {
             Self::UpstreamHandshake { .. } => "upstream_protocol_error",
             Self::UpstreamReset { .. } => "upstream_reset",
             Self::UpstreamTimeout => "upstream_timeout",
-            Self::AttemptTimeout => "upstream_per_try_timeout",
+            Self::AttemptTimeout { .. } => "upstream_per_try_timeout",
             Self::Overflow { .. } => "upstream_overflow",
         }
     }
@@ -186,7 +189,7 @@ impl ProxyError {
             | Self::UpstreamHandshake { .. }
             | Self::UpstreamReset { .. }
             | Self::UpstreamTimeout
-            | Self::AttemptTimeout => Origin::Upstream,
+            | Self::AttemptTimeout { .. } => Origin::Upstream,
         }
     }
 
@@ -205,7 +208,7 @@ impl ProxyError {
             Self::UpstreamReset {
                 request_sent: true, ..
             }
-            | Self::AttemptTimeout => RetrySafety::MaybeProcessed,
+            | Self::AttemptTimeout { .. } => RetrySafety::MaybeProcessed,
             Self::NoRoute
             | Self::Malformed(_)
             | Self::HeadersTooLarge
@@ -224,13 +227,12 @@ impl ProxyError {
             | Self::ConnectTimeout { endpoint, .. }
             | Self::UpstreamHandshake { endpoint, .. }
             | Self::UpstreamReset { endpoint, .. }
+            | Self::AttemptTimeout { endpoint }
             | Self::DownstreamBody {
                 endpoint: Some(endpoint),
                 ..
             } => Some(*endpoint),
-            Self::DownstreamBody { endpoint: None, .. }
-            | Self::AttemptTimeout
-            | Self::Overflow { .. } => None,
+            Self::DownstreamBody { endpoint: None, .. } | Self::Overflow { .. } => None,
             Self::NoRoute
             | Self::Malformed(_)
             | Self::HeadersTooLarge
@@ -301,7 +303,9 @@ mod tests {
                 RetrySafety::Never,
             ),
             (
-                ProxyError::AttemptTimeout,
+                ProxyError::AttemptTimeout {
+                    endpoint: SocketAddr::from(([127, 0, 0, 1], 1)),
+                },
                 Origin::Upstream,
                 RetrySafety::MaybeProcessed,
             ),

@@ -9,7 +9,7 @@
 //! | target | HTTP/1.1 | h2c and gRPC | TCP |
 //! | --- | --- | --- | --- |
 //! | weft | one listener (h1 and h2c by preface), one route, cluster `protocol: downstream` | same listener; h2 upstream | `protocol: tcp` listener |
-//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection, `via`, an access-log file and the admin server (metrics) | same | same |
+//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection, idle fault injection (0 %), route and per-client listener rate limits never reached, `via`, an access-log file and the admin server (metrics) | same | same |
 //! | weft-s2s | two weft processes, each configured as weft: the client sidecar's `outbound` listener routes to a cluster holding the server sidecar's `inbound` listener, which routes to the echo (both clusters `protocol: downstream`) | same chain; h2 on both upstream hops | `outbound-tcp` -> `inbound-tcp` -> echo |
 //! | nginx | `proxy_pass` to an upstream with `keepalive 64` | a `listen ... http2` server: `proxy_pass` (HTTP/1.1 upstream: nginx has no h2 upstream) and `grpc_pass` for gRPC | `stream` module, if installed |
 //! | HAProxy | `mode http`, `http-reuse always` | a `proto h2` frontend to a `proto h2` server | `mode tcp` |
@@ -62,12 +62,8 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Features a complete weft configuration would have but that weft does
 /// not implement yet (no configuration field exists for them).
-pub(crate) const WEFT_NOT_BUILT: [&str; 4] = [
-    "policy (authorization)",
-    "active health checks",
-    "rate limits",
-    "tracing",
-];
+pub(crate) const WEFT_NOT_BUILT: [&str; 3] =
+    ["policy (authorization)", "active health checks", "tracing"];
 
 /// The echo upstream's addresses.
 #[derive(Clone, Copy, Debug)]
@@ -848,6 +844,9 @@ listeners:
     header_read_timeout: 5s
     idle_timeout: 10m
     max_request_headers_bytes: 32768
+    # Configured, never reached: a bucket per client IP costs its lookup.
+    rate_limit:
+      per_client: {{ requests_per_second: 100000000, burst: 100000000 }}
 {tcp_listener}
 route_configs:
   - name: main
@@ -896,6 +895,11 @@ route_configs:
               retry_on: [gateway_error]
               num_retries: 2
               per_try_timeout: 2s
+            # Configured, idle: every request is drawn for and passes.
+            fault:
+              delay: {{ duration: 1s, percent: 0 }}
+              abort: {{ http_status: 503, percent: 0 }}
+            rate_limit: {{ requests_per_second: 100000000, burst: 100000000 }}
             request_headers:
               remove: [x-internal-user]
               set:

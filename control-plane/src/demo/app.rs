@@ -34,8 +34,29 @@ pub(crate) struct App {
     pub(crate) calls: Vec<String>,
     /// A failure to watch: every this many requests is answered 503.
     pub(crate) fail_every: Option<u64>,
+    /// A scheduled outage: 503 to everything while it lasts.
+    pub(crate) outage: Option<Outage>,
     /// Requests answered so far.
     pub(crate) served: std::sync::atomic::AtomicU64,
+}
+
+/// Down for `down` at the start of every `period` from `since` on.
+#[derive(Debug)]
+pub(crate) struct Outage {
+    pub(crate) since: tokio::time::Instant,
+    pub(crate) period: Duration,
+    pub(crate) down: Duration,
+}
+
+impl Outage {
+    fn is_down(&self, now: tokio::time::Instant) -> bool {
+        if now < self.since {
+            return false;
+        }
+        let period = self.period.as_nanos().max(1);
+        let into = now.saturating_duration_since(self.since).as_nanos() % period;
+        into < self.down.as_nanos()
+    }
 }
 
 /// Serves `app` on `listener` until `stop`.
@@ -92,6 +113,19 @@ async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>>
         .served
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         + 1;
+    if let Some(outage) = &app.outage
+        && outage.is_down(tokio::time::Instant::now())
+    {
+        let mut response = Response::new(Full::new(Bytes::from(format!(
+            "{} (workload {}): down on purpose ({}s of every {}s)\n",
+            app.service,
+            app.workload,
+            outage.down.as_secs(),
+            outage.period.as_secs()
+        ))));
+        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        return response;
+    }
     if let Some(every) = app.fail_every
         && served.is_multiple_of(every)
     {
@@ -181,4 +215,24 @@ pub(crate) async fn get(
     tokio::time::timeout(HTTP_TIMEOUT, exchange)
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_outage_repeats_on_its_schedule() {
+        let start = tokio::time::Instant::now();
+        let outage = Outage {
+            since: start + Duration::from_secs(15),
+            period: Duration::from_secs(30),
+            down: Duration::from_secs(8),
+        };
+        let at = |s: u64| outage.is_down(start + Duration::from_secs(s));
+        assert!(!at(0) && !at(14));
+        assert!(at(15) && at(22));
+        assert!(!at(23) && !at(44));
+        assert!(at(45) && at(52) && !at(53));
+    }
 }

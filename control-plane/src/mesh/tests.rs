@@ -504,6 +504,7 @@ fn demo_mesh_validates_and_builds_every_node() {
         snapshot.nodes.keys().collect::<Vec<_>>(),
         [
             "backend-v1",
+            "backend-v1b",
             "backend-v2",
             "echo-1",
             "frontend-1",
@@ -542,7 +543,12 @@ fn demo_mesh_validates_and_builds_every_node() {
         Some(5)
     );
 
-    for id in ["backend-v1", "backend-v2", "echo-1"] {
+    assert_eq!(
+        endpoints(cluster(&frontend, "backend.v1")).len(),
+        2,
+        "backend-v1b beside backend-v1: one can be ejected"
+    );
+    for id in ["backend-v1", "backend-v1b", "backend-v2", "echo-1"] {
         let spec = node(&snapshot, id);
         assert_eq!(spec.listeners.len(), 1, "{id}");
         assert_eq!(cluster_names(&spec), ["local_app"], "{id}");
@@ -730,5 +736,83 @@ fn identity_fields_are_checked() {
             .iter()
             .any(|e| e.contains("invalid trust domain \"Example.org\"")),
         "{found:?}"
+    );
+}
+
+#[test]
+fn faults_and_rate_limits_reach_callers_inbound_listeners_and_gateways() {
+    let yaml = r#"
+services:
+  - name: web
+    workloads: [{ name: web-1, app: "127.0.0.1:9001", inbound: "127.0.0.1:9101", outbound: "127.0.0.1:9201" }]
+    calls: [api]
+  - name: api
+    fault: { abort: { http_status: 503, percent: 5 } }
+    rate_limit: { per_client: { requests_per_second: 50 } }
+    workloads: [{ name: api-1, app: "127.0.0.1:9011", inbound: "127.0.0.1:9102" }]
+    routes:
+      - { name: slow, match: { prefix: /slow }, fault: { delay: { duration: 1s } } }
+      - { name: rest }
+gateways:
+  - name: gw
+    listeners:
+      - name: http
+        address: 127.0.0.1:9000
+        rate_limit: { requests_per_second: 1000 }
+        routes:
+          - { name: api, service: api, rate_limit: { requests_per_second: 10 } }
+"#;
+    let snapshot = snapshot(&[("m.yaml", yaml)]);
+    // Callers inject the service's faults; a route's own replaces them.
+    let web = node(&snapshot, "web-1");
+    let routes = &route_config(&web, "outbound").virtual_hosts[0].routes;
+    let delay = routes[0].fault.as_ref().and_then(|f| f.delay.as_ref());
+    assert_eq!(delay.and_then(|d| d.duration), Some(Duration::from_secs(1)));
+    assert!(routes[0].fault.as_ref().unwrap().abort.is_none());
+    let abort = routes[1].fault.as_ref().and_then(|f| f.abort.as_ref());
+    assert_eq!(abort.and_then(|a| a.http_status), Some(503));
+    // Each workload's inbound listener enforces the service's limit.
+    let api = node(&snapshot, "api-1");
+    let inbound = api.listeners.iter().find(|l| l.name == "inbound").unwrap();
+    assert_eq!(
+        inbound
+            .rate_limit
+            .as_ref()
+            .and_then(|l| l.per_client.as_ref())
+            .map(|c| c.requests_per_second),
+        Some(50.0)
+    );
+    let gw = node(&snapshot, "gw");
+    assert_eq!(
+        gw.listeners[0]
+            .rate_limit
+            .as_ref()
+            .and_then(|l| l.requests_per_second),
+        Some(1000.0)
+    );
+    let route = &route_config(&gw, "http").virtual_hosts[0].routes[0];
+    assert_eq!(
+        route
+            .rate_limit
+            .as_ref()
+            .and_then(|l| l.requests_per_second),
+        Some(10.0)
+    );
+    assert!(
+        route
+            .fault
+            .as_ref()
+            .and_then(|f| f.abort.as_ref())
+            .is_some()
+    );
+
+    // A bad fault is reported with its file and field.
+    let bad = yaml.replace("percent: 5", "percent: 500");
+    let errors = errors(&[("m.yaml", &bad)]);
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("m.yaml") && e.contains("fault.abort.percent")),
+        "{errors:?}"
     );
 }

@@ -18,7 +18,7 @@ fn grpc_status(error: &ProxyError) -> &'static str {
         ProxyError::Malformed(_)
         | ProxyError::HeadersTooLarge
         | ProxyError::DownstreamBody { .. } => "13", // INTERNAL
-        ProxyError::UpstreamTimeout | ProxyError::AttemptTimeout => "4", // DEADLINE_EXCEEDED
+        ProxyError::UpstreamTimeout | ProxyError::AttemptTimeout { .. } => "4", // DEADLINE_EXCEEDED
         _ => "14",                   // UNAVAILABLE
     }
 }
@@ -37,7 +37,9 @@ fn body(error: &ProxyError) -> &'static str {
         ProxyError::UpstreamHandshake { .. } | ProxyError::UpstreamReset { .. } => {
             "upstream reset or protocol error\n"
         }
-        ProxyError::UpstreamTimeout | ProxyError::AttemptTimeout => "upstream request timeout\n",
+        ProxyError::UpstreamTimeout | ProxyError::AttemptTimeout { .. } => {
+            "upstream request timeout\n"
+        }
     }
 }
 

@@ -295,22 +295,25 @@ fn attempt_value(n: u32) -> HeaderValue {
     }
 }
 
-/// One attempt, within the per-try timeout.
+/// The deadline of one attempt, for the cluster to keep: it knows which
+/// endpoint the attempt went to, so a timed-out attempt is blamed on that
+/// endpoint (outlier detection counts it, the next attempt avoids it).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PerTryTimeout(pub(crate) Duration);
+
+/// One attempt, with the per-try timeout handed to the cluster.
 async fn attempt<S>(
     inner: &mut S,
-    req: Request<RequestBody>,
+    mut req: Request<RequestBody>,
     timeout: Option<Duration>,
 ) -> Result<Response<ResponseBody>, ProxyError>
 where
     S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError>,
 {
-    let call = inner.ready().await?.call(req);
-    match timeout {
-        None => call.await,
-        Some(timeout) => tokio::time::timeout(timeout, call)
-            .await
-            .unwrap_or(Err(ProxyError::AttemptTimeout)),
+    if let Some(timeout) = timeout {
+        req.extensions_mut().insert(PerTryTimeout(timeout));
     }
+    inner.ready().await?.call(req).await
 }
 
 fn with_attempts(

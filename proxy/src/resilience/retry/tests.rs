@@ -46,6 +46,8 @@ impl Service<Request<RequestBody>> for Upstream {
     fn call(&mut self, req: Request<RequestBody>) -> Boxed {
         let step = self.steps.lock().unwrap().pop_front();
         let seen = self.seen.clone();
+        // As the cluster does, the upstream keeps the attempt's deadline.
+        let per_try = req.extensions().get::<PerTryTimeout>().map(|t| t.0);
         Box::pin(async move {
             let attempt = req
                 .headers()
@@ -70,10 +72,18 @@ impl Service<Request<RequestBody>> for Upstream {
                     Ok(response)
                 }
                 Step::Fail(error) => Err(error()),
-                Step::Slow(wait, status) => {
-                    tokio::time::sleep(wait).await;
-                    Ok(respond(status))
-                }
+                Step::Slow(wait, status) => match per_try {
+                    Some(deadline) if deadline < wait => {
+                        tokio::time::sleep(deadline).await;
+                        Err(ProxyError::AttemptTimeout {
+                            endpoint: SocketAddr::from(([127, 0, 0, 1], 1)),
+                        })
+                    }
+                    _ => {
+                        tokio::time::sleep(wait).await;
+                        Ok(respond(status))
+                    }
+                },
             }
         })
     }
