@@ -219,6 +219,7 @@ impl Config {
                         retry_policy: None,
                         fault: None,
                         rate_limit: None,
+                        stream_idle_timeout: None,
                         name: Some("all".into()),
                         matcher: None,
                         cluster: Some("upstream".into()),

@@ -193,7 +193,14 @@ fn route_service(
         .layer(FaultLayer::new(faulting)) // delays and aborts injected (chaos)
         .layer(RateLimitLayer::new(limited)) // 429 when the route's buckets are empty
         .layer(RulesLayer::new(shared.rules.clone())) // route header rules, host and path rewrites
-        .layer(TimeoutLayer::new(route.timeout)) // request to response headers, retries included
+        // No response headers at all for the stream idle timeout is idleness
+        // too.
+        .layer(TimeoutLayer::new(
+            match (route.timeout, route.stream_idle_timeout) {
+                (Some(t), Some(idle)) => Some(t.min(idle)),
+                (t, idle) => t.or(idle),
+            },
+        )) // request to response headers, retries included
         .layer(RetryLayer::new(retrying)) // failed attempts sent again, within the budget
         .service(backend) // cluster (lb -> pool -> upstream), or a direct response
 }
@@ -208,8 +215,12 @@ struct RouteShared {
 /// The bottom of a route's stack: a cluster, or the route's own answer.
 #[derive(Debug, Clone)]
 pub(crate) enum Backend {
-    /// Load balancer -> endpoint pool -> upstream.
-    Cluster(ClusterService),
+    /// Load balancer -> endpoint pool -> upstream; the response body cut
+    /// when it idles for `idle` (the route's `stream_idle_timeout`).
+    Cluster {
+        cluster: ClusterService,
+        idle: Option<std::time::Duration>,
+    },
     /// A direct response, answered locally.
     Direct(Direct),
 }
@@ -221,20 +232,21 @@ impl Service<Request<RequestBody>> for Backend {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         match self {
-            Self::Cluster(cluster) => cluster.poll_ready(cx),
+            Self::Cluster { cluster, .. } => cluster.poll_ready(cx),
             Self::Direct(_) => Poll::Ready(Ok(())),
         }
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> BackendFuture {
         match self {
-            Self::Cluster(cluster) => {
+            Self::Cluster { cluster, idle } => {
                 // The connection's rules left `upgrade` only on a real
                 // upgrade request.
                 let is_upgrade = req.headers().contains_key(header::UPGRADE);
                 BackendFuture::Upstream {
                     inner: cluster.call(req),
                     is_upgrade,
+                    idle: *idle,
                 }
             }
             Self::Direct(direct) => BackendFuture::Local {
@@ -250,7 +262,7 @@ pin_project! {
     /// The future of [`Backend`].
     #[project = BackendProj]
     pub(crate) enum BackendFuture {
-        Upstream { #[pin] inner: ClusterFuture, is_upgrade: bool },
+        Upstream { #[pin] inner: ClusterFuture, is_upgrade: bool, idle: Option<std::time::Duration> },
         Local { response: Option<Response<ResponseBody>> },
     }
 }
@@ -260,14 +272,23 @@ impl Future for BackendFuture {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project() {
-            BackendProj::Upstream { inner, is_upgrade } => {
+            BackendProj::Upstream {
+                inner,
+                is_upgrade,
+                idle,
+            } => {
                 let (mut parts, body) = ready!(inner.poll(cx))?.into_parts();
                 let upgraded = *is_upgrade && parts.status == StatusCode::SWITCHING_PROTOCOLS;
                 headers::strip_hop_by_hop(&mut parts.headers, upgraded);
-                Poll::Ready(Ok(Response::from_parts(
-                    parts,
-                    ResponseBody::upstream(body),
-                )))
+                let mut body = ResponseBody::upstream(body);
+                // An upgraded connection is bounded by the listener's idle
+                // timeout instead.
+                if let Some(idle) = *idle
+                    && !upgraded
+                {
+                    body.set_idle_timeout(idle);
+                }
+                Poll::Ready(Ok(Response::from_parts(parts, body)))
             }
             BackendProj::Local { response } => {
                 Poll::Ready(Ok(response.take().expect("a local answer is polled once")))
@@ -436,7 +457,10 @@ fn prepare_route(
                 &shared,
                 &metrics,
                 retrying,
-                Backend::Cluster(ClusterService::new(state)),
+                Backend::Cluster {
+                    cluster: ClusterService::new(state),
+                    idle: route.stream_idle_timeout,
+                },
             ),
             metrics,
             cumulative_weight,

@@ -31,6 +31,36 @@ enum Mode {
     Stalled = 1,
     /// 503 at once.
     Failing = 2,
+    /// 200 and a first chunk of body at once, then nothing.
+    StuckBody = 3,
+}
+
+/// A response body: whole, or one chunk and then silence.
+enum TestBody {
+    Full(Option<Bytes>),
+    Stuck { sent: bool },
+}
+
+impl http_body::Body for TestBody {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        use std::task::Poll;
+        match &mut *self {
+            Self::Full(data) => Poll::Ready(data.take().map(|d| Ok(http_body::Frame::data(d)))),
+            Self::Stuck { sent: true } => Poll::Pending,
+            Self::Stuck { sent } => {
+                *sent = true;
+                Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+                    b"first",
+                )))))
+            }
+        }
+    }
 }
 
 /// An HTTP/1.1 upstream whose behaviour the test switches.
@@ -63,19 +93,18 @@ impl Upstream {
                             let (served, mode) = (served.clone(), mode.clone());
                             async move {
                                 served.fetch_add(1, Relaxed);
-                                let status = match mode.load(Relaxed) {
+                                let ok = || TestBody::Full(Some(Bytes::from_static(b"ok")));
+                                let (status, body) = match mode.load(Relaxed) {
                                     1 => {
                                         tokio::time::sleep(Duration::from_secs(2)).await;
-                                        200
+                                        (200, ok())
                                     }
-                                    2 => 503,
-                                    _ => 200,
+                                    2 => (503, ok()),
+                                    3 => (200, TestBody::Stuck { sent: false }),
+                                    _ => (200, ok()),
                                 };
                                 Ok::<_, std::convert::Infallible>(
-                                    http::Response::builder()
-                                        .status(status)
-                                        .body(Full::new(Bytes::from_static(b"ok")))
-                                        .unwrap(),
+                                    http::Response::builder().status(status).body(body).unwrap(),
                                 )
                             }
                         });
@@ -310,6 +339,59 @@ async fn the_route_timeout_fires_within_tolerance() {
         took >= Duration::from_millis(300) && took < Duration::from_millis(900),
         "{took:?}"
     );
+    // A gRPC caller's shorter `grpc-timeout` wins, and it gets
+    // DEADLINE_EXCEEDED.
+    let grpc = http::Request::builder()
+        .uri("/api")
+        .header(http::header::HOST, "x")
+        .header("content-type", "application/grpc")
+        .header("grpc-timeout", "100m")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let start = Instant::now();
+    let response = http1_request(web, grpc).await.unwrap();
+    let took = start.elapsed();
+    assert_eq!(header(&response, "grpc-status"), "4");
+    assert!(
+        took >= Duration::from_millis(100) && took < Duration::from_millis(290),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_stream_idle_timeout_cuts_a_response_that_stops_moving() {
+    use http_body_util::BodyExt;
+    let upstream = Upstream::start().await;
+    upstream.set(Mode::StuckBody);
+    let proxy = proxy(
+        &[upstream.addr],
+        "timeout: 0s\n            stream_idle_timeout: 300ms",
+        "",
+    )
+    .await;
+    let web = proxy.listener("web");
+    let start = Instant::now();
+    let response = http1_request(web, get(web, "/api")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = body.frame().await.unwrap().unwrap();
+    assert_eq!(first.into_data().unwrap(), "first");
+    // Then nothing: the proxy ends the response rather than hold it open.
+    let end = tokio::time::timeout(DEADLINE, body.frame()).await.unwrap();
+    assert!(!matches!(end, Some(Ok(_))), "{end:?}");
+    let took = start.elapsed();
+    assert!(
+        took >= Duration::from_millis(300) && took < Duration::from_secs(2),
+        "{took:?}"
+    );
+    let counted = eventually(DEADLINE, || async {
+        proxy
+            .metric("weft_http_stream_idle_timeouts_total{listener=\"web\",route=\"api\",cluster=\"app\"}")
+            .await
+            == 1.0
+    })
+    .await;
+    assert!(counted);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

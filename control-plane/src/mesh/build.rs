@@ -324,6 +324,7 @@ fn sidecar(
                 spec.timeout = callee.timeout;
                 spec.retry_policy.clone_from(&callee.retries);
                 spec.fault.clone_from(&callee.fault);
+                spec.stream_idle_timeout = callee.stream_idle_timeout;
                 node.target(&mut spec, callee, &Target::All);
                 routes.push(spec);
             }
@@ -332,6 +333,7 @@ fn sidecar(
                 spec.timeout = r.timeout.or(callee.timeout);
                 spec.retry_policy.clone_from(&callee.retries);
                 spec.fault = r.fault.clone().or_else(|| callee.fault.clone());
+                spec.stream_idle_timeout = callee.stream_idle_timeout;
                 spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
                 let target = Target::new(r.version.as_deref(), r.split.as_ref());
                 node.target(&mut spec, callee, &target);
@@ -397,6 +399,7 @@ fn gateway_route(node: &mut NodeSpec, r: &GatewayRouteSpec, service: &ServiceSpe
     spec.timeout = r.timeout.or(service.timeout);
     spec.retry_policy.clone_from(&service.retries);
     spec.fault = r.fault.clone().or_else(|| service.fault.clone());
+    spec.stream_idle_timeout = service.stream_idle_timeout;
     spec.rate_limit.clone_from(&r.rate_limit);
     spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
     spec.host_rewrite.clone_from(&r.host_rewrite);
@@ -491,6 +494,7 @@ fn route(name: &str, matcher: Option<RouteMatchSpec>) -> RouteSpec {
         retry_policy: None,
         fault: None,
         rate_limit: None,
+        stream_idle_timeout: None,
     }
 }
 

@@ -65,6 +65,14 @@ pub struct ServiceSpec {
     /// caller identity under mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<weft_proxy::config::RateLimitSpec>,
+    /// Callers cut a response from it that sends nothing for this long
+    /// (the proxy's route `stream_idle_timeout`).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stream_idle_timeout: Option<Duration>,
     /// Deadline for a TCP connect to one of its workloads.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,

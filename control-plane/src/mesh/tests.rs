@@ -748,6 +748,7 @@ services:
     calls: [api]
   - name: api
     fault: { abort: { http_status: 503, percent: 5 } }
+    stream_idle_timeout: 1m
     rate_limit: { per_client: { requests_per_second: 50 } }
     workloads: [{ name: api-1, app: "127.0.0.1:9011", inbound: "127.0.0.1:9102" }]
     routes:
@@ -769,6 +770,11 @@ gateways:
     let delay = routes[0].fault.as_ref().and_then(|f| f.delay.as_ref());
     assert_eq!(delay.and_then(|d| d.duration), Some(Duration::from_secs(1)));
     assert!(routes[0].fault.as_ref().unwrap().abort.is_none());
+    assert!(
+        routes
+            .iter()
+            .all(|r| r.stream_idle_timeout == Some(Duration::from_secs(60)))
+    );
     let abort = routes[1].fault.as_ref().and_then(|f| f.abort.as_ref());
     assert_eq!(abort.and_then(|a| a.http_status), Some(503));
     // Each workload's inbound listener enforces the service's limit.

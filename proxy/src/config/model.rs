@@ -334,6 +334,8 @@ pub struct Route {
     pub response_headers: HeaderOps,
     /// Retries of failed attempts, if the route has them.
     pub retry: Option<Arc<RetryPolicy>>,
+    /// A response idle this long is cut; `None`: never.
+    pub stream_idle_timeout: Option<Duration>,
     /// Injected faults.
     pub fault: Option<Arc<Fault>>,
     /// The route's request rate limit.

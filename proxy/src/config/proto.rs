@@ -505,6 +505,7 @@ fn route_to_proto(spec: &RouteSpec) -> pb::Route {
         retry_policy: spec.retry_policy.as_ref().map(retry_to_proto),
         fault: spec.fault.as_ref().map(fault_to_proto),
         rate_limit: spec.rate_limit.as_ref().map(rate_limit_to_proto),
+        stream_idle_timeout: spec.stream_idle_timeout.map(duration_to_proto),
     }
 }
 
@@ -710,7 +711,12 @@ fn route_from_proto(check: &mut Checker, vi: usize, ri: usize, route: pb::Route)
         body: direct.body,
     });
     let timeout = check.duration(|| format!("{}.timeout", at()), route.timeout);
+    let stream_idle_timeout = check.duration(
+        || format!("{}.stream_idle_timeout", at()),
+        route.stream_idle_timeout,
+    );
     RouteSpec {
+        stream_idle_timeout,
         name: route.name,
         matcher: route.r#match.map(|m| RouteMatchSpec {
             prefix: m.prefix,

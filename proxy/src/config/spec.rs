@@ -368,6 +368,15 @@ pub struct RouteSpec {
     /// Send failed attempts again.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_policy: Option<RetryPolicySpec>,
+    /// A response whose upstream sends nothing for this long is cut (and
+    /// no response headers for this long fail the request); `0s` or
+    /// unset: none.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub stream_idle_timeout: Option<Duration>,
     /// Inject delays and errors (chaos testing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultSpec>,

@@ -1048,6 +1048,7 @@ fn validate_route(
         request_headers,
         response_headers,
         retry: retry.map(Arc::new),
+        stream_idle_timeout: spec.stream_idle_timeout.filter(|t| !t.is_zero()),
         fault: fault.map(Arc::new),
         rate_limit,
     })

@@ -4,9 +4,10 @@
 //! response. It counts the bytes it yields and, when dropped (finished or
 //! abandoned), records the request's metrics and access-log line once.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
@@ -50,6 +51,25 @@ pin_project! {
     }
 }
 
+/// Why a response body stopped short.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum BodyError {
+    /// The upstream's body failed (reset, protocol error).
+    #[error(transparent)]
+    Upstream(#[from] hyper::Error),
+    /// Nothing came from the upstream for the route's
+    /// `stream_idle_timeout`.
+    #[error("no response data for the stream idle timeout")]
+    StreamIdleTimeout,
+}
+
+/// A response body's idle deadline: reset by every frame.
+#[derive(Debug)]
+struct Idle {
+    timeout: Duration,
+    sleep: Pin<Box<tokio::time::Sleep>>,
+}
+
 pin_project! {
     /// The proxy's response body.
     #[derive(Debug)]
@@ -58,6 +78,8 @@ pin_project! {
         inner: Inner,
         sent: u64,
         finish: Option<Finish>,
+        // The route's stream idle timeout, when it has one.
+        idle: Option<Idle>,
     }
 
     impl PinnedDrop for ResponseBody {
@@ -78,6 +100,7 @@ impl ResponseBody {
             inner: Inner::Full { data },
             sent: 0,
             finish: None,
+            idle: None,
         }
     }
 
@@ -87,6 +110,7 @@ impl ResponseBody {
             inner: Inner::Full { data: None },
             sent: 0,
             finish: None,
+            idle: None,
         }
     }
 
@@ -96,7 +120,17 @@ impl ResponseBody {
             inner: Inner::Upstream { body },
             sent: 0,
             finish: None,
+            idle: None,
         }
+    }
+
+    /// Ends the body with an error when no frame arrives for `timeout`
+    /// (one timer, reset by each frame).
+    pub(crate) fn set_idle_timeout(&mut self, timeout: Duration) {
+        self.idle = Some(Idle {
+            timeout,
+            sleep: Box::pin(tokio::time::sleep(timeout)),
+        });
     }
 
     /// The endpoint that answered, for an upstream's body; `None` for a
@@ -116,7 +150,7 @@ impl ResponseBody {
 
 impl Body for ResponseBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
@@ -127,12 +161,34 @@ impl Body for ResponseBody {
             InnerProj::Upstream { body } => body.poll_frame(cx),
             InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
+        if let Some(idle) = this.idle {
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => {
+                    let next = tokio::time::Instant::now() + idle.timeout;
+                    idle.sleep.as_mut().reset(next);
+                }
+                Poll::Pending if idle.sleep.as_mut().poll(cx).is_ready() => {
+                    *this.idle = None;
+                    if let Some(finish) = this.finish {
+                        finish
+                            .metrics
+                            .stream_idle_timeouts
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if let Some((_, record)) = &mut finish.access {
+                            record.flag = "stream_idle_timeout";
+                        }
+                    }
+                    return Poll::Ready(Some(Err(BodyError::StreamIdleTimeout)));
+                }
+                _ => {}
+            }
+        }
         if let Poll::Ready(Some(Ok(frame))) = &polled
             && let Some(data) = frame.data_ref()
         {
             *this.sent += data.len() as u64;
         }
-        polled
+        polled.map(|frame| frame.map(|result| result.map_err(BodyError::Upstream)))
     }
 
     fn is_end_stream(&self) -> bool {

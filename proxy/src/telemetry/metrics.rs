@@ -70,6 +70,9 @@ pub struct RequestMetrics {
     pub faults_overflow: AtomicU64,
     /// Requests refused by the route's rate limit.
     pub rate_limited: AtomicU64,
+    /// Responses cut because the upstream sent nothing for the route's
+    /// `stream_idle_timeout`.
+    pub stream_idle_timeouts: AtomicU64,
 }
 
 impl RequestMetrics {
@@ -322,6 +325,11 @@ impl Metrics {
                 "weft_http_rate_limited_total",
                 "Requests answered 429 by the route's rate limit.",
                 |m| m.rate_limited.load(Relaxed),
+            ),
+            (
+                "weft_http_stream_idle_timeouts_total",
+                "Responses cut because the upstream sent nothing for the route's stream_idle_timeout.",
+                |m| m.stream_idle_timeouts.load(Relaxed),
             ),
         ] {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");

@@ -185,6 +185,7 @@ fn unset_optional_fields_stay_unset() {
                 retry_policy: None,
                 fault: None,
                 rate_limit: None,
+                stream_idle_timeout: None,
             }],
         }],
     };
@@ -325,6 +326,10 @@ fn full_route_configuration() -> pb::RouteConfiguration {
                         source_identities: vec!["spiffe://example.org/ns/shop/sa/web".into()],
                         allow_header_faults: Some(true),
                         max_active: Some(10),
+                    }),
+                    stream_idle_timeout: Some(prost_types::Duration {
+                        seconds: 300,
+                        nanos: 0,
                     }),
                     rate_limit: Some(pb::RateLimit {
                         requests_per_second: Some(100.0),
@@ -504,6 +509,7 @@ fn empty_match_lists_mean_no_condition() {
         retry_policy: None,
         fault: None,
         rate_limit: None,
+        stream_idle_timeout: None,
     };
     let config = RouteConfigSpec {
         name: "main".into(),
