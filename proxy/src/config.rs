@@ -209,6 +209,7 @@ impl Config {
                 tls: None,
                 rate_limit: None,
                 fault: None,
+                policy: None,
             }],
             route_configs: vec![RouteConfigSpec {
                 name: "default".into(),
@@ -220,6 +221,7 @@ impl Config {
                         fault: None,
                         rate_limit: None,
                         stream_idle_timeout: None,
+                        policy: None,
                         name: Some("all".into()),
                         matcher: None,
                         cluster: Some("upstream".into()),

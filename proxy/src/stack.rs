@@ -45,6 +45,7 @@ use crate::http::headers;
 use crate::http::route::{Direct, PathRewrite, RouteRules, Rules, RulesLayer};
 use crate::http::router::RouteTable;
 use crate::identity::Identities;
+use crate::policy::{Enforcing, Policy, PolicyLayer};
 use crate::resilience::rate_limit::{Limited, Limiter, Limiters, RateLimit, RateLimitLayer};
 use crate::resilience::{Retry, RetryLayer, Retrying, Timeout, TimeoutLayer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
@@ -59,7 +60,7 @@ pub(crate) type Shared = Arc<ArcSwap<Snapshot>>;
 /// `BoxCloneSyncService`, whose clone and call cost two allocations per
 /// request (dhat: 17 -> 12 allocations per proxied request together with
 /// the header-count and request-id changes, benches/RESULTS.md).
-pub(crate) type RouteService = Fault<RateLimit<Rules<Timeout<Retry<Backend>>>>>;
+pub(crate) type RouteService = Policy<Fault<RateLimit<Rules<Timeout<Retry<Backend>>>>>>;
 
 /// Everything the data plane needs for one configuration.
 #[derive(Debug)]
@@ -106,6 +107,8 @@ pub(crate) struct HttpListener {
     pub(crate) access_log: Option<AccessLog>,
     /// The listener's rate limit, before routing.
     pub(crate) rate_limit: Option<Arc<Limiter>>,
+    /// The listener's policy, before routing.
+    pub(crate) policy: Option<Arc<Enforcing>>,
 }
 
 /// A TCP listener's prepared state.
@@ -135,6 +138,8 @@ pub(crate) struct PreparedRoute {
     /// The route's stack needs to know the client (per-client rate limit,
     /// faults for some callers): the connection attaches it to requests.
     pub(crate) needs_client: bool,
+    /// The route has a policy: the connection attaches who is on each end.
+    pub(crate) needs_peers: bool,
 }
 
 impl PreparedRoute {
@@ -190,6 +195,7 @@ fn route_service(
         })
     });
     ServiceBuilder::new()
+        .layer(PolicyLayer::new(shared.policy.clone())) // Rego: 403 / PERMISSION_DENIED on deny
         .layer(FaultLayer::new(faulting)) // delays and aborts injected (chaos)
         .layer(RateLimitLayer::new(limited)) // 429 when the route's buckets are empty
         .layer(RulesLayer::new(shared.rules.clone())) // route header rules, host and path rewrites
@@ -207,6 +213,7 @@ fn route_service(
 
 /// What a route's targets share: its rules, faults and rate limit.
 struct RouteShared {
+    policy: Option<Arc<Enforcing>>,
     rules: Arc<RouteRules>,
     faults: Option<Arc<RouteFaults>>,
     limiter: Option<Arc<Limiter>>,
@@ -312,6 +319,14 @@ pub(crate) fn build(
 ) -> Snapshot {
     let limiters = Limiters::default();
     let previous_limiters = previous.map(|p| &p.limiters);
+    let enforcing = |name: &Option<Arc<str>>| {
+        let name = name.as_ref()?;
+        let policy = config.policies.iter().find(|p| p.name == *name)?;
+        Some(Arc::new(Enforcing {
+            policy: policy.clone(),
+            metrics: metrics.policy(name),
+        }))
+    };
     let cluster = |name: &str| {
         clusters
             .get(name)
@@ -356,6 +371,7 @@ pub(crate) fn build(
                         metrics,
                         &cluster,
                         limiter,
+                        enforcing(&route.policy),
                     ))
                 });
                 let via = |version: &str| {
@@ -377,6 +393,7 @@ pub(crate) fn build(
                     unrouted: metrics.request(&listener.name, &empty, &empty),
                     metrics: listener_metrics,
                     access_log: access_log.cloned(),
+                    policy: enforcing(&listener.policy),
                     rate_limit: listener.rate_limit.as_ref().map(|limit| {
                         let key = format!("listener/{}", listener.name);
                         limiters.get(previous_limiters, key, limit)
@@ -411,6 +428,7 @@ fn prepare_route(
     metrics: &Metrics,
     cluster: &impl Fn(&str) -> Arc<ClusterState>,
     limiter: Option<Arc<Limiter>>,
+    policy: Option<Arc<Enforcing>>,
 ) -> PreparedRoute {
     let rewrite = route
         .prefix_rewrite
@@ -427,7 +445,9 @@ fn prepare_route(
             .fault
             .as_ref()
             .is_some_and(|f| !f.source_identities.is_empty());
+    let needs_peers = policy.is_some();
     let shared = RouteShared {
+        policy,
         rules: Arc::new(RouteRules {
             rewrite,
             host_rewrite: route.host_rewrite.clone(),
@@ -495,6 +515,7 @@ fn prepare_route(
         name: route.name.clone(),
         forwards: !matches!(route.action, RouteAction::Direct { .. }),
         needs_client,
+        needs_peers,
         targets,
         total_weight,
     }

@@ -11,7 +11,9 @@ mod metrics;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub(crate) use metrics::escape as escape_label;
-pub use metrics::{ClusterMetrics, Histogram, ListenerMetrics, Metrics, RequestMetrics};
+pub use metrics::{
+    ClusterMetrics, Histogram, ListenerMetrics, Metrics, PolicyMetrics, RequestMetrics,
+};
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;

@@ -476,6 +476,7 @@ fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
         tls: None,
         rate_limit: None,
         fault: None,
+        policy: None,
     }
 }
 
@@ -495,6 +496,7 @@ fn route(name: &str, matcher: Option<RouteMatchSpec>) -> RouteSpec {
         fault: None,
         rate_limit: None,
         stream_idle_timeout: None,
+        policy: None,
     }
 }
 

@@ -38,6 +38,8 @@ pub struct Config {
     pub clusters: Vec<Arc<Cluster>>,
     /// Trust bundles, one per trust domain.
     pub trust_bundles: Vec<Arc<crate::identity::TrustBundle>>,
+    /// Compiled policies, by name.
+    pub policies: Vec<Arc<crate::policy::CompiledPolicy>>,
 }
 
 /// Where access-log lines go.
@@ -90,6 +92,8 @@ pub struct Listener {
     pub preserve_request_id: bool,
     /// TLS termination, when configured.
     pub tls: Option<Arc<ListenerTls>>,
+    /// HTTP: the policy every request must pass, before routing.
+    pub policy: Option<Arc<str>>,
     /// HTTP: the listener's request rate limit, before routing.
     pub rate_limit: Option<RateLimit>,
     /// TCP: faults injected into connections.
@@ -334,6 +338,8 @@ pub struct Route {
     pub response_headers: HeaderOps,
     /// Retries of failed attempts, if the route has them.
     pub retry: Option<Arc<RetryPolicy>>,
+    /// The policy its requests must pass.
+    pub policy: Option<Arc<str>>,
     /// A response idle this long is cut; `None`: never.
     pub stream_idle_timeout: Option<Duration>,
     /// Injected faults.

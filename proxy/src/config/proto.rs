@@ -369,6 +369,7 @@ impl From<&ListenerSpec> for pb::Listener {
                 workload_identity: tls.workload_identity.clone(),
                 mode: tls.mode.clone(),
             }),
+            policy: spec.policy.clone(),
             rate_limit: spec.rate_limit.as_ref().map(rate_limit_to_proto),
             fault: spec.fault.as_ref().map(|fault| pb::TcpFault {
                 delay: fault.delay.as_ref().map(delay_to_proto),
@@ -438,6 +439,7 @@ impl TryFrom<pb::Listener> for ListenerSpec {
                 workload_identity: tls.workload_identity,
                 mode: tls.mode,
             }),
+            policy: listener.policy,
             rate_limit: listener.rate_limit.map(rate_limit_from_proto),
             fault,
         })
@@ -506,6 +508,7 @@ fn route_to_proto(spec: &RouteSpec) -> pb::Route {
         fault: spec.fault.as_ref().map(fault_to_proto),
         rate_limit: spec.rate_limit.as_ref().map(rate_limit_to_proto),
         stream_idle_timeout: spec.stream_idle_timeout.map(duration_to_proto),
+        policy: spec.policy.clone(),
     }
 }
 
@@ -717,6 +720,7 @@ fn route_from_proto(check: &mut Checker, vi: usize, ri: usize, route: pb::Route)
     );
     RouteSpec {
         stream_idle_timeout,
+        policy: route.policy,
         name: route.name,
         matcher: route.r#match.map(|m| RouteMatchSpec {
             prefix: m.prefix,

@@ -42,6 +42,9 @@ pub struct BootstrapSpec {
     /// control plane pushes it).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trust_bundles: Vec<TrustBundleSpec>,
+    /// Rego policies that routes and listeners name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub policies: Vec<PolicySpec>,
 }
 
 /// One TLS passthrough route of a TCP listener.
@@ -149,6 +152,9 @@ pub struct ListenerSpec {
     /// HTTP listeners: terminate TLS with these certificates.
     #[serde(default)]
     pub tls: Option<ListenerTlsSpec>,
+    /// HTTP listeners: the policy every request must pass, before routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// HTTP listeners: a request rate limit for the whole listener (and
     /// per client), applied before routing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -156,6 +162,38 @@ pub struct ListenerSpec {
     /// TCP listeners: faults injected into connections (chaos testing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<TcpFaultSpec>,
+}
+
+/// A Rego policy (see config/README.md, `policies`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicySpec {
+    /// Unique among policies; routes and listeners name it.
+    pub name: String,
+    /// Rego files, read when the configuration is loaded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rego_files: Option<Vec<String>>,
+    /// Or Rego text inline (a module of its own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rego: Option<String>,
+    /// The policy's `data` document.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<serde_json::Value>,
+    /// Or a JSON file holding it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_file: Option<String>,
+    /// The rule evaluated (default `data.envoy.authz.allow`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// `v1` (default) or `v0` (Rego before OPA 1.0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rego_version: Option<String>,
+    /// `enforce` (default) or `audit`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// On an evaluation error: `deny` (default) or `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<String>,
 }
 
 /// Local token buckets: `requests_per_second` refills, `burst` is the most
@@ -377,6 +415,9 @@ pub struct RouteSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub stream_idle_timeout: Option<Duration>,
+    /// The policy this route's requests must pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// Inject delays and errors (chaos testing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<FaultSpec>,

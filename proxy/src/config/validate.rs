@@ -19,6 +19,7 @@ use super::spec::{
 use super::{ConfigError, ValidationErrors};
 
 mod faults;
+mod policy;
 
 /// More proxies in front than this is a configuration mistake.
 const MAX_TRUSTED_HOPS: u32 = 16;
@@ -145,6 +146,7 @@ impl TryFrom<BootstrapSpec> for Config {
             .filter_map(|l| validate_listener(l, &route_names, &cluster_names, &mut errors))
             .collect();
 
+        let policies = policy::validate_policies(&spec, &mut errors);
         let trust_bundles: Vec<_> = spec
             .trust_bundles
             .iter()
@@ -231,6 +233,7 @@ impl TryFrom<BootstrapSpec> for Config {
             route_configs,
             clusters,
             trust_bundles,
+            policies,
         })
     }
 }
@@ -577,6 +580,7 @@ fn validate_listener(
         xff_num_trusted_hops,
         preserve_request_id: spec.preserve_request_id.unwrap_or(false),
         tls,
+        policy: spec.policy.as_deref().map(Arc::from),
         rate_limit,
         fault,
     })
@@ -1049,6 +1053,7 @@ fn validate_route(
         response_headers,
         retry: retry.map(Arc::new),
         stream_idle_timeout: spec.stream_idle_timeout.filter(|t| !t.is_zero()),
+        policy: spec.policy.as_deref().map(Arc::from),
         fault: fault.map(Arc::new),
         rate_limit,
     })

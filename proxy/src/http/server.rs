@@ -23,6 +23,7 @@ use super::router::RequestParts;
 use crate::body::RequestBody;
 use crate::drain::{Drain, TrackedExecutor};
 use crate::error::ProxyError;
+use crate::policy::{self, Peers, RequestPeers};
 use crate::resilience::rate_limit::{Client, limited};
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
@@ -51,6 +52,8 @@ struct Connection {
     /// The SPIFFE ID the client proved (mutual TLS): for routing and the
     /// access log.
     peer_id: Option<Arc<str>>,
+    /// Both ends of the connection, for policy input.
+    peers: Arc<Peers>,
     /// Who the client is, for per-client limits and source conditions:
     /// its SPIFFE ID, else its IP address.
     client: Client,
@@ -95,6 +98,7 @@ pub(crate) async fn serve(
     drain: Drain,
 ) {
     let settings = &listener.config;
+    let local = stream.local_addr().ok();
     let state = Arc::new(ConnState::new(true));
     let deadline = settings.header_read_timeout;
     let metrics = listener.metrics.clone();
@@ -138,6 +142,15 @@ pub(crate) async fn serve(
         metrics: listener.metrics.clone(),
         is_tls: io.is_tls(),
         peer_id: io.peer_identity().cloned(),
+        peers: Arc::new(Peers {
+            source: peer,
+            source_principal: io.peer_identity().cloned(),
+            destination: local,
+            destination_principal: settings
+                .tls
+                .as_ref()
+                .and_then(|tls| tls.workload_identity.clone()),
+        }),
         client: io
             .peer_identity()
             .map_or(Client::Ip(peer.ip()), |id| Client::Identity(id.clone())),
@@ -588,6 +601,17 @@ async fn route_and_forward(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         return Ok(limited(wait, is_grpc(req.headers())));
     }
+    if let Some(enforcing) = &listener.policy
+        && let policy::Outcome::Deny(response) = policy::check(
+            &enforcing.policy,
+            &enforcing.metrics,
+            &req,
+            &conn.peers,
+            conn.is_tls,
+        )
+    {
+        return Ok(*response);
+    }
     let authority = authority(&req)?;
     let host = authority
         .to_str()
@@ -612,6 +636,12 @@ async fn route_and_forward(
     }
     if route.needs_client {
         req.extensions_mut().insert(conn.client.clone());
+    }
+    if route.needs_peers {
+        req.extensions_mut().insert(RequestPeers {
+            peers: conn.peers.clone(),
+            is_tls: conn.is_tls,
+        });
     }
     let target = route.pick();
     outcome.metrics = Some(target.metrics.clone());

@@ -178,6 +178,28 @@ pub struct ClusterMetrics {
     pub retries_overflow: AtomicU64,
 }
 
+/// Per-policy decision counters.
+#[derive(Debug, Default)]
+pub struct PolicyMetrics {
+    /// Requests the policy allowed.
+    pub allowed: AtomicU64,
+    /// Requests the policy denied (enforce mode).
+    pub denied: AtomicU64,
+    /// Requests the policy would have denied (audit mode; allowed).
+    pub audit_denied: AtomicU64,
+    /// Evaluations that failed (the policy's failure mode decided).
+    pub errors: AtomicU64,
+    /// Time per evaluation, input building included.
+    pub duration: Histogram,
+}
+
+impl PolicyMetrics {
+    /// Records one evaluation's time.
+    pub fn observe(&self, duration: Duration) {
+        self.duration.observe(duration);
+    }
+}
+
 type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
 
 /// A gauge or counter series: name, type, help, and how to read it.
@@ -193,6 +215,7 @@ struct Registry {
     requests: BTreeMap<RequestKey, Arc<RequestMetrics>>,
     listeners: BTreeMap<Arc<str>, Arc<ListenerMetrics>>,
     clusters: BTreeMap<Arc<str>, Arc<ClusterMetrics>>,
+    policies: BTreeMap<Arc<str>, Arc<PolicyMetrics>>,
 }
 
 /// The registry. Handles are looked up by name only while a snapshot is
@@ -255,7 +278,17 @@ impl Metrics {
         registry.requests.retain(|_, m| Arc::strong_count(m) > 1);
         registry.listeners.retain(|_, m| Arc::strong_count(m) > 1);
         registry.clusters.retain(|_, m| Arc::strong_count(m) > 1);
+        registry.policies.retain(|_, m| Arc::strong_count(m) > 1);
         before - (registry.requests.len() + registry.listeners.len() + registry.clusters.len())
+    }
+
+    /// The counters of a policy.
+    pub fn policy(&self, name: &Arc<str>) -> Arc<PolicyMetrics> {
+        self.registry()
+            .policies
+            .entry(name.clone())
+            .or_default()
+            .clone()
     }
 
     /// The counters of a cluster.
@@ -533,6 +566,30 @@ impl Metrics {
             for (cluster, m) in &registry.clusters {
                 let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(cluster), read(m));
             }
+        }
+        out.push_str("# HELP weft_policy_decisions_total Policy decisions by policy and result.\n");
+        out.push_str("# TYPE weft_policy_decisions_total counter\n");
+        for (policy, m) in &registry.policies {
+            for (result, count) in [
+                ("allow", &m.allowed),
+                ("deny", &m.denied),
+                ("audit_deny", &m.audit_denied),
+                ("error", &m.errors),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "weft_policy_decisions_total{{policy=\"{}\",result=\"{result}\"}} {}",
+                    escape(policy),
+                    count.load(Relaxed)
+                );
+            }
+        }
+        out.push_str("# HELP weft_policy_evaluation_seconds Time per policy evaluation, input building included.\n");
+        out.push_str("# TYPE weft_policy_evaluation_seconds histogram\n");
+        for (policy, m) in &registry.policies {
+            let labels = format!("policy=\"{}\"", escape(policy));
+            m.duration
+                .render(&mut out, "weft_policy_evaluation_seconds", &labels);
         }
         let _ = write!(
             out,

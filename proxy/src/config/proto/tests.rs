@@ -154,6 +154,7 @@ fn unset_optional_fields_stay_unset() {
         tls: None,
         rate_limit: None,
         fault: None,
+        policy: None,
     };
     let proto = pb::Listener::from(&listener);
     assert_eq!(
@@ -186,6 +187,7 @@ fn unset_optional_fields_stay_unset() {
                 fault: None,
                 rate_limit: None,
                 stream_idle_timeout: None,
+                policy: None,
             }],
         }],
     };
@@ -331,6 +333,7 @@ fn full_route_configuration() -> pb::RouteConfiguration {
                         seconds: 300,
                         nanos: 0,
                     }),
+                    policy: Some("authz".into()),
                     rate_limit: Some(pb::RateLimit {
                         requests_per_second: Some(100.0),
                         burst: Some(20),
@@ -407,6 +410,7 @@ fn protos_round_trip_through_the_spec() {
             workload_identity: Some("spiffe://example.org/ns/a/sa/web".into()),
             mode: Some("permissive".into()),
         }),
+        policy: Some("edge".into()),
         rate_limit: Some(pb::RateLimit {
             requests_per_second: None,
             burst: None,
@@ -510,6 +514,7 @@ fn empty_match_lists_mean_no_condition() {
         fault: None,
         rate_limit: None,
         stream_idle_timeout: None,
+        policy: None,
     };
     let config = RouteConfigSpec {
         name: "main".into(),

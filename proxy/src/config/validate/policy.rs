@@ -1,0 +1,188 @@
+//! Validation of `policies`: each is compiled here, once, and every
+//! reference to one (a route's or a listener's `policy`) must resolve.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{Checker, check_name, check_unique};
+use crate::config::ConfigError;
+use crate::config::spec::{BootstrapSpec, PolicySpec};
+use crate::policy::{CompiledPolicy, DEFAULT_QUERY, FailureMode, Mode, Module};
+
+/// The largest Rego or data file read.
+const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+
+fn read(check: &mut Checker<'_>, field: &str, path: &str) -> Option<String> {
+    let file = std::path::Path::new(path);
+    match std::fs::metadata(file) {
+        Ok(meta) if meta.len() > MAX_FILE_BYTES => {
+            check.error(field, format!("{path}: larger than {MAX_FILE_BYTES} bytes"));
+            return None;
+        }
+        Ok(_) => {}
+        Err(error) => {
+            check.error(field, format!("{path}: {error}"));
+            return None;
+        }
+    }
+    match std::fs::read_to_string(file) {
+        Ok(text) => Some(text),
+        Err(error) => {
+            check.error(field, format!("{path}: {error}"));
+            None
+        }
+    }
+}
+
+fn validate_policy(spec: &PolicySpec, errors: &mut Vec<ConfigError>) -> Option<CompiledPolicy> {
+    let before = errors.len();
+    let mut check = Checker {
+        kind: "policy",
+        resource: spec.name.clone(),
+        errors,
+    };
+    check_name(&mut check, "name", &spec.name);
+    let mut modules = Vec::new();
+    for (i, path) in spec.rego_files.iter().flatten().enumerate() {
+        if let Some(text) = read(&mut check, &format!("rego_files[{i}]"), path) {
+            modules.push(Module {
+                name: path.clone(),
+                text,
+            });
+        }
+    }
+    if let Some(text) = &spec.rego {
+        modules.push(Module {
+            name: format!("{}.rego", spec.name),
+            text: text.clone(),
+        });
+    }
+    if spec.rego_files.as_ref().is_none_or(Vec::is_empty) && spec.rego.is_none() {
+        check.error("rego", "set rego_files or rego");
+    }
+    let data = match (&spec.data, &spec.data_file) {
+        (Some(_), Some(_)) => {
+            check.error("data", "set data or data_file, not both");
+            None
+        }
+        (Some(data), None) => {
+            if !data.is_object() {
+                check.error(
+                    "data",
+                    "must be a mapping (the `data` document's top level)",
+                );
+            }
+            Some(data.clone())
+        }
+        (None, Some(path)) => read(&mut check, "data_file", path).and_then(|text| {
+            match serde_json::from_str::<serde_json::Value>(&text) {
+                Ok(value) if value.is_object() => Some(value),
+                Ok(_) => {
+                    check.error("data_file", format!("{path}: must hold a JSON object"));
+                    None
+                }
+                Err(error) => {
+                    check.error("data_file", format!("{path}: {error}"));
+                    None
+                }
+            }
+        }),
+        (None, None) => None,
+    };
+    let rego_v0 = match spec.rego_version.as_deref() {
+        None | Some("v1") => false,
+        Some("v0") => true,
+        Some(other) => {
+            check.error("rego_version", format!("{other:?} is not v0 or v1"));
+            false
+        }
+    };
+    let mode = match spec.mode.as_deref() {
+        None | Some("enforce") => Mode::Enforce,
+        Some("audit") => Mode::Audit,
+        Some(other) => {
+            check.error("mode", format!("{other:?} is not enforce or audit"));
+            Mode::Enforce
+        }
+    };
+    let failure_mode = match spec.failure_mode.as_deref() {
+        None | Some("deny") => FailureMode::Deny,
+        Some("allow") => FailureMode::Allow,
+        Some(other) => {
+            check.error("failure_mode", format!("{other:?} is not deny or allow"));
+            FailureMode::Deny
+        }
+    };
+    if check.errors.len() > before {
+        return None;
+    }
+    let query = spec.query.as_deref().unwrap_or(DEFAULT_QUERY);
+    match CompiledPolicy::compile(
+        &spec.name,
+        &modules,
+        data.as_ref(),
+        query,
+        rego_v0,
+        mode,
+        failure_mode,
+    ) {
+        Ok(policy) => Some(policy),
+        Err(error) => {
+            check.error("rego", error);
+            None
+        }
+    }
+}
+
+/// Compiles every policy and checks every reference to one.
+pub(super) fn validate_policies(
+    spec: &BootstrapSpec,
+    errors: &mut Vec<ConfigError>,
+) -> Vec<Arc<CompiledPolicy>> {
+    let policies: Vec<Arc<CompiledPolicy>> = spec
+        .policies
+        .iter()
+        .filter_map(|p| validate_policy(p, errors))
+        .map(Arc::new)
+        .collect();
+    check_unique(
+        errors,
+        "policy",
+        spec.policies.iter().map(|p| p.name.as_str()),
+    );
+    let names: HashSet<&str> = spec.policies.iter().map(|p| p.name.as_str()).collect();
+    for listener in &spec.listeners {
+        if let Some(name) = &listener.policy {
+            let mut check = Checker {
+                kind: "listener",
+                resource: listener.name.clone(),
+                errors,
+            };
+            if listener.protocol.as_deref() == Some("tcp") {
+                check.error("policy", "applies to http listeners only");
+            } else if !names.contains(name.as_str()) {
+                check.unresolved("policy", format!("unknown policy {name:?}"));
+            }
+        }
+    }
+    for config in &spec.route_configs {
+        for (vi, vhost) in config.virtual_hosts.iter().enumerate() {
+            for (ri, route) in vhost.routes.iter().enumerate() {
+                if let Some(name) = &route.policy
+                    && !names.contains(name.as_str())
+                {
+                    let mut check = Checker {
+                        kind: "route_config",
+                        resource: config.name.clone(),
+                        errors,
+                    };
+                    check.unresolved(
+                        format!("virtual_hosts[{vi}].routes[{ri}].policy"),
+                        format!("unknown policy {name:?}"),
+                    );
+                }
+            }
+        }
+    }
+    policies
+}

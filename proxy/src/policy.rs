@@ -1,0 +1,642 @@
+//! Policy as code: Rego evaluated in-process by regorus on every request
+//! a policy applies to, with the input document of the OPA-Envoy plugin so
+//! that its policies run unchanged.
+//!
+//! A policy is compiled once, when its configuration is validated: the
+//! modules parsed, the data loaded, the query checked. The request path
+//! clones that prepared engine once per worker thread and policy version
+//! (a thread-local cache), sets the input and evaluates: no Rego is parsed
+//! and no lock is taken per request.
+//!
+//! The [`PolicyLayer`] sits on top of a route's stack; a listener's policy
+//! is checked by the connection before routing. A deny is a local answer:
+//! 403 (or the decision's status) with the decision's headers and body,
+//! `PERMISSION_DENIED` for gRPC callers.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
+use pin_project_lite::pin_project;
+use regorus::Value;
+
+use crate::error::ProxyError;
+use crate::http::body::ResponseBody;
+use crate::http::error::{Decision, ERROR_HEADER, is_grpc};
+use crate::telemetry::PolicyMetrics;
+
+/// OPA-Envoy's default decision: `package envoy.authz`, rule `allow`.
+pub const DEFAULT_QUERY: &str = "data.envoy.authz.allow";
+/// One evaluation may run this long before it counts as an error.
+const EVALUATION_LIMIT: Duration = Duration::from_millis(50);
+
+/// Whether a policy's denials are enforced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Denied requests are refused.
+    Enforce,
+    /// Denied requests pass; the denial is logged and counted.
+    Audit,
+}
+
+/// What an evaluation error means for the request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// Refused, as a denial (the safe default).
+    Deny,
+    /// Allowed.
+    Allow,
+}
+
+/// A compiled policy: its prepared engine and what to ask it.
+#[derive(Debug)]
+pub struct CompiledPolicy {
+    /// Policy name, a metrics label.
+    pub name: Arc<str>,
+    /// A digest of the modules, data and query (changes with any of them).
+    pub version: u64,
+    /// The rule evaluated (`data.envoy.authz.allow`).
+    pub query: String,
+    /// Enforce or audit.
+    pub mode: Mode,
+    /// What an evaluation error means.
+    pub failure_mode: FailureMode,
+    engine: regorus::Engine,
+    /// Distinguishes this compilation from every other one in the process,
+    /// for the per-thread engine cache.
+    id: u64,
+}
+
+impl PartialEq for CompiledPolicy {
+    fn eq(&self, other: &Self) -> bool {
+        self.version == other.version
+            && self.name == other.name
+            && self.mode == other.mode
+            && self.failure_mode == other.failure_mode
+    }
+}
+
+/// A Rego source: its name for error messages (a file path, or
+/// `<policy>.rego` for inline text) and the text.
+#[derive(Debug, Clone)]
+pub struct Module {
+    pub name: String,
+    pub text: String,
+}
+
+impl CompiledPolicy {
+    /// Parses `modules` (Rego v1, or v0 with `rego_v0`), loads `data` and
+    /// checks that `query` names a rule path. Errors carry the module's
+    /// name and the line.
+    pub fn compile(
+        name: &str,
+        modules: &[Module],
+        data: Option<&serde_json::Value>,
+        query: &str,
+        rego_v0: bool,
+        mode: Mode,
+        failure_mode: FailureMode,
+    ) -> Result<Self, String> {
+        use std::hash::{Hash, Hasher};
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let mut engine = regorus::Engine::new();
+        engine.set_rego_v0(rego_v0);
+        let mut digest = std::collections::hash_map::DefaultHasher::new();
+        for module in modules {
+            engine
+                .add_policy(module.name.clone(), module.text.clone())
+                .map_err(|e| e.to_string())?;
+            module.name.hash(&mut digest);
+            rego_v0.hash(&mut digest);
+            module.text.hash(&mut digest);
+        }
+        if let Some(data) = data {
+            let value = Value::from(data.clone());
+            engine.add_data(value).map_err(|e| format!("data: {e}"))?;
+            data.to_string().hash(&mut digest);
+        }
+        if !query.starts_with("data.") {
+            return Err(format!(
+                "query {query:?} must name a rule, e.g. {DEFAULT_QUERY}"
+            ));
+        }
+        query.hash(&mut digest);
+        engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+            limit: EVALUATION_LIMIT,
+            check_interval: std::num::NonZeroU32::MIN.saturating_add(63),
+        });
+        // A rule path that does not exist is an error now, not on the
+        // first request.
+        let mut probe = engine.clone();
+        probe.set_input(Value::new_object());
+        if let Err(error) = probe.eval_rule(query.to_owned()) {
+            let text = error.to_string();
+            if text.contains("not a valid rule path") || text.contains("not found") {
+                return Err(format!("query {query:?}: {text}"));
+            }
+        }
+        Ok(Self {
+            name: Arc::from(name),
+            version: digest.finish(),
+            query: query.to_owned(),
+            mode,
+            failure_mode,
+            engine,
+            id: NEXT_ID.fetch_add(1, Relaxed),
+        })
+    }
+
+    /// Evaluates the query against `input` on this thread's engine.
+    pub(crate) fn evaluate(&self, input: Value) -> Result<Verdict, String> {
+        thread_local! {
+            static ENGINES: RefCell<HashMap<u64, regorus::Engine>> = RefCell::new(HashMap::new());
+        }
+        /// Policies kept per thread; past this, the cache starts over (old
+        /// versions of hot-swapped policies do not pile up).
+        const MAX_CACHED: usize = 64;
+        ENGINES.with(|engines| {
+            let mut engines = engines.borrow_mut();
+            if !engines.contains_key(&self.id) && engines.len() >= MAX_CACHED {
+                engines.clear();
+            }
+            let engine = engines
+                .entry(self.id)
+                .or_insert_with(|| self.engine.clone());
+            engine.set_input(input);
+            let value = engine
+                .eval_rule(self.query.clone())
+                .map_err(|e| e.to_string())?;
+            Verdict::from_value(&value)
+        })
+    }
+}
+
+/// What a policy decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Verdict {
+    pub(crate) allowed: bool,
+    /// A deny's status (default 403).
+    pub(crate) status: Option<StatusCode>,
+    /// Headers added to a deny's response.
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    /// A deny's body.
+    pub(crate) body: Option<String>,
+    /// Why, for the log.
+    pub(crate) reason: Option<String>,
+}
+
+impl Verdict {
+    /// A boolean rule, or OPA-Envoy's decision object (`allowed`,
+    /// `http_status`, `headers`, `body`, and `reason`). An undefined rule
+    /// is a deny, as in OPA.
+    fn from_value(value: &Value) -> Result<Self, String> {
+        let plain = |allowed| Self {
+            allowed,
+            status: None,
+            headers: Vec::new(),
+            body: None,
+            reason: None,
+        };
+        match value {
+            Value::Bool(allowed) => Ok(plain(*allowed)),
+            Value::Undefined => Ok(plain(false)),
+            Value::Object(object) => {
+                let field = |name: &str| object.get(&Value::from(name));
+                let allowed = match field("allowed") {
+                    Some(Value::Bool(b)) => *b,
+                    Some(other) => {
+                        return Err(format!("decision.allowed is not a boolean: {other}"));
+                    }
+                    None => return Err("the decision object has no `allowed`".to_owned()),
+                };
+                let status = match field("http_status") {
+                    None => None,
+                    Some(v) => {
+                        let code = v
+                            .as_u64()
+                            .ok()
+                            .and_then(|c| u16::try_from(c).ok())
+                            .and_then(|c| StatusCode::from_u16(c).ok())
+                            .filter(|s| (200..=599).contains(&s.as_u16()))
+                            .ok_or_else(|| {
+                                format!("decision.http_status {v} is not an HTTP status")
+                            })?;
+                        Some(code)
+                    }
+                };
+                let mut headers = Vec::new();
+                if let Some(Value::Object(map)) = field("headers") {
+                    for (name, value) in map.iter() {
+                        let (Ok(name), Ok(value)) = (name.as_string(), value.as_string()) else {
+                            return Err("decision.headers must map names to strings".to_owned());
+                        };
+                        let name = HeaderName::from_bytes(name.as_bytes())
+                            .map_err(|_| format!("decision.headers: invalid name {name:?}"))?;
+                        let value = HeaderValue::from_str(value)
+                            .map_err(|_| format!("decision.headers: invalid value for {name}"))?;
+                        headers.push((name, value));
+                    }
+                }
+                let text = |name: &str| {
+                    field(name)
+                        .and_then(|v| v.as_string().ok())
+                        .map(|s| s.to_string())
+                };
+                Ok(Self {
+                    allowed,
+                    status,
+                    headers,
+                    body: text("body"),
+                    reason: text("reason"),
+                })
+            }
+            other => Err(format!(
+                "the query gave {other}, not a boolean or a decision object"
+            )),
+        }
+    }
+}
+
+/// Who is on each end of the request, for the input document.
+#[derive(Debug, Clone)]
+pub(crate) struct Peers {
+    pub(crate) source: SocketAddr,
+    pub(crate) source_principal: Option<Arc<str>>,
+    pub(crate) destination: Option<SocketAddr>,
+    pub(crate) destination_principal: Option<Arc<str>>,
+}
+
+fn socket_address(addr: SocketAddr) -> Value {
+    let mut inner = BTreeMap::new();
+    inner.insert(Value::from("address"), Value::from(addr.ip().to_string()));
+    inner.insert(
+        Value::from("portValue"),
+        Value::from(u64::from(addr.port())),
+    );
+    let mut socket = BTreeMap::new();
+    socket.insert(Value::from("socketAddress"), Value::from(inner));
+    let mut address = BTreeMap::new();
+    address.insert(Value::from("address"), Value::from(socket));
+    Value::from(address)
+}
+
+fn endpoint(addr: Option<SocketAddr>, principal: Option<&str>) -> Value {
+    let mut map = match addr.map(socket_address) {
+        Some(Value::Object(object)) => object
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect::<BTreeMap<_, _>>(),
+        _ => BTreeMap::new(),
+    };
+    if let Some(principal) = principal {
+        map.insert(Value::from("principal"), Value::from(principal));
+    }
+    Value::from(map)
+}
+
+/// `a%2Fb` -> `a/b`, `+` kept (it is a path, not a form).
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            // Two hex digits make one byte.
+            #[allow(clippy::cast_possible_truncation)]
+            out.push((h * 16 + l) as u8);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The OPA-Envoy input document for an HTTP request.
+pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Value {
+    let uri = req.uri();
+    let path = uri
+        .path_and_query()
+        .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
+    let host = req
+        .headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| uri.authority().map(http::uri::Authority::as_str))
+        .unwrap_or("")
+        .to_owned();
+    let mut headers: BTreeMap<Value, Value> = BTreeMap::new();
+    for (name, value) in req.headers() {
+        let Ok(value) = value.to_str() else { continue };
+        let key = Value::from(name.as_str());
+        match headers.get_mut(&key) {
+            // Repeated headers are joined, as Envoy does.
+            Some(Value::String(existing)) => {
+                *existing = format!("{existing}, {value}").into();
+            }
+            _ => {
+                headers.insert(key, Value::from(value));
+            }
+        }
+    }
+    let scheme = if is_tls { "https" } else { "http" };
+    for (name, value) in [
+        (":authority", host.as_str()),
+        (":method", req.method().as_str()),
+        (":path", path.as_str()),
+        (":scheme", scheme),
+    ] {
+        headers.insert(Value::from(name), Value::from(value));
+    }
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let protocol = match req.version() {
+        http::Version::HTTP_2 => "HTTP/2",
+        http::Version::HTTP_10 => "HTTP/1.0",
+        _ => "HTTP/1.1",
+    };
+    let mut http = BTreeMap::new();
+    http.insert(Value::from("id"), Value::from(id));
+    http.insert(Value::from("method"), Value::from(req.method().as_str()));
+    http.insert(Value::from("host"), Value::from(host.as_str()));
+    http.insert(Value::from("path"), Value::from(path.as_str()));
+    http.insert(Value::from("scheme"), Value::from(scheme));
+    http.insert(Value::from("protocol"), Value::from(protocol));
+    http.insert(Value::from("headers"), Value::from(headers));
+    let mut request = BTreeMap::new();
+    request.insert(Value::from("http"), Value::from(http));
+    let mut attributes = BTreeMap::new();
+    attributes.insert(Value::from("request"), Value::from(request));
+    attributes.insert(
+        Value::from("source"),
+        endpoint(Some(peers.source), peers.source_principal.as_deref()),
+    );
+    attributes.insert(
+        Value::from("destination"),
+        endpoint(peers.destination, peers.destination_principal.as_deref()),
+    );
+    // `parsed_path`: the path's segments, percent-decoded;
+    // `parsed_query`: each parameter's values, in order.
+    let parsed_path: Vec<Value> = uri
+        .path()
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|s| Value::from(percent_decode(s)))
+        .collect();
+    let mut parsed_query: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+    for pair in uri
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        parsed_query
+            .entry(Value::from(percent_decode(&key.replace('+', " "))))
+            .or_default()
+            .push(Value::from(percent_decode(&value.replace('+', " "))));
+    }
+    let parsed_query: BTreeMap<Value, Value> = parsed_query
+        .into_iter()
+        .map(|(k, v)| (k, Value::from(v)))
+        .collect();
+    let mut input = BTreeMap::new();
+    input.insert(Value::from("attributes"), Value::from(attributes));
+    input.insert(Value::from("parsed_path"), Value::from(parsed_path));
+    input.insert(Value::from("parsed_query"), Value::from(parsed_query));
+    Value::from(input)
+}
+
+/// What the request path does with a request, after its policy.
+#[derive(Debug)]
+pub(crate) enum Outcome {
+    Allow,
+    /// Refused: the response to send (boxed: denials are the rare case).
+    Deny(Box<Response<ResponseBody>>),
+}
+
+/// Evaluates `policy` for `req`, counts and logs the decision, and says
+/// what to do with the request.
+pub(crate) fn check<B>(
+    policy: &CompiledPolicy,
+    metrics: &PolicyMetrics,
+    req: &Request<B>,
+    peers: &Peers,
+    is_tls: bool,
+) -> Outcome {
+    let start = Instant::now();
+    let result = policy.evaluate(http_input(req, peers, is_tls));
+    metrics.observe(start.elapsed());
+    let verdict = match result {
+        Ok(verdict) => verdict,
+        Err(error) => {
+            metrics.errors.fetch_add(1, Relaxed);
+            tracing::warn!(policy = %policy.name, %error, "policy evaluation failed");
+            if policy.failure_mode == FailureMode::Allow {
+                return Outcome::Allow;
+            }
+            return Outcome::Deny(Box::new(denied(None, is_grpc(req.headers()))));
+        }
+    };
+    if verdict.allowed {
+        metrics.allowed.fetch_add(1, Relaxed);
+        return Outcome::Allow;
+    }
+    if policy.mode == Mode::Audit {
+        metrics.audit_denied.fetch_add(1, Relaxed);
+        tracing::info!(
+            policy = %policy.name,
+            method = %req.method(),
+            path = req.uri().path(),
+            source = peers.source_principal.as_deref().unwrap_or("-"),
+            reason = verdict.reason.as_deref().unwrap_or(""),
+            "audit: the policy would deny this request"
+        );
+        return Outcome::Allow;
+    }
+    metrics.denied.fetch_add(1, Relaxed);
+    tracing::debug!(policy = %policy.name, reason = verdict.reason.as_deref().unwrap_or(""), "request denied by policy");
+    Outcome::Deny(Box::new(denied(Some(&verdict), is_grpc(req.headers()))))
+}
+
+/// The response to a denied request: the decision's status (403 by
+/// default), headers and body; gRPC callers get PERMISSION_DENIED (or the
+/// status the decision's HTTP status maps to).
+fn denied(verdict: Option<&Verdict>, is_grpc: bool) -> Response<ResponseBody> {
+    let status = verdict
+        .and_then(|v| v.status)
+        .unwrap_or(StatusCode::FORBIDDEN);
+    let mut response = if is_grpc {
+        let grpc = if status == StatusCode::FORBIDDEN {
+            7
+        } else {
+            crate::config::grpc_status_for_http(status)
+        };
+        let mut response = Response::new(ResponseBody::empty());
+        let headers = response.headers_mut();
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", HeaderValue::from(u16::from(grpc)));
+        headers.insert("grpc-message", HeaderValue::from_static("policy_denied"));
+        response
+    } else {
+        let body = verdict
+            .and_then(|v| v.body.clone())
+            .unwrap_or_else(|| "denied by policy\n".to_owned());
+        let mut response = Response::new(ResponseBody::full(Bytes::from(body)));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain"),
+        );
+        response
+    };
+    for (name, value) in verdict.map(|v| v.headers.as_slice()).unwrap_or_default() {
+        response.headers_mut().append(name.clone(), value.clone());
+    }
+    response.headers_mut().insert(
+        ERROR_HEADER.clone(),
+        HeaderValue::from_static("policy_denied"),
+    );
+    response.extensions_mut().insert(Decision {
+        flag: "policy_denied",
+        status,
+    });
+    response
+}
+
+/// A route's or listener's policy and its counters.
+#[derive(Debug)]
+pub(crate) struct Enforcing {
+    pub(crate) policy: Arc<CompiledPolicy>,
+    pub(crate) metrics: Arc<PolicyMetrics>,
+}
+
+/// Builds [`Policy`] services.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyLayer {
+    state: Option<Arc<Enforcing>>,
+}
+
+impl PolicyLayer {
+    /// `None`: no policy, a pass-through.
+    pub(crate) fn new(state: Option<Arc<Enforcing>>) -> Self {
+        Self { state }
+    }
+}
+
+impl<S> tower::Layer<S> for PolicyLayer {
+    type Service = Policy<S>;
+
+    fn layer(&self, inner: S) -> Policy<S> {
+        Policy {
+            inner,
+            state: self.state.clone(),
+        }
+    }
+}
+
+/// Checks the route's policy, then passes the request on or answers the
+/// denial.
+#[derive(Debug, Clone)]
+pub(crate) struct Policy<S> {
+    inner: S,
+    state: Option<Arc<Enforcing>>,
+}
+
+/// Attached to a request by the connection when its route has a policy.
+#[derive(Debug, Clone)]
+pub(crate) struct RequestPeers {
+    pub(crate) peers: Arc<Peers>,
+    pub(crate) is_tls: bool,
+}
+
+impl<S, B> tower::Service<Request<B>> for Policy<S>
+where
+    S: tower::Service<Request<B>, Response = Response<ResponseBody>, Error = ProxyError>,
+{
+    type Response = Response<ResponseBody>;
+    type Error = ProxyError;
+    type Future = PolicyFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        if let Some(state) = &self.state {
+            let fallback;
+            let (peers, is_tls) = match req.extensions().get::<RequestPeers>() {
+                Some(p) => (&*p.peers, p.is_tls),
+                None => {
+                    // Not attached (a caller outside the connection's
+                    // path): an unknown source, never a principal.
+                    fallback = Peers {
+                        source: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        source_principal: None,
+                        destination: None,
+                        destination_principal: None,
+                    };
+                    (&fallback, false)
+                }
+            };
+            if let Outcome::Deny(response) =
+                check(&state.policy, &state.metrics, &req, peers, is_tls)
+            {
+                return PolicyFuture::Denied {
+                    response: Some(*response),
+                };
+            }
+        }
+        PolicyFuture::Inner {
+            inner: self.inner.call(req),
+        }
+    }
+}
+
+pin_project! {
+    /// The future of [`Policy`].
+    #[project = PolicyProj]
+    pub(crate) enum PolicyFuture<F> {
+        Inner { #[pin] inner: F },
+        Denied { response: Option<Response<ResponseBody>> },
+    }
+}
+
+impl<F> Future for PolicyFuture<F>
+where
+    F: Future<Output = Result<Response<ResponseBody>, ProxyError>>,
+{
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project() {
+            PolicyProj::Inner { inner } => inner.poll(cx),
+            PolicyProj::Denied { response } => match response.take() {
+                Some(response) => Poll::Ready(Ok(response)),
+                None => Poll::Ready(Err(ProxyError::NoRoute)),
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

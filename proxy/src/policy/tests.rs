@@ -1,0 +1,238 @@
+use super::*;
+
+fn compile(rego: &str) -> CompiledPolicy {
+    compile_with(rego, DEFAULT_QUERY, false, Mode::Enforce, FailureMode::Deny).unwrap()
+}
+
+fn compile_with(
+    rego: &str,
+    query: &str,
+    v0: bool,
+    mode: Mode,
+    failure_mode: FailureMode,
+) -> Result<CompiledPolicy, String> {
+    let modules = [Module {
+        name: "authz.rego".into(),
+        text: rego.into(),
+    }];
+    CompiledPolicy::compile("authz", &modules, None, query, v0, mode, failure_mode)
+}
+
+fn peers(principal: Option<&str>) -> Peers {
+    Peers {
+        source: "10.1.2.3:40000".parse().unwrap(),
+        source_principal: principal.map(Arc::from),
+        destination: Some("127.0.0.1:15201".parse().unwrap()),
+        destination_principal: Some(Arc::from("spiffe://td/ns/default/sa/backend")),
+    }
+}
+
+fn request(method: &str, target: &str) -> Request<()> {
+    Request::builder()
+        .method(method)
+        .uri(target)
+        .header("host", "backend")
+        .header("x-request-id", "r-1")
+        .header("User-Agent", "curl/8")
+        .body(())
+        .unwrap()
+}
+
+fn decide(policy: &CompiledPolicy, req: &Request<()>, principal: Option<&str>) -> Verdict {
+    policy
+        .evaluate(http_input(req, &peers(principal), false))
+        .unwrap()
+}
+
+/// In the style of OPA-Envoy's examples: method, path and the caller's
+/// SPIFFE ID.
+const RBAC: &str = r#"
+package envoy.authz
+
+import rego.v1
+
+default allow := false
+
+allow if {
+    input.attributes.request.http.method == "GET"
+    input.parsed_path[0] == "items"
+    startswith(input.attributes.source.principal, "spiffe://td/ns/default/sa/")
+}
+
+allow if {
+    input.attributes.source.principal == "spiffe://td/ns/default/sa/admin"
+    input.attributes.request.http.method != "DELETE"
+}
+"#;
+
+#[test]
+fn a_boolean_policy_allows_and_denies_by_method_path_and_principal() {
+    let policy = compile(RBAC);
+    let frontend = Some("spiffe://td/ns/default/sa/frontend");
+    assert!(decide(&policy, &request("GET", "/items/7"), frontend).allowed);
+    assert!(!decide(&policy, &request("POST", "/items/7"), frontend).allowed);
+    assert!(!decide(&policy, &request("GET", "/admin"), frontend).allowed);
+    assert!(!decide(&policy, &request("GET", "/items/7"), None).allowed);
+    let admin = Some("spiffe://td/ns/default/sa/admin");
+    assert!(decide(&policy, &request("PUT", "/anything"), admin).allowed);
+    assert!(!decide(&policy, &request("DELETE", "/anything"), admin).allowed);
+}
+
+#[test]
+fn the_input_has_the_opa_envoy_shape() {
+    let policy = compile_with(
+        r#"
+package probe
+import rego.v1
+out := {
+    "port": input.attributes.source.address.socketAddress.portValue,
+    "ip": input.attributes.source.address.socketAddress.address,
+    "dest": input.attributes.destination.principal,
+    "path": input.attributes.request.http.path,
+    "host": input.attributes.request.http.host,
+    "ua": input.attributes.request.http.headers["user-agent"],
+    "method": input.attributes.request.http.headers[":method"],
+    "id": input.attributes.request.http.id,
+    "parsed_path": input.parsed_path,
+    "q": input.parsed_query.q,
+}
+"#,
+        "data.probe.out",
+        false,
+        Mode::Enforce,
+        FailureMode::Deny,
+    )
+    .unwrap();
+    let input = http_input(
+        &request("GET", "/a%20b/c?q=1&q=two+words"),
+        &peers(None),
+        false,
+    );
+    let value = policy.engine.tap_eval(input, "data.probe.out");
+    let expect = serde_json::json!({
+        "port": 40000,
+        "ip": "10.1.2.3",
+        "dest": "spiffe://td/ns/default/sa/backend",
+        "path": "/a%20b/c?q=1&q=two+words",
+        "host": "backend",
+        "ua": "curl/8",
+        "method": "GET",
+        "id": "r-1",
+        "parsed_path": ["a b", "c"],
+        "q": ["1", "two words"],
+    });
+    assert_eq!(value, Value::from(expect));
+}
+
+trait TapEval {
+    fn tap_eval(&self, input: Value, rule: &str) -> Value;
+}
+
+impl TapEval for regorus::Engine {
+    fn tap_eval(&self, input: Value, rule: &str) -> Value {
+        let mut engine = self.clone();
+        engine.set_input(input);
+        engine.eval_rule(rule.to_owned()).unwrap()
+    }
+}
+
+#[test]
+fn a_decision_object_sets_status_headers_and_body() {
+    let policy = compile(
+        r#"
+package envoy.authz
+import rego.v1
+default allow := {"allowed": false, "http_status": 401, "headers": {"www-authenticate": "Bearer"}, "body": "log in first", "reason": "no token"}
+allow := {"allowed": true} if input.attributes.request.http.headers.authorization
+"#,
+    );
+    let verdict = decide(&policy, &request("GET", "/"), None);
+    assert!(!verdict.allowed);
+    assert_eq!(verdict.status, Some(StatusCode::UNAUTHORIZED));
+    assert_eq!(verdict.body.as_deref(), Some("log in first"));
+    assert_eq!(verdict.reason.as_deref(), Some("no token"));
+    let response = denied(Some(&verdict), false);
+    assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(response.headers()["www-authenticate"], "Bearer");
+    assert_eq!(response.headers()["x-weft-error"], "policy_denied");
+    let grpc = denied(Some(&verdict), true);
+    assert_eq!(grpc.headers()["grpc-status"], "16");
+    let plain = denied(None, true);
+    assert_eq!(plain.headers()["grpc-status"], "7", "PERMISSION_DENIED");
+
+    let mut authorized = request("GET", "/");
+    authorized
+        .headers_mut()
+        .insert("authorization", HeaderValue::from_static("Bearer x"));
+    assert!(decide(&policy, &authorized, None).allowed);
+}
+
+#[test]
+fn rego_v0_policies_compile_when_asked_for() {
+    let v0 = r#"
+package envoy.authz
+default allow = false
+allow { input.attributes.request.http.method == "GET" }
+"#;
+    assert!(compile_with(v0, DEFAULT_QUERY, false, Mode::Enforce, FailureMode::Deny).is_err());
+    let policy = compile_with(v0, DEFAULT_QUERY, true, Mode::Enforce, FailureMode::Deny).unwrap();
+    assert!(decide(&policy, &request("GET", "/"), None).allowed);
+}
+
+#[test]
+fn invalid_rego_names_its_file_and_line() {
+    let error = compile_with(
+        "package envoy.authz\nimport rego.v1\n\nallow if {\n  input.x ==\n}\n",
+        DEFAULT_QUERY,
+        false,
+        Mode::Enforce,
+        FailureMode::Deny,
+    )
+    .unwrap_err();
+    assert!(error.contains("authz.rego"), "{error}");
+    assert!(error.contains(":6:") || error.contains(":5:"), "{error}");
+    let error = compile_with(RBAC, "allow", false, Mode::Enforce, FailureMode::Deny).unwrap_err();
+    assert!(error.contains("must name a rule"), "{error}");
+}
+
+#[test]
+fn audit_mode_allows_what_it_would_deny_and_errors_follow_the_failure_mode() {
+    let metrics = PolicyMetrics::default();
+    let audit = compile_with(RBAC, DEFAULT_QUERY, false, Mode::Audit, FailureMode::Deny).unwrap();
+    let req = request("DELETE", "/items/1");
+    assert!(matches!(
+        check(&audit, &metrics, &req, &peers(None), false),
+        Outcome::Allow
+    ));
+    assert_eq!(metrics.audit_denied.load(Relaxed), 1);
+
+    // A rule that fails at evaluation (a conflict between two values).
+    let broken = r#"
+package envoy.authz
+import rego.v1
+allow := true if input.attributes.request.http.method == "GET"
+allow := false if input.attributes.request.http.host == "backend"
+"#;
+    for (failure_mode, allowed) in [(FailureMode::Deny, false), (FailureMode::Allow, true)] {
+        let policy =
+            compile_with(broken, DEFAULT_QUERY, false, Mode::Enforce, failure_mode).unwrap();
+        let outcome = check(&policy, &metrics, &request("GET", "/"), &peers(None), false);
+        assert_eq!(
+            matches!(outcome, Outcome::Allow),
+            allowed,
+            "{failure_mode:?}"
+        );
+    }
+    assert_eq!(metrics.errors.load(Relaxed), 2);
+}
+
+#[test]
+fn each_compilation_has_its_own_engine_on_a_thread() {
+    let allow_all = compile("package envoy.authz\nimport rego.v1\nallow := true\n");
+    let deny_all = compile("package envoy.authz\nimport rego.v1\nallow := false\n");
+    let req = request("GET", "/");
+    for _ in 0..3 {
+        assert!(decide(&allow_all, &req, None).allowed);
+        assert!(!decide(&deny_all, &req, None).allowed);
+    }
+}

@@ -1,0 +1,205 @@
+//! Rego policies end to end: a route's and a listener's policy allow and
+//! deny real requests, a decision object shapes the denial, audit mode
+//! only counts, and a broken policy is refused with its file and line.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use weft_tests::*;
+
+/// In the style of OPA-Envoy's examples: reads may list and read items,
+/// nobody deletes, and the health check is open.
+const AUTHZ: &str = r#"
+package envoy.authz
+
+import rego.v1
+
+default allow := false
+
+allow if {
+    input.attributes.request.http.method in {"GET", "HEAD"}
+    input.parsed_path[0] == "items"
+}
+
+allow if input.attributes.request.http.path == "/healthz"
+"#;
+
+/// A decision object: 401 and a challenge without a token.
+const TOKEN: &str = r#"
+package envoy.authz
+
+import rego.v1
+
+default allow := {"allowed": false, "http_status": 401, "headers": {"www-authenticate": "Bearer realm=\"weft\""}, "body": "token required\n"}
+
+allow := {"allowed": true} if startswith(input.attributes.request.http.headers.authorization, "Bearer ")
+"#;
+
+fn config(dir: &Path, echo: std::net::SocketAddr) -> String {
+    std::fs::write(dir.join("authz.rego"), AUTHZ).unwrap();
+    std::fs::write(dir.join("token.rego"), TOKEN).unwrap();
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+policies:
+  - name: authz
+    rego_files: ["{dir}/authz.rego"]
+  - name: token
+    rego_files: ["{dir}/token.rego"]
+  - name: authz-audit
+    rego_files: ["{dir}/authz.rego"]
+    mode: audit
+  - name: edge
+    rego: |
+      package edge
+      import rego.v1
+      default allow := true
+      allow := false if input.attributes.request.http.headers["x-blocked"]
+    query: data.edge.allow
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main, policy: edge }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes:
+          - {{ name: token, match: {{ prefix: /token }}, cluster: echo, policy: token }}
+          - {{ name: audit, match: {{ prefix: /audit }}, cluster: echo, policy: authz-audit }}
+          - {{ name: api, cluster: echo, policy: authz }}
+clusters:
+  - {{ name: echo, endpoints: [{{ address: "{echo}" }}] }}
+"#,
+        dir = dir.display()
+    )
+}
+
+fn send(
+    web: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> http::Request<Full<Bytes>> {
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, "api");
+    for (name, value) in headers {
+        builder = builder.header(*name, *value);
+    }
+    let _ = web;
+    builder.body(Full::new(Bytes::new())).unwrap()
+}
+
+#[tokio::test]
+async fn policies_allow_and_deny_requests_on_routes_and_listeners() {
+    let echo = echo("app").await;
+    let dir = TempDir::new().unwrap();
+    let proxy = ProxyProcess::start(&config(dir.path(), echo.local_addr()))
+        .await
+        .unwrap();
+    let web = proxy.listener("web");
+    let status = |response: &http::Response<hyper::body::Incoming>| response.status().as_u16();
+
+    let allowed = http1_request(web, send(web, "GET", "/items/7", &[]))
+        .await
+        .unwrap();
+    assert_eq!(status(&allowed), 200);
+    let denied = http1_request(web, send(web, "DELETE", "/items/7", &[]))
+        .await
+        .unwrap();
+    assert_eq!(status(&denied), 403);
+    assert_eq!(header(&denied, "x-weft-error"), "policy_denied");
+    assert_eq!(body_bytes(denied).await.unwrap(), "denied by policy\n");
+    let served = echo.requests_served();
+    assert_eq!(served, 1, "a denied request never reaches the upstream");
+
+    // The decision object's status, headers and body.
+    let challenged = http1_request(web, send(web, "GET", "/token", &[]))
+        .await
+        .unwrap();
+    assert_eq!(status(&challenged), 401);
+    assert_eq!(
+        header(&challenged, "www-authenticate"),
+        "Bearer realm=\"weft\""
+    );
+    assert_eq!(body_bytes(challenged).await.unwrap(), "token required\n");
+    let with_token = http1_request(
+        web,
+        send(web, "GET", "/token", &[("authorization", "Bearer abc")]),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status(&with_token), 200);
+
+    // Audit mode: what would be denied passes, and is counted.
+    let audited = http1_request(web, send(web, "DELETE", "/audit/1", &[]))
+        .await
+        .unwrap();
+    assert_eq!(status(&audited), 200);
+
+    // The listener's policy runs before routing, for every route.
+    let blocked = http1_request(web, send(web, "GET", "/items/1", &[("x-blocked", "1")]))
+        .await
+        .unwrap();
+    assert_eq!(status(&blocked), 403);
+
+    // gRPC callers get PERMISSION_DENIED.
+    let grpc = http1_request(
+        web,
+        send(
+            web,
+            "POST",
+            "/items.Items/Delete",
+            &[("content-type", "application/grpc")],
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(header(&grpc, "grpc-status"), "7");
+
+    let count = |policy: &'static str, result: &'static str| {
+        let series =
+            format!("weft_policy_decisions_total{{policy=\"{policy}\",result=\"{result}\"}}");
+        let proxy = &proxy;
+        async move { proxy.metric(&series).await }
+    };
+    assert_eq!(count("authz", "allow").await, 1.0);
+    assert_eq!(count("authz", "deny").await, 2.0);
+    assert_eq!(count("token", "deny").await, 1.0);
+    assert_eq!(count("authz-audit", "audit_deny").await, 1.0);
+    assert_eq!(count("edge", "deny").await, 1.0);
+    assert_eq!(echo.requests_served(), 3);
+}
+
+#[test]
+fn a_broken_policy_is_refused_with_its_file_and_line() {
+    let dir = TempDir::new().unwrap();
+    let rego = dir.path().join("broken.rego");
+    std::fs::write(
+        &rego,
+        "package envoy.authz\nimport rego.v1\n\nallow if {\n  input.x ==\n}\n",
+    )
+    .unwrap();
+    let file = dir.path().join("weft.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "policies:\n  - name: broken\n    rego_files: [\"{}\"]\nlisteners: []\n",
+            rego.display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(proxy_binary())
+        .arg("--check-config")
+        .arg(&file)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("policy \"broken\""), "{stderr}");
+    assert!(stderr.contains("broken.rego:"), "{stderr}");
+}
