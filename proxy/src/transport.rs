@@ -349,6 +349,15 @@ impl DownstreamIo {
         !matches!(self.stream, Stream::Tcp(_))
     }
 
+    /// The connection's local address (this proxy's end).
+    pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.stream {
+            Stream::Tcp(stream) => stream.local_addr().ok(),
+            Stream::TlsServer(tls) => tls.get_ref().0.local_addr().ok(),
+            Stream::TlsClient(tls) => tls.get_ref().0.local_addr().ok(),
+        }
+    }
+
     /// The client's verified SPIFFE ID, when it presented one.
     pub(crate) fn peer_identity(&self) -> Option<&Arc<str>> {
         self.peer.as_ref()?.identity.as_ref()

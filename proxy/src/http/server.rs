@@ -98,7 +98,6 @@ pub(crate) async fn serve(
     drain: Drain,
 ) {
     let settings = &listener.config;
-    let local = stream.local_addr().ok();
     let state = Arc::new(ConnState::new(true));
     let deadline = settings.header_read_timeout;
     let metrics = listener.metrics.clone();
@@ -145,7 +144,7 @@ pub(crate) async fn serve(
         peers: Arc::new(Peers {
             source: peer,
             source_principal: io.peer_identity().cloned(),
-            destination: local,
+            destination: io.local_addr(),
             destination_principal: settings
                 .tls
                 .as_ref()
