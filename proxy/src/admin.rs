@@ -229,8 +229,14 @@ struct BreakersView {
 struct EndpointView {
     address: String,
     weight: u32,
-    /// `healthy`, or `ejected` by outlier detection.
+    /// `healthy`; `unhealthy` (failing active health checks) or `unknown`
+    /// (not probed yet), with `health_check` configured; or `ejected` by
+    /// outlier detection.
     health: &'static str,
+    /// The last health probe's outcome (`ok`, `status 503`, `connect
+    /// refused`, `timeout`, ...), with `health_check` configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_check: Option<String>,
     /// How much longer an ejected endpoint stays out.
     #[serde(skip_serializing_if = "Option::is_none")]
     ejected_for_ms: Option<u64>,
@@ -243,6 +249,7 @@ struct EndpointView {
 }
 
 fn clusters(state: &AdminState) -> Vec<ClusterView> {
+    use crate::cluster::health::Status;
     let snapshot = state.shared.load();
     let now = crate::cluster::outlier::now();
     let mut names: Vec<_> = snapshot.clusters.keys().collect();
@@ -274,13 +281,22 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
                 .map(|e| EndpointView {
                     address: e.addr.to_string(),
                     weight: e.weight,
-                    // Passive health only (outlier detection); active
-                    // checks are not built yet.
-                    health: if e.outlier.is_ejected(now) {
-                        "ejected"
-                    } else {
-                        "healthy"
+                    // Failing active checks says more than an ejection.
+                    health: match e.health.status() {
+                        status @ (Status::Unhealthy | Status::Unknown)
+                            if cluster.config.health_check.is_some() =>
+                        {
+                            status.as_str()
+                        }
+                        _ if e.outlier.is_ejected(now) => "ejected",
+                        _ => "healthy",
                     },
+                    last_check: cluster
+                        .config
+                        .health_check
+                        .as_ref()
+                        .and_then(|_| e.health.last_check())
+                        .map(|last| last.to_string()),
                     ejected_for_ms: e
                         .outlier
                         .ejected_for(now)

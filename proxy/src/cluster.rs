@@ -8,6 +8,7 @@
 //! changes on its own (DNS re-resolution), so it sits behind its own
 //! `ArcSwap`; one `load` gives a consistent set and its prepared balancer.
 
+pub(crate) mod health;
 mod lb;
 pub(crate) mod outlier;
 mod pool;
@@ -72,6 +73,10 @@ impl ClusterState {
         previous: Option<&ClusterState>,
     ) -> Self {
         let settings = PoolSettings::new(&config, metrics.cluster(&config.name), identities);
+        settings.metrics.health_checked.store(
+            config.health_check.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let inherited = previous
             .filter(|p| reaches_endpoints_alike(&p.config, &config))
             .map(|p| p.set.load_full());
@@ -198,38 +203,46 @@ impl ClusterState {
         Ok(endpoint)
     }
 
-    /// Picks an endpoint with the cluster's balancer, skipping ejected
-    /// ones (outlier detection) unless too few are left.
+    /// Picks an endpoint with the cluster's balancer, skipping those that
+    /// fail their active health checks or are ejected (outlier detection),
+    /// unless too few are left (the panic threshold): then all are used.
     pub(crate) fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
         let set = self.set.load();
         let pick = |rng: &mut fastrand::Rng| set.balancer.pick(rng, |i| set.endpoints[i].active());
+        let checked = self.config.health_check.is_some();
+        let outlier = self.config.outlier.as_ref();
         let chosen = with_thread_rng(|rng| {
             let first = pick(rng)?;
-            let Some(config) = &self.config.outlier else {
-                return Some(first);
-            };
-            // No clock read until something has been ejected.
-            let hint = self
-                .ejected_until
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if hint == 0 {
+            if !checked && outlier.is_none() {
                 return Some(first);
             }
-            let now = outlier::now();
-            if hint <= now || !set.endpoints[first].outlier.is_ejected(now) {
+            // No clock read until something has been ejected.
+            let hint = match outlier {
+                Some(_) => self
+                    .ejected_until
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                None => 0,
+            };
+            let now = if hint == 0 { 0 } else { outlier::now() };
+            let ejections = hint > now;
+            let usable = |i: usize| {
+                let endpoint = &set.endpoints[i];
+                (!checked || endpoint.health.is_healthy())
+                    && !(ejections && endpoint.outlier.is_ejected(now))
+            };
+            if usable(first) {
                 return Some(first);
             }
             let total = set.endpoints.len();
-            let healthy: Vec<usize> = (0..total)
-                .filter(|&i| !set.endpoints[i].outlier.is_ejected(now))
-                .collect();
-            if outlier::is_panic(config, healthy.len(), total) {
+            let healthy: Vec<usize> = (0..total).filter(|&i| usable(i)).collect();
+            let threshold = outlier.map_or(DEFAULT_PANIC_THRESHOLD, |o| o.panic_threshold);
+            if outlier::is_panic(threshold, healthy.len(), total) {
                 // Too few left: every endpoint takes traffic.
                 return Some(first);
             }
             for _ in 0..3 {
                 let i = pick(rng)?;
-                if !set.endpoints[i].outlier.is_ejected(now) {
+                if usable(i) {
                     return Some(i);
                 }
             }
@@ -496,6 +509,9 @@ impl ClusterRegistry {
                 self.control.spawn(refresh_dns(Arc::downgrade(state)));
             }
             self.control.spawn(expire_idle(Arc::downgrade(state)));
+            if state.config.health_check.is_some() {
+                self.control.spawn(health::run(Arc::downgrade(state)));
+            }
         }
         *self.clusters.lock().unwrap_or_else(PoisonError::into_inner) = prepared.states.clone();
         prepared.states
@@ -514,6 +530,10 @@ pub(crate) struct PreparedClusters {
 /// hold up a configuration change (nor, on refresh, the cluster's next
 /// refresh): the name keeps its last addresses and is tried again.
 pub(crate) const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The panic threshold of a health-checked cluster without outlier
+/// detection (whose `panic_threshold` applies otherwise), as Envoy's.
+const DEFAULT_PANIC_THRESHOLD: u32 = 50;
 
 /// The idle-connection sweep never runs more often than this.
 const MIN_EXPIRE_PERIOD: Duration = Duration::from_millis(100);

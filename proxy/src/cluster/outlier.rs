@@ -118,8 +118,8 @@ pub(crate) fn max_ejected(config: &OutlierDetection, total: usize) -> usize {
 
 /// Whether `healthy` of `total` endpoints is below the panic threshold:
 /// then every endpoint is used, ejected or not.
-pub(crate) fn is_panic(config: &OutlierDetection, healthy: usize, total: usize) -> bool {
-    healthy == 0 || healthy * 100 < config.panic_threshold as usize * total
+pub(crate) fn is_panic(threshold: u32, healthy: usize, total: usize) -> bool {
+    healthy == 0 || healthy * 100 < threshold as usize * total
 }
 
 #[cfg(test)]
@@ -199,8 +199,8 @@ mod tests {
         assert_eq!(max_ejected(&config, 2), 1);
         assert_eq!(max_ejected(&config, 3), 1);
         assert_eq!(max_ejected(&config, 10), 5);
-        assert!(is_panic(&config, 1, 3));
-        assert!(!is_panic(&config, 2, 3));
-        assert!(is_panic(&config, 0, 0));
+        assert!(is_panic(config.panic_threshold, 1, 3));
+        assert!(!is_panic(config.panic_threshold, 2, 3));
+        assert!(is_panic(config.panic_threshold, 0, 0));
     }
 }

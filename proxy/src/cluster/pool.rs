@@ -108,6 +108,8 @@ pub(crate) struct Endpoint {
     h2_connecting: tokio::sync::Mutex<()>,
     /// Passive health: consecutive failures and ejection.
     pub(crate) outlier: super::outlier::OutlierState,
+    /// Active health: the probes' verdict.
+    pub(crate) health: super::health::HealthState,
 }
 
 impl Endpoint {
@@ -123,6 +125,7 @@ impl Endpoint {
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
             outlier: super::outlier::OutlierState::default(),
+            health: super::health::HealthState::default(),
         }
     }
 
@@ -192,12 +195,24 @@ impl Endpoint {
     /// offering `wire`'s ALPN), all within the connect timeout.
     pub(crate) async fn connect(&self, wire: Wire) -> Result<Stream, ProxyError> {
         let metrics = &self.settings.metrics;
-        let failed = |error| {
-            metrics.connect_failures.fetch_add(1, Relaxed);
-            self.connect_failures.fetch_add(1, Relaxed);
-            tracing::debug!(cluster = %self.settings.cluster, endpoint = %self.addr, %error, "upstream connect failed");
-            error
-        };
+        match self.probe_connect(wire).await {
+            Ok(stream) => {
+                metrics.connections_total.fetch_add(1, Relaxed);
+                Ok(stream)
+            }
+            Err(error) => {
+                metrics.connect_failures.fetch_add(1, Relaxed);
+                self.connect_failures.fetch_add(1, Relaxed);
+                tracing::debug!(cluster = %self.settings.cluster, endpoint = %self.addr, %error, "upstream connect failed");
+                Err(error)
+            }
+        }
+    }
+
+    /// Connects as [`Endpoint::connect`] does, counting nothing: health
+    /// probes reach the endpoint the way requests do (same TLS, same
+    /// identity checks) without moving the request path's counters.
+    pub(crate) async fn probe_connect(&self, wire: Wire) -> Result<Stream, ProxyError> {
         let connect = async {
             let stream =
                 Stream::connect(self.addr)
@@ -224,15 +239,11 @@ impl Endpoint {
                 })
         };
         match tokio::time::timeout(self.settings.connect_timeout, connect).await {
-            Ok(Ok(stream)) => {
-                metrics.connections_total.fetch_add(1, Relaxed);
-                Ok(stream)
-            }
-            Ok(Err(error)) => Err(failed(error)),
-            Err(_) => Err(failed(ProxyError::ConnectTimeout {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::ConnectTimeout {
                 cluster: self.settings.cluster.clone(),
                 endpoint: self.addr,
-            })),
+            }),
         }
     }
 

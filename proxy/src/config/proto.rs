@@ -27,10 +27,10 @@ use weft_proto::prost_types;
 
 use super::spec::{
     BootstrapSpec, CircuitBreakersSpec, ClusterSpec, ClusterTlsSpec, DirectResponseSpec,
-    EndpointSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec, ListenerTlsSpec,
-    OutlierDetectionSpec, PoolSpec, RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec,
-    RouteMatchSpec, RouteSpec, SniRouteSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
-    WeightedClusterSpec,
+    EndpointSpec, GrpcHealthCheckSpec, HeaderMatchSpec, HeaderOpsSpec, HealthCheckSpec,
+    HttpHealthCheckSpec, ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec,
+    RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec,
+    TcpHealthCheckSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -684,6 +684,23 @@ impl From<&ClusterSpec> for pb::Cluster {
                     max_ejection_percent: o.max_ejection_percent,
                     panic_threshold: o.panic_threshold,
                 }),
+            health_check: spec.health_check.as_ref().map(|h| pb::HealthCheck {
+                http: h.http.as_ref().map(|http| pb::HttpHealthCheck {
+                    path: http.path.clone(),
+                    host: http.host.clone(),
+                    expected_statuses: http.expected_statuses.clone(),
+                }),
+                tcp: h.tcp.as_ref().map(|_| pb::TcpHealthCheck {}),
+                grpc: h.grpc.as_ref().map(|grpc| pb::GrpcHealthCheck {
+                    service: grpc.service.clone(),
+                    authority: grpc.authority.clone(),
+                }),
+                interval: h.interval.map(duration_to_proto),
+                interval_jitter: h.interval_jitter.map(duration_to_proto),
+                timeout: h.timeout.map(duration_to_proto),
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+            }),
             tls: spec.tls.as_ref().map(|tls| pb::ClusterTls {
                 ca_file: tls.ca_file.clone().unwrap_or_default(),
                 workload_identity: tls.workload_identity.clone(),
@@ -721,6 +738,24 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
             max_ejection_percent: o.max_ejection_percent,
             panic_threshold: o.panic_threshold,
         });
+        let health_check = cluster.health_check.map(|h| HealthCheckSpec {
+            http: h.http.map(|http| HttpHealthCheckSpec {
+                path: http.path,
+                host: http.host,
+                expected_statuses: http.expected_statuses,
+            }),
+            tcp: h.tcp.map(|_| TcpHealthCheckSpec {}),
+            grpc: h.grpc.map(|grpc| GrpcHealthCheckSpec {
+                service: grpc.service,
+                authority: grpc.authority,
+            }),
+            interval: check.duration(|| "health_check.interval".into(), h.interval),
+            interval_jitter: check
+                .duration(|| "health_check.interval_jitter".into(), h.interval_jitter),
+            timeout: check.duration(|| "health_check.timeout".into(), h.timeout),
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
+        });
         check.finish(ClusterSpec {
             name: cluster.name,
             protocol: cluster.protocol,
@@ -737,6 +772,7 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
                 })
                 .collect(),
             outlier_detection,
+            health_check,
             circuit_breakers: cluster.circuit_breakers.map(|b| CircuitBreakersSpec {
                 max_requests: b.max_requests,
                 max_retries: b.max_retries,

@@ -441,6 +441,109 @@ pub struct ClusterSpec {
     /// Limits beyond which requests and retries are refused at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakersSpec>,
+    /// Active health checking: probe each endpoint on an interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+/// Active health checks of a cluster's endpoints: exactly one of `http`,
+/// `tcp` and `grpc`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// An HTTP/1.1 `GET` whose status must be expected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpHealthCheckSpec>,
+    /// A connection (and TLS handshake, for a TLS cluster) that succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpHealthCheckSpec>,
+    /// `grpc.health.v1.Health/Check` answering `SERVING`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcHealthCheckSpec>,
+    /// Time between two probes of an endpoint (default 5s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
+    /// Up to this much is added at random to each interval (default a
+    /// tenth of the interval).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval_jitter: Option<Duration>,
+    /// A probe not answered within this fails (default 1s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Passed probes in a row that make an unhealthy endpoint healthy
+    /// (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    /// Failed probes in a row that make a healthy endpoint unhealthy
+    /// (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+}
+
+/// An HTTP health check.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHealthCheckSpec {
+    /// The path (and query) requested.
+    pub path: String,
+    /// The `host` header sent (default: the cluster's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Statuses that pass: codes (`204`) or inclusive ranges (`"200-299"`);
+    /// empty: 200-299.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "statuses"
+    )]
+    pub expected_statuses: Vec<String>,
+}
+
+/// A TCP health check (no settings).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpHealthCheckSpec {}
+
+/// A gRPC health check.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcHealthCheckSpec {
+    /// The service name asked about (default empty: the whole server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The `:authority` sent (default: the cluster's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// Reads a list of statuses written as numbers or strings.
+fn statuses<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Status {
+        Code(u64),
+        Text(String),
+    }
+    let list = Vec::<Status>::deserialize(deserializer)?;
+    Ok(list
+        .into_iter()
+        .map(|s| match s {
+            Status::Code(code) => code.to_string(),
+            Status::Text(text) => text,
+        })
+        .collect())
 }
 
 /// A cluster's circuit breakers.

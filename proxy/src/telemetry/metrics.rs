@@ -157,6 +157,16 @@ pub struct ClusterMetrics {
     pub retries_active: AtomicI64,
     /// Retries not sent because `max_retries` were in flight.
     pub retries_overflow: AtomicU64,
+    /// The cluster has active health checks (its health series are shown).
+    pub health_checked: std::sync::atomic::AtomicBool,
+    /// Health probes that passed.
+    pub health_checks_success: AtomicU64,
+    /// Health probes that failed (refused, bad status, not serving).
+    pub health_checks_failure: AtomicU64,
+    /// Health probes not answered within the timeout.
+    pub health_checks_timeout: AtomicU64,
+    /// Endpoints whose last health verdict is healthy.
+    pub endpoints_healthy: AtomicI64,
 }
 
 type RequestKey = (Arc<str>, Arc<str>, Arc<str>);
@@ -440,6 +450,37 @@ impl Metrics {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for (cluster, m) in &registry.clusters {
                 let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(cluster), read(m));
+            }
+        }
+        out.push_str("# HELP weft_upstream_health_checks_total Active health probes by cluster and result.\n");
+        out.push_str("# TYPE weft_upstream_health_checks_total counter\n");
+        for (cluster, m) in &registry.clusters {
+            if !m.health_checked.load(Relaxed) {
+                continue;
+            }
+            for (result, count) in [
+                ("success", &m.health_checks_success),
+                ("failure", &m.health_checks_failure),
+                ("timeout", &m.health_checks_timeout),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "weft_upstream_health_checks_total{{cluster=\"{}\",result=\"{result}\"}} {}",
+                    escape(cluster),
+                    counter(count)
+                );
+            }
+        }
+        out.push_str("# HELP weft_upstream_endpoints_healthy Endpoints passing their active health checks.\n");
+        out.push_str("# TYPE weft_upstream_endpoints_healthy gauge\n");
+        for (cluster, m) in &registry.clusters {
+            if m.health_checked.load(Relaxed) {
+                let _ = writeln!(
+                    out,
+                    "weft_upstream_endpoints_healthy{{cluster=\"{}\"}} {}",
+                    escape(cluster),
+                    m.endpoints_healthy.load(Relaxed)
+                );
             }
         }
         let _ = write!(
