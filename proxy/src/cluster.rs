@@ -372,6 +372,62 @@ impl ClusterState {
     }
 }
 
+impl ClusterState {
+    /// Compares the endpoints' success rates over the window since the
+    /// last sweep and ejects the outliers, lowest rate first, while the
+    /// cluster's cap allows.
+    fn sweep_success_rate(&self) {
+        let Some(config) = &self.config.outlier else {
+            return;
+        };
+        let Some(rate) = &config.success_rate else {
+            return;
+        };
+        let set = self.set.load();
+        let windows: Vec<(u64, u64)> = set
+            .endpoints
+            .iter()
+            .map(|e| e.outlier.take_window())
+            .collect();
+        let now = outlier::now();
+        let cap = outlier::max_ejected(config, set.endpoints.len());
+        for i in outlier::success_rate_outliers(rate, &windows) {
+            let endpoint = &set.endpoints[i];
+            let ejected = set
+                .endpoints
+                .iter()
+                .filter(|e| e.outlier.is_ejected(now))
+                .count();
+            if ejected >= cap {
+                break;
+            }
+            if endpoint.outlier.is_ejected(now) {
+                continue;
+            }
+            let until = endpoint.outlier.eject(config, now);
+            self.ejected_until
+                .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+            let metrics = &self.settings.metrics;
+            for counter in [
+                &metrics.outlier_ejections,
+                &metrics.outlier_success_rate_ejections,
+            ] {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let (successes, total) = windows[i];
+            tracing::warn!(
+                cluster = %self.config.name,
+                endpoint = %endpoint.addr,
+                successes,
+                requests = total,
+                ejected_for = ?endpoint.outlier.ejected_for(now),
+                ejections = endpoint.outlier.ejections(),
+                "endpoint ejected: success rate far below the others' (outlier detection)"
+            );
+        }
+    }
+}
+
 /// Whether endpoints built for `a` serve `b` unchanged: same protocol,
 /// connect timeout, pool and TLS settings (the load balancer and the
 /// endpoint list may differ). A connection verified for one server
@@ -512,6 +568,10 @@ impl ClusterRegistry {
             if state.config.health_check.is_some() {
                 self.control.spawn(health::run(Arc::downgrade(state)));
             }
+            if success_rate_interval(state).is_some() {
+                self.control
+                    .spawn(sweep_success_rate(Arc::downgrade(state)));
+            }
         }
         *self.clusters.lock().unwrap_or_else(PoisonError::into_inner) = prepared.states.clone();
         prepared.states
@@ -560,6 +620,31 @@ async fn expire_idle(state: Weak<ClusterState>) {
         if closed > 0 {
             tracing::debug!(cluster = %state.config.name, closed, "idle upstream connections closed");
         }
+    }
+}
+
+fn success_rate_interval(state: &ClusterState) -> Option<Duration> {
+    Some(
+        state
+            .config
+            .outlier
+            .as_ref()?
+            .success_rate
+            .as_ref()?
+            .interval,
+    )
+}
+
+/// Compares success rates every `success_rate.interval` until the cluster
+/// is dropped.
+async fn sweep_success_rate(state: Weak<ClusterState>) {
+    loop {
+        let Some(period) = state.upgrade().as_deref().and_then(success_rate_interval) else {
+            return;
+        };
+        tokio::time::sleep(period).await;
+        let Some(state) = state.upgrade() else { return };
+        state.sweep_success_rate();
     }
 }
 
@@ -619,6 +704,57 @@ mod tests {
         let again = registry.prepare(&first).await;
         assert!(Arc::ptr_eq(&again.states["app"], &committed["app"]));
         assert!(again.fresh.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_sweep_ejects_the_endpoint_whose_success_rate_stands_out() {
+        let registry = ClusterRegistry::new(
+            Arc::new(Metrics::new()),
+            crate::identity::Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
+        let config = clusters(
+            "  - name: app
+    endpoints: [{ address: \"127.0.0.1:1\" }, { address: \"127.0.0.1:2\" }, { address: \"127.0.0.1:3\" }, { address: \"127.0.0.1:4\" }, { address: \"127.0.0.1:5\" }]
+    outlier_detection: { consecutive_5xx: 0, consecutive_gateway_errors: 0, success_rate: { request_volume: 10, interval: 1h } }",
+        );
+        let state = registry.commit(registry.prepare(&config).await)["app"].clone();
+        let outlier = state.config.outlier.unwrap();
+        let set = state.endpoints();
+        for (i, endpoint) in set.endpoints.iter().enumerate() {
+            // The last endpoint fails one request in two.
+            for n in 0..20 {
+                let observation = if i == 4 && n % 2 == 0 {
+                    outlier::Observation::ServerError
+                } else {
+                    outlier::Observation::Success
+                };
+                endpoint.outlier.observe(&outlier, observation, 0, || true);
+            }
+        }
+        state.sweep_success_rate();
+        let now = outlier::now();
+        assert!(set.endpoints[4].outlier.is_ejected(now));
+        assert_eq!(
+            set.endpoints
+                .iter()
+                .filter(|e| e.outlier.is_ejected(now))
+                .count(),
+            1
+        );
+        assert_eq!(
+            state
+                .metrics()
+                .outlier_success_rate_ejections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        for _ in 0..20 {
+            assert_ne!(state.pick().unwrap().addr, set.endpoints[4].addr);
+        }
+        // The window started over: the next sweep has nothing to compare.
+        state.sweep_success_rate();
+        assert_eq!(set.endpoints[4].outlier.ejections(), 1);
     }
 
     #[tokio::test]

@@ -263,6 +263,21 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u32,
     /// Below this percentage of endpoints not ejected, all are used.
     pub panic_threshold: u32,
+    /// Success-rate ejection, if configured.
+    pub success_rate: Option<SuccessRate>,
+}
+
+/// Success-rate outlier detection's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuccessRate {
+    /// How often rates are compared (over the requests since the last time).
+    pub interval: Duration,
+    /// Endpoints with `request_volume` requests needed to compare at all.
+    pub minimum_hosts: u32,
+    /// Requests in an interval for an endpoint to be compared.
+    pub request_volume: u32,
+    /// Ejects below `mean - stdev_factor / 1000 * stdev`.
+    pub stdev_factor: u32,
 }
 
 /// Active health checking of a cluster's endpoints.

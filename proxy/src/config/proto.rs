@@ -30,7 +30,8 @@ use super::spec::{
     EndpointSpec, GrpcHealthCheckSpec, HeaderMatchSpec, HeaderOpsSpec, HealthCheckSpec,
     HttpHealthCheckSpec, ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec,
     RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec,
-    TcpHealthCheckSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
+    SuccessRateSpec, TcpHealthCheckSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
+    WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -683,6 +684,12 @@ impl From<&ClusterSpec> for pb::Cluster {
                     max_ejection_time: o.max_ejection_time.map(duration_to_proto),
                     max_ejection_percent: o.max_ejection_percent,
                     panic_threshold: o.panic_threshold,
+                    success_rate: o.success_rate.as_ref().map(|r| pb::SuccessRate {
+                        interval: r.interval.map(duration_to_proto),
+                        minimum_hosts: r.minimum_hosts,
+                        request_volume: r.request_volume,
+                        stdev_factor: r.stdev_factor,
+                    }),
                 }),
             health_check: spec.health_check.as_ref().map(|h| pb::HealthCheck {
                 http: h.http.as_ref().map(|http| pb::HttpHealthCheck {
@@ -737,6 +744,15 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
             ),
             max_ejection_percent: o.max_ejection_percent,
             panic_threshold: o.panic_threshold,
+            success_rate: o.success_rate.map(|r| SuccessRateSpec {
+                interval: check.duration(
+                    || "outlier_detection.success_rate.interval".into(),
+                    r.interval,
+                ),
+                minimum_hosts: r.minimum_hosts,
+                request_volume: r.request_volume,
+                stdev_factor: r.stdev_factor,
+            }),
         });
         let health_check = cluster.health_check.map(|h| HealthCheckSpec {
             http: h.http.map(|http| HttpHealthCheckSpec {

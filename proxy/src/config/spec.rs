@@ -593,6 +593,34 @@ pub struct OutlierDetectionSpec {
     /// them (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub panic_threshold: Option<u32>,
+    /// Ejects endpoints whose success rate is far below the others'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<SuccessRateSpec>,
+}
+
+/// Success-rate outlier detection (Envoy's): every `interval`, among the
+/// endpoints that served at least `request_volume` requests in it, those
+/// whose success rate is below `mean - stdev_factor / 1000 * stdev` are
+/// ejected.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuccessRateSpec {
+    /// How often rates are computed, over the requests since (default 10s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
+    /// Endpoints with enough requests needed to compare at all (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_hosts: Option<u32>,
+    /// Requests in the interval for an endpoint to count (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_volume: Option<u32>,
+    /// Standard deviations below the mean, times 1000 (default 1900: 1.9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdev_factor: Option<u32>,
 }
 
 /// TLS (and mutual TLS) to a cluster's endpoints.

@@ -480,6 +480,10 @@ fn health_checks_take_their_defaults_and_name_bad_fields() {
             "health_check.http.expected_statuses[0]",
         ),
         ("health_check: { tcp: { port: 1 } }", "unknown field `port`"),
+        (
+            "outlier_detection: { success_rate: { request_volume: 0 } }",
+            "outlier_detection.success_rate.request_volume: must be at least 1",
+        ),
     ];
     for (extra, want) in cases {
         let errors = errors_of(&with(extra));

@@ -1368,7 +1368,33 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
             max_ejection_time: o.max_ejection_time.unwrap_or(Duration::from_secs(300)),
             max_ejection_percent: o.max_ejection_percent.unwrap_or(50),
             panic_threshold: o.panic_threshold.unwrap_or(50),
+            success_rate: o.success_rate.as_ref().map(|r| SuccessRate {
+                interval: r.interval.unwrap_or(Duration::from_secs(10)),
+                // Envoy's defaults.
+                minimum_hosts: r.minimum_hosts.unwrap_or(5),
+                request_volume: r.request_volume.unwrap_or(100),
+                stdev_factor: r.stdev_factor.unwrap_or(1900),
+            }),
         };
+        if let Some(rate) = &outlier.success_rate {
+            if rate.interval < Duration::from_millis(10) {
+                check.error(
+                    "outlier_detection.success_rate.interval",
+                    "must be at least 10ms",
+                );
+            }
+            for (field, value) in [
+                ("minimum_hosts", rate.minimum_hosts),
+                ("request_volume", rate.request_volume),
+            ] {
+                if value == 0 {
+                    check.error(
+                        format!("outlier_detection.success_rate.{field}"),
+                        "must be at least 1",
+                    );
+                }
+            }
+        }
         if outlier.base_ejection_time.is_zero()
             || outlier.max_ejection_time < outlier.base_ejection_time
         {

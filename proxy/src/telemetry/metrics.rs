@@ -149,6 +149,8 @@ pub struct ClusterMetrics {
     pub retries_budget_exhausted: AtomicU64,
     /// Endpoints ejected by outlier detection.
     pub outlier_ejections: AtomicU64,
+    /// Of those, ejected for their success rate.
+    pub outlier_success_rate_ejections: AtomicU64,
     /// HTTP requests in flight to the cluster (circuit breaker).
     pub requests_active: AtomicI64,
     /// Requests refused because `max_requests` were in flight.
@@ -378,7 +380,7 @@ impl Metrics {
                 );
             }
         }
-        let cluster_series: [Series<ClusterMetrics>; 11] = [
+        let cluster_series: [Series<ClusterMetrics>; 12] = [
             (
                 "weft_upstream_connect_failures_total",
                 "counter",
@@ -418,8 +420,14 @@ impl Metrics {
             (
                 "weft_upstream_outlier_ejections_total",
                 "counter",
-                "Endpoints ejected by outlier detection (consecutive failures).",
+                "Endpoints ejected by outlier detection (consecutive failures or success rate).",
                 |m| counter(&m.outlier_ejections),
+            ),
+            (
+                "weft_upstream_outlier_success_rate_ejections_total",
+                "counter",
+                "Endpoints ejected by outlier detection for a success rate far below the others'.",
+                |m| counter(&m.outlier_success_rate_ejections),
             ),
             (
                 "weft_upstream_requests_active",

@@ -404,6 +404,15 @@ fn protos_round_trip_through_the_spec() {
             max_ejection_time: None,
             max_ejection_percent: Some(34),
             panic_threshold: Some(0),
+            success_rate: Some(pb::SuccessRate {
+                interval: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 500_000_000,
+                }),
+                minimum_hosts: Some(3),
+                request_volume: None,
+                stdev_factor: Some(1000),
+            }),
         }),
         health_check: Some(pb::HealthCheck {
             http: Some(pb::HttpHealthCheck {
