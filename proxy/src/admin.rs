@@ -223,6 +223,14 @@ struct BreakersView {
     requests_active: i64,
     max_retries: u32,
     retries_active: i64,
+    max_connections: u32,
+    /// HTTP connections open or opening.
+    connections_active: i64,
+    remaining_connections: i64,
+    max_pending_requests: u32,
+    /// Requests waiting for a connection.
+    pending_requests: i64,
+    remaining_pending_requests: i64,
 }
 
 #[derive(Serialize)]
@@ -263,7 +271,21 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
             lb: cluster.config.lb.as_str().to_owned(),
             circuit_breakers: {
                 let metrics = cluster.metrics();
+                let held = metrics
+                    .connections_held
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let pending = metrics
+                    .requests_pending
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let max_connections = cluster.config.max_connections;
+                let max_pending_requests = cluster.config.max_pending_requests;
                 BreakersView {
+                    max_connections,
+                    connections_active: held,
+                    remaining_connections: (i64::from(max_connections) - held).max(0),
+                    max_pending_requests,
+                    pending_requests: pending,
+                    remaining_pending_requests: (i64::from(max_pending_requests) - pending).max(0),
                     max_requests: cluster.config.max_requests,
                     requests_active: metrics
                         .requests_active

@@ -429,7 +429,7 @@ impl ClusterState {
 }
 
 /// Whether endpoints built for `a` serve `b` unchanged: same protocol,
-/// connect timeout, pool and TLS settings (the load balancer and the
+/// connect timeout, pool and TLS settings and connection limits (the load balancer and the
 /// endpoint list may differ). A connection verified for one server
 /// identity never carries a request meant for another.
 fn reaches_endpoints_alike(a: &Cluster, b: &Cluster) -> bool {
@@ -438,6 +438,8 @@ fn reaches_endpoints_alike(a: &Cluster, b: &Cluster) -> bool {
         && a.pool_idle_timeout == b.pool_idle_timeout
         && a.max_idle_per_endpoint == b.max_idle_per_endpoint
         && a.tls == b.tls
+        && a.max_connections == b.max_connections
+        && a.max_pending_requests == b.max_pending_requests
 }
 
 /// Sorts by address and merges duplicates (two names resolving to one

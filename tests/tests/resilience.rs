@@ -447,3 +447,76 @@ async fn grpc_and_tcp_health_checks_say_why_an_endpoint_is_out() {
     let names = answered_by(web, 10).await;
     assert!(names.iter().all(|n| n == "a"), "{names:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_connections_wait_and_beyond_max_pending_are_refused() {
+    let echo = echo("slow").await;
+    let proxy = ProxyProcess::start(&pool_config(
+        &[echo.local_addr()],
+        "    circuit_breakers: { max_connections: 1, max_pending_requests: 1 }",
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    // Three at once, each held 500 ms by the upstream, over one upstream
+    // connection: one is sent, one waits for that connection, the third
+    // is refused without waiting.
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(async move {
+                let response =
+                    http1_request(web, request(web, "GET", &[("x-echo-delay-ms", "500")], ""))
+                        .await
+                        .unwrap();
+                (
+                    response.status().as_u16(),
+                    header(&response, "x-weft-error").to_owned(),
+                    started.elapsed(),
+                )
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(call.await.unwrap());
+    }
+    outcomes.sort_by_key(|(_, _, at)| *at);
+    let (status, flag, at) = &outcomes[0];
+    assert_eq!(
+        (*status, flag.as_str()),
+        (503, "upstream_overflow"),
+        "{outcomes:?}"
+    );
+    assert!(*at < std::time::Duration::from_millis(450), "{outcomes:?}");
+    // The waiting one went after the first, on the same connection.
+    assert_eq!(outcomes[1].0, 200, "{outcomes:?}");
+    assert_eq!(outcomes[2].0, 200, "{outcomes:?}");
+    assert!(
+        outcomes[2].2 >= std::time::Duration::from_millis(1000),
+        "{outcomes:?}"
+    );
+    for (series, want) in [
+        (
+            "weft_upstream_pending_overflow_total{cluster=\"pool\"}",
+            1.0,
+        ),
+        (
+            "weft_upstream_connections_overflow_total{cluster=\"pool\"}",
+            2.0,
+        ),
+        ("weft_upstream_connections_total{cluster=\"pool\"}", 1.0),
+        ("weft_upstream_requests_pending{cluster=\"pool\"}", 0.0),
+        ("weft_upstream_connections_held{cluster=\"pool\"}", 1.0),
+    ] {
+        assert_eq!(proxy.metric(series).await, want, "{series}");
+    }
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let breakers = &clusters[0]["circuit_breakers"];
+    assert_eq!(breakers["max_connections"], 1, "{breakers}");
+    assert_eq!(breakers["connections_active"], 1, "{breakers}");
+    assert_eq!(breakers["remaining_connections"], 0, "{breakers}");
+    assert_eq!(breakers["max_pending_requests"], 1, "{breakers}");
+    assert_eq!(breakers["remaining_pending_requests"], 1, "{breakers}");
+}

@@ -485,6 +485,11 @@ pub struct Cluster {
     pub max_requests: u32,
     /// Retries in flight at once; more are not sent.
     pub max_retries: u32,
+    /// HTTP upstream connections open or opening at once; a request that
+    /// needs one more waits (pending).
+    pub max_connections: u32,
+    /// Requests pending at once; more are refused (503).
+    pub max_pending_requests: u32,
 }
 
 /// TLS to a cluster's endpoints, its files loaded.

@@ -673,6 +673,8 @@ impl From<&ClusterSpec> for pb::Cluster {
             circuit_breakers: spec.circuit_breakers.as_ref().map(|b| pb::CircuitBreakers {
                 max_requests: b.max_requests,
                 max_retries: b.max_retries,
+                max_connections: b.max_connections,
+                max_pending_requests: b.max_pending_requests,
             }),
             outlier_detection: spec
                 .outlier_detection
@@ -792,6 +794,8 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
             circuit_breakers: cluster.circuit_breakers.map(|b| CircuitBreakersSpec {
                 max_requests: b.max_requests,
                 max_retries: b.max_retries,
+                max_connections: b.max_connections,
+                max_pending_requests: b.max_pending_requests,
             }),
             tls: cluster.tls.map(|tls| ClusterTlsSpec {
                 ca_file: Some(tls.ca_file).filter(|f| !f.is_empty()),

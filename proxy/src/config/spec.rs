@@ -556,6 +556,14 @@ pub struct CircuitBreakersSpec {
     /// Retries in flight (or waiting their backoff) at once (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// Upstream connections open or opening at once, over all endpoints
+    /// (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection beyond `max_connections` at once
+    /// (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
 }
 
 /// Ejects an endpoint after consecutive failures, for a time that grows

@@ -481,6 +481,10 @@ fn health_checks_take_their_defaults_and_name_bad_fields() {
         ),
         ("health_check: { tcp: { port: 1 } }", "unknown field `port`"),
         (
+            "circuit_breakers: { max_connections: 0 }",
+            "circuit_breakers.max_connections: must be at least 1",
+        ),
+        (
             "outlier_detection: { success_rate: { request_volume: 0 } }",
             "outlier_detection.success_rate.request_volume: must be at least 1",
         ),

@@ -1420,6 +1420,13 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
         .health_check
         .as_ref()
         .and_then(|h| validate_health_check(&mut check, &spec.name, h));
+    if spec
+        .circuit_breakers
+        .as_ref()
+        .is_some_and(|b| b.max_connections == Some(0))
+    {
+        check.error("circuit_breakers.max_connections", "must be at least 1");
+    }
     let tls = spec
         .tls
         .as_ref()
@@ -1436,6 +1443,8 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
         // Envoy's defaults.
         max_requests: breakers.max_requests.unwrap_or(1024),
         max_retries: breakers.max_retries.unwrap_or(3),
+        max_connections: breakers.max_connections.unwrap_or(1024),
+        max_pending_requests: breakers.max_pending_requests.unwrap_or(1024),
         name: spec.name.as_str().into(),
         protocol: protocol?,
         lb: lb?,

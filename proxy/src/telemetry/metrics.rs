@@ -159,6 +159,16 @@ pub struct ClusterMetrics {
     pub retries_active: AtomicI64,
     /// Retries not sent because `max_retries` were in flight.
     pub retries_overflow: AtomicU64,
+    /// HTTP upstream connections open or opening (circuit breaker).
+    pub connections_held: AtomicI64,
+    /// Requests that needed a new connection beyond `max_connections`.
+    pub connections_overflow: AtomicU64,
+    /// Requests waiting for a connection (circuit breaker).
+    pub requests_pending: AtomicI64,
+    /// Requests refused because `max_pending_requests` were waiting.
+    pub pending_overflows: AtomicU64,
+    /// Wakes pending requests when a connection closes or goes idle.
+    pub connection_released: tokio::sync::Notify,
     /// The cluster has active health checks (its health series are shown).
     pub health_checked: std::sync::atomic::AtomicBool,
     /// Health probes that passed.
@@ -380,7 +390,7 @@ impl Metrics {
                 );
             }
         }
-        let cluster_series: [Series<ClusterMetrics>; 12] = [
+        let cluster_series: [Series<ClusterMetrics>; 16] = [
             (
                 "weft_upstream_connect_failures_total",
                 "counter",
@@ -452,6 +462,30 @@ impl Metrics {
                 "counter",
                 "Retries not sent because max_retries were in flight.",
                 |m| counter(&m.retries_overflow),
+            ),
+            (
+                "weft_upstream_connections_held",
+                "gauge",
+                "HTTP upstream connections open or opening (against circuit_breakers.max_connections).",
+                |m| m.connections_held.load(Relaxed),
+            ),
+            (
+                "weft_upstream_connections_overflow_total",
+                "counter",
+                "Requests that needed a new connection while max_connections were held (they waited, or were refused).",
+                |m| counter(&m.connections_overflow),
+            ),
+            (
+                "weft_upstream_requests_pending",
+                "gauge",
+                "Requests waiting for an upstream connection (against circuit_breakers.max_pending_requests).",
+                |m| m.requests_pending.load(Relaxed),
+            ),
+            (
+                "weft_upstream_pending_overflow_total",
+                "counter",
+                "Requests refused at once (503 upstream_overflow): max_pending_requests were waiting.",
+                |m| counter(&m.pending_overflows),
             ),
         ];
         for (name, kind, help, read) in cluster_series {

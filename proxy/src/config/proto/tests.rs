@@ -393,6 +393,8 @@ fn protos_round_trip_through_the_spec() {
         circuit_breakers: Some(pb::CircuitBreakers {
             max_requests: Some(10),
             max_retries: None,
+            max_connections: Some(4),
+            max_pending_requests: Some(0),
         }),
         outlier_detection: Some(pb::OutlierDetection {
             consecutive_5xx: Some(3),
