@@ -234,9 +234,9 @@ impl ClusterState {
                 return Some(first);
             }
             let total = set.endpoints.len();
-            let healthy: Vec<usize> = (0..total).filter(|&i| usable(i)).collect();
+            let healthy = (0..total).filter(|&i| usable(i)).count();
             let threshold = outlier.map_or(DEFAULT_PANIC_THRESHOLD, |o| o.panic_threshold);
-            if outlier::is_panic(threshold, healthy.len(), total) {
+            if outlier::is_panic(threshold, healthy, total) {
                 // Too few left: every endpoint takes traffic.
                 return Some(first);
             }
@@ -246,7 +246,8 @@ impl ClusterState {
                     return Some(i);
                 }
             }
-            Some(healthy[rng.usize(..healthy.len())])
+            // A usable one at random, without allocating.
+            (0..total).filter(|&i| usable(i)).nth(rng.usize(..healthy))
         });
         chosen
             .map(|i| set.endpoints[i].clone())
@@ -706,6 +707,50 @@ mod tests {
         let again = registry.prepare(&first).await;
         assert!(Arc::ptr_eq(&again.states["app"], &committed["app"]));
         assert!(again.fresh.is_empty());
+    }
+
+    #[tokio::test]
+    async fn picks_skip_unhealthy_endpoints_above_the_panic_threshold() {
+        let registry = ClusterRegistry::new(
+            Arc::new(Metrics::new()),
+            crate::identity::Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
+        // An interval long enough that the test drives every verdict.
+        let config = clusters(
+            "  - name: app
+    endpoints: [{ address: \"127.0.0.1:1\" }, { address: \"127.0.0.1:2\" }, { address: \"127.0.0.1:3\" }]
+    health_check: { tcp: {}, interval: 1h, unhealthy_threshold: 1 }",
+        );
+        let state = ClusterState::new(
+            config[0].clone(),
+            &registry.metrics,
+            &registry.identities,
+            None,
+        );
+        let check = state.config.health_check.clone().unwrap();
+        let set = state.endpoints();
+        let picked = |n: usize| -> std::collections::BTreeSet<SocketAddr> {
+            (0..n).map(|_| state.pick().unwrap().addr).collect()
+        };
+        // All unknown: below the panic threshold, everyone takes traffic.
+        assert_eq!(picked(30).len(), 3);
+        for (i, endpoint) in set.endpoints.iter().enumerate() {
+            let outcome = if i == 2 {
+                health::Outcome::Failure("status 503".into())
+            } else {
+                health::Outcome::Success
+            };
+            endpoint.health.record(&check, &outcome);
+        }
+        let picks = picked(60);
+        assert_eq!(picks.len(), 2, "{picks:?}");
+        assert!(!picks.contains(&set.endpoints[2].addr));
+        // One healthy of three is below 50 %: all are used again.
+        set.endpoints[1]
+            .health
+            .record(&check, &health::Outcome::Timeout);
+        assert_eq!(picked(30).len(), 3);
     }
 
     #[tokio::test]

@@ -171,7 +171,7 @@ impl HealthState {
     }
 
     /// Records one probe; returns the new status when it changed.
-    fn record(&self, config: &HealthCheck, outcome: &Outcome) -> Option<Status> {
+    pub(super) fn record(&self, config: &HealthCheck, outcome: &Outcome) -> Option<Status> {
         let mut record = self.record.lock().unwrap_or_else(PoisonError::into_inner);
         let before = self.status();
         let (after, streak) = next(
