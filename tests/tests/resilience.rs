@@ -360,7 +360,6 @@ async fn answered_by(web: std::net::SocketAddr, count: usize) -> Vec<String> {
 #[tokio::test]
 async fn an_endpoint_failing_its_http_health_check_gets_no_traffic_until_it_recovers() {
     let (a, b) = (echo("a").await, echo("b").await);
-    b.set_healthy(false);
     let proxy = ProxyProcess::start(&pool_config(
         &[a.local_addr(), b.local_addr()],
         "    health_check: { http: { path: /healthz }, interval: 50ms, healthy_threshold: 2, unhealthy_threshold: 2 }",
@@ -368,6 +367,9 @@ async fn an_endpoint_failing_its_http_health_check_gets_no_traffic_until_it_reco
     .await
     .unwrap();
     let web = proxy.listener("web");
+    await_health(&proxy, b.local_addr(), "healthy", "ok").await;
+    // Two failed probes in a row take it out.
+    b.set_healthy(false);
     await_health(&proxy, b.local_addr(), "unhealthy", "status 503").await;
     await_health(&proxy, a.local_addr(), "healthy", "ok").await;
     let names = answered_by(web, 20).await;
@@ -385,7 +387,7 @@ async fn an_endpoint_failing_its_http_health_check_gets_no_traffic_until_it_reco
             >= 1.0
     );
 
-    // Recovered: two passed probes bring it back into rotation.
+    // Recovered: two passed probes in a row bring it back into rotation.
     b.set_healthy(true);
     await_health(&proxy, b.local_addr(), "healthy", "ok").await;
     let names = answered_by(web, 20).await;

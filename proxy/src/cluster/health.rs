@@ -8,7 +8,8 @@
 //! An endpoint's status lives on the endpoint, so it survives a
 //! configuration change with its pool. A new endpoint is `unknown`, which
 //! the balancer treats as not healthy; its first probe decides at once
-//! (passed: healthy, failed: unhealthy), later ones through the thresholds.
+//! (passed: healthy, failed: unhealthy), and so does the first it ever
+//! passes; later ones go through the thresholds ([`next`]).
 //! A cluster whose endpoints are all unknown (just configured) is below any
 //! panic threshold, so it balances across all of them until the first
 //! round of probes comes back, a few milliseconds later: nothing is
@@ -100,12 +101,17 @@ impl Outcome {
 pub(crate) struct Streak {
     successes: u32,
     failures: u32,
+    /// Some probe has passed.
+    passed_once: bool,
 }
 
 /// The state machine: the status after one probe. A first probe decides
-/// at once; then `unhealthy_threshold` failures in a row make a healthy
-/// endpoint unhealthy and `healthy_threshold` successes in a row make an
-/// unhealthy one healthy.
+/// at once, and so does the first that passes (an endpoint that was not
+/// up yet when first probed has no failing history to confirm: a start
+/// order race must not keep it out for `healthy_threshold` intervals);
+/// then `unhealthy_threshold` failures in a row make a healthy endpoint
+/// unhealthy and `healthy_threshold` successes in a row make an unhealthy
+/// one healthy.
 pub(crate) fn next(
     status: Status,
     streak: Streak,
@@ -113,22 +119,25 @@ pub(crate) fn next(
     healthy_threshold: u32,
     unhealthy_threshold: u32,
 ) -> (Status, Streak) {
+    let first_pass = passed && !streak.passed_once;
     let streak = if passed {
         Streak {
             successes: streak.successes.saturating_add(1),
             failures: 0,
+            passed_once: true,
         }
     } else {
         Streak {
             successes: 0,
             failures: streak.failures.saturating_add(1),
+            ..streak
         }
     };
     let status = match status {
         Status::Unknown if passed => Status::Healthy,
         Status::Unknown => Status::Unhealthy,
         Status::Healthy if streak.failures >= unhealthy_threshold => Status::Unhealthy,
-        Status::Unhealthy if streak.successes >= healthy_threshold => Status::Healthy,
+        Status::Unhealthy if first_pass || streak.successes >= healthy_threshold => Status::Healthy,
         unchanged => unchanged,
     };
     (status, streak)
@@ -412,16 +421,13 @@ mod tests {
         let (h, u) = (2, 3);
         // Unknown: one result decides either way.
         assert_eq!(
-            next(Status::Unknown, Streak::default(), true, h, u).0,
-            Status::Healthy
-        );
-        assert_eq!(
             next(Status::Unknown, Streak::default(), false, h, u).0,
             Status::Unhealthy
         );
+        let mut state = next(Status::Unknown, Streak::default(), true, h, u);
+        assert_eq!(state.0, Status::Healthy);
         // Healthy: two failures and a success start over; three in a row
         // turn it unhealthy.
-        let mut state = (Status::Healthy, Streak::default());
         for passed in [false, false, true, false, false] {
             state = next(state.0, state.1, passed, h, u);
             assert_eq!(state.0, Status::Healthy);
@@ -432,6 +438,28 @@ mod tests {
         for (passed, want) in [
             (true, Status::Unhealthy),
             (false, Status::Unhealthy),
+            (true, Status::Unhealthy),
+            (true, Status::Healthy),
+        ] {
+            state = next(state.0, state.1, passed, h, u);
+            assert_eq!(state.0, want);
+        }
+    }
+
+    #[test]
+    fn an_endpoint_that_never_passed_is_healthy_at_its_first_pass() {
+        let (h, u) = (3, 3);
+        // Not up yet when first probed: failing, then up.
+        let mut state = (Status::Unknown, Streak::default());
+        for (passed, want) in [
+            (false, Status::Unhealthy),
+            (false, Status::Unhealthy),
+            (true, Status::Healthy),
+            (false, Status::Healthy),
+            (false, Status::Healthy),
+            (false, Status::Unhealthy),
+            // Now it has a history: three passes to come back.
+            (true, Status::Unhealthy),
             (true, Status::Unhealthy),
             (true, Status::Healthy),
         ] {

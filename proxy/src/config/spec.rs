@@ -483,7 +483,7 @@ pub struct HealthCheckSpec {
     )]
     pub timeout: Option<Duration>,
     /// Passed probes in a row that make an unhealthy endpoint healthy
-    /// (default 2).
+    /// (default 2; one until the endpoint has passed once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub healthy_threshold: Option<u32>,
     /// Failed probes in a row that make a healthy endpoint unhealthy
