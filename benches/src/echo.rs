@@ -42,6 +42,13 @@
 //! whole server and counts only requests that carry the knob, so unrelated
 //! traffic (health checks) does not shift the pattern.
 //!
+//! # Health
+//!
+//! [`EchoServer::set_healthy`]`(false)` makes requests for
+//! [`ECHO_HEALTH_PATH`] answer `503` (any other path is still echoed) and
+//! `grpc.health.v1.Health/Check` answer `NOT_SERVING`; a server starts
+//! healthy (`200` echo, `SERVING`).
+//!
 //! # gRPC
 //!
 //! `Unary` returns the payload, `ServerStream` sends `count` copies,
@@ -86,6 +93,9 @@ pub const X_ECHO_FAILED: &str = "x-echo-failed";
 /// Prefix of the response headers that echo request headers (see
 /// [`X_ECHO_HEADERS`]): `x-foo` comes back as `x-echo-req-x-foo`.
 pub const X_ECHO_REQ_PREFIX: &str = "x-echo-req-";
+
+/// The path that answers `503` while the server is set unhealthy.
+pub const ECHO_HEALTH_PATH: &str = "/healthz";
 
 /// Knob: answer with this status code (200–599).
 pub const X_ECHO_STATUS: &str = "x-echo-status";

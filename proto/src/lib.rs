@@ -30,6 +30,20 @@ pub mod echo {
     }
 }
 
+/// The gRPC health checking protocol (`grpc.health.v1`), which the proxy's
+/// active health checks ask and the echo server answers.
+pub mod grpc {
+    /// `grpc.health`.
+    pub mod health {
+        /// Version 1: `Health/Check`.
+        pub mod v1 {
+            #![allow(missing_docs, unreachable_pub, missing_debug_implementations)]
+            #![allow(clippy::all, clippy::pedantic)]
+            tonic::include_proto!("grpc.health.v1");
+        }
+    }
+}
+
 /// Weft's configuration resources (`weft.config.v1`), as the control plane
 /// serves them over xDS: they mirror the YAML configuration field by field.
 pub mod config {

@@ -223,14 +223,28 @@ struct BreakersView {
     requests_active: i64,
     max_retries: u32,
     retries_active: i64,
+    max_connections: u32,
+    /// HTTP connections open or opening.
+    connections_active: i64,
+    remaining_connections: i64,
+    max_pending_requests: u32,
+    /// Requests waiting for a connection.
+    pending_requests: i64,
+    remaining_pending_requests: i64,
 }
 
 #[derive(Serialize)]
 struct EndpointView {
     address: String,
     weight: u32,
-    /// `healthy`, or `ejected` by outlier detection.
+    /// `healthy`; `unhealthy` (failing active health checks) or `unknown`
+    /// (not probed yet), with `health_check` configured; or `ejected` by
+    /// outlier detection.
     health: &'static str,
+    /// The last health probe's outcome (`ok`, `status 503`, `connect
+    /// refused`, `timeout`, ...), with `health_check` configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    last_check: Option<String>,
     /// How much longer an ejected endpoint stays out.
     #[serde(skip_serializing_if = "Option::is_none")]
     ejected_for_ms: Option<u64>,
@@ -243,6 +257,7 @@ struct EndpointView {
 }
 
 fn clusters(state: &AdminState) -> Vec<ClusterView> {
+    use crate::cluster::health::Status;
     let snapshot = state.shared.load();
     let now = crate::cluster::outlier::now();
     let mut names: Vec<_> = snapshot.clusters.keys().collect();
@@ -256,7 +271,21 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
             lb: cluster.config.lb.as_str().to_owned(),
             circuit_breakers: {
                 let metrics = cluster.metrics();
+                let held = metrics
+                    .connections_held
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let pending = metrics
+                    .requests_pending
+                    .load(std::sync::atomic::Ordering::Relaxed);
+                let max_connections = cluster.config.max_connections;
+                let max_pending_requests = cluster.config.max_pending_requests;
                 BreakersView {
+                    max_connections,
+                    connections_active: held,
+                    remaining_connections: (i64::from(max_connections) - held).max(0),
+                    max_pending_requests,
+                    pending_requests: pending,
+                    remaining_pending_requests: (i64::from(max_pending_requests) - pending).max(0),
                     max_requests: cluster.config.max_requests,
                     requests_active: metrics
                         .requests_active
@@ -274,13 +303,22 @@ fn clusters(state: &AdminState) -> Vec<ClusterView> {
                 .map(|e| EndpointView {
                     address: e.addr.to_string(),
                     weight: e.weight,
-                    // Passive health only (outlier detection); active
-                    // checks are not built yet.
-                    health: if e.outlier.is_ejected(now) {
-                        "ejected"
-                    } else {
-                        "healthy"
+                    // Failing active checks says more than an ejection.
+                    health: match e.health.status() {
+                        status @ (Status::Unhealthy | Status::Unknown)
+                            if cluster.config.health_check.is_some() =>
+                        {
+                            status.as_str()
+                        }
+                        _ if e.outlier.is_ejected(now) => "ejected",
+                        _ => "healthy",
                     },
+                    last_check: cluster
+                        .config
+                        .health_check
+                        .as_ref()
+                        .and_then(|_| e.health.last_check())
+                        .map(|last| last.to_string()),
                     ejected_for_ms: e
                         .outlier
                         .ejected_for(now)

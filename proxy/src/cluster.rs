@@ -8,6 +8,7 @@
 //! changes on its own (DNS re-resolution), so it sits behind its own
 //! `ArcSwap`; one `load` gives a consistent set and its prepared balancer.
 
+pub(crate) mod health;
 mod lb;
 pub(crate) mod outlier;
 mod pool;
@@ -72,6 +73,10 @@ impl ClusterState {
         previous: Option<&ClusterState>,
     ) -> Self {
         let settings = PoolSettings::new(&config, metrics.cluster(&config.name), identities);
+        settings.metrics.health_checked.store(
+            config.health_check.is_some(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let inherited = previous
             .filter(|p| reaches_endpoints_alike(&p.config, &config))
             .map(|p| p.set.load_full());
@@ -198,42 +203,51 @@ impl ClusterState {
         Ok(endpoint)
     }
 
-    /// Picks an endpoint with the cluster's balancer, skipping ejected
-    /// ones (outlier detection) unless too few are left.
+    /// Picks an endpoint with the cluster's balancer, skipping those that
+    /// fail their active health checks or are ejected (outlier detection),
+    /// unless too few are left (the panic threshold): then all are used.
     pub(crate) fn pick(&self) -> Result<Arc<Endpoint>, ProxyError> {
         let set = self.set.load();
         let pick = |rng: &mut fastrand::Rng| set.balancer.pick(rng, |i| set.endpoints[i].active());
+        let checked = self.config.health_check.is_some();
+        let outlier = self.config.outlier.as_ref();
         let chosen = with_thread_rng(|rng| {
             let first = pick(rng)?;
-            let Some(config) = &self.config.outlier else {
-                return Some(first);
-            };
-            // No clock read until something has been ejected.
-            let hint = self
-                .ejected_until
-                .load(std::sync::atomic::Ordering::Relaxed);
-            if hint == 0 {
+            if !checked && outlier.is_none() {
                 return Some(first);
             }
-            let now = outlier::now();
-            if hint <= now || !set.endpoints[first].outlier.is_ejected(now) {
+            // No clock read until something has been ejected.
+            let hint = match outlier {
+                Some(_) => self
+                    .ejected_until
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                None => 0,
+            };
+            let now = if hint == 0 { 0 } else { outlier::now() };
+            let ejections = hint > now;
+            let usable = |i: usize| {
+                let endpoint = &set.endpoints[i];
+                (!checked || endpoint.health.is_healthy())
+                    && !(ejections && endpoint.outlier.is_ejected(now))
+            };
+            if usable(first) {
                 return Some(first);
             }
             let total = set.endpoints.len();
-            let healthy: Vec<usize> = (0..total)
-                .filter(|&i| !set.endpoints[i].outlier.is_ejected(now))
-                .collect();
-            if outlier::is_panic(config, healthy.len(), total) {
+            let healthy = (0..total).filter(|&i| usable(i)).count();
+            let threshold = outlier.map_or(DEFAULT_PANIC_THRESHOLD, |o| o.panic_threshold);
+            if outlier::is_panic(threshold, healthy, total) {
                 // Too few left: every endpoint takes traffic.
                 return Some(first);
             }
             for _ in 0..3 {
                 let i = pick(rng)?;
-                if !set.endpoints[i].outlier.is_ejected(now) {
+                if usable(i) {
                     return Some(i);
                 }
             }
-            Some(healthy[rng.usize(..healthy.len())])
+            // A usable one at random, without allocating.
+            (0..total).filter(|&i| usable(i)).nth(rng.usize(..healthy))
         });
         chosen
             .map(|i| set.endpoints[i].clone())
@@ -370,8 +384,64 @@ impl ClusterState {
     }
 }
 
+impl ClusterState {
+    /// Compares the endpoints' success rates over the window since the
+    /// last sweep and ejects the outliers, lowest rate first, while the
+    /// cluster's cap allows.
+    fn sweep_success_rate(&self) {
+        let Some(config) = &self.config.outlier else {
+            return;
+        };
+        let Some(rate) = &config.success_rate else {
+            return;
+        };
+        let set = self.set.load();
+        let windows: Vec<(u64, u64)> = set
+            .endpoints
+            .iter()
+            .map(|e| e.outlier.take_window())
+            .collect();
+        let now = outlier::now();
+        let cap = outlier::max_ejected(config, set.endpoints.len());
+        for i in outlier::success_rate_outliers(rate, &windows) {
+            let endpoint = &set.endpoints[i];
+            let ejected = set
+                .endpoints
+                .iter()
+                .filter(|e| e.outlier.is_ejected(now))
+                .count();
+            if ejected >= cap {
+                break;
+            }
+            if endpoint.outlier.is_ejected(now) {
+                continue;
+            }
+            let until = endpoint.outlier.eject(config, now);
+            self.ejected_until
+                .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
+            let metrics = &self.settings.metrics;
+            for counter in [
+                &metrics.outlier_ejections,
+                &metrics.outlier_success_rate_ejections,
+            ] {
+                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+            let (successes, total) = windows[i];
+            tracing::warn!(
+                cluster = %self.config.name,
+                endpoint = %endpoint.addr,
+                successes,
+                requests = total,
+                ejected_for = ?endpoint.outlier.ejected_for(now),
+                ejections = endpoint.outlier.ejections(),
+                "endpoint ejected: success rate far below the others' (outlier detection)"
+            );
+        }
+    }
+}
+
 /// Whether endpoints built for `a` serve `b` unchanged: same protocol,
-/// connect timeout, pool and TLS settings (the load balancer and the
+/// connect timeout, pool and TLS settings and connection limits (the load balancer and the
 /// endpoint list may differ). A connection verified for one server
 /// identity never carries a request meant for another.
 fn reaches_endpoints_alike(a: &Cluster, b: &Cluster) -> bool {
@@ -380,6 +450,8 @@ fn reaches_endpoints_alike(a: &Cluster, b: &Cluster) -> bool {
         && a.pool_idle_timeout == b.pool_idle_timeout
         && a.max_idle_per_endpoint == b.max_idle_per_endpoint
         && a.tls == b.tls
+        && a.max_connections == b.max_connections
+        && a.max_pending_requests == b.max_pending_requests
 }
 
 /// Sorts by address and merges duplicates (two names resolving to one
@@ -507,6 +579,13 @@ impl ClusterRegistry {
                 self.control.spawn(refresh_dns(Arc::downgrade(state)));
             }
             self.control.spawn(expire_idle(Arc::downgrade(state)));
+            if state.config.health_check.is_some() {
+                self.control.spawn(health::run(Arc::downgrade(state)));
+            }
+            if success_rate_interval(state).is_some() {
+                self.control
+                    .spawn(sweep_success_rate(Arc::downgrade(state)));
+            }
         }
         *self.clusters.lock().unwrap_or_else(PoisonError::into_inner) = prepared.states.clone();
         prepared.states
@@ -525,6 +604,10 @@ pub(crate) struct PreparedClusters {
 /// hold up a configuration change (nor, on refresh, the cluster's next
 /// refresh): the name keeps its last addresses and is tried again.
 pub(crate) const DNS_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The panic threshold of a health-checked cluster without outlier
+/// detection (whose `panic_threshold` applies otherwise), as Envoy's.
+const DEFAULT_PANIC_THRESHOLD: u32 = 50;
 
 /// The idle-connection sweep never runs more often than this.
 const MIN_EXPIRE_PERIOD: Duration = Duration::from_millis(100);
@@ -551,6 +634,31 @@ async fn expire_idle(state: Weak<ClusterState>) {
         if closed > 0 {
             tracing::debug!(cluster = %state.config.name, closed, "idle upstream connections closed");
         }
+    }
+}
+
+fn success_rate_interval(state: &ClusterState) -> Option<Duration> {
+    Some(
+        state
+            .config
+            .outlier
+            .as_ref()?
+            .success_rate
+            .as_ref()?
+            .interval,
+    )
+}
+
+/// Compares success rates every `success_rate.interval` until the cluster
+/// is dropped.
+async fn sweep_success_rate(state: Weak<ClusterState>) {
+    loop {
+        let Some(period) = state.upgrade().as_deref().and_then(success_rate_interval) else {
+            return;
+        };
+        tokio::time::sleep(period).await;
+        let Some(state) = state.upgrade() else { return };
+        state.sweep_success_rate();
     }
 }
 
@@ -610,6 +718,101 @@ mod tests {
         let again = registry.prepare(&first).await;
         assert!(Arc::ptr_eq(&again.states["app"], &committed["app"]));
         assert!(again.fresh.is_empty());
+    }
+
+    #[tokio::test]
+    async fn picks_skip_unhealthy_endpoints_above_the_panic_threshold() {
+        let registry = ClusterRegistry::new(
+            Arc::new(Metrics::new()),
+            crate::identity::Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
+        // An interval long enough that the test drives every verdict.
+        let config = clusters(
+            "  - name: app
+    endpoints: [{ address: \"127.0.0.1:1\" }, { address: \"127.0.0.1:2\" }, { address: \"127.0.0.1:3\" }]
+    health_check: { tcp: {}, interval: 1h, unhealthy_threshold: 1 }",
+        );
+        let state = ClusterState::new(
+            config[0].clone(),
+            &registry.metrics,
+            &registry.identities,
+            None,
+        );
+        let check = state.config.health_check.clone().unwrap();
+        let set = state.endpoints();
+        let picked = |n: usize| -> std::collections::BTreeSet<SocketAddr> {
+            (0..n).map(|_| state.pick().unwrap().addr).collect()
+        };
+        // All unknown: below the panic threshold, everyone takes traffic.
+        assert_eq!(picked(30).len(), 3);
+        for (i, endpoint) in set.endpoints.iter().enumerate() {
+            let outcome = if i == 2 {
+                health::Outcome::Failure("status 503".into())
+            } else {
+                health::Outcome::Success
+            };
+            endpoint.health.record(&check, &outcome);
+        }
+        let picks = picked(60);
+        assert_eq!(picks.len(), 2, "{picks:?}");
+        assert!(!picks.contains(&set.endpoints[2].addr));
+        // One healthy of three is below 50 %: all are used again.
+        set.endpoints[1]
+            .health
+            .record(&check, &health::Outcome::Timeout);
+        assert_eq!(picked(30).len(), 3);
+    }
+
+    #[tokio::test]
+    async fn a_sweep_ejects_the_endpoint_whose_success_rate_stands_out() {
+        let registry = ClusterRegistry::new(
+            Arc::new(Metrics::new()),
+            crate::identity::Identities::new(),
+            tokio::runtime::Handle::current(),
+        );
+        let config = clusters(
+            "  - name: app
+    endpoints: [{ address: \"127.0.0.1:1\" }, { address: \"127.0.0.1:2\" }, { address: \"127.0.0.1:3\" }, { address: \"127.0.0.1:4\" }, { address: \"127.0.0.1:5\" }]
+    outlier_detection: { consecutive_5xx: 0, consecutive_gateway_errors: 0, success_rate: { request_volume: 10, interval: 1h } }",
+        );
+        let state = registry.commit(registry.prepare(&config).await)["app"].clone();
+        let outlier = state.config.outlier.unwrap();
+        let set = state.endpoints();
+        for (i, endpoint) in set.endpoints.iter().enumerate() {
+            // The last endpoint fails one request in two.
+            for n in 0..20 {
+                let observation = if i == 4 && n % 2 == 0 {
+                    outlier::Observation::ServerError
+                } else {
+                    outlier::Observation::Success
+                };
+                endpoint.outlier.observe(&outlier, observation, 0, || true);
+            }
+        }
+        state.sweep_success_rate();
+        let now = outlier::now();
+        assert!(set.endpoints[4].outlier.is_ejected(now));
+        assert_eq!(
+            set.endpoints
+                .iter()
+                .filter(|e| e.outlier.is_ejected(now))
+                .count(),
+            1
+        );
+        assert_eq!(
+            state
+                .metrics()
+                .outlier_success_rate_ejections
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        for _ in 0..20 {
+            assert_ne!(state.pick().unwrap().addr, set.endpoints[4].addr);
+        }
+        // The window started over: the next sweep has nothing to compare.
+        state.sweep_success_rate();
+        assert_eq!(set.endpoints[4].outlier.ejections(), 1);
     }
 
     #[tokio::test]

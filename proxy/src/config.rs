@@ -237,6 +237,7 @@ impl Config {
             }],
             clusters: vec![ClusterSpec {
                 outlier_detection: None,
+                health_check: None,
                 circuit_breakers: None,
                 name: "upstream".into(),
                 protocol: None,

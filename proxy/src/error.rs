@@ -131,8 +131,9 @@ pub(crate) enum ProxyError {
         endpoint: SocketAddr,
     },
     /// The cluster's circuit breaker is open: `max_requests` requests are
-    /// in flight already.
-    #[error("cluster {cluster} is at its limit of requests in flight")]
+    /// in flight already, or the request needed a new connection beyond
+    /// `max_connections` and `max_pending_requests` are waiting already.
+    #[error("cluster {cluster} is at its limit of requests in flight or pending")]
     Overflow {
         /// Cluster name.
         cluster: Arc<str>,

@@ -300,6 +300,37 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
             .sum::<f64>();
     }
     assert!(retried >= 3.0, "{retried} retries");
+    // The callers of backend probe its workloads (GET /healthz through
+    // their sidecars, over mutual TLS) and find them healthy.
+    let probed = eventually(DEADLINE, || async {
+        let mut healthy = 0.0;
+        for admin in &admins {
+            let Ok(response) = http1_request(*admin, get(*admin, "/metrics")).await else {
+                continue;
+            };
+            let text = String::from_utf8(body_bytes(response).await.unwrap().to_vec()).unwrap();
+            healthy += text
+                .lines()
+                .filter(|l| l.starts_with("weft_upstream_endpoints_healthy{cluster=\"backend.v"))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>();
+        }
+        // frontend and ingress each reach backend.v1 and backend.v2.
+        healthy >= 4.0
+    })
+    .await;
+    if !probed {
+        let mut views = String::new();
+        for admin in &admins {
+            if let Ok(response) = http1_request(*admin, get(*admin, "/clusters")).await {
+                views.push_str(&String::from_utf8_lossy(
+                    &body_bytes(response).await.unwrap(),
+                ));
+                views.push('\n');
+            }
+        }
+        panic!("backend's workloads are not all seen healthy:\n{views}");
+    }
 
     let _ = std::process::Command::new("kill")
         .args(["-INT", &demo.id().unwrap().to_string()])

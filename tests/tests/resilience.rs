@@ -1,6 +1,8 @@
 //! Resilience end to end: retries hide failing attempts from the client,
 //! only where the policy and the method allow, and the retry budget bounds
-//! what a failing upstream receives, counted at the upstream.
+//! what a failing upstream receives, counted at the upstream; endpoints
+//! that fail their active health checks or misbehave are taken out of
+//! rotation.
 
 #![allow(clippy::unwrap_used)]
 
@@ -281,4 +283,242 @@ clusters:
     let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
     assert_eq!(clusters[0]["circuit_breakers"]["max_requests"], 2);
     assert_eq!(clusters[0]["circuit_breakers"]["requests_active"], 0);
+}
+
+/// A cluster `pool` over `endpoints`, with `extra` (YAML lines at the
+/// cluster's indentation) added, behind one route.
+fn pool_config(endpoints: &[std::net::SocketAddr], extra: &str) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|a| format!("{{ address: \"{a}\" }}"))
+        .collect();
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ name: api, cluster: pool }}]
+clusters:
+  - name: pool
+    endpoints: [{endpoints}]
+{extra}
+"#,
+        endpoints = endpoints.join(", ")
+    )
+}
+
+/// The `/clusters` entry of the endpoint at `addr` in the first cluster.
+async fn endpoint_view(proxy: &ProxyProcess, addr: std::net::SocketAddr) -> serde_json::Value {
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    clusters[0]["endpoints"]
+        .as_array()
+        .and_then(|endpoints| {
+            endpoints
+                .iter()
+                .find(|e| e["address"] == addr.to_string().as_str())
+                .cloned()
+        })
+        .unwrap_or_default()
+}
+
+/// Waits until `/clusters` shows `health` (and `last_check`) for `addr`.
+async fn await_health(
+    proxy: &ProxyProcess,
+    addr: std::net::SocketAddr,
+    health: &str,
+    last_check: &str,
+) {
+    let reached = eventually(DEADLINE, || async {
+        let view = endpoint_view(proxy, addr).await;
+        view["health"] == health && view["last_check"] == last_check
+    })
+    .await;
+    assert!(
+        reached,
+        "{addr}: want {health} ({last_check}), have {}",
+        endpoint_view(proxy, addr).await
+    );
+}
+
+/// The servers that answered `count` requests through `web`.
+async fn answered_by(web: std::net::SocketAddr, count: usize) -> Vec<String> {
+    let mut names = Vec::with_capacity(count);
+    for _ in 0..count {
+        let response = http1_request(web, get(web, "/")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        names.push(header(&response, "x-echo-server").to_owned());
+    }
+    names
+}
+
+#[tokio::test]
+async fn an_endpoint_failing_its_http_health_check_gets_no_traffic_until_it_recovers() {
+    let (a, b) = (echo("a").await, echo("b").await);
+    let proxy = ProxyProcess::start(&pool_config(
+        &[a.local_addr(), b.local_addr()],
+        "    health_check: { http: { path: /healthz }, interval: 50ms, healthy_threshold: 2, unhealthy_threshold: 2 }",
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    await_health(&proxy, b.local_addr(), "healthy", "ok").await;
+    // Two failed probes in a row take it out.
+    b.set_healthy(false);
+    await_health(&proxy, b.local_addr(), "unhealthy", "status 503").await;
+    await_health(&proxy, a.local_addr(), "healthy", "ok").await;
+    let names = answered_by(web, 20).await;
+    assert!(names.iter().all(|n| n == "a"), "{names:?}");
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_endpoints_healthy{cluster=\"pool\"}")
+            .await,
+        1.0
+    );
+    assert!(
+        proxy
+            .metric("weft_upstream_health_checks_total{cluster=\"pool\",result=\"failure\"}")
+            .await
+            >= 1.0
+    );
+
+    // Recovered: two passed probes in a row bring it back into rotation.
+    b.set_healthy(true);
+    await_health(&proxy, b.local_addr(), "healthy", "ok").await;
+    let names = answered_by(web, 20).await;
+    assert!(names.iter().any(|n| n == "b"), "{names:?}");
+    assert!(names.iter().any(|n| n == "a"), "{names:?}");
+    let healthy = eventually(DEADLINE, || async {
+        proxy
+            .metric("weft_upstream_endpoints_healthy{cluster=\"pool\"}")
+            .await
+            == 2.0
+    })
+    .await;
+    assert!(healthy);
+    // Probes are not requests: the request path's counters did not move.
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_requests_total{cluster=\"pool\"}")
+            .await,
+        40.0
+    );
+}
+
+#[tokio::test]
+async fn grpc_and_tcp_health_checks_say_why_an_endpoint_is_out() {
+    let (a, b) = (echo("a").await, echo("b").await);
+    b.set_healthy(false);
+    // An address nothing listens on: every connect is refused.
+    let dead = {
+        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        socket.local_addr().unwrap()
+    };
+    // gRPC: `b` answers NOT_SERVING; one healthy endpoint of three is
+    // enough with a panic threshold of 0.
+    let proxy = ProxyProcess::start(&pool_config(
+        &[a.local_addr(), b.local_addr(), dead],
+        "    health_check: { grpc: {}, interval: 50ms, unhealthy_threshold: 1 }\n    outlier_detection: { panic_threshold: 0 }",
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    await_health(&proxy, b.local_addr(), "unhealthy", "NOT_SERVING").await;
+    await_health(&proxy, dead, "unhealthy", "connect refused").await;
+    await_health(&proxy, a.local_addr(), "healthy", "ok").await;
+    let names = answered_by(web, 12).await;
+    assert!(names.iter().all(|n| n == "a"), "{names:?}");
+    b.set_healthy(true);
+    await_health(&proxy, b.local_addr(), "healthy", "ok").await;
+
+    // TCP: a connection is all it takes.
+    let proxy = ProxyProcess::start(&pool_config(
+        &[a.local_addr(), dead],
+        "    health_check: { tcp: {}, interval: 50ms }",
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    await_health(&proxy, dead, "unhealthy", "connect refused").await;
+    await_health(&proxy, a.local_addr(), "healthy", "ok").await;
+    let names = answered_by(web, 10).await;
+    assert!(names.iter().all(|n| n == "a"), "{names:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_beyond_max_connections_wait_and_beyond_max_pending_are_refused() {
+    let echo = echo("slow").await;
+    let proxy = ProxyProcess::start(&pool_config(
+        &[echo.local_addr()],
+        "    circuit_breakers: { max_connections: 1, max_pending_requests: 1 }",
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    // Three at once, each held 500 ms by the upstream, over one upstream
+    // connection: one is sent, one waits for that connection, the third
+    // is refused without waiting.
+    let started = std::time::Instant::now();
+    let calls: Vec<_> = (0..3)
+        .map(|_| {
+            tokio::spawn(async move {
+                let response =
+                    http1_request(web, request(web, "GET", &[("x-echo-delay-ms", "500")], ""))
+                        .await
+                        .unwrap();
+                (
+                    response.status().as_u16(),
+                    header(&response, "x-weft-error").to_owned(),
+                    started.elapsed(),
+                )
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for call in calls {
+        outcomes.push(call.await.unwrap());
+    }
+    outcomes.sort_by_key(|(_, _, at)| *at);
+    let (status, flag, at) = &outcomes[0];
+    assert_eq!(
+        (*status, flag.as_str()),
+        (503, "upstream_overflow"),
+        "{outcomes:?}"
+    );
+    assert!(*at < std::time::Duration::from_millis(450), "{outcomes:?}");
+    // The waiting one went after the first, on the same connection.
+    assert_eq!(outcomes[1].0, 200, "{outcomes:?}");
+    assert_eq!(outcomes[2].0, 200, "{outcomes:?}");
+    assert!(
+        outcomes[2].2 >= std::time::Duration::from_millis(1000),
+        "{outcomes:?}"
+    );
+    for (series, want) in [
+        (
+            "weft_upstream_pending_overflow_total{cluster=\"pool\"}",
+            1.0,
+        ),
+        (
+            "weft_upstream_connections_overflow_total{cluster=\"pool\"}",
+            2.0,
+        ),
+        ("weft_upstream_connections_total{cluster=\"pool\"}", 1.0),
+        ("weft_upstream_requests_pending{cluster=\"pool\"}", 0.0),
+        ("weft_upstream_connections_held{cluster=\"pool\"}", 1.0),
+    ] {
+        assert_eq!(proxy.metric(series).await, want, "{series}");
+    }
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let breakers = &clusters[0]["circuit_breakers"];
+    assert_eq!(breakers["max_connections"], 1, "{breakers}");
+    assert_eq!(breakers["connections_active"], 1, "{breakers}");
+    assert_eq!(breakers["remaining_connections"], 0, "{breakers}");
+    assert_eq!(breakers["max_pending_requests"], 1, "{breakers}");
+    assert_eq!(breakers["remaining_pending_requests"], 1, "{breakers}");
 }

@@ -9,7 +9,7 @@
 //! | target | HTTP/1.1 | h2c and gRPC | TCP |
 //! | --- | --- | --- | --- |
 //! | weft | one listener (h1 and h2c by preface), one route, cluster `protocol: downstream` | same listener; h2 upstream | `protocol: tcp` listener |
-//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection, idle fault injection (0 %), route and per-client listener rate limits never reached, `via`, an access-log file and the admin server (metrics) | same | same |
+//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection (consecutive gateway errors and success rate), active HTTP health checks, idle fault injection (0 %), route and per-client listener rate limits never reached, `via`, an access-log file and the admin server (metrics) | same | same |
 //! | weft-s2s | two weft processes, each configured as weft: the client sidecar's `outbound` listener routes to a cluster holding the server sidecar's `inbound` listener, which routes to the echo (both clusters `protocol: downstream`) | same chain; h2 on both upstream hops | `outbound-tcp` -> `inbound-tcp` -> echo |
 //! | nginx | `proxy_pass` to an upstream with `keepalive 64` | a `listen ... http2` server: `proxy_pass` (HTTP/1.1 upstream: nginx has no h2 upstream) and `grpc_pass` for gRPC | `stream` module, if installed |
 //! | HAProxy | `mode http`, `http-reuse always` | a `proto h2` frontend to a `proto h2` server | `mode tcp` |
@@ -62,8 +62,7 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Features a complete weft configuration would have but that weft does
 /// not implement yet (no configuration field exists for them).
-pub(crate) const WEFT_NOT_BUILT: [&str; 3] =
-    ["policy (authorization)", "active health checks", "tracing"];
+pub(crate) const WEFT_NOT_BUILT: [&str; 2] = ["policy (authorization)", "tracing"];
 
 /// The echo upstream's addresses.
 #[derive(Clone, Copy, Debug)]
@@ -818,10 +817,13 @@ route_configs:
 {clusters}"
         );
     }
-    // Passive health checking on the cluster every request goes to.
+    // Passive and active health checking on the cluster every request
+    // goes to (the echo answers `GET /healthz` with 200; one probe per
+    // endpoint every 5 s, off the request path).
     let clusters = clusters.replacen(
         "    protocol: downstream\n",
-        "    protocol: downstream\n    outlier_detection: { consecutive_gateway_errors: 5 }\n",
+        "    protocol: downstream\n    outlier_detection: { consecutive_gateway_errors: 5, success_rate: {} }\n    \
+         health_check: { http: { path: /healthz }, interval: 5s }\n",
         1,
     );
     // Requests for 127.0.0.1:PORT/ reach the last route of the `bench`

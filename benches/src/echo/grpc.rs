@@ -3,16 +3,52 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use bytes::{Bytes, BytesMut};
 use futures_util::stream::{self, Stream, StreamExt as _};
 use tonic::{Code, Request, Response, Status, Streaming};
 use weft_proto::echo::v1::echo_server::{Echo, EchoServer as GrpcEchoServer};
 use weft_proto::echo::v1::{EchoRequest, EchoResponse};
+use weft_proto::grpc::health::v1::health_check_response::ServingStatus;
+use weft_proto::grpc::health::v1::health_server::{Health, HealthServer};
+use weft_proto::grpc::health::v1::{HealthCheckRequest, HealthCheckResponse};
 
 /// The tonic service (a tower `Service` over `http::Request`) the HTTP
 /// handler delegates gRPC requests to.
 pub(crate) type GrpcService = GrpcEchoServer<EchoService>;
+
+/// The `grpc.health.v1.Health` service.
+pub(crate) type GrpcHealthService = HealthServer<HealthService>;
+
+/// Builds the health service, answering `SERVING` while `healthy` holds.
+pub(crate) fn health_service(healthy: Arc<AtomicBool>) -> GrpcHealthService {
+    HealthServer::new(HealthService { healthy })
+}
+
+/// Answers `grpc.health.v1.Health/Check` for every service name: the
+/// server's health as [`crate::echo::EchoServer::set_healthy`] set it.
+#[derive(Debug)]
+pub(crate) struct HealthService {
+    healthy: Arc<AtomicBool>,
+}
+
+#[tonic::async_trait]
+impl Health for HealthService {
+    async fn check(
+        &self,
+        _request: Request<HealthCheckRequest>,
+    ) -> Result<Response<HealthCheckResponse>, Status> {
+        let status = if self.healthy.load(Ordering::Relaxed) {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        Ok(Response::new(HealthCheckResponse {
+            status: status.into(),
+        }))
+    }
+}
 
 /// Builds the gRPC service answering as `name`.
 pub(crate) fn service(name: Arc<str>) -> GrpcService {

@@ -8,7 +8,7 @@
 use std::pin::Pin;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use http::header::{
@@ -24,7 +24,7 @@ use hyper::upgrade::OnUpgrade;
 use tonic::codegen::Service as _;
 
 use super::body::EchoBody;
-use super::grpc::{self, GrpcService};
+use super::grpc::{self, GrpcHealthService, GrpcService};
 use super::tasks::Tasks;
 use super::upgrade;
 
@@ -35,6 +35,9 @@ static ECHO_HOST: HeaderName = HeaderName::from_static(super::X_ECHO_HOST);
 static VERSION: HeaderName = HeaderName::from_static(super::X_ECHO_VERSION);
 static FAILED: HeaderName = HeaderName::from_static(super::X_ECHO_FAILED);
 
+/// gRPC paths of the health service.
+const HEALTH_PREFIX: &str = "/grpc.health.v1.Health/";
+
 /// State shared by every connection of one echo server.
 #[derive(Debug)]
 pub(crate) struct State {
@@ -43,12 +46,18 @@ pub(crate) struct State {
     /// Requests seen carrying `x-echo-fail-every`.
     fail_every_seen: AtomicU64,
     grpc: GrpcService,
+    health: GrpcHealthService,
+    /// Cleared by [`super::EchoServer::set_healthy`].
+    healthy: Arc<AtomicBool>,
     tasks: Tasks,
 }
 
 impl State {
     pub(crate) fn new(name: &Arc<str>, tasks: Tasks) -> Result<Self, InvalidHeaderValue> {
+        let healthy = Arc::new(AtomicBool::new(true));
         Ok(Self {
+            health: grpc::health_service(Arc::clone(&healthy)),
+            healthy,
             server_header: HeaderValue::from_str(name)?,
             requests: AtomicU64::new(0),
             fail_every_seen: AtomicU64::new(0),
@@ -61,13 +70,23 @@ impl State {
         self.requests.load(Ordering::Relaxed)
     }
 
+    pub(crate) fn set_healthy(&self, healthy: bool) {
+        self.healthy.store(healthy, Ordering::Relaxed);
+    }
+
     pub(crate) fn tasks(&self) -> &Tasks {
         &self.tasks
     }
 
     async fn grpc(&self, request: Request<Incoming>) -> Response<EchoBody> {
-        // The generated service is a cheap clone (an `Arc` and a few
-        // settings) and is always ready.
+        // The generated services are cheap clones (an `Arc` and a few
+        // settings) and always ready.
+        if request.uri().path().starts_with(HEALTH_PREFIX) {
+            return match self.health.clone().call(request).await {
+                Ok(response) => response.map(EchoBody::Grpc),
+                Err(never) => match never {},
+            };
+        }
         match self.grpc.clone().call(request).await {
             Ok(response) => response.map(EchoBody::Grpc),
             Err(never) => match never {},
@@ -100,6 +119,13 @@ pub(crate) async fn handle(
     }
 
     let mut headers = info_headers(&state, &parts, scan.host);
+    if parts.uri.path() == super::ECHO_HEALTH_PATH && !state.healthy.load(Ordering::Relaxed) {
+        return Ok(respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            headers,
+            EchoBody::Empty,
+        ));
+    }
     let knobs = match Knobs::parse(&scan) {
         Ok(knobs) => knobs,
         Err(InvalidKnob(knob)) => {

@@ -118,6 +118,12 @@ impl EchoServer {
         self.state.requests_served()
     }
 
+    /// Sets what health checks see: while unhealthy, [`super::ECHO_HEALTH_PATH`]
+    /// answers `503` and gRPC `Health/Check` answers `NOT_SERVING`.
+    pub fn set_healthy(&self, healthy: bool) {
+        self.state.set_healthy(healthy);
+    }
+
     /// Stops accepting, lets in-flight requests finish (HTTP/2 connections
     /// get a GOAWAY, HTTP/1.1 ones close after their current response),
     /// closes upgraded connections, and waits until every task has ended.

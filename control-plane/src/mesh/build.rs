@@ -148,6 +148,7 @@ impl NodeSpec {
             spec.outlier_detection
                 .clone_from(&service.outlier_detection);
             spec.circuit_breakers.clone_from(&service.circuit_breakers);
+            spec.health_check.clone_from(&service.health_check);
             // Mutual TLS to the service's sidecars: this node's certificate,
             // and theirs must prove the service's identity.
             let domain = self.trust_domain.as_deref();
@@ -512,5 +513,6 @@ fn cluster(name: String, service: &ServiceSpec, endpoints: Vec<EndpointSpec>) ->
         tls: None,
         outlier_detection: None,
         circuit_breakers: None,
+        health_check: None,
     }
 }

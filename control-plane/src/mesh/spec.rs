@@ -73,6 +73,11 @@ pub struct ServiceSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub stream_idle_timeout: Option<Duration>,
+    /// Active health checks of its workloads (the proxy's `health_check`),
+    /// run by every caller's sidecar and gateway against the workloads'
+    /// inbound ports, over the mesh's mutual TLS when it has it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<weft_proxy::config::HealthCheckSpec>,
     /// Deadline for a TCP connect to one of its workloads.
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,

@@ -542,6 +542,14 @@ fn demo_mesh_validates_and_builds_every_node() {
             .and_then(|o| o.consecutive_gateway_errors),
         Some(5)
     );
+    let health = cluster(&frontend, "backend.v1").health_check.as_ref();
+    assert_eq!(
+        health
+            .and_then(|h| h.http.as_ref())
+            .map(|h| h.path.as_str()),
+        Some("/healthz")
+    );
+    assert!(cluster(&frontend, "echo").health_check.is_none());
 
     assert_eq!(
         endpoints(cluster(&frontend, "backend.v1")).len(),

@@ -18,7 +18,10 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{
+    AtomicU64,
+    Ordering::{Relaxed, SeqCst},
+};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -53,6 +56,10 @@ pub(crate) struct PoolSettings {
     pub(crate) metrics: Arc<ClusterMetrics>,
     /// TLS to the endpoints, prepared once per cluster state.
     pub(crate) tls: Option<Arc<UpstreamTls>>,
+    /// HTTP connections open or opening at once, over the cluster.
+    pub(crate) max_connections: u32,
+    /// Requests waiting for a connection at once, over the cluster.
+    pub(crate) max_pending: u32,
 }
 
 impl PoolSettings {
@@ -71,6 +78,8 @@ impl PoolSettings {
                 .tls
                 .as_deref()
                 .map(|tls| Arc::new(UpstreamTls::new(tls, identities))),
+            max_connections: cluster.max_connections,
+            max_pending: cluster.max_pending_requests,
         }
     }
 }
@@ -108,6 +117,8 @@ pub(crate) struct Endpoint {
     h2_connecting: tokio::sync::Mutex<()>,
     /// Passive health: consecutive failures and ejection.
     pub(crate) outlier: super::outlier::OutlierState,
+    /// Active health: the probes' verdict.
+    pub(crate) health: super::health::HealthState,
 }
 
 impl Endpoint {
@@ -123,6 +134,7 @@ impl Endpoint {
             h2: Mutex::new(None),
             h2_connecting: tokio::sync::Mutex::new(()),
             outlier: super::outlier::OutlierState::default(),
+            health: super::health::HealthState::default(),
         }
     }
 
@@ -192,12 +204,24 @@ impl Endpoint {
     /// offering `wire`'s ALPN), all within the connect timeout.
     pub(crate) async fn connect(&self, wire: Wire) -> Result<Stream, ProxyError> {
         let metrics = &self.settings.metrics;
-        let failed = |error| {
-            metrics.connect_failures.fetch_add(1, Relaxed);
-            self.connect_failures.fetch_add(1, Relaxed);
-            tracing::debug!(cluster = %self.settings.cluster, endpoint = %self.addr, %error, "upstream connect failed");
-            error
-        };
+        match self.probe_connect(wire).await {
+            Ok(stream) => {
+                metrics.connections_total.fetch_add(1, Relaxed);
+                Ok(stream)
+            }
+            Err(error) => {
+                metrics.connect_failures.fetch_add(1, Relaxed);
+                self.connect_failures.fetch_add(1, Relaxed);
+                tracing::debug!(cluster = %self.settings.cluster, endpoint = %self.addr, %error, "upstream connect failed");
+                Err(error)
+            }
+        }
+    }
+
+    /// Connects as [`Endpoint::connect`] does, counting nothing: health
+    /// probes reach the endpoint the way requests do (same TLS, same
+    /// identity checks) without moving the request path's counters.
+    pub(crate) async fn probe_connect(&self, wire: Wire) -> Result<Stream, ProxyError> {
         let connect = async {
             let stream =
                 Stream::connect(self.addr)
@@ -224,15 +248,11 @@ impl Endpoint {
                 })
         };
         match tokio::time::timeout(self.settings.connect_timeout, connect).await {
-            Ok(Ok(stream)) => {
-                metrics.connections_total.fetch_add(1, Relaxed);
-                Ok(stream)
-            }
-            Ok(Err(error)) => Err(failed(error)),
-            Err(_) => Err(failed(ProxyError::ConnectTimeout {
+            Ok(result) => result,
+            Err(_) => Err(ProxyError::ConnectTimeout {
                 cluster: self.settings.cluster.clone(),
                 endpoint: self.addr,
-            })),
+            }),
         }
     }
 
@@ -263,10 +283,11 @@ impl Endpoint {
         let mut reuse = true;
         let mut fresh_failures = 0;
         loop {
-            let (mut sender, retire, reused) = match reuse.then(|| self.take_idle()).flatten() {
-                Some((sender, retire)) => (sender, retire, true),
-                None => {
-                    let (sender, retire) = self.connect_h1().await?;
+            let idle = || reuse.then(|| self.take_idle()).flatten();
+            let (mut sender, retire, reused) = match self.connection_or_slot(idle).await? {
+                Acquired::Existing((sender, retire)) => (sender, retire, true),
+                Acquired::Slot(slot) => {
+                    let (sender, retire) = self.connect_h1(slot).await?;
                     (sender, retire, false)
                 }
             };
@@ -366,10 +387,71 @@ impl Endpoint {
                 since: Instant::now(),
                 retire,
             });
+            drop(idle);
+            self.wake_pending();
         }
     }
 
-    async fn connect_h1(&self) -> Result<(http1::SendRequest<RequestBody>, Retire), ProxyError> {
+    /// A usable connection from `existing`, else a slot against the
+    /// cluster's `max_connections` to open one. When none is free, the
+    /// request waits (pending, at most `max_pending_requests` of them over
+    /// the cluster) until a connection closes or goes idle; beyond that it
+    /// is refused at once. Cancel safe: a dropped wait leaves the queue.
+    async fn connection_or_slot<T>(
+        &self,
+        mut existing: impl FnMut() -> Option<T>,
+    ) -> Result<Acquired<T>, ProxyError> {
+        if let Some(found) = existing() {
+            return Ok(Acquired::Existing(found));
+        }
+        if let Some(slot) = self.try_slot() {
+            return Ok(Acquired::Slot(slot));
+        }
+        let metrics = &self.settings.metrics;
+        metrics.connections_overflow.fetch_add(1, Relaxed);
+        if metrics.requests_pending.fetch_add(1, SeqCst) >= i64::from(self.settings.max_pending) {
+            metrics.requests_pending.fetch_sub(1, SeqCst);
+            metrics.pending_overflows.fetch_add(1, Relaxed);
+            return Err(ProxyError::Overflow {
+                cluster: self.settings.cluster.clone(),
+            });
+        }
+        let _pending = PendingGuard(metrics.clone());
+        loop {
+            // Registered before looking again: a release in between wakes
+            // this wait instead of being missed.
+            let released = metrics.connection_released.notified();
+            let mut released = std::pin::pin!(released);
+            released.as_mut().enable();
+            if let Some(found) = existing() {
+                return Ok(Acquired::Existing(found));
+            }
+            if let Some(slot) = self.try_slot() {
+                return Ok(Acquired::Slot(slot));
+            }
+            released.await;
+        }
+    }
+
+    /// One slot against the cluster's `max_connections`, if one is free.
+    fn try_slot(&self) -> Option<ConnectionSlot> {
+        let held = &self.settings.metrics.connections_held;
+        if held.fetch_add(1, SeqCst) >= i64::from(self.settings.max_connections) {
+            held.fetch_sub(1, SeqCst);
+            return None;
+        }
+        Some(ConnectionSlot(self.settings.metrics.clone()))
+    }
+
+    /// Wakes the requests waiting for a connection, if any.
+    fn wake_pending(&self) {
+        wake_pending(&self.settings.metrics);
+    }
+
+    async fn connect_h1(
+        &self,
+        slot: ConnectionSlot,
+    ) -> Result<(http1::SendRequest<RequestBody>, Retire), ProxyError> {
         let stream = self.connect(Wire::Http1).await?;
         let retire = self.retire_of(&stream);
         let (sender, conn) = http1::Builder::new()
@@ -379,7 +461,7 @@ impl Endpoint {
                 endpoint: self.addr,
                 source,
             })?;
-        self.spawn_connection(async move {
+        self.spawn_connection(slot, async move {
             // Errors here are reported to the request that saw them.
             let _ = conn.with_upgrades().await;
         });
@@ -398,12 +480,12 @@ impl Endpoint {
                 // connection is being made wait for it and share it,
                 // instead of each opening its own.
                 let _connecting = self.h2_connecting.lock().await;
-                match self.shared_h2() {
-                    Some(sender) => sender,
-                    None => {
+                match self.connection_or_slot(|| self.shared_h2()).await? {
+                    Acquired::Existing(sender) => sender,
+                    Acquired::Slot(slot) => {
                         // A retired connection finishes its streams and
                         // closes when the last sender is gone.
-                        let (sender, retire) = self.connect_h2().await?;
+                        let (sender, retire) = self.connect_h2(slot).await?;
                         *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
                             Some((sender.clone(), retire));
                         sender
@@ -431,7 +513,10 @@ impl Endpoint {
         }
     }
 
-    async fn connect_h2(&self) -> Result<(http2::SendRequest<RequestBody>, Retire), ProxyError> {
+    async fn connect_h2(
+        &self,
+        slot: ConnectionSlot,
+    ) -> Result<(http2::SendRequest<RequestBody>, Retire), ProxyError> {
         let stream = self.connect(Wire::Http2).await?;
         let retire = self.retire_of(&stream);
         let (sender, conn) = http2::Builder::new(TokioExecutor::new())
@@ -444,19 +529,64 @@ impl Endpoint {
                 endpoint: self.addr,
                 source,
             })?;
-        self.spawn_connection(async move {
+        self.spawn_connection(slot, async move {
             let _ = conn.await;
         });
         Ok((sender, retire))
     }
 
-    fn spawn_connection(&self, conn: impl std::future::Future<Output = ()> + Send + 'static) {
+    /// Runs a connection's task, which holds its slot until it ends.
+    fn spawn_connection(
+        &self,
+        slot: ConnectionSlot,
+        conn: impl std::future::Future<Output = ()> + Send + 'static,
+    ) {
         let metrics = self.settings.metrics.clone();
         metrics.connections_active.fetch_add(1, Relaxed);
         tokio::spawn(async move {
             conn.await;
             metrics.connections_active.fetch_sub(1, Relaxed);
+            drop(slot);
         });
+    }
+}
+
+/// What [`Endpoint::connection_or_slot`] found.
+enum Acquired<T> {
+    /// A connection to use.
+    Existing(T),
+    /// Leave to open one.
+    Slot(ConnectionSlot),
+}
+
+/// One connection open or opening, against the cluster's
+/// `max_connections`, until dropped.
+#[derive(Debug)]
+struct ConnectionSlot(Arc<ClusterMetrics>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.connections_held.fetch_sub(1, SeqCst);
+        wake_pending(&self.0);
+    }
+}
+
+/// One request waiting for a connection, until dropped.
+#[derive(Debug)]
+struct PendingGuard(Arc<ClusterMetrics>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.requests_pending.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Wakes the cluster's pending requests, if any: they look for an idle
+/// connection or a free slot again. Costs one atomic load when nobody
+/// waits (a connection going idle is per request).
+fn wake_pending(metrics: &ClusterMetrics) {
+    if metrics.requests_pending.load(SeqCst) > 0 {
+        metrics.connection_released.notify_waiters();
     }
 }
 

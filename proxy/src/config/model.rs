@@ -364,6 +364,61 @@ pub struct OutlierDetection {
     pub max_ejection_percent: u32,
     /// Below this percentage of endpoints not ejected, all are used.
     pub panic_threshold: u32,
+    /// Success-rate ejection, if configured.
+    pub success_rate: Option<SuccessRate>,
+}
+
+/// Success-rate outlier detection's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SuccessRate {
+    /// How often rates are compared (over the requests since the last time).
+    pub interval: Duration,
+    /// Endpoints with `request_volume` requests needed to compare at all.
+    pub minimum_hosts: u32,
+    /// Requests in an interval for an endpoint to be compared.
+    pub request_volume: u32,
+    /// Ejects below `mean - stdev_factor / 1000 * stdev`.
+    pub stdev_factor: u32,
+}
+
+/// Active health checking of a cluster's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What a probe is.
+    pub kind: HealthCheckKind,
+    /// Time between two probes of an endpoint.
+    pub interval: Duration,
+    /// Up to this much is added at random to each interval.
+    pub interval_jitter: Duration,
+    /// A probe not answered within this fails.
+    pub timeout: Duration,
+    /// Passed probes in a row that make an unhealthy endpoint healthy.
+    pub healthy_threshold: u32,
+    /// Failed probes in a row that make a healthy endpoint unhealthy.
+    pub unhealthy_threshold: u32,
+}
+
+/// What one health probe does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    /// `GET path` over HTTP/1.1; passes on an expected status.
+    Http {
+        /// Path and query.
+        path: http::uri::PathAndQuery,
+        /// The `host` header.
+        host: HeaderValue,
+        /// Inclusive ranges of passing statuses.
+        expected_statuses: Vec<(u16, u16)>,
+    },
+    /// A connection (and TLS handshake, for a TLS cluster).
+    Tcp,
+    /// `grpc.health.v1.Health/Check` over HTTP/2; passes on `SERVING`.
+    Grpc {
+        /// The service asked about (empty: the server).
+        service: Arc<str>,
+        /// The `:authority` sent.
+        authority: http::uri::Authority,
+    },
 }
 
 /// When and how a route sends a failed request again.
@@ -537,10 +592,17 @@ pub struct Cluster {
     pub tls: Option<Arc<ClusterTls>>,
     /// Passive health checking, if configured.
     pub outlier: Option<OutlierDetection>,
+    /// Active health checking, if configured.
+    pub health_check: Option<HealthCheck>,
     /// Requests in flight at once; more are refused (503).
     pub max_requests: u32,
     /// Retries in flight at once; more are not sent.
     pub max_retries: u32,
+    /// HTTP upstream connections open or opening at once; a request that
+    /// needs one more waits (pending).
+    pub max_connections: u32,
+    /// Requests pending at once; more are refused (503).
+    pub max_pending_requests: u32,
 }
 
 /// TLS to a cluster's endpoints, its files loaded.

@@ -27,10 +27,12 @@ use weft_proto::prost_types;
 
 use super::spec::{
     BootstrapSpec, CircuitBreakersSpec, ClientRateLimitSpec, ClusterSpec, ClusterTlsSpec,
-    DirectResponseSpec, EndpointSpec, FaultAbortSpec, FaultDelaySpec, FaultSpec, HeaderMatchSpec,
-    HeaderOpsSpec, ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec, RateLimitSpec,
-    RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec,
-    TcpFaultSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
+    DirectResponseSpec, EndpointSpec, FaultAbortSpec, FaultDelaySpec, FaultSpec,
+    GrpcHealthCheckSpec, HeaderMatchSpec, HeaderOpsSpec, HealthCheckSpec, HttpHealthCheckSpec,
+    ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec, RateLimitSpec, RetryBudgetSpec,
+    RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec, SuccessRateSpec,
+    TcpFaultSpec, TcpHealthCheckSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
+    WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -788,6 +790,8 @@ impl From<&ClusterSpec> for pb::Cluster {
             circuit_breakers: spec.circuit_breakers.as_ref().map(|b| pb::CircuitBreakers {
                 max_requests: b.max_requests,
                 max_retries: b.max_retries,
+                max_connections: b.max_connections,
+                max_pending_requests: b.max_pending_requests,
             }),
             outlier_detection: spec
                 .outlier_detection
@@ -799,7 +803,30 @@ impl From<&ClusterSpec> for pb::Cluster {
                     max_ejection_time: o.max_ejection_time.map(duration_to_proto),
                     max_ejection_percent: o.max_ejection_percent,
                     panic_threshold: o.panic_threshold,
+                    success_rate: o.success_rate.as_ref().map(|r| pb::SuccessRate {
+                        interval: r.interval.map(duration_to_proto),
+                        minimum_hosts: r.minimum_hosts,
+                        request_volume: r.request_volume,
+                        stdev_factor: r.stdev_factor,
+                    }),
                 }),
+            health_check: spec.health_check.as_ref().map(|h| pb::HealthCheck {
+                http: h.http.as_ref().map(|http| pb::HttpHealthCheck {
+                    path: http.path.clone(),
+                    host: http.host.clone(),
+                    expected_statuses: http.expected_statuses.clone(),
+                }),
+                tcp: h.tcp.as_ref().map(|_| pb::TcpHealthCheck {}),
+                grpc: h.grpc.as_ref().map(|grpc| pb::GrpcHealthCheck {
+                    service: grpc.service.clone(),
+                    authority: grpc.authority.clone(),
+                }),
+                interval: h.interval.map(duration_to_proto),
+                interval_jitter: h.interval_jitter.map(duration_to_proto),
+                timeout: h.timeout.map(duration_to_proto),
+                healthy_threshold: h.healthy_threshold,
+                unhealthy_threshold: h.unhealthy_threshold,
+            }),
             tls: spec.tls.as_ref().map(|tls| pb::ClusterTls {
                 ca_file: tls.ca_file.clone().unwrap_or_default(),
                 workload_identity: tls.workload_identity.clone(),
@@ -836,6 +863,33 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
             ),
             max_ejection_percent: o.max_ejection_percent,
             panic_threshold: o.panic_threshold,
+            success_rate: o.success_rate.map(|r| SuccessRateSpec {
+                interval: check.duration(
+                    || "outlier_detection.success_rate.interval".into(),
+                    r.interval,
+                ),
+                minimum_hosts: r.minimum_hosts,
+                request_volume: r.request_volume,
+                stdev_factor: r.stdev_factor,
+            }),
+        });
+        let health_check = cluster.health_check.map(|h| HealthCheckSpec {
+            http: h.http.map(|http| HttpHealthCheckSpec {
+                path: http.path,
+                host: http.host,
+                expected_statuses: http.expected_statuses,
+            }),
+            tcp: h.tcp.map(|_| TcpHealthCheckSpec {}),
+            grpc: h.grpc.map(|grpc| GrpcHealthCheckSpec {
+                service: grpc.service,
+                authority: grpc.authority,
+            }),
+            interval: check.duration(|| "health_check.interval".into(), h.interval),
+            interval_jitter: check
+                .duration(|| "health_check.interval_jitter".into(), h.interval_jitter),
+            timeout: check.duration(|| "health_check.timeout".into(), h.timeout),
+            healthy_threshold: h.healthy_threshold,
+            unhealthy_threshold: h.unhealthy_threshold,
         });
         check.finish(ClusterSpec {
             name: cluster.name,
@@ -853,9 +907,12 @@ impl TryFrom<pb::Cluster> for ClusterSpec {
                 })
                 .collect(),
             outlier_detection,
+            health_check,
             circuit_breakers: cluster.circuit_breakers.map(|b| CircuitBreakersSpec {
                 max_requests: b.max_requests,
                 max_retries: b.max_retries,
+                max_connections: b.max_connections,
+                max_pending_requests: b.max_pending_requests,
             }),
             tls: cluster.tls.map(|tls| ClusterTlsSpec {
                 ca_file: Some(tls.ca_file).filter(|f| !f.is_empty()),

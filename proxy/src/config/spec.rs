@@ -607,6 +607,109 @@ pub struct ClusterSpec {
     /// Limits beyond which requests and retries are refused at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakersSpec>,
+    /// Active health checking: probe each endpoint on an interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+/// Active health checks of a cluster's endpoints: exactly one of `http`,
+/// `tcp` and `grpc`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// An HTTP/1.1 `GET` whose status must be expected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpHealthCheckSpec>,
+    /// A connection (and TLS handshake, for a TLS cluster) that succeeds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpHealthCheckSpec>,
+    /// `grpc.health.v1.Health/Check` answering `SERVING`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcHealthCheckSpec>,
+    /// Time between two probes of an endpoint (default 5s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
+    /// Up to this much is added at random to each interval (default a
+    /// tenth of the interval).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval_jitter: Option<Duration>,
+    /// A probe not answered within this fails (default 1s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout: Option<Duration>,
+    /// Passed probes in a row that make an unhealthy endpoint healthy
+    /// (default 2; one until the endpoint has passed once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub healthy_threshold: Option<u32>,
+    /// Failed probes in a row that make a healthy endpoint unhealthy
+    /// (default 3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unhealthy_threshold: Option<u32>,
+}
+
+/// An HTTP health check.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpHealthCheckSpec {
+    /// The path (and query) requested.
+    pub path: String,
+    /// The `host` header sent (default: the cluster's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// Statuses that pass: codes (`204`) or inclusive ranges (`"200-299"`);
+    /// empty: 200-299.
+    #[serde(
+        default,
+        skip_serializing_if = "Vec::is_empty",
+        deserialize_with = "statuses"
+    )]
+    pub expected_statuses: Vec<String>,
+}
+
+/// A TCP health check (no settings).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TcpHealthCheckSpec {}
+
+/// A gRPC health check.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpcHealthCheckSpec {
+    /// The service name asked about (default empty: the whole server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    /// The `:authority` sent (default: the cluster's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authority: Option<String>,
+}
+
+/// Reads a list of statuses written as numbers or strings.
+fn statuses<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Status {
+        Code(u64),
+        Text(String),
+    }
+    let list = Vec::<Status>::deserialize(deserializer)?;
+    Ok(list
+        .into_iter()
+        .map(|s| match s {
+            Status::Code(code) => code.to_string(),
+            Status::Text(text) => text,
+        })
+        .collect())
 }
 
 /// A cluster's circuit breakers.
@@ -619,6 +722,14 @@ pub struct CircuitBreakersSpec {
     /// Retries in flight (or waiting their backoff) at once (default 3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    /// Upstream connections open or opening at once, over all endpoints
+    /// (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection beyond `max_connections` at once
+    /// (default 1024).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_pending_requests: Option<u32>,
 }
 
 /// Ejects an endpoint after consecutive failures, for a time that grows
@@ -656,6 +767,34 @@ pub struct OutlierDetectionSpec {
     /// them (default 50).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub panic_threshold: Option<u32>,
+    /// Ejects endpoints whose success rate is far below the others'.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_rate: Option<SuccessRateSpec>,
+}
+
+/// Success-rate outlier detection (Envoy's): every `interval`, among the
+/// endpoints that served at least `request_volume` requests in it, those
+/// whose success rate is below `mean - stdev_factor / 1000 * stdev` are
+/// ejected.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuccessRateSpec {
+    /// How often rates are computed, over the requests since (default 10s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
+    /// Endpoints with enough requests needed to compare at all (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub minimum_hosts: Option<u32>,
+    /// Requests in the interval for an endpoint to count (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_volume: Option<u32>,
+    /// Standard deviations below the mean, times 1000 (default 1900: 1.9).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stdev_factor: Option<u32>,
 }
 
 /// TLS (and mutual TLS) to a cluster's endpoints.

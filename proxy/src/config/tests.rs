@@ -416,3 +416,84 @@ fn tls_passthrough_routes_are_checked() {
         );
     }
 }
+
+#[test]
+fn health_checks_take_their_defaults_and_name_bad_fields() {
+    let base = "  - name: pg\n    endpoints: [{ address: \"[::1]:5432\" }]";
+    assert!(VALID.contains(base));
+    let with = |extra: &str| VALID.replacen(base, &format!("{base}\n    {extra}"), 1);
+    let config = Config::from_yaml(
+        &with(r#"health_check: { http: { path: /healthz, expected_statuses: [204, "300-399"] } }"#),
+        "test",
+    )
+    .unwrap();
+    let check = config.clusters[1].health_check.clone().unwrap();
+    assert_eq!(check.interval, Duration::from_secs(5));
+    assert_eq!(check.interval_jitter, Duration::from_millis(500));
+    assert_eq!(check.timeout, Duration::from_secs(1));
+    assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (2, 3));
+    assert_eq!(
+        check.kind,
+        HealthCheckKind::Http {
+            path: http::uri::PathAndQuery::from_static("/healthz"),
+            host: http::HeaderValue::from_static("pg"),
+            expected_statuses: vec![(204, 204), (300, 399)],
+        }
+    );
+    let config = Config::from_yaml(&with("health_check: { grpc: {} }"), "test").unwrap();
+    assert!(matches!(
+        config.clusters[1].health_check.as_ref().unwrap().kind,
+        HealthCheckKind::Grpc { ref service, .. } if service.is_empty()
+    ));
+
+    let cases = [
+        (
+            "health_check: { interval: 1s }",
+            r#"cluster "pg": health_check: set exactly one of http, tcp and grpc"#,
+        ),
+        (
+            "health_check: { tcp: {}, grpc: {} }",
+            "health_check: set exactly one",
+        ),
+        (
+            "health_check: { tcp: {}, interval: 1ms }",
+            "health_check.interval: must be at least 10ms",
+        ),
+        (
+            "health_check: { tcp: {}, timeout: 0s }",
+            "health_check.timeout: must be greater than zero",
+        ),
+        (
+            "health_check: { tcp: {}, unhealthy_threshold: 0 }",
+            "health_check.unhealthy_threshold: must be at least 1",
+        ),
+        (
+            "health_check: { http: { path: healthz } }",
+            r#"health_check.http.path: "healthz" is not an absolute path"#,
+        ),
+        (
+            r#"health_check: { http: { path: /h, expected_statuses: ["299-200"] } }"#,
+            "health_check.http.expected_statuses[0]: \"299-200\" is not a status",
+        ),
+        (
+            "health_check: { http: { path: /h, expected_statuses: [600] } }",
+            "health_check.http.expected_statuses[0]",
+        ),
+        ("health_check: { tcp: { port: 1 } }", "unknown field `port`"),
+        (
+            "circuit_breakers: { max_connections: 0 }",
+            "circuit_breakers.max_connections: must be at least 1",
+        ),
+        (
+            "outlier_detection: { success_rate: { request_volume: 0 } }",
+            "outlier_detection.success_rate.request_volume: must be at least 1",
+        ),
+    ];
+    for (extra, want) in cases {
+        let errors = errors_of(&with(extra));
+        assert!(
+            errors.iter().any(|e| e.contains(want)),
+            "{extra}: want {want:?}, got {errors:#?}"
+        );
+    }
+}

@@ -13,8 +13,8 @@ use regex::Regex;
 
 use super::model::*;
 use super::spec::{
-    BootstrapSpec, ClusterSpec, ClusterTlsSpec, HeaderMatchSpec, HeaderOpsSpec, ListenerSpec,
-    ListenerTlsSpec, RetryPolicySpec, RouteConfigSpec, RouteSpec, TrustBundleSpec,
+    BootstrapSpec, ClusterSpec, ClusterTlsSpec, HeaderMatchSpec, HeaderOpsSpec, HealthCheckSpec,
+    ListenerSpec, ListenerTlsSpec, RetryPolicySpec, RouteConfigSpec, RouteSpec, TrustBundleSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
@@ -1455,7 +1455,33 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
             max_ejection_time: o.max_ejection_time.unwrap_or(Duration::from_secs(300)),
             max_ejection_percent: o.max_ejection_percent.unwrap_or(50),
             panic_threshold: o.panic_threshold.unwrap_or(50),
+            success_rate: o.success_rate.as_ref().map(|r| SuccessRate {
+                interval: r.interval.unwrap_or(Duration::from_secs(10)),
+                // Envoy's defaults.
+                minimum_hosts: r.minimum_hosts.unwrap_or(5),
+                request_volume: r.request_volume.unwrap_or(100),
+                stdev_factor: r.stdev_factor.unwrap_or(1900),
+            }),
         };
+        if let Some(rate) = &outlier.success_rate {
+            if rate.interval < Duration::from_millis(10) {
+                check.error(
+                    "outlier_detection.success_rate.interval",
+                    "must be at least 10ms",
+                );
+            }
+            for (field, value) in [
+                ("minimum_hosts", rate.minimum_hosts),
+                ("request_volume", rate.request_volume),
+            ] {
+                if value == 0 {
+                    check.error(
+                        format!("outlier_detection.success_rate.{field}"),
+                        "must be at least 1",
+                    );
+                }
+            }
+        }
         if outlier.base_ejection_time.is_zero()
             || outlier.max_ejection_time < outlier.base_ejection_time
         {
@@ -1477,6 +1503,17 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
         }
         (check.errors.len() == before).then_some(outlier)
     });
+    let health_check = spec
+        .health_check
+        .as_ref()
+        .and_then(|h| validate_health_check(&mut check, &spec.name, h));
+    if spec
+        .circuit_breakers
+        .as_ref()
+        .is_some_and(|b| b.max_connections == Some(0))
+    {
+        check.error("circuit_breakers.max_connections", "must be at least 1");
+    }
     let tls = spec
         .tls
         .as_ref()
@@ -1489,9 +1526,12 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
     Some(Cluster {
         tls,
         outlier,
+        health_check,
         // Envoy's defaults.
         max_requests: breakers.max_requests.unwrap_or(1024),
         max_retries: breakers.max_retries.unwrap_or(3),
+        max_connections: breakers.max_connections.unwrap_or(1024),
+        max_pending_requests: breakers.max_pending_requests.unwrap_or(1024),
         name: spec.name.as_str().into(),
         protocol: protocol?,
         lb: lb?,
@@ -1503,6 +1543,115 @@ fn validate_cluster(spec: &ClusterSpec, errors: &mut Vec<ConfigError>) -> Option
             .unwrap_or(DEFAULT_MAX_IDLE_PER_ENDPOINT),
         endpoints,
     })
+}
+
+/// A cluster's `health_check`; `None` (reported) when invalid.
+fn validate_health_check(
+    check: &mut Checker<'_>,
+    cluster: &str,
+    spec: &HealthCheckSpec,
+) -> Option<HealthCheck> {
+    let before = check.errors.len();
+    let kinds = [spec.http.is_some(), spec.tcp.is_some(), spec.grpc.is_some()];
+    if kinds.iter().filter(|&&k| k).count() != 1 {
+        check.error("health_check", "set exactly one of http, tcp and grpc");
+    }
+    let interval = spec.interval.unwrap_or(Duration::from_secs(5));
+    if interval < Duration::from_millis(10) {
+        check.error("health_check.interval", "must be at least 10ms");
+    }
+    let timeout = spec.timeout.unwrap_or(Duration::from_secs(1));
+    if timeout.is_zero() {
+        check.error("health_check.timeout", "must be greater than zero");
+    }
+    let healthy_threshold = spec.healthy_threshold.unwrap_or(2);
+    let unhealthy_threshold = spec.unhealthy_threshold.unwrap_or(3);
+    for (field, value) in [
+        ("healthy_threshold", healthy_threshold),
+        ("unhealthy_threshold", unhealthy_threshold),
+    ] {
+        if value == 0 {
+            check.error(format!("health_check.{field}"), "must be at least 1");
+        }
+    }
+    let kind = if let Some(http) = &spec.http {
+        let path = match http::uri::PathAndQuery::try_from(http.path.as_str()) {
+            Ok(path) if http.path.starts_with('/') => Some(path),
+            _ => {
+                check.error(
+                    "health_check.http.path",
+                    format!("{:?} is not an absolute path", http.path),
+                );
+                None
+            }
+        };
+        let host = http.host.as_deref().unwrap_or(cluster);
+        let host = HeaderValue::from_str(host)
+            .map_err(|_| {
+                check.error(
+                    "health_check.http.host",
+                    format!("invalid header value {host:?}"),
+                );
+            })
+            .ok();
+        let mut expected_statuses = Vec::with_capacity(http.expected_statuses.len());
+        for (i, text) in http.expected_statuses.iter().enumerate() {
+            match parse_status_range(text) {
+                Some(range) => expected_statuses.push(range),
+                None => check.error(
+                    format!("health_check.http.expected_statuses[{i}]"),
+                    format!("{text:?} is not a status (100-599) or a range such as \"200-299\""),
+                ),
+            }
+        }
+        if expected_statuses.is_empty() {
+            expected_statuses.push((200, 299));
+        }
+        path.zip(host).map(|(path, host)| HealthCheckKind::Http {
+            path,
+            host,
+            expected_statuses,
+        })
+    } else if let Some(grpc) = &spec.grpc {
+        let authority = grpc.authority.as_deref().unwrap_or(cluster);
+        let authority = http::uri::Authority::try_from(authority)
+            .map_err(|_| {
+                check.error(
+                    "health_check.grpc.authority",
+                    format!("{authority:?} is not a valid authority"),
+                );
+            })
+            .ok();
+        authority.map(|authority| HealthCheckKind::Grpc {
+            service: grpc.service.as_deref().unwrap_or("").into(),
+            authority,
+        })
+    } else {
+        Some(HealthCheckKind::Tcp)
+    };
+    if check.errors.len() > before {
+        return None;
+    }
+    Some(HealthCheck {
+        kind: kind?,
+        interval,
+        interval_jitter: spec.interval_jitter.unwrap_or(interval / 10),
+        timeout,
+        healthy_threshold,
+        unhealthy_threshold,
+    })
+}
+
+/// `"204"` or `"200-299"` (inclusive), within 100..=599.
+fn parse_status_range(text: &str) -> Option<(u16, u16)> {
+    let (start, end) = match text.split_once('-') {
+        Some((start, end)) => (start.trim().parse().ok()?, end.trim().parse().ok()?),
+        None => {
+            let code = text.trim().parse().ok()?;
+            (code, code)
+        }
+    };
+    ((100..=599).contains(&start) && (start..=599).contains(&end)).then_some((start, end))
 }
 
 /// Loads a cluster's TLS files; every problem names its field and file.

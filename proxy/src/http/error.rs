@@ -29,7 +29,9 @@ fn body(error: &ProxyError) -> &'static str {
         ProxyError::Malformed(_) | ProxyError::DownstreamBody { .. } => "malformed request\n",
         ProxyError::HeadersTooLarge => "request headers too large\n",
         ProxyError::NoHealthyEndpoint { .. } => "no healthy upstream\n",
-        ProxyError::Overflow { .. } => "upstream overflow: too many requests in flight\n",
+        ProxyError::Overflow { .. } => {
+            "upstream overflow: too many requests in flight or pending\n"
+        }
         ProxyError::UpstreamConnect { .. } | ProxyError::ConnectTimeout { .. } => {
             "upstream connect error\n"
         }

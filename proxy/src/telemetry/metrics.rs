@@ -168,6 +168,8 @@ pub struct ClusterMetrics {
     pub retries_budget_exhausted: AtomicU64,
     /// Endpoints ejected by outlier detection.
     pub outlier_ejections: AtomicU64,
+    /// Of those, ejected for their success rate.
+    pub outlier_success_rate_ejections: AtomicU64,
     /// HTTP requests in flight to the cluster (circuit breaker).
     pub requests_active: AtomicI64,
     /// Requests refused because `max_requests` were in flight.
@@ -176,6 +178,26 @@ pub struct ClusterMetrics {
     pub retries_active: AtomicI64,
     /// Retries not sent because `max_retries` were in flight.
     pub retries_overflow: AtomicU64,
+    /// HTTP upstream connections open or opening (circuit breaker).
+    pub connections_held: AtomicI64,
+    /// Requests that needed a new connection beyond `max_connections`.
+    pub connections_overflow: AtomicU64,
+    /// Requests waiting for a connection (circuit breaker).
+    pub requests_pending: AtomicI64,
+    /// Requests refused because `max_pending_requests` were waiting.
+    pub pending_overflows: AtomicU64,
+    /// Wakes pending requests when a connection closes or goes idle.
+    pub connection_released: tokio::sync::Notify,
+    /// The cluster has active health checks (its health series are shown).
+    pub health_checked: std::sync::atomic::AtomicBool,
+    /// Health probes that passed.
+    pub health_checks_success: AtomicU64,
+    /// Health probes that failed (refused, bad status, not serving).
+    pub health_checks_failure: AtomicU64,
+    /// Health probes not answered within the timeout.
+    pub health_checks_timeout: AtomicU64,
+    /// Endpoints whose last health verdict is healthy.
+    pub endpoints_healthy: AtomicI64,
 }
 
 /// Per-policy decision counters.
@@ -493,7 +515,7 @@ impl Metrics {
                 );
             }
         }
-        let cluster_series: [Series<ClusterMetrics>; 11] = [
+        let cluster_series: [Series<ClusterMetrics>; 16] = [
             (
                 "weft_upstream_connect_failures_total",
                 "counter",
@@ -533,8 +555,14 @@ impl Metrics {
             (
                 "weft_upstream_outlier_ejections_total",
                 "counter",
-                "Endpoints ejected by outlier detection (consecutive failures).",
+                "Endpoints ejected by outlier detection (consecutive failures or success rate).",
                 |m| counter(&m.outlier_ejections),
+            ),
+            (
+                "weft_upstream_outlier_success_rate_ejections_total",
+                "counter",
+                "Endpoints ejected by outlier detection for a success rate far below the others'.",
+                |m| counter(&m.outlier_success_rate_ejections),
             ),
             (
                 "weft_upstream_requests_active",
@@ -559,6 +587,30 @@ impl Metrics {
                 "counter",
                 "Retries not sent because max_retries were in flight.",
                 |m| counter(&m.retries_overflow),
+            ),
+            (
+                "weft_upstream_connections_held",
+                "gauge",
+                "HTTP upstream connections open or opening (against circuit_breakers.max_connections).",
+                |m| m.connections_held.load(Relaxed),
+            ),
+            (
+                "weft_upstream_connections_overflow_total",
+                "counter",
+                "Requests that needed a new connection while max_connections were held (they waited, or were refused).",
+                |m| counter(&m.connections_overflow),
+            ),
+            (
+                "weft_upstream_requests_pending",
+                "gauge",
+                "Requests waiting for an upstream connection (against circuit_breakers.max_pending_requests).",
+                |m| m.requests_pending.load(Relaxed),
+            ),
+            (
+                "weft_upstream_pending_overflow_total",
+                "counter",
+                "Requests refused at once (503 upstream_overflow): max_pending_requests were waiting.",
+                |m| counter(&m.pending_overflows),
             ),
         ];
         for (name, kind, help, read) in cluster_series {
@@ -590,6 +642,37 @@ impl Metrics {
             let labels = format!("policy=\"{}\"", escape(policy));
             m.duration
                 .render(&mut out, "weft_policy_evaluation_seconds", &labels);
+        }
+        out.push_str("# HELP weft_upstream_health_checks_total Active health probes by cluster and result.\n");
+        out.push_str("# TYPE weft_upstream_health_checks_total counter\n");
+        for (cluster, m) in &registry.clusters {
+            if !m.health_checked.load(Relaxed) {
+                continue;
+            }
+            for (result, count) in [
+                ("success", &m.health_checks_success),
+                ("failure", &m.health_checks_failure),
+                ("timeout", &m.health_checks_timeout),
+            ] {
+                let _ = writeln!(
+                    out,
+                    "weft_upstream_health_checks_total{{cluster=\"{}\",result=\"{result}\"}} {}",
+                    escape(cluster),
+                    counter(count)
+                );
+            }
+        }
+        out.push_str("# HELP weft_upstream_endpoints_healthy Endpoints passing their active health checks.\n");
+        out.push_str("# TYPE weft_upstream_endpoints_healthy gauge\n");
+        for (cluster, m) in &registry.clusters {
+            if m.health_checked.load(Relaxed) {
+                let _ = writeln!(
+                    out,
+                    "weft_upstream_endpoints_healthy{{cluster=\"{}\"}} {}",
+                    escape(cluster),
+                    m.endpoints_healthy.load(Relaxed)
+                );
+            }
         }
         let _ = write!(
             out,

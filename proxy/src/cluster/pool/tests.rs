@@ -19,6 +19,8 @@ fn settings() -> PoolSettings {
         max_idle: 8,
         metrics: Arc::new(ClusterMetrics::default()),
         tls: None,
+        max_connections: 1024,
+        max_pending: 1024,
     }
 }
 
@@ -210,4 +212,52 @@ async fn a_refused_connect_is_counted_and_safe_to_retry() {
     );
     assert_eq!(error.retry_safety(), crate::error::RetrySafety::NotSent);
     assert_eq!(endpoint.connect_failures(), 1);
+}
+
+#[tokio::test]
+async fn beyond_max_connections_a_request_waits_for_the_connection_and_beyond_max_pending_is_refused()
+ {
+    let (addr, accepted) = upstream(Upstream::Serve { body: b"hello" }).await;
+    let settings = PoolSettings {
+        max_connections: 1,
+        max_pending: 1,
+        ..settings()
+    };
+    let metrics = settings.metrics.clone();
+    let endpoint = Arc::new(Endpoint::new(addr, 1, settings));
+    // The first response holds the only connection until its body is read.
+    let first = endpoint
+        .send(get().await, Wire::Http1, endpoint.begin())
+        .await
+        .unwrap();
+    assert_eq!(metrics.connections_held.load(Relaxed), 1);
+    let waiting = {
+        let endpoint = endpoint.clone();
+        let req = get().await;
+        tokio::spawn(async move { endpoint.send(req, Wire::Http1, endpoint.begin()).await })
+    };
+    while metrics.requests_pending.load(Relaxed) == 0 {
+        tokio::task::yield_now().await;
+    }
+    // One waits already: the next is refused at once.
+    let refused = endpoint
+        .send(get().await, Wire::Http1, endpoint.begin())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, ProxyError::Overflow { .. }),
+        "{refused:?}"
+    );
+    assert_eq!(metrics.pending_overflows.load(Relaxed), 1);
+    // The first body read to its end gives the connection back, to the
+    // waiting request.
+    first.into_body().collect().await.unwrap();
+    let second = waiting.await.unwrap().unwrap();
+    assert_eq!(
+        second.into_body().collect().await.unwrap().to_bytes(),
+        "hello"
+    );
+    assert_eq!(accepted.load(Relaxed), 1, "one connection served both");
+    assert_eq!(metrics.requests_pending.load(Relaxed), 0);
+    assert_eq!(metrics.connections_overflow.load(Relaxed), 2);
 }

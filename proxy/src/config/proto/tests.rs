@@ -212,6 +212,7 @@ fn unset_optional_fields_stay_unset() {
         tls: None,
         outlier_detection: None,
         circuit_breakers: None,
+        health_check: None,
     };
     let proto = pb::Cluster::from(&cluster);
     assert_eq!(proto.pool, Some(pb::Pool::default()));
@@ -457,6 +458,8 @@ fn protos_round_trip_through_the_spec() {
         circuit_breakers: Some(pb::CircuitBreakers {
             max_requests: Some(10),
             max_retries: None,
+            max_connections: Some(4),
+            max_pending_requests: Some(0),
         }),
         outlier_detection: Some(pb::OutlierDetection {
             consecutive_5xx: Some(3),
@@ -468,6 +471,38 @@ fn protos_round_trip_through_the_spec() {
             max_ejection_time: None,
             max_ejection_percent: Some(34),
             panic_threshold: Some(0),
+            success_rate: Some(pb::SuccessRate {
+                interval: Some(prost_types::Duration {
+                    seconds: 0,
+                    nanos: 500_000_000,
+                }),
+                minimum_hosts: Some(3),
+                request_volume: None,
+                stdev_factor: Some(1000),
+            }),
+        }),
+        health_check: Some(pb::HealthCheck {
+            http: Some(pb::HttpHealthCheck {
+                path: "/healthz".into(),
+                host: Some("users.local".into()),
+                expected_statuses: vec!["200-299".into(), "404".into()],
+            }),
+            tcp: None,
+            grpc: Some(pb::GrpcHealthCheck {
+                service: Some("users".into()),
+                authority: None,
+            }),
+            interval: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+            interval_jitter: None,
+            timeout: Some(prost_types::Duration {
+                seconds: 0,
+                nanos: 250_000_000,
+            }),
+            healthy_threshold: Some(1),
+            unhealthy_threshold: None,
         }),
         endpoints: vec![
             pb::Endpoint {
