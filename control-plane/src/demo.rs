@@ -36,7 +36,7 @@ use crate::serve::{ControlPlane, ServeOptions};
 use crate::xds::Auth;
 
 /// The demo mesh built into the binary, for runs outside the repository.
-const EMBEDDED: [(&str, &str); 4] = [
+const EMBEDDED: [(&str, &str); 7] = [
     ("mesh.yaml", include_str!("../../config/demo/mesh.yaml")),
     (
         "services.yaml",
@@ -46,6 +46,18 @@ const EMBEDDED: [(&str, &str); 4] = [
     (
         "ingress.yaml",
         include_str!("../../config/demo/ingress.yaml"),
+    ),
+    (
+        "policies.yaml",
+        include_str!("../../config/demo/policies.yaml"),
+    ),
+    (
+        "backend-authz.rego",
+        include_str!("../../config/demo/backend-authz.rego"),
+    ),
+    (
+        "backend-authz_test.rego",
+        include_str!("../../config/demo/backend-authz_test.rego"),
     ),
 ];
 
@@ -473,6 +485,8 @@ struct Suggestion {
     path: String,
     headers: Vec<(String, String)>,
     what: String,
+    /// The service the route sends to.
+    service: String,
 }
 
 fn suggestions(mesh: &Mesh) -> Vec<Suggestion> {
@@ -513,6 +527,7 @@ fn suggestions(mesh: &Mesh) -> Vec<Suggestion> {
                     path,
                     headers,
                     what: format!("route {:?} -> {target}", route.name),
+                    service: route.service.clone(),
                 });
             }
         }
@@ -617,6 +632,33 @@ fn print_banner(
             "  every caller then fails and delays a share of its calls to backend: the live line counts `faults`."
         );
     }
+    for policy in mesh.policies() {
+        let guarded: Vec<&str> = mesh
+            .services()
+            .iter()
+            .filter(|s| s.spec.policy.as_ref() == Some(&policy.spec.spec.name))
+            .map(|s| s.spec.name.as_str())
+            .collect();
+        if guarded.is_empty() {
+            continue;
+        }
+        println!(
+            "\nPolicy {:?} ({}/policies.yaml, Rego beside it) guards {}: its sidecars check every call in-process.",
+            policy.spec.spec.name,
+            dir.display(),
+            guarded.join(", ")
+        );
+        if let Some(s) = suggestions(mesh)
+            .into_iter()
+            .find(|s| s.headers.is_empty() && guarded.contains(&s.service.as_str()))
+        {
+            println!("  curl -si -X DELETE http://{}{}", s.address, s.path);
+            println!(
+                "      # 403 from the {} sidecar: the policy refuses DELETE (`denied` on the live line)",
+                guarded.join("/")
+            );
+        }
+    }
     println!("\nControl plane:");
     println!(
         "  weft-cp status --admin {} --token-file {}",
@@ -624,7 +666,7 @@ fn print_banner(
         token_file.display()
     );
     println!(
-        "  edit {}/*.yaml (e.g. the backend split): proxies get the change within a second",
+        "  edit {}/*.yaml or *.rego (e.g. the backend split): proxies get the change within a second",
         dir.display()
     );
     println!("  logs: {}", scratch.display());
@@ -700,7 +742,7 @@ async fn traffic(
                     .collect::<Vec<_>>()
                     .join(", ");
                 let route = target.as_ref().map_or("", |t| t.path.as_str());
-                let (mut retried, mut ejections, mut faults) = (0.0, 0.0, 0.0);
+                let (mut retried, mut ejections, mut faults, mut denied) = (0.0, 0.0, 0.0, 0.0);
                 for p in proxies {
                     if let Ok((_, _, text)) = app::get(p.admin, "admin", "/metrics", &[]).await {
                         let sum = |prefix: &str| {
@@ -712,10 +754,15 @@ async fn traffic(
                         retried += sum("weft_upstream_retries_total{");
                         ejections += sum("weft_upstream_outlier_ejections_total{");
                         faults += sum("weft_http_faults_injected_total{");
+                        denied += text
+                            .lines()
+                            .filter(|l| l.starts_with("weft_policy_decisions_total{") && l.contains("result=\"deny\""))
+                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                            .sum::<f64>();
                     }
                 }
                 print!(
-                    "\r{} req/s to {route} | ok {ok} failed {failed} retried {retried} ejections {ejections} faults {faults} | answered by: {split} | proxies ready {ready}/{}   ",
+                    "\r{} req/s to {route} | ok {ok} failed {failed} retried {retried} ejections {ejections} faults {faults} denied {denied} | answered by: {split} | proxies ready {ready}/{}   ",
                     sent - last_sent,
                     proxies.len()
                 );

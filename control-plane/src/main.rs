@@ -454,20 +454,53 @@ fn validate_mesh(dir: &Path, allow_empty: bool) -> bool {
             false
         }
         Ok((mesh, snapshot)) => {
-            println!(
-                "{}: ok ({} service(s), {} gateway(s), {} node(s))",
-                dir.display(),
-                mesh.services().len(),
-                mesh.gateways().len(),
-                snapshot.nodes.len()
-            );
-            true
+            let tests_passed = run_policy_tests(dir, &mesh);
+            if tests_passed {
+                println!(
+                    "{}: ok ({} service(s), {} gateway(s), {} policy(ies), {} node(s))",
+                    dir.display(),
+                    mesh.services().len(),
+                    mesh.gateways().len(),
+                    mesh.policies().len(),
+                    snapshot.nodes.len()
+                );
+            }
+            tests_passed
         }
         Err(errors) => {
             eprintln!("{}: invalid mesh:\n{errors}", dir.display());
             false
         }
     }
+}
+
+/// Runs the Rego unit tests beside the mesh's policies, as `opa test`
+/// does; prints one line per test and returns whether all passed.
+fn run_policy_tests(dir: &Path, mesh: &mesh::Mesh) -> bool {
+    let mut ok = true;
+    for report in mesh.run_policy_tests() {
+        match report.outcomes {
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    match &outcome.failure {
+                        None => println!("policy {:?}: {}: PASS", report.policy, outcome.rule),
+                        Some(why) => {
+                            ok = false;
+                            eprintln!("policy {:?}: {}: FAIL ({why})", report.policy, outcome.rule);
+                        }
+                    }
+                }
+            }
+            Err(error) => {
+                ok = false;
+                eprintln!("policy {:?}: tests cannot run: {error}", report.policy);
+            }
+        }
+    }
+    if !ok {
+        eprintln!("{}: invalid mesh: policy tests failed", dir.display());
+    }
+    ok
 }
 
 fn validate_proxy_file(file: &Path) -> bool {

@@ -16,6 +16,7 @@
 //! returned one at a time, and each names its file, resource and field.
 
 mod build;
+mod policy;
 pub mod spec;
 mod validate;
 
@@ -29,6 +30,7 @@ use std::sync::Arc;
 use weft_proxy::config::ConfigError;
 
 use crate::resources::MeshSnapshot;
+pub use policy::{MeshPolicy, PolicyTests};
 pub use spec::{
     GatewayListenerSpec, GatewayRouteSpec, GatewaySpec, MeshFileSpec, ServiceRouteSpec,
     ServiceSpec, WorkloadSpec,
@@ -136,18 +138,24 @@ pub struct Located<T> {
 pub struct Mesh {
     services: Vec<Located<ServiceSpec>>,
     gateways: Vec<Located<GatewaySpec>>,
+    policies: Vec<Located<MeshPolicy>>,
     trust_domain: Option<Located<String>>,
 }
 
-/// Whether `path` names a file the mesh reads: `*.yaml` or `*.yml`, not
-/// hidden. Hidden files are skipped because editors keep their lock and
-/// swap files there (`.#services.yaml`).
+/// Whether `path` names a file the mesh reads: `*.yaml` or `*.yml`, and
+/// the `*.rego` and `*.json` files policies name; not hidden. Hidden files
+/// are skipped because editors keep their lock and swap files there
+/// (`.#services.yaml`).
 pub fn is_mesh_file(path: &Path) -> bool {
     let hidden = path
         .file_name()
         .and_then(|n| n.to_str())
         .is_none_or(|n| n.starts_with('.'));
-    !hidden && path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+    !hidden && (is_yaml(path) || policy::is_policy_file(path))
+}
+
+fn is_yaml(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "yaml" || e == "yml")
 }
 
 /// Reads every mesh file directly inside `dir` (not recursive), sorted by
@@ -202,9 +210,14 @@ impl Mesh {
         let mut mesh = Mesh {
             services: Vec::new(),
             gateways: Vec::new(),
+            policies: Vec::new(),
             trust_domain: None,
         };
-        for file in files {
+        let mut policies = Vec::new();
+        for file in files
+            .iter()
+            .filter(|f| !policy::is_policy_file(Path::new(&*f.name)))
+        {
             // An empty file (or one holding only comments) is an empty mesh
             // file, not a syntax error.
             let parsed = if file.text.trim().is_empty() {
@@ -248,6 +261,10 @@ impl Mesh {
                             file: file.name.clone(),
                             spec,
                         }));
+                    policies.extend(spec.policies.into_iter().map(|spec| Located {
+                        file: file.name.clone(),
+                        spec,
+                    }));
                 }
                 Err(source) => errors.push(MeshError::Syntax {
                     file: file.name.clone(),
@@ -258,8 +275,15 @@ impl Mesh {
         if !errors.is_empty() {
             return Err(MeshErrors(errors));
         }
-        validate::validate(&mesh)?;
-        Ok(mesh)
+        mesh.policies = policy::resolve(policies, &policy::assets(files), &mut errors);
+        if let Err(MeshErrors(found)) = validate::validate(&mesh) {
+            errors.extend(found);
+        }
+        if errors.is_empty() {
+            Ok(mesh)
+        } else {
+            Err(MeshErrors(errors))
+        }
     }
 
     /// The services, in file order then definition order.
@@ -270,6 +294,12 @@ impl Mesh {
     /// The gateways, in file order then definition order.
     pub fn gateways(&self) -> &[Located<GatewaySpec>] {
         &self.gateways
+    }
+
+    /// The policies, their files inlined, in file order then definition
+    /// order.
+    pub fn policies(&self) -> &[Located<MeshPolicy>] {
+        &self.policies
     }
 
     /// The SPIFFE trust domain, if the mesh has identities.

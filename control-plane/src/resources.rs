@@ -18,10 +18,12 @@ use weft_proxy::config::proto::pack;
 
 /// The type URLs the control plane serves, in the order a push sends them:
 /// the trust bundle before the clusters and listeners that verify peers
-/// with it, a cluster before the route that uses it, a route configuration
-/// before the listener that names it.
-pub const TYPE_URLS: [&str; 4] = [
+/// with it, policies before the routes and listeners that name them, a
+/// cluster before the route that uses it, a route configuration before the
+/// listener that names it.
+pub const TYPE_URLS: [&str; 5] = [
     pb::TRUST_BUNDLE_TYPE_URL,
+    pb::POLICY_TYPE_URL,
     pb::CLUSTER_TYPE_URL,
     pb::ROUTE_CONFIGURATION_TYPE_URL,
     pb::LISTENER_TYPE_URL,
@@ -105,7 +107,21 @@ impl NodeResources {
             pb::TRUST_BUNDLE_TYPE_URL,
             Arc::new(TypeResources::new(BTreeMap::new())),
         );
+        types.insert(
+            pb::POLICY_TYPE_URL,
+            Arc::new(TypeResources::new(BTreeMap::new())),
+        );
         Self { types }
+    }
+
+    /// The same resources with `policies` as the node's policies.
+    #[must_use]
+    pub fn with_policies(mut self, policies: Vec<pb::Policy>) -> Self {
+        self.types.insert(
+            pb::POLICY_TYPE_URL,
+            Arc::new(versioned(policies, |p: &pb::Policy| p.name.clone())),
+        );
+        self
     }
 
     /// The same resources with `bundle` as the node's trust bundles (none:

@@ -63,6 +63,8 @@ pub mod config {
         pub const CLUSTER_TYPE_URL: &str = "type.googleapis.com/weft.config.v1.Cluster";
         /// The type URL of a [`TrustBundle`].
         pub const TRUST_BUNDLE_TYPE_URL: &str = "type.googleapis.com/weft.config.v1.TrustBundle";
+        /// The type URL of a [`Policy`].
+        pub const POLICY_TYPE_URL: &str = "type.googleapis.com/weft.config.v1.Policy";
     }
 }
 
@@ -143,6 +145,7 @@ mod tests {
         );
         assert_eq!(v1::Cluster::type_url(), v1::CLUSTER_TYPE_URL);
         assert_eq!(v1::TrustBundle::type_url(), v1::TRUST_BUNDLE_TYPE_URL);
+        assert_eq!(v1::Policy::type_url(), v1::POLICY_TYPE_URL);
         assert_eq!(
             DiscoveryRequest::full_name(),
             "envoy.service.discovery.v3.DiscoveryRequest"

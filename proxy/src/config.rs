@@ -19,6 +19,7 @@ use std::sync::Arc;
 
 pub use model::*;
 pub use spec::*;
+pub use validate::compile_policy;
 #[cfg(test)]
 use validate::parse_endpoint_address;
 

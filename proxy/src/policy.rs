@@ -33,6 +33,9 @@ use crate::http::body::ResponseBody;
 use crate::http::error::{Decision, ERROR_HEADER, is_grpc};
 use crate::telemetry::PolicyMetrics;
 
+mod testing;
+pub use testing::TestOutcome;
+
 /// OPA-Envoy's default decision: `package envoy.authz`, rule `allow`.
 pub const DEFAULT_QUERY: &str = "data.envoy.authz.allow";
 /// One evaluation may run this long before it counts as an error.

@@ -232,7 +232,7 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     })
     .await;
     assert_eq!(up.ok(), Some(true), "the demo prints its banner");
-    assert_eq!(admins.len(), 5, "four sidecars and a gateway");
+    assert_eq!(admins.len(), 6, "five sidecars and a gateway");
     // The bootstrap token is readable by its owner only.
     let token_file = token_file.expect("the banner names the token file");
     let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -271,6 +271,19 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         2,
         "{body}"
     );
+    // The demo's policy (policies.yaml, backend-authz.rego): backend's
+    // sidecars refuse DELETE, with the decision's body and headers.
+    let response = http1_request(
+        gateway,
+        request(gateway, "DELETE", "/backend/items", bytes::Bytes::new()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(response.status(), 403);
+    assert_eq!(header(&response, "x-weft-error"), "policy_denied");
+    assert_eq!(header(&response, "x-denied-by"), "backend-authz");
+    let body = body_bytes(response).await.unwrap();
+    assert_eq!(&body[..], b"backend does not accept DELETE\n");
     let mut canary = get(gateway, "/backend/x");
     canary
         .headers_mut()

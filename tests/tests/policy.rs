@@ -203,3 +203,123 @@ fn a_broken_policy_is_refused_with_its_file_and_line() {
     assert!(stderr.contains("policy \"broken\""), "{stderr}");
     assert!(stderr.contains("broken.rego:"), "{stderr}");
 }
+
+/// A mesh directory whose gateway route names a policy kept in a Rego
+/// file beside the YAML.
+fn mesh(dir: &Path, echo: std::net::SocketAddr, rego: &str) {
+    let write = |name: &str, text: &str| {
+        let temporary = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&temporary, text).unwrap();
+        std::fs::rename(&temporary, dir.join(name)).unwrap();
+    };
+    write("gw-authz.rego", rego);
+    write(
+        "mesh.yaml",
+        &format!(
+            r#"
+services:
+  - name: alpha
+    workloads:
+      - {{ name: alpha-1, app: "127.0.0.1:1", inbound: "{echo}" }}
+gateways:
+  - name: gw
+    listeners:
+      - name: http
+        address: "127.0.0.1:0"
+        routes:
+          - {{ name: all, service: alpha, policy: gw-authz }}
+policies:
+  - name: gw-authz
+    rego_files: [gw-authz.rego]
+"#
+        ),
+    );
+}
+
+const NO_DELETE: &str = "package envoy.authz\n\
+    default allow := false\n\
+    allow if input.attributes.request.http.method != \"DELETE\"\n";
+const NO_POST: &str = "package envoy.authz\n\
+    default allow := false\n\
+    allow if input.attributes.request.http.method != \"POST\"\n";
+
+async fn status_of(addr: std::net::SocketAddr, method: &str) -> u16 {
+    http1_request(addr, request(addr, method, "/", Bytes::new()))
+        .await
+        .map_or(0, |r| r.status().as_u16())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_from_the_mesh_directory_is_pushed_hot_swapped_and_a_broken_one_refused() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+    use weft_tests::xds::{CpProcess, TOKEN};
+
+    let upstream = echo("alpha").await;
+    let dir = TempDir::new().unwrap();
+    mesh(dir.path(), upstream.local_addr(), NO_DELETE);
+    let cp = CpProcess::start(dir.path()).await.unwrap();
+    let proxy = ProxyProcess::start_xds(cp.xds, "gw", Some(TOKEN))
+        .await
+        .unwrap();
+    let web = proxy.bound_listener("http").await.unwrap();
+    assert_eq!(status_of(web, "GET").await, 200);
+    assert_eq!(status_of(web, "DELETE").await, 403);
+
+    // Reads keep flowing while the policy is replaced: none may fail.
+    let stop = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicU64::new(0));
+    let sent = Arc::new(AtomicU64::new(0));
+    let load = tokio::spawn({
+        let (stop, failed, sent) = (stop.clone(), failed.clone(), sent.clone());
+        async move {
+            let mut send = http1_connect::<Full<Bytes>>(web).await.unwrap();
+            // Bounded: at most 20,000 requests or until told to stop.
+            for _ in 0..20_000 {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                let ok = match send.send_request(get(web, "/")).await {
+                    Ok(response) => response.status() == 200 && body_bytes(response).await.is_ok(),
+                    Err(_) => false,
+                };
+                sent.fetch_add(1, Relaxed);
+                if !ok {
+                    failed.fetch_add(1, Relaxed);
+                }
+            }
+        }
+    });
+    mesh(dir.path(), upstream.local_addr(), NO_POST);
+    let swapped = eventually(DEADLINE, || async {
+        status_of(web, "DELETE").await == 200 && status_of(web, "POST").await == 403
+    })
+    .await;
+    assert!(swapped, "the new policy applies; cp log:\n{}", cp.log());
+    stop.store(true, Relaxed);
+    load.await.unwrap();
+    assert!(sent.load(Relaxed) > 0);
+    assert_eq!(failed.load(Relaxed), 0, "of {} reads", sent.load(Relaxed));
+
+    // A policy that does not compile is refused by the control plane,
+    // naming the file and line; the proxy keeps the last good one.
+    mesh(
+        dir.path(),
+        upstream.local_addr(),
+        "package envoy.authz\nallow if {\n",
+    );
+    let refused = eventually(DEADLINE, || async {
+        cp.status()
+            .await
+            .ok()
+            .and_then(|s| s.config_error)
+            .is_some_and(|e| e.contains("gw-authz.rego:3") && e.contains("mesh.yaml"))
+    })
+    .await;
+    assert!(refused, "cp log:\n{}", cp.log());
+    let denials = "weft_policy_decisions_total{policy=\"gw-authz\",result=\"deny\"}";
+    let before = proxy.metric(denials).await;
+    assert_eq!(status_of(web, "POST").await, 403);
+    assert_eq!(status_of(web, "GET").await, 200);
+    assert_eq!(proxy.metric(denials).await, before + 1.0);
+}

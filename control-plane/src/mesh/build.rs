@@ -22,7 +22,7 @@ use std::time::Duration;
 use weft_proto::config::v1 as pb;
 use weft_proxy::config::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, Config, EndpointSpec, ListenerSpec,
-    ListenerTlsSpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, VirtualHostSpec,
+    ListenerTlsSpec, PolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, VirtualHostSpec,
     WeightedClusterSpec,
 };
 
@@ -63,6 +63,8 @@ struct NodeSpec {
     listeners: Vec<ListenerSpec>,
     route_configs: Vec<RouteConfigSpec>,
     clusters: BTreeMap<String, ClusterSpec>,
+    /// The policies its listeners and routes name.
+    policies: BTreeMap<String, PolicySpec>,
     /// The mesh's trust domain, if it has identities.
     trust_domain: Option<String>,
     /// This node's own SPIFFE ID (with a trust domain).
@@ -127,6 +129,19 @@ impl NodeSpec {
         }
     }
 
+    /// Attaches (once) the policy `name` to this node and returns its
+    /// name, for a listener's or route's `policy`.
+    fn policy(&mut self, name: Option<&String>, policies: &Policies<'_>) -> Option<String> {
+        let name = name?;
+        // Validation guarantees every reference resolves.
+        if let Some(policy) = policies.get(name.as_str()) {
+            self.policies
+                .entry(name.clone())
+                .or_insert_with(|| (*policy).clone());
+        }
+        Some(name.clone())
+    }
+
     /// Adds (once) the cluster of a service's workloads, or of one version
     /// of them, and returns its name.
     fn service_cluster(&mut self, service: &ServiceSpec, version: Option<&str>) -> String {
@@ -180,6 +195,7 @@ impl NodeSpec {
             listeners: self.listeners,
             route_configs: self.route_configs,
             clusters: self.clusters.into_values().collect(),
+            policies: self.policies.into_values().collect(),
             ..BootstrapSpec::default()
         };
         if let Err(rejected) = Config::try_from(spec.clone()) {
@@ -190,22 +206,33 @@ impl NodeSpec {
             }));
             return None;
         }
-        Some(NodeResources::new(
-            spec.listeners.iter().map(pb::Listener::from).collect(),
-            spec.route_configs
-                .iter()
-                .map(pb::RouteConfiguration::from)
-                .collect(),
-            spec.clusters.iter().map(pb::Cluster::from).collect(),
-        ))
+        Some(
+            NodeResources::new(
+                spec.listeners.iter().map(pb::Listener::from).collect(),
+                spec.route_configs
+                    .iter()
+                    .map(pb::RouteConfiguration::from)
+                    .collect(),
+                spec.clusters.iter().map(pb::Cluster::from).collect(),
+            )
+            .with_policies(spec.policies.iter().map(pb::Policy::from).collect()),
+        )
     }
 }
+
+/// The mesh's policies by name, their files inlined.
+type Policies<'a> = BTreeMap<&'a str, &'a PolicySpec>;
 
 pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
     let services: BTreeMap<&str, &ServiceSpec> = mesh
         .services
         .iter()
         .map(|s| (s.spec.name.as_str(), &s.spec))
+        .collect();
+    let policies: Policies<'_> = mesh
+        .policies
+        .iter()
+        .map(|p| (p.spec.spec.name.as_str(), &p.spec.spec))
         .collect();
     let mut errors = Vec::new();
     let mut snapshot = MeshSnapshot {
@@ -216,7 +243,14 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
     for service in &mesh.services {
         let identity = service_identity(domain, &service.spec);
         for workload in &service.spec.workloads {
-            let node = sidecar(&service.spec, workload, &services, domain, identity.clone());
+            let node = sidecar(
+                &service.spec,
+                workload,
+                &services,
+                &policies,
+                domain,
+                identity.clone(),
+            );
             if let Some(resources) = node.finish(&service.file, &workload.name, &mut errors) {
                 snapshot.nodes.insert(
                     workload.name.clone(),
@@ -243,7 +277,7 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
         });
         let mut node = NodeSpec::new(domain, identity.clone());
         for listener in &gateway.spec.listeners {
-            gateway_listener(&mut node, listener, &services);
+            gateway_listener(&mut node, listener, &services, &policies);
         }
         if let Some(resources) = node.finish(&gateway.file, &gateway.spec.name, &mut errors) {
             snapshot.nodes.insert(
@@ -267,12 +301,14 @@ fn sidecar(
     service: &ServiceSpec,
     workload: &WorkloadSpec,
     services: &BTreeMap<&str, &ServiceSpec>,
+    policies: &Policies<'_>,
     trust_domain: Option<&str>,
     identity: Option<String>,
 ) -> NodeSpec {
     let mut node = NodeSpec::new(trust_domain, identity.clone());
     let mut inbound = http_listener(INBOUND, &workload.inbound, Side::Sidecar);
     inbound.rate_limit.clone_from(&service.rate_limit);
+    inbound.policy = node.policy(service.policy.as_ref(), policies);
     if uses_mtls(trust_domain, service) {
         // Strict: only callers with a certificate from the mesh's CA;
         // permissive: plaintext callers too (while they migrate). Callers'
@@ -360,6 +396,7 @@ fn gateway_listener(
     node: &mut NodeSpec,
     listener: &GatewayListenerSpec,
     services: &BTreeMap<&str, &ServiceSpec>,
+    policies: &Policies<'_>,
 ) {
     // The proxy picks a virtual host by the request's host first, then the
     // first matching route within it. To keep the gateway's "first route
@@ -378,7 +415,7 @@ fn gateway_listener(
             let Some(service) = services.get(r.service.as_str()) else {
                 continue;
             };
-            routes.push(gateway_route(node, r, service));
+            routes.push(gateway_route(node, r, service, policies));
         }
         virtual_hosts.push(VirtualHostSpec {
             name: virtual_host_name(domain),
@@ -388,6 +425,7 @@ fn gateway_listener(
     }
     let mut spec = http_listener(&listener.name, &listener.address, Side::Gateway);
     spec.rate_limit.clone_from(&listener.rate_limit);
+    spec.policy = node.policy(listener.policy.as_ref(), policies);
     node.listeners.push(spec);
     node.route_configs.push(RouteConfigSpec {
         name: listener.name.clone(),
@@ -395,8 +433,14 @@ fn gateway_listener(
     });
 }
 
-fn gateway_route(node: &mut NodeSpec, r: &GatewayRouteSpec, service: &ServiceSpec) -> RouteSpec {
+fn gateway_route(
+    node: &mut NodeSpec,
+    r: &GatewayRouteSpec,
+    service: &ServiceSpec,
+    policies: &Policies<'_>,
+) -> RouteSpec {
     let mut spec = route(&r.name, r.matcher.clone());
+    spec.policy = node.policy(r.policy.as_ref(), policies);
     spec.timeout = r.timeout.or(service.timeout);
     spec.retry_policy.clone_from(&service.retries);
     spec.fault = r.fault.clone().or_else(|| service.fault.clone());

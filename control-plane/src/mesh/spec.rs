@@ -28,6 +28,11 @@ pub struct MeshFileSpec {
     /// Ingress gateways.
     #[serde(default)]
     pub gateways: Vec<GatewaySpec>,
+    /// Rego policies (the proxy's `policies`; `rego_files` and `data_file`
+    /// name files in the mesh directory). Services, gateway listeners and
+    /// gateway routes name them in `policy`.
+    #[serde(default)]
+    pub policies: Vec<weft_proxy::config::PolicySpec>,
 }
 
 /// A service: a name callers use as the host, and the workloads serving it.
@@ -65,6 +70,11 @@ pub struct ServiceSpec {
     /// caller identity under mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<weft_proxy::config::RateLimitSpec>,
+    /// The policy every call to its workloads must pass, checked by each
+    /// workload's sidecar on its inbound listener (where the caller's
+    /// identity is known under mTLS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     /// Callers cut a response from it that sends nothing for this long
     /// (the proxy's route `stream_idle_timeout`).
     #[serde(
@@ -187,6 +197,9 @@ pub struct GatewayListenerSpec {
     /// `rate_limit`), before routing.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<weft_proxy::config::RateLimitSpec>,
+    /// The policy every request must pass, before routing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 /// One route of a gateway listener.
@@ -225,4 +238,7 @@ pub struct GatewayRouteSpec {
     /// The route's request rate limit (the proxy's route `rate_limit`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<weft_proxy::config::RateLimitSpec>,
+    /// The policy the route's requests must pass.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }

@@ -47,6 +47,7 @@ fn node_spec(resources: &NodeResources) -> BootstrapSpec {
         all::<pb::Listener>(resources, pb::LISTENER_TYPE_URL),
         all::<pb::RouteConfiguration>(resources, pb::ROUTE_CONFIGURATION_TYPE_URL),
         all::<pb::Cluster>(resources, pb::CLUSTER_TYPE_URL),
+        all::<pb::Policy>(resources, pb::POLICY_TYPE_URL),
     )
     .unwrap()
 }
@@ -584,14 +585,19 @@ fn demo_mesh_validates_and_builds_every_node() {
 }
 
 #[test]
-fn only_visible_yaml_files_are_mesh_files() {
+fn only_visible_yaml_and_policy_files_are_mesh_files() {
     let cases = [
         ("a.yaml", true),
         ("a.yml", true),
         ("a.yaml~", false),
         (".a.yaml.swp", false),
         (".#a.yaml", false),
-        ("a.json", false),
+        // What policies name: Rego modules and JSON data.
+        ("a.json", true),
+        ("a.rego", true),
+        (".a.rego.swp", false),
+        ("a.rego~", false),
+        ("a.txt", false),
     ];
     for (name, want) in cases {
         assert_eq!(is_mesh_file(Path::new(name)), want, "{name}");
@@ -828,5 +834,159 @@ gateways:
             .iter()
             .any(|e| e.starts_with("m.yaml") && e.contains("fault.abort.percent")),
         "{errors:?}"
+    );
+}
+
+const POLICY_MESH: &str = r#"
+services:
+  - name: frontend
+    workloads:
+      - { name: frontend-1, app: "127.0.0.1:9101", inbound: "127.0.0.1:9201", outbound: "127.0.0.1:9301" }
+    calls: [backend]
+  - name: backend
+    policy: backend-authz
+    workloads:
+      - { name: backend-1, app: "127.0.0.1:9102", inbound: "127.0.0.1:9202" }
+gateways:
+  - name: gw
+    listeners:
+      - name: http
+        address: "127.0.0.1:9000"
+        policy: edge
+        routes:
+          - { name: backend, service: backend, policy: backend-authz }
+policies:
+  - name: backend-authz
+    rego_files: [backend-authz.rego]
+    data_file: callers.json
+  - name: edge
+    rego: |
+      package envoy.authz
+      default allow := true
+"#;
+
+const BACKEND_REGO: &str = "package envoy.authz\n\
+    default allow := false\n\
+    allow if input.attributes.source.principal in data.callers\n";
+
+const BACKEND_TESTS: &str = "package envoy.authz_test\n\
+    import data.envoy.authz\n\
+    test_known_caller if authz.allow with input as {\"attributes\": {\"source\": {\"principal\": \"a\"}}}\n\
+    test_unknown_caller if authz.allow with input as {\"attributes\": {\"source\": {\"principal\": \"z\"}}}\n";
+
+fn policy_files(rego: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("dir/mesh.yaml", POLICY_MESH.to_owned()),
+        ("dir/backend-authz.rego", rego.to_owned()),
+        ("dir/backend-authz_test.rego", BACKEND_TESTS.to_owned()),
+        ("dir/callers.json", r#"{"callers": ["a", "b"]}"#.to_owned()),
+    ]
+}
+
+fn as_sources<'a>(files: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
+    files.iter().map(|(n, t)| (*n, t.as_str())).collect()
+}
+
+#[test]
+fn policies_are_inlined_and_sent_only_to_the_nodes_that_name_them() {
+    let files = policy_files(BACKEND_REGO);
+    let snapshot = snapshot(&as_sources(&files));
+
+    let backend = node(&snapshot, "backend-1");
+    let inbound = backend
+        .listeners
+        .iter()
+        .find(|l| l.name == "inbound")
+        .unwrap();
+    assert_eq!(inbound.policy.as_deref(), Some("backend-authz"));
+    assert_eq!(backend.policies.len(), 1);
+    let policy = &backend.policies[0];
+    assert_eq!(policy.name, "backend-authz");
+    assert_eq!(policy.rego_files, None);
+    assert_eq!(policy.data_file, None);
+    let modules = policy.modules.as_deref().unwrap();
+    assert_eq!(modules.len(), 1);
+    assert_eq!(modules[0].name, "dir/backend-authz.rego");
+    assert_eq!(modules[0].rego, BACKEND_REGO);
+    assert_eq!(
+        policy.data,
+        Some(serde_json::json!({ "callers": ["a", "b"] }))
+    );
+
+    let gateway = node(&snapshot, "gw");
+    assert_eq!(gateway.listeners[0].policy.as_deref(), Some("edge"));
+    let routes = &gateway.route_configs[0].virtual_hosts[0].routes;
+    assert_eq!(routes[0].policy.as_deref(), Some("backend-authz"));
+    let mut names: Vec<&str> = gateway.policies.iter().map(|p| p.name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["backend-authz", "edge"]);
+
+    // frontend names no policy: it is sent none.
+    assert!(node(&snapshot, "frontend-1").policies.is_empty());
+}
+
+#[test]
+fn policy_unit_tests_run_against_the_policy() {
+    let files = policy_files(BACKEND_REGO);
+    let mesh = Mesh::parse(&self::files(&as_sources(&files))).unwrap();
+    let reports = mesh.run_policy_tests();
+    assert_eq!(reports.len(), 1);
+    assert_eq!(reports[0].policy, "backend-authz");
+    let outcomes = reports[0].outcomes.as_ref().unwrap();
+    let results: Vec<(&str, bool)> = outcomes
+        .iter()
+        .map(|o| (o.rule.as_str(), o.passed()))
+        .collect();
+    assert_eq!(
+        results,
+        [
+            ("data.envoy.authz_test.test_known_caller", true),
+            ("data.envoy.authz_test.test_unknown_caller", false),
+        ]
+    );
+}
+
+#[test]
+fn broken_or_missing_policies_are_reported_with_file_resource_and_line() {
+    // Rego that does not parse: the YAML file, the policy, and the Rego
+    // file's line.
+    let files = policy_files("package envoy.authz\nallow if {\n");
+    let found = errors(&as_sources(&files));
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(
+        found[0].starts_with("dir/mesh.yaml: policy \"backend-authz\": rego: ")
+            && found[0].contains("dir/backend-authz.rego:3"),
+        "{found:?}"
+    );
+
+    // A file that is not there, one outside the directory, and a
+    // reference to no policy.
+    let mesh = POLICY_MESH
+        .replace("[backend-authz.rego]", "[missing.rego, ../etc/x.rego]")
+        .replace("policy: edge", "policy: nowhere");
+    let found = errors(&[("dir/mesh.yaml", &mesh)]);
+    assert!(
+        found.contains(
+            &"dir/mesh.yaml: policy \"backend-authz\": rego_files[0]: \"missing.rego\": no such file in the mesh directory"
+                .to_owned()
+        ),
+        "{found:?}"
+    );
+    assert!(
+        found
+            .iter()
+            .any(|e| e.contains("rego_files[1]") && e.contains("no directories")),
+        "{found:?}"
+    );
+    assert!(
+        found.contains(
+            &"dir/mesh.yaml: gateway \"gw\": listeners[0].policy: unknown policy \"nowhere\""
+                .to_owned()
+        ),
+        "{found:?}"
+    );
+    assert!(
+        found.iter().any(|e| e.contains("data_file")),
+        "callers.json is missing too: {found:?}"
     );
 }

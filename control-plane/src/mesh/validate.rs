@@ -213,6 +213,8 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
         }
     }
 
+    super::policy::check_references(mesh, &mut errors);
+
     if errors.is_empty() {
         Ok(())
     } else {

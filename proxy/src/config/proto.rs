@@ -29,15 +29,15 @@ use super::spec::{
     BootstrapSpec, CircuitBreakersSpec, ClientRateLimitSpec, ClusterSpec, ClusterTlsSpec,
     DirectResponseSpec, EndpointSpec, FaultAbortSpec, FaultDelaySpec, FaultSpec,
     GrpcHealthCheckSpec, HeaderMatchSpec, HeaderOpsSpec, HealthCheckSpec, HttpHealthCheckSpec,
-    ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PoolSpec, RateLimitSpec, RetryBudgetSpec,
-    RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec, SuccessRateSpec,
-    TcpFaultSpec, TcpHealthCheckSpec, TlsCertificateSpec, TrustBundleSpec, VirtualHostSpec,
-    WeightedClusterSpec,
+    ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PolicySpec, PoolSpec, RateLimitSpec,
+    RegoModuleSpec, RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec,
+    SniRouteSpec, SuccessRateSpec, TcpFaultSpec, TcpHealthCheckSpec, TlsCertificateSpec,
+    TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 
 pub use weft_proto::config::v1::{
-    CLUSTER_TYPE_URL, LISTENER_TYPE_URL, ROUTE_CONFIGURATION_TYPE_URL,
+    CLUSTER_TYPE_URL, LISTENER_TYPE_URL, POLICY_TYPE_URL, ROUTE_CONFIGURATION_TYPE_URL,
 };
 
 /// The largest `google.protobuf.Duration`: the protobuf definition limits
@@ -71,6 +71,14 @@ pub enum InvalidValue {
     /// An HTTP status code that does not fit in 16 bits.
     #[error("status {0} is out of range (at most 65535)")]
     StatusOutOfRange(u32),
+    /// A JSON text field that does not parse.
+    #[error("invalid JSON at line {line}, column {column}")]
+    Json {
+        /// Where the parser stopped.
+        line: usize,
+        /// Where the parser stopped.
+        column: usize,
+    },
 }
 
 /// One field of one resource that the spec cannot hold.
@@ -188,16 +196,19 @@ pub fn bootstrap_from_resources(
     listeners: Vec<pb::Listener>,
     routes: Vec<pb::RouteConfiguration>,
     clusters: Vec<pb::Cluster>,
+    policies: Vec<pb::Policy>,
 ) -> Result<BootstrapSpec, ConversionErrors> {
     let mut errors = Vec::new();
     let listeners = collect(listeners, &mut errors);
     let route_configs = collect(routes, &mut errors);
     let clusters = collect(clusters, &mut errors);
+    let policies = collect(policies, &mut errors);
     if errors.is_empty() {
         Ok(BootstrapSpec {
             listeners,
             route_configs,
             clusters,
+            policies,
             ..BootstrapSpec::default()
         })
     } else {
@@ -214,6 +225,83 @@ impl From<pb::TrustBundle> for TrustBundleSpec {
             roots_pem: Some(bundle.roots_pem),
             signer: Some(bundle.signer).filter(|s| !s.is_empty()),
         }
+    }
+}
+
+/// A policy travels with its modules and data inline: whoever reads
+/// `rego_files` and `data_file` (the control plane, from its mesh
+/// directory) puts their contents in `modules` and `data` first; a spec
+/// that still names files sends none of them.
+impl From<&PolicySpec> for pb::Policy {
+    fn from(spec: &PolicySpec) -> Self {
+        let inline = spec.rego.iter().map(|rego| pb::RegoModule {
+            name: format!("{}.rego", spec.name),
+            text: rego.clone(),
+        });
+        pb::Policy {
+            name: spec.name.clone(),
+            modules: spec
+                .modules
+                .iter()
+                .flatten()
+                .map(|m| pb::RegoModule {
+                    name: m.name.clone(),
+                    text: m.rego.clone(),
+                })
+                .chain(inline)
+                .collect(),
+            data_json: spec
+                .data
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
+            query: spec.query.clone().unwrap_or_default(),
+            rego_version: spec.rego_version.clone().unwrap_or_default(),
+            mode: spec.mode.clone().unwrap_or_default(),
+            failure_mode: spec.failure_mode.clone().unwrap_or_default(),
+        }
+    }
+}
+
+impl TryFrom<pb::Policy> for PolicySpec {
+    type Error = ConversionErrors;
+
+    fn try_from(policy: pb::Policy) -> Result<Self, Self::Error> {
+        let mut check = Checker::new("policy", &policy.name);
+        let data = if policy.data_json.is_empty() {
+            None
+        } else {
+            match serde_json::from_str(&policy.data_json) {
+                Ok(value) => Some(value),
+                Err(error) => {
+                    let (line, column) = (error.line(), error.column());
+                    check.error("data_json".into(), InvalidValue::Json { line, column });
+                    None
+                }
+            }
+        };
+        let text = |s: String| Some(s).filter(|s| !s.is_empty());
+        check.finish(PolicySpec {
+            name: policy.name,
+            rego_files: None,
+            rego: None,
+            modules: Some(
+                policy
+                    .modules
+                    .into_iter()
+                    .map(|m| RegoModuleSpec {
+                        name: m.name,
+                        rego: m.text,
+                    })
+                    .collect(),
+            ),
+            data,
+            data_file: None,
+            query: text(policy.query),
+            rego_version: text(policy.rego_version),
+            mode: text(policy.mode),
+            failure_mode: text(policy.failure_mode),
+        })
     }
 }
 

@@ -176,6 +176,10 @@ pub struct PolicySpec {
     /// Or Rego text inline (a module of its own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rego: Option<String>,
+    /// Or Rego modules inline, each with the name its errors carry (how
+    /// policies arrive over xDS).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub modules: Option<Vec<RegoModuleSpec>>,
     /// The policy's `data` document.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<serde_json::Value>,
@@ -194,6 +198,16 @@ pub struct PolicySpec {
     /// On an evaluation error: `deny` (default) or `allow`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failure_mode: Option<String>,
+}
+
+/// One Rego module given inline.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegoModuleSpec {
+    /// What errors call it, e.g. the file it came from.
+    pub name: String,
+    /// The Rego text.
+    pub rego: String,
 }
 
 /// Local token buckets: `requests_per_second` refills, `burst` is the most

@@ -21,6 +21,8 @@ use super::{ConfigError, ValidationErrors};
 mod faults;
 mod policy;
 
+pub use policy::compile_policy;
+
 /// More proxies in front than this is a configuration mistake.
 const MAX_TRUSTED_HOPS: u32 = 16;
 const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);

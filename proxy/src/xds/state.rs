@@ -35,10 +35,12 @@ const INVALID_ARGUMENT: i32 = 3;
 
 /// The types subscribed to, in the order of the first requests: trust
 /// bundles before the clusters and listeners that verify peers with them,
-/// a cluster before the route that uses it, a route before the listener
-/// that names it.
-pub(crate) const TYPE_URLS: [&str; 4] = [
+/// policies before the routes and listeners that name them, a cluster
+/// before the route that uses it, a route before the listener that names
+/// it.
+pub(crate) const TYPE_URLS: [&str; 5] = [
     pb::TRUST_BUNDLE_TYPE_URL,
+    pb::POLICY_TYPE_URL,
     pb::CLUSTER_TYPE_URL,
     pb::ROUTE_CONFIGURATION_TYPE_URL,
     pb::LISTENER_TYPE_URL,
@@ -202,12 +204,13 @@ impl XdsState {
     /// the proxy has its whole first configuration.
     /// Trust bundles are not needed for that: a proxy with mesh identities
     /// has its domain's bundle from its first certificate, and `/ready`
-    /// waits for that on its own.
+    /// waits for that on its own. Nor are policies: a listener or route
+    /// that names one does not validate without it.
     pub(crate) fn is_complete(&self) -> bool {
-        TYPE_URLS
-            .iter()
-            .zip(&self.types)
-            .all(|(type_url, t)| *type_url == pb::TRUST_BUNDLE_TYPE_URL || t.applied.is_some())
+        TYPE_URLS.iter().zip(&self.types).all(|(type_url, t)| {
+            [pb::TRUST_BUNDLE_TYPE_URL, pb::POLICY_TYPE_URL].contains(type_url)
+                || t.applied.is_some()
+        })
     }
 
     /// Versions and rejections, for `/config_dump`.
@@ -276,13 +279,14 @@ impl XdsState {
         };
         let mut errors = Vec::new();
         let bundles = decode::<pb::TrustBundle>(latest(0), "trust_bundle", &mut errors);
-        let clusters = decode::<pb::Cluster>(latest(1), "cluster", &mut errors);
-        let routes = decode::<pb::RouteConfiguration>(latest(2), "route_config", &mut errors);
-        let listeners = decode::<pb::Listener>(latest(3), "listener", &mut errors);
+        let policies = decode::<pb::Policy>(latest(1), "policy", &mut errors);
+        let clusters = decode::<pb::Cluster>(latest(2), "cluster", &mut errors);
+        let routes = decode::<pb::RouteConfiguration>(latest(3), "route_config", &mut errors);
+        let listeners = decode::<pb::Listener>(latest(4), "listener", &mut errors);
         if !errors.is_empty() {
             return Err(errors);
         }
-        let spec = bootstrap_from_resources(listeners, routes, clusters)
+        let spec = bootstrap_from_resources(listeners, routes, clusters, policies)
             .map_err(|e| ValidationErrors::from(e).0)?;
         let spec = BootstrapSpec {
             trust_bundles: bundles.into_iter().map(Into::into).collect(),

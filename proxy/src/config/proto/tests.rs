@@ -114,6 +114,7 @@ fn examples_survive_a_discovery_response_and_still_validate() {
                 .iter()
                 .map(|a| unpack(a).unwrap())
                 .collect(),
+            Vec::new(),
         )
         .unwrap();
         assert_eq!(received, served_part(&spec), "{origin}");
@@ -628,7 +629,7 @@ fn every_unrepresentable_field_is_reported() {
         ..pb::Listener::default()
     };
 
-    let errors = bootstrap_from_resources(vec![listener], vec![routes], vec![cluster])
+    let errors = bootstrap_from_resources(vec![listener], vec![routes], vec![cluster], Vec::new())
         .unwrap_err()
         .to_string();
     assert_eq!(
@@ -653,7 +654,8 @@ fn conversion_errors_read_like_validation_errors() {
         }),
         ..pb::Listener::default()
     };
-    let errors = bootstrap_from_resources(vec![listener], Vec::new(), Vec::new()).unwrap_err();
+    let errors =
+        bootstrap_from_resources(vec![listener], Vec::new(), Vec::new(), Vec::new()).unwrap_err();
     let text = errors.to_string();
     let validation = ValidationErrors::from(errors);
     assert_eq!(validation.to_string(), text);
@@ -783,7 +785,8 @@ fn nack_carries_the_errors_in_a_discovery_request() {
         }),
         ..pb::Listener::default()
     };
-    let errors = bootstrap_from_resources(vec![listener], Vec::new(), Vec::new()).unwrap_err();
+    let errors =
+        bootstrap_from_resources(vec![listener], Vec::new(), Vec::new(), Vec::new()).unwrap_err();
     let nack = DiscoveryRequest {
         version_info: "1".into(),
         node: None,
@@ -800,5 +803,54 @@ fn nack_carries_the_errors_in_a_discovery_request() {
     assert_eq!(
         received.error_detail.map(|status| status.message),
         Some(r#"listener "web": header_read_timeout: negative duration"#.to_owned())
+    );
+}
+
+#[test]
+fn a_policy_travels_with_its_modules_and_data_inline() {
+    let spec = PolicySpec {
+        name: "authz".into(),
+        rego: Some("package a\nallow := true\n".into()),
+        modules: Some(vec![RegoModuleSpec {
+            name: "rules.rego".into(),
+            rego: "package envoy.authz\nallow := true\n".into(),
+        }]),
+        data: Some(serde_json::json!({ "roles": { "admin": ["DELETE"] } })),
+        mode: Some("audit".into()),
+        failure_mode: Some("allow".into()),
+        ..PolicySpec::default()
+    };
+    let back = PolicySpec::try_from(wire(&pb::Policy::from(&spec))).unwrap();
+    // The inline text becomes a module named after the policy.
+    assert_eq!(
+        back.modules.as_deref().unwrap(),
+        [
+            RegoModuleSpec {
+                name: "rules.rego".into(),
+                rego: "package envoy.authz\nallow := true\n".into(),
+            },
+            RegoModuleSpec {
+                name: "authz.rego".into(),
+                rego: "package a\nallow := true\n".into(),
+            },
+        ]
+    );
+    assert_eq!(back.data, spec.data);
+    assert_eq!(back.mode.as_deref(), Some("audit"));
+    assert_eq!(back.failure_mode.as_deref(), Some("allow"));
+    assert_eq!(back.query, None);
+    assert!(crate::config::compile_policy(&back).is_ok());
+
+    let bad = pb::Policy {
+        name: "authz".into(),
+        data_json: "{not json".into(),
+        ..pb::Policy::default()
+    };
+    let errors = PolicySpec::try_from(bad).unwrap_err();
+    assert_eq!(errors.0[0].field, "data_json");
+    assert!(
+        errors.0[0].to_string().contains("invalid JSON"),
+        "{}",
+        errors.0[0]
     );
 }

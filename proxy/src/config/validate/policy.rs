@@ -34,6 +34,18 @@ fn read(check: &mut Checker<'_>, field: &str, path: &str) -> Option<String> {
     }
 }
 
+/// Checks and compiles one policy on its own, as a configuration holding it
+/// would: for tools that check policies before they are pushed (the
+/// control plane's mesh validation). Relative `rego_files` and `data_file`
+/// are read from the working directory.
+pub fn compile_policy(spec: &PolicySpec) -> Result<CompiledPolicy, Vec<ConfigError>> {
+    let mut errors = Vec::new();
+    match validate_policy(spec, &mut errors) {
+        Some(policy) if errors.is_empty() => Ok(policy),
+        _ => Err(errors),
+    }
+}
+
 fn validate_policy(spec: &PolicySpec, errors: &mut Vec<ConfigError>) -> Option<CompiledPolicy> {
     let before = errors.len();
     let mut check = Checker {
@@ -57,8 +69,17 @@ fn validate_policy(spec: &PolicySpec, errors: &mut Vec<ConfigError>) -> Option<C
             text: text.clone(),
         });
     }
-    if spec.rego_files.as_ref().is_none_or(Vec::is_empty) && spec.rego.is_none() {
-        check.error("rego", "set rego_files or rego");
+    for (i, module) in spec.modules.iter().flatten().enumerate() {
+        if module.name.is_empty() {
+            check.error(format!("modules[{i}].name"), "must not be empty");
+        }
+        modules.push(Module {
+            name: module.name.clone(),
+            text: module.rego.clone(),
+        });
+    }
+    if modules.is_empty() && check.errors.len() == before {
+        check.error("rego", "set rego_files, rego or modules");
     }
     let data = match (&spec.data, &spec.data_file) {
         (Some(_), Some(_)) => {

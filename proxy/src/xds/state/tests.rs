@@ -177,7 +177,7 @@ fn responses_in_dependency_order_apply_one_by_one() {
     // A reconnect names the versions applied, and forgets nothing else.
     let again = state.initial_requests(&node());
     let versions: Vec<_> = again.iter().map(|r| r.version_info.as_str()).collect();
-    assert_eq!(versions, ["", "c1", "r1", "l1"]);
+    assert_eq!(versions, ["", "", "c1", "r1", "l1"]);
 }
 
 #[test]
@@ -316,4 +316,81 @@ fn a_failed_apply_nacks_every_pending_response() {
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].version_info, "");
     assert!(sent[0].error_detail.is_some());
+}
+
+fn policy(name: &str, rego: &str) -> pb::Policy {
+    pb::Policy {
+        name: name.into(),
+        modules: vec![pb::RegoModule {
+            name: format!("{name}.rego"),
+            text: rego.into(),
+        }],
+        ..pb::Policy::default()
+    }
+}
+
+#[test]
+fn a_route_naming_a_policy_waits_for_it_and_a_broken_policy_is_nacked_with_its_line() {
+    let mut state = state();
+    let now = Instant::now();
+    feed(
+        &mut state,
+        response(
+            pb::CLUSTER_TYPE_URL,
+            "c1",
+            vec![pack(&cluster("app", None))],
+        ),
+        now,
+    );
+    let mut guarded = routes("main", "app");
+    guarded.virtual_hosts[0].routes[0].policy = Some("authz".into());
+    feed(
+        &mut state,
+        response(pb::ROUTE_CONFIGURATION_TYPE_URL, "r1", vec![pack(&guarded)]),
+        now,
+    );
+    let sent = feed(
+        &mut state,
+        response(
+            pb::LISTENER_TYPE_URL,
+            "l1",
+            vec![pack(&listener("web", "main"))],
+        ),
+        now,
+    );
+    // The policy the route names is on its way: nothing applies yet.
+    assert!(sent.is_empty(), "{sent:?}");
+    assert!(state.warming_deadline().is_some());
+    let sent = feed(
+        &mut state,
+        response(
+            pb::POLICY_TYPE_URL,
+            "p1",
+            vec![pack(&policy(
+                "authz",
+                "package envoy.authz\ndefault allow := true\n",
+            ))],
+        ),
+        now,
+    );
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    assert!(sent.iter().any(|r| is_ack(r, pb::POLICY_TYPE_URL, "p1")));
+    assert!(state.is_complete());
+
+    // A new version that does not compile: NACKed with the module's name
+    // and line; the applied version stays.
+    let sent = feed(
+        &mut state,
+        response(
+            pb::POLICY_TYPE_URL,
+            "p2",
+            vec![pack(&policy("authz", "package envoy.authz\nallow if {\n"))],
+        ),
+        now,
+    );
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    assert_eq!(sent[0].type_url, pb::POLICY_TYPE_URL);
+    assert_eq!(sent[0].version_info, "p1");
+    let message = &sent[0].error_detail.as_ref().unwrap().message;
+    assert!(message.contains("authz.rego:3"), "{message}");
 }
