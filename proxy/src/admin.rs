@@ -34,6 +34,8 @@ pub(crate) struct AdminState {
     pub(crate) xds_status: Arc<std::sync::Mutex<Option<serde_json::Value>>>,
     /// The access log, whose dropped lines `/metrics` reports.
     pub(crate) access_log: Option<crate::telemetry::AccessLog>,
+    /// The policy decision log, for its drop counter.
+    pub(crate) decision_log: Option<crate::policy::DecisionLog>,
     /// `authorization: Bearer <token>` every request but `/ready` and
     /// `/live` must carry, when set.
     pub(crate) token: Option<Arc<[u8]>>,
@@ -165,6 +167,16 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                      # TYPE weft_access_log_dropped_total counter\n",
                 );
                 body.push_str(&format!("weft_access_log_dropped_total {}\n", log.dropped()));
+            }
+            if let Some(log) = &state.decision_log {
+                body.push_str(
+                    "# HELP weft_policy_decision_log_dropped_total Decision-log lines dropped because the writer was behind.\n\
+                     # TYPE weft_policy_decision_log_dropped_total counter\n",
+                );
+                body.push_str(&format!(
+                    "weft_policy_decision_log_dropped_total {}\n",
+                    log.dropped()
+                ));
             }
             let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
@@ -485,7 +497,7 @@ mod tests {
             HashMap::new(),
             &metrics,
             &crate::identity::Identities::new(),
-            None,
+            &crate::stack::Logs::default(),
             None,
         );
         AdminState {
@@ -494,6 +506,7 @@ mod tests {
             ready: Arc::new(AtomicBool::new(true)),
             stopping: Arc::new(AtomicBool::new(false)),
             access_log: None,
+            decision_log: None,
             token: None,
             drain: Drain::new(),
             xds_status: Arc::new(std::sync::Mutex::new(None)),

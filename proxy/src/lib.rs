@@ -65,6 +65,9 @@ pub enum StartError {
     /// The access log could not be opened.
     #[error("access log: cannot open")]
     AccessLog(#[source] std::io::Error),
+    /// The policy decision log could not be opened.
+    #[error("decision log: cannot open")]
+    DecisionLog(#[source] std::io::Error),
     /// The runtime shut down while the proxy was starting.
     #[error("shutting down")]
     ShuttingDown,
@@ -125,6 +128,8 @@ struct Inner {
     registry: ClusterRegistry,
     metrics: Arc<Metrics>,
     access_log: Option<AccessLog>,
+    /// The policy decision log, if configured (at start; not reloaded).
+    decision_log: Option<policy::DecisionLog>,
     /// Held across a whole apply (binding, building, publishing), so that
     /// applies never interleave.
     listeners: tokio::sync::Mutex<ListenerSet>,
@@ -167,6 +172,12 @@ impl Proxy {
             .map(AccessLog::start)
             .transpose()
             .map_err(StartError::AccessLog)?;
+        let decision_log = config
+            .decision_log
+            .as_ref()
+            .map(policy::DecisionLog::start)
+            .transpose()
+            .map_err(StartError::DecisionLog)?;
         let identities = Identities::new();
         let registry = ClusterRegistry::new(metrics.clone(), identities.clone(), control.clone());
         let drain = Drain::new();
@@ -191,7 +202,7 @@ impl Proxy {
             HashMap::new(),
             &metrics,
             &identities,
-            None,
+            &stack::Logs::default(),
             None,
         );
         let stopping = Arc::new(AtomicBool::new(false));
@@ -202,6 +213,7 @@ impl Proxy {
                 registry,
                 metrics: metrics.clone(),
                 access_log,
+                decision_log: decision_log.clone(),
                 listeners: tokio::sync::Mutex::new(ListenerSet::default()),
                 drain: drain.clone(),
                 workers: tokio::runtime::Handle::current(),
@@ -256,6 +268,7 @@ impl Proxy {
                 token: admin_token.map(|t| Arc::from(t.0.as_bytes())),
                 identities: identities.clone(),
                 access_log: handle.inner.access_log.clone(),
+                decision_log,
             };
             control.spawn(admin::serve(socket, state));
         }
@@ -337,7 +350,10 @@ impl ConfigHandle {
             let config = config.clone();
             let slots = plan.slots.clone();
             let metrics = inner.metrics.clone();
-            let access_log = inner.access_log.clone();
+            let logs = stack::Logs {
+                access: inner.access_log.clone(),
+                decisions: inner.decision_log.clone(),
+            };
             let identities = inner.identities.clone();
             // Listeners are locked: no other change can publish meanwhile.
             let previous = inner.shared.load_full();
@@ -348,7 +364,7 @@ impl ConfigHandle {
                     clusters,
                     &metrics,
                     &identities,
-                    access_log.as_ref(),
+                    &logs,
                     Some(&previous),
                 )
             };

@@ -33,7 +33,9 @@ use crate::http::body::ResponseBody;
 use crate::http::error::{Decision, ERROR_HEADER, is_grpc};
 use crate::telemetry::PolicyMetrics;
 
+mod decision_log;
 mod testing;
+pub use decision_log::DecisionLog;
 pub use testing::TestOutcome;
 
 /// OPA-Envoy's default decision: `package envoy.authz`, rule `allow`.
@@ -434,23 +436,43 @@ pub(crate) enum Outcome {
     Deny(Box<Response<ResponseBody>>),
 }
 
-/// Evaluates `policy` for `req`, counts and logs the decision, and says
+/// Evaluates the policy for `req`, counts and logs the decision, and says
 /// what to do with the request.
 pub(crate) fn check<B>(
-    policy: &CompiledPolicy,
-    metrics: &PolicyMetrics,
+    state: &Enforcing,
     req: &Request<B>,
     peers: &Peers,
     is_tls: bool,
 ) -> Outcome {
+    let (policy, metrics) = (&*state.policy, &*state.metrics);
     let start = Instant::now();
-    let result = policy.evaluate(http_input(req, peers, is_tls));
-    metrics.observe(start.elapsed());
+    let input = http_input(req, peers, is_tls);
+    // A reference-counted copy, for the decision log's thread.
+    let logged = state.log.as_ref().map(|_| input.clone());
+    let result = policy.evaluate(input);
+    let elapsed = start.elapsed();
+    metrics.observe(elapsed);
+    let log = |result: &'static str, reason: Option<&str>, input: Option<Value>| {
+        if let (Some(log), Some(input)) = (&state.log, input)
+            && log.wants(result)
+        {
+            log.record(decision_log::Decision {
+                time: std::time::SystemTime::now(),
+                policy: policy.name.clone(),
+                version: policy.version,
+                result,
+                reason: reason.map(str::to_owned),
+                duration: elapsed,
+                input,
+            });
+        }
+    };
     let verdict = match result {
         Ok(verdict) => verdict,
         Err(error) => {
             metrics.errors.fetch_add(1, Relaxed);
             tracing::warn!(policy = %policy.name, %error, "policy evaluation failed");
+            log("error", Some(&error), logged);
             if policy.failure_mode == FailureMode::Allow {
                 return Outcome::Allow;
             }
@@ -459,6 +481,7 @@ pub(crate) fn check<B>(
     };
     if verdict.allowed {
         metrics.allowed.fetch_add(1, Relaxed);
+        log("allow", verdict.reason.as_deref(), logged);
         return Outcome::Allow;
     }
     if policy.mode == Mode::Audit {
@@ -471,10 +494,12 @@ pub(crate) fn check<B>(
             reason = verdict.reason.as_deref().unwrap_or(""),
             "audit: the policy would deny this request"
         );
+        log("audit_deny", verdict.reason.as_deref(), logged);
         return Outcome::Allow;
     }
     metrics.denied.fetch_add(1, Relaxed);
     tracing::debug!(policy = %policy.name, reason = verdict.reason.as_deref().unwrap_or(""), "request denied by policy");
+    log("deny", verdict.reason.as_deref(), logged);
     Outcome::Deny(Box::new(denied(Some(&verdict), is_grpc(req.headers()))))
 }
 
@@ -531,6 +556,8 @@ fn denied(verdict: Option<&Verdict>, is_grpc: bool) -> Response<ResponseBody> {
 pub(crate) struct Enforcing {
     pub(crate) policy: Arc<CompiledPolicy>,
     pub(crate) metrics: Arc<PolicyMetrics>,
+    /// Where decisions are logged, if anywhere.
+    pub(crate) log: Option<DecisionLog>,
 }
 
 /// Builds [`Policy`] services.
@@ -601,9 +628,7 @@ where
                     (&fallback, false)
                 }
             };
-            if let Outcome::Deny(response) =
-                check(&state.policy, &state.metrics, &req, peers, is_tls)
-            {
+            if let Outcome::Deny(response) = check(state, &req, peers, is_tls) {
                 return PolicyFuture::Denied {
                     response: Some(*response),
                 };

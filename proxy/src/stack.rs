@@ -304,6 +304,13 @@ impl Future for BackendFuture {
     }
 }
 
+/// The logs requests are written to, started once with the proxy.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Logs {
+    pub(crate) access: Option<AccessLog>,
+    pub(crate) decisions: Option<crate::policy::DecisionLog>,
+}
+
 /// Builds a snapshot: CPU work only (route tables, every route's stack,
 /// metric handles), no I/O. `slots` gives each listener's socket slot and
 /// bound address, in configuration order; `clusters` the cluster states
@@ -314,9 +321,10 @@ pub(crate) fn build(
     clusters: HashMap<Arc<str>, Arc<ClusterState>>,
     metrics: &Metrics,
     identities: &Arc<Identities>,
-    access_log: Option<&AccessLog>,
+    logs: &Logs,
     previous: Option<&Snapshot>,
 ) -> Snapshot {
+    let access_log = logs.access.as_ref();
     let limiters = Limiters::default();
     let previous_limiters = previous.map(|p| &p.limiters);
     let enforcing = |name: &Option<Arc<str>>| {
@@ -325,6 +333,7 @@ pub(crate) fn build(
         Some(Arc::new(Enforcing {
             policy: policy.clone(),
             metrics: metrics.policy(name),
+            log: logs.decisions.clone(),
         }))
     };
     let cluster = |name: &str| {
@@ -553,7 +562,7 @@ clusters:
             clusters,
             metrics,
             &Identities::new(),
-            None,
+            &Logs::default(),
             None,
         )
     }

@@ -44,6 +44,7 @@ fn config(dir: &Path, echo: std::net::SocketAddr) -> String {
     format!(
         r#"
 admin: {{ address: "127.0.0.1:0" }}
+decision_log: {{ path: "{dir}/decisions.log", include_allowed: false, redact_headers: [X-Api-Key] }}
 policies:
   - name: authz
     rego_files: ["{dir}/authz.rego"]
@@ -108,7 +109,11 @@ async fn policies_allow_and_deny_requests_on_routes_and_listeners() {
         .await
         .unwrap();
     assert_eq!(status(&allowed), 200);
-    let denied = http1_request(web, send(web, "DELETE", "/items/7", &[]))
+    let secrets = [
+        ("authorization", "Bearer leak-me"),
+        ("x-api-key", "key-leak-me"),
+    ];
+    let denied = http1_request(web, send(web, "DELETE", "/items/7", &secrets))
         .await
         .unwrap();
     assert_eq!(status(&denied), 403);
@@ -173,6 +178,42 @@ async fn policies_allow_and_deny_requests_on_routes_and_listeners() {
     assert_eq!(count("authz-audit", "audit_deny").await, 1.0);
     assert_eq!(count("edge", "deny").await, 1.0);
     assert_eq!(echo.requests_served(), 3);
+
+    // The decision log: one line per denial (allowed requests left out),
+    // secrets redacted.
+    let log = dir.path().join("decisions.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    // authz denies DELETE and the gRPC call, token the request without
+    // one, the audit route would deny, and the listener's policy blocks one.
+    let complete = eventually(DEADLINE, || async { read().lines().count() == 5 }).await;
+    let text = read();
+    assert!(complete, "{text}");
+    assert!(!text.contains("leak-me"), "{text}");
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let delete = &lines[0];
+    assert_eq!(delete["policy"], "authz");
+    assert_eq!(delete["result"], "deny");
+    assert_eq!(
+        delete["input"]["attributes"]["request"]["http"]["method"],
+        "DELETE"
+    );
+    let headers = &delete["input"]["attributes"]["request"]["http"]["headers"];
+    assert_eq!(headers["authorization"], "[REDACTED]");
+    assert_eq!(headers["x-api-key"], "[REDACTED]");
+    assert_eq!(headers["host"], "api");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l["policy"] == "authz-audit" && l["result"] == "audit_deny")
+    );
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["decision_id"].as_str().is_some_and(|id| id.len() == 36))
+    );
 }
 
 #[test]

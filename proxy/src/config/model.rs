@@ -30,6 +30,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// Access log destination, if any.
     pub access_log: Option<AccessLogTarget>,
+    /// The policy decision log, if any.
+    pub decision_log: Option<DecisionLogSettings>,
     /// Listeners in file order.
     pub listeners: Vec<Listener>,
     /// Route configurations in file order.
@@ -52,6 +54,20 @@ pub enum AccessLogTarget {
     /// A file, appended to.
     File(std::path::PathBuf),
 }
+
+/// The policy decision log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DecisionLogSettings {
+    /// Where lines go.
+    pub target: AccessLogTarget,
+    /// Lower-case header names whose values are redacted.
+    pub redact_headers: Vec<String>,
+    /// Whether allowed requests are logged.
+    pub include_allowed: bool,
+}
+
+/// Headers always redacted in the decision log.
+pub const DEFAULT_REDACTED_HEADERS: [&str; 3] = ["authorization", "proxy-authorization", "cookie"];
 
 /// A secret bearer token. Its `Debug` shows no part of it.
 #[derive(Clone, PartialEq, Eq)]

@@ -28,6 +28,9 @@ pub struct BootstrapSpec {
     /// JSON-lines access log.
     #[serde(default)]
     pub access_log: Option<AccessLogSpec>,
+    /// JSON-lines log of policy decisions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision_log: Option<DecisionLogSpec>,
     /// Sockets the proxy accepts on.
     #[serde(default)]
     pub listeners: Vec<ListenerSpec>,
@@ -95,6 +98,22 @@ pub struct AdminSpec {
 pub struct AccessLogSpec {
     /// `stdout`, `stderr` or a file path (appended to).
     pub path: String,
+}
+
+/// Where policy decisions are logged, and what is left out.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionLogSpec {
+    /// `stdout`, `stderr` or a file path (appended to).
+    pub path: String,
+    /// Request headers whose values are replaced by `[REDACTED]`, besides
+    /// the default ones (`authorization`, `proxy-authorization`, `cookie`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact_headers: Option<Vec<String>>,
+    /// Log allowed requests too (default true); false logs only denials,
+    /// audit denials and errors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub include_allowed: Option<bool>,
 }
 
 /// One listening socket.

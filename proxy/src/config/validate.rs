@@ -126,6 +126,47 @@ impl TryFrom<BootstrapSpec> for Config {
                 "stderr" => Some(AccessLogTarget::Stderr),
                 path => Some(AccessLogTarget::File(path.into())),
             });
+        let decision_log = spec.decision_log.as_ref().and_then(|log| {
+            let mut check = Checker {
+                kind: "decision_log",
+                resource: "decision_log".into(),
+                errors: &mut errors,
+            };
+            let target = match log.path.as_str() {
+                "" => {
+                    check.error(
+                        "path",
+                        "must not be empty (use stdout, stderr or a file path)",
+                    );
+                    return None;
+                }
+                "stdout" => AccessLogTarget::Stdout,
+                "stderr" => AccessLogTarget::Stderr,
+                path => AccessLogTarget::File(path.into()),
+            };
+            let mut redact_headers: Vec<String> = super::DEFAULT_REDACTED_HEADERS
+                .iter()
+                .map(|h| (*h).to_owned())
+                .collect();
+            for (i, name) in log.redact_headers.iter().flatten().enumerate() {
+                if http::HeaderName::from_bytes(name.as_bytes()).is_err() {
+                    check.error(
+                        format!("redact_headers[{i}]"),
+                        format!("{name:?} is not a header name"),
+                    );
+                    continue;
+                }
+                let name = name.to_ascii_lowercase();
+                if !redact_headers.contains(&name) {
+                    redact_headers.push(name);
+                }
+            }
+            Some(super::DecisionLogSettings {
+                target,
+                redact_headers,
+                include_allowed: log.include_allowed.unwrap_or(true),
+            })
+        });
 
         let clusters: Vec<Arc<Cluster>> = spec
             .clusters
@@ -231,6 +272,7 @@ impl TryFrom<BootstrapSpec> for Config {
             drain_timeout: spec.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             drain_delay,
             access_log,
+            decision_log,
             listeners,
             route_configs,
             clusters,

@@ -601,13 +601,8 @@ async fn route_and_forward(
         return Ok(limited(wait, is_grpc(req.headers())));
     }
     if let Some(enforcing) = &listener.policy
-        && let policy::Outcome::Deny(response) = policy::check(
-            &enforcing.policy,
-            &enforcing.metrics,
-            &req,
-            &conn.peers,
-            conn.is_tls,
-        )
+        && let policy::Outcome::Deny(response) =
+            policy::check(enforcing, &req, &conn.peers, conn.is_tls)
     {
         return Ok(*response);
     }

@@ -197,11 +197,16 @@ fn invalid_rego_names_its_file_and_line() {
 
 #[test]
 fn audit_mode_allows_what_it_would_deny_and_errors_follow_the_failure_mode() {
-    let metrics = PolicyMetrics::default();
+    let metrics = Arc::new(PolicyMetrics::default());
+    let enforcing = |policy: CompiledPolicy| Enforcing {
+        policy: Arc::new(policy),
+        metrics: metrics.clone(),
+        log: None,
+    };
     let audit = compile_with(RBAC, DEFAULT_QUERY, false, Mode::Audit, FailureMode::Deny).unwrap();
     let req = request("DELETE", "/items/1");
     assert!(matches!(
-        check(&audit, &metrics, &req, &peers(None), false),
+        check(&enforcing(audit), &req, &peers(None), false),
         Outcome::Allow
     ));
     assert_eq!(metrics.audit_denied.load(Relaxed), 1);
@@ -216,7 +221,12 @@ allow := false if input.attributes.request.http.host == "backend"
     for (failure_mode, allowed) in [(FailureMode::Deny, false), (FailureMode::Allow, true)] {
         let policy =
             compile_with(broken, DEFAULT_QUERY, false, Mode::Enforce, failure_mode).unwrap();
-        let outcome = check(&policy, &metrics, &request("GET", "/"), &peers(None), false);
+        let outcome = check(
+            &enforcing(policy),
+            &request("GET", "/"),
+            &peers(None),
+            false,
+        );
         assert_eq!(
             matches!(outcome, Outcome::Allow),
             allowed,
@@ -235,4 +245,55 @@ fn each_compilation_has_its_own_engine_on_a_thread() {
         assert!(decide(&allow_all, &req, None).allowed);
         assert!(!decide(&deny_all, &req, None).allowed);
     }
+}
+
+#[test]
+fn decisions_reach_the_decision_log_with_secrets_redacted() {
+    use crate::telemetry::access_log::LogLine as _;
+    let settings = crate::config::DecisionLogSettings {
+        target: crate::config::AccessLogTarget::Stderr,
+        redact_headers: vec!["authorization".into(), "cookie".into()],
+        include_allowed: false,
+    };
+    let (log, records) = DecisionLog::for_tests(&settings);
+    let state = Enforcing {
+        policy: Arc::new(compile(RBAC)),
+        metrics: Arc::new(PolicyMetrics::default()),
+        log: Some(log),
+    };
+    let mut denied = request("DELETE", "/items/1");
+    denied
+        .headers_mut()
+        .insert("authorization", HeaderValue::from_static("Bearer s3cret"));
+    assert!(matches!(
+        check(
+            &state,
+            &request("GET", "/items"),
+            &peers(Some("spiffe://td/ns/default/sa/web")),
+            false
+        ),
+        Outcome::Allow
+    ));
+    assert!(matches!(
+        check(&state, &denied, &peers(None), false),
+        Outcome::Deny(_)
+    ));
+    // Allowed requests are left out (include_allowed: false).
+    let lines: Vec<serde_json::Value> = records
+        .try_iter()
+        .map(|record| {
+            let mut line = Vec::new();
+            record.write_line(&mut line).unwrap();
+            serde_json::from_slice(&line).unwrap()
+        })
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    let line = &lines[0];
+    assert_eq!(line["result"], "deny");
+    assert_eq!(line["policy"], "authz");
+    assert_eq!(line["request_id"], "r-1");
+    let http = &line["input"]["attributes"]["request"]["http"];
+    assert_eq!(http["method"], "DELETE");
+    assert_eq!(http["headers"]["authorization"], "[REDACTED]");
+    assert_eq!(http["headers"]["user-agent"], "curl/8");
 }

@@ -179,7 +179,30 @@ fn json_string(out: &mut impl Write, text: &str) -> std::io::Result<()> {
     out.write_all(b"\"")
 }
 
-/// The access-log sink. Cloning shares the one writer.
+/// A record a [`LineLog`] writes: one line, newline included.
+pub trait LogLine: Send + 'static {
+    /// Appends the line to `out`.
+    fn write_line(&self, out: &mut impl Write) -> std::io::Result<()>;
+}
+
+impl LogLine for AccessRecord {
+    fn write_line(&self, out: &mut impl Write) -> std::io::Result<()> {
+        AccessRecord::write_line(self, out)
+    }
+}
+
+/// The access-log sink.
+pub type AccessLog = LineLog<AccessRecord>;
+
+impl AccessLog {
+    /// Opens the target and starts the access log's writer thread.
+    pub fn start(target: &AccessLogTarget) -> std::io::Result<Self> {
+        Self::start_named(target, "weft-access-log")
+    }
+}
+
+/// A log of one line per record, written by a thread of its own (the
+/// access log, the policy decision log). Cloning shares the one writer.
 ///
 /// PERF: the queue is an unbounded channel bounded by a counter, not a
 /// bounded channel: the bounded one allocates and initialises all of its
@@ -187,18 +210,29 @@ fn json_string(out: &mut impl Write, text: &str) -> std::io::Result<()> {
 /// weft-full proxy's resident memory at rest (10.1 MiB against 7.3,
 /// benches/RESULTS.md).
 /// The list-based channel holds only what is queued.
-#[derive(Debug, Clone)]
-pub struct AccessLog {
-    tx: Sender<AccessRecord>,
+#[derive(Debug)]
+pub struct LineLog<R> {
+    tx: Sender<R>,
     /// Records sent and not yet taken by the writer.
     queued: Arc<AtomicUsize>,
     capacity: usize,
     dropped: Arc<AtomicU64>,
 }
 
-impl AccessLog {
-    /// Opens the target and starts the writer thread.
-    pub fn start(target: &AccessLogTarget) -> std::io::Result<Self> {
+impl<R> Clone for LineLog<R> {
+    fn clone(&self) -> Self {
+        Self {
+            tx: self.tx.clone(),
+            queued: self.queued.clone(),
+            capacity: self.capacity,
+            dropped: self.dropped.clone(),
+        }
+    }
+}
+
+impl<R: LogLine> LineLog<R> {
+    /// Opens the target and starts the writer thread, named `thread`.
+    pub fn start_named(target: &AccessLogTarget, thread: &str) -> std::io::Result<Self> {
         let mut out: Box<dyn Write + Send> = match target {
             AccessLogTarget::Stdout => Box::new(std::io::stdout()),
             AccessLogTarget::Stderr => Box::new(std::io::stderr()),
@@ -212,7 +246,7 @@ impl AccessLog {
         let (log, rx) = Self::queue(QUEUE_CAPACITY);
         let queued = log.queued.clone();
         std::thread::Builder::new()
-            .name("weft-access-log".into())
+            .name(thread.into())
             .spawn(move || {
                 let mut buf = std::io::BufWriter::with_capacity(64 * 1024, &mut out);
                 // Block for one record, then take whatever else is queued before
@@ -224,7 +258,7 @@ impl AccessLog {
                         ok &= record.write_line(&mut buf).is_ok();
                     }
                     if !(ok && buf.flush().is_ok()) {
-                        tracing::warn!("access log write failed");
+                        tracing::warn!("log write failed");
                     }
                     // PERF: without this pause the writer drained the queue
                     // faster than requests filled it and went back to
@@ -243,10 +277,12 @@ impl AccessLog {
             })?;
         Ok(log)
     }
+}
 
+impl<R> LineLog<R> {
     /// A sink holding at most `capacity` queued records, and the receiving
     /// end its writer reads.
-    fn queue(capacity: usize) -> (Self, Receiver<AccessRecord>) {
+    fn queue(capacity: usize) -> (Self, Receiver<R>) {
         let (tx, rx) = mpsc::channel();
         let log = Self {
             tx,
@@ -257,8 +293,14 @@ impl AccessLog {
         (log, rx)
     }
 
+    /// A sink and its queue's receiving end, without a writer thread.
+    #[cfg(test)]
+    pub(crate) fn queue_for_tests(capacity: usize) -> (Self, Receiver<R>) {
+        Self::queue(capacity)
+    }
+
     /// Queues a record without blocking; drops it when the queue is full.
-    pub fn log(&self, record: AccessRecord) {
+    pub fn log(&self, record: R) {
         // Relaxed: the bound is a memory cap, not an exact count.
         if self.queued.fetch_add(1, Relaxed) >= self.capacity || self.tx.send(record).is_err() {
             self.queued.fetch_sub(1, Relaxed);

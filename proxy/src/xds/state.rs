@@ -294,6 +294,7 @@ impl XdsState {
             drain_timeout: self.bootstrap.drain_timeout,
             drain_delay: self.bootstrap.drain_delay,
             access_log: self.bootstrap.access_log.clone(),
+            decision_log: self.bootstrap.decision_log.clone(),
             ..spec
         };
         let mut config = Config::try_from(spec).map_err(|e| e.0)?;
