@@ -13,6 +13,8 @@
 //! 403 (or the decision's status) with the decision's headers and body,
 //! `PERMISSION_DENIED` for gRPC callers.
 
+mod builtins;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -109,6 +111,7 @@ impl CompiledPolicy {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut engine = regorus::Engine::new();
         engine.set_rego_v0(rego_v0);
+        builtins::register(&mut engine)?;
         let mut digest = std::collections::hash_map::DefaultHasher::new();
         for module in modules {
             engine
