@@ -33,8 +33,30 @@ use keys::{Algorithm, Check, EcdsaLayout, KeyError, VerificationKey};
 ///
 /// regorus's extensions return `anyhow::Result`, so this is where each
 /// [`JwtError`] becomes an `anyhow::Error`.
-pub(crate) fn register(engine: &mut regorus::Engine) -> Result<(), String> {
+///
+/// `strict`: whether a builtin's error fails the evaluation. Policies run
+/// with `false`, as OPA evaluates by default: the failing call is
+/// undefined, so `io.jwt.decode_verify` of a malformed token leaves the
+/// rules that need it undefined (a deny, whatever the policy's failure
+/// mode) instead of failing the evaluation. `true` shows the errors (tests,
+/// OPA's `--strict-builtin-errors`).
+pub(crate) fn register(engine: &mut regorus::Engine, strict: bool) -> Result<(), String> {
     let mut add = |path: &str, nargs: u8, extension: Box<dyn regorus::Extension>| {
+        let extension: Box<dyn regorus::Extension> = if strict {
+            extension
+        } else {
+            let mut inner = extension;
+            let name = path.to_owned();
+            Box::new(move |args: Vec<Value>| -> anyhow::Result<Value> {
+                match inner(args) {
+                    Ok(value) => Ok(value),
+                    Err(error) => {
+                        tracing::debug!(builtin = %name, %error, "builtin error; the call is undefined");
+                        Ok(Value::Undefined)
+                    }
+                }
+            })
+        };
         engine
             .add_extension(path.to_owned(), nargs, extension)
             .map_err(|e| format!("builtin {path}: {e}"))

@@ -281,26 +281,19 @@ fn opas_envoy_tutorial_policy_runs_unchanged_on_its_bearer_tokens() {
     assert!(post(BOB_TOKEN, "Foo"));
     assert!(!post(BOB_TOKEN, "Bob"));
     assert!(!decide(&policy, &bearer("POST", "/people", BOB_TOKEN), None).allowed);
-    // A token that is not a JWT makes io.jwt.decode_verify fail. OPA turns a
-    // builtin's error into an undefined `token` (a denial); here it is an
-    // evaluation error, which the failure mode decides.
-    assert!(
-        policy
-            .evaluate(http_input(
-                &bearer("GET", "/people", "not-a-jwt"),
-                &peers(None),
-                false
-            ))
-            .is_err()
-    );
-    let metrics = PolicyMetrics::default();
-    let outcome = check(
-        &policy,
-        &metrics,
-        &bearer("GET", "/people", "not-a-jwt"),
-        &peers(None),
+    // A token that is not a JWT: io.jwt.decode_verify's error makes
+    // `token` undefined, as OPA evaluates by default, so the request is
+    // denied (not an evaluation error), even by a policy whose failure mode
+    // would allow it.
+    let garbage = http_input(&bearer("GET", "/people", "not-a-jwt"), &peers(None), false);
+    assert!(!policy.evaluate(garbage.clone()).unwrap().allowed);
+    let lenient = compile_with(
+        ENVOY_PRIMER,
+        DEFAULT_QUERY,
         false,
-    );
-    assert!(matches!(outcome, Outcome::Deny(_)));
-    assert_eq!(metrics.errors.load(Relaxed), 1);
+        Mode::Enforce,
+        FailureMode::Allow,
+    )
+    .unwrap();
+    assert!(!lenient.evaluate(garbage).unwrap().allowed);
 }

@@ -10,7 +10,7 @@ use super::*;
 /// [`register`], the arguments passed through `input`.
 fn call(builtin: &str, args: &[Value]) -> Result<Value, String> {
     let mut engine = regorus::Engine::new();
-    register(&mut engine).unwrap();
+    register(&mut engine, true).unwrap();
     let params: Vec<String> = (0..args.len()).map(|i| format!("input[{i}]")).collect();
     engine
         .add_policy(
@@ -1048,5 +1048,30 @@ fn random_and_mutated_tokens_never_panic_nor_verify() {
     assert_eq!(
         verify_with_secret(Algorithm::Hs256, &[s(&valid), s("secret")]).unwrap(),
         Value::Bool(true)
+    );
+}
+
+#[test]
+fn outside_strict_mode_a_failing_builtin_is_undefined_as_in_opa() {
+    let mut engine = regorus::Engine::new();
+    register(&mut engine, false).unwrap();
+    engine
+        .add_policy(
+            "lenient.rego".to_owned(),
+            "package lenient\n\
+             default valid := false\n\
+             valid if io.jwt.decode_verify(input.token, {\"secret\": \"secret\"})[0]\n\
+             decoded := io.jwt.decode(input.token)\n"
+                .to_owned(),
+        )
+        .unwrap();
+    engine.set_input(json(r#"{"token": "not a token"}"#));
+    assert_eq!(
+        engine.eval_rule("data.lenient.decoded".to_owned()).unwrap(),
+        Value::Undefined
+    );
+    assert_eq!(
+        engine.eval_rule("data.lenient.valid".to_owned()).unwrap(),
+        Value::Bool(false)
     );
 }
