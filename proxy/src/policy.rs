@@ -13,6 +13,8 @@
 //! 403 (or the decision's status) with the decision's headers and body,
 //! `PERMISSION_DENIED` for gRPC callers.
 
+mod builtins;
+
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -114,6 +116,10 @@ impl CompiledPolicy {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         let mut engine = regorus::Engine::new();
         engine.set_rego_v0(rego_v0);
+        // As OPA evaluates by default: a builtin's error makes its call
+        // undefined rather than failing the whole evaluation.
+        engine.set_strict_builtin_errors(false);
+        builtins::register(&mut engine, false)?;
         let mut digest = std::collections::hash_map::DefaultHasher::new();
         for module in modules {
             engine
