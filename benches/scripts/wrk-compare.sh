@@ -14,7 +14,11 @@
 # nginx, haproxy (apt-get install -y wrk nghttp2-client nginx-light haproxy),
 # taskset. WEFT_BINS="before=/path/to/weft-proxy ..." adds other weft builds
 # (each NAME=PATH becomes a target `weft-NAME`) to compare before and after a
-# change in the same run.
+# change in the same run. WEFT_CONFIGS="plain=FILE resilience=FILE" adds
+# weft-proxy runs from configuration files (target `weft-NAME` each), in
+# which `@PORT@` and `@UPSTREAM@` stand for the listener's port and the
+# upstream's address: benches/scripts/weft-plain.yaml and
+# weft-resilience.yaml measure what idle resilience layers cost.
 #
 # Usage: benches/scripts/wrk-compare.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 set -euo pipefail
@@ -97,6 +101,15 @@ for spec in ${WEFT_BINS:-}; do
   extra_pid[$name]=$! extra_port[$name]=$next_port
   extra_targets="$extra_targets $name"
 done
+for spec in ${WEFT_CONFIGS:-}; do
+  name=weft-${spec%%=*}
+  next_port=$((next_port + 1))
+  sed -e "s/@PORT@/$next_port/g" -e "s/@UPSTREAM@/127.0.0.1:$up_port/g" "${spec#*=}" > "$work/$name.yaml"
+  taskset -c 0 "$bin/weft-proxy" --config "$work/$name.yaml" --concurrency 1 --log-level warn \
+    >"$work/$name.log" 2>&1 &
+  extra_pid[$name]=$! extra_port[$name]=$next_port
+  extra_targets="$extra_targets $name"
+done
 taskset -c 0 nginx -c "$work/nginx.conf" >/dev/null 2>&1 &
 taskset -c 0 haproxy -f "$work/haproxy.cfg" >/dev/null 2>&1 &
 haproxy_pid=$!
@@ -106,7 +119,7 @@ for _ in $(seq 50); do
 done
 nginx_pid=$(pgrep -P "$(cat "$work/nginx.pid")" | head -1)
 
-targets="weft$extra_targets nginx haproxy"
+targets=${TARGETS:-"weft$extra_targets nginx haproxy"}
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 now_ns() { date +%s%N; }
