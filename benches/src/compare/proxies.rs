@@ -9,7 +9,7 @@
 //! | target | HTTP/1.1 | h2c and gRPC | TCP |
 //! | --- | --- | --- | --- |
 //! | weft | one listener (h1 and h2c by preface), one route, cluster `protocol: downstream` | same listener; h2 upstream | `protocol: tcp` listener |
-//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection (consecutive gateway errors and success rate), active HTTP health checks, idle fault injection (0 %), route and per-client listener rate limits never reached, `via`, an access-log file and the admin server (metrics) | same | same |
+//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection (consecutive gateway errors and success rate), active HTTP health checks, idle fault injection (0 %), route and per-client listener rate limits never reached, a Rego policy on the route every request takes, `via`, an access-log file and the admin server (metrics) | same | same |
 //! | weft-s2s | two weft processes, each configured as weft: the client sidecar's `outbound` listener routes to a cluster holding the server sidecar's `inbound` listener, which routes to the echo (both clusters `protocol: downstream`) | same chain; h2 on both upstream hops | `outbound-tcp` -> `inbound-tcp` -> echo |
 //! | nginx | `proxy_pass` to an upstream with `keepalive 64` | a `listen ... http2` server: `proxy_pass` (HTTP/1.1 upstream: nginx has no h2 upstream) and `grpc_pass` for gRPC | `stream` module, if installed |
 //! | HAProxy | `mode http`, `http-reuse always` | a `proto h2` frontend to a `proto h2` server | `mode tcp` |
@@ -62,7 +62,7 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Features a complete weft configuration would have but that weft does
 /// not implement yet (no configuration field exists for them).
-pub(crate) const WEFT_NOT_BUILT: [&str; 2] = ["policy (authorization)", "tracing"];
+pub(crate) const WEFT_NOT_BUILT: [&str; 1] = ["tracing"];
 
 /// The echo upstream's addresses.
 #[derive(Clone, Copy, Debug)]
@@ -838,6 +838,14 @@ admin:
   address: 127.0.0.1:0
 access_log:
   path: {access_log}
+# Evaluated in-process on every request of the `all` route: which methods
+# it takes (every client of the bench sends one of them).
+policies:
+  - name: methods
+    rego: |
+      package envoy.authz
+      default allow := false
+      allow if input.attributes.request.http.method in {{\"GET\", \"HEAD\", \"POST\"}}
 listeners:
   - name: http
     address: 127.0.0.1:0
@@ -892,6 +900,7 @@ route_configs:
           - name: all
             match: {{ prefix: / }}
             cluster: echo
+            policy: methods
             timeout: 5s
             retry_policy:
               retry_on: [gateway_error]

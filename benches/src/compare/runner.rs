@@ -348,7 +348,8 @@ fn target_status(
              header, regex, exact and rewrite routes, request and response header rules, a 5 s \
              route timeout, a retry policy (2 retries of gateway errors, 2 s per try, the \
              default budget), the default circuit breakers, outlier detection, active HTTP \
-             health checks, `via`, header \
+             health checks, idle fault injection, rate limits never reached, a Rego policy \
+             (methods allowed by the route), `via`, header \
              limits, a JSON access log to a file, the admin server (metrics); its clients speak \
              cleartext, so TLS and mTLS are measured in weft-s2s-mtls"
                 .to_owned(),
