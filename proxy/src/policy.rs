@@ -285,30 +285,76 @@ pub(crate) struct Peers {
     pub(crate) destination_principal: Option<Arc<str>>,
 }
 
-fn socket_address(addr: SocketAddr) -> Value {
-    let mut inner = BTreeMap::new();
-    inner.insert(Value::from("address"), Value::from(addr.ip().to_string()));
-    inner.insert(
-        Value::from("portValue"),
-        Value::from(u64::from(addr.port())),
-    );
-    let mut socket = BTreeMap::new();
-    socket.insert(Value::from("socketAddress"), Value::from(inner));
-    let mut address = BTreeMap::new();
-    address.insert(Value::from("address"), Value::from(socket));
-    Value::from(address)
+/// The input document's keys, made once: a key per request is then a
+/// reference-count increment, not an allocation and a copy.
+struct Keys {
+    address: Value,
+    port_value: Value,
+    socket_address: Value,
+    principal: Value,
+    id: Value,
+    method: Value,
+    host: Value,
+    path: Value,
+    scheme: Value,
+    protocol: Value,
+    headers: Value,
+    http: Value,
+    request: Value,
+    source: Value,
+    destination: Value,
+    attributes: Value,
+    parsed_path: Value,
+    parsed_query: Value,
+    authority_pseudo: Value,
+    method_pseudo: Value,
+    path_pseudo: Value,
+    scheme_pseudo: Value,
 }
 
+fn keys() -> &'static Keys {
+    static KEYS: std::sync::LazyLock<Keys> = std::sync::LazyLock::new(|| Keys {
+        address: Value::from("address"),
+        port_value: Value::from("portValue"),
+        socket_address: Value::from("socketAddress"),
+        principal: Value::from("principal"),
+        id: Value::from("id"),
+        method: Value::from("method"),
+        host: Value::from("host"),
+        path: Value::from("path"),
+        scheme: Value::from("scheme"),
+        protocol: Value::from("protocol"),
+        headers: Value::from("headers"),
+        http: Value::from("http"),
+        request: Value::from("request"),
+        source: Value::from("source"),
+        destination: Value::from("destination"),
+        attributes: Value::from("attributes"),
+        parsed_path: Value::from("parsed_path"),
+        parsed_query: Value::from("parsed_query"),
+        authority_pseudo: Value::from(":authority"),
+        method_pseudo: Value::from(":method"),
+        path_pseudo: Value::from(":path"),
+        scheme_pseudo: Value::from(":scheme"),
+    });
+    &KEYS
+}
+
+/// `{"address": {"socketAddress": {...}}, "principal": ...}`: an
+/// endpoint's address and, when proved, its SPIFFE ID.
 fn endpoint(addr: Option<SocketAddr>, principal: Option<&str>) -> Value {
-    let mut map = match addr.map(socket_address) {
-        Some(Value::Object(object)) => object
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect::<BTreeMap<_, _>>(),
-        _ => BTreeMap::new(),
-    };
+    let k = keys();
+    let mut map = BTreeMap::new();
+    if let Some(addr) = addr {
+        let mut inner = BTreeMap::new();
+        inner.insert(k.address.clone(), Value::from(addr.ip().to_string()));
+        inner.insert(k.port_value.clone(), Value::from(u64::from(addr.port())));
+        let mut socket = BTreeMap::new();
+        socket.insert(k.socket_address.clone(), Value::from(inner));
+        map.insert(k.address.clone(), Value::from(socket));
+    }
     if let Some(principal) = principal {
-        map.insert(Value::from("principal"), Value::from(principal));
+        map.insert(k.principal.clone(), Value::from(principal));
     }
     Value::from(map)
 }
@@ -363,14 +409,15 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
             }
         }
     }
+    let k = keys();
     let scheme = if is_tls { "https" } else { "http" };
     for (name, value) in [
-        (":authority", host.as_str()),
-        (":method", req.method().as_str()),
-        (":path", path.as_str()),
-        (":scheme", scheme),
+        (&k.authority_pseudo, host.as_str()),
+        (&k.method_pseudo, req.method().as_str()),
+        (&k.path_pseudo, path.as_str()),
+        (&k.scheme_pseudo, scheme),
     ] {
-        headers.insert(Value::from(name), Value::from(value));
+        headers.insert(name.clone(), Value::from(value));
     }
     let id = req
         .headers()
@@ -383,23 +430,23 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
         _ => "HTTP/1.1",
     };
     let mut http = BTreeMap::new();
-    http.insert(Value::from("id"), Value::from(id));
-    http.insert(Value::from("method"), Value::from(req.method().as_str()));
-    http.insert(Value::from("host"), Value::from(host.as_str()));
-    http.insert(Value::from("path"), Value::from(path.as_str()));
-    http.insert(Value::from("scheme"), Value::from(scheme));
-    http.insert(Value::from("protocol"), Value::from(protocol));
-    http.insert(Value::from("headers"), Value::from(headers));
+    http.insert(k.id.clone(), Value::from(id));
+    http.insert(k.method.clone(), Value::from(req.method().as_str()));
+    http.insert(k.host.clone(), Value::from(host.as_str()));
+    http.insert(k.path.clone(), Value::from(path.as_str()));
+    http.insert(k.scheme.clone(), Value::from(scheme));
+    http.insert(k.protocol.clone(), Value::from(protocol));
+    http.insert(k.headers.clone(), Value::from(headers));
     let mut request = BTreeMap::new();
-    request.insert(Value::from("http"), Value::from(http));
+    request.insert(k.http.clone(), Value::from(http));
     let mut attributes = BTreeMap::new();
-    attributes.insert(Value::from("request"), Value::from(request));
+    attributes.insert(k.request.clone(), Value::from(request));
     attributes.insert(
-        Value::from("source"),
+        k.source.clone(),
         endpoint(Some(peers.source), peers.source_principal.as_deref()),
     );
     attributes.insert(
-        Value::from("destination"),
+        k.destination.clone(),
         endpoint(peers.destination, peers.destination_principal.as_deref()),
     );
     // `parsed_path`: the path's segments, percent-decoded;
@@ -428,9 +475,9 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
         .map(|(k, v)| (k, Value::from(v)))
         .collect();
     let mut input = BTreeMap::new();
-    input.insert(Value::from("attributes"), Value::from(attributes));
-    input.insert(Value::from("parsed_path"), Value::from(parsed_path));
-    input.insert(Value::from("parsed_query"), Value::from(parsed_query));
+    input.insert(k.attributes.clone(), Value::from(attributes));
+    input.insert(k.parsed_path.clone(), Value::from(parsed_path));
+    input.insert(k.parsed_query.clone(), Value::from(parsed_query));
     Value::from(input)
 }
 
