@@ -745,20 +745,17 @@ async fn traffic(
                 let (mut retried, mut ejections, mut faults, mut denied) = (0.0, 0.0, 0.0, 0.0);
                 for p in proxies {
                     if let Ok((_, _, text)) = app::get(p.admin, "admin", "/metrics", &[]).await {
-                        let sum = |prefix: &str| {
+                        // The series of one family whose labels include `label`.
+                        let sum = |prefix: &str, label: &str| {
                             text.lines()
-                                .filter(|l| l.starts_with(prefix))
+                                .filter(|l| l.starts_with(prefix) && l.contains(label))
                                 .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
                                 .sum::<f64>()
                         };
-                        retried += sum("weft_upstream_retries_total{");
-                        ejections += sum("weft_upstream_outlier_ejections_total{");
-                        faults += sum("weft_http_faults_injected_total{");
-                        denied += text
-                            .lines()
-                            .filter(|l| l.starts_with("weft_policy_decisions_total{") && l.contains("result=\"deny\""))
-                            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-                            .sum::<f64>();
+                        retried += sum("weft_upstream_retries_total{", "");
+                        ejections += sum("weft_upstream_outlier_ejections_total{", "");
+                        faults += sum("weft_http_faults_injected_total{", "");
+                        denied += sum("weft_policy_decisions_total{", "result=\"deny\"");
                     }
                 }
                 print!(

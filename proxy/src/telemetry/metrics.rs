@@ -500,21 +500,21 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP weft_downstream_rejected_requests_total Requests the HTTP parser rejected before routing, by reason.\n");
-        out.push_str("# TYPE weft_downstream_rejected_requests_total counter\n");
-        for (listener, m) in &registry.listeners {
-            for (reason, count) in [
-                ("malformed", &m.rejected_malformed),
-                ("too_large", &m.rejected_too_large),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "weft_downstream_rejected_requests_total{{listener=\"{}\",reason=\"{reason}\"}} {}",
-                    escape(listener),
-                    count.load(Relaxed)
-                );
-            }
-        }
+        counter_by(
+            &mut out,
+            (
+                "weft_downstream_rejected_requests_total",
+                "Requests the HTTP parser rejected before routing, by reason.",
+            ),
+            ("listener", "reason"),
+            &registry.listeners,
+            |m| {
+                Some([
+                    ("malformed", &m.rejected_malformed),
+                    ("too_large", &m.rejected_too_large),
+                ])
+            },
+        );
         let cluster_series: [Series<ClusterMetrics>; 16] = [
             (
                 "weft_upstream_connect_failures_total",
@@ -619,23 +619,23 @@ impl Metrics {
                 let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(cluster), read(m));
             }
         }
-        out.push_str("# HELP weft_policy_decisions_total Policy decisions by policy and result.\n");
-        out.push_str("# TYPE weft_policy_decisions_total counter\n");
-        for (policy, m) in &registry.policies {
-            for (result, count) in [
-                ("allow", &m.allowed),
-                ("deny", &m.denied),
-                ("audit_deny", &m.audit_denied),
-                ("error", &m.errors),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "weft_policy_decisions_total{{policy=\"{}\",result=\"{result}\"}} {}",
-                    escape(policy),
-                    count.load(Relaxed)
-                );
-            }
-        }
+        counter_by(
+            &mut out,
+            (
+                "weft_policy_decisions_total",
+                "Policy decisions by policy and result.",
+            ),
+            ("policy", "result"),
+            &registry.policies,
+            |m| {
+                Some([
+                    ("allow", &m.allowed),
+                    ("deny", &m.denied),
+                    ("audit_deny", &m.audit_denied),
+                    ("error", &m.errors),
+                ])
+            },
+        );
         out.push_str("# HELP weft_policy_evaluation_seconds Time per policy evaluation, input building included.\n");
         out.push_str("# TYPE weft_policy_evaluation_seconds histogram\n");
         for (policy, m) in &registry.policies {
@@ -643,25 +643,22 @@ impl Metrics {
             m.duration
                 .render(&mut out, "weft_policy_evaluation_seconds", &labels);
         }
-        out.push_str("# HELP weft_upstream_health_checks_total Active health probes by cluster and result.\n");
-        out.push_str("# TYPE weft_upstream_health_checks_total counter\n");
-        for (cluster, m) in &registry.clusters {
-            if !m.health_checked.load(Relaxed) {
-                continue;
-            }
-            for (result, count) in [
-                ("success", &m.health_checks_success),
-                ("failure", &m.health_checks_failure),
-                ("timeout", &m.health_checks_timeout),
-            ] {
-                let _ = writeln!(
-                    out,
-                    "weft_upstream_health_checks_total{{cluster=\"{}\",result=\"{result}\"}} {}",
-                    escape(cluster),
-                    counter(count)
-                );
-            }
-        }
+        counter_by(
+            &mut out,
+            (
+                "weft_upstream_health_checks_total",
+                "Active health probes by cluster and result.",
+            ),
+            ("cluster", "result"),
+            &registry.clusters,
+            |m| {
+                m.health_checked.load(Relaxed).then_some([
+                    ("success", &m.health_checks_success),
+                    ("failure", &m.health_checks_failure),
+                    ("timeout", &m.health_checks_timeout),
+                ])
+            },
+        );
         out.push_str("# HELP weft_upstream_endpoints_healthy Endpoints passing their active health checks.\n");
         out.push_str("# TYPE weft_upstream_endpoints_healthy gauge\n");
         for (cluster, m) in &registry.clusters {
@@ -699,6 +696,29 @@ pub(crate) fn escape(value: &str) -> std::borrow::Cow<'_, str> {
             .into()
     } else {
         value.into()
+    }
+}
+
+/// Writes a counter family labelled by resource (`key`) and by one more
+/// label whose values each have a counter; `values` gives them, or `None`
+/// to leave a resource out.
+fn counter_by<M, const N: usize>(
+    out: &mut String,
+    (name, help): (&str, &str),
+    (key, label): (&str, &str),
+    resources: &BTreeMap<Arc<str>, Arc<M>>,
+    values: impl Fn(&M) -> Option<[(&'static str, &AtomicU64); N]>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (resource, m) in resources {
+        for (value, count) in values(m).into_iter().flatten() {
+            let _ = writeln!(
+                out,
+                "{name}{{{key}=\"{}\",{label}=\"{value}\"}} {}",
+                escape(resource),
+                count.load(Relaxed)
+            );
+        }
     }
 }
 
