@@ -81,6 +81,20 @@ impl Replayable {
     }
 }
 
+/// `body` as a [`Replayable`] without reading anything, when it is whole
+/// already: no body at all (most requests), or one read before. Any other
+/// body comes back as it was.
+pub(crate) fn ready_for_replay(body: RequestBody) -> Result<Replayable, RequestBody> {
+    match body {
+        RequestBody::Replay { data, trailers } => Ok(Replayable {
+            data: data.unwrap_or_default(),
+            trailers,
+        }),
+        RequestBody::Streaming { body } if body.is_end_stream() => Ok(Replayable::default()),
+        other => Err(other),
+    }
+}
+
 /// Reads `body` whole if it fits in `limit` bytes: then it can be sent
 /// again. A larger body gives back what was read followed by the rest of
 /// the stream, to be sent once. A body the client breaks is an error (the
@@ -90,19 +104,11 @@ pub(crate) async fn read_for_replay(
     limit: usize,
 ) -> Result<Result<Replayable, RequestBody>, DownstreamBodyError> {
     use http_body_util::BodyExt as _;
-    let mut incoming = match body {
-        RequestBody::Streaming { body } => body,
-        RequestBody::Replay { data, trailers } => {
-            return Ok(Ok(Replayable {
-                data: data.unwrap_or_default(),
-                trailers,
-            }));
-        }
-        prefixed @ RequestBody::Prefixed { .. } => return Ok(Err(prefixed)),
+    let mut incoming = match ready_for_replay(body) {
+        Ok(replayable) => return Ok(Ok(replayable)),
+        Err(RequestBody::Streaming { body }) => body,
+        Err(other) => return Ok(Err(other)),
     };
-    if incoming.is_end_stream() {
-        return Ok(Ok(Replayable::default()));
-    }
     if incoming
         .size_hint()
         .lower()

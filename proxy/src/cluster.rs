@@ -261,6 +261,7 @@ impl ClusterState {
     async fn forward(
         self: Arc<Self>,
         mut req: Request<RequestBody>,
+        per_try: Option<Duration>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let endpoint = match req
             .extensions()
@@ -308,10 +309,6 @@ impl ClusterState {
                 *req.version_mut() = Version::HTTP_2;
             }
         }
-        let per_try = req
-            .extensions()
-            .get::<crate::resilience::retry::PerTryTimeout>()
-            .map(|t| t.0);
         let result = match per_try {
             None => endpoint.send(req, wire, guard).await,
             Some(deadline) => tokio::time::timeout(deadline, endpoint.send(req, wire, guard))
@@ -481,11 +478,24 @@ impl EndpointSet {
 #[derive(Debug, Clone)]
 pub(crate) struct ClusterService {
     state: Arc<ClusterState>,
+    /// The route's per-try timeout: each attempt's deadline, blamed on the
+    /// endpoint it went to (outlier detection counts it, a retry avoids
+    /// it).
+    per_try_timeout: Option<Duration>,
 }
 
 impl ClusterService {
     pub(crate) fn new(state: Arc<ClusterState>) -> Self {
-        Self { state }
+        Self {
+            state,
+            per_try_timeout: None,
+        }
+    }
+
+    /// Gives every request sent through this service `timeout`.
+    pub(crate) fn with_per_try_timeout(mut self, timeout: Option<Duration>) -> Self {
+        self.per_try_timeout = timeout;
+        self
     }
 }
 
@@ -499,7 +509,7 @@ impl tower::Service<Request<RequestBody>> for ClusterService {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        Box::pin(self.state.clone().forward(req))
+        Box::pin(self.state.clone().forward(req, self.per_try_timeout))
     }
 }
 

@@ -216,7 +216,7 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let Some(state) = self.state.clone() else {
+        let Some(state) = &self.state else {
             return FaultFuture::Inner {
                 inner: self.inner.call(req),
             };
@@ -246,6 +246,7 @@ where
         };
         // The service that was made ready goes with the request; this one
         // keeps a clone (tower's rule for calling after a delay).
+        let state = state.clone();
         let clone = self.inner.clone();
         let mut inner = std::mem::replace(&mut self.inner, clone);
         FaultFuture::Boxed {

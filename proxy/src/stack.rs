@@ -194,21 +194,27 @@ fn route_service(
             metrics: metrics.clone(),
         })
     });
+    let kept_by_retry = retrying.as_ref().is_some_and(|r| r.route_timeout.is_some());
     ServiceBuilder::new()
         .layer(PolicyLayer::new(shared.policy.clone())) // Rego: 403 / PERMISSION_DENIED on deny
         .layer(FaultLayer::new(faulting)) // delays and aborts injected (chaos)
         .layer(RateLimitLayer::new(limited)) // 429 when the route's buckets are empty
         .layer(RulesLayer::new(shared.rules.clone())) // route header rules, host and path rewrites
-        // No response headers at all for the stream idle timeout is idleness
-        // too.
         .layer(TimeoutLayer::new(
-            match (route.timeout, route.stream_idle_timeout) {
-                (Some(t), Some(idle)) => Some(t.min(idle)),
-                (t, idle) => t.or(idle),
-            },
-        )) // request to response headers, retries included
+            route_timeout(route).filter(|_| !kept_by_retry),
+        )) // request to response headers, retries included (or kept by the retry layer)
         .layer(RetryLayer::new(retrying)) // failed attempts sent again, within the budget
         .service(backend) // cluster (lb -> pool -> upstream), or a direct response
+}
+
+/// The deadline from a request to its response headers: the route
+/// timeout, shortened by the stream idle timeout (no response headers at
+/// all is idleness too).
+fn route_timeout(route: &config::Route) -> Option<std::time::Duration> {
+    match (route.timeout, route.stream_idle_timeout) {
+        (Some(t), Some(idle)) => Some(t.min(idle)),
+        (t, idle) => t.or(idle),
+    }
 }
 
 /// What a route's targets share: its rules, faults and rate limit.
@@ -477,6 +483,7 @@ fn prepare_route(
                 budget: state.retry_budget.clone(),
                 metrics: state.metrics(),
                 max_retries: state.config.max_retries,
+                route_timeout: route_timeout(route).filter(|&t| Retrying::keeps(policy, Some(t))),
             })
         });
         let metrics = metrics.request(listener, &route.name, name);
@@ -487,7 +494,12 @@ fn prepare_route(
                 &metrics,
                 retrying,
                 Backend::Cluster {
-                    cluster: ClusterService::new(state),
+                    cluster: ClusterService::new(state).with_per_try_timeout(
+                        route
+                            .retry
+                            .as_ref()
+                            .and_then(|policy| policy.per_try_timeout),
+                    ),
                     idle: route.stream_idle_timeout,
                 },
             ),

@@ -63,11 +63,19 @@ pub(crate) enum BodyError {
     StreamIdleTimeout,
 }
 
-/// A response body's idle deadline: reset by every frame.
+/// A response body's idle deadline: it runs while the body waits for the
+/// upstream, from the first wait after each frame.
+///
+/// PERF: armed lazily. A body that never waits (a small response, read
+/// with its headers) takes no timer and no clock read, and a streaming one
+/// reads the clock once per wait rather than once per frame.
 #[derive(Debug)]
 struct Idle {
     timeout: Duration,
-    sleep: Pin<Box<tokio::time::Sleep>>,
+    /// Made on the first wait.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The deadline is set for the current wait.
+    waiting: bool,
 }
 
 pin_project! {
@@ -129,7 +137,8 @@ impl ResponseBody {
     pub(crate) fn set_idle_timeout(&mut self, timeout: Duration) {
         self.idle = Some(Idle {
             timeout,
-            sleep: Box::pin(tokio::time::sleep(timeout)),
+            sleep: None,
+            waiting: false,
         });
     }
 
@@ -162,12 +171,22 @@ impl Body for ResponseBody {
             InnerProj::Full { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
         };
         if let Some(idle) = this.idle {
-            match &polled {
-                Poll::Ready(Some(Ok(_))) => {
-                    let next = tokio::time::Instant::now() + idle.timeout;
-                    idle.sleep.as_mut().reset(next);
+            if polled.is_pending() && !idle.waiting {
+                idle.waiting = true;
+                let deadline = tokio::time::Instant::now() + idle.timeout;
+                match &mut idle.sleep {
+                    Some(sleep) => sleep.as_mut().reset(deadline),
+                    None => idle.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
                 }
-                Poll::Pending if idle.sleep.as_mut().poll(cx).is_ready() => {
+            }
+            match &polled {
+                Poll::Ready(Some(Ok(_))) => idle.waiting = false,
+                Poll::Pending
+                    if idle
+                        .sleep
+                        .as_mut()
+                        .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready()) =>
+                {
                     *this.idle = None;
                     if let Some(finish) = this.finish {
                         finish

@@ -9,7 +9,8 @@
 //! and each retry withdraws. Kept per cluster, so every route to a cluster
 //! draws on one budget, and it survives configuration changes.
 
-use std::sync::{Mutex, PoisonError};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -18,70 +19,89 @@ use tokio::time::Instant;
 const BUCKETS: usize = 10;
 
 /// One cluster's budget.
+///
+/// PERF: every request deposits, from every worker, so the buckets are
+/// atomics rather than a ring behind a lock. Each bucket holds a count in
+/// its low 32 bits and, in its high 32, the number of the bucket-wide
+/// stretch of time it counts (its tag); a bucket with an old tag is reset
+/// by whoever writes to it first.
 #[derive(Debug, Default)]
 pub(crate) struct RetryBudget {
-    ring: Mutex<Ring>,
+    /// Where tag 0 starts: the first use.
+    origin: OnceLock<Instant>,
+    /// The bucket width, in nanoseconds, that the tags were counted in.
+    width: AtomicU64,
+    requests: [AtomicU64; BUCKETS],
+    retries: [AtomicU64; BUCKETS],
 }
 
-#[derive(Debug, Default)]
-struct Ring {
-    /// Requests and retries per bucket.
-    requests: [u64; BUCKETS],
-    retries: [u64; BUCKETS],
-    /// The bucket now written, and when it started.
-    current: usize,
-    started: Option<Instant>,
-    /// The window the buckets were sized for.
-    window: Duration,
+const COUNT: u64 = u32::MAX as u64;
+
+/// Adds one to the bucket's count for `tag`, starting it over if it holds
+/// an older stretch of time.
+fn add(bucket: &AtomicU64, tag: u64) {
+    let _ = bucket.fetch_update(Relaxed, Relaxed, |value| {
+        Some(if value >> 32 == tag {
+            (value & COUNT).saturating_add(1).min(COUNT) | (tag << 32)
+        } else {
+            (tag << 32) | 1
+        })
+    });
 }
 
-impl Ring {
-    /// Moves to the bucket of `now`, clearing those passed over.
-    fn advance(&mut self, now: Instant, window: Duration) {
-        let width = window / BUCKETS as u32;
-        if self.window != window || width.is_zero() {
-            // A new window (or the first use): start over.
-            *self = Ring {
-                window,
-                started: Some(now),
-                ..Ring::default()
-            };
-            return;
-        }
-        let Some(started) = self.started else {
-            self.started = Some(now);
-            return;
-        };
-        let passed = now.saturating_duration_since(started).as_nanos() / width.as_nanos();
-        if passed == 0 {
-            return;
-        }
-        let steps = usize::try_from(passed).unwrap_or(usize::MAX).min(BUCKETS);
-        for _ in 0..steps {
-            self.current = (self.current + 1) % BUCKETS;
-            self.requests[self.current] = 0;
-            self.retries[self.current] = 0;
-        }
-        let advanced = u32::try_from(passed).unwrap_or(u32::MAX);
-        self.started = Some(started + width.saturating_mul(advanced));
-        if steps == BUCKETS {
-            self.started = Some(now);
-        }
-    }
+/// Takes back one that [`add`] put in for `tag`.
+fn undo(bucket: &AtomicU64, tag: u64) {
+    let _ = bucket.fetch_update(Relaxed, Relaxed, |value| {
+        (value >> 32 == tag && value & COUNT > 0).then(|| value - 1)
+    });
+}
+
+/// The counts of the buckets within the window that ends with `tag`.
+fn sum(buckets: &[AtomicU64; BUCKETS], tag: u64) -> u64 {
+    buckets
+        .iter()
+        .map(|bucket| bucket.load(Relaxed))
+        .filter(|value| tag.wrapping_sub(value >> 32) & COUNT < BUCKETS as u64)
+        .map(|value| value & COUNT)
+        .sum()
 }
 
 impl RetryBudget {
+    /// The tag of `now` for a `window`, and the bucket it falls in.
+    fn tag(&self, now: Instant, window: Duration) -> (u64, usize) {
+        let origin = *self.origin.get_or_init(|| now);
+        // Buckets are at least 1 ns wide; a window of u64::MAX ns is
+        // 584 years.
+        let width = u64::try_from((window / BUCKETS as u32).as_nanos())
+            .unwrap_or(u64::MAX)
+            .max(1);
+        // Read first: a write on every request would bounce the line
+        // between workers.
+        if self.width.load(Relaxed) != width && self.width.swap(width, Relaxed) != width {
+            // A new window (or the first use): the counts start over.
+            for bucket in self.requests.iter().chain(&self.retries) {
+                bucket.store(0, Relaxed);
+            }
+        }
+        let elapsed =
+            u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX);
+        let tag = (elapsed / width) & COUNT;
+        // The remainder is below BUCKETS.
+        #[allow(clippy::cast_possible_truncation)]
+        (tag, (tag % BUCKETS as u64) as usize)
+    }
+
     /// Counts a request.
     pub(crate) fn deposit(&self, now: Instant, window: Duration) {
-        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        ring.advance(now, window);
-        let current = ring.current;
-        ring.requests[current] += 1;
+        let (tag, index) = self.tag(now, window);
+        add(&self.requests[index], tag);
     }
 
     /// Takes one retry out of the budget, if it allows one: retries in the
     /// window stay within `ratio` of the requests plus `min_per_second`
-    /// per second of the window.
+    /// per second of the window. The retry is counted first and taken
+    /// back if it does not fit, so retries decided at once on several
+    /// workers cannot overdraw the budget together.
     pub(crate) fn try_withdraw(
         &self,
         now: Instant,
@@ -89,10 +109,8 @@ impl RetryBudget {
         ratio: f64,
         min_per_second: u32,
     ) -> bool {
-        let mut ring = self.ring.lock().unwrap_or_else(PoisonError::into_inner);
-        ring.advance(now, window);
-        let requests: u64 = ring.requests.iter().sum();
-        let retries: u64 = ring.retries.iter().sum();
+        let (tag, index) = self.tag(now, window);
+        let requests = sum(&self.requests, tag);
         #[allow(
             clippy::cast_precision_loss,
             clippy::cast_possible_truncation,
@@ -100,11 +118,11 @@ impl RetryBudget {
         )]
         let allowed = (requests as f64 * ratio) as u64
             + (f64::from(min_per_second) * window.as_secs_f64()) as u64;
-        if retries < allowed {
-            let current = ring.current;
-            ring.retries[current] += 1;
+        add(&self.retries[index], tag);
+        if sum(&self.retries, tag) <= allowed {
             true
         } else {
+            undo(&self.retries[index], tag);
             false
         }
     }
@@ -171,5 +189,28 @@ mod tests {
                 .count(),
             5
         );
+    }
+
+    #[test]
+    fn workers_withdrawing_at_once_never_overdraw() {
+        let budget = std::sync::Arc::new(RetryBudget::default());
+        let now = Instant::now();
+        for _ in 0..1000 {
+            budget.deposit(now, WINDOW);
+        }
+        let granted: usize = std::thread::scope(|scope| {
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let budget = budget.clone();
+                    scope.spawn(move || {
+                        (0..200)
+                            .filter(|_| budget.try_withdraw(now, WINDOW, 0.1, 0))
+                            .count()
+                    })
+                })
+                .collect();
+            workers.into_iter().map(|w| w.join().unwrap()).sum()
+        });
+        assert_eq!(granted, 100, "10 % of 1000, however the workers raced");
     }
 }

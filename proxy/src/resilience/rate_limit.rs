@@ -135,12 +135,15 @@ struct Clients {
     per_shard: usize,
     shards: Box<[Mutex<Shard>]>,
     overflow: Bucket,
-    hasher: std::collections::hash_map::RandomState,
+    hasher: foldhash::fast::RandomState,
 }
 
 #[derive(Debug, Default)]
 struct Shard {
-    tats: HashMap<Client, u64>,
+    // PERF: foldhash rather than SipHash (hashed twice per request): seeded
+    // at random per table, and a shard never holds more than `per_shard`
+    // clients, so colliding addresses cannot make a long chain.
+    tats: HashMap<Client, u64, foldhash::fast::RandomState>,
     last_sweep: u64,
 }
 
@@ -151,7 +154,7 @@ impl Clients {
             per_shard: (max_clients as usize).div_ceil(SHARDS).max(1),
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
             overflow: Bucket::new(bucket),
-            hasher: std::collections::hash_map::RandomState::new(),
+            hasher: foldhash::fast::RandomState::default(),
         }
     }
 

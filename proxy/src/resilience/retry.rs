@@ -13,8 +13,9 @@
 //!   or the client's own fault never.
 //!
 //! Every attempt carries `x-weft-attempt-count` (the proxy's, never the
-//! client's), has the policy's per-try timeout, and prefers an endpoint the
-//! request has not failed on yet. A retry is counted in the cluster's
+//! client's), has the policy's per-try timeout (kept by the route's
+//! cluster service, which knows which endpoint to blame), and prefers an
+//! endpoint the request has not failed on yet. A retry is counted in the cluster's
 //! [`RetryBudget`] when it is scheduled; once the budget is spent the last
 //! failure goes back to the client. `Retry-After` (in seconds) replaces the
 //! backoff when it is at most [`MAX_RETRY_AFTER`]; a longer one is not
@@ -33,7 +34,7 @@ use pin_project_lite::pin_project;
 use tower::{Service, ServiceExt};
 
 use super::budget::RetryBudget;
-use crate::body::{RequestBody, read_for_replay};
+use crate::body::{Replayable, RequestBody, read_for_replay, ready_for_replay};
 use crate::config::RetryPolicy;
 use crate::error::{ProxyError, RetrySafety};
 use crate::http::body::ResponseBody;
@@ -62,6 +63,22 @@ pub(crate) struct Retrying {
     pub(crate) metrics: Arc<ClusterMetrics>,
     /// The cluster's circuit breaker: retries in flight at once.
     pub(crate) max_retries: u32,
+    /// The route timeout, when this layer keeps it rather than the
+    /// [`Timeout`](super::Timeout) layer above: see [`Retrying::keeps`].
+    pub(crate) route_timeout: Option<Duration>,
+}
+
+impl Retrying {
+    /// Whether a route timeout of `route_timeout` can be kept by the retry
+    /// layer: when every attempt has a per-try timeout no longer than it,
+    /// a first attempt always ends before the route's deadline, and only
+    /// a retried request needs a timer of its own.
+    ///
+    /// PERF: a request that succeeds at once then takes one timer (its
+    /// attempt's) instead of two.
+    pub(crate) fn keeps(policy: &RetryPolicy, route_timeout: Option<Duration>) -> bool {
+        matches!((policy.per_try_timeout, route_timeout), (Some(per_try), Some(route)) if per_try <= route)
+    }
 }
 
 /// Holds one of the cluster's `max_retries` from scheduling a retry to
@@ -117,7 +134,8 @@ pub(crate) struct Retry<S> {
     retrying: Option<Arc<Retrying>>,
 }
 
-type Boxed = Pin<Box<dyn Future<Output = Result<Response<ResponseBody>, ProxyError>> + Send>>;
+type Outcome = Result<Response<ResponseBody>, ProxyError>;
+type Boxed = Pin<Box<dyn Future<Output = Outcome> + Send>>;
 
 impl<S> Service<Request<RequestBody>> for Retry<S>
 where
@@ -129,47 +147,183 @@ where
 {
     type Response = Response<ResponseBody>;
     type Error = ProxyError;
-    type Future = RetryFuture<S::Future>;
+    type Future = RetryFuture<S, S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
-        match &self.retrying {
-            None => {
-                // Set by the proxy only.
-                req.headers_mut().remove(&ATTEMPT_COUNT);
-                RetryFuture::Once {
-                    inner: self.inner.call(req),
+        // Set by the proxy only.
+        req.headers_mut().remove(&ATTEMPT_COUNT);
+        let Some(retrying) = &self.retrying else {
+            return RetryFuture::Once {
+                inner: self.inner.call(req),
+            };
+        };
+        let policy = &retrying.policy;
+        let now = tokio::time::Instant::now();
+        retrying.budget.deposit(now, policy.budget_window);
+        let deadline = retrying.route_timeout.map(|timeout| now + timeout);
+        let eligible = (policy.retry_non_idempotent || is_idempotent(req.method()))
+            && !req.headers().contains_key(header::UPGRADE);
+        if !eligible {
+            return RetryFuture::Once {
+                inner: self.inner.call(first_attempt(req)),
+            };
+        }
+        let (parts, body) = req.into_parts();
+        match ready_for_replay(body) {
+            // PERF: the common case (no body) sends its first attempt
+            // without boxing or waiting; only a failure the policy retries
+            // moves on to the boxed retry loop.
+            Ok(replayable) => {
+                let saved = Saved {
+                    method: parts.method.clone(),
+                    uri: parts.uri.clone(),
+                    version: parts.version,
+                    headers: save_headers(&parts.headers),
+                    body: replayable,
+                };
+                let req = Request::from_parts(parts, saved.body.body());
+                RetryFuture::First {
+                    inner: self.inner.call(first_attempt(req)),
+                    rest: Some(Rest {
+                        service: self.inner.clone(),
+                        retrying: retrying.clone(),
+                        saved,
+                        deadline,
+                    }),
                 }
             }
-            Some(retrying) => RetryFuture::Retrying {
-                inner: Box::pin(retry(self.inner.clone(), retrying.clone(), req)),
+            // A body still to come is read (up to the bound) first.
+            Err(body) => RetryFuture::Retrying {
+                inner: Box::pin(within(
+                    deadline,
+                    read_then_retry(
+                        self.inner.clone(),
+                        retrying.clone(),
+                        Request::from_parts(parts, body),
+                        deadline,
+                    ),
+                )),
             },
         }
+    }
+}
+
+/// The first attempt's request: its count set.
+fn first_attempt(mut req: Request<RequestBody>) -> Request<RequestBody> {
+    req.headers_mut()
+        .insert(&ATTEMPT_COUNT, HeaderValue::from_static("1"));
+    req
+}
+
+/// What a request needs to be sent again.
+#[derive(Debug)]
+struct Saved {
+    method: Method,
+    uri: http::Uri,
+    version: http::Version,
+    /// PERF: a list, not a `HeaderMap` clone: one allocation instead of
+    /// two (the map's index is rebuilt only for a retry).
+    headers: Vec<(HeaderName, HeaderValue)>,
+    body: Replayable,
+}
+
+/// The request's headers, in order, for [`Saved`].
+fn save_headers(headers: &http::HeaderMap) -> Vec<(HeaderName, HeaderValue)> {
+    headers
+        .iter()
+        .map(|(name, value)| (name.clone(), value.clone()))
+        .collect()
+}
+
+impl Saved {
+    /// The request of attempt `n`.
+    fn request(&self, n: u32, tried: &TriedEndpoints) -> Request<RequestBody> {
+        let mut req = Request::new(self.body.body());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = self.uri.clone();
+        *req.version_mut() = self.version;
+        let headers = req.headers_mut();
+        headers.reserve(self.headers.len() + 1);
+        for (name, value) in &self.headers {
+            headers.append(name, value.clone());
+        }
+        headers.insert(&ATTEMPT_COUNT, attempt_value(n));
+        if !tried.0.is_empty() {
+            req.extensions_mut().insert(tried.clone());
+        }
+        req
+    }
+}
+
+/// What the retry loop takes over once a first attempt has failed.
+struct Rest<S> {
+    service: S,
+    retrying: Arc<Retrying>,
+    saved: Saved,
+    /// The route's deadline, when this layer keeps it.
+    deadline: Option<tokio::time::Instant>,
+}
+
+/// `future`, failed with [`ProxyError::UpstreamTimeout`] at `deadline`.
+async fn within(
+    deadline: Option<tokio::time::Instant>,
+    future: impl Future<Output = Outcome>,
+) -> Outcome {
+    match deadline {
+        Some(deadline) => tokio::time::timeout_at(deadline, future)
+            .await
+            .unwrap_or(Err(ProxyError::UpstreamTimeout)),
+        None => future.await,
     }
 }
 
 pin_project! {
     /// The future of [`Retry`].
     #[project = RetryProj]
-    pub(crate) enum RetryFuture<F> {
+    pub(crate) enum RetryFuture<S, F> {
+        // No retries: one attempt.
         Once { #[pin] inner: F },
+        // The first attempt of a request that may be retried.
+        First { #[pin] inner: F, rest: Option<Rest<S>> },
+        // Reading the body, or retrying.
         Retrying { inner: Boxed },
     }
 }
 
-impl<F> Future for RetryFuture<F>
+impl<S, F> Future for RetryFuture<S, F>
 where
-    F: Future<Output = Result<Response<ResponseBody>, ProxyError>>,
+    S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError>
+        + Send
+        + 'static,
+    S::Future: Send,
+    F: Future<Output = Outcome>,
 {
-    type Output = Result<Response<ResponseBody>, ProxyError>;
+    type Output = Outcome;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            RetryProj::Once { inner } => inner.poll(cx),
-            RetryProj::Retrying { inner } => inner.as_mut().poll(cx),
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Outcome> {
+        loop {
+            let next = match self.as_mut().project() {
+                RetryProj::Once { inner } => return inner.poll(cx),
+                RetryProj::Retrying { inner } => return inner.as_mut().poll(cx),
+                RetryProj::First { inner, rest } => {
+                    let outcome = std::task::ready!(inner.poll(cx));
+                    let Some(rest) = rest.take() else {
+                        return Poll::Ready(outcome);
+                    };
+                    if retryable(&rest.retrying.policy, &outcome).is_none() {
+                        return Poll::Ready(outcome);
+                    }
+                    let deadline = rest.deadline;
+                    RetryFuture::Retrying {
+                        inner: Box::pin(within(deadline, retry_after(rest, outcome))),
+                    }
+                }
+            };
+            self.set(next);
         }
     }
 }
@@ -182,62 +336,70 @@ fn is_idempotent(method: &Method) -> bool {
     )
 }
 
-async fn retry<S>(
-    mut inner: S,
+/// Reads the body up to the policy's bound, then sends the request,
+/// retrying it if the body fitted, once if it did not.
+async fn read_then_retry<S>(
+    mut service: S,
     retrying: Arc<Retrying>,
     req: Request<RequestBody>,
-) -> Result<Response<ResponseBody>, ProxyError>
+    deadline: Option<tokio::time::Instant>,
+) -> Outcome
 where
     S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError>,
 {
     let policy = &retrying.policy;
-    retrying
-        .budget
-        .deposit(tokio::time::Instant::now(), policy.budget_window);
-    let (mut parts, body) = req.into_parts();
-    parts.headers.remove(&ATTEMPT_COUNT);
-    let eligible = (policy.retry_non_idempotent || is_idempotent(&parts.method))
-        && !parts.headers.contains_key(header::UPGRADE);
-    let body = if eligible {
-        match read_for_replay(body, policy.max_body_bytes).await {
-            Ok(Ok(replayable)) => Ok(replayable),
-            Ok(Err(streaming)) => Err(streaming),
-            Err(error) => {
-                return Err(ProxyError::DownstreamBody {
-                    endpoint: None,
-                    source: error.0,
-                });
-            }
-        }
-    } else {
-        Err(body)
-    };
-    let replayable = match body {
-        Ok(replayable) => replayable,
-        Err(body) => {
+    let (parts, body) = req.into_parts();
+    let body = match read_for_replay(body, policy.max_body_bytes).await {
+        Ok(Ok(replayable)) => replayable,
+        Ok(Err(streaming)) => {
             // Sent once.
-            let mut req = Request::from_parts(parts, body);
-            req.headers_mut()
-                .insert(&ATTEMPT_COUNT, HeaderValue::from_static("1"));
-            return attempt(&mut inner, req, policy.per_try_timeout).await;
+            let req = first_attempt(Request::from_parts(parts, streaming));
+            return service.ready().await?.call(req).await;
+        }
+        Err(error) => {
+            return Err(ProxyError::DownstreamBody {
+                endpoint: None,
+                source: error.0,
+            });
         }
     };
+    let saved = Saved {
+        method: parts.method,
+        uri: parts.uri,
+        version: parts.version,
+        headers: save_headers(&parts.headers),
+        body,
+    };
+    let outcome = attempt(&mut service, saved.request(1, &TriedEndpoints::default())).await;
+    retry_after(
+        Rest {
+            service,
+            retrying: retrying.clone(),
+            saved,
+            deadline,
+        },
+        outcome,
+    )
+    .await
+}
+
+/// Retries after a first attempt's `outcome`, while the policy, the
+/// cluster's `max_retries` and its budget allow.
+async fn retry_after<S>(rest: Rest<S>, mut outcome: Outcome) -> Outcome
+where
+    S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError>,
+{
+    let Rest {
+        mut service,
+        retrying,
+        saved,
+        deadline: _,
+    } = rest;
+    let policy = &retrying.policy;
     let mut tried = TriedEndpoints::default();
-    let mut attempts: u32 = 0;
+    let mut attempts: u32 = 1;
     let mut in_flight: Option<RetryInFlight> = None;
     loop {
-        attempts += 1;
-        let mut req = Request::new(replayable.body());
-        *req.method_mut() = parts.method.clone();
-        *req.uri_mut() = parts.uri.clone();
-        *req.version_mut() = parts.version;
-        *req.headers_mut() = parts.headers.clone();
-        req.headers_mut()
-            .insert(&ATTEMPT_COUNT, attempt_value(attempts));
-        if !tried.0.is_empty() {
-            req.extensions_mut().insert(tried.clone());
-        }
-        let outcome = attempt(&mut inner, req, policy.per_try_timeout).await;
         // A retried attempt is over: its place under `max_retries` frees.
         drop(in_flight.take());
         let Some(failed_on) = retryable(policy, &outcome) else {
@@ -247,7 +409,7 @@ where
             return with_attempts(outcome, attempts);
         }
         let retry_after = match &outcome {
-            Ok(response) => retry_after(response),
+            Ok(response) => retry_after_header(response),
             Err(_) => None,
         };
         let wait = match retry_after {
@@ -282,6 +444,8 @@ where
         // before the next attempt.
         drop(outcome);
         tokio::time::sleep(wait).await;
+        attempts += 1;
+        outcome = attempt(&mut service, saved.request(attempts, &tried)).await;
     }
 }
 
@@ -295,24 +459,11 @@ fn attempt_value(n: u32) -> HeaderValue {
     }
 }
 
-/// The deadline of one attempt, for the cluster to keep: it knows which
-/// endpoint the attempt went to, so a timed-out attempt is blamed on that
-/// endpoint (outlier detection counts it, the next attempt avoids it).
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PerTryTimeout(pub(crate) Duration);
-
-/// One attempt, with the per-try timeout handed to the cluster.
-async fn attempt<S>(
-    inner: &mut S,
-    mut req: Request<RequestBody>,
-    timeout: Option<Duration>,
-) -> Result<Response<ResponseBody>, ProxyError>
+/// One attempt.
+async fn attempt<S>(inner: &mut S, req: Request<RequestBody>) -> Outcome
 where
     S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError>,
 {
-    if let Some(timeout) = timeout {
-        req.extensions_mut().insert(PerTryTimeout(timeout));
-    }
     inner.ready().await?.call(req).await
 }
 
@@ -374,7 +525,7 @@ fn retryable(
 }
 
 /// `Retry-After` in seconds (an HTTP date is not waited for).
-fn retry_after(response: &Response<ResponseBody>) -> Option<Duration> {
+fn retry_after_header(response: &Response<ResponseBody>) -> Option<Duration> {
     let value = response.headers().get(header::RETRY_AFTER)?;
     let seconds: u64 = value.to_str().ok()?.trim().parse().ok()?;
     Some(Duration::from_secs(seconds))

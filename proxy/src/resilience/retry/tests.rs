@@ -18,6 +18,8 @@ enum Step {
 #[derive(Clone)]
 struct Upstream {
     steps: Arc<Mutex<VecDeque<Step>>>,
+    /// Each attempt's deadline, as the route's cluster service has it.
+    per_try: Option<Duration>,
     seen: Arc<Mutex<Vec<(String, Bytes)>>>,
 }
 
@@ -25,6 +27,7 @@ impl Upstream {
     fn new(steps: Vec<Step>) -> Self {
         Self {
             steps: Arc::new(Mutex::new(steps.into())),
+            per_try: None,
             seen: Arc::default(),
         }
     }
@@ -47,7 +50,7 @@ impl Service<Request<RequestBody>> for Upstream {
         let step = self.steps.lock().unwrap().pop_front();
         let seen = self.seen.clone();
         // As the cluster does, the upstream keeps the attempt's deadline.
-        let per_try = req.extensions().get::<PerTryTimeout>().map(|t| t.0);
+        let per_try = self.per_try;
         Box::pin(async move {
             let attempt = req
                 .headers()
@@ -118,13 +121,19 @@ struct Harness {
 }
 
 fn harness(policy: RetryPolicy, steps: Vec<Step>) -> Harness {
-    let upstream = Upstream::new(steps);
+    harness_with(policy, steps, None)
+}
+
+fn harness_with(policy: RetryPolicy, steps: Vec<Step>, route_timeout: Option<Duration>) -> Harness {
+    let mut upstream = Upstream::new(steps);
+    upstream.per_try = policy.per_try_timeout;
     let metrics = Arc::new(ClusterMetrics::default());
     let retrying = Arc::new(Retrying {
         policy: Arc::new(policy),
         budget: Arc::default(),
         metrics: metrics.clone(),
         max_retries: 3,
+        route_timeout,
     });
     let service = tower::Layer::layer(&RetryLayer::new(Some(retrying)), upstream.clone());
     Harness {
@@ -379,4 +388,47 @@ async fn no_retry_beyond_the_clusters_retries_in_flight() {
         StatusCode::OK
     );
     assert_eq!(h.metrics.retries_active.load(Relaxed), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_route_timeout_kept_by_the_retry_layer_bounds_the_retries() {
+    // Per-try 1 s within a route timeout of 1.5 s: the first attempt times
+    // out on its own deadline and is retried; the retry is cut at the
+    // route's deadline, counted from the request.
+    let policy = policy(|p| p.per_try_timeout = Some(Duration::from_secs(1)));
+    assert!(Retrying::keeps(&policy, Some(Duration::from_millis(1500))));
+    assert!(!Retrying::keeps(&policy, Some(Duration::from_millis(500))));
+    assert!(!Retrying::keeps(&policy, None));
+    let mut h = harness_with(
+        policy.clone(),
+        vec![
+            Step::Slow(Duration::from_secs(5), StatusCode::OK),
+            Step::Slow(Duration::from_secs(5), StatusCode::OK),
+        ],
+        Some(Duration::from_millis(1500)),
+    );
+    let start = tokio::time::Instant::now();
+    let outcome = send(&mut h, request(Method::GET, b"")).await;
+    assert!(
+        matches!(outcome, Err(ProxyError::UpstreamTimeout)),
+        "{outcome:?}"
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(1500));
+    assert_eq!(
+        h.upstream.seen().len(),
+        2,
+        "the first attempt and one retry"
+    );
+
+    // One that succeeds at once takes no timer but its attempt's.
+    let mut h = harness_with(
+        policy,
+        vec![Step::Status(StatusCode::OK)],
+        Some(Duration::from_millis(1500)),
+    );
+    assert_eq!(
+        send(&mut h, request(Method::GET, b"")).await.unwrap(),
+        StatusCode::OK
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(1500));
 }
