@@ -481,6 +481,27 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
     Value::from(input)
 }
 
+/// One HTTP decision as the request path makes it (the input built from
+/// the request, then evaluated on this thread's engine), without the
+/// counting and logging around it: `Ok(true)` when allowed. For
+/// benchmarks.
+pub fn evaluate_request<B>(
+    policy: &CompiledPolicy,
+    req: &Request<B>,
+    source: SocketAddr,
+    source_principal: Option<&str>,
+) -> Result<bool, String> {
+    let peers = Peers {
+        source,
+        source_principal: source_principal.map(Arc::from),
+        destination: None,
+        destination_principal: None,
+    };
+    policy
+        .evaluate(http_input(req, &peers, false))
+        .map(|verdict| verdict.allowed)
+}
+
 /// What the request path does with a request, after its policy.
 #[derive(Debug)]
 pub(crate) enum Outcome {
@@ -497,9 +518,69 @@ pub(crate) fn check<B>(
     peers: &Peers,
     is_tls: bool,
 ) -> Outcome {
-    let (policy, metrics) = (&*state.policy, &*state.metrics);
     let start = Instant::now();
     let input = http_input(req, peers, is_tls);
+    let subject = || {
+        format!(
+            "{} {} from {}",
+            req.method(),
+            req.uri().path(),
+            peers.source_principal.as_deref().unwrap_or("-")
+        )
+    };
+    match decide(state, input, start, subject) {
+        Decided::Allow => Outcome::Allow,
+        Decided::Deny(verdict) => {
+            Outcome::Deny(Box::new(denied(verdict.as_ref(), is_grpc(req.headers()))))
+        }
+    }
+}
+
+/// The OPA-Envoy input document for a TCP connection: who is on each end
+/// (`attributes.source`, `attributes.destination`), nothing more.
+pub(crate) fn connection_input(peers: &Peers) -> Value {
+    let k = keys();
+    let mut attributes = BTreeMap::new();
+    attributes.insert(
+        k.source.clone(),
+        endpoint(Some(peers.source), peers.source_principal.as_deref()),
+    );
+    attributes.insert(
+        k.destination.clone(),
+        endpoint(peers.destination, peers.destination_principal.as_deref()),
+    );
+    let mut input = BTreeMap::new();
+    input.insert(k.attributes.clone(), Value::from(attributes));
+    Value::from(input)
+}
+
+/// Evaluates a TCP listener's policy for a new connection, counts and
+/// logs the decision: `true` lets the connection through.
+pub(crate) fn check_connection(state: &Enforcing, peers: &Peers) -> bool {
+    let start = Instant::now();
+    let input = connection_input(peers);
+    let subject = || format!("connection from {}", peers.source);
+    matches!(decide(state, input, start, subject), Decided::Allow)
+}
+
+/// What [`decide`] concluded.
+enum Decided {
+    Allow,
+    /// Refused; the policy's decision when it gave one (an evaluation
+    /// error gives none).
+    Deny(Option<Verdict>),
+}
+
+/// Evaluates `input`, counts the decision, logs it, and applies the
+/// policy's mode (audit allows) and failure mode (an error allows or
+/// denies). `subject` names what was decided on, for the audit log line.
+fn decide(
+    state: &Enforcing,
+    input: Value,
+    start: Instant,
+    subject: impl Fn() -> String,
+) -> Decided {
+    let (policy, metrics) = (&*state.policy, &*state.metrics);
     // A reference-counted copy, for the decision log's thread.
     let logged = state.log.as_ref().map(|_| input.clone());
     let result = policy.evaluate(input);
@@ -527,33 +608,31 @@ pub(crate) fn check<B>(
             tracing::warn!(policy = %policy.name, %error, "policy evaluation failed");
             log("error", Some(&error), logged);
             if policy.failure_mode == FailureMode::Allow {
-                return Outcome::Allow;
+                return Decided::Allow;
             }
-            return Outcome::Deny(Box::new(denied(None, is_grpc(req.headers()))));
+            return Decided::Deny(None);
         }
     };
     if verdict.allowed {
         metrics.allowed.fetch_add(1, Relaxed);
         log("allow", verdict.reason.as_deref(), logged);
-        return Outcome::Allow;
+        return Decided::Allow;
     }
     if policy.mode == Mode::Audit {
         metrics.audit_denied.fetch_add(1, Relaxed);
         tracing::info!(
             policy = %policy.name,
-            method = %req.method(),
-            path = req.uri().path(),
-            source = peers.source_principal.as_deref().unwrap_or("-"),
+            subject = %subject(),
             reason = verdict.reason.as_deref().unwrap_or(""),
-            "audit: the policy would deny this request"
+            "audit: the policy would deny this"
         );
         log("audit_deny", verdict.reason.as_deref(), logged);
-        return Outcome::Allow;
+        return Decided::Allow;
     }
     metrics.denied.fetch_add(1, Relaxed);
-    tracing::debug!(policy = %policy.name, reason = verdict.reason.as_deref().unwrap_or(""), "request denied by policy");
+    tracing::debug!(policy = %policy.name, subject = %subject(), reason = verdict.reason.as_deref().unwrap_or(""), "denied by policy");
     log("deny", verdict.reason.as_deref(), logged);
-    Outcome::Deny(Box::new(denied(Some(&verdict), is_grpc(req.headers()))))
+    Decided::Deny(Some(verdict))
 }
 
 /// The response to a denied request: the decision's status (403 by

@@ -124,6 +124,9 @@ pub(crate) struct TcpListener {
     pub(crate) drain_timeout: std::time::Duration,
     /// Faults injected into connections.
     pub(crate) faults: Option<Arc<TcpFaults>>,
+    /// The policy every connection must pass (source and destination
+    /// only).
+    pub(crate) policy: Option<Arc<Enforcing>>,
 }
 
 /// A route, ready to serve: its stack for each cluster of its split.
@@ -368,6 +371,7 @@ pub(crate) fn build(
                     .fault
                     .as_ref()
                     .map(|fault| Arc::new(TcpFaults::new(fault.clone()))),
+                policy: enforcing(&listener.policy),
             })),
             ListenerKind::Http { route_config } => {
                 let routes = config

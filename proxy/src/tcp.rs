@@ -62,6 +62,22 @@ pub(crate) async fn proxy(
         }
         return;
     }
+    if let Some(policy) = &listener.policy {
+        let peers = crate::policy::Peers {
+            source: peer,
+            source_principal: None,
+            destination: downstream.as_tcp_mut().and_then(|s| s.local_addr().ok()),
+            destination_principal: None,
+        };
+        if !crate::policy::check_connection(policy, &peers) {
+            tracing::debug!(listener = %name, peer.addr = %peer, "connection denied by policy");
+            if let Some(client) = downstream.as_tcp_mut() {
+                // Refused outright: RST, not an orderly close.
+                let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
+            }
+            return;
+        }
+    }
     // TLS passthrough: the ClientHello's server name picks the cluster;
     // its bytes are replayed to the upstream before anything else.
     let (cluster, hello) = if listener.sni_routes.is_empty() {

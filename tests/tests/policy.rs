@@ -364,3 +364,95 @@ async fn a_policy_from_the_mesh_directory_is_pushed_hot_swapped_and_a_broken_one
     assert_eq!(status_of(web, "GET").await, 200);
     assert_eq!(proxy.metric(denials).await, before + 1.0);
 }
+
+/// Allows connections from loopback to any port; sees no request (an L4
+/// input has source and destination only).
+const L4_LOCAL: &str = r#"
+package l4
+import rego.v1
+default allow := false
+allow if {
+    input.attributes.source.address.socketAddress.address == "127.0.0.1"
+    input.attributes.source.address.socketAddress.portValue > 0
+    input.attributes.destination.address.socketAddress.portValue > 0
+    not input.attributes.request
+}
+"#;
+
+#[tokio::test]
+async fn a_tcp_listener_policy_decides_on_source_and_destination_only() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo("tcp").await;
+    let dir = TempDir::new().unwrap();
+    std::fs::write(dir.path().join("l4.rego"), L4_LOCAL).unwrap();
+    let proxy = ProxyProcess::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+policies:
+  - {{ name: l4-local, rego_files: ["{dir}/l4.rego"], query: data.l4.allow }}
+  - name: l4-remote
+    rego: |
+      package l4remote
+      import rego.v1
+      default allow := false
+      allow if input.attributes.source.address.socketAddress.address == "10.9.9.9"
+    query: data.l4remote.allow
+listeners:
+  - {{ name: open, address: "127.0.0.1:0", protocol: tcp, cluster: echo, policy: l4-local }}
+  - {{ name: closed, address: "127.0.0.1:0", protocol: tcp, cluster: echo, policy: l4-remote }}
+clusters:
+  - {{ name: echo, endpoints: [{{ address: "{echo}" }}] }}
+"#,
+        dir = dir.path().display(),
+        echo = echo.local_addr()
+    ))
+    .await
+    .unwrap();
+
+    // Allowed: bytes go through both ways.
+    let mut stream = tokio::net::TcpStream::connect(proxy.listener("open"))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /l4 HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Denied: the connection is reset before anything reaches the upstream.
+    let served = echo.requests_served();
+    match tokio::net::TcpStream::connect(proxy.listener("closed")).await {
+        Ok(mut stream) => {
+            let _ = stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+            let mut buf = [0u8; 64];
+            let read = stream.read(&mut buf).await;
+            assert!(
+                matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset)
+                    || matches!(read, Ok(0)),
+                "{read:?}"
+            );
+        }
+        // The reset can arrive before the connect is seen to complete.
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+    assert_eq!(echo.requests_served(), served);
+
+    for (series, want) in [
+        (
+            "weft_policy_decisions_total{policy=\"l4-local\",result=\"allow\"}",
+            1.0,
+        ),
+        (
+            "weft_policy_decisions_total{policy=\"l4-remote\",result=\"deny\"}",
+            1.0,
+        ),
+    ] {
+        assert_eq!(proxy.metric(series).await, want, "{series}");
+    }
+}

@@ -358,3 +358,21 @@ fn opas_envoy_tutorial_policy_runs_unchanged_on_its_bearer_tokens() {
     .unwrap();
     assert!(!lenient.evaluate(garbage).unwrap().allowed);
 }
+
+#[test]
+fn a_connection_input_has_source_and_destination_only() {
+    let input = connection_input(&peers(Some("spiffe://td/ns/default/sa/web")));
+    let expect = serde_json::json!({
+        "attributes": {
+            "source": {
+                "address": { "socketAddress": { "address": "10.1.2.3", "portValue": 40000 } },
+                "principal": "spiffe://td/ns/default/sa/web",
+            },
+            "destination": {
+                "address": { "socketAddress": { "address": "127.0.0.1", "portValue": 15201 } },
+                "principal": "spiffe://td/ns/default/sa/backend",
+            },
+        },
+    });
+    assert_eq!(input, Value::from(expect));
+}

@@ -179,9 +179,9 @@ pub(super) fn validate_policies(
                 resource: listener.name.clone(),
                 errors,
             };
-            if listener.protocol.as_deref() == Some("tcp") {
-                check.error("policy", "applies to http listeners only");
-            } else if !names.contains(name.as_str()) {
+            // A TCP listener's policy sees each connection's source and
+            // destination; an HTTP listener's, each request.
+            if !names.contains(name.as_str()) {
                 check.unresolved("policy", format!("unknown policy {name:?}"));
             }
         }
