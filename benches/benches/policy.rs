@@ -1,15 +1,19 @@
 //! Criterion benchmarks of one policy decision as the request path makes
 //! it (the OPA-Envoy input built from the request, then evaluated on the
 //! thread's prepared engine): an allow-all policy, role-based access with
-//! 100 rules over method, path and principal, and a check of a header and
-//! a JWT's claims (HS256, verified).
+//! 100 grants over method, path and caller (written as 100 rules, and as
+//! grants in the policy's data, the configurations wrk-compare.sh runs),
+//! and a check of a header and a JWT's claims (HS256, verified).
 //!
 //! Run: `cargo bench -p weft-bench --bench policy`.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use weft_proxy::config::Config;
 use weft_proxy::policy::{CompiledPolicy, FailureMode, Mode, Module, evaluate_request};
 
 fn compile(rego: String, query: &str) -> CompiledPolicy {
@@ -42,23 +46,19 @@ fn request(method: &str, path: &str, headers: &[(&str, &str)]) -> http::Request<
     builder.body(()).expect("a valid request")
 }
 
-/// 100 rules, each allowing one method on one path prefix to one caller:
-/// service `i` may `GET` (even `i`) or `POST` (odd `i`) under `/svc{i}/`.
-fn rbac_100() -> String {
-    let mut rego = String::from("package envoy.authz\nimport rego.v1\ndefault allow := false\n");
-    for i in 0..100 {
-        let method = if i % 2 == 0 { "GET" } else { "POST" };
-        rego.push_str(&format!(
-            r#"
-allow if {{
-    input.attributes.request.http.method == "{method}"
-    startswith(input.attributes.request.http.path, "/svc{i}/")
-    input.attributes.source.principal == "spiffe://weft.local/ns/default/sa/caller{i}"
-}}
-"#
-        ));
-    }
-    rego
+/// The policy of one of wrk-compare.sh's configurations
+/// (`benches/scripts/weft-rbac-*.yaml`), so that the whole-proxy run and
+/// this one measure the same policy.
+fn policy_of(file: &str) -> Arc<CompiledPolicy> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(file);
+    let text = std::fs::read_to_string(&path)
+        .expect("the bench configuration is readable")
+        .replace("@PORT@", "0")
+        .replace("@UPSTREAM@", "127.0.0.1:1");
+    let config = Config::from_yaml(&text, file).expect("the bench configuration is valid");
+    config.policies[0].clone()
 }
 
 /// HS256, secret `weft-bench-secret`, claims `sub: alice`, `role: admin`,
@@ -98,21 +98,25 @@ fn decisions(c: &mut Criterion) {
         b.iter(|| evaluate_request(&allow_all, black_box(&req), source, None));
     });
 
-    let rbac = compile(rbac_100(), "data.envoy.authz.allow");
-    let last = request("POST", "/svc99/items", &[]);
-    let last_caller = Some("spiffe://weft.local/ns/default/sa/caller99");
-    assert_eq!(
-        evaluate_request(&rbac, &last, source, last_caller),
-        Ok(true)
-    );
-    group.bench_function("rbac_100_rules/allowed_by_the_last", |b| {
-        b.iter(|| evaluate_request(&rbac, black_box(&last), source, last_caller));
-    });
-    let stranger = Some("spiffe://weft.local/ns/default/sa/stranger");
-    assert_eq!(evaluate_request(&rbac, &last, source, stranger), Ok(false));
-    group.bench_function("rbac_100_rules/denied", |b| {
-        b.iter(|| evaluate_request(&rbac, black_box(&last), source, stranger));
-    });
+    // 100 grants of (method, path prefix, caller); the caller is the
+    // principal, else the address. wrk's loopback caller is the last grant.
+    let loopback: SocketAddr = "127.0.0.1:41000".parse().expect("an address");
+    let last = request("GET", "/items", &[]);
+    for (label, file) in [
+        ("rbac_100_rules", "weft-rbac-rules.yaml"),
+        ("rbac_100_grants_in_data", "weft-rbac-data.yaml"),
+    ] {
+        let rbac = policy_of(file);
+        assert!(rbac.runs_on_vm(), "{file}");
+        assert_eq!(evaluate_request(&rbac, &last, loopback, None), Ok(true));
+        group.bench_function(format!("{label}/allowed_by_the_last"), |b| {
+            b.iter(|| evaluate_request(&rbac, black_box(&last), loopback, None));
+        });
+        assert_eq!(evaluate_request(&rbac, &last, source, None), Ok(false));
+        group.bench_function(format!("{label}/denied"), |b| {
+            b.iter(|| evaluate_request(&rbac, black_box(&last), source, None));
+        });
+    }
 
     let jwt = compile(JWT_POLICY.into(), "data.envoy.authz.allow");
     let bearer = format!("Bearer {TOKEN}");

@@ -84,6 +84,8 @@ impl Replayable {
 /// `body` as a [`Replayable`] without reading anything, when it is whole
 /// already: no body at all (most requests), or one read before. Any other
 /// body comes back as it was.
+// The body comes back as it went in: boxing it would allocate per request.
+#[allow(clippy::result_large_err)]
 pub(crate) fn ready_for_replay(body: RequestBody) -> Result<Replayable, RequestBody> {
     match body {
         RequestBody::Replay { data, trailers } => Ok(Replayable {

@@ -29,6 +29,8 @@ use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use regorus::Value;
+use regorus::rvm::RegoVM;
+use regorus::rvm::program::Program;
 
 use crate::error::ProxyError;
 use crate::http::body::ResponseBody;
@@ -77,10 +79,57 @@ pub struct CompiledPolicy {
     /// What an evaluation error means.
     pub failure_mode: FailureMode,
     engine: regorus::Engine,
+    /// The query compiled to regorus's virtual machine, with the data it
+    /// runs on, when the policy compiles to it (see [`vm_program`]).
+    program: Option<(Arc<Program>, Value)>,
     /// Distinguishes this compilation from every other one in the process,
     /// for the per-thread engine cache.
     id: u64,
 }
+
+/// A policy's query compiled to regorus's virtual machine (RVM): bytecode
+/// run on registers, where the interpreter walks the syntax tree. `None`
+/// when the policy does not compile to it or does not load there; such a
+/// policy runs on the interpreter alone.
+///
+/// PERF: `cargo bench -p weft-bench --bench policy` (benches/RESULTS.md):
+/// the interpreter took 173 µs per decision for 100 RBAC rules, the VM
+/// takes a fraction of it.
+fn vm_program(
+    engine: &regorus::Engine,
+    query: &str,
+    data: &Value,
+) -> Option<(Arc<Program>, Value)> {
+    let mut engine = engine.clone();
+    let compiled = engine
+        .compile_with_entrypoint(&regorus::Rc::from(query))
+        .ok()?;
+    let program =
+        regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &[query])
+            .ok()?;
+    // Data the program cannot hold (a rule and a document at one path) is
+    // found now, not on a request.
+    let mut vm = new_vm(&program);
+    vm.set_data(data.clone()).ok()?;
+    Some((program, data.clone()))
+}
+
+/// A virtual machine ready to run `program`, with the evaluation limits
+/// the interpreter has.
+fn new_vm(program: &Arc<Program>) -> RegoVM {
+    let mut vm = RegoVM::new();
+    vm.load_program(program.clone());
+    vm.set_max_instructions(VM_INSTRUCTION_LIMIT);
+    vm.set_execution_timer_config(Some(regorus::utils::limits::ExecutionTimerConfig {
+        limit: EVALUATION_LIMIT,
+        check_interval: std::num::NonZeroU32::MIN.saturating_add(63),
+    }));
+    vm
+}
+
+/// The most instructions one decision may run on the virtual machine
+/// (regorus's default is 25,000; the time limit bounds it too).
+const VM_INSTRUCTION_LIMIT: usize = 10_000_000;
 
 impl PartialEq for CompiledPolicy {
     fn eq(&self, other: &Self) -> bool {
@@ -129,9 +178,12 @@ impl CompiledPolicy {
             rego_v0.hash(&mut digest);
             module.text.hash(&mut digest);
         }
+        let mut data_value = Value::new_object();
         if let Some(data) = data {
-            let value = Value::from(data.clone());
-            engine.add_data(value).map_err(|e| format!("data: {e}"))?;
+            data_value = Value::from(data.clone());
+            engine
+                .add_data(data_value.clone())
+                .map_err(|e| format!("data: {e}"))?;
             data.to_string().hash(&mut digest);
         }
         if !query.starts_with("data.") {
@@ -154,6 +206,7 @@ impl CompiledPolicy {
                 return Err(format!("query {query:?}: {text}"));
             }
         }
+        let program = vm_program(&engine, query, &data_value);
         Ok(Self {
             name: Arc::from(name),
             version: digest.finish(),
@@ -161,18 +214,52 @@ impl CompiledPolicy {
             mode,
             failure_mode,
             engine,
+            program,
             id: NEXT_ID.fetch_add(1, Relaxed),
         })
     }
 
-    /// Evaluates the query against `input` on this thread's engine.
+    /// Whether decisions run on regorus's virtual machine.
+    pub fn runs_on_vm(&self) -> bool {
+        self.program.is_some()
+    }
+
+    /// Evaluates the query against `input` on this thread's virtual
+    /// machine, or its engine (the interpreter) when the policy does not
+    /// run on the machine, the machine fails or its answer is undefined:
+    /// the interpreter's answer is the authoritative one.
     pub(crate) fn evaluate(&self, input: Value) -> Result<Verdict, String> {
-        thread_local! {
-            static ENGINES: RefCell<HashMap<u64, regorus::Engine>> = RefCell::new(HashMap::new());
-        }
         /// Policies kept per thread; past this, the cache starts over (old
         /// versions of hot-swapped policies do not pile up).
         const MAX_CACHED: usize = 64;
+        thread_local! {
+            static ENGINES: RefCell<HashMap<u64, regorus::Engine>> = RefCell::new(HashMap::new());
+            static VMS: RefCell<HashMap<u64, RegoVM>> = RefCell::new(HashMap::new());
+        }
+        if let Some((program, data)) = &self.program {
+            let ran = VMS.with(|vms| {
+                let mut vms = vms.borrow_mut();
+                if !vms.contains_key(&self.id) && vms.len() >= MAX_CACHED {
+                    vms.clear();
+                }
+                let vm = match vms.entry(self.id) {
+                    std::collections::hash_map::Entry::Occupied(vm) => vm.into_mut(),
+                    std::collections::hash_map::Entry::Vacant(slot) => {
+                        let mut vm = new_vm(program);
+                        vm.set_data(data.clone()).ok()?;
+                        slot.insert(vm)
+                    }
+                };
+                vm.set_input(input.clone());
+                vm.execute().ok()
+            });
+            // Undefined is also what the machine gives for a rule whose
+            // definitions conflict, an error in OPA (and the interpreter):
+            // that case is asked again, so that the failure mode applies.
+            if let Some(value) = ran.filter(|value| *value != Value::Undefined) {
+                return Verdict::from_value(&value);
+            }
+        }
         ENGINES.with(|engines| {
             let mut engines = engines.borrow_mut();
             if !engines.contains_key(&self.id) && engines.len() >= MAX_CACHED {
@@ -283,6 +370,39 @@ pub(crate) struct Peers {
     pub(crate) source_principal: Option<Arc<str>>,
     pub(crate) destination: Option<SocketAddr>,
     pub(crate) destination_principal: Option<Arc<str>>,
+    /// `attributes.source` and `attributes.destination` as input values,
+    /// made by the connection's first decision.
+    ///
+    /// PERF: the same for every request of a connection, so built once:
+    /// three maps and an address formatted per side per request saved.
+    values: std::sync::OnceLock<[Value; 2]>,
+}
+
+impl Peers {
+    pub(crate) fn new(
+        source: SocketAddr,
+        source_principal: Option<Arc<str>>,
+        destination: Option<SocketAddr>,
+        destination_principal: Option<Arc<str>>,
+    ) -> Self {
+        Self {
+            source,
+            source_principal,
+            destination,
+            destination_principal,
+            values: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The source's and the destination's input values.
+    fn values(&self) -> &[Value; 2] {
+        self.values.get_or_init(|| {
+            [
+                endpoint(Some(self.source), self.source_principal.as_deref()),
+                endpoint(self.destination, self.destination_principal.as_deref()),
+            ]
+        })
+    }
 }
 
 /// The input document's keys, made once: a key per request is then a
@@ -441,14 +561,9 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
     request.insert(k.http.clone(), Value::from(http));
     let mut attributes = BTreeMap::new();
     attributes.insert(k.request.clone(), Value::from(request));
-    attributes.insert(
-        k.source.clone(),
-        endpoint(Some(peers.source), peers.source_principal.as_deref()),
-    );
-    attributes.insert(
-        k.destination.clone(),
-        endpoint(peers.destination, peers.destination_principal.as_deref()),
-    );
+    let [source, destination] = peers.values();
+    attributes.insert(k.source.clone(), source.clone());
+    attributes.insert(k.destination.clone(), destination.clone());
     // `parsed_path`: the path's segments, percent-decoded;
     // `parsed_query`: each parameter's values, in order.
     let parsed_path: Vec<Value> = uri
@@ -491,12 +606,7 @@ pub fn evaluate_request<B>(
     source: SocketAddr,
     source_principal: Option<&str>,
 ) -> Result<bool, String> {
-    let peers = Peers {
-        source,
-        source_principal: source_principal.map(Arc::from),
-        destination: None,
-        destination_principal: None,
-    };
+    let peers = Peers::new(source, source_principal.map(Arc::from), None, None);
     policy
         .evaluate(http_input(req, &peers, false))
         .map(|verdict| verdict.allowed)
@@ -541,14 +651,9 @@ pub(crate) fn check<B>(
 pub(crate) fn connection_input(peers: &Peers) -> Value {
     let k = keys();
     let mut attributes = BTreeMap::new();
-    attributes.insert(
-        k.source.clone(),
-        endpoint(Some(peers.source), peers.source_principal.as_deref()),
-    );
-    attributes.insert(
-        k.destination.clone(),
-        endpoint(peers.destination, peers.destination_principal.as_deref()),
-    );
+    let [source, destination] = peers.values();
+    attributes.insert(k.source.clone(), source.clone());
+    attributes.insert(k.destination.clone(), destination.clone());
     let mut input = BTreeMap::new();
     input.insert(k.attributes.clone(), Value::from(attributes));
     Value::from(input)
@@ -751,12 +856,7 @@ where
                 None => {
                     // Not attached (a caller outside the connection's
                     // path): an unknown source, never a principal.
-                    fallback = Peers {
-                        source: SocketAddr::from(([0, 0, 0, 0], 0)),
-                        source_principal: None,
-                        destination: None,
-                        destination_principal: None,
-                    };
+                    fallback = Peers::new(SocketAddr::from(([0, 0, 0, 0], 0)), None, None, None);
                     (&fallback, false)
                 }
             };

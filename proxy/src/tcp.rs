@@ -63,12 +63,8 @@ pub(crate) async fn proxy(
         return;
     }
     if let Some(policy) = &listener.policy {
-        let peers = crate::policy::Peers {
-            source: peer,
-            source_principal: None,
-            destination: downstream.as_tcp_mut().and_then(|s| s.local_addr().ok()),
-            destination_principal: None,
-        };
+        let destination = downstream.as_tcp_mut().and_then(|s| s.local_addr().ok());
+        let peers = crate::policy::Peers::new(peer, None, destination, None);
         if !crate::policy::check_connection(policy, &peers) {
             tracing::debug!(listener = %name, peer.addr = %peer, "connection denied by policy");
             if let Some(client) = downstream.as_tcp_mut() {

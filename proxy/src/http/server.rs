@@ -141,15 +141,15 @@ pub(crate) async fn serve(
         metrics: listener.metrics.clone(),
         is_tls: io.is_tls(),
         peer_id: io.peer_identity().cloned(),
-        peers: Arc::new(Peers {
-            source: peer,
-            source_principal: io.peer_identity().cloned(),
-            destination: io.local_addr(),
-            destination_principal: settings
+        peers: Arc::new(Peers::new(
+            peer,
+            io.peer_identity().cloned(),
+            io.local_addr(),
+            settings
                 .tls
                 .as_ref()
                 .and_then(|tls| tls.workload_identity.clone()),
-        }),
+        )),
         client: io
             .peer_identity()
             .map_or(Client::Ip(peer.ip()), |id| Client::Identity(id.clone())),

@@ -19,12 +19,12 @@ fn compile_with(
 }
 
 fn peers(principal: Option<&str>) -> Peers {
-    Peers {
-        source: "10.1.2.3:40000".parse().unwrap(),
-        source_principal: principal.map(Arc::from),
-        destination: Some("127.0.0.1:15201".parse().unwrap()),
-        destination_principal: Some(Arc::from("spiffe://td/ns/default/sa/backend")),
-    }
+    Peers::new(
+        "10.1.2.3:40000".parse().unwrap(),
+        principal.map(Arc::from),
+        Some("127.0.0.1:15201".parse().unwrap()),
+        Some(Arc::from("spiffe://td/ns/default/sa/backend")),
+    )
 }
 
 fn request(method: &str, target: &str) -> Request<()> {
@@ -375,4 +375,68 @@ fn a_connection_input_has_source_and_destination_only() {
         },
     });
     assert_eq!(input, Value::from(expect));
+}
+
+/// The virtual machine and the interpreter give the same decision for
+/// the same policy and input (the interpreter is authoritative; a policy
+/// whose decisions differ there would be a regorus bug this catches).
+#[test]
+fn the_virtual_machine_decides_as_the_interpreter_does() {
+    let decision_object = r#"
+package envoy.authz
+import rego.v1
+default allow := {"allowed": false, "http_status": 401, "body": "no"}
+allow := {"allowed": true, "headers": {"x-user": name}} if {
+    name := input.attributes.request.http.headers["x-user"]
+    name in {"ann", "bob"}
+}
+"#;
+    let query_params = r#"
+package envoy.authz
+import rego.v1
+default allow := false
+allow if {
+    some tenant in input.parsed_query.tenant
+    startswith(tenant, "acme")
+    count(input.parsed_path) >= 2
+    net.cidr_contains("10.0.0.0/8", input.attributes.source.address.socketAddress.address)
+}
+"#;
+    let mut rbac_100 =
+        String::from("package envoy.authz\nimport rego.v1\ndefault allow := false\n");
+    for i in 0..100 {
+        rbac_100.push_str(&format!(
+            "allow if {{\n  input.attributes.request.http.method == \"GET\"\n  startswith(input.attributes.request.http.path, \"/svc{i}/\")\n}}\n"
+        ));
+    }
+    let mut user = request("GET", "/svc42/items?tenant=acme-1&tenant=other");
+    user.headers_mut()
+        .insert("x-user", HeaderValue::from_static("bob"));
+    let requests = [
+        request("GET", "/items/1"),
+        request("DELETE", "/items/1"),
+        request("GET", "/svc99/x"),
+        request("POST", "/svc3/x?tenant=zeta"),
+        user,
+    ];
+    for rego in [RBAC, decision_object, query_params, rbac_100.as_str()] {
+        let policy = compile(rego);
+        assert!(policy.runs_on_vm(), "{rego}");
+        for req in &requests {
+            for principal in [None, Some("spiffe://td/ns/default/sa/frontend")] {
+                let input = http_input(req, &peers(principal), false);
+                let interpreted =
+                    Verdict::from_value(&policy.engine.tap_eval(input.clone(), DEFAULT_QUERY))
+                        .unwrap();
+                let decided = policy.evaluate(input).unwrap();
+                assert_eq!(
+                    decided,
+                    interpreted,
+                    "{} {}\n{rego}",
+                    req.method(),
+                    req.uri()
+                );
+            }
+        }
+    }
 }
