@@ -48,7 +48,7 @@ pub const DEFAULT_QUERY: &str = "data.envoy.authz.allow";
 const EVALUATION_LIMIT: Duration = Duration::from_millis(50);
 
 /// Whether a policy's denials are enforced.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Mode {
     /// Denied requests are refused.
     Enforce,
@@ -57,7 +57,7 @@ pub enum Mode {
 }
 
 /// What an evaluation error means for the request.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FailureMode {
     /// Refused, as a denial (the safe default).
     Deny,

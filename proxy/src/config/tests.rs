@@ -497,3 +497,28 @@ fn health_checks_take_their_defaults_and_name_bad_fields() {
         );
     }
 }
+
+#[test]
+fn a_policy_is_compiled_once_per_version() {
+    let yaml = |rule: &str| {
+        format!(
+            r#"
+policies:
+  - name: p
+    rego: |
+      package envoy.authz
+      import rego.v1
+      default allow := {rule}
+"#
+        )
+    };
+    let first = Config::from_yaml(&yaml("true"), "a.yaml").unwrap();
+    let again = Config::from_yaml(&yaml("true"), "b.yaml").unwrap();
+    assert!(
+        Arc::ptr_eq(&first.policies[0], &again.policies[0]),
+        "an unchanged policy is not compiled again"
+    );
+    let changed = Config::from_yaml(&yaml("false"), "c.yaml").unwrap();
+    assert!(!Arc::ptr_eq(&first.policies[0], &changed.policies[0]));
+    assert_ne!(first.policies[0].version, changed.policies[0].version);
+}

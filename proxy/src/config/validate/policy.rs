@@ -1,8 +1,9 @@
-//! Validation of `policies`: each is compiled here, once, and every
-//! reference to one (a route's or a listener's `policy`) must resolve.
+//! Validation of `policies`: each is compiled here, once per version (see
+//! [`compile_once`]), and every reference to one (a route's or a
+//! listener's `policy`) must resolve.
 
-use std::collections::HashSet;
-use std::sync::Arc;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError, Weak};
 
 use super::{Checker, check_name, check_unique};
 use crate::config::ConfigError;
@@ -38,7 +39,7 @@ fn read(check: &mut Checker<'_>, field: &str, path: &str) -> Option<String> {
 /// would: for tools that check policies before they are pushed (the
 /// control plane's mesh validation). Relative `rego_files` and `data_file`
 /// are read from the working directory.
-pub fn compile_policy(spec: &PolicySpec) -> Result<CompiledPolicy, Vec<ConfigError>> {
+pub fn compile_policy(spec: &PolicySpec) -> Result<Arc<CompiledPolicy>, Vec<ConfigError>> {
     let mut errors = Vec::new();
     match validate_policy(spec, &mut errors) {
         Some(policy) if errors.is_empty() => Ok(policy),
@@ -46,7 +47,10 @@ pub fn compile_policy(spec: &PolicySpec) -> Result<CompiledPolicy, Vec<ConfigErr
     }
 }
 
-fn validate_policy(spec: &PolicySpec, errors: &mut Vec<ConfigError>) -> Option<CompiledPolicy> {
+fn validate_policy(
+    spec: &PolicySpec,
+    errors: &mut Vec<ConfigError>,
+) -> Option<Arc<CompiledPolicy>> {
     let before = errors.len();
     let mut check = Checker {
         kind: "policy",
@@ -138,21 +142,75 @@ fn validate_policy(spec: &PolicySpec, errors: &mut Vec<ConfigError>) -> Option<C
         return None;
     }
     let query = spec.query.as_deref().unwrap_or(DEFAULT_QUERY);
-    match CompiledPolicy::compile(
-        &spec.name,
-        &modules,
-        data.as_ref(),
-        query,
+    let source = Source {
+        name: spec.name.clone(),
+        modules: modules
+            .iter()
+            .map(|m| (m.name.clone(), m.text.clone()))
+            .collect(),
+        data: data.as_ref().map(serde_json::Value::to_string),
+        query: query.to_owned(),
         rego_v0,
         mode,
         failure_mode,
-    ) {
+    };
+    match compile_once(source, || {
+        CompiledPolicy::compile(
+            &spec.name,
+            &modules,
+            data.as_ref(),
+            query,
+            rego_v0,
+            mode,
+            failure_mode,
+        )
+    }) {
         Ok(policy) => Some(policy),
         Err(error) => {
             check.error("rego", error);
             None
         }
     }
+}
+
+/// What a policy is compiled from: equal sources give equal policies.
+#[derive(Debug, PartialEq, Eq, Hash)]
+struct Source {
+    name: String,
+    modules: Vec<(String, String)>,
+    data: Option<String>,
+    query: String,
+    rego_v0: bool,
+    mode: Mode,
+    failure_mode: FailureMode,
+}
+
+/// The policy compiled from `source`: the one compiled before if it is
+/// still in use, else `compile`'s.
+///
+/// Every configuration a proxy loads (each xDS update, of a cluster as much
+/// as of a policy; each reload) is validated whole, so without this every
+/// policy would be compiled again each time. With it a policy is compiled
+/// once per version, and an unchanged one keeps its identity: each worker's
+/// prepared engine for it stays warm across configuration changes. Only
+/// policies still held by a configuration are remembered.
+fn compile_once(
+    source: Source,
+    compile: impl FnOnce() -> Result<CompiledPolicy, String>,
+) -> Result<Arc<CompiledPolicy>, String> {
+    static COMPILED: LazyLock<Mutex<HashMap<Source, Weak<CompiledPolicy>>>> =
+        LazyLock::new(Mutex::default);
+    let lock = || COMPILED.lock().unwrap_or_else(PoisonError::into_inner);
+    if let Some(compiled) = lock().get(&source).and_then(Weak::upgrade) {
+        return Ok(compiled);
+    }
+    // Compiled without the lock held: compilations of different policies
+    // do not wait for each other.
+    let compiled = Arc::new(compile()?);
+    let mut known = lock();
+    known.retain(|_, policy| policy.strong_count() > 0);
+    known.insert(source, Arc::downgrade(&compiled));
+    Ok(compiled)
 }
 
 /// Compiles every policy and checks every reference to one.
@@ -164,7 +222,6 @@ pub(super) fn validate_policies(
         .policies
         .iter()
         .filter_map(|p| validate_policy(p, errors))
-        .map(Arc::new)
         .collect();
     check_unique(
         errors,
