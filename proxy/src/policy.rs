@@ -430,6 +430,15 @@ struct Keys {
     method_pseudo: Value,
     path_pseudo: Value,
     scheme_pseudo: Value,
+    /// Values most requests share.
+    get: Value,
+    post: Value,
+    http_scheme: Value,
+    https_scheme: Value,
+    http1: Value,
+    http10: Value,
+    http2: Value,
+    empty: Value,
 }
 
 fn keys() -> &'static Keys {
@@ -456,6 +465,14 @@ fn keys() -> &'static Keys {
         method_pseudo: Value::from(":method"),
         path_pseudo: Value::from(":path"),
         scheme_pseudo: Value::from(":scheme"),
+        get: Value::from("GET"),
+        post: Value::from("POST"),
+        http_scheme: Value::from("http"),
+        https_scheme: Value::from("https"),
+        http1: Value::from("HTTP/1.1"),
+        http10: Value::from("HTTP/1.0"),
+        http2: Value::from("HTTP/2"),
+        empty: Value::from(""),
     });
     &KEYS
 }
@@ -507,14 +524,13 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
     let uri = req.uri();
     let path = uri
         .path_and_query()
-        .map_or_else(|| uri.path().to_owned(), |pq| pq.as_str().to_owned());
+        .map_or_else(|| uri.path(), http::uri::PathAndQuery::as_str);
     let host = req
         .headers()
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .or_else(|| uri.authority().map(http::uri::Authority::as_str))
-        .unwrap_or("")
-        .to_owned();
+        .unwrap_or("");
     let mut headers: BTreeMap<Value, Value> = BTreeMap::new();
     for (name, value) in req.headers() {
         let Ok(value) = value.to_str() else { continue };
@@ -530,32 +546,48 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
         }
     }
     let k = keys();
-    let scheme = if is_tls { "https" } else { "http" };
+    // PERF: a value that appears twice (`method` and `:method`, ...) is
+    // made once; common ones are never made per request.
+    let scheme = if is_tls {
+        &k.https_scheme
+    } else {
+        &k.http_scheme
+    };
+    let method = match *req.method() {
+        http::Method::GET => k.get.clone(),
+        http::Method::POST => k.post.clone(),
+        ref other => Value::from(other.as_str()),
+    };
+    let host = Value::from(host);
+    let path = Value::from(path);
     for (name, value) in [
-        (&k.authority_pseudo, host.as_str()),
-        (&k.method_pseudo, req.method().as_str()),
-        (&k.path_pseudo, path.as_str()),
+        (&k.authority_pseudo, &host),
+        (&k.method_pseudo, &method),
+        (&k.path_pseudo, &path),
         (&k.scheme_pseudo, scheme),
     ] {
-        headers.insert(name.clone(), Value::from(value));
+        headers.insert(name.clone(), value.clone());
     }
-    let id = req
+    let id = match req
         .headers()
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("");
+    {
+        Some(id) => Value::from(id),
+        None => k.empty.clone(),
+    };
     let protocol = match req.version() {
-        http::Version::HTTP_2 => "HTTP/2",
-        http::Version::HTTP_10 => "HTTP/1.0",
-        _ => "HTTP/1.1",
+        http::Version::HTTP_2 => &k.http2,
+        http::Version::HTTP_10 => &k.http10,
+        _ => &k.http1,
     };
     let mut http = BTreeMap::new();
-    http.insert(k.id.clone(), Value::from(id));
-    http.insert(k.method.clone(), Value::from(req.method().as_str()));
-    http.insert(k.host.clone(), Value::from(host.as_str()));
-    http.insert(k.path.clone(), Value::from(path.as_str()));
-    http.insert(k.scheme.clone(), Value::from(scheme));
-    http.insert(k.protocol.clone(), Value::from(protocol));
+    http.insert(k.id.clone(), id);
+    http.insert(k.method.clone(), method);
+    http.insert(k.host.clone(), host);
+    http.insert(k.path.clone(), path);
+    http.insert(k.scheme.clone(), scheme.clone());
+    http.insert(k.protocol.clone(), protocol.clone());
     http.insert(k.headers.clone(), Value::from(headers));
     let mut request = BTreeMap::new();
     request.insert(k.http.clone(), Value::from(http));
