@@ -472,6 +472,27 @@ pub fn header<'a>(response: &'a Response<Incoming>, name: &str) -> &'a str {
         .unwrap_or("")
 }
 
+/// Opens a TCP connection to `addr`, sends a request and asserts that the
+/// proxy refuses it: a reset (at the connect, if it arrives before the
+/// connect is seen to complete, or at the read) or a close with nothing
+/// sent back.
+pub async fn assert_connection_refused(addr: SocketAddr) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let reset = |e: &std::io::Error| e.kind() == std::io::ErrorKind::ConnectionReset;
+    let mut stream = match tokio::net::TcpStream::connect(addr).await {
+        Ok(stream) => stream,
+        Err(e) if reset(&e) => return,
+        Err(e) => panic!("connect to {addr}: {e}"),
+    };
+    let _ = stream.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    let mut buf = [0u8; 64];
+    let read = stream.read(&mut buf).await;
+    assert!(
+        matches!(&read, Err(e) if reset(e)) || matches!(read, Ok(0)),
+        "{read:?}"
+    );
+}
+
 pub use weft_proxy::xds::GrpcChannel;
 
 /// A tonic echo client over a [`GrpcChannel`] to `addr`.
