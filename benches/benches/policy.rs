@@ -3,7 +3,8 @@
 //! thread's prepared engine): an allow-all policy, role-based access with
 //! 100 grants over method, path and caller (written as 100 rules, and as
 //! grants in the policy's data, the configurations wrk-compare.sh runs),
-//! and a check of a header and a JWT's claims (HS256, verified).
+//! and a check of a header and a JWT's claims (HS256, verified). Each is
+//! evaluated every time; the `cached` cases show the decision cache.
 //!
 //! Run: `cargo bench -p weft-bench --bench policy`.
 
@@ -93,9 +94,12 @@ fn decisions(c: &mut Criterion) {
         "data.envoy.authz.allow",
     );
     let req = request("GET", "/svc1/items?limit=10", &[]);
-    assert_eq!(evaluate_request(&allow_all, &req, source, None), Ok(true));
+    assert_eq!(
+        evaluate_request(&allow_all, &req, source, None, false),
+        Ok(true)
+    );
     group.bench_function("allow_all", |b| {
-        b.iter(|| evaluate_request(&allow_all, black_box(&req), source, None));
+        b.iter(|| evaluate_request(&allow_all, black_box(&req), source, None, false));
     });
 
     // 100 grants of (method, path prefix, caller); the caller is the
@@ -108,13 +112,25 @@ fn decisions(c: &mut Criterion) {
     ] {
         let rbac = policy_of(file);
         assert!(rbac.runs_on_vm(), "{file}");
-        assert_eq!(evaluate_request(&rbac, &last, loopback, None), Ok(true));
+        assert_eq!(
+            evaluate_request(&rbac, &last, loopback, None, false),
+            Ok(true)
+        );
         group.bench_function(format!("{label}/allowed_by_the_last"), |b| {
-            b.iter(|| evaluate_request(&rbac, black_box(&last), loopback, None));
+            b.iter(|| evaluate_request(&rbac, black_box(&last), loopback, None, false));
         });
-        assert_eq!(evaluate_request(&rbac, &last, source, None), Ok(false));
+        assert_eq!(
+            evaluate_request(&rbac, &last, source, None, false),
+            Ok(false)
+        );
         group.bench_function(format!("{label}/denied"), |b| {
-            b.iter(|| evaluate_request(&rbac, black_box(&last), source, None));
+            b.iter(|| evaluate_request(&rbac, black_box(&last), source, None, false));
+        });
+        // The same decision again, from the thread's decision cache (the
+        // input is still built: the key is read from it).
+        assert!(rbac.caches_decisions(), "{file}");
+        group.bench_function(format!("{label}/cached"), |b| {
+            b.iter(|| evaluate_request(&rbac, black_box(&last), loopback, None, true));
         });
     }
 
@@ -125,9 +141,12 @@ fn decisions(c: &mut Criterion) {
         "/api/orders",
         &[("authorization", &bearer), ("x-tenant", "acme")],
     );
-    assert_eq!(evaluate_request(&jwt, &with_token, source, None), Ok(true));
+    assert_eq!(
+        evaluate_request(&jwt, &with_token, source, None, false),
+        Ok(true)
+    );
     group.bench_function("jwt_hs256_and_header", |b| {
-        b.iter(|| evaluate_request(&jwt, black_box(&with_token), source, None));
+        b.iter(|| evaluate_request(&jwt, black_box(&with_token), source, None, false));
     });
     group.finish();
 }

@@ -14,6 +14,7 @@
 //! `PERMISSION_DENIED` for gRPC callers.
 
 mod builtins;
+mod cache;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -82,6 +83,9 @@ pub struct CompiledPolicy {
     /// The query compiled to regorus's virtual machine, with the data it
     /// runs on, when the policy compiles to it (see [`vm_program`]).
     program: Option<(Arc<Program>, Value)>,
+    /// The input paths decisions are cached on, when a cache is sound for
+    /// this policy ([`cache`]).
+    cache_paths: Option<Vec<Vec<Value>>>,
     /// Distinguishes this compilation from every other one in the process,
     /// for the per-thread engine cache.
     id: u64,
@@ -207,6 +211,7 @@ impl CompiledPolicy {
             }
         }
         let program = vm_program(&engine, query, &data_value);
+        let cache_paths = cache::input_paths(modules);
         Ok(Self {
             name: Arc::from(name),
             version: digest.finish(),
@@ -215,8 +220,31 @@ impl CompiledPolicy {
             failure_mode,
             engine,
             program,
+            cache_paths,
             id: NEXT_ID.fetch_add(1, Relaxed),
         })
+    }
+
+    /// Whether decisions are cached (see the `cache` module).
+    pub fn caches_decisions(&self) -> bool {
+        self.cache_paths.is_some()
+    }
+
+    /// Evaluates, answering from this thread's decision cache when the
+    /// policy has one and it holds the decision: `true` with a cached one.
+    pub(crate) fn evaluate_cached(&self, input: Value) -> (Result<Verdict, String>, bool) {
+        let Some(paths) = &self.cache_paths else {
+            return (self.evaluate(input), false);
+        };
+        let key = cache::key(&input, paths);
+        if let Some(verdict) = cache::get(self.id, &key) {
+            return (Ok(verdict), true);
+        }
+        let result = self.evaluate(input);
+        if let Ok(verdict) = &result {
+            cache::put(self.id, key, verdict.clone());
+        }
+        (result, false)
     }
 
     /// Whether decisions run on regorus's virtual machine.
@@ -629,7 +657,8 @@ pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Va
 }
 
 /// One HTTP decision as the request path makes it (the input built from
-/// the request, then evaluated on this thread's engine), without the
+/// the request, then evaluated on this thread's engine, or answered from
+/// its decision cache when `cached` and the policy has one), without the
 /// counting and logging around it: `Ok(true)` when allowed. For
 /// benchmarks.
 pub fn evaluate_request<B>(
@@ -637,11 +666,16 @@ pub fn evaluate_request<B>(
     req: &Request<B>,
     source: SocketAddr,
     source_principal: Option<&str>,
+    cached: bool,
 ) -> Result<bool, String> {
     let peers = Peers::new(source, source_principal.map(Arc::from), None, None);
-    policy
-        .evaluate(http_input(req, &peers, false))
-        .map(|verdict| verdict.allowed)
+    let input = http_input(req, &peers, false);
+    let result = if cached {
+        policy.evaluate_cached(input).0
+    } else {
+        policy.evaluate(input)
+    };
+    result.map(|verdict| verdict.allowed)
 }
 
 /// What the request path does with a request, after its policy.
@@ -720,7 +754,10 @@ fn decide(
     let (policy, metrics) = (&*state.policy, &*state.metrics);
     // A reference-counted copy, for the decision log's thread.
     let logged = state.log.as_ref().map(|_| input.clone());
-    let result = policy.evaluate(input);
+    let (result, cached) = policy.evaluate_cached(input);
+    if cached {
+        metrics.cache_hits.fetch_add(1, Relaxed);
+    }
     let elapsed = start.elapsed();
     metrics.observe(elapsed);
     let log = |result: &'static str, reason: Option<&str>, input: Option<Value>| {

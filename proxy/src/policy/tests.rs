@@ -440,3 +440,36 @@ allow if {
         }
     }
 }
+
+#[test]
+fn cached_decisions_follow_the_key_and_never_outlive_their_policy() {
+    let allow_get = compile(RBAC);
+    assert!(allow_get.caches_decisions());
+    let req = request("GET", "/items/1");
+    let frontend = Some("spiffe://td/ns/default/sa/frontend");
+    let first = allow_get.evaluate_cached(http_input(&req, &peers(frontend), false));
+    let again = allow_get.evaluate_cached(http_input(&req, &peers(frontend), false));
+    assert!(!first.1, "the first decision is evaluated");
+    assert!(again.1, "the same key is answered from the cache");
+    assert_eq!(first.0, again.0);
+    // Another method is another key, and another decision.
+    let delete = allow_get.evaluate_cached(http_input(
+        &request("DELETE", "/items/1"),
+        &peers(frontend),
+        false,
+    ));
+    assert!(!delete.1);
+    assert_ne!(delete.0.unwrap().allowed, first.0.unwrap().allowed);
+
+    // The same policy changed (a new version) never sees the old decision.
+    let posts_only = compile(&RBAC.replacen("\"GET\"", "\"POST\"", 1));
+    let after = posts_only.evaluate_cached(http_input(&req, &peers(frontend), false));
+    assert!(!after.1, "a new version starts with an empty cache");
+    assert!(!after.0.unwrap().allowed, "and decides by its own rules");
+
+    // A policy that reads the clock is never cached.
+    let clocked = compile(
+        "package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if time.now_ns() > 0\n",
+    );
+    assert!(!clocked.caches_decisions());
+}

@@ -211,6 +211,8 @@ pub struct PolicyMetrics {
     pub audit_denied: AtomicU64,
     /// Evaluations that failed (the policy's failure mode decided).
     pub errors: AtomicU64,
+    /// Decisions answered from the decision cache.
+    pub cache_hits: AtomicU64,
     /// Time per evaluation, input building included.
     pub duration: Histogram,
 }
@@ -636,6 +638,18 @@ impl Metrics {
                 ])
             },
         );
+        let _ = writeln!(
+            out,
+            "# HELP weft_policy_cache_hits_total Policy decisions answered from the decision cache.\n# TYPE weft_policy_cache_hits_total counter"
+        );
+        for (policy, m) in &registry.policies {
+            let _ = writeln!(
+                out,
+                "weft_policy_cache_hits_total{{policy=\"{}\"}} {}",
+                escape(policy),
+                m.cache_hits.load(Relaxed)
+            );
+        }
         out.push_str("# HELP weft_policy_evaluation_seconds Time per policy evaluation, input building included.\n");
         out.push_str("# TYPE weft_policy_evaluation_seconds histogram\n");
         for (policy, m) in &registry.policies {
