@@ -12,7 +12,9 @@
 //! `with input` disqualify it. The key is the value at each such path of
 //! the request's input (a path read with a computed key further down,
 //! `input.attributes.request.http.headers[name]`, keys on the whole object
-//! there: sound, and useless when that object holds the request id).
+//! there). A key that would hold the request's id (`http.id`, all of
+//! `http.headers`, or an object above them) never matches twice, so such a
+//! policy gets no cache.
 //!
 //! The policy's data is part of the compiled policy, and each compilation
 //! has its own cache, so a changed policy or data never meets an old
@@ -81,6 +83,19 @@ pub(crate) fn input_paths(modules: &[Module]) -> Option<Vec<Vec<Value>>> {
         if !kept.iter().any(|k| path.starts_with(k)) {
             kept.push(path);
         }
+    }
+    // A key holding the request's id (its own, or in the headers) would
+    // never match twice: no cache, rather than one that only fills.
+    let unique = [
+        &["attributes", "request", "http", "id"][..],
+        &["attributes", "request", "http", "headers", "x-request-id"][..],
+    ];
+    if kept.iter().any(|path| {
+        unique
+            .iter()
+            .any(|id| id.starts_with(&path.iter().map(String::as_str).collect::<Vec<_>>()[..]))
+    }) {
+        return None;
     }
     Some(
         kept.into_iter()
@@ -283,6 +298,10 @@ allow if {
             "package p\nimport input.attributes as a\nallow if a.x\n",
             "package p\nallow if x with input as {}\n",
             "package p\nf(i) := i\nallow if f(input)\n",
+            // Sound, but keyed on the request id: it would never hit.
+            "package p\nallow if input.attributes.request.http.headers[name] == \"x\"\n",
+            "package p\nallow if input.attributes.request.http.id != \"\"\n",
+            "package p\nallow if object.get(input.attributes.request, \"x\", 1)\n",
         ] {
             assert_eq!(paths(rego), None, "{rego}");
         }
