@@ -257,9 +257,6 @@ impl CompiledPolicy {
     /// run on the machine, the machine fails or its answer is undefined:
     /// the interpreter's answer is the authoritative one.
     pub(crate) fn evaluate(&self, input: Value) -> Result<Verdict, String> {
-        /// Policies kept per thread; past this, the cache starts over (old
-        /// versions of hot-swapped policies do not pile up).
-        const MAX_CACHED: usize = 64;
         thread_local! {
             static ENGINES: RefCell<HashMap<u64, regorus::Engine>> = RefCell::new(HashMap::new());
             static VMS: RefCell<HashMap<u64, RegoVM>> = RefCell::new(HashMap::new());
@@ -267,17 +264,11 @@ impl CompiledPolicy {
         if let Some((program, data)) = &self.program {
             let ran = VMS.with(|vms| {
                 let mut vms = vms.borrow_mut();
-                if !vms.contains_key(&self.id) && vms.len() >= MAX_CACHED {
-                    vms.clear();
-                }
-                let vm = match vms.entry(self.id) {
-                    std::collections::hash_map::Entry::Occupied(vm) => vm.into_mut(),
-                    std::collections::hash_map::Entry::Vacant(slot) => {
-                        let mut vm = new_vm(program);
-                        vm.set_data(data.clone()).ok()?;
-                        slot.insert(vm)
-                    }
-                };
+                let vm = per_compilation(&mut vms, self.id, || {
+                    let mut vm = new_vm(program);
+                    vm.set_data(data.clone()).ok()?;
+                    Some(vm)
+                })?;
                 vm.set_input(input.clone());
                 vm.execute().ok()
             });
@@ -290,18 +281,37 @@ impl CompiledPolicy {
         }
         ENGINES.with(|engines| {
             let mut engines = engines.borrow_mut();
-            if !engines.contains_key(&self.id) && engines.len() >= MAX_CACHED {
-                engines.clear();
-            }
-            let engine = engines
-                .entry(self.id)
-                .or_insert_with(|| self.engine.clone());
+            let Some(engine) = per_compilation(&mut engines, self.id, || Some(self.engine.clone()))
+            else {
+                return Err("no engine for the policy".to_owned());
+            };
             engine.set_input(input);
             let value = engine
                 .eval_rule(self.query.clone())
                 .map_err(|e| e.to_string())?;
             Verdict::from_value(&value)
         })
+    }
+}
+
+/// Compilations a worker thread keeps state for (engines, machines,
+/// decisions); past this its map starts over, so old versions of
+/// hot-swapped policies do not pile up.
+const MAX_COMPILATIONS: usize = 64;
+
+/// This thread's state for the compilation `id` in `map`, made by `make`
+/// when missing (`None` if `make` cannot).
+fn per_compilation<T>(
+    map: &mut HashMap<u64, T>,
+    id: u64,
+    make: impl FnOnce() -> Option<T>,
+) -> Option<&mut T> {
+    if !map.contains_key(&id) && map.len() >= MAX_COMPILATIONS {
+        map.clear();
+    }
+    match map.entry(id) {
+        std::collections::hash_map::Entry::Occupied(entry) => Some(entry.into_mut()),
+        std::collections::hash_map::Entry::Vacant(slot) => Some(slot.insert(make()?)),
     }
 }
 

@@ -44,6 +44,14 @@ use crate::transport::Stream;
 /// direction. The buffer is held only while bytes are in flight.
 const TCP_BUFFER_BYTES: usize = 32 * 1024;
 
+/// Makes dropping `downstream` send RST rather than FIN (a zero linger): a
+/// connection refused outright.
+fn reset_on_close(downstream: &mut Stream) {
+    if let Some(client) = downstream.as_tcp_mut() {
+        let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
+    }
+}
+
 /// Forwards one accepted connection to the listener's cluster.
 pub(crate) async fn proxy(
     mut downstream: Stream,
@@ -56,21 +64,14 @@ pub(crate) async fn proxy(
         && faults.apply(&listener.metrics).await
     {
         tracing::debug!(listener = %name, peer.addr = %peer, "fault: connection reset");
-        if let Some(client) = downstream.as_tcp_mut() {
-            // Closing with a zero linger sends RST rather than FIN.
-            let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
-        }
+        reset_on_close(&mut downstream);
         return;
     }
     if let Some(policy) = &listener.policy {
-        let destination = downstream.as_tcp_mut().and_then(|s| s.local_addr().ok());
-        let peers = crate::policy::Peers::new(peer, None, destination, None);
+        let peers = crate::policy::Peers::new(peer, None, downstream.local_addr(), None);
         if !crate::policy::check_connection(policy, &peers) {
             tracing::debug!(listener = %name, peer.addr = %peer, "connection denied by policy");
-            if let Some(client) = downstream.as_tcp_mut() {
-                // Refused outright: RST, not an orderly close.
-                let _ = socket2::SockRef::from(&*client).set_linger(Some(Duration::ZERO));
-            }
+            reset_on_close(&mut downstream);
             return;
         }
     }

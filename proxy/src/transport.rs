@@ -59,6 +59,15 @@ pub(crate) enum Stream {
 }
 
 impl Stream {
+    /// The connection's local address (this proxy's end).
+    pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Self::Tcp(stream) => stream.local_addr().ok(),
+            Self::TlsServer(tls) => tls.get_ref().0.local_addr().ok(),
+            Self::TlsClient(tls) => tls.get_ref().0.local_addr().ok(),
+        }
+    }
+
     /// The raw TCP socket, when the stream is plain TCP: the L4 forwarder
     /// then moves bytes with no buffer held between reads.
     pub(crate) fn as_tcp_mut(&mut self) -> Option<&mut TcpStream> {
@@ -351,11 +360,7 @@ impl DownstreamIo {
 
     /// The connection's local address (this proxy's end).
     pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
-        match &self.stream {
-            Stream::Tcp(stream) => stream.local_addr().ok(),
-            Stream::TlsServer(tls) => tls.get_ref().0.local_addr().ok(),
-            Stream::TlsClient(tls) => tls.get_ref().0.local_addr().ok(),
-        }
+        self.stream.local_addr()
     }
 
     /// The client's verified SPIFFE ID, when it presented one.

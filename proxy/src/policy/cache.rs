@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, HashMap};
 
 use regorus::Value;
 
-use super::{Module, Verdict};
+use super::{Module, Verdict, per_compilation};
 
 /// Decisions kept per policy and worker thread.
 pub(crate) const MAX_ENTRIES: usize = 4096;
@@ -218,18 +218,14 @@ pub(crate) fn get(id: u64, key: &[Value]) -> Option<Verdict> {
 
 /// Caches `verdict` for `key` under the compilation `id`.
 pub(crate) fn put(id: u64, key: Vec<Value>, verdict: Verdict) {
-    /// Compilations kept per thread; past this the cache starts over.
-    const MAX_POLICIES: usize = 64;
     DECISIONS.with(|cache| {
         let mut cache = cache.borrow_mut();
-        if !cache.contains_key(&id) && cache.len() >= MAX_POLICIES {
-            cache.clear();
+        if let Some(decisions) = per_compilation(&mut cache, id, || Some(BTreeMap::new())) {
+            if decisions.len() >= MAX_ENTRIES {
+                decisions.clear();
+            }
+            decisions.insert(key, verdict);
         }
-        let decisions = cache.entry(id).or_default();
-        if decisions.len() >= MAX_ENTRIES {
-            decisions.clear();
-        }
-        decisions.insert(key, verdict);
     });
 }
 
