@@ -170,6 +170,7 @@ fn access_log_line(c: &mut Criterion) {
         peer: ([10, 1, 2, 3], 54321).into(),
         peer_identity: None,
         attempts: 0,
+        trace: None,
     };
     let mut out = Vec::with_capacity(64 * 1024);
     let mut group = c.benchmark_group("access_log");

@@ -27,6 +27,7 @@ pub mod cache;
 pub mod demo;
 pub mod flags;
 pub mod mesh;
+pub mod otlp;
 pub mod resources;
 pub mod serve;
 pub mod status;

@@ -33,6 +33,7 @@ use crate::error::ProxyError;
 use crate::identity::Identities;
 use crate::rng::with_thread_rng;
 use crate::telemetry::Metrics;
+use crate::telemetry::trace::{Kind, SpanRecord};
 pub use lb::Balancer;
 use pool::PoolSettings;
 
@@ -263,13 +264,27 @@ impl ClusterState {
         mut req: Request<RequestBody>,
         per_try: Option<Duration>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
-        let endpoint = match req
+        let (endpoint, attempt) = match req
             .extensions()
             .get::<crate::resilience::retry::TriedEndpoints>()
         {
-            Some(tried) => self.pick_avoiding(&tried.0)?,
-            None => self.pick()?,
+            Some(tried) => (self.pick_avoiding(&tried.0)?, tried.0.len() + 1),
+            None => (self.pick()?, 1),
         };
+        // Each attempt is a client span of its own: its id is the parent
+        // the upstream sees.
+        let traced = req
+            .extensions_mut()
+            .remove::<crate::telemetry::trace::Outbound>()
+            .map(|outbound| {
+                let span_id = outbound.inject(req.headers_mut());
+                (
+                    outbound,
+                    span_id,
+                    std::time::SystemTime::now(),
+                    req.method().clone(),
+                )
+            });
         let Some(guard) = endpoint.begin_request(self.config.max_requests) else {
             self.settings
                 .metrics
@@ -319,6 +334,34 @@ impl ClusterState {
         };
         if let Some(config) = &self.config.outlier {
             self.observe(config, &endpoint, &result);
+        }
+        if let Some((outbound, span_id, start, method)) = traced {
+            let (status, flag) = match &result {
+                Ok(response) => (response.status().as_u16(), ""),
+                Err(error) => (0, error.flag()),
+            };
+            if outbound.tracer.records(&outbound.context, status) {
+                let context = &outbound.context;
+                let mut span = SpanRecord::new(
+                    Kind::Client,
+                    context,
+                    span_id,
+                    context.span_id,
+                    start,
+                    method,
+                );
+                span.peer = Some(endpoint.addr);
+                span.version = match wire {
+                    Wire::Http2 => Version::HTTP_2,
+                    Wire::Http1 => Version::HTTP_11,
+                };
+                span.status = status;
+                span.flag = flag;
+                span.route = Some(outbound.route.clone());
+                span.cluster = Some(self.config.name.clone());
+                span.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
+                outbound.tracer.queue.send(span);
+            }
         }
         result
     }

@@ -210,6 +210,7 @@ impl Config {
                 tls: None,
                 rate_limit: None,
                 fault: None,
+                tracing: None,
                 policy: None,
             }],
             route_configs: vec![RouteConfigSpec {

@@ -130,6 +130,8 @@ struct Inner {
     access_log: Option<AccessLog>,
     /// The policy decision log, if configured (at start; not reloaded).
     decision_log: Option<policy::DecisionLog>,
+    /// Span exporters, shared by listeners with equal settings.
+    traces: Arc<telemetry::trace::Exporters>,
     /// Held across a whole apply (binding, building, publishing), so that
     /// applies never interleave.
     listeners: tokio::sync::Mutex<ListenerSet>,
@@ -214,6 +216,10 @@ impl Proxy {
                 metrics: metrics.clone(),
                 access_log,
                 decision_log: decision_log.clone(),
+                traces: Arc::new(telemetry::trace::Exporters::new(
+                    control.clone(),
+                    metrics.trace.clone(),
+                )),
                 listeners: tokio::sync::Mutex::new(ListenerSet::default()),
                 drain: drain.clone(),
                 workers: tokio::runtime::Handle::current(),
@@ -353,6 +359,7 @@ impl ConfigHandle {
             let logs = stack::Logs {
                 access: inner.access_log.clone(),
                 decisions: inner.decision_log.clone(),
+                traces: Some(inner.traces.clone()),
             };
             let identities = inner.identities.clone();
             // Listeners are locked: no other change can publish meanwhile.

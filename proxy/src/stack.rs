@@ -48,6 +48,7 @@ use crate::identity::Identities;
 use crate::policy::{Enforcing, Policy, PolicyLayer};
 use crate::resilience::rate_limit::{Limited, Limiter, Limiters, RateLimit, RateLimitLayer};
 use crate::resilience::{Retry, RetryLayer, Retrying, Timeout, TimeoutLayer};
+use crate::telemetry::trace::{Exporters, Tracer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
 
 /// The published snapshot, shared by every listener.
@@ -109,6 +110,8 @@ pub(crate) struct HttpListener {
     pub(crate) rate_limit: Option<Arc<Limiter>>,
     /// The listener's policy, before routing.
     pub(crate) policy: Option<Arc<Enforcing>>,
+    /// Trace context and spans, when the listener traces.
+    pub(crate) tracer: Option<Arc<Tracer>>,
 }
 
 /// A TCP listener's prepared state.
@@ -318,6 +321,8 @@ impl Future for BackendFuture {
 pub(crate) struct Logs {
     pub(crate) access: Option<AccessLog>,
     pub(crate) decisions: Option<crate::policy::DecisionLog>,
+    /// Span exporters (none: listeners do not trace).
+    pub(crate) traces: Option<Arc<Exporters>>,
 }
 
 /// Builds a snapshot: CPU work only (route tables, every route's stack,
@@ -417,6 +422,15 @@ pub(crate) fn build(
                         let key = format!("listener/{}", listener.name);
                         limiters.get(previous_limiters, key, limit)
                     }),
+                    tracer: listener.tracing.as_ref().zip(logs.traces.as_ref()).map(
+                        |(tracing, exporters)| {
+                            Arc::new(Tracer {
+                                sample: tracing.sample,
+                                always_sample_errors: tracing.always_sample_errors,
+                                queue: exporters.queue(&tracing.export),
+                            })
+                        },
+                    ),
                 }))
             }
         }

@@ -1,4 +1,4 @@
-//! Metrics and the access log.
+//! Metrics, the access log and distributed tracing.
 //!
 //! Metric handles are `Arc`s of plain atomics, created (or found again) by
 //! name when a snapshot is built and held by the snapshot, so the request
@@ -8,12 +8,14 @@
 
 pub(crate) mod access_log;
 mod metrics;
+pub(crate) mod trace;
 
 pub use access_log::{AccessLog, AccessRecord};
 pub(crate) use metrics::escape as escape_label;
 pub use metrics::{
     ClusterMetrics, Histogram, ListenerMetrics, Metrics, PolicyMetrics, RequestMetrics,
 };
+pub use trace::export::TraceMetrics;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;

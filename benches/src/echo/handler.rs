@@ -263,11 +263,13 @@ fn version_value(version: Version) -> HeaderValue {
     })
 }
 
-/// Copies each request header named `x-*` into the response as
-/// `x-echo-req-x-*`. Only runs when asked for: it allocates per header.
+/// Copies each request header named `x-*`, and the trace context
+/// headers (`traceparent`, `tracestate`, `b3`), into the response as
+/// `x-echo-req-<name>`. Only runs when asked for: it allocates per header.
 fn echo_request_headers(request: &HeaderMap, response: &mut HeaderMap) {
     for (name, value) in request {
-        if !name.as_str().starts_with("x-") {
+        let traced = matches!(name.as_str(), "traceparent" | "tracestate" | "b3");
+        if !name.as_str().starts_with("x-") && !traced {
             continue;
         }
         let echoed = format!("{}{}", super::X_ECHO_REQ_PREFIX, name.as_str());

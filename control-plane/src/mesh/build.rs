@@ -521,6 +521,7 @@ fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
         tls: None,
         rate_limit: None,
         fault: None,
+        tracing: None,
         policy: None,
     }
 }

@@ -114,6 +114,52 @@ pub struct Listener {
     pub rate_limit: Option<RateLimit>,
     /// TCP: faults injected into connections.
     pub fault: Option<TcpFault>,
+    /// HTTP: spans exported and trace context propagated.
+    pub tracing: Option<Tracing>,
+}
+
+/// A listener's tracing: where its spans go and which requests are
+/// sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    /// The exporter; listeners with equal settings share one.
+    pub export: Arc<TraceExport>,
+    /// Share of new traces sampled.
+    pub sample: Percent,
+    /// Failed requests (5xx) are recorded even when not sampled.
+    pub always_sample_errors: bool,
+}
+
+/// How spans are exported.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct TraceExport {
+    /// The collector's URL.
+    pub collector: String,
+    /// The OTLP transport.
+    pub protocol: OtlpProtocol,
+    /// Sent with every export, sorted by name.
+    pub headers: Vec<(String, String)>,
+    /// The resource's `service.name`.
+    pub service_name: String,
+    /// More resource attributes, sorted by key.
+    pub resource_attributes: Vec<(String, String)>,
+    /// Spans waiting for export at most.
+    pub max_queued_spans: u32,
+    /// Spans per export at most.
+    pub max_export_batch: u32,
+    /// A partial batch waits at most this long.
+    pub flush_interval: Duration,
+    /// An export taking longer fails.
+    pub export_timeout: Duration,
+}
+
+/// OTLP's transports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum OtlpProtocol {
+    /// gRPC (tonic).
+    Grpc,
+    /// HTTP with protobuf bodies.
+    HttpProtobuf,
 }
 
 /// Local rate limits: a bucket shared by every request, one per client,

@@ -32,9 +32,10 @@ use super::spec::{
     ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PolicySpec, PoolSpec, RateLimitSpec,
     RegoModuleSpec, RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec,
     SniRouteSpec, SuccessRateSpec, TcpFaultSpec, TcpHealthCheckSpec, TlsCertificateSpec,
-    TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
+    TracingSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
+use std::collections::BTreeMap;
 
 pub use weft_proto::config::v1::{
     CLUSTER_TYPE_URL, LISTENER_TYPE_URL, POLICY_TYPE_URL, ROUTE_CONFIGURATION_TYPE_URL,
@@ -466,7 +467,52 @@ impl From<&ListenerSpec> for pb::Listener {
                 reset_percent: fault.reset_percent,
                 max_active: fault.max_active,
             }),
+            tracing: spec.tracing.as_ref().map(tracing_to_proto),
         }
+    }
+}
+
+fn tracing_to_proto(spec: &TracingSpec) -> pb::Tracing {
+    pb::Tracing {
+        collector: spec.collector.clone().unwrap_or_default(),
+        protocol: spec.protocol.clone(),
+        headers: spec
+            .headers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        sample_percent: spec.sample_percent,
+        always_sample_errors: spec.always_sample_errors,
+        service_name: spec.service_name.clone(),
+        resource_attributes: spec
+            .resource_attributes
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
+        max_queued_spans: spec.max_queued_spans,
+        max_export_batch: spec.max_export_batch,
+        flush_interval: spec.flush_interval.map(duration_to_proto),
+        export_timeout: spec.export_timeout.map(duration_to_proto),
+    }
+}
+
+fn tracing_from_proto(check: &mut Checker, tracing: pb::Tracing) -> TracingSpec {
+    TracingSpec {
+        collector: Some(tracing.collector).filter(|c| !c.is_empty()),
+        protocol: tracing.protocol,
+        headers: Some(tracing.headers.into_iter().collect())
+            .filter(|h: &BTreeMap<_, _>| !h.is_empty()),
+        sample_percent: tracing.sample_percent,
+        always_sample_errors: tracing.always_sample_errors,
+        service_name: tracing.service_name,
+        resource_attributes: Some(tracing.resource_attributes.into_iter().collect())
+            .filter(|h: &BTreeMap<_, _>| !h.is_empty()),
+        max_queued_spans: tracing.max_queued_spans,
+        max_export_batch: tracing.max_export_batch,
+        flush_interval: check.duration(|| "tracing.flush_interval".into(), tracing.flush_interval),
+        export_timeout: check.duration(|| "tracing.export_timeout".into(), tracing.export_timeout),
     }
 }
 
@@ -487,6 +533,9 @@ impl TryFrom<pb::Listener> for ListenerSpec {
             reset_percent: fault.reset_percent,
             max_active: fault.max_active,
         });
+        let tracing = listener
+            .tracing
+            .map(|tracing| tracing_from_proto(&mut check, tracing));
         check.finish(ListenerSpec {
             name: listener.name,
             address: listener.address,
@@ -532,6 +581,7 @@ impl TryFrom<pb::Listener> for ListenerSpec {
             policy: listener.policy,
             rate_limit: listener.rate_limit.map(rate_limit_from_proto),
             fault,
+            tracing,
         })
     }
 }

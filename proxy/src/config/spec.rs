@@ -181,6 +181,56 @@ pub struct ListenerSpec {
     /// TCP listeners: faults injected into connections (chaos testing).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<TcpFaultSpec>,
+    /// HTTP listeners: spans exported over OTLP, trace context propagated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<TracingSpec>,
+}
+
+/// A listener's tracing (see config/README.md, `tracing`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TracingSpec {
+    /// The OTLP collector's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<String>,
+    /// `grpc` (the default) or `http` (OTLP/HTTP, protobuf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Sent with every export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// Share of new traces sampled, 0 to 100 (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sample_percent: Option<f64>,
+    /// Record a failed request's spans even when it is not sampled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub always_sample_errors: Option<bool>,
+    /// The resource's `service.name` (default `weft-proxy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// More resource attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_attributes: Option<BTreeMap<String, String>>,
+    /// Spans waiting for export at most (default 2048).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued_spans: Option<u32>,
+    /// Spans per export at most (default 512).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_export_batch: Option<u32>,
+    /// A partial batch waits at most this long (default 1s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub flush_interval: Option<Duration>,
+    /// An export taking longer fails (default 5s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub export_timeout: Option<Duration>,
 }
 
 /// A Rego policy (see config/README.md, `policies`).

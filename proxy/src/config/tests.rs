@@ -522,3 +522,72 @@ policies:
     assert!(!Arc::ptr_eq(&first.policies[0], &changed.policies[0]));
     assert_ne!(first.policies[0].version, changed.policies[0].version);
 }
+
+#[test]
+fn tracing_settings_are_checked_and_defaulted() {
+    let with = |tracing: &str| {
+        VALID.replace(
+            "    route_config: main\n  - name: db",
+            &format!("    route_config: main\n    tracing: {tracing}\n  - name: db"),
+        )
+    };
+    let config = Config::from_yaml(
+        &with(r#"{ collector: "http://127.0.0.1:4318", protocol: http, sample_percent: 1 }"#),
+        "test",
+    )
+    .unwrap();
+    let tracing = config.listeners[0].tracing.as_ref().unwrap();
+    assert_eq!(tracing.export.collector, "http://127.0.0.1:4318/v1/traces");
+    assert_eq!(tracing.export.protocol, OtlpProtocol::HttpProtobuf);
+    assert_eq!(tracing.export.service_name, "weft-proxy");
+    assert_eq!(tracing.export.max_queued_spans, 2048);
+    assert_eq!(tracing.sample, Percent(10_000));
+    assert!(!tracing.always_sample_errors);
+
+    let cases: &[(&str, &str)] = &[
+        ("{ protocol: grpc }", "tracing.collector: required"),
+        (
+            r#"{ collector: "https://collector:4317" }"#,
+            "must be an http:// URL with a host (https is not supported)",
+        ),
+        (
+            r#"{ collector: "http://collector:4317/v1/traces" }"#,
+            "a gRPC collector is a host and port, without a path",
+        ),
+        (
+            r#"{ collector: "http://c:4317", protocol: thrift }"#,
+            r#"tracing.protocol: "thrift" is not one of grpc, http"#,
+        ),
+        (
+            r#"{ collector: "http://c:4317", sample_percent: 101 }"#,
+            "tracing.sample_percent: 101 is not a percentage (0 to 100)",
+        ),
+        (
+            r#"{ collector: "http://c:4317", headers: { X-Token: a } }"#,
+            "tracing.headers.X-Token: is not a lower-case header name",
+        ),
+        (
+            r#"{ collector: "http://c:4317", max_export_batch: 5000 }"#,
+            "tracing.max_export_batch: 5000 is out of range (1..=max_queued_spans)",
+        ),
+    ];
+    for (tracing, expected) in cases {
+        let errors = errors_of(&with(tracing));
+        assert!(
+            errors.iter().any(|e| e.starts_with(r#"listener "web": "#) && e.contains(expected)),
+            "{tracing}: {errors:?}"
+        );
+    }
+    // Only HTTP listeners trace.
+    let tcp = VALID.replace(
+        "    protocol: tcp\n",
+        "    protocol: tcp\n    tracing: { collector: \"http://c:4317\" }\n",
+    );
+    assert!(
+        errors_of(&tcp)
+            .iter()
+            .any(|e| e == r#"listener "db": tracing: applies to http listeners only"#),
+        "{:?}",
+        errors_of(&tcp)
+    );
+}

@@ -20,6 +20,7 @@ use super::{ConfigError, ValidationErrors};
 
 mod faults;
 mod policy;
+mod tracing;
 
 pub use policy::compile_policy;
 
@@ -460,6 +461,7 @@ fn validate_listener(
                 ("preserve_request_id", spec.preserve_request_id.is_some()),
                 ("tls", spec.tls.is_some()),
                 ("rate_limit", spec.rate_limit.is_some()),
+                ("tracing", spec.tracing.is_some()),
             ];
             for (field, set) in http_only {
                 if set {
@@ -600,6 +602,13 @@ fn validate_listener(
             .as_ref()
             .and_then(|limit| faults::validate_rate_limit(&mut check, "rate_limit", limit)),
     };
+    let tracing = match spec.protocol.as_deref() {
+        Some("tcp") => None,
+        _ => spec
+            .tracing
+            .as_ref()
+            .and_then(|tracing| tracing::validate_tracing(&mut check, "tracing", tracing)),
+    };
     let fault = match spec.protocol.as_deref() {
         Some("tcp") => spec
             .fault
@@ -627,6 +636,7 @@ fn validate_listener(
         policy: spec.policy.as_deref().map(Arc::from),
         rate_limit,
         fault,
+        tracing,
     })
 }
 

@@ -14,6 +14,9 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::cluster::UpstreamBody;
+use std::sync::Arc;
+
+use crate::telemetry::trace::{SpanRecord, Tracer};
 use crate::telemetry::{AccessLog, AccessRecord, RequestMetrics};
 
 /// What to record when the response is over.
@@ -26,6 +29,9 @@ pub(crate) struct Finish {
     /// Keeps the request in flight on its connection until the response
     /// is over (the idle timeout must not fire mid-stream).
     pub(crate) request: Option<crate::transport::RequestGuard>,
+    /// The request's server span, when it is recorded; it ends with the
+    /// response.
+    pub(crate) span: Option<Box<(Arc<Tracer>, SpanRecord)>>,
 }
 
 impl Finish {
@@ -38,6 +44,11 @@ impl Finish {
             record.bytes_sent = bytes_sent;
             record.duration = duration;
             log.log(*record);
+        }
+        if let Some(span) = self.span {
+            let (tracer, mut span) = *span;
+            span.end = span.start + duration;
+            tracer.queue.send(span);
         }
     }
 }
@@ -242,6 +253,7 @@ mod tests {
             status,
             metrics: metrics.clone(),
             access: None,
+            span: None,
             request: None,
         }
     }

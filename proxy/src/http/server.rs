@@ -27,6 +27,7 @@ use crate::policy::{self, Peers, RequestPeers};
 use crate::resilience::rate_limit::{Client, limited};
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
+use crate::telemetry::trace::{self, Context, Kind, Outbound, SpanRecord, Tracer};
 use crate::telemetry::{AccessRecord, ListenerMetrics, RequestMetrics};
 use crate::transport::{ConnState, DownstreamIo, Protocol, accept_permissive, accept_tls, detect};
 
@@ -468,6 +469,7 @@ fn rejected(conn: &Connection, error: &hyper::Error) {
             peer: conn.peer,
             peer_identity: conn.peer_id.clone(),
             attempts: 0,
+            trace: None,
         });
     }
 }
@@ -494,6 +496,8 @@ struct Outcome {
     request_id: Option<HeaderValue>,
     /// Attempts sent (retries plus one), when more than one.
     attempts: u32,
+    /// The request id, for a server span that will be recorded.
+    request_id_for_span: Option<HeaderValue>,
 }
 
 /// Handles one request; never fails (errors become responses).
@@ -509,6 +513,23 @@ async fn handle(
         _ => return Ok(to_response(&ProxyError::NoRoute, false)),
     };
     let is_grpc = is_grpc(req.headers());
+    let trace = listener.tracer.as_ref().map(|tracer| {
+        let context = Context::begin(trace::extract(req.headers()), tracer.sample);
+        (tracer, context)
+    });
+    // What the server span needs, kept only when it may be recorded.
+    let span_head = trace
+        .as_ref()
+        .filter(|(tracer, context)| context.sampled || tracer.always_sample_errors)
+        .map(|_| {
+            (
+                SystemTime::now(),
+                req.method().clone(),
+                req.uri().clone(),
+                req.headers().get(header::HOST).cloned(),
+                req.version(),
+            )
+        });
     let log = listener.access_log.as_ref().map(|log| {
         (
             log.clone(),
@@ -529,12 +550,13 @@ async fn handle(
                 peer: conn.peer,
                 peer_identity: conn.peer_id.clone(),
                 attempts: 0,
+                trace: trace.map(|(_, context)| (context.trace_id, context.span_id)),
             }),
         )
     });
     let mut outcome = Outcome::default();
     let (mut response, status, flag) =
-        match route_and_forward(&conn, &listener, req, &mut outcome).await {
+        match route_and_forward(&conn, &listener, req, &mut outcome, trace).await {
             Ok(response) => {
                 // A layer's decision (a fault, a rate limit) names itself.
                 match response.extensions().get::<Decision>().copied() {
@@ -562,6 +584,35 @@ async fn handle(
         record.attempts = outcome.attempts;
         (log, record)
     });
+    let span = match (trace, span_head) {
+        (Some((tracer, context)), Some((start, method, uri, host, version)))
+            if tracer.records(&context, status.as_u16()) =>
+        {
+            let mut span = SpanRecord::new(
+                Kind::Server,
+                &context,
+                context.span_id,
+                context.parent_id,
+                start,
+                method,
+            );
+            span.authority = uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+                .or(host);
+            span.path = uri.into_parts().path_and_query;
+            span.peer = Some(conn.peer);
+            span.version = version;
+            span.status = status.as_u16();
+            span.flag = flag;
+            span.listener = Some(listener.config.name.clone());
+            span.route = outcome.route;
+            span.peer_identity = conn.peer_id.clone();
+            span.request_id = outcome.request_id_for_span;
+            Some(Box::new((tracer.clone(), span)))
+        }
+        _ => None,
+    };
     let metrics = outcome.metrics.unwrap_or_else(|| listener.unrouted.clone());
     response.body_mut().set_finish(Finish {
         start,
@@ -569,6 +620,7 @@ async fn handle(
         metrics,
         access,
         request: Some(request),
+        span,
     });
     Ok(response)
 }
@@ -581,6 +633,7 @@ async fn route_and_forward(
     listener: &HttpListener,
     mut req: Request<Incoming>,
     outcome: &mut Outcome,
+    trace: Option<(&Arc<Tracer>, Context)>,
 ) -> Result<Response<ResponseBody>, ProxyError> {
     let settings = &listener.config;
     if let Some(requests) = &conn.source_requests {
@@ -676,9 +729,23 @@ async fn route_and_forward(
             let id = request_id.to_str().unwrap_or("");
             tracing::Span::current().record("request_id", id);
         }
-        // Cloning a generated id costs an allocation; only the log needs it.
+        // Cloning a generated id costs an allocation; only the log and a
+        // recorded span need it.
         if listener.access_log.is_some() {
             outcome.request_id = Some(request_id.clone());
+        }
+        if let Some((tracer, context)) = trace {
+            if context.sampled || tracer.always_sample_errors {
+                outcome.request_id_for_span = Some(request_id.clone());
+            }
+            // The proxy writes its own context to each attempt (the
+            // cluster's client span); the client's goes.
+            trace::strip_incoming(h, &context);
+            req.extensions_mut().insert(Outbound {
+                context,
+                tracer: tracer.clone(),
+                route: route.name.clone(),
+            });
         }
     }
 

@@ -39,6 +39,7 @@ use crate::config::RetryPolicy;
 use crate::error::{ProxyError, RetrySafety};
 use crate::http::body::ResponseBody;
 use crate::telemetry::ClusterMetrics;
+use crate::telemetry::trace::Outbound;
 
 /// The attempt number the upstream sees (1 for the first).
 pub(crate) static ATTEMPT_COUNT: HeaderName = HeaderName::from_static("x-weft-attempt-count");
@@ -184,6 +185,7 @@ where
                     version: parts.version,
                     headers: save_headers(&parts.headers),
                     body: replayable,
+                    trace: parts.extensions.get::<Outbound>().cloned(),
                 };
                 let req = Request::from_parts(parts, saved.body.body());
                 RetryFuture::First {
@@ -229,6 +231,8 @@ struct Saved {
     /// two (the map's index is rebuilt only for a retry).
     headers: Vec<(HeaderName, HeaderValue)>,
     body: Replayable,
+    /// The trace each attempt continues (its own client span).
+    trace: Option<Outbound>,
 }
 
 /// The request's headers, in order, for [`Saved`].
@@ -254,6 +258,9 @@ impl Saved {
         headers.insert(&ATTEMPT_COUNT, attempt_value(n));
         if !tried.0.is_empty() {
             req.extensions_mut().insert(tried.clone());
+        }
+        if let Some(trace) = &self.trace {
+            req.extensions_mut().insert(trace.clone());
         }
         req
     }
@@ -369,6 +376,7 @@ where
         version: parts.version,
         headers: save_headers(&parts.headers),
         body,
+        trace: parts.extensions.get::<Outbound>().cloned(),
     };
     let outcome = attempt(&mut service, saved.request(1, &TriedEndpoints::default())).await;
     retry_after(

@@ -57,6 +57,9 @@ pub struct AccessRecord {
     /// Attempts sent upstream, when a retry policy sent more than one (0
     /// or 1: not written).
     pub attempts: u32,
+    /// The trace and this proxy's server span, on a listener that traces
+    /// (written as `trace_id` and `span_id`, sampled or not).
+    pub trace: Option<(u128, u64)>,
 }
 
 impl AccessRecord {
@@ -136,6 +139,12 @@ impl AccessRecord {
         }
         if self.attempts > 1 {
             write!(out, ",\"attempts\":{}", self.attempts)?;
+        }
+        if let Some((trace_id, span_id)) = self.trace {
+            write!(
+                out,
+                ",\"trace_id\":\"{trace_id:032x}\",\"span_id\":\"{span_id:016x}\""
+            )?;
         }
         out.write_all(b"}\n")
     }
@@ -336,6 +345,7 @@ mod tests {
             peer: "127.0.0.1:5555".parse().unwrap(),
             peer_identity: Some("spiffe://example.org/ns/a/sa/\"web\"".into()),
             attempts: 3,
+            trace: Some((0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c, 0xb7ad_6b71_6920_3331)),
         }
     }
 
@@ -381,6 +391,8 @@ mod tests {
             "spiffe://example.org/ns/a/sa/\"web\""
         );
         assert_eq!(json["request_id"], "abc");
+        assert_eq!(json["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+        assert_eq!(json["span_id"], "b7ad6b7169203331");
     }
 
     #[test]
@@ -421,6 +433,7 @@ mod tests {
             peer: "[::1]:5555".parse().unwrap(),
             peer_identity: None,
             attempts: 0,
+            trace: None,
         };
         let mut out = Vec::new();
         record.write_line(&mut out).unwrap();

@@ -251,6 +251,8 @@ pub struct Metrics {
     pub config_reloads: AtomicU64,
     /// Configuration reloads refused (the last good configuration kept).
     pub config_reload_failures: AtomicU64,
+    /// Span export, all exporters together.
+    pub trace: Arc<super::TraceMetrics>,
 }
 
 impl Metrics {
@@ -695,6 +697,22 @@ impl Metrics {
              weft_config_reload_failures_total {}\n",
             self.config_reloads.load(Relaxed),
             self.config_reload_failures.load(Relaxed),
+        );
+        let trace = &self.trace;
+        let _ = write!(
+            out,
+            "# HELP weft_trace_spans_total Spans by what became of them: exported, dropped (export queue full) or failed (lost with a failed export).\n\
+             # TYPE weft_trace_spans_total counter\n\
+             weft_trace_spans_total{{result=\"exported\"}} {}\n\
+             weft_trace_spans_total{{result=\"dropped\"}} {}\n\
+             weft_trace_spans_total{{result=\"failed\"}} {}\n\
+             # HELP weft_trace_export_failures_total Span exports that failed (collector unreachable, refused or too slow).\n\
+             # TYPE weft_trace_export_failures_total counter\n\
+             weft_trace_export_failures_total {}\n",
+            trace.spans_exported.load(Relaxed),
+            trace.spans_dropped.load(Relaxed),
+            trace.spans_failed.load(Relaxed),
+            trace.exports_failed.load(Relaxed),
         );
         out
     }

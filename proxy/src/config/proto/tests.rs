@@ -156,6 +156,7 @@ fn unset_optional_fields_stay_unset() {
         rate_limit: None,
         fault: None,
         policy: None,
+        tracing: None,
     };
     let proto = pb::Listener::from(&listener);
     assert_eq!(
@@ -432,6 +433,26 @@ fn protos_round_trip_through_the_spec() {
             }),
             reset_percent: Some(5.0),
             max_active: Some(3),
+        }),
+        tracing: Some(pb::Tracing {
+            collector: "http://127.0.0.1:4317".into(),
+            protocol: Some("grpc".into()),
+            headers: [("x-token".to_owned(), "abc".to_owned())].into(),
+            sample_percent: Some(1.0),
+            always_sample_errors: Some(true),
+            service_name: Some("gateway".into()),
+            resource_attributes: [("deployment.environment".to_owned(), "prod".to_owned())]
+                .into(),
+            max_queued_spans: Some(4096),
+            max_export_batch: Some(256),
+            flush_interval: Some(prost_types::Duration {
+                seconds: 2,
+                nanos: 0,
+            }),
+            export_timeout: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
         }),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();

@@ -24,7 +24,7 @@ const MAX_CLIENTS: u32 = 1_000_000;
 const MAX_RATE: f64 = 1e9;
 
 /// A percentage field (0 to 100, default 100) in millionths.
-fn percent(check: &mut Checker<'_>, field: &str, value: Option<f64>) -> Option<Percent> {
+pub(super) fn percent(check: &mut Checker<'_>, field: &str, value: Option<f64>) -> Option<Percent> {
     let value = value.unwrap_or(100.0);
     if !(0.0..=100.0).contains(&value) {
         check.error(field, format!("{value} is not a percentage (0 to 100)"));

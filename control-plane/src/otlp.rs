@@ -1,0 +1,319 @@
+//! A small OTLP trace receiver: it takes the spans proxies export, over
+//! gRPC (`TraceService/Export`) or HTTP/protobuf (`POST /v1/traces`), and
+//! keeps the latest ones in memory. `weft-cp demo` uses it to show a
+//! request's trace without a tracing backend; the end-to-end tests use it
+//! as their collector.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use prost::Message;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tower::Service;
+
+/// Spans kept at most; older ones are forgotten first.
+const MAX_SPANS: usize = 20_000;
+/// The largest HTTP export body taken.
+const MAX_BODY: usize = 16 << 20;
+
+/// A span as received, flattened: hex ids, attributes as text.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedSpan {
+    /// The exporter's `service.name`.
+    pub service: String,
+    /// 32 hex digits.
+    pub trace_id: String,
+    /// 16 hex digits.
+    pub span_id: String,
+    /// 16 hex digits; empty for a trace's root.
+    pub parent_span_id: String,
+    pub name: String,
+    /// `server`, `client`, `internal`, `producer`, `consumer` or
+    /// `unspecified`.
+    pub kind: &'static str,
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    /// Attribute values as text (strings unquoted).
+    pub attributes: BTreeMap<String, String>,
+    /// Event names, in order.
+    pub events: Vec<String>,
+    /// The span's status is an error.
+    pub is_error: bool,
+}
+
+impl ReceivedSpan {
+    /// An attribute's value, if the span has it.
+    pub fn attribute(&self, key: &str) -> Option<&str> {
+        self.attributes.get(key).map(String::as_str)
+    }
+
+    /// How long the span took.
+    pub fn duration(&self) -> Duration {
+        Duration::from_nanos(self.end_unix_nanos.saturating_sub(self.start_unix_nanos))
+    }
+}
+
+#[derive(Debug, Default)]
+struct State {
+    spans: Mutex<VecDeque<ReceivedSpan>>,
+    /// Export requests received (gRPC and HTTP).
+    exports: std::sync::atomic::AtomicU64,
+    arrived: Notify,
+}
+
+impl State {
+    fn take(&self, request: ExportTraceServiceRequest) {
+        let mut spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
+        for resource in request.resource_spans {
+            let service = resource
+                .resource
+                .iter()
+                .flat_map(|r| &r.attributes)
+                .find(|kv| kv.key == "service.name")
+                .map(|kv| text(kv.value.as_ref()))
+                .unwrap_or_default();
+            for scope in resource.scope_spans {
+                for span in scope.spans {
+                    if spans.len() == MAX_SPANS {
+                        spans.pop_front();
+                    }
+                    spans.push_back(ReceivedSpan {
+                        service: service.clone(),
+                        trace_id: hex(&span.trace_id),
+                        span_id: hex(&span.span_id),
+                        parent_span_id: hex(&span.parent_span_id),
+                        kind: match span.kind {
+                            1 => "internal",
+                            2 => "server",
+                            3 => "client",
+                            4 => "producer",
+                            5 => "consumer",
+                            _ => "unspecified",
+                        },
+                        name: span.name,
+                        start_unix_nanos: span.start_time_unix_nano,
+                        end_unix_nanos: span.end_time_unix_nano,
+                        attributes: attributes(&span.attributes),
+                        events: span.events.into_iter().map(|e| e.name).collect(),
+                        // STATUS_CODE_ERROR
+                        is_error: span.status.is_some_and(|s| s.code == 2),
+                    });
+                }
+            }
+        }
+        drop(spans);
+        self.exports
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.arrived.notify_waiters();
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
+}
+
+fn attributes(list: &[KeyValue]) -> BTreeMap<String, String> {
+    list.iter()
+        .map(|kv| (kv.key.clone(), text(kv.value.as_ref())))
+        .collect()
+}
+
+fn text(value: Option<&AnyValue>) -> String {
+    match value.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Grpc(Arc<State>);
+
+#[tonic::async_trait]
+impl TraceService for Grpc {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0.take(request.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+/// The receiver: a gRPC port and an HTTP port on loopback (or wherever
+/// bound); serves until dropped.
+#[derive(Debug)]
+pub struct Receiver {
+    grpc: SocketAddr,
+    http: SocketAddr,
+    state: Arc<State>,
+    _stop: DropGuard,
+}
+
+impl Receiver {
+    /// Binds both ports (port 0 picks free ones) and starts serving.
+    pub async fn bind(grpc: SocketAddr, http: SocketAddr) -> std::io::Result<Self> {
+        let grpc_listener = TcpListener::bind(grpc).await?;
+        let http_listener = TcpListener::bind(http).await?;
+        let state = Arc::new(State::default());
+        let stop = CancellationToken::new();
+        let receiver = Self {
+            grpc: grpc_listener.local_addr()?,
+            http: http_listener.local_addr()?,
+            state: state.clone(),
+            _stop: stop.clone().drop_guard(),
+        };
+        tokio::spawn(serve(grpc_listener, state.clone(), true, stop.clone()));
+        tokio::spawn(serve(http_listener, state, false, stop));
+        Ok(receiver)
+    }
+
+    /// The gRPC collector's URL (`http://ADDR`).
+    pub fn grpc_url(&self) -> String {
+        format!("http://{}", self.grpc)
+    }
+
+    /// The HTTP collector's URL (`http://ADDR/v1/traces`).
+    pub fn http_url(&self) -> String {
+        format!("http://{}/v1/traces", self.http)
+    }
+
+    /// The spans received so far (the latest [`MAX_SPANS`]).
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.state
+            .spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .cloned()
+            .collect()
+    }
+
+    /// Export requests received.
+    pub fn exports(&self) -> u64 {
+        self.state
+            .exports
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Waits until `done` holds for the spans received, or `timeout`
+    /// passes; returns the spans either way and whether `done` held.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        mut done: impl FnMut(&[ReceivedSpan]) -> bool,
+    ) -> (Vec<ReceivedSpan>, bool) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let arrived = self.state.arrived.notified();
+            let spans = self.spans();
+            if done(&spans) {
+                return (spans, true);
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                let spans = self.spans();
+                let held = done(&spans);
+                return (spans, held);
+            }
+        }
+    }
+}
+
+async fn serve(listener: TcpListener, state: Arc<State>, grpc: bool, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = stop.cancelled() => return,
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let io = TokioIo::new(stream);
+            if grpc {
+                let server = TraceServiceServer::new(Grpc(state));
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    let mut server = server.clone();
+                    async move { server.call(request).await }
+                });
+                let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .serve_connection(io, service);
+                tokio::select! {
+                    _ = connection => {}
+                    () = stop.cancelled() => {}
+                }
+            } else {
+                let service = hyper::service::service_fn(move |request| {
+                    let state = state.clone();
+                    async move { Ok::<_, Infallible>(http_export(&state, request).await) }
+                });
+                let connection =
+                    hyper::server::conn::http1::Builder::new().serve_connection(io, service);
+                tokio::select! {
+                    _ = connection => {}
+                    () = stop.cancelled() => {}
+                }
+            }
+        });
+    }
+}
+
+/// OTLP/HTTP with protobuf bodies.
+async fn http_export(state: &State, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let answer = |status: StatusCode, body: Bytes| {
+        let mut response = Response::new(Full::new(body));
+        *response.status_mut() = status;
+        response.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-protobuf"),
+        );
+        response
+    };
+    if request.method() != http::Method::POST || request.uri().path() != "/v1/traces" {
+        return answer(StatusCode::NOT_FOUND, Bytes::new());
+    }
+    let Ok(body) = Limited::new(request.into_body(), MAX_BODY).collect().await else {
+        return answer(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
+    };
+    match ExportTraceServiceRequest::decode(body.to_bytes()) {
+        Ok(export) => {
+            state.take(export);
+            let response = ExportTraceServiceResponse {
+                partial_success: None,
+            };
+            answer(StatusCode::OK, response.encode_to_vec().into())
+        }
+        Err(_) => answer(StatusCode::BAD_REQUEST, Bytes::new()),
+    }
+}

@@ -1,0 +1,586 @@
+//! Distributed tracing: the trace context a request arrives with (W3C
+//! Trace Context, or B3 in its single- and multi-header forms), the
+//! sampling decision, the context written to each upstream attempt, and
+//! the spans handed to the exporter ([`export`]).
+//!
+//! A request on a listener with tracing gets a server span; each attempt
+//! sent upstream gets a client span, its child, whose id is the parent the
+//! upstream sees in `traceparent`. Spans are recorded only when the trace
+//! is sampled (or, with `always_sample_errors`, when the request failed):
+//! a request that is not costs two random ids and a header.
+
+pub(crate) mod export;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use http::header::HeaderName;
+use http::{HeaderMap, HeaderValue, Method, Version};
+
+use crate::config::Percent;
+
+pub(crate) use export::{Exporters, Queue};
+
+/// W3C Trace Context.
+pub(crate) static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+/// W3C Trace Context: vendor state, passed on unchanged.
+pub(crate) static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
+/// B3, single header.
+static B3: HeaderName = HeaderName::from_static("b3");
+static X_B3_TRACE_ID: HeaderName = HeaderName::from_static("x-b3-traceid");
+static X_B3_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-spanid");
+static X_B3_PARENT_SPAN_ID: HeaderName = HeaderName::from_static("x-b3-parentspanid");
+static X_B3_SAMPLED: HeaderName = HeaderName::from_static("x-b3-sampled");
+static X_B3_FLAGS: HeaderName = HeaderName::from_static("x-b3-flags");
+
+/// How the caller propagated its context; the upstream gets the same
+/// (plus `traceparent` always).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Format {
+    /// `traceparent` (or no context at all).
+    W3c,
+    /// `b3` or `x-b3-*`.
+    B3,
+}
+
+/// The trace context a request arrived with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Incoming {
+    /// The trace and the caller's span, when the caller sent them (B3 may
+    /// send a sampling decision alone).
+    pub(crate) ids: Option<(u128, u64)>,
+    /// The caller's sampling decision, when it made one.
+    pub(crate) sampled: Option<bool>,
+    pub(crate) format: Format,
+}
+
+/// Reads the request's trace context: `traceparent` if valid, else B3
+/// (single header, then multi); an invalid context counts as none.
+pub(crate) fn extract(headers: &HeaderMap) -> Option<Incoming> {
+    if let Some((trace, span, sampled)) = headers
+        .get(&TRACEPARENT)
+        .and_then(|v| parse_traceparent(v.as_bytes()))
+    {
+        return Some(Incoming {
+            ids: Some((trace, span)),
+            sampled: Some(sampled),
+            format: Format::W3c,
+        });
+    }
+    if let Some(single) = headers.get(&B3) {
+        return parse_b3_single(single.as_bytes());
+    }
+    parse_b3_multi(headers)
+}
+
+/// `version-traceid-parentid-flags`, lower-case hex (W3C Trace Context
+/// §3.2). Version 00 is exactly 55 bytes; a later version may append
+/// fields after a `-`; `ff` is invalid, as are all-zero ids.
+fn parse_traceparent(value: &[u8]) -> Option<(u128, u64, bool)> {
+    if value.len() < 55 {
+        return None;
+    }
+    let version = lower_hex(&value[0..2])?;
+    let valid_length = match version {
+        0xff => false,
+        0 => value.len() == 55,
+        _ => value.len() == 55 || value[55] == b'-',
+    };
+    if !valid_length || value[2] != b'-' || value[35] != b'-' || value[52] != b'-' {
+        return None;
+    }
+    let trace = lower_hex(&value[3..35])?;
+    let span = u64::try_from(lower_hex(&value[36..52])?).ok()?;
+    let flags = lower_hex(&value[53..55])?;
+    (trace != 0 && span != 0).then_some((trace, span, flags & 1 == 1))
+}
+
+/// `{trace}-{span}[-{sampling}[-{parent}]]` or a sampling state alone
+/// (`0`, `1`, `d`).
+fn parse_b3_single(value: &[u8]) -> Option<Incoming> {
+    let mut fields = value.split(|&b| b == b'-');
+    let first = fields.next()?;
+    let Some(span) = fields.next() else {
+        return Some(Incoming {
+            ids: None,
+            sampled: Some(b3_sampling(first)?),
+            format: Format::B3,
+        });
+    };
+    let trace = b3_trace_id(first)?;
+    let span = b3_span_id(span)?;
+    let sampled = match fields.next() {
+        Some(state) => Some(b3_sampling(state)?),
+        None => None,
+    };
+    if let Some(parent) = fields.next() {
+        b3_span_id(parent)?;
+    }
+    if fields.next().is_some() {
+        return None;
+    }
+    Some(Incoming {
+        ids: Some((trace, span)),
+        sampled,
+        format: Format::B3,
+    })
+}
+
+fn parse_b3_multi(headers: &HeaderMap) -> Option<Incoming> {
+    let debug = headers
+        .get(&X_B3_FLAGS)
+        .is_some_and(|v| v.as_bytes() == b"1");
+    let sampled = match headers.get(&X_B3_SAMPLED).map(HeaderValue::as_bytes) {
+        _ if debug => Some(true),
+        Some(b"1" | b"true") => Some(true),
+        Some(b"0" | b"false") => Some(false),
+        _ => None,
+    };
+    let ids = match (headers.get(&X_B3_TRACE_ID), headers.get(&X_B3_SPAN_ID)) {
+        (Some(trace), Some(span)) => {
+            Some((b3_trace_id(trace.as_bytes())?, b3_span_id(span.as_bytes())?))
+        }
+        _ => None,
+    };
+    if ids.is_none() && sampled.is_none() {
+        return None;
+    }
+    Some(Incoming {
+        ids,
+        sampled,
+        format: Format::B3,
+    })
+}
+
+/// A B3 trace id: 16 or 32 hex digits (a 64-bit id is the low half).
+fn b3_trace_id(value: &[u8]) -> Option<u128> {
+    if value.len() != 16 && value.len() != 32 {
+        return None;
+    }
+    any_hex(value).filter(|&id| id != 0)
+}
+
+fn b3_span_id(value: &[u8]) -> Option<u64> {
+    if value.len() != 16 {
+        return None;
+    }
+    any_hex(value)
+        .and_then(|id| u64::try_from(id).ok())
+        .filter(|&id| id != 0)
+}
+
+fn b3_sampling(value: &[u8]) -> Option<bool> {
+    match value {
+        b"1" | b"d" => Some(true),
+        b"0" => Some(false),
+        _ => None,
+    }
+}
+
+/// Lower-case hex only (as W3C Trace Context requires), up to 32 digits.
+fn lower_hex(digits: &[u8]) -> Option<u128> {
+    if digits.iter().any(u8::is_ascii_uppercase) {
+        return None;
+    }
+    any_hex(digits)
+}
+
+fn any_hex(digits: &[u8]) -> Option<u128> {
+    if digits.is_empty() || digits.len() > 32 {
+        return None;
+    }
+    digits.iter().try_fold(0u128, |acc, &d| {
+        let nibble = char::from(d).to_digit(16)?;
+        Some(acc << 4 | u128::from(nibble))
+    })
+}
+
+/// A random id that is not zero (zero means "none" on the wire).
+fn random_id(rng: &mut fastrand::Rng) -> u64 {
+    loop {
+        let id = rng.u64(..);
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+/// A request's place in its trace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Context {
+    pub(crate) trace_id: u128,
+    /// This proxy's server span.
+    pub(crate) span_id: u64,
+    /// The caller's span; 0 when this request starts the trace.
+    pub(crate) parent_id: u64,
+    pub(crate) sampled: bool,
+    pub(crate) format: Format,
+}
+
+impl Context {
+    /// The context of a request that arrived with `incoming`: parent-based
+    /// sampling, with `sample` deciding for new traces.
+    pub(crate) fn begin(incoming: Option<Incoming>, sample: Percent) -> Self {
+        crate::rng::with_thread_rng(|rng| {
+            let (trace_id, parent_id) = match incoming.and_then(|i| i.ids) {
+                Some(ids) => ids,
+                None => (
+                    u128::from(random_id(rng)) << 64 | u128::from(rng.u64(..)),
+                    0,
+                ),
+            };
+            let sampled = match incoming.and_then(|i| i.sampled) {
+                Some(sampled) => sampled,
+                None => sample.hit(rng.u32(..1_000_000)),
+            };
+            Self {
+                trace_id,
+                span_id: random_id(rng),
+                parent_id,
+                sampled,
+                format: incoming.map_or(Format::W3c, |i| i.format),
+            }
+        })
+    }
+
+    /// `traceparent` naming `span_id` as the upstream's parent.
+    pub(crate) fn traceparent(&self, span_id: u64) -> HeaderValue {
+        let text = format!(
+            "00-{:032x}-{span_id:016x}-{:02x}",
+            self.trace_id,
+            u8::from(self.sampled)
+        );
+        HeaderValue::try_from(text).expect("hex digits and dashes are a valid header value")
+    }
+
+    /// `b3` (single header) naming `span_id`, for callers that sent B3.
+    pub(crate) fn b3(&self, span_id: u64) -> HeaderValue {
+        let text = format!(
+            "{:032x}-{span_id:016x}-{}",
+            self.trace_id,
+            u8::from(self.sampled)
+        );
+        HeaderValue::try_from(text).expect("hex digits and dashes are a valid header value")
+    }
+}
+
+/// Removes every trace context header the client sent: the proxy writes
+/// its own to each upstream attempt. `tracestate` stays when the caller's
+/// `traceparent` was valid (its vendors' state belongs to that trace).
+pub(crate) fn strip_incoming(headers: &mut HeaderMap, context: &Context) {
+    headers.remove(&TRACEPARENT);
+    if context.format != Format::W3c || context.parent_id == 0 {
+        headers.remove(&TRACESTATE);
+    }
+    for name in [
+        &B3,
+        &X_B3_TRACE_ID,
+        &X_B3_SPAN_ID,
+        &X_B3_PARENT_SPAN_ID,
+        &X_B3_SAMPLED,
+        &X_B3_FLAGS,
+    ] {
+        headers.remove(name);
+    }
+}
+
+/// What the cluster needs to trace an upstream attempt: a request
+/// extension, set by the connection's part of the path.
+#[derive(Debug, Clone)]
+pub(crate) struct Outbound {
+    pub(crate) context: Context,
+    pub(crate) tracer: Arc<Tracer>,
+    /// The route, for the client span.
+    pub(crate) route: Arc<str>,
+}
+
+impl Outbound {
+    /// Writes the attempt's context into its request and returns the
+    /// attempt's span id.
+    pub(crate) fn inject(&self, headers: &mut HeaderMap) -> u64 {
+        let span_id = crate::rng::with_thread_rng(random_id);
+        headers.insert(TRACEPARENT.clone(), self.context.traceparent(span_id));
+        if self.context.format == Format::B3 {
+            headers.insert(B3.clone(), self.context.b3(span_id));
+        }
+        span_id
+    }
+}
+
+/// A listener's tracer: its sampling and its exporter's queue.
+#[derive(Debug)]
+pub(crate) struct Tracer {
+    pub(crate) sample: Percent,
+    pub(crate) always_sample_errors: bool,
+    pub(crate) queue: Arc<Queue>,
+}
+
+impl Tracer {
+    /// Whether a span of a request in `context` that ended with `status`
+    /// (0: no response) is recorded.
+    pub(crate) fn records(&self, context: &Context, status: u16) -> bool {
+        context.sampled || (self.always_sample_errors && (status == 0 || status >= 500))
+    }
+}
+
+/// Server (a downstream request) or client (an upstream attempt).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    Server,
+    Client,
+}
+
+/// One finished span, as the request path hands it to the exporter. Cheap
+/// to fill (reference counts and copies); turned into OTLP attributes on
+/// the exporter's task.
+#[derive(Debug)]
+pub(crate) struct SpanRecord {
+    pub(crate) kind: Kind,
+    pub(crate) trace_id: u128,
+    pub(crate) span_id: u64,
+    /// 0 for a trace's root.
+    pub(crate) parent_id: u64,
+    /// The parent is the caller's span (a server span with a parent).
+    pub(crate) parent_remote: bool,
+    pub(crate) start: SystemTime,
+    pub(crate) end: SystemTime,
+    pub(crate) method: Method,
+    /// Server: the request path (without its query).
+    pub(crate) path: Option<http::uri::PathAndQuery>,
+    /// Server: the authority the client asked for.
+    pub(crate) authority: Option<HeaderValue>,
+    /// Server: the client's address; client: the endpoint's.
+    pub(crate) peer: Option<SocketAddr>,
+    pub(crate) version: Version,
+    /// Response status; 0 when none came.
+    pub(crate) status: u16,
+    /// Why the proxy answered or failed (`""` when it did not).
+    pub(crate) flag: &'static str,
+    pub(crate) listener: Option<Arc<str>>,
+    pub(crate) route: Option<Arc<str>>,
+    pub(crate) cluster: Option<Arc<str>>,
+    /// The SPIFFE ID the client proved (server spans).
+    pub(crate) peer_identity: Option<Arc<str>>,
+    /// Client spans: the attempt's number, from 1.
+    pub(crate) attempt: u32,
+    /// Server spans: the `x-request-id`.
+    pub(crate) request_id: Option<HeaderValue>,
+}
+
+impl SpanRecord {
+    /// A span with its ids and times; the rest empty.
+    pub(crate) fn new(
+        kind: Kind,
+        context: &Context,
+        span_id: u64,
+        parent_id: u64,
+        start: SystemTime,
+        method: Method,
+    ) -> Self {
+        Self {
+            kind,
+            trace_id: context.trace_id,
+            span_id,
+            parent_id,
+            parent_remote: kind == Kind::Server && parent_id != 0,
+            start,
+            end: SystemTime::now(),
+            method,
+            path: None,
+            authority: None,
+            peer: None,
+            version: Version::HTTP_11,
+            status: 0,
+            flag: "",
+            listener: None,
+            route: None,
+            cluster: None,
+            peer_identity: None,
+            attempt: 0,
+            request_id: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                HeaderValue::from_str(value).unwrap(),
+            );
+        }
+        map
+    }
+
+    const TRACE: u128 = 0x4bf9_2f35_77b3_4da6_a3ce_929d_0e0e_4736;
+    const SPAN: u64 = 0x00f0_67aa_0ba9_02b7;
+
+    #[test]
+    fn traceparent_is_read_as_the_w3c_specification_examples_give_it() {
+        let sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        assert_eq!(
+            extract(&headers(&[("traceparent", sampled)])),
+            Some(Incoming {
+                ids: Some((TRACE, SPAN)),
+                sampled: Some(true),
+                format: Format::W3c
+            })
+        );
+        let not_sampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00";
+        assert_eq!(
+            extract(&headers(&[("traceparent", not_sampled)])).and_then(|i| i.sampled),
+            Some(false)
+        );
+        // A later version may append fields; its known ones are read.
+        let future =
+            "cc-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-what-the-future-holds";
+        assert_eq!(
+            extract(&headers(&[("traceparent", future)])).and_then(|i| i.ids),
+            Some((TRACE, SPAN))
+        );
+    }
+
+    #[test]
+    fn an_invalid_traceparent_counts_as_none() {
+        for bad in [
+            // Version ff, zero ids, upper case, version 00 with extra.
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00F067AA0BA902B7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-x",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e47zz-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(extract(&headers(&[("traceparent", bad)])), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn b3_is_accepted_in_single_and_multi_header_forms() {
+        let single = "4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-1-05e3ac9a4f6e3b90";
+        assert_eq!(
+            extract(&headers(&[("b3", single)])),
+            Some(Incoming {
+                ids: Some((TRACE, SPAN)),
+                sampled: Some(true),
+                format: Format::B3
+            })
+        );
+        // A 64-bit trace id is the low half; no sampling state: undecided.
+        let short = extract(&headers(&[("b3", "a3ce929d0e0e4736-00f067aa0ba902b7")])).unwrap();
+        assert_eq!(short.ids, Some((0xa3ce_929d_0e0e_4736, SPAN)));
+        assert_eq!(short.sampled, None);
+        // A decision alone: "do not sample", or debug.
+        assert_eq!(
+            extract(&headers(&[("b3", "0")])),
+            Some(Incoming {
+                ids: None,
+                sampled: Some(false),
+                format: Format::B3
+            })
+        );
+        assert_eq!(
+            extract(&headers(&[("b3", "d")])).and_then(|i| i.sampled),
+            Some(true)
+        );
+        assert_eq!(extract(&headers(&[("b3", "x-y-z")])), None);
+        let multi = headers(&[
+            ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+            ("x-b3-sampled", "0"),
+        ]);
+        assert_eq!(
+            extract(&multi),
+            Some(Incoming {
+                ids: Some((TRACE, SPAN)),
+                sampled: Some(false),
+                format: Format::B3
+            })
+        );
+        let debug = headers(&[
+            ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("x-b3-spanid", "00f067aa0ba902b7"),
+            ("x-b3-sampled", "0"),
+            ("x-b3-flags", "1"),
+        ]);
+        assert_eq!(extract(&debug).and_then(|i| i.sampled), Some(true));
+        // traceparent wins over B3 when both came.
+        let both = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("b3", "0"),
+        ]);
+        assert_eq!(extract(&both).map(|i| i.format), Some(Format::W3c));
+    }
+
+    #[test]
+    fn a_continued_trace_keeps_its_id_and_decision_and_a_new_one_samples_by_ratio() {
+        let incoming = extract(&headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00",
+        )]));
+        let context = Context::begin(incoming, Percent::ALL);
+        assert_eq!(context.trace_id, TRACE);
+        assert_eq!(context.parent_id, SPAN);
+        assert!(!context.sampled, "the caller's decision wins over 100%");
+        assert_ne!(context.span_id, 0);
+        let header = context.traceparent(0x1234);
+        assert_eq!(
+            header,
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000001234-00"
+        );
+        assert!(parse_traceparent(header.as_bytes()).is_some());
+
+        // New traces at 25 %: within five standard deviations of 2500 in
+        // 10,000 (the thread's generator, seeded here).
+        crate::rng::with_thread_rng(|rng| rng.seed(7));
+        let sampled = (0..10_000)
+            .filter(|_| Context::begin(None, Percent(250_000)).sampled)
+            .count();
+        assert!((2283..=2717).contains(&sampled), "{sampled}");
+        let fresh = Context::begin(None, Percent(0));
+        assert_eq!(fresh.parent_id, 0);
+        assert!(!fresh.sampled);
+        assert_ne!(
+            fresh.trace_id >> 64,
+            0,
+            "a new trace id has 128 random bits"
+        );
+    }
+
+    #[test]
+    fn the_clients_headers_are_replaced_by_the_proxys_own() {
+        let mut map = headers(&[
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("tracestate", "vendor=1"),
+            ("x-b3-traceid", "4bf92f3577b34da6a3ce929d0e0e4736"),
+            ("b3", "0"),
+        ]);
+        let context = Context::begin(extract(&map), Percent::ALL);
+        strip_incoming(&mut map, &context);
+        assert_eq!(map.len(), 1, "{map:?}");
+        assert_eq!(map["tracestate"], "vendor=1");
+        // Vendor state without a valid traceparent is dropped.
+        let mut map = headers(&[("tracestate", "vendor=1"), ("b3", "1")]);
+        let context = Context::begin(extract(&map), Percent::ALL);
+        strip_incoming(&mut map, &context);
+        assert!(map.is_empty(), "{map:?}");
+        assert_eq!(
+            context.b3(0x1234),
+            format!("{:032x}-0000000000001234-1", context.trace_id).as_str()
+        );
+    }
+}

@@ -1,0 +1,417 @@
+//! Distributed tracing end to end: three proxies in a row (a gateway and
+//! two sidecars) export their spans to an in-process OTLP receiver (gRPC
+//! and HTTP/protobuf); the spans form one trace with the right parents,
+//! an incoming `traceparent` or B3 context is continued, the sampling
+//! decision travels, and a dead collector costs no request.
+
+#![allow(clippy::unwrap_used)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use weft_cp::otlp::{ReceivedSpan, Receiver};
+use weft_tests::*;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// One proxy: listener `web` to cluster `next` at `upstream`, tracing to
+/// `collector` as `service`, with `extra` tracing fields.
+fn hop(
+    upstream: SocketAddr,
+    service: &str,
+    collector: &str,
+    protocol: &str,
+    extra: &str,
+) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    address: "127.0.0.1:0"
+    route_config: main
+    xff_num_trusted_hops: 1
+    tracing: {{ collector: "{collector}", protocol: {protocol}, service_name: {service}, flush_interval: 20ms{extra} }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ name: {service}-route, cluster: next }}]
+clusters:
+  - name: next
+    endpoints: [{{ address: "{upstream}" }}]
+"#
+    )
+}
+
+async fn receiver() -> Receiver {
+    Receiver::bind(loopback0(), loopback0()).await.unwrap()
+}
+
+fn by_id(spans: &[ReceivedSpan]) -> HashMap<&str, &ReceivedSpan> {
+    spans.iter().map(|s| (s.span_id.as_str(), s)).collect()
+}
+
+fn find<'a>(spans: &'a [ReceivedSpan], service: &str, kind: &str) -> &'a ReceivedSpan {
+    spans
+        .iter()
+        .find(|s| s.service == service && s.kind == kind)
+        .unwrap_or_else(|| panic!("no {kind} span from {service}: {spans:#?}"))
+}
+
+#[tokio::test]
+async fn a_request_through_a_gateway_and_two_sidecars_is_one_trace() {
+    let echo = echo("backend-app").await;
+    let otlp = receiver().await;
+    // The backend's sidecar exports over HTTP/protobuf, the others over
+    // gRPC.
+    let backend = ProxyProcess::start(&hop(
+        echo.local_addr(),
+        "backend",
+        &otlp.http_url(),
+        "http",
+        "",
+    ))
+    .await
+    .unwrap();
+    let frontend = ProxyProcess::start(&hop(
+        backend.listener("web"),
+        "frontend",
+        &otlp.grpc_url(),
+        "grpc",
+        "",
+    ))
+    .await
+    .unwrap();
+    let gateway = ProxyProcess::start(&hop(
+        frontend.listener("web"),
+        "gateway",
+        &otlp.grpc_url(),
+        "grpc",
+        ", resource_attributes: { deployment.environment: test }",
+    ))
+    .await
+    .unwrap();
+
+    let mut req = get(gateway.listener("web"), "/shop/cart?id=7");
+    req.headers_mut()
+        .insert("x-echo-headers", "1".parse().unwrap());
+    let response = http1_request(gateway.listener("web"), req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let upstream_parent = header(&response, "x-echo-req-traceparent").to_owned();
+
+    let (spans, complete) = otlp.wait_for(WAIT, |spans| spans.len() >= 6).await;
+    assert!(complete, "six spans expected: {spans:#?}");
+    assert_eq!(spans.len(), 6, "{spans:#?}");
+    let trace = &spans[0].trace_id;
+    assert!(spans.iter().all(|s| &s.trace_id == trace), "{spans:#?}");
+
+    // Each hop's server span is the child of the previous hop's client
+    // span; each client span the child of its own hop's server span.
+    let ids = by_id(&spans);
+    let root = find(&spans, "gateway", "server");
+    assert_eq!(root.parent_span_id, "", "the gateway starts the trace");
+    let mut parent = root;
+    for (service, first) in [("gateway", true), ("frontend", false), ("backend", false)] {
+        let server = find(&spans, service, "server");
+        if !first {
+            assert_eq!(ids[server.parent_span_id.as_str()].kind, "client");
+            assert_eq!(server.parent_span_id, parent.span_id, "{service}");
+        }
+        let client = find(&spans, service, "client");
+        assert_eq!(client.parent_span_id, server.span_id, "{service}");
+        // The server span covers its client span.
+        assert!(
+            server.start_unix_nanos <= client.start_unix_nanos,
+            "{service}"
+        );
+        assert!(server.end_unix_nanos >= client.end_unix_nanos, "{service}");
+        parent = client;
+    }
+    // The application saw the last client span as its parent.
+    assert_eq!(
+        upstream_parent,
+        format!(
+            "00-{trace}-{}-01",
+            find(&spans, "backend", "client").span_id
+        )
+    );
+
+    // Semantic-convention attributes and Weft's own.
+    let server = find(&spans, "gateway", "server");
+    assert_eq!(server.attribute("http.request.method"), Some("GET"));
+    assert_eq!(server.attribute("url.path"), Some("/shop/cart"));
+    assert_eq!(server.attribute("http.response.status_code"), Some("200"));
+    assert_eq!(server.attribute("network.peer.address"), Some("127.0.0.1"));
+    assert_eq!(server.attribute("server.address"), Some("127.0.0.1"));
+    assert_eq!(server.attribute("weft.route"), Some("gateway-route"));
+    assert_eq!(server.attribute("weft.listener"), Some("web"));
+    assert!(server.attribute("weft.request_id").is_some());
+    assert_eq!(server.name, "GET gateway-route");
+    let client = find(&spans, "frontend", "client");
+    assert_eq!(client.attribute("weft.cluster"), Some("next"));
+    assert_eq!(client.attribute("weft.attempt"), Some("1"));
+    assert_eq!(
+        client.attribute("server.port"),
+        Some(backend.listener("web").port().to_string().as_str())
+    );
+    assert!(!spans.iter().any(|s| s.is_error));
+
+    for proxy in [&gateway, &frontend, &backend] {
+        assert!(
+            eventually(WAIT, || async {
+                proxy
+                    .metric("weft_trace_spans_total{result=\"exported\"}")
+                    .await
+                    == 2.0
+            })
+            .await
+        );
+        assert_eq!(
+            proxy
+                .metric("weft_trace_spans_total{result=\"dropped\"}")
+                .await,
+            0.0
+        );
+    }
+}
+
+#[tokio::test]
+async fn an_incoming_context_is_continued_and_its_sampling_decision_kept() {
+    let echo = echo("app").await;
+    let otlp = receiver().await;
+    let dir = TempDir::new().unwrap();
+    let log = dir.path().join("access.log");
+    let config = format!(
+        "access_log: {{ path: \"{}\" }}\n{}",
+        log.display(),
+        hop(echo.local_addr(), "edge", &otlp.grpc_url(), "grpc", "")
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let addr = proxy.listener("web");
+    let send = |headers: &'static [(&'static str, &'static str)]| async move {
+        let mut req = get(addr, "/");
+        req.headers_mut()
+            .insert("x-echo-headers", "1".parse().unwrap());
+        for (name, value) in headers {
+            req.headers_mut().insert(*name, value.parse().unwrap());
+        }
+        let response = http1_request(addr, req).await.unwrap();
+        assert_eq!(response.status(), 200);
+        let echoed = |name: &str| {
+            response
+                .headers()
+                .get(format!("x-echo-req-{name}"))
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        (
+            echoed("traceparent"),
+            echoed("tracestate"),
+            echoed("b3"),
+            echoed("x-b3-traceid"),
+        )
+    };
+
+    // W3C, sampled, with vendor state.
+    let (parent, state, _, _) = send(&[
+        (
+            "traceparent",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ),
+        ("tracestate", "congo=t61rcWkgMzE"),
+    ])
+    .await;
+    let parent = parent.unwrap();
+    assert!(
+        parent.starts_with("00-0af7651916cd43dd8448eb211c80319c-") && parent.ends_with("-01"),
+        "{parent}"
+    );
+    assert_ne!(&parent[36..52], "b7ad6b7169203331", "the proxy's own span");
+    assert_eq!(state.as_deref(), Some("congo=t61rcWkgMzE"));
+    let (spans, _) = otlp.wait_for(WAIT, |spans| spans.len() >= 2).await;
+    let server = find(&spans, "edge", "server");
+    assert_eq!(server.trace_id, "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(server.parent_span_id, "b7ad6b7169203331");
+
+    // B3 single header: continued, and passed on in both formats.
+    let (parent, _, b3, _) =
+        send(&[("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1")]).await;
+    assert!(
+        parent
+            .unwrap()
+            .starts_with("00-80f198ee56343ba864fe8b2a57d3eff7-")
+    );
+    assert!(b3.unwrap().starts_with("80f198ee56343ba864fe8b2a57d3eff7-"));
+    // B3 multi header, not sampled: the decision travels, nothing is
+    // recorded, and the client's headers do not reach the upstream.
+    let (parent, _, _, multi) = send(&[
+        ("x-b3-traceid", "463ac35c9f6413ad48485a3953bb6124"),
+        ("x-b3-spanid", "a2fb4a1d1a96d312"),
+        ("x-b3-sampled", "0"),
+    ])
+    .await;
+    let parent = parent.unwrap();
+    assert!(
+        parent.starts_with("00-463ac35c9f6413ad48485a3953bb6124-") && parent.ends_with("-00"),
+        "{parent}"
+    );
+    assert_eq!(multi, None);
+    // A W3C context not sampled.
+    send(&[(
+        "traceparent",
+        "00-11111111111111111111111111111111-2222222222222222-00",
+    )])
+    .await;
+
+    let (spans, _) = otlp.wait_for(WAIT, |spans| spans.len() >= 4).await;
+    // Give a wrongly recorded span time to arrive: the exporter flushes
+    // every 20 ms; the counter says when everything queued has gone.
+    assert!(
+        eventually(WAIT, || async {
+            proxy
+                .metric("weft_trace_spans_total{result=\"exported\"}")
+                .await
+                == 4.0
+        })
+        .await
+    );
+    let spans = otlp.spans().into_iter().chain(spans).collect::<Vec<_>>();
+    assert!(
+        !spans
+            .iter()
+            .any(|s| s.trace_id.starts_with("463ac35c") || s.trace_id.starts_with("11111111")),
+        "an unsampled trace was recorded: {spans:#?}"
+    );
+
+    // The access log names each request's trace and server span, sampled
+    // or not.
+    assert!(
+        eventually(WAIT, || async {
+            std::fs::read_to_string(&log).is_ok_and(|l| l.lines().count() == 4)
+        })
+        .await
+    );
+    let lines = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<serde_json::Value> = lines
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines[0]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
+    assert_eq!(lines[0]["span_id"], server.span_id.as_str());
+    assert_eq!(lines[2]["trace_id"], "463ac35c9f6413ad48485a3953bb6124");
+}
+
+#[tokio::test]
+async fn new_traces_are_sampled_by_ratio_and_errors_always_when_asked() {
+    let echo = echo("app").await;
+    let otlp = receiver().await;
+    let proxy = ProxyProcess::start(&hop(
+        echo.local_addr(),
+        "edge",
+        &otlp.grpc_url(),
+        "grpc",
+        ", sample_percent: 25, always_sample_errors: true",
+    ))
+    .await
+    .unwrap();
+    let addr = proxy.listener("web");
+    let mut sender = http1_connect(addr).await.unwrap();
+    const REQUESTS: usize = 400;
+    for _ in 0..REQUESTS {
+        let response = sender.send_request(get(addr, "/")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        body_bytes(response).await.unwrap();
+    }
+    // An error is recorded though new traces are sampled at 25 %.
+    for _ in 0..5 {
+        let mut req = get(addr, "/");
+        req.headers_mut()
+            .insert("x-echo-status", "503".parse().unwrap());
+        let response = sender.send_request(req).await.unwrap();
+        assert_eq!(response.status(), 503);
+        body_bytes(response).await.unwrap();
+    }
+    let (spans, _) = otlp
+        .wait_for(WAIT, |spans| {
+            spans
+                .iter()
+                .filter(|s| {
+                    s.kind == "server" && s.attribute("http.response.status_code") == Some("503")
+                })
+                .count()
+                == 5
+        })
+        .await;
+    let errors = spans
+        .iter()
+        .filter(|s| s.attribute("http.response.status_code") == Some("503"))
+        .count();
+    assert_eq!(errors, 10, "a server and a client span per error");
+    assert!(spans.iter().filter(|s| s.is_error).count() == 10);
+    let ok = spans
+        .iter()
+        .filter(|s| s.kind == "server" && s.attribute("http.response.status_code") == Some("200"))
+        .count();
+    // Binomial(400, 0.25): mean 100, standard deviation 8.7; five of them
+    // either side.
+    assert!((57..=143).contains(&ok), "{ok} of {REQUESTS} sampled");
+}
+
+#[tokio::test]
+async fn a_dead_collector_costs_no_request_and_its_spans_are_counted() {
+    let echo = echo("app").await;
+    // A collector that takes connections into its backlog and never
+    // answers: every export waits out its timeout while spans keep coming.
+    let black_hole = std::net::TcpListener::bind(loopback0()).unwrap();
+    let dead = black_hole.local_addr().unwrap();
+    let proxy = ProxyProcess::start(&hop(
+        echo.local_addr(),
+        "edge",
+        &format!("http://{dead}"),
+        "grpc",
+        ", max_queued_spans: 16, max_export_batch: 16, export_timeout: 200ms",
+    ))
+    .await
+    .unwrap();
+    let addr = proxy.listener("web");
+    let mut sender = http1_connect(addr).await.unwrap();
+    const REQUESTS: usize = 300;
+    for _ in 0..REQUESTS {
+        let response = sender.send_request(get(addr, "/")).await.unwrap();
+        assert_eq!(response.status(), 200);
+        body_bytes(response).await.unwrap();
+    }
+    // Every span is accounted for: dropped at the full queue, or lost with
+    // a failed export; none exported.
+    let spans = 2.0 * REQUESTS as f64;
+    assert!(
+        eventually(WAIT, || async {
+            proxy
+                .metric("weft_trace_spans_total{result=\"dropped\"}")
+                .await
+                + proxy
+                    .metric("weft_trace_spans_total{result=\"failed\"}")
+                    .await
+                == spans
+        })
+        .await,
+        "{}",
+        proxy.admin_get("/metrics").await.unwrap().1
+    );
+    assert!(
+        proxy
+            .metric("weft_trace_spans_total{result=\"dropped\"}")
+            .await
+            > 0.0
+    );
+    assert!(proxy.metric("weft_trace_export_failures_total").await >= 1.0);
+    assert_eq!(
+        proxy
+            .metric("weft_trace_spans_total{result=\"exported\"}")
+            .await,
+        0.0
+    );
+    drop(black_hole);
+}
