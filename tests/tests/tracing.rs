@@ -415,3 +415,47 @@ async fn a_dead_collector_costs_no_request_and_its_spans_are_counted() {
     );
     drop(black_hole);
 }
+
+#[tokio::test]
+async fn each_retry_is_a_client_span_of_its_own() {
+    let echo = echo("app").await;
+    let otlp = receiver().await;
+    let config = hop(echo.local_addr(), "edge", &otlp.grpc_url(), "grpc", "").replace(
+        "routes: [{ name: edge-route, cluster: next }]",
+        "routes: [{ name: edge-route, cluster: next, retry_policy: { retry_on: [5xx], num_retries: 2, backoff_base: 1ms, backoff_max: 2ms } }]",
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let addr = proxy.listener("web");
+    let mut req = get(addr, "/");
+    // Every request fails: three attempts, then the last 500 goes back.
+    req.headers_mut()
+        .insert("x-echo-fail-every", "1".parse().unwrap());
+    let response = http1_request(addr, req).await.unwrap();
+    assert_eq!(response.status(), 500);
+
+    let (spans, complete) = otlp.wait_for(WAIT, |spans| spans.len() >= 4).await;
+    assert!(complete, "{spans:#?}");
+    let server = find(&spans, "edge", "server");
+    assert!(server.is_error);
+    let mut attempts: Vec<&ReceivedSpan> = spans.iter().filter(|s| s.kind == "client").collect();
+    attempts.sort_by_key(|s| s.attribute("weft.attempt").map(str::to_owned));
+    assert_eq!(attempts.len(), 3, "{spans:#?}");
+    for (n, attempt) in attempts.iter().enumerate() {
+        assert_eq!(attempt.parent_span_id, server.span_id);
+        assert_eq!(
+            attempt.attribute("weft.attempt"),
+            Some((n + 1).to_string().as_str())
+        );
+        assert_eq!(attempt.attribute("http.response.status_code"), Some("500"));
+        let resends = (n > 0).then(|| n.to_string());
+        assert_eq!(
+            attempt.attribute("http.request.resend_count"),
+            resends.as_deref()
+        );
+        assert!(attempt.is_error);
+    }
+    // Three different span ids: each attempt told its upstream its own.
+    let mut ids: Vec<&str> = attempts.iter().map(|s| s.span_id.as_str()).collect();
+    ids.dedup();
+    assert_eq!(ids.len(), 3);
+}

@@ -574,7 +574,9 @@ fn tracing_settings_are_checked_and_defaulted() {
     for (tracing, expected) in cases {
         let errors = errors_of(&with(tracing));
         assert!(
-            errors.iter().any(|e| e.starts_with(r#"listener "web": "#) && e.contains(expected)),
+            errors
+                .iter()
+                .any(|e| e.starts_with(r#"listener "web": "#) && e.contains(expected)),
             "{tracing}: {errors:?}"
         );
     }

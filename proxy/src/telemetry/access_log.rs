@@ -345,7 +345,10 @@ mod tests {
             peer: "127.0.0.1:5555".parse().unwrap(),
             peer_identity: Some("spiffe://example.org/ns/a/sa/\"web\"".into()),
             attempts: 3,
-            trace: Some((0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c, 0xb7ad_6b71_6920_3331)),
+            trace: Some((
+                0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+                0xb7ad_6b71_6920_3331,
+            )),
         }
     }
 

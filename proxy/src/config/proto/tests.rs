@@ -441,8 +441,7 @@ fn protos_round_trip_through_the_spec() {
             sample_percent: Some(1.0),
             always_sample_errors: Some(true),
             service_name: Some("gateway".into()),
-            resource_attributes: [("deployment.environment".to_owned(), "prod".to_owned())]
-                .into(),
+            resource_attributes: [("deployment.environment".to_owned(), "prod".to_owned())].into(),
             max_queued_spans: Some(4096),
             max_export_batch: Some(256),
             flush_interval: Some(prost_types::Duration {
