@@ -16,8 +16,10 @@
 //! directory, with the proxies' logs, is kept and its path printed.
 
 mod app;
+mod waterfall;
 
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -93,6 +95,10 @@ pub struct DemoArgs {
     /// The control plane's admin address.
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15901")]
     pub admin: SocketAddr,
+    /// Where the demo receives its proxies' spans (OTLP over gRPC): the
+    /// demo mesh's `tracing.collector` (mesh.yaml) names this address.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15902")]
+    pub otlp: SocketAddr,
     /// Background requests per second through the first gateway route
     /// (0: none; at most 1000).
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u64).range(crate::flags::DEMO_RATE))]
@@ -261,6 +267,15 @@ async fn demo(
     let stop = CancellationToken::new();
     let tasks = TaskTracker::new();
     let result = async {
+        // Bound before the proxies start, so that no span is refused.
+        let receiver = match mesh.tracing() {
+            Some(_) => Some(
+                crate::otlp::Receiver::bind(args.otlp, SocketAddr::from(([127, 0, 0, 1], 0)))
+                    .await
+                    .with_context(|| format!("binding the span receiver at {}", args.otlp))?,
+            ),
+            None => None,
+        };
         start_apps(mesh, &stop, &tasks).await?;
         let mut proxies = Vec::new();
         let started = tokio::select! {
@@ -269,7 +284,11 @@ async fn demo(
         };
         let outcome = match started {
             Ok(()) => {
-                print_banner(args, mesh, &proxies, token_file, dir, scratch);
+                let trace = match &receiver {
+                    Some(receiver) => trace_one_request(mesh, receiver, scratch).await,
+                    None => None,
+                };
+                print_banner(args, mesh, &proxies, token_file, dir, scratch, trace.as_deref());
                 traffic(args, mesh, &proxies, stop_requested).await;
                 Ok(())
             }
@@ -535,6 +554,72 @@ fn suggestions(mesh: &Mesh) -> Vec<Suggestion> {
     out
 }
 
+/// Sends one request through the gateway's route to `frontend` (else the
+/// first plain route) with a sampled trace context of its own, collects
+/// the spans every hop exports, and returns them as a waterfall (also
+/// written as `trace.svg` in `scratch`). `None` when no span arrived.
+async fn trace_one_request(
+    mesh: &Mesh,
+    receiver: &crate::otlp::Receiver,
+    scratch: &Path,
+) -> Option<String> {
+    let candidates: Vec<Suggestion> = suggestions(mesh)
+        .into_iter()
+        .filter(|s| s.headers.is_empty())
+        .collect();
+    let target = candidates
+        .iter()
+        .find(|s| s.service == "frontend")
+        .or_else(|| candidates.first())?;
+    let (trace_id, span_id) = app::random_ids();
+    let traceparent = format!("00-{trace_id}-{span_id}-01");
+    let status = app::get(
+        target.address,
+        "demo",
+        &target.path,
+        &[("traceparent", &traceparent)],
+    )
+    .await
+    .map_or_else(|e| e.to_string(), |(status, _, _)| status.to_string());
+    // Hops export every 200 ms (mesh.yaml): done once nothing new has
+    // come for a while.
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let spans = loop {
+        let (spans, _) = receiver
+            .wait_for(Duration::from_millis(600), |spans| {
+                spans.iter().filter(|s| s.trace_id == trace_id).count() > seen
+            })
+            .await;
+        let ours: Vec<_> = spans
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect();
+        if (ours.len() == seen && seen > 0) || tokio::time::Instant::now() >= deadline {
+            break ours;
+        }
+        seen = ours.len();
+    };
+    if spans.is_empty() {
+        return None;
+    }
+    let rows = waterfall::rows(&spans);
+    let title = format!(
+        "GET {} ({status}), trace {trace_id}: {} spans",
+        target.path,
+        spans.len()
+    );
+    let svg_path = scratch.join("trace.svg");
+    let written = std::fs::write(&svg_path, waterfall::svg(&rows, &title)).is_ok();
+    let mut out = format!("\nOne request's trace, as its hops reported it: {title}\n");
+    out.push_str(&waterfall::text(&rows));
+    if written {
+        let _ = writeln!(out, "  (also drawn in {})", svg_path.display());
+    }
+    Some(out)
+}
+
+#[allow(clippy::too_many_arguments)]
 fn print_banner(
     args: &DemoArgs,
     mesh: &Mesh,
@@ -542,6 +627,7 @@ fn print_banner(
     token_file: &Path,
     dir: &Path,
     scratch: &Path,
+    trace: Option<&str>,
 ) {
     println!(
         "\nWeft demo mesh is up: control plane + {} proxies, all configured over xDS.\n",
@@ -658,6 +744,9 @@ fn print_banner(
                 guarded.join("/")
             );
         }
+    }
+    if let Some(trace) = trace {
+        print!("{trace}");
     }
     println!("\nControl plane:");
     println!(

@@ -140,6 +140,7 @@ pub struct Mesh {
     gateways: Vec<Located<GatewaySpec>>,
     policies: Vec<Located<MeshPolicy>>,
     trust_domain: Option<Located<String>>,
+    tracing: Option<Located<weft_proxy::config::TracingSpec>>,
 }
 
 /// Whether `path` names a file the mesh reads: `*.yaml` or `*.yml`, and
@@ -212,6 +213,7 @@ impl Mesh {
             gateways: Vec::new(),
             policies: Vec::new(),
             trust_domain: None,
+            tracing: None,
         };
         let mut policies = Vec::new();
         for file in files
@@ -249,6 +251,31 @@ impl Mesh {
                                     spec: domain,
                                 });
                             }
+                        }
+                    }
+                    if let Some(tracing) = spec.tracing {
+                        if let Some(first) = &mesh.tracing {
+                            errors.push(MeshError::Invalid {
+                                file: file.name.clone(),
+                                kind: "mesh",
+                                name: "tracing".into(),
+                                field: "tracing".into(),
+                                message: format!("already set in {}", first.file),
+                            });
+                        } else if tracing.service_name.is_some() {
+                            errors.push(MeshError::Invalid {
+                                file: file.name.clone(),
+                                kind: "mesh",
+                                name: "tracing".into(),
+                                field: "tracing.service_name".into(),
+                                message: "set per proxy (its service, or the gateway's name)"
+                                    .into(),
+                            });
+                        } else {
+                            mesh.tracing = Some(Located {
+                                file: file.name.clone(),
+                                spec: tracing,
+                            });
                         }
                     }
                     mesh.services
@@ -300,6 +327,11 @@ impl Mesh {
     /// order.
     pub fn policies(&self) -> &[Located<MeshPolicy>] {
         &self.policies
+    }
+
+    /// The mesh's tracing settings, if it traces.
+    pub fn tracing(&self) -> Option<&weft_proxy::config::TracingSpec> {
+        self.tracing.as_ref().map(|t| &t.spec)
     }
 
     /// The SPIFFE trust domain, if the mesh has identities.

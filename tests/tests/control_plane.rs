@@ -210,8 +210,10 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
     let mut admins = Vec::new();
     let mut token_file = None;
+    let mut banner = Vec::new();
     let up = tokio::time::timeout(std::time::Duration::from_secs(30), async {
         while let Ok(Some(line)) = lines.next_line().await {
+            banner.push(line.clone());
             if let Some((_, path)) = line.split_once(" --token-file ") {
                 token_file = Some(std::path::PathBuf::from(path.trim()));
             }
@@ -233,6 +235,45 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     .await;
     assert_eq!(up.ok(), Some(true), "the demo prints its banner");
     assert_eq!(admins.len(), 6, "five sidecars and a gateway");
+    // The banner draws one request's trace: the gateway, the frontend's
+    // sidecar, its application's calls out through its sidecar, and the
+    // backend's and echo's sidecars, as one tree (each hop indented under
+    // the span that called it).
+    let banner = banner.join("\n");
+    let waterfall: Vec<&str> = banner
+        .lines()
+        .skip_while(|l| !l.starts_with("One request's trace"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  ") && l.contains('|'))
+        .collect();
+    let rows: Vec<&str> = waterfall.iter().map(|l| l.trim_start()).collect();
+    for expected in [
+        "ingress server GET frontend",
+        "ingress client GET frontend",
+        "frontend server GET",
+        "frontend client GET",
+        "backend server GET",
+        "echo server GET",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.starts_with(expected)),
+            "{expected:?} missing:\n{banner}"
+        );
+    }
+    assert!(waterfall[0].starts_with("  ingress server"), "{banner}");
+    assert!(
+        waterfall
+            .iter()
+            .any(|l| l.starts_with(&format!("{}backend server", " ".repeat(14)))),
+        "backend's server span sits six levels under the gateway's (gateway, \
+         frontend inbound, frontend outbound, each a server and a client span):\n{banner}"
+    );
+    let svg = banner
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("(also drawn in "))
+        .and_then(|l| l.strip_suffix(')'))
+        .expect("the banner names the SVG");
+    assert!(std::fs::read_to_string(svg).unwrap().starts_with("<svg"));
     // The bootstrap token is readable by its owner only.
     let token_file = token_file.expect("the banner names the token file");
     let mode = std::os::unix::fs::PermissionsExt::mode(

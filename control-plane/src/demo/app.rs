@@ -162,8 +162,18 @@ async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>>
         request.uri().path()
     );
     if let Some(outbound) = app.outbound {
+        // An application in a traced mesh passes its request's trace
+        // context on to the calls it makes for it, so that the calls join
+        // the request's trace (as Istio and Linkerd ask of applications).
+        let context: Vec<(&str, &str)> = ["traceparent", "tracestate"]
+            .into_iter()
+            .filter_map(|name| {
+                let value = request.headers().get(name)?.to_str().ok()?;
+                Some((name, value))
+            })
+            .collect();
         for callee in &app.calls {
-            let line = match get(outbound, callee, "/", &[]).await {
+            let line = match get(outbound, callee, "/", &context).await {
                 Ok((status, _, text)) => format!(
                     "  -> {callee}: {status} {}",
                     text.lines().next().unwrap_or("")
@@ -186,6 +196,16 @@ async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>>
         }
     }
     response
+}
+
+/// A new trace id (32 hex digits) and span id (16), for a request the
+/// demo starts a trace with.
+pub(crate) fn random_ids() -> (String, String) {
+    let high = fastrand::u64(1..);
+    (
+        format!("{high:016x}{:016x}", fastrand::u64(..)),
+        format!("{:016x}", fastrand::u64(1..)),
+    )
 }
 
 /// One HTTP/1.1 GET over a new connection: status, `x-demo-workload` (who

@@ -22,8 +22,8 @@ use std::time::Duration;
 use weft_proto::config::v1 as pb;
 use weft_proxy::config::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, Config, EndpointSpec, ListenerSpec,
-    ListenerTlsSpec, PolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, VirtualHostSpec,
-    WeightedClusterSpec,
+    ListenerTlsSpec, PolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, TracingSpec,
+    VirtualHostSpec, WeightedClusterSpec,
 };
 
 use super::spec::{GatewayListenerSpec, GatewayRouteSpec, ServiceSpec, WorkloadSpec};
@@ -243,13 +243,19 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
     for service in &mesh.services {
         let identity = service_identity(domain, &service.spec);
         for workload in &service.spec.workloads {
-            let node = sidecar(
+            let mut node = sidecar(
                 &service.spec,
                 workload,
                 &services,
                 &policies,
                 domain,
                 identity.clone(),
+            );
+            traced(
+                &mut node,
+                mesh.tracing(),
+                &service.spec.name,
+                &workload.name,
             );
             if let Some(resources) = node.finish(&service.file, &workload.name, &mut errors) {
                 snapshot.nodes.insert(
@@ -279,6 +285,12 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
         for listener in &gateway.spec.listeners {
             gateway_listener(&mut node, listener, &services, &policies);
         }
+        traced(
+            &mut node,
+            mesh.tracing(),
+            &gateway.spec.name,
+            &gateway.spec.name,
+        );
         if let Some(resources) = node.finish(&gateway.file, &gateway.spec.name, &mut errors) {
             snapshot.nodes.insert(
                 gateway.spec.name.clone(),
@@ -294,6 +306,24 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
         Ok(snapshot)
     } else {
         Err(MeshErrors(errors))
+    }
+}
+
+/// Sets the mesh's tracing on every listener of a node: its spans report
+/// as `service` (`service.name`) from `node` (`service.instance.id`).
+fn traced(node: &mut NodeSpec, tracing: Option<&TracingSpec>, service: &str, node_id: &str) {
+    let Some(tracing) = tracing else {
+        return;
+    };
+    let mut attributes = tracing.resource_attributes.clone().unwrap_or_default();
+    attributes.insert("service.instance.id".into(), node_id.into());
+    let spec = TracingSpec {
+        service_name: Some(service.into()),
+        resource_attributes: Some(attributes),
+        ..tracing.clone()
+    };
+    for listener in &mut node.listeners {
+        listener.tracing = Some(spec.clone());
     }
 }
 

@@ -33,6 +33,11 @@ pub struct MeshFileSpec {
     /// gateway routes name them in `policy`.
     #[serde(default)]
     pub policies: Vec<weft_proxy::config::PolicySpec>,
+    /// Distributed tracing for every proxy of the mesh (the proxy's
+    /// listener `tracing`, without `service_name`: each sidecar reports as
+    /// its service, each gateway as itself). Set in at most one file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<weft_proxy::config::TracingSpec>,
 }
 
 /// A service: a name callers use as the host, and the workloads serving it.
