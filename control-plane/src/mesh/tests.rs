@@ -990,3 +990,67 @@ fn broken_or_missing_policies_are_reported_with_file_resource_and_line() {
         "callers.json is missing too: {found:?}"
     );
 }
+
+#[test]
+fn mesh_tracing_reaches_every_listener_as_its_service_or_gateway() {
+    let tracing = "tracing: { collector: \"http://127.0.0.1:4317\", sample_percent: 5, resource_attributes: { deployment.environment: staging } }\n";
+    let traced = snapshot(&[("mesh.yaml", MTLS_MESH), ("tracing.yaml", tracing)]);
+    for (node_id, service) in [("web-1", "web"), ("api-1", "api"), ("edge", "edge")] {
+        let spec = node(&traced, node_id);
+        assert!(!spec.listeners.is_empty());
+        for listener in &spec.listeners {
+            let tracing = listener.tracing.as_ref().unwrap();
+            assert_eq!(tracing.collector.as_deref(), Some("http://127.0.0.1:4317"));
+            assert_eq!(tracing.sample_percent, Some(5.0));
+            assert_eq!(tracing.service_name.as_deref(), Some(service), "{node_id}");
+            let attributes = tracing.resource_attributes.as_ref().unwrap();
+            assert_eq!(attributes["service.instance.id"], node_id);
+            assert_eq!(attributes["deployment.environment"], "staging");
+        }
+    }
+    // Without it, nothing traces.
+    let plain = snapshot(&[("mesh.yaml", MTLS_MESH)]);
+    assert!(
+        node(&plain, "web-1")
+            .listeners
+            .iter()
+            .all(|l| l.tracing.is_none())
+    );
+
+    // Set twice, or with a service name, or invalid: refused, naming the
+    // file and field.
+    let twice = errors(&[
+        ("a.yaml", MTLS_MESH),
+        ("b.yaml", tracing),
+        ("c.yaml", tracing),
+    ]);
+    assert!(
+        twice
+            .iter()
+            .any(|e| e.contains("c.yaml") && e.contains("already set in b.yaml")),
+        "{twice:?}"
+    );
+    let named = errors(&[
+        ("a.yaml", MTLS_MESH),
+        (
+            "b.yaml",
+            "tracing: { collector: \"http://c:4317\", service_name: x }\n",
+        ),
+    ]);
+    assert!(
+        named
+            .iter()
+            .any(|e| e.contains("b.yaml") && e.contains("tracing.service_name")),
+        "{named:?}"
+    );
+    let invalid = errors(&[
+        ("a.yaml", MTLS_MESH),
+        ("b.yaml", "tracing: { collector: \"https://c:4317\" }\n"),
+    ]);
+    assert!(
+        invalid
+            .iter()
+            .any(|e| e.contains("tracing.collector") && e.contains("https is not supported")),
+        "{invalid:?}"
+    );
+}
