@@ -14,7 +14,9 @@
 # nginx, wrk, h2load.
 #
 # Usage: benches/scripts/instructions-per-request.sh CONFIG h1|h2 [SECONDS]
-# CONFIG uses @PORT@ and @UPSTREAM@ as wrk-compare.sh's WEFT_CONFIGS do.
+# CONFIG uses @PORT@, @UPSTREAM@ and @COLLECTOR@ as wrk-compare.sh's
+# WEFT_CONFIGS do (the OTLP receiver, `weft-bench otlp-receiver`, runs
+# outside valgrind and is not counted).
 set -euo pipefail
 cfg=$1 mode=$2 seconds=${3:-5}
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -22,6 +24,7 @@ work=$(mktemp -d)
 up_port=$((20000 + RANDOM % 5000)) port=$((up_port + 5000))
 cleanup() {
   [ -n "${vpid:-}" ] && kill "$vpid" 2>/dev/null
+  [ -n "${otlp_pid:-}" ] && kill "$otlp_pid" 2>/dev/null
   [ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null
   wait 2>/dev/null || true
   rm -rf "$work"
@@ -34,7 +37,14 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$up_port; location / { return 200 "ok"; } } }
 NGINX
 nginx -c "$work/up.conf" &
-sed -e "s/@PORT@/$port/g" -e "s/@UPSTREAM@/127.0.0.1:$up_port/g" "$cfg" > "$work/proxy.yaml"
+otlp_port=$((up_port + 1))
+if [ -x "$root/target/release/weft-bench" ]; then
+  "$root/target/release/weft-bench" otlp-receiver --grpc 127.0.0.1:$otlp_port --http 127.0.0.1:0 \
+    >/dev/null 2>"$work/otlp.log" &
+  otlp_pid=$!
+fi
+sed -e "s/@PORT@/$port/g" -e "s/@UPSTREAM@/127.0.0.1:$up_port/g" \
+  -e "s|@COLLECTOR@|http://127.0.0.1:$otlp_port|g" "$cfg" > "$work/proxy.yaml"
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
   "$root/target/release/weft-proxy" --config "$work/proxy.yaml" --concurrency 1 --log-level warn \
   > "$work/proxy.log" 2>&1 &

@@ -18,7 +18,10 @@
 # weft-proxy runs from configuration files (target `weft-NAME` each), in
 # which `@PORT@` and `@UPSTREAM@` stand for the listener's port and the
 # upstream's address: benches/scripts/weft-plain.yaml and
-# weft-resilience.yaml measure what idle resilience layers cost.
+# weft-resilience.yaml measure what idle resilience layers cost. `@COLLECTOR@`
+# stands for an OTLP/gRPC receiver (`weft-bench otlp-receiver`, started on
+# CPU 1 with the upstream): weft-trace-1.yaml and weft-trace-100.yaml
+# measure what tracing costs.
 #
 # Usage: benches/scripts/wrk-compare.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 set -euo pipefail
@@ -33,6 +36,7 @@ cleanup() {
 }
 trap cleanup EXIT
 up_port=19281 weft_port=19280 base_port=19284 nginx_port=19282 haproxy_port=19283
+otlp_port=19279
 
 cat > "$work/upstream.conf" <<NGINX
 worker_processes 1;
@@ -87,6 +91,10 @@ backend be
 HAPROXY
 
 taskset -c 1 nginx -c "$work/upstream.conf" >/dev/null 2>&1 &
+if [ -x "$bin/weft-bench" ]; then
+  taskset -c 1 "$bin/weft-bench" otlp-receiver --grpc 127.0.0.1:$otlp_port --http 127.0.0.1:0 \
+    >/dev/null 2>"$work/otlp.log" &
+fi
 taskset -c 0 "$bin/weft-proxy" --listen 127.0.0.1:$weft_port --upstream 127.0.0.1:$up_port \
   --concurrency 1 --log-level warn >/dev/null 2>&1 &
 weft_pid=$!
@@ -104,7 +112,8 @@ done
 for spec in ${WEFT_CONFIGS:-}; do
   name=weft-${spec%%=*}
   next_port=$((next_port + 1))
-  sed -e "s/@PORT@/$next_port/g" -e "s/@UPSTREAM@/127.0.0.1:$up_port/g" "${spec#*=}" > "$work/$name.yaml"
+  sed -e "s/@PORT@/$next_port/g" -e "s/@UPSTREAM@/127.0.0.1:$up_port/g" \
+    -e "s|@COLLECTOR@|http://127.0.0.1:$otlp_port|g" "${spec#*=}" > "$work/$name.yaml"
   taskset -c 0 "$bin/weft-proxy" --config "$work/$name.yaml" --concurrency 1 --log-level warn \
     >"$work/$name.log" 2>&1 &
   extra_pid[$name]=$! extra_port[$name]=$next_port

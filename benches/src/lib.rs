@@ -18,4 +18,5 @@
 pub mod compare;
 pub mod echo;
 pub mod load;
+pub mod otlp;
 pub mod xds;

@@ -32,6 +32,9 @@ enum Command {
     /// Measure the control plane: push convergence time and memory per
     /// connected proxy, with N simulated proxies on ADS.
     Xds(weft_bench::xds::XdsArgs),
+    /// Receive and count OTLP spans (gRPC and HTTP/protobuf): the collector
+    /// of a tracing benchmark.
+    OtlpReceiver(weft_bench::otlp::OtlpArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Command::Load(args) => weft_bench::load::run_cli(&args),
         Command::Compare(args) => weft_bench::compare::run_cli(&args),
         Command::Xds(args) => weft_bench::xds::run_cli(&args),
+        Command::OtlpReceiver(args) => weft_bench::otlp::run(&args),
     }
 }

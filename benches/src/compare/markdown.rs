@@ -26,13 +26,15 @@ pub fn render_markdown(report: &CompareReport) -> String {
         load_run(&mut out, run);
     }
     goals(&mut out, report);
-    let _ = writeln!(out, "## Not built in weft yet\n");
-    let _ = writeln!(
-        out,
-        "`weft-full` configures every feature weft has today; these have no configuration \
-         yet and are not part of its figures: {}.\n",
-        report.weft_full_not_built.join(", ")
-    );
+    if !report.weft_full_not_built.is_empty() {
+        let _ = writeln!(out, "## Not built in weft yet\n");
+        let _ = writeln!(
+            out,
+            "`weft-full` configures every feature weft has today; these have no configuration \
+             yet and are not part of its figures: {}.\n",
+            report.weft_full_not_built.join(", ")
+        );
+    }
     if !report.notes.is_empty() {
         let _ = writeln!(out, "## Notes\n");
         for note in &report.notes {

@@ -9,7 +9,7 @@
 //! | target | HTTP/1.1 | h2c and gRPC | TCP |
 //! | --- | --- | --- | --- |
 //! | weft | one listener (h1 and h2c by preface), one route, cluster `protocol: downstream` | same listener; h2 upstream | `protocol: tcp` listener |
-//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection (consecutive gateway errors and success rate), active HTTP health checks, idle fault injection (0 %), route and per-client listener rate limits never reached, a Rego policy on the route every request takes, `via`, an access-log file and the admin server (metrics) | same | same |
+//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection (consecutive gateway errors and success rate), active HTTP health checks, idle fault injection (0 %), route and per-client listener rate limits never reached, a Rego policy on the route every request takes, tracing (trace context on every request, 1 % of traces exported over OTLP/gRPC to a receiver in the bench process), `via`, an access-log file and the admin server (metrics) | same | same |
 //! | weft-s2s | two weft processes, each configured as weft: the client sidecar's `outbound` listener routes to a cluster holding the server sidecar's `inbound` listener, which routes to the echo (both clusters `protocol: downstream`) | same chain; h2 on both upstream hops | `outbound-tcp` -> `inbound-tcp` -> echo |
 //! | nginx | `proxy_pass` to an upstream with `keepalive 64` | a `listen ... http2` server: `proxy_pass` (HTTP/1.1 upstream: nginx has no h2 upstream) and `grpc_pass` for gRPC | `stream` module, if installed |
 //! | HAProxy | `mode http`, `http-reuse always` | a `proto h2` frontend to a `proto h2` server | `mode tcp` |
@@ -62,7 +62,7 @@ const INSTALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Features a complete weft configuration would have but that weft does
 /// not implement yet (no configuration field exists for them).
-pub(crate) const WEFT_NOT_BUILT: [&str; 1] = ["tracing"];
+pub(crate) const WEFT_NOT_BUILT: [&str; 0] = [];
 
 /// The echo upstream's addresses.
 #[derive(Clone, Copy, Debug)]
@@ -305,6 +305,8 @@ pub(crate) struct ProxyProcess {
     /// weft-s2s: the server sidecar this (client) sidecar forwards to,
     /// stopped with it.
     next_hop: Option<Box<ProxyProcess>>,
+    /// weft-full: the OTLP receiver its spans go to.
+    collector: Option<weft_cp::otlp::Receiver>,
 }
 
 impl Drop for ProxyProcess {
@@ -415,7 +417,23 @@ async fn start_weft(
 ) -> anyhow::Result<ProxyProcess> {
     let access_log = ctx.work_dir.join(format!("{name}-access.log"));
     let tls = ctx.handshake.filter(|_| kind == TargetKind::Weft);
-    let config = weft_config(kind, ctx.upstream, &access_log, tls);
+    // weft-full's spans go to an OTLP receiver in this process (gRPC on
+    // loopback), as they would to a node-local collector.
+    let collector = match kind {
+        TargetKind::WeftFull => Some(
+            weft_cp::otlp::Receiver::bind(
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+                SocketAddr::from(([127, 0, 0, 1], 0)),
+            )
+            .await
+            .context("binding the OTLP receiver")?,
+        ),
+        _ => None,
+    };
+    let collector_url = collector
+        .as_ref()
+        .map_or_else(String::new, weft_cp::otlp::Receiver::grpc_url);
+    let config = weft_config(kind, ctx.upstream, &access_log, tls, &collector_url);
     let mut proxy = spawn_weft(
         ctx,
         name,
@@ -424,6 +442,7 @@ async fn start_weft(
         tls.map(|_| ("tls", "mtls")),
     )
     .await?;
+    proxy.collector = collector;
     if tls.is_none() {
         let reason = no_tls_listener(kind, ctx.handshake.is_some());
         proxy.endpoints.tls = Err(reason.clone());
@@ -558,6 +577,7 @@ async fn spawn_weft(
         pgid: Some(pid),
         log,
         next_hop: None,
+        collector: None,
     })
 }
 
@@ -776,6 +796,7 @@ pub(crate) fn weft_config(
     upstream: Upstream,
     access_log: &Path,
     tls: Option<&HandshakeCerts>,
+    collector: &str,
 ) -> String {
     let clusters = format!(
         "clusters:
@@ -857,6 +878,12 @@ listeners:
     # Configured, never reached: a bucket per client IP costs its lookup.
     rate_limit:
       per_client: {{ requests_per_second: 100000000, burst: 100000000 }}
+    # Every request gets trace context and a span id; 1 % of new traces
+    # (Istio's default) are recorded and exported over OTLP/gRPC.
+    tracing:
+      collector: {collector:?}
+      sample_percent: 1
+      service_name: weft-full
 {tcp_listener}
 route_configs:
   - name: main
@@ -1095,6 +1122,7 @@ async fn start_reference(
         pgid: Some(master),
         log,
         next_hop: None,
+        collector: None,
     })
 }
 

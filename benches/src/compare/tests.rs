@@ -484,11 +484,18 @@ fn chart_draws_a_curve_per_measured_target() {
     assert!(latency_svg(&nothing).expect("drawn").is_none());
 }
 
+const COLLECTOR: &str = "http://127.0.0.1:4317";
+
 #[test]
 fn weft_configs_pass_weft_validation() {
     for kind in [TargetKind::Weft, TargetKind::WeftFull] {
-        let yaml =
-            proxies::weft_config(kind, upstream(), Path::new("/tmp/a \"b\"/access.log"), None);
+        let yaml = proxies::weft_config(
+            kind,
+            upstream(),
+            Path::new("/tmp/a \"b\"/access.log"),
+            None,
+            COLLECTOR,
+        );
         if let Err(err) = weft_proxy::config::Config::from_yaml(&yaml, kind.name()) {
             panic!("{} config rejected: {err}\n{yaml}", kind.name());
         }
@@ -1073,6 +1080,7 @@ fn handshake_listeners_are_tls_13_with_the_same_certificate_everywhere() {
         upstream(),
         Path::new("/tmp/access.log"),
         Some(&certs),
+        COLLECTOR,
     );
     let config = weft_proxy::config::Config::from_yaml(&yaml, "weft")
         .unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -1096,6 +1104,7 @@ fn handshake_listeners_are_tls_13_with_the_same_certificate_everywhere() {
         upstream(),
         Path::new("/tmp/access.log"),
         Some(&certs),
+        COLLECTOR,
     );
     assert!(!full.contains("tls:"), "{full}");
 
@@ -1156,7 +1165,13 @@ fn handshake_listeners_are_tls_13_with_the_same_certificate_everywhere() {
     assert!(pem.starts_with("-----BEGIN CERTIFICATE-----"), "{pem}");
     assert!(pem.contains("PRIVATE KEY-----"));
     // Without certificates, no TLS anywhere.
-    let plain = proxies::weft_config(TargetKind::Weft, upstream(), Path::new("/a"), None);
+    let plain = proxies::weft_config(
+        TargetKind::Weft,
+        upstream(),
+        Path::new("/a"),
+        None,
+        COLLECTOR,
+    );
     assert!(!plain.contains("tls"), "{plain}");
     let nginx = proxies::nginx_config(Path::new("/n"), upstream(), ports, None, limits, None);
     assert!(!nginx.contains("ssl"), "{nginx}");
