@@ -278,12 +278,10 @@ impl ClusterState {
             .remove::<crate::telemetry::trace::Outbound>()
             .map(|outbound| {
                 let span_id = outbound.inject(req.headers_mut());
-                (
-                    outbound,
-                    span_id,
-                    std::time::SystemTime::now(),
-                    req.method().clone(),
-                )
+                // What a span needs, only when one may be recorded.
+                let head = (outbound.context.sampled || outbound.tracer.always_sample_errors)
+                    .then(|| (std::time::SystemTime::now(), req.method().clone()));
+                (outbound, span_id, head)
             });
         let Some(guard) = endpoint.begin_request(self.config.max_requests) else {
             self.settings
@@ -335,7 +333,7 @@ impl ClusterState {
         if let Some(config) = &self.config.outlier {
             self.observe(config, &endpoint, &result);
         }
-        if let Some((outbound, span_id, start, method)) = traced {
+        if let Some((outbound, span_id, Some((start, method)))) = traced {
             let (status, flag) = match &result {
                 Ok(response) => (response.status().as_u16(), ""),
                 Err(error) => (0, error.flag()),

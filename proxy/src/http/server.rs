@@ -514,7 +514,7 @@ async fn handle(
     };
     let is_grpc = is_grpc(req.headers());
     let trace = listener.tracer.as_ref().map(|tracer| {
-        let context = Context::begin(trace::extract(req.headers()), tracer.sample);
+        let context = Context::of_request(req.headers(), tracer.sample);
         (tracer, context)
     });
     // What the server span needs, kept only when it may be recorded.
@@ -735,17 +735,26 @@ async fn route_and_forward(
             outcome.request_id = Some(request_id.clone());
         }
         if let Some((tracer, context)) = trace {
-            if context.sampled || tracer.always_sample_errors {
+            let may_record = context.sampled || tracer.always_sample_errors;
+            if may_record {
                 outcome.request_id_for_span = Some(request_id.clone());
             }
-            // The proxy writes its own context to each attempt (the
-            // cluster's client span); the client's goes.
+            // The client's trace headers go; the proxy writes its own.
             trace::strip_incoming(h, &context);
-            req.extensions_mut().insert(Outbound {
-                context,
-                tracer: tracer.clone(),
-                route: route.name.clone(),
-            });
+            if may_record {
+                // Each attempt gets a client span of its own, whose id the
+                // cluster writes into that attempt's `traceparent`.
+                req.extensions_mut().insert(Outbound {
+                    context,
+                    tracer: tracer.clone(),
+                    route: route.name.clone(),
+                });
+            } else {
+                // PERF: a trace that records nothing needs no span per
+                // attempt: one `traceparent` (sampled 0) for every attempt
+                // saves an extension map per request.
+                trace::inject(h, &context);
+            }
         }
     }
 
