@@ -76,10 +76,23 @@ struct State {
     spans: Mutex<VecDeque<ReceivedSpan>>,
     /// Export requests received (gRPC and HTTP).
     exports: std::sync::atomic::AtomicU64,
+    /// The `x-*` headers (gRPC: metadata) exports came with, latest last.
+    headers: Mutex<BTreeMap<String, String>>,
     arrived: Notify,
 }
 
 impl State {
+    fn note_headers(&self, headers: &http::HeaderMap) {
+        let mut seen = self.headers.lock().unwrap_or_else(PoisonError::into_inner);
+        for (name, value) in headers {
+            if name.as_str().starts_with("x-")
+                && let Ok(value) = value.to_str()
+            {
+                seen.insert(name.as_str().to_owned(), value.to_owned());
+            }
+        }
+    }
+
     fn take(&self, request: ExportTraceServiceRequest) {
         let mut spans = self.spans.lock().unwrap_or_else(PoisonError::into_inner);
         for resource in request.resource_spans {
@@ -159,6 +172,8 @@ impl TraceService for Grpc {
         &self,
         request: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.0
+            .note_headers(&request.metadata().clone().into_headers());
         self.0.take(request.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
             partial_success: None,
@@ -213,6 +228,16 @@ impl Receiver {
             .iter()
             .cloned()
             .collect()
+    }
+
+    /// The `x-*` headers (gRPC metadata) exports came with; a later value
+    /// replaces an earlier one.
+    pub fn headers(&self) -> BTreeMap<String, String> {
+        self.state
+            .headers
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Export requests received.
@@ -303,6 +328,7 @@ async fn http_export(state: &State, request: Request<Incoming>) -> Response<Full
     if request.method() != http::Method::POST || request.uri().path() != "/v1/traces" {
         return answer(StatusCode::NOT_FOUND, Bytes::new());
     }
+    state.note_headers(request.headers());
     let Ok(body) = Limited::new(request.into_body(), MAX_BODY).collect().await else {
         return answer(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
     };

@@ -72,7 +72,7 @@ async fn a_request_through_a_gateway_and_two_sidecars_is_one_trace() {
         "backend",
         &otlp.http_url(),
         "http",
-        "",
+        ", headers: { x-http-key: h1 }",
     ))
     .await
     .unwrap();
@@ -90,7 +90,7 @@ async fn a_request_through_a_gateway_and_two_sidecars_is_one_trace() {
         "gateway",
         &otlp.grpc_url(),
         "grpc",
-        ", resource_attributes: { deployment.environment: test }",
+        ", resource_attributes: { deployment.environment: test }, headers: { x-grpc-key: g1 }",
     ))
     .await
     .unwrap();
@@ -158,6 +158,10 @@ async fn a_request_through_a_gateway_and_two_sidecars_is_one_trace() {
         Some(backend.listener("web").port().to_string().as_str())
     );
     assert!(!spans.iter().any(|s| s.is_error));
+    // Each exporter sent its configured headers (gRPC metadata, HTTP).
+    let headers = otlp.headers();
+    assert_eq!(headers.get("x-grpc-key").map(String::as_str), Some("g1"));
+    assert_eq!(headers.get("x-http-key").map(String::as_str), Some("h1"));
 
     for proxy in [&gateway, &frontend, &backend] {
         assert!(

@@ -1,27 +1,29 @@
 //! Span export: a bounded queue per exporter, drained in batches by a task
-//! on the control runtime that sends them with `opentelemetry-otlp` (gRPC
-//! or HTTP/protobuf).
+//! on the control runtime that encodes them as OTLP protobuf ([`super::otlp`])
+//! and sends them over gRPC (`TraceService/Export`, HTTP/2) or OTLP/HTTP
+//! (`POST`, protobuf body).
 //!
 //! The request path only `try_send`s a [`SpanRecord`]: a full queue drops
 //! the span and counts it, it never blocks or grows. Listeners with equal
 //! export settings share one exporter; it stops (after sending what it
 //! holds) when no listener uses it any more.
+//!
+//! PERF: the OpenTelemetry SDK's exporter (`opentelemetry-otlp`) was used
+//! at first; at 100 % sampling its conversions and encoding cost more than
+//! the request itself (benches/RESULTS.md). The wire format is the same.
 
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
-};
-use opentelemetry::{InstrumentationScope, KeyValue, Value};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
-use opentelemetry_sdk::Resource;
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter, SpanLinks};
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Uri};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::sync::mpsc;
 
-use super::{Kind, SpanRecord};
+use super::SpanRecord;
+use super::otlp::Encoder;
 use crate::config::{OtlpProtocol, TraceExport};
 
 /// Counters of every exporter together.
@@ -100,24 +102,13 @@ async fn run(
     mut receiver: mpsc::Receiver<SpanRecord>,
     metrics: Arc<TraceMetrics>,
 ) {
-    let exporter = match build(&export) {
-        Ok(exporter) => exporter,
-        Err(error) => {
-            // Validation checked the URL and headers; this is unexpected.
-            tracing::warn!(collector = %export.collector, %error, "trace exporter failed to start; spans are dropped");
-            while let Some(_span) = receiver.recv().await {
-                metrics.spans_failed.fetch_add(1, Relaxed);
-            }
-            return;
-        }
-    };
-    let scope = InstrumentationScope::builder("weft-proxy")
-        .with_version(env!("CARGO_PKG_VERSION"))
-        .build();
+    let mut encoder = Encoder::new(&export.service_name, &export.resource_attributes);
+    let mut client = Client::new(&export);
     let max = usize::try_from(export.max_export_batch)
         .unwrap_or(usize::MAX)
         .max(1);
     let mut batch = Vec::with_capacity(max);
+    let mut body = Vec::new();
     let mut open = true;
     while open {
         if receiver.recv_many(&mut batch, max).await == 0 {
@@ -135,17 +126,25 @@ async fn run(
                 Err(_elapsed) => break,
             }
         }
-        let count = batch.len() as u64;
-        let spans = batch
-            .drain(..)
-            .map(|span| to_span_data(span, &scope))
-            .collect();
-        match exporter.export(spans).await {
-            Ok(()) => {
+        for span in batch.drain(..) {
+            encoder.push(&span);
+        }
+        let count = encoder.len() as u64;
+        encoder.finish(&mut body);
+        let sent = tokio::time::timeout(export.export_timeout, client.send(&body)).await;
+        match sent {
+            Ok(Ok(())) => {
                 metrics.spans_exported.fetch_add(count, Relaxed);
             }
-            Err(error) => {
+            Ok(Err(error)) => {
+                client.reset();
                 tracing::debug!(collector = %export.collector, %error, spans = count, "trace export failed");
+                metrics.exports_failed.fetch_add(1, Relaxed);
+                metrics.spans_failed.fetch_add(count, Relaxed);
+            }
+            Err(_elapsed) => {
+                client.reset();
+                tracing::debug!(collector = %export.collector, spans = count, "trace export timed out");
                 metrics.exports_failed.fetch_add(1, Relaxed);
                 metrics.spans_failed.fetch_add(count, Relaxed);
             }
@@ -153,190 +152,183 @@ async fn run(
     }
 }
 
-/// The OTLP exporter for `export`, its resource set. Must run inside the
-/// runtime (the gRPC channel connects lazily on it).
-fn build(export: &TraceExport) -> Result<opentelemetry_otlp::SpanExporter, String> {
-    let mut exporter = match export.protocol {
-        OtlpProtocol::Grpc => {
-            let mut metadata = tonic::metadata::MetadataMap::new();
-            for (name, value) in &export.headers {
-                let key = tonic::metadata::MetadataKey::from_bytes(name.as_bytes())
-                    .map_err(|e| format!("header {name}: {e}"))?;
-                let value = value.parse().map_err(|e| format!("header {name}: {e}"))?;
-                metadata.insert(key, value);
+/// gRPC's method path for OTLP traces.
+const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
+/// The most of a collector's answer read.
+const MAX_RESPONSE: usize = 64 * 1024;
+
+/// A connection to the collector, opened on first use and again after a
+/// failure.
+#[derive(Debug)]
+struct Client {
+    protocol: OtlpProtocol,
+    /// The collector's URL (HTTP: its path is where spans are POSTed).
+    url: Uri,
+    /// `host:port`, for connecting.
+    authority: String,
+    headers: Vec<(HeaderName, HeaderValue)>,
+    connection: Option<Connection>,
+}
+
+#[derive(Debug)]
+enum Connection {
+    Http2(hyper::client::conn::http2::SendRequest<Full<Bytes>>),
+    Http1(hyper::client::conn::http1::SendRequest<Full<Bytes>>),
+}
+
+impl Client {
+    fn new(export: &TraceExport) -> Self {
+        // Validation checked the URL and the headers.
+        let url: Uri = export.collector.parse().unwrap_or_default();
+        let authority = url.authority().map_or_else(String::new, |a| {
+            if a.port().is_some() {
+                a.as_str().to_owned()
+            } else {
+                format!("{}:80", a.as_str())
             }
-            opentelemetry_otlp::SpanExporter::builder()
-                .with_tonic()
-                .with_endpoint(&export.collector)
-                .with_timeout(export.export_timeout)
-                .with_metadata(metadata)
-                .build()
+        });
+        let headers = export
+            .headers
+            .iter()
+            .filter_map(|(name, value)| {
+                Some((
+                    HeaderName::from_bytes(name.as_bytes()).ok()?,
+                    HeaderValue::from_str(value).ok()?,
+                ))
+            })
+            .collect();
+        Self {
+            protocol: export.protocol,
+            url,
+            authority,
+            headers,
+            connection: None,
         }
-        OtlpProtocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-            .with_http()
-            .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-            .with_endpoint(&export.collector)
-            .with_timeout(export.export_timeout)
-            .with_headers(export.headers.iter().cloned().collect())
-            .build(),
     }
-    .map_err(|e| e.to_string())?;
-    let resource = Resource::builder_empty()
-        .with_service_name(export.service_name.clone())
-        .with_attributes(
-            export
-                .resource_attributes
-                .iter()
-                .map(|(k, v)| KeyValue::new(k.clone(), v.clone())),
-        )
-        .build();
-    exporter.set_resource(&resource);
-    Ok(exporter)
-}
 
-fn text(value: &str) -> Value {
-    Value::from(value.to_owned())
-}
+    /// Forgets the connection (after a failure): the next export opens a
+    /// new one.
+    fn reset(&mut self) {
+        self.connection = None;
+    }
 
-fn shared(value: Arc<str>) -> Value {
-    Value::String(value.into())
-}
-
-/// A record as OTLP span data, with the HTTP semantic-convention
-/// attributes (and Weft's own under `weft.`).
-fn to_span_data(span: SpanRecord, scope: &InstrumentationScope) -> SpanData {
-    let mut attributes = Vec::with_capacity(14);
-    attributes.push(KeyValue::new(
-        "http.request.method",
-        text(span.method.as_str()),
-    ));
-    if span.status != 0 {
-        attributes.push(KeyValue::new(
-            "http.response.status_code",
-            i64::from(span.status),
-        ));
-    }
-    let version = match span.version {
-        http::Version::HTTP_2 => "2",
-        http::Version::HTTP_10 => "1.0",
-        _ => "1.1",
-    };
-    attributes.push(KeyValue::new("network.protocol.version", version));
-    if let Some(path) = &span.path {
-        attributes.push(KeyValue::new("url.path", text(path.path())));
-        attributes.push(KeyValue::new("url.scheme", "http"));
-    }
-    if let Some(authority) = span.authority.as_ref().and_then(|a| a.to_str().ok()) {
-        let host = authority
-            .rsplit_once(':')
-            .map_or(authority, |(host, port)| {
-                if port.bytes().all(|b| b.is_ascii_digit()) {
-                    host
-                } else {
-                    authority
-                }
-            });
-        attributes.push(KeyValue::new("server.address", text(host)));
-    }
-    if let Some(peer) = span.peer {
-        attributes.push(KeyValue::new("network.peer.address", peer.ip().to_string()));
-        attributes.push(KeyValue::new("network.peer.port", i64::from(peer.port())));
-        match span.kind {
-            Kind::Server => {
-                attributes.push(KeyValue::new("client.address", peer.ip().to_string()));
+    async fn connect(&self) -> Result<Connection, String> {
+        let stream = tokio::net::TcpStream::connect(&self.authority)
+            .await
+            .map_err(|e| format!("connecting to {}: {e}", self.authority))?;
+        let _ = stream.set_nodelay(true);
+        let io = TokioIo::new(stream);
+        match self.protocol {
+            OtlpProtocol::Grpc => {
+                let (sender, connection) =
+                    hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+                        .await
+                        .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+                tokio::spawn(connection);
+                Ok(Connection::Http2(sender))
             }
-            Kind::Client => {
-                attributes.push(KeyValue::new("server.address", peer.ip().to_string()));
-                attributes.push(KeyValue::new("server.port", i64::from(peer.port())));
+            OtlpProtocol::HttpProtobuf => {
+                let (sender, connection) = hyper::client::conn::http1::handshake(io)
+                    .await
+                    .map_err(|e| format!("HTTP/1.1 handshake: {e}"))?;
+                tokio::spawn(connection);
+                Ok(Connection::Http1(sender))
             }
         }
     }
-    if let Some(listener) = span.listener {
-        attributes.push(KeyValue::new("weft.listener", shared(listener)));
-    }
-    let name = match (span.kind, &span.route, &span.cluster) {
-        (Kind::Server, Some(route), _) => format!("{} {route}", span.method),
-        (Kind::Client, _, Some(cluster)) => format!("{} {cluster}", span.method),
-        _ => span.method.to_string(),
-    };
-    if let Some(route) = span.route {
-        attributes.push(KeyValue::new("weft.route", shared(route)));
-    }
-    if let Some(cluster) = span.cluster {
-        attributes.push(KeyValue::new("weft.cluster", shared(cluster)));
-    }
-    if let Some(identity) = span.peer_identity {
-        attributes.push(KeyValue::new("weft.peer.identity", shared(identity)));
-    }
-    if let Some(id) = span.request_id.as_ref().and_then(|v| v.to_str().ok()) {
-        attributes.push(KeyValue::new("weft.request_id", text(id)));
-    }
-    if span.kind == Kind::Client {
-        attributes.push(KeyValue::new("weft.attempt", i64::from(span.attempt)));
-        if span.attempt > 1 {
-            attributes.push(KeyValue::new(
-                "http.request.resend_count",
-                i64::from(span.attempt - 1),
-            ));
-        }
-    }
-    let mut events = SpanEvents::default();
-    if !span.flag.is_empty() {
-        attributes.push(KeyValue::new("weft.response_flag", span.flag));
-        // The proxy's own decision (a fault, a policy denial, a rate
-        // limit, an upstream failure) is an event at the span's end.
-        events.events.push(opentelemetry::trace::Event::new(
-            span.flag,
-            span.end,
-            vec![KeyValue::new("weft.response_flag", span.flag)],
-            0,
-        ));
-    }
-    // Server spans fail on 5xx only (a 4xx is the client's); client spans
-    // on any error status or no response at all.
-    let failed = match span.kind {
-        Kind::Server => span.status >= 500 || span.status == 0,
-        Kind::Client => span.status >= 400 || span.status == 0,
-    };
-    if failed {
-        let error = if span.flag.is_empty() {
-            Cow::Owned(span.status.to_string())
-        } else {
-            Cow::Borrowed(span.flag)
+
+    /// Sends one `ExportTraceServiceRequest`.
+    async fn send(&mut self, message: &[u8]) -> Result<(), String> {
+        let usable = match &self.connection {
+            Some(Connection::Http2(sender)) => !sender.is_closed(),
+            Some(Connection::Http1(sender)) => !sender.is_closed(),
+            None => false,
         };
-        attributes.push(KeyValue::new("error.type", error.clone().into_owned()));
-    }
-    let status = if failed {
-        Status::error(if span.flag.is_empty() {
-            format!("status {}", span.status)
-        } else {
-            span.flag.to_owned()
-        })
-    } else {
-        Status::Unset
-    };
-    SpanData {
-        span_context: SpanContext::new(
-            TraceId::from_bytes(span.trace_id.to_be_bytes()),
-            SpanId::from_bytes(span.span_id.to_be_bytes()),
-            TraceFlags::SAMPLED,
-            false,
-            TraceState::default(),
-        ),
-        parent_span_id: SpanId::from_bytes(span.parent_id.to_be_bytes()),
-        parent_span_is_remote: span.parent_remote,
-        span_kind: match span.kind {
-            Kind::Server => SpanKind::Server,
-            Kind::Client => SpanKind::Client,
-        },
-        name: Cow::Owned(name),
-        start_time: span.start,
-        end_time: span.end,
-        attributes,
-        dropped_attributes_count: 0,
-        events,
-        links: SpanLinks::default(),
-        status,
-        instrumentation_scope: scope.clone(),
+        if !usable {
+            self.connection = Some(self.connect().await?);
+        }
+        let mut request = match self.protocol {
+            OtlpProtocol::Grpc => {
+                // A gRPC message: not compressed, its length, the bytes.
+                let mut framed = Vec::with_capacity(5 + message.len());
+                framed.push(0);
+                let len = u32::try_from(message.len()).map_err(|_| "batch too large")?;
+                framed.extend_from_slice(&len.to_be_bytes());
+                framed.extend_from_slice(message);
+                let uri = format!("http://{}{GRPC_PATH}", self.authority);
+                let mut request = Request::post(uri).body(Full::new(Bytes::from(framed)));
+                if let Ok(request) = &mut request {
+                    let headers = request.headers_mut();
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/grpc"),
+                    );
+                    headers.insert(http::header::TE, HeaderValue::from_static("trailers"));
+                }
+                request
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let path = self
+                    .url
+                    .path_and_query()
+                    .map_or("/v1/traces", http::uri::PathAndQuery::as_str);
+                let mut request =
+                    Request::post(path).body(Full::new(Bytes::copy_from_slice(message)));
+                if let Ok(request) = &mut request {
+                    let headers = request.headers_mut();
+                    headers.insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("application/x-protobuf"),
+                    );
+                    if let Ok(host) = HeaderValue::from_str(&self.authority) {
+                        headers.insert(http::header::HOST, host);
+                    }
+                }
+                request
+            }
+        }
+        .map_err(|e| format!("building the request: {e}"))?;
+        for (name, value) in &self.headers {
+            request.headers_mut().insert(name.clone(), value.clone());
+        }
+        let response = match &mut self.connection {
+            Some(Connection::Http2(sender)) => sender.send_request(request).await,
+            Some(Connection::Http1(sender)) => sender.send_request(request).await,
+            None => return Err("no connection".into()),
+        }
+        .map_err(|e| format!("sending: {e}"))?;
+        let status = response.status();
+        let (parts, body) = response.into_parts();
+        let collected = Limited::new(body, MAX_RESPONSE)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if !status.is_success() {
+            return Err(format!("the collector answered {status}"));
+        }
+        if self.protocol == OtlpProtocol::Grpc {
+            // `grpc-status` in the trailers, or in the headers of a
+            // trailers-only answer.
+            let trailers = collected.trailers();
+            let grpc = trailers
+                .and_then(|t| t.get("grpc-status"))
+                .or_else(|| parts.headers.get("grpc-status"));
+            match grpc.map(HeaderValue::as_bytes) {
+                Some(b"0") => {}
+                Some(code) => {
+                    let message = trailers
+                        .and_then(|t| t.get("grpc-message"))
+                        .or_else(|| parts.headers.get("grpc-message"))
+                        .and_then(|m| m.to_str().ok())
+                        .unwrap_or("");
+                    return Err(format!(
+                        "grpc-status {}: {message}",
+                        String::from_utf8_lossy(code)
+                    ));
+                }
+                None => return Err("no grpc-status in the answer".into()),
+            }
+        }
+        Ok(())
     }
 }
