@@ -13,14 +13,14 @@
 //! the request itself (benches/RESULTS.md). The wire format is the same.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use super::SpanRecord;
 use super::otlp::Encoder;
@@ -44,13 +44,31 @@ pub struct TraceMetrics {
 pub(crate) struct Queue {
     sender: mpsc::Sender<SpanRecord>,
     metrics: Arc<TraceMetrics>,
+    batch: Arc<Batch>,
+}
+
+/// What the request path and the exporter's task share besides the
+/// channel: when a batch's worth is waiting.
+#[derive(Debug)]
+struct Batch {
+    /// Spans in the channel (roughly: the task subtracts what it takes).
+    queued: AtomicUsize,
+    /// A full batch waits.
+    size: usize,
+    full: Notify,
 }
 
 impl Queue {
     /// Queues a span, or drops and counts it when the queue is full.
+    ///
+    /// PERF: the exporter's task is woken once per batch (by the first
+    /// span, and by the one that fills a batch), not per span: a wake is a
+    /// cross-thread notification, and the control thread may be parked.
     pub(crate) fn send(&self, span: SpanRecord) {
         if self.sender.try_send(span).is_err() {
             self.metrics.spans_dropped.fetch_add(1, Relaxed);
+        } else if self.batch.queued.fetch_add(1, Relaxed) + 1 == self.batch.size {
+            self.batch.full.notify_one();
         }
     }
 }
@@ -83,13 +101,21 @@ impl Exporters {
         }
         let capacity = usize::try_from(export.max_queued_spans).unwrap_or(usize::MAX);
         let (sender, receiver) = mpsc::channel(capacity.max(1));
+        let batch = Arc::new(Batch {
+            queued: AtomicUsize::new(0),
+            size: usize::try_from(export.max_export_batch)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            full: Notify::new(),
+        });
         let queue = Arc::new(Queue {
             sender,
             metrics: self.metrics.clone(),
+            batch: batch.clone(),
         });
         live.insert(export.clone(), Arc::downgrade(&queue));
         self.control
-            .spawn(run(export.clone(), receiver, self.metrics.clone()));
+            .spawn(run(export.clone(), receiver, batch, self.metrics.clone()));
         queue
     }
 }
@@ -100,6 +126,7 @@ impl Exporters {
 async fn run(
     export: Arc<TraceExport>,
     mut receiver: mpsc::Receiver<SpanRecord>,
+    shared: Arc<Batch>,
     metrics: Arc<TraceMetrics>,
 ) {
     let mut encoder = Encoder::new(&export.service_name, &export.resource_attributes);
@@ -107,28 +134,32 @@ async fn run(
     let max = usize::try_from(export.max_export_batch)
         .unwrap_or(usize::MAX)
         .max(1);
-    let mut batch = Vec::with_capacity(max);
     let mut body = Vec::new();
     let mut open = true;
     while open {
-        if receiver.recv_many(&mut batch, max).await == 0 {
+        // The first span of a batch wakes the task; then it waits, not
+        // woken by each span, for the interval or a full batch.
+        let Some(first) = receiver.recv().await else {
             break;
+        };
+        encoder.push(&first);
+        if shared.queued.load(Relaxed) < max {
+            tokio::select! {
+                () = tokio::time::sleep(export.flush_interval) => {}
+                () = shared.full.notified() => {}
+            }
         }
-        let deadline = tokio::time::Instant::now() + export.flush_interval;
-        while batch.len() < max {
-            let wanted = max - batch.len();
-            match tokio::time::timeout_at(deadline, receiver.recv_many(&mut batch, wanted)).await {
-                Ok(0) => {
+        while encoder.len() < max {
+            match receiver.try_recv() {
+                Ok(span) => encoder.push(&span),
+                Err(mpsc::error::TryRecvError::Empty) => break,
+                Err(mpsc::error::TryRecvError::Disconnected) => {
                     open = false;
                     break;
                 }
-                Ok(_) => {}
-                Err(_elapsed) => break,
             }
         }
-        for span in batch.drain(..) {
-            encoder.push(&span);
-        }
+        shared.queued.fetch_sub(encoder.len(), Relaxed);
         let count = encoder.len() as u64;
         encoder.finish(&mut body);
         let sent = tokio::time::timeout(export.export_timeout, client.send(&body)).await;

@@ -58,6 +58,30 @@ fn nanos(time: SystemTime) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
+/// An address as text, IPv4 without the formatting machinery.
+fn ip_text(out: &mut String, ip: std::net::IpAddr) {
+    out.clear();
+    match ip {
+        std::net::IpAddr::V4(v4) => {
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    out.push('.');
+                }
+                if octet >= 100 {
+                    out.push(char::from(b'0' + octet / 100));
+                }
+                if octet >= 10 {
+                    out.push(char::from(b'0' + octet / 10 % 10));
+                }
+                out.push(char::from(b'0' + octet % 10));
+            }
+        }
+        std::net::IpAddr::V6(v6) => {
+            let _ = write!(out, "{v6}");
+        }
+    }
+}
+
 /// An attribute value.
 #[derive(Debug, Clone, Copy)]
 enum Value<'a> {
@@ -205,8 +229,7 @@ impl Encoder {
             key_value(out, 9, "server.address", Value::Str(host));
         }
         if let Some(peer) = span.peer {
-            self.text.clear();
-            let _ = write!(self.text, "{}", peer.ip());
+            ip_text(&mut self.text, peer.ip());
             let ip = self.text.as_str();
             let port = Value::Int(i64::from(peer.port()));
             key_value(out, 9, "network.peer.address", Value::Str(ip));
@@ -335,6 +358,23 @@ mod tests {
 
     fn text(value: &str) -> Option<any_value::Value> {
         Some(any_value::Value::StringValue(value.to_owned()))
+    }
+
+    #[test]
+    fn addresses_are_written_as_std_writes_them() {
+        let mut out = String::new();
+        for ip in [
+            "0.0.0.0",
+            "10.1.2.3",
+            "127.0.0.1",
+            "192.168.100.255",
+            "::1",
+            "fe80::1:2",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            ip_text(&mut out, ip);
+            assert_eq!(out, ip.to_string());
+        }
     }
 
     #[test]
