@@ -219,7 +219,6 @@ impl Encoder {
         key_value(out, 9, "network.protocol.version", Value::Str(version));
         if let Some(path) = &span.path {
             key_value(out, 9, "url.path", Value::Str(path.path()));
-            key_value(out, 9, "url.scheme", Value::Str("http"));
         }
         if let Some(authority) = span.authority.as_ref().and_then(|a| a.to_str().ok()) {
             let host = match authority.rsplit_once(':') {
@@ -230,21 +229,27 @@ impl Encoder {
         }
         if let Some(peer) = span.peer {
             ip_text(&mut self.text, peer.ip());
-            let ip = self.text.as_str();
-            let port = Value::Int(i64::from(peer.port()));
-            key_value(out, 9, "network.peer.address", Value::Str(ip));
-            key_value(out, 9, "network.peer.port", port);
+            let ip = Value::Str(self.text.as_str());
+            // One name per fact: the client's address (its port is an
+            // ephemeral one), the endpoint's address and port.
             match span.kind {
-                Kind::Server => key_value(out, 9, "client.address", Value::Str(ip)),
+                Kind::Server => key_value(out, 9, "network.peer.address", ip),
                 Kind::Client => {
-                    key_value(out, 9, "server.address", Value::Str(ip));
-                    key_value(out, 9, "server.port", port);
+                    key_value(out, 9, "server.address", ip);
+                    key_value(out, 9, "server.port", Value::Int(i64::from(peer.port())));
                 }
             }
         }
+        // The route is the server span's (its client spans are its
+        // children).
+        let route = if span.kind == Kind::Server {
+            &span.route
+        } else {
+            &None
+        };
         for (key, value) in [
             ("weft.listener", &span.listener),
-            ("weft.route", &span.route),
+            ("weft.route", route),
             ("weft.cluster", &span.cluster),
             ("weft.peer.identity", &span.peer_identity),
         ] {
@@ -481,11 +486,8 @@ mod tests {
             ),
             ("network.protocol.version", text("2")),
             ("url.path", text("/shop/cart")),
-            ("url.scheme", text("http")),
             ("server.address", text("shop.example")),
             ("network.peer.address", text("10.1.2.3")),
-            ("network.peer.port", Some(any_value::Value::IntValue(5555))),
-            ("client.address", text("10.1.2.3")),
             ("weft.listener", text("ingress")),
             ("weft.route", text("cart")),
             (
@@ -523,6 +525,12 @@ mod tests {
             Some(any_value::Value::IntValue(1))
         );
         assert_eq!(attribute(span, "weft.cluster"), text("carts"));
+        assert_eq!(attribute(span, "weft.route"), None, "the parent's");
+        assert_eq!(
+            attribute(span, "network.peer.address"),
+            None,
+            "server.address"
+        );
         assert_eq!(attribute(span, "error.type"), None);
         assert!(span.status.is_none());
         assert!(span.events.is_empty());
