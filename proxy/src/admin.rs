@@ -159,7 +159,20 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             // request that used them has ended (which may be after the
             // configuration change that removed them).
             state.metrics.prune();
-            let mut body = state.metrics.render();
+            // OpenMetrics when the scraper asks for it (Prometheus does for
+            // exemplars): counter families without `_total`, exemplars,
+            // `# EOF`.
+            let format = if req
+                .headers()
+                .get_all(header::ACCEPT)
+                .iter()
+                .any(|v| v.to_str().is_ok_and(|v| v.contains("application/openmetrics-text")))
+            {
+                crate::telemetry::Format::OpenMetrics
+            } else {
+                crate::telemetry::Format::Prometheus
+            };
+            let mut body = state.metrics.render_as(format);
             body.push_str(&identity_metrics(&state.identities));
             if let Some(log) = &state.access_log {
                 body.push_str(
@@ -178,10 +191,18 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     log.dropped()
                 ));
             }
+            let content_type = match format {
+                crate::telemetry::Format::OpenMetrics => {
+                    body = crate::telemetry::openmetrics_families(&body);
+                    body.push_str("# EOF\n");
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8"
+                }
+                crate::telemetry::Format::Prometheus => "text/plain; version=0.0.4; charset=utf-8",
+            };
             let mut response = text(StatusCode::OK, body);
             response.headers_mut().insert(
                 header::CONTENT_TYPE,
-                header::HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+                header::HeaderValue::from_static(content_type),
             );
             response
         }

@@ -13,7 +13,8 @@ pub(crate) mod trace;
 pub use access_log::{AccessLog, AccessRecord};
 pub(crate) use metrics::escape as escape_label;
 pub use metrics::{
-    ClusterMetrics, Histogram, ListenerMetrics, Metrics, PolicyMetrics, RequestMetrics,
+    ClusterMetrics, Format, Histogram, ListenerMetrics, Metrics, PolicyMetrics, RequestMetrics,
+    openmetrics_families,
 };
 pub use trace::export::TraceMetrics;
 

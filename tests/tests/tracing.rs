@@ -305,6 +305,43 @@ async fn an_incoming_context_is_continued_and_its_sampling_decision_kept() {
     assert_eq!(lines[0]["trace_id"], "0af7651916cd43dd8448eb211c80319c");
     assert_eq!(lines[0]["span_id"], server.span_id.as_str());
     assert_eq!(lines[2]["trace_id"], "463ac35c9f6413ad48485a3953bb6124");
+
+    // Metrics point at traces: asked for OpenMetrics, the request-duration
+    // histogram carries a recorded trace as a bucket's exemplar.
+    let mut scrape = get(proxy.admin, "/metrics");
+    scrape.headers_mut().insert(
+        "accept",
+        "application/openmetrics-text; version=1.0.0,text/plain;q=0.5"
+            .parse()
+            .unwrap(),
+    );
+    let response = http1_request(proxy.admin, scrape).await.unwrap();
+    assert!(
+        header(&response, "content-type")
+            .starts_with("application/openmetrics-text; version=1.0.0")
+    );
+    let text = String::from_utf8(body_bytes(response).await.unwrap().to_vec()).unwrap();
+    assert!(text.ends_with("# EOF\n"), "{text}");
+    assert!(text.contains("# TYPE weft_trace_spans counter\n"), "{text}");
+    let exemplars: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("weft_http_request_duration_seconds_bucket{")
+                && l.contains(" # {trace_id=\"")
+        })
+        .collect();
+    assert!(
+        exemplars.iter().any(
+            |l| l.contains("trace_id=\"0af7651916cd43dd8448eb211c80319c\"")
+                || l.contains("trace_id=\"80f198ee56343ba864fe8b2a57d3eff7\"")
+        ),
+        "{text}"
+    );
+    // Unsampled traces are never exemplars; the plain format has none.
+    assert!(!text.contains("463ac35c9f6413ad48485a3953bb6124"), "{text}");
+    let (_, plain) = proxy.admin_get("/metrics").await.unwrap();
+    assert!(!plain.contains(" # {"), "{plain}");
+    assert!(!plain.contains("# EOF"), "{plain}");
 }
 
 #[tokio::test]

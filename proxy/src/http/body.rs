@@ -47,6 +47,10 @@ impl Finish {
         }
         if let Some(span) = self.span {
             let (tracer, mut span) = *span;
+            // The request-duration histogram points at the trace.
+            self.metrics
+                .duration
+                .keep_exemplar(duration, span.trace_id, span.span_id);
             span.end = span.start + duration;
             tracer.queue.send(span);
         }

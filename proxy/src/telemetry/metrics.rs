@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use http::StatusCode;
 
@@ -22,19 +22,56 @@ const BUCKETS_SECONDS: [f64; 14] = [
 pub struct Histogram {
     buckets: [AtomicU64; BUCKETS_SECONDS.len() + 1],
     sum_nanos: AtomicU64,
+    /// The latest traced observation of each bucket, for OpenMetrics
+    /// exemplars; allocated with the first.
+    exemplars: Mutex<Option<Box<Exemplars>>>,
+}
+
+type Exemplars = [Option<Exemplar>; BUCKETS_SECONDS.len() + 1];
+
+/// An observation and the trace it belongs to.
+#[derive(Debug, Clone, Copy)]
+struct Exemplar {
+    trace_id: u128,
+    span_id: u64,
+    seconds: f64,
+    at: SystemTime,
+}
+
+fn bucket_of(seconds: f64) -> usize {
+    BUCKETS_SECONDS
+        .iter()
+        .position(|&le| seconds <= le)
+        .unwrap_or(BUCKETS_SECONDS.len())
 }
 
 impl Histogram {
     /// Records one observation.
     pub fn observe(&self, value: Duration) {
-        let seconds = value.as_secs_f64();
-        let index = BUCKETS_SECONDS
-            .iter()
-            .position(|&le| seconds <= le)
-            .unwrap_or(BUCKETS_SECONDS.len());
+        let index = bucket_of(value.as_secs_f64());
         self.buckets[index].fetch_add(1, Relaxed);
         self.sum_nanos
             .fetch_add(u64::try_from(value.as_nanos()).unwrap_or(u64::MAX), Relaxed);
+    }
+
+    /// Keeps an observation already recorded with [`Histogram::observe`]
+    /// as its bucket's exemplar: the request of trace `trace_id`, whose
+    /// span (this proxy's) is `span_id`. Only recorded (sampled) traces
+    /// are kept, so the lock is taken for those only.
+    pub fn keep_exemplar(&self, value: Duration, trace_id: u128, span_id: u64) {
+        let seconds = value.as_secs_f64();
+        let mut exemplars = self
+            .exemplars
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let exemplars =
+            exemplars.get_or_insert_with(|| Box::new([None; BUCKETS_SECONDS.len() + 1]));
+        exemplars[bucket_of(seconds)] = Some(Exemplar {
+            trace_id,
+            span_id,
+            seconds,
+            at: SystemTime::now(),
+        });
     }
 
     /// Number of observations.
@@ -42,14 +79,38 @@ impl Histogram {
         self.buckets.iter().map(|b| b.load(Relaxed)).sum()
     }
 
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
+    fn render(&self, out: &mut String, name: &str, labels: &str, format: Format) {
+        let exemplars = match format {
+            Format::OpenMetrics => *self
+                .exemplars
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .as_deref()
+                .unwrap_or(&[None; BUCKETS_SECONDS.len() + 1]),
+            Format::Prometheus => [None; BUCKETS_SECONDS.len() + 1],
+        };
+        let exemplar = |out: &mut String, i: usize| {
+            if let Some(e) = exemplars[i] {
+                let at =
+                    e.at.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0.0, |d| d.as_secs_f64());
+                let _ = write!(
+                    out,
+                    " # {{trace_id=\"{:032x}\",span_id=\"{:016x}\"}} {} {at:.3}",
+                    e.trace_id, e.span_id, e.seconds
+                );
+            }
+            out.push('\n');
+        };
         let mut cumulative = 0;
         for (i, le) in BUCKETS_SECONDS.iter().enumerate() {
             cumulative += self.buckets[i].load(Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            let _ = write!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+            exemplar(out, i);
         }
         cumulative += self.buckets[BUCKETS_SECONDS.len()].load(Relaxed);
-        let _ = writeln!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        let _ = write!(out, "{name}_bucket{{{labels},le=\"+Inf\"}} {cumulative}");
+        exemplar(out, BUCKETS_SECONDS.len());
         let sum = self.sum_nanos.load(Relaxed) as f64 / 1e9;
         let _ = writeln!(out, "{name}_sum{{{labels}}} {sum}");
         let _ = writeln!(out, "{name}_count{{{labels}}} {cumulative}");
@@ -328,6 +389,14 @@ impl Metrics {
 
     /// Renders the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self) -> String {
+        self.render_as(Format::Prometheus)
+    }
+
+    /// Renders the series in `format`. OpenMetrics's differs from
+    /// Prometheus's in counter family names (without `_total`, which their
+    /// samples keep), exemplars, and the `# EOF` the caller appends after
+    /// any series of its own (see [`openmetrics_families`]).
+    pub fn render_as(&self, format: Format) -> String {
         let registry = self.registry();
         let mut out = String::with_capacity(4096);
         out.push_str("# HELP weft_http_requests_total HTTP requests by listener, route, cluster and status class.\n");
@@ -353,8 +422,12 @@ impl Metrics {
                 escape(route),
                 escape(cluster)
             );
-            m.duration
-                .render(&mut out, "weft_http_request_duration_seconds", &labels);
+            m.duration.render(
+                &mut out,
+                "weft_http_request_duration_seconds",
+                &labels,
+                format,
+            );
         }
         // Faults and rate limits: only the series that counted something
         // (most routes have neither).
@@ -657,7 +730,7 @@ impl Metrics {
         for (policy, m) in &registry.policies {
             let labels = format!("policy=\"{}\"", escape(policy));
             m.duration
-                .render(&mut out, "weft_policy_evaluation_seconds", &labels);
+                .render(&mut out, "weft_policy_evaluation_seconds", &labels, format);
         }
         counter_by(
             &mut out,
@@ -716,6 +789,50 @@ impl Metrics {
         );
         out
     }
+}
+
+/// The exposition formats of `/metrics`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Prometheus text, version 0.0.4.
+    Prometheus,
+    /// OpenMetrics 1.0 text (`application/openmetrics-text`).
+    OpenMetrics,
+}
+
+/// Rewrites Prometheus text's counter families for OpenMetrics: a counter
+/// `x_total`'s `# HELP` and `# TYPE` name the family `x` (its samples keep
+/// `x_total`). Everything else is the same in both formats.
+pub fn openmetrics_families(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 16);
+    let lines: Vec<&str> = text.lines().collect();
+    // A counter's family: its name without `_total`, when this line or the
+    // next is its `# TYPE`.
+    fn counter_family<'a>(next: &[&str], name: &'a str) -> Option<&'a str> {
+        let family = name.strip_suffix("_total")?;
+        let declared = format!("# TYPE {name} counter");
+        next.iter()
+            .take(2)
+            .any(|l| *l == declared)
+            .then_some(family)
+    }
+    for (i, line) in lines.iter().enumerate() {
+        let counter_family = |name| counter_family(&lines[i..], name);
+        let rewritten = line
+            .strip_prefix("# HELP ")
+            .or_else(|| line.strip_prefix("# TYPE "))
+            .and_then(|rest| {
+                let (name, tail) = rest.split_once(' ')?;
+                let family = counter_family(name)?;
+                Some(format!("{} {family} {tail}", &line[..6]))
+            });
+        match rewritten {
+            Some(line) => out.push_str(&line),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// Escapes a label value (names are validated, but be safe).
@@ -792,13 +909,67 @@ mod tests {
     }
 
     #[test]
+    fn openmetrics_names_counter_families_without_total_and_shows_exemplars() {
+        let metrics = Metrics::new();
+        let (l, r, c) = (Arc::from("web"), Arc::from("api"), Arc::from("users"));
+        let m = metrics.request(&l, &r, &c);
+        m.record(http::StatusCode::OK, Duration::from_millis(3));
+        m.duration.keep_exemplar(
+            Duration::from_millis(3),
+            0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
+            0xb7,
+        );
+        let prometheus = metrics.render();
+        assert!(
+            !prometheus.contains(" # {"),
+            "no exemplars in 0.0.4: {prometheus}"
+        );
+        let open = openmetrics_families(&metrics.render_as(Format::OpenMetrics));
+        assert!(
+            open.contains("# TYPE weft_http_requests counter\n"),
+            "{open}"
+        );
+        assert!(
+            open.contains("# HELP weft_http_requests HTTP requests"),
+            "{open}"
+        );
+        assert!(
+            open.contains("\nweft_http_requests_total{listener=\"web\""),
+            "{open}"
+        );
+        assert!(open.contains("# TYPE weft_http_request_duration_seconds histogram\n"));
+        let bucket = open
+            .lines()
+            .find(|l| {
+                l.starts_with("weft_http_request_duration_seconds_bucket{")
+                    && l.contains("le=\"0.005\"")
+            })
+            .unwrap();
+        assert!(
+            bucket.starts_with(
+                "weft_http_request_duration_seconds_bucket{listener=\"web\",route=\"api\",cluster=\"users\",le=\"0.005\"} 1 # {trace_id=\"0af7651916cd43dd8448eb211c80319c\",span_id=\"00000000000000b7\"} 0.003 "
+            ),
+            "{bucket}"
+        );
+        // Only the bucket the observation fell in has one.
+        assert_eq!(open.matches(" # {trace_id=").count(), 1, "{open}");
+        // Gauges keep their names.
+        let _ = metrics.listener(&l);
+        let open = openmetrics_families(&metrics.render_as(Format::OpenMetrics));
+        assert!(
+            open.contains("# TYPE weft_downstream_connections_active gauge"),
+            "{open}"
+        );
+    }
+
+    #[test]
     fn histogram_buckets_are_cumulative_when_rendered() {
         let h = Histogram::default();
         h.observe(Duration::from_micros(100));
         h.observe(Duration::from_millis(3));
         h.observe(Duration::from_secs(60));
         let mut out = String::new();
-        h.render(&mut out, "x", "a=\"b\"");
+        h.render(&mut out, "x", "a=\"b\"", Format::Prometheus);
         assert!(out.contains("x_bucket{a=\"b\",le=\"0.0005\"} 1\n"), "{out}");
         assert!(out.contains("x_bucket{a=\"b\",le=\"0.005\"} 2\n"), "{out}");
         assert!(out.contains("x_bucket{a=\"b\",le=\"10\"} 2\n"), "{out}");
