@@ -333,6 +333,17 @@ impl ConfigHandle {
     /// ones. In-flight requests finish on the snapshot they started with,
     /// and open connections stay open on listeners that remain.
     ///
+    /// Opens the access and decision log files again (SIGHUP, after a
+    /// rotation moved them away): each writer does so before its next line.
+    pub fn reopen_logs(&self) {
+        if let Some(log) = &self.inner.access_log {
+            log.reopen();
+        }
+        if let Some(log) = &self.inner.decision_log {
+            log.reopen();
+        }
+    }
+
     /// Only the data-plane resources (listeners, route configurations,
     /// clusters) change; `admin`, `access_log` and `drain_timeout` keep
     /// their values from the start. On error nothing changed. Returns each

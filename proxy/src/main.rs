@@ -226,8 +226,9 @@ fn run(args: &Args) -> anyhow::Result<()> {
         ));
     } else {
         // Nothing to reload (the control plane, or the command line, gives
-        // the configuration): SIGHUP, which operators send out of habit,
-        // must not kill the proxy by its default action.
+        // the configuration): SIGHUP, which operators send out of habit and
+        // log rotation sends on purpose, reopens the logs and must not kill
+        // the proxy by its default action.
         // Registered before the addresses are printed, so that no SIGHUP
         // can arrive unhandled.
         let hangup = {
@@ -236,9 +237,13 @@ fn run(args: &Args) -> anyhow::Result<()> {
         };
         match hangup {
             Ok(mut hangup) => {
+                let handle = proxy.handle();
                 control.spawn(async move {
                     while hangup.recv().await.is_some() {
-                        tracing::info!("SIGHUP ignored: there is no configuration file to reload");
+                        // No configuration file to reload; log files are
+                        // reopened (after a rotation).
+                        handle.reopen_logs();
+                        tracing::info!("SIGHUP: log files reopened");
                     }
                 });
             }

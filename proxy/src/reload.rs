@@ -91,7 +91,12 @@ pub async fn watch(config_file: PathBuf, handle: ConfigHandle, interval: Duratio
     loop {
         let forced = tokio::select! {
             () = sleep_or_forever(interval) => false,
-            Some(()) = recv(hangup.as_mut()) => true,
+            Some(()) = recv(hangup.as_mut()) => {
+                // SIGHUP also follows a log rotation.
+                handle.reopen_logs();
+                tracing::info!("SIGHUP: log files reopened; reloading the configuration");
+                true
+            }
             () = drain.cancelled() => return,
         };
         let now = stamps(&files);

@@ -310,13 +310,14 @@ async fn a_single_worker_proxy_serves_both_protocols_and_drains() {
     .await
     .unwrap();
     let web = proxy.listener("http");
-    // SIGHUP has nothing to reload here, and must not kill the proxy.
+    // SIGHUP has no configuration to reload here (it reopens the logs),
+    // and must not kill the proxy.
     let _ = std::process::Command::new("kill")
         .args(["-HUP", &proxy.pid().to_string()])
         .status();
     assert!(
         eventually(DEADLINE, || async {
-            proxy.log().contains("SIGHUP ignored")
+            proxy.log().contains("SIGHUP: log files reopened")
         })
         .await,
         "{}",
@@ -379,4 +380,54 @@ async fn during_the_drain_delay_not_ready_but_still_serving() {
         "{}",
         proxy.log()
     );
+}
+
+/// Log rotation: the access log file is moved away and SIGHUP sent; the
+/// proxy writes the next lines to a new file at the configured path, and
+/// none is lost.
+#[tokio::test]
+async fn sighup_reopens_a_rotated_access_log() {
+    let echo = echo("rotated").await;
+    let dir = TempDir::new().unwrap();
+    let log = dir.path().join("access.log");
+    let config = one_route_config(
+        echo.local_addr(),
+        "http1",
+        &format!("access_log: {{ path: \"{}\" }}", log.display()),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let web = proxy.listener("web");
+    let lines = |path: &std::path::Path| {
+        std::fs::read_to_string(path).map_or(0, |text| text.lines().count())
+    };
+    let response = http1_request(web, get(web, "/before")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(eventually(DEADLINE, || async { lines(&log) == 1 }).await);
+
+    let rotated = dir.path().join("access.log.1");
+    std::fs::rename(&log, &rotated).unwrap();
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status();
+    // Once the signal is handled, the writer opens the path again before
+    // its next line.
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy.log().contains("SIGHUP: log files reopened")
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
+    let response = http1_request(web, get(web, "/after")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(
+        eventually(DEADLINE, || async { lines(&log) == 1 }).await,
+        "a new file at the configured path"
+    );
+    let after = std::fs::read_to_string(&log).unwrap();
+    assert!(after.contains("\"path\":\"/after\""), "{after}");
+    let before = std::fs::read_to_string(&rotated).unwrap();
+    assert_eq!(before.lines().count(), 1);
+    assert!(before.contains("\"path\":\"/before\""), "{before}");
 }

@@ -28,6 +28,11 @@ pub struct DecisionLog {
 }
 
 impl DecisionLog {
+    /// Opens the log's file again before its next line (rotation).
+    pub fn reopen(&self) {
+        self.log.reopen();
+    }
+
     /// Opens the target and starts the writer thread.
     pub fn start(settings: &DecisionLogSettings) -> std::io::Result<Self> {
         Ok(Self {

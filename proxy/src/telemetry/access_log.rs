@@ -8,7 +8,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::time::{Duration, SystemTime};
 
@@ -226,6 +226,8 @@ pub struct LineLog<R> {
     queued: Arc<AtomicUsize>,
     capacity: usize,
     dropped: Arc<AtomicU64>,
+    /// Set to have the writer open its file again before its next write.
+    reopen: Arc<AtomicBool>,
 }
 
 impl<R> Clone for LineLog<R> {
@@ -235,32 +237,53 @@ impl<R> Clone for LineLog<R> {
             queued: self.queued.clone(),
             capacity: self.capacity,
             dropped: self.dropped.clone(),
+            reopen: self.reopen.clone(),
         }
     }
+}
+
+/// Opens a log's target: a file is created if missing and appended to.
+fn open_target(target: &AccessLogTarget) -> std::io::Result<Box<dyn Write + Send>> {
+    Ok(match target {
+        AccessLogTarget::Stdout => Box::new(std::io::stdout()),
+        AccessLogTarget::Stderr => Box::new(std::io::stderr()),
+        AccessLogTarget::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)?,
+        ),
+    })
 }
 
 impl<R: LogLine> LineLog<R> {
     /// Opens the target and starts the writer thread, named `thread`.
     pub fn start_named(target: &AccessLogTarget, thread: &str) -> std::io::Result<Self> {
-        let mut out: Box<dyn Write + Send> = match target {
-            AccessLogTarget::Stdout => Box::new(std::io::stdout()),
-            AccessLogTarget::Stderr => Box::new(std::io::stderr()),
-            AccessLogTarget::File(path) => Box::new(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)?,
-            ),
-        };
+        let out = open_target(target)?;
         let (log, rx) = Self::queue(QUEUE_CAPACITY);
         let queued = log.queued.clone();
+        let reopen = log.reopen.clone();
+        let target = target.clone();
         std::thread::Builder::new()
             .name(thread.into())
             .spawn(move || {
-                let mut buf = std::io::BufWriter::with_capacity(64 * 1024, &mut out);
+                let mut buf = std::io::BufWriter::with_capacity(64 * 1024, out);
                 // Block for one record, then take whatever else is queued before
                 // flushing, so a burst costs one write.
                 while let Ok(record) = rx.recv() {
+                    // Rotation: the file was moved away and SIGHUP sent;
+                    // the next lines go to a new file at the same path.
+                    if reopen.swap(false, Relaxed) {
+                        match open_target(&target) {
+                            Ok(out) => {
+                                let _ = buf.flush();
+                                buf = std::io::BufWriter::with_capacity(64 * 1024, out);
+                            }
+                            Err(error) => {
+                                tracing::warn!(%error, "log reopen failed; writing to the file held open");
+                            }
+                        }
+                    }
                     let mut ok = true;
                     for record in std::iter::once(record).chain(rx.try_iter()) {
                         queued.fetch_sub(1, Relaxed);
@@ -298,8 +321,15 @@ impl<R> LineLog<R> {
             queued: Arc::new(AtomicUsize::new(0)),
             capacity,
             dropped: Arc::new(AtomicU64::new(0)),
+            reopen: Arc::new(AtomicBool::new(false)),
         };
         (log, rx)
+    }
+
+    /// Has the writer open its target again before its next line (after a
+    /// rotation moved the file away).
+    pub fn reopen(&self) {
+        self.reopen.store(true, Relaxed);
     }
 
     /// A sink and its queue's receiving end, without a writer thread.
