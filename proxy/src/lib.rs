@@ -171,7 +171,7 @@ impl Proxy {
         let access_log = config
             .access_log
             .as_ref()
-            .map(AccessLog::start)
+            .map(|target| AccessLog::start(target, config.access_log_template.clone()))
             .transpose()
             .map_err(StartError::AccessLog)?;
         let decision_log = config

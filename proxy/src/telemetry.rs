@@ -10,7 +10,7 @@ pub(crate) mod access_log;
 mod metrics;
 pub(crate) mod trace;
 
-pub use access_log::{AccessLog, AccessRecord};
+pub use access_log::{AccessLog, AccessRecord, AccessTemplate};
 pub(crate) use metrics::escape as escape_label;
 pub use metrics::{
     ClusterMetrics, Format, Histogram, ListenerMetrics, Metrics, PolicyMetrics, RequestMetrics,

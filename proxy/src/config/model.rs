@@ -30,6 +30,8 @@ pub struct Config {
     pub drain_delay: Duration,
     /// Access log destination, if any.
     pub access_log: Option<AccessLogTarget>,
+    /// The access log's line layout, when not JSON.
+    pub access_log_template: Option<Arc<crate::telemetry::AccessTemplate>>,
     /// The policy decision log, if any.
     pub decision_log: Option<DecisionLogSettings>,
     /// Listeners in file order.

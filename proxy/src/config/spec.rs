@@ -98,6 +98,10 @@ pub struct AdminSpec {
 pub struct AccessLogSpec {
     /// `stdout`, `stderr` or a file path (appended to).
     pub path: String,
+    /// Lines laid out as this text with `{field}` placeholders, instead of
+    /// JSON.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<String>,
 }
 
 /// Where policy decisions are logged, and what is left out.

@@ -593,3 +593,21 @@ fn tracing_settings_are_checked_and_defaulted() {
         errors_of(&tcp)
     );
 }
+
+#[test]
+fn an_access_log_template_is_parsed_once_and_checked() {
+    let with = |log: &str| format!("access_log: {log}\n{VALID}");
+    let config = Config::from_yaml(
+        &with(r#"{ path: stdout, template: "{method} {path} {status} {trace_id}" }"#),
+        "test",
+    )
+    .unwrap();
+    assert!(config.access_log_template.is_some());
+    let errors = errors_of(&with(r#"{ path: stdout, template: "{method} {bogus}" }"#));
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.contains("access_log") && e.contains("template: unknown field {bogus}")),
+        "{errors:?}"
+    );
+}

@@ -127,6 +127,22 @@ impl TryFrom<BootstrapSpec> for Config {
                 "stderr" => Some(AccessLogTarget::Stderr),
                 path => Some(AccessLogTarget::File(path.into())),
             });
+        let access_log_template = spec
+            .access_log
+            .as_ref()
+            .and_then(|log| log.template.as_deref())
+            .and_then(|text| match crate::telemetry::AccessTemplate::parse(text) {
+                Ok(template) => Some(Arc::new(template)),
+                Err(reason) => {
+                    let mut check = Checker {
+                        kind: "access_log",
+                        resource: "access_log".into(),
+                        errors: &mut errors,
+                    };
+                    check.error("template", reason);
+                    None
+                }
+            });
         let decision_log = spec.decision_log.as_ref().and_then(|log| {
             let mut check = Checker {
                 kind: "decision_log",
@@ -273,6 +289,7 @@ impl TryFrom<BootstrapSpec> for Config {
             drain_timeout: spec.drain_timeout.unwrap_or(DEFAULT_DRAIN_TIMEOUT),
             drain_delay,
             access_log,
+            access_log_template,
             decision_log,
             listeners,
             route_configs,

@@ -36,7 +36,7 @@ impl DecisionLog {
     /// Opens the target and starts the writer thread.
     pub fn start(settings: &DecisionLogSettings) -> std::io::Result<Self> {
         Ok(Self {
-            log: LineLog::start_named(&settings.target, "weft-decision-log")?,
+            log: LineLog::start_named(&settings.target, (), "weft-decision-log")?,
             settings: Arc::new(settings.clone()),
         })
     }
@@ -145,7 +145,9 @@ impl DecisionRecord {
 }
 
 impl LogLine for DecisionRecord {
-    fn write_line(&self, out: &mut impl Write) -> std::io::Result<()> {
+    type Format = ();
+
+    fn write_line(&self, (): &(), out: &mut impl Write) -> std::io::Result<()> {
         serde_json::to_writer(&mut *out, &self.to_json())?;
         out.write_all(b"\n")
     }
@@ -194,7 +196,7 @@ mod tests {
             settings: settings(true),
         };
         let mut line = Vec::new();
-        record.write_line(&mut line).unwrap();
+        record.write_line(&(), &mut line).unwrap();
         assert_eq!(line.last(), Some(&b'\n'));
         assert_eq!(line.iter().filter(|&&b| b == b'\n').count(), 1);
         let json: serde_json::Value = serde_json::from_slice(&line).unwrap();

@@ -283,7 +283,7 @@ fn decisions_reach_the_decision_log_with_secrets_redacted() {
         .try_iter()
         .map(|record| {
             let mut line = Vec::new();
-            record.write_line(&mut line).unwrap();
+            record.write_line(&(), &mut line).unwrap();
             serde_json::from_slice(&line).unwrap()
         })
         .collect();

@@ -190,13 +190,178 @@ fn json_string(out: &mut impl Write, text: &str) -> std::io::Result<()> {
 
 /// A record a [`LineLog`] writes: one line, newline included.
 pub trait LogLine: Send + 'static {
+    /// How lines are laid out (the writer thread holds it).
+    type Format: Send + 'static;
     /// Appends the line to `out`.
-    fn write_line(&self, out: &mut impl Write) -> std::io::Result<()>;
+    fn write_line(&self, format: &Self::Format, out: &mut impl Write) -> std::io::Result<()>;
 }
 
 impl LogLine for AccessRecord {
-    fn write_line(&self, out: &mut impl Write) -> std::io::Result<()> {
-        AccessRecord::write_line(self, out)
+    /// JSON when `None`.
+    type Format = Option<Arc<AccessTemplate>>;
+
+    fn write_line(&self, format: &Self::Format, out: &mut impl Write) -> std::io::Result<()> {
+        match format {
+            None => AccessRecord::write_line(self, out),
+            Some(template) => template.write(self, out),
+        }
+    }
+}
+
+/// The access log's fields, by the names the JSON lines and templates use.
+const FIELDS: [&str; 19] = [
+    "time",
+    "listener",
+    "route",
+    "method",
+    "authority",
+    "path",
+    "protocol",
+    "status",
+    "flag",
+    "upstream",
+    "bytes_sent",
+    "duration_ms",
+    "request_id",
+    "peer",
+    "peer_identity",
+    "attempts",
+    "trace_id",
+    "span_id",
+    "duration_us",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Piece {
+    Text(String),
+    Field(usize),
+}
+
+/// A line layout of the user's: text with `{field}` placeholders (`{{` and
+/// `}}` for braces), parsed once; an absent value is written as `-`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessTemplate {
+    pieces: Vec<Piece>,
+}
+
+impl AccessTemplate {
+    /// Parses `text`; an unknown field or an unclosed brace is an error
+    /// that names it.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let mut pieces = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
+                    let Some(index) = FIELDS.iter().position(|f| *f == name) else {
+                        return Err(format!(
+                            "unknown field {{{name}}} (known: {})",
+                            FIELDS.join(", ")
+                        ));
+                    };
+                    if !literal.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut literal)));
+                    }
+                    pieces.push(Piece::Field(index));
+                }
+                '}' => return Err("a lone `}` (write `}}` for a brace)".into()),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            pieces.push(Piece::Text(literal));
+        }
+        if !pieces.iter().any(|p| matches!(p, Piece::Field(_))) {
+            return Err("names no field".into());
+        }
+        Ok(Self { pieces })
+    }
+
+    /// Writes `record` as one line.
+    fn write(&self, record: &AccessRecord, out: &mut impl Write) -> std::io::Result<()> {
+        for piece in &self.pieces {
+            match piece {
+                Piece::Text(text) => out.write_all(text.as_bytes())?,
+                Piece::Field(index) => record.write_field(*index, out)?,
+            }
+        }
+        out.write_all(b"\n")
+    }
+}
+
+impl AccessRecord {
+    /// One field as template text: unquoted, `-` when absent.
+    fn write_field(&self, index: usize, out: &mut impl Write) -> std::io::Result<()> {
+        let or_dash = |text: &str| if text.is_empty() { "-" } else { text }.to_owned();
+        let text = match FIELDS.get(index).copied().unwrap_or("") {
+            "time" => humantime::format_rfc3339_millis(self.start).to_string(),
+            "listener" => self.listener.to_string(),
+            "route" => or_dash(self.route.as_deref().unwrap_or("")),
+            "method" => self.method.to_string(),
+            "authority" => or_dash(
+                self.uri
+                    .authority()
+                    .map(http::uri::Authority::as_str)
+                    .or_else(|| self.host.as_ref().and_then(|h| h.to_str().ok()))
+                    .unwrap_or(""),
+            ),
+            "path" => self
+                .uri
+                .path_and_query()
+                .map_or("/", http::uri::PathAndQuery::as_str)
+                .to_owned(),
+            "protocol" => match self.version {
+                http::Version::HTTP_2 => "HTTP/2",
+                http::Version::HTTP_10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            }
+            .to_owned(),
+            "status" => self.status.to_string(),
+            "flag" => or_dash(self.flag),
+            "upstream" => self.upstream.map_or_else(|| "-".into(), |u| u.to_string()),
+            "bytes_sent" => self.bytes_sent.to_string(),
+            "duration_ms" => {
+                let micros = self.duration.as_micros();
+                format!("{}.{:03}", micros / 1000, micros % 1000)
+            }
+            "duration_us" => self.duration.as_micros().to_string(),
+            "request_id" => or_dash(
+                self.request_id
+                    .as_ref()
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or(""),
+            ),
+            "peer" => self.peer.to_string(),
+            "peer_identity" => or_dash(self.peer_identity.as_deref().unwrap_or("")),
+            "attempts" => self.attempts.max(1).to_string(),
+            "trace_id" => self
+                .trace
+                .map_or_else(|| "-".into(), |(trace, _)| format!("{trace:032x}")),
+            "span_id" => self
+                .trace
+                .map_or_else(|| "-".into(), |(_, span)| format!("{span:016x}")),
+            _ => "-".into(),
+        };
+        // A client's text (path, authority) must not break the line.
+        if text.bytes().any(|b| b.is_ascii_control()) {
+            let clean: String = text
+                .chars()
+                .map(|c| if c.is_ascii_control() { '?' } else { c })
+                .collect();
+            out.write_all(clean.as_bytes())
+        } else {
+            out.write_all(text.as_bytes())
+        }
     }
 }
 
@@ -204,9 +369,13 @@ impl LogLine for AccessRecord {
 pub type AccessLog = LineLog<AccessRecord>;
 
 impl AccessLog {
-    /// Opens the target and starts the access log's writer thread.
-    pub fn start(target: &AccessLogTarget) -> std::io::Result<Self> {
-        Self::start_named(target, "weft-access-log")
+    /// Opens the target and starts the access log's writer thread: JSON
+    /// lines, or `template`'s.
+    pub fn start(
+        target: &AccessLogTarget,
+        template: Option<Arc<AccessTemplate>>,
+    ) -> std::io::Result<Self> {
+        Self::start_named(target, template, "weft-access-log")
     }
 }
 
@@ -258,7 +427,11 @@ fn open_target(target: &AccessLogTarget) -> std::io::Result<Box<dyn Write + Send
 
 impl<R: LogLine> LineLog<R> {
     /// Opens the target and starts the writer thread, named `thread`.
-    pub fn start_named(target: &AccessLogTarget, thread: &str) -> std::io::Result<Self> {
+    pub fn start_named(
+        target: &AccessLogTarget,
+        format: R::Format,
+        thread: &str,
+    ) -> std::io::Result<Self> {
         let out = open_target(target)?;
         let (log, rx) = Self::queue(QUEUE_CAPACITY);
         let queued = log.queued.clone();
@@ -287,7 +460,7 @@ impl<R: LogLine> LineLog<R> {
                     let mut ok = true;
                     for record in std::iter::once(record).chain(rx.try_iter()) {
                         queued.fetch_sub(1, Relaxed);
-                        ok &= record.write_line(&mut buf).is_ok();
+                        ok &= record.write_line(&format, &mut buf).is_ok();
                     }
                     if !(ok && buf.flush().is_ok()) {
                         tracing::warn!("log write failed");
@@ -426,6 +599,48 @@ mod tests {
         assert_eq!(json["request_id"], "abc");
         assert_eq!(json["trace_id"], "0af7651916cd43dd8448eb211c80319c");
         assert_eq!(json["span_id"], "b7ad6b7169203331");
+    }
+
+    #[test]
+    fn a_template_lays_out_named_fields_and_dashes_for_absent_ones() {
+        let template = AccessTemplate::parse(
+            "{time} {method} {authority}{path} {status} {flag} {upstream} {duration_ms}ms \
+             attempts={attempts} trace={trace_id} {{x}}",
+        )
+        .unwrap();
+        let mut out = Vec::new();
+        LogLine::write_line(&record(), &Some(Arc::new(template.clone())), &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "1970-01-01T00:00:00.000Z GET example.com/a?b=1 503 upstream_connect_failure \
+             127.0.0.1:9 1.500ms attempts=3 trace=0af7651916cd43dd8448eb211c80319c {x}\n"
+        );
+        let mut bare = record();
+        bare.flag = "";
+        bare.upstream = None;
+        bare.trace = None;
+        bare.route = None;
+        // A client's host may hold a tab: it must not split the field.
+        bare.uri = Uri::from_static("/p");
+        bare.host = Some(HeaderValue::from_static("evil\thost"));
+        let template =
+            AccessTemplate::parse("{route} {flag} {upstream} {span_id} {authority}").unwrap();
+        let mut out = Vec::new();
+        LogLine::write_line(&bare, &Some(Arc::new(template)), &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "- - - - evil?host\n");
+        // JSON without a template.
+        let mut out = Vec::new();
+        LogLine::write_line(&record(), &None, &mut out).unwrap();
+        assert!(out.starts_with(b"{\"time\""));
+
+        for (bad, expected) in [
+            ("{status} {bogus}", "unknown field {bogus}"),
+            ("status }", "a lone `}`"),
+            ("just text", "names no field"),
+        ] {
+            let error = AccessTemplate::parse(bad).unwrap_err();
+            assert!(error.contains(expected), "{bad}: {error}");
+        }
     }
 
     #[test]
