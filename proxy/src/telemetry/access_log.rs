@@ -609,7 +609,7 @@ mod tests {
         )
         .unwrap();
         let mut out = Vec::new();
-        LogLine::write_line(&record(), &Some(Arc::new(template.clone())), &mut out).unwrap();
+        LogLine::write_line(&record(), &Some(Arc::new(template)), &mut out).unwrap();
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "1970-01-01T00:00:00.000Z GET example.com/a?b=1 503 upstream_connect_failure \
