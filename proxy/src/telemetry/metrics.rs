@@ -188,6 +188,9 @@ pub struct ListenerMetrics {
     /// Requests by the SPIFFE ID the client proved, for the first
     /// [`MAX_SOURCES`] identities; the rest under `other`.
     sources: Mutex<BTreeMap<Arc<str>, Arc<AtomicU64>>>,
+    /// Connections counted under `other` because the identity series were
+    /// at their cap.
+    sources_folded: AtomicU64,
 }
 
 /// Distinct caller identities counted per listener: a gateway that takes
@@ -206,6 +209,7 @@ impl ListenerMetrics {
         let key = if sources.len() < MAX_SOURCES {
             identity.clone()
         } else {
+            self.sources_folded.fetch_add(1, Relaxed);
             Arc::from("other")
         };
         sources.entry(key).or_default().clone()
@@ -577,6 +581,18 @@ impl Metrics {
                 );
             }
         }
+        out.push_str("# HELP weft_metrics_folded_total Connections whose series went to a label value `other` because their metric was at its cap of series (the label and metric named).\n");
+        out.push_str("# TYPE weft_metrics_folded_total counter\n");
+        for (listener, m) in &registry.listeners {
+            let folded = m.sources_folded.load(Relaxed);
+            if folded > 0 {
+                let _ = writeln!(
+                    out,
+                    "weft_metrics_folded_total{{listener=\"{}\",metric=\"weft_http_requests_by_source_total\",label=\"source_identity\"}} {folded}",
+                    escape(listener),
+                );
+            }
+        }
         counter_by(
             &mut out,
             (
@@ -888,6 +904,9 @@ mod tests {
         assert_eq!(sources.len(), MAX_SOURCES + 1, "the cap, and `other`");
         assert_eq!(sources[&web].load(Relaxed), 2);
         assert!(sources.contains_key("other"));
+        drop(sources);
+        // 1034 identities, 1024 series: ten folded, and each fold counted.
+        assert_eq!(listener.sources_folded.load(Relaxed), 10);
     }
 
     #[test]
