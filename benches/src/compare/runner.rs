@@ -349,8 +349,10 @@ fn target_status(
              route timeout, a retry policy (2 retries of gateway errors, 2 s per try, the \
              default budget), the default circuit breakers, outlier detection, active HTTP \
              health checks, idle fault injection, rate limits never reached, a Rego policy \
-             (methods allowed by the route), `via`, header \
-             limits, a JSON access log to a file, the admin server (metrics); its clients speak \
+             (methods allowed by the route), tracing (trace context on every request, 1 % \
+             of traces exported over OTLP/gRPC to a receiver in the bench process), `via`, \
+             header limits, a JSON access log to a file, the admin server (metrics); its \
+             clients speak \
              cleartext, so TLS and mTLS are measured in weft-s2s-mtls"
                 .to_owned(),
         ),
