@@ -312,17 +312,7 @@ async fn a_single_worker_proxy_serves_both_protocols_and_drains() {
     let web = proxy.listener("http");
     // SIGHUP has no configuration to reload here (it reopens the logs),
     // and must not kill the proxy.
-    let _ = std::process::Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status();
-    assert!(
-        eventually(DEADLINE, || async {
-            proxy.log().contains("SIGHUP: log files reopened")
-        })
-        .await,
-        "{}",
-        proxy.log()
-    );
+    hang_up(&proxy).await;
     for _ in 0..3 {
         let response = http1_request(web, get(web, "/one")).await.unwrap();
         assert_eq!(response.status(), 200);
@@ -406,19 +396,9 @@ async fn sighup_reopens_a_rotated_access_log() {
 
     let rotated = dir.path().join("access.log.1");
     std::fs::rename(&log, &rotated).unwrap();
-    let _ = std::process::Command::new("kill")
-        .args(["-HUP", &proxy.pid().to_string()])
-        .status();
     // Once the signal is handled, the writer opens the path again before
     // its next line.
-    assert!(
-        eventually(DEADLINE, || async {
-            proxy.log().contains("SIGHUP: log files reopened")
-        })
-        .await,
-        "{}",
-        proxy.log()
-    );
+    hang_up(&proxy).await;
     let response = http1_request(web, get(web, "/after")).await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(
@@ -430,4 +410,19 @@ async fn sighup_reopens_a_rotated_access_log() {
     let before = std::fs::read_to_string(&rotated).unwrap();
     assert_eq!(before.lines().count(), 1);
     assert!(before.contains("\"path\":\"/before\""), "{before}");
+}
+
+/// Sends SIGHUP and waits until the proxy says it reopened its logs.
+async fn hang_up(proxy: &ProxyProcess) {
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &proxy.pid().to_string()])
+        .status();
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy.log().contains("SIGHUP: log files reopened")
+        })
+        .await,
+        "{}",
+        proxy.log()
+    );
 }
