@@ -289,7 +289,8 @@ async fn demo(
                     None => None,
                 };
                 print_banner(args, mesh, &proxies, token_file, dir, scratch, trace.as_deref());
-                traffic(args, mesh, &proxies, stop_requested).await;
+                let drawing = receiver.as_ref().map(|r| (r, scratch.join("trace.svg")));
+                traffic(args, mesh, &proxies, drawing.as_ref(), stop_requested).await;
                 Ok(())
             }
             Err(error) => Err(error),
@@ -615,6 +616,11 @@ async fn trace_one_request(
     out.push_str(&waterfall::text(&rows));
     if written {
         let _ = writeln!(out, "  (also drawn in {})", svg_path.display());
+        let _ = writeln!(
+            out,
+            "  Every later `curl http://{}{}` is drawn there in its place (the file is rewritten within a second).",
+            target.address, target.path
+        );
     }
     Some(out)
 }
@@ -768,6 +774,7 @@ async fn traffic(
     args: &DemoArgs,
     mesh: &Mesh,
     proxies: &[ProxyChild],
+    drawing: Option<&(&crate::otlp::Receiver, PathBuf)>,
     stop_requested: &CancellationToken,
 ) {
     let end = args.duration.map(|d| tokio::time::Instant::now() + d);
@@ -793,6 +800,8 @@ async fn traffic(
     let mut versions: BTreeMap<String, u64> = BTreeMap::new();
     let (mut sent, mut ok, mut failed, mut last_sent) = (0u64, 0u64, 0u64, 0u64);
     let (results, mut completed) = tokio::sync::mpsc::channel::<Result<Option<String>, ()>>(64);
+    // The trace drawn last: its id and how many spans it had.
+    let mut drawn: Option<(String, usize)> = None;
     loop {
         tokio::select! {
             () = stop_requested.cancelled() => return,
@@ -818,6 +827,9 @@ async fn traffic(
                 Err(()) => failed += 1,
             },
             _ = tick.tick() => {
+                if let Some((receiver, svg)) = drawing {
+                    drawn = redraw_latest(receiver, svg, drawn);
+                }
                 let mut ready = 0;
                 for p in proxies {
                     if app::get(p.admin, "admin", "/ready", &[]).await.is_ok_and(|(s, _, _)| s.is_success()) {
@@ -857,6 +869,35 @@ async fn traffic(
             }
         }
     }
+}
+
+/// Draws the latest recorded `/frontend/` request (the gateway's server
+/// span of its `frontend` route) into `svg`, when it is a new trace or more
+/// of its spans have arrived since `drawn`. Returns what is drawn now.
+fn redraw_latest(
+    receiver: &crate::otlp::Receiver,
+    svg: &Path,
+    drawn: Option<(String, usize)>,
+) -> Option<(String, usize)> {
+    let spans = receiver.latest_trace(|s| {
+        s.kind == "server"
+            && s.parent_span_id.is_empty()
+            && s.attribute("weft.route") == Some("frontend")
+    });
+    let Some(root) = spans.first() else {
+        return drawn;
+    };
+    let now = (root.trace_id.clone(), spans.len());
+    if drawn.as_ref() == Some(&now) {
+        return drawn;
+    }
+    let title = format!(
+        "the latest GET /frontend/ (trace {}): {} spans",
+        now.0,
+        spans.len()
+    );
+    let _ = std::fs::write(svg, waterfall::svg(&waterfall::rows(&spans), &title));
+    Some(now)
 }
 
 /// SIGTERM to every proxy (they drain), then waits a little and kills what

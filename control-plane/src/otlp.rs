@@ -240,6 +240,26 @@ impl Receiver {
             .clone()
     }
 
+    /// The spans of the latest trace whose root `matches` (a root: a span
+    /// whose parent is not among the received ones, or that has none),
+    /// without copying any other span.
+    pub fn latest_trace(&self, matches: impl Fn(&ReceivedSpan) -> bool) -> Vec<ReceivedSpan> {
+        let spans = self
+            .state
+            .spans
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(root) = spans.iter().rev().find(|s| matches(s)) else {
+            return Vec::new();
+        };
+        let trace = root.trace_id.clone();
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace)
+            .cloned()
+            .collect()
+    }
+
     /// Export requests received.
     pub fn exports(&self) -> u64 {
         self.state

@@ -274,6 +274,7 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         .and_then(|l| l.strip_suffix(')'))
         .expect("the banner names the SVG");
     assert!(std::fs::read_to_string(svg).unwrap().starts_with("<svg"));
+    let svg = std::path::PathBuf::from(svg);
     // The bootstrap token is readable by its owner only.
     let token_file = token_file.expect("the banner names the token file");
     let mode = std::os::unix::fs::PermissionsExt::mode(
@@ -297,6 +298,16 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     assert!(
         body.contains("-> echo: 200 OK echo (workload echo-1"),
         "{body}"
+    );
+    // That request, traced from the gateway on, replaces the drawing.
+    assert!(
+        eventually(DEADLINE, || async {
+            std::fs::read_to_string(&svg)
+                .is_ok_and(|t| t.contains("the latest GET /frontend/") && t.contains("echo server"))
+        })
+        .await,
+        "{}",
+        std::fs::read_to_string(&svg).unwrap_or_default()
     );
     // Every hop is mutual TLS with certificates from the control plane:
     // each application names the caller its sidecar verified.
