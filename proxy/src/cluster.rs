@@ -33,7 +33,7 @@ use crate::error::ProxyError;
 use crate::identity::Identities;
 use crate::rng::with_thread_rng;
 use crate::telemetry::Metrics;
-use crate::telemetry::trace::{Kind, SpanRecord};
+use crate::telemetry::trace::{Kind, OpenSpan, SpanRecord};
 pub use lb::Balancer;
 use pool::PoolSettings;
 
@@ -322,7 +322,7 @@ impl ClusterState {
                 *req.version_mut() = Version::HTTP_2;
             }
         }
-        let result = match per_try {
+        let mut result = match per_try {
             None => endpoint.send(req, wire, guard).await,
             Some(deadline) => tokio::time::timeout(deadline, endpoint.send(req, wire, guard))
                 .await
@@ -358,7 +358,12 @@ impl ClusterState {
                 span.route = Some(outbound.route.clone());
                 span.cluster = Some(self.config.name.clone());
                 span.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
-                outbound.tracer.queue.send(span);
+                let open = OpenSpan::new(outbound.tracer.clone(), span);
+                // A response keeps its attempt's span open until its body
+                // is over; a failed attempt's ends now.
+                if let Ok(response) = &mut result {
+                    response.extensions_mut().insert(open);
+                }
             }
         }
         result

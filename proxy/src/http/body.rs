@@ -16,7 +16,7 @@ use pin_project_lite::pin_project;
 use crate::cluster::UpstreamBody;
 use std::sync::Arc;
 
-use crate::telemetry::trace::{SpanRecord, Tracer};
+use crate::telemetry::trace::{OpenSpan, SpanRecord, Tracer};
 use crate::telemetry::{AccessLog, AccessRecord, RequestMetrics};
 
 /// What to record when the response is over.
@@ -32,6 +32,8 @@ pub(crate) struct Finish {
     /// The request's server span, when it is recorded; it ends with the
     /// response.
     pub(crate) span: Option<Box<(Arc<Tracer>, SpanRecord)>>,
+    /// The answering attempt's client span, ended (dropped) with the body.
+    pub(crate) client_span: Option<OpenSpan>,
 }
 
 impl Finish {
@@ -45,6 +47,8 @@ impl Finish {
             record.duration = duration;
             log.log(*record);
         }
+        // The client span ends first, as the upstream's body did.
+        drop(self.client_span);
         if let Some(span) = self.span {
             let (tracer, mut span) = *span;
             // The request-duration histogram points at the trace.
@@ -258,6 +262,7 @@ mod tests {
             metrics: metrics.clone(),
             access: None,
             span: None,
+            client_span: None,
             request: None,
         }
     }

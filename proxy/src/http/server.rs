@@ -27,7 +27,7 @@ use crate::policy::{self, Peers, RequestPeers};
 use crate::resilience::rate_limit::{Client, limited};
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
-use crate::telemetry::trace::{self, Context, Kind, Outbound, SpanRecord, Tracer};
+use crate::telemetry::trace::{self, Context, Kind, OpenSpan, Outbound, SpanRecord, Tracer};
 use crate::telemetry::{AccessRecord, ListenerMetrics, RequestMetrics};
 use crate::transport::{ConnState, DownstreamIo, Protocol, accept_permissive, accept_tls, detect};
 
@@ -555,9 +555,11 @@ async fn handle(
         )
     });
     let mut outcome = Outcome::default();
+    let mut client_span = None;
     let (mut response, status, flag) =
         match route_and_forward(&conn, &listener, req, &mut outcome, trace).await {
-            Ok(response) => {
+            Ok(mut response) => {
+                client_span = response.extensions_mut().remove::<OpenSpan>();
                 // A layer's decision (a fault, a rate limit) names itself.
                 match response.extensions().get::<Decision>().copied() {
                     Some(decision) => (response, decision.status, decision.flag),
@@ -621,6 +623,7 @@ async fn handle(
         access,
         request: Some(request),
         span,
+        client_span,
     });
     Ok(response)
 }

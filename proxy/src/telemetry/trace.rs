@@ -396,6 +396,43 @@ pub(crate) fn inject(headers: &mut HeaderMap, context: &Context) -> u64 {
     span_id
 }
 
+/// A client span still open: it ends, and is queued, when its last holder
+/// lets go of it. A response carries it to the connection's part of the
+/// path, which keeps it until the response body has been sent, so that the
+/// span covers the upstream's body too; an attempt whose response is
+/// dropped (a retry follows) ends there.
+#[derive(Debug, Clone)]
+pub(crate) struct OpenSpan {
+    /// Held for its drop only.
+    _open: Arc<Open>,
+}
+
+#[derive(Debug)]
+struct Open {
+    tracer: Arc<Tracer>,
+    span: Option<SpanRecord>,
+}
+
+impl OpenSpan {
+    pub(crate) fn new(tracer: Arc<Tracer>, span: SpanRecord) -> Self {
+        Self {
+            _open: Arc::new(Open {
+                tracer,
+                span: Some(span),
+            }),
+        }
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        if let Some(mut span) = self.span.take() {
+            span.end = SystemTime::now();
+            self.tracer.queue.send(span);
+        }
+    }
+}
+
 /// A listener's tracer: its sampling and its exporter's queue.
 #[derive(Debug)]
 pub(crate) struct Tracer {
