@@ -559,7 +559,9 @@ async fn handle(
     let (mut response, status, flag) =
         match route_and_forward(&conn, &listener, req, &mut outcome, trace).await {
             Ok(mut response) => {
-                client_span = response.extensions_mut().remove::<OpenSpan>();
+                if trace.is_some() {
+                    client_span = response.extensions_mut().remove::<OpenSpan>();
+                }
                 // A layer's decision (a fault, a rate limit) names itself.
                 match response.extensions().get::<Decision>().copied() {
                     Some(decision) => (response, decision.status, decision.flag),
