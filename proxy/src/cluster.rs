@@ -279,7 +279,9 @@ impl ClusterState {
             .map(|outbound| {
                 let span_id = outbound.inject(req.headers_mut());
                 // What a span needs, only when one may be recorded.
-                let head = (outbound.context.sampled || outbound.tracer.always_sample_errors)
+                let head = outbound
+                    .tracer
+                    .may_record(&outbound.context)
                     .then(|| (std::time::SystemTime::now(), req.method().clone()));
                 (outbound, span_id, head)
             });

@@ -14,9 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::cluster::UpstreamBody;
-use std::sync::Arc;
-
-use crate::telemetry::trace::{OpenSpan, SpanRecord, Tracer};
+use crate::telemetry::trace::OpenSpan;
 use crate::telemetry::{AccessLog, AccessRecord, RequestMetrics};
 
 /// What to record when the response is over.
@@ -31,7 +29,7 @@ pub(crate) struct Finish {
     pub(crate) request: Option<crate::transport::RequestGuard>,
     /// The request's server span, when it is recorded; it ends with the
     /// response.
-    pub(crate) span: Option<Box<(Arc<Tracer>, SpanRecord)>>,
+    pub(crate) span: Option<OpenSpan>,
     /// The answering attempt's client span, ended (dropped) with the body.
     pub(crate) client_span: Option<OpenSpan>,
 }
@@ -47,16 +45,14 @@ impl Finish {
             record.duration = duration;
             log.log(*record);
         }
-        // The client span ends first, as the upstream's body did.
+        // The client span ends first, as the upstream's body did, then
+        // the server span (both when dropped).
         drop(self.client_span);
-        if let Some(span) = self.span {
-            let (tracer, mut span) = *span;
+        if let Some((trace_id, span_id)) = self.span.as_ref().and_then(OpenSpan::ids) {
             // The request-duration histogram points at the trace.
             self.metrics
                 .duration
-                .keep_exemplar(duration, span.trace_id, span.span_id);
-            span.end = span.start + duration;
-            tracer.queue.send(span);
+                .keep_exemplar(duration, trace_id, span_id);
         }
     }
 }

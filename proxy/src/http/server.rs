@@ -496,8 +496,6 @@ struct Outcome {
     request_id: Option<HeaderValue>,
     /// Attempts sent (retries plus one), when more than one.
     attempts: u32,
-    /// The request id, for a server span that will be recorded.
-    request_id_for_span: Option<HeaderValue>,
 }
 
 /// Handles one request; never fails (errors become responses).
@@ -520,7 +518,7 @@ async fn handle(
     // What the server span needs, kept only when it may be recorded.
     let span_head = trace
         .as_ref()
-        .filter(|(tracer, context)| context.sampled || tracer.always_sample_errors)
+        .filter(|(tracer, context)| tracer.may_record(context))
         .map(|_| {
             (
                 SystemTime::now(),
@@ -579,15 +577,7 @@ async fn handle(
                 (to_response(&error, is_grpc), error.status(), error.flag())
             }
         };
-    let access = log.map(|(log, mut record)| {
-        record.route = outcome.route.clone();
-        record.status = response.status().as_u16();
-        record.flag = flag;
-        record.upstream = outcome.upstream;
-        record.request_id = outcome.request_id;
-        record.attempts = outcome.attempts;
-        (log, record)
-    });
+    // The span first: it copies what the access record then moves.
     let span = match (trace, span_head) {
         (Some((tracer, context)), Some((start, method, uri, host, version)))
             if tracer.records(&context, status.as_u16()) =>
@@ -610,13 +600,22 @@ async fn handle(
             span.status = status.as_u16();
             span.flag = flag;
             span.listener = Some(listener.config.name.clone());
-            span.route = outcome.route;
+            span.route.clone_from(&outcome.route);
             span.peer_identity = conn.peer_id.clone();
-            span.request_id = outcome.request_id_for_span;
-            Some(Box::new((tracer.clone(), span)))
+            span.request_id.clone_from(&outcome.request_id);
+            Some(OpenSpan::new(tracer.clone(), span))
         }
         _ => None,
     };
+    let access = log.map(|(log, mut record)| {
+        record.route = outcome.route.clone();
+        record.status = response.status().as_u16();
+        record.flag = flag;
+        record.upstream = outcome.upstream;
+        record.request_id = outcome.request_id;
+        record.attempts = outcome.attempts;
+        (log, record)
+    });
     let metrics = outcome.metrics.unwrap_or_else(|| listener.unrouted.clone());
     response.body_mut().set_finish(Finish {
         start,
@@ -734,16 +733,13 @@ async fn route_and_forward(
             let id = request_id.to_str().unwrap_or("");
             tracing::Span::current().record("request_id", id);
         }
+        let may_record = trace.is_some_and(|(tracer, context)| tracer.may_record(&context));
         // Cloning a generated id costs an allocation; only the log and a
         // recorded span need it.
-        if listener.access_log.is_some() {
+        if listener.access_log.is_some() || may_record {
             outcome.request_id = Some(request_id.clone());
         }
         if let Some((tracer, context)) = trace {
-            let may_record = context.sampled || tracer.always_sample_errors;
-            if may_record {
-                outcome.request_id_for_span = Some(request_id.clone());
-            }
             // The client's trace headers go; the proxy writes its own.
             trace::strip_incoming(h, &context);
             if may_record {

@@ -396,15 +396,14 @@ pub(crate) fn inject(headers: &mut HeaderMap, context: &Context) -> u64 {
     span_id
 }
 
-/// A client span still open: it ends, and is queued, when its last holder
-/// lets go of it. A response carries it to the connection's part of the
-/// path, which keeps it until the response body has been sent, so that the
-/// span covers the upstream's body too; an attempt whose response is
-/// dropped (a retry follows) ends there.
+/// A span still open: it ends, and is queued, when its last holder lets go
+/// of it. The request's server span ends with its response body. A client
+/// span rides on its attempt's response to the connection's part of the
+/// path, which keeps it as long, so that it covers the upstream's body too;
+/// an attempt whose response is dropped (a retry follows) ends there.
 #[derive(Debug, Clone)]
 pub(crate) struct OpenSpan {
-    /// Held for its drop only.
-    _open: Arc<Open>,
+    open: Arc<Open>,
 }
 
 #[derive(Debug)]
@@ -416,11 +415,16 @@ struct Open {
 impl OpenSpan {
     pub(crate) fn new(tracer: Arc<Tracer>, span: SpanRecord) -> Self {
         Self {
-            _open: Arc::new(Open {
+            open: Arc::new(Open {
                 tracer,
                 span: Some(span),
             }),
         }
+    }
+
+    /// The span's trace and its own id.
+    pub(crate) fn ids(&self) -> Option<(u128, u64)> {
+        self.open.span.as_ref().map(|s| (s.trace_id, s.span_id))
     }
 }
 
@@ -442,6 +446,12 @@ pub(crate) struct Tracer {
 }
 
 impl Tracer {
+    /// Whether a span of a request in `context` may be recorded: what it
+    /// needs is kept only then.
+    pub(crate) fn may_record(&self, context: &Context) -> bool {
+        context.sampled || self.always_sample_errors
+    }
+
     /// Whether a span of a request in `context` that ended with `status`
     /// (0: no response) is recorded.
     pub(crate) fn records(&self, context: &Context, status: u16) -> bool {
@@ -510,7 +520,8 @@ impl SpanRecord {
             parent_id,
             parent_remote: kind == Kind::Server && parent_id != 0,
             start,
-            end: SystemTime::now(),
+            // Set when the span ends.
+            end: start,
             method,
             path: None,
             authority: None,
