@@ -2,7 +2,9 @@
 //! gRPC (`TraceService/Export`) or HTTP/protobuf (`POST /v1/traces`), and
 //! keeps the latest ones in memory. `weft-cp demo` uses it to show a
 //! request's trace without a tracing backend; the end-to-end tests use it
-//! as their collector.
+//! as their collector. Bound with [`Receiver::bind_counting`] it decodes
+//! nothing and only counts (the collector of a tracing benchmark, which
+//! must cost the machine little).
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -73,9 +76,13 @@ impl ReceivedSpan {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Only count exports: decode and keep nothing.
+    counting: bool,
     spans: Mutex<VecDeque<ReceivedSpan>>,
     /// Export requests received (gRPC and HTTP).
     exports: std::sync::atomic::AtomicU64,
+    /// Their bodies' bytes, counting only.
+    bytes: std::sync::atomic::AtomicU64,
     /// The `x-*` headers (gRPC: metadata) exports came with, latest last.
     headers: Mutex<BTreeMap<String, String>>,
     arrived: Notify,
@@ -194,9 +201,23 @@ pub struct Receiver {
 impl Receiver {
     /// Binds both ports (port 0 picks free ones) and starts serving.
     pub async fn bind(grpc: SocketAddr, http: SocketAddr) -> std::io::Result<Self> {
+        Self::start(grpc, http, false).await
+    }
+
+    /// Binds both ports and answers every export with success after
+    /// reading its body, decoding nothing: [`Receiver::exports`] and
+    /// [`Receiver::bytes`] count them, [`Receiver::spans`] stays empty.
+    pub async fn bind_counting(grpc: SocketAddr, http: SocketAddr) -> std::io::Result<Self> {
+        Self::start(grpc, http, true).await
+    }
+
+    async fn start(grpc: SocketAddr, http: SocketAddr, counting: bool) -> std::io::Result<Self> {
         let grpc_listener = TcpListener::bind(grpc).await?;
         let http_listener = TcpListener::bind(http).await?;
-        let state = Arc::new(State::default());
+        let state = Arc::new(State {
+            counting,
+            ..State::default()
+        });
         let stop = CancellationToken::new();
         let receiver = Self {
             grpc: grpc_listener.local_addr()?,
@@ -260,6 +281,11 @@ impl Receiver {
             .collect()
     }
 
+    /// Bytes of the export bodies counted ([`Receiver::bind_counting`]).
+    pub fn bytes(&self) -> u64 {
+        self.state.bytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Export requests received.
     pub fn exports(&self) -> u64 {
         self.state
@@ -304,14 +330,24 @@ async fn serve(listener: TcpListener, state: Arc<State>, grpc: bool, stop: Cance
         };
         let state = state.clone();
         let stop = stop.clone();
+        let server = TraceServiceServer::new(Grpc(state.clone()));
         tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                let state = state.clone();
+                let mut server = server.clone();
+                async move {
+                    let response = if state.counting {
+                        any(count(&state, request, grpc).await)
+                    } else if grpc {
+                        any(server.call(request).await?)
+                    } else {
+                        any(http_export(&state, request).await)
+                    };
+                    Ok::<_, Infallible>(response)
+                }
+            });
             let io = TokioIo::new(stream);
             if grpc {
-                let server = TraceServiceServer::new(Grpc(state));
-                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
-                    let mut server = server.clone();
-                    async move { server.call(request).await }
-                });
                 let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .serve_connection(io, service);
                 tokio::select! {
@@ -319,10 +355,6 @@ async fn serve(listener: TcpListener, state: Arc<State>, grpc: bool, stop: Cance
                     () = stop.cancelled() => {}
                 }
             } else {
-                let service = hyper::service::service_fn(move |request| {
-                    let state = state.clone();
-                    async move { Ok::<_, Infallible>(http_export(&state, request).await) }
-                });
                 let connection =
                     hyper::server::conn::http1::Builder::new().serve_connection(io, service);
                 tokio::select! {
@@ -332,6 +364,44 @@ async fn serve(listener: TcpListener, state: Arc<State>, grpc: bool, stop: Cance
             }
         });
     }
+}
+
+/// Any of the answers' bodies.
+type AnyBody = UnsyncBoxBody<Bytes, Box<dyn std::error::Error + Send + Sync>>;
+
+fn any<B>(response: Response<B>) -> Response<AnyBody>
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    response.map(|body| body.map_err(Into::into).boxed_unsync())
+}
+
+/// An export counted, not decoded: success (gRPC: a trailers-only answer,
+/// its status in the headers).
+async fn count(state: &State, request: Request<Incoming>, grpc: bool) -> Response<Full<Bytes>> {
+    use std::sync::atomic::Ordering::Relaxed;
+    let size = Limited::new(request.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_or(0, |body| body.to_bytes().len());
+    state.exports.fetch_add(1, Relaxed);
+    state.bytes.fetch_add(size as u64, Relaxed);
+    let mut response = Response::new(Full::new(Bytes::new()));
+    let headers = response.headers_mut();
+    if grpc {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        headers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    } else {
+        headers.insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/x-protobuf"),
+        );
+    }
+    response
 }
 
 /// OTLP/HTTP with protobuf bodies.

@@ -500,3 +500,35 @@ async fn each_retry_is_a_client_span_of_its_own() {
     ids.dedup();
     assert_eq!(ids.len(), 3);
 }
+
+#[tokio::test]
+async fn a_counting_receiver_accepts_both_transports_without_decoding() {
+    let echo = echo("app").await;
+    let sink = Receiver::bind_counting(loopback0(), loopback0())
+        .await
+        .unwrap();
+    for (url, protocol) in [(sink.grpc_url(), "grpc"), (sink.http_url(), "http")] {
+        let proxy = ProxyProcess::start(&hop(echo.local_addr(), "edge", &url, protocol, ""))
+            .await
+            .unwrap();
+        let addr = proxy.listener("web");
+        for _ in 0..5 {
+            let response = http1_request(addr, get(addr, "/")).await.unwrap();
+            assert_eq!(response.status(), 200);
+        }
+        assert!(
+            eventually(WAIT, || async {
+                proxy
+                    .metric("weft_trace_spans_total{result=\"exported\"}")
+                    .await
+                    == 10.0
+            })
+            .await,
+            "{protocol}: {}",
+            proxy.admin_get("/metrics").await.unwrap().1
+        );
+    }
+    assert!(sink.exports() >= 2);
+    assert!(sink.bytes() > 0);
+    assert!(sink.spans().is_empty(), "nothing decoded or kept");
+}

@@ -234,7 +234,8 @@ const FIELDS: [&str; 19] = [
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Piece {
     Text(String),
-    Field(usize),
+    /// One of [`FIELDS`].
+    Field(&'static str),
 }
 
 /// A line layout of the user's: text with `{field}` placeholders (`{{` and
@@ -263,7 +264,7 @@ impl AccessTemplate {
                 }
                 '{' => {
                     let name: String = chars.by_ref().take_while(|&c| c != '}').collect();
-                    let Some(index) = FIELDS.iter().position(|f| *f == name) else {
+                    let Some(field) = FIELDS.iter().find(|f| **f == name) else {
                         return Err(format!(
                             "unknown field {{{name}}} (known: {})",
                             FIELDS.join(", ")
@@ -272,7 +273,7 @@ impl AccessTemplate {
                     if !literal.is_empty() {
                         pieces.push(Piece::Text(std::mem::take(&mut literal)));
                     }
-                    pieces.push(Piece::Field(index));
+                    pieces.push(Piece::Field(field));
                 }
                 '}' => return Err("a lone `}` (write `}}` for a brace)".into()),
                 c => literal.push(c),
@@ -292,7 +293,7 @@ impl AccessTemplate {
         for piece in &self.pieces {
             match piece {
                 Piece::Text(text) => out.write_all(text.as_bytes())?,
-                Piece::Field(index) => record.write_field(*index, out)?,
+                Piece::Field(field) => record.write_field(field, out)?,
             }
         }
         out.write_all(b"\n")
@@ -301,9 +302,9 @@ impl AccessTemplate {
 
 impl AccessRecord {
     /// One field as template text: unquoted, `-` when absent.
-    fn write_field(&self, index: usize, out: &mut impl Write) -> std::io::Result<()> {
+    fn write_field(&self, field: &str, out: &mut impl Write) -> std::io::Result<()> {
         let or_dash = |text: &str| if text.is_empty() { "-" } else { text }.to_owned();
-        let text = match FIELDS.get(index).copied().unwrap_or("") {
+        let text = match field {
             "time" => humantime::format_rfc3339_millis(self.start).to_string(),
             "listener" => self.listener.to_string(),
             "route" => or_dash(self.route.as_deref().unwrap_or("")),
