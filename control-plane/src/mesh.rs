@@ -214,6 +214,7 @@ impl Mesh {
             policies: Vec::new(),
             trust_domain: None,
             tracing: None,
+            istio_metrics: None,
         };
         let mut policies = Vec::new();
         for file in files

@@ -12,6 +12,9 @@
 //! A leaf module: the HTTP server builds the body, the cluster sends it.
 
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::sync::atomic::Ordering::Relaxed;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
@@ -46,16 +49,28 @@ pin_project! {
     #[derive(Debug)]
     #[project = RequestBodyProj]
     pub(crate) enum RequestBody {
-        Streaming { #[pin] body: Incoming },
+        Streaming { #[pin] body: Incoming, counted: Counted },
         Replay { data: Option<Bytes>, trailers: Option<http::HeaderMap> },
-        Prefixed { prefix: std::collections::VecDeque<Bytes>, #[pin] rest: Incoming },
+        Prefixed { prefix: std::collections::VecDeque<Bytes>, #[pin] rest: Incoming, counted: Counted },
     }
 }
 
 impl RequestBody {
     /// Streams the client's body.
     pub(crate) fn new(body: Incoming) -> Self {
-        Self::Streaming { body }
+        Self::Streaming {
+            body,
+            counted: None,
+        }
+    }
+
+    /// Streams the client's body, adding the bytes read from the client
+    /// to `counted` (once, however often a retry sends them).
+    pub(crate) fn counted(body: Incoming, counted: Arc<AtomicU64>) -> Self {
+        Self::Streaming {
+            body,
+            counted: Some(counted),
+        }
     }
 
     /// A body already read whole.
@@ -92,7 +107,7 @@ pub(crate) fn ready_for_replay(body: RequestBody) -> Result<Replayable, RequestB
             data: data.unwrap_or_default(),
             trailers,
         }),
-        RequestBody::Streaming { body } if body.is_end_stream() => Ok(Replayable::default()),
+        RequestBody::Streaming { body, .. } if body.is_end_stream() => Ok(Replayable::default()),
         other => Err(other),
     }
 }
@@ -106,9 +121,9 @@ pub(crate) async fn read_for_replay(
     limit: usize,
 ) -> Result<Result<Replayable, RequestBody>, DownstreamBodyError> {
     use http_body_util::BodyExt as _;
-    let mut incoming = match ready_for_replay(body) {
+    let (mut incoming, counted) = match ready_for_replay(body) {
         Ok(replayable) => return Ok(Ok(replayable)),
-        Err(RequestBody::Streaming { body }) => body,
+        Err(RequestBody::Streaming { body, counted }) => (body, counted),
         Err(other) => return Ok(Err(other)),
     };
     if incoming
@@ -117,7 +132,10 @@ pub(crate) async fn read_for_replay(
         .try_into()
         .is_ok_and(|lower: usize| lower > limit)
     {
-        return Ok(Err(RequestBody::Streaming { body: incoming }));
+        return Ok(Err(RequestBody::Streaming {
+            body: incoming,
+            counted,
+        }));
     }
     let mut chunks = std::collections::VecDeque::new();
     let mut total = 0_usize;
@@ -127,11 +145,13 @@ pub(crate) async fn read_for_replay(
         match frame.into_data() {
             Ok(data) => {
                 total += data.len();
+                count(&counted, &data);
                 chunks.push_back(data);
                 if total > limit {
                     return Ok(Err(RequestBody::Prefixed {
                         prefix: chunks,
                         rest: incoming,
+                        counted,
                     }));
                 }
             }
@@ -154,6 +174,28 @@ pub(crate) async fn read_for_replay(
     Ok(Ok(Replayable { data, trailers }))
 }
 
+/// Where the bytes read from the client are counted, when they are.
+type Counted = Option<Arc<AtomicU64>>;
+
+fn count(counted: &Counted, data: &Bytes) {
+    if let Some(counted) = counted {
+        counted.fetch_add(data.len() as u64, Relaxed);
+    }
+}
+
+/// A frame read from the client, its bytes counted.
+fn counting(
+    polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    counted: &Counted,
+) -> Poll<Option<Result<Frame<Bytes>, DownstreamBodyError>>> {
+    if let Poll::Ready(Some(Ok(frame))) = &polled
+        && let Some(data) = frame.data_ref()
+    {
+        count(counted, data);
+    }
+    polled.map_err(DownstreamBodyError)
+}
+
 impl Body for RequestBody {
     type Data = Bytes;
     type Error = DownstreamBodyError;
@@ -163,35 +205,39 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, DownstreamBodyError>>> {
         match self.project() {
-            RequestBodyProj::Streaming { body } => body.poll_frame(cx).map_err(DownstreamBodyError),
+            RequestBodyProj::Streaming { body, counted } => counting(body.poll_frame(cx), counted),
             RequestBodyProj::Replay { data, trailers } => {
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
                 Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
             }
-            RequestBodyProj::Prefixed { prefix, rest } => match prefix.pop_front() {
+            RequestBodyProj::Prefixed {
+                prefix,
+                rest,
+                counted,
+            } => match prefix.pop_front() {
                 Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
-                None => rest.poll_frame(cx).map_err(DownstreamBodyError),
+                None => counting(rest.poll_frame(cx), counted),
             },
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
-            Self::Streaming { body } => body.is_end_stream(),
+            Self::Streaming { body, .. } => body.is_end_stream(),
             Self::Replay { data, trailers } => data.is_none() && trailers.is_none(),
-            Self::Prefixed { prefix, rest } => prefix.is_empty() && rest.is_end_stream(),
+            Self::Prefixed { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
-            Self::Streaming { body } => body.size_hint(),
+            Self::Streaming { body, .. } => body.size_hint(),
             Self::Replay { data, .. } => {
                 SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
             }
-            Self::Prefixed { prefix, rest } => {
+            Self::Prefixed { prefix, rest, .. } => {
                 let buffered: u64 = prefix.iter().map(|d| d.len() as u64).sum();
                 let rest = rest.size_hint();
                 let mut hint = SizeHint::new();

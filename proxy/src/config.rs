@@ -211,6 +211,7 @@ impl Config {
                 rate_limit: None,
                 fault: None,
                 tracing: None,
+                istio_metrics: None,
                 policy: None,
             }],
             route_configs: vec![RouteConfigSpec {

@@ -48,6 +48,7 @@ use crate::identity::Identities;
 use crate::policy::{Enforcing, Policy, PolicyLayer};
 use crate::resilience::rate_limit::{Limited, Limiter, Limiters, RateLimit, RateLimitLayer};
 use crate::resilience::{Retry, RetryLayer, Retrying, Timeout, TimeoutLayer};
+use crate::telemetry::istio::IstioMetrics;
 use crate::telemetry::trace::{Exporters, Tracer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
 
@@ -112,6 +113,32 @@ pub(crate) struct HttpListener {
     pub(crate) policy: Option<Arc<Enforcing>>,
     /// Trace context and spans, when the listener traces.
     pub(crate) tracer: Option<Arc<Tracer>>,
+    /// Istio's standard metrics, when the listener reports them.
+    pub(crate) istio: Option<IstioListener>,
+}
+
+/// A listener's Istio metrics.
+#[derive(Debug)]
+pub(crate) struct IstioListener {
+    pub(crate) metrics: Arc<IstioMetrics>,
+    /// A source reporter's party for requests no cluster answered (no
+    /// route, a direct response).
+    pub(crate) no_cluster: u32,
+}
+
+/// A source reporter's party for requests to `cluster`: its labels name
+/// the identities the cluster's TLS presents and expects.
+pub(crate) fn istio_callee(istio: &IstioMetrics, cluster: &ClusterState) -> u32 {
+    let tls = cluster.config.tls.as_deref();
+    let server = tls.and_then(|tls| match &tls.server {
+        config::ServerIdentity::Spiffe(id) => Some(&**id),
+        config::ServerIdentity::DnsName(_) => None,
+    });
+    istio.callee(
+        &cluster.config.name,
+        tls.and_then(|tls| tls.workload_identity()).map(|id| &**id),
+        server,
+    )
 }
 
 /// A TCP listener's prepared state.
@@ -130,6 +157,8 @@ pub(crate) struct TcpListener {
     /// The policy every connection must pass (source and destination
     /// only).
     pub(crate) policy: Option<Arc<Enforcing>>,
+    /// Istio's standard metrics, when the listener reports them.
+    pub(crate) istio: Option<Arc<IstioMetrics>>,
 }
 
 /// A route, ready to serve: its stack for each cluster of its split.
@@ -175,6 +204,8 @@ fn split_index(targets: &[Target], x: u64) -> usize {
 pub(crate) struct Target {
     pub(crate) service: RouteService,
     pub(crate) metrics: Arc<RequestMetrics>,
+    /// A source reporter's party for this cluster (Istio metrics).
+    pub(crate) istio_party: Option<u32>,
     /// Running weight sum up to and including this target.
     cumulative_weight: u64,
 }
@@ -377,6 +408,10 @@ pub(crate) fn build(
                     .as_ref()
                     .map(|fault| Arc::new(TcpFaults::new(fault.clone()))),
                 policy: enforcing(&listener.policy),
+                istio: listener
+                    .istio_metrics
+                    .as_ref()
+                    .map(|istio| metrics.istio(&listener.name, istio, None)),
             })),
             ListenerKind::Http { route_config } => {
                 let routes = config
@@ -384,6 +419,26 @@ pub(crate) fn build(
                     .iter()
                     .find(|r| r.name == *route_config)
                     .expect("validation guarantees that route_config references resolve");
+                let istio = listener.istio_metrics.as_ref().map(|istio| {
+                    let own = listener
+                        .tls
+                        .as_ref()
+                        .and_then(|tls| tls.workload_identity.clone());
+                    let metrics = metrics.istio(&listener.name, istio, own);
+                    let no_cluster = match istio.reporter {
+                        config::IstioReporter::Source => metrics.callee(&empty, None, None),
+                        config::IstioReporter::Destination => 0,
+                    };
+                    IstioListener {
+                        metrics,
+                        no_cluster,
+                    }
+                });
+                // Only a source reporter's party follows the cluster.
+                let callees = istio
+                    .as_ref()
+                    .map(|istio| &istio.metrics)
+                    .filter(|m| m.settings.reporter == config::IstioReporter::Source);
                 let table = RouteTable::new(routes, |vhost, route| {
                     let limiter = route.rate_limit.as_ref().map(|limit| {
                         let key = format!("route/{}/{}/{}", listener.name, vhost.name, route.name);
@@ -396,6 +451,7 @@ pub(crate) fn build(
                         &cluster,
                         limiter,
                         enforcing(&route.policy),
+                        callees.map(|m| &**m),
                     ))
                 });
                 let via = |version: &str| {
@@ -431,6 +487,7 @@ pub(crate) fn build(
                             })
                         },
                     ),
+                    istio,
                 }))
             }
         }
@@ -462,6 +519,7 @@ fn prepare_route(
     cluster: &impl Fn(&str) -> Arc<ClusterState>,
     limiter: Option<Arc<Limiter>>,
     policy: Option<Arc<Enforcing>>,
+    istio_callees: Option<&IstioMetrics>,
 ) -> PreparedRoute {
     let rewrite = route
         .prefix_rewrite
@@ -505,6 +563,7 @@ fn prepare_route(
             })
         });
         let metrics = metrics.request(listener, &route.name, name);
+        let istio_party = istio_callees.map(|istio| istio_callee(istio, &state));
         Target {
             service: route_service(
                 route,
@@ -522,6 +581,7 @@ fn prepare_route(
                 },
             ),
             metrics,
+            istio_party,
             cumulative_weight,
         }
     };
@@ -545,6 +605,7 @@ fn prepare_route(
             let target = Target {
                 service: route_service(route, &shared, &metrics, None, direct),
                 metrics,
+                istio_party: None,
                 cumulative_weight: 1,
             };
             (vec![target], 1)

@@ -31,8 +31,10 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
+use crate::config::IstioReporter;
 use crate::drain::Drain;
 use crate::stack::TcpListener;
+use crate::telemetry::istio::TcpSeries;
 use crate::transport::Stream;
 
 /// The most bytes moved per read, per direction.
@@ -134,6 +136,14 @@ pub(crate) async fn proxy(
         }
     };
     let metrics = &listener.metrics;
+    // Counted as opened once the upstream answered, closed when dropped.
+    let istio = listener.istio.as_ref().map(|istio| {
+        let party = match istio.settings.reporter {
+            IstioReporter::Source => crate::stack::istio_callee(istio, &cluster),
+            IstioReporter::Destination => istio.caller(None),
+        };
+        istio.tcp_opened(party)
+    });
     if !hello.is_empty() {
         use tokio::io::AsyncWriteExt as _;
         if let Err(error) = upstream.write_all(&hello).await {
@@ -143,6 +153,9 @@ pub(crate) async fn proxy(
         metrics
             .bytes_received
             .fetch_add(hello.len() as u64, Relaxed);
+        if let Some(istio) = &istio {
+            istio.received.fetch_add(hello.len() as u64, Relaxed);
+        }
     }
     let idle_timeout = listener.config.idle_timeout;
     let ended =
@@ -150,6 +163,7 @@ pub(crate) async fn proxy(
             let counters = Counters {
                 from_client: &metrics.bytes_received,
                 to_client: &metrics.bytes_sent,
+                istio: istio.as_deref(),
             };
             tokio::select! {
                 ended = Forward::new(client, server, counters, idle_timeout) => ended,
@@ -247,6 +261,8 @@ pub(crate) struct Counters<'a> {
     pub(crate) from_client: &'a AtomicU64,
     /// Bytes read from the upstream and written to the client.
     pub(crate) to_client: &'a AtomicU64,
+    /// The connection's Istio series, which counts them too.
+    pub(crate) istio: Option<&'a TcpSeries>,
 }
 
 /// How a forwarded connection or a [`splice`] ended without an error.
@@ -308,12 +324,17 @@ impl Future for Forward<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         let mut moved = false;
-        let up = this
-            .to_upstream
-            .poll_transfer(cx, this.counters.from_client, &mut moved)?;
-        let down = this
-            .to_client
-            .poll_transfer(cx, this.counters.to_client, &mut moved)?;
+        let istio = this.counters.istio;
+        let up = this.to_upstream.poll_transfer(
+            cx,
+            (this.counters.from_client, istio.map(|s| &s.received)),
+            &mut moved,
+        )?;
+        let down = this.to_client.poll_transfer(
+            cx,
+            (this.counters.to_client, istio.map(|s| &s.sent)),
+            &mut moved,
+        )?;
         if up.is_ready() && down.is_ready() {
             return Poll::Ready(Ok(Ended::Closed));
         }
@@ -386,7 +407,7 @@ impl<'a> Half<'a> {
     fn poll_transfer(
         &mut self,
         cx: &mut Context<'_>,
-        counter: &AtomicU64,
+        (counter, also): (&AtomicU64, Option<&AtomicU64>),
         moved: &mut bool,
     ) -> Poll<io::Result<()>> {
         if self.is_done {
@@ -403,6 +424,9 @@ impl<'a> Half<'a> {
                     Ok(n) => {
                         self.written += n;
                         counter.fetch_add(n as u64, Relaxed);
+                        if let Some(also) = also {
+                            also.fetch_add(n as u64, Relaxed);
+                        }
                         *moved = true;
                     }
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
@@ -564,6 +588,7 @@ mod tests {
             Counters {
                 from_client: &self.from_client,
                 to_client: &self.to_client,
+                istio: None,
             }
         }
     }

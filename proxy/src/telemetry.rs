@@ -7,6 +7,7 @@
 //! Prometheus text format on scrape (on the control runtime).
 
 pub(crate) mod access_log;
+pub(crate) mod istio;
 mod metrics;
 pub(crate) mod trace;
 

@@ -552,6 +552,7 @@ fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
         rate_limit: None,
         fault: None,
         tracing: None,
+        istio_metrics: None,
         policy: None,
     }
 }

@@ -2,6 +2,7 @@
 //! compiled regexes, socket addresses), so nothing downstream re-parses
 //! strings. `validate.rs` builds it from the spec and holds every default.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -118,6 +119,50 @@ pub struct Listener {
     pub fault: Option<TcpFault>,
     /// HTTP: spans exported and trace context propagated.
     pub tracing: Option<Tracing>,
+    /// Istio's standard metrics for this listener's traffic.
+    pub istio_metrics: Option<Arc<IstioMetrics>>,
+}
+
+/// Istio's standard metrics on a listener: which side reports, and the
+/// workloads its labels name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IstioMetrics {
+    /// The side of the call this listener sees.
+    pub reporter: IstioReporter,
+    /// The workload this proxy stands for.
+    pub workload: IstioWorkload,
+    /// The cluster label of this workload and of the listed peers.
+    pub cluster_id: Option<String>,
+    /// `Destination`: callers by SPIFFE ID.
+    pub sources: BTreeMap<String, IstioWorkload>,
+    /// `Source`: callees by cluster name.
+    pub destinations: BTreeMap<String, IstioWorkload>,
+    /// Series kept at most.
+    pub max_series: u32,
+}
+
+/// Which side of a call a listener reports, in Istio's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IstioReporter {
+    /// The caller's proxy (an outbound listener, a gateway).
+    Source,
+    /// The callee's proxy (a sidecar's inbound listener).
+    Destination,
+}
+
+/// A workload as Istio's labels name it; an absent value is `unknown`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct IstioWorkload {
+    /// `*_workload`.
+    pub name: Option<String>,
+    /// `*_workload_namespace`.
+    pub namespace: Option<String>,
+    /// `*_app`, `*_canonical_service`.
+    pub app: Option<String>,
+    /// `*_version`, `*_canonical_revision`.
+    pub version: Option<String>,
+    /// `destination_service`.
+    pub service: Option<String>,
 }
 
 /// A listener's tracing: where its spans go and which requests are

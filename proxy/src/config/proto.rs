@@ -29,10 +29,11 @@ use super::spec::{
     BootstrapSpec, CircuitBreakersSpec, ClientRateLimitSpec, ClusterSpec, ClusterTlsSpec,
     DirectResponseSpec, EndpointSpec, FaultAbortSpec, FaultDelaySpec, FaultSpec,
     GrpcHealthCheckSpec, HeaderMatchSpec, HeaderOpsSpec, HealthCheckSpec, HttpHealthCheckSpec,
-    ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec, PolicySpec, PoolSpec, RateLimitSpec,
-    RegoModuleSpec, RetryBudgetSpec, RetryPolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec,
-    SniRouteSpec, SuccessRateSpec, TcpFaultSpec, TcpHealthCheckSpec, TlsCertificateSpec,
-    TracingSpec, TrustBundleSpec, VirtualHostSpec, WeightedClusterSpec,
+    IstioMetricsSpec, IstioWorkloadSpec, ListenerSpec, ListenerTlsSpec, OutlierDetectionSpec,
+    PolicySpec, PoolSpec, RateLimitSpec, RegoModuleSpec, RetryBudgetSpec, RetryPolicySpec,
+    RouteConfigSpec, RouteMatchSpec, RouteSpec, SniRouteSpec, SuccessRateSpec, TcpFaultSpec,
+    TcpHealthCheckSpec, TlsCertificateSpec, TracingSpec, TrustBundleSpec, VirtualHostSpec,
+    WeightedClusterSpec,
 };
 use super::{ConfigError, ValidationErrors};
 use std::collections::BTreeMap;
@@ -468,6 +469,7 @@ impl From<&ListenerSpec> for pb::Listener {
                 max_active: fault.max_active,
             }),
             tracing: spec.tracing.as_ref().map(tracing_to_proto),
+            istio_metrics: spec.istio_metrics.as_ref().map(istio_to_proto),
         }
     }
 }
@@ -495,6 +497,64 @@ fn tracing_to_proto(spec: &TracingSpec) -> pb::Tracing {
         max_export_batch: spec.max_export_batch,
         flush_interval: spec.flush_interval.map(duration_to_proto),
         export_timeout: spec.export_timeout.map(duration_to_proto),
+    }
+}
+
+fn istio_workload_to_proto(spec: &IstioWorkloadSpec) -> pb::IstioWorkload {
+    pb::IstioWorkload {
+        name: spec.name.clone(),
+        namespace: spec.namespace.clone(),
+        app: spec.app.clone(),
+        version: spec.version.clone(),
+        service: spec.service.clone(),
+    }
+}
+
+fn istio_workload_from_proto(workload: pb::IstioWorkload) -> IstioWorkloadSpec {
+    IstioWorkloadSpec {
+        name: workload.name,
+        namespace: workload.namespace,
+        app: workload.app,
+        version: workload.version,
+        service: workload.service,
+    }
+}
+
+fn istio_to_proto(spec: &IstioMetricsSpec) -> pb::IstioMetrics {
+    let peers = |peers: &Option<BTreeMap<String, IstioWorkloadSpec>>| {
+        peers
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.clone(), istio_workload_to_proto(v)))
+            .collect()
+    };
+    pb::IstioMetrics {
+        reporter: spec.reporter.clone().unwrap_or_default(),
+        workload: spec.workload.as_ref().map(istio_workload_to_proto),
+        cluster_id: spec.cluster_id.clone(),
+        sources: peers(&spec.sources),
+        destinations: peers(&spec.destinations),
+        max_series: spec.max_series,
+    }
+}
+
+fn istio_from_proto(istio: pb::IstioMetrics) -> IstioMetricsSpec {
+    let peers = |peers: BTreeMap<String, pb::IstioWorkload>| {
+        Some(
+            peers
+                .into_iter()
+                .map(|(k, v)| (k, istio_workload_from_proto(v)))
+                .collect::<BTreeMap<_, _>>(),
+        )
+        .filter(|p| !p.is_empty())
+    };
+    IstioMetricsSpec {
+        reporter: Some(istio.reporter).filter(|r| !r.is_empty()),
+        workload: istio.workload.map(istio_workload_from_proto),
+        cluster_id: istio.cluster_id,
+        sources: peers(istio.sources),
+        destinations: peers(istio.destinations),
+        max_series: istio.max_series,
     }
 }
 
@@ -582,6 +642,7 @@ impl TryFrom<pb::Listener> for ListenerSpec {
             rate_limit: listener.rate_limit.map(rate_limit_from_proto),
             fault,
             tracing,
+            istio_metrics: listener.istio_metrics.map(istio_from_proto),
         })
     }
 }

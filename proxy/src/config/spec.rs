@@ -188,6 +188,59 @@ pub struct ListenerSpec {
     /// HTTP listeners: spans exported over OTLP, trace context propagated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<TracingSpec>,
+    /// Istio's standard metrics (`istio_requests_total`, ...) for this
+    /// listener's traffic, beside Weft's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio_metrics: Option<IstioMetricsSpec>,
+}
+
+/// Istio's standard metrics on a listener (see config/README.md,
+/// `istio_metrics`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioMetricsSpec {
+    /// `destination` (the callee's proxy: a sidecar's inbound listener) or
+    /// `source` (the caller's: an outbound listener or a gateway).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reporter: Option<String>,
+    /// The workload this proxy stands for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload: Option<IstioWorkloadSpec>,
+    /// The `source_cluster` / `destination_cluster` label of this proxy's
+    /// workload and of the peers listed here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// `reporter: destination`: callers by the SPIFFE ID they prove.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sources: Option<BTreeMap<String, IstioWorkloadSpec>>,
+    /// `reporter: source`: callees by cluster name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destinations: Option<BTreeMap<String, IstioWorkloadSpec>>,
+    /// Series kept at most; requests beyond are folded into one series
+    /// (default 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_series: Option<u32>,
+}
+
+/// A workload's labels in Istio's metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct IstioWorkloadSpec {
+    /// `*_workload`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// `*_workload_namespace` (and `destination_service_namespace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// `*_app` and `*_canonical_service`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub app: Option<String>,
+    /// `*_version` and `*_canonical_revision`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// `destination_service`: the host callers address it by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
 }
 
 /// A listener's tracing (see config/README.md, `tracing`).

@@ -595,6 +595,75 @@ fn tracing_settings_are_checked_and_defaulted() {
 }
 
 #[test]
+fn istio_metrics_settings_are_checked() {
+    let with = |istio: &str| {
+        VALID.replace(
+            "    route_config: main\n  - name: db",
+            &format!("    route_config: main\n    istio_metrics: {istio}\n  - name: db"),
+        )
+    };
+    let config = Config::from_yaml(
+        &with(
+            r#"{ reporter: source, workload: { name: web, app: web }, destinations: { users: { service: users.shop } } }"#,
+        ),
+        "test",
+    )
+    .unwrap();
+    let istio = config.listeners[0].istio_metrics.as_ref().unwrap();
+    assert_eq!(istio.reporter, IstioReporter::Source);
+    assert_eq!(istio.max_series, 1000);
+    assert_eq!(istio.workload.app.as_deref(), Some("web"));
+    assert_eq!(
+        istio.destinations["users"].service.as_deref(),
+        Some("users.shop")
+    );
+
+    let cases: &[(&str, &str)] = &[
+        (
+            "{}",
+            "istio_metrics.reporter: required: source or destination",
+        ),
+        (
+            "{ reporter: both }",
+            r#"istio_metrics.reporter: "both" is not one of source, destination"#,
+        ),
+        (
+            "{ reporter: source, destinations: { nowhere: {} } }",
+            r#"istio_metrics.destinations.nowhere: unknown cluster "nowhere""#,
+        ),
+        (
+            r#"{ reporter: source, sources: { "spiffe://a/ns/b/sa/c": {} } }"#,
+            "only with reporter: destination",
+        ),
+        (
+            "{ reporter: destination, sources: { frontend: {} } }",
+            r#"istio_metrics.sources.frontend: "frontend" is not a SPIFFE ID"#,
+        ),
+        (
+            "{ reporter: destination, destinations: { users: {} } }",
+            "only with reporter: source",
+        ),
+        (
+            r#"{ reporter: destination, workload: { name: "" } }"#,
+            "istio_metrics.workload.name: \"\" must be 1..=253 bytes",
+        ),
+        (
+            "{ reporter: destination, max_series: 0 }",
+            "istio_metrics.max_series: 0 is out of range (1..=100000)",
+        ),
+    ];
+    for (istio, expected) in cases {
+        let errors = errors_of(&with(istio));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with(r#"listener "web": "#) && e.contains(expected)),
+            "{istio}: {errors:?}"
+        );
+    }
+}
+
+#[test]
 fn an_access_log_template_is_parsed_once_and_checked() {
     let with = |log: &str| format!("access_log: {log}\n{VALID}");
     let config = Config::from_yaml(

@@ -19,6 +19,7 @@ use super::spec::{
 use super::{ConfigError, ValidationErrors};
 
 mod faults;
+mod istio;
 mod policy;
 mod tracing;
 
@@ -626,6 +627,13 @@ fn validate_listener(
             .as_ref()
             .and_then(|tracing| tracing::validate_tracing(&mut check, "tracing", tracing)),
     };
+    let istio_metrics = spec
+        .istio_metrics
+        .as_ref()
+        .and_then(|istio| {
+            istio::validate_istio_metrics(&mut check, "istio_metrics", istio, cluster_names)
+        })
+        .map(Arc::new);
     let fault = match spec.protocol.as_deref() {
         Some("tcp") => spec
             .fault
@@ -654,6 +662,7 @@ fn validate_listener(
         rate_limit,
         fault,
         tracing,
+        istio_metrics,
     })
 }
 

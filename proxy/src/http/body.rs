@@ -14,6 +14,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::cluster::UpstreamBody;
+use crate::telemetry::istio::{self, IstioMetrics, Protocol};
 use crate::telemetry::trace::OpenSpan;
 use crate::telemetry::{AccessLog, AccessRecord, RequestMetrics};
 
@@ -32,6 +33,32 @@ pub(crate) struct Finish {
     pub(crate) span: Option<OpenSpan>,
     /// The answering attempt's client span, ended (dropped) with the body.
     pub(crate) client_span: Option<OpenSpan>,
+    /// The request's Istio series, when the listener reports them.
+    pub(crate) istio: Option<IstioFinish>,
+}
+
+/// What Istio's series of a request need at its end.
+#[derive(Debug)]
+pub(crate) struct IstioFinish {
+    pub(crate) metrics: std::sync::Arc<IstioMetrics>,
+    /// The other party of the call, numbered by `metrics`.
+    pub(crate) party: u32,
+    /// The status sent to the client.
+    pub(crate) status: http::StatusCode,
+    pub(crate) protocol: Protocol,
+    /// From the response's headers, or its trailers once they pass.
+    pub(crate) grpc_status: Option<u8>,
+    pub(crate) flag: &'static str,
+    /// The request body's bytes, counted as they are read.
+    pub(crate) request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// A `grpc-status` value (0..=16 and beyond, as sent).
+pub(crate) fn grpc_status(headers: &http::HeaderMap) -> Option<u8> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
 }
 
 impl Finish {
@@ -48,6 +75,20 @@ impl Finish {
         // The client span ends first, as the upstream's body did, then
         // the server span (both when dropped).
         drop(self.client_span);
+        if let Some(istio) = self.istio {
+            istio.metrics.record(&istio::Request {
+                party: istio.party,
+                status: istio.status.as_u16(),
+                grpc_status: istio.grpc_status,
+                protocol: istio.protocol,
+                flag: istio.flag,
+                duration,
+                request_bytes: istio
+                    .request_bytes
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                response_bytes: bytes_sent,
+            });
+        }
         if let Some((trace_id, span_id)) = self.span.as_ref().and_then(OpenSpan::ids) {
             // The request-duration histogram points at the trace.
             self.metrics
@@ -211,16 +252,23 @@ impl Body for ResponseBody {
                         if let Some((_, record)) = &mut finish.access {
                             record.flag = "stream_idle_timeout";
                         }
+                        if let Some(istio) = &mut finish.istio {
+                            istio.flag = "stream_idle_timeout";
+                        }
                     }
                     return Poll::Ready(Some(Err(BodyError::StreamIdleTimeout)));
                 }
                 _ => {}
             }
         }
-        if let Poll::Ready(Some(Ok(frame))) = &polled
-            && let Some(data) = frame.data_ref()
-        {
-            *this.sent += data.len() as u64;
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                *this.sent += data.len() as u64;
+            } else if let Some(trailers) = frame.trailers_ref()
+                && let Some(istio) = this.finish.as_mut().and_then(|f| f.istio.as_mut())
+            {
+                istio.grpc_status = grpc_status(trailers).or(istio.grpc_status);
+            }
         }
         polled.map(|frame| frame.map(|result| result.map_err(BodyError::Upstream)))
     }
@@ -260,6 +308,7 @@ mod tests {
             span: None,
             client_span: None,
             request: None,
+            istio: None,
         }
     }
 

@@ -16,17 +16,19 @@ use tokio::net::TcpStream;
 use tower::Service;
 use tracing::Instrument;
 
-use super::body::{Finish, ResponseBody};
+use super::body::{self, Finish, IstioFinish, ResponseBody};
 use super::error::{Decision, is_grpc, to_response};
 use super::headers;
 use super::router::RequestParts;
 use crate::body::RequestBody;
+use crate::config::IstioReporter;
 use crate::drain::{Drain, TrackedExecutor};
 use crate::error::ProxyError;
 use crate::policy::{self, Peers, RequestPeers};
 use crate::resilience::rate_limit::{Client, limited};
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
+use crate::telemetry::istio::{self, IstioMetrics};
 use crate::telemetry::trace::{self, Context, Kind, OpenSpan, Outbound, SpanRecord, Tracer};
 use crate::telemetry::{AccessRecord, ListenerMetrics, RequestMetrics};
 use crate::transport::{ConnState, DownstreamIo, Protocol, accept_permissive, accept_tls, detect};
@@ -70,9 +72,21 @@ struct Connection {
     peer_expiry: Option<Instant>,
     /// The listener's counters.
     metrics: Arc<ListenerMetrics>,
+    /// A destination reporter's Istio party for this client, numbered by
+    /// the listener's metrics as they were when it connected.
+    istio_caller: Option<(Arc<IstioMetrics>, u32)>,
 }
 
 impl Connection {
+    /// The client's Istio party in `metrics` (numbered once per
+    /// connection, again only after a configuration change).
+    fn istio_caller(&self, metrics: &Arc<IstioMetrics>) -> u32 {
+        match &self.istio_caller {
+            Some((numbered, party)) if Arc::ptr_eq(numbered, metrics) => *party,
+            _ => metrics.caller(self.peer_id.as_ref()),
+        }
+    }
+
     fn take_upgrade(&self) -> Option<hyper::upgrade::OnUpgrade> {
         self.upgrade
             .lock()
@@ -155,6 +169,14 @@ pub(crate) async fn serve(
             .peer_identity()
             .map_or(Client::Ip(peer.ip()), |id| Client::Identity(id.clone())),
         source_requests: io.peer_identity().map(|id| listener.metrics.source(id)),
+        istio_caller: listener
+            .istio
+            .as_ref()
+            .filter(|istio| istio.metrics.settings.reporter == IstioReporter::Destination)
+            .map(|istio| {
+                let party = istio.metrics.caller(io.peer_identity());
+                (istio.metrics.clone(), party)
+            }),
         client_cert: io
             .peer_identity()
             .and_then(|peer| headers::client_cert_value(settings.tls.as_deref(), peer)),
@@ -496,6 +518,11 @@ struct Outcome {
     request_id: Option<HeaderValue>,
     /// Attempts sent (retries plus one), when more than one.
     attempts: u32,
+    /// A source reporter's Istio party: the cluster's.
+    istio_party: Option<u32>,
+    /// The request body's bytes, counted when the listener reports Istio
+    /// metrics.
+    request_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// Handles one request; never fails (errors become responses).
@@ -552,7 +579,10 @@ async fn handle(
             }),
         )
     });
-    let mut outcome = Outcome::default();
+    let mut outcome = Outcome {
+        request_bytes: listener.istio.as_ref().map(|_| Arc::default()),
+        ..Outcome::default()
+    };
     let mut client_span = None;
     let (mut response, status, flag) =
         match route_and_forward(&conn, &listener, req, &mut outcome, trace).await {
@@ -616,6 +646,22 @@ async fn handle(
         record.attempts = outcome.attempts;
         (log, record)
     });
+    let istio = listener.istio.as_ref().map(|istio| IstioFinish {
+        party: match istio.metrics.settings.reporter {
+            IstioReporter::Destination => conn.istio_caller(&istio.metrics),
+            IstioReporter::Source => outcome.istio_party.unwrap_or(istio.no_cluster),
+        },
+        metrics: istio.metrics.clone(),
+        status: response.status(),
+        protocol: if is_grpc {
+            istio::Protocol::Grpc
+        } else {
+            istio::Protocol::Http
+        },
+        grpc_status: body::grpc_status(response.headers()),
+        flag,
+        request_bytes: outcome.request_bytes.take().unwrap_or_default(),
+    });
     let metrics = outcome.metrics.unwrap_or_else(|| listener.unrouted.clone());
     response.body_mut().set_finish(Finish {
         start,
@@ -625,6 +671,7 @@ async fn handle(
         request: Some(request),
         span,
         client_span,
+        istio,
     });
     Ok(response)
 }
@@ -696,6 +743,7 @@ async fn route_and_forward(
     }
     let target = route.pick();
     outcome.metrics = Some(target.metrics.clone());
+    outcome.istio_party = target.istio_party;
     let mut service = target.service.clone();
 
     // The proxy's own header rules; the route's stack applies the route's
@@ -759,7 +807,11 @@ async fn route_and_forward(
         }
     }
 
-    let mut response = service.call(req.map(RequestBody::new)).await?;
+    let req = match &outcome.request_bytes {
+        Some(counted) => req.map(|body| RequestBody::counted(body, counted.clone())),
+        None => req.map(RequestBody::new),
+    };
+    let mut response = service.call(req).await?;
     outcome.upstream = response.body().endpoint();
     if let Some(attempts) = response
         .extensions()

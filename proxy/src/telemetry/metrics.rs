@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
+use super::istio::IstioMetrics;
 use http::StatusCode;
 
 /// Upper bounds (seconds) of the latency histogram buckets.
@@ -305,6 +306,8 @@ struct Registry {
     listeners: BTreeMap<Arc<str>, Arc<ListenerMetrics>>,
     clusters: BTreeMap<Arc<str>, Arc<ClusterMetrics>>,
     policies: BTreeMap<Arc<str>, Arc<PolicyMetrics>>,
+    /// Istio's metrics, by listener.
+    istio: BTreeMap<Arc<str>, Arc<IstioMetrics>>,
 }
 
 /// The registry. Handles are looked up by name only while a snapshot is
@@ -370,7 +373,29 @@ impl Metrics {
         registry.listeners.retain(|_, m| Arc::strong_count(m) > 1);
         registry.clusters.retain(|_, m| Arc::strong_count(m) > 1);
         registry.policies.retain(|_, m| Arc::strong_count(m) > 1);
+        registry.istio.retain(|_, m| Arc::strong_count(m) > 1);
         before - (registry.requests.len() + registry.listeners.len() + registry.clusters.len())
+    }
+
+    /// A listener's Istio metrics: the same handle while its settings
+    /// and identity stay the same, else a new one (its series' labels
+    /// change).
+    pub(crate) fn istio(
+        &self,
+        listener: &Arc<str>,
+        settings: &Arc<crate::config::IstioMetrics>,
+        own_principal: Option<Arc<str>>,
+    ) -> Arc<IstioMetrics> {
+        let mut registry = self.registry();
+        if let Some(existing) = registry.istio.get(listener)
+            && existing.settings == *settings
+            && existing.own_principal() == own_principal.as_deref()
+        {
+            return existing.clone();
+        }
+        let metrics = Arc::new(IstioMetrics::new(settings.clone(), own_principal));
+        registry.istio.insert(listener.clone(), metrics.clone());
+        metrics
     }
 
     /// The counters of a policy.
@@ -593,6 +618,16 @@ impl Metrics {
                 );
             }
         }
+        for (listener, m) in &registry.istio {
+            let folded = m.folded.load(Relaxed);
+            if folded > 0 {
+                let _ = writeln!(
+                    out,
+                    "weft_metrics_folded_total{{listener=\"{}\",metric=\"istio_requests_total\",label=\"series\"}} {folded}",
+                    escape(listener),
+                );
+            }
+        }
         counter_by(
             &mut out,
             (
@@ -803,6 +838,9 @@ impl Metrics {
             trace.spans_failed.load(Relaxed),
             trace.exports_failed.load(Relaxed),
         );
+        if !registry.istio.is_empty() {
+            super::istio::render(&mut out, registry.istio.values().map(|m| &**m));
+        }
         out
     }
 }

@@ -157,6 +157,7 @@ fn unset_optional_fields_stay_unset() {
         fault: None,
         policy: None,
         tracing: None,
+        istio_metrics: None,
     };
     let proto = pb::Listener::from(&listener);
     assert_eq!(
@@ -452,6 +453,27 @@ fn protos_round_trip_through_the_spec() {
                 seconds: 3,
                 nanos: 0,
             }),
+        }),
+        istio_metrics: Some(pb::IstioMetrics {
+            reporter: "source".into(),
+            workload: Some(pb::IstioWorkload {
+                name: Some("web-v1".into()),
+                namespace: Some("shop".into()),
+                app: Some("web".into()),
+                version: Some("v1".into()),
+                service: Some("web.shop".into()),
+            }),
+            cluster_id: Some("east".into()),
+            sources: [].into(),
+            destinations: [(
+                "users".to_owned(),
+                pb::IstioWorkload {
+                    name: Some("users".into()),
+                    ..pb::IstioWorkload::default()
+                },
+            )]
+            .into(),
+            max_series: Some(50),
         }),
     };
     let spec = ListenerSpec::try_from(listener.clone()).unwrap();
