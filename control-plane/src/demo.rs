@@ -284,11 +284,16 @@ async fn demo(
         };
         let outcome = match started {
             Ok(()) => {
-                let trace = match &receiver {
+                let mut observed = match &receiver {
                     Some(receiver) => trace_one_request(mesh, receiver, scratch).await,
                     None => None,
                 };
-                print_banner(args, mesh, &proxies, token_file, dir, scratch, trace.as_deref());
+                if mesh.istio_metrics().is_some()
+                    && let Some(graph) = istio_graph(&proxies).await
+                {
+                    observed.get_or_insert_with(String::new).push_str(&graph);
+                }
+                print_banner(args, mesh, &proxies, token_file, dir, scratch, observed.as_deref());
                 let drawing = receiver.as_ref().map(|r| (r, scratch.join("trace.svg")));
                 traffic(args, mesh, &proxies, drawing.as_ref(), stop_requested).await;
                 Ok(())
@@ -625,6 +630,63 @@ async fn trace_one_request(
     Some(out)
 }
 
+/// The calls every sidecar has seen so far, from the callee's side of
+/// Istio's `istio_requests_total` (`reporter="destination"`): who called
+/// whom, with what status, how often. `None` before any call.
+async fn istio_graph(proxies: &[ProxyChild]) -> Option<String> {
+    let mut edges: BTreeMap<(String, String, String), f64> = BTreeMap::new();
+    let mut admin = None;
+    for p in proxies {
+        let Ok((_, _, text)) = app::get(p.admin, "admin", "/metrics", &[]).await else {
+            continue;
+        };
+        for line in text.lines() {
+            let Some(labels) = line.strip_prefix("istio_requests_total{") else {
+                continue;
+            };
+            if label(labels, "reporter") != Some("destination") {
+                continue;
+            }
+            let count: f64 = line
+                .rsplit(' ')
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0.0);
+            let key = [
+                "source_workload",
+                "destination_workload",
+                "response_code",
+            ]
+            .map(|name| label(labels, name).unwrap_or("?").to_owned());
+            let [source, destination, code] = key;
+            *edges.entry((source, destination, code)).or_default() += count;
+            admin.get_or_insert(p.admin);
+        }
+    }
+    let admin = admin?;
+    let mut out = String::from(
+        "
+Calls so far, from Istio's standard metrics (istio_requests_total, reporter=\"destination\"):\n",
+    );
+    for ((source, destination, code), count) in &edges {
+        let _ = writeln!(out, "  {source:>12} -> {destination:<12} {code}  x{count}");
+    }
+    let _ = writeln!(
+        out,
+        "  curl -s http://{admin}/metrics | grep '^istio_requests_total'   # Istio's dashboards and alerts read these"
+    );
+    Some(out)
+}
+
+/// The value of label `name` in a series' label text (values without
+/// escaped quotes, as the mesh's names are).
+fn label<'a>(labels: &'a str, name: &str) -> Option<&'a str> {
+    let start = labels
+        .split(',')
+        .find_map(|pair| pair.strip_prefix(name)?.strip_prefix("=\""))?;
+    start.split('"').next()
+}
+
 #[allow(clippy::too_many_arguments)]
 fn print_banner(
     args: &DemoArgs,
@@ -633,7 +695,7 @@ fn print_banner(
     token_file: &Path,
     dir: &Path,
     scratch: &Path,
-    trace: Option<&str>,
+    observed: Option<&str>,
 ) {
     println!(
         "\nWeft demo mesh is up: control plane + {} proxies, all configured over xDS.\n",
@@ -751,8 +813,8 @@ fn print_banner(
             );
         }
     }
-    if let Some(trace) = trace {
-        print!("{trace}");
+    if let Some(observed) = observed {
+        print!("{observed}");
     }
     println!("\nControl plane:");
     println!(

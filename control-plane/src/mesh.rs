@@ -141,6 +141,7 @@ pub struct Mesh {
     policies: Vec<Located<MeshPolicy>>,
     trust_domain: Option<Located<String>>,
     tracing: Option<Located<weft_proxy::config::TracingSpec>>,
+    istio_metrics: Option<Located<spec::MeshIstioMetricsSpec>>,
 }
 
 /// Whether `path` names a file the mesh reads: `*.yaml` or `*.yml`, and
@@ -279,6 +280,22 @@ impl Mesh {
                             });
                         }
                     }
+                    if let Some(istio) = spec.istio_metrics {
+                        if let Some(first) = &mesh.istio_metrics {
+                            errors.push(MeshError::Invalid {
+                                file: file.name.clone(),
+                                kind: "mesh",
+                                name: "istio_metrics".into(),
+                                field: "istio_metrics".into(),
+                                message: format!("already set in {}", first.file),
+                            });
+                        } else {
+                            mesh.istio_metrics = Some(Located {
+                                file: file.name.clone(),
+                                spec: istio,
+                            });
+                        }
+                    }
                     mesh.services
                         .extend(spec.services.into_iter().map(|spec| Located {
                             file: file.name.clone(),
@@ -333,6 +350,11 @@ impl Mesh {
     /// The mesh's tracing settings, if it traces.
     pub fn tracing(&self) -> Option<&weft_proxy::config::TracingSpec> {
         self.tracing.as_ref().map(|t| &t.spec)
+    }
+
+    /// The mesh's Istio metrics settings, if its proxies report them.
+    pub fn istio_metrics(&self) -> Option<&spec::MeshIstioMetricsSpec> {
+        self.istio_metrics.as_ref().map(|m| &m.spec)
     }
 
     /// The SPIFFE trust domain, if the mesh has identities.

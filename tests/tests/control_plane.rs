@@ -268,6 +268,32 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         "backend's server span sits six levels under the gateway's (gateway, \
          frontend inbound, frontend outbound, each a server and a client span):\n{banner}"
     );
+    // Then who called whom, from Istio's standard metrics on each callee's
+    // sidecar (demo/mesh.yaml turns them on).
+    for edge in [
+        "ingress -> frontend",
+        "frontend -> backend-v",
+        "frontend -> echo",
+    ] {
+        assert!(
+            banner
+                .lines()
+                .skip_while(|l| !l.starts_with("Calls so far, from Istio's standard metrics"))
+                .any(|l| l.trim_start().starts_with(edge) && l.contains(" 200 ")),
+            "{edge:?} missing:\n{banner}"
+        );
+    }
+    let frontend_admin: SocketAddr = banner
+        .lines()
+        .find_map(|l| l.trim_start().strip_prefix("frontend-1 "))
+        .and_then(|l| l.split_whitespace().find(|w| w.starts_with("http://")))
+        .and_then(|url| {
+            url.trim_start_matches("http://")
+                .trim_end_matches("/config_dump")
+                .parse()
+                .ok()
+        })
+        .expect("the banner lists frontend-1's admin address");
     let svg = banner
         .lines()
         .find_map(|l| l.trim().strip_prefix("(also drawn in "))
@@ -308,6 +334,47 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         .await,
         "{}",
         std::fs::read_to_string(&svg).unwrap_or_default()
+    );
+    // The frontend's sidecar reports both sides in Istio's terms: as the
+    // callee of the gateway (over mutual TLS, the caller known by the
+    // identity it proved) and as the caller of backend and echo.
+    let metrics = http1_request(frontend_admin, get(frontend_admin, "/metrics"))
+        .await
+        .unwrap();
+    let metrics = String::from_utf8(body_bytes(metrics).await.unwrap().to_vec()).unwrap();
+    let series = |labels: &[&str]| {
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("istio_requests_total{"))
+            .any(|l| labels.iter().all(|label| l.contains(label)))
+    };
+    assert!(
+        series(&[
+            r#"reporter="destination""#,
+            r#"source_workload="ingress""#,
+            r#"source_principal="spiffe://demo.weft.local/ns/default/sa/ingress""#,
+            r#"destination_workload="frontend""#,
+            r#"destination_principal="spiffe://demo.weft.local/ns/default/sa/frontend""#,
+            r#"destination_service="frontend.default""#,
+            r#"response_code="200""#,
+            r#"connection_security_policy="mutual_tls""#,
+            r#"source_cluster="demo""#,
+        ]),
+        "{metrics}"
+    );
+    assert!(
+        series(&[
+            r#"reporter="source""#,
+            r#"source_workload="frontend""#,
+            r#"destination_service="echo.default""#,
+            r#"destination_principal="spiffe://demo.weft.local/ns/default/sa/echo""#,
+            r#"response_flags="-""#,
+        ]),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("# TYPE istio_request_duration_milliseconds histogram"),
+        "{metrics}"
     );
     // Every hop is mutual TLS with certificates from the control plane:
     // each application names the caller its sidecar verified.

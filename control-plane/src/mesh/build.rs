@@ -22,11 +22,13 @@ use std::time::Duration;
 use weft_proto::config::v1 as pb;
 use weft_proxy::config::{
     BootstrapSpec, ClusterSpec, ClusterTlsSpec, Config, EndpointSpec, ListenerSpec,
-    ListenerTlsSpec, PolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, TracingSpec,
+    IstioMetricsSpec, IstioWorkloadSpec, ListenerTlsSpec, PolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, TracingSpec,
     VirtualHostSpec, WeightedClusterSpec,
 };
 
-use super::spec::{GatewayListenerSpec, GatewayRouteSpec, ServiceSpec, WorkloadSpec};
+use super::spec::{
+    GatewayListenerSpec, GatewayRouteSpec, GatewaySpec, MeshIstioMetricsSpec, ServiceSpec, WorkloadSpec,
+};
 use super::{Mesh, MeshError, MeshErrors};
 use crate::resources::{MeshSnapshot, NodeEntry, NodeResources};
 
@@ -240,6 +242,9 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
         ..MeshSnapshot::default()
     };
     let domain = mesh.trust_domain();
+    let istio = mesh
+        .istio_metrics()
+        .map(|settings| IstioLabels::new(mesh, settings));
     for service in &mesh.services {
         let identity = service_identity(domain, &service.spec);
         for workload in &service.spec.workloads {
@@ -257,6 +262,12 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
                 &service.spec.name,
                 &workload.name,
             );
+            if let Some(istio) = &istio {
+                istio.label(
+                    &mut node,
+                    service_workload(&service.spec, workload.version.as_deref()),
+                );
+            }
             if let Some(resources) = node.finish(&service.file, &workload.name, &mut errors) {
                 snapshot.nodes.insert(
                     workload.name.clone(),
@@ -291,6 +302,9 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
             &gateway.spec.name,
             &gateway.spec.name,
         );
+        if let Some(istio) = &istio {
+            istio.label(&mut node, gateway_workload(&gateway.spec));
+        }
         if let Some(resources) = node.finish(&gateway.file, &gateway.spec.name, &mut errors) {
             snapshot.nodes.insert(
                 gateway.spec.name.clone(),
@@ -306,6 +320,149 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
         Ok(snapshot)
     } else {
         Err(MeshErrors(errors))
+    }
+}
+
+/// A service's workloads of one version (all of them, for `None`) as
+/// Istio's labels name a workload: `<service>-<version>`, like one
+/// Kubernetes Deployment per version.
+fn service_workload(service: &ServiceSpec, version: Option<&str>) -> IstioWorkloadSpec {
+    let namespace = service
+        .namespace
+        .as_deref()
+        .unwrap_or(DEFAULT_NAMESPACE)
+        .to_owned();
+    IstioWorkloadSpec {
+        name: Some(match version {
+            Some(version) => format!("{}-{version}", service.name),
+            None => service.name.clone(),
+        }),
+        service: Some(format!("{}.{namespace}", service.name)),
+        namespace: Some(namespace),
+        app: Some(service.name.clone()),
+        version: version.map(str::to_owned),
+    }
+}
+
+/// A gateway as Istio's labels name a workload: its name, as workload and
+/// app.
+fn gateway_workload(gateway: &GatewaySpec) -> IstioWorkloadSpec {
+    IstioWorkloadSpec {
+        name: Some(gateway.name.clone()),
+        namespace: Some(
+            gateway
+                .namespace
+                .clone()
+                .unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
+        ),
+        app: Some(gateway.name.clone()),
+        version: None,
+        service: None,
+    }
+}
+
+/// The one version every workload of `service` has, if they agree.
+fn only_version(service: &ServiceSpec) -> Option<&str> {
+    let first = service.workloads.first()?.version.as_deref()?;
+    service
+        .workloads
+        .iter()
+        .all(|w| w.version.as_deref() == Some(first))
+        .then_some(first)
+}
+
+/// What the mesh's Istio metrics say about every party: callers by
+/// identity, callees by cluster name.
+struct IstioLabels {
+    settings: MeshIstioMetricsSpec,
+    /// Each service's and gateway's identity (with a trust domain). A
+    /// service account shared by several services is named after the
+    /// first.
+    sources: BTreeMap<String, IstioWorkloadSpec>,
+    /// Each service's clusters: `<service>` and `<service>.<version>`.
+    destinations: BTreeMap<String, IstioWorkloadSpec>,
+}
+
+impl IstioLabels {
+    fn new(mesh: &Mesh, settings: &MeshIstioMetricsSpec) -> Self {
+        let domain = mesh.trust_domain();
+        let mut sources = BTreeMap::new();
+        let mut destinations = BTreeMap::new();
+        for service in mesh.services() {
+            let service = &service.spec;
+            if let Some(identity) = service_identity(domain, service) {
+                sources
+                    .entry(identity)
+                    .or_insert_with(|| service_workload(service, only_version(service)));
+            }
+            destinations.insert(
+                service.name.clone(),
+                service_workload(service, only_version(service)),
+            );
+            let versions: BTreeSet<&str> = service
+                .workloads
+                .iter()
+                .filter_map(|w| w.version.as_deref())
+                .collect();
+            for version in versions {
+                destinations.insert(
+                    format!("{}.{version}", service.name),
+                    service_workload(service, Some(version)),
+                );
+            }
+        }
+        for gateway in mesh.gateways() {
+            let gateway = &gateway.spec;
+            if let Some(domain) = domain {
+                let identity = spiffe_id(
+                    domain,
+                    gateway.namespace.as_deref(),
+                    gateway.service_account.as_deref().unwrap_or(&gateway.name),
+                );
+                sources
+                    .entry(identity)
+                    .or_insert_with(|| gateway_workload(gateway));
+            }
+        }
+        Self {
+            settings: settings.clone(),
+            sources,
+            destinations,
+        }
+    }
+
+    /// Sets Istio metrics on every listener of a node standing for `own`:
+    /// a sidecar's inbound listener reports as the destination, with the
+    /// mesh's callers; every other listener as the source, with the
+    /// clusters the node has.
+    fn label(&self, node: &mut NodeSpec, own: IstioWorkloadSpec) {
+        for listener in &mut node.listeners {
+            let inbound = listener.name == INBOUND;
+            let spec = if inbound {
+                IstioMetricsSpec {
+                    reporter: Some("destination".into()),
+                    sources: Some(self.sources.clone()).filter(|s| !s.is_empty()),
+                    ..IstioMetricsSpec::default()
+                }
+            } else {
+                let destinations: BTreeMap<_, _> = node
+                    .clusters
+                    .keys()
+                    .filter_map(|name| Some((name.clone(), self.destinations.get(name)?.clone())))
+                    .collect();
+                IstioMetricsSpec {
+                    reporter: Some("source".into()),
+                    destinations: Some(destinations).filter(|d| !d.is_empty()),
+                    ..IstioMetricsSpec::default()
+                }
+            };
+            listener.istio_metrics = Some(IstioMetricsSpec {
+                workload: Some(own.clone()),
+                cluster_id: self.settings.cluster_id.clone(),
+                max_series: self.settings.max_series,
+                ..spec
+            });
+        }
     }
 }
 

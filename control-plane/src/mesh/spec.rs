@@ -38,6 +38,24 @@ pub struct MeshFileSpec {
     /// its service, each gateway as itself). Set in at most one file.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<weft_proxy::config::TracingSpec>,
+    /// Istio's standard metrics on every listener of the mesh, labelled
+    /// from the mesh's services, workloads and identities. Set in at most
+    /// one file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub istio_metrics: Option<MeshIstioMetricsSpec>,
+}
+
+/// The mesh's Istio metrics: what is not derived from the mesh.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshIstioMetricsSpec {
+    /// The `source_cluster` / `destination_cluster` label of every
+    /// workload (default `unknown`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
+    /// Series per listener at most (the proxy's default, 1000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_series: Option<u32>,
 }
 
 /// A service: a name callers use as the host, and the workloads serving it.

@@ -1054,3 +1054,120 @@ fn mesh_tracing_reaches_every_listener_as_its_service_or_gateway() {
         "{invalid:?}"
     );
 }
+
+#[test]
+fn mesh_istio_metrics_label_each_listener_from_the_mesh() {
+    let istio = "istio_metrics: { cluster_id: east, max_series: 50 }\n";
+    let labelled = snapshot(&[("mesh.yaml", MTLS_MESH), ("istio.yaml", istio)]);
+    let listener = |node_id: &str, name: &str| {
+        node(&labelled, node_id)
+            .listeners
+            .into_iter()
+            .find(|l| l.name == name)
+            .and_then(|l| l.istio_metrics)
+            .unwrap_or_else(|| panic!("{node_id}/{name} has istio_metrics"))
+    };
+    // A sidecar's inbound listener reports as the callee, knowing every
+    // caller of the mesh by its identity.
+    let inbound = listener("api-1", "inbound");
+    assert_eq!(inbound.reporter.as_deref(), Some("destination"));
+    assert_eq!(inbound.cluster_id.as_deref(), Some("east"));
+    assert_eq!(inbound.max_series, Some(50));
+    let own = inbound.workload.unwrap();
+    assert_eq!(own.name.as_deref(), Some("api"));
+    assert_eq!(own.namespace.as_deref(), Some("default"));
+    assert_eq!(own.service.as_deref(), Some("api.default"));
+    let sources = inbound.sources.unwrap();
+    let web = &sources["spiffe://example.org/ns/shop/sa/web"];
+    assert_eq!(
+        (web.name.as_deref(), web.namespace.as_deref()),
+        (Some("web"), Some("shop"))
+    );
+    assert_eq!(
+        sources["spiffe://example.org/ns/default/sa/edge"].app.as_deref(),
+        Some("edge")
+    );
+    // Outbound listeners and gateways report as the caller, knowing the
+    // clusters they call.
+    let outbound = listener("web-1", "outbound");
+    assert_eq!(outbound.reporter.as_deref(), Some("source"));
+    let destinations = outbound.destinations.unwrap();
+    assert_eq!(
+        destinations.keys().collect::<Vec<_>>(),
+        ["api", "legacy"],
+        "only the clusters the node has"
+    );
+    assert_eq!(
+        destinations["api"].service.as_deref(),
+        Some("api.default")
+    );
+    let gateway = listener("edge", "http");
+    assert_eq!(gateway.reporter.as_deref(), Some("source"));
+    assert_eq!(gateway.workload.unwrap().name.as_deref(), Some("edge"));
+    // Every node's configuration passes the proxy's validation (snapshot
+    // would have failed otherwise); a bad setting is reported per node.
+    let invalid = errors(&[
+        ("a.yaml", MTLS_MESH),
+        ("b.yaml", "istio_metrics: { max_series: 0 }\n"),
+    ]);
+    assert!(
+        invalid
+            .iter()
+            .any(|e| e.contains("istio_metrics.max_series: 0 is out of range")),
+        "{invalid:?}"
+    );
+    let twice = errors(&[("a.yaml", MTLS_MESH), ("b.yaml", istio), ("c.yaml", istio)]);
+    assert!(
+        twice
+            .iter()
+            .any(|e| e.contains("c.yaml") && e.contains("already set in b.yaml")),
+        "{twice:?}"
+    );
+    // Without it, no listener reports Istio's metrics.
+    let plain = snapshot(&[("mesh.yaml", MTLS_MESH)]);
+    assert!(
+        node(&plain, "web-1")
+            .listeners
+            .iter()
+            .all(|l| l.istio_metrics.is_none())
+    );
+}
+
+#[test]
+fn versions_name_istio_workloads() {
+    let mesh = r#"
+services:
+  - name: shop
+    workloads:
+      - { name: shop-a, version: v1, app: "127.0.0.1:8080", inbound: "127.0.0.1:15001" }
+      - { name: shop-b, version: v2, app: "127.0.0.1:8081", inbound: "127.0.0.1:15002" }
+  - name: cart
+    calls: [shop]
+    workloads:
+      - { name: cart-1, version: v3, app: "127.0.0.1:8082", inbound: "127.0.0.1:15003", outbound: "127.0.0.1:15004" }
+    routes: []
+istio_metrics: {}
+"#;
+    let labelled = snapshot(&[("mesh.yaml", mesh)]);
+    let inbound = node(&labelled, "shop-b")
+        .listeners
+        .into_iter()
+        .find(|l| l.name == "inbound")
+        .and_then(|l| l.istio_metrics)
+        .unwrap();
+    let own = inbound.workload.unwrap();
+    assert_eq!(
+        (own.name.as_deref(), own.version.as_deref()),
+        (Some("shop-v2"), Some("v2"))
+    );
+    let outbound = node(&labelled, "cart-1")
+        .listeners
+        .into_iter()
+        .find(|l| l.name == "outbound")
+        .and_then(|l| l.istio_metrics)
+        .unwrap();
+    assert_eq!(outbound.workload.unwrap().name.as_deref(), Some("cart-v3"));
+    // The whole service: its workloads disagree on a version, so none.
+    let shop = &outbound.destinations.unwrap()["shop"];
+    assert_eq!((shop.name.as_deref(), shop.version.as_deref()), (Some("shop"), None));
+}
