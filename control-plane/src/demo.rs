@@ -652,12 +652,8 @@ async fn istio_graph(proxies: &[ProxyChild]) -> Option<String> {
                 .next()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(0.0);
-            let key = [
-                "source_workload",
-                "destination_workload",
-                "response_code",
-            ]
-            .map(|name| label(labels, name).unwrap_or("?").to_owned());
+            let key = ["source_workload", "destination_workload", "response_code"]
+                .map(|name| label(labels, name).unwrap_or("?").to_owned());
             let [source, destination, code] = key;
             *edges.entry((source, destination, code)).or_default() += count;
             admin.get_or_insert(p.admin);

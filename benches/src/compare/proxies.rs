@@ -9,7 +9,7 @@
 //! | target | HTTP/1.1 | h2c and gRPC | TCP |
 //! | --- | --- | --- | --- |
 //! | weft | one listener (h1 and h2c by preface), one route, cluster `protocol: downstream` | same listener; h2 upstream | `protocol: tcp` listener |
-//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection (consecutive gateway errors and success rate), active HTTP health checks, idle fault injection (0 %), route and per-client listener rate limits never reached, a Rego policy on the route every request takes, tracing (trace context on every request, 1 % of traces exported over OTLP/gRPC to a receiver in the bench process), `via`, an access-log file and the admin server (metrics) | same | same |
+//! | weft-full | as weft, behind several virtual hosts and routes, with header rules, a route timeout, a retry policy (budget, per-try timeout), the default circuit breakers (as every cluster has), outlier detection (consecutive gateway errors and success rate), active HTTP health checks, idle fault injection (0 %), route and per-client listener rate limits never reached, a Rego policy on the route every request takes, tracing (trace context on every request, 1 % of traces exported over OTLP/gRPC to a receiver in the bench process), Istio's standard metrics (reporter source), `via`, an access-log file and the admin server (metrics) | same | same |
 //! | weft-s2s | two weft processes, each configured as weft: the client sidecar's `outbound` listener routes to a cluster holding the server sidecar's `inbound` listener, which routes to the echo (both clusters `protocol: downstream`) | same chain; h2 on both upstream hops | `outbound-tcp` -> `inbound-tcp` -> echo |
 //! | nginx | `proxy_pass` to an upstream with `keepalive 64` | a `listen ... http2` server: `proxy_pass` (HTTP/1.1 upstream: nginx has no h2 upstream) and `grpc_pass` for gRPC | `stream` module, if installed |
 //! | HAProxy | `mode http`, `http-reuse always` | a `proto h2` frontend to a `proto h2` server | `mode tcp` |
@@ -884,7 +884,14 @@ listeners:
       collector: {collector:?}
       sample_percent: 1
       service_name: weft-full
-{tcp_listener}
+    # Istio's standard metrics beside Weft's own, as the caller's proxy
+    # reports them.
+    istio_metrics:
+      reporter: source
+      workload: {{ name: weft-full, namespace: bench, app: weft-full }}
+      destinations:
+        echo: {{ name: echo, namespace: bench, app: echo, service: echo.bench }}
+{tcp_listener}    istio_metrics: {{ reporter: source }}
 route_configs:
   - name: main
     virtual_hosts:

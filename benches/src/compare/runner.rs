@@ -350,7 +350,7 @@ fn target_status(
              default budget), the default circuit breakers, outlier detection, active HTTP \
              health checks, idle fault injection, rate limits never reached, a Rego policy \
              (methods allowed by the route), tracing (trace context on every request, 1 % \
-             of traces exported over OTLP/gRPC to a receiver in the bench process), `via`, \
+             of traces exported over OTLP/gRPC to a receiver in the bench process), Istio's standard metrics, `via`, \
              header limits, a JSON access log to a file, the admin server (metrics); its \
              clients speak \
              cleartext, so TLS and mTLS are measured in weft-s2s-mtls"

@@ -21,13 +21,14 @@ use std::time::Duration;
 
 use weft_proto::config::v1 as pb;
 use weft_proxy::config::{
-    BootstrapSpec, ClusterSpec, ClusterTlsSpec, Config, EndpointSpec, ListenerSpec,
-    IstioMetricsSpec, IstioWorkloadSpec, ListenerTlsSpec, PolicySpec, RouteConfigSpec, RouteMatchSpec, RouteSpec, TracingSpec,
-    VirtualHostSpec, WeightedClusterSpec,
+    BootstrapSpec, ClusterSpec, ClusterTlsSpec, Config, EndpointSpec, IstioMetricsSpec,
+    IstioWorkloadSpec, ListenerSpec, ListenerTlsSpec, PolicySpec, RouteConfigSpec, RouteMatchSpec,
+    RouteSpec, TracingSpec, VirtualHostSpec, WeightedClusterSpec,
 };
 
 use super::spec::{
-    GatewayListenerSpec, GatewayRouteSpec, GatewaySpec, MeshIstioMetricsSpec, ServiceSpec, WorkloadSpec,
+    GatewayListenerSpec, GatewayRouteSpec, GatewaySpec, MeshIstioMetricsSpec, ServiceSpec,
+    WorkloadSpec,
 };
 use super::{Mesh, MeshError, MeshErrors};
 use crate::resources::{MeshSnapshot, NodeEntry, NodeResources};
@@ -265,7 +266,7 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
             if let Some(istio) = &istio {
                 istio.label(
                     &mut node,
-                    service_workload(&service.spec, workload.version.as_deref()),
+                    &service_workload(&service.spec, workload.version.as_deref()),
                 );
             }
             if let Some(resources) = node.finish(&service.file, &workload.name, &mut errors) {
@@ -303,7 +304,7 @@ pub(super) fn snapshot(mesh: &Mesh) -> Result<MeshSnapshot, MeshErrors> {
             &gateway.spec.name,
         );
         if let Some(istio) = &istio {
-            istio.label(&mut node, gateway_workload(&gateway.spec));
+            istio.label(&mut node, &gateway_workload(&gateway.spec));
         }
         if let Some(resources) = node.finish(&gateway.file, &gateway.spec.name, &mut errors) {
             snapshot.nodes.insert(
@@ -435,7 +436,7 @@ impl IstioLabels {
     /// a sidecar's inbound listener reports as the destination, with the
     /// mesh's callers; every other listener as the source, with the
     /// clusters the node has.
-    fn label(&self, node: &mut NodeSpec, own: IstioWorkloadSpec) {
+    fn label(&self, node: &mut NodeSpec, own: &IstioWorkloadSpec) {
         for listener in &mut node.listeners {
             let inbound = listener.name == INBOUND;
             let spec = if inbound {

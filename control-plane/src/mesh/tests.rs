@@ -1084,7 +1084,9 @@ fn mesh_istio_metrics_label_each_listener_from_the_mesh() {
         (Some("web"), Some("shop"))
     );
     assert_eq!(
-        sources["spiffe://example.org/ns/default/sa/edge"].app.as_deref(),
+        sources["spiffe://example.org/ns/default/sa/edge"]
+            .app
+            .as_deref(),
         Some("edge")
     );
     // Outbound listeners and gateways report as the caller, knowing the
@@ -1097,10 +1099,7 @@ fn mesh_istio_metrics_label_each_listener_from_the_mesh() {
         ["api", "legacy"],
         "only the clusters the node has"
     );
-    assert_eq!(
-        destinations["api"].service.as_deref(),
-        Some("api.default")
-    );
+    assert_eq!(destinations["api"].service.as_deref(), Some("api.default"));
     let gateway = listener("edge", "http");
     assert_eq!(gateway.reporter.as_deref(), Some("source"));
     assert_eq!(gateway.workload.unwrap().name.as_deref(), Some("edge"));
@@ -1169,5 +1168,8 @@ istio_metrics: {}
     assert_eq!(outbound.workload.unwrap().name.as_deref(), Some("cart-v3"));
     // The whole service: its workloads disagree on a version, so none.
     let shop = &outbound.destinations.unwrap()["shop"];
-    assert_eq!((shop.name.as_deref(), shop.version.as_deref()), (Some("shop"), None));
+    assert_eq!(
+        (shop.name.as_deref(), shop.version.as_deref()),
+        (Some("shop"), None)
+    );
 }
