@@ -49,8 +49,9 @@ pub(crate) struct IstioFinish {
     /// From the response's headers, or its trailers once they pass.
     pub(crate) grpc_status: Option<u8>,
     pub(crate) flag: &'static str,
-    /// The request body's bytes, counted as they are read.
-    pub(crate) request_bytes: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// The request body's bytes, counted as they are read (`None`: the
+    /// request had no body).
+    pub(crate) request_bytes: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 /// A `grpc-status` value (0..=16 and beyond, as sent).
@@ -85,7 +86,7 @@ impl Finish {
                 duration,
                 request_bytes: istio
                     .request_bytes
-                    .load(std::sync::atomic::Ordering::Relaxed),
+                    .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed)),
                 response_bytes: bytes_sent,
             });
         }

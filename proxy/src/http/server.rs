@@ -580,7 +580,12 @@ async fn handle(
         )
     });
     let mut outcome = Outcome {
-        request_bytes: listener.istio.as_ref().map(|_| Arc::default()),
+        // A request without a body (most) needs no counter.
+        request_bytes: listener
+            .istio
+            .as_ref()
+            .filter(|_| !http_body::Body::is_end_stream(req.body()))
+            .map(|_| Arc::default()),
         ..Outcome::default()
     };
     let mut client_span = None;
@@ -658,9 +663,12 @@ async fn handle(
         } else {
             istio::Protocol::Http
         },
-        grpc_status: body::grpc_status(response.headers()),
+        // A trailers-only answer (an error) carries it in its headers.
+        grpc_status: is_grpc
+            .then(|| body::grpc_status(response.headers()))
+            .flatten(),
         flag,
-        request_bytes: outcome.request_bytes.take().unwrap_or_default(),
+        request_bytes: outcome.request_bytes.take(),
     });
     let metrics = outcome.metrics.unwrap_or_else(|| listener.unrouted.clone());
     response.body_mut().set_finish(Finish {
