@@ -76,6 +76,8 @@ const OUTAGE_PERIOD: Duration = Duration::from_secs(30);
 const OUTAGE: Duration = Duration::from_secs(8);
 
 /// How long a proxy may take to start and receive its configuration.
+/// How often the demo's proxies push their metrics to its receiver.
+const DEMO_METRICS_INTERVAL: Duration = Duration::from_secs(2);
 const PROXY_START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// `weft-cp demo` flags.
@@ -278,8 +280,16 @@ async fn demo(
         };
         start_apps(mesh, &stop, &tasks).await?;
         let mut proxies = Vec::new();
+        let metrics_to = receiver.as_ref().map(crate::otlp::Receiver::grpc_url);
         let started = tokio::select! {
-            started = start_proxies(mesh, args.xds, proxy, scratch, &mut proxies) => started,
+            started = start_proxies(
+                mesh,
+                args.xds,
+                proxy,
+                scratch,
+                metrics_to.as_deref(),
+                &mut proxies,
+            ) => started,
             () = stop_requested.cancelled() => Err(anyhow::anyhow!("interrupted while starting the proxies")),
         };
         let outcome = match started {
@@ -292,6 +302,16 @@ async fn demo(
                     && let Some(graph) = istio_graph(&proxies).await
                 {
                     observed.get_or_insert_with(String::new).push_str(&graph);
+                }
+                if let Some(receiver) = &receiver {
+                    let _ = write!(
+                        observed.get_or_insert_with(String::new),
+                        "\nEvery proxy also pushes its metrics over OTLP to {} every {} s (metrics_export in \
+                         its bootstrap, {}/<node>.bootstrap.yaml); the live line counts the proxies heard from.\n",
+                        receiver.grpc_url(),
+                        DEMO_METRICS_INTERVAL.as_secs(),
+                        scratch.display(),
+                    );
                 }
                 print_banner(args, mesh, &proxies, token_file, dir, scratch, observed.as_deref());
                 let drawing = receiver.as_ref().map(|r| (r, scratch.join("trace.svg")));
@@ -413,6 +433,7 @@ async fn start_proxies(
     xds: SocketAddr,
     binary: &Path,
     scratch: &Path,
+    metrics_to: Option<&str>,
     proxies: &mut Vec<ProxyChild>,
 ) -> anyhow::Result<()> {
     // Each proxy proves its own node, and only that, with a node token.
@@ -457,6 +478,21 @@ async fn start_proxies(
             .kill_on_drop(true);
         if let Some(service) = &service {
             command.args(["--service", service]);
+        }
+        if let Some(collector) = metrics_to {
+            // The proxy's own settings (its bootstrap, as an injector would
+            // write it): its metrics pushed to the demo's receiver too.
+            let bootstrap = scratch.join(format!("{node}.bootstrap.yaml"));
+            std::fs::write(
+                &bootstrap,
+                format!(
+                    "metrics_export:\n  collector: {collector}\n  interval: {}s\n  service_name: {}\n  resource_attributes: {{ service.instance.id: {node} }}\n",
+                    DEMO_METRICS_INTERVAL.as_secs(),
+                    service.as_deref().unwrap_or(&node),
+                ),
+            )
+            .with_context(|| format!("writing {}", bootstrap.display()))?;
+            command.arg("--config").arg(bootstrap);
         }
         let mut child = command
             .spawn()
@@ -917,8 +953,11 @@ async fn traffic(
                         denied += sum("weft_policy_decisions_total{", "result=\"deny\"");
                     }
                 }
+                let pushing = drawing
+                    .map(|(receiver, _)| format!(" | metrics pushed by {}", receiver.metrics().len()))
+                    .unwrap_or_default();
                 print!(
-                    "\r{} req/s to {route} | ok {ok} failed {failed} retried {retried} ejections {ejections} faults {faults} denied {denied} | answered by: {split} | proxies ready {ready}/{}   ",
+                    "\r{} req/s to {route} | ok {ok} failed {failed} retried {retried} ejections {ejections} faults {faults} denied {denied} | answered by: {split} | proxies ready {ready}/{}{pushing}   ",
                     sent - last_sent,
                     proxies.len()
                 );

@@ -1,6 +1,7 @@
-//! A small OTLP trace receiver: it takes the spans proxies export, over
-//! gRPC (`TraceService/Export`) or HTTP/protobuf (`POST /v1/traces`), and
-//! keeps the latest ones in memory. `weft-cp demo` uses it to show a
+//! A small OTLP receiver: it takes the spans proxies export, over gRPC
+//! (`TraceService/Export`) or HTTP/protobuf (`POST /v1/traces`), and keeps
+//! the latest ones in memory; and their metrics (`MetricsService/Export`,
+//! `POST /v1/metrics`), keeping each exporter's latest export. `weft-cp demo` uses it to show a
 //! request's trace without a tracing backend; the end-to-end tests use it
 //! as their collector. Bound with [`Receiver::bind_counting`] it decodes
 //! nothing and only counts (the collector of a tracing benchmark, which
@@ -19,6 +20,12 @@ use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use opentelemetry_proto::tonic::collector::metrics::v1::metrics_service_server::{
+    MetricsService, MetricsServiceServer,
+};
+use opentelemetry_proto::tonic::collector::metrics::v1::{
+    ExportMetricsServiceRequest, ExportMetricsServiceResponse,
+};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
@@ -26,6 +33,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
     ExportTraceServiceRequest, ExportTraceServiceResponse,
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+use opentelemetry_proto::tonic::metrics::v1::{metric, number_data_point};
 use prost::Message;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
@@ -62,6 +70,19 @@ pub struct ReceivedSpan {
     pub is_error: bool,
 }
 
+/// A metric point as received: for a sum or a gauge its value, for a
+/// histogram its count.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedPoint {
+    /// The metric's name.
+    pub name: String,
+    /// `sum`, `gauge` or `histogram`.
+    pub kind: &'static str,
+    /// Attribute values as text.
+    pub attributes: BTreeMap<String, String>,
+    pub value: f64,
+}
+
 impl ReceivedSpan {
     /// An attribute's value, if the span has it.
     pub fn attribute(&self, key: &str) -> Option<&str> {
@@ -85,6 +106,9 @@ struct State {
     bytes: std::sync::atomic::AtomicU64,
     /// The `x-*` headers (gRPC: metadata) exports came with, latest last.
     headers: Mutex<BTreeMap<String, String>>,
+    /// Each exporter's latest metrics, by its `service.name` and
+    /// `service.instance.id`.
+    metrics: Mutex<BTreeMap<(String, String), Vec<ReceivedPoint>>>,
     arrived: Notify,
 }
 
@@ -143,6 +167,86 @@ impl State {
         self.exports
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         self.arrived.notify_waiters();
+    }
+
+    fn take_metrics(&self, request: ExportMetricsServiceRequest) {
+        let mut latest = self.metrics.lock().unwrap_or_else(PoisonError::into_inner);
+        for resource in request.resource_metrics {
+            let resource_attributes = resource
+                .resource
+                .as_ref()
+                .map(|r| attributes(&r.attributes))
+                .unwrap_or_default();
+            let key = ["service.name", "service.instance.id"]
+                .map(|k| resource_attributes.get(k).cloned().unwrap_or_default());
+            let mut points = Vec::new();
+            for scope in resource.scope_metrics {
+                for metric in scope.metrics {
+                    let number = |p: &opentelemetry_proto::tonic::metrics::v1::NumberDataPoint| {
+                        match p.value {
+                            Some(number_data_point::Value::AsInt(i)) => i as f64,
+                            Some(number_data_point::Value::AsDouble(d)) => d,
+                            None => 0.0,
+                        }
+                    };
+                    let (kind, found): (_, Vec<_>) = match &metric.data {
+                        Some(metric::Data::Sum(sum)) => (
+                            "sum",
+                            sum.data_points
+                                .iter()
+                                .map(|p| (attributes(&p.attributes), number(p)))
+                                .collect(),
+                        ),
+                        Some(metric::Data::Gauge(gauge)) => (
+                            "gauge",
+                            gauge
+                                .data_points
+                                .iter()
+                                .map(|p| (attributes(&p.attributes), number(p)))
+                                .collect(),
+                        ),
+                        Some(metric::Data::Histogram(histogram)) => (
+                            "histogram",
+                            histogram
+                                .data_points
+                                .iter()
+                                .map(|p| (attributes(&p.attributes), p.count as f64))
+                                .collect(),
+                        ),
+                        _ => continue,
+                    };
+                    points.extend(found.into_iter().map(|(attributes, value)| ReceivedPoint {
+                        name: metric.name.clone(),
+                        kind,
+                        attributes,
+                        value,
+                    }));
+                }
+            }
+            latest.insert((key[0].clone(), key[1].clone()), points);
+        }
+        drop(latest);
+        self.exports
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.arrived.notify_waiters();
+    }
+}
+
+#[derive(Debug, Clone)]
+struct GrpcMetrics(Arc<State>);
+
+#[tonic::async_trait]
+impl MetricsService for GrpcMetrics {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportMetricsServiceRequest>,
+    ) -> Result<tonic::Response<ExportMetricsServiceResponse>, tonic::Status> {
+        self.0
+            .note_headers(&request.metadata().clone().into_headers());
+        self.0.take_metrics(request.into_inner());
+        Ok(tonic::Response::new(ExportMetricsServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -281,6 +385,16 @@ impl Receiver {
             .collect()
     }
 
+    /// The latest metrics of each exporter, by its `service.name` and
+    /// `service.instance.id`.
+    pub fn metrics(&self) -> BTreeMap<(String, String), Vec<ReceivedPoint>> {
+        self.state
+            .metrics
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Bytes of the export bodies counted ([`Receiver::bind_counting`]).
     pub fn bytes(&self) -> u64 {
         self.state.bytes.load(std::sync::atomic::Ordering::Relaxed)
@@ -330,16 +444,24 @@ async fn serve(listener: TcpListener, state: Arc<State>, grpc: bool, stop: Cance
         };
         let state = state.clone();
         let stop = stop.clone();
-        let server = TraceServiceServer::new(Grpc(state.clone()));
+        let traces = TraceServiceServer::new(Grpc(state.clone()));
+        let metrics = MetricsServiceServer::new(GrpcMetrics(state.clone()));
         tokio::spawn(async move {
             let service = hyper::service::service_fn(move |request: Request<Incoming>| {
                 let state = state.clone();
-                let mut server = server.clone();
+                let (mut traces, mut metrics) = (traces.clone(), metrics.clone());
                 async move {
                     let response = if state.counting {
                         any(count(&state, request, grpc).await)
+                    } else if grpc
+                        && request
+                            .uri()
+                            .path()
+                            .starts_with("/opentelemetry.proto.collector.metrics.")
+                    {
+                        any(metrics.call(request).await?)
                     } else if grpc {
-                        any(server.call(request).await?)
+                        any(traces.call(request).await?)
                     } else {
                         any(http_export(&state, request).await)
                     };
@@ -415,13 +537,27 @@ async fn http_export(state: &State, request: Request<Incoming>) -> Response<Full
         );
         response
     };
-    if request.method() != http::Method::POST || request.uri().path() != "/v1/traces" {
-        return answer(StatusCode::NOT_FOUND, Bytes::new());
-    }
+    let metrics = match (request.method(), request.uri().path()) {
+        (&http::Method::POST, "/v1/traces") => false,
+        (&http::Method::POST, "/v1/metrics") => true,
+        _ => return answer(StatusCode::NOT_FOUND, Bytes::new()),
+    };
     state.note_headers(request.headers());
     let Ok(body) = Limited::new(request.into_body(), MAX_BODY).collect().await else {
         return answer(StatusCode::PAYLOAD_TOO_LARGE, Bytes::new());
     };
+    if metrics {
+        return match ExportMetricsServiceRequest::decode(body.to_bytes()) {
+            Ok(export) => {
+                state.take_metrics(export);
+                let response = ExportMetricsServiceResponse {
+                    partial_success: None,
+                };
+                answer(StatusCode::OK, response.encode_to_vec().into())
+            }
+            Err(_) => answer(StatusCode::BAD_REQUEST, Bytes::new()),
+        };
+    }
     match ExportTraceServiceRequest::decode(body.to_bytes()) {
         Ok(export) => {
             state.take(export);

@@ -155,10 +155,6 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/live" => text(StatusCode::OK, "live\n".into()),
         "/metrics" => {
-            // Series of removed resources go once the last connection or
-            // request that used them has ended (which may be after the
-            // configuration change that removed them).
-            state.metrics.prune();
             // OpenMetrics when the scraper asks for it (Prometheus does for
             // exemplars): counter families without `_total`, exemplars,
             // `# EOF`.
@@ -172,25 +168,13 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             } else {
                 crate::telemetry::Format::Prometheus
             };
-            let mut body = state.metrics.render_as(format);
-            body.push_str(&identity_metrics(&state.identities));
-            if let Some(log) = &state.access_log {
-                body.push_str(
-                    "# HELP weft_access_log_dropped_total Access-log lines dropped because the writer was behind.\n\
-                     # TYPE weft_access_log_dropped_total counter\n",
-                );
-                body.push_str(&format!("weft_access_log_dropped_total {}\n", log.dropped()));
-            }
-            if let Some(log) = &state.decision_log {
-                body.push_str(
-                    "# HELP weft_policy_decision_log_dropped_total Decision-log lines dropped because the writer was behind.\n\
-                     # TYPE weft_policy_decision_log_dropped_total counter\n",
-                );
-                body.push_str(&format!(
-                    "weft_policy_decision_log_dropped_total {}\n",
-                    log.dropped()
-                ));
-            }
+            let mut body = exposition(
+                &state.metrics,
+                &state.identities,
+                state.access_log.as_ref(),
+                state.decision_log.as_ref(),
+                format,
+            );
             let content_type = match format {
                 crate::telemetry::Format::OpenMetrics => {
                     body = crate::telemetry::openmetrics_families(&body);
@@ -450,6 +434,44 @@ fn certs(
 }
 
 /// The identity series of `/metrics`.
+/// Every series `/metrics` shows (and `metrics_export` pushes), in
+/// `format` (OpenMetrics's families and `# EOF` are the caller's).
+pub(crate) fn exposition(
+    metrics: &Metrics,
+    identities: &crate::identity::Identities,
+    access_log: Option<&crate::telemetry::AccessLog>,
+    decision_log: Option<&crate::policy::DecisionLog>,
+    format: crate::telemetry::Format,
+) -> String {
+    // Series of removed resources go once the last connection or request
+    // that used them has ended (which may be after the configuration
+    // change that removed them).
+    metrics.prune();
+    let mut body = metrics.render_as(format);
+    body.push_str(&identity_metrics(identities));
+    if let Some(log) = access_log {
+        body.push_str(
+            "# HELP weft_access_log_dropped_total Access-log lines dropped because the writer was behind.\n\
+             # TYPE weft_access_log_dropped_total counter\n",
+        );
+        body.push_str(&format!(
+            "weft_access_log_dropped_total {}\n",
+            log.dropped()
+        ));
+    }
+    if let Some(log) = decision_log {
+        body.push_str(
+            "# HELP weft_policy_decision_log_dropped_total Decision-log lines dropped because the writer was behind.\n\
+             # TYPE weft_policy_decision_log_dropped_total counter\n",
+        );
+        body.push_str(&format!(
+            "weft_policy_decision_log_dropped_total {}\n",
+            log.dropped()
+        ));
+    }
+    body
+}
+
 fn identity_metrics(identities: &crate::identity::Identities) -> String {
     use std::fmt::Write as _;
     let mut out = String::from(

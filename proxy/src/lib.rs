@@ -132,6 +132,14 @@ struct Inner {
     decision_log: Option<policy::DecisionLog>,
     /// Span exporters, shared by listeners with equal settings.
     traces: Arc<telemetry::trace::Exporters>,
+    /// The metrics exporter of the configuration serving, if it has one.
+    metrics_export: Mutex<Option<telemetry::metrics_export::MetricsExporter>>,
+    /// What it exports: the `/metrics` text.
+    render: telemetry::metrics_export::Render,
+    /// Where the exporter runs.
+    control: tokio::runtime::Handle,
+    /// The start of every exported series.
+    started: std::time::SystemTime,
     /// Held across a whole apply (binding, building, publishing), so that
     /// applies never interleave.
     listeners: tokio::sync::Mutex<ListenerSet>,
@@ -156,6 +164,30 @@ pub enum Readiness {
     /// Once [`ConfigHandle::set_ready`] is called (by the xDS client, after
     /// its first complete configuration).
     Deferred,
+}
+
+impl Inner {
+    /// Runs the exporter `settings` asks for: the running one when they
+    /// are unchanged, a new one when they changed, none without.
+    fn export_metrics(&self, settings: Option<&Arc<config::MetricsExport>>) {
+        let mut running = self
+            .metrics_export
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match (running.as_ref(), settings) {
+            (Some(exporter), Some(settings)) if exporter.settings == *settings => {}
+            (_, None) => *running = None,
+            (_, Some(settings)) => {
+                *running = Some(telemetry::metrics_export::MetricsExporter::start(
+                    &self.control,
+                    settings.clone(),
+                    self.render.clone(),
+                    self.metrics.clone(),
+                    self.started,
+                ));
+            }
+        }
+    }
 }
 
 impl Proxy {
@@ -209,6 +241,20 @@ impl Proxy {
         );
         let stopping = Arc::new(AtomicBool::new(false));
         let ready = Arc::new(AtomicBool::new(false));
+        // What `metrics_export` pushes: what `/metrics` shows.
+        let render = {
+            let (metrics, identities) = (metrics.clone(), identities.clone());
+            let (access_log, decision_log) = (access_log.clone(), decision_log.clone());
+            telemetry::metrics_export::Render(Arc::new(move || {
+                admin::exposition(
+                    &metrics,
+                    &identities,
+                    access_log.as_ref(),
+                    decision_log.as_ref(),
+                    telemetry::Format::Prometheus,
+                )
+            }))
+        };
         let handle = ConfigHandle {
             inner: Arc::new(Inner {
                 shared: Arc::new(ArcSwap::from_pointee(snapshot)),
@@ -220,6 +266,10 @@ impl Proxy {
                     control.clone(),
                     metrics.trace.clone(),
                 )),
+                metrics_export: Mutex::new(None),
+                render,
+                control: control.clone(),
+                started: std::time::SystemTime::now(),
                 listeners: tokio::sync::Mutex::new(ListenerSet::default()),
                 drain: drain.clone(),
                 workers: tokio::runtime::Handle::current(),
@@ -411,6 +461,7 @@ impl ConfigHandle {
             &inner.workers,
         );
         inner.identities.set_wanted(config.workload_identities());
+        inner.export_metrics(config.metrics_export.as_ref());
         let pruned = inner.metrics.prune();
         if pruned > 0 {
             tracing::debug!(pruned, "metric series of removed resources dropped");

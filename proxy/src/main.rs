@@ -50,7 +50,8 @@ struct Args {
     admin_token_file: Option<String>,
     /// Take listeners, routes and clusters from this control plane
     /// (`HOST:PORT`). `--config`, if given, then holds only the proxy's own
-    /// settings (admin, access_log, drain_timeout).
+    /// settings (admin, access_log, decision_log, metrics_export,
+    /// drain_timeout).
     #[arg(
         long,
         value_name = "ADDR",
@@ -297,7 +298,8 @@ fn xds_options(args: &Args, server: &str) -> anyhow::Result<XdsOptions> {
                     && spec.route_configs.is_empty()
                     && spec.clusters.is_empty(),
                 "{}: with --xds, listeners, route_configs and clusters come from the control plane; \
-                 the file may only set admin, access_log and drain_timeout",
+                 the file may only set the proxy's own settings (admin, access_log, decision_log, \
+                 metrics_export, drain_timeout)",
                 path.display()
             );
             spec

@@ -9,6 +9,7 @@
 pub(crate) mod access_log;
 pub(crate) mod istio;
 mod metrics;
+pub(crate) mod metrics_export;
 pub(crate) mod trace;
 
 pub use access_log::{AccessLog, AccessRecord, AccessTemplate};

@@ -376,6 +376,28 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         metrics.contains("# TYPE istio_request_duration_milliseconds histogram"),
         "{metrics}"
     );
+    // Each proxy also pushes its metrics to the demo's receiver, as its
+    // bootstrap says: the sidecar counts the exports the receiver took.
+    assert!(
+        banner.contains("Every proxy also pushes its metrics over OTLP"),
+        "{banner}"
+    );
+    let exported = r#"weft_metrics_exports_total{result="ok"} "#;
+    assert!(
+        eventually(DEADLINE, || async {
+            let Ok(response) = http1_request(frontend_admin, get(frontend_admin, "/metrics")).await
+            else {
+                return false;
+            };
+            let text = String::from_utf8(body_bytes(response).await.unwrap().to_vec()).unwrap();
+            text.lines()
+                .find_map(|l| l.strip_prefix(exported))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .is_some_and(|v| v >= 1.0)
+        })
+        .await,
+        "no metrics export from frontend-1"
+    );
     // Every hop is mutual TLS with certificates from the control plane:
     // each application names the caller its sidecar verified.
     assert!(

@@ -532,3 +532,142 @@ async fn a_counting_receiver_accepts_both_transports_without_decoding() {
     assert!(sink.bytes() > 0);
     assert!(sink.spans().is_empty(), "nothing decoded or kept");
 }
+
+/// A proxy exporting its metrics every second to `collector` over
+/// `protocol`, one route to `upstream`.
+fn metrics_exporting(upstream: SocketAddr, collector: &str, protocol: &str) -> String {
+    format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+metrics_export:
+  collector: "{collector}"
+  protocol: {protocol}
+  interval: 1s
+  service_name: edge
+  resource_attributes: {{ service.instance.id: edge-1 }}
+  headers: {{ x-tenant: blue }}
+listeners:
+  - {{ name: web, address: "127.0.0.1:0", route_config: main }}
+route_configs:
+  - name: main
+    virtual_hosts:
+      - name: all
+        domains: ["*"]
+        routes: [{{ name: all, cluster: echo }}]
+clusters:
+  - {{ name: echo, endpoints: [{{ address: "{upstream}" }}] }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn metrics_are_pushed_over_otlp_grpc_and_http_as_scraped() {
+    let echo = echo("a").await;
+    let receiver = receiver().await;
+    for (protocol, collector) in [
+        ("grpc", receiver.grpc_url()),
+        (
+            "http",
+            format!(
+                "http://{}",
+                receiver
+                    .http_url()
+                    .trim_start_matches("http://")
+                    .trim_end_matches("/v1/traces")
+            ),
+        ),
+    ] {
+        let proxy =
+            ProxyProcess::start(&metrics_exporting(echo.local_addr(), &collector, protocol))
+                .await
+                .unwrap();
+        let web = proxy.listener("web");
+        for _ in 0..3 {
+            let response = http1_request(web, get(web, "/")).await.unwrap();
+            body_bytes(response).await.unwrap();
+        }
+        // The next export (one second apart) carries the three requests,
+        // as a monotonic sum named without `_total`, with the scrape's
+        // labels as attributes.
+        let requests = |points: &[weft_cp::otlp::ReceivedPoint]| {
+            points
+                .iter()
+                .find(|p| {
+                    p.name == "weft_http_requests"
+                        && p.attributes.get("status_class").map(String::as_str) == Some("2xx")
+                        && p.attributes.get("route").map(String::as_str) == Some("all")
+                })
+                .map(|p| (p.kind, p.value))
+        };
+        let key = ("edge".to_owned(), "edge-1".to_owned());
+        assert!(
+            eventually(WAIT, || async {
+                receiver
+                    .metrics()
+                    .get(&key)
+                    .and_then(|points| requests(points))
+                    == Some(("sum", 3.0))
+            })
+            .await,
+            "{protocol}: {:?}",
+            receiver.metrics().get(&key)
+        );
+        let points = receiver.metrics().remove(&key).unwrap();
+        let histogram = points
+            .iter()
+            .find(|p| {
+                p.name == "weft_http_request_duration_seconds"
+                    && p.attributes.get("route").map(String::as_str) == Some("all")
+            })
+            .unwrap();
+        assert_eq!((histogram.kind, histogram.value), ("histogram", 3.0));
+        assert!(
+            points
+                .iter()
+                .any(|p| p.name == "weft_upstream_connections_active" && p.kind == "gauge"),
+            "{points:?}"
+        );
+        assert_eq!(
+            receiver.headers().get("x-tenant").map(String::as_str),
+            Some("blue")
+        );
+        // The export is counted where the scrape shows it.
+        assert!(
+            eventually(WAIT, || async {
+                proxy
+                    .metric(r#"weft_metrics_exports_total{result="ok"}"#)
+                    .await
+                    >= 1.0
+            })
+            .await
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_dead_metrics_collector_is_counted_and_costs_no_request() {
+    let echo = echo("a").await;
+    let dead = {
+        let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+        listener.local_addr().unwrap()
+    };
+    let proxy = ProxyProcess::start(&metrics_exporting(
+        echo.local_addr(),
+        &format!("http://{dead}"),
+        "grpc",
+    ))
+    .await
+    .unwrap();
+    let web = proxy.listener("web");
+    assert!(
+        eventually(WAIT, || async {
+            proxy
+                .metric(r#"weft_metrics_exports_total{result="failed"}"#)
+                .await
+                >= 1.0
+        })
+        .await
+    );
+    let response = http1_request(web, get(web, "/")).await.unwrap();
+    assert_eq!(response.status(), 200);
+}

@@ -35,6 +35,8 @@ pub struct Config {
     pub access_log_template: Option<Arc<crate::telemetry::AccessTemplate>>,
     /// The policy decision log, if any.
     pub decision_log: Option<DecisionLogSettings>,
+    /// Metrics pushed over OTLP, if any.
+    pub metrics_export: Option<Arc<MetricsExport>>,
     /// Listeners in file order.
     pub listeners: Vec<Listener>,
     /// Route configurations in file order.
@@ -180,7 +182,21 @@ pub struct Tracing {
 /// How spans are exported.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct TraceExport {
-    /// The collector's URL.
+    /// Where and as what.
+    pub endpoint: OtlpEndpoint,
+    /// Spans waiting for export at most.
+    pub max_queued_spans: u32,
+    /// Spans per export at most.
+    pub max_export_batch: u32,
+    /// A partial batch waits at most this long.
+    pub flush_interval: Duration,
+}
+
+/// An OTLP collector and what this proxy tells it about itself.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct OtlpEndpoint {
+    /// The collector's URL (for HTTP, with the path exports are POSTed
+    /// to).
     pub collector: String,
     /// The OTLP transport.
     pub protocol: OtlpProtocol,
@@ -190,14 +206,17 @@ pub struct TraceExport {
     pub service_name: String,
     /// More resource attributes, sorted by key.
     pub resource_attributes: Vec<(String, String)>,
-    /// Spans waiting for export at most.
-    pub max_queued_spans: u32,
-    /// Spans per export at most.
-    pub max_export_batch: u32,
-    /// A partial batch waits at most this long.
-    pub flush_interval: Duration,
     /// An export taking longer fails.
     pub export_timeout: Duration,
+}
+
+/// The proxy's metrics pushed to an OTLP collector, beside `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct MetricsExport {
+    /// Where and as what.
+    pub endpoint: OtlpEndpoint,
+    /// Time between exports.
+    pub interval: Duration,
 }
 
 /// OTLP's transports.

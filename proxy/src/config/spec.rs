@@ -31,6 +31,9 @@ pub struct BootstrapSpec {
     /// JSON-lines log of policy decisions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub decision_log: Option<DecisionLogSpec>,
+    /// The proxy's metrics pushed to an OTLP collector, beside `/metrics`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_export: Option<MetricsExportSpec>,
     /// Sockets the proxy accepts on.
     #[serde(default)]
     pub listeners: Vec<ListenerSpec>,
@@ -281,6 +284,41 @@ pub struct TracingSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub flush_interval: Option<Duration>,
+    /// An export taking longer fails (default 5s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub export_timeout: Option<Duration>,
+}
+
+/// Metrics pushed over OTLP (see config/README.md, `metrics_export`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsExportSpec {
+    /// The OTLP collector's URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collector: Option<String>,
+    /// `grpc` (the default) or `http` (OTLP/HTTP, protobuf).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// Sent with every export.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// The resource's `service.name` (default `weft-proxy`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+    /// More resource attributes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resource_attributes: Option<BTreeMap<String, String>>,
+    /// Time between exports (default 60s).
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub interval: Option<Duration>,
     /// An export taking longer fails (default 5s).
     #[serde(
         default,

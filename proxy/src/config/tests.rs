@@ -537,9 +537,12 @@ fn tracing_settings_are_checked_and_defaulted() {
     )
     .unwrap();
     let tracing = config.listeners[0].tracing.as_ref().unwrap();
-    assert_eq!(tracing.export.collector, "http://127.0.0.1:4318/v1/traces");
-    assert_eq!(tracing.export.protocol, OtlpProtocol::HttpProtobuf);
-    assert_eq!(tracing.export.service_name, "weft-proxy");
+    assert_eq!(
+        tracing.export.endpoint.collector,
+        "http://127.0.0.1:4318/v1/traces"
+    );
+    assert_eq!(tracing.export.endpoint.protocol, OtlpProtocol::HttpProtobuf);
+    assert_eq!(tracing.export.endpoint.service_name, "weft-proxy");
     assert_eq!(tracing.export.max_queued_spans, 2048);
     assert_eq!(tracing.sample, Percent(10_000));
     assert!(!tracing.always_sample_errors);
@@ -592,6 +595,49 @@ fn tracing_settings_are_checked_and_defaulted() {
         "{:?}",
         errors_of(&tcp)
     );
+}
+
+#[test]
+fn metrics_export_is_checked_and_defaulted() {
+    let with = |export: &str| format!("metrics_export: {export}\n{VALID}");
+    let config = Config::from_yaml(
+        &with(r#"{ collector: "http://127.0.0.1:4318", protocol: http }"#),
+        "test",
+    )
+    .unwrap();
+    let export = config.metrics_export.as_ref().unwrap();
+    assert_eq!(
+        export.endpoint.collector,
+        "http://127.0.0.1:4318/v1/metrics"
+    );
+    assert_eq!(export.endpoint.protocol, OtlpProtocol::HttpProtobuf);
+    assert_eq!(export.endpoint.service_name, "weft-proxy");
+    assert_eq!(export.interval, std::time::Duration::from_secs(60));
+    let cases: &[(&str, &str)] = &[
+        (
+            "{ interval: 5s }",
+            "metrics_export \"metrics_export\": collector: required",
+        ),
+        (
+            r#"{ collector: "https://c:4317" }"#,
+            "collector: \"https://c:4317\" must be an http:// URL",
+        ),
+        (
+            r#"{ collector: "http://c:4317", interval: 100ms }"#,
+            "interval: 100ms is shorter than 1s",
+        ),
+        (
+            r#"{ collector: "http://c:4317", headers: { "bad name": x } }"#,
+            "headers.bad name: is not a lower-case header name",
+        ),
+    ];
+    for (export, expected) in cases {
+        let errors = errors_of(&with(export));
+        assert!(
+            errors.iter().any(|e| e.contains(expected)),
+            "{export}: {errors:?}"
+        );
+    }
 }
 
 #[test]

@@ -144,6 +144,14 @@ impl TryFrom<BootstrapSpec> for Config {
                     None
                 }
             });
+        let metrics_export = spec.metrics_export.as_ref().and_then(|export| {
+            let mut check = Checker {
+                kind: "metrics_export",
+                resource: "metrics_export".into(),
+                errors: &mut errors,
+            };
+            tracing::validate_metrics_export(&mut check, export).map(Arc::new)
+        });
         let decision_log = spec.decision_log.as_ref().and_then(|log| {
             let mut check = Checker {
                 kind: "decision_log",
@@ -292,6 +300,7 @@ impl TryFrom<BootstrapSpec> for Config {
             access_log,
             access_log_template,
             decision_log,
+            metrics_export,
             listeners,
             route_configs,
             clusters,

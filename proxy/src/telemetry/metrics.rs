@@ -321,6 +321,10 @@ pub struct Metrics {
     pub config_reload_failures: AtomicU64,
     /// Span export, all exporters together.
     pub trace: Arc<super::TraceMetrics>,
+    /// Metric exports the collector accepted (`metrics_export`).
+    pub metric_exports: AtomicU64,
+    /// Metric exports that failed.
+    pub metric_export_failures: AtomicU64,
 }
 
 impl Metrics {
@@ -837,6 +841,15 @@ impl Metrics {
             trace.spans_dropped.load(Relaxed),
             trace.spans_failed.load(Relaxed),
             trace.exports_failed.load(Relaxed),
+        );
+        let _ = write!(
+            out,
+            "# HELP weft_metrics_exports_total Metric exports over OTLP, by result (metrics_export).\n\
+             # TYPE weft_metrics_exports_total counter\n\
+             weft_metrics_exports_total{{result=\"ok\"}} {}\n\
+             weft_metrics_exports_total{{result=\"failed\"}} {}\n",
+            self.metric_exports.load(Relaxed),
+            self.metric_export_failures.load(Relaxed),
         );
         if !registry.istio.is_empty() {
             super::istio::render(&mut out, registry.istio.values().map(|m| &**m));

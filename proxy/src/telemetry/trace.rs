@@ -10,7 +10,7 @@
 //! a request that is not costs two random ids and a header.
 
 pub(crate) mod export;
-mod otlp;
+pub(crate) mod otlp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -81,7 +81,8 @@ pub(crate) enum Step {
 /// The client's per-stream protocol state.
 #[derive(Debug)]
 pub(crate) struct XdsState {
-    /// The proxy's own settings (admin, access log, drain timeout), merged
+    /// The proxy's own settings (admin, logs, metrics export, drain
+    /// timeout), merged
     /// into every candidate so that it validates as a whole.
     bootstrap: BootstrapSpec,
     /// Names the configuration's source in logs and `/config_dump`.
@@ -295,6 +296,7 @@ impl XdsState {
             drain_delay: self.bootstrap.drain_delay,
             access_log: self.bootstrap.access_log.clone(),
             decision_log: self.bootstrap.decision_log.clone(),
+            metrics_export: self.bootstrap.metrics_export.clone(),
             ..spec
         };
         let mut config = Config::try_from(spec).map_err(|e| e.0)?;

@@ -24,7 +24,7 @@ use tokio::sync::{Notify, mpsc};
 
 use super::SpanRecord;
 use super::otlp::Encoder;
-use crate::config::{OtlpProtocol, TraceExport};
+use crate::config::{OtlpEndpoint, OtlpProtocol, TraceExport};
 
 /// Counters of every exporter together.
 #[derive(Debug, Default)]
@@ -129,8 +129,9 @@ async fn run(
     shared: Arc<Batch>,
     metrics: Arc<TraceMetrics>,
 ) {
-    let mut encoder = Encoder::new(&export.service_name, &export.resource_attributes);
-    let mut client = Client::new(&export);
+    let endpoint = &export.endpoint;
+    let mut encoder = Encoder::new(&endpoint.service_name, &endpoint.resource_attributes);
+    let mut client = Client::new(endpoint, GRPC_PATH);
     let max = usize::try_from(export.max_export_batch)
         .unwrap_or(usize::MAX)
         .max(1);
@@ -162,20 +163,20 @@ async fn run(
         shared.queued.fetch_sub(encoder.len(), Relaxed);
         let count = encoder.len() as u64;
         encoder.finish(&mut body);
-        let sent = tokio::time::timeout(export.export_timeout, client.send(&body)).await;
+        let sent = tokio::time::timeout(endpoint.export_timeout, client.send(&body)).await;
         match sent {
             Ok(Ok(())) => {
                 metrics.spans_exported.fetch_add(count, Relaxed);
             }
             Ok(Err(error)) => {
                 client.reset();
-                tracing::debug!(collector = %export.collector, %error, spans = count, "trace export failed");
+                tracing::debug!(collector = %endpoint.collector, %error, spans = count, "trace export failed");
                 metrics.exports_failed.fetch_add(1, Relaxed);
                 metrics.spans_failed.fetch_add(count, Relaxed);
             }
             Err(_elapsed) => {
                 client.reset();
-                tracing::debug!(collector = %export.collector, spans = count, "trace export timed out");
+                tracing::debug!(collector = %endpoint.collector, spans = count, "trace export timed out");
                 metrics.exports_failed.fetch_add(1, Relaxed);
                 metrics.spans_failed.fetch_add(count, Relaxed);
             }
@@ -191,8 +192,10 @@ const MAX_RESPONSE: usize = 64 * 1024;
 /// A connection to the collector, opened on first use and again after a
 /// failure.
 #[derive(Debug)]
-struct Client {
+pub(crate) struct Client {
     protocol: OtlpProtocol,
+    /// gRPC: the export method's path.
+    grpc_path: &'static str,
     /// The collector's URL (HTTP: its path is where spans are POSTed).
     url: Uri,
     /// `host:port`, for connecting.
@@ -208,9 +211,11 @@ enum Connection {
 }
 
 impl Client {
-    fn new(export: &TraceExport) -> Self {
+    /// A client of `endpoint`, calling `grpc_path` over gRPC (OTLP/HTTP
+    /// posts to the collector URL's path).
+    pub(crate) fn new(endpoint: &OtlpEndpoint, grpc_path: &'static str) -> Self {
         // Validation checked the URL and the headers.
-        let url: Uri = export.collector.parse().unwrap_or_default();
+        let url: Uri = endpoint.collector.parse().unwrap_or_default();
         let authority = url.authority().map_or_else(String::new, |a| {
             if a.port().is_some() {
                 a.as_str().to_owned()
@@ -218,7 +223,7 @@ impl Client {
                 format!("{}:80", a.as_str())
             }
         });
-        let headers = export
+        let headers = endpoint
             .headers
             .iter()
             .filter_map(|(name, value)| {
@@ -229,7 +234,8 @@ impl Client {
             })
             .collect();
         Self {
-            protocol: export.protocol,
+            protocol: endpoint.protocol,
+            grpc_path,
             url,
             authority,
             headers,
@@ -239,7 +245,7 @@ impl Client {
 
     /// Forgets the connection (after a failure): the next export opens a
     /// new one.
-    fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.connection = None;
     }
 
@@ -268,8 +274,8 @@ impl Client {
         }
     }
 
-    /// Sends one `ExportTraceServiceRequest`.
-    async fn send(&mut self, message: &[u8]) -> Result<(), String> {
+    /// Sends one export request (`message`, encoded).
+    pub(crate) async fn send(&mut self, message: &[u8]) -> Result<(), String> {
         let usable = match &self.connection {
             Some(Connection::Http2(sender)) => !sender.is_closed(),
             Some(Connection::Http1(sender)) => !sender.is_closed(),
@@ -286,7 +292,7 @@ impl Client {
                 let len = u32::try_from(message.len()).map_err(|_| "batch too large")?;
                 framed.extend_from_slice(&len.to_be_bytes());
                 framed.extend_from_slice(message);
-                let uri = format!("http://{}{GRPC_PATH}", self.authority);
+                let uri = format!("http://{}{}", self.authority, self.grpc_path);
                 let mut request = Request::post(uri).body(Full::new(Bytes::from(framed)));
                 if let Ok(request) = &mut request {
                     let headers = request.headers_mut();
@@ -302,7 +308,7 @@ impl Client {
                 let path = self
                     .url
                     .path_and_query()
-                    .map_or("/v1/traces", http::uri::PathAndQuery::as_str);
+                    .map_or("/", http::uri::PathAndQuery::as_str);
                 let mut request =
                     Request::post(path).body(Full::new(Bytes::copy_from_slice(message)));
                 if let Ok(request) = &mut request {

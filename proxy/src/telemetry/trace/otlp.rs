@@ -14,9 +14,9 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use super::{Kind, SpanRecord};
 
 /// Protobuf wire types.
-const VARINT: u8 = 0;
-const FIXED64: u8 = 1;
-const LEN: u8 = 2;
+pub(crate) const VARINT: u8 = 0;
+pub(crate) const FIXED64: u8 = 1;
+pub(crate) const LEN: u8 = 2;
 const FIXED32: u8 = 5;
 
 /// `Span.flags`: the W3C sampled flag, and "whether the parent is remote"
@@ -25,7 +25,7 @@ const FLAG_SAMPLED: u32 = 0x01;
 const FLAG_HAS_IS_REMOTE: u32 = 0x100;
 const FLAG_IS_REMOTE: u32 = 0x200;
 
-fn varint(out: &mut Vec<u8>, mut value: u64) {
+pub(crate) fn varint(out: &mut Vec<u8>, mut value: u64) {
     while value >= 0x80 {
         out.push((value as u8) | 0x80);
         value >>= 7;
@@ -38,17 +38,17 @@ fn varint_len(value: u64) -> usize {
     (64 - (value | 1).leading_zeros() as usize).div_ceil(7)
 }
 
-fn tag(out: &mut Vec<u8>, field: u32, wire: u8) {
+pub(crate) fn tag(out: &mut Vec<u8>, field: u32, wire: u8) {
     varint(out, u64::from(field << 3 | u32::from(wire)));
 }
 
-fn bytes_field(out: &mut Vec<u8>, field: u32, data: &[u8]) {
+pub(crate) fn bytes_field(out: &mut Vec<u8>, field: u32, data: &[u8]) {
     tag(out, field, LEN);
     varint(out, data.len() as u64);
     out.extend_from_slice(data);
 }
 
-fn fixed64_field(out: &mut Vec<u8>, field: u32, value: u64) {
+pub(crate) fn fixed64_field(out: &mut Vec<u8>, field: u32, value: u64) {
     tag(out, field, FIXED64);
     out.extend_from_slice(&value.to_le_bytes());
 }
@@ -84,14 +84,14 @@ fn ip_text(out: &mut String, ip: std::net::IpAddr) {
 
 /// An attribute value.
 #[derive(Debug, Clone, Copy)]
-enum Value<'a> {
+pub(crate) enum Value<'a> {
     Str(&'a str),
     Int(i64),
 }
 
 /// `KeyValue { key = 1; AnyValue value = 2 }` as field `field`, its
 /// lengths computed first so that it is written in one pass.
-fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: Value<'_>) {
+pub(crate) fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: Value<'_>) {
     let any = match value {
         Value::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
         // `int_value` (3) is an int64: negative values take ten bytes.
@@ -110,6 +110,36 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, value: Value<'_>) {
             varint(out, i as u64);
         }
     }
+}
+
+/// A `Resource` (`service.name` and `attributes`) and the proxy's
+/// `InstrumentationScope`, each as field 1 of its container
+/// (`ResourceSpans` / `ResourceMetrics`, `ScopeSpans` / `ScopeMetrics`),
+/// tag and all.
+pub(crate) fn resource_and_scope(
+    service_name: &str,
+    attributes: &[(String, String)],
+) -> (Vec<u8>, Vec<u8>) {
+    let mut resource_body = Vec::new();
+    key_value(
+        &mut resource_body,
+        1,
+        "service.name",
+        Value::Str(service_name),
+    );
+    for (key, value) in attributes {
+        if key != "service.name" {
+            key_value(&mut resource_body, 1, key, Value::Str(value));
+        }
+    }
+    let mut resource = Vec::new();
+    bytes_field(&mut resource, 1, &resource_body);
+    let mut scope_body = Vec::new();
+    bytes_field(&mut scope_body, 1, b"weft-proxy");
+    bytes_field(&mut scope_body, 2, env!("CARGO_PKG_VERSION").as_bytes());
+    let mut scope = Vec::new();
+    bytes_field(&mut scope, 1, &scope_body);
+    (resource, scope)
 }
 
 /// Batches of spans as `ExportTraceServiceRequest` bytes.
@@ -132,25 +162,7 @@ impl Encoder {
     /// An encoder for spans of `service_name` with more resource
     /// `attributes`.
     pub(crate) fn new(service_name: &str, attributes: &[(String, String)]) -> Self {
-        let mut resource_body = Vec::new();
-        key_value(
-            &mut resource_body,
-            1,
-            "service.name",
-            Value::Str(service_name),
-        );
-        for (key, value) in attributes {
-            if key != "service.name" {
-                key_value(&mut resource_body, 1, key, Value::Str(value));
-            }
-        }
-        let mut resource = Vec::new();
-        bytes_field(&mut resource, 1, &resource_body);
-        let mut scope_body = Vec::new();
-        bytes_field(&mut scope_body, 1, b"weft-proxy");
-        bytes_field(&mut scope_body, 2, env!("CARGO_PKG_VERSION").as_bytes());
-        let mut scope = Vec::new();
-        bytes_field(&mut scope, 1, &scope_body);
+        let (resource, scope) = resource_and_scope(service_name, attributes);
         Self {
             resource,
             scope,
