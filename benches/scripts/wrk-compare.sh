@@ -8,7 +8,9 @@
 # interleaved within each round; the summary gives medians over the rounds.
 # For each figure it says whether the proxy's core saturated (its CPU time
 # over the wall time): a figure taken with the proxy's core idle half the
-# time measures the generator, not the proxy.
+# time measures the generator, not the proxy. HTTP/1.1 rows also give
+# wrk's 99th-percentile latency (`p99_us`; each figure's median on its
+# own); h2load reports no percentiles.
 #
 # Needs: a release build (cargo build --release -p weft-proxy), wrk, h2load,
 # nginx, haproxy (apt-get install -y wrk nghttp2-client nginx-light haproxy),
@@ -146,20 +148,27 @@ for round in $(seq "$rounds"); do
       esac
       before=$(cpu_ticks "$pid"); start=$(now_ns)
       if [ "$mode" = h1 ]; then
-        out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${seconds}s" "http://127.0.0.1:$port/" 2>&1)
+        out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${seconds}s" --latency "http://127.0.0.1:$port/" 2>&1)
         total=$(awk '/requests in/ {print $1}' <<<"$out")
+        # wrk's latency distribution: `99%  1.23ms` (us, ms or s).
+        p99=$(awk '$1 == "99%" { v = $2; u = 1;
+          if (v ~ /us$/) { sub(/us$/, "", v) } else if (v ~ /ms$/) { sub(/ms$/, "", v); u = 1000 }
+          else if (v ~ /s$/) { sub(/s$/, "", v); u = 1000000 }
+          printf "%.0f", v * u }' <<<"$out")
         errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
       else
         out=$(taskset -c 1 h2load -c4 -m8 -D"$seconds" "http://127.0.0.1:$port/" 2>&1)
+        # h2load reports no percentiles.
+        p99=na
         total=$(awk '/^requests:/ {print $8}' <<<"$out")
         errors=$(awk '/^requests:/ && $10 != 0 {print "errored " $10}' <<<"$out")
       fi
       after=$(cpu_ticks "$pid"); end=$(now_ns)
       awk -v t=$((after - before)) -v n="$total" -v hz="$hz" -v ns=$((end - start)) \
-          -v r="$round" -v m="$mode" -v tg="$target" -v e="$errors" 'BEGIN {
+          -v r="$round" -v m="$mode" -v tg="$target" -v e="$errors" -v p99="$p99" 'BEGIN {
         cpu = t / hz; wall = ns / 1e9;
-        printf "round=%s mode=%s target=%s rps=%.0f cpu_us_per_request=%.1f proxy_core_busy=%.0f%% %s\n",
-          r, m, tg, n / wall, cpu * 1e6 / n, 100 * cpu / wall, e
+        printf "round=%s mode=%s target=%s rps=%.0f cpu_us_per_request=%.1f proxy_core_busy=%.0f%% p99_us=%s %s\n",
+          r, m, tg, n / wall, cpu * 1e6 / n, 100 * cpu / wall, p99, e
       }' | tee -a "$results"
     done
   done
@@ -168,8 +177,11 @@ echo
 echo "medians over $rounds rounds (wrk -t1 -c$conns; h2load -c4 -m8; ${seconds}s each):"
 for mode in h1 h2; do
   for target in $targets; do
-    grep " mode=$mode target=$target " "$results" | sed 's/.*rps=\([0-9.]*\) cpu_us_per_request=\([0-9.]*\) proxy_core_busy=\([0-9]*\)%.*/\1 \2 \3/' |
-      sort -k2 -n | awk -v m="$mode" -v tg="$target" '{ rps[NR] = $1; cpu[NR] = $2; busy[NR] = $3 }
-        END { i = int((NR + 1) / 2); printf "%s %-9s cpu_us_per_request=%s rps=%s proxy_core_busy=%s%%\n", m, tg, cpu[i], rps[i], busy[i] }'
+    rows=$(grep " mode=$mode target=$target " "$results")
+    p99=$(sed 's/.* p99_us=\([0-9a-z]*\).*/\1/' <<<"$rows" | sort -n |
+      awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+    sed 's/.*rps=\([0-9.]*\) cpu_us_per_request=\([0-9.]*\) proxy_core_busy=\([0-9]*\)%.*/\1 \2 \3/' <<<"$rows" |
+      sort -k2 -n | awk -v m="$mode" -v tg="$target" -v p99="$p99" '{ rps[NR] = $1; cpu[NR] = $2; busy[NR] = $3 }
+        END { i = int((NR + 1) / 2); printf "%s %-9s cpu_us_per_request=%s rps=%s proxy_core_busy=%s%% p99_us=%s\n", m, tg, cpu[i], rps[i], busy[i], p99 }'
   done
 done

@@ -1055,3 +1055,108 @@ clusters:
         2.0
     );
 }
+
+#[tokio::test]
+async fn spans_and_metrics_reach_an_https_collector_verified_by_its_ca() {
+    // The collector: the test's OTLP receiver behind a weft TLS listener
+    // per transport (h2 for gRPC, HTTP/1.1 for OTLP/HTTP), its certificate
+    // for `localhost` from the test CA.
+    let pki = Pki::new(&[("collector", &["localhost"])]);
+    let receiver = weft_cp::otlp::Receiver::bind(loopback0(), loopback0())
+        .await
+        .unwrap();
+    let receiver_address = |url: String| {
+        url.trim_start_matches("http://")
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let tls = format!(
+        r#"tls: {{ certificates: [{{ cert_file: "{}", key_file: "{}" }}] }}"#,
+        pki.path("collector.pem"),
+        pki.path("collector.key")
+    );
+    let front = ProxyProcess::start(&format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: grpc, address: "127.0.0.1:0", route_config: grpc, {tls} }}
+  - {{ name: http, address: "127.0.0.1:0", route_config: http, {tls} }}
+route_configs:
+  - {{ name: grpc, virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ name: all, cluster: otlp-grpc }}] }}] }}
+  - {{ name: http, virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ name: all, cluster: otlp-http }}] }}] }}
+clusters:
+  - {{ name: otlp-grpc, protocol: http2, endpoints: [{{ address: "{}" }}] }}
+  - {{ name: otlp-http, protocol: http1, endpoints: [{{ address: "{}" }}] }}
+"#,
+        receiver_address(receiver.grpc_url()),
+        receiver_address(receiver.http_url()),
+    ))
+    .await
+    .unwrap();
+    let echo = echo("a").await;
+    let ca = pki.path("ca.pem");
+    let exporting = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+metrics_export:
+  collector: "https://localhost:{grpc}"
+  ca_file: "{ca}"
+  interval: 1s
+  service_name: secure-metrics
+listeners:
+  - name: web
+    address: "127.0.0.1:0"
+    route_config: main
+    tracing: {{ collector: "https://localhost:{http}", protocol: http, ca_file: "{ca}", service_name: secure-spans, flush_interval: 20ms }}
+route_configs:
+  - {{ name: main, virtual_hosts: [{{ name: all, domains: ["*"], routes: [{{ name: all, cluster: echo }}] }}] }}
+clusters:
+  - {{ name: echo, endpoints: [{{ address: "{echo}" }}] }}
+"#,
+        grpc = front.listener("grpc").port(),
+        http = front.listener("http").port(),
+        echo = echo.local_addr(),
+    );
+    let proxy = ProxyProcess::start(&exporting).await.unwrap();
+    let web = proxy.listener("web");
+    let response = http1_request(web, get(web, "/")).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let (spans, arrived) = receiver
+        .wait_for(DEADLINE, |spans| {
+            spans.iter().any(|s| s.service == "secure-spans")
+        })
+        .await;
+    assert!(arrived, "{spans:?}");
+    assert!(
+        eventually(DEADLINE, || async {
+            receiver
+                .metrics()
+                .keys()
+                .any(|(service, _)| service == "secure-metrics")
+        })
+        .await
+    );
+
+    // A collector whose certificate the configured CA did not sign gets
+    // nothing: the export fails, it is never sent in the clear.
+    let other = Pki::new(&[("unused", &["localhost"])]);
+    let untrusted = exporting.replace(&ca, &other.path("ca.pem"));
+    let proxy = ProxyProcess::start(&untrusted).await.unwrap();
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy
+                .metric(r#"weft_metrics_exports_total{result="failed"}"#)
+                .await
+                >= 1.0
+        })
+        .await
+    );
+    assert_eq!(
+        proxy
+            .metric(r#"weft_metrics_exports_total{result="ok"}"#)
+            .await,
+        0.0
+    );
+}

@@ -1045,12 +1045,13 @@ fn mesh_tracing_reaches_every_listener_as_its_service_or_gateway() {
     );
     let invalid = errors(&[
         ("a.yaml", MTLS_MESH),
-        ("b.yaml", "tracing: { collector: \"https://c:4317\" }\n"),
+        ("b.yaml", "tracing: { collector: \"ftp://c:4317\" }\n"),
     ]);
     assert!(
         invalid
             .iter()
-            .any(|e| e.contains("tracing.collector") && e.contains("https is not supported")),
+            .any(|e| e.contains("tracing.collector")
+                && e.contains("must be an http:// or https:// URL")),
         "{invalid:?}"
     );
 }

@@ -208,6 +208,33 @@ pub struct OtlpEndpoint {
     pub resource_attributes: Vec<(String, String)>,
     /// An export taking longer fails.
     pub export_timeout: Duration,
+    /// An `https://` collector's roots.
+    pub tls: Option<CollectorTls>,
+}
+
+/// The CA certificates an `https://` collector is verified against.
+#[derive(Debug, Clone)]
+pub struct CollectorTls {
+    /// Where they came from.
+    pub ca_file: Arc<str>,
+    pub roots: Arc<rustls::RootCertStore>,
+    /// A hash of the file when loaded: a changed bundle is a change.
+    pub fingerprint: u64,
+}
+
+impl PartialEq for CollectorTls {
+    fn eq(&self, other: &Self) -> bool {
+        self.ca_file == other.ca_file && self.fingerprint == other.fingerprint
+    }
+}
+
+impl Eq for CollectorTls {}
+
+impl std::hash::Hash for CollectorTls {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.ca_file.hash(state);
+        self.fingerprint.hash(state);
+    }
 }
 
 /// The proxy's metrics pushed to an OTLP collector, beside `/metrics`.

@@ -497,6 +497,7 @@ fn tracing_to_proto(spec: &TracingSpec) -> pb::Tracing {
         max_export_batch: spec.max_export_batch,
         flush_interval: spec.flush_interval.map(duration_to_proto),
         export_timeout: spec.export_timeout.map(duration_to_proto),
+        ca_file: spec.ca_file.clone(),
     }
 }
 
@@ -573,6 +574,7 @@ fn tracing_from_proto(check: &mut Checker, tracing: pb::Tracing) -> TracingSpec 
         max_export_batch: tracing.max_export_batch,
         flush_interval: check.duration(|| "tracing.flush_interval".into(), tracing.flush_interval),
         export_timeout: check.duration(|| "tracing.export_timeout".into(), tracing.export_timeout),
+        ca_file: tracing.ca_file,
     }
 }
 

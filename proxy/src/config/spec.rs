@@ -259,6 +259,10 @@ pub struct TracingSpec {
     /// Sent with every export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<BTreeMap<String, String>>,
+    /// An `https://` collector's CA certificates (PEM; default: the
+    /// system's bundle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     /// Share of new traces sampled, 0 to 100 (default 100).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sample_percent: Option<f64>,
@@ -306,6 +310,10 @@ pub struct MetricsExportSpec {
     /// Sent with every export.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub headers: Option<BTreeMap<String, String>>,
+    /// An `https://` collector's CA certificates (PEM; default: the
+    /// system's bundle).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
     /// The resource's `service.name` (default `weft-proxy`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_name: Option<String>,

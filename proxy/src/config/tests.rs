@@ -550,8 +550,12 @@ fn tracing_settings_are_checked_and_defaulted() {
     let cases: &[(&str, &str)] = &[
         ("{ protocol: grpc }", "tracing.collector: required"),
         (
-            r#"{ collector: "https://collector:4317" }"#,
-            "must be an http:// URL with a host (https is not supported)",
+            r#"{ collector: "ftp://collector:4317" }"#,
+            "must be an http:// or https:// URL with a host",
+        ),
+        (
+            r#"{ collector: "https://collector:4317", ca_file: /nonexistent/ca.pem }"#,
+            "tracing.ca_file: cannot read \"/nonexistent/ca.pem\"",
         ),
         (
             r#"{ collector: "http://collector:4317/v1/traces" }"#,
@@ -619,8 +623,8 @@ fn metrics_export_is_checked_and_defaulted() {
             "metrics_export \"metrics_export\": collector: required",
         ),
         (
-            r#"{ collector: "https://c:4317" }"#,
-            "collector: \"https://c:4317\" must be an http:// URL",
+            r#"{ collector: "http://c:4317", ca_file: /etc/ca.pem }"#,
+            "metrics_export \"metrics_export\": ca_file: only for an https:// collector",
         ),
         (
             r#"{ collector: "http://c:4317", interval: 100ms }"#,

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Metrics;
 use super::trace::export::Client;
@@ -351,22 +351,15 @@ async fn run(
             unix_nanos(SystemTime::now()),
             &mut body,
         );
-        let timeout = endpoint
-            .export_timeout
-            .min(settings.interval.max(Duration::from_secs(1)));
-        match tokio::time::timeout(timeout, client.send(&body)).await {
-            Ok(Ok(())) => {
+        // Retries end before the next export is due.
+        let timeout = endpoint.export_timeout.min(settings.interval);
+        match client.export(&body, timeout).await {
+            Ok(()) => {
                 metrics.metric_exports.fetch_add(1, Relaxed);
             }
-            Ok(Err(error)) => {
-                client.reset();
+            Err(error) => {
                 metrics.metric_export_failures.fetch_add(1, Relaxed);
                 tracing::debug!(collector = %endpoint.collector, %error, "metrics export failed");
-            }
-            Err(_elapsed) => {
-                client.reset();
-                metrics.metric_export_failures.fetch_add(1, Relaxed);
-                tracing::debug!(collector = %endpoint.collector, "metrics export timed out");
             }
         }
     }

@@ -453,6 +453,7 @@ fn protos_round_trip_through_the_spec() {
                 seconds: 3,
                 nanos: 0,
             }),
+            ca_file: Some("/etc/weft/collector-ca.pem".into()),
         }),
         istio_metrics: Some(pb::IstioMetrics {
             reporter: "source".into(),

@@ -9,7 +9,9 @@ use super::Checker;
 use super::faults::percent;
 use std::collections::BTreeMap;
 
-use crate::config::model::{MetricsExport, OtlpEndpoint, OtlpProtocol, TraceExport, Tracing};
+use crate::config::model::{
+    CollectorTls, MetricsExport, OtlpEndpoint, OtlpProtocol, TraceExport, Tracing,
+};
 use crate::config::spec::{MetricsExportSpec, TracingSpec};
 
 /// Spans waiting for export, by default (OpenTelemetry's default).
@@ -36,9 +38,66 @@ pub(super) struct EndpointSpec<'a> {
     pub(super) collector: Option<&'a str>,
     pub(super) protocol: Option<&'a str>,
     pub(super) headers: Option<&'a BTreeMap<String, String>>,
+    pub(super) ca_file: Option<&'a str>,
     pub(super) service_name: Option<&'a str>,
     pub(super) resource_attributes: Option<&'a BTreeMap<String, String>>,
     pub(super) export_timeout: Option<Duration>,
+}
+
+/// Where systems keep their CA bundle (Debian and Alpine, Fedora and RHEL,
+/// others).
+const SYSTEM_CA_BUNDLES: [&str; 3] = [
+    "/etc/ssl/certs/ca-certificates.crt",
+    "/etc/pki/tls/certs/ca-bundle.crt",
+    "/etc/ssl/cert.pem",
+];
+
+/// Loads an `https://` collector's roots: `ca_file`, else the system's
+/// bundle.
+fn collector_tls(
+    check: &mut Checker<'_>,
+    field: &str,
+    ca_file: Option<&str>,
+) -> Option<CollectorTls> {
+    let path = match ca_file {
+        Some(path) => path,
+        None => match SYSTEM_CA_BUNDLES
+            .iter()
+            .find(|path| std::path::Path::new(path).is_file())
+        {
+            Some(path) => path,
+            None => {
+                check.error(
+                    field,
+                    "required for an https:// collector: no system CA bundle was found",
+                );
+                return None;
+            }
+        },
+    };
+    let bytes = match std::fs::read(path) {
+        Ok(bytes) => bytes,
+        Err(error) => {
+            check.error(field, format!("cannot read {path:?}: {error}"));
+            return None;
+        }
+    };
+    match super::super::tls::load_roots(path) {
+        Ok(roots) => Some(CollectorTls {
+            ca_file: path.into(),
+            roots: std::sync::Arc::new(roots),
+            fingerprint: {
+                use std::hash::{Hash as _, Hasher as _};
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                bytes.hash(&mut hasher);
+                hasher.finish()
+            },
+        }),
+        Err(reason) => {
+            check.error(field, reason);
+            None
+        }
+    }
 }
 
 /// `name` under `at` (`at.name`; just `name` when `at` is empty).
@@ -115,7 +174,18 @@ pub(super) fn validate_endpoint(
     if export_timeout.is_zero() {
         check.error(field(at, "export_timeout"), "must be greater than zero");
     }
+    let tls = match (&collector, spec.ca_file) {
+        (Some(url), ca_file) if url.starts_with("https://") => {
+            collector_tls(check, &field(at, "ca_file"), ca_file)
+        }
+        (_, Some(_)) => {
+            check.error(field(at, "ca_file"), "only for an https:// collector");
+            None
+        }
+        _ => None,
+    };
     Some(OtlpEndpoint {
+        tls,
         collector: collector?,
         protocol: protocol?,
         headers,
@@ -138,6 +208,7 @@ pub(super) fn validate_tracing(
             collector: spec.collector.as_deref(),
             protocol: spec.protocol.as_deref(),
             headers: spec.headers.as_ref(),
+            ca_file: spec.ca_file.as_deref(),
             service_name: spec.service_name.as_deref(),
             resource_attributes: spec.resource_attributes.as_ref(),
             export_timeout: spec.export_timeout,
@@ -187,6 +258,7 @@ pub(super) fn validate_metrics_export(
             collector: spec.collector.as_deref(),
             protocol: spec.protocol.as_deref(),
             headers: spec.headers.as_ref(),
+            ca_file: spec.ca_file.as_deref(),
             service_name: spec.service_name.as_deref(),
             resource_attributes: spec.resource_attributes.as_ref(),
             export_timeout: spec.export_timeout,
@@ -220,13 +292,10 @@ fn collector(
         check.error(field, format!("{url:?} is not a URL"));
         return None;
     };
-    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
-        // TLS to the collector is not built in: a collector is usually a
-        // local agent; one further away is reached through a TCP listener
-        // or a mesh cluster with mTLS.
+    if !matches!(uri.scheme_str(), Some("http" | "https")) || uri.authority().is_none() {
         check.error(
             field,
-            format!("{url:?} must be an http:// URL with a host (https is not supported)"),
+            format!("{url:?} must be an http:// or https:// URL with a host"),
         );
         return None;
     }

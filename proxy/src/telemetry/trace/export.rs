@@ -15,11 +15,13 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls_pki_types::ServerName;
 use tokio::sync::{Notify, mpsc};
 
 use super::SpanRecord;
@@ -163,25 +165,63 @@ async fn run(
         shared.queued.fetch_sub(encoder.len(), Relaxed);
         let count = encoder.len() as u64;
         encoder.finish(&mut body);
-        let sent = tokio::time::timeout(endpoint.export_timeout, client.send(&body)).await;
-        match sent {
-            Ok(Ok(())) => {
+        match client.export(&body, endpoint.export_timeout).await {
+            Ok(()) => {
                 metrics.spans_exported.fetch_add(count, Relaxed);
             }
-            Ok(Err(error)) => {
-                client.reset();
+            Err(error) => {
                 tracing::debug!(collector = %endpoint.collector, %error, spans = count, "trace export failed");
-                metrics.exports_failed.fetch_add(1, Relaxed);
-                metrics.spans_failed.fetch_add(count, Relaxed);
-            }
-            Err(_elapsed) => {
-                client.reset();
-                tracing::debug!(collector = %endpoint.collector, spans = count, "trace export timed out");
                 metrics.exports_failed.fetch_add(1, Relaxed);
                 metrics.spans_failed.fetch_add(count, Relaxed);
             }
         }
     }
+}
+
+/// The first wait before an export is sent again.
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+/// The longest wait between attempts.
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// The longest `retry-after` honoured (the export's timeout bounds it too).
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(30);
+
+/// Why one attempt failed, and whether OTLP says to try again.
+#[derive(Debug)]
+struct Failure {
+    message: String,
+    retryable: bool,
+    /// The collector's `retry-after`, in seconds.
+    retry_after: Option<Duration>,
+}
+
+impl Failure {
+    fn retryable(message: String) -> Self {
+        Self {
+            message,
+            retryable: true,
+            retry_after: None,
+        }
+    }
+
+    fn fatal(message: String) -> Self {
+        Self {
+            message,
+            retryable: false,
+            retry_after: None,
+        }
+    }
+}
+
+/// A `retry-after` of whole seconds (an HTTP date is not honoured).
+fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
+    let seconds: u64 = headers
+        .get(http::header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(seconds).min(MAX_RETRY_AFTER))
 }
 
 /// gRPC's method path for OTLP traces.
@@ -201,6 +241,11 @@ pub(crate) struct Client {
     /// `host:port`, for connecting.
     authority: String,
     headers: Vec<(HeaderName, HeaderValue)>,
+    /// An `https://` collector: the client's TLS settings and the name its
+    /// certificate must carry.
+    tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+    /// The URL says `https`.
+    secure: bool,
     connection: Option<Connection>,
 }
 
@@ -216,12 +261,30 @@ impl Client {
     pub(crate) fn new(endpoint: &OtlpEndpoint, grpc_path: &'static str) -> Self {
         // Validation checked the URL and the headers.
         let url: Uri = endpoint.collector.parse().unwrap_or_default();
+        let secure = url.scheme_str() == Some("https");
         let authority = url.authority().map_or_else(String::new, |a| {
             if a.port().is_some() {
                 a.as_str().to_owned()
             } else {
-                format!("{}:80", a.as_str())
+                format!("{}:{}", a.as_str(), if secure { 443 } else { 80 })
             }
+        });
+        // Validation loaded the roots of every https:// collector.
+        let tls = endpoint.tls.as_ref().filter(|_| secure).and_then(|tls| {
+            let host = url.host()?.trim_start_matches('[').trim_end_matches(']');
+            let server_name = ServerName::try_from(host.to_owned()).ok()?;
+            let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .ok()?
+            .with_root_certificates(tls.roots.clone())
+            .with_no_client_auth();
+            config.alpn_protocols = vec![match endpoint.protocol {
+                OtlpProtocol::Grpc => b"h2".to_vec(),
+                OtlpProtocol::HttpProtobuf => b"http/1.1".to_vec(),
+            }];
+            Some((Arc::new(config), server_name))
         });
         let headers = endpoint
             .headers
@@ -236,6 +299,8 @@ impl Client {
         Self {
             protocol: endpoint.protocol,
             grpc_path,
+            tls,
+            secure,
             url,
             authority,
             headers,
@@ -254,7 +319,27 @@ impl Client {
             .await
             .map_err(|e| format!("connecting to {}: {e}", self.authority))?;
         let _ = stream.set_nodelay(true);
-        let io = TokioIo::new(stream);
+        match &self.tls {
+            // Never plaintext to an https:// collector.
+            None if self.secure => Err(format!(
+                "{}: no TLS settings for an https:// collector",
+                self.authority
+            )),
+            Some((config, server_name)) => {
+                let stream = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(server_name.clone(), stream)
+                    .await
+                    .map_err(|e| format!("TLS with {}: {e}", self.authority))?;
+                self.handshake(TokioIo::new(stream)).await
+            }
+            None => self.handshake(TokioIo::new(stream)).await,
+        }
+    }
+
+    async fn handshake<I>(&self, io: I) -> Result<Connection, String>
+    where
+        I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    {
         match self.protocol {
             OtlpProtocol::Grpc => {
                 let (sender, connection) =
@@ -274,25 +359,62 @@ impl Client {
         }
     }
 
-    /// Sends one export request (`message`, encoded).
-    pub(crate) async fn send(&mut self, message: &[u8]) -> Result<(), String> {
+    /// Sends one export request (`message`, encoded), again after a
+    /// failure OTLP calls retryable (the collector unreachable or
+    /// overloaded: a failed connection, gRPC `UNAVAILABLE`,
+    /// `RESOURCE_EXHAUSTED` and the like, HTTP 429, 502, 503, 504), after
+    /// an exponential backoff with jitter (or the collector's
+    /// `retry-after`), until `timeout` has passed since the first attempt.
+    /// Any other failure ends it at once.
+    pub(crate) async fn export(&mut self, message: &[u8], timeout: Duration) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut attempt = 0;
+        loop {
+            let failure = match tokio::time::timeout_at(deadline, self.send(message)).await {
+                Ok(Ok(())) => return Ok(()),
+                Ok(Err(failure)) => failure,
+                Err(_elapsed) => {
+                    self.reset();
+                    return Err(format!("no answer within {timeout:?}"));
+                }
+            };
+            self.reset();
+            if !failure.retryable {
+                return Err(failure.message);
+            }
+            let wait = failure
+                .retry_after
+                .unwrap_or_else(|| crate::rng::backoff(RETRY_FIRST, RETRY_MAX, attempt));
+            if tokio::time::Instant::now() + wait >= deadline {
+                return Err(failure.message);
+            }
+            tracing::debug!(error = %failure.message, ?wait, "OTLP export failed; retrying");
+            tokio::time::sleep(wait).await;
+            attempt += 1;
+        }
+    }
+
+    /// Sends one export request (`message`, encoded), once.
+    async fn send(&mut self, message: &[u8]) -> Result<(), Failure> {
         let usable = match &self.connection {
             Some(Connection::Http2(sender)) => !sender.is_closed(),
             Some(Connection::Http1(sender)) => !sender.is_closed(),
             None => false,
         };
         if !usable {
-            self.connection = Some(self.connect().await?);
+            self.connection = Some(self.connect().await.map_err(Failure::retryable)?);
         }
         let mut request = match self.protocol {
             OtlpProtocol::Grpc => {
                 // A gRPC message: not compressed, its length, the bytes.
                 let mut framed = Vec::with_capacity(5 + message.len());
                 framed.push(0);
-                let len = u32::try_from(message.len()).map_err(|_| "batch too large")?;
+                let len = u32::try_from(message.len())
+                    .map_err(|_| Failure::fatal("batch too large".into()))?;
                 framed.extend_from_slice(&len.to_be_bytes());
                 framed.extend_from_slice(message);
-                let uri = format!("http://{}{}", self.authority, self.grpc_path);
+                let scheme = if self.tls.is_some() { "https" } else { "http" };
+                let uri = format!("{scheme}://{}{}", self.authority, self.grpc_path);
                 let mut request = Request::post(uri).body(Full::new(Bytes::from(framed)));
                 if let Ok(request) = &mut request {
                     let headers = request.headers_mut();
@@ -324,24 +446,30 @@ impl Client {
                 request
             }
         }
-        .map_err(|e| format!("building the request: {e}"))?;
+        .map_err(|e| Failure::fatal(format!("building the request: {e}")))?;
         for (name, value) in &self.headers {
             request.headers_mut().insert(name.clone(), value.clone());
         }
         let response = match &mut self.connection {
             Some(Connection::Http2(sender)) => sender.send_request(request).await,
             Some(Connection::Http1(sender)) => sender.send_request(request).await,
-            None => return Err("no connection".into()),
+            None => return Err(Failure::retryable("no connection".into())),
         }
-        .map_err(|e| format!("sending: {e}"))?;
+        .map_err(|e| Failure::retryable(format!("sending: {e}")))?;
         let status = response.status();
         let (parts, body) = response.into_parts();
         let collected = Limited::new(body, MAX_RESPONSE)
             .collect()
             .await
-            .map_err(|e| format!("reading the answer: {e}"))?;
+            .map_err(|e| Failure::retryable(format!("reading the answer: {e}")))?;
         if !status.is_success() {
-            return Err(format!("the collector answered {status}"));
+            // OTLP/HTTP: these mean "later"; anything else is final.
+            let retryable = matches!(status.as_u16(), 429 | 502 | 503 | 504);
+            return Err(Failure {
+                message: format!("the collector answered {status}"),
+                retryable,
+                retry_after: retry_after(&parts.headers),
+            });
         }
         if self.protocol == OtlpProtocol::Grpc {
             // `grpc-status` in the trailers, or in the headers of a
@@ -358,14 +486,133 @@ impl Client {
                         .or_else(|| parts.headers.get("grpc-message"))
                         .and_then(|m| m.to_str().ok())
                         .unwrap_or("");
-                    return Err(format!(
-                        "grpc-status {}: {message}",
-                        String::from_utf8_lossy(code)
-                    ));
+                    // OTLP's retryable codes: CANCELLED (1), DEADLINE_EXCEEDED
+                    // (4), RESOURCE_EXHAUSTED (8), ABORTED (10), OUT_OF_RANGE
+                    // (11), UNAVAILABLE (14), DATA_LOSS (15).
+                    let retryable =
+                        matches!(code, b"1" | b"4" | b"8" | b"10" | b"11" | b"14" | b"15");
+                    return Err(Failure {
+                        message: format!(
+                            "grpc-status {}: {message}",
+                            String::from_utf8_lossy(code)
+                        ),
+                        retryable,
+                        retry_after: None,
+                    });
                 }
-                None => return Err("no grpc-status in the answer".into()),
+                None => return Err(Failure::fatal("no grpc-status in the answer".into())),
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicU32;
+
+    use super::*;
+
+    /// An OTLP/HTTP collector answering the statuses of `answers` in turn
+    /// (then 200), counting the exports it saw.
+    async fn collector(answers: Vec<(u16, Option<&'static str>)>) -> (String, Arc<AtomicU32>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let seen = Arc::new(AtomicU32::new(0));
+        let counted = seen.clone();
+        let answers = Arc::new(answers);
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (seen, answers) = (counted.clone(), answers.clone());
+                let service =
+                    hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                        let (seen, answers) = (seen.clone(), answers.clone());
+                        async move {
+                            let _ = request.into_body().collect().await;
+                            let n = seen.fetch_add(1, Relaxed) as usize;
+                            let (status, retry_after) =
+                                answers.get(n).copied().unwrap_or((200, None));
+                            let mut response = http::Response::new(Full::new(Bytes::new()));
+                            *response.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            if let Some(after) = retry_after {
+                                response.headers_mut().insert(
+                                    http::header::RETRY_AFTER,
+                                    HeaderValue::from_static(after),
+                                );
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service),
+                );
+            }
+        });
+        (format!("http://{address}/v1/metrics"), seen)
+    }
+
+    fn client(collector: String) -> Client {
+        Client::new(
+            &OtlpEndpoint {
+                collector,
+                protocol: OtlpProtocol::HttpProtobuf,
+                headers: Vec::new(),
+                service_name: "test".into(),
+                resource_attributes: Vec::new(),
+                export_timeout: Duration::from_secs(5),
+                tls: None,
+            },
+            GRPC_PATH,
+        )
+    }
+
+    #[tokio::test]
+    async fn an_overloaded_collector_is_tried_again_until_it_takes_the_export() {
+        let (url, seen) = collector(vec![(503, Some("0")), (429, None), (502, None)]).await;
+        let mut client = client(url);
+        client
+            .export(b"batch", Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert_eq!(seen.load(Relaxed), 4, "three refusals, then accepted");
+    }
+
+    #[tokio::test]
+    async fn a_refused_export_is_not_sent_again() {
+        let (url, seen) = collector(vec![(400, None)]).await;
+        let mut client = client(url);
+        let error = client
+            .export(b"batch", Duration::from_secs(5))
+            .await
+            .unwrap_err();
+        assert!(error.contains("400"), "{error}");
+        assert_eq!(seen.load(Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn retries_stop_at_the_export_timeout() {
+        // `retry-after: 30` is longer than the timeout: no second attempt.
+        let (url, seen) = collector(vec![(503, Some("30"))]).await;
+        let mut client = client(url);
+        let started = tokio::time::Instant::now();
+        let error = client
+            .export(b"batch", Duration::from_secs(2))
+            .await
+            .unwrap_err();
+        assert!(error.contains("503"), "{error}");
+        assert_eq!(seen.load(Relaxed), 1);
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // An unreachable collector: retried until the timeout, then failed.
+        let dead = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            listener.local_addr().unwrap()
+        };
+        let mut client = self::client(format!("http://{dead}/v1/metrics"));
+        let error = client
+            .export(b"batch", Duration::from_millis(300))
+            .await
+            .unwrap_err();
+        assert!(error.contains("connecting"), "{error}");
     }
 }
