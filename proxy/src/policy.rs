@@ -230,21 +230,41 @@ impl CompiledPolicy {
         self.cache_paths.is_some()
     }
 
-    /// Evaluates, answering from this thread's decision cache when the
-    /// policy has one and it holds the decision: `true` with a cached one.
-    pub(crate) fn evaluate_cached(&self, input: Value) -> (Result<Verdict, String>, bool) {
+    /// Decides on `source`, answering from this thread's decision cache
+    /// when the policy has one and it holds the decision. The input
+    /// document is built only when the policy is evaluated, or when the
+    /// key cannot be read from `source` directly.
+    pub(crate) fn evaluate_from(&self, source: &dyn InputSource) -> Evaluated {
         let Some(paths) = &self.cache_paths else {
-            return (self.evaluate(input), false);
+            let input = source.build();
+            return Evaluated {
+                result: self.evaluate(input.clone()),
+                cached: false,
+                input: Some(input),
+            };
         };
-        let key = cache::key(&input, paths);
+        let mut built = None;
+        let key = match paths.iter().map(|path| source.at(path)).collect() {
+            Some(key) => key,
+            None => cache::key(built.insert(source.build()), paths),
+        };
         if let Some(verdict) = cache::get(self.id, &key) {
-            return (Ok(verdict), true);
+            return Evaluated {
+                result: Ok(verdict),
+                cached: true,
+                input: built,
+            };
         }
-        let result = self.evaluate(input);
+        let input = built.unwrap_or_else(|| source.build());
+        let result = self.evaluate(input.clone());
         if let Ok(verdict) = &result {
             cache::put(self.id, key, verdict.clone());
         }
-        (result, false)
+        Evaluated {
+            result,
+            cached: false,
+            input: Some(input),
+        }
     }
 
     /// Whether decisions run on regorus's virtual machine.
@@ -557,113 +577,253 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The OPA-Envoy input document for an HTTP request.
-pub(crate) fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Value {
-    let uri = req.uri();
-    let path = uri
-        .path_and_query()
-        .map_or_else(|| uri.path(), http::uri::PathAndQuery::as_str);
-    let host = req
-        .headers()
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| uri.authority().map(http::uri::Authority::as_str))
-        .unwrap_or("");
-    let mut headers: BTreeMap<Value, Value> = BTreeMap::new();
-    for (name, value) in req.headers() {
-        let Ok(value) = value.to_str() else { continue };
-        let key = Value::from(name.as_str());
-        match headers.get_mut(&key) {
-            // Repeated headers are joined, as Envoy does.
-            Some(Value::String(existing)) => {
-                *existing = format!("{existing}, {value}").into();
-            }
-            _ => {
-                headers.insert(key, Value::from(value));
-            }
+/// A decision, and the input document if it was built.
+pub(crate) struct Evaluated {
+    pub(crate) result: Result<Verdict, String>,
+    /// Answered from the decision cache.
+    pub(crate) cached: bool,
+    pub(crate) input: Option<Value>,
+}
+
+/// A document already built is its own source.
+impl InputSource for Value {
+    fn build(&self) -> Value {
+        self.clone()
+    }
+
+    fn at(&self, path: &[Value]) -> Option<Value> {
+        Some(descend(self, path))
+    }
+}
+
+/// What a decision is made on, from which its input document is built:
+/// whole when the policy is evaluated or the decision logged, or only the
+/// values a cached policy's key reads, when those can be read directly
+/// (then a decision answered from the cache builds no document).
+pub(crate) trait InputSource {
+    /// The OPA-Envoy input document.
+    fn build(&self) -> Value;
+    /// The value at `path` of that document (`Undefined` where it has
+    /// none), read without building it; `None` when this source cannot.
+    fn at(&self, path: &[Value]) -> Option<Value>;
+}
+
+/// Descends from `value` along `path` (`Undefined` where it leads
+/// nowhere), as [`cache::key`] does in a whole document.
+fn descend(value: &Value, path: &[Value]) -> Value {
+    let mut at = value;
+    for segment in path {
+        match at.as_object().ok().and_then(|o| o.get(segment)) {
+            Some(next) => at = next,
+            None => return Value::Undefined,
         }
     }
-    let k = keys();
-    // PERF: a value that appears twice (`method` and `:method`, ...) is
-    // made once; common ones are never made per request.
-    let scheme = if is_tls {
-        &k.https_scheme
-    } else {
-        &k.http_scheme
-    };
-    let method = match *req.method() {
-        http::Method::GET => k.get.clone(),
-        http::Method::POST => k.post.clone(),
-        ref other => Value::from(other.as_str()),
-    };
-    let host = Value::from(host);
-    let path = Value::from(path);
-    for (name, value) in [
-        (&k.authority_pseudo, &host),
-        (&k.method_pseudo, &method),
-        (&k.path_pseudo, &path),
-        (&k.scheme_pseudo, scheme),
-    ] {
-        headers.insert(name.clone(), value.clone());
+    at.clone()
+}
+
+/// A segment's text, when it is a string.
+fn segment(value: &Value) -> Option<&str> {
+    match value {
+        Value::String(s) => Some(s),
+        _ => None,
     }
-    let id = match req
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(id) => Value::from(id),
-        None => k.empty.clone(),
-    };
-    let protocol = match req.version() {
-        http::Version::HTTP_2 => &k.http2,
-        http::Version::HTTP_10 => &k.http10,
-        _ => &k.http1,
-    };
-    let mut http = BTreeMap::new();
-    http.insert(k.id.clone(), id);
-    http.insert(k.method.clone(), method);
-    http.insert(k.host.clone(), host);
-    http.insert(k.path.clone(), path);
-    http.insert(k.scheme.clone(), scheme.clone());
-    http.insert(k.protocol.clone(), protocol.clone());
-    http.insert(k.headers.clone(), Value::from(headers));
-    let mut request = BTreeMap::new();
-    request.insert(k.http.clone(), Value::from(http));
-    let mut attributes = BTreeMap::new();
-    attributes.insert(k.request.clone(), Value::from(request));
-    let [source, destination] = peers.values();
-    attributes.insert(k.source.clone(), source.clone());
-    attributes.insert(k.destination.clone(), destination.clone());
-    // `parsed_path`: the path's segments, percent-decoded;
-    // `parsed_query`: each parameter's values, in order.
-    let parsed_path: Vec<Value> = uri
-        .path()
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(|s| Value::from(percent_decode(s)))
-        .collect();
-    let mut parsed_query: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
-    for pair in uri
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-    {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        parsed_query
-            .entry(Value::from(percent_decode(&key.replace('+', " "))))
-            .or_default()
-            .push(Value::from(percent_decode(&value.replace('+', " "))));
+}
+
+/// An HTTP request and its connection's ends.
+pub(crate) struct HttpRequest<'a, B> {
+    pub(crate) req: &'a Request<B>,
+    pub(crate) peers: &'a Peers,
+    pub(crate) is_tls: bool,
+}
+
+impl<B> HttpRequest<'_, B> {
+    fn method(&self) -> Value {
+        let k = keys();
+        match *self.req.method() {
+            http::Method::GET => k.get.clone(),
+            http::Method::POST => k.post.clone(),
+            ref other => Value::from(other.as_str()),
+        }
     }
-    let parsed_query: BTreeMap<Value, Value> = parsed_query
-        .into_iter()
-        .map(|(k, v)| (k, Value::from(v)))
-        .collect();
-    let mut input = BTreeMap::new();
-    input.insert(k.attributes.clone(), Value::from(attributes));
-    input.insert(k.parsed_path.clone(), Value::from(parsed_path));
-    input.insert(k.parsed_query.clone(), Value::from(parsed_query));
-    Value::from(input)
+
+    /// `path`: the path with its query string.
+    fn path(&self) -> Value {
+        let uri = self.req.uri();
+        Value::from(
+            uri.path_and_query()
+                .map_or_else(|| uri.path(), http::uri::PathAndQuery::as_str),
+        )
+    }
+
+    fn host(&self) -> Value {
+        let uri = self.req.uri();
+        Value::from(
+            self.req
+                .headers()
+                .get(http::header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| uri.authority().map(http::uri::Authority::as_str))
+                .unwrap_or(""),
+        )
+    }
+
+    fn scheme(&self) -> &'static Value {
+        let k = keys();
+        if self.is_tls {
+            &k.https_scheme
+        } else {
+            &k.http_scheme
+        }
+    }
+
+    fn protocol(&self) -> &'static Value {
+        let k = keys();
+        match self.req.version() {
+            http::Version::HTTP_2 => &k.http2,
+            http::Version::HTTP_10 => &k.http10,
+            _ => &k.http1,
+        }
+    }
+
+    /// A header's value as the document has it: repeated headers joined
+    /// with `, ` (as Envoy does), values that are not text left out.
+    fn header(&self, name: &str) -> Option<Value> {
+        let mut values = self
+            .req
+            .headers()
+            .get_all(name)
+            .iter()
+            .filter_map(|v| v.to_str().ok());
+        let first = values.next()?;
+        Some(match values.next() {
+            None => Value::from(first),
+            Some(second) => {
+                let mut joined = format!("{first}, {second}");
+                for value in values {
+                    joined.push_str(", ");
+                    joined.push_str(value);
+                }
+                Value::from(joined)
+            }
+        })
+    }
+
+    /// `parsed_path`: the path's segments, percent-decoded.
+    fn parsed_path(&self) -> Value {
+        let segments: Vec<Value> = self
+            .req
+            .uri()
+            .path()
+            .split('/')
+            .filter(|s| !s.is_empty())
+            .map(|s| Value::from(percent_decode(s)))
+            .collect();
+        Value::from(segments)
+    }
+
+    /// `parsed_query`: each parameter's values, in order.
+    fn parsed_query(&self) -> Value {
+        let mut parsed_query: BTreeMap<Value, Vec<Value>> = BTreeMap::new();
+        for pair in self
+            .req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+            parsed_query
+                .entry(Value::from(percent_decode(&key.replace('+', " "))))
+                .or_default()
+                .push(Value::from(percent_decode(&value.replace('+', " "))));
+        }
+        let parsed_query: BTreeMap<Value, Value> = parsed_query
+            .into_iter()
+            .map(|(k, v)| (k, Value::from(v)))
+            .collect();
+        Value::from(parsed_query)
+    }
+}
+
+impl<B> InputSource for HttpRequest<'_, B> {
+    fn build(&self) -> Value {
+        let k = keys();
+        let mut headers: BTreeMap<Value, Value> = BTreeMap::new();
+        for name in self.req.headers().keys() {
+            if let Some(value) = self.header(name.as_str()) {
+                headers.insert(Value::from(name.as_str()), value);
+            }
+        }
+        // PERF: a value that appears twice (`method` and `:method`, ...) is
+        // made once; common ones are never made per request.
+        let method = self.method();
+        let host = self.host();
+        let path = self.path();
+        let scheme = self.scheme();
+        for (name, value) in [
+            (&k.authority_pseudo, &host),
+            (&k.method_pseudo, &method),
+            (&k.path_pseudo, &path),
+            (&k.scheme_pseudo, scheme),
+        ] {
+            headers.insert(name.clone(), value.clone());
+        }
+        let id = self
+            .header("x-request-id")
+            .unwrap_or_else(|| k.empty.clone());
+        let mut http = BTreeMap::new();
+        http.insert(k.id.clone(), id);
+        http.insert(k.method.clone(), method);
+        http.insert(k.host.clone(), host);
+        http.insert(k.path.clone(), path);
+        http.insert(k.scheme.clone(), scheme.clone());
+        http.insert(k.protocol.clone(), self.protocol().clone());
+        http.insert(k.headers.clone(), Value::from(headers));
+        let mut request = BTreeMap::new();
+        request.insert(k.http.clone(), Value::from(http));
+        let mut attributes = BTreeMap::new();
+        attributes.insert(k.request.clone(), Value::from(request));
+        let [source, destination] = self.peers.values();
+        attributes.insert(k.source.clone(), source.clone());
+        attributes.insert(k.destination.clone(), destination.clone());
+        let mut input = BTreeMap::new();
+        input.insert(k.attributes.clone(), Value::from(attributes));
+        input.insert(k.parsed_path.clone(), self.parsed_path());
+        input.insert(k.parsed_query.clone(), self.parsed_query());
+        Value::from(input)
+    }
+
+    fn at(&self, path: &[Value]) -> Option<Value> {
+        let [source, destination] = self.peers.values();
+        let text: Vec<&str> = path.iter().map(segment).collect::<Option<_>>()?;
+        Some(match text.as_slice() {
+            ["attributes", "source", ..] => descend(source, &path[2..]),
+            ["attributes", "destination", ..] => descend(destination, &path[2..]),
+            ["attributes", "request", "http", field] => match *field {
+                "method" => self.method(),
+                "path" => self.path(),
+                "host" => self.host(),
+                "scheme" => self.scheme().clone(),
+                "protocol" => self.protocol().clone(),
+                // The id, and the whole header map, are not read this way
+                // (the cache refuses keys on them).
+                _ => return None,
+            },
+            ["attributes", "request", "http", "headers", name] => match *name {
+                ":authority" => self.host(),
+                ":method" => self.method(),
+                ":path" => self.path(),
+                ":scheme" => self.scheme().clone(),
+                // Header names in the document are lower case.
+                name if name.bytes().any(|b| b.is_ascii_uppercase()) => Value::Undefined,
+                name => self.header(name).unwrap_or(Value::Undefined),
+            },
+            ["parsed_path", ..] => descend(&self.parsed_path(), &path[1..]),
+            ["parsed_query", ..] => descend(&self.parsed_query(), &path[1..]),
+            _ => return None,
+        })
+    }
 }
 
 /// One HTTP decision as the request path makes it (the input built from
@@ -679,11 +839,15 @@ pub fn evaluate_request<B>(
     cached: bool,
 ) -> Result<bool, String> {
     let peers = Peers::new(source, source_principal.map(Arc::from), None, None);
-    let input = http_input(req, &peers, false);
+    let request = HttpRequest {
+        req,
+        peers: &peers,
+        is_tls: false,
+    };
     let result = if cached {
-        policy.evaluate_cached(input).0
+        policy.evaluate_from(&request).result
     } else {
-        policy.evaluate(input)
+        policy.evaluate(request.build())
     };
     result.map(|verdict| verdict.allowed)
 }
@@ -705,7 +869,7 @@ pub(crate) fn check<B>(
     is_tls: bool,
 ) -> Outcome {
     let start = Instant::now();
-    let input = http_input(req, peers, is_tls);
+    let input = HttpRequest { req, peers, is_tls };
     let subject = || {
         format!(
             "{} {} from {}",
@@ -714,7 +878,7 @@ pub(crate) fn check<B>(
             peers.source_principal.as_deref().unwrap_or("-")
         )
     };
-    match decide(state, input, start, subject) {
+    match decide(state, &input, start, subject) {
         Decided::Allow => Outcome::Allow,
         Decided::Deny(verdict) => {
             Outcome::Deny(Box::new(denied(verdict.as_ref(), is_grpc(req.headers()))))
@@ -722,26 +886,42 @@ pub(crate) fn check<B>(
     }
 }
 
-/// The OPA-Envoy input document for a TCP connection: who is on each end
+/// A TCP connection's ends: its input document holds who is on each end
 /// (`attributes.source`, `attributes.destination`), nothing more.
-pub(crate) fn connection_input(peers: &Peers) -> Value {
-    let k = keys();
-    let mut attributes = BTreeMap::new();
-    let [source, destination] = peers.values();
-    attributes.insert(k.source.clone(), source.clone());
-    attributes.insert(k.destination.clone(), destination.clone());
-    let mut input = BTreeMap::new();
-    input.insert(k.attributes.clone(), Value::from(attributes));
-    Value::from(input)
+struct Connection<'a>(&'a Peers);
+
+impl InputSource for Connection<'_> {
+    fn build(&self) -> Value {
+        let k = keys();
+        let mut attributes = BTreeMap::new();
+        let [source, destination] = self.0.values();
+        attributes.insert(k.source.clone(), source.clone());
+        attributes.insert(k.destination.clone(), destination.clone());
+        let mut input = BTreeMap::new();
+        input.insert(k.attributes.clone(), Value::from(attributes));
+        Value::from(input)
+    }
+
+    fn at(&self, path: &[Value]) -> Option<Value> {
+        let [source, destination] = self.0.values();
+        let text: Vec<&str> = path.iter().map(segment).collect::<Option<_>>()?;
+        match text.as_slice() {
+            ["attributes", "source", ..] => Some(descend(source, &path[2..])),
+            ["attributes", "destination", ..] => Some(descend(destination, &path[2..])),
+            _ => None,
+        }
+    }
 }
 
 /// Evaluates a TCP listener's policy for a new connection, counts and
 /// logs the decision: `true` lets the connection through.
 pub(crate) fn check_connection(state: &Enforcing, peers: &Peers) -> bool {
     let start = Instant::now();
-    let input = connection_input(peers);
     let subject = || format!("connection from {}", peers.source);
-    matches!(decide(state, input, start, subject), Decided::Allow)
+    matches!(
+        decide(state, &Connection(peers), start, subject),
+        Decided::Allow
+    )
 }
 
 /// What [`decide`] concluded.
@@ -757,23 +937,29 @@ enum Decided {
 /// denies). `subject` names what was decided on, for the audit log line.
 fn decide(
     state: &Enforcing,
-    input: Value,
+    source: &dyn InputSource,
     start: Instant,
     subject: impl Fn() -> String,
 ) -> Decided {
     let (policy, metrics) = (&*state.policy, &*state.metrics);
-    // A reference-counted copy, for the decision log's thread.
-    let logged = state.log.as_ref().map(|_| input.clone());
-    let (result, cached) = policy.evaluate_cached(input);
+    let Evaluated {
+        result,
+        cached,
+        input,
+    } = policy.evaluate_from(source);
     if cached {
         metrics.cache_hits.fetch_add(1, Relaxed);
     }
     let elapsed = start.elapsed();
     metrics.observe(elapsed);
-    let log = |result: &'static str, reason: Option<&str>, input: Option<Value>| {
-        if let (Some(log), Some(input)) = (&state.log, input)
+    // The decision log's line takes the document evaluated (a reference-
+    // counted copy), else (a cached decision) one built now, only for a
+    // line that is written.
+    let log = |result: &'static str, reason: Option<&str>| {
+        if let Some(log) = &state.log
             && log.wants(result)
         {
+            let input = input.clone().unwrap_or_else(|| source.build());
             log.record(decision_log::Decision {
                 time: std::time::SystemTime::now(),
                 policy: policy.name.clone(),
@@ -790,7 +976,7 @@ fn decide(
         Err(error) => {
             metrics.errors.fetch_add(1, Relaxed);
             tracing::warn!(policy = %policy.name, %error, "policy evaluation failed");
-            log("error", Some(&error), logged);
+            log("error", Some(&error));
             if policy.failure_mode == FailureMode::Allow {
                 return Decided::Allow;
             }
@@ -799,7 +985,7 @@ fn decide(
     };
     if verdict.allowed {
         metrics.allowed.fetch_add(1, Relaxed);
-        log("allow", verdict.reason.as_deref(), logged);
+        log("allow", verdict.reason.as_deref());
         return Decided::Allow;
     }
     if policy.mode == Mode::Audit {
@@ -810,12 +996,12 @@ fn decide(
             reason = verdict.reason.as_deref().unwrap_or(""),
             "audit: the policy would deny this"
         );
-        log("audit_deny", verdict.reason.as_deref(), logged);
+        log("audit_deny", verdict.reason.as_deref());
         return Decided::Allow;
     }
     metrics.denied.fetch_add(1, Relaxed);
     tracing::debug!(policy = %policy.name, subject = %subject(), reason = verdict.reason.as_deref().unwrap_or(""), "denied by policy");
-    log("deny", verdict.reason.as_deref(), logged);
+    log("deny", verdict.reason.as_deref());
     Decided::Deny(Some(verdict))
 }
 

@@ -1,5 +1,15 @@
 use super::*;
 
+/// The OPA-Envoy input document for an HTTP request.
+fn http_input<B>(req: &Request<B>, peers: &Peers, is_tls: bool) -> Value {
+    HttpRequest { req, peers, is_tls }.build()
+}
+
+/// The input document for a TCP connection.
+fn connection_input(peers: &Peers) -> Value {
+    Connection(peers).build()
+}
+
 fn compile(rego: &str) -> CompiledPolicy {
     compile_with(rego, DEFAULT_QUERY, false, Mode::Enforce, FailureMode::Deny).unwrap()
 }
@@ -447,29 +457,118 @@ fn cached_decisions_follow_the_key_and_never_outlive_their_policy() {
     assert!(allow_get.caches_decisions());
     let req = request("GET", "/items/1");
     let frontend = Some("spiffe://td/ns/default/sa/frontend");
-    let first = allow_get.evaluate_cached(http_input(&req, &peers(frontend), false));
-    let again = allow_get.evaluate_cached(http_input(&req, &peers(frontend), false));
-    assert!(!first.1, "the first decision is evaluated");
-    assert!(again.1, "the same key is answered from the cache");
-    assert_eq!(first.0, again.0);
+    let peers_of = peers(frontend);
+    let source = |req| HttpRequest {
+        req,
+        peers: &peers_of,
+        is_tls: false,
+    };
+    let first = allow_get.evaluate_from(&source(&req));
+    let again = allow_get.evaluate_from(&source(&req));
+    assert!(!first.cached, "the first decision is evaluated");
+    assert!(again.cached, "the same key is answered from the cache");
+    assert!(
+        again.input.is_none(),
+        "a cached decision on a key read from the request builds no document"
+    );
+    assert_eq!(first.result, again.result);
     // Another method is another key, and another decision.
-    let delete = allow_get.evaluate_cached(http_input(
-        &request("DELETE", "/items/1"),
-        &peers(frontend),
-        false,
-    ));
-    assert!(!delete.1);
-    assert_ne!(delete.0.unwrap().allowed, first.0.unwrap().allowed);
+    let delete_request = request("DELETE", "/items/1");
+    let delete = allow_get.evaluate_from(&source(&delete_request));
+    assert!(!delete.cached);
+    assert_ne!(
+        delete.result.unwrap().allowed,
+        first.result.unwrap().allowed
+    );
 
     // The same policy changed (a new version) never sees the old decision.
     let posts_only = compile(&RBAC.replacen("\"GET\"", "\"POST\"", 1));
-    let after = posts_only.evaluate_cached(http_input(&req, &peers(frontend), false));
-    assert!(!after.1, "a new version starts with an empty cache");
-    assert!(!after.0.unwrap().allowed, "and decides by its own rules");
+    let after = posts_only.evaluate_from(&source(&req));
+    assert!(!after.cached, "a new version starts with an empty cache");
+    assert!(
+        !after.result.unwrap().allowed,
+        "and decides by its own rules"
+    );
 
     // A policy that reads the clock is never cached.
     let clocked = compile(
         "package envoy.authz\nimport rego.v1\ndefault allow := false\nallow if time.now_ns() > 0\n",
     );
     assert!(!clocked.caches_decisions());
+}
+
+/// Every path a cache key can hold reads, from the request directly, what
+/// the built document holds there: a key read one way matches a decision
+/// stored under a key read the other way.
+#[test]
+fn values_read_from_the_request_are_those_of_the_document() {
+    let req = Request::builder()
+        .method("PUT")
+        .uri("/a%2Fb/c?x=1&y=2&x=3")
+        .header("host", "api.example.com")
+        .header("x-env", "canary")
+        .header("accept", "text/html")
+        .header("accept", "application/json")
+        .header("x-request-id", "r-1")
+        .body(())
+        .unwrap();
+    let peers = peers(Some("spiffe://td/ns/default/sa/frontend"));
+    let source = HttpRequest {
+        req: &req,
+        peers: &peers,
+        is_tls: true,
+    };
+    let document = source.build();
+    let paths: &[&[&str]] = &[
+        &["attributes", "request", "http", "method"],
+        &["attributes", "request", "http", "path"],
+        &["attributes", "request", "http", "host"],
+        &["attributes", "request", "http", "scheme"],
+        &["attributes", "request", "http", "protocol"],
+        &["attributes", "request", "http", "headers", "x-env"],
+        &["attributes", "request", "http", "headers", "accept"],
+        &["attributes", "request", "http", "headers", "absent"],
+        &["attributes", "request", "http", "headers", "X-Env"],
+        &["attributes", "request", "http", "headers", ":method"],
+        &["attributes", "request", "http", "headers", ":path"],
+        &["attributes", "request", "http", "headers", ":authority"],
+        &["attributes", "request", "http", "headers", ":scheme"],
+        &["attributes", "source"],
+        &["attributes", "source", "principal"],
+        &[
+            "attributes",
+            "source",
+            "address",
+            "socketAddress",
+            "portValue",
+        ],
+        &["attributes", "destination"],
+        &["attributes", "destination", "principal"],
+        &["parsed_path"],
+        &["parsed_query"],
+        &["parsed_query", "x"],
+    ];
+    for path in paths {
+        let path: Vec<Value> = path.iter().map(|s| Value::from(*s)).collect();
+        let direct = source.at(&path).expect("read from the request");
+        assert_eq!(direct, descend(&document, &path), "{path:?}");
+    }
+    // What cannot be read directly is left to the document.
+    for path in [
+        &["attributes", "request", "http", "headers"][..],
+        &["attributes", "request", "http", "id"],
+        &["attributes"],
+    ] {
+        let path: Vec<Value> = path.iter().map(|s| Value::from(*s)).collect();
+        assert!(source.at(&path).is_none(), "{path:?}");
+    }
+    let connection = Connection(&peers);
+    let document = connection.build();
+    for path in [
+        &["attributes", "source"][..],
+        &["attributes", "destination", "address"],
+    ] {
+        let path: Vec<Value> = path.iter().map(|s| Value::from(*s)).collect();
+        assert_eq!(connection.at(&path), Some(descend(&document, &path)));
+    }
 }
