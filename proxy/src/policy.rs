@@ -244,7 +244,12 @@ impl CompiledPolicy {
             };
         };
         let mut built = None;
-        let key = match paths.iter().map(|path| source.at(path)).collect() {
+        let key = match paths
+            .iter()
+            .enumerate()
+            .map(|(index, path)| source.key_part(index, path))
+            .collect()
+        {
             Some(key) => key,
             None => cache::key(built.insert(source.build()), paths),
         };
@@ -434,6 +439,9 @@ pub(crate) struct Peers {
     /// PERF: the same for every request of a connection, so built once:
     /// three maps and an address formatted per side per request saved.
     values: std::sync::OnceLock<[Value; 2]>,
+    /// Unique to this connection (never reused): what a decision cache
+    /// key holds in place of these values when they are objects.
+    id: u64,
 }
 
 impl Peers {
@@ -449,6 +457,10 @@ impl Peers {
             destination,
             destination_principal,
             values: std::sync::OnceLock::new(),
+            id: {
+                static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                NEXT.fetch_add(1, Relaxed)
+            },
         }
     }
 
@@ -606,10 +618,28 @@ pub(crate) trait InputSource {
     /// The value at `path` of that document (`Undefined` where it has
     /// none), read without building it; `None` when this source cannot.
     fn at(&self, path: &[Value]) -> Option<Value>;
+    /// The cache key's part for the policy's `index`th path: the value
+    /// there, read as [`InputSource::at`] does.
+    fn key_part(&self, _index: usize, path: &[Value]) -> Option<cache::KeyPart> {
+        self.at(path).map(cache::KeyPart::Value)
+    }
+}
+
+/// The key part of a value under a connection's peers: the value when it
+/// is a scalar (cheap to compare, and shared by connections), else the
+/// connection and the path.
+fn peer_part(peers: &Peers, index: usize, value: Value) -> cache::KeyPart {
+    match value {
+        Value::Object(_) | Value::Array(_) | Value::Set(_) => cache::KeyPart::Connection {
+            connection: peers.id,
+            path: index,
+        },
+        scalar => cache::KeyPart::Value(scalar),
+    }
 }
 
 /// Descends from `value` along `path` (`Undefined` where it leads
-/// nowhere), as [`cache::key`] does in a whole document.
+/// nowhere).
 fn descend(value: &Value, path: &[Value]) -> Value {
     let mut at = value;
     for segment in path {
@@ -747,6 +777,19 @@ impl<B> HttpRequest<'_, B> {
 }
 
 impl<B> InputSource for HttpRequest<'_, B> {
+    fn key_part(&self, index: usize, path: &[Value]) -> Option<cache::KeyPart> {
+        let value = self.at(path)?;
+        let under_peers = matches!(
+            path.get(1).and_then(segment),
+            Some("source" | "destination")
+        ) && path.first().and_then(segment) == Some("attributes");
+        Some(if under_peers {
+            peer_part(self.peers, index, value)
+        } else {
+            cache::KeyPart::Value(value)
+        })
+    }
+
     fn build(&self) -> Value {
         let k = keys();
         let mut headers: BTreeMap<Value, Value> = BTreeMap::new();
@@ -891,6 +934,11 @@ pub(crate) fn check<B>(
 struct Connection<'a>(&'a Peers);
 
 impl InputSource for Connection<'_> {
+    fn key_part(&self, index: usize, path: &[Value]) -> Option<cache::KeyPart> {
+        // Every value it reads is under the peers.
+        Some(peer_part(self.0, index, self.at(path)?))
+    }
+
     fn build(&self) -> Value {
         let k = keys();
         let mut attributes = BTreeMap::new();

@@ -190,34 +190,40 @@ fn code_only(text: &str) -> String {
 
 /// The key of `input` for `paths`: the value at each (undefined where it
 /// is missing).
-pub(crate) fn key(input: &Value, paths: &[Vec<Value>]) -> Vec<Value> {
+pub(crate) fn key(input: &Value, paths: &[Vec<Value>]) -> Vec<KeyPart> {
     paths
         .iter()
-        .map(|path| {
-            let mut at = input;
-            for segment in path {
-                match at.as_object().ok().and_then(|o| o.get(segment)) {
-                    Some(next) => at = next,
-                    None => return Value::Undefined,
-                }
-            }
-            at.clone()
-        })
+        .map(|path| KeyPart::Value(super::descend(input, path)))
         .collect()
 }
 
+/// One part of a key: the value at one of the policy's paths, or, for a
+/// compound value that comes with a connection (an object under
+/// `attributes.source` or `attributes.destination`), the connection and
+/// the path: the same on every request of the connection, and compared as
+/// two numbers rather than two objects.
+///
+/// Sound because a connection's peers never change and connection
+/// numbers are never reused; two connections with equal peers only keep
+/// two entries.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum KeyPart {
+    Value(Value),
+    Connection { connection: u64, path: usize },
+}
+
 thread_local! {
-    static DECISIONS: RefCell<HashMap<u64, BTreeMap<Vec<Value>, Verdict>>> =
+    static DECISIONS: RefCell<HashMap<u64, BTreeMap<Vec<KeyPart>, Verdict>>> =
         RefCell::new(HashMap::new());
 }
 
 /// The decision cached for `key` under the compilation `id`.
-pub(crate) fn get(id: u64, key: &[Value]) -> Option<Verdict> {
+pub(crate) fn get(id: u64, key: &[KeyPart]) -> Option<Verdict> {
     DECISIONS.with(|cache| cache.borrow().get(&id)?.get(key).cloned())
 }
 
 /// Caches `verdict` for `key` under the compilation `id`.
-pub(crate) fn put(id: u64, key: Vec<Value>, verdict: Verdict) {
+pub(crate) fn put(id: u64, key: Vec<KeyPart>, verdict: Verdict) {
     DECISIONS.with(|cache| {
         let mut cache = cache.borrow_mut();
         if let Some(decisions) = per_compilation(&mut cache, id, || Some(BTreeMap::new())) {
@@ -326,6 +332,7 @@ allow if {
                 Value::from(serde_json::json!(["items", "7"])),
                 Value::Undefined,
             ]
+            .map(KeyPart::Value)
         );
     }
 }

@@ -572,3 +572,42 @@ fn values_read_from_the_request_are_those_of_the_document() {
         assert_eq!(connection.at(&path), Some(descend(&document, &path)));
     }
 }
+
+/// A policy that reads a peer's whole object keys on the connection, not
+/// on the object: hits on the same connection, a miss on a new one.
+#[test]
+fn a_peer_object_in_the_key_is_the_connection() {
+    let policy = compile(
+        "package envoy.authz\nimport rego.v1\ndefault allow := false\n\
+         allow if object.get(input.attributes.source, \"principal\", \"\") != \"\"\n",
+    );
+    assert!(policy.caches_decisions());
+    let req = request("GET", "/");
+    let frontend = Some("spiffe://td/ns/default/sa/frontend");
+    let first_connection = peers(frontend);
+    let source = |peers| HttpRequest {
+        req: &req,
+        peers,
+        is_tls: false,
+    };
+    let path: Vec<Value> = ["attributes", "source"].map(Value::from).to_vec();
+    assert!(matches!(
+        source(&first_connection).key_part(0, &path),
+        Some(cache::KeyPart::Connection { .. })
+    ));
+    assert!(!policy.evaluate_from(&source(&first_connection)).cached);
+    let again = policy.evaluate_from(&source(&first_connection));
+    assert!(again.cached && again.result.unwrap().allowed);
+    // Equal peers on another connection: evaluated (and right) again.
+    let second_connection = peers(frontend);
+    let other = policy.evaluate_from(&source(&second_connection));
+    assert!(!other.cached && other.result.unwrap().allowed);
+    let anonymous = peers(None);
+    assert!(
+        !policy
+            .evaluate_from(&source(&anonymous))
+            .result
+            .unwrap()
+            .allowed
+    );
+}
