@@ -449,25 +449,25 @@ pub(crate) fn exposition(
     metrics.prune();
     let mut body = metrics.render_as(format);
     body.push_str(&identity_metrics(identities));
-    if let Some(log) = access_log {
-        body.push_str(
-            "# HELP weft_access_log_dropped_total Access-log lines dropped because the writer was behind.\n\
-             # TYPE weft_access_log_dropped_total counter\n",
-        );
-        body.push_str(&format!(
-            "weft_access_log_dropped_total {}\n",
-            log.dropped()
-        ));
-    }
-    if let Some(log) = decision_log {
-        body.push_str(
-            "# HELP weft_policy_decision_log_dropped_total Decision-log lines dropped because the writer was behind.\n\
-             # TYPE weft_policy_decision_log_dropped_total counter\n",
-        );
-        body.push_str(&format!(
-            "weft_policy_decision_log_dropped_total {}\n",
-            log.dropped()
-        ));
+    for (name, what, dropped) in [
+        (
+            "weft_access_log",
+            "Access-log",
+            access_log.map(|log| log.dropped()),
+        ),
+        (
+            "weft_policy_decision_log",
+            "Decision-log",
+            decision_log.map(|log| log.dropped()),
+        ),
+    ] {
+        if let Some(dropped) = dropped {
+            body.push_str(&format!(
+                "# HELP {name}_dropped_total {what} lines dropped because the writer was behind.\n\
+                 # TYPE {name}_dropped_total counter\n\
+                 {name}_dropped_total {dropped}\n"
+            ));
+        }
     }
     body
 }

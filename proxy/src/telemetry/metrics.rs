@@ -610,24 +610,30 @@ impl Metrics {
                 );
             }
         }
-        out.push_str("# HELP weft_metrics_folded_total Connections whose series went to a label value `other` because their metric was at its cap of series (the label and metric named).\n");
+        out.push_str("# HELP weft_metrics_folded_total Connections or requests counted under a label value `other` because their metric was at its cap of series (the label and metric named).\n");
         out.push_str("# TYPE weft_metrics_folded_total counter\n");
-        for (listener, m) in &registry.listeners {
+        let sources = registry.listeners.iter().map(|(listener, m)| {
             let folded = m.sources_folded.load(Relaxed);
+            (
+                listener,
+                "weft_http_requests_by_source_total",
+                "source_identity",
+                folded,
+            )
+        });
+        let istio = registry.istio.iter().map(|(listener, m)| {
+            (
+                listener,
+                "istio_requests_total",
+                "series",
+                m.folded.load(Relaxed),
+            )
+        });
+        for (listener, metric, label, folded) in sources.chain(istio) {
             if folded > 0 {
                 let _ = writeln!(
                     out,
-                    "weft_metrics_folded_total{{listener=\"{}\",metric=\"weft_http_requests_by_source_total\",label=\"source_identity\"}} {folded}",
-                    escape(listener),
-                );
-            }
-        }
-        for (listener, m) in &registry.istio {
-            let folded = m.folded.load(Relaxed);
-            if folded > 0 {
-                let _ = writeln!(
-                    out,
-                    "weft_metrics_folded_total{{listener=\"{}\",metric=\"istio_requests_total\",label=\"series\"}} {folded}",
+                    "weft_metrics_folded_total{{listener=\"{}\",metric=\"{metric}\",label=\"{label}\"}} {folded}",
                     escape(listener),
                 );
             }
