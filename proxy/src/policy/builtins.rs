@@ -233,7 +233,7 @@ fn verify_with_secret(alg: Algorithm, args: &[Value]) -> Result<Value, JwtError>
 /// `alg` says (OPA's behaviour); a JWK set's keys are chosen by `kid`/`alg`.
 fn verify_with_key(alg: Algorithm, args: &[Value]) -> Result<Value, JwtError> {
     let token = split(string_arg(args, 1)?)?;
-    let keys = keys::parse(string_arg(args, 2)?)?;
+    let keys = keys::parse_cached(string_arg(args, 2)?)?;
     let signature = decode_part(Part::Signature, token.signature)?;
     let header = decode_header(&token)?;
     let fields = HeaderFields::parse(&header)?;
@@ -370,7 +370,7 @@ fn audience_matches(aud: &Value, expected: &str) -> bool {
 #[derive(Debug)]
 struct Constraints {
     /// `cert`: the keys of a certificate, PEM key or JWK set.
-    keys: Option<Vec<VerificationKey>>,
+    keys: Option<std::rc::Rc<[VerificationKey]>>,
     secret: String,
     alg: String,
     iss: String,
@@ -407,7 +407,7 @@ impl Constraints {
                 });
             };
             match name.as_ref() {
-                "cert" => constraints.keys = Some(keys::parse(string("cert")?)?),
+                "cert" => constraints.keys = Some(keys::parse_cached(string("cert")?)?),
                 "secret" => string("secret")?.clone_into(&mut constraints.secret),
                 "alg" => string("alg")?.clone_into(&mut constraints.alg),
                 "iss" => string("iss")?.clone_into(&mut constraints.iss),

@@ -330,6 +330,36 @@ fn strip_leading_zeros(bytes: &[u8]) -> &[u8] {
     bytes.get(zeros..).unwrap_or_default()
 }
 
+/// Key arguments parsed on this thread, by their text, at most.
+const PARSED_KEYS: usize = 32;
+
+/// [`parse`], remembered per thread: a policy passes the same keys (its
+/// data, a JWKS file's text) on every call, and reading a certificate and
+/// building its public key costs far more than the signature check.
+/// Bounded: past [`PARSED_KEYS`] texts it starts over. Failures are not
+/// kept (they are cheap to find again, and rare).
+pub(crate) fn parse_cached(text: &str) -> Result<std::rc::Rc<[VerificationKey]>, KeyError> {
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+    use std::rc::Rc;
+    thread_local! {
+        static PARSED: RefCell<HashMap<Box<str>, Rc<[VerificationKey]>>> =
+            RefCell::new(HashMap::new());
+    }
+    if let Some(keys) = PARSED.with(|parsed| parsed.borrow().get(text).cloned()) {
+        return Ok(keys);
+    }
+    let keys: Rc<[VerificationKey]> = parse(text)?.into();
+    PARSED.with(|parsed| {
+        let mut parsed = parsed.borrow_mut();
+        if parsed.len() >= PARSED_KEYS {
+            parsed.clear();
+        }
+        parsed.insert(text.into(), keys.clone());
+    });
+    Ok(keys)
+}
+
 /// Reads a key argument: a PEM block if the text has one, else a JWK or
 /// JWK set (OPA's `getKeysFromCertOrJWK`).
 pub(crate) fn parse(text: &str) -> Result<Vec<VerificationKey>, KeyError> {

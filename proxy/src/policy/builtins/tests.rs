@@ -1075,3 +1075,30 @@ fn outside_strict_mode_a_failing_builtin_is_undefined_as_in_opa() {
         Value::Bool(false)
     );
 }
+
+#[test]
+fn a_key_argument_is_parsed_once_per_thread_and_a_bad_one_every_time() {
+    let first = keys::parse_cached(OPA_CERT).unwrap();
+    let again = keys::parse_cached(OPA_CERT).unwrap();
+    assert!(
+        std::rc::Rc::ptr_eq(&first, &again),
+        "the same keys, not parsed again"
+    );
+    assert_eq!(first.len(), 1);
+    let jwks = keys::parse_cached(OPA_JWKS).unwrap();
+    assert!(!std::rc::Rc::ptr_eq(&first, &jwks), "keyed on the text");
+    // Both spellings verify OPA's example token, from the cache as before.
+    for key in [OPA_CERT, OPA_JWKS] {
+        for _ in 0..2 {
+            assert_eq!(
+                call("io.jwt.verify_es256", &[s(OPA_ES256_TOKEN), s(key)]),
+                Ok(Value::Bool(true))
+            );
+        }
+    }
+    assert!(keys::parse_cached("not a key").is_err());
+    assert!(
+        keys::parse_cached("not a key").is_err(),
+        "failures are not kept"
+    );
+}
