@@ -250,7 +250,23 @@ async fn stream(
         };
         *received = true;
         tracing::debug!(type_url = %response.type_url, version = %response.version_info, "configuration received");
-        let replies = match state.on_response(response, Instant::now()) {
+        // Validation (regular expressions, Rego, certificate files) is
+        // CPU work: off the control thread, which serves the admin API and
+        // the other streams meanwhile.
+        let step = match state.receive(response) {
+            None => Step::Send(Vec::new()),
+            Some(candidate) => {
+                match tokio::task::spawn_blocking(move || candidate.validate()).await {
+                    Ok((index, validated)) => state.judge(index, validated, Instant::now()),
+                    Err(error) => match error.try_into_panic() {
+                        Ok(panic) => std::panic::resume_unwind(panic),
+                        // The runtime is shutting down.
+                        Err(_) => return Err(StreamError::Closed),
+                    },
+                }
+            }
+        };
+        let replies = match step {
             Step::Send(replies) => replies,
             Step::Apply(config) => match handle.apply(*config).await {
                 Ok(_) => {

@@ -128,18 +128,49 @@ impl XdsState {
             .collect()
     }
 
-    /// Judges a response.
+    /// Judges a response: [`XdsState::receive`], [`Candidate::validate`]
+    /// and [`XdsState::judge`] in one (the client runs the middle step off
+    /// the control thread).
+    #[cfg(test)]
     pub(crate) fn on_response(&mut self, response: DiscoveryResponse, now: Instant) -> Step {
+        match self.receive(response) {
+            Some(candidate) => {
+                let (index, validated) = candidate.validate();
+                self.judge(index, validated, now)
+            }
+            None => Step::Send(Vec::new()),
+        }
+    }
+
+    /// Takes a response as its type's pending one and returns the
+    /// configuration it makes with the other types' latest, to validate;
+    /// `None` for a type not subscribed to.
+    pub(crate) fn receive(&mut self, response: DiscoveryResponse) -> Option<Candidate> {
         let Some(index) = TYPE_URLS.iter().position(|t| *t == response.type_url) else {
             tracing::debug!(type_url = %response.type_url, "response for a type not subscribed to; ignored");
-            return Step::Send(Vec::new());
+            return None;
         };
         self.types[index].pending = Some(Received {
             version: response.version_info,
             nonce: response.nonce,
             resources: response.resources,
         });
-        match self.candidate() {
+        Some(Candidate {
+            index,
+            spec: self.candidate_spec(),
+            source: std::sync::Arc::from(self.source.as_str()),
+        })
+    }
+
+    /// What to do with the response of type `index`, given its
+    /// candidate's validation.
+    pub(crate) fn judge(
+        &mut self,
+        index: usize,
+        validated: Result<Config, Vec<crate::config::ConfigError>>,
+        now: Instant,
+    ) -> Step {
+        match validated {
             Ok(config) => Step::Apply(Box::new(config)),
             Err(errors) if errors.iter().all(|e| e.is_unresolved_reference) => {
                 let since = *self.warming_since.get_or_insert(now);
@@ -270,6 +301,15 @@ impl XdsState {
 
     /// The configuration made of every type's newest resources.
     fn candidate(&self) -> Result<Config, Vec<crate::config::ConfigError>> {
+        validate(
+            self.candidate_spec(),
+            std::sync::Arc::from(self.source.as_str()),
+        )
+    }
+
+    /// The proxy's own settings with every type's newest resources, not
+    /// validated: decoding only.
+    fn candidate_spec(&self) -> Result<BootstrapSpec, Vec<crate::config::ConfigError>> {
         let latest = |index: usize| {
             let state = &self.types[index];
             state
@@ -289,7 +329,7 @@ impl XdsState {
         }
         let spec = bootstrap_from_resources(listeners, routes, clusters, policies)
             .map_err(|e| ValidationErrors::from(e).0)?;
-        let spec = BootstrapSpec {
+        Ok(BootstrapSpec {
             trust_bundles: bundles.into_iter().map(Into::into).collect(),
             admin: self.bootstrap.admin.clone(),
             drain_timeout: self.bootstrap.drain_timeout,
@@ -298,11 +338,37 @@ impl XdsState {
             decision_log: self.bootstrap.decision_log.clone(),
             metrics_export: self.bootstrap.metrics_export.clone(),
             ..spec
-        };
-        let mut config = Config::try_from(spec).map_err(|e| e.0)?;
-        config.source = std::sync::Arc::from(self.source.as_str());
-        Ok(config)
+        })
     }
+}
+
+/// A response's candidate configuration, decoded, not yet validated.
+#[derive(Debug)]
+pub(crate) struct Candidate {
+    /// The type of the response that made it.
+    index: usize,
+    spec: Result<BootstrapSpec, Vec<crate::config::ConfigError>>,
+    source: std::sync::Arc<str>,
+}
+
+impl Candidate {
+    /// Validates: CPU work (regular expressions, Rego compilation of a
+    /// changed policy, certificate files read), kept off the control
+    /// thread by the client. Returns the response's type with the
+    /// outcome, for [`XdsState::judge`].
+    pub(crate) fn validate(self) -> (usize, Result<Config, Vec<crate::config::ConfigError>>) {
+        (self.index, validate(self.spec, self.source))
+    }
+}
+
+/// A candidate's configuration, validated, naming `source`.
+fn validate(
+    spec: Result<BootstrapSpec, Vec<crate::config::ConfigError>>,
+    source: std::sync::Arc<str>,
+) -> Result<Config, Vec<crate::config::ConfigError>> {
+    let mut config = Config::try_from(spec?).map_err(|e| e.0)?;
+    config.source = source;
+    Ok(config)
 }
 
 /// Unpacks every resource, reporting those that are not an `M`.
