@@ -85,7 +85,7 @@ pub struct CompiledPolicy {
     program: Option<(Arc<Program>, Value)>,
     /// The input paths decisions are cached on, when a cache is sound for
     /// this policy ([`cache`]).
-    cache_paths: Option<Vec<Vec<Value>>>,
+    cache_paths: Option<Vec<cache::CachePath>>,
     /// Distinguishes this compilation from every other one in the process,
     /// for the per-thread engine cache.
     id: u64,
@@ -211,7 +211,8 @@ impl CompiledPolicy {
             }
         }
         let program = vm_program(&engine, query, &data_value);
-        let cache_paths = cache::input_paths(modules);
+        let cache_paths = cache::input_paths(modules)
+            .map(|paths| paths.into_iter().map(cache::CachePath::new).collect());
         Ok(Self {
             name: Arc::from(name),
             version: digest.finish(),
@@ -603,8 +604,8 @@ impl InputSource for Value {
         self.clone()
     }
 
-    fn at(&self, path: &[Value]) -> Option<Value> {
-        Some(descend(self, path))
+    fn at(&self, path: &cache::CachePath) -> Option<Value> {
+        Some(descend(self, &path.path))
     }
 }
 
@@ -617,11 +618,20 @@ pub(crate) trait InputSource {
     fn build(&self) -> Value;
     /// The value at `path` of that document (`Undefined` where it has
     /// none), read without building it; `None` when this source cannot.
-    fn at(&self, path: &[Value]) -> Option<Value>;
+    fn at(&self, path: &cache::CachePath) -> Option<Value>;
     /// The cache key's part for the policy's `index`th path: the value
-    /// there, read as [`InputSource::at`] does.
-    fn key_part(&self, _index: usize, path: &[Value]) -> Option<cache::KeyPart> {
-        self.at(path).map(cache::KeyPart::Value)
+    /// there, read as [`InputSource::at`] does; under a peer, a compound
+    /// value is the connection (see [`cache::KeyPart`]).
+    fn key_part(&self, index: usize, path: &cache::CachePath) -> Option<cache::KeyPart> {
+        let value = self.at(path)?;
+        Some(match (&path.read, self.peers()) {
+            (cache::Read::Peer(..), Some(peers)) => peer_part(peers, index, value),
+            _ => cache::KeyPart::Value(value),
+        })
+    }
+    /// The connection's ends, when the source is a connection's.
+    fn peers(&self) -> Option<&Peers> {
+        None
     }
 }
 
@@ -649,14 +659,6 @@ fn descend(value: &Value, path: &[Value]) -> Value {
         }
     }
     at.clone()
-}
-
-/// A segment's text, when it is a string.
-fn segment(value: &Value) -> Option<&str> {
-    match value {
-        Value::String(s) => Some(s),
-        _ => None,
-    }
 }
 
 /// An HTTP request and its connection's ends.
@@ -777,17 +779,8 @@ impl<B> HttpRequest<'_, B> {
 }
 
 impl<B> InputSource for HttpRequest<'_, B> {
-    fn key_part(&self, index: usize, path: &[Value]) -> Option<cache::KeyPart> {
-        let value = self.at(path)?;
-        let under_peers = matches!(
-            path.get(1).and_then(segment),
-            Some("source" | "destination")
-        ) && path.first().and_then(segment) == Some("attributes");
-        Some(if under_peers {
-            peer_part(self.peers, index, value)
-        } else {
-            cache::KeyPart::Value(value)
-        })
+    fn peers(&self) -> Option<&Peers> {
+        Some(self.peers)
     }
 
     fn build(&self) -> Value {
@@ -837,34 +830,22 @@ impl<B> InputSource for HttpRequest<'_, B> {
         Value::from(input)
     }
 
-    fn at(&self, path: &[Value]) -> Option<Value> {
-        let [source, destination] = self.peers.values();
-        let text: Vec<&str> = path.iter().map(segment).collect::<Option<_>>()?;
-        Some(match text.as_slice() {
-            ["attributes", "source", ..] => descend(source, &path[2..]),
-            ["attributes", "destination", ..] => descend(destination, &path[2..]),
-            ["attributes", "request", "http", field] => match *field {
-                "method" => self.method(),
-                "path" => self.path(),
-                "host" => self.host(),
-                "scheme" => self.scheme().clone(),
-                "protocol" => self.protocol().clone(),
-                // The id, and the whole header map, are not read this way
-                // (the cache refuses keys on them).
-                _ => return None,
-            },
-            ["attributes", "request", "http", "headers", name] => match *name {
-                ":authority" => self.host(),
-                ":method" => self.method(),
-                ":path" => self.path(),
-                ":scheme" => self.scheme().clone(),
-                // Header names in the document are lower case.
-                name if name.bytes().any(|b| b.is_ascii_uppercase()) => Value::Undefined,
-                name => self.header(name).unwrap_or(Value::Undefined),
-            },
-            ["parsed_path", ..] => descend(&self.parsed_path(), &path[1..]),
-            ["parsed_query", ..] => descend(&self.parsed_query(), &path[1..]),
-            _ => return None,
+    fn at(&self, path: &cache::CachePath) -> Option<Value> {
+        use cache::Read;
+        Some(match &path.read {
+            Read::Peer(side, rest) => descend(&self.peers.values()[*side], rest),
+            Read::Method => self.method(),
+            Read::Path => self.path(),
+            Read::Host => self.host(),
+            Read::Scheme => self.scheme().clone(),
+            Read::Protocol => self.protocol().clone(),
+            Read::Header(name) => self.header(name).unwrap_or(Value::Undefined),
+            Read::Absent => Value::Undefined,
+            Read::ParsedPath(rest) => descend(&self.parsed_path(), rest),
+            Read::ParsedQuery(rest) => descend(&self.parsed_query(), rest),
+            // The id, and the whole header map, are not read this way (the
+            // cache refuses keys on them).
+            Read::Document => return None,
         })
     }
 }
@@ -934,9 +915,8 @@ pub(crate) fn check<B>(
 struct Connection<'a>(&'a Peers);
 
 impl InputSource for Connection<'_> {
-    fn key_part(&self, index: usize, path: &[Value]) -> Option<cache::KeyPart> {
-        // Every value it reads is under the peers.
-        Some(peer_part(self.0, index, self.at(path)?))
+    fn peers(&self) -> Option<&Peers> {
+        Some(self.0)
     }
 
     fn build(&self) -> Value {
@@ -950,12 +930,9 @@ impl InputSource for Connection<'_> {
         Value::from(input)
     }
 
-    fn at(&self, path: &[Value]) -> Option<Value> {
-        let [source, destination] = self.0.values();
-        let text: Vec<&str> = path.iter().map(segment).collect::<Option<_>>()?;
-        match text.as_slice() {
-            ["attributes", "source", ..] => Some(descend(source, &path[2..])),
-            ["attributes", "destination", ..] => Some(descend(destination, &path[2..])),
+    fn at(&self, path: &cache::CachePath) -> Option<Value> {
+        match &path.read {
+            cache::Read::Peer(side, rest) => Some(descend(&self.0.values()[*side], rest)),
             _ => None,
         }
     }

@@ -128,7 +128,7 @@ pub(crate) struct IstioListener {
 
 /// A source reporter's party for requests to `cluster`: its labels name
 /// the identities the cluster's TLS presents and expects.
-pub(crate) fn istio_callee(istio: &IstioMetrics, cluster: &ClusterState) -> u32 {
+fn istio_callee(istio: &IstioMetrics, cluster: &ClusterState) -> u32 {
     let tls = cluster.config.tls.as_deref();
     let server = tls.and_then(|tls| match &tls.server {
         config::ServerIdentity::Spiffe(id) => Some(&**id),
@@ -158,7 +158,42 @@ pub(crate) struct TcpListener {
     /// only).
     pub(crate) policy: Option<Arc<Enforcing>>,
     /// Istio's standard metrics, when the listener reports them.
-    pub(crate) istio: Option<Arc<IstioMetrics>>,
+    pub(crate) istio: Option<TcpIstio>,
+}
+
+/// A TCP listener's Istio metrics, with each connection's party numbered
+/// when the snapshot is built.
+#[derive(Debug)]
+pub(crate) struct TcpIstio {
+    pub(crate) metrics: Arc<IstioMetrics>,
+    /// A source reporter's party per cluster; a destination reporter's
+    /// one party (its clients prove no identity: no TLS on TCP listeners)
+    /// for every cluster.
+    parties: Vec<(Arc<ClusterState>, u32)>,
+}
+
+impl TcpIstio {
+    fn new(metrics: Arc<IstioMetrics>, clusters: &[&Arc<ClusterState>]) -> Self {
+        let caller = (metrics.settings.reporter == config::IstioReporter::Destination)
+            .then(|| metrics.caller(None));
+        let parties = clusters
+            .iter()
+            .map(|cluster| {
+                let party = caller.unwrap_or_else(|| istio_callee(&metrics, cluster));
+                ((*cluster).clone(), party)
+            })
+            .collect();
+        Self { metrics, parties }
+    }
+
+    /// The party of a connection to `cluster`, one of the listener's (any
+    /// other would count in the folded series).
+    pub(crate) fn party(&self, cluster: &Arc<ClusterState>) -> u32 {
+        self.parties
+            .iter()
+            .find(|(c, _)| Arc::ptr_eq(c, cluster))
+            .map_or(u32::MAX, |(_, party)| *party)
+    }
 }
 
 /// A route, ready to serve: its stack for each cluster of its split.
@@ -394,25 +429,33 @@ pub(crate) fn build(
             ListenerKind::Tcp {
                 cluster: name,
                 sni_routes,
-            } => ListenerSnapshot::Tcp(Arc::new(TcpListener {
-                config: listener.clone(),
-                cluster: name.as_deref().map(cluster),
-                sni_routes: sni_routes
+            } => {
+                let default = name.as_deref().map(cluster);
+                let sni_routes: Vec<_> = sni_routes
                     .iter()
                     .map(|route| (route.clone(), cluster(&route.cluster)))
-                    .collect(),
-                metrics: listener_metrics,
-                drain_timeout: config.drain_timeout,
-                faults: listener
-                    .fault
-                    .as_ref()
-                    .map(|fault| Arc::new(TcpFaults::new(fault.clone()))),
-                policy: enforcing(&listener.policy),
-                istio: listener
-                    .istio_metrics
-                    .as_ref()
-                    .map(|istio| metrics.istio(&listener.name, istio, None)),
-            })),
+                    .collect();
+                let istio = listener.istio_metrics.as_ref().map(|istio| {
+                    let clusters: Vec<_> = default
+                        .iter()
+                        .chain(sni_routes.iter().map(|(_, c)| c))
+                        .collect();
+                    TcpIstio::new(metrics.istio(&listener.name, istio, None), &clusters)
+                });
+                ListenerSnapshot::Tcp(Arc::new(TcpListener {
+                    config: listener.clone(),
+                    cluster: default,
+                    sni_routes,
+                    metrics: listener_metrics,
+                    drain_timeout: config.drain_timeout,
+                    faults: listener
+                        .fault
+                        .as_ref()
+                        .map(|fault| Arc::new(TcpFaults::new(fault.clone()))),
+                    policy: enforcing(&listener.policy),
+                    istio,
+                }))
+            }
             ListenerKind::Http { route_config } => {
                 let routes = config
                     .route_configs

@@ -31,7 +31,6 @@ use tokio::net::TcpStream;
 use tokio::net::tcp::{ReadHalf, WriteHalf};
 use tokio::time::{Instant, Sleep};
 
-use crate::config::IstioReporter;
 use crate::drain::Drain;
 use crate::stack::TcpListener;
 use crate::telemetry::istio::TcpSeries;
@@ -137,13 +136,10 @@ pub(crate) async fn proxy(
     };
     let metrics = &listener.metrics;
     // Counted as opened once the upstream answered, closed when dropped.
-    let istio = listener.istio.as_ref().map(|istio| {
-        let party = match istio.settings.reporter {
-            IstioReporter::Source => crate::stack::istio_callee(istio, &cluster),
-            IstioReporter::Destination => istio.caller(None),
-        };
-        istio.tcp_opened(party)
-    });
+    let istio = listener
+        .istio
+        .as_ref()
+        .map(|istio| istio.metrics.tcp_opened(istio.party(&cluster)));
     if !hello.is_empty() {
         use tokio::io::AsyncWriteExt as _;
         if let Err(error) = upstream.write_all(&hello).await {

@@ -190,11 +190,83 @@ fn code_only(text: &str) -> String {
 
 /// The key of `input` for `paths`: the value at each (undefined where it
 /// is missing).
-pub(crate) fn key(input: &Value, paths: &[Vec<Value>]) -> Vec<KeyPart> {
+pub(crate) fn key(input: &Value, paths: &[CachePath]) -> Vec<KeyPart> {
     paths
         .iter()
-        .map(|path| KeyPart::Value(super::descend(input, path)))
+        .map(|path| KeyPart::Value(super::descend(input, &path.path)))
         .collect()
+}
+
+/// A path of `input` the policy reads, with where a request holds its
+/// value: worked out once, when the policy is compiled, so that reading
+/// a key matches no names per request.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct CachePath {
+    pub(crate) path: Vec<Value>,
+    pub(crate) read: Read,
+}
+
+/// Where a path's value is, in OPA-Envoy's input document.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Read {
+    /// `attributes.request.http.method` (and the `:method` header).
+    Method,
+    /// `...http.path` (and `:path`).
+    Path,
+    /// `...http.host` (and `:authority`).
+    Host,
+    /// `...http.scheme` (and `:scheme`).
+    Scheme,
+    /// `...http.protocol`.
+    Protocol,
+    /// `...http.headers.<name>`, a lower-case name.
+    Header(Box<str>),
+    /// Never there: a header name with upper case (the document's are
+    /// lower case).
+    Absent,
+    /// Under `attributes.source` (0) or `attributes.destination` (1): the
+    /// rest of the path.
+    Peer(usize, Vec<Value>),
+    /// Under `parsed_path`: the rest.
+    ParsedPath(Vec<Value>),
+    /// Under `parsed_query`: the rest.
+    ParsedQuery(Vec<Value>),
+    /// Only in the whole document (the request id, the header map, ...).
+    Document,
+}
+
+impl CachePath {
+    pub(crate) fn new(path: Vec<Value>) -> Self {
+        let text: Option<Vec<&str>> = path
+            .iter()
+            .map(|segment| match segment {
+                Value::String(s) => Some(&**s),
+                _ => None,
+            })
+            .collect();
+        let rest = |from: usize| path[from..].to_vec();
+        let read = match text.as_deref() {
+            Some(["attributes", "source", ..]) => Read::Peer(0, rest(2)),
+            Some(["attributes", "destination", ..]) => Read::Peer(1, rest(2)),
+            Some(["attributes", "request", "http", "method"]) => Read::Method,
+            Some(["attributes", "request", "http", "path"]) => Read::Path,
+            Some(["attributes", "request", "http", "host"]) => Read::Host,
+            Some(["attributes", "request", "http", "scheme"]) => Read::Scheme,
+            Some(["attributes", "request", "http", "protocol"]) => Read::Protocol,
+            Some(["attributes", "request", "http", "headers", name]) => match *name {
+                ":method" => Read::Method,
+                ":path" => Read::Path,
+                ":authority" => Read::Host,
+                ":scheme" => Read::Scheme,
+                name if name.bytes().any(|b| b.is_ascii_uppercase()) => Read::Absent,
+                name => Read::Header(name.into()),
+            },
+            Some(["parsed_path", ..]) => Read::ParsedPath(rest(1)),
+            Some(["parsed_query", ..]) => Read::ParsedQuery(rest(1)),
+            _ => Read::Document,
+        };
+        Self { path, read }
+    }
 }
 
 /// One part of a key: the value at one of the policy's paths, or, for a
@@ -324,7 +396,10 @@ allow if {
             ],
             vec![Value::from("parsed_path")],
             vec![Value::from("missing")],
-        ];
+        ]
+        .into_iter()
+        .map(CachePath::new)
+        .collect::<Vec<_>>();
         assert_eq!(
             key(&input, &paths),
             [

@@ -549,9 +549,9 @@ fn values_read_from_the_request_are_those_of_the_document() {
         &["parsed_query", "x"],
     ];
     for path in paths {
-        let path: Vec<Value> = path.iter().map(|s| Value::from(*s)).collect();
+        let path = cache::CachePath::new(path.iter().map(|s| Value::from(*s)).collect());
         let direct = source.at(&path).expect("read from the request");
-        assert_eq!(direct, descend(&document, &path), "{path:?}");
+        assert_eq!(direct, descend(&document, &path.path), "{path:?}");
     }
     // What cannot be read directly is left to the document.
     for path in [
@@ -559,7 +559,7 @@ fn values_read_from_the_request_are_those_of_the_document() {
         &["attributes", "request", "http", "id"],
         &["attributes"],
     ] {
-        let path: Vec<Value> = path.iter().map(|s| Value::from(*s)).collect();
+        let path = cache::CachePath::new(path.iter().map(|s| Value::from(*s)).collect());
         assert!(source.at(&path).is_none(), "{path:?}");
     }
     let connection = Connection(&peers);
@@ -568,8 +568,8 @@ fn values_read_from_the_request_are_those_of_the_document() {
         &["attributes", "source"][..],
         &["attributes", "destination", "address"],
     ] {
-        let path: Vec<Value> = path.iter().map(|s| Value::from(*s)).collect();
-        assert_eq!(connection.at(&path), Some(descend(&document, &path)));
+        let path = cache::CachePath::new(path.iter().map(|s| Value::from(*s)).collect());
+        assert_eq!(connection.at(&path), Some(descend(&document, &path.path)));
     }
 }
 
@@ -590,7 +590,7 @@ fn a_peer_object_in_the_key_is_the_connection() {
         peers,
         is_tls: false,
     };
-    let path: Vec<Value> = ["attributes", "source"].map(Value::from).to_vec();
+    let path = cache::CachePath::new(["attributes", "source"].map(Value::from).to_vec());
     assert!(matches!(
         source(&first_connection).key_part(0, &path),
         Some(cache::KeyPart::Connection { .. })
