@@ -279,18 +279,21 @@ async fn accept_loop(
         let conn_drain = drain.clone();
         match snapshot.listener(index) {
             Some(ListenerSnapshot::Http(http)) => {
-                let http = http.clone();
-                let shared = shared.clone();
                 let span = connection_span(&http.config.name, peer);
-                drain.spawn(
-                    async move {
-                        let _permit = permit;
-                        let _guard = ConnectionGuard::new(http.metrics.clone());
-                        crate::http::server::serve(stream, peer, index, http, shared, conn_drain)
-                            .await;
-                    }
-                    .instrument(span),
+                let held = (permit, ConnectionGuard::new(http.metrics.clone()));
+                // The connection's future is spawned as it is, not awaited
+                // in a block that would keep a second copy of it (see
+                // `serve`).
+                let serving = crate::http::server::serve(
+                    stream,
+                    peer,
+                    index,
+                    http.clone(),
+                    shared.clone(),
+                    conn_drain,
+                    held,
                 );
+                drain.spawn(serving.instrument(span));
             }
             Some(ListenerSnapshot::Tcp(tcp)) => {
                 let tcp = tcp.clone();

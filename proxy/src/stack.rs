@@ -98,6 +98,8 @@ pub(crate) enum ListenerSnapshot {
 #[derive(Debug)]
 pub(crate) struct HttpListener {
     pub(crate) config: config::Listener,
+    /// hyper's HTTP/1 codec as the listener's limits set it.
+    pub(crate) h1: hyper::server::conn::http1::Builder,
     /// TLS termination, when the listener has it.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) table: RouteTable<Arc<PreparedRoute>>,
@@ -509,6 +511,7 @@ pub(crate) fn build(
                     .map(|tls| crate::tls::server_config(tls, identities));
                 ListenerSnapshot::Http(Arc::new(HttpListener {
                     config: listener.clone(),
+                    h1: h1_codec(listener),
                     tls,
                     table,
                     via_h1: via("1.1"),
@@ -553,6 +556,34 @@ pub(crate) fn build(
         clusters,
         limiters,
     }
+}
+
+/// hyper's HTTP/1 read buffer never goes below this.
+const MIN_H1_BUFFER: usize = 8192;
+/// hyper's HTTP/1 header count limit when none is set.
+const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
+/// The codec's hard ceiling on HTTP/1 header count.
+const MAX_H1_HEADERS: usize = 10_000;
+
+/// hyper's HTTP/1 server codec for a listener's connections.
+fn h1_codec(listener: &config::Listener) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        // The header deadline is ours (see `ConnState`): hyper's would
+        // also cut idle keep-alive connections.
+        .header_read_timeout(None)
+        // Our own checks answer 431 with a body and the cause; the codec's
+        // limits (somewhat larger) are the hard stop behind them.
+        .max_buf_size((listener.max_request_headers_bytes as usize + 4096).max(MIN_H1_BUFFER));
+    // PERF: a limit other than hyper's default (100) moves hyper's header
+    // index arrays from the stack to two 6.4 KB heap allocations per
+    // request (dhat, benches/RESULTS.md); so the codec keeps its default
+    // unless the listener allows more.
+    if listener.max_request_headers > HYPER_DEFAULT_MAX_HEADERS {
+        builder.max_headers((listener.max_request_headers as usize).min(MAX_H1_HEADERS));
+    }
+    builder
 }
 
 fn prepare_route(
@@ -801,8 +832,9 @@ clusters:
     }
 
     /// Idle connections must stay cheap: the per-connection task is the
-    /// future of `http::server::serve`, measured here before it is polled.
-    /// (hyper's own buffers come on top and are measured by the benches.)
+    /// future of `http::server::serve`, measured here before it is polled,
+    /// and it is what a parked connection holds. (What runs only while the
+    /// connection is active is boxed and measured by the benches.)
     #[tokio::test]
     async fn connection_future_stays_small() {
         let metrics = Arc::new(Metrics::new());
@@ -823,15 +855,15 @@ clusters:
         let (server, _) = listener.accept().await.unwrap();
         let shared: Shared = Arc::new(ArcSwap::new(snapshot));
         let drain = crate::drain::Drain::new();
-        let future = crate::http::server::serve(server, peer, 0, http, shared, drain);
+        let future = crate::http::server::serve(server, peer, 0, http, shared, drain, ());
         let size = std::mem::size_of_val(&future);
         // PERF: 3.7 KiB while hyper's connection state lived inline; boxed
-        // (and released while a connection is parked) it is 1.4 KiB, and an
-        // idle connection costs 3.2 KiB instead of 25.5 (benches/RESULTS.md).
-        // An upgraded tunnel's copy state made it 1,920 bytes until the
-        // tunnel was boxed too (1,328 bytes). TLS termination took it to
-        // 1,512 and the permissive listener's (boxed) branch to 1,528; the
-        // client certificate's facts, boxed, brought it to 1,488.
-        assert!(size <= 1536, "connection future is {size} bytes");
+        // (and released while a connection is parked) 1.4 KiB, and an idle
+        // connection cost 3.2 KiB instead of 25.5 (benches/RESULTS.md).
+        // With detection and hyper's connection boxed, the HTTP/1 loop
+        // written out in `serve` (no argument copied twice) and the parked
+        // wait polled by hand (no peek future), it is 376 bytes, and the
+        // spawned task 640 with its wrappers.
+        assert!(size <= 400, "connection future is {size} bytes");
     }
 }

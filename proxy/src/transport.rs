@@ -77,11 +77,9 @@ impl Stream {
         }
     }
 
-    /// Waits until the peer sends more (true) or closes (false), without
-    /// holding a buffer.
-    ///
-    /// Cancel safety: cancel safe (it only waits for readiness).
-    pub(crate) async fn wait_for_data(&self) -> bool {
+    /// Ready when the peer has sent more (true) or closed (false); holds
+    /// no buffer and, being a poll, adds nothing to the waiting future.
+    pub(crate) fn poll_wait_for_data(&self, cx: &mut Context<'_>) -> Poll<bool> {
         let mut probe = [0u8; 1];
         let socket = match self {
             Self::Tcp(stream) => stream,
@@ -90,7 +88,9 @@ impl Stream {
             Self::TlsServer(stream) => stream.get_ref().0,
             Self::TlsClient(stream) => stream.get_ref().0,
         };
-        matches!(socket.peek(&mut probe).await, Ok(n) if n > 0)
+        socket
+            .poll_peek(cx, &mut ReadBuf::new(&mut probe))
+            .map(|peeked| matches!(peeked, Ok(n) if n > 0))
     }
 
     /// Opens a plain TCP connection with `TCP_NODELAY` (small requests and
@@ -388,15 +388,13 @@ impl DownstreamIo {
         self.prefix = joined.into();
     }
 
-    /// Waits until the client sends more, without holding a buffer.
-    /// Returns false when the client closed the connection instead.
-    ///
-    /// Cancel safety: cancel safe (it only waits for readiness).
-    pub(crate) async fn wait_for_data(&self) -> bool {
+    /// Ready when the client has sent more (true) or closed the
+    /// connection (false); holds no buffer.
+    pub(crate) fn poll_wait_for_data(&self, cx: &mut Context<'_>) -> Poll<bool> {
         if !self.prefix.is_empty() {
-            return true;
+            return Poll::Ready(true);
         }
-        self.stream.wait_for_data().await
+        self.stream.poll_wait_for_data(cx)
     }
 }
 

@@ -262,6 +262,42 @@ async fn idle_connection_is_closed_after_the_idle_timeout() {
 }
 
 #[tokio::test]
+async fn parked_connection_is_closed_at_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo("a").await;
+    // Idle for a second, the connection parks; its idle timeout then runs
+    // out while it is parked.
+    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "5s", "1500ms"))
+        .await
+        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(proxy.listener("web"))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = vec![0u8; 4096];
+    let mut read = Vec::new();
+    loop {
+        match tokio::time::timeout(DEADLINE, stream.read(&mut buf))
+            .await
+            .expect("closed within the deadline")
+        {
+            Ok(0) => break,
+            Ok(n) => read.extend_from_slice(&buf[..n]),
+            Err(error) => panic!("closed with an error, not a clean close: {error}"),
+        }
+    }
+    assert!(String::from_utf8_lossy(&read).starts_with("HTTP/1.1 200"));
+    assert!(
+        started.elapsed() >= std::time::Duration::from_millis(1400),
+        "closed before the idle timeout"
+    );
+}
+
+#[tokio::test]
 async fn streaming_response_is_not_cut_by_the_idle_timeout() {
     use http_body_util::BodyExt;
     const SIZE: usize = 8 * 1024 * 1024;

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Request, Response, Uri, Version, header};
@@ -33,12 +34,6 @@ use crate::telemetry::trace::{self, Context, Kind, OpenSpan, Outbound, SpanRecor
 use crate::telemetry::{AccessRecord, ListenerMetrics, RequestMetrics};
 use crate::transport::{ConnState, DownstreamIo, Protocol, accept_permissive, accept_tls, detect};
 
-/// hyper's HTTP/1 read buffer never goes below this.
-const MIN_H1_BUFFER: usize = 8192;
-/// hyper's HTTP/1 header count limit when none is set.
-const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
-/// The codec's hard ceiling on HTTP/1 header count.
-const MAX_H1_HEADERS: usize = 10_000;
 /// Deadline checks never run closer together than this.
 const MIN_CHECK: Duration = Duration::from_millis(10);
 
@@ -72,6 +67,8 @@ struct Connection {
     peer_expiry: Option<Instant>,
     /// The listener's counters.
     metrics: Arc<ListenerMetrics>,
+    /// The listener's deadlines as they were when the client connected.
+    deadlines: Deadlines,
     /// A destination reporter's Istio party for this client, numbered by
     /// the listener's metrics as they were when it connected.
     istio_caller: Option<(Arc<IstioMetrics>, u32)>,
@@ -104,21 +101,71 @@ fn instant_of(time: std::time::SystemTime) -> Instant {
 }
 
 /// Serves one accepted connection until it closes, drains or idles out.
-pub(crate) async fn serve(
+///
+/// The returned future is the connection's task for as long as the
+/// connection lives, so it holds only what a parked connection needs (the
+/// socket, the connection's shared state, a timer): the larger states
+/// (protocol detection or the TLS handshake, hyper's connection and its
+/// deadlines) are boxed and live only while they run. Thousands of idle
+/// keep-alive connections then cost little more than their sockets.
+///
+/// `held` is what the connection holds while it lives (its place under the
+/// listener's connection limit, its count): dropped when it ends.
+pub(crate) fn serve(
     stream: TcpStream,
     peer: SocketAddr,
     index: usize,
     listener: Arc<HttpListener>,
     shared: Shared,
     drain: Drain,
-) {
+    held: impl Send + 'static,
+) -> impl Future<Output = ()> + Send {
+    let opening = Box::pin(open(stream, peer, index, listener, shared, drain));
+    // The HTTP/1 loop is written here rather than in a function of its
+    // own: an async function keeps a second copy of an argument it takes
+    // by value, and the socket is the largest thing a parked connection
+    // holds.
+    async move {
+        // Captured (not moved into a local, which would copy it), so
+        // dropped as the connection ends.
+        let _ = &held;
+        let Some((mut io, protocol, conn, listener)) = opening.await else {
+            return;
+        };
+        if protocol == Protocol::Http2 {
+            Box::pin(serve_h2(io, &conn, &listener.config)).await;
+            return;
+        }
+        loop {
+            let Some(idle) = Box::pin(serve_h1_until_idle(io, &conn, &listener.h1)).await else {
+                return;
+            };
+            io = idle;
+            if !park(&io, &conn).await {
+                let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+                return;
+            }
+        }
+    }
+}
+
+/// Detects the protocol (terminating TLS first when the listener has it)
+/// and builds the connection's shared state.
+async fn open(
+    stream: TcpStream,
+    peer: SocketAddr,
+    index: usize,
+    listener: Arc<HttpListener>,
+    shared: Shared,
+    drain: Drain,
+) -> Option<(DownstreamIo, Protocol, Arc<Connection>, Arc<HttpListener>)> {
     let settings = &listener.config;
     let state = Arc::new(ConnState::new(true));
     let deadline = settings.header_read_timeout;
     let metrics = listener.metrics.clone();
-    let detected = match (&listener.tls, settings.tls.as_deref()) {
+    let (io, protocol) = match (&listener.tls, settings.tls.as_deref()) {
         // Boxed: only permissive listeners take this path, and its state
-        // would otherwise sit in every connection's future.
+        // would otherwise sit in every connection's setup.
         (Some(server), Some(tls)) if tls.permissive => {
             Box::pin(accept_permissive(
                 stream,
@@ -134,10 +181,7 @@ pub(crate) async fn serve(
             accept_tls(stream, server, tls, deadline, metrics, state.clone()).await
         }
         _ => detect(stream, deadline, metrics, state.clone()).await,
-    };
-    let Some((io, protocol)) = detected else {
-        return;
-    };
+    }?;
     if let Some(id) = io.peer_identity()
         && tracing::level_enabled!(tracing::Level::DEBUG)
     {
@@ -183,48 +227,45 @@ pub(crate) async fn serve(
         peer_ip: HeaderValue::try_from(peer.ip().to_string())
             .expect("an IP address is a valid header value"),
         shared,
-        drain: drain.clone(),
+        drain,
         state,
         upgrade: std::sync::Mutex::new(None),
+        deadlines: Deadlines {
+            header: settings.header_read_timeout,
+            idle: settings.idle_timeout,
+        },
     });
-    let deadlines = Deadlines {
-        header: settings.header_read_timeout,
-        idle: settings.idle_timeout,
+    Some((io, protocol, conn, listener))
+}
+
+/// Serves h2 on a connection until it closes, drains or idles out.
+async fn serve_h2(io: DownstreamIo, conn: &Arc<Connection>, settings: &crate::config::Listener) {
+    let service = {
+        let conn = conn.clone();
+        hyper::service::service_fn(move |req| {
+            let span = request_span(&req);
+            handle(conn.clone(), req).instrument(span)
+        })
     };
-    match protocol {
-        Protocol::Http1 => serve_h1(io, &conn, settings, deadlines).await,
-        Protocol::Http2 => {
-            let service = {
-                let conn = conn.clone();
-                hyper::service::service_fn(move |req| {
-                    let span = request_span(&req);
-                    handle(conn.clone(), req).instrument(span)
-                })
-            };
-            let mut builder =
-                hyper::server::conn::http2::Builder::new(TrackedExecutor(drain.clone()));
-            builder
-                .timer(TokioTimer::new())
-                .max_concurrent_streams(settings.max_concurrent_streams)
-                // The codec's limit is twice the listener's: a request over
-                // the listener's limit reaches `route_and_forward` and is
-                // answered 431 with a body, as for HTTP/1.1. At the codec's
-                // own limit h2 refuses the stream (REFUSED_STREAM), which
-                // clients take as an invitation to retry.
-                .max_header_list_size(settings.max_request_headers_bytes.saturating_mul(2));
-            // Boxed, as for HTTP/1, to keep the connection task small.
-            let mut connection = Box::pin(builder.serve_connection(TokioIo::new(io), service));
-            drive(
-                &mut connection,
-                |c, cx| c.as_mut().poll(cx),
-                |c| c.as_mut().graceful_shutdown(),
-                &conn,
-                deadlines,
-                None,
-            )
-            .await;
-        }
-    }
+    let mut builder = hyper::server::conn::http2::Builder::new(TrackedExecutor(conn.drain.clone()));
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        // The codec's limit is twice the listener's: a request over the
+        // listener's limit reaches `route_and_forward` and is answered 431
+        // with a body, as for HTTP/1.1. At the codec's own limit h2 refuses
+        // the stream (REFUSED_STREAM), which clients take as an invitation
+        // to retry.
+        .max_header_list_size(settings.max_request_headers_bytes.saturating_mul(2));
+    let mut connection = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
+    drive(
+        &mut connection,
+        |c, cx| c.as_mut().poll(cx),
+        |c| c.as_mut().graceful_shutdown(),
+        conn,
+        None,
+    )
+    .await;
 }
 
 /// An HTTP/1 connection that has been idle this long is parked: hyper's
@@ -233,91 +274,86 @@ pub(crate) async fn serve(
 /// again. Long enough that a busy keep-alive connection never parks.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Serves HTTP/1 on a connection, parking it while it idles.
+/// Serves HTTP/1 requests with a fresh hyper connection until the
+/// connection ends (`None`) or idles long enough to park: then hyper hands
+/// the socket back (`Some`).
 ///
 /// hyper keeps about 16 KiB of buffers per HTTP/1 connection for as long
 /// as the connection lives; a gateway holding tens of thousands of idle
 /// keep-alive connections cannot afford that. So an idle connection is
 /// handed back by hyper (`poll_without_shutdown` + `into_parts`) and
-/// resumed with a fresh hyper connection when bytes arrive. The same
-/// hand-back serves upgrades: the client side of a tunnel is the socket
-/// hyper returns after writing the 101.
-async fn serve_h1(
-    mut io: DownstreamIo,
+/// resumed with a fresh hyper connection when bytes arrive (see `serve`).
+/// The same hand-back serves upgrades: the client side of a tunnel is the
+/// socket hyper returns after writing the 101.
+async fn serve_h1_until_idle(
+    io: DownstreamIo,
     conn: &Arc<Connection>,
-    settings: &crate::config::Listener,
-    deadlines: Deadlines,
-) {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // The header deadline is ours (see `ConnState`): hyper's would
-        // also cut idle keep-alive connections.
-        .header_read_timeout(None)
-        // Our own checks answer 431 with a body and the cause; the codec's
-        // limits (somewhat larger) are the hard stop behind them.
-        .max_buf_size((settings.max_request_headers_bytes as usize + 4096).max(MIN_H1_BUFFER));
-    // PERF: a limit other than hyper's default (100) moves hyper's header
-    // index arrays from the stack to two 6.4 KB heap allocations per
-    // request (dhat, benches/RESULTS.md); so the codec keeps its default
-    // unless the listener allows more.
-    if settings.max_request_headers > HYPER_DEFAULT_MAX_HEADERS {
-        builder.max_headers((settings.max_request_headers as usize).min(MAX_H1_HEADERS));
+    codec: &hyper::server::conn::http1::Builder,
+) -> Option<DownstreamIo> {
+    let service = {
+        let conn = conn.clone();
+        // Boxed because handing the connection back needs an `Unpin`
+        // service future: one allocation per request buys the release of
+        // 16 KiB per idle connection.
+        hyper::service::service_fn(move |req| {
+            let span = request_span(&req);
+            Box::pin(handle(conn.clone(), req).instrument(span))
+        })
+    };
+    let mut connection = codec.serve_connection(TokioIo::new(io), service);
+    let ending = drive(
+        &mut connection,
+        |c, cx| c.poll_without_shutdown(cx),
+        |c| Pin::new(c).graceful_shutdown(),
+        conn,
+        // A TLS connection is not parked: rustls may hold decrypted bytes
+        // that a wait on the socket would not see.
+        (!conn.is_tls).then_some(PARK_AFTER),
+    )
+    .await;
+    if ending == Ending::Dropped {
+        return None;
     }
-    loop {
-        let service = {
-            let conn = conn.clone();
-            // Boxed because handing the connection back needs an `Unpin`
-            // service future: one allocation per request buys the release
-            // of 16 KiB per idle connection.
-            hyper::service::service_fn(move |req| {
-                let span = request_span(&req);
-                Box::pin(handle(conn.clone(), req).instrument(span))
-            })
-        };
-        // Boxed so that a parked connection's task keeps no room for
-        // hyper's state: the task stays small, the box goes while parked.
-        let mut connection = Box::new(builder.serve_connection(TokioIo::new(io), service));
-        let ending = drive(
-            &mut connection,
-            |c, cx| c.poll_without_shutdown(cx),
-            |c| Pin::new(&mut **c).graceful_shutdown(),
-            conn,
-            deadlines,
-            // A TLS connection is not parked: rustls may hold decrypted
-            // bytes that a wait on the socket would not see.
-            (!conn.is_tls).then_some(PARK_AFTER),
-        )
-        .await;
-        if ending == Ending::Dropped {
-            return;
-        }
-        let parts = (*connection).into_parts();
-        io = parts.io.into_inner();
-        io.unread(parts.read_buf);
-        if let Some(upstream) = conn.take_upgrade() {
-            // Boxed: a tunnel's copy state would otherwise make every
-            // connection's task larger (`connection_future_stays_small`).
-            Box::pin(tunnel(io, upstream, conn, deadlines.idle)).await;
-            return;
-        }
-        if ending != Ending::Parked || !park(&io, conn, deadlines).await {
-            let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
-            return;
-        }
+    let parts = connection.into_parts();
+    let mut io = parts.io.into_inner();
+    io.unread(parts.read_buf);
+    if let Some(upstream) = conn.take_upgrade() {
+        // Boxed: few connections are upgraded, and a tunnel's copy state
+        // would otherwise make every connection's hyper state larger.
+        Box::pin(tunnel(io, upstream, conn)).await;
+        return None;
     }
+    if ending == Ending::Parked {
+        return Some(io);
+    }
+    let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
+    None
 }
 
 /// Waits, holding no buffer, until a parked connection's client sends
 /// again (true), or it closes, idles out or the drain begins (false).
-async fn park(io: &DownstreamIo, conn: &Connection, deadlines: Deadlines) -> bool {
+///
+/// Polled by hand rather than through `select!` over a peek future: the
+/// wait is what a parked connection's task holds, and a peek future alone
+/// is larger than the timer and the drain signal together.
+async fn park(io: &DownstreamIo, conn: &Connection) -> bool {
     let idle_since = conn.state.idle_since().unwrap_or_else(Instant::now);
-    let idle_end = tokio::time::Instant::from_std(idle_since + deadlines.idle);
-    tokio::select! {
-        more = io.wait_for_data() => more,
-        () = tokio::time::sleep_until(idle_end) => false,
-        () = conn.drain.cancelled() => false,
-    }
+    let idle_end = tokio::time::sleep_until(tokio::time::Instant::from_std(
+        idle_since + conn.deadlines.idle,
+    ));
+    let drained = conn.drain.cancelled();
+    let mut idle_end = std::pin::pin!(idle_end);
+    let mut drained = std::pin::pin!(drained);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(more) = io.poll_wait_for_data(cx) {
+            return Poll::Ready(more);
+        }
+        if idle_end.as_mut().poll(cx).is_ready() || drained.as_mut().poll(cx).is_ready() {
+            return Poll::Ready(false);
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 /// A connection's two deadlines.
@@ -354,9 +390,9 @@ async fn drive<C>(
     poll: fn(&mut C, &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>>,
     shutdown: fn(&mut C),
     conn: &Connection,
-    deadlines: Deadlines,
     park_after: Option<Duration>,
 ) -> Ending {
+    let deadlines = conn.deadlines;
     let check_every = deadlines
         .header
         .min(deadlines.idle)
@@ -876,8 +912,8 @@ async fn tunnel(
     mut downstream: DownstreamIo,
     upstream: hyper::upgrade::OnUpgrade,
     conn: &Connection,
-    idle_timeout: Duration,
 ) {
+    let idle_timeout = conn.deadlines.idle;
     let peer = conn.peer;
     let Ok(upstream) = upstream.await else {
         tracing::debug!(peer.addr = %peer, "upgrade did not complete");
