@@ -296,16 +296,11 @@ async fn accept_loop(
                 drain.spawn(serving.instrument(span));
             }
             Some(ListenerSnapshot::Tcp(tcp)) => {
-                let tcp = tcp.clone();
                 let span = connection_span(&tcp.config.name, peer);
-                drain.spawn(
-                    async move {
-                        let _permit = permit;
-                        let _guard = ConnectionGuard::new(tcp.metrics.clone());
-                        crate::tcp::proxy(Stream::Tcp(stream), peer, tcp, conn_drain).await;
-                    }
-                    .instrument(span),
-                );
+                let held = (permit, ConnectionGuard::new(tcp.metrics.clone()));
+                let proxying =
+                    crate::tcp::proxy(Stream::Tcp(stream), peer, tcp.clone(), conn_drain, held);
+                drain.spawn(proxying.instrument(span));
             }
             None => {}
         }

@@ -847,6 +847,9 @@ clusters:
         let Some(ListenerSnapshot::Http(http)) = snapshot.listener(0).cloned() else {
             panic!("listener 0 is http")
         };
+        let Some(ListenerSnapshot::Tcp(tcp)) = snapshot.listener(1).cloned() else {
+            panic!("listener 1 is tcp")
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
             .await
@@ -865,5 +868,24 @@ clusters:
         // wait polled by hand (no peek future), it is 376 bytes, and the
         // spawned task 640 with its wrappers.
         assert!(size <= 400, "connection future is {size} bytes");
+
+        // A TCP listener's connection: 5,776 bytes while the TLS
+        // passthrough's ClientHello read (and its 4 KiB chunk) sat inline,
+        // 960 with it boxed.
+        let (server, _) = {
+            let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+                .await
+                .unwrap();
+            listener.accept().await.unwrap()
+        };
+        let future = crate::tcp::proxy(
+            crate::transport::Stream::Tcp(server),
+            peer,
+            tcp,
+            crate::drain::Drain::new(),
+            (),
+        );
+        let size = std::mem::size_of_val(&future);
+        assert!(size <= 1024, "TCP connection future is {size} bytes");
     }
 }

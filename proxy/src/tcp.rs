@@ -54,12 +54,17 @@ fn reset_on_close(downstream: &mut Stream) {
 }
 
 /// Forwards one accepted connection to the listener's cluster.
+///
+/// `held` is what the connection holds while it lives (its place under the
+/// listener's connection limit, its count): dropped when it ends.
 pub(crate) async fn proxy(
     mut downstream: Stream,
     peer: SocketAddr,
     listener: Arc<TcpListener>,
     drain: Drain,
+    held: impl Send + 'static,
 ) {
+    let _held = held;
     let name = &listener.config.name;
     if let Some(faults) = &listener.faults
         && faults.apply(&listener.metrics).await
@@ -84,10 +89,12 @@ pub(crate) async fn proxy(
         let Some(client) = downstream.as_tcp_mut() else {
             return;
         };
-        let (hello, server_name) = match tokio::time::timeout(
+        // Boxed: the read holds a 4 KiB chunk, which would otherwise stay
+        // in the connection's task for as long as the connection lives.
+        let (hello, server_name) = match Box::pin(tokio::time::timeout(
             CLIENT_HELLO_TIMEOUT,
             read_client_hello(client),
-        )
+        ))
         .await
         {
             Ok(Ok(read)) => read,

@@ -287,7 +287,11 @@ impl Endpoint {
             let (mut sender, retire, reused) = match self.connection_or_slot(idle).await? {
                 Acquired::Existing((sender, retire)) => (sender, retire, true),
                 Acquired::Slot(slot) => {
-                    let (sender, retire) = self.connect_h1(slot).await?;
+                    // Boxed: a connect's state (TCP, TLS, hyper's
+                    // handshake) would otherwise sit in every request's
+                    // future, and be copied with it, though most requests
+                    // find a pooled connection.
+                    let (sender, retire) = Box::pin(self.connect_h1(slot)).await?;
                     (sender, retire, false)
                 }
             };
@@ -475,23 +479,9 @@ impl Endpoint {
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let mut sender = match self.shared_h2() {
             Some(sender) => sender,
-            None => {
-                // One connect at a time: requests that arrive while the
-                // connection is being made wait for it and share it,
-                // instead of each opening its own.
-                let _connecting = self.h2_connecting.lock().await;
-                match self.connection_or_slot(|| self.shared_h2()).await? {
-                    Acquired::Existing(sender) => sender,
-                    Acquired::Slot(slot) => {
-                        // A retired connection finishes its streams and
-                        // closes when the last sender is gone.
-                        let (sender, retire) = self.connect_h2(slot).await?;
-                        *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
-                            Some((sender.clone(), retire));
-                        sender
-                    }
-                }
-            }
+            // Boxed: the connect's state would otherwise sit in every
+            // request's future (see `send_h1`).
+            None => Box::pin(self.open_shared_h2()).await?,
         };
         sender
             .ready()
@@ -501,6 +491,28 @@ impl Endpoint {
             Ok(response) => Ok(response.map(|body| UpstreamBody::new(body, None, guard))),
             Err(source) => Err(self.reset(source, false)),
         }
+    }
+
+    /// Opens the multiplexed connection, or waits for the request that is
+    /// opening it and shares it.
+    async fn open_shared_h2(
+        self: &Arc<Self>,
+    ) -> Result<http2::SendRequest<RequestBody>, ProxyError> {
+        // One connect at a time: requests that arrive while the connection
+        // is being made wait for it and share it, instead of each opening
+        // its own.
+        let _connecting = self.h2_connecting.lock().await;
+        Ok(match self.connection_or_slot(|| self.shared_h2()).await? {
+            Acquired::Existing(sender) => sender,
+            Acquired::Slot(slot) => {
+                // A retired connection finishes its streams and closes when
+                // the last sender is gone.
+                let (sender, retire) = self.connect_h2(slot).await?;
+                *self.h2.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some((sender.clone(), retire));
+                sender
+            }
+        })
     }
 
     /// The multiplexed connection, if one is open and not due to retire.
