@@ -14,6 +14,8 @@
 # nginx, wrk, h2load.
 #
 # Usage: benches/scripts/instructions-per-request.sh CONFIG h1|h2 [SECONDS]
+# With CALLGRIND_OUT=FILE the measured window's profile is kept there, for
+# callgrind_annotate (e.g. --inclusive=yes) to say where the instructions go.
 # CONFIG uses @PORT@, @UPSTREAM@ and @COLLECTOR@ as wrk-compare.sh's
 # WEFT_CONFIGS do (the OTLP receiver, `weft-bench otlp-receiver`, runs
 # outside valgrind and is not counted).
@@ -62,6 +64,8 @@ callgrind_control -z "$vpid" >/dev/null
 requests=$(load "$seconds")
 callgrind_control -d "$vpid" >/dev/null
 sleep 0.5
-instructions=$(awk '/^(summary|totals):/ {print $2; exit}' "$(ls -t "$work"/cg.out* | head -1)")
+profile=$(ls -t "$work"/cg.out* | head -1)
+instructions=$(awk '/^(summary|totals):/ {print $2; exit}' "$profile")
+[ -n "${CALLGRIND_OUT:-}" ] && cp "$profile" "$CALLGRIND_OUT"
 awk -v c="$(basename "$cfg")" -v m="$mode" -v n="$requests" -v ir="$instructions" \
   'BEGIN { printf "%s %s requests=%d instructions_per_request=%.0f\n", c, m, n, ir / n }'

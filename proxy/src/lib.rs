@@ -20,6 +20,7 @@ mod error;
 mod fault;
 mod http;
 mod listener;
+mod made;
 pub mod policy;
 mod resilience;
 mod rng;

@@ -7,6 +7,7 @@
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
 use crate::config::HeaderOps;
+use crate::made;
 
 pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub(crate) static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -271,62 +272,37 @@ pub(crate) fn client_cert_value(
 /// (a trusted hop set it, or the listener preserves client ids), else a
 /// new random (UUIDv4 shaped) one.
 pub fn ensure_request_id(headers: &mut HeaderMap, keep: bool) -> &HeaderValue {
-    if !keep {
-        headers.insert(X_REQUEST_ID.clone(), random_request_id());
+    // One lookup of the name, whichever way it goes.
+    match headers.entry(X_REQUEST_ID.clone()) {
+        header::Entry::Occupied(mut sent) => {
+            if !keep {
+                // Every value the client sent goes.
+                sent.insert(random_request_id());
+            }
+            sent.into_mut()
+        }
+        header::Entry::Vacant(none) => none.insert(random_request_id()),
     }
-    headers
-        .entry(X_REQUEST_ID.clone())
-        .or_insert_with(random_request_id)
 }
 
 fn random_request_id() -> HeaderValue {
     let (hi, lo) = crate::rng::with_thread_rng(|rng| (rng.u64(..), rng.u64(..)));
     let bits = (u128::from(hi) << 64 | u128::from(lo)) & !(0xF000u128 << 64) & !(0xC000u128 << 48);
-    let bits = bits | (0x4000u128 << 64) | (0x8000u128 << 48);
-    let mut out = [0u8; 36];
+    let bits = (bits | (0x4000u128 << 64) | (0x8000u128 << 48)).to_be_bytes();
+    // UUID groups: 4, 2, 2, 2 and 6 bytes.
+    let mut out = [b'-'; 36];
     let mut pos = 0;
-    for (i, byte) in bits.to_be_bytes().iter().enumerate() {
-        if matches!(i, 4 | 6 | 8 | 10) {
-            out[pos] = b'-';
-            pos += 1;
-        }
-        out[pos] = HEX[usize::from(byte >> 4)];
-        out[pos + 1] = HEX[usize::from(byte & 0xF)];
-        pos += 2;
+    for group in [
+        &bits[0..4],
+        &bits[4..6],
+        &bits[6..8],
+        &bits[8..10],
+        &bits[10..16],
+    ] {
+        pos += made::hex(&mut out[pos..], group) + 1;
     }
-    arena_value(&out)
+    made::value(&out)
 }
-
-/// How many bytes of header values one arena chunk holds (113 request
-/// ids).
-const ARENA_CHUNK: usize = 4096;
-
-thread_local! {
-    static ARENA: std::cell::RefCell<bytes::BytesMut> =
-        std::cell::RefCell::new(bytes::BytesMut::new());
-}
-
-/// A header value the proxy made, copied into this thread's arena.
-///
-/// PERF: values are cut from a shared chunk, so making one allocates
-/// nothing (one chunk per 4 KiB of values) and cloning one (a retry keeps
-/// a copy of the request's headers) is a reference count, where a value
-/// made from its own `Vec` allocates again on its first clone. A chunk is
-/// freed with the last value cut from it.
-fn arena_value(bytes: &[u8]) -> HeaderValue {
-    let shared = ARENA.with(|arena| {
-        let mut arena = arena.borrow_mut();
-        if arena.capacity() - arena.len() < bytes.len() {
-            *arena = bytes::BytesMut::with_capacity(ARENA_CHUNK.max(bytes.len()));
-        }
-        arena.extend_from_slice(bytes);
-        arena.split().freeze()
-    });
-    // Only the proxy's own values come here: hex digits and dashes.
-    HeaderValue::from_maybe_shared(shared).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
-}
-
-const HEX: &[u8; 16] = b"0123456789abcdef";
 
 /// Applies a route's header rules: remove, then set, then add.
 pub fn apply(ops: &HeaderOps, headers: &mut HeaderMap) {
@@ -515,6 +491,11 @@ mod tests {
         assert_eq!(&s[14..15], "4", "{s}");
         assert!(matches!(&s[19..20], "8" | "9" | "a" | "b"), "{s}");
         assert_ne!(ensure_request_id(&mut HeaderMap::new(), false), id);
+        // Every id the client sent is replaced.
+        let mut h = map(&[("x-request-id", "a"), ("x-request-id", "b")]);
+        assert_eq!(h.get_all("x-request-id").iter().count(), 2);
+        let id = ensure_request_id(&mut h, false).clone();
+        assert_eq!(h.get_all("x-request-id").iter().collect::<Vec<_>>(), [&id]);
     }
 
     #[test]
@@ -527,6 +508,9 @@ mod tests {
             let id = id.to_str().unwrap();
             assert_eq!(id.len(), 36);
             assert_eq!(&id[14..15], "4", "version 4: {id}");
+            for dash in [8, 13, 18, 23] {
+                assert_eq!(&id[dash..=dash], "-", "{id}");
+            }
             assert!(id.chars().all(|c| c == '-' || c.is_ascii_hexdigit()));
         }
     }

@@ -313,29 +313,19 @@ impl Context {
     /// about 2,400 instructions a request (callgrind), this about 200.
     pub(crate) fn traceparent(&self, span_id: u64) -> HeaderValue {
         let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        hex(&mut text[3..35], self.trace_id);
-        hex(&mut text[36..52], u128::from(span_id));
+        crate::made::hex(&mut text[3..35], &self.trace_id.to_be_bytes());
+        crate::made::hex(&mut text[36..52], &span_id.to_be_bytes());
         text[54] = b'0' + u8::from(self.sampled);
-        HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
+        crate::made::value(&text)
     }
 
     /// `b3` (single header) naming `span_id`, for callers that sent B3.
     pub(crate) fn b3(&self, span_id: u64) -> HeaderValue {
         let mut text = *b"00000000000000000000000000000000-0000000000000000-0";
-        hex(&mut text[0..32], self.trace_id);
-        hex(&mut text[33..49], u128::from(span_id));
+        crate::made::hex(&mut text[0..32], &self.trace_id.to_be_bytes());
+        crate::made::hex(&mut text[33..49], &span_id.to_be_bytes());
         text[50] = b'0' + u8::from(self.sampled);
-        HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
-    }
-}
-
-/// Writes the low `out.len()` hex digits of `value`, lower case.
-fn hex(out: &mut [u8], value: u128) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut rest = value;
-    for digit in out.iter_mut().rev() {
-        *digit = DIGITS[(rest & 0xf) as usize];
-        rest >>= 4;
+        crate::made::value(&text)
     }
 }
 
