@@ -14,6 +14,7 @@
 # nginx, wrk, h2load.
 #
 # Usage: benches/scripts/instructions-per-request.sh CONFIG h1|h2 [SECONDS]
+# WEFT_BIN=PATH counts another build (default: target/release/weft-proxy).
 # With CALLGRIND_OUT=FILE the measured window's profile is kept there, for
 # callgrind_annotate (e.g. --inclusive=yes) to say where the instructions go.
 # CONFIG uses @PORT@, @UPSTREAM@ and @COLLECTOR@ as wrk-compare.sh's
@@ -48,7 +49,7 @@ fi
 sed -e "s/@PORT@/$port/g" -e "s/@UPSTREAM@/127.0.0.1:$up_port/g" \
   -e "s|@COLLECTOR@|http://127.0.0.1:$otlp_port|g" "$cfg" > "$work/proxy.yaml"
 valgrind --tool=callgrind --callgrind-out-file="$work/cg.out" \
-  "$root/target/release/weft-proxy" --config "$work/proxy.yaml" --concurrency 1 --log-level warn \
+  "${WEFT_BIN:-$root/target/release/weft-proxy}" --config "$work/proxy.yaml" --concurrency 1 --log-level warn \
   > "$work/proxy.log" 2>&1 &
 vpid=$!
 for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
