@@ -1,6 +1,7 @@
-//! Header values the proxy makes itself (request ids, trace context):
-//! written as hex digits and cut from a per-thread arena. A leaf module: it
-//! depends on nothing in the crate.
+//! Header values the proxy makes itself (request ids, trace context),
+//! written as hex digits; those that are cloned (a request id goes to every
+//! attempt) cut from a per-thread arena. A leaf module: it depends on
+//! nothing in the crate.
 
 use std::cell::RefCell;
 
@@ -8,7 +9,7 @@ use bytes::BytesMut;
 use http::HeaderValue;
 
 /// How many bytes of header values one arena chunk holds (113 request
-/// ids, or 74 `traceparent` values).
+/// ids).
 const ARENA_CHUNK: usize = 4096;
 
 thread_local! {
@@ -35,13 +36,25 @@ pub(crate) fn value(bytes: &[u8]) -> HeaderValue {
     HeaderValue::from_maybe_shared(shared).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
 }
 
+/// Each byte's two lower-case hex digits.
+static HEX_PAIRS: [[u8; 2]; 256] = hex_pairs();
+
+const fn hex_pairs() -> [[u8; 2]; 256] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0; 2]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        pairs[byte] = [DIGITS[byte >> 4], DIGITS[byte & 0xf]];
+        byte += 1;
+    }
+    pairs
+}
+
 /// Writes `bytes` as lower-case hex digits, two per byte, into the start
 /// of `out`, and returns how many it wrote.
 pub(crate) fn hex(out: &mut [u8], bytes: &[u8]) -> usize {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 0xf)];
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*byte)]);
     }
     2 * bytes.len().min(out.len() / 2)
 }
