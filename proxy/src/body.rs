@@ -64,9 +64,9 @@ impl RequestBody {
         }
     }
 
-    /// Streams the client's body, adding the bytes read from the client
-    /// to `counted` (once, however often a retry sends them).
-    pub(crate) fn counted(body: Incoming, counted: Arc<AtomicU64>) -> Self {
+    /// Streams the client's body, adding what is read from the client to
+    /// `counted` (once, however often a retry sends it).
+    pub(crate) fn counted(body: Incoming, counted: Arc<ReadCount>) -> Self {
         Self::Streaming {
             body,
             counted: Some(counted),
@@ -174,12 +174,111 @@ pub(crate) async fn read_for_replay(
     Ok(Ok(Replayable { data, trailers }))
 }
 
-/// Where the bytes read from the client are counted, when they are.
-type Counted = Option<Arc<AtomicU64>>;
+/// Where what is read from the client is counted, when it is.
+type Counted = Option<Arc<ReadCount>>;
 
 fn count(counted: &Counted, data: &Bytes) {
     if let Some(counted) = counted {
-        counted.fetch_add(data.len() as u64, Relaxed);
+        counted.add(data);
+    }
+}
+
+/// What is counted of a client's body as it is read: its bytes and, for a
+/// gRPC request, its messages.
+#[derive(Debug, Default)]
+pub(crate) struct ReadCount {
+    bytes: AtomicU64,
+    /// `None` unless the request is gRPC. A body is read by one task at a
+    /// time, so the lock is never contended.
+    messages: Option<std::sync::Mutex<Messages>>,
+}
+
+impl ReadCount {
+    /// A count for a body; `grpc` counts its messages too.
+    pub(crate) fn new(grpc: bool) -> Self {
+        Self {
+            bytes: AtomicU64::new(0),
+            messages: grpc.then(|| std::sync::Mutex::new(Messages::default())),
+        }
+    }
+
+    fn add(&self, data: &[u8]) {
+        self.bytes.fetch_add(data.len() as u64, Relaxed);
+        if let Some(messages) = &self.messages {
+            messages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .feed(data);
+        }
+    }
+
+    /// The bytes read so far.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.bytes.load(Relaxed)
+    }
+
+    /// The whole gRPC messages read so far (0 for another request).
+    pub(crate) fn messages(&self) -> u64 {
+        self.messages.as_ref().map_or(0, |messages| {
+            messages
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .complete()
+        })
+    }
+}
+
+/// Counts gRPC messages in a stream's bytes as they pass, however its
+/// frames split them: each message is a flag byte, a 4-byte big-endian
+/// length and that many bytes (gRPC over HTTP/2, "Length-Prefixed-Message").
+/// A message counts once its last byte has passed.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct Messages {
+    /// Bytes of the current message's 5-byte prefix seen so far.
+    prefix_seen: u8,
+    /// Its length, as the prefix's bytes arrive.
+    length: u32,
+    /// Bytes of the current message's payload still to come.
+    payload_left: u64,
+    complete: u64,
+}
+
+impl Messages {
+    /// Takes the next bytes of the stream.
+    pub(crate) fn feed(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            if self.payload_left > 0 {
+                let n = data
+                    .len()
+                    .min(usize::try_from(self.payload_left).unwrap_or(usize::MAX));
+                self.payload_left -= n as u64;
+                data = &data[n..];
+                if self.payload_left == 0 {
+                    self.complete += 1;
+                }
+                continue;
+            }
+            let byte = data[0];
+            data = &data[1..];
+            // Byte 0 is the compression flag; 1 to 4 the length.
+            if self.prefix_seen > 0 {
+                self.length = self.length << 8 | u32::from(byte);
+            }
+            self.prefix_seen += 1;
+            if self.prefix_seen == 5 {
+                self.payload_left = u64::from(self.length);
+                self.prefix_seen = 0;
+                self.length = 0;
+                if self.payload_left == 0 {
+                    self.complete += 1;
+                }
+            }
+        }
+    }
+
+    /// The whole messages seen.
+    pub(crate) fn complete(&self) -> u64 {
+        self.complete
     }
 }
 
@@ -258,6 +357,64 @@ mod tests {
     #[derive(Debug, thiserror::Error)]
     #[error("wrapper")]
     struct Wrapper(#[source] Box<dyn std::error::Error + Send + Sync>);
+
+    /// A gRPC message: flag 0, big-endian length, payload.
+    fn message(payload: &[u8]) -> Vec<u8> {
+        let mut framed = vec![0];
+        framed.extend_from_slice(&u32::try_from(payload.len()).unwrap().to_be_bytes());
+        framed.extend_from_slice(payload);
+        framed
+    }
+
+    #[test]
+    fn grpc_messages_are_counted_however_the_frames_split_them() {
+        let stream: Vec<u8> = [
+            message(b"hello"),
+            message(b""),
+            message(&[7; 300]),
+            message(b"x"),
+        ]
+        .concat();
+        // Whole, byte by byte, and in every split into two.
+        let mut whole = Messages::default();
+        whole.feed(&stream);
+        assert_eq!(whole.complete(), 4);
+        let mut bytewise = Messages::default();
+        for byte in &stream {
+            bytewise.feed(std::slice::from_ref(byte));
+        }
+        assert_eq!(bytewise.complete(), 4);
+        for at in 0..=stream.len() {
+            let mut split = Messages::default();
+            split.feed(&stream[..at]);
+            split.feed(&stream[at..]);
+            assert_eq!(split.complete(), 4, "split at {at}");
+        }
+        // A message counts once its last byte has passed; a prefix alone
+        // does not.
+        let mut partial = Messages::default();
+        partial.feed(&message(&[1; 10])[..14]);
+        assert_eq!(partial.complete(), 0);
+        partial.feed(&[1]);
+        assert_eq!(partial.complete(), 1);
+        partial.feed(&[0, 0, 0]);
+        assert_eq!(partial.complete(), 1);
+        // A length too large to ever arrive is just never complete.
+        let mut huge = Messages::default();
+        huge.feed(&[0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]);
+        assert_eq!(huge.complete(), 0);
+    }
+
+    #[test]
+    fn a_read_count_counts_messages_only_for_grpc() {
+        let data = message(b"abc");
+        let grpc = ReadCount::new(true);
+        grpc.add(&data);
+        assert_eq!((grpc.bytes(), grpc.messages()), (8, 1));
+        let http = ReadCount::new(false);
+        http.add(&data);
+        assert_eq!((http.bytes(), http.messages()), (8, 0));
+    }
 
     #[test]
     fn unrelated_errors_are_not_blamed_on_the_client() {

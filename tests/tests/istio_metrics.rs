@@ -237,3 +237,55 @@ async fn series_past_the_cap_are_folded_and_counted() {
         2.0
     );
 }
+
+#[tokio::test]
+async fn grpc_calls_count_the_messages_each_way() {
+    use futures_util::StreamExt as _;
+    use weft_proto::echo::v1::EchoRequest;
+    let echo = echo("g").await;
+    let config = one_route_config(echo.local_addr(), "downstream", "").replace(
+        "route_config: main }",
+        "route_config: main, istio_metrics: { reporter: source, \
+         workload: { name: web-v1, namespace: shop } } }",
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut client = echo_client(proxy.listener("web")).await.unwrap();
+    let request = |payload: &str| EchoRequest {
+        payload: payload.as_bytes().to_vec().into(),
+        count: 4,
+        status_code: 0,
+    };
+    // Three messages up, one down.
+    let uploads = stream::iter(["a", "bb", "ccc"].map(request));
+    let reply = client.client_stream(uploads).await.unwrap();
+    assert_eq!(&reply.get_ref().payload[..], b"abbccc");
+    // One up, four down.
+    let mut replies = client
+        .server_stream(request("s"))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut received = 0;
+    while let Some(reply) = replies.next().await {
+        reply.unwrap();
+        received += 1;
+    }
+    assert_eq!(received, 4);
+    // A call's series is recorded as its response ends: wait for both.
+    let grpc = [r#"request_protocol="grpc""#, r#"grpc_response_status="0""#];
+    let recorded = async {
+        loop {
+            let (_, text) = proxy.admin_get("/metrics").await.unwrap();
+            if text.contains(grpc[0]) && sample(&text, "istio_requests_total", &grpc) >= 2.0 {
+                break text;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    };
+    let text = tokio::time::timeout(DEADLINE, recorded)
+        .await
+        .expect("both calls recorded");
+    assert_eq!(sample(&text, "istio_requests_total", &grpc), 2.0);
+    assert_eq!(sample(&text, "istio_request_messages_total", &grpc), 4.0);
+    assert_eq!(sample(&text, "istio_response_messages_total", &grpc), 5.0);
+}

@@ -49,9 +49,12 @@ pub(crate) struct IstioFinish {
     /// From the response's headers, or its trailers once they pass.
     pub(crate) grpc_status: Option<u8>,
     pub(crate) flag: &'static str,
-    /// The request body's bytes, counted as they are read (`None`: the
-    /// request had no body).
-    pub(crate) request_bytes: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
+    /// The request body's bytes (and gRPC messages), counted as they are
+    /// read (`None`: the request had no body).
+    pub(crate) request_read: Option<std::sync::Arc<crate::body::ReadCount>>,
+    /// The response's gRPC messages, counted as they pass (`None`: not a
+    /// gRPC call).
+    pub(crate) response_messages: Option<crate::body::Messages>,
 }
 
 /// A `grpc-status` value (0..=16 and beyond, as sent).
@@ -84,10 +87,16 @@ impl Finish {
                 protocol: istio.protocol,
                 flag: istio.flag,
                 duration,
-                request_bytes: istio
-                    .request_bytes
-                    .map_or(0, |n| n.load(std::sync::atomic::Ordering::Relaxed)),
+                request_bytes: istio.request_read.as_ref().map_or(0, |read| read.bytes()),
                 response_bytes: bytes_sent,
+                request_messages: istio
+                    .request_read
+                    .as_ref()
+                    .map_or(0, |read| read.messages()),
+                response_messages: istio
+                    .response_messages
+                    .as_ref()
+                    .map_or(0, crate::body::Messages::complete),
             });
         }
         if let Some((trace_id, span_id)) = self.span.as_ref().and_then(OpenSpan::ids) {
@@ -265,6 +274,14 @@ impl Body for ResponseBody {
         if let Poll::Ready(Some(Ok(frame))) = &polled {
             if let Some(data) = frame.data_ref() {
                 *this.sent += data.len() as u64;
+                if let Some(messages) = this
+                    .finish
+                    .as_mut()
+                    .and_then(|f| f.istio.as_mut())
+                    .and_then(|istio| istio.response_messages.as_mut())
+                {
+                    messages.feed(data);
+                }
             } else if let Some(trailers) = frame.trailers_ref()
                 && let Some(istio) = this.finish.as_mut().and_then(|f| f.istio.as_mut())
             {

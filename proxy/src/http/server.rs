@@ -558,7 +558,7 @@ struct Outcome {
     istio_party: Option<u32>,
     /// The request body's bytes, counted when the listener reports Istio
     /// metrics.
-    request_bytes: Option<Arc<std::sync::atomic::AtomicU64>>,
+    request_read: Option<Arc<crate::body::ReadCount>>,
 }
 
 /// Handles one request; never fails (errors become responses).
@@ -617,11 +617,11 @@ async fn handle(
     });
     let mut outcome = Outcome {
         // A request without a body (most) needs no counter.
-        request_bytes: listener
+        request_read: listener
             .istio
             .as_ref()
             .filter(|_| !http_body::Body::is_end_stream(req.body()))
-            .map(|_| Arc::default()),
+            .map(|_| Arc::new(crate::body::ReadCount::new(is_grpc))),
         ..Outcome::default()
     };
     let mut client_span = None;
@@ -704,7 +704,8 @@ async fn handle(
             .then(|| body::grpc_status(response.headers()))
             .flatten(),
         flag,
-        request_bytes: outcome.request_bytes.take(),
+        request_read: outcome.request_read.take(),
+        response_messages: is_grpc.then(crate::body::Messages::default),
     });
     let metrics = outcome.metrics.unwrap_or_else(|| listener.unrouted.clone());
     response.body_mut().set_finish(Finish {
@@ -851,7 +852,7 @@ async fn route_and_forward(
         }
     }
 
-    let req = match &outcome.request_bytes {
+    let req = match &outcome.request_read {
         Some(counted) => req.map(|body| RequestBody::counted(body, counted.clone())),
         None => req.map(RequestBody::new),
     };

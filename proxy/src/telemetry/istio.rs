@@ -152,10 +152,14 @@ impl<const N: usize> Buckets<N> {
 #[derive(Debug, Default)]
 struct HttpSeries {
     labels: String,
+    /// Its `request_protocol` is gRPC: it has message counts.
+    grpc: bool,
     requests: AtomicU64,
     duration: Buckets<19>,
     request_bytes: Buckets<10>,
     response_bytes: Buckets<10>,
+    request_messages: AtomicU64,
+    response_messages: AtomicU64,
 }
 
 /// One TCP series.
@@ -255,6 +259,9 @@ pub(crate) struct Request {
     pub(crate) duration: Duration,
     pub(crate) request_bytes: u64,
     pub(crate) response_bytes: u64,
+    /// gRPC messages the client sent and the response carried.
+    pub(crate) request_messages: u64,
+    pub(crate) response_messages: u64,
 }
 
 const UNKNOWN: &str = "unknown";
@@ -565,6 +572,7 @@ impl IstioMetrics {
                         .or_insert_with(|| {
                             Arc::new(HttpSeries {
                                 labels,
+                                grpc: request.protocol == Protocol::Grpc,
                                 ..HttpSeries::default()
                             })
                         })
@@ -589,6 +597,16 @@ impl IstioMetrics {
             request.response_bytes as f64,
             request.response_bytes,
         );
+        if request.request_messages > 0 {
+            series
+                .request_messages
+                .fetch_add(request.request_messages, Relaxed);
+        }
+        if request.response_messages > 0 {
+            series
+                .response_messages
+                .fetch_add(request.response_messages, Relaxed);
+        }
     }
 
     /// Counts an opened TCP connection; the series counts its bytes as
@@ -675,6 +693,37 @@ pub(crate) fn render<'a>(out: &mut String, listeners: impl Iterator<Item = &'a I
     }
     for (name, help, read) in [
         (
+            "istio_request_messages_total",
+            "gRPC messages sent by clients.",
+            (|s| &s.request_messages) as fn(&HttpSeries) -> &AtomicU64,
+        ),
+        (
+            "istio_response_messages_total",
+            "gRPC messages sent to clients.",
+            |s| &s.response_messages,
+        ),
+    ] {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for table in &tables {
+            // gRPC series; a folded one once a gRPC call has been folded
+            // into it.
+            let with_messages = |series: &&Arc<HttpSeries>| {
+                series.grpc
+                    || series.request_messages.load(Relaxed) > 0
+                    || series.response_messages.load(Relaxed) > 0
+            };
+            for series in table.http.values().filter(with_messages) {
+                let _ = writeln!(
+                    out,
+                    "{name}{{{}}} {}",
+                    series.labels,
+                    read(series).load(Relaxed)
+                );
+            }
+        }
+    }
+    for (name, help, read) in [
+        (
             "istio_tcp_connections_opened_total",
             "TCP connections opened.",
             (|s| &s.opened) as fn(&TcpSeries) -> &AtomicU64,
@@ -752,6 +801,8 @@ mod tests {
             duration: Duration::from_micros(2500),
             request_bytes: 10,
             response_bytes: 1200,
+            request_messages: 0,
+            response_messages: 0,
         }
     }
 
@@ -839,6 +890,37 @@ mod tests {
             sample(&text, "istio_request_bytes_sum", &["response_code=\"200\""]),
             Some(20.0)
         );
+    }
+
+    #[test]
+    fn grpc_calls_count_their_messages_and_http_series_have_none() {
+        let metrics = IstioMetrics::new(settings(IstioReporter::Destination, 100), None);
+        let party = metrics.caller(None);
+        metrics.record(&request(party, 200, ""));
+        for (sent, received) in [(3, 1), (1, 4)] {
+            metrics.record(&Request {
+                protocol: Protocol::Grpc,
+                grpc_status: Some(0),
+                request_messages: sent,
+                response_messages: received,
+                ..request(party, 200, "")
+            });
+        }
+        let text = rendered(&metrics);
+        let grpc = ["request_protocol=\"grpc\"", "grpc_response_status=\"0\""];
+        assert_eq!(sample(&text, "istio_requests_total", &grpc), Some(2.0));
+        assert_eq!(
+            sample(&text, "istio_request_messages_total", &grpc),
+            Some(4.0)
+        );
+        assert_eq!(
+            sample(&text, "istio_response_messages_total", &grpc),
+            Some(5.0)
+        );
+        let http = ["request_protocol=\"http\""];
+        assert_eq!(sample(&text, "istio_requests_total", &http), Some(1.0));
+        assert_eq!(sample(&text, "istio_request_messages_total", &http), None);
+        assert!(text.contains("# TYPE istio_request_messages_total counter"));
     }
 
     #[test]
