@@ -155,9 +155,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<RequestBody>) -> Self::Future {
-        // Set by the proxy only.
-        req.headers_mut().remove(&ATTEMPT_COUNT);
         let Some(retrying) = &self.retrying else {
+            // Set by the proxy only. (Every attempt of a retried route has
+            // its count inserted, which replaces what the client sent.)
+            req.headers_mut().remove(&ATTEMPT_COUNT);
             return RetryFuture::Once {
                 inner: self.inner.call(req),
             };
@@ -214,7 +215,8 @@ where
     }
 }
 
-/// The first attempt's request: its count set.
+/// The first attempt's request: its count set (in place of any the client
+/// sent).
 fn first_attempt(mut req: Request<RequestBody>) -> Request<RequestBody> {
     req.headers_mut()
         .insert(&ATTEMPT_COUNT, HeaderValue::from_static("1"));
