@@ -3,6 +3,8 @@
 // Helpers outside #[test] functions unwrap too: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http_body_util::Full;
 use weft_tests::*;
@@ -228,51 +230,12 @@ async fn idle_keep_alive_connection_outlives_the_header_timeout_and_resumes_afte
     assert_eq!(response.status(), 200);
 }
 
-#[tokio::test]
-async fn idle_connection_is_closed_after_the_idle_timeout() {
+/// Sends one keep-alive GET on a new connection to `addr` and reads until
+/// the proxy closes it: what came back, how long after the request the
+/// close came, and whether it was a clean close (not a reset).
+async fn request_then_wait_for_close(addr: std::net::SocketAddr) -> (String, Duration, bool) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let echo = echo("a").await;
-    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "5s", "300ms"))
-        .await
-        .unwrap();
-    let mut stream = tokio::net::TcpStream::connect(proxy.listener("web"))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n")
-        .await
-        .unwrap();
-    let mut buf = vec![0u8; 4096];
-    let started = std::time::Instant::now();
-    let mut read = Vec::new();
-    loop {
-        match tokio::time::timeout(DEADLINE, stream.read(&mut buf))
-            .await
-            .expect("closed within the deadline")
-        {
-            Ok(0) | Err(_) => break,
-            Ok(n) => read.extend_from_slice(&buf[..n]),
-        }
-    }
-    assert!(String::from_utf8_lossy(&read).starts_with("HTTP/1.1 200"));
-    assert!(
-        started.elapsed() >= std::time::Duration::from_millis(250),
-        "closed before the idle timeout"
-    );
-}
-
-#[tokio::test]
-async fn parked_connection_is_closed_at_the_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let echo = echo("a").await;
-    // Idle for a second, the connection parks; its idle timeout then runs
-    // out while it is parked.
-    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "5s", "1500ms"))
-        .await
-        .unwrap();
-    let mut stream = tokio::net::TcpStream::connect(proxy.listener("web"))
-        .await
-        .unwrap();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     stream
         .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
         .await
@@ -280,21 +243,52 @@ async fn parked_connection_is_closed_at_the_idle_timeout() {
     let started = std::time::Instant::now();
     let mut buf = vec![0u8; 4096];
     let mut read = Vec::new();
-    loop {
+    let clean = loop {
         match tokio::time::timeout(DEADLINE, stream.read(&mut buf))
             .await
             .expect("closed within the deadline")
         {
-            Ok(0) => break,
+            Ok(0) => break true,
             Ok(n) => read.extend_from_slice(&buf[..n]),
-            Err(error) => panic!("closed with an error, not a clean close: {error}"),
+            Err(_) => break false,
         }
-    }
-    assert!(String::from_utf8_lossy(&read).starts_with("HTTP/1.1 200"));
+    };
+    (
+        String::from_utf8_lossy(&read).into_owned(),
+        started.elapsed(),
+        clean,
+    )
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed_after_the_idle_timeout() {
+    let echo = echo("a").await;
+    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "5s", "300ms"))
+        .await
+        .unwrap();
+    let (response, elapsed, _) = request_then_wait_for_close(proxy.listener("web")).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert!(
-        started.elapsed() >= std::time::Duration::from_millis(1400),
+        elapsed >= Duration::from_millis(250),
         "closed before the idle timeout"
     );
+}
+
+#[tokio::test]
+async fn parked_connection_is_closed_at_the_idle_timeout() {
+    let echo = echo("a").await;
+    // Idle for a second, the connection parks; its idle timeout then runs
+    // out while it is parked.
+    let proxy = ProxyProcess::start(&deadlines_config(echo.local_addr(), "5s", "1500ms"))
+        .await
+        .unwrap();
+    let (response, elapsed, clean) = request_then_wait_for_close(proxy.listener("web")).await;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert!(
+        elapsed >= Duration::from_millis(1400),
+        "closed before the idle timeout"
+    );
+    assert!(clean, "closed with a reset, not a clean close");
 }
 
 #[tokio::test]
