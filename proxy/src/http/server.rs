@@ -50,8 +50,13 @@ struct Connection {
     /// The SPIFFE ID the client proved (mutual TLS): for routing and the
     /// access log.
     peer_id: Option<Arc<str>>,
-    /// Both ends of the connection, for policy input.
-    peers: Arc<Peers>,
+    /// Both ends of the connection, for policy input: made by the first
+    /// request a policy decides (most connections meet none).
+    peers: std::sync::OnceLock<Arc<Peers>>,
+    /// This end's address, for `peers`.
+    local: Option<SocketAddr>,
+    /// This end's SPIFFE ID (the listener's workload identity), for `peers`.
+    own_identity: Option<Arc<str>>,
     /// Who the client is, for per-client limits and source conditions:
     /// its SPIFFE ID, else its IP address.
     client: Client,
@@ -82,6 +87,18 @@ impl Connection {
             Some((numbered, party)) if Arc::ptr_eq(numbered, metrics) => *party,
             _ => metrics.caller(self.peer_id.as_ref()),
         }
+    }
+
+    /// Both ends of the connection, for policy input.
+    fn peers(&self) -> &Arc<Peers> {
+        self.peers.get_or_init(|| {
+            Arc::new(Peers::new(
+                self.peer,
+                self.peer_id.clone(),
+                self.local,
+                self.own_identity.clone(),
+            ))
+        })
     }
 
     fn take_upgrade(&self) -> Option<hyper::upgrade::OnUpgrade> {
@@ -200,15 +217,12 @@ async fn open(
         metrics: listener.metrics.clone(),
         is_tls: io.is_tls(),
         peer_id: io.peer_identity().cloned(),
-        peers: Arc::new(Peers::new(
-            peer,
-            io.peer_identity().cloned(),
-            io.local_addr(),
-            settings
-                .tls
-                .as_ref()
-                .and_then(|tls| tls.workload_identity.clone()),
-        )),
+        peers: std::sync::OnceLock::new(),
+        local: io.local_addr(),
+        own_identity: settings
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.workload_identity.clone()),
         client: io
             .peer_identity()
             .map_or(Client::Ip(peer.ip()), |id| Client::Identity(id.clone())),
@@ -751,7 +765,7 @@ async fn route_and_forward(
     }
     if let Some(enforcing) = &listener.policy
         && let policy::Outcome::Deny(response) =
-            policy::check(enforcing, &req, &conn.peers, conn.is_tls)
+            policy::check(enforcing, &req, conn.peers(), conn.is_tls)
     {
         return Ok(*response);
     }
@@ -782,7 +796,7 @@ async fn route_and_forward(
     }
     if route.needs_peers {
         req.extensions_mut().insert(RequestPeers {
-            peers: conn.peers.clone(),
+            peers: conn.peers().clone(),
             is_tls: conn.is_tls,
         });
     }
