@@ -152,8 +152,6 @@ impl<const N: usize> Buckets<N> {
 #[derive(Debug, Default)]
 struct HttpSeries {
     labels: String,
-    /// Its `request_protocol` is gRPC: it has message counts.
-    grpc: bool,
     requests: AtomicU64,
     duration: Buckets<19>,
     request_bytes: Buckets<10>,
@@ -572,7 +570,6 @@ impl IstioMetrics {
                         .or_insert_with(|| {
                             Arc::new(HttpSeries {
                                 labels,
-                                grpc: request.protocol == Protocol::Grpc,
                                 ..HttpSeries::default()
                             })
                         })
@@ -647,18 +644,15 @@ impl IstioMetrics {
 /// Renders every listener's Istio series, one family at a time.
 pub(crate) fn render<'a>(out: &mut String, listeners: impl Iterator<Item = &'a IstioMetrics>) {
     let tables: Vec<_> = listeners.map(IstioMetrics::table).collect();
-    out.push_str("# HELP istio_requests_total Requests, with Istio's standard labels.\n");
-    out.push_str("# TYPE istio_requests_total counter\n");
-    for table in &tables {
-        for series in table.http.values() {
-            let _ = writeln!(
-                out,
-                "istio_requests_total{{{}}} {}",
-                series.labels,
-                series.requests.load(Relaxed)
-            );
-        }
-    }
+    counter(
+        out,
+        "istio_requests_total",
+        "Requests, with Istio's standard labels.",
+        tables
+            .iter()
+            .flat_map(|t| t.http.values())
+            .map(|s| (&*s.labels, &s.requests)),
+    );
     out.push_str("# HELP istio_request_duration_milliseconds Time from request headers to the end of the response, in milliseconds.\n");
     out.push_str("# TYPE istio_request_duration_milliseconds histogram\n");
     for table in &tables {
@@ -691,6 +685,11 @@ pub(crate) fn render<'a>(out: &mut String, listeners: impl Iterator<Item = &'a I
             }
         }
     }
+    // Only series that carried gRPC messages (gRPC calls, or a folded
+    // series a gRPC call was folded into) have message counts.
+    let with_messages = |series: &&Arc<HttpSeries>| {
+        series.request_messages.load(Relaxed) > 0 || series.response_messages.load(Relaxed) > 0
+    };
     for (name, help, read) in [
         (
             "istio_request_messages_total",
@@ -703,24 +702,10 @@ pub(crate) fn render<'a>(out: &mut String, listeners: impl Iterator<Item = &'a I
             |s| &s.response_messages,
         ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for table in &tables {
-            // gRPC series; a folded one once a gRPC call has been folded
-            // into it.
-            let with_messages = |series: &&Arc<HttpSeries>| {
-                series.grpc
-                    || series.request_messages.load(Relaxed) > 0
-                    || series.response_messages.load(Relaxed) > 0
-            };
-            for series in table.http.values().filter(with_messages) {
-                let _ = writeln!(
-                    out,
-                    "{name}{{{}}} {}",
-                    series.labels,
-                    read(series).load(Relaxed)
-                );
-            }
-        }
+        let series = tables
+            .iter()
+            .flat_map(|t| t.http.values().filter(with_messages));
+        counter(out, name, help, series.map(|s| (&*s.labels, read(s))));
     }
     for (name, help, read) in [
         (
@@ -744,17 +729,21 @@ pub(crate) fn render<'a>(out: &mut String, listeners: impl Iterator<Item = &'a I
             |s| &s.sent,
         ),
     ] {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for table in &tables {
-            for series in table.tcp.values() {
-                let _ = writeln!(
-                    out,
-                    "{name}{{{}}} {}",
-                    series.labels,
-                    read(series).load(Relaxed)
-                );
-            }
-        }
+        let series = tables.iter().flat_map(|t| t.tcp.values());
+        counter(out, name, help, series.map(|s| (&*s.labels, read(s))));
+    }
+}
+
+/// One counter family: its help, its type and a sample per series.
+fn counter<'a>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    samples: impl Iterator<Item = (&'a str, &'a AtomicU64)>,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {}", value.load(Relaxed));
     }
 }
 
