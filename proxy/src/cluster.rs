@@ -324,13 +324,17 @@ impl ClusterState {
                 *req.version_mut() = Version::HTTP_2;
             }
         }
+        // PERF: the send is pinned where it is made; the per-try timeout
+        // polls it there rather than taking it in (a copy of the whole
+        // future).
+        let send = std::pin::pin!(endpoint.send(req, wire, guard));
         let mut result = match per_try {
-            None => endpoint.send(req, wire, guard).await,
-            Some(deadline) => tokio::time::timeout(deadline, endpoint.send(req, wire, guard))
-                .await
-                .unwrap_or(Err(ProxyError::AttemptTimeout {
+            None => send.await,
+            Some(deadline) => tokio::time::timeout(deadline, send).await.unwrap_or(Err(
+                ProxyError::AttemptTimeout {
                     endpoint: endpoint.addr,
-                })),
+                },
+            )),
         };
         if let Some(config) = &self.config.outlier {
             self.observe(config, &endpoint, &result);
@@ -398,8 +402,7 @@ impl ClusterState {
             // the endpoint.
             Err(_) => return,
         };
-        let now = outlier::now();
-        let may_eject = || {
+        let may_eject = |now| {
             let set = self.set.load();
             let ejected = set
                 .endpoints
@@ -410,7 +413,7 @@ impl ClusterState {
         };
         if let Some(until) = endpoint
             .outlier
-            .observe(config, observation, now, may_eject)
+            .observe(config, observation, outlier::now, may_eject)
         {
             self.ejected_until
                 .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
@@ -421,7 +424,7 @@ impl ClusterState {
             tracing::warn!(
                 cluster = %self.config.name,
                 endpoint = %endpoint.addr,
-                ejected_for = ?endpoint.outlier.ejected_for(now),
+                ejected_for = ?endpoint.outlier.ejected_for(outlier::now()),
                 ejections = endpoint.outlier.ejections(),
                 "endpoint ejected: consecutive failures (outlier detection)"
             );
@@ -845,7 +848,9 @@ mod tests {
                 } else {
                     outlier::Observation::Success
                 };
-                endpoint.outlier.observe(&outlier, observation, 0, || true);
+                endpoint
+                    .outlier
+                    .observe(&outlier, observation, || 0, |_| true);
             }
         }
         state.sweep_success_rate();

@@ -241,7 +241,7 @@ where
             };
             state.metrics.faults_aborted.fetch_add(1, Relaxed);
             return FaultFuture::Done {
-                response: plan.abort.map(|abort| aborted(abort, is_grpc)),
+                response: plan.abort.map(|abort| Box::new(aborted(abort, is_grpc))),
             };
         };
         // The service that was made ready goes with the request; this one
@@ -292,7 +292,8 @@ pin_project! {
     #[project = FaultProj]
     pub(crate) enum FaultFuture<F> {
         Inner { #[pin] inner: F },
-        Done { response: Option<Response<ResponseBody>> },
+        // Boxed: see `RateLimitFuture`.
+        Done { response: Option<Box<Response<ResponseBody>>> },
         Boxed { inner: BoxedResponse },
     }
 }
@@ -308,7 +309,7 @@ where
             FaultProj::Inner { inner } => inner.poll(cx),
             FaultProj::Boxed { inner } => inner.as_mut().poll(cx),
             FaultProj::Done { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
+                Some(response) => Poll::Ready(Ok(*response)),
                 // Polled again after completing: answered, not a panic.
                 None => Poll::Ready(Err(ProxyError::NoRoute)),
             },

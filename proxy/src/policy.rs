@@ -1152,7 +1152,7 @@ where
             };
             if let Outcome::Deny(response) = check(state, &req, peers, is_tls) {
                 return PolicyFuture::Denied {
-                    response: Some(*response),
+                    response: Some(response),
                 };
             }
         }
@@ -1167,7 +1167,8 @@ pin_project! {
     #[project = PolicyProj]
     pub(crate) enum PolicyFuture<F> {
         Inner { #[pin] inner: F },
-        Denied { response: Option<Response<ResponseBody>> },
+        // Boxed: see `RateLimitFuture`.
+        Denied { response: Option<Box<Response<ResponseBody>>> },
     }
 }
 
@@ -1181,7 +1182,7 @@ where
         match self.project() {
             PolicyProj::Inner { inner } => inner.poll(cx),
             PolicyProj::Denied { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
+                Some(response) => Poll::Ready(Ok(*response)),
                 None => Poll::Ready(Err(ProxyError::NoRoute)),
             },
         }

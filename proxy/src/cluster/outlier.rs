@@ -78,8 +78,8 @@ impl OutlierState {
         &self,
         config: &OutlierDetection,
         observation: Observation,
-        now: u64,
-        may_eject: impl FnOnce() -> bool,
+        now: impl FnOnce() -> u64,
+        may_eject: impl FnOnce(u64) -> bool,
     ) -> Option<u64> {
         if config.success_rate.is_some() {
             self.window_total.fetch_add(1, Relaxed);
@@ -89,8 +89,15 @@ impl OutlierState {
         }
         let (fives, gateway) = match observation {
             Observation::Success => {
-                self.consecutive_5xx.store(0, Relaxed);
-                self.consecutive_gateway.store(0, Relaxed);
+                // PERF: read before writing, so that an endpoint that keeps
+                // answering leaves its counters' cache line shared by the
+                // workers instead of moving it at every response.
+                if self.consecutive_5xx.load(Relaxed) != 0 {
+                    self.consecutive_5xx.store(0, Relaxed);
+                }
+                if self.consecutive_gateway.load(Relaxed) != 0 {
+                    self.consecutive_gateway.store(0, Relaxed);
+                }
                 return None;
             }
             Observation::ServerError => {
@@ -105,7 +112,12 @@ impl OutlierState {
         let crossed = (config.consecutive_5xx > 0 && fives >= config.consecutive_5xx)
             || (config.consecutive_gateway_errors > 0
                 && gateway >= config.consecutive_gateway_errors);
-        if !crossed || self.is_ejected(now) || !may_eject() {
+        if !crossed {
+            return None;
+        }
+        // PERF: the clock is read only for a failure that may eject.
+        let now = now();
+        if self.is_ejected(now) || !may_eject(now) {
             return None;
         }
         Some(self.eject(config, now))
@@ -207,10 +219,10 @@ mod tests {
             Observation::GatewayError,
             Observation::GatewayError,
         ] {
-            assert_eq!(state.observe(&config, observation, now, || true), None);
+            assert_eq!(state.observe(&config, observation, || now, |_| true), None);
         }
         let until = state
-            .observe(&config, Observation::GatewayError, now, || true)
+            .observe(&config, Observation::GatewayError, || now, |_| true)
             .unwrap();
         assert_eq!(until, now + 30_000_000_000);
         assert!(state.is_ejected(now));
@@ -218,15 +230,15 @@ mod tests {
         // Ejected again later: twice as long, then capped at the maximum.
         let later = until + 1;
         for _ in 0..2 {
-            state.observe(&config, Observation::GatewayError, later, || true);
+            state.observe(&config, Observation::GatewayError, || later, |_| true);
         }
         let second = state
-            .observe(&config, Observation::GatewayError, later, || true)
+            .observe(&config, Observation::GatewayError, || later, |_| true)
             .unwrap();
         assert_eq!(second - later, 60_000_000_000);
         let third_start = second + 1;
         for _ in 0..3 {
-            state.observe(&config, Observation::GatewayError, third_start, || true);
+            state.observe(&config, Observation::GatewayError, || third_start, |_| true);
         }
         assert_eq!(
             state.ejected_for(third_start),
@@ -314,13 +326,13 @@ mod tests {
             Observation::GatewayError,
             Observation::Success,
         ] {
-            state.observe(&counted, observation, 0, || true);
+            state.observe(&counted, observation, || 0, |_| true);
         }
         assert_eq!(state.take_window(), (2, 4));
         assert_eq!(state.take_window(), (0, 0));
         // Without success_rate nothing is counted.
         let plain = config();
-        state.observe(&plain, Observation::Success, 0, || true);
+        state.observe(&plain, Observation::Success, || 0, |_| true);
         assert_eq!(state.take_window(), (0, 0));
     }
 
@@ -330,13 +342,13 @@ mod tests {
         let state = OutlierState::default();
         for _ in 0..4 {
             assert_eq!(
-                state.observe(&config, Observation::ServerError, 0, || true),
+                state.observe(&config, Observation::ServerError, || 0, |_| true),
                 None
             );
         }
         // The fifth would eject, but the cluster is at its cap.
         assert_eq!(
-            state.observe(&config, Observation::ServerError, 0, || false),
+            state.observe(&config, Observation::ServerError, || 0, |_| false),
             None
         );
         assert!(!state.is_ejected(0));

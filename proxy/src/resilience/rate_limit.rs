@@ -334,7 +334,7 @@ where
             if let Err(wait) = state.limiter.check(client) {
                 state.metrics.rate_limited.fetch_add(1, Relaxed);
                 return RateLimitFuture::Limited {
-                    response: Some(limited(wait, is_grpc(req.headers()))),
+                    response: Some(Box::new(limited(wait, is_grpc(req.headers())))),
                 };
             }
         }
@@ -349,7 +349,9 @@ pin_project! {
     #[project = RateLimitProj]
     pub(crate) enum RateLimitFuture<F> {
         Inner { #[pin] inner: F },
-        Limited { response: Option<Response<ResponseBody>> },
+        // PERF: a local answer is boxed (it is rare), so that the future
+        // of a request that goes on is no larger than its inner one's.
+        Limited { response: Option<Box<Response<ResponseBody>>> },
     }
 }
 
@@ -363,7 +365,7 @@ where
         match self.project() {
             RateLimitProj::Inner { inner } => inner.poll(cx),
             RateLimitProj::Limited { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
+                Some(response) => Poll::Ready(Ok(*response)),
                 // Polled again after completing: a caller's bug, answered
                 // rather than panicking on the request path.
                 None => Poll::Ready(Err(ProxyError::NoRoute)),

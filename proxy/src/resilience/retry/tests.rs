@@ -432,3 +432,37 @@ async fn a_route_timeout_kept_by_the_retry_layer_bounds_the_retries() {
     );
     assert_eq!(start.elapsed(), Duration::from_millis(1500));
 }
+
+#[test]
+fn saved_headers_come_back_as_they_were() {
+    let mut headers = http::HeaderMap::new();
+    headers.insert(header::HOST, HeaderValue::from_static("backend"));
+    headers.append("x-multi", HeaderValue::from_static("one"));
+    headers.append("x-multi", HeaderValue::from_static("two"));
+    let mut secret = HeaderValue::from_static("Bearer abc");
+    secret.set_sensitive(true);
+    headers.insert(header::AUTHORIZATION, secret);
+    // obs-text and an empty value are valid field values.
+    headers.insert("x-latin", HeaderValue::from_bytes(b"caf\xe9").unwrap());
+    headers.insert("x-empty", HeaderValue::from_static(""));
+    let long = "v".repeat(10_000);
+    headers.insert(header::COOKIE, HeaderValue::from_str(&long).unwrap());
+
+    let saved = SavedHeaders::save(&headers).unwrap();
+    let mut restored = http::HeaderMap::new();
+    saved.restore(&mut restored);
+    assert_eq!(restored, headers);
+    let order = |map: &http::HeaderMap| {
+        map.iter()
+            .map(|(name, value)| (name.clone(), value.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(order(&restored), order(&headers));
+    assert!(restored[header::AUTHORIZATION].is_sensitive());
+    assert!(!restored[header::HOST].is_sensitive());
+
+    let empty = SavedHeaders::save(&http::HeaderMap::new()).unwrap();
+    let mut restored = http::HeaderMap::new();
+    empty.restore(&mut restored);
+    assert!(restored.is_empty());
+}
