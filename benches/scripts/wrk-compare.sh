@@ -25,9 +25,17 @@
 # CPU 1 with the upstream): weft-trace-1.yaml and weft-trace-100.yaml
 # measure what tracing costs.
 #
+# RATE=N adds a mode `rate` to each round: HTTP/1.1 at a fixed N requests per
+# second (open loop, CONNECTIONS connections) from `weft-bench load --rate`,
+# pinned to CPU 1, whose p99 counts each request from its intended send time
+# (coordinated omission corrected); choose N so that the proxy's core is
+# about half busy, where latency, not queueing behind a saturated core, is
+# what differs. Its rows say whether the generator kept to its schedule.
+#
 # Usage: benches/scripts/wrk-compare.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 set -euo pipefail
 rounds=${1:-3}; seconds=${2:-5}; conns=${3:-32}
+modes="h1 h2${RATE:+ rate}"
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin=$root/target/release
 work=$(mktemp -d)
@@ -137,7 +145,7 @@ now_ns() { date +%s%N; }
 results=$work/results
 : > "$results"
 for round in $(seq "$rounds"); do
-  for mode in h1 h2; do
+  for mode in $modes; do
     for target in $targets; do
       case $target in
         weft) port=$weft_port pid=$weft_pid ;;
@@ -156,6 +164,16 @@ for round in $(seq "$rounds"); do
           else if (v ~ /s$/) { sub(/s$/, "", v); u = 1000000 }
           printf "%.0f", v * u }' <<<"$out")
         errors=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+      elif [ "$mode" = rate ]; then
+        out=$(taskset -c 1 "$bin/weft-bench" load --target "http://127.0.0.1:$port/" --rate "$RATE" \
+          --connections "$conns" --duration "${seconds}s" --threads 1 --json 2>/dev/null)
+        read -r total p99 errors < <(python3 -c 'import json, sys
+r = json.load(sys.stdin)
+late = r["schedule"]["late_sends"] if r.get("schedule") else 0
+errors = r["errors"]
+failed = sum(errors.values())
+print(r["requests"]["completed"], r["latency"]["p99_us"],
+      ("errored_%d" % failed if failed else "") + (" generator_late_%d" % late if late else ""))' <<<"$out")
       else
         out=$(taskset -c 1 h2load -c4 -m8 -D"$seconds" "http://127.0.0.1:$port/" 2>&1)
         # h2load reports no percentiles.
@@ -174,8 +192,8 @@ for round in $(seq "$rounds"); do
   done
 done
 echo
-echo "medians over $rounds rounds (wrk -t1 -c$conns; h2load -c4 -m8; ${seconds}s each):"
-for mode in h1 h2; do
+echo "medians over $rounds rounds (wrk -t1 -c$conns; h2load -c4 -m8${RATE:+; weft-bench load --rate $RATE --connections $conns}; ${seconds}s each):"
+for mode in $modes; do
   for target in $targets; do
     rows=$(grep " mode=$mode target=$target " "$results")
     p99=$(sed 's/.* p99_us=\([0-9a-z]*\).*/\1/' <<<"$rows" | sort -n |

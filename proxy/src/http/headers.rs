@@ -288,19 +288,14 @@ pub fn ensure_request_id(headers: &mut HeaderMap, keep: bool) -> &HeaderValue {
 fn random_request_id() -> HeaderValue {
     let (hi, lo) = crate::rng::with_thread_rng(|rng| (rng.u64(..), rng.u64(..)));
     let bits = (u128::from(hi) << 64 | u128::from(lo)) & !(0xF000u128 << 64) & !(0xC000u128 << 48);
-    let bits = (bits | (0x4000u128 << 64) | (0x8000u128 << 48)).to_be_bytes();
-    // UUID groups: 4, 2, 2, 2 and 6 bytes.
+    let digits = made::hex_u128(bits | (0x4000u128 << 64) | (0x8000u128 << 48));
+    // UUID groups: 8, 4, 4, 4 and 12 digits.
     let mut out = [b'-'; 36];
-    let mut pos = 0;
-    for group in [
-        &bits[0..4],
-        &bits[4..6],
-        &bits[6..8],
-        &bits[8..10],
-        &bits[10..16],
-    ] {
-        pos += made::hex(&mut out[pos..], group) + 1;
-    }
+    out[0..8].copy_from_slice(&digits[0..8]);
+    out[9..13].copy_from_slice(&digits[8..12]);
+    out[14..18].copy_from_slice(&digits[12..16]);
+    out[19..23].copy_from_slice(&digits[16..20]);
+    out[24..36].copy_from_slice(&digits[20..32]);
     made::value(&out)
 }
 

@@ -861,7 +861,7 @@ async fn route_and_forward(
                 // PERF: a trace that records nothing needs no span per
                 // attempt: one `traceparent` (sampled 0) for every attempt
                 // saves an extension map per request.
-                trace::inject(h, &context);
+                trace::inject_unrecorded(h, &context);
             }
         }
     }

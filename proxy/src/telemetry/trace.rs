@@ -313,8 +313,8 @@ impl Context {
     /// about 2,400 instructions a request (callgrind), this about 200.
     pub(crate) fn traceparent(&self, span_id: u64) -> HeaderValue {
         let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
-        crate::made::hex(&mut text[3..35], &self.trace_id.to_be_bytes());
-        crate::made::hex(&mut text[36..52], &span_id.to_be_bytes());
+        text[3..35].copy_from_slice(&crate::made::hex_u128(self.trace_id));
+        text[36..52].copy_from_slice(&crate::made::hex_u64(span_id));
         text[54] = b'0' + u8::from(self.sampled);
         // Not cut from the arena: each attempt gets its own, never a clone,
         // and a value of its own costs fewer instructions than a cut one.
@@ -324,8 +324,8 @@ impl Context {
     /// `b3` (single header) naming `span_id`, for callers that sent B3.
     pub(crate) fn b3(&self, span_id: u64) -> HeaderValue {
         let mut text = *b"00000000000000000000000000000000-0000000000000000-0";
-        crate::made::hex(&mut text[0..32], &self.trace_id.to_be_bytes());
-        crate::made::hex(&mut text[33..49], &span_id.to_be_bytes());
+        text[0..32].copy_from_slice(&crate::made::hex_u128(self.trace_id));
+        text[33..49].copy_from_slice(&crate::made::hex_u64(span_id));
         text[50] = b'0' + u8::from(self.sampled);
         HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
     }
@@ -381,11 +381,22 @@ impl Outbound {
 /// upstream's parent, and returns that id.
 pub(crate) fn inject(headers: &mut HeaderMap, context: &Context) -> u64 {
     let span_id = crate::rng::with_thread_rng(random_id);
-    headers.insert(TRACEPARENT.clone(), context.traceparent(span_id));
-    if context.format == Format::B3 {
-        headers.insert(B3.clone(), context.b3(span_id));
-    }
+    write(headers, context, span_id);
     span_id
+}
+
+/// Writes `context` into the upstream request of a trace that records no
+/// span here: the proxy's server span (never exported) stands as the
+/// upstream's parent, so no id is drawn for a client span.
+pub(crate) fn inject_unrecorded(headers: &mut HeaderMap, context: &Context) {
+    write(headers, context, context.span_id);
+}
+
+fn write(headers: &mut HeaderMap, context: &Context, span_id: u64) {
+    headers.insert(&TRACEPARENT, context.traceparent(span_id));
+    if context.format == Format::B3 {
+        headers.insert(&B3, context.b3(span_id));
+    }
 }
 
 /// A span still open: it ends, and is queued, when its last holder lets go
