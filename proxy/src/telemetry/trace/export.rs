@@ -552,19 +552,20 @@ mod tests {
         (format!("http://{address}/v1/metrics"), seen)
     }
 
+    fn endpoint(collector: String) -> OtlpEndpoint {
+        OtlpEndpoint {
+            collector,
+            protocol: OtlpProtocol::HttpProtobuf,
+            headers: Vec::new(),
+            service_name: "test".into(),
+            resource_attributes: Vec::new(),
+            export_timeout: Duration::from_secs(5),
+            tls: None,
+        }
+    }
+
     fn client(collector: String) -> Client {
-        Client::new(
-            &OtlpEndpoint {
-                collector,
-                protocol: OtlpProtocol::HttpProtobuf,
-                headers: Vec::new(),
-                service_name: "test".into(),
-                resource_attributes: Vec::new(),
-                export_timeout: Duration::from_secs(5),
-                tls: None,
-            },
-            GRPC_PATH,
-        )
+        Client::new(&endpoint(collector), GRPC_PATH)
     }
 
     #[tokio::test]
@@ -614,5 +615,39 @@ mod tests {
             .await
             .unwrap_err();
         assert!(error.contains("connecting"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_goes_out_without_waiting_for_the_flush() {
+        let (url, seen) = collector(Vec::new()).await;
+        let metrics = Arc::new(TraceMetrics::default());
+        let exporters = Exporters::new(tokio::runtime::Handle::current(), metrics.clone());
+        let export = Arc::new(TraceExport {
+            endpoint: endpoint(url),
+            max_queued_spans: 1000,
+            max_export_batch: 100,
+            flush_interval: Duration::from_secs(3600),
+        });
+        let queue = exporters.queue(&export);
+        for _ in 0..100 {
+            let context = super::super::Context::begin(None, crate::config::Percent::ALL);
+            let span = SpanRecord::new(
+                super::super::Kind::Server,
+                &context,
+                context.span_id,
+                0,
+                std::time::SystemTime::now(),
+                http::Method::GET,
+            );
+            queue.send(span);
+        }
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.spans_exported.load(Relaxed) < 100 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("a full batch is exported before the flush interval");
+        assert_eq!(seen.load(Relaxed), 1, "one export of 100 spans");
     }
 }
