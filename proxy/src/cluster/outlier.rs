@@ -73,7 +73,8 @@ impl OutlierState {
     }
 
     /// Counts `observation`; returns the ejection's end when this one
-    /// crossed a threshold and `may_eject` allowed it.
+    /// crossed a threshold and `may_eject` (given the time, which `now`
+    /// reads only then) allowed it.
     pub(crate) fn observe(
         &self,
         config: &OutlierDetection,

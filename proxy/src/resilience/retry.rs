@@ -278,10 +278,10 @@ impl Saved {
 /// and the value.
 ///
 /// PERF: a copy of each name and value (`Bytes` clones) costs a reference
-/// count through a vtable for each, at the copy and again at the drop:
-/// about 1,000 instructions per request for a request that, almost
-/// always, is never retried. Copying the bytes costs half that, and the
-/// names and values are parsed again only for a retry.
+/// count through a vtable for each, at the copy and again at the drop,
+/// for a request that is almost never retried. The bytes cost about as
+/// much to copy and next to nothing to drop (callgrind: 136 instructions
+/// per request instead of 503), and are parsed again only for a retry.
 #[derive(Debug)]
 struct SavedHeaders {
     bytes: Vec<u8>,
@@ -402,8 +402,8 @@ where
                 RetryProj::Once { inner } => return inner.poll(cx),
                 RetryProj::Retrying { inner } => return inner.as_mut().poll(cx),
                 RetryProj::First { inner, rest } => {
-                    // PERF: the outcome is looked at in place and returned
-                    // as polled (a response is moved once, not twice).
+                    // The outcome is looked at where it is; only one that is
+                    // retried is taken apart.
                     let poll = inner.poll(cx);
                     let retried = match (&poll, rest.as_ref()) {
                         (Poll::Ready(outcome), Some(rest)) => {
