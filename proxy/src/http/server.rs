@@ -26,7 +26,7 @@ use crate::config::IstioReporter;
 use crate::drain::{Drain, TrackedExecutor};
 use crate::error::ProxyError;
 use crate::policy::{self, Peers, RequestPeers};
-use crate::resilience::rate_limit::{Client, limited};
+use crate::resilience::rate_limit::{Client, HeldBucket, limited};
 use crate::stack::{HttpListener, ListenerSnapshot, PreparedRoute, Shared};
 use crate::tcp::Ended;
 use crate::telemetry::istio::{self, IstioMetrics};
@@ -60,6 +60,8 @@ struct Connection {
     /// Who the client is, for per-client limits and source conditions:
     /// its SPIFFE ID, else its IP address.
     client: Client,
+    /// Its bucket in the listener's per-client rate limit.
+    client_bucket: HeldBucket,
     /// Its request counter on this listener.
     source_requests: Option<Arc<std::sync::atomic::AtomicU64>>,
     shared: Shared,
@@ -226,6 +228,7 @@ async fn open(
         client: io
             .peer_identity()
             .map_or(Client::Ip(peer.ip()), |id| Client::Identity(id.clone())),
+        client_bucket: HeldBucket::default(),
         source_requests: io.peer_identity().map(|id| listener.metrics.source(id)),
         istio_caller: listener
             .istio
@@ -755,7 +758,7 @@ async fn route_and_forward(
         return Err(ProxyError::HeadersTooLarge);
     }
     if let Some(limiter) = &listener.rate_limit
-        && let Err(wait) = limiter.check(Some(&conn.client))
+        && let Err(wait) = limiter.check_held(&conn.client, &conn.client_bucket)
     {
         listener
             .metrics

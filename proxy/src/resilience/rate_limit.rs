@@ -21,7 +21,7 @@ use std::hash::BuildHasher;
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -103,13 +103,18 @@ impl Bucket {
     }
 
     fn take(&self, now: u64) -> Result<(), Duration> {
-        let mut tat = self.tat.load(Relaxed);
-        loop {
-            let next = self.rate.take(tat, now)?;
-            match self.tat.compare_exchange_weak(tat, next, Relaxed, Relaxed) {
-                Ok(_) => return Ok(()),
-                Err(actual) => tat = actual,
-            }
+        take_atomic(self.rate, &self.tat, now)
+    }
+}
+
+/// Takes a token from the bucket whose state is `tat`, at `now`.
+fn take_atomic(rate: Rate, tat: &AtomicU64, now: u64) -> Result<(), Duration> {
+    let mut current = tat.load(Relaxed);
+    loop {
+        let next = rate.take(current, now)?;
+        match tat.compare_exchange_weak(current, next, Relaxed, Relaxed) {
+            Ok(_) => return Ok(()),
+            Err(actual) => current = actual,
         }
     }
 }
@@ -124,7 +129,8 @@ const SWEEP_EVERY: u64 = 100_000_000;
 /// One bucket per client, for at most `max_clients` clients.
 ///
 /// A client whose bucket has refilled is indistinguishable from a new
-/// one, so it may be forgotten; a full table forgets those first. While
+/// one, so it may be forgotten; a full table forgets those first, unless
+/// a connection holds the bucket ([`HeldBucket`]). While
 /// the table is still full of clients in the middle of their burst, a new
 /// client shares one overflow bucket with every other newcomer: memory
 /// stays bounded and a flood of new addresses cannot push out the clients
@@ -143,7 +149,7 @@ struct Shard {
     // PERF: foldhash rather than SipHash (hashed twice per request): seeded
     // at random per table, and a shard never holds more than `per_shard`
     // clients, so colliding addresses cannot make a long chain.
-    tats: HashMap<Client, u64, foldhash::fast::RandomState>,
+    tats: HashMap<Client, Arc<AtomicU64>, foldhash::fast::RandomState>,
     last_sweep: u64,
 }
 
@@ -158,28 +164,38 @@ impl Clients {
         }
     }
 
-    fn take(&self, client: &Client, now: u64) -> Result<(), Duration> {
+    /// Takes a token from `client`'s bucket; with `hold`, returns the
+    /// bucket for a connection to keep (`None`: the client shares the
+    /// overflow bucket).
+    fn take(
+        &self,
+        client: &Client,
+        now: u64,
+        hold: bool,
+    ) -> Result<Option<Arc<AtomicU64>>, Duration> {
         // The remainder is below SHARDS.
         #[allow(clippy::cast_possible_truncation)]
         let index = (self.hasher.hash_one(client) % SHARDS as u64) as usize;
         let mut shard = self.shards[index]
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(tat) = shard.tats.get_mut(client) {
-            *tat = self.rate.take(*tat, now)?;
-            return Ok(());
+        if let Some(tat) = shard.tats.get(client) {
+            take_atomic(self.rate, tat, now)?;
+            return Ok(hold.then(|| tat.clone()));
         }
         if shard.tats.len() >= self.per_shard && now >= shard.last_sweep + SWEEP_EVERY {
             shard.last_sweep = now;
-            shard.tats.retain(|_, tat| *tat > now);
+            shard
+                .tats
+                .retain(|_, tat| Arc::strong_count(tat) > 1 || tat.load(Relaxed) > now);
         }
         if shard.tats.len() >= self.per_shard {
             drop(shard);
-            return self.overflow.take(now);
+            return self.overflow.take(now).map(|()| None);
         }
-        let tat = self.rate.take(0, now)?;
-        shard.tats.insert(client.clone(), tat);
-        Ok(())
+        let tat = Arc::new(AtomicU64::new(self.rate.take(0, now)?));
+        shard.tats.insert(client.clone(), tat.clone());
+        Ok(hold.then_some(tat))
     }
 
     #[cfg(test)]
@@ -194,6 +210,8 @@ impl Clients {
 /// A route's or listener's rate limit: its buckets.
 #[derive(Debug)]
 pub(crate) struct Limiter {
+    /// Tells this limiter's buckets from another's in a [`HeldBucket`].
+    id: u64,
     config: config::RateLimit,
     shared: Option<Bucket>,
     clients: Option<Clients>,
@@ -201,7 +219,9 @@ pub(crate) struct Limiter {
 
 impl Limiter {
     pub(crate) fn new(config: &config::RateLimit) -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Self {
+            id: NEXT_ID.fetch_add(1, Relaxed),
             config: config.clone(),
             shared: config.shared.map(Bucket::new),
             clients: config
@@ -220,14 +240,47 @@ impl Limiter {
     pub(crate) fn check(&self, client: Option<&Client>) -> Result<(), Duration> {
         let now = now();
         if let (Some(clients), Some(client)) = (&self.clients, client) {
-            clients.take(client, now)?;
+            clients.take(client, now, false)?;
         }
+        self.take_shared(now)
+    }
+
+    /// [`Limiter::check`] for the client of a connection that keeps its
+    /// bucket in `held` from its first request on.
+    ///
+    /// PERF: a connection's later requests take a token with one
+    /// compare-and-swap, without the table's hash, shard lock and lookup.
+    pub(crate) fn check_held(&self, client: &Client, held: &HeldBucket) -> Result<(), Duration> {
+        let now = now();
+        if let Some(clients) = &self.clients {
+            match held.0.get() {
+                Some((id, tat)) if *id == self.id => take_atomic(clients.rate, tat, now)?,
+                kept => {
+                    // A hold on another limiter's bucket (the limit changed)
+                    // is not replaced: such a connection uses the table.
+                    if let Some(tat) = clients.take(client, now, kept.is_none())? {
+                        let _ = held.0.set((self.id, tat));
+                    }
+                }
+            }
+        }
+        self.take_shared(now)
+    }
+
+    fn take_shared(&self, now: u64) -> Result<(), Duration> {
         match &self.shared {
             Some(bucket) => bucket.take(now),
             None => Ok(()),
         }
     }
 }
+
+/// A connection's hold on its client's bucket in a listener's per-client
+/// limit, taken by its first request (see [`Limiter::check_held`]). A
+/// held bucket stays in the limiter's table while the connection lives,
+/// so that the client's other connections share it.
+#[derive(Debug, Default)]
+pub(crate) struct HeldBucket(OnceLock<(u64, Arc<AtomicU64>)>);
 
 /// The 429 (gRPC: RESOURCE_EXHAUSTED) for a request over a limit, with
 /// `retry-after` in whole seconds, rounded up.
@@ -413,25 +466,79 @@ mod tests {
         let a = Client::Ip("10.0.0.1".parse().unwrap());
         let b = Client::Identity("spiffe://td/b".into());
         let t = 5 * SECOND;
-        assert!(clients.take(&a, t).is_ok());
-        assert!(clients.take(&a, t).is_ok());
-        assert!(clients.take(&a, t).is_err());
+        assert!(clients.take(&a, t, false).is_ok());
+        assert!(clients.take(&a, t, false).is_ok());
+        assert!(clients.take(&a, t, false).is_err());
         assert!(
-            clients.take(&b, t).is_ok(),
+            clients.take(&b, t, false).is_ok(),
             "another client is not limited by a"
         );
         // Thousands of new addresses: the table stays within its bound.
         for i in 0..5_000u32 {
             let ip = Client::Ip(IpAddr::from(i.to_be_bytes()));
-            let _ = clients.take(&ip, t);
+            let _ = clients.take(&ip, t, false);
         }
         assert!(clients.tracked() <= 32 + SHARDS, "{}", clients.tracked());
         // a, mid-burst, is still limited.
-        assert!(clients.take(&a, t).is_err());
+        assert!(clients.take(&a, t, false).is_err());
         // Later, refilled clients are swept out to make room.
         let later = t + 10 * SECOND;
         let fresh = Client::Ip("192.0.2.1".parse().unwrap());
-        assert!(clients.take(&fresh, later).is_ok());
+        assert!(clients.take(&fresh, later, false).is_ok());
+    }
+
+    #[test]
+    fn a_connection_holds_its_clients_bucket_and_shares_it() {
+        // One token per 1,000 s: nothing refills during the test.
+        let config = config::RateLimit {
+            shared: None,
+            per_client: Some(bucket(0.001, 3)),
+            max_clients: 100,
+        };
+        let limiter = Limiter::new(&config);
+        let client = Client::Ip("10.0.0.7".parse().unwrap());
+        let (first, second) = (HeldBucket::default(), HeldBucket::default());
+        assert!(limiter.check_held(&client, &first).is_ok());
+        assert!(first.0.get().is_some(), "the first request takes a hold");
+        // The client's other connection, and a check without a hold, draw
+        // on the same bucket.
+        assert!(limiter.check_held(&client, &second).is_ok());
+        assert!(limiter.check(Some(&client)).is_ok());
+        assert!(limiter.check_held(&client, &first).is_err());
+        assert!(limiter.check_held(&client, &second).is_err());
+        // Another limiter (the limit changed) does not use the old hold.
+        let changed = Limiter::new(&config);
+        assert!(changed.check_held(&client, &first).is_ok());
+        assert!(changed.check_held(&client, &first).is_ok());
+        assert!(changed.check_held(&client, &first).is_ok());
+        assert!(changed.check_held(&client, &first).is_err());
+    }
+
+    #[test]
+    fn a_held_bucket_is_not_swept() {
+        // One client per shard.
+        let clients = Clients::new(bucket(1.0, 2), SHARDS as u32);
+        let shard_of = |c: &Client| clients.hasher.hash_one(c) % SHARDS as u64;
+        let held = Client::Ip("10.0.0.1".parse().unwrap());
+        let (free, newcomer) = {
+            let mut same_shard = (1..=u32::MAX)
+                .map(|i| Client::Ip(IpAddr::from((i << 8).to_be_bytes())))
+                .filter(|c| shard_of(c) == shard_of(&held));
+            (same_shard.next().unwrap(), same_shard.next().unwrap())
+        };
+        let t = 5 * SECOND;
+        let hold = clients.take(&held, t, true).unwrap().unwrap();
+        // Long after, every bucket has refilled: a newcomer to the full
+        // shard sweeps it, but the held bucket stays (the newcomer shares
+        // the overflow bucket).
+        let later = t + 100 * SECOND;
+        assert!(clients.take(&newcomer, later, true).unwrap().is_none());
+        assert_eq!(clients.tracked(), 1);
+        // Let go of, it is swept like any refilled bucket.
+        drop(hold);
+        let much_later = later + 100 * SECOND;
+        assert!(clients.take(&free, much_later, true).unwrap().is_some());
+        assert_eq!(clients.tracked(), 1);
     }
 
     #[test]
