@@ -112,6 +112,20 @@ pub(crate) fn ready_for_replay(body: RequestBody) -> Result<Replayable, RequestB
     }
 }
 
+/// A copy of `body` to send again, when it is whole already: no body at
+/// all (most requests), or one read before. The body itself stays where
+/// it is, to be sent first.
+pub(crate) fn replayable_now(body: &RequestBody) -> Option<Replayable> {
+    match body {
+        RequestBody::Replay { data, trailers } => Some(Replayable {
+            data: data.clone().unwrap_or_default(),
+            trailers: trailers.clone(),
+        }),
+        RequestBody::Streaming { body, .. } if body.is_end_stream() => Some(Replayable::default()),
+        RequestBody::Streaming { .. } | RequestBody::Prefixed { .. } => None,
+    }
+}
+
 /// Reads `body` whole if it fits in `limit` bytes: then it can be sent
 /// again. A larger body gives back what was read followed by the rest of
 /// the stream, to be sent once. A body the client breaks is an error (the

@@ -262,7 +262,7 @@ impl ClusterState {
     async fn forward(
         self: Arc<Self>,
         mut req: Request<RequestBody>,
-        per_try: Option<Duration>,
+        per_try: Option<tokio::time::Instant>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         let (endpoint, attempt) = match req
             .extensions()
@@ -330,7 +330,7 @@ impl ClusterState {
         let send = std::pin::pin!(endpoint.send(req, wire, guard));
         let mut result = match per_try {
             None => send.await,
-            Some(deadline) => tokio::time::timeout(deadline, send).await.unwrap_or(Err(
+            Some(deadline) => tokio::time::timeout_at(deadline, send).await.unwrap_or(Err(
                 ProxyError::AttemptTimeout {
                     endpoint: endpoint.addr,
                 },
@@ -560,7 +560,12 @@ impl tower::Service<Request<RequestBody>> for ClusterService {
     }
 
     fn call(&mut self, req: Request<RequestBody>) -> Self::Future {
-        Box::pin(self.state.clone().forward(req, self.per_try_timeout))
+        // The deadline counts from the call: a first attempt's is the
+        // request's start (see `clock`).
+        let deadline = self
+            .per_try_timeout
+            .map(|timeout| crate::clock::tokio_now() + timeout);
+        Box::pin(self.state.clone().forward(req, deadline))
     }
 }
 

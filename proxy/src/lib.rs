@@ -15,6 +15,7 @@ pub mod xds;
 
 mod admin;
 mod body;
+mod clock;
 mod cluster;
 mod error;
 mod fault;

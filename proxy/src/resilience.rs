@@ -101,7 +101,7 @@ where
         };
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep: timeout.map(tokio::time::sleep),
+            sleep: timeout.map(|t| tokio::time::sleep_until(crate::clock::tokio_now() + t)),
         }
     }
 }

@@ -16,17 +16,15 @@
 //! clock. The request path pays one atomic load per pick while nothing is
 //! ejected.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::config::{OutlierDetection, SuccessRate};
 
-/// Nanoseconds since the first call: the clock ejections are kept in.
+/// Nanoseconds since the first reading: the clock ejections are kept in
+/// (a request's held time on its way down the stack, see [`crate::clock`]).
 pub(crate) fn now() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    let epoch = EPOCH.get_or_init(Instant::now);
-    u64::try_from(epoch.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    crate::clock::nanos()
 }
 
 /// What one response says about its endpoint.

@@ -9,11 +9,8 @@
 //! and each retry withdraws. Kept per cluster, so every route to a cluster
 //! draws on one budget, and it survives configuration changes.
 
-use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
-
-use tokio::time::Instant;
 
 /// Buckets in a window.
 const BUCKETS: usize = 10;
@@ -27,8 +24,6 @@ const BUCKETS: usize = 10;
 /// by whoever writes to it first.
 #[derive(Debug, Default)]
 pub(crate) struct RetryBudget {
-    /// Where tag 0 starts: the first use.
-    origin: OnceLock<Instant>,
     /// The bucket width, in nanoseconds, that the tags were counted in.
     width: AtomicU64,
     requests: [AtomicU64; BUCKETS],
@@ -67,14 +62,12 @@ fn sum(buckets: &[AtomicU64; BUCKETS], tag: u64) -> u64 {
 }
 
 impl RetryBudget {
-    /// The tag of `now` for a `window`, and the bucket it falls in.
-    fn tag(&self, now: Instant, window: Duration) -> (u64, usize) {
-        let origin = *self.origin.get_or_init(|| now);
+    /// The tag of `now` (nanoseconds, [`crate::clock::nanos`]) for a
+    /// `window`, and the bucket it falls in.
+    fn tag(&self, now: u64, window: Duration) -> (u64, usize) {
         // Buckets are at least 1 ns wide; a window of u64::MAX ns is
         // 584 years.
-        let width = u64::try_from((window / BUCKETS as u32).as_nanos())
-            .unwrap_or(u64::MAX)
-            .max(1);
+        let width = (u64::try_from(window.as_nanos()).unwrap_or(u64::MAX) / BUCKETS as u64).max(1);
         // Read first: a write on every request would bounce the line
         // between workers.
         if self.width.load(Relaxed) != width && self.width.swap(width, Relaxed) != width {
@@ -83,16 +76,14 @@ impl RetryBudget {
                 bucket.store(0, Relaxed);
             }
         }
-        let elapsed =
-            u64::try_from(now.saturating_duration_since(origin).as_nanos()).unwrap_or(u64::MAX);
-        let tag = (elapsed / width) & COUNT;
+        let tag = (now / width) & COUNT;
         // The remainder is below BUCKETS.
         #[allow(clippy::cast_possible_truncation)]
         (tag, (tag % BUCKETS as u64) as usize)
     }
 
     /// Counts a request.
-    pub(crate) fn deposit(&self, now: Instant, window: Duration) {
+    pub(crate) fn deposit(&self, now: u64, window: Duration) {
         let (tag, index) = self.tag(now, window);
         add(&self.requests[index], tag);
     }
@@ -104,7 +95,7 @@ impl RetryBudget {
     /// workers cannot overdraw the budget together.
     pub(crate) fn try_withdraw(
         &self,
-        now: Instant,
+        now: u64,
         window: Duration,
         ratio: f64,
         min_per_second: u32,
@@ -137,7 +128,7 @@ mod tests {
     #[test]
     fn retries_stay_within_the_ratio_plus_the_floor() {
         let budget = RetryBudget::default();
-        let now = Instant::now();
+        let now = 7_000_000_000;
         for _ in 0..1000 {
             budget.deposit(now, WINDOW);
         }
@@ -151,7 +142,7 @@ mod tests {
     #[test]
     fn the_floor_lets_a_quiet_service_retry() {
         let budget = RetryBudget::default();
-        let now = Instant::now();
+        let now = 7_000_000_000;
         budget.deposit(now, WINDOW);
         let granted = (0..50)
             .filter(|_| budget.try_withdraw(now, WINDOW, 0.2, 2))
@@ -162,7 +153,7 @@ mod tests {
     #[test]
     fn old_buckets_leave_the_window() {
         let budget = RetryBudget::default();
-        let start = Instant::now();
+        let start: u64 = 7_000_000_000;
         for _ in 0..100 {
             budget.deposit(start, WINDOW);
         }
@@ -174,11 +165,11 @@ mod tests {
         );
         // Half a window later the same retries still count, and nothing
         // new was deposited.
-        let later = start + WINDOW / 2;
+        let later = start + 5_000_000_000;
         assert!(!budget.try_withdraw(later, WINDOW, 0.5, 0));
         // A whole window later everything has left: no requests, no
         // retries, no budget but the floor.
-        let much_later = start + WINDOW + Duration::from_secs(1);
+        let much_later = start + 11_000_000_000;
         assert!(!budget.try_withdraw(much_later, WINDOW, 0.5, 0));
         for _ in 0..10 {
             budget.deposit(much_later, WINDOW);
@@ -194,7 +185,7 @@ mod tests {
     #[test]
     fn workers_withdrawing_at_once_never_overdraw() {
         let budget = std::sync::Arc::new(RetryBudget::default());
-        let now = Instant::now();
+        let now = 7_000_000_000;
         for _ in 0..1000 {
             budget.deposit(now, WINDOW);
         }

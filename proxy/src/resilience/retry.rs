@@ -34,7 +34,7 @@ use pin_project_lite::pin_project;
 use tower::{Service, ServiceExt};
 
 use super::budget::RetryBudget;
-use crate::body::{Replayable, RequestBody, read_for_replay, ready_for_replay};
+use crate::body::{Replayable, RequestBody, read_for_replay, replayable_now};
 use crate::config::RetryPolicy;
 use crate::error::{ProxyError, RetrySafety};
 use crate::http::body::ResponseBody;
@@ -164,9 +164,12 @@ where
             };
         };
         let policy = &retrying.policy;
-        let now = tokio::time::Instant::now();
-        retrying.budget.deposit(now, policy.budget_window);
-        let deadline = retrying.route_timeout.map(|timeout| now + timeout);
+        retrying
+            .budget
+            .deposit(crate::clock::nanos(), policy.budget_window);
+        let deadline = retrying
+            .route_timeout
+            .map(|timeout| crate::clock::tokio_now() + timeout);
         let eligible = (policy.retry_non_idempotent || is_idempotent(req.method()))
             && !req.headers().contains_key(header::UPGRADE);
         if !eligible {
@@ -175,47 +178,38 @@ where
                 inner: self.inner.call(req),
             };
         }
-        let (parts, body) = req.into_parts();
-        match ready_for_replay(body) {
-            // PERF: the common case (no body) sends its first attempt
-            // without boxing or waiting; only a failure the policy retries
-            // moves on to the boxed retry loop.
-            Ok(replayable) => {
-                let Some(headers) = SavedHeaders::save(&parts.headers) else {
-                    // Too large to keep: sent once.
-                    let mut req = Request::from_parts(parts, replayable.body());
-                    first_attempt(&mut req);
-                    return RetryFuture::Once {
-                        inner: self.inner.call(req),
-                    };
-                };
-                let saved = Saved::new(&parts, headers, replayable);
-                let mut req = Request::from_parts(parts, saved.body.body());
-                first_attempt(&mut req);
-                RetryFuture::First {
-                    inner: self.inner.call(req),
-                    // PERF: boxed, so that every layer above moves a
-                    // future the size of the attempt's, not 400 bytes more.
-                    rest: Some(Box::new(Rest {
-                        service: self.inner.clone(),
-                        retrying: retrying.clone(),
-                        saved,
-                        deadline,
-                    })),
-                }
-            }
+        // PERF: the common case (no body, or one read already) sends its
+        // first attempt without boxing or waiting, and without taking the
+        // request apart; only a failure the policy retries moves on to the
+        // boxed retry loop.
+        let Some(replayable) = replayable_now(req.body()) else {
             // A body still to come is read (up to the bound) first.
-            Err(body) => RetryFuture::Retrying {
+            return RetryFuture::Retrying {
                 inner: Box::pin(within(
                     deadline,
-                    read_then_retry(
-                        self.inner.clone(),
-                        retrying.clone(),
-                        Request::from_parts(parts, body),
-                        deadline,
-                    ),
+                    read_then_retry(self.inner.clone(), retrying.clone(), req, deadline),
                 )),
-            },
+            };
+        };
+        let Some(headers) = SavedHeaders::save(req.headers()) else {
+            // Too large to keep: sent once.
+            first_attempt(&mut req);
+            return RetryFuture::Once {
+                inner: self.inner.call(req),
+            };
+        };
+        let saved = Saved::new(&req, headers, replayable);
+        first_attempt(&mut req);
+        RetryFuture::First {
+            inner: self.inner.call(req),
+            // PERF: boxed, so that every layer above moves a future the
+            // size of the attempt's, not 400 bytes more.
+            rest: Some(Box::new(Rest {
+                service: self.inner.clone(),
+                retrying: retrying.clone(),
+                saved,
+                deadline,
+            })),
         }
     }
 }
@@ -240,16 +234,16 @@ struct Saved {
 }
 
 impl Saved {
-    /// What `parts` (whose `headers` are saved) and `body` need to be
-    /// sent again.
-    fn new(parts: &http::request::Parts, headers: SavedHeaders, body: Replayable) -> Self {
+    /// What `req` (whose `headers` are saved) and `body` need to be sent
+    /// again.
+    fn new(req: &Request<RequestBody>, headers: SavedHeaders, body: Replayable) -> Self {
         Self {
-            method: parts.method.clone(),
-            uri: parts.uri.clone(),
-            version: parts.version,
+            method: req.method().clone(),
+            uri: req.uri().clone(),
+            version: req.version(),
             headers,
             body,
-            trace: parts.extensions.get::<Outbound>().cloned(),
+            trace: req.extensions().get::<Outbound>().cloned(),
         }
     }
 
@@ -402,24 +396,19 @@ where
                 RetryProj::Once { inner } => return inner.poll(cx),
                 RetryProj::Retrying { inner } => return inner.as_mut().poll(cx),
                 RetryProj::First { inner, rest } => {
-                    // The outcome is looked at where it is; only one that is
-                    // retried is taken apart.
-                    let poll = inner.poll(cx);
-                    let retried = match (&poll, rest.as_ref()) {
-                        (Poll::Ready(outcome), Some(rest)) => {
-                            retryable(&rest.retrying.policy, outcome).is_some()
-                        }
-                        _ => false,
+                    // PERF: `Pending` is returned as itself: returning the
+                    // polled value would copy a whole outcome-sized `Poll`
+                    // on every wake.
+                    let Poll::Ready(outcome) = inner.poll(cx) else {
+                        return Poll::Pending;
                     };
-                    if !retried {
-                        return poll;
-                    }
-                    match (poll, rest.take()) {
-                        (Poll::Ready(outcome), Some(rest)) => RetryFuture::Retrying {
-                            inner: Box::pin(within(rest.deadline, retry_after(*rest, outcome))),
-                        },
-                        // Not reached: `retried` says both are there.
-                        (poll, _) => return poll,
+                    let Some(rest) =
+                        rest.take_if(|kept| retryable(&kept.retrying.policy, &outcome).is_some())
+                    else {
+                        return Poll::Ready(outcome);
+                    };
+                    RetryFuture::Retrying {
+                        inner: Box::pin(within(rest.deadline, retry_after(*rest, outcome))),
                     }
                 }
             };
@@ -470,8 +459,8 @@ where
         first_attempt(&mut req);
         return service.ready().await?.call(req).await;
     };
-    let saved = Saved::new(&parts, headers, body);
-    let mut req = Request::from_parts(parts, saved.body.body());
+    let mut req = Request::from_parts(parts, body.body());
+    let saved = Saved::new(&req, headers, body);
     first_attempt(&mut req);
     let outcome = attempt(&mut service, req).await;
     retry_after(
@@ -526,7 +515,7 @@ where
             return with_attempts(outcome, attempts);
         };
         if !retrying.budget.try_withdraw(
-            tokio::time::Instant::now(),
+            crate::clock::nanos(),
             policy.budget_window,
             policy.budget_ratio,
             policy.budget_min_per_second,

@@ -1,0 +1,109 @@
+//! The time as the request path reads it: once per request.
+//!
+//! Several layers want the time while a request is handed down the stack:
+//! the rate limits (token buckets), the retry budget and the route's
+//! deadline, the per-try timeout. Each reading is a `clock_gettime` and a
+//! subtraction; a request that meets every layer would read the clock four
+//! times within a few microseconds. Instead the connection holds the time
+//! its request started at ([`hold`]) while it calls the stack, and the
+//! layers' `call`s take that ([`tokio_now`], [`nanos`]). Anywhere else (a retry
+//! after a backoff, a timer, a unit test) nothing is held and the clock is
+//! read.
+//!
+//! The hold is per thread and is given back before the request's future is
+//! first awaited: it can never be seen by another request.
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::sync::OnceLock;
+use std::time::Instant;
+
+thread_local! {
+    static HELD: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
+}
+
+/// Where [`nanos`] count from: the first reading.
+fn epoch() -> Instant {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+fn since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// The held time, or tokio's clock (which a test may have paused).
+pub(crate) fn tokio_now() -> tokio::time::Instant {
+    HELD.get()
+        .map_or_else(tokio::time::Instant::now, |(at, _)| {
+            tokio::time::Instant::from_std(at)
+        })
+}
+
+/// [`tokio_now`] in nanoseconds since the first reading: the clock of token
+/// buckets and ejections.
+pub(crate) fn nanos() -> u64 {
+    HELD.get()
+        .map_or_else(|| since_epoch(Instant::now()), |(_, nanos)| nanos)
+}
+
+/// Holds `at` as the time on this thread until the guard is dropped.
+///
+/// The guard is neither `Send` nor `Sync`: kept across an `.await`, it
+/// would make the future `!Send`, which the proxy's spawned tasks cannot
+/// be, so such a mistake does not compile.
+pub(crate) fn hold(at: Instant) -> Held {
+    Held {
+        previous: HELD.replace(Some((at, since_epoch(at)))),
+        _not_send: PhantomData,
+    }
+}
+
+/// The hold of [`hold`]; dropping it restores what was held before.
+#[must_use = "the time is held only while the guard lives"]
+pub(crate) struct Held {
+    previous: Option<(Instant, u64)>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        HELD.set(self.previous.take());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_hold_is_seen_until_it_is_dropped() {
+        let at = Instant::now() + Duration::from_secs(3600);
+        {
+            let _held = hold(at);
+            assert_eq!(tokio_now().into_std(), at);
+            assert_eq!(nanos(), since_epoch(at));
+            assert!(nanos() >= 3_599_000_000_000);
+        }
+        assert!(tokio_now().into_std() < at);
+        assert!(nanos() < 3_599_000_000_000);
+    }
+
+    #[test]
+    fn holds_nest_and_are_per_thread() {
+        let outer = Instant::now() + Duration::from_secs(10);
+        let inner = outer + Duration::from_secs(10);
+        let _outer = hold(outer);
+        {
+            let _inner = hold(inner);
+            assert_eq!(tokio_now().into_std(), inner);
+            let other = std::thread::spawn(|| tokio_now().into_std())
+                .join()
+                .unwrap();
+            assert!(other < outer, "another thread reads its own clock");
+        }
+        assert_eq!(tokio_now().into_std(), outer);
+    }
+}
