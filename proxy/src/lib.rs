@@ -290,6 +290,7 @@ impl Proxy {
             config.route_configs.len(),
             config.clusters.len(),
         );
+        tokio::spawn(clock::keep_a_timer_pending());
         let listeners = match handle.apply(config).await {
             Ok(listeners) => listeners,
             Err(ApplyError::Bind(errors)) => return Err(StartError::Bind(errors)),
