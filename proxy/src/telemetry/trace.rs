@@ -435,7 +435,7 @@ impl Drop for Open {
     fn drop(&mut self) {
         if let Some(mut span) = self.span.take() {
             span.end = SystemTime::now();
-            self.tracer.queue.send(span);
+            self.tracer.queue.send(&span);
         }
     }
 }

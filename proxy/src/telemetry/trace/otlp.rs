@@ -1,5 +1,7 @@
 //! OTLP's trace protobuf (`opentelemetry/proto/collector/trace/v1`),
-//! written straight from span records into one reusable buffer.
+//! written straight from span records: each span by the worker that ends
+//! it ([`SpanWriter`]), a batch of written spans wrapped in its resource and
+//! scope by the exporter ([`Encoder`]).
 //!
 //! PERF: through `opentelemetry-otlp` a span became `SpanData`, then OTLP's
 //! prost messages (grouped by resource and scope, every attribute a
@@ -151,10 +153,6 @@ pub(crate) struct Encoder {
     scope: Vec<u8>,
     /// The batch's spans, each `ScopeSpans.spans` (field 2).
     spans: Vec<u8>,
-    /// One span, before its length is known.
-    span: Vec<u8>,
-    /// Text of an address.
-    text: String,
     count: usize,
 }
 
@@ -167,8 +165,6 @@ impl Encoder {
             resource,
             scope,
             spans: Vec::new(),
-            span: Vec::new(),
-            text: String::new(),
             count: 0,
         }
     }
@@ -178,8 +174,44 @@ impl Encoder {
         self.count
     }
 
-    /// Adds a span to the batch.
-    pub(crate) fn push(&mut self, span: &SpanRecord) {
+    /// Adds a span that [`SpanWriter::write`] wrote.
+    pub(crate) fn push_written(&mut self, span: &[u8]) {
+        self.spans.extend_from_slice(span);
+        self.count += 1;
+    }
+
+    /// The batch as one `ExportTraceServiceRequest`, written into `out`;
+    /// the encoder is empty again.
+    pub(crate) fn finish(&mut self, out: &mut Vec<u8>) {
+        out.clear();
+        let scope_spans = self.scope.len() + self.spans.len();
+        let resource_spans = self.resource.len() + 1 + varint_len(scope_spans as u64) + scope_spans;
+        tag(out, 1, LEN);
+        varint(out, resource_spans as u64);
+        out.extend_from_slice(&self.resource);
+        tag(out, 2, LEN);
+        varint(out, scope_spans as u64);
+        out.extend_from_slice(&self.scope);
+        out.extend_from_slice(&self.spans);
+        self.spans.clear();
+        self.count = 0;
+    }
+}
+
+/// Writes spans as OTLP, with scratch space kept from one span to the
+/// next.
+#[derive(Debug, Default)]
+pub(crate) struct SpanWriter {
+    /// One span, before its length is known.
+    span: Vec<u8>,
+    /// Text of an address, or an error type.
+    text: String,
+}
+
+impl SpanWriter {
+    /// Appends `span` to `into` as `ScopeSpans.spans` (field 2), tag and
+    /// length included: what [`Encoder::push_written`] takes.
+    pub(crate) fn write(&mut self, span: &SpanRecord, into: &mut Vec<u8>) {
         let out = &mut self.span;
         out.clear();
         bytes_field(out, 1, &span.trace_id.to_be_bytes());
@@ -329,25 +361,7 @@ impl Encoder {
         tag(out, 16, FIXED32);
         out.extend_from_slice(&flags.to_le_bytes());
 
-        bytes_field(&mut self.spans, 2, &self.span);
-        self.count += 1;
-    }
-
-    /// The batch as one `ExportTraceServiceRequest`, written into `out`;
-    /// the encoder is empty again.
-    pub(crate) fn finish(&mut self, out: &mut Vec<u8>) {
-        out.clear();
-        let scope_spans = self.scope.len() + self.spans.len();
-        let resource_spans = self.resource.len() + 1 + varint_len(scope_spans as u64) + scope_spans;
-        tag(out, 1, LEN);
-        varint(out, resource_spans as u64);
-        out.extend_from_slice(&self.resource);
-        tag(out, 2, LEN);
-        varint(out, scope_spans as u64);
-        out.extend_from_slice(&self.scope);
-        out.extend_from_slice(&self.spans);
-        self.spans.clear();
-        self.count = 0;
+        bytes_field(into, 2, &self.span);
     }
 }
 
@@ -362,6 +376,13 @@ mod tests {
     use super::*;
     use crate::config::Percent;
     use crate::telemetry::trace::Context;
+
+    /// What a worker and the exporter's task do with a span.
+    fn push(encoder: &mut Encoder, span: &SpanRecord) {
+        let mut written = Vec::new();
+        SpanWriter::default().write(span, &mut written);
+        encoder.push_written(&written);
+    }
 
     fn attribute(
         span: &opentelemetry_proto::tonic::trace::v1::Span,
@@ -460,8 +481,8 @@ mod tests {
             "gateway",
             &[("deployment.environment".into(), "test".into())],
         );
-        encoder.push(&server);
-        encoder.push(&client);
+        push(&mut encoder, &server);
+        push(&mut encoder, &client);
         assert_eq!(encoder.len(), 2);
         let mut bytes = Vec::new();
         encoder.finish(&mut bytes);
@@ -557,7 +578,7 @@ mod tests {
             start,
             http::Method::GET,
         );
-        encoder.push(&record);
+        push(&mut encoder, &record);
         encoder.finish(&mut bytes);
         let request = ExportTraceServiceRequest::decode(bytes.as_slice()).unwrap();
         let spans = &request.resource_spans[0].scope_spans[0].spans;
