@@ -23,7 +23,8 @@
 # weft-resilience.yaml measure what idle resilience layers cost. `@COLLECTOR@`
 # stands for an OTLP/gRPC receiver (`weft-bench otlp-receiver`, started on
 # CPU 1 with the upstream): weft-trace-1.yaml and weft-trace-100.yaml
-# measure what tracing costs.
+# measure what tracing costs. `NAME=FILE@PATH` runs FILE with the weft-proxy
+# at PATH (another build) instead of this tree's.
 #
 # RATE=N adds a mode `rate` to each round: HTTP/1.1 at a fixed N requests per
 # second (open loop, CONNECTIONS connections) from `weft-bench load --rate`,
@@ -121,10 +122,12 @@ for spec in ${WEFT_BINS:-}; do
 done
 for spec in ${WEFT_CONFIGS:-}; do
   name=weft-${spec%%=*}
+  file=${spec#*=} exe=$bin/weft-proxy
+  case $file in *@*) exe=${file#*@} file=${file%%@*} ;; esac
   next_port=$((next_port + 1))
   sed -e "s/@PORT@/$next_port/g" -e "s/@UPSTREAM@/127.0.0.1:$up_port/g" \
-    -e "s|@COLLECTOR@|http://127.0.0.1:$otlp_port|g" "${spec#*=}" > "$work/$name.yaml"
-  taskset -c 0 "$bin/weft-proxy" --config "$work/$name.yaml" --concurrency 1 --log-level warn \
+    -e "s|@COLLECTOR@|http://127.0.0.1:$otlp_port|g" "$file" > "$work/$name.yaml"
+  taskset -c 0 "$exe" --config "$work/$name.yaml" --concurrency 1 --log-level warn \
     >"$work/$name.log" 2>&1 &
   extra_pid[$name]=$! extra_port[$name]=$next_port
   extra_targets="$extra_targets $name"

@@ -3,24 +3,27 @@
 //! HTTP/2) or OTLP/HTTP (`POST`, protobuf body).
 //!
 //! The request path writes an ended span as OTLP protobuf
-//! ([`super::otlp`]) and `try_send`s the bytes: a full queue drops the span
+//! ([`super::otlp`]) and appends the bytes to the queue: a full queue drops the span
 //! and counts it, it never blocks or grows. Listeners with equal export
 //! settings share one exporter; it stops (after sending what it holds)
 //! when no listener uses it any more.
 //!
-//! PERF: each span is written by the worker that ends it, not by the
-//! exporter's task. Written there, a batch of 512 spans was a millisecond
-//! of work at once on the control thread, which at saturation takes its
-//! turn on a worker's core in the middle of requests: wrk's p99 with every
-//! request traced was 1.5-1.8x that of no tracing. A worker spends the same
-//! microseconds a span, spread over the requests (benches/RESULTS.md).
+//! PERF: each span is written by the worker that ends it, into one buffer
+//! the exporter's task swaps out; the task only wraps a batch and sends it.
+//! When the task wrote whole batches, its bursts of work on the control
+//! thread took turns on a saturated worker's core in the middle of
+//! requests, and each span's memory, allocated by a worker, was freed by
+//! the control thread: wrk's p99 with every request traced was 1.5-1.6x
+//! that without tracing at saturation, against 1.26-1.38x now, and 1.20x
+//! against 1.12x at a fixed 15,000 requests a second (benches/RESULTS.md).
 //!
 //! PERF: the OpenTelemetry SDK's exporter (`opentelemetry-otlp`) was used
 //! at first; at 100 % sampling its conversions and encoding cost more than
 //! the request itself (benches/RESULTS.md). The wire format is the same.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -29,7 +32,7 @@ use http::{HeaderName, HeaderValue, Request, Uri};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
 
 use super::SpanRecord;
 use super::otlp::{Encoder, SpanWriter};
@@ -49,53 +52,92 @@ pub struct TraceMetrics {
 }
 
 thread_local! {
-    /// Each worker's scratch space for writing spans.
-    static WRITER: std::cell::RefCell<SpanWriter> = std::cell::RefCell::default();
+    /// Each worker's scratch space for writing spans, and the span it
+    /// writes.
+    static WRITER: RefCell<(SpanWriter, Vec<u8>)> = RefCell::default();
 }
-
-/// Bytes allocated for a written span: most fit (a server span with a
-/// route, a path and a request id is about 300).
-const WRITTEN_CAPACITY: usize = 512;
 
 /// One exporter's queue: what the request path sends spans to.
 #[derive(Debug)]
 pub(crate) struct Queue {
-    sender: mpsc::Sender<Vec<u8>>,
+    shared: Arc<Shared>,
     metrics: Arc<TraceMetrics>,
-    batch: Arc<Batch>,
 }
 
-/// What the request path and the exporter's task share besides the
-/// channel: when a batch's worth is waiting.
+/// What the request path and the exporter's task share.
 #[derive(Debug)]
-struct Batch {
-    /// Spans in the channel (roughly: the task subtracts what it takes).
-    queued: AtomicUsize,
-    /// A full batch waits.
-    size: usize,
+struct Shared {
+    pending: Mutex<Pending>,
+    /// The most spans pending: more are dropped.
+    capacity: usize,
+    /// A full batch: the task sends it without waiting for the interval.
+    batch: usize,
+    /// A first span is pending, or the queue is closed.
+    first: Notify,
+    /// A full batch is pending.
     full: Notify,
+}
+
+/// Spans written and not yet taken by the exporter's task.
+#[derive(Debug, Default)]
+struct Pending {
+    /// The spans, one after the other, as [`SpanWriter::write`] wrote them.
+    bytes: Vec<u8>,
+    /// Where each span ends in `bytes`.
+    ends: Vec<usize>,
+    /// Every sender is gone: the task sends what is left and stops.
+    closed: bool,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A span is pending, or the queue is closed.
+    fn has_work(&self) -> bool {
+        let pending = self.pending();
+        !pending.ends.is_empty() || pending.closed
+    }
 }
 
 impl Queue {
     /// Queues a span, or drops and counts it when the queue is full.
     ///
-    /// PERF: the exporter's task is woken once per batch (by the first
-    /// span, and by the one that fills a batch), not per span: a wake is a
-    /// cross-thread notification, and the control thread may be parked.
+    /// PERF: the span is written here, by the worker, into bytes that stay
+    /// in one buffer the exporter's task swaps out: no allocation per span,
+    /// and none freed on another thread (glibc then takes the allocating
+    /// thread's arena lock, which the worker needs for its own
+    /// allocations). The task is woken twice per batch (its first span, a
+    /// full batch), not per span.
     pub(crate) fn send(&self, span: &SpanRecord) {
-        // A place first: a span that would be dropped is not written.
-        let Ok(place) = self.sender.try_reserve() else {
-            self.metrics.spans_dropped.fetch_add(1, Relaxed);
-            return;
-        };
-        place.send(WRITER.with_borrow_mut(|writer| {
-            let mut written = Vec::with_capacity(WRITTEN_CAPACITY);
-            writer.write(span, &mut written);
-            written
-        }));
-        if self.batch.queued.fetch_add(1, Relaxed) + 1 == self.batch.size {
-            self.batch.full.notify_one();
+        let queued = WRITER.with_borrow_mut(|(writer, written)| {
+            written.clear();
+            writer.write(span, written);
+            let mut pending = self.shared.pending();
+            if pending.ends.len() >= self.shared.capacity {
+                return None;
+            }
+            pending.bytes.extend_from_slice(written);
+            let end = pending.bytes.len();
+            pending.ends.push(end);
+            Some(pending.ends.len())
+        });
+        match queued {
+            None => {
+                self.metrics.spans_dropped.fetch_add(1, Relaxed);
+            }
+            Some(1) => self.shared.first.notify_one(),
+            Some(queued) if queued == self.shared.batch => self.shared.full.notify_waiters(),
+            Some(_) => {}
         }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        self.shared.pending().closed = true;
+        self.shared.first.notify_one();
     }
 }
 
@@ -125,23 +167,24 @@ impl Exporters {
         if let Some(queue) = live.get(export).and_then(Weak::upgrade) {
             return queue;
         }
-        let capacity = usize::try_from(export.max_queued_spans).unwrap_or(usize::MAX);
-        let (sender, receiver) = mpsc::channel(capacity.max(1));
-        let batch = Arc::new(Batch {
-            queued: AtomicUsize::new(0),
-            size: usize::try_from(export.max_export_batch)
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            capacity: usize::try_from(export.max_queued_spans)
                 .unwrap_or(usize::MAX)
                 .max(1),
+            batch: usize::try_from(export.max_export_batch)
+                .unwrap_or(usize::MAX)
+                .max(1),
+            first: Notify::new(),
             full: Notify::new(),
         });
         let queue = Arc::new(Queue {
-            sender,
+            shared: shared.clone(),
             metrics: self.metrics.clone(),
-            batch: batch.clone(),
         });
         live.insert(export.clone(), Arc::downgrade(&queue));
         self.control
-            .spawn(run(export.clone(), receiver, batch, self.metrics.clone()));
+            .spawn(run(export.clone(), shared, self.metrics.clone()));
         queue
     }
 }
@@ -149,55 +192,60 @@ impl Exporters {
 /// An exporter's task: batches of at most `max_export_batch` spans, a
 /// partial batch sent after `flush_interval`, one export at a time; ends
 /// when every queue sender is gone and the last batch is sent.
-async fn run(
-    export: Arc<TraceExport>,
-    mut receiver: mpsc::Receiver<Vec<u8>>,
-    shared: Arc<Batch>,
-    metrics: Arc<TraceMetrics>,
-) {
+async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMetrics>) {
     let endpoint = &export.endpoint;
     let mut encoder = Encoder::new(&endpoint.service_name, &endpoint.resource_attributes);
     let mut client = Client::new(endpoint, GRPC_PATH);
-    let max = usize::try_from(export.max_export_batch)
-        .unwrap_or(usize::MAX)
-        .max(1);
     let mut body = Vec::new();
-    let mut open = true;
-    while open {
-        // The first span of a batch wakes the task; then it waits, not
-        // woken by each span, for the interval or a full batch.
-        let Some(first) = receiver.recv().await else {
-            break;
+    let mut taken = Pending::default();
+    loop {
+        // The first span of a batch wakes the task ...
+        while !shared.has_work() {
+            shared.first.notified().await;
+        }
+        // ... then it waits, not woken by each span, for the interval or
+        // a full batch.
+        let full = shared.full.notified();
+        let mut full = std::pin::pin!(full);
+        full.as_mut().enable();
+        let waits = {
+            let pending = shared.pending();
+            pending.ends.len() < shared.batch && !pending.closed
         };
-        encoder.push_written(&first);
-        if shared.queued.load(Relaxed) < max {
+        if waits {
             tokio::select! {
                 () = tokio::time::sleep(export.flush_interval) => {}
-                () = shared.full.notified() => {}
+                () = full => {}
             }
         }
-        while encoder.len() < max {
-            match receiver.try_recv() {
-                Ok(span) => encoder.push_written(&span),
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    open = false;
-                    break;
+        let closed = {
+            let mut pending = shared.pending();
+            std::mem::swap(&mut pending.bytes, &mut taken.bytes);
+            std::mem::swap(&mut pending.ends, &mut taken.ends);
+            pending.closed
+        };
+        let mut start = 0;
+        for ends in taken.ends.chunks(shared.batch) {
+            let end = ends.last().copied().unwrap_or(start);
+            encoder.push_written(&taken.bytes[start..end], ends.len());
+            start = end;
+            let count = encoder.len() as u64;
+            encoder.finish(&mut body);
+            match client.export(&body, endpoint.export_timeout).await {
+                Ok(()) => {
+                    metrics.spans_exported.fetch_add(count, Relaxed);
+                }
+                Err(error) => {
+                    tracing::debug!(collector = %endpoint.collector, %error, spans = count, "trace export failed");
+                    metrics.exports_failed.fetch_add(1, Relaxed);
+                    metrics.spans_failed.fetch_add(count, Relaxed);
                 }
             }
         }
-        shared.queued.fetch_sub(encoder.len(), Relaxed);
-        let count = encoder.len() as u64;
-        encoder.finish(&mut body);
-        match client.export(&body, endpoint.export_timeout).await {
-            Ok(()) => {
-                metrics.spans_exported.fetch_add(count, Relaxed);
-            }
-            Err(error) => {
-                tracing::debug!(collector = %endpoint.collector, %error, spans = count, "trace export failed");
-                metrics.exports_failed.fetch_add(1, Relaxed);
-                metrics.spans_failed.fetch_add(count, Relaxed);
-            }
+        taken.bytes.clear();
+        taken.ends.clear();
+        if closed {
+            break;
         }
     }
 }
@@ -641,6 +689,48 @@ mod tests {
         assert!(error.contains("connecting"), "{error}");
     }
 
+    fn span() -> SpanRecord {
+        let context = super::super::Context::begin(None, crate::config::Percent::ALL);
+        SpanRecord::new(
+            super::super::Kind::Server,
+            &context,
+            context.span_id,
+            0,
+            std::time::SystemTime::now(),
+            http::Method::GET,
+        )
+    }
+
+    #[tokio::test]
+    async fn spans_past_the_queue_are_dropped_and_what_waits_goes_out_in_batches() {
+        let (url, seen) = collector(Vec::new()).await;
+        let metrics = Arc::new(TraceMetrics::default());
+        let exporters = Exporters::new(tokio::runtime::Handle::current(), metrics.clone());
+        let export = Arc::new(TraceExport {
+            endpoint: endpoint(url),
+            max_queued_spans: 200,
+            max_export_batch: 64,
+            flush_interval: Duration::from_secs(3600),
+        });
+        let queue = exporters.queue(&export);
+        // The exporter's task has not run yet (one thread, no await).
+        for _ in 0..250 {
+            queue.send(&span());
+        }
+        assert_eq!(metrics.spans_dropped.load(Relaxed), 50);
+        // The last sender gone, what waits is sent without the interval.
+        drop(queue);
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.spans_exported.load(Relaxed) < 200 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the queued spans are exported");
+        assert_eq!(seen.load(Relaxed), 4, "batches of 64, 64, 64 and 8");
+        assert_eq!(metrics.spans_exported.load(Relaxed), 200);
+    }
+
     #[tokio::test]
     async fn a_full_batch_goes_out_without_waiting_for_the_flush() {
         let (url, seen) = collector(Vec::new()).await;
@@ -654,16 +744,7 @@ mod tests {
         });
         let queue = exporters.queue(&export);
         for _ in 0..100 {
-            let context = super::super::Context::begin(None, crate::config::Percent::ALL);
-            let span = SpanRecord::new(
-                super::super::Kind::Server,
-                &context,
-                context.span_id,
-                0,
-                std::time::SystemTime::now(),
-                http::Method::GET,
-            );
-            queue.send(&span);
+            queue.send(&span());
         }
         tokio::time::timeout(Duration::from_secs(10), async {
             while metrics.spans_exported.load(Relaxed) < 100 {

@@ -174,10 +174,11 @@ impl Encoder {
         self.count
     }
 
-    /// Adds a span that [`SpanWriter::write`] wrote.
-    pub(crate) fn push_written(&mut self, span: &[u8]) {
-        self.spans.extend_from_slice(span);
-        self.count += 1;
+    /// Adds `count` spans that [`SpanWriter::write`] wrote, one after the
+    /// other.
+    pub(crate) fn push_written(&mut self, spans: &[u8], count: usize) {
+        self.spans.extend_from_slice(spans);
+        self.count += count;
     }
 
     /// The batch as one `ExportTraceServiceRequest`, written into `out`;
@@ -381,7 +382,7 @@ mod tests {
     fn push(encoder: &mut Encoder, span: &SpanRecord) {
         let mut written = Vec::new();
         SpanWriter::default().write(span, &mut written);
-        encoder.push_written(&written);
+        encoder.push_written(&written, 1);
     }
 
     fn attribute(
