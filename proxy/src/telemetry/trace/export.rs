@@ -242,7 +242,7 @@ async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMe
             encoder.push_written(&taken.bytes[start..end], ends.len());
             start = end;
             // A client that is free, or the first one to be.
-            while in_flight.len() + idle.len() >= MAX_IN_FLIGHT && idle.is_empty() {
+            while idle.is_empty() && in_flight.len() >= MAX_IN_FLIGHT {
                 if let Some(Ok(done)) = in_flight.join_next().await {
                     idle.push(done);
                 }
@@ -252,18 +252,15 @@ async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMe
                 .unwrap_or_else(|| (Client::new(endpoint, GRPC_PATH), Vec::new()));
             let count = encoder.len() as u64;
             encoder.finish(&mut body);
-            let (metrics, collector, timeout) = (
-                metrics.clone(),
-                endpoint.collector.clone(),
-                endpoint.export_timeout,
-            );
+            let (metrics, export) = (metrics.clone(), export.clone());
             in_flight.spawn(async move {
-                match client.export(&body, timeout).await {
+                let endpoint = &export.endpoint;
+                match client.export(&body, endpoint.export_timeout).await {
                     Ok(()) => {
                         metrics.spans_exported.fetch_add(count, Relaxed);
                     }
                     Err(error) => {
-                        tracing::debug!(%collector, %error, spans = count, "trace export failed");
+                        tracing::debug!(collector = %endpoint.collector, %error, spans = count, "trace export failed");
                         metrics.exports_failed.fetch_add(1, Relaxed);
                         metrics.spans_failed.fetch_add(count, Relaxed);
                     }
@@ -720,6 +717,19 @@ mod tests {
         assert!(error.contains("connecting"), "{error}");
     }
 
+    /// Waits (10 s at most) until `count` spans are exported.
+    async fn exported(
+        metrics: &TraceMetrics,
+        count: u64,
+    ) -> Result<(), tokio::time::error::Elapsed> {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while metrics.spans_exported.load(Relaxed) < count {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+    }
+
     fn span() -> SpanRecord {
         let context = super::super::Context::begin(None, crate::config::Percent::ALL);
         SpanRecord::new(
@@ -751,13 +761,9 @@ mod tests {
         assert_eq!(metrics.spans_dropped.load(Relaxed), 50);
         // The last sender gone, what waits is sent without the interval.
         drop(queue);
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while metrics.spans_exported.load(Relaxed) < 200 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("the queued spans are exported");
+        exported(&metrics, 200)
+            .await
+            .expect("the queued spans are exported");
         assert_eq!(seen.load(Relaxed), 4, "batches of 64, 64, 64 and 8");
         assert_eq!(metrics.spans_exported.load(Relaxed), 200);
     }
@@ -777,13 +783,9 @@ mod tests {
         for _ in 0..100 {
             queue.send(&span());
         }
-        tokio::time::timeout(Duration::from_secs(10), async {
-            while metrics.spans_exported.load(Relaxed) < 100 {
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-        })
-        .await
-        .expect("a full batch is exported before the flush interval");
+        exported(&metrics, 100)
+            .await
+            .expect("a full batch is exported before the flush interval");
         assert_eq!(seen.load(Relaxed), 1, "one export of 100 spans");
     }
 }
