@@ -191,14 +191,13 @@ where
                 )),
             };
         };
-        let Some(headers) = SavedHeaders::save(req.headers()) else {
+        let Some(saved) = Saved::new(&req, replayable) else {
             // Too large to keep: sent once.
             first_attempt(&mut req);
             return RetryFuture::Once {
                 inner: self.inner.call(req),
             };
         };
-        let saved = Saved::new(&req, headers, replayable);
         first_attempt(&mut req);
         RetryFuture::First {
             inner: self.inner.call(req),
@@ -224,118 +223,183 @@ fn first_attempt(req: &mut Request<RequestBody>) {
 /// What a request needs to be sent again.
 #[derive(Debug)]
 struct Saved {
-    method: Method,
-    uri: http::Uri,
+    head: SavedHead,
     version: http::Version,
-    headers: SavedHeaders,
     body: Replayable,
     /// The trace each attempt continues (its own client span).
     trace: Option<Outbound>,
 }
 
 impl Saved {
-    /// What `req` (whose `headers` are saved) and `body` need to be sent
-    /// again.
-    fn new(req: &Request<RequestBody>, headers: SavedHeaders, body: Replayable) -> Self {
-        Self {
-            method: req.method().clone(),
-            uri: req.uri().clone(),
+    /// What `req`, whose body is `body`, needs to be sent again; `None`
+    /// when its head is too large to save.
+    fn new(req: &Request<RequestBody>, body: Replayable) -> Option<Self> {
+        Some(Self {
+            head: SavedHead::save(req.method(), req.uri(), req.headers())?,
             version: req.version(),
-            headers,
             body,
             trace: req.extensions().get::<Outbound>().cloned(),
-        }
+        })
     }
 
-    /// The request of attempt `n`.
-    fn request(&self, n: u32, tried: &TriedEndpoints) -> Request<RequestBody> {
-        let mut req = Request::new(self.body.body());
-        *req.method_mut() = self.method.clone();
-        *req.uri_mut() = self.uri.clone();
+    /// The request of attempt `n`; `None` if the saved head does not read
+    /// back (it cannot: it was a request's).
+    fn request(&self, n: u32, tried: &TriedEndpoints) -> Option<Request<RequestBody>> {
+        let mut req = self.head.restore(self.body.body())?;
         *req.version_mut() = self.version;
-        let headers = req.headers_mut();
-        self.headers.restore(headers);
-        headers.insert(&ATTEMPT_COUNT, attempt_value(n));
+        req.headers_mut().insert(&ATTEMPT_COUNT, attempt_value(n));
         if !tried.0.is_empty() {
             req.extensions_mut().insert(tried.clone());
         }
         if let Some(trace) = &self.trace {
             req.extensions_mut().insert(trace.clone());
         }
-        req
+        Some(req)
     }
 }
 
-/// A request's headers, kept for a retry as bytes in one buffer: for each
-/// header in order, its name's length and its value's (little-endian
-/// `u32`s; the value's top bit marks a sensitive value), then the name
-/// and the value.
+/// A request's method, URI and headers, kept for a retry as bytes in one
+/// buffer: the lengths of the method and of the URI's scheme, authority
+/// and path (each empty when absent) as little-endian `u32`s, then those
+/// four; then for each header in order its name's length and its value's
+/// (`u32`s; the value's top bit marks a sensitive value), the name and the
+/// value.
 ///
-/// PERF: a copy of each name and value (`Bytes` clones) costs a reference
-/// count through a vtable for each, at the copy and again at the drop,
-/// for a request that is almost never retried. The bytes cost about as
-/// much to copy and next to nothing to drop (callgrind: 136 instructions
-/// per request instead of 503), and are parsed again only for a retry.
+/// PERF: a clone of the URI and of each name and value (`Bytes`) costs a
+/// reference count through a vtable for each, at the copy and again at
+/// the drop, for a request that is almost never retried. The bytes cost
+/// less to copy, nothing to drop, and are parsed again only for a retry.
+/// Their buffers are reused by the thread's next requests ([`SPARE`]), so
+/// that saving a head does not allocate.
 #[derive(Debug)]
-struct SavedHeaders {
+struct SavedHead {
     bytes: Vec<u8>,
-    count: usize,
+    headers: usize,
 }
+
+thread_local! {
+    /// Buffers of saved heads that were dropped, for the next ones.
+    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare buffers kept per thread, each at most [`SPARE_CAPACITY`] bytes:
+/// 128 KiB at most.
+const SPARE_BUFFERS: usize = 32;
+const SPARE_CAPACITY: usize = 4096;
 
 /// Marks a sensitive value in its saved length.
 const SENSITIVE: u32 = 1 << 31;
 
-impl SavedHeaders {
-    /// `None` when a name or value is too long to record (2 GiB; far over
-    /// any header limit the proxy accepts).
-    fn save(headers: &http::HeaderMap) -> Option<Self> {
-        // Most names and values together fit in 56 bytes.
-        let mut bytes = Vec::with_capacity(headers.len() * 64);
+impl SavedHead {
+    /// `None` when the head is too long to record (2 GiB; far over any
+    /// limit the proxy accepts).
+    // Lengths are cast down unchecked, then checked at once: none is over
+    // the whole, which is under 2 GiB.
+    #[allow(clippy::cast_possible_truncation)]
+    fn save(method: &Method, uri: &http::Uri, headers: &http::HeaderMap) -> Option<Self> {
+        let mut bytes = SPARE
+            .try_with(|spare| spare.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        // Most parts, names and values together fit in 64 bytes.
+        bytes.reserve(64 * (headers.len() + 1));
+        let parts = [
+            method.as_str(),
+            uri.scheme_str().unwrap_or_default(),
+            uri.authority().map_or("", http::uri::Authority::as_str),
+            uri.path_and_query()
+                .map_or("", http::uri::PathAndQuery::as_str),
+        ];
+        let mut lengths = [0; 16];
+        for (length, part) in lengths.chunks_exact_mut(4).zip(parts) {
+            length.copy_from_slice(&(part.len() as u32).to_le_bytes());
+        }
+        bytes.extend_from_slice(&lengths);
+        // (An origin-form request has neither scheme nor authority.)
+        for part in parts.iter().filter(|part| !part.is_empty()) {
+            bytes.extend_from_slice(part.as_bytes());
+        }
         for (name, value) in headers {
             let name = name.as_str().as_bytes();
             let value_bytes = value.as_bytes();
-            let name_len = u32::try_from(name.len()).ok()?;
-            let value_len = u32::try_from(value_bytes.len())
-                .ok()
-                .filter(|&len| len < SENSITIVE)?;
             let flag = if value.is_sensitive() { SENSITIVE } else { 0 };
-            let lengths = u64::from(name_len) | u64::from(value_len | flag) << 32;
-            bytes.reserve(8 + name.len() + value_bytes.len());
+            let lengths =
+                u64::from(name.len() as u32) | u64::from(value_bytes.len() as u32 | flag) << 32;
             bytes.extend_from_slice(&lengths.to_le_bytes());
             bytes.extend_from_slice(name);
             bytes.extend_from_slice(value_bytes);
         }
-        Some(Self {
+        let head = Self {
             bytes,
-            count: headers.len(),
-        })
+            headers: headers.len(),
+        };
+        // (Dropped, the buffer goes back to the spares.)
+        (head.bytes.len() < SENSITIVE as usize).then_some(head)
     }
 
-    /// Appends the saved headers to `into`, in their order.
-    fn restore(&self, into: &mut http::HeaderMap) {
-        into.reserve(self.count + 1);
-        let mut rest = self.bytes.as_slice();
+    /// A request with the saved method, URI and headers (in their order),
+    /// and `body`.
+    fn restore(&self, body: RequestBody) -> Option<Request<RequestBody>> {
+        let (lengths, mut rest) = self.bytes.split_first_chunk::<16>()?;
+        let mut lengths = lengths.chunks_exact(4);
+        let mut part = || {
+            let (len, _) = take_u32(lengths.next()?)?;
+            let (part, tail) = rest.split_at_checked(len as usize)?;
+            rest = tail;
+            Some(part)
+        };
+        let method = Method::from_bytes(part()?).ok()?;
+        let (scheme, authority, path) = (part()?, part()?, part()?);
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = (!scheme.is_empty())
+            .then(|| http::uri::Scheme::try_from(scheme))
+            .transpose()
+            .ok()?;
+        uri.authority = (!authority.is_empty())
+            .then(|| http::uri::Authority::try_from(authority))
+            .transpose()
+            .ok()?;
+        uri.path_and_query = (!path.is_empty())
+            .then(|| http::uri::PathAndQuery::try_from(path))
+            .transpose()
+            .ok()?;
+        let mut req = Request::new(body);
+        *req.method_mut() = method;
+        *req.uri_mut() = http::Uri::from_parts(uri).ok()?;
+        let into = req.headers_mut();
+        into.reserve(self.headers + 1);
         while let Some((name_len, tail)) = take_u32(rest)
             && let Some((value_len, tail)) = take_u32(tail)
         {
             let sensitive = value_len & SENSITIVE != 0;
             let (name_len, value_len) = (name_len as usize, (value_len & !SENSITIVE) as usize);
-            let Some((name, tail)) = tail.split_at_checked(name_len) else {
-                return;
-            };
-            let Some((value, tail)) = tail.split_at_checked(value_len) else {
-                return;
-            };
+            let (name, tail) = tail.split_at_checked(name_len)?;
+            let (value, tail) = tail.split_at_checked(value_len)?;
             rest = tail;
-            // Both were a valid name and value when saved; a failure here
-            // cannot happen, and would drop only that header.
-            if let (Ok(name), Ok(mut value)) =
-                (HeaderName::from_bytes(name), HeaderValue::from_bytes(value))
-            {
-                value.set_sensitive(sensitive);
-                into.append(name, value);
-            }
+            let name = HeaderName::from_bytes(name).ok()?;
+            let mut value = HeaderValue::from_bytes(value).ok()?;
+            value.set_sensitive(sensitive);
+            into.append(name, value);
         }
+        Some(req)
+    }
+}
+
+impl Drop for SavedHead {
+    fn drop(&mut self) {
+        let mut bytes = std::mem::take(&mut self.bytes);
+        if bytes.capacity() > SPARE_CAPACITY {
+            return;
+        }
+        bytes.clear();
+        // At the thread's exit the spares are gone: the buffer is freed.
+        let _ = SPARE.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < SPARE_BUFFERS {
+                spare.push(bytes);
+            }
+        });
     }
 }
 
@@ -396,16 +460,21 @@ where
                 RetryProj::Once { inner } => return inner.poll(cx),
                 RetryProj::Retrying { inner } => return inner.as_mut().poll(cx),
                 RetryProj::First { inner, rest } => {
-                    // PERF: `Pending` is returned as itself: returning the
-                    // polled value would copy a whole outcome-sized `Poll`
-                    // on every wake.
-                    let Poll::Ready(outcome) = inner.poll(cx) else {
+                    // PERF: what was polled is returned as it is unless it
+                    // is retried: taking the outcome out of the `Poll` and
+                    // wrapping it in a new one copied it once more.
+                    let polled = inner.poll(cx);
+                    let Poll::Ready(outcome) = &polled else {
                         return Poll::Pending;
                     };
                     let Some(rest) =
-                        rest.take_if(|kept| retryable(&kept.retrying.policy, &outcome).is_some())
+                        rest.take_if(|kept| retryable(&kept.retrying.policy, outcome).is_some())
                     else {
-                        return Poll::Ready(outcome);
+                        return polled;
+                    };
+                    // (Ready: seen above.)
+                    let Poll::Ready(outcome) = polled else {
+                        return Poll::Pending;
                     };
                     RetryFuture::Retrying {
                         inner: Box::pin(within(rest.deadline, retry_after(*rest, outcome))),
@@ -453,14 +522,12 @@ where
             });
         }
     };
-    let Some(headers) = SavedHeaders::save(&parts.headers) else {
+    let mut req = Request::from_parts(parts, body.body());
+    let Some(saved) = Saved::new(&req, body) else {
         // Too large to keep: sent once.
-        let mut req = Request::from_parts(parts, body.body());
         first_attempt(&mut req);
         return service.ready().await?.call(req).await;
     };
-    let mut req = Request::from_parts(parts, body.body());
-    let saved = Saved::new(&req, headers, body);
     first_attempt(&mut req);
     let outcome = attempt(&mut service, req).await;
     retry_after(
@@ -509,6 +576,12 @@ where
             Some(wait) => wait,
             None => backoff(policy, attempts),
         };
+        if let Some(endpoint) = failed_on {
+            tried.0.push(endpoint);
+        }
+        let Some(next) = saved.request(attempts + 1, &tried) else {
+            return with_attempts(outcome, attempts);
+        };
         let Some(slot) = RetryInFlight::take(&retrying.metrics, retrying.max_retries) else {
             retrying.metrics.retries_overflow.fetch_add(1, Relaxed);
             tracing::debug!(attempts, "max_retries in flight; the failure goes back");
@@ -529,15 +602,12 @@ where
         }
         retrying.metrics.retries.fetch_add(1, Relaxed);
         in_flight = Some(slot);
-        if let Some(endpoint) = failed_on {
-            tried.0.push(endpoint);
-        }
         // The failed response's body is dropped (its connection closed)
         // before the next attempt.
         drop(outcome);
         tokio::time::sleep(wait).await;
         attempts += 1;
-        outcome = attempt(&mut service, saved.request(attempts, &tried)).await;
+        outcome = attempt(&mut service, next).await;
     }
 }
 

@@ -434,7 +434,7 @@ async fn a_route_timeout_kept_by_the_retry_layer_bounds_the_retries() {
 }
 
 #[test]
-fn saved_headers_come_back_as_they_were() {
+fn a_saved_head_comes_back_as_it_was() {
     let mut headers = http::HeaderMap::new();
     headers.insert(header::HOST, HeaderValue::from_static("backend"));
     headers.append("x-multi", HeaderValue::from_static("one"));
@@ -447,22 +447,68 @@ fn saved_headers_come_back_as_they_were() {
     headers.insert("x-empty", HeaderValue::from_static(""));
     let long = "v".repeat(10_000);
     headers.insert(header::COOKIE, HeaderValue::from_str(&long).unwrap());
-
-    let saved = SavedHeaders::save(&headers).unwrap();
-    let mut restored = http::HeaderMap::new();
-    saved.restore(&mut restored);
-    assert_eq!(restored, headers);
     let order = |map: &http::HeaderMap| {
         map.iter()
             .map(|(name, value)| (name.clone(), value.clone()))
             .collect::<Vec<_>>()
     };
-    assert_eq!(order(&restored), order(&headers));
-    assert!(restored[header::AUTHORIZATION].is_sensitive());
-    assert!(!restored[header::HOST].is_sensitive());
 
-    let empty = SavedHeaders::save(&http::HeaderMap::new()).unwrap();
-    let mut restored = http::HeaderMap::new();
-    empty.restore(&mut restored);
-    assert!(restored.is_empty());
+    for (method, uri) in [
+        (Method::GET, "/a/b?c=d&e"),
+        (Method::PUT, "https://example.com:8443/x?y"),
+        (Method::OPTIONS, "*"),
+        (Method::from_bytes(b"PURGE").unwrap(), "http://h/"),
+    ] {
+        let uri: http::Uri = uri.parse().unwrap();
+        let saved = SavedHead::save(&method, &uri, &headers).unwrap();
+        let restored = saved
+            .restore(RequestBody::Replay {
+                data: None,
+                trailers: None,
+            })
+            .unwrap();
+        assert_eq!(restored.method(), method);
+        assert_eq!(restored.uri(), &uri);
+        assert_eq!(restored.headers(), &headers);
+        assert_eq!(order(restored.headers()), order(&headers));
+        assert!(restored.headers()[header::AUTHORIZATION].is_sensitive());
+        assert!(!restored.headers()[header::HOST].is_sensitive());
+    }
+
+    let uri = http::Uri::from_static("/");
+    let empty = SavedHead::save(&Method::HEAD, &uri, &http::HeaderMap::new()).unwrap();
+    let restored = empty
+        .restore(RequestBody::Replay {
+            data: None,
+            trailers: None,
+        })
+        .unwrap();
+    assert_eq!(restored.method(), Method::HEAD);
+    assert!(restored.headers().is_empty());
+}
+
+#[test]
+fn a_saved_heads_buffer_is_reused_by_the_next_and_a_large_one_is_not_kept() {
+    let uri = http::Uri::from_static("/");
+    let mut headers = http::HeaderMap::new();
+    headers.insert(header::HOST, HeaderValue::from_static("backend"));
+    let spare = || SPARE.with_borrow(Vec::len);
+    let before = spare();
+    let first = SavedHead::save(&Method::GET, &uri, &headers).unwrap();
+    let buffer = first.bytes.as_ptr();
+    drop(first);
+    assert_eq!(spare(), before + 1);
+    let second = SavedHead::save(&Method::GET, &uri, &headers).unwrap();
+    assert_eq!(second.bytes.as_ptr(), buffer);
+    assert_eq!(spare(), before);
+    drop(second);
+
+    headers.insert(
+        header::COOKIE,
+        HeaderValue::from_str(&"v".repeat(8000)).unwrap(),
+    );
+    let large = SavedHead::save(&Method::GET, &uri, &headers).unwrap();
+    let kept = spare();
+    drop(large);
+    assert_eq!(spare(), kept);
 }
