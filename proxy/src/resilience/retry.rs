@@ -191,7 +191,7 @@ where
                 )),
             };
         };
-        let Some(saved) = Saved::new(&req, replayable) else {
+        let Some(saved) = Saved::keep(&req, replayable) else {
             // Too large to keep: sent once.
             first_attempt(&mut req);
             return RetryFuture::Once {
@@ -201,14 +201,15 @@ where
         first_attempt(&mut req);
         RetryFuture::First {
             inner: self.inner.call(req),
-            // PERF: boxed, so that every layer above moves a future the
-            // size of the attempt's, not 400 bytes more.
-            rest: Some(Box::new(Rest {
+            // PERF: the copy itself is boxed (`Kept`), so that every
+            // layer above moves a future only a little larger than the
+            // attempt's.
+            rest: Some(Rest {
                 service: self.inner.clone(),
                 retrying: retrying.clone(),
                 saved,
                 deadline,
-            })),
+            }),
         }
     }
 }
@@ -221,7 +222,7 @@ fn first_attempt(req: &mut Request<RequestBody>) {
 }
 
 /// What a request needs to be sent again.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct Saved {
     head: SavedHead,
     version: http::Version,
@@ -233,13 +234,22 @@ struct Saved {
 impl Saved {
     /// What `req`, whose body is `body`, needs to be sent again; `None`
     /// when its head is too large to save.
-    fn new(req: &Request<RequestBody>, body: Replayable) -> Option<Self> {
-        Some(Self {
-            head: SavedHead::save(req.method(), req.uri(), req.headers())?,
-            version: req.version(),
-            body,
-            trace: req.extensions().get::<Outbound>().cloned(),
-        })
+    fn keep(req: &Request<RequestBody>, body: Replayable) -> Option<Kept> {
+        let mut kept = Kept(Some(
+            SPARE
+                .try_with(|spare| spare.borrow_mut().pop())
+                .ok()
+                .flatten()
+                .unwrap_or_default(),
+        ));
+        let saved = kept.0.as_deref_mut()?;
+        if !saved.head.save(req.method(), req.uri(), req.headers()) {
+            return None;
+        }
+        saved.version = req.version();
+        saved.body = body;
+        saved.trace = req.extensions().get::<Outbound>().cloned();
+        Some(kept)
     }
 
     /// The request of attempt `n`; `None` if the saved head does not read
@@ -258,6 +268,46 @@ impl Saved {
     }
 }
 
+/// A request's [`Saved`] copy, in a box that goes back to the thread's
+/// spares when it is dropped ([`SPARE`]), emptied but with its buffer.
+///
+/// PERF: the thread's next request takes it back: keeping a request for a
+/// retry then allocates nothing, neither the box nor the buffer, and
+/// frees nothing.
+#[derive(Debug)]
+struct Kept(Option<Box<Saved>>);
+
+thread_local! {
+    /// Copies of requests that were dropped, for the next ones.
+    static SPARE: std::cell::RefCell<Vec<Box<Saved>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Spare copies kept per thread, each with a buffer of at most
+/// [`SPARE_CAPACITY`] bytes: about 136 KiB at most.
+const SPARE_COPIES: usize = 32;
+const SPARE_CAPACITY: usize = 4096;
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let Some(mut saved) = self.0.take() else {
+            return;
+        };
+        if saved.head.bytes.capacity() > SPARE_CAPACITY {
+            return;
+        }
+        saved.head.bytes.clear();
+        saved.body = Replayable::default();
+        saved.trace = None;
+        // At the thread's exit the spares are gone: the copy is freed.
+        let _ = SPARE.try_with(|spare| {
+            let mut spare = spare.borrow_mut();
+            if spare.len() < SPARE_COPIES {
+                spare.push(saved);
+            }
+        });
+    }
+}
+
 /// A request's method, URI and headers, kept for a retry as bytes in one
 /// buffer: the lengths of the method and of the URI's scheme, authority
 /// and path (each empty when absent) as little-endian `u32`s, then those
@@ -269,39 +319,25 @@ impl Saved {
 /// reference count through a vtable for each, at the copy and again at
 /// the drop, for a request that is almost never retried. The bytes cost
 /// less to copy, nothing to drop, and are parsed again only for a retry.
-/// Their buffers are reused by the thread's next requests ([`SPARE`]), so
-/// that saving a head does not allocate.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 struct SavedHead {
     bytes: Vec<u8>,
     headers: usize,
 }
 
-thread_local! {
-    /// Buffers of saved heads that were dropped, for the next ones.
-    static SPARE: std::cell::RefCell<Vec<Vec<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
-/// Spare buffers kept per thread, each at most [`SPARE_CAPACITY`] bytes:
-/// 128 KiB at most.
-const SPARE_BUFFERS: usize = 32;
-const SPARE_CAPACITY: usize = 4096;
-
 /// Marks a sensitive value in its saved length.
 const SENSITIVE: u32 = 1 << 31;
 
 impl SavedHead {
-    /// `None` when the head is too long to record (2 GiB; far over any
-    /// limit the proxy accepts).
+    /// Saves a request's head in place of what was saved; `false` when it
+    /// is too long to record (2 GiB; far over any limit the proxy
+    /// accepts).
     // Lengths are cast down unchecked, then checked at once: none is over
     // the whole, which is under 2 GiB.
     #[allow(clippy::cast_possible_truncation)]
-    fn save(method: &Method, uri: &http::Uri, headers: &http::HeaderMap) -> Option<Self> {
-        let mut bytes = SPARE
-            .try_with(|spare| spare.borrow_mut().pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+    fn save(&mut self, method: &Method, uri: &http::Uri, headers: &http::HeaderMap) -> bool {
+        let bytes = &mut self.bytes;
+        bytes.clear();
         // Most parts, names and values together fit in 64 bytes.
         bytes.reserve(64 * (headers.len() + 1));
         let parts = [
@@ -330,12 +366,8 @@ impl SavedHead {
             bytes.extend_from_slice(name);
             bytes.extend_from_slice(value_bytes);
         }
-        let head = Self {
-            bytes,
-            headers: headers.len(),
-        };
-        // (Dropped, the buffer goes back to the spares.)
-        (head.bytes.len() < SENSITIVE as usize).then_some(head)
+        self.headers = headers.len();
+        bytes.len() < SENSITIVE as usize
     }
 
     /// A request with the saved method, URI and headers (in their order),
@@ -386,23 +418,6 @@ impl SavedHead {
     }
 }
 
-impl Drop for SavedHead {
-    fn drop(&mut self) {
-        let mut bytes = std::mem::take(&mut self.bytes);
-        if bytes.capacity() > SPARE_CAPACITY {
-            return;
-        }
-        bytes.clear();
-        // At the thread's exit the spares are gone: the buffer is freed.
-        let _ = SPARE.try_with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if spare.len() < SPARE_BUFFERS {
-                spare.push(bytes);
-            }
-        });
-    }
-}
-
 /// A little-endian `u32` from the front of `bytes`, and what follows it.
 fn take_u32(bytes: &[u8]) -> Option<(u32, &[u8])> {
     let (head, tail) = bytes.split_first_chunk::<4>()?;
@@ -413,7 +428,7 @@ fn take_u32(bytes: &[u8]) -> Option<(u32, &[u8])> {
 struct Rest<S> {
     service: S,
     retrying: Arc<Retrying>,
-    saved: Saved,
+    saved: Kept,
     /// The route's deadline, when this layer keeps it.
     deadline: Option<tokio::time::Instant>,
 }
@@ -438,7 +453,7 @@ pin_project! {
         // No retries: one attempt.
         Once { #[pin] inner: F },
         // The first attempt of a request that may be retried.
-        First { #[pin] inner: F, rest: Option<Box<Rest<S>>> },
+        First { #[pin] inner: F, rest: Option<Rest<S>> },
         // Reading the body, or retrying.
         Retrying { inner: Boxed },
     }
@@ -477,7 +492,7 @@ where
                         return Poll::Pending;
                     };
                     RetryFuture::Retrying {
-                        inner: Box::pin(within(rest.deadline, retry_after(*rest, outcome))),
+                        inner: Box::pin(within(rest.deadline, retry_after(rest, outcome))),
                     }
                 }
             };
@@ -523,7 +538,7 @@ where
         }
     };
     let mut req = Request::from_parts(parts, body.body());
-    let Some(saved) = Saved::new(&req, body) else {
+    let Some(saved) = Saved::keep(&req, body) else {
         // Too large to keep: sent once.
         first_attempt(&mut req);
         return service.ready().await?.call(req).await;
@@ -579,7 +594,8 @@ where
         if let Some(endpoint) = failed_on {
             tried.0.push(endpoint);
         }
-        let Some(next) = saved.request(attempts + 1, &tried) else {
+        let Some(next) = (saved.0.as_deref()).and_then(|saved| saved.request(attempts + 1, &tried))
+        else {
             return with_attempts(outcome, attempts);
         };
         let Some(slot) = RetryInFlight::take(&retrying.metrics, retrying.max_retries) else {

@@ -460,7 +460,8 @@ fn a_saved_head_comes_back_as_it_was() {
         (Method::from_bytes(b"PURGE").unwrap(), "http://h/"),
     ] {
         let uri: http::Uri = uri.parse().unwrap();
-        let saved = SavedHead::save(&method, &uri, &headers).unwrap();
+        let mut saved = SavedHead::default();
+        assert!(saved.save(&method, &uri, &headers));
         let restored = saved
             .restore(RequestBody::Replay {
                 data: None,
@@ -476,7 +477,8 @@ fn a_saved_head_comes_back_as_it_was() {
     }
 
     let uri = http::Uri::from_static("/");
-    let empty = SavedHead::save(&Method::HEAD, &uri, &http::HeaderMap::new()).unwrap();
+    let mut empty = SavedHead::default();
+    assert!(empty.save(&Method::HEAD, &uri, &http::HeaderMap::new()));
     let restored = empty
         .restore(RequestBody::Replay {
             data: None,
@@ -488,26 +490,35 @@ fn a_saved_head_comes_back_as_it_was() {
 }
 
 #[test]
-fn a_saved_heads_buffer_is_reused_by_the_next_and_a_large_one_is_not_kept() {
-    let uri = http::Uri::from_static("/");
-    let mut headers = http::HeaderMap::new();
-    headers.insert(header::HOST, HeaderValue::from_static("backend"));
+fn a_kept_copy_is_reused_by_the_next_request_and_a_large_one_is_not() {
+    let mut req = request(Method::GET, b"body");
+    req.headers_mut()
+        .insert(header::HOST, HeaderValue::from_static("backend"));
     let spare = || SPARE.with_borrow(Vec::len);
     let before = spare();
-    let first = SavedHead::save(&Method::GET, &uri, &headers).unwrap();
-    let buffer = first.bytes.as_ptr();
+    let first = Saved::keep(&req, Replayable::default()).unwrap();
+    let copy: *const Saved = first.0.as_deref().unwrap();
+    let buffer = first.0.as_ref().unwrap().head.bytes.as_ptr();
     drop(first);
     assert_eq!(spare(), before + 1);
-    let second = SavedHead::save(&Method::GET, &uri, &headers).unwrap();
-    assert_eq!(second.bytes.as_ptr(), buffer);
+
+    let second = Saved::keep(&req, Replayable::default()).unwrap();
+    let saved = second.0.as_deref().unwrap();
+    assert!(std::ptr::eq(saved, copy));
+    assert_eq!(saved.head.bytes.as_ptr(), buffer);
     assert_eq!(spare(), before);
+    // What the first request left is gone: the copy is the second's.
+    let again = saved.request(2, &TriedEndpoints::default()).unwrap();
+    assert_eq!(again.headers()[header::HOST], "backend");
+    assert_eq!(again.headers()[&ATTEMPT_COUNT], "2");
+    assert_eq!(again.headers().len(), 2);
     drop(second);
 
-    headers.insert(
+    req.headers_mut().insert(
         header::COOKIE,
         HeaderValue::from_str(&"v".repeat(8000)).unwrap(),
     );
-    let large = SavedHead::save(&Method::GET, &uri, &headers).unwrap();
+    let large = Saved::keep(&req, Replayable::default()).unwrap();
     let kept = spare();
     drop(large);
     assert_eq!(spare(), kept);
