@@ -278,7 +278,9 @@ impl Saved {
 struct Kept(Option<Box<Saved>>);
 
 thread_local! {
-    /// Copies of requests that were dropped, for the next ones.
+    /// Copies of requests that were dropped, for the next ones. (Boxes:
+    /// the box itself is what is reused.)
+    #[allow(clippy::vec_box)]
     static SPARE: std::cell::RefCell<Vec<Box<Saved>>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
