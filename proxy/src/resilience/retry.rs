@@ -596,8 +596,11 @@ where
         if let Some(endpoint) = failed_on {
             tried.0.push(endpoint);
         }
-        let Some(next) = (saved.0.as_deref()).and_then(|saved| saved.request(attempts + 1, &tried))
-        else {
+        let next = saved
+            .0
+            .as_deref()
+            .and_then(|saved| saved.request(attempts + 1, &tried));
+        let Some(next) = next else {
             return with_attempts(outcome, attempts);
         };
         let Some(slot) = RetryInFlight::take(&retrying.metrics, retrying.max_retries) else {
