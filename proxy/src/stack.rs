@@ -903,7 +903,10 @@ clusters:
         // PERF: 1,008 bytes with the local answers and the retry's saved
         // request inline (memcpy was 5 % of a request's instructions).
         let size = std::mem::size_of::<Future<RouteService>>();
-        assert!(size <= 192, "a route's future is {size} bytes");
-        assert!(std::mem::size_of::<Future<Retry<Backend>>>() <= 64);
+        // The retry's state beside its first attempt (its copy of the
+        // request boxed and reused) adds 80 bytes and saves an allocation.
+        assert!(size <= 256, "a route's future is {size} bytes");
+        let retry = std::mem::size_of::<Future<Retry<Backend>>>();
+        assert!(retry <= 144, "a retry's future is {retry} bytes");
     }
 }
