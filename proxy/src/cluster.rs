@@ -8,6 +8,7 @@
 //! changes on its own (DNS re-resolution), so it sits behind its own
 //! `ArcSwap`; one `load` gives a consistent set and its prepared balancer.
 
+mod h1;
 pub(crate) mod health;
 mod lb;
 pub(crate) mod outlier;
@@ -25,7 +26,7 @@ use arc_swap::ArcSwap;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Request, Response, Uri, Version, header};
 
-pub(crate) use pool::{Endpoint, UpstreamBody, Wire};
+pub(crate) use pool::{Endpoint, UpstreamBody, UpstreamBodyError, Wire};
 
 use crate::body::RequestBody;
 use crate::config::{Cluster, EndpointAddress, UpstreamProtocol};

@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use http::StatusCode;
 
+/// The cause of an error, as whichever client library reported it.
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Who failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Origin {
@@ -60,7 +63,7 @@ pub(crate) enum ProxyError {
         endpoint: Option<SocketAddr>,
         /// The cause.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The cluster has no endpoint to send to.
     #[error("no healthy endpoint in cluster {cluster}")]
@@ -118,7 +121,7 @@ pub(crate) enum ProxyError {
         request_sent: bool,
         /// The cause.
         #[source]
-        source: hyper::Error,
+        source: BoxError,
     },
     /// The route's timeout elapsed before the response headers arrived.
     #[error("upstream timed out")]

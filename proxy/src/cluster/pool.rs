@@ -10,11 +10,17 @@
 //! sent again on a fresh connection; nothing that reached the server is
 //! resent.
 //!
+//! HTTP/1.1 requests are written and their responses read by the request's
+//! own task, with the client in [`super::h1`]; an upgrade (WebSocket) goes
+//! through hyper's client, on a pooled connection's socket or a new one,
+//! and its connection is not pooled again.
+//!
 //! HTTP/2: one multiplexed connection per endpoint, replaced when it closes.
 //!
-//! Upstream connection tasks are owned by their senders: a task ends when
-//! the pool drops its sender or the peer closes. They are not part of the
-//! drain (they end with the process once downstream work is done).
+//! Upstream connection tasks (HTTP/2, upgrades) are owned by their senders:
+//! a task ends when the pool drops its sender or the peer closes. They are
+//! not part of the drain (they end with the process once downstream work
+//! is done).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -32,7 +38,6 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use pin_project_lite::pin_project;
 
 use crate::body::{DownstreamBodyError, RequestBody};
 use crate::config::Cluster;
@@ -91,12 +96,21 @@ pub(crate) enum Wire {
     Http2,
 }
 
+/// An HTTP/1.1 connection of the pool's, and what keeps it counted.
 #[derive(Debug)]
-struct IdleH1 {
-    sender: http1::SendRequest<RequestBody>,
-    since: Instant,
+struct PooledH1 {
+    conn: H1Connection,
+    open: OpenConnection,
     /// Not reused from then on (see [`Retire`]).
     retire: Retire,
+}
+
+type H1Connection = super::h1::Connection<Stream, RequestBody>;
+
+#[derive(Debug)]
+struct IdleH1 {
+    pooled: PooledH1,
+    since: Instant,
 }
 
 /// An endpoint: its address, weight, load and connections.
@@ -279,22 +293,99 @@ impl Endpoint {
         req: Request<RequestBody>,
         guard: ActiveGuard,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
+        if req.headers().contains_key(http::header::UPGRADE)
+            || req.method() == http::Method::CONNECT
+        {
+            // Boxed: upgrades are few, and hyper's client state would sit
+            // in every request's future.
+            return Box::pin(self.send_upgrade(req, guard)).await;
+        }
         let mut req = req;
         let mut reuse = true;
-        let mut fresh_failures = 0;
         loop {
             let idle = || reuse.then(|| self.take_idle()).flatten();
-            let (mut sender, retire, reused) = match self.connection_or_slot(idle).await? {
-                Acquired::Existing((sender, retire)) => (sender, retire, true),
+            let (pooled, reused) = match self.connection_or_slot(idle).await? {
+                Acquired::Existing(pooled) => (pooled, true),
+                // Boxed: a connect's state (TCP, TLS) would otherwise sit in
+                // every request's future, and be copied with it, though most
+                // requests find a pooled connection.
+                Acquired::Slot(slot) => (Box::pin(self.connect_h1(slot)).await?, false),
+            };
+            let PooledH1 { conn, open, retire } = pooled;
+            match conn.send(req).await {
+                Ok(response) => {
+                    let back = GiveBack {
+                        endpoint: self.clone(),
+                        open,
+                        retire,
+                    };
+                    return Ok(response.map(|body| UpstreamBody::h1(body, back, guard)));
+                }
+                // Not written: the server had closed the idle connection.
+                Err(super::h1::SendError {
+                    unsent: Some(unsent),
+                    ..
+                }) if reused => {
+                    req = unsent;
+                    reuse = false;
+                }
+                Err(super::h1::SendError { error, unsent }) => {
+                    return Err(self.h1_error(error, unsent.is_none()));
+                }
+            }
+        }
+    }
+
+    /// The error for a request that failed on an HTTP/1.1 connection: the
+    /// client's when its own body broke, else the upstream's.
+    fn h1_error(&self, error: super::h1::Error, request_sent: bool) -> ProxyError {
+        match error {
+            super::h1::Error::RequestBody(source) => ProxyError::DownstreamBody {
+                endpoint: Some(self.addr),
+                source,
+            },
+            error => ProxyError::UpstreamReset {
+                endpoint: self.addr,
+                request_sent,
+                source: error.into(),
+            },
+        }
+    }
+
+    /// Sends an upgrade request (or CONNECT) with hyper's client, which
+    /// hands the upgraded connection to the tunnel; its connection is not
+    /// pooled again.
+    async fn send_upgrade(
+        self: &Arc<Self>,
+        req: Request<RequestBody>,
+        guard: ActiveGuard,
+    ) -> Result<Response<UpstreamBody>, ProxyError> {
+        let mut fresh_failures = 0;
+        loop {
+            // An idle connection's socket serves as well as a new one.
+            let idle = || {
+                let PooledH1 { conn, open, .. } = self.take_idle()?;
+                Some((conn.into_io()?, open))
+            };
+            let (stream, open, reused) = match self.connection_or_slot(idle).await? {
+                Acquired::Existing((stream, open)) => (stream, open, true),
                 Acquired::Slot(slot) => {
-                    // Boxed: a connect's state (TCP, TLS, hyper's
-                    // handshake) would otherwise sit in every request's
-                    // future, and be copied with it, though most requests
-                    // find a pooled connection.
-                    let (sender, retire) = Box::pin(self.connect_h1(slot)).await?;
-                    (sender, retire, false)
+                    let stream = self.connect(Wire::Http1).await?;
+                    (stream, OpenConnection::new(slot), false)
                 }
             };
+            let (mut sender, conn) = http1::Builder::new()
+                .handshake(TokioIo::new(stream))
+                .await
+                .map_err(|source| ProxyError::UpstreamHandshake {
+                    endpoint: self.addr,
+                    source,
+                })?;
+            tokio::spawn(async move {
+                // Errors here are reported to the request that saw them.
+                let _ = conn.with_upgrades().await;
+                drop(open);
+            });
             if let Err(source) = sender.ready().await {
                 // A pooled connection closed while idle: take another. A
                 // fresh one that is closed already is the upstream's doing;
@@ -307,26 +398,10 @@ impl Endpoint {
                 }
                 continue;
             }
-            match sender.try_send_request(req).await {
-                Ok(response) => {
-                    let upgrade = response.status() == http::StatusCode::SWITCHING_PROTOCOLS;
-                    // An upgraded connection belongs to the tunnel now.
-                    let back = (!upgrade).then(|| GiveBack {
-                        endpoint: self.clone(),
-                        sender,
-                        retire,
-                    });
-                    return Ok(response.map(|body| UpstreamBody::new(body, back, guard)));
-                }
-                Err(mut error) => match error.take_message() {
-                    // Not written: the server had closed the idle connection.
-                    Some(unsent) if reused => {
-                        req = unsent;
-                        reuse = false;
-                    }
-                    unsent => return Err(self.reset(error.into_error(), unsent.is_some())),
-                },
-            }
+            return match sender.send_request(req).await {
+                Ok(response) => Ok(response.map(|body| UpstreamBody::hyper(body, guard))),
+                Err(source) => Err(self.reset(source, false)),
+            };
         }
     }
 
@@ -336,24 +411,24 @@ impl Endpoint {
         if DownstreamBodyError::find(&source) {
             return ProxyError::DownstreamBody {
                 endpoint: Some(self.addr),
-                source,
+                source: source.into(),
             };
         }
         ProxyError::UpstreamReset {
             endpoint: self.addr,
             request_sent: !request_unsent,
-            source,
+            source: source.into(),
         }
     }
 
-    fn take_idle(&self) -> Option<(http1::SendRequest<RequestBody>, Retire)> {
+    fn take_idle(&self) -> Option<PooledH1> {
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(entry) = idle.pop() {
+        while let Some(mut entry) = idle.pop() {
             if entry.since.elapsed() < self.settings.idle_timeout
-                && !entry.sender.is_closed()
-                && !entry.retire.is_due()
+                && !entry.pooled.retire.is_due()
+                && !entry.pooled.conn.is_closed()
             {
-                return Some((entry.sender, entry.retire));
+                return Some(entry.pooled);
             }
         }
         None
@@ -366,16 +441,16 @@ impl Endpoint {
     pub(crate) fn expire_idle(&self) -> usize {
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
         let before = idle.len();
-        idle.retain(|e| {
+        idle.retain_mut(|e| {
             e.since.elapsed() < self.settings.idle_timeout
-                && !e.sender.is_closed()
-                && !e.retire.is_due()
+                && !e.pooled.retire.is_due()
+                && !e.pooled.conn.is_closed()
         });
         before - idle.len()
     }
 
-    fn give_back(&self, sender: http1::SendRequest<RequestBody>, retire: Retire) {
-        if sender.is_closed() || retire.is_due() {
+    fn give_back(&self, pooled: PooledH1) {
+        if pooled.retire.is_due() {
             return;
         }
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
@@ -387,9 +462,8 @@ impl Endpoint {
         idle.drain(..expired);
         if idle.len() < self.settings.max_idle {
             idle.push(IdleH1 {
-                sender,
+                pooled,
                 since: Instant::now(),
-                retire,
             });
             drop(idle);
             self.wake_pending();
@@ -452,24 +526,14 @@ impl Endpoint {
         wake_pending(&self.settings.metrics);
     }
 
-    async fn connect_h1(
-        &self,
-        slot: ConnectionSlot,
-    ) -> Result<(http1::SendRequest<RequestBody>, Retire), ProxyError> {
+    async fn connect_h1(&self, slot: ConnectionSlot) -> Result<PooledH1, ProxyError> {
         let stream = self.connect(Wire::Http1).await?;
         let retire = self.retire_of(&stream);
-        let (sender, conn) = http1::Builder::new()
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|source| ProxyError::UpstreamHandshake {
-                endpoint: self.addr,
-                source,
-            })?;
-        self.spawn_connection(slot, async move {
-            // Errors here are reported to the request that saw them.
-            let _ = conn.with_upgrades().await;
-        });
-        Ok((sender, retire))
+        Ok(PooledH1 {
+            conn: H1Connection::new(stream),
+            open: OpenConnection::new(slot),
+            retire,
+        })
     }
 
     async fn send_h2(
@@ -488,7 +552,7 @@ impl Endpoint {
             .await
             .map_err(|source| self.reset(source, true))?;
         match sender.send_request(req).await {
-            Ok(response) => Ok(response.map(|body| UpstreamBody::new(body, None, guard))),
+            Ok(response) => Ok(response.map(|body| UpstreamBody::hyper(body, guard))),
             Err(source) => Err(self.reset(source, false)),
         }
     }
@@ -553,12 +617,10 @@ impl Endpoint {
         slot: ConnectionSlot,
         conn: impl std::future::Future<Output = ()> + Send + 'static,
     ) {
-        let metrics = self.settings.metrics.clone();
-        metrics.connections_active.fetch_add(1, Relaxed);
+        let open = OpenConnection::new(slot);
         tokio::spawn(async move {
             conn.await;
-            metrics.connections_active.fetch_sub(1, Relaxed);
-            drop(slot);
+            drop(open);
         });
     }
 }
@@ -580,6 +642,24 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.0.connections_held.fetch_sub(1, SeqCst);
         wake_pending(&self.0);
+    }
+}
+
+/// One open connection: its slot against `max_connections` and its place
+/// in the open-connections gauge, until dropped.
+#[derive(Debug)]
+struct OpenConnection(ConnectionSlot);
+
+impl OpenConnection {
+    fn new(slot: ConnectionSlot) -> Self {
+        slot.0.connections_active.fetch_add(1, Relaxed);
+        Self(slot)
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.0.connections_active.fetch_sub(1, Relaxed);
     }
 }
 
@@ -630,8 +710,18 @@ impl Drop for ActiveGuard {
 #[derive(Debug)]
 struct GiveBack {
     endpoint: Arc<Endpoint>,
-    sender: http1::SendRequest<RequestBody>,
+    open: OpenConnection,
     retire: Retire,
+}
+
+impl GiveBack {
+    fn give(self, conn: H1Connection) {
+        self.endpoint.give_back(PooledH1 {
+            conn,
+            open: self.open,
+            retire: self.retire,
+        });
+    }
 }
 
 /// How long before a certificate of a pooled TLS connection expires the
@@ -650,64 +740,116 @@ impl Retire {
     }
 }
 
-pin_project! {
-    /// An upstream response body. Returns its HTTP/1.1 connection to the
-    /// pool once read to the end, and holds the endpoint's in-flight count
-    /// until dropped.
-    #[derive(Debug)]
-    pub(crate) struct UpstreamBody {
-        #[pin]
-        body: Incoming,
-        back: Option<GiveBack>,
-        guard: ActiveGuard,
-    }
+/// An upstream response body. Returns its HTTP/1.1 connection to the
+/// pool once read to the end, and holds the endpoint's in-flight count
+/// until dropped.
+#[derive(Debug)]
+pub(crate) struct UpstreamBody {
+    body: Upstream,
+    guard: ActiveGuard,
+}
 
-    impl PinnedDrop for UpstreamBody {
-        fn drop(this: Pin<&mut Self>) {
-            let this = this.project();
-            // A body dropped before its end leaves unread bytes on the
-            // connection: it cannot be reused, so it is closed instead.
-            if let Some(back) = this.back.take() && this.body.is_end_stream() {
-                back.endpoint.give_back(back.sender, back.retire);
-            }
-        }
-    }
+#[derive(Debug)]
+enum Upstream {
+    /// HTTP/2, or an upgrade's response: hyper's.
+    Hyper(Incoming),
+    /// HTTP/1.1: ours, with what puts its connection back in the pool.
+    H1 {
+        body: super::h1::ResponseBody<Stream, RequestBody>,
+        back: Option<GiveBack>,
+    },
 }
 
 impl UpstreamBody {
-    fn new(body: Incoming, back: Option<GiveBack>, guard: ActiveGuard) -> Self {
-        Self { body, back, guard }
+    fn hyper(body: Incoming, guard: ActiveGuard) -> Self {
+        Self {
+            body: Upstream::Hyper(body),
+            guard,
+        }
+    }
+
+    fn h1(
+        body: super::h1::ResponseBody<Stream, RequestBody>,
+        back: GiveBack,
+        guard: ActiveGuard,
+    ) -> Self {
+        Self {
+            body: Upstream::H1 {
+                body,
+                back: Some(back),
+            },
+            guard,
+        }
     }
 
     /// The endpoint that answered.
     pub(crate) fn endpoint(&self) -> SocketAddr {
         self.guard.addr()
     }
+
+    /// Gives the connection back once the exchange is over, if it may
+    /// carry another.
+    fn give_back_if_done(&mut self) {
+        if let Upstream::H1 { body, back } = &mut self.body
+            && body.is_end_stream()
+            && let Some(conn) = body.take_connection()
+            && let Some(back) = back.take()
+        {
+            back.give(conn);
+        }
+    }
+}
+
+impl Drop for UpstreamBody {
+    fn drop(&mut self) {
+        // A body dropped before its end leaves unread bytes on the
+        // connection: it cannot be reused, so it is closed instead.
+        self.give_back_if_done();
+    }
+}
+
+/// Why an upstream response body stopped short.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum UpstreamBodyError {
+    #[error(transparent)]
+    Hyper(#[from] hyper::Error),
+    #[error(transparent)]
+    H1(#[from] super::h1::Error),
 }
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = UpstreamBodyError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let mut this = self.project();
-        let polled = this.body.as_mut().poll_frame(cx);
-        let finished = matches!(polled, Poll::Ready(None)) || this.body.is_end_stream();
-        if finished && let Some(back) = this.back.take() {
-            back.endpoint.give_back(back.sender, back.retire);
+    ) -> Poll<Option<Result<Frame<Bytes>, UpstreamBodyError>>> {
+        let this = self.get_mut();
+        match &mut this.body {
+            Upstream::Hyper(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map(|frame| frame.map(|f| f.map_err(UpstreamBodyError::Hyper))),
+            Upstream::H1 { body, .. } => {
+                let polled = Pin::new(body).poll_frame(cx);
+                this.give_back_if_done();
+                polled.map(|frame| frame.map(|f| f.map_err(UpstreamBodyError::H1)))
+            }
         }
-        polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        match &self.body {
+            Upstream::Hyper(body) => body.is_end_stream(),
+            Upstream::H1 { body, .. } => body.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        match &self.body {
+            Upstream::Hyper(body) => body.size_hint(),
+            Upstream::H1 { body, .. } => body.size_hint(),
+        }
     }
 }
 

@@ -122,7 +122,7 @@ pin_project! {
 pub(crate) enum BodyError {
     /// The upstream's body failed (reset, protocol error).
     #[error(transparent)]
-    Upstream(#[from] hyper::Error),
+    Upstream(#[from] crate::cluster::UpstreamBodyError),
     /// Nothing came from the upstream for the route's
     /// `stream_idle_timeout`.
     #[error("no response data for the stream idle timeout")]

@@ -1,0 +1,991 @@
+//! An HTTP/1.1 client connection of our own, on `httparse`, for the pool's
+//! ordinary requests (upgrades and HTTP/2 stay with hyper).
+//!
+//! PERF: hyper's client runs every connection in a task of its own and
+//! hands each request to it over a channel, and each response back over
+//! another; its parse builds the response through a general dispatcher,
+//! and its read buffer is reallocated per response because the header
+//! values still point into it. Under callgrind that connection task was a
+//! third of the proxy's instructions per request (benches/RESULTS.md). Here
+//! the request's own task writes the request and reads the response on
+//! the pooled connection: no task, no channel, no wake-up between tasks.
+//! The response head is copied out of the read buffer into one allocation
+//! of its size (the header values are slices of it), so the read buffer is
+//! reused for the connection's life.
+//!
+//! What this owns of HTTP/1.1's framing (RFC 9112), each rule tested below:
+//! - Requests: origin-form target; `content-length` when the body's length
+//!   is known (from the body, else the client's header), `transfer-encoding:
+//!   chunked` when it is not, neither for a body known to be empty; a body
+//!   longer or shorter than its declared length fails the request. Trailers
+//!   go out only with chunked framing.
+//! - Responses: 1xx heads other than 101 are skipped; a response to HEAD,
+//!   and a 204 or 304, has no body whatever its headers say; otherwise
+//!   chunked (as the last transfer coding), else `content-length` (every
+//!   value the same, digits only), else the body runs to the connection's
+//!   close. A 101, a `transfer-encoding` in an HTTP/1.0 response, an
+//!   invalid or conflicting length, a head over [`MAX_HEAD`] bytes or
+//!   [`MAX_HEADERS`] headers, a broken chunk: the response is refused (a
+//!   protocol error, blamed on the upstream).
+//! - Reuse: only after an HTTP/1.1 response without `connection: close`,
+//!   framed by length or chunks, read to its end, with the whole request
+//!   written and no stray byte after the response. Anything else closes the
+//!   connection.
+//! - The request body is written while the response is awaited and read
+//!   (a server may answer early, or stream its answer while it reads).
+
+use std::future::poll_fn;
+use std::io;
+use std::mem::MaybeUninit;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// The largest response head (status line and headers) accepted.
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
+/// The most headers a response head, or a chunked body's trailers, may have.
+pub(crate) const MAX_HEADERS: usize = 100;
+/// Room asked for before each read.
+const READ_CHUNK: usize = 8 * 1024;
+/// Body bytes are copied out of the read buffer below this size (one
+/// small allocation, and the buffer stays reusable); above it they are
+/// split off it (no copy, and the buffer is replaced).
+const COPY_BELOW: usize = 4 * 1024;
+/// Body data up to this size is copied into the write buffer, to leave
+/// with the head (or the chunk's framing) in one write.
+const COALESCE_BELOW: usize = 16 * 1024;
+/// The longest chunk-size line (extensions included) accepted.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+/// The largest trailer section accepted.
+const MAX_TRAILERS: usize = 16 * 1024;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum Error {
+    /// The upstream closed the connection before the response was whole.
+    #[error("connection closed before the response was complete")]
+    Closed,
+    /// Reading or writing the connection failed.
+    #[error("connection i/o failed")]
+    Io(#[source] io::Error),
+    /// The response broke HTTP/1.1's rules.
+    #[error("invalid response: {0}")]
+    Malformed(&'static str),
+    /// The request's body failed (the client's fault, or the client left).
+    #[error("request body failed")]
+    RequestBody(#[source] BoxError),
+}
+
+/// A request that failed: why, and the request itself when not one byte
+/// of it was written (so it may go out on another connection as it is).
+#[derive(Debug)]
+pub(crate) struct SendError<B> {
+    pub(crate) error: Error,
+    pub(crate) unsent: Option<Request<B>>,
+}
+
+/// One HTTP/1.1 connection to an upstream, with the state of the exchange
+/// it carries.
+///
+/// PERF: boxed once per connection and reused by every exchange on it: the
+/// response body that owns it during an exchange is one pointer, and no
+/// request allocates for it.
+#[derive(Debug)]
+pub(crate) struct Connection<T, B>(Box<State<T, B>>);
+
+#[derive(Debug)]
+struct State<T, B> {
+    io: T,
+    read: BytesMut,
+    write: Vec<u8>,
+    /// Bytes of `write` already written.
+    written: usize,
+    /// The request's head, until its response head arrives: handed back
+    /// with the body when not one byte went out.
+    parts: Option<http::request::Parts>,
+    /// `None` once the request is written whole (or its writing failed).
+    upload: Option<Upload<B>>,
+    sent_any: bool,
+    /// The request could not be written whole (the server may have
+    /// answered early and stopped reading): the response is still awaited,
+    /// and the connection is not reused.
+    upload_failed: Option<Error>,
+    decoder: Decoder,
+    keep_alive: bool,
+}
+
+impl<T, B> Connection<T, B>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn new(io: T) -> Self {
+        Self(Box::new(State {
+            io,
+            read: BytesMut::new(),
+            write: Vec::new(),
+            written: 0,
+            parts: None,
+            upload: None,
+            sent_any: false,
+            upload_failed: None,
+            decoder: Decoder::Done,
+            keep_alive: false,
+        }))
+    }
+
+    /// Whether the idle connection is unusable: the server closed it, or
+    /// sent something unasked. Looks at what the runtime already knows of
+    /// the socket; when nothing arrived, no system call is made.
+    pub(crate) fn is_closed(&mut self) -> bool {
+        let mut probe = [0u8; 1];
+        let mut buf = tokio::io::ReadBuf::new(&mut probe);
+        let mut cx = Context::from_waker(Waker::noop());
+        // Ready: the end of the stream, a stray byte, or an error.
+        Pin::new(&mut self.0.io)
+            .poll_read(&mut cx, &mut buf)
+            .is_ready()
+    }
+
+    /// The byte stream, when nothing is buffered on it (an idle connection
+    /// handed to another protocol driver).
+    pub(crate) fn into_io(self) -> Option<T> {
+        let state = *self.0;
+        state.read.is_empty().then_some(state.io)
+    }
+
+    /// Sends `req` and waits for its response head. The response's body
+    /// owns the connection until it is read to its end; then
+    /// [`ResponseBody::take_connection`] gives it back for reuse.
+    ///
+    /// Cancel safety: dropping the future drops the connection.
+    pub(crate) async fn send(
+        mut self,
+        req: Request<B>,
+    ) -> Result<Response<ResponseBody<T, B>>, SendError<B>> {
+        let (parts, body) = req.into_parts();
+        let state = &mut *self.0;
+        let head_only = parts.method == Method::HEAD;
+        state.write.clear();
+        state.written = 0;
+        state.sent_any = false;
+        state.upload_failed = None;
+        let framing = encode_head(&mut state.write, &parts, &body);
+        state.upload = Some(Upload::new(body, framing));
+        state.parts = Some(parts);
+        let head = poll_fn(|cx| self.0.poll_head(cx)).await;
+        let state = &mut *self.0;
+        let parts = state.parts.take();
+        let head = match head {
+            Ok(head) => head,
+            Err(error) => {
+                let unsent = match (parts, state.upload.take()) {
+                    (Some(parts), Some(upload)) if !state.sent_any && !upload.touched => {
+                        Some(Request::from_parts(parts, upload.body))
+                    }
+                    _ => None,
+                };
+                return Err(SendError { error, unsent });
+            }
+        };
+        drop(parts);
+        let decoder = head.framing(head_only).map_err(|error| SendError {
+            error,
+            unsent: None,
+        })?;
+        state.keep_alive = head.keep_alive && head.reusable_framing(&decoder);
+        state.decoder = decoder;
+        let mut response = Response::new(ResponseBody { conn: None });
+        *response.status_mut() = head.status;
+        *response.version_mut() = head.version;
+        *response.headers_mut() = head.headers;
+        response.body_mut().conn = Some(self);
+        Ok(response)
+    }
+}
+
+/// How a request's body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `content-length`: this many bytes are still to come.
+    Length(u64),
+    /// `transfer-encoding: chunked`.
+    Chunked,
+}
+
+/// Writes the request line and headers, with the framing headers this
+/// connection decides, into `out`.
+fn encode_head<B: Body>(out: &mut Vec<u8>, parts: &http::request::Parts, body: &B) -> Framing {
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    match parts.uri.path_and_query() {
+        Some(target) if !target.as_str().is_empty() => {
+            out.extend_from_slice(target.as_str().as_bytes());
+        }
+        _ => out.push(b'/'),
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let mut declared = None;
+    for (name, value) in &parts.headers {
+        if name == header::CONTENT_LENGTH {
+            declared = parse_length(value.as_bytes());
+            continue;
+        }
+        if name == header::TRANSFER_ENCODING {
+            // Decided here, not by the client.
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    let framing = if body.is_end_stream() {
+        // No body: say so only where the client did (a POST with an
+        // empty body keeps its `content-length: 0`).
+        if declared.is_some() {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Framing::Length(0)
+    } else if let Some(length) = body.size_hint().exact().or(declared) {
+        write_length(out, length);
+        Framing::Length(length)
+    } else {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        Framing::Chunked
+    };
+    out.extend_from_slice(b"\r\n");
+    framing
+}
+
+fn write_length(out: &mut Vec<u8>, length: u64) {
+    out.extend_from_slice(b"content-length: ");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut left = length;
+    loop {
+        at -= 1;
+        // A digit: below 10.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            digits[at] = b'0' + (left % 10) as u8;
+        }
+        left /= 10;
+        if left == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A decimal `content-length` value: digits only, no sign, no overflow.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    if value.is_empty() || value.len() > 19 {
+        return None;
+    }
+    let mut length: u64 = 0;
+    for &b in value {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        length = length * 10 + u64::from(b - b'0');
+    }
+    Some(length)
+}
+
+/// The request body still to write.
+#[derive(Debug)]
+struct Upload<B> {
+    body: B,
+    framing: Framing,
+    /// A large data frame, written as it is (not copied) after the write
+    /// buffer, and then `suffix` (a chunk's closing CRLF).
+    data: Bytes,
+    suffix: &'static [u8],
+    /// The body's end (and a chunked body's last chunk) is in the write
+    /// buffer: once that is written, the request is whole.
+    end_queued: bool,
+    /// The body was polled: the request can no longer be handed back whole.
+    touched: bool,
+}
+
+/// What [`Upload::collect`] left to write.
+enum Collected {
+    /// Bytes (or a large frame) are ready to be written.
+    More,
+    /// Nothing to write until the body has more.
+    Pending,
+}
+
+impl<B> Upload<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    fn new(body: B, framing: Framing) -> Self {
+        Self {
+            body,
+            framing,
+            data: Bytes::new(),
+            suffix: b"",
+            end_queued: false,
+            touched: false,
+        }
+    }
+
+    /// Moves the body's ready frames into `out` (small ones copied, with
+    /// their chunk framing) until a large frame, the end, or `Pending`.
+    fn collect(&mut self, out: &mut Vec<u8>, cx: &mut Context<'_>) -> Result<Collected, Error> {
+        if self.framing == Framing::Length(0) && self.body.is_end_stream() {
+            self.end_queued = true;
+            return Ok(Collected::More);
+        }
+        loop {
+            if out.len() >= COALESCE_BELOW {
+                return Ok(Collected::More);
+            }
+            self.touched = true;
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                Poll::Ready(Some(Err(error))) => return Err(Error::RequestBody(error.into())),
+                Poll::Ready(None) => {
+                    match self.framing {
+                        Framing::Chunked => write_last_chunk(out, None),
+                        Framing::Length(0) => {}
+                        Framing::Length(_) => {
+                            return Err(Error::RequestBody(
+                                "request body shorter than its content-length".into(),
+                            ));
+                        }
+                    }
+                    self.end_queued = true;
+                    return Ok(Collected::More);
+                }
+                Poll::Pending if out.is_empty() => return Ok(Collected::Pending),
+                Poll::Pending => return Ok(Collected::More),
+            };
+            let data = match frame.into_data() {
+                Ok(data) => data,
+                Err(frame) => {
+                    if self.framing == Framing::Chunked
+                        && let Ok(trailers) = frame.into_trailers()
+                    {
+                        write_last_chunk(out, Some(&trailers));
+                        self.end_queued = true;
+                        return Ok(Collected::More);
+                    }
+                    // Trailers cannot follow a body framed by its length.
+                    continue;
+                }
+            };
+            if data.is_empty() {
+                continue;
+            }
+            let len = data.len() as u64;
+            match &mut self.framing {
+                Framing::Length(left) => {
+                    if len > *left {
+                        return Err(Error::RequestBody(
+                            "request body longer than its content-length".into(),
+                        ));
+                    }
+                    *left -= len;
+                }
+                Framing::Chunked => write_chunk_size(out, len),
+            }
+            let chunked = self.framing == Framing::Chunked;
+            if data.len() < COALESCE_BELOW {
+                out.extend_from_slice(&data);
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+            } else {
+                self.data = data;
+                self.suffix = if chunked { b"\r\n" } else { b"" };
+                return Ok(Collected::More);
+            }
+        }
+    }
+}
+
+fn write_chunk_size(out: &mut Vec<u8>, len: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut at = digits.len();
+    let mut left = len;
+    loop {
+        at -= 1;
+        // A hex digit: the low four bits.
+        #[allow(clippy::cast_possible_truncation)]
+        {
+            digits[at] = HEX[(left & 0xf) as usize];
+        }
+        left >>= 4;
+        if left == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The last chunk, the trailers if any, and the blank line that ends a
+/// chunked body.
+fn write_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.into_iter().flatten() {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin, B> State<T, B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// Writes what it can of the request; `Ready(Ok)` once it is written
+    /// whole.
+    fn poll_upload(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Error>> {
+        loop {
+            while self.written < self.write.len() {
+                let n = std::task::ready!(
+                    Pin::new(&mut self.io).poll_write(cx, &self.write[self.written..])
+                )
+                .map_err(Error::Io)?;
+                if n == 0 {
+                    return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
+                }
+                self.written += n;
+                self.sent_any = true;
+            }
+            self.write.clear();
+            self.written = 0;
+            let Some(upload) = &mut self.upload else {
+                return Poll::Ready(Ok(()));
+            };
+            while !upload.data.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &upload.data))
+                    .map_err(Error::Io)?;
+                if n == 0 {
+                    return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
+                }
+                upload.data.advance(n);
+                self.sent_any = true;
+            }
+            while !upload.suffix.is_empty() {
+                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, upload.suffix))
+                    .map_err(Error::Io)?;
+                if n == 0 {
+                    return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
+                }
+                upload.suffix = &upload.suffix[n..];
+            }
+            if upload.end_queued {
+                self.upload = None;
+                return Poll::Ready(Ok(()));
+            }
+            match upload.collect(&mut self.write, cx)? {
+                Collected::More => {}
+                Collected::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// Advances the request's writing, if it is not done; a failure to
+    /// write after some of it went out is kept (the response may still
+    /// come) and ends the writing.
+    fn poll_upload_in_background(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
+        if self.upload.is_none() {
+            return Ok(());
+        }
+        match self.poll_upload(cx) {
+            Poll::Ready(Ok(())) | Poll::Pending => Ok(()),
+            Poll::Ready(Err(error)) => {
+                if !self.sent_any || matches!(error, Error::RequestBody(_)) {
+                    return Err(error);
+                }
+                self.upload = None;
+                self.upload_failed = Some(error);
+                Ok(())
+            }
+        }
+    }
+
+    /// Writes the request and reads up to the end of the response head.
+    fn poll_head(&mut self, cx: &mut Context<'_>) -> Poll<Result<Head, Error>> {
+        loop {
+            if let Err(error) = self.poll_upload_in_background(cx) {
+                return Poll::Ready(Err(error));
+            }
+            if !self.read.is_empty() {
+                match parse_head(&mut self.read) {
+                    Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
+                        return Poll::Ready(Err(Error::Malformed(
+                            "101 to a request not upgrading",
+                        )));
+                    }
+                    // 100 Continue, 103 Early Hints: the final head follows.
+                    Ok(Some(head)) if head.status.is_informational() => continue,
+                    Ok(Some(head)) => return Poll::Ready(Ok(head)),
+                    Ok(None) => {}
+                    Err(error) => return Poll::Ready(Err(error)),
+                }
+            }
+            match std::task::ready!(self.poll_fill(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(Err(self.upload_failed.take().unwrap_or(Error::Closed)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    return Poll::Ready(Err(self.upload_failed.take().unwrap_or(Error::Io(error))));
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + Unpin, B> State<T, B> {
+    /// Reads more of the response into the read buffer; `Ok(0)` at the end
+    /// of the stream.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 2 {
+            self.read.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+    }
+}
+
+/// A parsed response head.
+#[derive(Debug)]
+struct Head {
+    status: StatusCode,
+    version: Version,
+    headers: HeaderMap,
+    keep_alive: bool,
+}
+
+/// Parses a response head at the start of `read` and takes it off;
+/// `None` when more bytes are needed.
+fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
+    let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        read,
+        &mut slots,
+    );
+    let len = match parsed {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if read.len() >= MAX_HEAD => {
+            return Err(Error::Malformed("response head too large"));
+        }
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(Error::Malformed("too many response headers"));
+        }
+        Err(_) => return Err(Error::Malformed("invalid response head")),
+    };
+    if len > MAX_HEAD {
+        return Err(Error::Malformed("response head too large"));
+    }
+    let status = response
+        .code
+        .and_then(|code| StatusCode::from_u16(code).ok())
+        .ok_or(Error::Malformed("invalid status"))?;
+    let version = if response.version == Some(1) {
+        Version::HTTP_11
+    } else {
+        Version::HTTP_10
+    };
+    // One allocation for the whole head; the values are slices of it, so
+    // the read buffer is free for the next response.
+    let block = Bytes::copy_from_slice(&read[..len]);
+    let base = read.as_ptr() as usize;
+    let mut headers = HeaderMap::with_capacity(response.headers.len());
+    let mut keep_alive = version == Version::HTTP_11;
+    for parsed in response.headers.iter() {
+        let name = HeaderName::from_bytes(parsed.name.as_bytes())
+            .map_err(|_| Error::Malformed("invalid header name"))?;
+        let start = parsed.value.as_ptr() as usize - base;
+        let value = HeaderValue::from_maybe_shared(block.slice(start..start + parsed.value.len()))
+            .map_err(|_| Error::Malformed("invalid header value"))?;
+        if name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
+            keep_alive = false;
+        }
+        headers.append(name, value);
+    }
+    read.advance(len);
+    Ok(Some(Head {
+        status,
+        version,
+        headers,
+        keep_alive,
+    }))
+}
+
+/// Whether a comma-separated header value lists `token` (any case).
+fn has_token(value: &[u8], token: &[u8]) -> bool {
+    value
+        .split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+impl Head {
+    /// How the body that follows this head is framed.
+    fn framing(&self, head_only: bool) -> Result<Decoder, Error> {
+        if head_only
+            || self.status == StatusCode::NO_CONTENT
+            || self.status == StatusCode::NOT_MODIFIED
+        {
+            return Ok(Decoder::Length(0));
+        }
+        let mut codings = self.headers.get_all(header::TRANSFER_ENCODING).iter();
+        if let Some(last) = codings.next_back() {
+            if self.version == Version::HTTP_10 {
+                return Err(Error::Malformed(
+                    "transfer-encoding in an HTTP/1.0 response",
+                ));
+            }
+            let chunked = last
+                .as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+            return Ok(if chunked {
+                Decoder::Chunked(Chunked::Size)
+            } else {
+                Decoder::Eof
+            });
+        }
+        let mut length = None;
+        for value in self.headers.get_all(header::CONTENT_LENGTH) {
+            for part in value.as_bytes().split(|&b| b == b',') {
+                let parsed = parse_length(part.trim_ascii())
+                    .ok_or(Error::Malformed("invalid content-length"))?;
+                if length.is_some_and(|l| l != parsed) {
+                    return Err(Error::Malformed("conflicting content-length"));
+                }
+                length = Some(parsed);
+            }
+        }
+        Ok(length.map_or(Decoder::Eof, Decoder::Length))
+    }
+
+    /// Whether the body's framing lets the connection carry another
+    /// exchange after it (a length or chunks; not a body ended by close,
+    /// nor a `content-length` beside `transfer-encoding`).
+    fn reusable_framing(&self, decoder: &Decoder) -> bool {
+        match decoder {
+            Decoder::Eof => false,
+            Decoder::Chunked(_) => !self.headers.contains_key(header::CONTENT_LENGTH),
+            Decoder::Length(_) | Decoder::Done => true,
+        }
+    }
+}
+
+/// How the response body is read.
+#[derive(Debug)]
+enum Decoder {
+    /// This many bytes are left.
+    Length(u64),
+    Chunked(Chunked),
+    /// Up to the connection's end.
+    Eof,
+    /// Read whole.
+    Done,
+}
+
+/// Where a chunked body's decoding is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Chunked {
+    /// At a chunk-size line.
+    Size,
+    /// In a chunk's data: this many bytes are left.
+    Data(u64),
+    /// At the CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailers, or the blank line.
+    Trailers,
+}
+
+/// One step of a chunked body's decoding.
+enum Step {
+    Frame(Frame<Bytes>),
+    /// More bytes are needed.
+    More,
+    Done,
+}
+
+/// Decodes what `read` holds of a chunked body.
+fn decode_chunked(state: &mut Chunked, read: &mut BytesMut) -> Result<Step, Error> {
+    loop {
+        match *state {
+            Chunked::Size => {
+                let Some(lf) = read.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
+                    if read.len() >= MAX_CHUNK_LINE {
+                        return Err(Error::Malformed("chunk-size line too long"));
+                    }
+                    return Ok(Step::More);
+                };
+                let size = parse_chunk_size(&read[..lf])?;
+                read.advance(lf + 1);
+                *state = if size == 0 {
+                    Chunked::Trailers
+                } else {
+                    Chunked::Data(size)
+                };
+            }
+            Chunked::Data(left) => {
+                if read.is_empty() {
+                    return Ok(Step::More);
+                }
+                let n = usize::try_from(left).unwrap_or(usize::MAX).min(read.len());
+                let data = take(read, n);
+                let left = left - n as u64;
+                *state = if left == 0 {
+                    Chunked::DataEnd
+                } else {
+                    Chunked::Data(left)
+                };
+                return Ok(Step::Frame(Frame::data(data)));
+            }
+            Chunked::DataEnd => {
+                if read.len() < 2 {
+                    return Ok(Step::More);
+                }
+                if &read[..2] != b"\r\n" {
+                    return Err(Error::Malformed("chunk data not followed by CRLF"));
+                }
+                read.advance(2);
+                *state = Chunked::Size;
+            }
+            Chunked::Trailers => {
+                if read.starts_with(b"\r\n") {
+                    read.advance(2);
+                    return Ok(Step::Done);
+                }
+                if read.len() < 2 {
+                    return Ok(Step::More);
+                }
+                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let (len, trailers) = match httparse::parse_headers(read, &mut slots) {
+                    Ok(httparse::Status::Complete((len, parsed))) => {
+                        let mut trailers = HeaderMap::with_capacity(parsed.len());
+                        for parsed in parsed {
+                            let name = HeaderName::from_bytes(parsed.name.as_bytes())
+                                .map_err(|_| Error::Malformed("invalid trailer name"))?;
+                            let value = HeaderValue::from_bytes(parsed.value)
+                                .map_err(|_| Error::Malformed("invalid trailer value"))?;
+                            trailers.append(name, value);
+                        }
+                        (len, trailers)
+                    }
+                    Ok(httparse::Status::Partial) if read.len() >= MAX_TRAILERS => {
+                        return Err(Error::Malformed("trailers too large"));
+                    }
+                    Ok(httparse::Status::Partial) => return Ok(Step::More),
+                    Err(_) => return Err(Error::Malformed("invalid trailers")),
+                };
+                // The trailers' blank line is read with them: the body is
+                // over (the caller marks it so).
+                read.advance(len);
+                return Ok(Step::Frame(Frame::trailers(trailers)));
+            }
+        }
+    }
+}
+
+/// A chunk-size line (without its LF): hex digits, then optional
+/// extensions (ignored), then CR.
+fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
+    const BAD: Error = Error::Malformed("invalid chunk size");
+    let line = line.strip_suffix(b"\r").ok_or(BAD)?;
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(BAD);
+    }
+    let mut size: u64 = 0;
+    for &b in &line[..digits] {
+        // A hex digit's value: below 16.
+        #[allow(clippy::cast_lossless)]
+        let value = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            _ => b - b'A' + 10,
+        };
+        size = (size << 4) | u64::from(value);
+    }
+    let rest = line[digits..].trim_ascii_start();
+    if !rest.is_empty()
+        && (rest[0] != b';' || rest.iter().any(|&b| b.is_ascii_control() && b != b'\t'))
+    {
+        return Err(BAD);
+    }
+    Ok(size)
+}
+
+/// Takes `n` bytes off the front of the read buffer.
+fn take(read: &mut BytesMut, n: usize) -> Bytes {
+    if n < COPY_BELOW {
+        let data = Bytes::copy_from_slice(&read[..n]);
+        read.advance(n);
+        data
+    } else {
+        read.split_to(n).freeze()
+    }
+}
+
+/// A response's body, read from its connection; the connection goes back
+/// for reuse through [`ResponseBody::take_connection`] once the exchange
+/// is over and the connection fit for another.
+#[derive(Debug)]
+pub(crate) struct ResponseBody<T, B> {
+    /// Always there until taken back.
+    conn: Option<Connection<T, B>>,
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin, B> ResponseBody<T, B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The connection, when the exchange is over and it may carry another:
+    /// the response read to its end and fit for reuse, the request written
+    /// whole, nothing more on the wire.
+    pub(crate) fn take_connection(&mut self) -> Option<Connection<T, B>> {
+        let state = &self.conn.as_ref()?.0;
+        if !state.keep_alive
+            || !matches!(state.decoder, Decoder::Done | Decoder::Length(0))
+            || state.upload.is_some()
+            || state.upload_failed.is_some()
+            || !state.read.is_empty()
+        {
+            return None;
+        }
+        self.conn.take()
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin, B> State<T, B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    /// The response body's next frame.
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        // The rest of the request goes out while the response comes in.
+        if let Err(error) = self.poll_upload_in_background(cx) {
+            // The client's body broke under a response already on its way:
+            // the response ends here, and the connection with it.
+            self.decoder = Decoder::Done;
+            self.keep_alive = false;
+            return Poll::Ready(Some(Err(error)));
+        }
+        loop {
+            let read = &mut self.read;
+            match &mut self.decoder {
+                Decoder::Done | Decoder::Length(0) => return Poll::Ready(None),
+                Decoder::Length(left) => {
+                    if !read.is_empty() {
+                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(read.len());
+                        *left -= n as u64;
+                        return Poll::Ready(Some(Ok(Frame::data(take(read, n)))));
+                    }
+                }
+                Decoder::Eof => {
+                    if !read.is_empty() {
+                        let n = read.len();
+                        return Poll::Ready(Some(Ok(Frame::data(take(read, n)))));
+                    }
+                }
+                Decoder::Chunked(state) => match decode_chunked(state, read) {
+                    Ok(Step::Frame(frame)) => {
+                        if frame.is_trailers() {
+                            self.decoder = Decoder::Done;
+                        }
+                        return Poll::Ready(Some(Ok(frame)));
+                    }
+                    Ok(Step::Done) => {
+                        self.decoder = Decoder::Done;
+                        return Poll::Ready(None);
+                    }
+                    Ok(Step::More) => {}
+                    Err(error) => {
+                        self.decoder = Decoder::Done;
+                        self.keep_alive = false;
+                        return Poll::Ready(Some(Err(error)));
+                    }
+                },
+            }
+            match std::task::ready!(self.poll_fill(cx)) {
+                Ok(0) if matches!(self.decoder, Decoder::Eof) => {
+                    self.decoder = Decoder::Done;
+                    return Poll::Ready(None);
+                }
+                Ok(0) => {
+                    self.decoder = Decoder::Done;
+                    self.keep_alive = false;
+                    return Poll::Ready(Some(Err(Error::Closed)));
+                }
+                Ok(_) => {}
+                Err(error) => {
+                    self.decoder = Decoder::Done;
+                    self.keep_alive = false;
+                    return Poll::Ready(Some(Err(Error::Io(error))));
+                }
+            }
+        }
+    }
+}
+
+impl<T: AsyncRead + AsyncWrite + Unpin, B> Body for ResponseBody<T, B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
+        match &mut self.get_mut().conn {
+            Some(conn) => conn.0.poll_data(cx),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.conn
+            .as_ref()
+            .is_none_or(|conn| matches!(conn.0.decoder, Decoder::Done | Decoder::Length(0)))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let Some(conn) = &self.conn else {
+            return SizeHint::with_exact(0);
+        };
+        match conn.0.decoder {
+            Decoder::Length(left) => SizeHint::with_exact(left),
+            Decoder::Done => SizeHint::with_exact(0),
+            Decoder::Chunked(_) | Decoder::Eof => SizeHint::default(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
