@@ -207,6 +207,9 @@ where
         *response.status_mut() = head.status;
         *response.version_mut() = head.version;
         *response.headers_mut() = head.headers;
+        if let Some(reason) = head.reason {
+            response.extensions_mut().insert(reason);
+        }
         response.body_mut().conn = Some(self);
         Ok(response)
     }
@@ -575,6 +578,9 @@ struct Head {
     version: Version,
     headers: HeaderMap,
     keep_alive: bool,
+    /// The reason phrase, when not the status's usual one: passed on as
+    /// the server said it.
+    reason: Option<hyper::ext::ReasonPhrase>,
 }
 
 /// Parses a response head at the start of `read` and takes it off;
@@ -605,6 +611,10 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
         .code
         .and_then(|code| StatusCode::from_u16(code).ok())
         .ok_or(Error::Malformed("invalid status"))?;
+    let reason = response
+        .reason
+        .filter(|reason| !reason.is_empty() && Some(*reason) != status.canonical_reason())
+        .and_then(|reason| hyper::ext::ReasonPhrase::try_from(reason.as_bytes()).ok());
     let version = if response.version == Some(1) {
         Version::HTTP_11
     } else {
@@ -633,6 +643,7 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
         version,
         headers,
         keep_alive,
+        reason,
     }))
 }
 

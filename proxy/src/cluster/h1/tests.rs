@@ -120,6 +120,13 @@ async fn a_get_goes_out_in_origin_form_without_framing_headers_and_the_connectio
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(response.version(), Version::HTTP_11);
     assert_eq!(response.headers()["x-up"], "yes");
+    // The usual reason phrase is not kept; another one is.
+    assert!(
+        response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .is_none()
+    );
     assert_eq!(response.body().size_hint().exact(), Some(5));
     let (data, _) = read_body(response.body_mut()).await.unwrap();
     assert_eq!(data, b"hello");
@@ -131,11 +138,18 @@ async fn a_get_goes_out_in_origin_form_without_framing_headers_and_the_connectio
         conn,
         &mut server,
         get("/next"),
-        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 204 Nothing Here\r\n\r\n",
     )
     .await;
     assert!(request.starts_with(b"GET /next HTTP/1.1\r\n"));
     assert_eq!(response.status(), StatusCode::NO_CONTENT);
+    assert_eq!(
+        response
+            .extensions()
+            .get::<hyper::ext::ReasonPhrase>()
+            .map(|r| r.as_bytes()),
+        Some(&b"Nothing Here"[..])
+    );
     assert!(response.body().is_end_stream());
     assert!(response.body_mut().take_connection().is_some());
 }
