@@ -50,8 +50,13 @@ use tokio::io::{AsyncRead, AsyncWrite};
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// The most headers a response head, or a chunked body's trailers, may have.
 pub(crate) const MAX_HEADERS: usize = 100;
-/// Room asked for before each read.
+/// Room asked for before a read, at first: enough for most heads and
+/// small bodies.
 const READ_CHUNK: usize = 8 * 1024;
+/// The most room asked for before a read. Reads that fill the room double
+/// it up to this (a large body then takes a few large reads, not many
+/// small ones); reads that use under a quarter of it halve it.
+const MAX_READ: usize = 128 * 1024;
 /// Body bytes are copied out of the read buffer below this size (one
 /// small allocation, and the buffer stays reusable); above it they are
 /// split off it (no copy, and the buffer is replaced).
@@ -104,6 +109,8 @@ pub(crate) struct Connection<T, B>(Box<State<T, B>>);
 struct State<T, B> {
     io: T,
     read: BytesMut,
+    /// Room to ask for before the next read (see [`MAX_READ`]).
+    read_size: usize,
     write: Vec<u8>,
     /// Bytes of `write` already written.
     written: usize,
@@ -131,6 +138,7 @@ where
         Self(Box::new(State {
             io,
             read: BytesMut::new(),
+            read_size: READ_CHUNK,
             write: Vec::new(),
             written: 0,
             parts: None,
@@ -564,10 +572,20 @@ impl<T: AsyncRead + Unpin, B> State<T, B> {
     /// Reads more of the response into the read buffer; `Ok(0)` at the end
     /// of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < READ_CHUNK / 2 {
-            self.read.reserve(READ_CHUNK);
+        if self.read.capacity() - self.read.len() < self.read_size / 2 {
+            self.read.reserve(self.read_size);
         }
-        tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.read)
+        let n = std::task::ready!(tokio_util::io::poll_read_buf(
+            Pin::new(&mut self.io),
+            cx,
+            &mut self.read
+        ))?;
+        if n >= self.read_size {
+            self.read_size = (self.read_size * 2).min(MAX_READ);
+        } else if n < self.read_size / 4 {
+            self.read_size = (self.read_size / 2).max(READ_CHUNK);
+        }
+        Poll::Ready(Ok(n))
     }
 }
 
@@ -886,7 +904,18 @@ where
         {
             return None;
         }
-        self.conn.take()
+        let mut conn = self.conn.take()?;
+        let state = &mut *conn.0;
+        // An idle connection keeps a buffer for the next small response,
+        // not the room a large body grew; nor a large request's.
+        if state.read.capacity() > 2 * READ_CHUNK {
+            state.read = BytesMut::new();
+        }
+        state.read_size = READ_CHUNK;
+        if state.write.capacity() > 2 * COALESCE_BELOW {
+            state.write = Vec::new();
+        }
+        Some(conn)
     }
 }
 
