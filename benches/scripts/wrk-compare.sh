@@ -33,10 +33,13 @@
 # about half busy, where latency, not queueing behind a saturated core, is
 # what differs. Its rows say whether the generator kept to its schedule.
 #
+# MODES="rate" (any of h1, h2, rate) runs only those modes: more rounds of
+# the one that spreads most, in the same time.
+#
 # Usage: benches/scripts/wrk-compare.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 set -euo pipefail
 rounds=${1:-3}; seconds=${2:-5}; conns=${3:-32}
-modes="h1 h2${RATE:+ rate}"
+modes=${MODES:-"h1 h2${RATE:+ rate}"}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 bin=$root/target/release
 work=$(mktemp -d)

@@ -377,14 +377,10 @@ impl Endpoint {
             let (mut sender, conn) = http1::Builder::new()
                 .handshake(TokioIo::new(stream))
                 .await
-                .map_err(|source| ProxyError::UpstreamHandshake {
-                    endpoint: self.addr,
-                    source,
-                })?;
-            tokio::spawn(async move {
+                .map_err(|source| self.handshake_failed(source))?;
+            spawn_connection(open, async move {
                 // Errors here are reported to the request that saw them.
                 let _ = conn.with_upgrades().await;
-                drop(open);
             });
             if let Err(source) = sender.ready().await {
                 // A pooled connection closed while idle: take another. A
@@ -601,28 +597,31 @@ impl Endpoint {
             .keep_alive_timeout(Duration::from_secs(10))
             .handshake(TokioIo::new(stream))
             .await
-            .map_err(|source| ProxyError::UpstreamHandshake {
-                endpoint: self.addr,
-                source,
-            })?;
-        self.spawn_connection(slot, async move {
+            .map_err(|source| self.handshake_failed(source))?;
+        spawn_connection(OpenConnection::new(slot), async move {
             let _ = conn.await;
         });
         Ok((sender, retire))
     }
 
-    /// Runs a connection's task, which holds its slot until it ends.
-    fn spawn_connection(
-        &self,
-        slot: ConnectionSlot,
-        conn: impl std::future::Future<Output = ()> + Send + 'static,
-    ) {
-        let open = OpenConnection::new(slot);
-        tokio::spawn(async move {
-            conn.await;
-            drop(open);
-        });
+    fn handshake_failed(&self, source: hyper::Error) -> ProxyError {
+        ProxyError::UpstreamHandshake {
+            endpoint: self.addr,
+            source,
+        }
     }
+}
+
+/// Runs a hyper connection's task, which keeps the connection counted
+/// until it ends.
+fn spawn_connection(
+    open: OpenConnection,
+    conn: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        conn.await;
+        drop(open);
+    });
 }
 
 /// What [`Endpoint::connection_or_slot`] found.

@@ -78,23 +78,42 @@ where
     Ok((data, trailers))
 }
 
-async fn exchange<B>(
+/// Sends `req`; the server reads its head and answers `response`. Returns
+/// the client's result and the request's bytes.
+async fn try_exchange<B>(
     conn: Connection<DuplexStream, B>,
     server: &mut DuplexStream,
     req: Request<B>,
-    response: &'static [u8],
-) -> (Response<ResponseBody<DuplexStream, B>>, Vec<u8>)
+    response: &[u8],
+) -> (
+    Result<Response<ResponseBody<DuplexStream, B>>, SendError<B>>,
+    Vec<u8>,
+)
 where
-    B: Body<Data = Bytes> + Unpin + std::fmt::Debug,
+    B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
     let send = conn.send(req);
     let serve = async {
         let request = read_until(server, b"\r\n\r\n").await;
-        server.write_all(response).await.unwrap();
+        // The client may stop reading once it has refused the head.
+        let _ = server.write_all(response).await;
         request
     };
-    let (response, request) = tokio::join!(send, serve);
+    tokio::join!(send, serve)
+}
+
+async fn exchange<B>(
+    conn: Connection<DuplexStream, B>,
+    server: &mut DuplexStream,
+    req: Request<B>,
+    response: &[u8],
+) -> (Response<ResponseBody<DuplexStream, B>>, Vec<u8>)
+where
+    B: Body<Data = Bytes> + Unpin + std::fmt::Debug,
+    B::Error: Into<BoxError>,
+{
+    let (response, request) = try_exchange(conn, server, req, response).await;
     (response.unwrap(), request)
 }
 
@@ -279,15 +298,13 @@ async fn informational_heads_are_skipped_and_a_101_unasked_for_is_refused() {
     assert!(!response.headers().contains_key("link"));
 
     let (conn, mut server) = pipe();
-    let send = conn.send(get("/"));
-    let serve = async {
-        read_until(&mut server, b"\r\n\r\n").await;
-        server
-            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n")
-            .await
-            .unwrap();
-    };
-    let (result, ()) = tokio::join!(send, serve);
+    let (result, _) = try_exchange(
+        conn,
+        &mut server,
+        get("/"),
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: x\r\n\r\n",
+    )
+    .await;
     assert!(matches!(result.unwrap_err().error, Error::Malformed(_)));
 }
 
@@ -311,13 +328,7 @@ async fn responses_without_a_body_ignore_their_framing_headers() {
         ),
     ] {
         let (conn, mut server) = pipe();
-        let send = conn.send(req);
-        let serve = async {
-            read_until(&mut server, b"\r\n\r\n").await;
-            server.write_all(head).await.unwrap();
-        };
-        let (response, ()) = tokio::join!(send, serve);
-        let mut response = response.unwrap();
+        let (mut response, _) = exchange(conn, &mut server, req, head).await;
         assert!(response.body().is_end_stream());
         assert_eq!(read_body(response.body_mut()).await.unwrap().0, b"");
         assert!(response.body_mut().take_connection().is_some());
@@ -373,17 +384,8 @@ async fn a_broken_chunked_body_fails_and_its_connection_is_not_reused() {
         b"5\nhello\r\n0\r\n\r\n",
     ] {
         let (conn, mut server) = pipe();
-        let send = conn.send(get("/"));
-        let serve = async {
-            read_until(&mut server, b"\r\n\r\n").await;
-            server
-                .write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                .await
-                .unwrap();
-            server.write_all(body).await.unwrap();
-        };
-        let (response, ()) = tokio::join!(send, serve);
-        let mut response = response.unwrap();
+        let head = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+        let (mut response, _) = exchange(conn, &mut server, get("/"), &[head, body].concat()).await;
         let result = read_body(response.body_mut()).await;
         assert!(
             matches!(result, Err(Error::Malformed(_))),
@@ -443,12 +445,7 @@ async fn content_length_must_be_digits_and_agree_with_itself() {
         ),
     ] {
         let (conn, mut server) = pipe();
-        let send = conn.send(get("/"));
-        let serve = async {
-            read_until(&mut server, b"\r\n\r\n").await;
-            server.write_all(head).await.unwrap();
-        };
-        let (response, ()) = tokio::join!(send, serve);
+        let (response, _) = try_exchange(conn, &mut server, get("/"), head).await;
         match (response, expect) {
             (Ok(mut response), Ok(())) => {
                 assert_eq!(read_body(response.body_mut()).await.unwrap().0, b"ok");
@@ -508,13 +505,7 @@ async fn a_head_too_large_or_with_too_many_headers_is_refused() {
         b"garbage\r\n\r\n".to_vec(),
     ] {
         let (conn, mut server) = pipe();
-        let send = conn.send(get("/"));
-        let serve = async {
-            read_until(&mut server, b"\r\n\r\n").await;
-            // The client may stop reading once it has refused the head.
-            let _ = server.write_all(&head).await;
-        };
-        let (result, ()) = tokio::join!(send, serve);
+        let (result, _) = try_exchange(conn, &mut server, get("/"), &head).await;
         assert!(
             matches!(
                 result.as_ref().map(|_| ()).map_err(|e| &e.error),
