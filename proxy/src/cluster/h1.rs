@@ -9,9 +9,11 @@
 //! third of the proxy's instructions per request (benches/RESULTS.md). Here
 //! the request's own task writes the request and reads the response on
 //! the pooled connection: no task, no channel, no wake-up between tasks.
-//! The response head is copied out of the read buffer into one allocation
-//! of its size (the header values are slices of it), so the read buffer is
-//! reused for the connection's life.
+//! The response's header values and small bodies are slices of the read
+//! buffer; they are gone by the time the connection reads its next
+//! response (no read ahead), so the buffer is then whole again and reused,
+//! where hyper's client read ahead while they were held and took a new
+//! buffer per response.
 //!
 //! What this owns of HTTP/1.1's framing (RFC 9112), each rule tested below:
 //! - Requests: origin-form target; `content-length` when the body's length
@@ -57,10 +59,6 @@ const READ_CHUNK: usize = 8 * 1024;
 /// it up to this (a large body then takes a few large reads, not many
 /// small ones); reads that use under a quarter of it halve it.
 const MAX_READ: usize = 128 * 1024;
-/// Body bytes are copied out of the read buffer below this size (one
-/// small allocation, and the buffer stays reusable); above it they are
-/// split off it (no copy, and the buffer is replaced).
-const COPY_BELOW: usize = 4 * 1024;
 /// Body data up to this size is copied into the write buffer, to leave
 /// with the head (or the chunk's framing) in one write.
 const COALESCE_BELOW: usize = 16 * 1024;
@@ -109,6 +107,9 @@ pub(crate) struct Connection<T, B>(Box<State<T, B>>);
 struct State<T, B> {
     io: T,
     read: BytesMut,
+    /// A response head's names and where their values are, while it is
+    /// parsed (kept for its room).
+    names: Vec<(HeaderName, usize, usize)>,
     /// Room to ask for before the next read (see [`MAX_READ`]).
     read_size: usize,
     write: Vec<u8>,
@@ -138,6 +139,7 @@ where
         Self(Box::new(State {
             io,
             read: BytesMut::new(),
+            names: Vec::new(),
             read_size: READ_CHUNK,
             write: Vec::new(),
             written: 0,
@@ -542,7 +544,7 @@ where
                 return Poll::Ready(Err(error));
             }
             if !self.read.is_empty() {
-                match parse_head(&mut self.read) {
+                match parse_head(&mut self.read, &mut self.names) {
                     Ok(Some(head)) if head.status == StatusCode::SWITCHING_PROTOCOLS => {
                         return Poll::Ready(Err(Error::Malformed(
                             "101 to a request not upgrading",
@@ -603,7 +605,10 @@ struct Head {
 
 /// Parses a response head at the start of `read` and takes it off;
 /// `None` when more bytes are needed.
-fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
+fn parse_head(
+    read: &mut BytesMut,
+    scratch: &mut Vec<(HeaderName, usize, usize)>,
+) -> Result<Option<Head>, Error> {
     let mut slots = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
@@ -638,24 +643,29 @@ fn parse_head(read: &mut BytesMut) -> Result<Option<Head>, Error> {
     } else {
         Version::HTTP_10
     };
-    // One allocation for the whole head; the values are slices of it, so
-    // the read buffer is free for the next response.
-    let block = Bytes::copy_from_slice(&read[..len]);
     let base = read.as_ptr() as usize;
-    let mut headers = HeaderMap::with_capacity(response.headers.len());
     let mut keep_alive = version == Version::HTTP_11;
+    scratch.clear();
     for parsed in response.headers.iter() {
         let name = HeaderName::from_bytes(parsed.name.as_bytes())
             .map_err(|_| Error::Malformed("invalid header name"))?;
-        let start = parsed.value.as_ptr() as usize - base;
-        let value = HeaderValue::from_maybe_shared(block.slice(start..start + parsed.value.len()))
-            .map_err(|_| Error::Malformed("invalid header value"))?;
-        if name == header::CONNECTION && has_token(value.as_bytes(), b"close") {
+        if name == header::CONNECTION && has_token(parsed.value, b"close") {
             keep_alive = false;
         }
+        let start = parsed.value.as_ptr() as usize - base;
+        scratch.push((name, start, parsed.value.len()));
+    }
+    // The values are slices of the head, split off the read buffer: once
+    // they are dropped (the response's head is written downstream before
+    // its body is read to the end), the buffer is whole again and the next
+    // read reuses it; nothing is allocated per response.
+    let block = read.split_to(len).freeze();
+    let mut headers = HeaderMap::with_capacity(scratch.len());
+    for (name, start, len) in scratch.drain(..) {
+        let value = HeaderValue::from_maybe_shared(block.slice(start..start + len))
+            .map_err(|_| Error::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
-    read.advance(len);
     Ok(Some(Head {
         status,
         version,
@@ -866,15 +876,9 @@ fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
     Ok(size)
 }
 
-/// Takes `n` bytes off the front of the read buffer.
+/// Takes `n` bytes off the front of the read buffer, without a copy.
 fn take(read: &mut BytesMut, n: usize) -> Bytes {
-    if n < COPY_BELOW {
-        let data = Bytes::copy_from_slice(&read[..n]);
-        read.advance(n);
-        data
-    } else {
-        read.split_to(n).freeze()
-    }
+    read.split_to(n).freeze()
 }
 
 /// A response's body, read from its connection; the connection goes back
