@@ -48,6 +48,8 @@ use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
+use crate::error::BoxError;
+
 /// The largest response head (status line and headers) accepted.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// The most headers a response head, or a chunked body's trailers, may have.
@@ -66,8 +68,6 @@ const COALESCE_BELOW: usize = 16 * 1024;
 const MAX_CHUNK_LINE: usize = 4 * 1024;
 /// The largest trailer section accepted.
 const MAX_TRAILERS: usize = 16 * 1024;
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// Why an exchange failed.
 #[derive(Debug, thiserror::Error)]

@@ -129,6 +129,37 @@ async fn a_connection_goes_back_to_the_pool_only_once_its_response_is_read() {
 }
 
 #[tokio::test]
+async fn an_upgrade_goes_out_on_a_pooled_connections_socket_which_is_not_pooled_again() {
+    let (addr, accepted) = upstream(Upstream::Serve { body: b"hello" }).await;
+    let endpoint = Arc::new(Endpoint::new(addr, 1, settings()));
+    let response = endpoint
+        .send(get().await, Wire::Http1, endpoint.begin())
+        .await
+        .unwrap();
+    response.into_body().collect().await.unwrap();
+    assert_eq!(endpoint.idle_connections(), 1);
+    // Sent by hyper's client, on the idle connection's socket; this
+    // upstream declines to upgrade and answers as usual.
+    let upgrade = downstream_request(
+        b"GET / HTTP/1.1\r\nhost: a\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+    )
+    .await;
+    let response = endpoint
+        .send(upgrade, Wire::Http1, endpoint.begin())
+        .await
+        .unwrap();
+    assert_eq!(endpoint.idle_connections(), 0);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "hello");
+    assert_eq!(accepted.load(Relaxed), 1, "the pooled socket was used");
+    assert_eq!(
+        endpoint.idle_connections(),
+        0,
+        "hyper's connection is not pooled again"
+    );
+}
+
+#[tokio::test]
 async fn a_response_dropped_before_its_end_takes_its_connection_with_it() {
     let (addr, accepted) = upstream(Upstream::Serve {
         body: &[b'x'; 256 * 1024],
