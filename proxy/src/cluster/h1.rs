@@ -601,6 +601,7 @@ struct Head {
     /// The reason phrase, when not the status's usual one: passed on as
     /// the server said it.
     reason: Option<hyper::ext::ReasonPhrase>,
+    framing: Framed,
 }
 
 /// Parses a response head at the start of `read` and takes it off;
@@ -645,12 +646,19 @@ fn parse_head(
     };
     let base = read.as_ptr() as usize;
     let mut keep_alive = version == Version::HTTP_11;
+    let mut framing = Framed::default();
     scratch.clear();
     for parsed in response.headers.iter() {
         let name = HeaderName::from_bytes(parsed.name.as_bytes())
             .map_err(|_| Error::Malformed("invalid header name"))?;
+        // PERF: the framing headers are read here, in the one pass over
+        // the head, not looked up in the map afterwards.
         if name == header::CONNECTION && has_token(parsed.value, b"close") {
             keep_alive = false;
+        } else if name == header::TRANSFER_ENCODING {
+            framing.note_coding(parsed.value);
+        } else if name == header::CONTENT_LENGTH {
+            framing.note_length(parsed.value);
         }
         let start = parsed.value.as_ptr() as usize - base;
         scratch.push((name, start, parsed.value.len()));
@@ -672,7 +680,39 @@ fn parse_head(
         headers,
         keep_alive,
         reason,
+        framing,
     }))
+}
+
+/// What a response head's framing headers said.
+#[derive(Debug, Default)]
+struct Framed {
+    /// `transfer-encoding` was there; whether its last coding is chunked.
+    chunked: Option<bool>,
+    /// `content-length` was there.
+    has_length: bool,
+    /// Its value (every one the same), or why it is invalid.
+    length: Option<Result<u64, &'static str>>,
+}
+
+impl Framed {
+    fn note_coding(&mut self, value: &[u8]) {
+        // The last header's last coding is the one that frames the body.
+        let last = value.rsplit(|&b| b == b',').next().unwrap_or(value);
+        self.chunked = Some(last.trim_ascii().eq_ignore_ascii_case(b"chunked"));
+    }
+
+    fn note_length(&mut self, value: &[u8]) {
+        self.has_length = true;
+        for part in value.split(|&b| b == b',') {
+            let parsed = parse_length(part.trim_ascii()).ok_or("invalid content-length");
+            self.length = Some(match (self.length, parsed) {
+                (Some(Err(why)), _) | (_, Err(why)) => Err(why),
+                (Some(Ok(seen)), Ok(n)) if seen != n => Err("conflicting content-length"),
+                (_, Ok(n)) => Ok(n),
+            });
+        }
+    }
 }
 
 /// Whether a comma-separated header value lists `token` (any case).
@@ -691,36 +731,23 @@ impl Head {
         {
             return Ok(Decoder::Length(0));
         }
-        let mut codings = self.headers.get_all(header::TRANSFER_ENCODING).iter();
-        if let Some(last) = codings.next_back() {
+        if let Some(chunked) = self.framing.chunked {
             if self.version == Version::HTTP_10 {
                 return Err(Error::Malformed(
                     "transfer-encoding in an HTTP/1.0 response",
                 ));
             }
-            let chunked = last
-                .as_bytes()
-                .rsplit(|&b| b == b',')
-                .next()
-                .is_some_and(|coding| coding.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             return Ok(if chunked {
                 Decoder::Chunked(Chunked::Size)
             } else {
                 Decoder::Eof
             });
         }
-        let mut length = None;
-        for value in self.headers.get_all(header::CONTENT_LENGTH) {
-            for part in value.as_bytes().split(|&b| b == b',') {
-                let parsed = parse_length(part.trim_ascii())
-                    .ok_or(Error::Malformed("invalid content-length"))?;
-                if length.is_some_and(|l| l != parsed) {
-                    return Err(Error::Malformed("conflicting content-length"));
-                }
-                length = Some(parsed);
-            }
+        match self.framing.length {
+            None => Ok(Decoder::Eof),
+            Some(Ok(length)) => Ok(Decoder::Length(length)),
+            Some(Err(why)) => Err(Error::Malformed(why)),
         }
-        Ok(length.map_or(Decoder::Eof, Decoder::Length))
     }
 
     /// Whether the body's framing lets the connection carry another
@@ -729,7 +756,7 @@ impl Head {
     fn reusable_framing(&self, decoder: &Decoder) -> bool {
         match decoder {
             Decoder::Eof => false,
-            Decoder::Chunked(_) => !self.headers.contains_key(header::CONTENT_LENGTH),
+            Decoder::Chunked(_) => !self.framing.has_length,
             Decoder::Length(_) | Decoder::Done => true,
         }
     }

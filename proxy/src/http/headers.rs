@@ -26,6 +26,19 @@ static UPGRADE: HeaderValue = HeaderValue::from_static("upgrade");
 /// upgrade being forwarded), `upgrade` stays and `connection: upgrade` is
 /// restored, since the upstream must see the upgrade request.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    strip(headers, keep_upgrade);
+}
+
+/// [`strip_hop_by_hop`] for a request on its way upstream, and the
+/// client's `x-forwarded-client-cert`: only this proxy says who the client
+/// proved to be.
+pub(crate) fn strip_for_upstream(headers: &mut HeaderMap, keep_upgrade: bool) {
+    if strip(headers, keep_upgrade).client_cert {
+        headers.remove(&X_FORWARDED_CLIENT_CERT);
+    }
+}
+
+fn strip(headers: &mut HeaderMap, keep_upgrade: bool) -> HopByHop {
     // PERF: one pass over the names finds the hop-by-hop headers present;
     // removing an absent one would still hash its name and probe the map
     // (`cargo bench --bench hotpath -- request_headers`, benches/RESULTS.md).
@@ -82,9 +95,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     } else if present.upgrade {
         headers.remove(header::UPGRADE);
     }
+    present
 }
 
-/// Which of the fixed hop-by-hop headers a map holds.
+/// Which of the fixed hop-by-hop headers a map holds (and whether it
+/// holds `x-forwarded-client-cert`).
 #[derive(Debug, Default)]
 struct HopByHop {
     connection: bool,
@@ -94,6 +109,7 @@ struct HopByHop {
     transfer_encoding: bool,
     te: bool,
     upgrade: bool,
+    client_cert: bool,
 }
 
 impl HopByHop {
@@ -113,6 +129,8 @@ impl HopByHop {
             self.proxy_connection = true;
         } else if name == HTTP2_SETTINGS {
             self.http2_settings = true;
+        } else if name == X_FORWARDED_CLIENT_CERT {
+            self.client_cert = true;
         }
     }
 }
@@ -399,6 +417,27 @@ mod tests {
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h.len(), 1, "{h:?}");
         assert!(h.contains_key("x-keep"));
+    }
+
+    #[test]
+    fn a_clients_forwarded_client_cert_goes_only_on_the_way_upstream() {
+        let headers = [
+            ("x-forwarded-client-cert", "by=forged"),
+            ("connection", "close"),
+            ("x-forwarded-client-cert", "uri=forged"),
+            ("x-keep", "1"),
+        ];
+        let mut request = map(&headers);
+        strip_for_upstream(&mut request, false);
+        assert_eq!(request.len(), 1, "{request:?}");
+        assert!(request.contains_key("x-keep"));
+        // A response's is the upstream's to send.
+        let mut response = map(&headers);
+        strip_hop_by_hop(&mut response, false);
+        assert_eq!(
+            response.get_all("x-forwarded-client-cert").iter().count(),
+            2
+        );
     }
 
     #[test]

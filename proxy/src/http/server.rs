@@ -828,10 +828,10 @@ async fn route_and_forward(
     };
     if route.forwards {
         let h = req.headers_mut();
-        headers::strip_hop_by_hop(h, is_upgrade);
+        // With the client's `x-forwarded-client-cert`: only this proxy
+        // says who the client proved to be.
+        headers::strip_for_upstream(h, is_upgrade);
         headers::add_forwarded(h, &conn.peer_ip, settings.xff_num_trusted_hops, conn.is_tls);
-        // Only this proxy says who the client proved to be.
-        h.remove(&headers::X_FORWARDED_CLIENT_CERT);
         if let Some(client_cert) = &conn.client_cert {
             h.insert(
                 headers::X_FORWARDED_CLIENT_CERT.clone(),
