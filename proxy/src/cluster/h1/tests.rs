@@ -117,6 +117,25 @@ where
     (response.unwrap(), request)
 }
 
+/// As [`try_exchange`], and the server then closes the connection.
+async fn answer_and_close<B>(
+    conn: Connection<DuplexStream, B>,
+    mut server: DuplexStream,
+    req: Request<B>,
+    response: &[u8],
+) -> Result<Response<ResponseBody<DuplexStream, B>>, SendError<B>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let send = conn.send(req);
+    let serve = async move {
+        read_until(&mut server, b"\r\n\r\n").await;
+        let _ = server.write_all(response).await;
+    };
+    tokio::join!(send, serve).0
+}
+
 #[tokio::test]
 async fn a_get_goes_out_in_origin_form_without_framing_headers_and_the_connection_is_reused() {
     let (conn, mut server) = pipe();
@@ -398,17 +417,14 @@ async fn a_broken_chunked_body_fails_and_its_connection_is_not_reused() {
 
 #[tokio::test]
 async fn a_body_without_length_runs_to_the_close_and_takes_the_connection() {
-    let (conn, mut server) = pipe();
-    let send = conn.send(get("/"));
-    let serve = async {
-        read_until(&mut server, b"\r\n\r\n").await;
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\n\r\nuntil the end")
-            .await
-            .unwrap();
-        drop(server);
-    };
-    let (response, ()) = tokio::join!(send, serve);
+    let (conn, server) = pipe();
+    let response = answer_and_close(
+        conn,
+        server,
+        get("/"),
+        b"HTTP/1.1 200 OK\r\n\r\nuntil the end",
+    )
+    .await;
     let mut response = response.unwrap();
     assert!(!response.body().is_end_stream());
     assert_eq!(
@@ -601,30 +617,21 @@ async fn a_connection_closed_while_idle_is_seen_and_a_request_it_refused_comes_b
 #[tokio::test]
 async fn a_response_cut_short_is_an_error() {
     // Before the head is whole.
-    let (conn, mut server) = pipe();
-    let send = conn.send(get("/"));
-    let serve = async {
-        read_until(&mut server, b"\r\n\r\n").await;
-        server.write_all(b"HTTP/1.1 200 OK\r\ncont").await.unwrap();
-        drop(server);
-    };
-    let (result, ()) = tokio::join!(send, serve);
+    let (conn, server) = pipe();
+    let result = answer_and_close(conn, server, get("/"), b"HTTP/1.1 200 OK\r\ncont").await;
     let error = result.unwrap_err();
     assert!(matches!(error.error, Error::Closed));
     assert!(error.unsent.is_none(), "the request was written");
 
     // In the body.
-    let (conn, mut server) = pipe();
-    let send = conn.send(get("/"));
-    let serve = async {
-        read_until(&mut server, b"\r\n\r\n").await;
-        server
-            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
-            .await
-            .unwrap();
-        drop(server);
-    };
-    let (response, ()) = tokio::join!(send, serve);
+    let (conn, server) = pipe();
+    let response = answer_and_close(
+        conn,
+        server,
+        get("/"),
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc",
+    )
+    .await;
     let mut response = response.unwrap();
     assert!(matches!(
         read_body(response.body_mut()).await,
