@@ -20,12 +20,14 @@ use std::task::{Context, Poll};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
+
+use crate::wire::IncomingBody;
 use pin_project_lite::pin_project;
 
 /// The client's request body failed.
 #[derive(Debug, thiserror::Error)]
 #[error("downstream request body")]
-pub(crate) struct DownstreamBodyError(#[source] pub(crate) hyper::Error);
+pub(crate) struct DownstreamBodyError(#[source] pub(crate) crate::error::BoxError);
 
 impl DownstreamBodyError {
     /// Finds a downstream body failure among an error's causes.
@@ -42,6 +44,51 @@ impl DownstreamBodyError {
 }
 
 pin_project! {
+    /// The client's request body, as its connection's protocol reads it.
+    #[derive(Debug)]
+    #[project = ClientBodyProj]
+    pub(crate) enum ClientBody {
+        /// HTTP/2 (hyper's server).
+        H2 { #[pin] body: Incoming },
+        /// HTTP/1.1 (the proxy's own server).
+        H1 { #[pin] body: IncomingBody },
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = DownstreamBodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, DownstreamBodyError>>> {
+        match self.project() {
+            ClientBodyProj::H2 { body } => body
+                .poll_frame(cx)
+                .map_err(|error| DownstreamBodyError(error.into())),
+            ClientBodyProj::H1 { body } => body
+                .poll_frame(cx)
+                .map_err(|error| DownstreamBodyError(error.into())),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Self::H2 { body } => body.is_end_stream(),
+            Self::H1 { body } => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Self::H2 { body } => body.size_hint(),
+            Self::H1 { body } => body.size_hint(),
+        }
+    }
+}
+
+pin_project! {
     /// A request body as the proxy sends it upstream: the client's stream,
     /// or a copy of a body read whole (up to a bound) so that it can be
     /// sent again by a retry, or the bytes read before the bound followed
@@ -49,17 +96,17 @@ pin_project! {
     #[derive(Debug)]
     #[project = RequestBodyProj]
     pub(crate) enum RequestBody {
-        Streaming { #[pin] body: Incoming, counted: Counted },
+        Streaming { #[pin] body: ClientBody, counted: Counted },
         // Trailers boxed: rare, and a map inline would make every request
         // 88 bytes larger to move through each layer.
         Replay { data: Option<Bytes>, trailers: Option<Box<http::HeaderMap>> },
-        Prefixed { prefix: std::collections::VecDeque<Bytes>, #[pin] rest: Incoming, counted: Counted },
+        Prefixed { prefix: std::collections::VecDeque<Bytes>, #[pin] rest: ClientBody, counted: Counted },
     }
 }
 
 impl RequestBody {
     /// Streams the client's body.
-    pub(crate) fn new(body: Incoming) -> Self {
+    pub(crate) fn new(body: ClientBody) -> Self {
         Self::Streaming {
             body,
             counted: None,
@@ -68,7 +115,7 @@ impl RequestBody {
 
     /// Streams the client's body, adding what is read from the client to
     /// `counted` (once, however often a retry sends it).
-    pub(crate) fn counted(body: Incoming, counted: Arc<ReadCount>) -> Self {
+    pub(crate) fn counted(body: ClientBody, counted: Arc<ReadCount>) -> Self {
         Self::Streaming {
             body,
             counted: Some(counted),
@@ -157,7 +204,7 @@ pub(crate) async fn read_for_replay(
     let mut total = 0_usize;
     let mut trailers = None;
     while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(DownstreamBodyError)?;
+        let frame = frame?;
         match frame.into_data() {
             Ok(data) => {
                 total += data.len();
@@ -300,7 +347,7 @@ impl Messages {
 
 /// A frame read from the client, its bytes counted.
 fn counting(
-    polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
+    polled: Poll<Option<Result<Frame<Bytes>, DownstreamBodyError>>>,
     counted: &Counted,
 ) -> Poll<Option<Result<Frame<Bytes>, DownstreamBodyError>>> {
     if let Poll::Ready(Some(Ok(frame))) = &polled
@@ -308,7 +355,7 @@ fn counting(
     {
         count(counted, data);
     }
-    polled.map_err(DownstreamBodyError)
+    polled
 }
 
 impl Body for RequestBody {

@@ -3,6 +3,7 @@
 
 pub(crate) mod body;
 pub(crate) mod error;
+pub(crate) mod h1;
 pub(crate) mod headers;
 pub(crate) mod route;
 pub(crate) mod router;

@@ -29,6 +29,7 @@ mod stack;
 mod tcp;
 mod tls;
 mod transport;
+mod wire;
 
 /// Hot-path building blocks, public only so that the criterion
 /// micro-benchmarks in `benches/` can measure them. Not a stable API.

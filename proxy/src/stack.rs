@@ -99,7 +99,7 @@ pub(crate) enum ListenerSnapshot {
 pub(crate) struct HttpListener {
     pub(crate) config: config::Listener,
     /// hyper's HTTP/1 codec as the listener's limits set it.
-    pub(crate) h1: hyper::server::conn::http1::Builder,
+    pub(crate) h1: crate::http::h1::Limits,
     /// TLS termination, when the listener has it.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     pub(crate) table: RouteTable<Arc<PreparedRoute>>,
@@ -562,32 +562,19 @@ pub(crate) fn build(
     }
 }
 
-/// hyper's HTTP/1 read buffer never goes below this.
-const MIN_H1_BUFFER: usize = 8192;
-/// hyper's HTTP/1 header count limit when none is set.
-const HYPER_DEFAULT_MAX_HEADERS: u32 = 100;
+/// The HTTP/1 head size limit never goes below this.
+const MIN_H1_HEAD: usize = 8192;
 /// The codec's hard ceiling on HTTP/1 header count.
 const MAX_H1_HEADERS: usize = 10_000;
 
-/// hyper's HTTP/1 server codec for a listener's connections.
-fn h1_codec(listener: &config::Listener) -> hyper::server::conn::http1::Builder {
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(hyper_util::rt::TokioTimer::new())
-        // The header deadline is ours (see `ConnState`): hyper's would
-        // also cut idle keep-alive connections.
-        .header_read_timeout(None)
-        // Our own checks answer 431 with a body and the cause; the codec's
-        // limits (somewhat larger) are the hard stop behind them.
-        .max_buf_size((listener.max_request_headers_bytes as usize + 4096).max(MIN_H1_BUFFER));
-    // PERF: a limit other than hyper's default (100) moves hyper's header
-    // index arrays from the stack to two 6.4 KB heap allocations per
-    // request (dhat, benches/RESULTS.md); so the codec keeps its default
-    // unless the listener allows more.
-    if listener.max_request_headers > HYPER_DEFAULT_MAX_HEADERS {
-        builder.max_headers((listener.max_request_headers as usize).min(MAX_H1_HEADERS));
+/// The HTTP/1 server codec's limits for a listener's connections: our own
+/// checks answer 431 with a body and the cause; the codec's limits
+/// (somewhat larger) are the hard stop behind them.
+fn h1_codec(listener: &config::Listener) -> crate::http::h1::Limits {
+    crate::http::h1::Limits {
+        max_head: (listener.max_request_headers_bytes as usize + 4096).max(MIN_H1_HEAD),
+        max_headers: (listener.max_request_headers as usize).clamp(100, MAX_H1_HEADERS),
     }
-    builder
 }
 
 fn prepare_route(

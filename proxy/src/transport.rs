@@ -373,6 +373,18 @@ impl DownstreamIo {
         self.peer.as_ref().map(|peer| peer.not_after)
     }
 
+    /// A plain TCP connection with counters of its own, for tests.
+    #[cfg(test)]
+    pub(crate) fn plain_for_test(stream: TcpStream) -> Self {
+        Self {
+            stream: Stream::Tcp(stream),
+            prefix: Bytes::new(),
+            metrics: Arc::default(),
+            state: Arc::new(ConnState::new(true)),
+            peer: None,
+        }
+    }
+
     /// Puts bytes back in front of the stream.
     pub(crate) fn unread(&mut self, bytes: Bytes) {
         if bytes.is_empty() {

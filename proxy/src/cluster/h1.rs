@@ -49,42 +49,16 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::BoxError;
+pub(crate) use crate::wire::Error;
+use crate::wire::{
+    COALESCE_BELOW, Chunked, Collected, Decoder, Framing, MAX_READ, READ_CHUNK, Step, Upload,
+    decode_chunked, has_token, parse_length, take, write_length,
+};
 
 /// The largest response head (status line and headers) accepted.
 pub(crate) const MAX_HEAD: usize = 64 * 1024;
 /// The most headers a response head, or a chunked body's trailers, may have.
 pub(crate) const MAX_HEADERS: usize = 100;
-/// Room asked for before a read, at first: enough for most heads and
-/// small bodies.
-const READ_CHUNK: usize = 8 * 1024;
-/// The most room asked for before a read. Reads that fill the room double
-/// it up to this (a large body then takes a few large reads, not many
-/// small ones); reads that use under a quarter of it halve it.
-const MAX_READ: usize = 128 * 1024;
-/// Body data up to this size is copied into the write buffer, to leave
-/// with the head (or the chunk's framing) in one write.
-const COALESCE_BELOW: usize = 16 * 1024;
-/// The longest chunk-size line (extensions included) accepted.
-const MAX_CHUNK_LINE: usize = 4 * 1024;
-/// The largest trailer section accepted.
-const MAX_TRAILERS: usize = 16 * 1024;
-
-/// Why an exchange failed.
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum Error {
-    /// The upstream closed the connection before the response was whole.
-    #[error("connection closed before the response was complete")]
-    Closed,
-    /// Reading or writing the connection failed.
-    #[error("connection i/o failed")]
-    Io(#[source] io::Error),
-    /// The response broke HTTP/1.1's rules.
-    #[error("invalid response: {0}")]
-    Malformed(&'static str),
-    /// The request's body failed (the client's fault, or the client left).
-    #[error("request body failed")]
-    RequestBody(#[source] BoxError),
-}
 
 /// A request that failed: why, and the request itself when not one byte
 /// of it was written (so it may go out on another connection as it is).
@@ -225,15 +199,6 @@ where
     }
 }
 
-/// How a request's body is framed on the wire.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Framing {
-    /// `content-length`: this many bytes are still to come.
-    Length(u64),
-    /// `transfer-encoding: chunked`.
-    Chunked,
-}
-
 /// Writes the request line and headers, with the framing headers this
 /// connection decides, into `out`.
 fn encode_head<B: Body>(out: &mut Vec<u8>, parts: &http::request::Parts, body: &B) -> Framing {
@@ -277,191 +242,6 @@ fn encode_head<B: Body>(out: &mut Vec<u8>, parts: &http::request::Parts, body: &
     };
     out.extend_from_slice(b"\r\n");
     framing
-}
-
-fn write_length(out: &mut Vec<u8>, length: u64) {
-    out.extend_from_slice(b"content-length: ");
-    let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    let mut left = length;
-    loop {
-        at -= 1;
-        // A digit: below 10.
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            digits[at] = b'0' + (left % 10) as u8;
-        }
-        left /= 10;
-        if left == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// A decimal `content-length` value: digits only, no sign, no overflow.
-fn parse_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 {
-        return None;
-    }
-    let mut length: u64 = 0;
-    for &b in value {
-        if !b.is_ascii_digit() {
-            return None;
-        }
-        length = length * 10 + u64::from(b - b'0');
-    }
-    Some(length)
-}
-
-/// The request body still to write.
-#[derive(Debug)]
-struct Upload<B> {
-    body: B,
-    framing: Framing,
-    /// A large data frame, written as it is (not copied) after the write
-    /// buffer, and then `suffix` (a chunk's closing CRLF).
-    data: Bytes,
-    suffix: &'static [u8],
-    /// The body's end (and a chunked body's last chunk) is in the write
-    /// buffer: once that is written, the request is whole.
-    end_queued: bool,
-    /// The body was polled: the request can no longer be handed back whole.
-    touched: bool,
-}
-
-/// What [`Upload::collect`] left to write.
-enum Collected {
-    /// Bytes (or a large frame) are ready to be written.
-    More,
-    /// Nothing to write until the body has more.
-    Pending,
-}
-
-impl<B> Upload<B>
-where
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
-{
-    fn new(body: B, framing: Framing) -> Self {
-        Self {
-            body,
-            framing,
-            data: Bytes::new(),
-            suffix: b"",
-            end_queued: false,
-            touched: false,
-        }
-    }
-
-    /// Moves the body's ready frames into `out` (small ones copied, with
-    /// their chunk framing) until a large frame, the end, or `Pending`.
-    fn collect(&mut self, out: &mut Vec<u8>, cx: &mut Context<'_>) -> Result<Collected, Error> {
-        if self.framing == Framing::Length(0) && self.body.is_end_stream() {
-            self.end_queued = true;
-            return Ok(Collected::More);
-        }
-        loop {
-            if out.len() >= COALESCE_BELOW {
-                return Ok(Collected::More);
-            }
-            self.touched = true;
-            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
-                Poll::Ready(Some(Ok(frame))) => frame,
-                Poll::Ready(Some(Err(error))) => return Err(Error::RequestBody(error.into())),
-                Poll::Ready(None) => {
-                    match self.framing {
-                        Framing::Chunked => write_last_chunk(out, None),
-                        Framing::Length(0) => {}
-                        Framing::Length(_) => {
-                            return Err(Error::RequestBody(
-                                "request body shorter than its content-length".into(),
-                            ));
-                        }
-                    }
-                    self.end_queued = true;
-                    return Ok(Collected::More);
-                }
-                Poll::Pending if out.is_empty() => return Ok(Collected::Pending),
-                Poll::Pending => return Ok(Collected::More),
-            };
-            let data = match frame.into_data() {
-                Ok(data) => data,
-                Err(frame) => {
-                    if self.framing == Framing::Chunked
-                        && let Ok(trailers) = frame.into_trailers()
-                    {
-                        write_last_chunk(out, Some(&trailers));
-                        self.end_queued = true;
-                        return Ok(Collected::More);
-                    }
-                    // Trailers cannot follow a body framed by its length.
-                    continue;
-                }
-            };
-            if data.is_empty() {
-                continue;
-            }
-            let len = data.len() as u64;
-            match &mut self.framing {
-                Framing::Length(left) => {
-                    if len > *left {
-                        return Err(Error::RequestBody(
-                            "request body longer than its content-length".into(),
-                        ));
-                    }
-                    *left -= len;
-                }
-                Framing::Chunked => write_chunk_size(out, len),
-            }
-            let chunked = self.framing == Framing::Chunked;
-            if data.len() < COALESCE_BELOW {
-                out.extend_from_slice(&data);
-                if chunked {
-                    out.extend_from_slice(b"\r\n");
-                }
-            } else {
-                self.data = data;
-                self.suffix = if chunked { b"\r\n" } else { b"" };
-                return Ok(Collected::More);
-            }
-        }
-    }
-}
-
-fn write_chunk_size(out: &mut Vec<u8>, len: u64) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut digits = [0u8; 16];
-    let mut at = digits.len();
-    let mut left = len;
-    loop {
-        at -= 1;
-        // A hex digit: the low four bits.
-        #[allow(clippy::cast_possible_truncation)]
-        {
-            digits[at] = HEX[(left & 0xf) as usize];
-        }
-        left >>= 4;
-        if left == 0 {
-            break;
-        }
-    }
-    out.extend_from_slice(&digits[at..]);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// The last chunk, the trailers if any, and the blank line that ends a
-/// chunked body.
-fn write_last_chunk(out: &mut Vec<u8>, trailers: Option<&HeaderMap>) {
-    out.extend_from_slice(b"0\r\n");
-    for (name, value) in trailers.into_iter().flatten() {
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
 }
 
 impl<T: AsyncRead + AsyncWrite + Unpin, B> State<T, B>
@@ -668,7 +448,10 @@ fn parse_head(
     // its body is read to the end), the buffer is whole again and the next
     // read reuses it; nothing is allocated per response.
     let block = read.split_to(len).freeze();
-    let mut headers = HeaderMap::with_capacity(scratch.len());
+    // Room for what the proxy adds on the way back (`via`), and then for
+    // the next request read on the downstream connection, which reuses
+    // this map.
+    let mut headers = HeaderMap::with_capacity(scratch.len() + 4);
     for (name, start, len) in scratch.drain(..) {
         let value = HeaderValue::from_maybe_shared(block.slice(start..start + len))
             .map_err(|_| Error::Malformed("invalid header value"))?;
@@ -715,13 +498,6 @@ impl Framed {
     }
 }
 
-/// Whether a comma-separated header value lists `token` (any case).
-fn has_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 impl Head {
     /// How the body that follows this head is framed.
     fn framing(&self, head_only: bool) -> Result<Decoder, Error> {
@@ -760,152 +536,6 @@ impl Head {
             Decoder::Length(_) | Decoder::Done => true,
         }
     }
-}
-
-/// How the response body is read.
-#[derive(Debug)]
-enum Decoder {
-    /// This many bytes are left.
-    Length(u64),
-    Chunked(Chunked),
-    /// Up to the connection's end.
-    Eof,
-    /// Read whole.
-    Done,
-}
-
-/// Where a chunked body's decoding is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Chunked {
-    /// At a chunk-size line.
-    Size,
-    /// In a chunk's data: this many bytes are left.
-    Data(u64),
-    /// At the CRLF after a chunk's data.
-    DataEnd,
-    /// After the last chunk: trailers, or the blank line.
-    Trailers,
-}
-
-/// One step of a chunked body's decoding.
-enum Step {
-    Frame(Frame<Bytes>),
-    /// More bytes are needed.
-    More,
-    Done,
-}
-
-/// Decodes what `read` holds of a chunked body.
-fn decode_chunked(state: &mut Chunked, read: &mut BytesMut) -> Result<Step, Error> {
-    loop {
-        match *state {
-            Chunked::Size => {
-                let Some(lf) = read.iter().take(MAX_CHUNK_LINE).position(|&b| b == b'\n') else {
-                    if read.len() >= MAX_CHUNK_LINE {
-                        return Err(Error::Malformed("chunk-size line too long"));
-                    }
-                    return Ok(Step::More);
-                };
-                let size = parse_chunk_size(&read[..lf])?;
-                read.advance(lf + 1);
-                *state = if size == 0 {
-                    Chunked::Trailers
-                } else {
-                    Chunked::Data(size)
-                };
-            }
-            Chunked::Data(left) => {
-                if read.is_empty() {
-                    return Ok(Step::More);
-                }
-                let n = usize::try_from(left).unwrap_or(usize::MAX).min(read.len());
-                let data = take(read, n);
-                let left = left - n as u64;
-                *state = if left == 0 {
-                    Chunked::DataEnd
-                } else {
-                    Chunked::Data(left)
-                };
-                return Ok(Step::Frame(Frame::data(data)));
-            }
-            Chunked::DataEnd => {
-                if read.len() < 2 {
-                    return Ok(Step::More);
-                }
-                if &read[..2] != b"\r\n" {
-                    return Err(Error::Malformed("chunk data not followed by CRLF"));
-                }
-                read.advance(2);
-                *state = Chunked::Size;
-            }
-            Chunked::Trailers => {
-                if read.starts_with(b"\r\n") {
-                    read.advance(2);
-                    return Ok(Step::Done);
-                }
-                if read.len() < 2 {
-                    return Ok(Step::More);
-                }
-                let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                let (len, trailers) = match httparse::parse_headers(read, &mut slots) {
-                    Ok(httparse::Status::Complete((len, parsed))) => {
-                        let mut trailers = HeaderMap::with_capacity(parsed.len());
-                        for parsed in parsed {
-                            let name = HeaderName::from_bytes(parsed.name.as_bytes())
-                                .map_err(|_| Error::Malformed("invalid trailer name"))?;
-                            let value = HeaderValue::from_bytes(parsed.value)
-                                .map_err(|_| Error::Malformed("invalid trailer value"))?;
-                            trailers.append(name, value);
-                        }
-                        (len, trailers)
-                    }
-                    Ok(httparse::Status::Partial) if read.len() >= MAX_TRAILERS => {
-                        return Err(Error::Malformed("trailers too large"));
-                    }
-                    Ok(httparse::Status::Partial) => return Ok(Step::More),
-                    Err(_) => return Err(Error::Malformed("invalid trailers")),
-                };
-                // The trailers' blank line is read with them: the body is
-                // over (the caller marks it so).
-                read.advance(len);
-                return Ok(Step::Frame(Frame::trailers(trailers)));
-            }
-        }
-    }
-}
-
-/// A chunk-size line (without its LF): hex digits, then optional
-/// extensions (ignored), then CR.
-fn parse_chunk_size(line: &[u8]) -> Result<u64, Error> {
-    const BAD: Error = Error::Malformed("invalid chunk size");
-    let line = line.strip_suffix(b"\r").ok_or(BAD)?;
-    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
-        return Err(BAD);
-    }
-    let mut size: u64 = 0;
-    for &b in &line[..digits] {
-        // A hex digit's value: below 16.
-        #[allow(clippy::cast_lossless)]
-        let value = match b {
-            b'0'..=b'9' => b - b'0',
-            b'a'..=b'f' => b - b'a' + 10,
-            _ => b - b'A' + 10,
-        };
-        size = (size << 4) | u64::from(value);
-    }
-    let rest = line[digits..].trim_ascii_start();
-    if !rest.is_empty()
-        && (rest[0] != b';' || rest.iter().any(|&b| b.is_ascii_control() && b != b'\t'))
-    {
-        return Err(BAD);
-    }
-    Ok(size)
-}
-
-/// Takes `n` bytes off the front of the read buffer, without a copy.
-fn take(read: &mut BytesMut, n: usize) -> Bytes {
-    read.split_to(n).freeze()
 }
 
 /// A response's body, read from its connection; the connection goes back

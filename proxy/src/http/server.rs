@@ -5,13 +5,11 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Request, Response, Uri, Version, header};
-use hyper::body::Incoming;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tower::Service;
@@ -19,9 +17,10 @@ use tracing::Instrument;
 
 use super::body::{self, Finish, IstioFinish, ResponseBody};
 use super::error::{Decision, is_grpc, to_response};
+use super::h1;
 use super::headers;
 use super::router::RequestParts;
-use crate::body::RequestBody;
+use crate::body::{ClientBody, RequestBody};
 use crate::config::IstioReporter;
 use crate::drain::{Drain, TrackedExecutor};
 use crate::error::ProxyError;
@@ -156,7 +155,7 @@ pub(crate) fn serve(
             return;
         }
         loop {
-            let Some(idle) = Box::pin(serve_h1_until_idle(io, &conn, &listener.h1)).await else {
+            let Some(idle) = Box::pin(serve_h1_until_idle(io, &conn, listener.h1)).await else {
                 return;
             };
             io = idle;
@@ -259,9 +258,9 @@ async fn open(
 async fn serve_h2(io: DownstreamIo, conn: &Arc<Connection>, settings: &crate::config::Listener) {
     let service = {
         let conn = conn.clone();
-        hyper::service::service_fn(move |req| {
+        hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
             let span = request_span(&req);
-            handle(conn.clone(), req).instrument(span)
+            handle(conn.clone(), req.map(|body| ClientBody::H2 { body })).instrument(span)
         })
     };
     let mut builder = hyper::server::conn::http2::Builder::new(TrackedExecutor(conn.drain.clone()));
@@ -277,7 +276,7 @@ async fn serve_h2(io: DownstreamIo, conn: &Arc<Connection>, settings: &crate::co
     let mut connection = std::pin::pin!(builder.serve_connection(TokioIo::new(io), service));
     drive(
         &mut connection,
-        |c, cx| c.as_mut().poll(cx),
+        |c, cx| c.as_mut().poll(cx).map_err(Failed::from_hyper),
         |c| c.as_mut().graceful_shutdown(),
         conn,
         None,
@@ -285,43 +284,35 @@ async fn serve_h2(io: DownstreamIo, conn: &Arc<Connection>, settings: &crate::co
     .await;
 }
 
-/// An HTTP/1 connection that has been idle this long is parked: hyper's
-/// state and its read and write buffers (16 KiB together) are released and
-/// the socket is watched with no buffer at all until the client speaks
-/// again. Long enough that a busy keep-alive connection never parks.
+/// An HTTP/1 connection that has been idle this long is parked: its read
+/// and write buffers are released and the socket is watched with no buffer
+/// at all until the client speaks again. Long enough that a busy
+/// keep-alive connection never parks.
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
-/// Serves HTTP/1 requests with a fresh hyper connection until the
-/// connection ends (`None`) or idles long enough to park: then hyper hands
-/// the socket back (`Some`).
-///
-/// hyper keeps about 16 KiB of buffers per HTTP/1 connection for as long
-/// as the connection lives; a gateway holding tens of thousands of idle
-/// keep-alive connections cannot afford that. So an idle connection is
-/// handed back by hyper (`poll_without_shutdown` + `into_parts`) and
-/// resumed with a fresh hyper connection when bytes arrive (see `serve`).
-/// The same hand-back serves upgrades: the client side of a tunnel is the
-/// socket hyper returns after writing the 101.
+/// Serves HTTP/1 requests until the connection ends (`None`) or idles long
+/// enough to park: then the socket comes back (`Some`), to be served again
+/// with fresh buffers when bytes arrive (see `serve`). A gateway holding
+/// tens of thousands of idle keep-alive connections cannot afford buffers
+/// for each. The same hand-back serves upgrades: the client side of a
+/// tunnel is the socket returned after the 101 is written.
 async fn serve_h1_until_idle(
     io: DownstreamIo,
     conn: &Arc<Connection>,
-    codec: &hyper::server::conn::http1::Builder,
+    limits: h1::Limits,
 ) -> Option<DownstreamIo> {
-    let service = {
+    let make = {
         let conn = conn.clone();
-        // Boxed because handing the connection back needs an `Unpin`
-        // service future: one allocation per request buys the release of
-        // 16 KiB per idle connection.
-        hyper::service::service_fn(move |req| {
+        move |req: Request<crate::wire::IncomingBody>| {
             let span = request_span(&req);
-            Box::pin(handle(conn.clone(), req).instrument(span))
-        })
+            handle(conn.clone(), req.map(|body| ClientBody::H1 { body })).instrument(span)
+        }
     };
-    let mut connection = codec.serve_connection(TokioIo::new(io), service);
+    let mut server = h1::Server::new(io, limits, make);
     let ending = drive(
-        &mut connection,
-        |c, cx| c.poll_without_shutdown(cx),
-        |c| Pin::new(c).graceful_shutdown(),
+        &mut server,
+        |c, cx| c.poll(cx).map_err(Failed::from_h1),
+        h1::Server::shutdown,
         conn,
         // A TLS connection is not parked: rustls may hold decrypted bytes
         // that a wait on the socket would not see.
@@ -331,16 +322,16 @@ async fn serve_h1_until_idle(
     if ending == Ending::Dropped {
         return None;
     }
-    let parts = connection.into_parts();
-    let mut io = parts.io.into_inner();
-    io.unread(parts.read_buf);
-    if let Some(upstream) = conn.take_upgrade() {
+    let (mut io, upgraded) = server.into_io()?;
+    if let Some(upstream) = conn.take_upgrade()
+        && upgraded
+    {
         // Boxed: few connections are upgraded, and a tunnel's copy state
-        // would otherwise make every connection's hyper state larger.
+        // would otherwise make every connection's state larger.
         Box::pin(tunnel(io, upstream, conn)).await;
         return None;
     }
-    if ending == Ending::Parked {
+    if ending == Ending::Parked && !upgraded {
         return Some(io);
     }
     let _ = tokio::io::AsyncWriteExt::shutdown(&mut io).await;
@@ -404,7 +395,7 @@ enum Ending {
 ///   that its caller can park it.
 async fn drive<C>(
     connection: &mut C,
-    poll: fn(&mut C, &mut std::task::Context<'_>) -> std::task::Poll<Result<(), hyper::Error>>,
+    poll: fn(&mut C, &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Failed>>,
     shutdown: fn(&mut C),
     conn: &Connection,
     park_after: Option<Duration>,
@@ -427,11 +418,13 @@ async fn drive<C>(
     loop {
         tokio::select! {
             result = std::future::poll_fn(|cx| poll(connection, cx)) => {
-                if let Err(error) = result {
-                    if error.is_parse() {
-                        rejected(conn, &error);
+                if let Err(failed) = result {
+                    match failed {
+                        Failed::Rejected { too_large } => rejected(conn, too_large),
+                        Failed::Other(error) => {
+                            tracing::debug!(peer.addr = %conn.peer, %error, "connection ended with an error");
+                        }
                     }
-                    tracing::debug!(peer.addr = %conn.peer, %error, "connection ended with an error");
                     return Ending::Dropped;
                 }
                 return if parking && !closing { Ending::Parked } else { Ending::Closed };
@@ -501,16 +494,48 @@ async fn drive<C>(
     }
 }
 
-/// Records a request the HTTP/1 parser rejected (hyper has answered it
-/// with 400, or 431 when too large, and closes the connection): counted by
-/// reason and written to the access log, since no request reached
-/// [`handle`].
-fn rejected(conn: &Connection, error: &hyper::Error) {
+/// How a connection's protocol driver failed.
+#[derive(Debug)]
+enum Failed {
+    /// A request the parser rejected (answered 400, or 431 when too large,
+    /// and the connection closes).
+    Rejected {
+        too_large: bool,
+    },
+    Other(crate::error::BoxError),
+}
+
+impl Failed {
+    fn from_hyper(error: hyper::Error) -> Self {
+        if error.is_parse() {
+            Self::Rejected {
+                too_large: error.is_parse_too_large(),
+            }
+        } else {
+            Self::Other(error.into())
+        }
+    }
+
+    fn from_h1(failure: h1::Failure) -> Self {
+        match failure {
+            h1::Failure::Rejected { too_large, why } => {
+                tracing::debug!(why, "request rejected");
+                Self::Rejected { too_large }
+            }
+            other => Self::Other(other.into()),
+        }
+    }
+}
+
+/// Records a request the HTTP/1 parser rejected (answered with 400, or 431
+/// when too large, and the connection closes): counted by reason and
+/// written to the access log, since no request reached [`handle`].
+fn rejected(conn: &Connection, too_large: bool) {
     let snapshot = conn.shared.load();
     let Some(ListenerSnapshot::Http(listener)) = snapshot.listener(conn.index) else {
         return;
     };
-    let (counter, status, flag) = if error.is_parse_too_large() {
+    let (counter, status, flag) = if too_large {
         (
             &listener.metrics.rejected_too_large,
             431,
@@ -581,7 +606,7 @@ struct Outcome {
 /// Handles one request; never fails (errors become responses).
 async fn handle(
     conn: Arc<Connection>,
-    req: Request<Incoming>,
+    req: Request<ClientBody>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
     let request = conn.state.begin_request();
@@ -744,7 +769,7 @@ async fn handle(
 async fn route_and_forward(
     conn: &Connection,
     listener: &HttpListener,
-    mut req: Request<Incoming>,
+    mut req: Request<ClientBody>,
     outcome: &mut Outcome,
     trace: Option<(&Arc<Tracer>, Context)>,
     start: Instant,
@@ -911,7 +936,7 @@ async fn route_and_forward(
 ///
 /// RFC 9112 §3.2: a server MUST answer 400 to an HTTP/1.1 request without
 /// Host, with more than one Host line, or with an invalid Host.
-fn authority(req: &Request<Incoming>) -> Result<HeaderValue, ProxyError> {
+fn authority<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> {
     let mut hosts = req.headers().get_all(header::HOST).iter();
     let host = hosts.next();
     if hosts.next().is_some() {

@@ -535,7 +535,7 @@ where
         Err(error) => {
             return Err(ProxyError::DownstreamBody {
                 endpoint: None,
-                source: error.0.into(),
+                source: error.0,
             });
         }
     };

@@ -100,7 +100,7 @@ async fn downstream_request(raw: &'static [u8]) -> Request<RequestBody> {
         while matches!(client.read(&mut sink).await, Ok(n) if n > 0) {}
     });
     let req = rx.await.unwrap();
-    let mut req = req.map(RequestBody::new);
+    let mut req = req.map(|body| RequestBody::new(crate::body::ClientBody::H2 { body }));
     *req.uri_mut() = Uri::from_static("/");
     req
 }
