@@ -98,7 +98,7 @@ pub(crate) enum ListenerSnapshot {
 #[derive(Debug)]
 pub(crate) struct HttpListener {
     pub(crate) config: config::Listener,
-    /// hyper's HTTP/1 codec as the listener's limits set it.
+    /// The HTTP/1 codec's limits, as the listener's set them.
     pub(crate) h1: crate::http::h1::Limits,
     /// TLS termination, when the listener has it.
     pub(crate) tls: Option<Arc<rustls::ServerConfig>>,

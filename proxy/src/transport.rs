@@ -209,10 +209,10 @@ pub(crate) async fn detect(
     state: Arc<ConnState>,
 ) -> Option<(DownstreamIo, Protocol)> {
     // PERF: one read takes the whole of a typical request head, so that
-    // hyper finds it already read; reading just the 24 bytes that decide
-    // the protocol cost a second read system call on every new connection
-    // (see benches/RESULTS.md). The buffer goes once hyper has taken its
-    // bytes.
+    // the HTTP codec finds it already read; reading just the 24 bytes that
+    // decide the protocol cost a second read system call on every new
+    // connection (see benches/RESULTS.md). The buffer goes once the codec
+    // has taken its bytes.
     let mut buffer = BytesMut::with_capacity(DETECT_READ_BYTES);
     let read = async {
         loop {
@@ -312,7 +312,8 @@ pub(crate) async fn accept_tls(
 pub(crate) struct DownstreamIo {
     stream: Stream,
     /// Bytes already read from the socket that the next reader must see
-    /// first (detection bytes, or what hyper had buffered when it let go).
+    /// first (detection bytes, or what the HTTP codec had buffered when it
+    /// let go).
     prefix: Bytes,
     metrics: Arc<ListenerMetrics>,
     state: Arc<ConnState>,
@@ -479,11 +480,9 @@ impl AsyncWrite for DownstreamIo {
 /// the last one finished, and when the bytes of a not-yet-parsed request
 /// head began to arrive.
 ///
-/// hyper's own HTTP/1 header timer also runs while a keep-alive connection
-/// waits for its next request, which would close idle keep-alive
-/// connections after the header timeout; so the proxy keeps these deadlines
-/// itself: the header timeout starts at the first byte of a request head,
-/// the idle timeout when the last response ends.
+/// The header timeout starts at the first byte of a request head (not
+/// while a keep-alive connection waits for its next request), the idle
+/// timeout when the last response ends.
 #[derive(Debug)]
 pub(crate) struct ConnState {
     born: Instant,

@@ -129,6 +129,14 @@ async fn malformed_requests_get_400() {
     )
     .await;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    // Both framings at once (request smuggling): refused, not guessed.
+    let head = exchange(
+        proxy.listener("web"),
+        b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /smuggled HTTP/1.1\r\nHost: a\r\n\r\n",
+    )
+    .await;
+    assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+    assert!(!head.contains("HTTP/1.1 200"), "{head}");
     // The proxy is still serving.
     let web = proxy.listener("web");
     assert_eq!(

@@ -58,6 +58,8 @@ use crate::wire::{
 
 /// Header slots on the stack, enough for the default limit.
 const STACK_HEADERS: usize = 100;
+/// The longest request target accepted (what `http::Uri` can hold).
+const MAX_TARGET: usize = u16::MAX as usize - 1;
 /// Headers the proxy may add to a request on its way upstream.
 const ADDED_HEADERS: usize = 8;
 
@@ -76,7 +78,11 @@ pub(crate) enum Failure {
     /// The request could not be parsed; it was answered 400 (or 431 when
     /// too large) and the connection closes.
     #[error("request rejected: {why}")]
-    Rejected { too_large: bool, why: &'static str },
+    Rejected {
+        /// 400, 414 (a target too long) or 431 (a head too large).
+        status: u16,
+        why: &'static str,
+    },
     #[error("connection i/o failed")]
     Io(#[source] io::Error),
     /// The response's body failed after its head was written: the
@@ -201,19 +207,16 @@ where
                             return Poll::Ready(Ok(()));
                         }
                         Err(failure) => {
-                            let too_large = matches!(
-                                failure,
-                                Failure::Rejected {
-                                    too_large: true,
-                                    ..
-                                }
-                            );
                             self.ex.write.clear();
                             self.ex.written = 0;
-                            self.ex.write.extend_from_slice(if too_large {
-                                b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
-                            } else {
-                                b"HTTP/1.1 400 Bad Request\r\n"
+                            self.ex.write.extend_from_slice(match failure {
+                                Failure::Rejected { status: 431, .. } => {
+                                    b"HTTP/1.1 431 Request Header Fields Too Large\r\n"
+                                }
+                                Failure::Rejected { status: 414, .. } => {
+                                    b"HTTP/1.1 414 URI Too Long\r\n"
+                                }
+                                _ => b"HTTP/1.1 400 Bad Request\r\n",
                             });
                             self.ex
                                 .write
@@ -334,17 +337,11 @@ struct Head {
 }
 
 fn rejected(why: &'static str) -> Failure {
-    Failure::Rejected {
-        too_large: false,
-        why,
-    }
+    Failure::Rejected { status: 400, why }
 }
 
 fn too_large(why: &'static str) -> Failure {
-    Failure::Rejected {
-        too_large: true,
-        why,
-    }
+    Failure::Rejected { status: 431, why }
 }
 
 /// Parses a request head at the start of `read` and takes it off; `None`
@@ -386,6 +383,12 @@ fn parse_head(
         Version::HTTP_10
     };
     let target = request.path.unwrap_or("");
+    if target.len() > MAX_TARGET {
+        return Err(Failure::Rejected {
+            status: 414,
+            why: "request target too long",
+        });
+    }
     let base = read.as_ptr() as usize;
     let target_at = target.as_ptr() as usize - base;
     let target_len = target.len();

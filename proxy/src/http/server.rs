@@ -123,8 +123,8 @@ fn instant_of(time: std::time::SystemTime) -> Instant {
 /// The returned future is the connection's task for as long as the
 /// connection lives, so it holds only what a parked connection needs (the
 /// socket, the connection's shared state, a timer): the larger states
-/// (protocol detection or the TLS handshake, hyper's connection and its
-/// deadlines) are boxed and live only while they run. Thousands of idle
+/// (protocol detection or the TLS handshake, the HTTP codec's state and
+/// its deadlines) are boxed and live only while they run. Thousands of idle
 /// keep-alive connections then cost little more than their sockets.
 ///
 /// `held` is what the connection holds while it lives (its place under the
@@ -518,9 +518,11 @@ impl Failed {
 
     fn from_h1(failure: h1::Failure) -> Self {
         match failure {
-            h1::Failure::Rejected { too_large, why } => {
-                tracing::debug!(why, "request rejected");
-                Self::Rejected { too_large }
+            h1::Failure::Rejected { status, why } => {
+                tracing::debug!(why, status, "request rejected");
+                Self::Rejected {
+                    too_large: status != 400,
+                }
             }
             other => Self::Other(other.into()),
         }
@@ -921,8 +923,9 @@ async fn route_and_forward(
         response.headers_mut().append(header::VIA, via.clone());
     }
     if is_upgrade && response.status() == http::StatusCode::SWITCHING_PROTOCOLS {
-        // The connection task joins the two sides once hyper has written
-        // the 101 and handed the client's socket back (`serve_h1`).
+        // The connection task joins the two sides once the codec has
+        // written the 101 and handed the client's socket back
+        // (`serve_h1_until_idle`).
         let upstream = hyper::upgrade::on(&mut response);
         *conn
             .upgrade

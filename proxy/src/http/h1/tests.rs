@@ -245,13 +245,7 @@ async fn framing_a_client_gets_wrong_is_400_before_anything_is_forwarded() {
         assert!(out.contains("connection: close\r\n"), "{case}: {out}");
         assert_eq!(calls, 0, "{case}: reached the handler");
         assert!(
-            matches!(
-                ended.result,
-                Err(Failure::Rejected {
-                    too_large: false,
-                    ..
-                })
-            ),
+            matches!(ended.result, Err(Failure::Rejected { status: 400, .. })),
             "{case}"
         );
     }
@@ -281,11 +275,22 @@ async fn heads_past_the_limits_are_431() {
     assert_eq!(calls, 0);
     assert!(matches!(
         ended.result,
-        Err(Failure::Rejected {
-            too_large: true,
-            ..
-        })
+        Err(Failure::Rejected { status: 431, .. })
     ));
+    // A target longer than a URI can be.
+    let mut target = b"GET /".to_vec();
+    target.extend(std::iter::repeat_n(b'a', usize::from(u16::MAX)));
+    target.extend_from_slice(b" HTTP/1.1\r\nhost: a\r\n\r\n");
+    let (out, calls, _) = one_shot(
+        &target,
+        Limits {
+            max_head: 128 * 1024,
+            max_headers: 4,
+        },
+    )
+    .await;
+    assert!(out.starts_with("HTTP/1.1 414 URI Too Long\r\n"), "{out}");
+    assert_eq!(calls, 0);
     // A head still unfinished at the size limit.
     let mut long = b"GET / HTTP/1.1\r\nhost: a\r\nx-long: ".to_vec();
     long.extend(std::iter::repeat_n(b'v', 2000));
