@@ -614,7 +614,8 @@ fn write_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 }
 
 /// Writes the response, head and body; `Ready(Ok)` once it is all written
-/// and flushed.
+/// and flushed. What the body has ready is gathered before each write, so
+/// that a small response leaves in one write, head and body together.
 ///
 /// The wire is locked only to write: the response's body, polled between
 /// writes, may read the request's body from the same wire (an upstream
@@ -630,47 +631,48 @@ where
     B::Error: Into<BoxError>,
 {
     loop {
+        let mut waiting = false;
+        if let Some(upload) = upload.as_deref_mut()
+            && upload.data.is_empty()
+            && !upload.end_queued
         {
-            let mut wire = shared.lock().unwrap_or_else(PoisonError::into_inner);
-            // An interim `100 Continue` half written goes first.
-            std::task::ready!(wire.poll_interim(cx)).map_err(Failure::Io)?;
-            std::task::ready!(poll_write_buffer(ex, &mut wire, cx))?;
-            let Some(upload) = upload.as_deref_mut() else {
-                return flush(&mut wire, cx);
-            };
-            while !upload.data.is_empty() {
-                let n = std::task::ready!(Pin::new(&mut wire.io).poll_write(cx, &upload.data))
-                    .map_err(Failure::Io)?;
-                if n == 0 {
-                    return Poll::Ready(Err(Failure::Io(io::ErrorKind::WriteZero.into())));
-                }
-                upload.data.advance(n);
-            }
-            while !upload.suffix.is_empty() {
-                let n = std::task::ready!(Pin::new(&mut wire.io).poll_write(cx, upload.suffix))
-                    .map_err(Failure::Io)?;
-                if n == 0 {
-                    return Poll::Ready(Err(Failure::Io(io::ErrorKind::WriteZero.into())));
-                }
-                upload.suffix = &upload.suffix[n..];
-            }
-            if upload.end_queued {
-                return flush(&mut wire, cx);
+            match upload.collect(&mut ex.write, cx) {
+                Ok(Collected::More) => {}
+                Ok(Collected::Pending) => waiting = true,
+                Err(Error::RequestBody(error)) => return Poll::Ready(Err(Failure::Body(error))),
+                Err(error) => return Poll::Ready(Err(Failure::Body(error.into()))),
             }
         }
+        let mut wire = shared.lock().unwrap_or_else(PoisonError::into_inner);
+        // An interim `100 Continue` half written goes first.
+        std::task::ready!(wire.poll_interim(cx)).map_err(Failure::Io)?;
+        std::task::ready!(poll_write_buffer(ex, &mut wire, cx))?;
         let Some(upload) = upload.as_deref_mut() else {
-            return Poll::Ready(Ok(()));
+            return flush(&mut wire, cx);
         };
-        match upload.collect(&mut ex.write, cx) {
-            Ok(Collected::More) => {}
-            Ok(Collected::Pending) => {
-                // Nothing more for now: what was written goes out.
-                let mut wire = shared.lock().unwrap_or_else(PoisonError::into_inner);
-                std::task::ready!(flush(&mut wire, cx))?;
-                return Poll::Pending;
+        while !upload.data.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut wire.io).poll_write(cx, &upload.data))
+                .map_err(Failure::Io)?;
+            if n == 0 {
+                return Poll::Ready(Err(Failure::Io(io::ErrorKind::WriteZero.into())));
             }
-            Err(Error::RequestBody(error)) => return Poll::Ready(Err(Failure::Body(error))),
-            Err(error) => return Poll::Ready(Err(Failure::Body(error.into()))),
+            upload.data.advance(n);
+        }
+        while !upload.suffix.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut wire.io).poll_write(cx, upload.suffix))
+                .map_err(Failure::Io)?;
+            if n == 0 {
+                return Poll::Ready(Err(Failure::Io(io::ErrorKind::WriteZero.into())));
+            }
+            upload.suffix = &upload.suffix[n..];
+        }
+        if upload.end_queued {
+            return flush(&mut wire, cx);
+        }
+        if waiting {
+            // Nothing more for now: what was written goes out.
+            std::task::ready!(flush(&mut wire, cx))?;
+            return Poll::Pending;
         }
     }
 }
