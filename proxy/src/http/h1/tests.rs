@@ -672,3 +672,43 @@ async fn a_body_kept_past_its_exchange_reads_nothing_of_the_next_request() {
     drop(client);
     assert!(served.await.unwrap().result.is_ok());
 }
+
+#[test]
+fn mangled_heads_are_refused_or_parsed_never_a_panic() {
+    let seeds: &[&[u8]] = &[
+        b"GET /a?b=c HTTP/1.1\r\nhost: a\r\nx-y: z\r\n\r\n",
+        b"POST http://h:1/p HTTP/1.1\r\nhost: h\r\ncontent-length: 3\r\n\r\nabc",
+        b"PUT / HTTP/1.0\r\ntransfer-encoding: chunked\r\ncontent-length: 1, 1\r\n\r\n",
+        b"OPTIONS * HTTP/1.1\r\nhost: a\r\nexpect: 100-continue\r\nconnection: close\r\n\r\n",
+    ];
+    let limits = Limits {
+        max_head: 96,
+        max_headers: 3,
+    };
+    let mut rng = fastrand::Rng::with_seed(9);
+    let mut names = Vec::new();
+    for _ in 0..20_000 {
+        let mut bytes = seeds[rng.usize(..seeds.len())].to_vec();
+        for _ in 0..rng.usize(1..4) {
+            let at = rng.usize(..bytes.len());
+            match rng.u8(..4) {
+                0 => bytes[at] = rng.u8(..),
+                1 => bytes.truncate(at),
+                2 => bytes.insert(at, [b'\r', b'\n', b':', b' ', b',', 0x7f][rng.usize(..6)]),
+                _ => {
+                    bytes.remove(at);
+                }
+            }
+            if bytes.is_empty() {
+                bytes.push(b'G');
+            }
+        }
+        let mut read = BytesMut::from(&bytes[..]);
+        let mut spare = None;
+        if let Ok(Some(head)) = parse_head(&mut read, limits, &mut names, &mut spare) {
+            // A head that parsed took exactly its bytes off the buffer.
+            assert!(read.len() < bytes.len());
+            assert!(head.headers.len() <= limits.max_headers);
+        }
+    }
+}
