@@ -161,6 +161,8 @@ pub(crate) struct TcpListener {
     pub(crate) policy: Option<Arc<Enforcing>>,
     /// Istio's standard metrics, when the listener reports them.
     pub(crate) istio: Option<TcpIstio>,
+    /// A span per connection, when the listener traces.
+    pub(crate) tracer: Option<Arc<Tracer>>,
 }
 
 /// A TCP listener's Istio metrics, with each connection's party numbered
@@ -460,6 +462,7 @@ pub(crate) fn build(
                         .map(|fault| Arc::new(TcpFaults::new(fault.clone()))),
                     policy: enforcing(&listener.policy),
                     istio,
+                    tracer: tracer(listener, logs),
                 }))
             }
             ListenerKind::Http { route_config } => {
@@ -528,15 +531,7 @@ pub(crate) fn build(
                         let key = format!("listener/{}", listener.name);
                         limiters.get(previous_limiters, key, limit)
                     }),
-                    tracer: listener.tracing.as_ref().zip(logs.traces.as_ref()).map(
-                        |(tracing, exporters)| {
-                            Arc::new(Tracer {
-                                sample: tracing.sample,
-                                always_sample_errors: tracing.always_sample_errors,
-                                queue: exporters.queue(&tracing.export),
-                            })
-                        },
-                    ),
+                    tracer: tracer(listener, logs),
                     istio,
                 }))
             }
@@ -560,6 +555,16 @@ pub(crate) fn build(
         clusters,
         limiters,
     }
+}
+
+/// A listener's tracer, when it traces and its exporter is running.
+fn tracer(listener: &config::Listener, logs: &Logs) -> Option<Arc<Tracer>> {
+    let (tracing, exporters) = listener.tracing.as_ref().zip(logs.traces.as_ref())?;
+    Some(Arc::new(Tracer {
+        sample: tracing.sample,
+        always_sample_errors: tracing.always_sample_errors,
+        queue: exporters.queue(&tracing.export),
+    }))
 }
 
 /// The HTTP/1 head size limit never goes below this.

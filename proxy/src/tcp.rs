@@ -34,6 +34,7 @@ use tokio::time::{Instant, Sleep};
 use crate::drain::Drain;
 use crate::stack::TcpListener;
 use crate::telemetry::istio::TcpSeries;
+use crate::telemetry::trace::ConnectionSpan;
 use crate::transport::Stream;
 
 /// The most bytes moved per read, per direction.
@@ -44,6 +45,13 @@ use crate::transport::Stream;
 /// no more (742 MB/s, 77.7 µs). nginx and HAProxy buffer 16 KiB per
 /// direction. The buffer is held only while bytes are in flight.
 const TCP_BUFFER_BYTES: usize = 32 * 1024;
+
+/// Marks the connection's span, if it has one, failed for `flag`.
+fn fail(span: &mut Option<Box<ConnectionSpan>>, flag: &'static str) {
+    if let Some(span) = span {
+        span.fail(flag);
+    }
+}
 
 /// Makes dropping `downstream` send RST rather than FIN (a zero linger): a
 /// connection refused outright.
@@ -66,10 +74,16 @@ pub(crate) async fn proxy(
 ) {
     let _held = held;
     let name = &listener.config.name;
+    // Ends (and is queued) when the connection does, on every way out.
+    let mut span = listener
+        .tracer
+        .as_ref()
+        .and_then(|tracer| ConnectionSpan::begin(tracer, peer, name));
     if let Some(faults) = &listener.faults
         && faults.apply(&listener.metrics).await
     {
         tracing::debug!(listener = %name, peer.addr = %peer, "fault: connection reset");
+        fail(&mut span, "fault_abort");
         reset_on_close(&mut downstream);
         return;
     }
@@ -77,6 +91,7 @@ pub(crate) async fn proxy(
         let peers = crate::policy::Peers::new(peer, None, downstream.local_addr(), None);
         if !crate::policy::check_connection(policy, &peers) {
             tracing::debug!(listener = %name, peer.addr = %peer, "connection denied by policy");
+            fail(&mut span, "policy_denied");
             reset_on_close(&mut downstream);
             return;
         }
@@ -101,14 +116,19 @@ pub(crate) async fn proxy(
             Ok(Err(error)) => {
                 tracing::debug!(listener = %name, peer.addr = %peer, %error, "tls passthrough: no ClientHello");
                 listener.metrics.sni_unrouted.fetch_add(1, Relaxed);
+                fail(&mut span, "malformed_request");
                 return;
             }
             Err(_) => {
                 tracing::debug!(listener = %name, peer.addr = %peer, "tls passthrough: no ClientHello in time");
                 listener.metrics.sni_unrouted.fetch_add(1, Relaxed);
+                fail(&mut span, "malformed_request");
                 return;
             }
         };
+        if let (Some(span), Some(server_name)) = (&mut span, &server_name) {
+            span.l4().server_name = Some(server_name.as_str().into());
+        }
         let routed = server_name.as_deref().and_then(|sni| {
             listener
                 .sni_routes
@@ -122,12 +142,17 @@ pub(crate) async fn proxy(
     let Some(cluster) = cluster else {
         listener.metrics.sni_unrouted.fetch_add(1, Relaxed);
         tracing::debug!(listener = %name, peer.addr = %peer, "tls passthrough: no route for this server name; closing");
+        fail(&mut span, "no_route");
         return;
     };
+    if let Some(span) = &mut span {
+        span.record.cluster = Some(cluster.config.name.clone());
+    }
     let endpoint = match cluster.pick() {
         Ok(endpoint) => endpoint,
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection refused");
+            fail(&mut span, error.flag());
             return;
         }
     };
@@ -138,9 +163,13 @@ pub(crate) async fn proxy(
         Ok(stream) => stream,
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp upstream connect failed");
+            fail(&mut span, error.flag());
             return;
         }
     };
+    if let Some(span) = &mut span {
+        span.l4().upstream = Some(endpoint.addr);
+    }
     let metrics = &listener.metrics;
     // Counted as opened once the upstream answered, closed when dropped.
     let istio = listener
@@ -151,7 +180,11 @@ pub(crate) async fn proxy(
         use tokio::io::AsyncWriteExt as _;
         if let Err(error) = upstream.write_all(&hello).await {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tls passthrough: upstream write failed");
+            fail(&mut span, "upstream_reset");
             return;
+        }
+        if let Some(span) = &mut span {
+            span.l4().received += hello.len() as u64;
         }
         metrics
             .bytes_received
@@ -168,10 +201,18 @@ pub(crate) async fn proxy(
                 to_client: &metrics.bytes_sent,
                 istio: istio.as_deref(),
             };
-            tokio::select! {
-                ended = Forward::new(client, server, counters, idle_timeout) => ended,
+            let mut forward = std::pin::pin!(Forward::new(client, server, counters, idle_timeout));
+            let ended = tokio::select! {
+                ended = forward.as_mut() => ended,
                 () = drain.deadline(listener.drain_timeout) => Ok(Ended::Drained),
+            };
+            if let Some(span) = &mut span {
+                let (received, sent) = forward.bytes();
+                let l4 = span.l4();
+                l4.received += received;
+                l4.sent += sent;
             }
+            ended
         } else {
             // A TLS side cannot wait for readiness without a buffer: copy
             // through buffers held for the connection's life.
@@ -196,6 +237,7 @@ pub(crate) async fn proxy(
         }
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection ended with an error");
+            fail(&mut span, "upstream_reset");
         }
     }
 }
@@ -313,6 +355,11 @@ impl<'a> Forward<'a> {
         }
     }
 
+    /// Bytes written so far: from the client upstream, and back.
+    pub(crate) fn bytes(&self) -> (u64, u64) {
+        (self.to_upstream.total, self.to_client.total)
+    }
+
     /// Buffers held now (0 while no bytes are in flight).
     #[cfg(test)]
     fn buffers_held(&self) -> usize {
@@ -391,6 +438,8 @@ struct Half<'a> {
     is_eof: bool,
     /// The close was passed on: this direction is finished.
     is_done: bool,
+    /// Bytes written so far.
+    total: u64,
 }
 
 impl<'a> Half<'a> {
@@ -402,6 +451,7 @@ impl<'a> Half<'a> {
             written: 0,
             is_eof: false,
             is_done: false,
+            total: 0,
         }
     }
 
@@ -426,6 +476,7 @@ impl<'a> Half<'a> {
                     Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
                     Ok(n) => {
                         self.written += n;
+                        self.total += n as u64;
                         counter.fetch_add(n as u64, Relaxed);
                         if let Some(also) = also {
                             also.fetch_add(n as u64, Relaxed);

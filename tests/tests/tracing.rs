@@ -671,3 +671,93 @@ async fn a_dead_metrics_collector_is_counted_and_costs_no_request() {
     let response = http1_request(web, get(web, "/")).await.unwrap();
     assert_eq!(response.status(), 200);
 }
+
+#[tokio::test]
+async fn each_tcp_connection_is_a_span_with_its_bytes_and_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A TCP echo upstream: whatever comes in goes back.
+    let upstream = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = socket.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    let closed = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let closed_addr = closed.local_addr().unwrap();
+    drop(closed);
+    let otlp = receiver().await;
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - name: db
+    address: "127.0.0.1:0"
+    protocol: tcp
+    cluster: db
+    tracing: {{ collector: "{collector}", protocol: grpc, service_name: edge, flush_interval: 20ms }}
+  - name: gone
+    address: "127.0.0.1:0"
+    protocol: tcp
+    cluster: gone
+    tracing: {{ collector: "{collector}", protocol: grpc, service_name: edge, flush_interval: 20ms }}
+clusters:
+  - name: db
+    endpoints: [{{ address: "{upstream_addr}" }}]
+  - name: gone
+    endpoints: [{{ address: "{closed_addr}" }}]
+"#,
+        collector = otlp.grpc_url()
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut client = tokio::net::TcpStream::connect(proxy.listener("db"))
+        .await
+        .unwrap();
+    client.write_all(b"0123456789").await.unwrap();
+    let mut back = [0u8; 10];
+    client.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"0123456789");
+    client.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    client.read_to_end(&mut rest).await.unwrap();
+    drop(client);
+    let mut refused = tokio::net::TcpStream::connect(proxy.listener("gone"))
+        .await
+        .unwrap();
+    let _ = refused.read_to_end(&mut Vec::new()).await;
+
+    let (spans, complete) = otlp.wait_for(WAIT, |spans| spans.len() >= 2).await;
+    assert!(complete, "{spans:#?}");
+    let moved = spans
+        .iter()
+        .find(|s| s.name == "tcp db")
+        .unwrap_or_else(|| panic!("{spans:#?}"));
+    assert_eq!(moved.kind, "server");
+    assert!(moved.parent_span_id.is_empty());
+    assert!(!moved.is_error);
+    assert_eq!(moved.attribute("network.transport"), Some("tcp"));
+    assert_eq!(moved.attribute("weft.listener"), Some("db"));
+    assert_eq!(moved.attribute("weft.cluster"), Some("db"));
+    assert_eq!(moved.attribute("weft.bytes_received"), Some("10"));
+    assert_eq!(moved.attribute("weft.bytes_sent"), Some("10"));
+    assert_eq!(moved.attribute("network.peer.address"), Some("127.0.0.1"));
+    assert_eq!(
+        moved.attribute("server.port"),
+        Some(upstream_addr.port().to_string().as_str())
+    );
+    assert!(moved.end_unix_nanos >= moved.start_unix_nanos);
+    let failed = spans
+        .iter()
+        .find(|s| s.name == "tcp gone")
+        .unwrap_or_else(|| panic!("{spans:#?}"));
+    assert!(failed.is_error);
+    assert_eq!(
+        failed.attribute("weft.response_flag"),
+        Some("upstream_connect_failure")
+    );
+    assert_eq!(failed.events, vec!["upstream_connect_failure".to_owned()]);
+    assert_eq!(failed.attribute("weft.bytes_received"), Some("0"));
+}

@@ -587,15 +587,21 @@ fn tracing_settings_are_checked_and_defaulted() {
             "{tracing}: {errors:?}"
         );
     }
-    // Only HTTP listeners trace.
+    // TCP listeners trace too (a span per connection), checked alike.
     let tcp = VALID.replace(
         "    protocol: tcp\n",
         "    protocol: tcp\n    tracing: { collector: \"http://c:4317\" }\n",
     );
+    assert_eq!(errors_of(&tcp), Vec::<String>::new());
+    let tcp = VALID.replace(
+        "    protocol: tcp\n",
+        "    protocol: tcp\n    tracing: { collector: \"http://c:4317\", sample_percent: 101 }\n",
+    );
     assert!(
         errors_of(&tcp)
             .iter()
-            .any(|e| e == r#"listener "db": tracing: applies to http listeners only"#),
+            .any(|e| e.starts_with(r#"listener "db": "#)
+                && e.contains("tracing.sample_percent: 101 is not a percentage")),
         "{:?}",
         errors_of(&tcp)
     );

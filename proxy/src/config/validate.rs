@@ -488,7 +488,6 @@ fn validate_listener(
                 ("preserve_request_id", spec.preserve_request_id.is_some()),
                 ("tls", spec.tls.is_some()),
                 ("rate_limit", spec.rate_limit.is_some()),
-                ("tracing", spec.tracing.is_some()),
             ];
             for (field, set) in http_only {
                 if set {
@@ -629,13 +628,11 @@ fn validate_listener(
             .as_ref()
             .and_then(|limit| faults::validate_rate_limit(&mut check, "rate_limit", limit)),
     };
-    let tracing = match spec.protocol.as_deref() {
-        Some("tcp") => None,
-        _ => spec
-            .tracing
-            .as_ref()
-            .and_then(|tracing| tracing::validate_tracing(&mut check, "tracing", tracing)),
-    };
+    // HTTP listeners trace each request; TCP listeners each connection.
+    let tracing = spec
+        .tracing
+        .as_ref()
+        .and_then(|tracing| tracing::validate_tracing(&mut check, "tracing", tracing));
     let istio_metrics = spec
         .istio_metrics
         .as_ref()

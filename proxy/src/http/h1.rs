@@ -261,7 +261,7 @@ where
                     return Poll::Pending;
                 }
                 Phase::Writing(upload) => {
-                    let polled = poll_response(&mut self.ex, &self.wire, upload.as_mut(), cx);
+                    let polled = poll_response(&mut self.ex, &self.wire, upload, cx);
                     if let Err(failure) = std::task::ready!(polled) {
                         self.phase = Phase::Done;
                         return Poll::Ready(Err(failure));
@@ -623,7 +623,7 @@ fn write_header(out: &mut Vec<u8>, name: &HeaderName, value: &HeaderValue) {
 fn poll_response<B>(
     ex: &mut Exchange,
     shared: &Mutex<Wire>,
-    mut upload: Option<&mut Upload<B>>,
+    upload: &mut Option<Upload<B>>,
     cx: &mut Context<'_>,
 ) -> Poll<Result<(), Failure>>
 where
@@ -632,22 +632,35 @@ where
 {
     loop {
         let mut waiting = false;
-        if let Some(upload) = upload.as_deref_mut()
-            && upload.data.is_empty()
-            && !upload.end_queued
+        // Gathered only once the large frame before (and its chunk's
+        // closing CRLF) is all written: the bytes go out in order.
+        if let Some(body) = upload.as_mut()
+            && body.data.is_empty()
+            && body.suffix.is_empty()
+            && !body.end_queued
         {
-            match upload.collect(&mut ex.write, cx) {
+            match body.collect(&mut ex.write, cx) {
                 Ok(Collected::More) => {}
                 Ok(Collected::Pending) => waiting = true,
                 Err(Error::RequestBody(error)) => return Poll::Ready(Err(Failure::Body(error))),
                 Err(error) => return Poll::Ready(Err(Failure::Body(error.into()))),
             }
         }
+        if upload
+            .as_ref()
+            .is_some_and(|body| body.end_queued && body.data.is_empty() && body.suffix.is_empty())
+        {
+            // The body is over and what is left of it is in the write
+            // buffer: it ends now, so that the request is accounted for
+            // (metrics, access log, span) before the client can see the
+            // response's last byte.
+            *upload = None;
+        }
         let mut wire = shared.lock().unwrap_or_else(PoisonError::into_inner);
         // An interim `100 Continue` half written goes first.
         std::task::ready!(wire.poll_interim(cx)).map_err(Failure::Io)?;
         std::task::ready!(poll_write_buffer(ex, &mut wire, cx))?;
-        let Some(upload) = upload.as_deref_mut() else {
+        let Some(upload) = upload.as_mut() else {
             return flush(&mut wire, cx);
         };
         while !upload.data.is_empty() {

@@ -504,6 +504,86 @@ pub(crate) struct SpanRecord {
     pub(crate) attempt: u32,
     /// Server spans: the `x-request-id`.
     pub(crate) request_id: Option<HeaderValue>,
+    /// A TCP listener's connection (an L4 span: no method, path or
+    /// status).
+    pub(crate) l4: Option<Box<L4>>,
+}
+
+/// What an L4 span says of its connection.
+#[derive(Debug, Default)]
+pub(crate) struct L4 {
+    /// Bytes from the client, written upstream; and back.
+    pub(crate) received: u64,
+    pub(crate) sent: u64,
+    /// The endpoint the connection went to.
+    pub(crate) upstream: Option<SocketAddr>,
+    /// The ClientHello's server name (TLS passthrough).
+    pub(crate) server_name: Option<Arc<str>>,
+}
+
+/// A TCP listener's connection span: a trace of its own (nothing in an
+/// opaque stream can carry a context), sampled by the listener's ratio,
+/// and queued when dropped, as the connection ends.
+#[derive(Debug)]
+pub(crate) struct ConnectionSpan {
+    tracer: Arc<Tracer>,
+    context: Context,
+    pub(crate) record: SpanRecord,
+}
+
+impl ConnectionSpan {
+    /// A span for a connection from `peer` accepted now, when the tracer
+    /// may record it. Boxed: it lives in the connection's task, which
+    /// most connections' (untraced) should not pay for.
+    pub(crate) fn begin(
+        tracer: &Arc<Tracer>,
+        peer: SocketAddr,
+        listener: &Arc<str>,
+    ) -> Option<Box<Self>> {
+        let context = Context::begin(None, tracer.sample);
+        if !tracer.may_record(&context) {
+            return None;
+        }
+        let mut record = SpanRecord::new(
+            Kind::Server,
+            &context,
+            context.span_id,
+            0,
+            SystemTime::now(),
+            Method::default(),
+        );
+        record.peer = Some(peer);
+        record.listener = Some(listener.clone());
+        record.l4 = Some(Box::default());
+        Some(Box::new(Self {
+            tracer: tracer.clone(),
+            context,
+            record,
+        }))
+    }
+
+    /// Marks the connection failed (or cut) by the proxy, with the access
+    /// log's flag for why.
+    pub(crate) fn fail(&mut self, flag: &'static str) {
+        self.record.flag = flag;
+    }
+
+    /// The L4 part of the record.
+    pub(crate) fn l4(&mut self) -> &mut L4 {
+        self.record.l4.get_or_insert_with(Box::default)
+    }
+}
+
+impl Drop for ConnectionSpan {
+    fn drop(&mut self) {
+        // An L4 span has no status: one the proxy failed counts as an
+        // error, for "always sample errors".
+        let status = if self.record.flag.is_empty() { 200 } else { 0 };
+        if self.tracer.records(&self.context, status) {
+            self.record.end = SystemTime::now();
+            self.tracer.queue.send(&self.record);
+        }
+    }
 }
 
 impl SpanRecord {
@@ -538,6 +618,7 @@ impl SpanRecord {
             peer_identity: None,
             attempt: 0,
             request_id: None,
+            l4: None,
         }
     }
 }

@@ -712,3 +712,70 @@ fn mangled_heads_are_refused_or_parsed_never_a_panic() {
         }
     }
 }
+
+#[tokio::test]
+async fn large_chunks_written_in_pieces_keep_their_framing() {
+    const FRAME: usize = 40 * 1024;
+    const FRAMES: usize = 8;
+    let (mut client, io) = {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        // Small socket buffers: the server's writes stop part way through
+        // its large frames and resume later.
+        socket2::SockRef::from(&server)
+            .set_send_buffer_size(4096)
+            .unwrap();
+        socket2::SockRef::from(&client)
+            .set_recv_buffer_size(4096)
+            .unwrap();
+        (client, DownstreamIo::plain_for_test(server))
+    };
+    let served = serve(io, LIMITS, |_req| async {
+        let frames: Vec<Result<http_body::Frame<Bytes>, BoxError>> = (0..FRAMES)
+            .map(|i| {
+                #[allow(clippy::cast_possible_truncation)]
+                let byte = b'a' + i as u8;
+                Ok(http_body::Frame::data(Bytes::from(vec![byte; FRAME])))
+            })
+            .collect();
+        Ok(Response::new(
+            StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync(),
+        ))
+    });
+    client
+        .write_all(b"GET / HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    let head_end = out.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+    let mut rest = &out[head_end..];
+    let mut body = Vec::new();
+    loop {
+        let line_end = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+        let size =
+            usize::from_str_radix(std::str::from_utf8(&rest[..line_end]).unwrap(), 16).unwrap();
+        rest = &rest[line_end + 2..];
+        if size == 0 {
+            assert_eq!(rest, b"\r\n");
+            break;
+        }
+        body.extend_from_slice(&rest[..size]);
+        assert_eq!(&rest[size..size + 2], b"\r\n", "a chunk ends with CRLF");
+        rest = &rest[size + 2..];
+    }
+    assert_eq!(body.len(), FRAME * FRAMES);
+    for (i, frame) in body.chunks(FRAME).enumerate() {
+        #[allow(clippy::cast_possible_truncation)]
+        let byte = b'a' + i as u8;
+        assert!(frame.iter().all(|&b| b == byte));
+    }
+    assert!(served.await.unwrap().result.is_ok());
+}

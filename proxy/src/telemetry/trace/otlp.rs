@@ -13,7 +13,7 @@
 use std::fmt::Write as _;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use super::{Kind, SpanRecord};
+use super::{Kind, L4, SpanRecord};
 
 /// Protobuf wire types.
 pub(crate) const VARINT: u8 = 0;
@@ -213,6 +213,10 @@ impl SpanWriter {
     /// Appends `span` to `into` as `ScopeSpans.spans` (field 2), tag and
     /// length included: what [`Encoder::push_written`] takes.
     pub(crate) fn write(&mut self, span: &SpanRecord, into: &mut Vec<u8>) {
+        if let Some(l4) = &span.l4 {
+            self.write_l4(span, l4, into);
+            return;
+        }
         let out = &mut self.span;
         out.clear();
         bytes_field(out, 1, &span.trace_id.to_be_bytes());
@@ -362,6 +366,84 @@ impl SpanWriter {
         tag(out, 16, FIXED32);
         out.extend_from_slice(&flags.to_le_bytes());
 
+        bytes_field(into, 2, &self.span);
+    }
+
+    /// A TCP listener's connection: named `tcp <cluster>`, a server span,
+    /// with the network attributes and the bytes moved each way.
+    fn write_l4(&mut self, span: &SpanRecord, l4: &L4, into: &mut Vec<u8>) {
+        let out = &mut self.span;
+        out.clear();
+        bytes_field(out, 1, &span.trace_id.to_be_bytes());
+        bytes_field(out, 2, &span.span_id.to_be_bytes());
+        let name = match span.cluster.as_deref() {
+            Some(cluster) => format!("tcp {cluster}"),
+            None => "tcp".to_owned(),
+        };
+        bytes_field(out, 5, name.as_bytes());
+        tag(out, 6, VARINT);
+        out.push(2);
+        fixed64_field(out, 7, nanos(span.start));
+        fixed64_field(out, 8, nanos(span.end));
+        key_value(out, 9, "network.transport", Value::Str("tcp"));
+        if let Some(peer) = span.peer {
+            ip_text(&mut self.text, peer.ip());
+            key_value(
+                out,
+                9,
+                "network.peer.address",
+                Value::Str(self.text.as_str()),
+            );
+            key_value(
+                out,
+                9,
+                "network.peer.port",
+                Value::Int(i64::from(peer.port())),
+            );
+        }
+        if let Some(upstream) = l4.upstream {
+            ip_text(&mut self.text, upstream.ip());
+            key_value(out, 9, "server.address", Value::Str(self.text.as_str()));
+            key_value(
+                out,
+                9,
+                "server.port",
+                Value::Int(i64::from(upstream.port())),
+            );
+        }
+        if let Some(server_name) = &l4.server_name {
+            key_value(out, 9, "tls.client.server_name", Value::Str(server_name));
+        }
+        for (key, value) in [
+            ("weft.listener", &span.listener),
+            ("weft.cluster", &span.cluster),
+            ("weft.peer.identity", &span.peer_identity),
+        ] {
+            if let Some(value) = value {
+                key_value(out, 9, key, Value::Str(value));
+            }
+        }
+        let count = |bytes: u64| Value::Int(i64::try_from(bytes).unwrap_or(i64::MAX));
+        key_value(out, 9, "weft.bytes_received", count(l4.received));
+        key_value(out, 9, "weft.bytes_sent", count(l4.sent));
+        if !span.flag.is_empty() {
+            key_value(out, 9, "weft.response_flag", Value::Str(span.flag));
+            key_value(out, 9, "error.type", Value::Str(span.flag));
+            let mut event = Vec::with_capacity(64);
+            fixed64_field(&mut event, 1, nanos(span.end));
+            bytes_field(&mut event, 2, span.flag.as_bytes());
+            key_value(&mut event, 3, "weft.response_flag", Value::Str(span.flag));
+            bytes_field(out, 11, &event);
+            let message = span.flag.as_bytes();
+            let len = 1 + varint_len(message.len() as u64) + message.len() + 2;
+            tag(out, 15, LEN);
+            varint(out, len as u64);
+            bytes_field(out, 2, message);
+            tag(out, 3, VARINT);
+            out.push(2);
+        }
+        tag(out, 16, FIXED32);
+        out.extend_from_slice(&(FLAG_SAMPLED | FLAG_HAS_IS_REMOTE).to_le_bytes());
         bytes_field(into, 2, &self.span);
     }
 }
