@@ -1,5 +1,5 @@
-//! HTTP: the hyper server glue, the router, header rules, upgrades and
-//! the error-to-response mapping.
+//! HTTP: the HTTP/1.1 server (our own codec) and the HTTP/2 one (hyper's),
+//! the router, header rules, upgrades and the error-to-response mapping.
 
 pub(crate) mod body;
 pub(crate) mod error;

@@ -263,16 +263,63 @@ pub(crate) fn has_token(value: &[u8], token: &[u8]) -> bool {
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
-/// How the response body is read.
+/// How a body is read.
 #[derive(Debug)]
 pub(crate) enum Decoder {
     /// This many bytes are left.
     Length(u64),
     Chunked(Chunked),
-    /// Up to the connection's end.
+    /// Up to the connection's end (responses only).
     Eof,
     /// Read whole.
     Done,
+}
+
+/// What the read buffer holds of a body.
+pub(crate) enum Next {
+    Frame(Frame<Bytes>),
+    /// The body is over (for [`Decoder::Eof`], only the end of the stream
+    /// says so).
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+impl Decoder {
+    /// The body's next frame from what `read` holds, taken off it.
+    pub(crate) fn next(&mut self, read: &mut BytesMut) -> Result<Next, Error> {
+        match self {
+            Self::Done | Self::Length(0) => Ok(Next::End),
+            Self::Length(left) => {
+                if read.is_empty() {
+                    return Ok(Next::More);
+                }
+                let n = usize::try_from(*left).unwrap_or(usize::MAX).min(read.len());
+                *left -= n as u64;
+                Ok(Next::Frame(Frame::data(take(read, n))))
+            }
+            Self::Eof => {
+                if read.is_empty() {
+                    return Ok(Next::More);
+                }
+                let n = read.len();
+                Ok(Next::Frame(Frame::data(take(read, n))))
+            }
+            Self::Chunked(state) => match decode_chunked(state, read)? {
+                Step::Frame(frame) => {
+                    if frame.is_trailers() {
+                        *self = Self::Done;
+                    }
+                    Ok(Next::Frame(frame))
+                }
+                Step::Done => {
+                    *self = Self::Done;
+                    Ok(Next::End)
+                }
+                Step::More => Ok(Next::More),
+            },
+        }
+    }
 }
 
 /// Where a chunked body's decoding is.
@@ -409,6 +456,27 @@ pub(crate) fn take(read: &mut BytesMut, n: usize) -> Bytes {
     read.split_to(n).freeze()
 }
 
+/// Reads more from `io` into `read`, with room for `read_size` bytes, and
+/// adapts `read_size` to what came (see [`MAX_READ`]); `Ok(0)` at the end
+/// of the stream.
+pub(crate) fn poll_fill<T: tokio::io::AsyncRead + Unpin>(
+    io: &mut T,
+    read: &mut BytesMut,
+    read_size: &mut usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if read.capacity() - read.len() < *read_size / 2 {
+        read.reserve(*read_size);
+    }
+    let n = std::task::ready!(tokio_util::io::poll_read_buf(Pin::new(io), cx, read))?;
+    if n >= *read_size {
+        *read_size = (*read_size * 2).min(MAX_READ);
+    } else if n < *read_size / 4 {
+        *read_size = (*read_size / 2).max(READ_CHUNK);
+    }
+    Poll::Ready(Ok(n))
+}
+
 /// A downstream HTTP/1.1 connection's socket and read buffer, shared by
 /// the connection (which reads request heads and writes responses) and the
 /// request body being read (which reads the rest of the request while the
@@ -454,20 +522,7 @@ impl Wire {
     /// Reads more from the client into the read buffer; `Ok(0)` at the
     /// end of the stream.
     pub(crate) fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < self.read_size / 2 {
-            self.read.reserve(self.read_size);
-        }
-        let n = std::task::ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.read
-        ))?;
-        if n >= self.read_size {
-            self.read_size = (self.read_size * 2).min(MAX_READ);
-        } else if n < self.read_size / 4 {
-            self.read_size = (self.read_size / 2).max(READ_CHUNK);
-        }
-        Poll::Ready(Ok(n))
+        poll_fill(&mut self.io, &mut self.read, &mut self.read_size, cx)
     }
 
     /// Writes what is left of an interim response.
@@ -489,31 +544,11 @@ impl Wire {
     /// The request body's next frame.
     fn poll_body(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Error>>> {
         loop {
-            match &mut self.body {
-                Decoder::Done | Decoder::Length(0) | Decoder::Eof => return Poll::Ready(None),
-                Decoder::Length(left) => {
-                    if !self.read.is_empty() {
-                        let n = usize::try_from(*left)
-                            .unwrap_or(usize::MAX)
-                            .min(self.read.len());
-                        *left -= n as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(take(&mut self.read, n)))));
-                    }
-                }
-                Decoder::Chunked(state) => match decode_chunked(state, &mut self.read) {
-                    Ok(Step::Frame(frame)) => {
-                        if frame.is_trailers() {
-                            self.body = Decoder::Done;
-                        }
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    Ok(Step::Done) => {
-                        self.body = Decoder::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(Step::More) => {}
-                    Err(error) => return Poll::Ready(Some(Err(self.break_body(error)))),
-                },
+            match self.body.next(&mut self.read) {
+                Ok(Next::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(Next::End) => return Poll::Ready(None),
+                Ok(Next::More) => {}
+                Err(error) => return Poll::Ready(Some(Err(self.break_body(error)))),
             }
             if std::mem::take(&mut self.expects_continue) {
                 self.interim = CONTINUE;

@@ -51,8 +51,8 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::error::BoxError;
 pub(crate) use crate::wire::Error;
 use crate::wire::{
-    COALESCE_BELOW, Chunked, Collected, Decoder, Framing, MAX_READ, READ_CHUNK, Step, Upload,
-    decode_chunked, has_token, parse_length, take, write_length,
+    COALESCE_BELOW, Chunked, Collected, Decoder, Framing, Next, READ_CHUNK, Upload, has_token,
+    parse_length, write_length,
 };
 
 /// The largest response head (status line and headers) accepted.
@@ -354,20 +354,7 @@ impl<T: AsyncRead + Unpin, B> State<T, B> {
     /// Reads more of the response into the read buffer; `Ok(0)` at the end
     /// of the stream.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        if self.read.capacity() - self.read.len() < self.read_size / 2 {
-            self.read.reserve(self.read_size);
-        }
-        let n = std::task::ready!(tokio_util::io::poll_read_buf(
-            Pin::new(&mut self.io),
-            cx,
-            &mut self.read
-        ))?;
-        if n >= self.read_size {
-            self.read_size = (self.read_size * 2).min(MAX_READ);
-        } else if n < self.read_size / 4 {
-            self.read_size = (self.read_size / 2).max(READ_CHUNK);
-        }
-        Poll::Ready(Ok(n))
+        crate::wire::poll_fill(&mut self.io, &mut self.read, &mut self.read_size, cx)
     }
 }
 
@@ -596,40 +583,15 @@ where
             return Poll::Ready(Some(Err(error)));
         }
         loop {
-            let read = &mut self.read;
-            match &mut self.decoder {
-                Decoder::Done | Decoder::Length(0) => return Poll::Ready(None),
-                Decoder::Length(left) => {
-                    if !read.is_empty() {
-                        let n = usize::try_from(*left).unwrap_or(usize::MAX).min(read.len());
-                        *left -= n as u64;
-                        return Poll::Ready(Some(Ok(Frame::data(take(read, n)))));
-                    }
+            match self.decoder.next(&mut self.read) {
+                Ok(Next::Frame(frame)) => return Poll::Ready(Some(Ok(frame))),
+                Ok(Next::End) => return Poll::Ready(None),
+                Ok(Next::More) => {}
+                Err(error) => {
+                    self.decoder = Decoder::Done;
+                    self.keep_alive = false;
+                    return Poll::Ready(Some(Err(error)));
                 }
-                Decoder::Eof => {
-                    if !read.is_empty() {
-                        let n = read.len();
-                        return Poll::Ready(Some(Ok(Frame::data(take(read, n)))));
-                    }
-                }
-                Decoder::Chunked(state) => match decode_chunked(state, read) {
-                    Ok(Step::Frame(frame)) => {
-                        if frame.is_trailers() {
-                            self.decoder = Decoder::Done;
-                        }
-                        return Poll::Ready(Some(Ok(frame)));
-                    }
-                    Ok(Step::Done) => {
-                        self.decoder = Decoder::Done;
-                        return Poll::Ready(None);
-                    }
-                    Ok(Step::More) => {}
-                    Err(error) => {
-                        self.decoder = Decoder::Done;
-                        self.keep_alive = false;
-                        return Poll::Ready(Some(Err(error)));
-                    }
-                },
             }
             match std::task::ready!(self.poll_fill(cx)) {
                 Ok(0) if matches!(self.decoder, Decoder::Eof) => {

@@ -52,8 +52,8 @@ use tokio::io::AsyncWrite;
 use crate::error::BoxError;
 use crate::transport::DownstreamIo;
 use crate::wire::{
-    Chunked, Collected, Decoder, Error, Framing, IncomingBody, Step, Upload, Wire, decode_chunked,
-    has_token, parse_length, take, write_length,
+    Chunked, Collected, Decoder, Error, Framing, IncomingBody, Next, Upload, Wire, has_token,
+    parse_length, take, write_length,
 };
 
 /// Header slots on the stack, enough for the default limit.
@@ -718,31 +718,17 @@ fn poll_write_buffer(
 /// the connection cannot read another request.
 fn finish_request_body(wire: &mut Wire) -> bool {
     wire.expects_continue = false;
+    if matches!(wire.body, Decoder::Eof) {
+        wire.body = Decoder::Done;
+    }
     loop {
-        match &mut wire.body {
-            Decoder::Done | Decoder::Length(0) | Decoder::Eof => {
+        match wire.body.next(&mut wire.read) {
+            Ok(Next::Frame(_)) => {}
+            Ok(Next::End) => {
                 wire.body = Decoder::Done;
                 return !wire.broken;
             }
-            Decoder::Length(left) => {
-                let n = usize::try_from(*left)
-                    .unwrap_or(usize::MAX)
-                    .min(wire.read.len());
-                wire.read.advance(n);
-                *left -= n as u64;
-                if *left > 0 {
-                    return false;
-                }
-            }
-            Decoder::Chunked(state) => match decode_chunked(state, &mut wire.read) {
-                Ok(Step::Frame(frame)) => {
-                    if frame.is_trailers() {
-                        wire.body = Decoder::Done;
-                    }
-                }
-                Ok(Step::Done) => wire.body = Decoder::Done,
-                Ok(Step::More) | Err(_) => return false,
-            },
+            Ok(Next::More) | Err(_) => return false,
         }
     }
 }

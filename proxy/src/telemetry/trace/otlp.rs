@@ -199,6 +199,28 @@ impl Encoder {
     }
 }
 
+/// The proxy's own decision (a fault, a policy denial, a rate limit, an
+/// upstream failure) as an event at the span's end: `Event { time = 1;
+/// name = 2; attributes = 3 }`, in `Span.events` (field 11).
+fn flag_event(out: &mut Vec<u8>, span: &SpanRecord) {
+    let mut event = Vec::with_capacity(64);
+    fixed64_field(&mut event, 1, nanos(span.end));
+    bytes_field(&mut event, 2, span.flag.as_bytes());
+    key_value(&mut event, 3, "weft.response_flag", Value::Str(span.flag));
+    bytes_field(out, 11, &event);
+}
+
+/// A failed span's status, `Status { message = 2; code = 3 (ERROR = 2) }`
+/// in `Span.status` (field 15), with `message` (the `error.type`).
+fn error_status(out: &mut Vec<u8>, message: &[u8]) {
+    let len = 1 + varint_len(message.len() as u64) + message.len() + 2;
+    tag(out, 15, LEN);
+    varint(out, len as u64);
+    bytes_field(out, 2, message);
+    tag(out, 3, VARINT);
+    out.push(2);
+}
+
 /// Writes spans as OTLP, with scratch space kept from one span to the
 /// next.
 #[derive(Debug, Default)]
@@ -339,25 +361,10 @@ impl SpanWriter {
             key_value(out, 9, "error.type", Value::Str(&self.text));
         }
         if !span.flag.is_empty() {
-            // The proxy's own decision (a fault, a policy denial, a rate
-            // limit, an upstream failure) is an event at the span's end:
-            // Event { time = 1; name = 2; attributes = 3 }.
-            let mut event = Vec::with_capacity(64);
-            fixed64_field(&mut event, 1, nanos(span.end));
-            bytes_field(&mut event, 2, span.flag.as_bytes());
-            key_value(&mut event, 3, "weft.response_flag", Value::Str(span.flag));
-            bytes_field(out, 11, &event);
+            flag_event(out, span);
         }
         if failed {
-            // Status { message = 2; code = 3 (ERROR = 2) }, the message
-            // as `error.type`.
-            let message = self.text.as_bytes();
-            let len = 1 + varint_len(message.len() as u64) + message.len() + 2;
-            tag(out, 15, LEN);
-            varint(out, len as u64);
-            bytes_field(out, 2, message);
-            tag(out, 3, VARINT);
-            out.push(2);
+            error_status(out, self.text.as_bytes());
         }
         let mut flags = FLAG_SAMPLED | FLAG_HAS_IS_REMOTE;
         if span.parent_remote {
@@ -429,18 +436,8 @@ impl SpanWriter {
         if !span.flag.is_empty() {
             key_value(out, 9, "weft.response_flag", Value::Str(span.flag));
             key_value(out, 9, "error.type", Value::Str(span.flag));
-            let mut event = Vec::with_capacity(64);
-            fixed64_field(&mut event, 1, nanos(span.end));
-            bytes_field(&mut event, 2, span.flag.as_bytes());
-            key_value(&mut event, 3, "weft.response_flag", Value::Str(span.flag));
-            bytes_field(out, 11, &event);
-            let message = span.flag.as_bytes();
-            let len = 1 + varint_len(message.len() as u64) + message.len() + 2;
-            tag(out, 15, LEN);
-            varint(out, len as u64);
-            bytes_field(out, 2, message);
-            tag(out, 3, VARINT);
-            out.push(2);
+            flag_event(out, span);
+            error_status(out, span.flag.as_bytes());
         }
         tag(out, 16, FIXED32);
         out.extend_from_slice(&(FLAG_SAMPLED | FLAG_HAS_IS_REMOTE).to_le_bytes());
