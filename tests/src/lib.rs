@@ -374,6 +374,27 @@ pub async fn echo(name: &str) -> EchoServer {
         .expect("echo server binds")
 }
 
+/// A loopback address nothing listens on, for a listener a configuration
+/// names before it starts, or an endpoint every connect to is refused.
+///
+/// Taken below the ephemeral port range (which every `:0` bind draws
+/// from), so that a process or socket bound later cannot be given the
+/// same port; checked free when chosen.
+pub fn unused_address() -> SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let seed = std::process::id().wrapping_mul(7919);
+    loop {
+        let n = NEXT.fetch_add(1, Relaxed);
+        let port = u16::try_from(20_000 + seed.wrapping_add(n) % 12_000).unwrap_or(20_000);
+        if let Ok(socket) = std::net::TcpListener::bind(("127.0.0.1", port))
+            && let Ok(address) = socket.local_addr()
+        {
+            return address;
+        }
+    }
+}
+
 /// `127.0.0.1:0`.
 pub fn loopback0() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 0))

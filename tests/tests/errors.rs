@@ -33,10 +33,7 @@ clusters:
 
 /// An address where nothing listens.
 async fn closed_port() -> String {
-    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    addr.to_string()
+    unused_address().to_string()
 }
 
 #[tokio::test]

@@ -22,23 +22,6 @@ fn id(account: &str) -> String {
 }
 
 /// An address nothing listens on now (the sidecar binds it next).
-/// An address for a listener that the mesh file names before anything
-/// starts. Taken below the ephemeral port range (which every `:0` bind
-/// draws from), so that the control plane or an application started after
-/// it cannot be given the same port; checked free when chosen.
-fn free_address() -> SocketAddr {
-    use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    let seed = std::process::id().wrapping_mul(7919);
-    loop {
-        let n = NEXT.fetch_add(1, Relaxed);
-        let port = u16::try_from(20_000 + seed.wrapping_add(n) % 12_000).unwrap();
-        if let Ok(socket) = std::net::TcpListener::bind(("127.0.0.1", port)) {
-            return socket.local_addr().unwrap();
-        }
-    }
-}
-
 /// `alpha` calls `beta`; each workload has a real sidecar.
 struct Mesh {
     cp: CpProcess,
@@ -95,7 +78,7 @@ impl Mesh {
     async fn start(cp_args: &[&str], beta: &str) -> Self {
         let alpha_app = echo("alpha-app").await;
         let beta_app = echo("beta-app").await;
-        let (alpha_in, alpha_out, beta_in) = (free_address(), free_address(), free_address());
+        let (alpha_in, alpha_out, beta_in) = (unused_address(), unused_address(), unused_address());
         let dir = TempDir::new().unwrap();
         std::fs::write(
             dir.path().join("mesh.yaml"),

@@ -14,8 +14,7 @@ use weft_tests::*;
 
 /// An address where nothing listens.
 async fn closed_port() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    listener.local_addr().unwrap()
+    unused_address()
 }
 
 /// The value of the one sample of `name` whose labels include all of

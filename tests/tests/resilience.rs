@@ -156,10 +156,7 @@ async fn the_budget_bounds_what_a_failing_upstream_receives() {
 async fn a_failing_endpoint_is_ejected_and_retries_hide_its_failures() {
     let (a, b) = (echo("a").await, echo("b").await);
     // An address nothing listens on: every connect is refused.
-    let dead = {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        socket.local_addr().unwrap()
-    };
+    let dead = unused_address();
     let config = format!(
         r#"
 admin: {{ address: "127.0.0.1:0" }}
@@ -415,10 +412,7 @@ async fn grpc_and_tcp_health_checks_say_why_an_endpoint_is_out() {
     let (a, b) = (echo("a").await, echo("b").await);
     b.set_healthy(false);
     // An address nothing listens on: every connect is refused.
-    let dead = {
-        let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        socket.local_addr().unwrap()
-    };
+    let dead = unused_address();
     // gRPC: `b` answers NOT_SERVING; one healthy endpoint of three is
     // enough with a panic threshold of 0.
     let proxy = ProxyProcess::start(&pool_config(

@@ -686,9 +686,7 @@ async fn each_tcp_connection_is_a_span_with_its_bytes_and_failure() {
             });
         }
     });
-    let closed = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let closed_addr = closed.local_addr().unwrap();
-    drop(closed);
+    let closed_addr = unused_address();
     let otlp = receiver().await;
     let config = format!(
         r#"
