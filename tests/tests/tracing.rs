@@ -675,17 +675,8 @@ async fn a_dead_metrics_collector_is_counted_and_costs_no_request() {
 #[tokio::test]
 async fn each_tcp_connection_is_a_span_with_its_bytes_and_failure() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // A TCP echo upstream: whatever comes in goes back.
-    let upstream = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = socket.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    let upstream = TcpEchoServer::bind(loopback0()).await.unwrap();
+    let upstream_addr = upstream.local_addr();
     let closed_addr = unused_address();
     let otlp = receiver().await;
     let config = format!(

@@ -420,7 +420,7 @@ async fn drive<C>(
             result = std::future::poll_fn(|cx| poll(connection, cx)) => {
                 if let Err(failed) = result {
                     match failed {
-                        Failed::Rejected { too_large } => rejected(conn, too_large),
+                        Failed::Rejected { status } => rejected(conn, status),
                         Failed::Other(error) => {
                             tracing::debug!(peer.addr = %conn.peer, %error, "connection ended with an error");
                         }
@@ -497,10 +497,10 @@ async fn drive<C>(
 /// How a connection's protocol driver failed.
 #[derive(Debug)]
 enum Failed {
-    /// A request the parser rejected (answered 400, or 431 when too large,
-    /// and the connection closes).
+    /// A request the parser rejected, answered with `status` (400; 414
+    /// or 431 when too large); the connection closes.
     Rejected {
-        too_large: bool,
+        status: u16,
     },
     Other(crate::error::BoxError),
 }
@@ -509,7 +509,7 @@ impl Failed {
     fn from_hyper(error: hyper::Error) -> Self {
         if error.is_parse() {
             Self::Rejected {
-                too_large: error.is_parse_too_large(),
+                status: if error.is_parse_too_large() { 431 } else { 400 },
             }
         } else {
             Self::Other(error.into())
@@ -520,35 +520,26 @@ impl Failed {
         match failure {
             h1::Failure::Rejected { status, why } => {
                 tracing::debug!(why, status, "request rejected");
-                Self::Rejected {
-                    too_large: status != 400,
-                }
+                Self::Rejected { status }
             }
             other => Self::Other(other.into()),
         }
     }
 }
 
-/// Records a request the HTTP/1 parser rejected (answered with 400, or 431
-/// when too large, and the connection closes): counted by reason and
-/// written to the access log, since no request reached [`handle`].
-fn rejected(conn: &Connection, too_large: bool) {
+/// Records a request the HTTP/1 parser rejected (answered with `status`:
+/// 400, or 414 / 431 when too large; the connection closes): counted by
+/// reason and written to the access log with the status the client got,
+/// since no request reached [`handle`].
+fn rejected(conn: &Connection, status: u16) {
     let snapshot = conn.shared.load();
     let Some(ListenerSnapshot::Http(listener)) = snapshot.listener(conn.index) else {
         return;
     };
-    let (counter, status, flag) = if too_large {
-        (
-            &listener.metrics.rejected_too_large,
-            431,
-            "headers_too_large",
-        )
+    let (counter, flag) = if status == 400 {
+        (&listener.metrics.rejected_malformed, "malformed_request")
     } else {
-        (
-            &listener.metrics.rejected_malformed,
-            400,
-            "malformed_request",
-        )
+        (&listener.metrics.rejected_too_large, "headers_too_large")
     };
     counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     if let Some(log) = &listener.access_log {

@@ -383,11 +383,17 @@ impl SpanWriter {
         out.clear();
         bytes_field(out, 1, &span.trace_id.to_be_bytes());
         bytes_field(out, 2, &span.span_id.to_be_bytes());
-        let name = match span.cluster.as_deref() {
-            Some(cluster) => format!("tcp {cluster}"),
-            None => "tcp".to_owned(),
-        };
-        bytes_field(out, 5, name.as_bytes());
+        // Name: `tcp <cluster>`, written in place.
+        let cluster = span.cluster.as_deref().unwrap_or("");
+        tag(out, 5, LEN);
+        if cluster.is_empty() {
+            varint(out, 3);
+            out.extend_from_slice(b"tcp");
+        } else {
+            varint(out, (4 + cluster.len()) as u64);
+            out.extend_from_slice(b"tcp ");
+            out.extend_from_slice(cluster.as_bytes());
+        }
         tag(out, 6, VARINT);
         out.push(2);
         fixed64_field(out, 7, nanos(span.start));
