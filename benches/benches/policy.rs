@@ -15,7 +15,7 @@ use std::sync::Arc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use weft_proxy::config::Config;
-use weft_proxy::policy::{CompiledPolicy, FailureMode, Mode, Module, evaluate_request};
+use weft_proxy::policy::{Caller, CompiledPolicy, FailureMode, Mode, Module, evaluate_request};
 
 fn compile(rego: String, query: &str) -> CompiledPolicy {
     CompiledPolicy::compile(
@@ -86,6 +86,8 @@ allow if {
 
 fn decisions(c: &mut Criterion) {
     let source: SocketAddr = "10.0.0.7:41000".parse().expect("an address");
+    // Each caller is one connection, whose part of the input is built once.
+    let source = Caller::new(source, None);
     let mut group = c.benchmark_group("policy_decision");
     group.throughput(Throughput::Elements(1));
 
@@ -94,17 +96,15 @@ fn decisions(c: &mut Criterion) {
         "data.envoy.authz.allow",
     );
     let req = request("GET", "/svc1/items?limit=10", &[]);
-    assert_eq!(
-        evaluate_request(&allow_all, &req, source, None, false),
-        Ok(true)
-    );
+    assert_eq!(evaluate_request(&allow_all, &req, &source, false), Ok(true));
     group.bench_function("allow_all", |b| {
-        b.iter(|| evaluate_request(&allow_all, black_box(&req), source, None, false));
+        b.iter(|| evaluate_request(&allow_all, black_box(&req), &source, false));
     });
 
     // 100 grants of (method, path prefix, caller); the caller is the
     // principal, else the address. wrk's loopback caller is the last grant.
     let loopback: SocketAddr = "127.0.0.1:41000".parse().expect("an address");
+    let loopback = Caller::new(loopback, None);
     let last = request("GET", "/items", &[]);
     for (label, file) in [
         ("rbac_100_rules", "weft-rbac-rules.yaml"),
@@ -112,25 +112,34 @@ fn decisions(c: &mut Criterion) {
     ] {
         let rbac = policy_of(file);
         assert!(rbac.runs_on_vm(), "{file}");
-        assert_eq!(
-            evaluate_request(&rbac, &last, loopback, None, false),
-            Ok(true)
-        );
+        if label == "rbac_100_rules" {
+            assert!(rbac.indexes_rules(), "{file}");
+        }
+        assert_eq!(evaluate_request(&rbac, &last, &loopback, false), Ok(true));
         group.bench_function(format!("{label}/allowed_by_the_last"), |b| {
-            b.iter(|| evaluate_request(&rbac, black_box(&last), loopback, None, false));
+            b.iter(|| evaluate_request(&rbac, black_box(&last), &loopback, false));
         });
-        assert_eq!(
-            evaluate_request(&rbac, &last, source, None, false),
-            Ok(false)
-        );
+        assert_eq!(evaluate_request(&rbac, &last, &source, false), Ok(false));
         group.bench_function(format!("{label}/denied"), |b| {
-            b.iter(|| evaluate_request(&rbac, black_box(&last), source, None, false));
+            b.iter(|| evaluate_request(&rbac, black_box(&last), &source, false));
         });
         // The same decision again, from the thread's decision cache (the
         // input is still built: the key is read from it).
         assert!(rbac.caches_decisions(), "{file}");
         group.bench_function(format!("{label}/cached"), |b| {
-            b.iter(|| evaluate_request(&rbac, black_box(&last), loopback, None, true));
+            b.iter(|| evaluate_request(&rbac, black_box(&last), &loopback, true));
+        });
+        // Paths the cache has not seen: 10,000 distinct ones, more than it
+        // keeps, so every decision is evaluated (with the cache's cost).
+        let many: Vec<_> = (0..10_000)
+            .map(|i| request("GET", &format!("/svc{}/items/{i}", i % 100), &[]))
+            .collect();
+        let mut next = many.iter().cycle();
+        group.bench_function(format!("{label}/distinct_paths"), |b| {
+            b.iter(|| {
+                let req = next.next().expect("a cycle never ends");
+                evaluate_request(&rbac, black_box(req), &loopback, true)
+            });
         });
     }
 
@@ -142,11 +151,11 @@ fn decisions(c: &mut Criterion) {
         &[("authorization", &bearer), ("x-tenant", "acme")],
     );
     assert_eq!(
-        evaluate_request(&jwt, &with_token, source, None, false),
+        evaluate_request(&jwt, &with_token, &source, false),
         Ok(true)
     );
     group.bench_function("jwt_hs256_and_header", |b| {
-        b.iter(|| evaluate_request(&jwt, black_box(&with_token), source, None, false));
+        b.iter(|| evaluate_request(&jwt, black_box(&with_token), &source, false));
     });
     group.finish();
 }

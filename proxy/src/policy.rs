@@ -15,6 +15,7 @@
 
 mod builtins;
 mod cache;
+mod index;
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -82,7 +83,7 @@ pub struct CompiledPolicy {
     engine: regorus::Engine,
     /// The query compiled to regorus's virtual machine, with the data it
     /// runs on, when the policy compiles to it (see [`vm_program`]).
-    program: Option<(Arc<Program>, Value)>,
+    program: Option<VmProgram>,
     /// The input paths decisions are cached on, when a cache is sound for
     /// this policy ([`cache`]).
     cache_paths: Option<Vec<cache::CachePath>>,
@@ -103,19 +104,62 @@ fn vm_program(
     engine: &regorus::Engine,
     query: &str,
     data: &Value,
-) -> Option<(Arc<Program>, Value)> {
+    rego_v0: bool,
+) -> Option<VmProgram> {
     let mut engine = engine.clone();
-    let compiled = engine
-        .compile_with_entrypoint(&regorus::Rc::from(query))
-        .ok()?;
-    let program =
-        regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, &[query])
-            .ok()?;
+    let indexed = index::RuleIndex::build(engine.get_modules(), query).and_then(|indexed| {
+        let mut with_copies = new_engine(rego_v0).ok()?;
+        for (name, text) in indexed.modules {
+            with_copies.add_policy(name, text).ok()?;
+        }
+        with_copies.add_data(data.clone()).ok()?;
+        let mut entry_points = vec![query];
+        entry_points.extend(indexed.entry_points.iter().map(String::as_str));
+        Some((program_of(&mut with_copies, &entry_points)?, indexed.index))
+    });
+    let (program, index) = match indexed {
+        Some((program, index)) => (program, Some(index)),
+        None => (program_of(&mut engine, &[query])?, None),
+    };
     // Data the program cannot hold (a rule and a document at one path) is
     // found now, not on a request.
     let mut vm = new_vm(&program);
     vm.set_data(data.clone()).ok()?;
-    Some((program, data.clone()))
+    Some(VmProgram {
+        program,
+        data: data.clone(),
+        index,
+    })
+}
+
+/// `engine`'s policy compiled for the virtual machine, with
+/// `entry_points` (the query first: [`RegoVM::execute`] runs it).
+fn program_of(engine: &mut regorus::Engine, entry_points: &[&str]) -> Option<Arc<Program>> {
+    let compiled = engine
+        .compile_with_entrypoint(&regorus::Rc::from(*entry_points.first()?))
+        .ok()?;
+    regorus::languages::rego::compiler::Compiler::compile_from_policy(&compiled, entry_points).ok()
+}
+
+/// What a policy runs on regorus's virtual machine.
+#[derive(Debug)]
+struct VmProgram {
+    program: Arc<Program>,
+    data: Value,
+    /// The decision rule's index, when the policy has one ([`index`]):
+    /// its definitions' copies are the program's other entry points.
+    index: Option<index::RuleIndex>,
+}
+
+/// An engine with the settings and builtins every policy gets.
+fn new_engine(rego_v0: bool) -> Result<regorus::Engine, String> {
+    let mut engine = regorus::Engine::new();
+    engine.set_rego_v0(rego_v0);
+    // As OPA evaluates by default: a builtin's error makes its call
+    // undefined rather than failing the whole evaluation.
+    engine.set_strict_builtin_errors(false);
+    builtins::register(&mut engine, false)?;
+    Ok(engine)
 }
 
 /// A virtual machine ready to run `program`, with the evaluation limits
@@ -167,12 +211,7 @@ impl CompiledPolicy {
     ) -> Result<Self, String> {
         use std::hash::{Hash, Hasher};
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        let mut engine = regorus::Engine::new();
-        engine.set_rego_v0(rego_v0);
-        // As OPA evaluates by default: a builtin's error makes its call
-        // undefined rather than failing the whole evaluation.
-        engine.set_strict_builtin_errors(false);
-        builtins::register(&mut engine, false)?;
+        let mut engine = new_engine(rego_v0)?;
         let mut digest = std::collections::hash_map::DefaultHasher::new();
         for module in modules {
             engine
@@ -210,7 +249,7 @@ impl CompiledPolicy {
                 return Err(format!("query {query:?}: {text}"));
             }
         }
-        let program = vm_program(&engine, query, &data_value);
+        let program = vm_program(&engine, query, &data_value, rego_v0);
         let cache_paths = cache::input_paths(modules)
             .map(|paths| paths.into_iter().map(cache::CachePath::new).collect());
         Ok(Self {
@@ -278,6 +317,11 @@ impl CompiledPolicy {
         self.program.is_some()
     }
 
+    /// Whether the decision rule is indexed (see the `index` module).
+    pub fn indexes_rules(&self) -> bool {
+        self.program.as_ref().is_some_and(|p| p.index.is_some())
+    }
+
     /// Evaluates the query against `input` on this thread's virtual
     /// machine, or its engine (the interpreter) when the policy does not
     /// run on the machine, the machine fails or its answer is undefined:
@@ -287,15 +331,20 @@ impl CompiledPolicy {
             static ENGINES: RefCell<HashMap<u64, regorus::Engine>> = RefCell::new(HashMap::new());
             static VMS: RefCell<HashMap<u64, RegoVM>> = RefCell::new(HashMap::new());
         }
-        if let Some((program, data)) = &self.program {
+        if let Some(on_vm) = &self.program {
             let ran = VMS.with(|vms| {
                 let mut vms = vms.borrow_mut();
                 let vm = per_compilation(&mut vms, self.id, || {
-                    let mut vm = new_vm(program);
-                    vm.set_data(data.clone()).ok()?;
+                    let mut vm = new_vm(&on_vm.program);
+                    vm.set_data(on_vm.data.clone()).ok()?;
                     Some(vm)
                 })?;
                 vm.set_input(input.clone());
+                if let Some(index) = &on_vm.index
+                    && let Some(value) = index.decide(vm, &input)
+                {
+                    return Some(value);
+                }
                 vm.execute().ok()
             });
             // Undefined is also what the machine gives for a rule whose
@@ -850,6 +899,19 @@ impl<B> InputSource for HttpRequest<'_, B> {
     }
 }
 
+/// A connection's caller as the request path holds it: its part of the
+/// input is built by the first decision and reused by the others. For
+/// benchmarks.
+#[derive(Debug)]
+pub struct Caller(Peers);
+
+impl Caller {
+    /// A caller at `source`, with its certificate's identity if any.
+    pub fn new(source: SocketAddr, principal: Option<&str>) -> Self {
+        Self(Peers::new(source, principal.map(Arc::from), None, None))
+    }
+}
+
 /// One HTTP decision as the request path makes it (the input built from
 /// the request, then evaluated on this thread's engine, or answered from
 /// its decision cache when `cached` and the policy has one), without the
@@ -858,14 +920,12 @@ impl<B> InputSource for HttpRequest<'_, B> {
 pub fn evaluate_request<B>(
     policy: &CompiledPolicy,
     req: &Request<B>,
-    source: SocketAddr,
-    source_principal: Option<&str>,
+    caller: &Caller,
     cached: bool,
 ) -> Result<bool, String> {
-    let peers = Peers::new(source, source_principal.map(Arc::from), None, None);
     let request = HttpRequest {
         req,
-        peers: &peers,
+        peers: &caller.0,
         is_tls: false,
     };
     let result = if cached {
