@@ -143,6 +143,39 @@ fn decisions(c: &mut Criterion) {
         });
     }
 
+    // The same 100 grants with the caller read from the input itself: each
+    // rule is nothing but conditions the index reads, so none is run.
+    let mut rego = String::from("package envoy.authz\nimport rego.v1\ndefault allow := false\n");
+    for i in 0..99 {
+        let method = if i % 2 == 0 { "GET" } else { "POST" };
+        rego.push_str(&format!(
+            "allow if {{\n  input.attributes.request.http.method == \"{method}\"\n  \
+             startswith(input.attributes.request.http.path, \"/svc{i}/\")\n  \
+             input.attributes.source.principal == \"spiffe://weft.local/ns/default/sa/caller{i}\"\n}}\n"
+        ));
+    }
+    rego.push_str(
+        "allow if {\n  input.attributes.request.http.method == \"GET\"\n  \
+         startswith(input.attributes.request.http.path, \"/\")\n  \
+         input.attributes.source.address.socketAddress.address == \"127.0.0.1\"\n}\n",
+    );
+    let input_rules = compile(rego, "data.envoy.authz.allow");
+    assert!(input_rules.indexes_rules());
+    assert_eq!(
+        evaluate_request(&input_rules, &last, &loopback, false),
+        Ok(true)
+    );
+    group.bench_function("rbac_100_input_rules/allowed_by_the_last", |b| {
+        b.iter(|| evaluate_request(&input_rules, black_box(&last), &loopback, false));
+    });
+    assert_eq!(
+        evaluate_request(&input_rules, &last, &source, false),
+        Ok(false)
+    );
+    group.bench_function("rbac_100_input_rules/denied", |b| {
+        b.iter(|| evaluate_request(&input_rules, black_box(&last), &source, false));
+    });
+
     let jwt = compile(JWT_POLICY.into(), "data.envoy.authz.allow");
     let bearer = format!("Bearer {TOKEN}");
     let with_token = request(

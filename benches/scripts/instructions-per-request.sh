@@ -19,7 +19,8 @@
 # callgrind_annotate (e.g. --inclusive=yes) to say where the instructions go.
 # CONFIG uses @PORT@, @UPSTREAM@ and @COLLECTOR@ as wrk-compare.sh's
 # WEFT_CONFIGS do (the OTLP receiver, `weft-bench otlp-receiver`, runs
-# outside valgrind and is not counted).
+# outside valgrind and is not counted). WRK_SCRIPT=FILE gives wrk a Lua
+# script, as in wrk-compare.sh.
 set -euo pipefail
 cfg=$1 mode=$2 seconds=${3:-5}
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -55,7 +56,7 @@ vpid=$!
 for _ in $(seq 150); do curl -sf "http://127.0.0.1:$port/" >/dev/null && break; sleep 0.2; done
 load() {
   if [ "$mode" = h1 ]; then
-    wrk -t1 -c8 -d"$1s" "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}'
+    wrk -t1 -c8 -d"$1s" ${WRK_SCRIPT:+-s "$WRK_SCRIPT"} "http://127.0.0.1:$port/" | awk '/requests in/ {print $1}'
   else
     h2load -c2 -m4 -D"$1" "http://127.0.0.1:$port/" | awk '/^requests:/ {print $8}'
   fi

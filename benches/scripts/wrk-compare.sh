@@ -36,6 +36,10 @@
 # MODES="rate" (any of h1, h2, rate) runs only those modes: more rounds of
 # the one that spreads most, in the same time.
 #
+# WRK_SCRIPT=FILE gives wrk a Lua script (`wrk -s`) for its requests:
+# benches/scripts/distinct-paths.lua sends a path never sent before each
+# time, which no decision cache answers.
+#
 # Usage: benches/scripts/wrk-compare.sh [ROUNDS] [SECONDS] [CONNECTIONS]
 set -euo pipefail
 rounds=${1:-3}; seconds=${2:-5}; conns=${3:-32}
@@ -162,7 +166,8 @@ for round in $(seq "$rounds"); do
       esac
       before=$(cpu_ticks "$pid"); start=$(now_ns)
       if [ "$mode" = h1 ]; then
-        out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${seconds}s" --latency "http://127.0.0.1:$port/" 2>&1)
+        out=$(taskset -c 1 wrk -t1 -c"$conns" -d"${seconds}s" --latency ${WRK_SCRIPT:+-s "$WRK_SCRIPT"} \
+          "http://127.0.0.1:$port/" 2>&1)
         total=$(awk '/requests in/ {print $1}' <<<"$out")
         # wrk's latency distribution: `99%  1.23ms` (us, ms or s).
         p99=$(awk '$1 == "99%" { v = $2; u = 1;

@@ -250,7 +250,15 @@ impl CompiledPolicy {
             }
         }
         let program = vm_program(&engine, query, &data_value, rego_v0);
+        // A policy its index decides without running anything gains
+        // nothing from a cache, and a miss (a key built, kept, dropped)
+        // costs more than the index's decision.
+        let decided_by_index = program
+            .as_ref()
+            .and_then(|p| p.index.as_ref())
+            .is_some_and(index::RuleIndex::decides_alone);
         let cache_paths = cache::input_paths(modules)
+            .filter(|_| !decided_by_index)
             .map(|paths| paths.into_iter().map(cache::CachePath::new).collect());
         Ok(Self {
             name: Arc::from(name),
@@ -275,15 +283,15 @@ impl CompiledPolicy {
     /// document is built only when the policy is evaluated, or when the
     /// key cannot be read from `source` directly.
     pub(crate) fn evaluate_from(&self, source: &dyn InputSource) -> Evaluated {
+        let mut built = None;
         let Some(paths) = &self.cache_paths else {
-            let input = source.build();
+            let result = self.decide_on(source, &mut built);
             return Evaluated {
-                result: self.evaluate(input.clone()),
+                result,
                 cached: false,
-                input: Some(input),
+                input: built,
             };
         };
-        let mut built = None;
         let key = match paths
             .iter()
             .enumerate()
@@ -300,15 +308,14 @@ impl CompiledPolicy {
                 input: built,
             };
         }
-        let input = built.unwrap_or_else(|| source.build());
-        let result = self.evaluate(input.clone());
+        let result = self.decide_on(source, &mut built);
         if let Ok(verdict) = &result {
             cache::put(self.id, key, verdict.clone());
         }
         Evaluated {
             result,
             cached: false,
-            input: Some(input),
+            input: built,
         }
     }
 
@@ -322,11 +329,48 @@ impl CompiledPolicy {
         self.program.as_ref().is_some_and(|p| p.index.is_some())
     }
 
+    /// Evaluates the query against `input` (see [`Self::decide_on`]).
+    #[cfg(test)]
+    pub(crate) fn evaluate(&self, input: &Value) -> Result<Verdict, String> {
+        self.decide_on(input, &mut None)
+    }
+
+    /// Decides on `source`. An indexed policy first reads the values its
+    /// conditions test, from `source` directly where it can: when they
+    /// decide, no document is built. Otherwise the document is built into
+    /// `built` (unless already there) and evaluated.
+    fn decide_on(
+        &self,
+        source: &dyn InputSource,
+        built: &mut Option<Value>,
+    ) -> Result<Verdict, String> {
+        let mut candidates = None;
+        if let Some(index) = self.program.as_ref().and_then(|p| p.index.as_ref()) {
+            let values: Vec<Value> = index
+                .paths()
+                .iter()
+                .map(|path| {
+                    source.at(path).unwrap_or_else(|| {
+                        descend(built.get_or_insert_with(|| source.build()), &path.path)
+                    })
+                })
+                .collect();
+            match index.plan(&values) {
+                Some(index::Plan::Decided(value)) => return Verdict::from_value(&value),
+                Some(index::Plan::Run(run)) => candidates = Some(run),
+                None => {}
+            }
+        }
+        let input = built.get_or_insert_with(|| source.build()).clone();
+        self.run(input, candidates.as_deref())
+    }
+
     /// Evaluates the query against `input` on this thread's virtual
-    /// machine, or its engine (the interpreter) when the policy does not
-    /// run on the machine, the machine fails or its answer is undefined:
-    /// the interpreter's answer is the authoritative one.
-    pub(crate) fn evaluate(&self, input: Value) -> Result<Verdict, String> {
+    /// machine (only the definitions `candidates` when the index chose
+    /// them), or its engine (the interpreter) when the policy does not run
+    /// on the machine, the machine fails or its answer is undefined: the
+    /// interpreter's answer is the authoritative one.
+    fn run(&self, input: Value, candidates: Option<&[usize]>) -> Result<Verdict, String> {
         thread_local! {
             static ENGINES: RefCell<HashMap<u64, regorus::Engine>> = RefCell::new(HashMap::new());
             static VMS: RefCell<HashMap<u64, RegoVM>> = RefCell::new(HashMap::new());
@@ -340,8 +384,8 @@ impl CompiledPolicy {
                     Some(vm)
                 })?;
                 vm.set_input(input.clone());
-                if let Some(index) = &on_vm.index
-                    && let Some(value) = index.decide(vm, &input)
+                if let (Some(index), Some(candidates)) = (&on_vm.index, candidates)
+                    && let Some(value) = index.run(vm, candidates)
                 {
                     return Some(value);
                 }
@@ -931,7 +975,7 @@ pub fn evaluate_request<B>(
     let result = if cached {
         policy.evaluate_from(&request).result
     } else {
-        policy.evaluate(request.build())
+        policy.decide_on(&request, &mut None)
     };
     result.map(|verdict| verdict.allowed)
 }

@@ -18,10 +18,13 @@
 //! `not`, one with a `with` modifier, or on a name the body declares again
 //! is not read. Each definition is also copied, under a name of its own,
 //! into the program regorus's virtual machine runs, as one more entry
-//! point. A decision reads the few input values the conditions name,
-//! skips every definition one of whose conditions fails, and runs the
-//! copies of the others in order until one holds. When none does, the
-//! rule's default is the answer.
+//! point. A decision reads the few input values the conditions name (from
+//! the request itself where it can, as the decision cache reads its key,
+//! without building the input document), skips every definition one of
+//! whose conditions fails, and runs the
+//! copies of the others in order until one holds; a definition whose body
+//! is nothing but such conditions holds when they pass, and is not run.
+//! When none holds, the rule's default is the answer.
 //!
 //! That is sound under these conditions, checked here or the policy gets
 //! no index: the query names the rule itself; every definition is a
@@ -32,10 +35,12 @@
 //! value is of a type the condition does not test (a `startswith` on a
 //! number), leaves the decision to the whole policy's evaluation.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use regorus::Value;
 use regorus::rvm::RegoVM;
+
+use super::cache::CachePath;
 use regorus::unstable::{
     AssignOp, BoolOp, Expr, Literal, LiteralStmt, Module as Ast, Parser, Ref, Rule, RuleHead,
 };
@@ -58,14 +63,38 @@ struct Condition {
     test: Test,
 }
 
+/// One definition of the decision rule, as the index sees it.
+#[derive(Debug)]
+struct Definition {
+    /// What the input must be for it to hold.
+    conditions: Vec<Condition>,
+    /// Whether the conditions are its whole body, so that it holds exactly
+    /// when they pass and need not be run.
+    whole: bool,
+}
+
+/// The definitions an equality condition on one path leaves, by the
+/// value there: a set of definitions (bit `i`: definition `i`) for each
+/// value some definition requires, and the definitions with no equality
+/// condition on the path, which any value leaves.
+#[derive(Debug)]
+struct ByValue {
+    path: usize,
+    requiring: BTreeMap<Value, Vec<u64>>,
+    free: Vec<u64>,
+}
+
 /// The index of one policy's decision rule.
 #[derive(Debug)]
 pub(crate) struct RuleIndex {
     /// The input paths the conditions read.
-    paths: Vec<Vec<Value>>,
-    /// Each definition's conditions, in the order the definitions are
-    /// tried; definition `i` is the program's entry point `i + 1`.
-    definitions: Vec<Vec<Condition>>,
+    paths: Vec<CachePath>,
+    /// For each path some definition requires a value at: which
+    /// definitions each value there leaves.
+    by_value: Vec<ByValue>,
+    /// The definitions, in the order they are tried; definition `i` is the
+    /// program's entry point `i + 1`.
+    definitions: Vec<Definition>,
     /// The rule's default: the decision when no definition holds.
     default: Value,
 }
@@ -106,7 +135,7 @@ impl RuleIndex {
             return None;
         }
 
-        let mut paths: Vec<Vec<Value>> = Vec::new();
+        let mut paths = Vec::new();
         let mut definitions = Vec::new();
         let mut default = None;
         let mut texts = Vec::new();
@@ -157,27 +186,28 @@ impl RuleIndex {
                             return None;
                         }
                         let mut conditions = Vec::new();
+                        let mut whole = false;
                         if let [body] = &bodies[..] {
+                            whole = true;
                             for stmt in &body.query.stmts {
-                                let Some((path, test)) = condition(stmt, &aliases) else {
+                                let Some(((_, path), test)) = condition(stmt, &aliases)
+                                    .filter(|((name, _), _)| !declares(&body.query.stmts, name))
+                                else {
+                                    whole = false;
                                     continue;
                                 };
-                                if declares(&body.query.stmts, &path.0) {
-                                    continue;
-                                }
-                                let path = position(&mut paths, path.1);
+                                let path = position(&mut paths, path);
                                 conditions.push(Condition { path, test });
                             }
                         }
-                        let whole = span.text();
-                        let rest = whole.strip_prefix(name)?;
+                        let rest = span.text().strip_prefix(name)?;
                         let copy = format!("{COPY_PREFIX}{}", definitions.len());
                         entry_points.push(format!("data.{}.{copy}", package.join(".")));
                         copies.push('\n');
                         copies.push_str(&copy);
                         copies.push_str(rest);
                         copies.push('\n');
-                        definitions.push(conditions);
+                        definitions.push(Definition { conditions, whole });
                     }
                 }
             }
@@ -185,12 +215,14 @@ impl RuleIndex {
             texts.push((source.file().clone(), text));
         }
         let default = default?;
-        if definitions.iter().all(Vec::is_empty) {
+        if definitions.iter().all(|d| d.conditions.is_empty()) {
             return None;
         }
+        let by_value = by_value(&definitions, paths.len());
         Some(Indexed {
             index: RuleIndex {
                 paths,
+                by_value,
                 definitions,
                 default,
             },
@@ -199,35 +231,64 @@ impl RuleIndex {
         })
     }
 
+    /// Whether every definition is decided by its conditions alone, so
+    /// that no decision runs the policy (unless a value's type is one the
+    /// conditions do not test).
+    pub(crate) fn decides_alone(&self) -> bool {
+        self.definitions.iter().all(|d| d.whole)
+    }
+
     /// How many definitions the index holds.
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.definitions.len()
     }
 
-    /// The definitions that can hold for `input`, by number; `None` when
-    /// a value the conditions read is of a type they do not test.
-    #[cfg(test)]
-    pub(crate) fn candidates(&self, input: &Value) -> Option<Vec<usize>> {
-        let values = self.values(input);
-        let mut out = Vec::new();
-        for (number, conditions) in self.definitions.iter().enumerate() {
-            if can_hold(conditions, &values)? {
-                out.push(number);
-            }
-        }
-        Some(out)
+    /// The input paths the conditions read: [`RuleIndex::plan`] takes the
+    /// values there, in this order.
+    pub(crate) fn paths(&self) -> &[CachePath] {
+        &self.paths
     }
 
-    /// Decides on `input` (already set on `vm`) by running the copies of
-    /// the definitions that can hold; `None` leaves the decision to the
-    /// whole policy.
-    pub(crate) fn decide(&self, vm: &mut RegoVM, input: &Value) -> Option<Value> {
-        let values = self.values(input);
-        for (number, conditions) in self.definitions.iter().enumerate() {
-            if !can_hold(conditions, &values)? {
+    /// What decides, given the input's `values` at [`RuleIndex::paths`]
+    /// (`Undefined` where it has none): the answer itself, or the
+    /// definitions to run, in order; `None` when a value is of a type the
+    /// conditions do not test, and the whole policy decides.
+    ///
+    /// A definition that is all conditions, and holds, decides: every
+    /// definition's value is `true`, so which one holds first does not
+    /// matter.
+    pub(crate) fn plan(&self, values: &[Value]) -> Option<Plan> {
+        // The definitions every required value leaves, then each of those
+        // checked in order.
+        let mut left = vec![u64::MAX; self.definitions.len().div_ceil(64)];
+        for index in &self.by_value {
+            let requiring = index.requiring.get(&values[index.path]);
+            for (word, left) in left.iter_mut().enumerate() {
+                *left &= index.free[word] | requiring.map_or(0, |r| r[word]);
+            }
+        }
+        let mut run = Vec::new();
+        for number in (0..self.definitions.len()).filter(|n| left[n / 64] & (1 << (n % 64)) != 0) {
+            let definition = &self.definitions[number];
+            if !can_hold(&definition.conditions, values)? {
                 continue;
             }
+            if definition.whole {
+                return Some(Plan::Decided(Value::Bool(true)));
+            }
+            run.push(number);
+        }
+        if run.is_empty() {
+            return Some(Plan::Decided(self.default.clone()));
+        }
+        Some(Plan::Run(run))
+    }
+
+    /// Runs the `candidates`' copies on `vm` (its input set) until one
+    /// holds; `None` leaves the decision to the whole policy.
+    pub(crate) fn run(&self, vm: &mut RegoVM, candidates: &[usize]) -> Option<Value> {
+        for &number in candidates {
             match vm.execute_entry_point_by_index(number + 1) {
                 Ok(Value::Undefined) => continue,
                 Ok(Value::Bool(true)) => return Some(Value::Bool(true)),
@@ -237,17 +298,85 @@ impl RuleIndex {
         Some(self.default.clone())
     }
 
-    /// The input's value at each of the index's paths.
-    fn values<'a>(&self, input: &'a Value) -> Vec<Option<&'a Value>> {
-        self.paths.iter().map(|path| at(input, path)).collect()
+    /// The definitions that can hold for `input`, by number.
+    #[cfg(test)]
+    pub(crate) fn candidates(&self, input: &Value) -> Option<Vec<usize>> {
+        let values: Vec<Value> = self
+            .paths
+            .iter()
+            .map(|path| super::descend(input, &path.path))
+            .collect();
+        let mut out = Vec::new();
+        for (number, definition) in self.definitions.iter().enumerate() {
+            if can_hold(&definition.conditions, &values)? {
+                out.push(number);
+            }
+        }
+        Some(out)
     }
+
+    /// Whether definition `number` is decided by its conditions alone.
+    #[cfg(test)]
+    pub(crate) fn whole(&self, number: usize) -> bool {
+        self.definitions[number].whole
+    }
+}
+
+/// The definitions each required value leaves, for every path a value is
+/// required at.
+fn by_value(definitions: &[Definition], paths: usize) -> Vec<ByValue> {
+    let words = definitions.len().div_ceil(64);
+    let mut out = Vec::new();
+    for path in 0..paths {
+        let mut index = ByValue {
+            path,
+            requiring: BTreeMap::new(),
+            free: vec![0; words],
+        };
+        for (number, definition) in definitions.iter().enumerate() {
+            let bit = 1u64 << (number % 64);
+            let mut required = definition
+                .conditions
+                .iter()
+                .filter(|c| c.path == path)
+                .filter_map(|c| match &c.test {
+                    Test::Equals(value) => Some(value),
+                    Test::StartsWith(_) => None,
+                })
+                .peekable();
+            if required.peek().is_none() {
+                index.free[number / 64] |= bit;
+            }
+            // Two different values required at one path leave nothing; the
+            // definition is then checked (and fails) on either value.
+            for value in required {
+                index
+                    .requiring
+                    .entry(value.clone())
+                    .or_insert_with(|| vec![0; words])[number / 64] |= bit;
+            }
+        }
+        if !index.requiring.is_empty() {
+            out.push(index);
+        }
+    }
+    out
+}
+
+/// What decides a request, by the index.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Plan {
+    /// The decision, with nothing run.
+    Decided(Value),
+    /// These definitions, run in order until one holds.
+    Run(Vec<usize>),
 }
 
 /// Whether a definition with `conditions` can hold, given the `values`
 /// at the index's paths (`None`: a type no condition tests).
-fn can_hold(conditions: &[Condition], values: &[Option<&Value>]) -> Option<bool> {
+fn can_hold(conditions: &[Condition], values: &[Value]) -> Option<bool> {
     for condition in conditions {
-        if !condition.test.passes(values[condition.path])? {
+        if !condition.test.passes(&values[condition.path])? {
             return Some(false);
         }
     }
@@ -257,11 +386,11 @@ fn can_hold(conditions: &[Condition], values: &[Option<&Value>]) -> Option<bool>
 impl Test {
     /// Whether `value` passes; `None` when the test cannot tell (a type
     /// its builtin would refuse).
-    fn passes(&self, value: Option<&Value>) -> Option<bool> {
-        let Some(value) = value else {
+    fn passes(&self, value: &Value) -> Option<bool> {
+        if matches!(value, Value::Undefined) {
             // An undefined operand makes the condition undefined.
             return Some(false);
-        };
+        }
         match self {
             Test::Equals(expected) => Some(value == expected),
             Test::StartsWith(prefix) => match value {
@@ -272,21 +401,12 @@ impl Test {
     }
 }
 
-/// The value at `path` under `input`, if any.
-fn at<'a>(input: &'a Value, path: &[Value]) -> Option<&'a Value> {
-    let mut value = input;
-    for segment in path {
-        value = value.as_object().ok()?.get(segment)?;
-    }
-    Some(value)
-}
-
 /// The index of `path` in `paths`, added when new.
-fn position(paths: &mut Vec<Vec<Value>>, path: Vec<Value>) -> usize {
-    if let Some(found) = paths.iter().position(|p| *p == path) {
+fn position(paths: &mut Vec<CachePath>, path: Vec<Value>) -> usize {
+    if let Some(found) = paths.iter().position(|p| p.path == path) {
         return found;
     }
-    paths.push(path);
+    paths.push(CachePath::new(path));
     paths.len() - 1
 }
 

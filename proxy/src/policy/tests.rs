@@ -50,7 +50,7 @@ fn request(method: &str, target: &str) -> Request<()> {
 
 fn decide(policy: &CompiledPolicy, req: &Request<()>, principal: Option<&str>) -> Verdict {
     policy
-        .evaluate(http_input(req, &peers(principal), false))
+        .evaluate(&http_input(req, &peers(principal), false))
         .unwrap()
 }
 
@@ -346,7 +346,7 @@ fn opas_envoy_tutorial_policy_runs_unchanged_on_its_bearer_tokens() {
             .as_object_mut()
             .unwrap()
             .insert(Value::from("parsed_body"), body);
-        policy.evaluate(input).unwrap().allowed
+        policy.evaluate(&input).unwrap().allowed
     };
     assert!(!post(ALICE_TOKEN, "Foo"));
     assert!(post(BOB_TOKEN, "Foo"));
@@ -357,7 +357,7 @@ fn opas_envoy_tutorial_policy_runs_unchanged_on_its_bearer_tokens() {
     // denied (not an evaluation error), even by a policy whose failure mode
     // would allow it.
     let garbage = http_input(&bearer("GET", "/people", "not-a-jwt"), &peers(None), false);
-    assert!(!policy.evaluate(garbage.clone()).unwrap().allowed);
+    assert!(!policy.evaluate(&garbage).unwrap().allowed);
     let lenient = compile_with(
         ENVOY_PRIMER,
         DEFAULT_QUERY,
@@ -366,7 +366,7 @@ fn opas_envoy_tutorial_policy_runs_unchanged_on_its_bearer_tokens() {
         FailureMode::Allow,
     )
     .unwrap();
-    assert!(!lenient.evaluate(garbage).unwrap().allowed);
+    assert!(!lenient.evaluate(&garbage).unwrap().allowed);
 }
 
 #[test]
@@ -438,7 +438,7 @@ allow if {
                 let interpreted =
                     Verdict::from_value(&policy.engine.tap_eval(input.clone(), DEFAULT_QUERY))
                         .unwrap();
-                let decided = policy.evaluate(input).unwrap();
+                let decided = policy.evaluate(&input).unwrap();
                 assert_eq!(
                     decided,
                     interpreted,
@@ -624,7 +624,7 @@ fn decisions_match_the_interpreter(policy: &CompiledPolicy, rego: &str, requests
             let input = http_input(req, &peers(principal), false);
             let interpreted =
                 Verdict::from_value(&policy.engine.tap_eval(input.clone(), DEFAULT_QUERY));
-            let decided = policy.evaluate(input);
+            let decided = policy.evaluate(&input);
             assert_eq!(
                 decided,
                 interpreted,
@@ -674,6 +674,8 @@ fn many_grants_are_indexed_and_only_those_that_can_hold_are_evaluated() {
     // `/svc1/` is a prefix of `/svc10/`... but not of `/svc1x`.
     assert_eq!(index.candidates(&input("POST", "/svc11/x")), Some(vec![11]));
     assert_eq!(index.candidates(&input("GET", "/other")), Some(vec![]));
+    // `caller`'s condition is not the index's: each grant is run.
+    assert!(!index.whole(3));
     let requests = [
         request("POST", "/svc3/orders"),
         request("GET", "/svc3/orders"),
@@ -747,6 +749,30 @@ allow if {
         index.candidates(&input("GET", "/z", Some("spiffe://td/ns/default/sa/admin"))),
         Some(vec![4])
     );
+    // Those made of conditions only are decided without being run, and
+    // when they decide (or nothing can hold), no input document is built.
+    let whole: Vec<bool> = (0..5).map(|n| index.whole(n)).collect();
+    assert_eq!(whole, [true, false, false, false, true]);
+    let caller = peers(None);
+    for (method, path, allowed, built) in [
+        ("GET", "/a", true, false),
+        ("POST", "/a", false, false),
+        ("DELETE", "/b", true, true),
+    ] {
+        let req = request(method, path);
+        let source = HttpRequest {
+            req: &req,
+            peers: &caller,
+            is_tls: false,
+        };
+        let evaluated = policy.evaluate_from(&source);
+        assert_eq!(
+            evaluated.result.unwrap().allowed,
+            allowed,
+            "{method} {path}"
+        );
+        assert_eq!(evaluated.input.is_some(), built, "{method} {path}");
+    }
     let requests = [
         request("GET", "/a"),
         request("POST", "/a"),
@@ -847,10 +873,13 @@ fn a_value_of_a_type_the_index_does_not_test_leaves_the_decision_to_the_policy()
                 allow if startswith(input.user, \"ad\")\nallow if input.level == 3\n";
     let policy = compile(rego);
     assert!(policy.indexes_rules());
+    // Both definitions are conditions only: the index decides every
+    // request, and no cache is kept.
+    assert!(!policy.caches_decisions());
     let index = policy.program.as_ref().unwrap().index.as_ref().unwrap();
     let number = Value::from(serde_json::json!({"user": 7, "level": 3}));
     assert_eq!(index.candidates(&number), None);
-    assert!(policy.evaluate(number).unwrap().allowed);
+    assert!(policy.evaluate(&number).unwrap().allowed);
     for (input, allowed) in [
         (serde_json::json!({"user": "admin"}), true),
         (serde_json::json!({"user": "bob", "level": 3}), true),
@@ -862,6 +891,6 @@ fn a_value_of_a_type_the_index_does_not_test_leaves_the_decision_to_the_policy()
         let interpreted =
             Verdict::from_value(&policy.engine.tap_eval(input.clone(), DEFAULT_QUERY)).unwrap();
         assert_eq!(interpreted.allowed, allowed, "{input}");
-        assert_eq!(policy.evaluate(input).unwrap(), interpreted);
+        assert_eq!(policy.evaluate(&input).unwrap(), interpreted);
     }
 }
