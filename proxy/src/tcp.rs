@@ -216,16 +216,25 @@ pub(crate) async fn proxy(
         } else {
             // A TLS side cannot wait for readiness without a buffer: copy
             // through buffers held for the connection's life.
-            // TODO(#11): count the bytes of TLS-terminated L4 connections.
-            splice(
-                &mut downstream,
-                &mut upstream,
-                TCP_BUFFER_BYTES,
+            let counters = Counters {
+                from_client: &metrics.bytes_received,
+                to_client: &metrics.bytes_sent,
+                istio: istio.as_deref(),
+            };
+            let limits = Limits {
+                buffer_bytes: TCP_BUFFER_BYTES,
                 idle_timeout,
-                &drain,
-                listener.drain_timeout,
-            )
-            .await
+                drain: &drain,
+                drain_timeout: listener.drain_timeout,
+            };
+            let (ended, (received, sent)) =
+                splice_counted(&mut downstream, &mut upstream, &limits, Some(counters)).await;
+            if let Some(span) = &mut span {
+                let l4 = span.l4();
+                l4.received += received;
+                l4.sent += sent;
+            }
+            ended
         };
     match ended {
         Ok(Ended::Closed) => {}
@@ -534,25 +543,68 @@ where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
+    let limits = Limits {
+        buffer_bytes,
+        idle_timeout,
+        drain,
+        drain_timeout,
+    };
+    splice_counted(a, b, &limits, None).await.0
+}
+
+/// What bounds a [`splice`].
+pub(crate) struct Limits<'a> {
+    pub(crate) buffer_bytes: usize,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) drain: &'a Drain,
+    pub(crate) drain_timeout: Duration,
+}
+
+/// A [`splice`] between a client (`client`) and an upstream (`upstream`)
+/// that counts the bytes written each way, as [`Forward`] does, in
+/// `counters` when given; also returns them (from the client, to the
+/// client).
+pub(crate) async fn splice_counted<A, B>(
+    client: &mut A,
+    upstream: &mut B,
+    limits: &Limits<'_>,
+    counters: Option<Counters<'_>>,
+) -> (io::Result<Ended>, (u64, u64))
+where
+    A: AsyncRead + AsyncWrite + Unpin + ?Sized,
+    B: AsyncRead + AsyncWrite + Unpin + ?Sized,
+{
     let activity = Activity {
         start: Instant::now(),
         last_read_nanos: AtomicU64::new(0),
     };
     let mut a = Watched {
-        io: a,
+        io: client,
         activity: &activity,
+        written: 0,
+        counters: counters.map(|c| (c.to_client, c.istio.map(|s| &s.sent))),
     };
     let mut b = Watched {
-        io: b,
+        io: upstream,
         activity: &activity,
+        written: 0,
+        counters: counters.map(|c| (c.from_client, c.istio.map(|s| &s.received))),
     };
-    let copy = tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, buffer_bytes, buffer_bytes);
-    let mut idle = IdleDeadline::new(idle_timeout);
-    tokio::select! {
-        copied = copy => copied.map(|_| Ended::Closed),
-        () = std::future::poll_fn(|cx| idle.poll_expired(cx, activity.last_read())) => Ok(Ended::Idle),
-        () = drain.deadline(drain_timeout) => Ok(Ended::Drained),
-    }
+    let ended = {
+        let copy = tokio::io::copy_bidirectional_with_sizes(
+            &mut a,
+            &mut b,
+            limits.buffer_bytes,
+            limits.buffer_bytes,
+        );
+        let mut idle = IdleDeadline::new(limits.idle_timeout);
+        tokio::select! {
+            copied = copy => copied.map(|_| Ended::Closed),
+            () = std::future::poll_fn(|cx| idle.poll_expired(cx, activity.last_read())) => Ok(Ended::Idle),
+            () = limits.drain.deadline(limits.drain_timeout) => Ok(Ended::Drained),
+        }
+    };
+    (ended, (b.written, a.written))
 }
 
 /// When a [`splice`] last read a byte, shared by its two sides.
@@ -575,10 +627,15 @@ impl Activity {
     }
 }
 
-/// A stream that records each read that returned bytes.
+/// A stream that records each read that returned bytes, and counts the
+/// bytes written to it.
 struct Watched<'a, T: ?Sized> {
     io: &'a mut T,
     activity: &'a Activity,
+    written: u64,
+    /// The listener's counter and the connection's Istio series' for the
+    /// bytes written here.
+    counters: Option<(&'a AtomicU64, Option<&'a AtomicU64>)>,
 }
 
 impl<T: AsyncRead + Unpin + ?Sized> AsyncRead for Watched<'_, T> {
@@ -603,7 +660,19 @@ impl<T: AsyncWrite + Unpin + ?Sized> AsyncWrite for Watched<'_, T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut *self.get_mut().io).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut *this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = polled {
+            let n = n as u64;
+            this.written += n;
+            if let Some((counter, istio)) = this.counters {
+                counter.fetch_add(n, Relaxed);
+                if let Some(istio) = istio {
+                    istio.fetch_add(n, Relaxed);
+                }
+            }
+        }
+        polled
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -796,6 +865,47 @@ mod tests {
         }
         assert_eq!(splice.await.unwrap(), Ended::Idle);
         assert_ended_at(start, 50);
+    }
+
+    #[tokio::test]
+    async fn a_counted_splice_counts_what_it_writes_each_way() {
+        // Pipes that hold everything sent, so that the client may finish
+        // writing before the upstream reads.
+        let (mut client, mut client_side) = tokio::io::duplex(64 * 1024);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(64 * 1024);
+        let drain = Drain::new();
+        let counted = Counted::default();
+        let limits = Limits {
+            buffer_bytes: 512,
+            idle_timeout: Duration::from_secs(60),
+            drain: &drain,
+            drain_timeout: Duration::from_secs(10),
+        };
+        let splice = splice_counted(
+            &mut client_side,
+            &mut upstream_side,
+            &limits,
+            Some(counted.counters()),
+        );
+        let traffic = async {
+            // More than a buffer's worth up, a few bytes down, then closes.
+            let up = vec![7u8; 5_000];
+            client.write_all(&up).await.unwrap();
+            client.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            upstream.read_to_end(&mut got).await.unwrap();
+            assert_eq!(got, up);
+            upstream.write_all(b"answer").await.unwrap();
+            upstream.shutdown().await.unwrap();
+            let mut back = Vec::new();
+            client.read_to_end(&mut back).await.unwrap();
+            assert_eq!(back, b"answer");
+        };
+        let ((ended, moved), ()) = tokio::join!(splice, traffic);
+        assert_eq!(ended.unwrap(), Ended::Closed);
+        assert_eq!(moved, (5_000, 6));
+        assert_eq!(counted.from_client.load(Relaxed), 5_000);
+        assert_eq!(counted.to_client.load(Relaxed), 6);
     }
 
     #[tokio::test(start_paused = true)]

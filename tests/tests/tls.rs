@@ -1160,3 +1160,73 @@ clusters:
         0.0
     );
 }
+
+/// A TLS server on loopback that echoes each connection's bytes until the
+/// client closes, with the `stem` certificate of `pki`.
+async fn tls_echo(pki: &Pki, stem: &str) -> SocketAddr {
+    use rustls_pki_types::pem::PemObject;
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(pki.path(&format!("{stem}.pem")))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+    let key =
+        rustls_pki_types::PrivateKeyDer::from_pem_file(pki.path(&format!("{stem}.key"))).unwrap();
+    let config = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (mut read, mut write) = tokio::io::split(stream);
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+                let _ = write.shutdown().await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn a_tcp_listener_to_a_tls_cluster_counts_the_bytes_inside_the_tls() {
+    let pki = standard_pki();
+    let upstream = tls_echo(&pki, "api").await;
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: raw, address: "127.0.0.1:0", protocol: tcp, cluster: api }}
+clusters:
+  - name: api
+    endpoints: [{{ address: "{upstream}" }}]
+    tls: {{ ca_file: "{ca}", server_name: api.example.com }}
+"#,
+        ca = pki.path("ca.pem"),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let mut stream = TcpStream::connect(proxy.listener("raw")).await.unwrap();
+    stream.write_all(&[7; 5000]).await.unwrap();
+    let mut back = vec![0; 5000];
+    tokio::time::timeout(DEADLINE, stream.read_exact(&mut back))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(back, [7; 5000]);
+    // The bytes the client and the proxy exchanged, not the TLS records the
+    // proxy wrote upstream; counted as they move.
+    let sent = r#"weft_downstream_sent_bytes_total{listener="raw"}"#;
+    let received = r#"weft_downstream_received_bytes_total{listener="raw"}"#;
+    assert!(
+        eventually(DEADLINE, || async { proxy.metric(sent).await == 5000.0 }).await,
+        "{sent}"
+    );
+    assert_eq!(proxy.metric(received).await, 5000.0);
+}
