@@ -39,11 +39,11 @@ use std::collections::{BTreeMap, HashMap};
 
 use regorus::Value;
 use regorus::rvm::RegoVM;
-
-use super::cache::CachePath;
 use regorus::unstable::{
     AssignOp, BoolOp, Expr, Literal, LiteralStmt, Module as Ast, Parser, Ref, Rule, RuleHead,
 };
+
+use super::cache::CachePath;
 
 /// The name copies of definitions get, followed by their number.
 const COPY_PREFIX: &str = "__weft_index_";
