@@ -227,8 +227,15 @@ pub(crate) async fn proxy(
                 drain: &drain,
                 drain_timeout: listener.drain_timeout,
             };
-            let (ended, (received, sent)) =
-                splice_counted(&mut downstream, &mut upstream, &limits, Some(counters)).await;
+            // Boxed: the copy's buffers are on the heap anyway, and the
+            // plain connection's future stays small.
+            let (ended, (received, sent)) = Box::pin(splice_counted(
+                &mut downstream,
+                &mut upstream,
+                &limits,
+                Some(counters),
+            ))
+            .await;
             if let Some(span) = &mut span {
                 let l4 = span.l4();
                 l4.received += received;

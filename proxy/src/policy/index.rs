@@ -9,6 +9,7 @@
 //! that only a certain input can meet:
 //!
 //! - `input.<path> == <scalar>` (or `<scalar> == input.<path>`, or `=`),
+//! - `input.<path> in {<scalar>, ...}` (a set or array of literals),
 //! - `startswith(input.<path>, "<prefix>")`,
 //!
 //! where `<path>` is static (`input.attributes.request.http.method`,
@@ -52,6 +53,8 @@ const COPY_PREFIX: &str = "__weft_index_";
 #[derive(Debug, Clone, PartialEq)]
 enum Test {
     Equals(Value),
+    /// `input.<path> in {...}` (or `[...]`): one of these.
+    OneOf(Vec<Value>),
     StartsWith(String),
 }
 
@@ -347,16 +350,18 @@ fn by_value(definitions: &[Definition], paths: usize) -> Vec<ByValue> {
                 .conditions
                 .iter()
                 .filter(|c| c.path == path)
-                .filter_map(|c| match &c.test {
-                    Test::Equals(value) => Some(value),
-                    Test::StartsWith(_) => None,
+                .flat_map(|c| match &c.test {
+                    Test::Equals(value) => std::slice::from_ref(value),
+                    Test::OneOf(values) => &values[..],
+                    Test::StartsWith(_) => &[][..],
                 })
                 .peekable();
             if required.peek().is_none() {
                 index.free[number / 64] |= bit;
             }
-            // Two different values required at one path leave nothing; the
-            // definition is then checked (and fails) on either value.
+            // Each value any condition allows leaves the definition, which
+            // is then checked against all of them (two conditions that
+            // allow different values leave it for either, and it fails).
             for value in required {
                 index
                     .requiring
@@ -401,6 +406,7 @@ impl Test {
         }
         match self {
             Test::Equals(expected) => Some(value == expected),
+            Test::OneOf(expected) => Some(expected.contains(value)),
             Test::StartsWith(prefix) => match value {
                 Value::String(text) => Some(text.starts_with(prefix.as_str())),
                 _ => None,
@@ -487,6 +493,20 @@ fn condition(
             }
             let (path, value) = (input_path(rhs, aliases)?, scalar(lhs)?);
             Some((path, Test::Equals(value)))
+        }
+        Expr::Membership {
+            key: None,
+            value,
+            collection,
+            ..
+        } => {
+            let path = input_path(value, aliases)?;
+            let items = match &**collection {
+                Expr::Set { items, .. } | Expr::Array { items, .. } => items,
+                _ => return None,
+            };
+            let values: Option<Vec<Value>> = items.iter().map(scalar).collect();
+            Some((path, Test::OneOf(values?)))
         }
         Expr::Call { fcn, params, .. } => {
             if !matches!(&**fcn, Expr::Var { span, .. } if span.text() == "startswith") {

@@ -728,6 +728,10 @@ allow if {
 allow if {
     input.attributes.source.principal == "spiffe://td/ns/default/sa/admin"
 }
+allow if {
+    http_request.method in {"PUT", "PATCH"}
+    input.attributes.request.http.path == "/e"
+}
 "#;
     let policy = compile(rego);
     assert!(policy.indexes_rules());
@@ -743,6 +747,7 @@ allow if {
     );
     // Only the path is read of the third and fourth.
     assert_eq!(index.candidates(&input("GET", "/e", None)), Some(vec![]));
+    assert_eq!(index.candidates(&input("PATCH", "/e", None)), Some(vec![5]));
     assert_eq!(index.candidates(&input("GET", "/c", None)), Some(vec![2]));
     assert_eq!(index.candidates(&input("GET", "/d", None)), Some(vec![3]));
     assert_eq!(
@@ -751,8 +756,8 @@ allow if {
     );
     // Those made of conditions only are decided without being run, and
     // when they decide (or nothing can hold), no input document is built.
-    let whole: Vec<bool> = (0..5).map(|n| index.whole(n)).collect();
-    assert_eq!(whole, [true, false, false, false, true]);
+    let whole: Vec<bool> = (0..6).map(|n| index.whole(n)).collect();
+    assert_eq!(whole, [true, false, false, false, true, true]);
     let caller = peers(None);
     for (method, path, allowed, built) in [
         ("GET", "/a", true, false),
@@ -782,6 +787,9 @@ allow if {
         request("PATCH", "/d"),
         request("GET", "/d"),
         request("GET", "/z"),
+        request("PUT", "/e"),
+        request("PATCH", "/e"),
+        request("GET", "/e"),
     ];
     decisions_match_the_interpreter(&policy, rego, &requests);
 
