@@ -118,6 +118,34 @@ pub(crate) struct Upload<B> {
     pub(crate) touched: bool,
 }
 
+impl<B> Upload<B> {
+    /// Writes the large frame held aside, then its suffix, to `io`.
+    pub(crate) fn poll_write_held<W>(
+        &mut self,
+        io: &mut W,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<()>>
+    where
+        W: tokio::io::AsyncWrite + Unpin + ?Sized,
+    {
+        while !self.data.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut *io).poll_write(cx, &self.data))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.data.advance(n);
+        }
+        while !self.suffix.is_empty() {
+            let n = std::task::ready!(Pin::new(&mut *io).poll_write(cx, self.suffix))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            self.suffix = &self.suffix[n..];
+        }
+        Poll::Ready(Ok(()))
+    }
+}
+
 /// What [`Upload::collect`] left to write.
 pub(crate) enum Collected {
     /// Bytes (or a large frame) are ready to be written.

@@ -42,7 +42,7 @@ use std::mem::MaybeUninit;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use bytes::{Buf, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -269,23 +269,8 @@ where
             let Some(upload) = &mut self.upload else {
                 return Poll::Ready(Ok(()));
             };
-            while !upload.data.is_empty() {
-                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, &upload.data))
-                    .map_err(Error::Io)?;
-                if n == 0 {
-                    return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
-                }
-                upload.data.advance(n);
-                self.sent_any = true;
-            }
-            while !upload.suffix.is_empty() {
-                let n = std::task::ready!(Pin::new(&mut self.io).poll_write(cx, upload.suffix))
-                    .map_err(Error::Io)?;
-                if n == 0 {
-                    return Poll::Ready(Err(Error::Io(io::ErrorKind::WriteZero.into())));
-                }
-                upload.suffix = &upload.suffix[n..];
-            }
+            // The head went first, so `sent_any` is already set.
+            std::task::ready!(upload.poll_write_held(&mut self.io, cx)).map_err(Error::Io)?;
             if upload.end_queued {
                 self.upload = None;
                 return Poll::Ready(Ok(()));

@@ -43,7 +43,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BytesMut};
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -663,22 +663,7 @@ where
         let Some(upload) = upload.as_mut() else {
             return flush(&mut wire, cx);
         };
-        while !upload.data.is_empty() {
-            let n = std::task::ready!(Pin::new(&mut wire.io).poll_write(cx, &upload.data))
-                .map_err(Failure::Io)?;
-            if n == 0 {
-                return Poll::Ready(Err(Failure::Io(io::ErrorKind::WriteZero.into())));
-            }
-            upload.data.advance(n);
-        }
-        while !upload.suffix.is_empty() {
-            let n = std::task::ready!(Pin::new(&mut wire.io).poll_write(cx, upload.suffix))
-                .map_err(Failure::Io)?;
-            if n == 0 {
-                return Poll::Ready(Err(Failure::Io(io::ErrorKind::WriteZero.into())));
-            }
-            upload.suffix = &upload.suffix[n..];
-        }
+        std::task::ready!(upload.poll_write_held(&mut wire.io, cx)).map_err(Failure::Io)?;
         if upload.end_queued {
             return flush(&mut wire, cx);
         }
