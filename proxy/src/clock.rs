@@ -94,6 +94,15 @@ pub(crate) async fn keep_a_timer_pending() {
     }
 }
 
+/// The instant a wall-clock time falls at (now, for one already past):
+/// when a certificate's `not_after` comes, for a deadline.
+pub(crate) fn instant_of(time: std::time::SystemTime) -> Instant {
+    let left = time
+        .duration_since(std::time::SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    Instant::now() + left
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -51,6 +51,7 @@ use crate::resilience::{Retry, RetryLayer, Retrying, Timeout, TimeoutLayer};
 use crate::telemetry::istio::IstioMetrics;
 use crate::telemetry::trace::{Exporters, Tracer};
 use crate::telemetry::{AccessLog, ListenerMetrics, Metrics, RequestMetrics};
+use crate::tls::Carries;
 
 /// The published snapshot, shared by every listener.
 pub(crate) type Shared = Arc<ArcSwap<Snapshot>>;
@@ -147,6 +148,9 @@ fn istio_callee(istio: &IstioMetrics, cluster: &ClusterState) -> u32 {
 #[derive(Debug)]
 pub(crate) struct TcpListener {
     pub(crate) config: config::Listener,
+    /// TLS termination (mutual TLS in the mesh), when the listener has
+    /// it; what is inside is forwarded as it is.
+    pub(crate) tls: Option<Arc<rustls::ServerConfig>>,
     /// Where connections go (with SNI routes: those no route takes).
     pub(crate) cluster: Option<Arc<ClusterState>>,
     /// TLS passthrough routes, first match wins.
@@ -166,37 +170,49 @@ pub(crate) struct TcpListener {
 }
 
 /// A TCP listener's Istio metrics, with each connection's party numbered
-/// when the snapshot is built.
+/// when the snapshot is built where it can be.
 #[derive(Debug)]
 pub(crate) struct TcpIstio {
     pub(crate) metrics: Arc<IstioMetrics>,
-    /// A source reporter's party per cluster; a destination reporter's
-    /// one party (its clients prove no identity: no TLS on TCP listeners)
-    /// for every cluster.
+    /// A source reporter's party per cluster.
     parties: Vec<(Arc<ClusterState>, u32)>,
+    /// A destination reporter's party for clients that prove no identity.
+    anonymous: Option<u32>,
 }
 
 impl TcpIstio {
     fn new(metrics: Arc<IstioMetrics>, clusters: &[&Arc<ClusterState>]) -> Self {
-        let caller = (metrics.settings.reporter == config::IstioReporter::Destination)
-            .then(|| metrics.caller(None));
-        let parties = clusters
-            .iter()
-            .map(|cluster| {
-                let party = caller.unwrap_or_else(|| istio_callee(&metrics, cluster));
-                ((*cluster).clone(), party)
-            })
-            .collect();
-        Self { metrics, parties }
+        let destination = metrics.settings.reporter == config::IstioReporter::Destination;
+        let parties = if destination {
+            Vec::new()
+        } else {
+            clusters
+                .iter()
+                .map(|cluster| ((*cluster).clone(), istio_callee(&metrics, cluster)))
+                .collect()
+        };
+        let anonymous = destination.then(|| metrics.caller(None));
+        Self {
+            metrics,
+            parties,
+            anonymous,
+        }
     }
 
-    /// The party of a connection to `cluster`, one of the listener's (any
+    /// The party of a connection to `cluster` from a client that proved
+    /// `caller` (mutual TLS): a destination reporter's labels name the
+    /// caller, a source reporter's the cluster (one of the listener's; any
     /// other would count in the folded series).
-    pub(crate) fn party(&self, cluster: &Arc<ClusterState>) -> u32 {
-        self.parties
-            .iter()
-            .find(|(c, _)| Arc::ptr_eq(c, cluster))
-            .map_or(u32::MAX, |(_, party)| *party)
+    pub(crate) fn party(&self, cluster: &Arc<ClusterState>, caller: Option<&Arc<str>>) -> u32 {
+        match (self.anonymous, caller) {
+            (Some(_), Some(caller)) => self.metrics.caller(Some(caller)),
+            (Some(anonymous), None) => anonymous,
+            (None, _) => self
+                .parties
+                .iter()
+                .find(|(c, _)| Arc::ptr_eq(c, cluster))
+                .map_or(u32::MAX, |(_, party)| *party),
+        }
     }
 }
 
@@ -448,10 +464,18 @@ pub(crate) fn build(
                         .iter()
                         .chain(sni_routes.iter().map(|(_, c)| c))
                         .collect();
-                    TcpIstio::new(metrics.istio(&listener.name, istio, None), &clusters)
+                    let own = listener
+                        .tls
+                        .as_ref()
+                        .and_then(|tls| tls.workload_identity.clone());
+                    TcpIstio::new(metrics.istio(&listener.name, istio, own), &clusters)
                 });
                 ListenerSnapshot::Tcp(Arc::new(TcpListener {
                     config: listener.clone(),
+                    tls: listener
+                        .tls
+                        .as_deref()
+                        .map(|tls| crate::tls::server_config(tls, identities, Carries::Opaque)),
                     cluster: default,
                     sni_routes,
                     metrics: listener_metrics,
@@ -515,7 +539,7 @@ pub(crate) fn build(
                 let tls = listener
                     .tls
                     .as_deref()
-                    .map(|tls| crate::tls::server_config(tls, identities));
+                    .map(|tls| crate::tls::server_config(tls, identities, Carries::Http));
                 ListenerSnapshot::Http(Arc::new(HttpListener {
                     config: listener.clone(),
                     h1: h1_codec(listener),

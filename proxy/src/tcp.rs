@@ -35,7 +35,7 @@ use crate::drain::Drain;
 use crate::stack::TcpListener;
 use crate::telemetry::istio::TcpSeries;
 use crate::telemetry::trace::ConnectionSpan;
-use crate::transport::Stream;
+use crate::transport::{PeerCert, Stream, accept_opaque};
 
 /// The most bytes moved per read, per direction.
 ///
@@ -87,8 +87,40 @@ pub(crate) async fn proxy(
         reset_on_close(&mut downstream);
         return;
     }
+    // TLS terminated here (the mesh's mutual TLS): the client's
+    // certificate names it for the policy, the metrics and the span, and
+    // the connection ends when that certificate expires.
+    let mut client: Option<Box<PeerCert>> = None;
+    if let (Some(server), Some(tls)) = (&listener.tls, listener.config.tls.as_deref()) {
+        let Some(plain) = downstream.into_tcp() else {
+            return;
+        };
+        let Some((stream, cert)) = Box::pin(accept_opaque(
+            plain,
+            server,
+            tls,
+            TLS_HANDSHAKE_TIMEOUT,
+            &listener.metrics,
+        ))
+        .await
+        else {
+            fail(&mut span, "downstream_tls_failure");
+            return;
+        };
+        downstream = stream;
+        client = cert;
+    }
+    let caller = client.as_ref().and_then(|cert| cert.identity.as_ref());
+    if let Some(span) = &mut span {
+        span.record.peer_identity = caller.cloned();
+    }
     if let Some(policy) = &listener.policy {
-        let peers = crate::policy::Peers::new(peer, None, downstream.local_addr(), None);
+        let own = listener
+            .config
+            .tls
+            .as_ref()
+            .and_then(|tls| tls.workload_identity.clone());
+        let peers = crate::policy::Peers::new(peer, caller.cloned(), downstream.local_addr(), own);
         if !crate::policy::check_connection(policy, &peers) {
             tracing::debug!(listener = %name, peer.addr = %peer, "connection denied by policy");
             fail(&mut span, "policy_denied");
@@ -175,7 +207,7 @@ pub(crate) async fn proxy(
     let istio = listener
         .istio
         .as_ref()
-        .map(|istio| istio.metrics.tcp_opened(istio.party(&cluster)));
+        .map(|istio| istio.metrics.tcp_opened(istio.party(&cluster, caller)));
     if !hello.is_empty() {
         use tokio::io::AsyncWriteExt as _;
         if let Err(error) = upstream.write_all(&hello).await {
@@ -226,6 +258,9 @@ pub(crate) async fn proxy(
                 idle_timeout,
                 drain: &drain,
                 drain_timeout: listener.drain_timeout,
+                until: client
+                    .as_ref()
+                    .map(|cert| Instant::from_std(crate::clock::instant_of(cert.not_after))),
             };
             // Boxed: the copy's buffers are on the heap anyway, and the
             // plain connection's future stays small.
@@ -251,12 +286,20 @@ pub(crate) async fn proxy(
         Ok(Ended::Drained) => {
             tracing::debug!(listener = %name, peer.addr = %peer, "drain timeout; closing tcp connection");
         }
+        Ok(Ended::Expired) => {
+            listener.metrics.tls_peer_expired.fetch_add(1, Relaxed);
+            tracing::debug!(listener = %name, peer.addr = %peer, "the client's certificate expired; closing tcp connection");
+        }
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp connection ended with an error");
             fail(&mut span, "upstream_reset");
         }
     }
 }
+
+/// How long a client of a TLS-terminating TCP listener has to complete its
+/// handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long a passthrough client has to send its ClientHello.
 const CLIENT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -335,6 +378,8 @@ pub(crate) enum Ended {
     Idle,
     /// The drain timeout passed after the drain signal.
     Drained,
+    /// The client's certificate expired (a [`Limits::until`]).
+    Expired,
 }
 
 /// Moves bytes between a client and an upstream socket until both have
@@ -535,7 +580,8 @@ impl<'a> Half<'a> {
 
 /// Copies bytes both ways, with `buffer_bytes` buffered per direction,
 /// until either side closes, no byte has been read from either side for
-/// `idle_timeout`, or `drain_timeout` has passed since the drain signal.
+/// `idle_timeout`, `drain_timeout` has passed since the drain signal, or
+/// `until` (the client's certificate expires).
 /// For streams other than two `TcpStream`s (an upgraded HTTP connection),
 /// whose buffers live as long as the copy.
 pub(crate) async fn splice<A, B>(
@@ -545,6 +591,7 @@ pub(crate) async fn splice<A, B>(
     idle_timeout: Duration,
     drain: &Drain,
     drain_timeout: Duration,
+    until: Option<Instant>,
 ) -> io::Result<Ended>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
@@ -555,6 +602,7 @@ where
         idle_timeout,
         drain,
         drain_timeout,
+        until,
     };
     splice_counted(a, b, &limits, None).await.0
 }
@@ -565,6 +613,9 @@ pub(crate) struct Limits<'a> {
     pub(crate) idle_timeout: Duration,
     pub(crate) drain: &'a Drain,
     pub(crate) drain_timeout: Duration,
+    /// When the copy must end whatever moves (the client's certificate
+    /// expires).
+    pub(crate) until: Option<Instant>,
 }
 
 /// A [`splice`] between a client (`client`) and an upstream (`upstream`)
@@ -609,9 +660,18 @@ where
             copied = copy => copied.map(|_| Ended::Closed),
             () = std::future::poll_fn(|cx| idle.poll_expired(cx, activity.last_read())) => Ok(Ended::Idle),
             () = limits.drain.deadline(limits.drain_timeout) => Ok(Ended::Drained),
+            () = until(limits.until) => Ok(Ended::Expired),
         }
     };
     (ended, (b.written, a.written))
+}
+
+/// Ready at `at`; never without one.
+async fn until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// When a [`splice`] last read a byte, shared by its two sides.
@@ -856,6 +916,7 @@ mod tests {
             Duration::from_secs(30),
             &drain,
             Duration::from_secs(10),
+            None,
         ));
         // A byte each way at 20 s moves the cut to 50 s.
         let traffic = async {
@@ -887,6 +948,7 @@ mod tests {
             idle_timeout: Duration::from_secs(60),
             drain: &drain,
             drain_timeout: Duration::from_secs(10),
+            until: None,
         };
         let splice = splice_counted(
             &mut client_side,
@@ -916,6 +978,38 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_splice_ends_when_the_clients_certificate_expires() {
+        let (mut client, mut client_side) = tokio::io::duplex(1024);
+        let (mut upstream_side, mut upstream) = tokio::io::duplex(1024);
+        let drain = Drain::new();
+        let start = Instant::now();
+        let splice = splice(
+            &mut client_side,
+            &mut upstream_side,
+            1024,
+            Duration::from_secs(3600),
+            &drain,
+            Duration::from_secs(10),
+            Some(start + Duration::from_secs(40)),
+        );
+        // Bytes keep moving: only the expiry ends it.
+        let traffic = async {
+            let mut buf = [0u8; 1];
+            for _ in 0..10 {
+                tokio::time::sleep(Duration::from_secs(5)).await;
+                client.write_all(b"x").await.unwrap();
+                upstream.read_exact(&mut buf).await.unwrap();
+            }
+        };
+        let ended = tokio::select! {
+            ended = splice => ended,
+            () = traffic => panic!("the splice outlived the certificate"),
+        };
+        assert_eq!(ended.unwrap(), Ended::Expired);
+        assert_ended_at(start, 40);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_splice_is_cut_at_the_drain_timeout_after_the_signal() {
         let (_client, mut client_side) = tokio::io::duplex(1024);
         let (mut upstream_side, _upstream) = tokio::io::duplex(1024);
@@ -928,6 +1022,7 @@ mod tests {
             Duration::from_secs(3600),
             &drain,
             Duration::from_secs(10),
+            None,
         );
         let signal = async {
             tokio::time::sleep(Duration::from_secs(5)).await;

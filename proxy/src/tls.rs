@@ -19,8 +19,18 @@ use crate::config::{
 };
 use crate::identity::{Identities, MeshClientVerifier, WorkloadCert};
 
-/// The ALPN protocols a TLS listener offers, most preferred first.
+/// The ALPN protocols an HTTP listener offers, most preferred first.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
+
+/// What a TLS listener carries, for ALPN.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Carries {
+    /// HTTP: `h2` and `http/1.1` are offered.
+    Http,
+    /// An opaque stream (a TCP listener): no protocol is negotiated, and
+    /// whatever a client offers is not refused.
+    Opaque,
+}
 
 /// The server configuration of a TLS listener. A workload identity's
 /// certificate and the mesh's trust bundles are read from `identities` at
@@ -28,6 +38,7 @@ const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
 pub(crate) fn server_config(
     tls: &ListenerTls,
     identities: &Arc<Identities>,
+    carries: Carries,
 ) -> Arc<rustls::ServerConfig> {
     let versions: &[&rustls::SupportedProtocolVersion] = match tls.min_version {
         TlsVersion::Tls12 => &[&rustls::version::TLS13, &rustls::version::TLS12],
@@ -52,7 +63,9 @@ pub(crate) fn server_config(
         None => Arc::new(SniResolver::new(tls)),
     };
     let mut config = builder.with_cert_resolver(resolver);
-    config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    if carries == Carries::Http {
+        config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+    }
     if tls.clients.is_some() {
         // No resumption with client certificates: a resumed session
         // carries the client certificate of the session it resumes, so a
@@ -338,7 +351,7 @@ mod tests {
         };
         let got = SniResolver::new(&tls).choose(Some("x.org")).unwrap();
         assert!(Arc::ptr_eq(&got, &api));
-        let config = server_config(&tls, &Identities::new());
+        let config = server_config(&tls, &Identities::new(), Carries::Http);
         assert_eq!(
             config.alpn_protocols,
             [b"h2".to_vec(), b"http/1.1".to_vec()]

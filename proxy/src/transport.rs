@@ -1,17 +1,15 @@
 //! The transport seam: the byte streams connections run on, and what is
 //! known of the peer at the other end.
 //!
-//! Every downstream and upstream connection is a [`Stream`]. Today a stream
-//! is plain TCP; TLS (rustls, terminating or originating mTLS) becomes a
-//! second variant carrying the peer's verified identity, and nothing above
-//! this module changes shape: the HTTP server and client take any
-//! [`Stream`], and the L4 forwarder asks for the raw TCP socket only for
-//! its buffer-free fast path. (Pools are per endpoint and protocol today;
-//! the expected server identity joins their key with upstream TLS.)
+//! Every downstream and upstream connection is a [`Stream`]: plain TCP, or
+//! TLS (rustls) terminated or originated here, with what the peer's
+//! certificate proved kept beside it ([`PeerCert`]). The HTTP server and
+//! client take any [`Stream`], and the L4 forwarder asks for the raw TCP
+//! socket only for its buffer-free fast path.
 //!
 //! [`detect`] finds the HTTP version a cleartext connection speaks from its
 //! first bytes: the HTTP/2 connection preface means HTTP/2 (prior
-//! knowledge), anything else HTTP/1.x. (Under TLS, ALPN will say.)
+//! knowledge), anything else HTTP/1.x. (Under TLS, ALPN says.)
 //! [`DownstreamIo`] is a downstream connection as the HTTP server reads it:
 //! the bytes read during detection replayed first, bytes counted
 //! both ways, and the reads reported to [`ConnState`], which keeps what the
@@ -71,6 +69,15 @@ impl Stream {
     /// The raw TCP socket, when the stream is plain TCP: the L4 forwarder
     /// then moves bytes with no buffer held between reads.
     pub(crate) fn as_tcp_mut(&mut self) -> Option<&mut TcpStream> {
+        match self {
+            Self::Tcp(stream) => Some(stream),
+            Self::TlsServer(_) | Self::TlsClient(_) => None,
+        }
+    }
+
+    /// The raw TCP socket of a plain stream, taken out of it (to start
+    /// TLS on it).
+    pub(crate) fn into_tcp(self) -> Option<TcpStream> {
         match self {
             Self::Tcp(stream) => Some(stream),
             Self::TlsServer(_) | Self::TlsClient(_) => None,
@@ -248,17 +255,17 @@ pub(crate) async fn detect(
     ))
 }
 
-/// Completes a TLS handshake within `deadline`; the protocol is what ALPN
-/// chose (`h2`, else HTTP/1.1). `None` when the handshake failed or timed
-/// out (counted; the connection is then dropped).
-pub(crate) async fn accept_tls(
+/// Completes a TLS handshake within `deadline` and checks the client's
+/// certificate as the listener says. `None` when the handshake failed,
+/// timed out or the client was refused (counted; the connection is then
+/// dropped).
+async fn handshake(
     stream: TcpStream,
     config: &Arc<rustls::ServerConfig>,
     tls: &crate::config::ListenerTls,
     deadline: Duration,
-    metrics: Arc<ListenerMetrics>,
-    state: Arc<ConnState>,
-) -> Option<(DownstreamIo, Protocol)> {
+    metrics: &ListenerMetrics,
+) -> Option<(Stream, Option<Box<PeerCert>>)> {
     // Boxed: the handshake's state (rustls's connection and buffers) would
     // otherwise sit in every connection's task, TLS or not.
     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
@@ -276,8 +283,11 @@ pub(crate) async fn accept_tls(
             return None;
         }
     };
-    let session = stream.get_ref().1;
-    let leaf = session.peer_certificates().and_then(<[_]>::first);
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(<[_]>::first);
     let peer = match crate::tls::check_peer(tls, leaf) {
         PeerCheck::Anonymous => None,
         PeerCheck::Verified(identity, not_after) => Some(Box::new(PeerCert {
@@ -290,13 +300,28 @@ pub(crate) async fn accept_tls(
             return None;
         }
     };
-    let protocol = match session.alpn_protocol() {
-        Some(b"h2") => Protocol::Http2,
+    Some((Stream::TlsServer(Box::new(stream)), peer))
+}
+
+/// Completes a TLS handshake within `deadline`; the protocol is what ALPN
+/// chose (`h2`, else HTTP/1.1). `None` when the handshake failed or timed
+/// out (counted; the connection is then dropped).
+pub(crate) async fn accept_tls(
+    stream: TcpStream,
+    config: &Arc<rustls::ServerConfig>,
+    tls: &crate::config::ListenerTls,
+    deadline: Duration,
+    metrics: Arc<ListenerMetrics>,
+    state: Arc<ConnState>,
+) -> Option<(DownstreamIo, Protocol)> {
+    let (stream, peer) = handshake(stream, config, tls, deadline, &metrics).await?;
+    let protocol = match &stream {
+        Stream::TlsServer(tls) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
     Some((
         DownstreamIo {
-            stream: Stream::TlsServer(Box::new(stream)),
+            stream,
             prefix: Bytes::new(),
             metrics,
             state,
@@ -305,6 +330,32 @@ pub(crate) async fn accept_tls(
         protocol,
     ))
 }
+
+/// An opaque (L4) connection on a listener that terminates TLS: the
+/// handshake within `deadline`, or with a permissive listener plaintext
+/// too, told apart by the first byte as [`accept_permissive`] does. The
+/// stream and what the client's certificate proved; `None` when the
+/// connection is refused (counted) or sent nothing in time.
+pub(crate) async fn accept_opaque(
+    stream: TcpStream,
+    config: &Arc<rustls::ServerConfig>,
+    tls: &crate::config::ListenerTls,
+    deadline: Duration,
+    metrics: &ListenerMetrics,
+) -> Option<(Stream, Option<Box<PeerCert>>)> {
+    if tls.permissive {
+        let mut first = [0u8; 1];
+        match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
+            Ok(Ok(1)) => return Some((Stream::Tcp(stream), None)),
+            _ => return None,
+        }
+    }
+    handshake(stream, config, tls, deadline, metrics).await
+}
+
+/// The content type of a TLS handshake record: a ClientHello's first byte.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// A downstream connection: replays the bytes read for detection, then
 /// reads the socket; counts bytes both ways.
@@ -324,11 +375,11 @@ pub(crate) struct DownstreamIo {
 
 /// What a client's verified certificate says.
 #[derive(Debug)]
-struct PeerCert {
+pub(crate) struct PeerCert {
     /// Its SPIFFE ID, if any.
-    identity: Option<Arc<str>>,
+    pub(crate) identity: Option<Arc<str>>,
     /// When it expires.
-    not_after: std::time::SystemTime,
+    pub(crate) not_after: std::time::SystemTime,
 }
 
 /// A permissive listener: TLS and plaintext on one port, told apart by the
@@ -342,10 +393,9 @@ pub(crate) async fn accept_permissive(
     metrics: Arc<ListenerMetrics>,
     state: Arc<ConnState>,
 ) -> Option<(DownstreamIo, Protocol)> {
-    const HANDSHAKE: u8 = 0x16;
     let mut first = [0u8; 1];
     match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == HANDSHAKE => {
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {
             accept_tls(stream, config, tls, deadline, metrics, state).await
         }
         Ok(Ok(1)) => detect(stream, deadline, metrics, state).await,

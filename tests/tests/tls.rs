@@ -1230,3 +1230,132 @@ clusters:
     );
     assert_eq!(proxy.metric(received).await, 5000.0);
 }
+
+/// Sends an HTTP/1.1 request over TLS to a TCP listener as `identity` and
+/// reads to the end; `Err` when the handshake fails.
+async fn opaque_exchange(
+    pki: &Pki,
+    addr: SocketAddr,
+    identity: Option<(&Pki, &str)>,
+) -> Result<Vec<u8>, String> {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let name = ServerName::try_from("api.example.com").unwrap();
+    let mut stream = pki
+        .client_as(&[], identity)
+        .connect(name, tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    let exchange = async {
+        stream
+            .write_all(b"GET /l4 HTTP/1.1\r\nhost: db\r\nconnection: close\r\n\r\n")
+            .await?;
+        let mut answer = Vec::new();
+        stream.read_to_end(&mut answer).await?;
+        std::io::Result::Ok(answer)
+    };
+    // A refused connection may also end in a reset: nothing came back.
+    Ok(tokio::time::timeout(DEADLINE, exchange)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+        .unwrap_or_default())
+}
+
+#[tokio::test]
+async fn a_tcp_listener_terminates_mutual_tls_and_its_policy_and_metrics_see_the_client() {
+    let pki = mtls_pki();
+    let echo = echo("tcp-mtls").await;
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+policies:
+  - name: only-client
+    rego: |
+      package l4id
+      import rego.v1
+      default allow := false
+      allow if input.attributes.source.principal == "{CLIENT_ID}"
+    query: data.l4id.allow
+listeners:
+  - name: db
+    address: "127.0.0.1:0"
+    protocol: tcp
+    cluster: echo
+    policy: only-client
+    tls: {{ certificates: [{{ cert_file: "{cert}", key_file: "{key}" }}], client_ca_file: "{ca}" }}
+    istio_metrics: {{ reporter: destination, workload: {{ name: db, service: db.data }} }}
+clusters:
+  - {{ name: echo, endpoints: [{{ address: "{echo}" }}] }}
+"#,
+        cert = pki.path("server.pem"),
+        key = pki.path("server.key"),
+        ca = pki.path("ca.pem"),
+        echo = echo.local_addr(),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let db = proxy.listener("db");
+
+    // The client the policy names: its bytes go through the TLS both ways.
+    let answer = opaque_exchange(&pki, db, Some((&pki, "client")))
+        .await
+        .unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&answer)
+    );
+
+    // Another identity from the same CA completes the handshake; the
+    // policy refuses it before anything reaches the upstream.
+    let served = echo.requests_served();
+    let refused = opaque_exchange(&pki, db, Some((&pki, "other")))
+        .await
+        .unwrap();
+    assert!(refused.is_empty(), "{}", String::from_utf8_lossy(&refused));
+    assert_eq!(echo.requests_served(), served);
+
+    // No certificate, or plaintext: no handshake, counted. (Under TLS 1.3
+    // the client may finish its part before the proxy refuses it.)
+    let anonymous = opaque_exchange(&pki, db, None).await;
+    assert!(anonymous.as_ref().is_ok_and(Vec::is_empty) || anonymous.is_err());
+    let mut plain = TcpStream::connect(db).await.unwrap();
+    plain
+        .write_all(b"GET /l4 HTTP/1.1\r\nhost: db\r\n\r\n")
+        .await
+        .unwrap();
+    // At most a TLS alert comes back.
+    let mut alert = Vec::new();
+    let _ = tokio::time::timeout(DEADLINE, plain.read_to_end(&mut alert)).await;
+    assert!(!alert.starts_with(b"HTTP"), "{alert:?}");
+    assert_eq!(echo.requests_served(), served);
+    let failures = r#"weft_downstream_tls_handshake_failures_total{listener="db"}"#;
+    assert!(
+        eventually(DEADLINE, || async { proxy.metric(failures).await == 2.0 }).await,
+        "{failures}"
+    );
+    for (series, want) in [
+        (
+            r#"weft_policy_decisions_total{policy="only-client",result="allow"}"#,
+            1.0,
+        ),
+        (
+            r#"weft_policy_decisions_total{policy="only-client",result="deny"}"#,
+            1.0,
+        ),
+    ] {
+        assert_eq!(proxy.metric(series).await, want, "{series}");
+    }
+    // Istio's destination reporter names the caller its certificate proved.
+    let (_, text) = proxy.admin_get("/metrics").await.unwrap();
+    let opened = text
+        .lines()
+        .find(|line| {
+            line.starts_with("istio_tcp_connections_opened_total{")
+                && line.contains(&format!("source_principal=\"{CLIENT_ID}\""))
+        })
+        .unwrap_or_else(|| panic!("no series for the client:\n{text}"));
+    assert!(
+        opened.contains("connection_security_policy=\"mutual_tls\""),
+        "{opened}"
+    );
+    assert!(opened.ends_with(" 1"), "{opened}");
+}

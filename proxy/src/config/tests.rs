@@ -408,6 +408,11 @@ fn tls_passthrough_routes_are_checked() {
             "{ name: edge, address: \"127.0.0.1:0\", route_config: r, sni_routes: [{ server_names: [a.com], cluster: a }] }",
             r#"listener "edge": sni_routes: applies to tcp listeners only"#,
         ),
+        (
+            "{ name: edge, address: \"127.0.0.1:0\", protocol: tcp, tls: { workload_identity: \"spiffe://a/ns/b/sa/c\" }, \
+             sni_routes: [{ server_names: [a.com], cluster: a }] }",
+            r#"listener "edge": sni_routes: routes TLS passthrough by the ClientHello; a listener with tls terminates"#,
+        ),
     ] {
         let errors = errors_of(&base(listener));
         assert!(

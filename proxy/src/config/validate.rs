@@ -486,7 +486,6 @@ fn validate_listener(
                 ("via", spec.via.is_some()),
                 ("xff_num_trusted_hops", spec.xff_num_trusted_hops.is_some()),
                 ("preserve_request_id", spec.preserve_request_id.is_some()),
-                ("tls", spec.tls.is_some()),
                 ("rate_limit", spec.rate_limit.is_some()),
             ];
             for (field, set) in http_only {
@@ -528,6 +527,13 @@ fn validate_listener(
                     server_names,
                     cluster: route.cluster.as_str().into(),
                 });
+            }
+            if spec.sni_routes.is_some() && spec.tls.is_some() {
+                check.error(
+                    "sni_routes",
+                    "routes TLS passthrough by the ClientHello; a listener with tls terminates TLS instead (set one of them)",
+                );
+                routes_ok = false;
             }
             if spec.sni_routes.as_ref().is_some_and(Vec::is_empty) {
                 check.error(

@@ -110,14 +110,6 @@ impl Connection {
     }
 }
 
-/// The monotonic instant of a wall-clock time (now, if it is past).
-fn instant_of(time: std::time::SystemTime) -> Instant {
-    let left = time
-        .duration_since(std::time::SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    Instant::now() + left
-}
-
 /// Serves one accepted connection until it closes, drains or idles out.
 ///
 /// The returned future is the connection's task for as long as the
@@ -214,7 +206,7 @@ async fn open(
         peer,
         // The connection must not outlive the client's certificate: at its
         // expiry the connection is closed gracefully (see `drive`).
-        peer_expiry: io.peer_not_after().map(instant_of),
+        peer_expiry: io.peer_not_after().map(crate::clock::instant_of),
         metrics: listener.metrics.clone(),
         is_tls: io.is_tls(),
         peer_id: io.peer_identity().cloned(),
@@ -950,8 +942,9 @@ fn authority<B>(req: &Request<B>) -> Result<HeaderValue, ProxyError> {
 }
 
 /// Copies bytes between an upgraded client and upstream until either side
-/// closes, no byte moves for the listener's idle timeout, or the drain
-/// timeout passes after the drain signal (as for TCP listeners).
+/// closes, no byte moves for the listener's idle timeout, the drain
+/// timeout passes after the drain signal (as for TCP listeners), or the
+/// client's certificate expires.
 async fn tunnel(
     mut downstream: DownstreamIo,
     upstream: hyper::upgrade::OnUpgrade,
@@ -975,10 +968,14 @@ async fn tunnel(
         idle_timeout,
         &conn.drain,
         drain_timeout,
+        conn.peer_expiry.map(tokio::time::Instant::from_std),
     )
     .await
     {
         Ok(Ended::Closed) => {}
+        Ok(Ended::Expired) => {
+            tracing::debug!(peer.addr = %peer, "the client's certificate expired; closing upgraded connection");
+        }
         Err(error) => {
             tracing::debug!(peer.addr = %peer, %error, "upgraded connection ended with an error");
         }
