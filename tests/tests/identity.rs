@@ -961,3 +961,106 @@ async fn sidecars_recover_from_a_control_plane_restarted_with_a_new_ca() {
         mesh.cp.log()
     );
 }
+
+/// Sends one HTTP/1.1 request as opaque bytes over a plain connection to
+/// `addr` and reads to the end: what a TCP client of the mesh does.
+async fn raw_exchange(addr: SocketAddr) -> std::io::Result<Vec<u8>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(b"GET /ledger HTTP/1.1\r\nhost: ledger\r\nconnection: close\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer))
+        .await
+        .map_err(|_| std::io::Error::other("timed out"))??;
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tcp_service_is_called_over_mutual_tls_from_a_port_of_the_callers_sidecar() {
+    let alpha_app = echo("alpha-app").await;
+    // The ledger speaks bytes; an HTTP echo stands in for it, as opaque.
+    let ledger_app = echo("ledger-app").await;
+    let (alpha_in, alpha_tcp, ledger_in) = (unused_address(), unused_address(), unused_address());
+    let dir = TempDir::new().unwrap();
+    std::fs::write(
+        dir.path().join("mesh.yaml"),
+        format!(
+            r#"
+trust_domain: {DOMAIN}
+istio_metrics: {{}}
+services:
+  - name: alpha
+    calls: [ledger]
+    workloads:
+      - name: alpha-1
+        app: "{}"
+        inbound: "{alpha_in}"
+        tcp_outbound: {{ ledger: "{alpha_tcp}" }}
+  - name: ledger
+    protocol: tcp
+    workloads:
+      - {{ name: ledger-1, app: "{}", inbound: "{ledger_in}" }}
+"#,
+            alpha_app.local_addr(),
+            ledger_app.local_addr(),
+        ),
+    )
+    .unwrap();
+    let cp = CpProcess::start_with_args(dir.path(), loopback0(), loopback0(), &[])
+        .await
+        .unwrap();
+    let ledger = sidecar(&cp, "ledger-1", "ledger", &dir).await;
+    let alpha = sidecar(&cp, "alpha-1", "alpha", &dir).await;
+
+    // The application's connection crosses the mesh hop inside mTLS.
+    let answer = raw_exchange(alpha_tcp).await.unwrap();
+    assert!(
+        answer.starts_with(b"HTTP/1.1 200"),
+        "{}\n{}",
+        String::from_utf8_lossy(&answer),
+        alpha.log()
+    );
+    assert_eq!(ledger_app.requests_served(), 1);
+
+    // Both sidecars count the connection; the callee's names the caller's
+    // proven identity.
+    let (_, text) = ledger.admin_get("/metrics").await.unwrap();
+    let opened = text
+        .lines()
+        .find(|line| {
+            line.starts_with("istio_tcp_connections_opened_total{")
+                && line.contains(&format!("source_principal=\"{}\"", id("alpha")))
+        })
+        .unwrap_or_else(|| panic!("no series for alpha:\n{text}"));
+    assert!(opened.contains("source_workload=\"alpha\""), "{opened}");
+    assert!(
+        opened.contains("connection_security_policy=\"mutual_tls\""),
+        "{opened}"
+    );
+    assert!(
+        eventually(DEADLINE, || async {
+            alpha
+                .metric(r#"weft_downstream_received_bytes_total{listener="outbound.ledger"}"#)
+                .await
+                > 0.0
+        })
+        .await
+    );
+
+    // Straight to the ledger's sidecar without a mesh certificate: refused
+    // before the application sees a byte.
+    let refused = raw_exchange(ledger_in).await.unwrap_or_default();
+    assert!(!refused.starts_with(b"HTTP"), "{refused:?}");
+    assert_eq!(ledger_app.requests_served(), 1);
+    assert!(
+        eventually(DEADLINE, || async {
+            ledger
+                .metric(r#"weft_downstream_tls_handshake_failures_total{listener="inbound"}"#)
+                .await
+                == 1.0
+        })
+        .await
+    );
+}

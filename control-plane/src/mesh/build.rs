@@ -8,7 +8,10 @@
 //!   the same names, cluster `local_app` (the application; `_` cannot occur
 //!   in a service name, so it never collides), and per called service a
 //!   cluster `<service>` (every workload's inbound address) and
-//!   `<service>.<version>` subsets, only those its routes use.
+//!   `<service>.<version>` subsets, only those its routes use. A `tcp`
+//!   service's `inbound` is a TCP listener (no route configuration), and
+//!   each TCP service a workload calls gets a TCP listener
+//!   `outbound.<service>` at its `tcp_outbound` address.
 //! - gateway: one listener and one route configuration per gateway
 //!   listener, named after it, and the service clusters its routes use.
 //!
@@ -30,6 +33,7 @@ use super::spec::{
     GatewayListenerSpec, GatewayRouteSpec, GatewaySpec, MeshIstioMetricsSpec, ServiceSpec,
     WorkloadSpec,
 };
+use super::validate::TCP;
 use super::{Mesh, MeshError, MeshErrors};
 use crate::resources::{MeshSnapshot, NodeEntry, NodeResources};
 
@@ -179,7 +183,7 @@ impl NodeSpec {
                 // HTTP/1.1 from the application crosses the mesh hop as
                 // multiplexed HTTP/2 (ALPN h2), and back to HTTP/1.1 at
                 // the callee's sidecar; upgrades keep HTTP/1.1.
-                if matches!(spec.protocol.as_deref(), None | Some("http1")) {
+                if !is_tcp(service) && matches!(spec.protocol.as_deref(), None | Some("http1")) {
                     spec.protocol = Some("auto".into());
                 }
             }
@@ -494,8 +498,13 @@ fn sidecar(
     identity: Option<String>,
 ) -> NodeSpec {
     let mut node = NodeSpec::new(trust_domain, identity.clone());
-    let mut inbound = http_listener(INBOUND, &workload.inbound, Side::Sidecar);
-    inbound.rate_limit.clone_from(&service.rate_limit);
+    let mut inbound = if is_tcp(service) {
+        tcp_listener(INBOUND, &workload.inbound, LOCAL_APP_CLUSTER)
+    } else {
+        let mut http = http_listener(INBOUND, &workload.inbound, Side::Sidecar);
+        http.rate_limit.clone_from(&service.rate_limit);
+        http
+    };
     inbound.policy = node.policy(service.policy.as_ref(), policies);
     if uses_mtls(trust_domain, service) {
         // Strict: only callers with a certificate from the mesh's CA;
@@ -507,23 +516,11 @@ fn sidecar(
             ..ListenerTlsSpec::default()
         });
     }
+    let inbound_is_http = inbound.cluster.is_none();
     node.listeners.push(inbound);
-    node.route_configs.push(RouteConfigSpec {
-        name: INBOUND.into(),
-        virtual_hosts: vec![VirtualHostSpec {
-            name: "local".into(),
-            // Whatever host the caller used, the request is for this app.
-            domains: vec!["*".into()],
-            routes: vec![RouteSpec {
-                // The caller's proxy (sidecar or gateway) enforces the
-                // route's deadline; a second one here could only cut a
-                // request short that the caller allowed to run longer.
-                timeout: Some(Duration::ZERO),
-                cluster: Some(LOCAL_APP_CLUSTER.into()),
-                ..route(LOCAL_APP_CLUSTER, None)
-            }],
-        }],
-    });
+    if inbound_is_http {
+        node.route_configs.push(inbound_routes());
+    }
     node.clusters.insert(
         LOCAL_APP_CLUSTER.into(),
         cluster(
@@ -543,32 +540,10 @@ fn sidecar(
             let Some(callee) = services.get(callee.as_str()) else {
                 continue;
             };
-            let mut routes = Vec::new();
-            if callee.routes.is_empty() {
-                let mut spec = route("default", None);
-                spec.timeout = callee.timeout;
-                spec.retry_policy.clone_from(&callee.retries);
-                spec.fault.clone_from(&callee.fault);
-                spec.stream_idle_timeout = callee.stream_idle_timeout;
-                node.target(&mut spec, callee, &Target::All);
-                routes.push(spec);
+            if is_tcp(callee) {
+                continue;
             }
-            for r in &callee.routes {
-                let mut spec = route(&r.name, r.matcher.clone());
-                spec.timeout = r.timeout.or(callee.timeout);
-                spec.retry_policy.clone_from(&callee.retries);
-                spec.fault = r.fault.clone().or_else(|| callee.fault.clone());
-                spec.stream_idle_timeout = callee.stream_idle_timeout;
-                spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
-                let target = Target::new(r.version.as_deref(), r.split.as_ref());
-                node.target(&mut spec, callee, &target);
-                routes.push(spec);
-            }
-            virtual_hosts.push(VirtualHostSpec {
-                name: callee.name.clone(),
-                domains: vec![callee.name.clone()],
-                routes,
-            });
+            virtual_hosts.push(callee_routes(&mut node, callee));
         }
         node.listeners
             .push(http_listener(OUTBOUND, outbound, Side::Sidecar));
@@ -577,7 +552,72 @@ fn sidecar(
             virtual_hosts,
         });
     }
+
+    // Each TCP service called gets a listener of its own.
+    for (callee, address) in &workload.tcp_outbound {
+        // Validation guarantees it is a called TCP service.
+        let Some(callee) = services.get(callee.as_str()) else {
+            continue;
+        };
+        let cluster = node.service_cluster(callee, None);
+        node.listeners.push(tcp_listener(
+            &format!("{OUTBOUND}.{}", callee.name),
+            address,
+            &cluster,
+        ));
+    }
     node
+}
+
+/// The inbound listener's routes: every request to the application.
+fn inbound_routes() -> RouteConfigSpec {
+    RouteConfigSpec {
+        name: INBOUND.into(),
+        virtual_hosts: vec![VirtualHostSpec {
+            name: "local".into(),
+            // Whatever host the caller used, the request is for this app.
+            domains: vec!["*".into()],
+            routes: vec![RouteSpec {
+                // The caller's proxy (sidecar or gateway) enforces the
+                // route's deadline; a second one here could only cut a
+                // request short that the caller allowed to run longer.
+                timeout: Some(Duration::ZERO),
+                cluster: Some(LOCAL_APP_CLUSTER.into()),
+                ..route(LOCAL_APP_CLUSTER, None)
+            }],
+        }],
+    }
+}
+
+/// A caller's virtual host for an HTTP service: the service's routes,
+/// or one route to every workload.
+fn callee_routes(node: &mut NodeSpec, callee: &ServiceSpec) -> VirtualHostSpec {
+    let mut routes = Vec::new();
+    if callee.routes.is_empty() {
+        let mut spec = route("default", None);
+        spec.timeout = callee.timeout;
+        spec.retry_policy.clone_from(&callee.retries);
+        spec.fault.clone_from(&callee.fault);
+        spec.stream_idle_timeout = callee.stream_idle_timeout;
+        node.target(&mut spec, callee, &Target::All);
+        routes.push(spec);
+    }
+    for r in &callee.routes {
+        let mut spec = route(&r.name, r.matcher.clone());
+        spec.timeout = r.timeout.or(callee.timeout);
+        spec.retry_policy.clone_from(&callee.retries);
+        spec.fault = r.fault.clone().or_else(|| callee.fault.clone());
+        spec.stream_idle_timeout = callee.stream_idle_timeout;
+        spec.prefix_rewrite.clone_from(&r.prefix_rewrite);
+        let target = Target::new(r.version.as_deref(), r.split.as_ref());
+        node.target(&mut spec, callee, &target);
+        routes.push(spec);
+    }
+    VirtualHostSpec {
+        name: callee.name.clone(),
+        domains: vec![callee.name.clone()],
+        routes,
+    }
 }
 
 fn gateway_listener(
@@ -715,6 +755,22 @@ fn http_listener(name: &str, address: &str, side: Side) -> ListenerSpec {
     }
 }
 
+/// A TCP listener forwarding every connection to `cluster`.
+fn tcp_listener(name: &str, address: &str, cluster: &str) -> ListenerSpec {
+    ListenerSpec {
+        protocol: Some(TCP.into()),
+        route_config: None,
+        cluster: Some(cluster.into()),
+        preserve_request_id: None,
+        ..http_listener(name, address, Side::Gateway)
+    }
+}
+
+/// Whether a service speaks TCP rather than HTTP.
+fn is_tcp(service: &ServiceSpec) -> bool {
+    service.protocol.as_deref() == Some(TCP)
+}
+
 fn route(name: &str, matcher: Option<RouteMatchSpec>) -> RouteSpec {
     RouteSpec {
         name: Some(name.into()),
@@ -738,7 +794,9 @@ fn route(name: &str, matcher: Option<RouteMatchSpec>) -> RouteSpec {
 fn cluster(name: String, service: &ServiceSpec, endpoints: Vec<EndpointSpec>) -> ClusterSpec {
     ClusterSpec {
         name,
-        protocol: service.protocol.clone(),
+        // A TCP service's clusters serve TCP listeners, which forward
+        // bytes whatever the cluster's HTTP protocol says.
+        protocol: service.protocol.clone().filter(|p| p != TCP),
         lb: service.lb.clone(),
         connect_timeout: service.connect_timeout,
         dns_refresh: None,

@@ -65,7 +65,11 @@ pub struct ServiceSpec {
     /// DNS label (`[a-z0-9-]`, at most 63 characters); callers send it as
     /// the `Host`.
     pub name: String,
-    /// How the application speaks: `http1` (default) or `http2` (gRPC).
+    /// How the application speaks: `http1` (default), `http2` (gRPC) or
+    /// `tcp` (an opaque byte stream: a database, a broker), which its
+    /// workloads' sidecars take on a TCP inbound listener and callers
+    /// reach on their workloads' `tcp_outbound` listeners. Routes,
+    /// retries, timeouts, faults and rate limits are HTTP's.
     #[serde(default)]
     pub protocol: Option<String>,
     /// Default whole-request deadline for calls to this service.
@@ -161,6 +165,12 @@ pub struct WorkloadSpec {
     /// has no outbound listener.
     #[serde(default)]
     pub outbound: Option<String>,
+    /// For each `tcp` service this workload's service calls, the `IP:PORT`
+    /// of a listener of its sidecar where the application connects to
+    /// reach that service (a TCP service has no `Host` to route by, so
+    /// each gets a port of its own).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tcp_outbound: BTreeMap<String, String>,
 }
 
 /// One route of a service, applied by every caller's sidecar.

@@ -204,7 +204,7 @@ services:
 "#,
             &[
                 r#"m.yaml: service "Web_1": name: invalid name "Web_1" (expected 1-63 lowercase letters, digits or '-', not starting or ending with '-')"#,
-                r#"m.yaml: service "Web_1": protocol: unknown value "grpc" (expected http1, http2)"#,
+                r#"m.yaml: service "Web_1": protocol: unknown value "grpc" (expected http1, http2, tcp)"#,
                 r#"m.yaml: service "Web_1": lb: unknown value "fastest" (expected round_robin, random, least_request)"#,
                 r#"m.yaml: service "Web_1": connect_timeout: must be greater than zero"#,
                 r#"m.yaml: service "Web_1": workloads[0].version: invalid name "V1""#,
@@ -1172,5 +1172,176 @@ istio_metrics: {}
     assert_eq!(
         (shop.name.as_deref(), shop.version.as_deref()),
         (Some("shop"), None)
+    );
+}
+
+const TCP_MESH: &str = r#"
+trust_domain: example.org
+tracing: { collector: "http://127.0.0.1:4317" }
+istio_metrics: {}
+services:
+  - name: web
+    calls: [api, ledger]
+    workloads:
+      - name: web-1
+        app: "127.0.0.1:8080"
+        inbound: "127.0.0.1:15001"
+        outbound: "127.0.0.1:15002"
+        tcp_outbound: { ledger: "127.0.0.1:15432" }
+  - name: api
+    workloads:
+      - { name: api-1, app: "127.0.0.1:8081", inbound: "127.0.0.1:15011" }
+  - name: ledger
+    protocol: tcp
+    policy: ledger-callers
+    health_check: { tcp: {}, interval: 5s }
+    workloads:
+      - { name: ledger-1, app: "127.0.0.1:5432", inbound: "127.0.0.1:15021" }
+      - { name: ledger-2, app: "127.0.0.1:5433", inbound: "127.0.0.1:15022" }
+policies:
+  - name: ledger-callers
+    rego: |
+      package ledger
+      import rego.v1
+      default allow := false
+      allow if input.attributes.source.principal == "spiffe://example.org/ns/default/sa/web"
+    query: data.ledger.allow
+"#;
+
+#[test]
+fn a_tcp_service_is_reached_over_mutual_tls_on_a_port_of_its_own() {
+    let snapshot = snapshot(&[("mesh.yaml", TCP_MESH)]);
+
+    // The callee's sidecar: a TCP inbound listener terminating mTLS with
+    // its identity, to the application, with the service's policy.
+    let ledger = node(&snapshot, "ledger-1");
+    assert!(ledger.route_configs.is_empty());
+    let inbound = ledger
+        .listeners
+        .iter()
+        .find(|l| l.name == "inbound")
+        .unwrap();
+    assert_eq!(inbound.protocol.as_deref(), Some("tcp"));
+    assert_eq!(inbound.cluster.as_deref(), Some("local_app"));
+    assert_eq!(inbound.policy.as_deref(), Some("ledger-callers"));
+    assert_eq!(
+        inbound.tls.as_ref().unwrap().workload_identity.as_deref(),
+        Some("spiffe://example.org/ns/default/sa/ledger")
+    );
+    assert!(inbound.preserve_request_id.is_none());
+    assert!(inbound.tracing.is_some());
+    let istio = inbound.istio_metrics.as_ref().unwrap();
+    assert_eq!(istio.reporter.as_deref(), Some("destination"));
+    assert_eq!(cluster(&ledger, "local_app").protocol, None);
+    assert_eq!(endpoints(cluster(&ledger, "local_app")), ["127.0.0.1:5432"]);
+
+    // The caller's sidecar: a TCP listener of its own for the ledger, to
+    // every ledger workload over mTLS expecting the ledger's identity; no
+    // HTTP virtual host for it.
+    let web = node(&snapshot, "web-1");
+    let to_ledger = web
+        .listeners
+        .iter()
+        .find(|l| l.name == "outbound.ledger")
+        .unwrap();
+    assert_eq!(to_ledger.protocol.as_deref(), Some("tcp"));
+    assert_eq!(to_ledger.address, "127.0.0.1:15432");
+    assert_eq!(to_ledger.cluster.as_deref(), Some("ledger"));
+    assert_eq!(
+        to_ledger
+            .istio_metrics
+            .as_ref()
+            .unwrap()
+            .reporter
+            .as_deref(),
+        Some("source")
+    );
+    let ledger_cluster = cluster(&web, "ledger");
+    assert_eq!(
+        endpoints(ledger_cluster),
+        ["127.0.0.1:15021", "127.0.0.1:15022"]
+    );
+    assert_eq!(ledger_cluster.protocol, None, "not switched to h2");
+    assert!(ledger_cluster.health_check.is_some());
+    let tls = ledger_cluster.tls.as_ref().unwrap();
+    assert_eq!(
+        tls.server_identity.as_deref(),
+        Some("spiffe://example.org/ns/default/sa/ledger")
+    );
+    assert_eq!(
+        tls.workload_identity.as_deref(),
+        Some("spiffe://example.org/ns/default/sa/web")
+    );
+    let outbound = route_config(&web, "outbound");
+    let hosts: Vec<&str> = outbound
+        .virtual_hosts
+        .iter()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(hosts, ["api"]);
+    // The HTTP callee keeps its multiplexed mesh hop.
+    assert_eq!(cluster(&web, "api").protocol.as_deref(), Some("auto"));
+}
+
+#[test]
+fn tcp_services_refuse_what_only_http_has() {
+    let cases: &[(&str, &str, &str)] = &[
+        (
+            "    policy: ledger-callers\n",
+            "    policy: ledger-callers\n    retries: { num_retries: 2 }\n    timeout: 1s\n",
+            "service \"ledger\": retries: applies to http1 and http2 services only",
+        ),
+        (
+            "    policy: ledger-callers\n",
+            "    policy: ledger-callers\n    routes: [{ name: r }]\n",
+            "service \"ledger\": routes: applies to http1 and http2 services only",
+        ),
+        (
+            "health_check: { tcp: {}, interval: 5s }",
+            "health_check: { http: { path: / }, interval: 5s }",
+            "service \"ledger\": health_check: a tcp service's workloads can only be checked with tcp",
+        ),
+        (
+            "tcp_outbound: { ledger: \"127.0.0.1:15432\" }",
+            "tcp_outbound: { api: \"127.0.0.1:15432\" }",
+            "service \"web\": workloads[0].tcp_outbound.api: service \"api\" speaks http1; the application calls it through outbound with Host: api",
+        ),
+        (
+            "calls: [api, ledger]",
+            "calls: [api]",
+            "service \"web\": workloads[0].tcp_outbound.ledger: \"ledger\" is not in this service's calls",
+        ),
+        (
+            "tcp_outbound: { ledger: \"127.0.0.1:15432\" }",
+            "tcp_outbound: { ledger: \"127.0.0.1:15002\" }",
+            "service \"web\": workloads[0].tcp_outbound.ledger: 127.0.0.1:15002 is already used by service \"web\" workloads[0].outbound",
+        ),
+        (
+            "    protocol: tcp\n",
+            "    protocol: udp\n",
+            "service \"ledger\": protocol: unknown value \"udp\" (expected http1, http2, tcp)",
+        ),
+    ];
+    for (from, to, want) in cases {
+        assert!(TCP_MESH.contains(from), "{from}");
+        let mesh = TCP_MESH.replace(from, to);
+        let found = errors(&[("mesh.yaml", &mesh)]);
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with(&format!("mesh.yaml: {want}"))),
+            "{want}\n{found:#?}"
+        );
+    }
+    // A gateway's routes are HTTP.
+    let mesh = format!(
+        "{TCP_MESH}gateways:\n  - name: edge\n    listeners:\n      - name: http\n        address: \"127.0.0.1:0\"\n        routes: [{{ name: db, service: ledger }}]\n"
+    );
+    let found = errors(&[("mesh.yaml", &mesh)]);
+    assert!(
+        found.iter().any(|e| e.contains(
+            "gateway \"edge\": listeners[0].routes[0].service: service \"ledger\" speaks tcp"
+        )),
+        "{found:#?}"
     );
 }

@@ -12,8 +12,11 @@ use std::time::Duration;
 use super::spec::{GatewaySpec, ServiceSpec};
 use super::{Located, Mesh, MeshError, MeshErrors};
 
-/// Service protocols, as the proxy's cluster `protocol` spells them.
-pub(super) const PROTOCOLS: [&str; 2] = ["http1", "http2"];
+/// Service protocols: HTTP as the proxy's cluster `protocol` spells it,
+/// and `tcp` for services the mesh forwards as opaque streams.
+pub(super) const PROTOCOLS: [&str; 3] = ["http1", "http2", "tcp"];
+/// The protocol of services that are not HTTP.
+pub(super) const TCP: &str = "tcp";
 const LB_POLICIES: [&str; 3] = ["round_robin", "random", "least_request"];
 /// Inbound mutual TLS modes of a service.
 const MTLS_MODES: [&str; 3] = ["strict", "permissive", "disable"];
@@ -115,6 +118,11 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
         })
         .collect();
 
+    let protocols: BTreeMap<&str, Option<&str>> = services
+        .iter()
+        .map(|(name, s)| (*name, s.spec.protocol.as_deref()))
+        .collect();
+
     if let Some(domain) = &mesh.trust_domain {
         let valid = !domain.spec.is_empty()
             && domain.spec.len() <= 255
@@ -153,7 +161,13 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
         } else {
             first_file.insert(("service", &service.spec.name), &service.file);
         }
-        check_service(&mut report, &service.spec, &versions, &mut registry);
+        check_service(
+            &mut report,
+            &service.spec,
+            &versions,
+            &protocols,
+            &mut registry,
+        );
         check_identity(
             &mut report,
             service.spec.namespace.as_deref(),
@@ -190,7 +204,13 @@ pub(super) fn validate(mesh: &Mesh) -> Result<(), MeshErrors> {
         } else {
             first_file.insert(("gateway", &gateway.spec.name), &gateway.file);
         }
-        check_gateway(&mut report, &gateway.spec, &versions, &mut registry);
+        check_gateway(
+            &mut report,
+            &gateway.spec,
+            &versions,
+            &protocols,
+            &mut registry,
+        );
         check_identity(
             &mut report,
             gateway.spec.namespace.as_deref(),
@@ -226,6 +246,7 @@ fn check_service(
     report: &mut Report<'_>,
     spec: &ServiceSpec,
     versions: &BTreeMap<&str, BTreeSet<&str>>,
+    protocols: &BTreeMap<&str, Option<&str>>,
     registry: &mut Registry,
 ) {
     check_label(report, "name", &spec.name);
@@ -234,8 +255,11 @@ fn check_service(
     {
         report.error(
             "protocol",
-            format!("unknown value {protocol:?} (expected http1, http2)"),
+            format!("unknown value {protocol:?} (expected http1, http2, tcp)"),
         );
+    }
+    if spec.protocol.as_deref() == Some(TCP) {
+        check_tcp_service(report, spec);
     }
     if let Some(lb) = &spec.lb
         && !LB_POLICIES.contains(&lb.as_str())
@@ -287,6 +311,30 @@ fn check_service(
         {
             registry.bind(report, &format!("{at}.outbound"), addr, owner("outbound"));
         }
+        for (callee, address) in &workload.tcp_outbound {
+            let field = format!("{at}.tcp_outbound.{callee}");
+            if !spec.calls.contains(callee) {
+                report.error(&field, format!("{callee:?} is not in this service's calls"));
+            } else if let Some(protocol) = protocols.get(callee.as_str())
+                && *protocol != Some(TCP)
+            {
+                report.error(
+                    &field,
+                    format!(
+                        "service {callee:?} speaks {}; the application calls it through outbound with Host: {callee}",
+                        protocol.unwrap_or("http1")
+                    ),
+                );
+            }
+            if let Some(addr) = parse_addr(report, &field, address, false) {
+                registry.bind(
+                    report,
+                    &field,
+                    addr,
+                    owner(&format!("tcp_outbound.{callee}")),
+                );
+            }
+        }
     }
 
     // Calling itself is allowed: replicas of one service may talk to each
@@ -328,6 +376,7 @@ fn check_gateway(
     report: &mut Report<'_>,
     spec: &GatewaySpec,
     versions: &BTreeMap<&str, BTreeSet<&str>>,
+    protocols: &BTreeMap<&str, Option<&str>>,
     registry: &mut Registry,
 ) {
     check_label(report, "name", &spec.name);
@@ -388,6 +437,15 @@ fn check_gateway(
                     format!("{at}.service"),
                     format!("unknown service {:?}", route.service),
                 ),
+                Some(_) if protocols.get(route.service.as_str()) == Some(&Some(TCP)) => {
+                    report.error(
+                        format!("{at}.service"),
+                        format!(
+                            "service {:?} speaks tcp; a gateway's routes are HTTP",
+                            route.service
+                        ),
+                    );
+                }
                 Some(versions) => check_target(
                     report,
                     &at,
@@ -397,6 +455,32 @@ fn check_gateway(
                 ),
             }
         }
+    }
+}
+
+/// A `tcp` service has no requests: what shapes requests cannot be set,
+/// and its health check can only be a connect.
+fn check_tcp_service(report: &mut Report<'_>, spec: &ServiceSpec) {
+    let http_only = [
+        ("routes", !spec.routes.is_empty()),
+        ("retries", spec.retries.is_some()),
+        ("timeout", spec.timeout.is_some()),
+        ("fault", spec.fault.is_some()),
+        ("rate_limit", spec.rate_limit.is_some()),
+        ("stream_idle_timeout", spec.stream_idle_timeout.is_some()),
+    ];
+    for (field, set) in http_only {
+        if set {
+            report.error(field, "applies to http1 and http2 services only");
+        }
+    }
+    if let Some(check) = &spec.health_check
+        && check.tcp.is_none()
+    {
+        report.error(
+            "health_check",
+            "a tcp service's workloads can only be checked with tcp (a connect)",
+        );
     }
 }
 
