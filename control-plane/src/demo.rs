@@ -38,13 +38,14 @@ use crate::serve::{ControlPlane, ServeOptions};
 use crate::xds::Auth;
 
 /// The demo mesh built into the binary, for runs outside the repository.
-const EMBEDDED: [(&str, &str); 7] = [
+const EMBEDDED: [(&str, &str); 8] = [
     ("mesh.yaml", include_str!("../../config/demo/mesh.yaml")),
     (
         "services.yaml",
         include_str!("../../config/demo/services.yaml"),
     ),
     ("echo.yaml", include_str!("../../config/demo/echo.yaml")),
+    ("ledger.yaml", include_str!("../../config/demo/ledger.yaml")),
     (
         "ingress.yaml",
         include_str!("../../config/demo/ingress.yaml"),
@@ -410,8 +411,26 @@ async fn start_apps(
                 workload: workload.name.clone(),
                 version: workload.version.clone(),
                 is_http2: service.protocol.as_deref() == Some("http2"),
+                is_tcp: service.protocol.as_deref() == Some("tcp"),
                 outbound,
-                calls: service.calls.clone(),
+                // HTTP callees through the outbound listener, TCP ones each
+                // through its own port.
+                calls: service
+                    .calls
+                    .iter()
+                    .filter(|callee| !workload.tcp_outbound.contains_key(*callee))
+                    .cloned()
+                    .collect(),
+                tcp_calls: workload
+                    .tcp_outbound
+                    .iter()
+                    .map(|(callee, address)| {
+                        let address = address.parse().with_context(|| {
+                            format!("workload {}: tcp_outbound.{callee}", workload.name)
+                        })?;
+                        anyhow::Ok((callee.clone(), address))
+                    })
+                    .collect::<anyhow::Result<_>>()?,
                 fail_every: (workload.name == FLAKY_WORKLOAD).then_some(FLAKY_EVERY),
                 outage: (workload.name == OUTAGE_WORKLOAD).then(|| app::Outage {
                     // The first outage a while after the start, once the
@@ -677,8 +696,13 @@ async fn istio_graph(proxies: &[ProxyChild]) -> Option<String> {
             continue;
         };
         for line in text.lines() {
-            let Some(labels) = line.strip_prefix("istio_requests_total{") else {
-                continue;
+            // Requests by response code; TCP connections as `tcp`.
+            let (labels, tcp) = match line.strip_prefix("istio_requests_total{") {
+                Some(labels) => (labels, false),
+                None => match line.strip_prefix("istio_tcp_connections_opened_total{") {
+                    Some(labels) => (labels, true),
+                    None => continue,
+                },
             };
             if label(labels, "reporter") != Some("destination") {
                 continue;
@@ -690,7 +714,10 @@ async fn istio_graph(proxies: &[ProxyChild]) -> Option<String> {
                 .unwrap_or(0.0);
             let key = ["source_workload", "destination_workload", "response_code"]
                 .map(|name| label(labels, name).unwrap_or("?").to_owned());
-            let [source, destination, code] = key;
+            let [source, destination, mut code] = key;
+            if tcp {
+                "tcp".clone_into(&mut code);
+            }
             *edges.entry((source, destination, code)).or_default() += count;
             admin.get_or_insert(p.admin);
         }
@@ -698,7 +725,8 @@ async fn istio_graph(proxies: &[ProxyChild]) -> Option<String> {
     let admin = admin?;
     let mut out = String::from(
         "
-Calls so far, from Istio's standard metrics (istio_requests_total, reporter=\"destination\"):\n",
+Calls so far, from Istio's standard metrics (istio_requests_total and, as tcp, \
+istio_tcp_connections_opened_total; reporter=\"destination\"):\n",
     );
     for ((source, destination, code), count) in &edges {
         let _ = writeln!(out, "  {source:>12} -> {destination:<12} {code}  x{count}");
@@ -755,7 +783,7 @@ fn print_banner(
             .services()
             .iter()
             .flat_map(|s| s.spec.workloads.iter().map(move |w| (&s.spec, w)))
-            .find(|(s, _)| s.protocol.as_deref() != Some("http2"));
+            .find(|(s, _)| s.protocol.is_none() || s.protocol.as_deref() == Some("http1"));
         println!(
             "\nMutual TLS on every sidecar hop (trust domain {domain}); each app shows its caller's SPIFFE ID."
         );
@@ -779,6 +807,28 @@ fn print_banner(
             println!(
                 "      # -k: curl cannot check a SPIFFE ID; the sidecar still checks yours (try without --cert)"
             );
+        }
+    }
+    // TCP services, through a caller's sidecar port for each.
+    for service in mesh.services() {
+        for workload in &service.spec.workloads {
+            for (callee, address) in &workload.tcp_outbound {
+                let Ok(address) = address.parse::<SocketAddr>() else {
+                    continue;
+                };
+                println!(
+                    "\n{callee} is a TCP service; {}'s application reaches it on its sidecar's port {address}:",
+                    workload.name
+                );
+                println!(
+                    "  bash -c 'exec 3<>/dev/tcp/{}/{}; echo balance >&3; head -1 <&3'",
+                    address.ip(),
+                    address.port()
+                );
+                println!(
+                    "      # one line back from {callee}'s application, over mutual TLS between the sidecars"
+                );
+            }
         }
     }
     if mesh
@@ -829,9 +879,9 @@ fn print_banner(
             continue;
         }
         println!(
-            "\nPolicy {:?} ({}/policies.yaml, Rego beside it) guards {}: its sidecars check every call in-process.",
+            "\nPolicy {:?} ({}) guards {}: its sidecars check every call (every connection, for TCP) in-process.",
             policy.spec.spec.name,
-            dir.display(),
+            policy.file,
             guarded.join(", ")
         );
         if let Some(s) = suggestions(mesh)

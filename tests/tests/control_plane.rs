@@ -234,7 +234,7 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     })
     .await;
     assert_eq!(up.ok(), Some(true), "the demo prints its banner");
-    assert_eq!(admins.len(), 6, "five sidecars and a gateway");
+    assert_eq!(admins.len(), 7, "six sidecars and a gateway");
     // The banner draws one request's trace: the gateway, the frontend's
     // sidecar, its application's calls out through its sidecar, and the
     // backend's and echo's sidecars, as one tree (each hop indented under
@@ -283,6 +283,14 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
             "{edge:?} missing:\n{banner}"
         );
     }
+    // The ledger is a TCP service: its connections are counted too.
+    assert!(
+        banner
+            .lines()
+            .skip_while(|l| !l.starts_with("Calls so far, from Istio's standard metrics"))
+            .any(|l| l.trim_start().starts_with("frontend -> ledger") && l.contains(" tcp ")),
+        "frontend -> ledger (tcp) missing:\n{banner}"
+    );
     let frontend_admin: SocketAddr = banner
         .lines()
         .find_map(|l| l.trim_start().strip_prefix("frontend-1 "))
@@ -323,6 +331,14 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
     );
     assert!(
         body.contains("-> echo: 200 OK echo (workload echo-1"),
+        "{body}"
+    );
+    // The frontend's application also asked the ledger, a TCP service,
+    // on its sidecar's port for it (over mutual TLS between sidecars).
+    assert!(
+        body.contains(
+            "-> ledger: ledger (workload ledger-1) answered \"balance for /hello\" over tcp"
+        ),
         "{body}"
     );
     // That request, traced from the gateway on, replaces the drawing.

@@ -1,8 +1,9 @@
 //! The demo's applications: one small HTTP server per workload that says
 //! who answered (service, workload, version) and, for a service that calls
-//! others, calls each of them through its sidecar's outbound listener, so
-//! that one request shows the whole path through the mesh. Also the plain
-//! HTTP/1.1 client the demo uses.
+//! others, calls each of them through its sidecar's outbound listener (a
+//! TCP service through its `tcp_outbound` port), so that one request shows
+//! the whole path through the mesh; and for a TCP service, a server of
+//! lines. Also the plain HTTP/1.1 client the demo uses.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -29,9 +30,13 @@ pub(crate) struct App {
     pub(crate) version: Option<String>,
     /// Serve HTTP/2 (prior knowledge) rather than HTTP/1.1.
     pub(crate) is_http2: bool,
+    /// Speak lines over TCP rather than HTTP (a `tcp` service).
+    pub(crate) is_tcp: bool,
     /// Its sidecar's outbound listener and the services it calls there.
     pub(crate) outbound: Option<SocketAddr>,
     pub(crate) calls: Vec<String>,
+    /// The TCP services it calls, each at its sidecar's port for it.
+    pub(crate) tcp_calls: Vec<(String, SocketAddr)>,
     /// A failure to watch: every this many requests is answered 503.
     pub(crate) fail_every: Option<u64>,
     /// A scheduled outage: 503 to everything while it lasts.
@@ -82,6 +87,15 @@ pub(crate) async fn serve(
         let is_http2 = app.is_http2;
         let app = app.clone();
         let stop = stop.clone();
+        if app.is_tcp {
+            tasks.spawn(async move {
+                tokio::select! {
+                    () = answer_lines(stream, &app) => {}
+                    () = stop.cancelled() => {}
+                }
+            });
+            continue;
+        }
         tasks.spawn(async move {
             let service = hyper::service::service_fn(move |request| {
                 let app = app.clone();
@@ -184,6 +198,15 @@ async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>>
             body.push('\n');
         }
     }
+    for (callee, address) in &app.tcp_calls {
+        let asked = format!("balance for {}", request.uri().path());
+        let line = match tcp_line(*address, &asked).await {
+            Ok(answer) => format!("  -> {callee}: {answer}"),
+            Err(error) => format!("  -> {callee}: failed: {error}"),
+        };
+        body.push_str(&line);
+        body.push('\n');
+    }
     let mut response = Response::new(Full::new(Bytes::from(body)));
     let headers = response.headers_mut();
     for (name, value) in [
@@ -196,6 +219,54 @@ async fn answer(app: &App, request: &Request<Incoming>) -> Response<Full<Bytes>>
         }
     }
     response
+}
+
+/// The most bytes of one line a TCP demo application reads.
+const MAX_LINE: usize = 1024;
+
+/// A TCP service's application: answers each line with one line that says
+/// who answered, until the client closes (or sends a line too long).
+async fn answer_lines(stream: TcpStream, app: &App) {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let (read, mut write) = stream.into_split();
+    let mut lines = tokio::io::BufReader::new(read.take(64 * MAX_LINE as u64)).lines();
+    while let Ok(Ok(Some(line))) = tokio::time::timeout(HTTP_TIMEOUT, lines.next_line()).await {
+        if line.len() > MAX_LINE {
+            return;
+        }
+        app.served
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let answer = format!(
+            "{} (workload {}) answered {:?} over tcp\n",
+            app.service,
+            app.workload,
+            line.trim()
+        );
+        if write.write_all(answer.as_bytes()).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One line sent to a TCP service over a new connection and the one line
+/// it answered.
+pub(crate) async fn tcp_line(address: SocketAddr, line: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = TcpStream::connect(address).await?;
+        stream.write_all(format!("{line}\n").as_bytes()).await?;
+        let mut answer = String::new();
+        tokio::io::BufReader::new(stream.take(MAX_LINE as u64))
+            .read_line(&mut answer)
+            .await?;
+        if answer.is_empty() {
+            anyhow::bail!("the connection closed without an answer");
+        }
+        anyhow::Ok(answer.trim_end().to_owned())
+    };
+    tokio::time::timeout(HTTP_TIMEOUT, exchange)
+        .await
+        .map_err(|_| anyhow::anyhow!("timed out"))?
 }
 
 /// A new trace id (32 hex digits) and span id (16), for a request the

@@ -509,14 +509,23 @@ fn demo_mesh_validates_and_builds_every_node() {
             "backend-v2",
             "echo-1",
             "frontend-1",
-            "ingress"
+            "ingress",
+            "ledger-1"
         ]
     );
     let frontend = node(&snapshot, "frontend-1");
-    assert_eq!(frontend.listeners.len(), 2);
+    let listeners: Vec<&str> = frontend.listeners.iter().map(|l| l.name.as_str()).collect();
+    assert_eq!(listeners, ["inbound", "outbound", "outbound.ledger"]);
     assert_eq!(
         cluster_names(&frontend),
-        ["backend.v1", "backend.v2", "echo", "local_app"]
+        ["backend.v1", "backend.v2", "echo", "ledger", "local_app"]
+    );
+    assert!(cluster(&frontend, "ledger").tls.is_some());
+    let ledger = node(&snapshot, "ledger-1");
+    assert_eq!(ledger.listeners[0].protocol.as_deref(), Some("tcp"));
+    assert_eq!(
+        ledger.listeners[0].policy.as_deref(),
+        Some("ledger-callers")
     );
     let hosts: Vec<&str> = route_config(&frontend, "outbound")
         .virtual_hosts
@@ -557,7 +566,13 @@ fn demo_mesh_validates_and_builds_every_node() {
         2,
         "backend-v1b beside backend-v1: one can be ejected"
     );
-    for id in ["backend-v1", "backend-v1b", "backend-v2", "echo-1"] {
+    for id in [
+        "backend-v1",
+        "backend-v1b",
+        "backend-v2",
+        "echo-1",
+        "ledger-1",
+    ] {
         let spec = node(&snapshot, id);
         assert_eq!(spec.listeners.len(), 1, "{id}");
         assert_eq!(cluster_names(&spec), ["local_app"], "{id}");
