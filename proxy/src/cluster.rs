@@ -369,7 +369,7 @@ impl ClusterState {
                 // A response keeps its attempt's span open until its body
                 // is over; a failed attempt's ends now.
                 if let Ok(response) = &mut result {
-                    response.extensions_mut().insert(open);
+                    response.body_mut().set_span(open);
                 }
             }
         }

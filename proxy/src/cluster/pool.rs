@@ -43,6 +43,7 @@ use crate::body::{DownstreamBodyError, RequestBody};
 use crate::config::Cluster;
 use crate::error::ProxyError;
 use crate::telemetry::ClusterMetrics;
+use crate::telemetry::trace::OpenSpan;
 use crate::tls::UpstreamTls;
 use crate::transport::Stream;
 
@@ -746,6 +747,10 @@ impl Retire {
 pub(crate) struct UpstreamBody {
     body: Upstream,
     guard: ActiveGuard,
+    /// The attempt's client span, when it is recorded: it ends when the
+    /// body is dropped (a failed attempt's response dropped for a retry,
+    /// else the answer's body over), unless taken to end later.
+    span: Option<OpenSpan>,
 }
 
 #[derive(Debug)]
@@ -764,6 +769,7 @@ impl UpstreamBody {
         Self {
             body: Upstream::Hyper(body),
             guard,
+            span: None,
         }
     }
 
@@ -778,12 +784,23 @@ impl UpstreamBody {
                 back: Some(back),
             },
             guard,
+            span: None,
         }
     }
 
     /// The endpoint that answered.
     pub(crate) fn endpoint(&self) -> SocketAddr {
         self.guard.addr()
+    }
+
+    /// Gives the body its attempt's client span.
+    pub(crate) fn set_span(&mut self, span: OpenSpan) {
+        self.span = Some(span);
+    }
+
+    /// Takes the attempt's client span out, for whoever ends it.
+    pub(crate) fn take_span(&mut self) -> Option<OpenSpan> {
+        self.span.take()
     }
 
     /// Gives the connection back once the exchange is over, if it may

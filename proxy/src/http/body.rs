@@ -217,6 +217,14 @@ impl ResponseBody {
         }
     }
 
+    /// The upstream attempt's client span, taken out of the body.
+    pub(crate) fn take_client_span(&mut self) -> Option<OpenSpan> {
+        match &mut self.inner {
+            Inner::Upstream { body } => body.take_span(),
+            Inner::Full { .. } => None,
+        }
+    }
+
     /// Records `finish` when this body is dropped.
     pub(crate) fn set_finish(&mut self, finish: Finish) {
         self.finish = Some(finish);

@@ -656,7 +656,7 @@ async fn handle(
         match route_and_forward(&conn, &listener, req, &mut outcome, trace, start).await {
             Ok(mut response) => {
                 if trace.is_some() {
-                    client_span = response.extensions_mut().remove::<OpenSpan>();
+                    client_span = response.body_mut().take_client_span();
                 }
                 // A layer's decision (a fault, a rate limit) names itself.
                 match response.extensions().get::<Decision>().copied() {
