@@ -1283,6 +1283,11 @@ listeners:
     policy: only-client
     tls: {{ certificates: [{{ cert_file: "{cert}", key_file: "{key}" }}], client_ca_file: "{ca}" }}
     istio_metrics: {{ reporter: destination, workload: {{ name: db, service: db.data }} }}
+  - name: migrating
+    address: "127.0.0.1:0"
+    protocol: tcp
+    cluster: echo
+    tls: {{ certificates: [{{ cert_file: "{cert}", key_file: "{key}" }}], client_ca_file: "{ca}", mode: permissive }}
 clusters:
   - {{ name: echo, endpoints: [{{ address: "{echo}" }}] }}
 "#,
@@ -1344,6 +1349,25 @@ clusters:
     ] {
         assert_eq!(proxy.metric(series).await, want, "{series}");
     }
+    // A permissive listener serves plaintext clients and TLS ones on one
+    // port, told apart by the first byte.
+    let migrating = proxy.listener("migrating");
+    let mut plain = TcpStream::connect(migrating).await.unwrap();
+    plain
+        .write_all(b"GET /l4 HTTP/1.1\r\nhost: db\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(DEADLINE, plain.read_to_end(&mut answer))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+    let answer = opaque_exchange(&pki, migrating, Some((&pki, "client")))
+        .await
+        .unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{answer:?}");
+
     // Istio's destination reporter names the caller its certificate proved.
     let (_, text) = proxy.admin_get("/metrics").await.unwrap();
     let opened = text
