@@ -771,6 +771,25 @@ fn print_banner(
         println!("  curl -s {headers}http://{}{}", s.address, s.path);
         println!("      # {}", s.what);
     }
+    for gateway in mesh.gateways() {
+        for listener in &gateway.spec.listeners {
+            let (Some(service), Ok(address)) = (
+                listener.service.as_deref(),
+                listener.address.parse::<SocketAddr>(),
+            ) else {
+                continue;
+            };
+            println!(
+                "  bash -c 'exec 3<>/dev/tcp/{}/{}; echo balance >&3; head -1 <&3'",
+                address.ip(),
+                address.port()
+            );
+            println!(
+                "      # tcp listener {:?} -> every {service} workload",
+                listener.name
+            );
+        }
+    }
     println!("\nProxies (admin: /config_dump /clusters /metrics /ready):");
     for p in proxies {
         println!(

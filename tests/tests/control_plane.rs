@@ -333,6 +333,26 @@ async fn the_demo_runs_a_mesh_end_to_end_and_ctrl_c_stops_every_process() {
         body.contains("-> echo: 200 OK echo (workload echo-1"),
         "{body}"
     );
+    // The gateway's TCP listener reaches the ledger too (its policy lets
+    // the gateway's identity in).
+    let ledger_line = async {
+        use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect("127.0.0.1:15001").await?;
+        stream.write_all(b"balance from outside\n").await?;
+        let mut line = String::new();
+        tokio::io::BufReader::new(stream)
+            .read_line(&mut line)
+            .await?;
+        std::io::Result::Ok(line)
+    };
+    let line = tokio::time::timeout(DEADLINE, ledger_line)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        line,
+        "ledger (workload ledger-1) answered \"balance from outside\" over tcp\n"
+    );
     // The frontend's application also asked the ledger, a TCP service,
     // on its sidecar's port for it (over mutual TLS between sidecars).
     assert!(

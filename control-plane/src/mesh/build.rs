@@ -13,7 +13,9 @@
 //!   each TCP service a workload calls gets a TCP listener
 //!   `outbound.<service>` at its `tcp_outbound` address.
 //! - gateway: one listener and one route configuration per gateway
-//!   listener, named after it, and the service clusters its routes use.
+//!   listener, named after it, and the service clusters its routes use; a
+//!   `tcp` gateway listener is a TCP listener to its service's cluster,
+//!   with no route configuration.
 //!
 //! Everything is built in a fixed order from sorted maps, so the same mesh
 //! always gives byte-identical resources and therefore identical versions.
@@ -626,6 +628,17 @@ fn gateway_listener(
     services: &BTreeMap<&str, &ServiceSpec>,
     policies: &Policies<'_>,
 ) {
+    if listener.protocol.as_deref() == Some(TCP) {
+        // Validation guarantees a tcp service.
+        let Some(service) = listener.service.as_deref().and_then(|s| services.get(s)) else {
+            return;
+        };
+        let cluster = node.service_cluster(service, None);
+        let mut spec = tcp_listener(&listener.name, &listener.address, &cluster);
+        spec.policy = node.policy(listener.policy.as_ref(), policies);
+        node.listeners.push(spec);
+        return;
+    }
     // The proxy picks a virtual host by the request's host first, then the
     // first matching route within it. To keep the gateway's "first route
     // that matches host and request wins" across routes with different

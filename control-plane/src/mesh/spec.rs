@@ -216,7 +216,8 @@ pub struct GatewaySpec {
     pub service_account: Option<String>,
 }
 
-/// One HTTP listener of a gateway.
+/// One listener of a gateway: HTTP, routed by `routes`, or TCP, every
+/// connection to one `tcp` service.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayListenerSpec {
@@ -224,8 +225,15 @@ pub struct GatewayListenerSpec {
     pub name: String,
     /// `IP:PORT`; port 0 picks a free port.
     pub address: String,
-    /// First match wins.
+    /// `http` (default) or `tcp`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    /// HTTP: first match wins.
+    #[serde(default)]
     pub routes: Vec<GatewayRouteSpec>,
+    /// TCP: the `tcp` service every connection goes to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// A request rate limit for the whole listener (the proxy's listener
     /// `rate_limit`), before routing.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -582,8 +582,10 @@ fn demo_mesh_validates_and_builds_every_node() {
     assert_eq!(ingress.listeners[0].address, "127.0.0.1:15000");
     assert_eq!(
         cluster_names(&ingress),
-        ["backend.v1", "backend.v2", "frontend"]
+        ["backend.v1", "backend.v2", "frontend", "ledger"]
     );
+    assert_eq!(ingress.listeners[1].protocol.as_deref(), Some("tcp"));
+    assert_eq!(ingress.listeners[1].cluster.as_deref(), Some("ledger"));
     let routes: Vec<(&str, Option<&str>)> = route_config(&ingress, "http").virtual_hosts[0]
         .routes
         .iter()
@@ -1359,4 +1361,67 @@ fn tcp_services_refuse_what_only_http_has() {
         )),
         "{found:#?}"
     );
+}
+
+#[test]
+fn a_gateway_tcp_listener_forwards_every_connection_to_its_tcp_service() {
+    let mesh = format!(
+        "{TCP_MESH}gateways:\n  - name: edge\n    listeners:\n      - {{ name: db, address: \"127.0.0.1:16432\", protocol: tcp, service: ledger, policy: ledger-callers }}\n      - {{ name: http, address: \"127.0.0.1:0\", routes: [{{ name: api, service: api }}] }}\n"
+    );
+    let snapshot = snapshot(&[("mesh.yaml", &mesh)]);
+    let edge = node(&snapshot, "edge");
+    let db = edge.listeners.iter().find(|l| l.name == "db").unwrap();
+    assert_eq!(db.protocol.as_deref(), Some("tcp"));
+    assert_eq!(db.cluster.as_deref(), Some("ledger"));
+    assert_eq!(db.policy.as_deref(), Some("ledger-callers"));
+    assert!(
+        db.tls.is_none(),
+        "the gateway's clients are outside the mesh"
+    );
+    let routes: Vec<&str> = edge.route_configs.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(routes, ["http"]);
+    let ledger = cluster(&edge, "ledger");
+    assert_eq!(
+        ledger.tls.as_ref().unwrap().server_identity.as_deref(),
+        Some("spiffe://example.org/ns/default/sa/ledger")
+    );
+    assert_eq!(ledger.protocol, None);
+
+    let cases: &[(&str, &str)] = &[
+        ("protocol: tcp, service: ledger", "protocol: tcp"),
+        (
+            "protocol: tcp, service: ledger",
+            "protocol: tcp, service: api",
+        ),
+        (
+            "protocol: tcp, service: ledger",
+            "protocol: tcp, service: ledger, routes: [{ name: r, service: ledger }]",
+        ),
+        (
+            "protocol: tcp, service: ledger",
+            "protocol: udp, service: ledger",
+        ),
+        (
+            "routes: [{ name: api, service: api }]",
+            "routes: [{ name: api, service: api }], service: api",
+        ),
+    ];
+    let wants = [
+        "gateway \"edge\": listeners[0].service: required for a tcp listener",
+        "gateway \"edge\": listeners[0].service: service \"api\" speaks http1; a tcp listener forwards to tcp services",
+        "gateway \"edge\": listeners[0].routes: applies to http listeners only",
+        "gateway \"edge\": listeners[0].protocol: unknown value \"udp\" (expected http, tcp)",
+        "gateway \"edge\": listeners[1].service: applies to tcp listeners only",
+    ];
+    for ((from, to), want) in cases.iter().zip(wants) {
+        assert!(mesh.contains(from), "{from}");
+        let broken = mesh.replace(from, to);
+        let found = errors(&[("mesh.yaml", &broken)]);
+        assert!(
+            found
+                .iter()
+                .any(|e| e.starts_with(&format!("mesh.yaml: {want}"))),
+            "{want}\n{found:#?}"
+        );
+    }
 }

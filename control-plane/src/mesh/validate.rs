@@ -403,6 +403,48 @@ fn check_gateway(
                 format!("gateway {:?} {at}.address ({file})", spec.name),
             );
         }
+        match listener.protocol.as_deref() {
+            None | Some("http") => {
+                if listener.service.is_some() {
+                    report.error(
+                        format!("{at}.service"),
+                        "applies to tcp listeners only; an http listener sends by its routes",
+                    );
+                }
+            }
+            Some(TCP) => {
+                if !listener.routes.is_empty() {
+                    report.error(
+                        format!("{at}.routes"),
+                        "applies to http listeners only; a tcp listener sends every connection to its service",
+                    );
+                }
+                if listener.rate_limit.is_some() {
+                    report.error(format!("{at}.rate_limit"), "applies to http listeners only");
+                }
+                match listener.service.as_deref() {
+                    None => report.error(format!("{at}.service"), "required for a tcp listener"),
+                    Some(service) => match protocols.get(service) {
+                        None => report.error(
+                            format!("{at}.service"),
+                            format!("unknown service {service:?}"),
+                        ),
+                        Some(protocol) if *protocol != Some(TCP) => report.error(
+                            format!("{at}.service"),
+                            format!(
+                                "service {service:?} speaks {}; a tcp listener forwards to tcp services",
+                                protocol.unwrap_or("http1")
+                            ),
+                        ),
+                        Some(_) => {}
+                    },
+                }
+            }
+            Some(other) => report.error(
+                format!("{at}.protocol"),
+                format!("unknown value {other:?} (expected http, tcp)"),
+            ),
+        }
         let mut route_names = HashSet::new();
         for (ri, route) in listener.routes.iter().enumerate() {
             let at = format!("{at}.routes[{ri}]");
