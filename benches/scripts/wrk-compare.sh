@@ -49,7 +49,9 @@ bin=$root/target/release
 work=$(mktemp -d)
 cleanup() {
   kill $(jobs -p) 2>/dev/null || true
-  for pid in "$work"/*.pid; do [ -f "$pid" ] && kill "$(cat "$pid")" 2>/dev/null; done
+  # A server may remove its pid file as it exits (nginx does), between the
+  # test and the read.
+  for pid in "$work"/*.pid; do [ -f "$pid" ] && kill "$(cat "$pid" 2>/dev/null)" 2>/dev/null; done
   rm -rf "$work"
 }
 trap cleanup EXIT
