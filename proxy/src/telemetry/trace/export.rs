@@ -23,7 +23,7 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 use std::time::Duration;
 
@@ -68,6 +68,10 @@ pub(crate) struct Queue {
 #[derive(Debug)]
 struct Shared {
     pending: Mutex<Pending>,
+    /// How many spans `pending` holds, as last written under its lock:
+    /// read without the lock, so that a span the full queue would drop is
+    /// not written first.
+    queued: AtomicUsize,
     /// The most spans pending: more are dropped.
     capacity: usize,
     /// A full batch: the task sends it without waiting for the interval.
@@ -111,6 +115,14 @@ impl Queue {
     /// allocations). The task is woken twice per batch (its first span, a
     /// full batch), not per span.
     pub(crate) fn send(&self, span: &SpanRecord) {
+        // The collector is slow or down and the queue full: drop the span
+        // without writing it. (Racing with the exporter's take, at worst
+        // one span is written and then dropped below, or dropped while
+        // room has just been made.)
+        if self.shared.queued.load(Relaxed) >= self.shared.capacity {
+            self.metrics.spans_dropped.fetch_add(1, Relaxed);
+            return;
+        }
         let queued = WRITER.with_borrow_mut(|(writer, written)| {
             written.clear();
             writer.write(span, written);
@@ -121,6 +133,7 @@ impl Queue {
             pending.bytes.extend_from_slice(written);
             let end = pending.bytes.len();
             pending.ends.push(end);
+            self.shared.queued.store(pending.ends.len(), Relaxed);
             Some(pending.ends.len())
         });
         match queued {
@@ -169,6 +182,7 @@ impl Exporters {
         }
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
+            queued: AtomicUsize::new(0),
             capacity: usize::try_from(export.max_queued_spans)
                 .unwrap_or(usize::MAX)
                 .max(1),
@@ -234,6 +248,7 @@ async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMe
             let mut pending = shared.pending();
             std::mem::swap(&mut pending.bytes, &mut taken.bytes);
             std::mem::swap(&mut pending.ends, &mut taken.ends);
+            shared.queued.store(0, Relaxed);
             pending.closed
         };
         let mut start = 0;
