@@ -333,7 +333,7 @@ pub(crate) async fn accept_tls(
 
 /// An opaque (L4) connection on a listener that terminates TLS: the
 /// handshake within `deadline`, or with a permissive listener plaintext
-/// too, told apart by the first byte as [`accept_permissive`] does. The
+/// too, told apart by the first byte ([`opens_with_tls`]). The
 /// stream and what the client's certificate proved; `None` when the
 /// connection is refused (counted) or sent nothing in time.
 pub(crate) async fn accept_opaque(
@@ -343,13 +343,8 @@ pub(crate) async fn accept_opaque(
     deadline: Duration,
     metrics: &ListenerMetrics,
 ) -> Option<(Stream, Option<Box<PeerCert>>)> {
-    if tls.permissive {
-        let mut first = [0u8; 1];
-        match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
-            Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {}
-            Ok(Ok(1)) => return Some((Stream::Tcp(stream), None)),
-            _ => return None,
-        }
+    if tls.permissive && !opens_with_tls(&stream, deadline).await? {
+        return Some((Stream::Tcp(stream), None));
     }
     handshake(stream, config, tls, deadline, metrics).await
 }
@@ -383,8 +378,7 @@ pub(crate) struct PeerCert {
 }
 
 /// A permissive listener: TLS and plaintext on one port, told apart by the
-/// client's first byte (a TLS handshake record, content type 22), looked at
-/// without consuming it. The client must send it within `deadline`.
+/// client's first byte ([`opens_with_tls`]).
 pub(crate) async fn accept_permissive(
     stream: TcpStream,
     config: &Arc<rustls::ServerConfig>,
@@ -393,12 +387,20 @@ pub(crate) async fn accept_permissive(
     metrics: Arc<ListenerMetrics>,
     state: Arc<ConnState>,
 ) -> Option<(DownstreamIo, Protocol)> {
+    if opens_with_tls(&stream, deadline).await? {
+        accept_tls(stream, config, tls, deadline, metrics, state).await
+    } else {
+        detect(stream, deadline, metrics, state).await
+    }
+}
+
+/// Whether a client opens with TLS: its first byte is a TLS handshake
+/// record's (content type 22), looked at without consuming it. `None` when
+/// it sent nothing within `deadline`, or closed.
+async fn opens_with_tls(stream: &TcpStream, deadline: Duration) -> Option<bool> {
     let mut first = [0u8; 1];
     match tokio::time::timeout(deadline, stream.peek(&mut first)).await {
-        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD => {
-            accept_tls(stream, config, tls, deadline, metrics, state).await
-        }
-        Ok(Ok(1)) => detect(stream, deadline, metrics, state).await,
+        Ok(Ok(1)) => Some(first[0] == TLS_HANDSHAKE_RECORD),
         _ => None,
     }
 }
