@@ -403,6 +403,30 @@ impl ClusterState {
             // the endpoint.
             Err(_) => return,
         };
+        self.record(config, endpoint, observation);
+    }
+
+    /// Passes a TCP listener's connect to `endpoint` to its outlier record
+    /// (when the cluster has outlier detection): a refused or timed-out
+    /// connect, or a failed TLS handshake, is a gateway error; a connect
+    /// that succeeded, a success. What the stream then carries is opaque.
+    pub(crate) fn observe_connect(&self, endpoint: &Arc<Endpoint>, connected: bool) {
+        if let Some(config) = &self.config.outlier {
+            let observation = if connected {
+                outlier::Observation::Success
+            } else {
+                outlier::Observation::GatewayError
+            };
+            self.record(config, endpoint, observation);
+        }
+    }
+
+    fn record(
+        &self,
+        config: &crate::config::OutlierDetection,
+        endpoint: &Arc<Endpoint>,
+        observation: outlier::Observation,
+    ) {
         let may_eject = |now| {
             let set = self.set.load();
             let ejected = set

@@ -191,7 +191,9 @@ pub(crate) async fn proxy(
     let _active = endpoint.begin();
     // An L4 stream offers HTTP/1.1 in ALPN if the cluster is TLS; what it
     // carries is opaque to the proxy either way.
-    let mut upstream = match endpoint.connect(crate::cluster::Wire::Http1).await {
+    let connected = endpoint.connect(crate::cluster::Wire::Http1).await;
+    cluster.observe_connect(&endpoint, connected.is_ok());
+    let mut upstream = match connected {
         Ok(stream) => stream,
         Err(error) => {
             tracing::debug!(listener = %name, peer.addr = %peer, %error, "tcp upstream connect failed");

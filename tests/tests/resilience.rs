@@ -217,6 +217,64 @@ clusters:
     );
 }
 
+#[tokio::test]
+async fn a_tcp_listener_ejects_an_endpoint_whose_connects_fail() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let live = echo("tcp-live").await;
+    let dead = unused_address();
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: db, address: "127.0.0.1:0", protocol: tcp, cluster: pool }}
+clusters:
+  - name: pool
+    lb: round_robin
+    endpoints: [{{ address: "{live}" }}, {{ address: "{dead}" }}]
+    outlier_detection: {{ consecutive_gateway_errors: 2, base_ejection_time: 60s }}
+"#,
+        live = live.local_addr(),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let db = proxy.listener("db");
+    // One connection's exchange: true when the upstream answered.
+    let exchange = || async move {
+        let mut stream = tokio::net::TcpStream::connect(db).await.unwrap();
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nhost: db\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut answer)).await;
+        answer.starts_with(b"HTTP/1.1 200")
+    };
+    let mut refused = 0;
+    for _ in 0..20 {
+        if !exchange().await {
+            refused += 1;
+        }
+    }
+    // The dead endpoint took two connections (round robin: every other
+    // one) before it was ejected; every one since went to the live one.
+    assert_eq!(refused, 2);
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_outlier_ejections_total{cluster=\"pool\"}")
+            .await,
+        1.0
+    );
+    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let dead_view = clusters[0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["address"] == dead.to_string().as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(dead_view["health"], "ejected", "{clusters}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_cluster_sheds_load_at_once_with_503_upstream_overflow() {
     let echo = echo("slow").await;
