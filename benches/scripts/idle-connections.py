@@ -9,7 +9,9 @@ next batch. Reports the proxy's RSS growth per connection over all N, and
 the marginal growth over the second half (the steady-state cost).
 
 With TCP=1 in the environment each connection sends 16 bytes and reads
-16 back (a TCP listener in front of an echo) instead of a GET.
+16 back (a TCP listener in front of an echo) instead of a GET. Each such
+connection holds one of its cluster's `circuit_breakers.max_connections`
+(1024 by default): raise it above N.
 
 Usage: [TCP=1] idle-connections.py PORT N PID [PAUSE_SECONDS]
 (raise `ulimit -n` above N first)

@@ -189,6 +189,13 @@ pub(crate) async fn proxy(
         }
     };
     let _active = endpoint.begin();
+    // The cluster's `max_connections` bounds its TCP connections too.
+    let Some(_held) = endpoint.hold_tcp_connection() else {
+        tracing::debug!(listener = %name, peer.addr = %peer, "tcp connection refused: the cluster's max_connections are all held");
+        fail(&mut span, "upstream_overflow");
+        reset_on_close(&mut downstream);
+        return;
+    };
     // An L4 stream offers HTTP/1.1 in ALPN if the cluster is TLS; what it
     // carries is opaque to the proxy either way.
     let connected = endpoint.connect(crate::cluster::Wire::Http1).await;

@@ -275,6 +275,63 @@ clusters:
     assert_eq!(dead_view["health"], "ejected", "{clusters}");
 }
 
+#[tokio::test]
+async fn a_tcp_listener_holds_its_connections_against_the_clusters_max_connections() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let echo = echo("tcp-limited").await;
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - {{ name: db, address: "127.0.0.1:0", protocol: tcp, cluster: pool }}
+clusters:
+  - name: pool
+    endpoints: [{{ address: "{}" }}]
+    circuit_breakers: {{ max_connections: 1 }}
+"#,
+        echo.local_addr(),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let db = proxy.listener("db");
+    // A keep-alive exchange on the first connection: it holds the slot.
+    let request = b"GET / HTTP/1.1\r\nhost: db\r\n\r\n";
+    let mut first = tokio::net::TcpStream::connect(db).await.unwrap();
+    first.write_all(request).await.unwrap();
+    let mut head = [0u8; 12];
+    first.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+    // A second one is refused at once, not queued: reset, which may
+    // reach the client while its connect completes.
+    let mut answer = Vec::new();
+    if let Ok(mut second) = tokio::net::TcpStream::connect(db).await {
+        let _ = second.write_all(request).await;
+        let _ = tokio::time::timeout(DEADLINE, second.read_to_end(&mut answer)).await;
+    }
+    assert!(answer.is_empty(), "{answer:?}");
+    assert_eq!(
+        proxy
+            .metric("weft_upstream_connections_overflow_total{cluster=\"pool\"}")
+            .await,
+        1.0
+    );
+    assert_eq!(echo.requests_served(), 1);
+    // The first one closed, its slot is free again.
+    drop(first);
+    assert!(
+        eventually(DEADLINE, || async {
+            proxy
+                .metric("weft_upstream_connections_active{cluster=\"pool\"}")
+                .await
+                == 0.0
+        })
+        .await
+    );
+    let mut third = tokio::net::TcpStream::connect(db).await.unwrap();
+    third.write_all(request).await.unwrap();
+    third.read_exact(&mut head).await.unwrap();
+    assert_eq!(&head, b"HTTP/1.1 200");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_cluster_sheds_load_at_once_with_503_upstream_overflow() {
     let echo = echo("slow").await;

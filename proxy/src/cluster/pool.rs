@@ -508,6 +508,25 @@ impl Endpoint {
         }
     }
 
+    /// A TCP listener's connection to this endpoint, held against the
+    /// cluster's `max_connections` (and shown among its open connections)
+    /// until dropped; `None`, counted as an overflow, when every slot is
+    /// taken: the connection is refused rather than queued.
+    pub(crate) fn hold_tcp_connection(&self) -> Option<TcpConnection> {
+        match self.try_slot() {
+            Some(slot) => Some(TcpConnection {
+                _open: OpenConnection::new(slot),
+            }),
+            None => {
+                self.settings
+                    .metrics
+                    .connections_overflow
+                    .fetch_add(1, Relaxed);
+                None
+            }
+        }
+    }
+
     /// One slot against the cluster's `max_connections`, if one is free.
     fn try_slot(&self) -> Option<ConnectionSlot> {
         let held = &self.settings.metrics.connections_held;
@@ -643,6 +662,13 @@ impl Drop for ConnectionSlot {
         self.0.connections_held.fetch_sub(1, SeqCst);
         wake_pending(&self.0);
     }
+}
+
+/// A TCP listener's upstream connection, held against the cluster's
+/// `max_connections` until dropped.
+#[derive(Debug)]
+pub(crate) struct TcpConnection {
+    _open: OpenConnection,
 }
 
 /// One open connection: its slot against `max_connections` and its place
