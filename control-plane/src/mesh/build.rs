@@ -562,11 +562,9 @@ fn sidecar(
             continue;
         };
         let cluster = node.service_cluster(callee, None);
-        node.listeners.push(tcp_listener(
-            &format!("{OUTBOUND}.{}", callee.name),
-            address,
-            &cluster,
-        ));
+        let mut listener = tcp_listener(&format!("{OUTBOUND}.{}", callee.name), address, &cluster);
+        listener.fault.clone_from(&callee.tcp_fault);
+        node.listeners.push(listener);
     }
     node
 }
@@ -636,6 +634,7 @@ fn gateway_listener(
         let cluster = node.service_cluster(service, None);
         let mut spec = tcp_listener(&listener.name, &listener.address, &cluster);
         spec.policy = node.policy(listener.policy.as_ref(), policies);
+        spec.fault.clone_from(&service.tcp_fault);
         node.listeners.push(spec);
         return;
     }

@@ -92,6 +92,11 @@ pub struct ServiceSpec {
     /// that sets none of its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<weft_proxy::config::FaultSpec>,
+    /// Faults injected into connections to a `tcp` service (the proxy's
+    /// TCP listener `fault`: resets and delays), by every caller's sidecar
+    /// and gateway on its TCP listener for the service.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_fault: Option<weft_proxy::config::TcpFaultSpec>,
     /// A request rate limit on each of its workloads' inbound listeners
     /// (the proxy's listener `rate_limit`; `per_client` buckets are per
     /// caller identity under mTLS).

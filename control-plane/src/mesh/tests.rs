@@ -1212,6 +1212,7 @@ services:
     protocol: tcp
     policy: ledger-callers
     health_check: { tcp: {}, interval: 5s }
+    tcp_fault: { reset_percent: 10 }
     workloads:
       - { name: ledger-1, app: "127.0.0.1:5432", inbound: "127.0.0.1:15021" }
       - { name: ledger-2, app: "127.0.0.1:5433", inbound: "127.0.0.1:15022" }
@@ -1264,6 +1265,12 @@ fn a_tcp_service_is_reached_over_mutual_tls_on_a_port_of_its_own() {
     assert_eq!(to_ledger.protocol.as_deref(), Some("tcp"));
     assert_eq!(to_ledger.address, "127.0.0.1:15432");
     assert_eq!(to_ledger.cluster.as_deref(), Some("ledger"));
+    // The service's connection faults are its callers'.
+    assert_eq!(
+        to_ledger.fault.as_ref().and_then(|f| f.reset_percent),
+        Some(10.0)
+    );
+    assert!(inbound.fault.is_none());
     assert_eq!(
         to_ledger
             .istio_metrics
@@ -1334,6 +1341,21 @@ fn tcp_services_refuse_what_only_http_has() {
             "service \"web\": workloads[0].tcp_outbound.ledger: 127.0.0.1:15002 is already used by service \"web\" workloads[0].outbound",
         ),
         (
+            "    tcp_fault: { reset_percent: 10 }\n",
+            "    fault: { abort: { http_status: 503, percent: 10 } }\n",
+            "service \"ledger\": fault: applies to http1 and http2 services only (a tcp service's connections take tcp_fault)",
+        ),
+        (
+            "  - name: api\n",
+            "  - name: api\n    tcp_fault: { reset_percent: 10 }\n",
+            "service \"api\": tcp_fault: applies to tcp services only",
+        ),
+        (
+            "tcp_fault: { reset_percent: 10 }",
+            "tcp_fault: { reset_percent: 140 }",
+            "node \"web-1\": listener \"outbound.ledger\": fault.reset_percent",
+        ),
+        (
             "    protocol: tcp\n",
             "    protocol: udp\n",
             "service \"ledger\": protocol: unknown value \"udp\" (expected http1, http2, tcp)",
@@ -1374,6 +1396,7 @@ fn a_gateway_tcp_listener_forwards_every_connection_to_its_tcp_service() {
     assert_eq!(db.protocol.as_deref(), Some("tcp"));
     assert_eq!(db.cluster.as_deref(), Some("ledger"));
     assert_eq!(db.policy.as_deref(), Some("ledger-callers"));
+    assert_eq!(db.fault.as_ref().and_then(|f| f.reset_percent), Some(10.0));
     assert!(
         db.tls.is_none(),
         "the gateway's clients are outside the mesh"

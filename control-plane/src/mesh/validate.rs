@@ -260,6 +260,11 @@ fn check_service(
     }
     if spec.protocol.as_deref() == Some(TCP) {
         check_tcp_service(report, spec);
+    } else if spec.tcp_fault.is_some() {
+        report.error(
+            "tcp_fault",
+            "applies to tcp services only (an http service's calls take fault)",
+        );
     }
     if let Some(lb) = &spec.lb
         && !LB_POLICIES.contains(&lb.as_str())
@@ -507,7 +512,6 @@ fn check_tcp_service(report: &mut Report<'_>, spec: &ServiceSpec) {
         ("routes", !spec.routes.is_empty()),
         ("retries", spec.retries.is_some()),
         ("timeout", spec.timeout.is_some()),
-        ("fault", spec.fault.is_some()),
         ("rate_limit", spec.rate_limit.is_some()),
         ("stream_idle_timeout", spec.stream_idle_timeout.is_some()),
     ];
@@ -515,6 +519,12 @@ fn check_tcp_service(report: &mut Report<'_>, spec: &ServiceSpec) {
         if set {
             report.error(field, "applies to http1 and http2 services only");
         }
+    }
+    if spec.fault.is_some() {
+        report.error(
+            "fault",
+            "applies to http1 and http2 services only (a tcp service's connections take tcp_fault)",
+        );
     }
     if let Some(check) = &spec.health_check
         && check.tcp.is_none()
