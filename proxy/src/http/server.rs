@@ -974,6 +974,9 @@ async fn tunnel(
     {
         Ok(Ended::Closed) => {}
         Ok(Ended::Expired) => {
+            conn.metrics
+                .tls_peer_expired
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(peer.addr = %peer, "the client's certificate expired; closing upgraded connection");
         }
         Err(error) => {
