@@ -1383,3 +1383,70 @@ clusters:
     );
     assert!(opened.ends_with(" 1"), "{opened}");
 }
+
+#[tokio::test]
+async fn a_tcp_connection_is_closed_when_the_clients_certificate_expires() {
+    // Built first, so that the certificate's seconds are not spent on it.
+    tokio::task::spawn_blocking(proxy_binary).await.unwrap();
+    // X.509 times have a resolution of one second: 3 s leaves 2 to 3 s.
+    let pki = Pki::with_client_life(
+        &[("server", &["api.example.com"])],
+        &[("client", &[CLIENT_ID])],
+        Some(std::time::Duration::from_secs(3)),
+    );
+    let upstream = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
+    let upstream_addr = upstream.local_addr().unwrap();
+    // An upstream that echoes, and never closes on its own.
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let (mut read, mut write) = stream.split();
+                let _ = tokio::io::copy(&mut read, &mut write).await;
+            });
+        }
+    });
+    let config = format!(
+        r#"
+admin: {{ address: "127.0.0.1:0" }}
+listeners:
+  - name: db
+    address: "127.0.0.1:0"
+    protocol: tcp
+    cluster: echo
+    tls: {{ certificates: [{{ cert_file: "{cert}", key_file: "{key}" }}], client_ca_file: "{ca}" }}
+clusters:
+  - {{ name: echo, endpoints: [{{ address: "{upstream_addr}" }}] }}
+"#,
+        cert = pki.path("server.pem"),
+        key = pki.path("server.key"),
+        ca = pki.path("ca.pem"),
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let tcp = TcpStream::connect(proxy.listener("db")).await.unwrap();
+    let mut stream = pki
+        .client_as(&[], Some((&pki, "client")))
+        .connect(ServerName::try_from("api.example.com").unwrap(), tcp)
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    stream.write_all(b"ping").await.unwrap();
+    let mut back = [0u8; 4];
+    stream.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"ping");
+    // Nothing more is sent: the connection stays well within its idle
+    // timeout, and the proxy closes it when the certificate expires.
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(DEADLINE, stream.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "still open after {:?}", started.elapsed());
+    let after = started.elapsed();
+    assert!(
+        after >= std::time::Duration::from_secs(1),
+        "closed after {after:?}, before the certificate expired"
+    );
+    assert_eq!(
+        proxy
+            .metric("weft_downstream_tls_peer_expired_total{listener=\"db\"}")
+            .await,
+        1.0
+    );
+}
