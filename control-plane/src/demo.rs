@@ -390,6 +390,12 @@ async fn start_apps(
     stop: &CancellationToken,
     tasks: &TaskTracker,
 ) -> anyhow::Result<()> {
+    let tcp_services: std::collections::BTreeSet<&str> = mesh
+        .services()
+        .iter()
+        .filter(|s| s.spec.protocol.as_deref() == Some("tcp"))
+        .map(|s| s.spec.name.as_str())
+        .collect();
     for service in mesh.services() {
         let service = &service.spec;
         for workload in &service.workloads {
@@ -418,7 +424,7 @@ async fn start_apps(
                 calls: service
                     .calls
                     .iter()
-                    .filter(|callee| !workload.tcp_outbound.contains_key(*callee))
+                    .filter(|callee| !tcp_services.contains(callee.as_str()))
                     .cloned()
                     .collect(),
                 tcp_calls: workload

@@ -475,16 +475,21 @@ async fn mutual_tls_passes_the_clients_spiffe_id_and_refuses_the_rest() {
     );
 }
 
-#[tokio::test]
-async fn a_connection_is_closed_when_the_clients_certificate_expires() {
-    // Built first, so that the certificate's seconds are not spent on it.
+/// A server certificate and a client certificate (`CLIENT_ID`) that
+/// expires in 2 to 3 s (X.509 times have a resolution of one second), made
+/// once the proxy is built, so that its seconds are not spent on that.
+async fn expiring_client_pki() -> Pki {
     tokio::task::spawn_blocking(proxy_binary).await.unwrap();
-    // X.509 times have a resolution of one second: 3 s leaves 2 to 3 s.
-    let pki = Pki::with_client_life(
+    Pki::with_client_life(
         &[("server", &["api.example.com"])],
         &[("client", &[CLIENT_ID])],
         Some(std::time::Duration::from_secs(3)),
-    );
+    )
+}
+
+#[tokio::test]
+async fn a_connection_is_closed_when_the_clients_certificate_expires() {
+    let pki = expiring_client_pki().await;
     let echo = echo("expiry").await;
     let proxy = ProxyProcess::start(&mtls_config(&pki, echo.local_addr(), ""))
         .await
@@ -1386,25 +1391,10 @@ clusters:
 
 #[tokio::test]
 async fn a_tcp_connection_is_closed_when_the_clients_certificate_expires() {
-    // Built first, so that the certificate's seconds are not spent on it.
-    tokio::task::spawn_blocking(proxy_binary).await.unwrap();
-    // X.509 times have a resolution of one second: 3 s leaves 2 to 3 s.
-    let pki = Pki::with_client_life(
-        &[("server", &["api.example.com"])],
-        &[("client", &[CLIENT_ID])],
-        Some(std::time::Duration::from_secs(3)),
-    );
-    let upstream = tokio::net::TcpListener::bind(loopback0()).await.unwrap();
-    let upstream_addr = upstream.local_addr().unwrap();
+    let pki = expiring_client_pki().await;
     // An upstream that echoes, and never closes on its own.
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = upstream.accept().await {
-            tokio::spawn(async move {
-                let (mut read, mut write) = stream.split();
-                let _ = tokio::io::copy(&mut read, &mut write).await;
-            });
-        }
-    });
+    let upstream = TcpEchoServer::bind(loopback0()).await.unwrap();
+    let upstream_addr = upstream.local_addr();
     let config = format!(
         r#"
 admin: {{ address: "127.0.0.1:0" }}
