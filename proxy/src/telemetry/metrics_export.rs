@@ -17,7 +17,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::Metrics;
-use super::trace::export::Client;
+use super::trace::export::{Client, Message};
 use super::trace::otlp::{
     LEN, VARINT, Value, bytes_field, fixed64_field, key_value, resource_and_scope, tag, varint,
 };
@@ -353,7 +353,7 @@ async fn run(
         );
         // Retries end before the next export is due.
         let timeout = endpoint.export_timeout.min(settings.interval);
-        match client.export(&body, timeout).await {
+        match client.export(&Message::copied(&body), timeout).await {
             Ok(()) => {
                 metrics.metric_exports.fetch_add(1, Relaxed);
             }

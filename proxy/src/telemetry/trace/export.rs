@@ -8,8 +8,10 @@
 //! settings share one exporter; it stops (after sending what it holds)
 //! when no listener uses it any more.
 //!
-//! PERF: each span is written by the worker that ends it, into one buffer
-//! the exporter's task swaps out; the task only wraps a batch and sends it.
+//! PERF: each span is written by the worker that ends it, into its batch's
+//! buffer, which the exporter's task takes; the task only writes the
+//! message's head into the room left for it before the spans
+//! ([`Encoder::wrap`]) and sends the buffer as it is.
 //! When the task wrote whole batches, its bursts of work on the control
 //! thread took turns on a saturated worker's core in the middle of
 //! requests, and each span's memory, allocated by a worker, was freed by
@@ -35,7 +37,7 @@ use rustls_pki_types::ServerName;
 use tokio::sync::Notify;
 
 use super::SpanRecord;
-use super::otlp::{Encoder, SpanWriter};
+use super::otlp::{Encoder, GRPC_HEADER, SpanWriter};
 use crate::config::{OtlpEndpoint, OtlpProtocol, TraceExport};
 
 /// Counters of every exporter together.
@@ -68,6 +70,9 @@ pub(crate) struct Queue {
 #[derive(Debug)]
 struct Shared {
     pending: Mutex<Pending>,
+    /// The bytes a batch leaves before its first span, for the message's
+    /// head ([`Encoder::room`]).
+    room: usize,
     /// How many spans `pending` holds, as last written under its lock:
     /// read without the lock, so that a span the full queue would drop is
     /// not written first.
@@ -85,12 +90,24 @@ struct Shared {
 /// Spans written and not yet taken by the exporter's task.
 #[derive(Debug, Default)]
 struct Pending {
-    /// The spans, one after the other, as [`SpanWriter::write`] wrote them.
-    bytes: Vec<u8>,
-    /// Where each span ends in `bytes`.
-    ends: Vec<usize>,
+    /// Batches of at most `Shared::batch` spans; only the last may have
+    /// room for more.
+    batches: Vec<Batch>,
+    /// Spans in `batches`.
+    spans: usize,
+    /// The size of the last batch filled: the next one's buffer is
+    /// allocated as large, so that it does not grow (and copy) span by span.
+    filled: usize,
     /// Every sender is gone: the task sends what is left and stops.
     closed: bool,
+}
+
+/// One export's spans, one after the other as [`SpanWriter::write`] wrote
+/// them, after `Shared::room` bytes left free.
+#[derive(Debug)]
+struct Batch {
+    bytes: Vec<u8>,
+    spans: usize,
 }
 
 impl Shared {
@@ -101,16 +118,16 @@ impl Shared {
     /// A span is pending, or the queue is closed.
     fn has_work(&self) -> bool {
         let pending = self.pending();
-        !pending.ends.is_empty() || pending.closed
+        pending.spans > 0 || pending.closed
     }
 }
 
 impl Queue {
     /// Queues a span, or drops and counts it when the queue is full.
     ///
-    /// PERF: the span is written here, by the worker, into bytes that stay
-    /// in one buffer the exporter's task swaps out: no allocation per span,
-    /// and none freed on another thread (glibc then takes the allocating
+    /// PERF: the span is written here, by the worker, and appended to its
+    /// batch's buffer: no allocation per span (one per batch), and none
+    /// freed on another thread per span (glibc then takes the allocating
     /// thread's arena lock, which the worker needs for its own
     /// allocations). The task is woken twice per batch (its first span, a
     /// full batch), not per span.
@@ -127,14 +144,29 @@ impl Queue {
             written.clear();
             writer.write(span, written);
             let mut pending = self.shared.pending();
-            if pending.ends.len() >= self.shared.capacity {
+            if pending.spans >= self.shared.capacity {
                 return None;
             }
-            pending.bytes.extend_from_slice(written);
-            let end = pending.bytes.len();
-            pending.ends.push(end);
-            self.shared.queued.store(pending.ends.len(), Relaxed);
-            Some(pending.ends.len())
+            let pending = &mut *pending;
+            let batch = match pending.batches.last_mut() {
+                Some(last) if last.spans < self.shared.batch => last,
+                _ => {
+                    let room = self.shared.room;
+                    let mut bytes = Vec::with_capacity(pending.filled.max(room + written.len()));
+                    bytes.resize(room, 0);
+                    pending.batches.push(Batch { bytes, spans: 0 });
+                    let last = pending.batches.len() - 1;
+                    &mut pending.batches[last]
+                }
+            };
+            batch.bytes.extend_from_slice(written);
+            batch.spans += 1;
+            if batch.spans == self.shared.batch {
+                pending.filled = batch.bytes.len();
+            }
+            pending.spans += 1;
+            self.shared.queued.store(pending.spans, Relaxed);
+            Some(pending.spans)
         });
         match queued {
             None => {
@@ -180,8 +212,14 @@ impl Exporters {
         if let Some(queue) = live.get(export).and_then(Weak::upgrade) {
             return queue;
         }
+        let room = Encoder::new(
+            &export.endpoint.service_name,
+            &export.endpoint.resource_attributes,
+        )
+        .room();
         let shared = Arc::new(Shared {
             pending: Mutex::default(),
+            room,
             queued: AtomicUsize::new(0),
             capacity: usize::try_from(export.max_queued_spans)
                 .unwrap_or(usize::MAX)
@@ -211,19 +249,16 @@ impl Exporters {
 /// dropped (benches/RESULTS.md).
 const MAX_IN_FLIGHT: usize = 4;
 
-/// An idle client, and the buffer its last batch was written into.
-type Idle = (Client, Vec<u8>);
-
 /// An exporter's task: batches of at most `max_export_batch` spans, a
 /// partial batch sent after `flush_interval`, up to [`MAX_IN_FLIGHT`]
 /// exports at a time; ends when every queue sender is gone and the last
 /// batch is sent.
 async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMetrics>) {
     let endpoint = &export.endpoint;
-    let mut encoder = Encoder::new(&endpoint.service_name, &endpoint.resource_attributes);
-    let mut idle: Vec<Idle> = Vec::new();
-    let mut in_flight = tokio::task::JoinSet::<Idle>::new();
-    let mut taken = Pending::default();
+    let encoder = Encoder::new(&endpoint.service_name, &endpoint.resource_attributes);
+    let mut idle: Vec<Client> = Vec::new();
+    let mut in_flight = tokio::task::JoinSet::<Client>::new();
+    let mut taken = Vec::new();
     loop {
         // The first span of a batch wakes the task ...
         while !shared.has_work() {
@@ -236,7 +271,7 @@ async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMe
         full.as_mut().enable();
         let waits = {
             let pending = shared.pending();
-            pending.ends.len() < shared.batch && !pending.closed
+            pending.spans < shared.batch && !pending.closed
         };
         if waits {
             tokio::select! {
@@ -246,31 +281,28 @@ async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMe
         }
         let closed = {
             let mut pending = shared.pending();
-            std::mem::swap(&mut pending.bytes, &mut taken.bytes);
-            std::mem::swap(&mut pending.ends, &mut taken.ends);
+            std::mem::swap(&mut pending.batches, &mut taken);
+            pending.spans = 0;
             shared.queued.store(0, Relaxed);
             pending.closed
         };
-        let mut start = 0;
-        for ends in taken.ends.chunks(shared.batch) {
-            let end = ends.last().copied().unwrap_or(start);
-            encoder.push_written(&taken.bytes[start..end], ends.len());
-            start = end;
+        for Batch { mut bytes, spans } in taken.drain(..) {
             // A client that is free, or the first one to be.
             while idle.is_empty() && in_flight.len() >= MAX_IN_FLIGHT {
                 if let Some(Ok(done)) = in_flight.join_next().await {
                     idle.push(done);
                 }
             }
-            let (mut client, mut body) = idle
+            let mut client = idle
                 .pop()
-                .unwrap_or_else(|| (Client::new(endpoint, GRPC_PATH), Vec::new()));
-            let count = encoder.len() as u64;
-            encoder.finish(&mut body);
+                .unwrap_or_else(|| Client::new(endpoint, GRPC_PATH));
+            let start = encoder.wrap(&mut bytes);
+            let message = Message::framed(bytes, start);
+            let count = spans as u64;
             let (metrics, export) = (metrics.clone(), export.clone());
             in_flight.spawn(async move {
                 let endpoint = &export.endpoint;
-                match client.export(&body, endpoint.export_timeout).await {
+                match client.export(&message, endpoint.export_timeout).await {
                     Ok(()) => {
                         metrics.spans_exported.fetch_add(count, Relaxed);
                     }
@@ -280,11 +312,9 @@ async fn run(export: Arc<TraceExport>, shared: Arc<Shared>, metrics: Arc<TraceMe
                         metrics.spans_failed.fetch_add(count, Relaxed);
                     }
                 }
-                (client, body)
+                client
             });
         }
-        taken.bytes.clear();
-        taken.ends.clear();
         if closed {
             // What is in flight goes out before the task ends.
             while in_flight.join_next().await.is_some() {}
@@ -343,6 +373,41 @@ fn retry_after(headers: &http::HeaderMap) -> Option<Duration> {
 const GRPC_PATH: &str = "/opentelemetry.proto.collector.trace.v1.TraceService/Export";
 /// The most of a collector's answer read.
 const MAX_RESPONSE: usize = 64 * 1024;
+
+/// An export's body: an OTLP message after gRPC's frame header (sent
+/// over gRPC with it, over OTLP/HTTP without).
+#[derive(Debug, Clone)]
+pub(crate) struct Message {
+    framed: Bytes,
+}
+
+impl Message {
+    /// The message that follows the frame header at `start` in `buffer`,
+    /// to its end, as [`Encoder::wrap`] left it: not copied.
+    fn framed(buffer: Vec<u8>, start: usize) -> Self {
+        Self {
+            framed: Bytes::from(buffer).slice(start..),
+        }
+    }
+
+    /// `encoded`, copied after a frame header of its own.
+    pub(crate) fn copied(encoded: &[u8]) -> Self {
+        let mut framed = Vec::with_capacity(GRPC_HEADER + encoded.len());
+        framed.push(0);
+        // Past gRPC's 4 GiB limit the export fails ("too large").
+        let len = u32::try_from(encoded.len()).unwrap_or(u32::MAX);
+        framed.extend_from_slice(&len.to_be_bytes());
+        framed.extend_from_slice(encoded);
+        Self {
+            framed: Bytes::from(framed),
+        }
+    }
+
+    /// The message, without its frame header.
+    fn unframed(&self) -> Bytes {
+        self.framed.slice(GRPC_HEADER.min(self.framed.len())..)
+    }
+}
 
 /// A connection to the collector, opened on first use and again after a
 /// failure.
@@ -481,7 +546,11 @@ impl Client {
     /// an exponential backoff with jitter (or the collector's
     /// `retry-after`), until `timeout` has passed since the first attempt.
     /// Any other failure ends it at once.
-    pub(crate) async fn export(&mut self, message: &[u8], timeout: Duration) -> Result<(), String> {
+    pub(crate) async fn export(
+        &mut self,
+        message: &Message,
+        timeout: Duration,
+    ) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut attempt = 0;
         loop {
@@ -510,7 +579,7 @@ impl Client {
     }
 
     /// Sends one export request (`message`, encoded), once.
-    async fn send(&mut self, message: &[u8]) -> Result<(), Failure> {
+    async fn send(&mut self, message: &Message) -> Result<(), Failure> {
         let usable = match &self.connection {
             Some(Connection::Http2(sender)) => !sender.is_closed(),
             Some(Connection::Http1(sender)) => !sender.is_closed(),
@@ -521,16 +590,12 @@ impl Client {
         }
         let mut request = match self.protocol {
             OtlpProtocol::Grpc => {
-                // A gRPC message: not compressed, its length, the bytes.
-                let mut framed = Vec::with_capacity(5 + message.len());
-                framed.push(0);
-                let len = u32::try_from(message.len())
-                    .map_err(|_| Failure::fatal("batch too large".into()))?;
-                framed.extend_from_slice(&len.to_be_bytes());
-                framed.extend_from_slice(message);
+                if message.framed.len().saturating_sub(GRPC_HEADER) > u32::MAX as usize {
+                    return Err(Failure::fatal("batch too large".into()));
+                }
                 let scheme = if self.tls.is_some() { "https" } else { "http" };
                 let uri = format!("{scheme}://{}{}", self.authority, self.grpc_path);
-                let mut request = Request::post(uri).body(Full::new(Bytes::from(framed)));
+                let mut request = Request::post(uri).body(Full::new(message.framed.clone()));
                 if let Ok(request) = &mut request {
                     let headers = request.headers_mut();
                     headers.insert(
@@ -546,8 +611,7 @@ impl Client {
                     .url
                     .path_and_query()
                     .map_or("/", http::uri::PathAndQuery::as_str);
-                let mut request =
-                    Request::post(path).body(Full::new(Bytes::copy_from_slice(message)));
+                let mut request = Request::post(path).body(Full::new(message.unframed()));
                 if let Ok(request) = &mut request {
                     let headers = request.headers_mut();
                     headers.insert(
@@ -688,7 +752,7 @@ mod tests {
         let (url, seen) = collector(vec![(503, Some("0")), (429, None), (502, None)]).await;
         let mut client = client(url);
         client
-            .export(b"batch", Duration::from_secs(5))
+            .export(&Message::copied(b"batch"), Duration::from_secs(5))
             .await
             .unwrap();
         assert_eq!(seen.load(Relaxed), 4, "three refusals, then accepted");
@@ -699,7 +763,7 @@ mod tests {
         let (url, seen) = collector(vec![(400, None)]).await;
         let mut client = client(url);
         let error = client
-            .export(b"batch", Duration::from_secs(5))
+            .export(&Message::copied(b"batch"), Duration::from_secs(5))
             .await
             .unwrap_err();
         assert!(error.contains("400"), "{error}");
@@ -713,7 +777,7 @@ mod tests {
         let mut client = client(url);
         let started = tokio::time::Instant::now();
         let error = client
-            .export(b"batch", Duration::from_secs(2))
+            .export(&Message::copied(b"batch"), Duration::from_secs(2))
             .await
             .unwrap_err();
         assert!(error.contains("503"), "{error}");
@@ -726,7 +790,7 @@ mod tests {
         };
         let mut client = self::client(format!("http://{dead}/v1/metrics"));
         let error = client
-            .export(b"batch", Duration::from_millis(300))
+            .export(&Message::copied(b"batch"), Duration::from_millis(300))
             .await
             .unwrap_err();
         assert!(error.contains("connecting"), "{error}");
