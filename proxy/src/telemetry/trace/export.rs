@@ -54,9 +54,9 @@ pub struct TraceMetrics {
 }
 
 thread_local! {
-    /// Each worker's scratch space for writing spans, and the span it
-    /// writes.
-    static WRITER: RefCell<(SpanWriter, Vec<u8>)> = RefCell::default();
+    /// Each worker's scratch space for writing a span before its length
+    /// is known.
+    static WRITER: RefCell<SpanWriter> = RefCell::default();
 }
 
 /// One exporter's queue: what the request path sends spans to.
@@ -140,9 +140,8 @@ impl Queue {
             self.metrics.spans_dropped.fetch_add(1, Relaxed);
             return;
         }
-        let queued = WRITER.with_borrow_mut(|(writer, written)| {
-            written.clear();
-            writer.write(span, written);
+        let queued = WRITER.with_borrow_mut(|writer| {
+            writer.encode(span);
             let mut pending = self.shared.pending();
             if pending.spans >= self.shared.capacity {
                 return None;
@@ -152,14 +151,15 @@ impl Queue {
                 Some(last) if last.spans < self.shared.batch => last,
                 _ => {
                     let room = self.shared.room;
-                    let mut bytes = Vec::with_capacity(pending.filled.max(room + written.len()));
+                    let mut bytes =
+                        Vec::with_capacity(pending.filled.max(room + writer.written_len()));
                     bytes.resize(room, 0);
                     pending.batches.push(Batch { bytes, spans: 0 });
                     let last = pending.batches.len() - 1;
                     &mut pending.batches[last]
                 }
             };
-            batch.bytes.extend_from_slice(written);
+            writer.append(&mut batch.bytes);
             batch.spans += 1;
             if batch.spans == self.shared.batch {
                 pending.filled = batch.bytes.len();
