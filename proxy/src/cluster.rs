@@ -362,7 +362,6 @@ impl ClusterState {
                 };
                 span.status = status;
                 span.flag = flag;
-                span.route = Some(outbound.route.clone());
                 span.cluster = Some(self.config.name.clone());
                 span.attempt = u32::try_from(attempt).unwrap_or(u32::MAX);
                 let open = OpenSpan::new(outbound.tracer.clone(), span);

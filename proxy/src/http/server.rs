@@ -873,7 +873,6 @@ async fn route_and_forward(
                 req.extensions_mut().insert(Outbound {
                     context,
                     tracer: tracer.clone(),
-                    route: route.name.clone(),
                 });
             } else {
                 // PERF: a trace that records nothing needs no span per

@@ -365,8 +365,6 @@ pub(crate) fn strip_incoming(headers: &mut HeaderMap, context: &Context) {
 pub(crate) struct Outbound {
     pub(crate) context: Context,
     pub(crate) tracer: Arc<Tracer>,
-    /// The route, for the client span.
-    pub(crate) route: Arc<str>,
 }
 
 impl Outbound {
@@ -399,14 +397,14 @@ fn write(headers: &mut HeaderMap, context: &Context, span_id: u64) {
     }
 }
 
-/// A span still open: it ends, and is queued, when its last holder lets go
-/// of it. The request's server span ends with its response body. A client
-/// span rides on its attempt's response to the connection's part of the
-/// path, which keeps it as long, so that it covers the upstream's body too;
-/// an attempt whose response is dropped (a retry follows) ends there.
-#[derive(Debug, Clone)]
+/// A span still open: it ends, and is queued, when it is dropped. The
+/// request's server span ends with its response body. A client span rides
+/// on its attempt's response to the connection's part of the path, which
+/// keeps it as long, so that it covers the upstream's body too; an attempt
+/// whose response is dropped (a retry follows) ends there.
+#[derive(Debug)]
 pub(crate) struct OpenSpan {
-    open: Arc<Open>,
+    open: Box<Open>,
 }
 
 #[derive(Debug)]
@@ -418,7 +416,7 @@ struct Open {
 impl OpenSpan {
     pub(crate) fn new(tracer: Arc<Tracer>, span: SpanRecord) -> Self {
         Self {
-            open: Arc::new(Open {
+            open: Box::new(Open {
                 tracer,
                 span: Some(span),
             }),
