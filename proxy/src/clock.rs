@@ -16,7 +16,7 @@
 use std::cell::Cell;
 use std::marker::PhantomData;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 thread_local! {
     static HELD: Cell<Option<(Instant, u64)>> = const { Cell::new(None) };
@@ -94,6 +94,45 @@ pub(crate) async fn keep_a_timer_pending() {
     }
 }
 
+thread_local! {
+    /// This thread's last reading of both clocks, for [`wall_of`].
+    static WALL: Cell<Option<(Instant, SystemTime)>> = const { Cell::new(None) };
+}
+
+/// How far from its thread's last reading of both clocks an instant is
+/// turned into a wall-clock time by adding the difference; further, the
+/// clocks are read again. A step of the system clock (set by hand, or by
+/// NTP) shows within this; a slew changes both clocks alike.
+const WALL_READING: Duration = Duration::from_secs(1);
+
+/// The wall-clock time of `at`, an instant the caller read anyway (when a
+/// request started, when its response ended).
+///
+/// PERF: a span's start and end are wall-clock times; reading the system
+/// clock for each beside the monotonic reading the request path makes
+/// anyway cost 3 `clock_gettime`s a traced request, about 40 ns each on
+/// this machine class (a virtual machine's clock).
+pub(crate) fn wall_of(at: Instant) -> SystemTime {
+    let (instant, wall) = match WALL.get() {
+        Some((instant, wall))
+            if at.saturating_duration_since(instant) < WALL_READING
+                && instant.saturating_duration_since(at) < WALL_READING =>
+        {
+            (instant, wall)
+        }
+        _ => {
+            let reading = (Instant::now(), SystemTime::now());
+            WALL.set(Some(reading));
+            reading
+        }
+    };
+    if at >= instant {
+        wall.checked_add(at - instant).unwrap_or(wall)
+    } else {
+        wall.checked_sub(instant - at).unwrap_or(wall)
+    }
+}
+
 /// The instant a wall-clock time falls at (now, for one already past):
 /// when a certificate's `not_after` comes, for a deadline.
 pub(crate) fn instant_of(time: std::time::SystemTime) -> Instant {
@@ -106,6 +145,26 @@ pub(crate) fn instant_of(time: std::time::SystemTime) -> Instant {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instant_becomes_the_wall_clock_time_it_was_read_at() {
+        let before = SystemTime::now();
+        let at = Instant::now();
+        let after = SystemTime::now();
+        let wall = wall_of(at);
+        // Within the clocks' reading of each other (a few microseconds).
+        let slack = Duration::from_millis(5);
+        assert!(wall + slack >= before && wall <= after + slack);
+        // Instants before and after the reading, near and far from it.
+        for offset in [1, 999, 1_000, 5_000, 3_600_000] {
+            let offset = Duration::from_millis(offset);
+            let later = wall_of(at + offset);
+            let earlier = wall_of(at.checked_sub(offset).unwrap_or(at));
+            let span = later.duration_since(earlier).unwrap();
+            let expected = (at + offset) - at.checked_sub(offset).unwrap_or(at);
+            assert!(span.abs_diff(expected) < slack, "{offset:?}: {span:?}");
+        }
+    }
 
     #[test]
     fn a_hold_is_seen_until_it_is_dropped() {

@@ -69,7 +69,8 @@ impl Finish {
     fn done(self, bytes_sent: u64) {
         // The request stops counting as in flight with this.
         let _request = self.request;
-        let duration = self.start.elapsed();
+        let now = std::time::Instant::now();
+        let duration = now.saturating_duration_since(self.start);
         self.metrics.record(self.status, duration);
         if let Some((log, mut record)) = self.access {
             record.bytes_sent = bytes_sent;
@@ -77,8 +78,11 @@ impl Finish {
             log.log(*record);
         }
         // The client span ends first, as the upstream's body did, then
-        // the server span (both when dropped).
-        drop(self.client_span);
+        // the server span, both now.
+        let end = self.span.is_some().then(|| crate::clock::wall_of(now));
+        if let (Some(client), Some(end)) = (self.client_span, end) {
+            client.end_at(end);
+        }
         if let Some(istio) = self.istio {
             istio.metrics.record(&istio::Request {
                 party: istio.party,
@@ -99,11 +103,14 @@ impl Finish {
                     .map_or(0, crate::body::Messages::complete),
             });
         }
-        if let Some((trace_id, span_id)) = self.span.as_ref().and_then(OpenSpan::ids) {
-            // The request-duration histogram points at the trace.
-            self.metrics
-                .duration
-                .keep_exemplar(duration, trace_id, span_id);
+        if let (Some(span), Some(end)) = (self.span, end) {
+            if let Some((trace_id, span_id)) = span.ids() {
+                // The request-duration histogram points at the trace.
+                self.metrics
+                    .duration
+                    .keep_exemplar(duration, trace_id, span_id);
+            }
+            span.end_at(end);
         }
     }
 }

@@ -611,7 +611,7 @@ async fn handle(
         .filter(|(tracer, context)| tracer.may_record(context))
         .map(|_| {
             (
-                SystemTime::now(),
+                crate::clock::wall_of(start),
                 req.method().clone(),
                 req.uri().clone(),
                 req.headers().get(header::HOST).cloned(),
@@ -622,7 +622,7 @@ async fn handle(
         (
             log.clone(),
             Box::new(AccessRecord {
-                start: SystemTime::now(),
+                start: crate::clock::wall_of(start),
                 listener: listener.config.name.clone(),
                 route: None,
                 method: req.method().clone(),

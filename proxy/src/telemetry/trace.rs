@@ -427,6 +427,15 @@ impl OpenSpan {
     pub(crate) fn ids(&self) -> Option<(u128, u64)> {
         self.open.span.as_ref().map(|s| (s.trace_id, s.span_id))
     }
+
+    /// Ends the span at `end` (a time the caller read anyway) rather than
+    /// when it is dropped.
+    pub(crate) fn end_at(mut self, end: SystemTime) {
+        if let Some(mut span) = self.open.span.take() {
+            span.end = end;
+            self.open.tracer.queue.send(&span);
+        }
+    }
 }
 
 impl Drop for Open {
