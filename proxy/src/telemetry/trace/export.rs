@@ -100,7 +100,7 @@ struct Pending {
     closed: bool,
 }
 
-/// One export's spans, one after the other as [`SpanWriter::write`] wrote
+/// One export's spans, one after the other as [`SpanWriter::append`] wrote
 /// them, after `Shared::room` bytes left free.
 #[derive(Debug)]
 struct Batch {

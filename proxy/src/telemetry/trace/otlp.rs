@@ -247,7 +247,7 @@ impl Encoder {
     }
 
     /// Writes the head of one `ExportTraceServiceRequest` whose spans (as
-    /// [`SpanWriter::write`] wrote them) follow the first
+    /// [`SpanWriter::append`] wrote them) follow the first
     /// [`Encoder::room`] bytes of `batch`, at the end of that room, and a
     /// gRPC frame header (uncompressed, the message's length) before it.
     /// Returns where the frame header starts: the message follows it, to
