@@ -263,16 +263,8 @@ clusters:
             .await,
         1.0
     );
-    let (_, clusters) = proxy.admin_get("/clusters").await.unwrap();
-    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
-    let dead_view = clusters[0]["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["address"] == dead.to_string().as_str())
-        .unwrap()
-        .clone();
-    assert_eq!(dead_view["health"], "ejected", "{clusters}");
+    let dead_view = endpoint_view(&proxy, dead).await;
+    assert_eq!(dead_view["health"], "ejected", "{dead_view}");
 }
 
 #[tokio::test]
