@@ -453,6 +453,23 @@ impl DownstreamIo {
         self.prefix = joined.into();
     }
 
+    /// Whether [`Self::poll_read_ready`] tells when a read will find
+    /// something: a plain connection with nothing put back. A TLS one may
+    /// hold decrypted bytes that the socket's readiness does not show.
+    pub(crate) fn waits_without_buffer(&self) -> bool {
+        self.prefix.is_empty() && matches!(self.stream, Stream::Tcp(_))
+    }
+
+    /// Ready when a read may find bytes (or the end of the stream); at
+    /// once unless [`Self::waits_without_buffer`]. Holds no buffer and
+    /// makes no system call while readiness is unknown.
+    pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match &self.stream {
+            Stream::Tcp(stream) if self.prefix.is_empty() => stream.poll_read_ready(cx),
+            _ => Poll::Ready(Ok(())),
+        }
+    }
+
     /// Ready when the client has sent more (true) or closed the
     /// connection (false); holds no buffer.
     pub(crate) fn poll_wait_for_data(&self, cx: &mut Context<'_>) -> Poll<bool> {

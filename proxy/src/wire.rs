@@ -505,6 +505,103 @@ pub(crate) fn poll_fill<T: tokio::io::AsyncRead + Unpin>(
     Poll::Ready(Ok(n))
 }
 
+/// What this thread's downstream HTTP/1.1 connections hold only while
+/// they serve a request.
+///
+/// PERF: a keep-alive connection waits for its next request holding no
+/// buffer. When a response is done and nothing of the next request has
+/// arrived, the connection gives back its read and write buffers, its
+/// spare header map and the box of its requests' future as one [`Kit`];
+/// the next connection on this thread whose client sends takes one. Idle
+/// connections then cost their socket and task from the first idle
+/// moment, not only once parked (benches/RESULTS.md); a busy connection
+/// pays one push and one pop. At most [`KITS`] are kept, and no buffer
+/// grown past the usual size.
+pub(crate) mod spare {
+    use std::any::Any;
+    use std::cell::RefCell;
+
+    use bytes::BytesMut;
+    use http::HeaderMap;
+
+    /// The most kits kept per thread.
+    pub(crate) const KITS: usize = 32;
+    /// The largest read buffer kept (a large body's reads grow theirs).
+    const MAX_READ_KEPT: usize = 2 * super::READ_CHUNK;
+    /// The largest write buffer kept.
+    const MAX_WRITE_KEPT: usize = 8 * 1024;
+    /// The largest header map kept, in headers.
+    const MAX_MAP_KEPT: usize = 64;
+
+    /// A connection's buffers between requests.
+    #[derive(Default)]
+    pub(crate) struct Kit {
+        /// Empty.
+        pub(crate) read: BytesMut,
+        /// Empty.
+        pub(crate) write: Vec<u8>,
+        /// Empty.
+        pub(crate) map: Option<HeaderMap>,
+        /// A slot with the box that held a request's future, emptied, of
+        /// whatever type the server that gave it runs.
+        pub(crate) future_box: Option<Box<dyn Any + Send>>,
+    }
+
+    thread_local! {
+        static KEPT: RefCell<Vec<Kit>> = const { RefCell::new(Vec::new()) };
+    }
+
+    /// A kit, or an empty one (whose buffers are made as they are needed).
+    pub(crate) fn take() -> Kit {
+        KEPT.try_with(|kept| kept.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Gives back a kit; what was grown past the usual size, or is not
+    /// empty, is dropped.
+    pub(crate) fn give(mut kit: Kit) {
+        if !kit.read.is_empty() || kit.read.capacity() > MAX_READ_KEPT {
+            kit.read = BytesMut::new();
+        }
+        if kit.write.capacity() > MAX_WRITE_KEPT {
+            kit.write = Vec::new();
+        }
+        kit.write.clear();
+        if kit
+            .map
+            .as_ref()
+            .is_some_and(|map| !map.is_empty() || map.capacity() > MAX_MAP_KEPT)
+        {
+            kit.map = None;
+        }
+        let _ = KEPT.try_with(|kept| {
+            if let Ok(mut kept) = kept.try_borrow_mut()
+                && kept.len() < KITS
+            {
+                kept.push(kit);
+            }
+        });
+    }
+
+    /// How many kits this thread keeps now, and how many of them have
+    /// room in each buffer and a future's box.
+    #[cfg(test)]
+    pub(crate) fn kept() -> (usize, usize) {
+        KEPT.with(|kept| {
+            let kept = kept.borrow();
+            let whole = kept.iter().filter(|kit| {
+                kit.read.capacity() > 0
+                    && kit.write.capacity() > 0
+                    && kit.map.is_some()
+                    && kit.future_box.is_some()
+            });
+            (kept.len(), whole.count())
+        })
+    }
+}
+
 /// A downstream HTTP/1.1 connection's socket and read buffer, shared by
 /// the connection (which reads request heads and writes responses) and the
 /// request body being read (which reads the rest of the request while the

@@ -35,6 +35,7 @@
 //!   with `connection: keep-alive`. Pipelined requests are answered in
 //!   order. A client that closes while its response is awaited cancels it.
 
+use std::any::Any;
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
@@ -97,9 +98,11 @@ pub(crate) struct Server<M, F, B> {
     make: M,
     /// The request's future while it runs.
     ///
-    /// PERF: boxed once per connection and reused by each request on it,
-    /// rather than boxed per request.
-    serving: Pin<Box<Option<F>>>,
+    /// PERF: its box is reused by each request rather than made per
+    /// request. Between requests it waits with the connection's buffers
+    /// in a kit (`crate::wire::spare`), for whichever connection on this
+    /// thread reads next.
+    serving: KeptBox<F>,
     phase: Phase<B>,
     ex: Exchange,
 }
@@ -117,6 +120,9 @@ enum Phase<B> {
     /// caller's.
     Done,
 }
+
+/// The box of a request's future, kept between requests.
+type KeptBox<F> = Option<Pin<Box<Option<F>>>>;
 
 /// What the connection knows of the exchange in progress, and its own
 /// settings.
@@ -136,12 +142,15 @@ struct Exchange {
     /// The last response's header map, emptied: the next request's map,
     /// with its room.
     spare: Option<HeaderMap>,
+    /// A slot holding a kept box for the next request's future (a
+    /// `KeptBox<F>`; see `crate::wire::spare`).
+    future_box: Option<Box<dyn Any + Send>>,
 }
 
 impl<M, F, B> Server<M, F, B>
 where
     M: FnMut(Request<IncomingBody>) -> F,
-    F: Future<Output = Result<Response<B>, Infallible>>,
+    F: Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
     B: Body<Data = bytes::Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
@@ -149,7 +158,7 @@ where
         Self {
             wire: Arc::new(Mutex::new(Wire::new(io))),
             make,
-            serving: Box::pin(None),
+            serving: None,
             phase: Phase::Head,
             ex: Exchange {
                 limits,
@@ -162,7 +171,15 @@ where
                 upgraded: false,
                 names: Vec::new(),
                 spare: None,
+                future_box: None,
             },
+        }
+    }
+
+    /// Drops the request's future, keeping its box.
+    fn end_serving(&mut self) {
+        if let Some(serving) = &mut self.serving {
+            serving.set(None);
         }
     }
 
@@ -199,7 +216,21 @@ where
                     };
                     match std::task::ready!(polled) {
                         Ok(Some(request)) => {
-                            self.serving.set(Some((self.make)(request)));
+                            let future = (self.make)(request);
+                            let serving = self.serving.take().or_else(|| {
+                                self.ex
+                                    .future_box
+                                    .as_mut()?
+                                    .downcast_mut::<KeptBox<F>>()?
+                                    .take()
+                            });
+                            self.serving = Some(match serving {
+                                Some(mut serving) => {
+                                    serving.set(Some(future));
+                                    serving
+                                }
+                                None => Box::pin(Some(future)),
+                            });
                             self.phase = Phase::Serving;
                         }
                         Ok(None) => {
@@ -228,12 +259,13 @@ where
                     }
                 }
                 Phase::Serving => {
-                    let Some(serving) = self.serving.as_mut().as_pin_mut() else {
+                    let Some(serving) = self.serving.as_mut().and_then(|s| s.as_mut().as_pin_mut())
+                    else {
                         self.phase = Phase::Done;
                         continue;
                     };
                     if let Poll::Ready(Ok(response)) = serving.poll(cx) {
-                        self.serving.set(None);
+                        self.end_serving();
                         let mut wire = self.wire.lock().unwrap_or_else(PoisonError::into_inner);
                         // Too late to tell the client to send its body.
                         wire.expects_continue = false;
@@ -254,7 +286,7 @@ where
                     if client_left(&mut wire, cx) {
                         // The request is cancelled with its future.
                         drop(wire);
-                        self.serving.set(None);
+                        self.end_serving();
                         self.phase = Phase::Done;
                         return Poll::Ready(Ok(()));
                     }
@@ -278,6 +310,25 @@ where
                     }
                     if !self.ex.keep_alive || self.ex.closing {
                         return Poll::Ready(Ok(()));
+                    }
+                    // Nothing of the next request yet: wait for it
+                    // holding no buffer.
+                    if wire.read.is_empty() && wire.io.waits_without_buffer() {
+                        // The future's box goes in a slot that goes with
+                        // the kit, made once.
+                        let mut slot = match self.ex.future_box.take() {
+                            Some(slot) if slot.is::<KeptBox<F>>() => slot,
+                            _ => Box::new(KeptBox::<F>::None),
+                        };
+                        if let Some(kept) = slot.downcast_mut::<KeptBox<F>>() {
+                            *kept = self.serving.take();
+                        }
+                        crate::wire::spare::give(crate::wire::spare::Kit {
+                            read: std::mem::take(&mut wire.read),
+                            write: std::mem::take(&mut self.ex.write),
+                            map: self.ex.spare.take(),
+                            future_box: Some(slot),
+                        });
                     }
                     self.phase = Phase::Head;
                 }
@@ -314,6 +365,21 @@ fn poll_head(
             }
         } else if ex.closing {
             return Poll::Ready(Ok(None));
+        }
+        if wire.read.is_empty() && wire.read.capacity() == 0 && wire.io.waits_without_buffer() {
+            // Between requests: wait for the client holding no buffer.
+            std::task::ready!(wire.io.poll_read_ready(cx)).map_err(Failure::Io)?;
+            let kit = crate::wire::spare::take();
+            wire.read = kit.read;
+            if ex.write.capacity() == 0 {
+                ex.write = kit.write;
+            }
+            if ex.spare.is_none() {
+                ex.spare = kit.map;
+            }
+            if ex.future_box.is_none() {
+                ex.future_box = kit.future_box;
+            }
         }
         match std::task::ready!(wire.poll_fill(cx)) {
             // The client closed: between requests that is the end; within

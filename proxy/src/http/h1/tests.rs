@@ -142,6 +142,36 @@ async fn pipelined_keep_alive_requests_are_answered_in_order() {
 }
 
 #[tokio::test]
+async fn a_connection_waits_for_its_next_request_holding_no_buffer() {
+    use crate::wire::spare;
+    let (mut client, io) = pair().await;
+    let before = spare::kept();
+    // A response with a header: its map is the one given back.
+    let served = serve(io, LIMITS, |req| async {
+        let mut response = echo(req).await?;
+        let served = HeaderValue::from_static("yes");
+        response.headers_mut().insert("x-served", served);
+        Ok(response)
+    });
+    for path in ["/one", "/two"] {
+        client
+            .write_all(format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        read_until(&mut client, &format!("GET {path} HTTP/1.1|")).await;
+        // The response is written by the poll that then gives the
+        // buffers back: on this one thread, before the client reads it.
+        assert_eq!(
+            spare::kept(),
+            (before.0 + 1, before.1 + 1),
+            "after {path}: the connection's buffers and its future's box are given back"
+        );
+    }
+    drop(client);
+    assert!(served.await.unwrap().result.is_ok());
+}
+
+#[tokio::test]
 async fn bodies_are_read_whole_with_the_head_or_streamed_and_chunks_decoded() {
     let (mut client, io) = pair().await;
     let streamed = Arc::new(AtomicUsize::new(0));
