@@ -172,6 +172,56 @@ async fn a_connection_waits_for_its_next_request_holding_no_buffer() {
 }
 
 #[tokio::test]
+async fn connections_take_each_others_buffers_and_keep_a_pipelined_request() {
+    let (mut one, io) = pair().await;
+    let served_one = serve(io, LIMITS, echo);
+    let (mut two, io) = pair().await;
+    let served_two = serve(io, LIMITS, echo);
+    one.write_all(b"GET /a HTTP/1.1\r\nhost: a\r\n\r\n")
+        .await
+        .unwrap();
+    read_until(&mut one, "GET /a HTTP/1.1|").await;
+    // The second connection reads with the buffers the first gave back.
+    two.write_all(b"POST /b HTTP/1.1\r\nhost: a\r\ncontent-length: 3\r\n\r\nxyz")
+        .await
+        .unwrap();
+    read_until(&mut two, "POST /b HTTP/1.1|xyz").await;
+    // Two requests in one write: the second is in the read buffer when
+    // the first's response is done, so the buffer stays with its
+    // connection, and the second is answered.
+    one.write_all(
+        b"GET /c HTTP/1.1\r\nhost: a\r\n\r\nPOST /d HTTP/1.1\r\nhost: a\r\ncontent-length: 2\r\n\r\nok",
+    )
+    .await
+    .unwrap();
+    let out = read_until(&mut one, "POST /d HTTP/1.1|ok").await;
+    assert!(out.contains("GET /c HTTP/1.1|"), "{out}");
+    // A body larger than the read buffer's first size grows it; the
+    // connection goes on with what it is given next.
+    let big = "x".repeat(40 * 1024);
+    two.write_all(
+        format!(
+            "POST /e HTTP/1.1\r\nhost: a\r\ncontent-length: {}\r\n\r\n{big}",
+            big.len()
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    read_until(&mut two, &format!("POST /e HTTP/1.1|{big}")).await;
+    for client in [&mut one, &mut two] {
+        client
+            .write_all(b"GET /f HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let out = read_to_close(client).await;
+        assert!(out.contains("GET /f HTTP/1.1|"), "{out}");
+    }
+    assert!(served_one.await.unwrap().result.is_ok());
+    assert!(served_two.await.unwrap().result.is_ok());
+}
+
+#[tokio::test]
 async fn bodies_are_read_whole_with_the_head_or_streamed_and_chunks_decoded() {
     let (mut client, io) = pair().await;
     let streamed = Arc::new(AtomicUsize::new(0));
