@@ -465,7 +465,7 @@ impl DownstreamIo {
     /// makes no system call while readiness is unknown.
     pub(crate) fn poll_read_ready(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match &self.stream {
-            Stream::Tcp(stream) if self.prefix.is_empty() => stream.poll_read_ready(cx),
+            Stream::Tcp(stream) if self.waits_without_buffer() => stream.poll_read_ready(cx),
             _ => Poll::Ready(Ok(())),
         }
     }

@@ -525,7 +525,7 @@ pub(crate) mod spare {
     use http::HeaderMap;
 
     /// The most kits kept per thread.
-    pub(crate) const KITS: usize = 32;
+    const KITS: usize = 32;
     /// The largest read buffer kept (a large body's reads grow theirs).
     const MAX_READ_KEPT: usize = 2 * super::READ_CHUNK;
     /// The largest write buffer kept.
