@@ -672,3 +672,69 @@ async fn large_bodies_come_whole_across_many_reads() {
     assert!(frames.len() > 1);
     assert!(response.body_mut().take_connection().is_some());
 }
+
+#[tokio::test]
+async fn a_response_head_is_read_into_the_map_of_the_request_before_it() {
+    let (conn, mut server) = pipe();
+    let mut req = get("/first");
+    for i in 0..40 {
+        req.headers_mut().insert(
+            HeaderName::try_from(format!("x-{i}")).unwrap(),
+            HeaderValue::from_static("v"),
+        );
+    }
+    let grown = req.headers().capacity();
+    assert!(grown >= 41);
+    let (mut response, _) = exchange(
+        conn,
+        &mut server,
+        req,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    // The first response on a connection gets a map of its own, sized for
+    // its head.
+    assert!(response.headers().capacity() < grown);
+    let conn = response.body_mut().take_connection().expect("reusable");
+    let (response, _) = exchange(
+        conn,
+        &mut server,
+        get("/second"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Up: yes\r\n\r\n",
+    )
+    .await;
+    // The second is read into the first request's map, emptied.
+    assert_eq!(response.headers().capacity(), grown);
+    assert_eq!(response.headers().len(), 2);
+    assert_eq!(response.headers()["x-up"], "yes");
+    assert_eq!(response.headers()[header::CONTENT_LENGTH], "0");
+}
+
+#[tokio::test]
+async fn a_request_map_grown_past_the_usual_size_is_not_kept() {
+    let (conn, mut server) = pipe();
+    let mut req = get("/first");
+    for i in 0..MAX_SPARE_MAP {
+        req.headers_mut().insert(
+            HeaderName::try_from(format!("x-{i}")).unwrap(),
+            HeaderValue::from_static("v"),
+        );
+    }
+    assert!(req.headers().capacity() > MAX_SPARE_MAP);
+    let (mut response, _) = exchange(
+        conn,
+        &mut server,
+        req,
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    let conn = response.body_mut().take_connection().expect("reusable");
+    let (response, _) = exchange(
+        conn,
+        &mut server,
+        get("/second"),
+        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
+    )
+    .await;
+    assert!(response.headers().capacity() <= MAX_SPARE_MAP);
+}
