@@ -577,7 +577,7 @@ impl ClusterService {
 impl tower::Service<Request<RequestBody>> for ClusterService {
     type Response = Response<UpstreamBody>;
     type Error = ProxyError;
-    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, ProxyError>> + Send>>;
+    type Future = Forwarding;
 
     fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), ProxyError>> {
         Poll::Ready(Ok(()))
@@ -589,7 +589,134 @@ impl tower::Service<Request<RequestBody>> for ClusterService {
         let deadline = self
             .per_try_timeout
             .map(|timeout| crate::clock::tokio_now() + timeout);
-        Box::pin(self.state.clone().forward(req, deadline))
+        Forwarding::new(self.state.clone().forward(req, deadline))
+    }
+}
+
+type Forwarded = Result<Response<UpstreamBody>, ProxyError>;
+
+/// A request's attempt on its way to the cluster, in a box that is kept,
+/// emptied, by the thread when the attempt is over, for the next one.
+///
+/// PERF: the attempt's future (about 3 KiB: the endpoint's exchange is
+/// in it) is boxed, so that the route's layers move a pointer; a box
+/// allocated for each request was, after the response's header map, the
+/// proxy's only allocation per HTTP/1.1 request, and one large enough that
+/// glibc served it from its bins, not its per-thread cache
+/// (benches/RESULTS.md).
+pub(crate) struct Forwarding(Option<Pin<Box<dyn Slot>>>);
+
+/// An attempt's future in its box, or the box emptied: what
+/// [`Forwarding`] holds, of the one type `ClusterState::forward` returns.
+trait Slot: Send {
+    fn poll_slot(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Forwarded>;
+    /// Moves the future in `future` (an `Option` of this slot's type)
+    /// into the emptied slot; false when it is of another type.
+    fn fill(self: Pin<&mut Self>, future: &mut dyn std::any::Any) -> bool;
+    /// Drops the future in place.
+    fn empty(self: Pin<&mut Self>);
+}
+
+impl<F> Slot for Option<F>
+where
+    F: Future<Output = Forwarded> + Send + 'static,
+{
+    fn poll_slot(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Forwarded> {
+        match self.as_pin_mut() {
+            Some(future) => future.poll(cx),
+            // Not polled after it is over: tower's futures are not fused.
+            None => Poll::Pending,
+        }
+    }
+
+    fn fill(mut self: Pin<&mut Self>, future: &mut dyn std::any::Any) -> bool {
+        match future.downcast_mut::<Self>() {
+            Some(future) => {
+                self.set(future.take());
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn empty(mut self: Pin<&mut Self>) {
+        self.set(None);
+    }
+}
+
+/// The most emptied boxes a thread keeps: as many attempts as its
+/// connections have in flight at once, up to this.
+const KEPT_SLOTS: usize = 64;
+
+thread_local! {
+    static KEPT: std::cell::RefCell<Vec<Pin<Box<dyn Slot>>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Forwarding {
+    fn new<F>(future: F) -> Self
+    where
+        F: Future<Output = Forwarded> + Send + 'static,
+    {
+        let mut future = Some(future);
+        let kept = KEPT
+            .try_with(|kept| kept.try_borrow_mut().ok()?.pop())
+            .ok()
+            .flatten();
+        if let Some(mut slot) = kept {
+            if slot.as_mut().fill(&mut future) {
+                return Self(Some(slot));
+            }
+            // A box for another type of future: kept for that one.
+            keep(slot);
+        }
+        Self(Some(Box::pin(future)))
+    }
+
+    /// How many emptied boxes this thread keeps.
+    #[cfg(test)]
+    fn kept() -> usize {
+        KEPT.with(|kept| kept.borrow().len())
+    }
+}
+
+impl Future for Forwarding {
+    type Output = Forwarded;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Forwarded> {
+        match self.0.as_mut() {
+            Some(slot) => slot.as_mut().poll_slot(cx),
+            None => Poll::Pending,
+        }
+    }
+}
+
+impl Drop for Forwarding {
+    fn drop(&mut self) {
+        let Some(mut slot) = self.0.take() else {
+            return;
+        };
+        // What the attempt holds (a connection, a guard) goes now, as it
+        // would with the box.
+        slot.as_mut().empty();
+        keep(slot);
+    }
+}
+
+/// Keeps an emptied box on this thread, unless it keeps enough.
+fn keep(slot: Pin<Box<dyn Slot>>) {
+    let _ = KEPT.try_with(|kept| {
+        if let Ok(mut kept) = kept.try_borrow_mut()
+            && kept.len() < KEPT_SLOTS
+        {
+            kept.push(slot);
+        }
+    });
+}
+
+impl std::fmt::Debug for Forwarding {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Forwarding").finish_non_exhaustive()
     }
 }
 
@@ -769,6 +896,60 @@ async fn refresh_dns(state: Weak<ClusterState>) {
 mod tests {
     use super::*;
     use crate::config::Config;
+
+    /// Counts its drops.
+    struct Dropped(Arc<std::sync::atomic::AtomicUsize>);
+
+    impl Drop for Dropped {
+        fn drop(&mut self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    fn attempt(
+        drops: &Arc<std::sync::atomic::AtomicUsize>,
+    ) -> impl Future<Output = Forwarded> + Send + 'static {
+        let dropped = Dropped(drops.clone());
+        async move {
+            let _dropped = dropped;
+            tokio::task::yield_now().await;
+            Err(ProxyError::NoRoute)
+        }
+    }
+
+    fn address(forwarding: &Forwarding) -> Option<*const ()> {
+        forwarding
+            .0
+            .as_ref()
+            .map(|slot| std::ptr::from_ref::<dyn Slot>(&**slot).cast::<()>())
+    }
+
+    #[tokio::test]
+    async fn an_attempt_s_box_is_kept_when_it_ends_and_filled_by_the_next() {
+        use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+        let drops = Arc::new(AtomicUsize::new(0));
+        let first = Forwarding::new(attempt(&drops));
+        let boxed = address(&first);
+        assert!(matches!(first.await, Err(ProxyError::NoRoute)));
+        assert_eq!(drops.load(Relaxed), 1);
+        assert_eq!(Forwarding::kept(), 1, "emptied and kept");
+
+        let second = Forwarding::new(attempt(&drops));
+        assert_eq!(Forwarding::kept(), 0);
+        assert_eq!(address(&second), boxed, "the same box");
+        // Dropped before it ends (a timeout, a client gone): what it held
+        // goes at once, and the box is kept.
+        drop(second);
+        assert_eq!(drops.load(Relaxed), 2);
+        assert_eq!(Forwarding::kept(), 1);
+
+        // A future of another type gets a box of its own.
+        let other = Forwarding::new(async { Err(ProxyError::NoRoute) });
+        assert_ne!(address(&other), boxed);
+        assert_eq!(Forwarding::kept(), 1, "the kept box waits for its type");
+        assert!(other.await.is_err());
+        assert_eq!(Forwarding::kept(), 2);
+    }
 
     fn clusters(yaml: &str) -> Vec<Arc<Cluster>> {
         let text = format!("listeners: []\nclusters:\n{yaml}");
