@@ -21,6 +21,7 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
+use crate::telemetry::trace::Outbound;
 use crate::wire::IncomingBody;
 use pin_project_lite::pin_project;
 
@@ -96,13 +97,23 @@ pin_project! {
     #[derive(Debug)]
     #[project = RequestBodyProj]
     pub(crate) enum RequestBody {
-        Streaming { #[pin] body: ClientBody, counted: Counted },
+        Streaming { #[pin] body: ClientBody, counted: Counted, trace: Trace },
         // Trailers boxed: rare, and a map inline would make every request
         // 88 bytes larger to move through each layer.
-        Replay { data: Option<Bytes>, trailers: Option<Box<http::HeaderMap>> },
-        Prefixed { prefix: std::collections::VecDeque<Bytes>, #[pin] rest: ClientBody, counted: Counted },
+        Replay { data: Option<Bytes>, trailers: Option<Box<http::HeaderMap>>, trace: Trace },
+        Prefixed { prefix: std::collections::VecDeque<Bytes>, #[pin] rest: ClientBody, counted: Counted, trace: Trace },
     }
 }
+
+/// The trace a request's attempts continue, when spans may be recorded
+/// for them: it travels with the body, from the connection's part of the
+/// path to the cluster, which takes it for the attempt's client span.
+///
+/// PERF: carried in the request's extensions, it cost a map, its table
+/// and a box allocated per traced request, and a hashed insert and
+/// removal: about 850 instructions (callgrind, benches/RESULTS.md). Boxed
+/// here (8 bytes in every request), it costs one allocation.
+type Trace = Option<Box<Outbound>>;
 
 impl RequestBody {
     /// Streams the client's body.
@@ -110,6 +121,7 @@ impl RequestBody {
         Self::Streaming {
             body,
             counted: None,
+            trace: None,
         }
     }
 
@@ -119,6 +131,7 @@ impl RequestBody {
         Self::Streaming {
             body,
             counted: Some(counted),
+            trace: None,
         }
     }
 
@@ -127,6 +140,34 @@ impl RequestBody {
         Self::Replay {
             data: Some(replayable.data.clone()).filter(|d| !d.is_empty()),
             trailers: replayable.trailers.clone(),
+            trace: None,
+        }
+    }
+
+    fn trace_mut(&mut self) -> &mut Trace {
+        match self {
+            Self::Streaming { trace, .. }
+            | Self::Replay { trace, .. }
+            | Self::Prefixed { trace, .. } => trace,
+        }
+    }
+
+    /// Gives the request's attempts `trace` to continue.
+    pub(crate) fn set_trace(&mut self, trace: Trace) {
+        *self.trace_mut() = trace;
+    }
+
+    /// Takes the trace the request's attempt continues.
+    pub(crate) fn take_trace(&mut self) -> Trace {
+        self.trace_mut().take()
+    }
+
+    /// The trace the request's attempts continue.
+    pub(crate) fn trace(&self) -> Option<&Outbound> {
+        match self {
+            Self::Streaming { trace, .. }
+            | Self::Replay { trace, .. }
+            | Self::Prefixed { trace, .. } => trace.as_deref(),
         }
     }
 }
@@ -147,12 +188,12 @@ impl Replayable {
 
 /// `body` as a [`Replayable`] without reading anything, when it is whole
 /// already: no body at all (most requests), or one read before. Any other
-/// body comes back as it was.
+/// body comes back as it was. (A body's trace is not kept: take it first.)
 // The body comes back as it went in: boxing it would allocate per request.
 #[allow(clippy::result_large_err)]
 pub(crate) fn ready_for_replay(body: RequestBody) -> Result<Replayable, RequestBody> {
     match body {
-        RequestBody::Replay { data, trailers } => Ok(Replayable {
+        RequestBody::Replay { data, trailers, .. } => Ok(Replayable {
             data: data.unwrap_or_default(),
             trailers,
         }),
@@ -166,7 +207,7 @@ pub(crate) fn ready_for_replay(body: RequestBody) -> Result<Replayable, RequestB
 /// it is, to be sent first.
 pub(crate) fn replayable_now(body: &RequestBody) -> Option<Replayable> {
     match body {
-        RequestBody::Replay { data, trailers } => Some(Replayable {
+        RequestBody::Replay { data, trailers, .. } => Some(Replayable {
             data: data.clone().unwrap_or_default(),
             trailers: trailers.clone(),
         }),
@@ -178,7 +219,7 @@ pub(crate) fn replayable_now(body: &RequestBody) -> Option<Replayable> {
 /// Reads `body` whole if it fits in `limit` bytes: then it can be sent
 /// again. A larger body gives back what was read followed by the rest of
 /// the stream, to be sent once. A body the client breaks is an error (the
-/// client's).
+/// client's). (A body's trace is not kept: take it first.)
 pub(crate) async fn read_for_replay(
     body: RequestBody,
     limit: usize,
@@ -186,7 +227,7 @@ pub(crate) async fn read_for_replay(
     use http_body_util::BodyExt as _;
     let (mut incoming, counted) = match ready_for_replay(body) {
         Ok(replayable) => return Ok(Ok(replayable)),
-        Err(RequestBody::Streaming { body, counted }) => (body, counted),
+        Err(RequestBody::Streaming { body, counted, .. }) => (body, counted),
         Err(other) => return Ok(Err(other)),
     };
     if incoming
@@ -198,6 +239,7 @@ pub(crate) async fn read_for_replay(
         return Ok(Err(RequestBody::Streaming {
             body: incoming,
             counted,
+            trace: None,
         }));
     }
     let mut chunks = std::collections::VecDeque::new();
@@ -215,6 +257,7 @@ pub(crate) async fn read_for_replay(
                         prefix: chunks,
                         rest: incoming,
                         counted,
+                        trace: None,
                     }));
                 }
             }
@@ -367,8 +410,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, DownstreamBodyError>>> {
         match self.project() {
-            RequestBodyProj::Streaming { body, counted } => counting(body.poll_frame(cx), counted),
-            RequestBodyProj::Replay { data, trailers } => {
+            RequestBodyProj::Streaming { body, counted, .. } => {
+                counting(body.poll_frame(cx), counted)
+            }
+            RequestBodyProj::Replay { data, trailers, .. } => {
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
@@ -378,6 +423,7 @@ impl Body for RequestBody {
                 prefix,
                 rest,
                 counted,
+                ..
             } => match prefix.pop_front() {
                 Some(data) => Poll::Ready(Some(Ok(Frame::data(data)))),
                 None => counting(rest.poll_frame(cx), counted),
@@ -388,7 +434,7 @@ impl Body for RequestBody {
     fn is_end_stream(&self) -> bool {
         match self {
             Self::Streaming { body, .. } => body.is_end_stream(),
-            Self::Replay { data, trailers } => data.is_none() && trailers.is_none(),
+            Self::Replay { data, trailers, .. } => data.is_none() && trailers.is_none(),
             Self::Prefixed { prefix, rest, .. } => prefix.is_empty() && rest.is_end_stream(),
         }
     }

@@ -274,18 +274,15 @@ impl ClusterState {
         };
         // Each attempt is a client span of its own: its id is the parent
         // the upstream sees.
-        let traced = req
-            .extensions_mut()
-            .remove::<crate::telemetry::trace::Outbound>()
-            .map(|outbound| {
-                let span_id = outbound.inject(req.headers_mut());
-                // What a span needs, only when one may be recorded.
-                let head = outbound
-                    .tracer
-                    .may_record(&outbound.context)
-                    .then(|| (std::time::SystemTime::now(), req.method().clone()));
-                (outbound, span_id, head)
-            });
+        let traced = req.body_mut().take_trace().map(|outbound| {
+            let span_id = outbound.inject(req.headers_mut());
+            // What a span needs, only when one may be recorded.
+            let head = outbound
+                .tracer
+                .may_record(&outbound.context)
+                .then(|| (std::time::SystemTime::now(), req.method().clone()));
+            (outbound, span_id, head)
+        });
         let Some(guard) = endpoint.begin_request(self.config.max_requests) else {
             self.settings
                 .metrics

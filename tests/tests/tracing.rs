@@ -501,6 +501,60 @@ async fn each_retry_is_a_client_span_of_its_own() {
     assert_eq!(ids.len(), 3);
 }
 
+/// The client spans of the server span `server`, by attempt number.
+fn attempts_of<'a>(spans: &'a [ReceivedSpan], server: &ReceivedSpan) -> Vec<&'a ReceivedSpan> {
+    let mut attempts: Vec<&ReceivedSpan> = spans
+        .iter()
+        .filter(|s| s.kind == "client" && s.parent_span_id == server.span_id)
+        .collect();
+    attempts.sort_by_key(|s| s.attribute("weft.attempt").map(str::to_owned));
+    attempts
+}
+
+#[tokio::test]
+async fn a_body_read_for_retries_or_too_large_for_them_keeps_the_request_s_trace() {
+    let echo = echo("app").await;
+    let otlp = receiver().await;
+    let config = hop(echo.local_addr(), "edge", &otlp.grpc_url(), "grpc", "").replace(
+        "routes: [{ name: edge-route, cluster: next }]",
+        "routes: [{ name: edge-route, cluster: next, retry_policy: { retry_on: [5xx], num_retries: 2, backoff_base: 1ms, backoff_max: 2ms, max_body_bytes: 8 } }]",
+    );
+    let proxy = ProxyProcess::start(&config).await.unwrap();
+    let addr = proxy.listener("web");
+    // A body that fits the bound is read before the first attempt, and
+    // sent again by each retry; one larger goes once.
+    for (path, body, tries) in [("/small", "small", 3), ("/large", "larger than eight", 1)] {
+        // PUT: idempotent, so retried.
+        let mut req = request(addr, "PUT", path, bytes::Bytes::from(body));
+        req.headers_mut()
+            .insert("x-echo-fail-every", "1".parse().unwrap());
+        let response = http1_request(addr, req).await.unwrap();
+        assert_eq!(response.status(), 500, "{path}");
+        let server_of = |spans: &[ReceivedSpan]| {
+            spans
+                .iter()
+                .find(|s| s.kind == "server" && s.attribute("url.path") == Some(path))
+                .cloned()
+        };
+        let (spans, complete) = otlp
+            .wait_for(WAIT, |spans| {
+                server_of(spans).is_some_and(|server| attempts_of(spans, &server).len() >= tries)
+            })
+            .await;
+        assert!(complete, "{path}: {spans:#?}");
+        let server = server_of(&spans).unwrap();
+        let attempts = attempts_of(&spans, &server);
+        assert_eq!(attempts.len(), tries, "{path}: {spans:#?}");
+        for (n, attempt) in attempts.iter().enumerate() {
+            assert_eq!(attempt.trace_id, server.trace_id);
+            assert_eq!(
+                attempt.attribute("weft.attempt"),
+                Some((n + 1).to_string().as_str())
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_counting_receiver_accepts_both_transports_without_decoding() {
     let echo = echo("app").await;

@@ -840,6 +840,7 @@ async fn route_and_forward(
     } else {
         &listener.via_h1
     };
+    let mut outbound = None;
     if route.forwards {
         let h = req.headers_mut();
         // With the client's `x-forwarded-client-cert`: only this proxy
@@ -874,10 +875,10 @@ async fn route_and_forward(
             if may_record {
                 // Each attempt gets a client span of its own, whose id the
                 // cluster writes into that attempt's `traceparent`.
-                req.extensions_mut().insert(Outbound {
+                outbound = Some(Box::new(Outbound {
                     context,
                     tracer: tracer.clone(),
-                });
+                }));
             } else {
                 // PERF: a trace that records nothing needs no span per
                 // attempt: one `traceparent` (sampled 0) for every attempt
@@ -887,10 +888,11 @@ async fn route_and_forward(
         }
     }
 
-    let req = match &outcome.request_read {
+    let mut req = match &outcome.request_read {
         Some(counted) => req.map(|body| RequestBody::counted(body, counted.clone())),
         None => req.map(RequestBody::new),
     };
+    req.body_mut().set_trace(outbound);
     let response = service.call(req);
     drop(held);
     let mut response = response.await?;

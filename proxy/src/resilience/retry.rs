@@ -248,7 +248,7 @@ impl Saved {
         }
         saved.version = req.version();
         saved.body = body;
-        saved.trace = req.extensions().get::<Outbound>().cloned();
+        saved.trace = req.body().trace().cloned();
         Some(kept)
     }
 
@@ -261,9 +261,8 @@ impl Saved {
         if !tried.0.is_empty() {
             req.extensions_mut().insert(tried.clone());
         }
-        if let Some(trace) = &self.trace {
-            req.extensions_mut().insert(trace.clone());
-        }
+        req.body_mut()
+            .set_trace(self.trace.as_ref().map(|trace| Box::new(trace.clone())));
         Some(req)
     }
 }
@@ -523,11 +522,13 @@ where
     S: Service<Request<RequestBody>, Response = Response<ResponseBody>, Error = ProxyError>,
 {
     let policy = &retrying.policy;
-    let (parts, body) = req.into_parts();
+    let (parts, mut body) = req.into_parts();
+    let trace = body.take_trace();
     let body = match read_for_replay(body, policy.max_body_bytes).await {
         Ok(Ok(replayable)) => replayable,
-        Ok(Err(streaming)) => {
+        Ok(Err(mut streaming)) => {
             // Sent once.
+            streaming.set_trace(trace);
             let mut req = Request::from_parts(parts, streaming);
             first_attempt(&mut req);
             return service.ready().await?.call(req).await;
@@ -540,6 +541,7 @@ where
         }
     };
     let mut req = Request::from_parts(parts, body.body());
+    req.body_mut().set_trace(trace);
     let Some(saved) = Saved::keep(&req, body) else {
         // Too large to keep: sent once.
         first_attempt(&mut req);

@@ -359,8 +359,9 @@ pub(crate) fn strip_incoming(headers: &mut HeaderMap, context: &Context) {
     }
 }
 
-/// What the cluster needs to trace an upstream attempt: a request
-/// extension, set by the connection's part of the path.
+/// What the cluster needs to trace an upstream attempt: carried by the
+/// request's body ([`crate::body::RequestBody::set_trace`]), set by the
+/// connection's part of the path.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbound {
     pub(crate) context: Context,

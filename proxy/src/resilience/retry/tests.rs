@@ -147,6 +147,7 @@ fn request(method: Method, body: &'static [u8]) -> Request<RequestBody> {
     let mut req = Request::new(RequestBody::Replay {
         data: Some(Bytes::from_static(body)).filter(|b| !b.is_empty()),
         trailers: None,
+        trace: None,
     });
     *req.method_mut() = method;
     // A client cannot set the count.
@@ -466,6 +467,7 @@ fn a_saved_head_comes_back_as_it_was() {
             .restore(RequestBody::Replay {
                 data: None,
                 trailers: None,
+                trace: None,
             })
             .unwrap();
         assert_eq!(restored.method(), method);
@@ -483,6 +485,7 @@ fn a_saved_head_comes_back_as_it_was() {
         .restore(RequestBody::Replay {
             data: None,
             trailers: None,
+            trace: None,
         })
         .unwrap();
     assert_eq!(restored.method(), Method::HEAD);
