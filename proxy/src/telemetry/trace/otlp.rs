@@ -139,9 +139,20 @@ const fn key_block<const N: usize>(key: &str) -> [u8; N] {
 /// The written form of a span attribute's key ([`key_block`]), a constant.
 macro_rules! key {
     ($key:literal) => {{
-        const BLOCK: &[u8] = &key_block::<{ $key.len() + 3 }>($key);
+        const BLOCK: &[u8; $key.len() + 3] = &key_block::<{ $key.len() + 3 }>($key);
         BLOCK
     }};
+}
+
+/// A string attribute for each of the optional values given, by key.
+macro_rules! optional_attributes {
+    ($out:expr, $($key:literal => $value:expr),* $(,)?) => {
+        $(
+            if let Some(value) = $value {
+                attribute($out, key!($key), Value::Str(value));
+            }
+        )*
+    };
 }
 
 /// A span's attribute (`Span.attributes`, field 9): `key` as [`key!`]
@@ -152,7 +163,45 @@ macro_rules! key {
 /// instructions of [`key_value`] (which the twenty attributes of a
 /// request's two spans spent about 3,400 in).
 #[inline]
-fn attribute(out: &mut Vec<u8>, key: &[u8], value: Value<'_>) {
+fn attribute<const N: usize>(out: &mut Vec<u8>, key: &[u8; N], value: Value<'_>) {
+    // PERF: almost every attribute is short: its three lengths take a byte
+    // each, and the attribute goes out in four copies, two of them of a
+    // few bytes, instead of a push and a varint loop per field.
+    if let Value::Str(s) = value
+        && key.len() + 3 + s.len() < 0x80
+    {
+        let any = 2 + s.len();
+        let len = key.len() + 1 + any;
+        out.reserve(2 + len);
+        out.extend_from_slice(&[9 << 3 | LEN, len as u8]);
+        out.extend_from_slice(key);
+        out.extend_from_slice(&[any as u8, 1 << 3 | LEN, s.len() as u8]);
+        out.extend_from_slice(s.as_bytes());
+        return;
+    }
+    if let Value::Int(i) = value {
+        // The value's length, its tag and its varint (at most ten bytes).
+        let mut tail = [0; 12];
+        tail[1] = 3 << 3 | VARINT;
+        let mut n = 2;
+        let mut v = i as u64;
+        while v >= 0x80 {
+            tail[n] = (v as u8) | 0x80;
+            v >>= 7;
+            n += 1;
+        }
+        tail[n] = v as u8;
+        n += 1;
+        tail[0] = (n - 1) as u8;
+        let len = key.len() + n;
+        if len < 0x80 {
+            out.reserve(2 + len);
+            out.extend_from_slice(&[9 << 3 | LEN, len as u8]);
+            out.extend_from_slice(key);
+            out.extend_from_slice(&tail[..n]);
+            return;
+        }
+    }
     let any = match value {
         Value::Str(s) => 1 + varint_len(s.len() as u64) + s.len(),
         Value::Int(i) => 1 + varint_len(i as u64),
@@ -411,16 +460,12 @@ impl SpanWriter {
         } else {
             &None
         };
-        for (key, value) in [
-            (key!("weft.listener"), &span.listener),
-            (key!("weft.route"), route),
-            (key!("weft.cluster"), &span.cluster),
-            (key!("weft.peer.identity"), &span.peer_identity),
-        ] {
-            if let Some(value) = value {
-                attribute(out, key, Value::Str(value));
-            }
-        }
+        optional_attributes!(out,
+            "weft.listener" => &span.listener,
+            "weft.route" => route,
+            "weft.cluster" => &span.cluster,
+            "weft.peer.identity" => &span.peer_identity,
+        );
         if let Some(id) = span.request_id.as_ref().and_then(|v| v.to_str().ok()) {
             attribute(out, key!("weft.request_id"), Value::Str(id));
         }
@@ -518,15 +563,11 @@ impl SpanWriter {
         if let Some(server_name) = &l4.server_name {
             attribute(out, key!("tls.client.server_name"), Value::Str(server_name));
         }
-        for (key, value) in [
-            (key!("weft.listener"), &span.listener),
-            (key!("weft.cluster"), &span.cluster),
-            (key!("weft.peer.identity"), &span.peer_identity),
-        ] {
-            if let Some(value) = value {
-                attribute(out, key, Value::Str(value));
-            }
-        }
+        optional_attributes!(out,
+            "weft.listener" => &span.listener,
+            "weft.cluster" => &span.cluster,
+            "weft.peer.identity" => &span.peer_identity,
+        );
         let count = |bytes: u64| Value::Int(i64::try_from(bytes).unwrap_or(i64::MAX));
         attribute(out, key!("weft.bytes_received"), count(l4.received));
         attribute(out, key!("weft.bytes_sent"), count(l4.sent));
@@ -571,15 +612,25 @@ mod tests {
     #[test]
     fn an_attribute_with_its_key_written_at_compile_time_is_the_same_key_value() {
         let long = "x".repeat(300);
-        for value in [
+        // Around the lengths where the short form ends (the whole
+        // attribute's length past one byte) and where the value's own
+        // lengths grow a byte.
+        let edges: Vec<String> = [100, 101, 102, 103, 104, 124, 125, 126, 127, 128]
+            .iter()
+            .map(|&n| "y".repeat(n))
+            .collect();
+        for value in edges.iter().map(|s| Value::Str(s)).chain([
             Value::Str(""),
             Value::Str("GET"),
             Value::Str(&long),
             Value::Int(0),
+            Value::Int(127),
+            Value::Int(128),
             Value::Int(200),
+            Value::Int(65535),
             Value::Int(-1),
             Value::Int(i64::MAX),
-        ] {
+        ]) {
             let (mut ours, mut general) = (Vec::new(), Vec::new());
             super::attribute(&mut ours, key!("http.request.method"), value);
             key_value(&mut general, 9, "http.request.method", value);
