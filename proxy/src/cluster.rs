@@ -621,7 +621,7 @@ where
     fn poll_slot(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Forwarded> {
         match self.as_pin_mut() {
             Some(future) => future.poll(cx),
-            // Not polled after it is over: tower's futures are not fused.
+            // Emptied only as its `Forwarding` is dropped.
             None => Poll::Pending,
         }
     }
@@ -642,7 +642,7 @@ where
 }
 
 /// The most emptied boxes a thread keeps: as many attempts as its
-/// connections have in flight at once, up to this.
+/// connections had in flight at once, up to this (about 190 KiB).
 const KEPT_SLOTS: usize = 64;
 
 thread_local! {
