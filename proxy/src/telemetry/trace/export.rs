@@ -139,11 +139,11 @@ impl Shared {
 /// and one being filled.
 ///
 /// PERF: a batch's buffer (150 KiB for 512 spans) was allocated by the
-/// worker and freed by the exporter. Each allocation that large made
-/// glibc consolidate the worker's freed small chunks first
-/// (`malloc_consolidate`, about 90 ns per traced request under wrk), and
-/// its first writes fell on memory not in the cache, some of it on pages
-/// not yet mapped (2 page faults per 100 requests).
+/// worker and freed by the exporter: the worker's writes into it fell on
+/// memory not in the cache, some of it on pages mapped again (about 2 page
+/// faults per 100 traced requests under wrk, none once kept), and each
+/// allocation that large had glibc first merge the small chunks freed
+/// since the last (`malloc_consolidate`) (benches/RESULTS.md).
 const SPARE_BUFFERS: usize = MAX_IN_FLIGHT + 1;
 
 impl Queue {
