@@ -673,68 +673,63 @@ async fn large_bodies_come_whole_across_many_reads() {
     assert!(response.body_mut().take_connection().is_some());
 }
 
-#[tokio::test]
-async fn a_response_head_is_read_into_the_map_of_the_request_before_it() {
+/// On one connection, a request with `extra` more headers than usual, then
+/// a usual one answered with `second`: the first request's map's capacity,
+/// the first response's and the second response.
+async fn after_a_request_with(
+    extra: usize,
+    second: &[u8],
+) -> (
+    usize,
+    usize,
+    Response<ResponseBody<DuplexStream, Empty<Bytes>>>,
+) {
     let (conn, mut server) = pipe();
     let mut req = get("/first");
-    for i in 0..40 {
+    for i in 0..extra {
         req.headers_mut().insert(
             HeaderName::try_from(format!("x-{i}")).unwrap(),
             HeaderValue::from_static("v"),
         );
     }
     let grown = req.headers().capacity();
-    assert!(grown >= 41);
-    let (mut response, _) = exchange(
+    let (mut first, _) = exchange(
         conn,
         &mut server,
         req,
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
     )
     .await;
-    // The first response on a connection gets a map of its own, sized for
-    // its head.
-    assert!(response.headers().capacity() < grown);
-    let conn = response.body_mut().take_connection().expect("reusable");
-    let (response, _) = exchange(
-        conn,
-        &mut server,
-        get("/second"),
+    let conn = first.body_mut().take_connection().expect("reusable");
+    let (response, _) = exchange(conn, &mut server, get("/second"), second).await;
+    (grown, first.headers().capacity(), response)
+}
+
+#[tokio::test]
+async fn a_response_head_is_read_into_the_map_of_the_request_before_it() {
+    let (grown, first, second) = after_a_request_with(
+        40,
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Up: yes\r\n\r\n",
     )
     .await;
+    assert!(grown >= 41);
+    // The first response on a connection gets a map of its own, sized for
+    // its head.
+    assert!(first < grown);
     // The second is read into the first request's map, emptied.
-    assert_eq!(response.headers().capacity(), grown);
-    assert_eq!(response.headers().len(), 2);
-    assert_eq!(response.headers()["x-up"], "yes");
-    assert_eq!(response.headers()[header::CONTENT_LENGTH], "0");
+    assert_eq!(second.headers().capacity(), grown);
+    assert_eq!(second.headers().len(), 2);
+    assert_eq!(second.headers()["x-up"], "yes");
+    assert_eq!(second.headers()[header::CONTENT_LENGTH], "0");
 }
 
 #[tokio::test]
 async fn a_request_map_grown_past_the_usual_size_is_not_kept() {
-    let (conn, mut server) = pipe();
-    let mut req = get("/first");
-    for i in 0..MAX_SPARE_MAP {
-        req.headers_mut().insert(
-            HeaderName::try_from(format!("x-{i}")).unwrap(),
-            HeaderValue::from_static("v"),
-        );
-    }
-    assert!(req.headers().capacity() > MAX_SPARE_MAP);
-    let (mut response, _) = exchange(
-        conn,
-        &mut server,
-        req,
+    let (grown, _, second) = after_a_request_with(
+        MAX_SPARE_MAP,
         b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
     )
     .await;
-    let conn = response.body_mut().take_connection().expect("reusable");
-    let (response, _) = exchange(
-        conn,
-        &mut server,
-        get("/second"),
-        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n",
-    )
-    .await;
-    assert!(response.headers().capacity() <= MAX_SPARE_MAP);
+    assert!(grown > MAX_SPARE_MAP);
+    assert!(second.headers().capacity() <= MAX_SPARE_MAP);
 }

@@ -857,18 +857,25 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn spans_past_the_queue_are_dropped_and_what_waits_goes_out_in_batches() {
+    /// A queue of at most `capacity` spans, exported in batches of `batch`
+    /// (and after an hour) to a collector: the queue, the counters and the
+    /// collector's count of exports.
+    async fn queue(capacity: u32, batch: u32) -> (Arc<Queue>, Arc<TraceMetrics>, Arc<AtomicU32>) {
         let (url, seen) = collector(Vec::new()).await;
         let metrics = Arc::new(TraceMetrics::default());
         let exporters = Exporters::new(tokio::runtime::Handle::current(), metrics.clone());
         let export = Arc::new(TraceExport {
             endpoint: endpoint(url),
-            max_queued_spans: 200,
-            max_export_batch: 64,
+            max_queued_spans: capacity,
+            max_export_batch: batch,
             flush_interval: Duration::from_secs(3600),
         });
-        let queue = exporters.queue(&export);
+        (exporters.queue(&export), metrics, seen)
+    }
+
+    #[tokio::test]
+    async fn spans_past_the_queue_are_dropped_and_what_waits_goes_out_in_batches() {
+        let (queue, metrics, seen) = queue(200, 64).await;
         // The exporter's task has not run yet (one thread, no await).
         for _ in 0..250 {
             queue.send(&span());
@@ -885,16 +892,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_batch_goes_out_without_waiting_for_the_flush() {
-        let (url, seen) = collector(Vec::new()).await;
-        let metrics = Arc::new(TraceMetrics::default());
-        let exporters = Exporters::new(tokio::runtime::Handle::current(), metrics.clone());
-        let export = Arc::new(TraceExport {
-            endpoint: endpoint(url),
-            max_queued_spans: 1000,
-            max_export_batch: 100,
-            flush_interval: Duration::from_secs(3600),
-        });
-        let queue = exporters.queue(&export);
+        let (queue, metrics, seen) = queue(1000, 100).await;
         for _ in 0..100 {
             queue.send(&span());
         }
@@ -906,16 +904,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_sent_batch_s_buffer_is_filled_again() {
-        let (url, seen) = collector(Vec::new()).await;
-        let metrics = Arc::new(TraceMetrics::default());
-        let exporters = Exporters::new(tokio::runtime::Handle::current(), metrics.clone());
-        let export = Arc::new(TraceExport {
-            endpoint: endpoint(url),
-            max_queued_spans: 1000,
-            max_export_batch: 100,
-            flush_interval: Duration::from_secs(3600),
-        });
-        let queue = exporters.queue(&export);
+        let (queue, metrics, seen) = queue(1000, 100).await;
         for _ in 0..100 {
             queue.send(&span());
         }
