@@ -646,7 +646,7 @@ where
 const KEPT_SLOTS: usize = 64;
 
 thread_local! {
-    static KEPT: std::cell::RefCell<Vec<Pin<Box<dyn Slot>>>> =
+    static KEPT: crate::kept::Kept<Pin<Box<dyn Slot>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
 
@@ -656,16 +656,12 @@ impl Forwarding {
         F: Future<Output = Forwarded> + Send + 'static,
     {
         let mut future = Some(future);
-        let kept = KEPT
-            .try_with(|kept| kept.try_borrow_mut().ok()?.pop())
-            .ok()
-            .flatten();
-        if let Some(mut slot) = kept {
+        if let Some(mut slot) = crate::kept::take(&KEPT) {
             if slot.as_mut().fill(&mut future) {
                 return Self(Some(slot));
             }
             // A box for another type of future: kept for that one.
-            keep(slot);
+            crate::kept::keep(&KEPT, slot, KEPT_SLOTS);
         }
         Self(Some(Box::pin(future)))
     }
@@ -696,19 +692,8 @@ impl Drop for Forwarding {
         // What the attempt holds (a connection, a guard) goes now, as it
         // would with the box.
         slot.as_mut().empty();
-        keep(slot);
+        crate::kept::keep(&KEPT, slot, KEPT_SLOTS);
     }
-}
-
-/// Keeps an emptied box on this thread, unless it keeps enough.
-fn keep(slot: Pin<Box<dyn Slot>>) {
-    let _ = KEPT.try_with(|kept| {
-        if let Ok(mut kept) = kept.try_borrow_mut()
-            && kept.len() < KEPT_SLOTS
-        {
-            kept.push(slot);
-        }
-    });
 }
 
 impl std::fmt::Debug for Forwarding {

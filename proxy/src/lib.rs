@@ -20,6 +20,7 @@ mod cluster;
 mod error;
 mod fault;
 mod http;
+mod kept;
 mod listener;
 mod made;
 pub mod policy;

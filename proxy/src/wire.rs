@@ -548,15 +548,12 @@ pub(crate) mod spare {
     }
 
     thread_local! {
-        static KEPT: RefCell<Vec<Kit>> = const { RefCell::new(Vec::new()) };
+        static KEPT: crate::kept::Kept<Kit> = const { RefCell::new(Vec::new()) };
     }
 
     /// A kit, or an empty one (whose buffers are made as they are needed).
     pub(crate) fn take() -> Kit {
-        KEPT.try_with(|kept| kept.try_borrow_mut().ok()?.pop())
-            .ok()
-            .flatten()
-            .unwrap_or_default()
+        crate::kept::take(&KEPT).unwrap_or_default()
     }
 
     /// Gives back a kit; what was grown past the usual size, or is not
@@ -576,13 +573,7 @@ pub(crate) mod spare {
         {
             kit.map = None;
         }
-        let _ = KEPT.try_with(|kept| {
-            if let Ok(mut kept) = kept.try_borrow_mut()
-                && kept.len() < KITS
-            {
-                kept.push(kit);
-            }
-        });
+        crate::kept::keep(&KEPT, kit, KITS);
     }
 
     /// How many kits this thread keeps now, and how many of them have

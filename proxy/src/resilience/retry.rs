@@ -235,13 +235,7 @@ impl Saved {
     /// What `req`, whose body is `body`, needs to be sent again; `None`
     /// when its head is too large to save.
     fn keep(req: &Request<RequestBody>, body: Replayable) -> Option<Kept> {
-        let mut kept = Kept(Some(
-            SPARE
-                .try_with(|spare| spare.borrow_mut().pop())
-                .ok()
-                .flatten()
-                .unwrap_or_default(),
-        ));
+        let mut kept = Kept(Some(crate::kept::take(&SPARE).unwrap_or_default()));
         let saved = kept.0.as_deref_mut()?;
         if !saved.head.save(req.method(), req.uri(), req.headers()) {
             return None;
@@ -280,7 +274,7 @@ thread_local! {
     /// Copies of requests that were dropped, for the next ones. (Boxes:
     /// the box itself is what is reused.)
     #[allow(clippy::vec_box)]
-    static SPARE: std::cell::RefCell<Vec<Box<Saved>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static SPARE: crate::kept::Kept<Box<Saved>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Spare copies kept per thread, each with a buffer of at most
@@ -300,12 +294,7 @@ impl Drop for Kept {
         saved.body = Replayable::default();
         saved.trace = None;
         // At the thread's exit the spares are gone: the copy is freed.
-        let _ = SPARE.try_with(|spare| {
-            let mut spare = spare.borrow_mut();
-            if spare.len() < SPARE_COPIES {
-                spare.push(saved);
-            }
-        });
+        crate::kept::keep(&SPARE, saved, SPARE_COPIES);
     }
 }
 
