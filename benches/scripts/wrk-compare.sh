@@ -5,7 +5,8 @@
 # Each proxy runs one worker pinned to CPU 0; the load generator and the
 # upstream (an nginx serving a fixed 2-byte response over keep-alive, so
 # that the upstream costs as little as possible) share CPU 1. Targets are
-# interleaved within each round; the summary gives medians over the rounds.
+# interleaved within each round; the summary gives each figure's median over
+# the rounds (and the proxy core's busy range).
 # For each figure it says whether the proxy's core saturated (its CPU time
 # over the wall time): a figure taken with the proxy's core idle half the
 # time measures the generator, not the proxy. HTTP/1.1 rows also give
@@ -211,8 +212,13 @@ for mode in $modes; do
     rows=$(grep " mode=$mode target=$target " "$results")
     p99=$(sed 's/.* p99_us=\([0-9a-z]*\).*/\1/' <<<"$rows" | sort -n |
       awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
-    sed 's/.*rps=\([0-9.]*\) cpu_us_per_request=\([0-9.]*\) proxy_core_busy=\([0-9]*\)%.*/\1 \2 \3/' <<<"$rows" |
-      sort -k2 -n | awk -v m="$mode" -v tg="$target" -v p99="$p99" '{ rps[NR] = $1; cpu[NR] = $2; busy[NR] = $3 }
-        END { i = int((NR + 1) / 2); printf "%s %-9s cpu_us_per_request=%s rps=%s proxy_core_busy=%s%% p99_us=%s\n", m, tg, cpu[i], rps[i], busy[i], p99 }'
+    # Each figure's own median (the rps of the median-CPU round is not the
+    # median rps); the core's business as its range over the rounds.
+    rps=$(sed 's/.*rps=\([0-9.]*\) .*/\1/' <<<"$rows" | sort -n |
+      awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }')
+    sed 's/.*cpu_us_per_request=\([0-9.]*\) proxy_core_busy=\([0-9]*\)%.*/\1 \2/' <<<"$rows" |
+      sort -k1 -n | awk -v m="$mode" -v tg="$target" -v p99="$p99" -v rps="$rps" '
+        { cpu[NR] = $1; busy[NR] = $2; if (NR == 1 || $2 < lo) lo = $2; if (NR == 1 || $2 > hi) hi = $2 }
+        END { i = int((NR + 1) / 2); printf "%s %-9s cpu_us_per_request=%s rps=%s proxy_core_busy=%s-%s%% p99_us=%s\n", m, tg, cpu[i], rps, lo, hi, p99 }'
   done
 done
