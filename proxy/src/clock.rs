@@ -142,6 +142,45 @@ pub(crate) fn instant_of(time: std::time::SystemTime) -> Instant {
     Instant::now() + left
 }
 
+thread_local! {
+    /// This thread's reading of the monotonic clock and, beside it, of the
+    /// coarse one, for [`coarse_now`].
+    static COARSE: Cell<Option<(Instant, Duration)>> = const { Cell::new(None) };
+}
+
+/// The coarse clock's reading: the monotonic clock as of the kernel's
+/// last tick.
+fn coarse_reading() -> Duration {
+    let at = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    Duration::new(
+        u64::try_from(at.tv_sec).unwrap_or(0),
+        u32::try_from(at.tv_nsec).unwrap_or(0),
+    )
+}
+
+/// The time, to within the kernel's tick (1-10 ms), for bookkeeping that
+/// needs no more: when a pooled connection went idle, when a request head
+/// began to arrive or a response ended (the idle and header timeouts,
+/// which are seconds).
+///
+/// PERF: `Instant::now` costs about 24 ns on this machine class (a virtual
+/// machine's clock: a time-stamp counter read and scaled); the coarse
+/// clock is a value the kernel updates each tick, read without either.
+/// The pool's idle bookkeeping and a connection's deadlines read the
+/// clock four times a request (benches/RESULTS.md). Both clocks run at
+/// the same rate (the coarse one is the monotonic clock sampled at each
+/// tick), so the difference between two coarse readings is added to an
+/// instant read beside the first.
+pub(crate) fn coarse_now() -> Instant {
+    let coarse = coarse_reading();
+    if let Some((instant, at)) = COARSE.get() {
+        return instant + coarse.saturating_sub(at);
+    }
+    let anchor = (Instant::now(), coarse);
+    COARSE.set(Some(anchor));
+    anchor.0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,6 +203,28 @@ mod tests {
             let expected = (at + offset) - at.checked_sub(offset).unwrap_or(at);
             assert!(span.abs_diff(expected) < slack, "{offset:?}: {span:?}");
         }
+    }
+
+    #[test]
+    fn the_coarse_clock_keeps_to_the_monotonic_one_within_a_tick() {
+        // A tick is at most 10 ms (HZ=100); allow for a slow test host.
+        let slack = Duration::from_millis(50);
+        let first = coarse_now();
+        let start = Instant::now();
+        let mut last = first;
+        while start.elapsed() < Duration::from_millis(30) {
+            let now = coarse_now();
+            assert!(now >= last, "the coarse clock went back");
+            last = now;
+        }
+        let fine = Instant::now();
+        let coarse = coarse_now();
+        assert!(coarse.max(fine) - coarse.min(fine) < slack);
+        assert!(coarse > first);
+        // Another thread has its own reading to start from, and agrees.
+        let other = std::thread::spawn(coarse_now).join().unwrap();
+        let fine = Instant::now();
+        assert!(other.max(fine) - other.min(fine) < slack);
     }
 
     #[test]

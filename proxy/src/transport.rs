@@ -29,6 +29,8 @@ use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+mod sys;
+
 use crate::telemetry::ListenerMetrics;
 use crate::tls::PeerCheck;
 
@@ -150,7 +152,7 @@ impl AsyncRead for Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tcp(stream) => sys::poll_read(stream, cx, buf),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
             Self::TlsClient(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
         }
@@ -164,7 +166,7 @@ impl AsyncWrite for Stream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tcp(stream) => Pin::new(stream).poll_write(cx, data),
+            Self::Tcp(stream) => sys::poll_write(stream, cx, data),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write(cx, data),
             Self::TlsClient(stream) => Pin::new(&mut **stream).poll_write(cx, data),
         }
@@ -176,7 +178,7 @@ impl AsyncWrite for Stream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tcp(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            Self::Tcp(stream) => sys::poll_write_vectored(stream, cx, bufs),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
             Self::TlsClient(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
         }
@@ -568,7 +570,7 @@ pub(crate) struct ConnState {
 impl ConnState {
     pub(crate) fn new(track_heads: bool) -> Self {
         Self {
-            born: Instant::now(),
+            born: crate::clock::coarse_now(),
             track_heads: std::sync::atomic::AtomicBool::new(track_heads),
             in_flight: AtomicU32::new(0),
             started: AtomicU64::new(0),
@@ -578,7 +580,8 @@ impl ConnState {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.born.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+        let elapsed = crate::clock::coarse_now().saturating_duration_since(self.born);
+        u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX - 1) + 1
     }
 
     fn instant(&self, ms: u64) -> Instant {

@@ -420,8 +420,9 @@ impl Endpoint {
 
     fn take_idle(&self) -> Option<PooledH1> {
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
+        let now = crate::clock::coarse_now();
         while let Some(mut entry) = idle.pop() {
-            if entry.since.elapsed() < self.settings.idle_timeout
+            if now.saturating_duration_since(entry.since) < self.settings.idle_timeout
                 && !entry.pooled.retire.is_due()
                 && !entry.pooled.conn.is_closed()
             {
@@ -438,8 +439,9 @@ impl Endpoint {
     pub(crate) fn expire_idle(&self) -> usize {
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
         let before = idle.len();
+        let now = crate::clock::coarse_now();
         idle.retain_mut(|e| {
-            e.since.elapsed() < self.settings.idle_timeout
+            now.saturating_duration_since(e.since) < self.settings.idle_timeout
                 && !e.pooled.retire.is_due()
                 && !e.pooled.conn.is_closed()
         });
@@ -452,16 +454,14 @@ impl Endpoint {
         }
         let mut idle = self.idle_h1.lock().unwrap_or_else(PoisonError::into_inner);
         // The oldest entries are at the front; drop the expired ones.
+        let now = crate::clock::coarse_now();
         let expired = idle
             .iter()
-            .take_while(|e| e.since.elapsed() >= self.settings.idle_timeout)
+            .take_while(|e| now.saturating_duration_since(e.since) >= self.settings.idle_timeout)
             .count();
         idle.drain(..expired);
         if idle.len() < self.settings.max_idle {
-            idle.push(IdleH1 {
-                pooled,
-                since: Instant::now(),
-            });
+            idle.push(IdleH1 { pooled, since: now });
             drop(idle);
             self.wake_pending();
         }
