@@ -14,7 +14,9 @@
 //! first awaited: it can never be seen by another request.
 
 use std::cell::Cell;
+use std::future::Future;
 use std::marker::PhantomData;
+use std::pin::Pin;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -181,6 +183,81 @@ pub(crate) fn coarse_now() -> Instant {
     anchor.0
 }
 
+thread_local! {
+    /// Whether this thread keeps its deadline timers ([`keep_timers`]).
+    static KEEPS_TIMERS: Cell<bool> = const { Cell::new(false) };
+    /// The deadline timers this thread keeps, set to a past deadline.
+    static TIMERS: crate::kept::Kept<Pin<Box<tokio::time::Sleep>>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The most deadline timers a thread keeps.
+const TIMERS_KEPT: usize = 64;
+
+/// Makes this thread keep the timers of requests' deadlines for the next
+/// requests ([`Deadline`]).
+///
+/// Only for a thread that runs one runtime, and only that runtime, for
+/// the rest of its life (a worker's): a timer belongs to the runtime it
+/// was made on.
+pub(crate) fn keep_timers() {
+    KEEPS_TIMERS.set(true);
+}
+
+/// A request's deadline: a timer made or taken when the request starts,
+/// polled while it waits.
+///
+/// PERF: a timer made for each request (the route's timeout) looked up
+/// the runtime and took a reference to it, was inserted into the timer
+/// wheel under its lock on first poll and removed under it when dropped:
+/// about 1.2 % of the proxy's CPU under `wrk -c32` (benches/RESULTS.md). A
+/// worker's thread keeps its requests' timers instead ([`keep_timers`]),
+/// still registered; moving one to a later deadline, as the next request's
+/// always is, takes one compare-and-swap, and the timer wheel moves the
+/// entry when the earlier deadline comes. A kept timer reaching its old
+/// deadline may wake the task that polled it last, once, for nothing.
+#[derive(Debug)]
+pub(crate) struct Deadline {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadline {
+    /// A timer that fires at `at`.
+    pub(crate) fn at(at: tokio::time::Instant) -> Self {
+        let kept = if KEEPS_TIMERS.get() {
+            crate::kept::take(&TIMERS)
+        } else {
+            None
+        };
+        let sleep = match kept {
+            Some(mut sleep) => {
+                sleep.as_mut().reset(at);
+                sleep
+            }
+            None => Box::pin(tokio::time::sleep_until(at)),
+        };
+        Self { sleep: Some(sleep) }
+    }
+
+    /// Ready once the deadline has passed.
+    pub(crate) fn poll_elapsed(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().poll(cx),
+            None => std::task::Poll::Ready(()),
+        }
+    }
+}
+
+impl Drop for Deadline {
+    fn drop(&mut self) {
+        if KEEPS_TIMERS.get()
+            && let Some(sleep) = self.sleep.take()
+        {
+            crate::kept::keep(&TIMERS, sleep, TIMERS_KEPT);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -225,6 +302,59 @@ mod tests {
         let other = std::thread::spawn(coarse_now).join().unwrap();
         let fine = Instant::now();
         assert!(other.max(fine) - other.min(fine) < slack);
+    }
+
+    /// Unmarks the thread and frees its kept timers (before the test's
+    /// runtime goes), also when the test fails.
+    struct KeepingTimers;
+
+    impl Drop for KeepingTimers {
+        fn drop(&mut self) {
+            KEEPS_TIMERS.set(false);
+            TIMERS.with_borrow_mut(Vec::clear);
+        }
+    }
+
+    fn kept_timers() -> Vec<*const tokio::time::Sleep> {
+        TIMERS.with_borrow(|kept| kept.iter().map(|sleep| &raw const **sleep).collect())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_timer_is_taken_by_the_next_deadline_and_fires_at_it() {
+        let _keeping = KeepingTimers;
+        keep_timers();
+        let first = Deadline::at(tokio::time::Instant::now() + Duration::from_secs(15));
+        let first_timer = &raw const **first.sleep.as_ref().unwrap();
+        drop(first);
+        assert_eq!(kept_timers(), [first_timer]);
+        // The next deadline, shorter than the kept timer's, gets the timer
+        // and fires at its own time.
+        let mut next = Deadline::at(tokio::time::Instant::now() + Duration::from_secs(2));
+        assert!(kept_timers().is_empty());
+        assert_eq!(&raw const **next.sleep.as_ref().unwrap(), first_timer);
+        let started = tokio::time::Instant::now();
+        std::future::poll_fn(|cx| next.poll_elapsed(cx)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        drop(next);
+        // Once fired, a later deadline still gets the kept timer and waits
+        // its whole time.
+        let mut last = Deadline::at(tokio::time::Instant::now() + Duration::from_secs(30));
+        assert_eq!(&raw const **last.sleep.as_ref().unwrap(), first_timer);
+        let waiting = std::future::poll_fn(|cx| last.poll_elapsed(cx));
+        assert!(
+            tokio::time::timeout(Duration::from_secs(29), waiting)
+                .await
+                .is_err()
+        );
+        std::future::poll_fn(|cx| last.poll_elapsed(cx)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(32));
+    }
+
+    #[tokio::test]
+    async fn a_thread_not_marked_keeps_no_timer() {
+        let deadline = Deadline::at(tokio::time::Instant::now() + Duration::from_secs(1));
+        drop(deadline);
+        assert!(kept_timers().is_empty());
     }
 
     #[test]

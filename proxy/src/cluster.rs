@@ -325,14 +325,22 @@ impl ClusterState {
         // PERF: the send is pinned where it is made; the per-try timeout
         // polls it there rather than taking it in (a copy of the whole
         // future).
-        let send = std::pin::pin!(endpoint.send(req, wire, guard));
+        let mut send = std::pin::pin!(endpoint.send(req, wire, guard));
         let mut result = match per_try {
             None => send.await,
-            Some(deadline) => tokio::time::timeout_at(deadline, send).await.unwrap_or(Err(
-                ProxyError::AttemptTimeout {
-                    endpoint: endpoint.addr,
-                },
-            )),
+            Some(deadline) => {
+                let mut timer = crate::clock::Deadline::at(deadline);
+                std::future::poll_fn(|cx| {
+                    if let Poll::Ready(result) = send.as_mut().poll(cx) {
+                        return Poll::Ready(result);
+                    }
+                    std::task::ready!(timer.poll_elapsed(cx));
+                    Poll::Ready(Err(ProxyError::AttemptTimeout {
+                        endpoint: endpoint.addr,
+                    }))
+                })
+                .await
+            }
         };
         if let Some(config) = &self.config.outlier {
             self.observe(config, &endpoint, &result);

@@ -60,6 +60,16 @@ use crate::telemetry::{AccessLog, Metrics};
 
 pub use crate::listener::BindError;
 
+/// Marks the calling thread as a worker's: it keeps its requests' deadline
+/// timers for the next requests instead of making one each. Call it on
+/// each thread of the worker runtime (its `on_thread_start`), or on the
+/// thread that drives a current-thread worker runtime, and on no other: a
+/// timer belongs to the runtime it was made on, and the thread must run
+/// that runtime alone for the rest of its life.
+pub fn worker_thread_started() {
+    clock::keep_timers();
+}
+
 /// Why the proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {

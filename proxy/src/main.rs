@@ -177,6 +177,8 @@ fn run(args: &Args) -> anyhow::Result<()> {
     // multi-thread scheduler's work-stealing queues and cross-thread
     // wake-ups, which a single worker never needs.
     let workers = if args.concurrency == 1 {
+        // This thread runs the workers' runtime and no other.
+        weft_proxy::worker_thread_started();
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -184,6 +186,7 @@ fn run(args: &Args) -> anyhow::Result<()> {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(args.concurrency)
             .thread_name("weft-worker")
+            .on_thread_start(weft_proxy::worker_thread_started)
             .enable_all()
             .build()
     }

@@ -16,8 +16,8 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
 
+use crate::clock::Deadline;
 use crate::error::ProxyError;
 
 pub(crate) mod budget;
@@ -101,7 +101,7 @@ where
         };
         ResponseFuture {
             inner: self.inner.call(req),
-            sleep: timeout.map(|t| tokio::time::sleep_until(crate::clock::tokio_now() + t)),
+            deadline: timeout.map(|t| Deadline::at(crate::clock::tokio_now() + t)),
         }
     }
 }
@@ -112,8 +112,7 @@ pin_project! {
     pub(crate) struct ResponseFuture<F> {
         #[pin]
         inner: F,
-        #[pin]
-        sleep: Option<Sleep>,
+        deadline: Option<Deadline>,
     }
 }
 
@@ -128,8 +127,8 @@ where
         if let Poll::Ready(result) = this.inner.poll(cx) {
             return Poll::Ready(result);
         }
-        if let Some(sleep) = this.sleep.as_pin_mut() {
-            ready!(sleep.poll(cx));
+        if let Some(deadline) = this.deadline {
+            ready!(deadline.poll_elapsed(cx));
             return Poll::Ready(Err(ProxyError::UpstreamTimeout));
         }
         Poll::Pending

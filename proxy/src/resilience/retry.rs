@@ -428,12 +428,19 @@ async fn within(
     deadline: Option<tokio::time::Instant>,
     future: impl Future<Output = Outcome>,
 ) -> Outcome {
-    match deadline {
-        Some(deadline) => tokio::time::timeout_at(deadline, future)
-            .await
-            .unwrap_or(Err(ProxyError::UpstreamTimeout)),
-        None => future.await,
-    }
+    let Some(deadline) = deadline else {
+        return future.await;
+    };
+    let mut timer = crate::clock::Deadline::at(deadline);
+    let mut future = std::pin::pin!(future);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(outcome) = future.as_mut().poll(cx) {
+            return Poll::Ready(outcome);
+        }
+        std::task::ready!(timer.poll_elapsed(cx));
+        Poll::Ready(Err(ProxyError::UpstreamTimeout))
+    })
+    .await
 }
 
 pin_project! {
