@@ -152,8 +152,16 @@ thread_local! {
 
 /// The coarse clock's reading: the monotonic clock as of the kernel's
 /// last tick.
+#[allow(unsafe_code)]
 fn coarse_reading() -> Duration {
-    let at = rustix::time::clock_gettime(rustix::time::ClockId::MonotonicCoarse);
+    let mut at = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `clock_gettime` writes the reading into the `timespec` it is
+    // given, which lives across the call. It fails only for an unknown
+    // clock (Linux has had this one since 2.6.32); `at` then stays zero.
+    let _ = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &raw mut at) };
     Duration::new(
         u64::try_from(at.tv_sec).unwrap_or(0),
         u32::try_from(at.tv_nsec).unwrap_or(0),
