@@ -220,12 +220,15 @@ pub(crate) fn keep_timers() {
 /// wheel under its lock on first poll and removed under it when dropped:
 /// about 1.2 % of the proxy's CPU under `wrk -c32` (benches/RESULTS.md). A
 /// worker's thread keeps its requests' timers instead ([`keep_timers`]),
-/// still registered; moving one to a later deadline, as the next request's
-/// always is, takes one compare-and-swap, and the timer wheel moves the
-/// entry when the earlier deadline comes. A kept timer reaching its old
-/// deadline may wake the task that polled it last, once, for nothing.
+/// still registered. A kept timer set for an earlier time than the new
+/// deadline (the usual case: the previous request's deadline) is left as
+/// it is; when it fires before the deadline it is moved to the deadline
+/// then, once per timeout period rather than once a request. A kept timer
+/// firing while no request holds it may wake the task that polled it
+/// last, once, for nothing.
 #[derive(Debug)]
 pub(crate) struct Deadline {
+    at: tokio::time::Instant,
     sleep: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
@@ -239,19 +242,32 @@ impl Deadline {
         };
         let sleep = match kept {
             Some(mut sleep) => {
-                sleep.as_mut().reset(at);
+                // Set later than this deadline: it would fire too late.
+                if sleep.deadline() > at {
+                    sleep.as_mut().reset(at);
+                }
                 sleep
             }
             None => Box::pin(tokio::time::sleep_until(at)),
         };
-        Self { sleep: Some(sleep) }
+        Self {
+            at,
+            sleep: Some(sleep),
+        }
     }
 
     /// Ready once the deadline has passed.
     pub(crate) fn poll_elapsed(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().poll(cx),
-            None => std::task::Poll::Ready(()),
+        let Some(sleep) = &mut self.sleep else {
+            return std::task::Poll::Ready(());
+        };
+        loop {
+            std::task::ready!(sleep.as_mut().poll(cx));
+            if sleep.deadline() >= self.at {
+                return std::task::Poll::Ready(());
+            }
+            // A kept timer's earlier time came: on to this deadline.
+            sleep.as_mut().reset(self.at);
         }
     }
 }
@@ -356,6 +372,22 @@ mod tests {
         );
         std::future::poll_fn(|cx| last.poll_elapsed(cx)).await;
         assert_eq!(started.elapsed(), Duration::from_secs(32));
+        drop(last);
+        // A timer kept while still set: the next, later deadline leaves it
+        // set where it was, and it fires at the deadline, not before.
+        let mut early = Deadline::at(tokio::time::Instant::now() + Duration::from_secs(5));
+        assert!(
+            futures_util::poll!(std::future::poll_fn(|cx| early.poll_elapsed(cx))).is_pending()
+        );
+        drop(early);
+        let mut later = Deadline::at(tokio::time::Instant::now() + Duration::from_secs(8));
+        assert_eq!(
+            later.sleep.as_ref().unwrap().deadline(),
+            started + Duration::from_secs(37),
+            "left where it was"
+        );
+        std::future::poll_fn(|cx| later.poll_elapsed(cx)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(40));
     }
 
     #[tokio::test]

@@ -45,8 +45,7 @@ pub(super) fn poll_read(
         let asked = unfilled.len();
         let mut read = 0;
         let called = stream.try_io(Interest::READABLE, || {
-            let ((filled, _), _) =
-                rustix::net::recv(stream, &mut *unfilled, RecvFlags::empty())?;
+            let ((filled, _), _) = rustix::net::recv(stream, &mut *unfilled, RecvFlags::empty())?;
             read = filled.len();
             if short(read, asked) {
                 return Err(io::ErrorKind::WouldBlock.into());
@@ -155,7 +154,9 @@ mod tests {
     #[tokio::test]
     async fn bytes_written_are_read_in_order_and_the_end_reads_nothing() {
         let (client, server) = pair().await;
-        let n = poll_fn(|cx| poll_write(&client, cx, b"hello ")).await.unwrap();
+        let n = poll_fn(|cx| poll_write(&client, cx, b"hello "))
+            .await
+            .unwrap();
         assert_eq!(n, 6);
         let bufs = [io::IoSlice::new(b"wor"), io::IoSlice::new(b"ld")];
         let n = poll_fn(|cx| poll_write_vectored(&client, cx, &bufs))
@@ -177,7 +178,9 @@ mod tests {
     #[tokio::test]
     async fn a_short_read_waits_for_more_and_a_read_fills_at_most_the_buffer() {
         let (client, server) = pair().await;
-        poll_fn(|cx| poll_write(&client, cx, b"abcdef")).await.unwrap();
+        poll_fn(|cx| poll_write(&client, cx, b"abcdef"))
+            .await
+            .unwrap();
         let mut small = [0u8; 4];
         assert_eq!(read(&server, &mut small).await, 4);
         assert_eq!(&small, b"abcd");
