@@ -53,9 +53,9 @@ pub(crate) enum Stream {
     Tcp(TcpStream),
     /// TLS terminated here. Boxed: rustls's connection state is large and
     /// most connections are plain.
-    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    TlsServer(Box<tokio_rustls::server::TlsStream<sys::Socket>>),
     /// TLS originated here, to an upstream.
-    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    TlsClient(Box<tokio_rustls::client::TlsStream<sys::Socket>>),
 }
 
 impl Stream {
@@ -63,8 +63,8 @@ impl Stream {
     pub(crate) fn local_addr(&self) -> Option<std::net::SocketAddr> {
         match self {
             Self::Tcp(stream) => stream.local_addr().ok(),
-            Self::TlsServer(tls) => tls.get_ref().0.local_addr().ok(),
-            Self::TlsClient(tls) => tls.get_ref().0.local_addr().ok(),
+            Self::TlsServer(tls) => tls.get_ref().0.tcp().local_addr().ok(),
+            Self::TlsClient(tls) => tls.get_ref().0.tcp().local_addr().ok(),
         }
     }
 
@@ -94,8 +94,8 @@ impl Stream {
             Self::Tcp(stream) => stream,
             // Bytes on the socket; rustls may also hold decrypted ones, so
             // TLS connections are never parked (see `http::server`).
-            Self::TlsServer(stream) => stream.get_ref().0,
-            Self::TlsClient(stream) => stream.get_ref().0,
+            Self::TlsServer(stream) => stream.get_ref().0.tcp(),
+            Self::TlsClient(stream) => stream.get_ref().0.tcp(),
         };
         socket
             .poll_peek(cx, &mut ReadBuf::new(&mut probe))
@@ -140,7 +140,7 @@ impl Stream {
             .unwrap_or_else(|| rustls_pki_types::ServerName::IpAddress(address.ip().into()));
         let connector = tokio_rustls::TlsConnector::from(config.clone());
         // Boxed: the handshake's state is large and rare next to a request.
-        let stream = Box::pin(connector.connect(name, tcp)).await?;
+        let stream = Box::pin(connector.connect(name, sys::Socket::new(tcp))).await?;
         Ok(Self::TlsClient(Box::new(stream)))
     }
 }
@@ -271,7 +271,7 @@ async fn handshake(
     // Boxed: the handshake's state (rustls's connection and buffers) would
     // otherwise sit in every connection's task, TLS or not.
     let acceptor = tokio_rustls::TlsAcceptor::from(config.clone());
-    let handshake = Box::pin(acceptor.accept(stream));
+    let handshake = Box::pin(acceptor.accept(sys::Socket::new(stream)));
     let stream = match tokio::time::timeout(deadline, handshake).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {

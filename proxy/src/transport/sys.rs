@@ -1,13 +1,14 @@
-//! Reads and writes on a plain TCP socket as direct system calls.
+//! Reads and writes on a TCP socket as direct system calls.
 //!
 //! PERF: tokio's `TcpStream` reads and writes through glibc's `recv` and
 //! `send`. In a process with more than one thread (every proxy: a control
 //! runtime beside the workers) glibc makes each of them a cancellation
 //! point and wraps the system call in two atomic read-modify-writes of the
 //! thread's cancellation state: about 1.2 % of the proxy's CPU under
-//! `wrk -c32`, four calls a request (benches/RESULTS.md). nginx and a
-//! one-thread HAProxy, single-threaded, skip that. Here the calls are made
-//! with rustix, which issues the system call itself.
+//! `wrk -c32`, four calls a request (benches/RESULTS.md). glibc skips that
+//! in a single-threaded process (an nginx worker; HAProxy with `nbthread
+//! 1`). Here the calls are made with rustix, which issues the system call
+//! itself, for plain TCP streams and under TLS ([`Socket`]).
 //!
 //! Readiness stays tokio's: a call is made only while the socket is
 //! marked ready, and a call that would block clears the mark
@@ -17,11 +18,66 @@
 //! that fails with `EAGAIN`.
 
 use std::io;
+use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use rustix::net::{RecvFlags, SendFlags};
-use tokio::io::{Interest, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+
+/// A TCP socket read and written with these calls: what TLS runs on.
+#[derive(Debug)]
+pub(crate) struct Socket(TcpStream);
+
+impl Socket {
+    pub(crate) fn new(stream: TcpStream) -> Self {
+        Self(stream)
+    }
+
+    pub(crate) fn tcp(&self) -> &TcpStream {
+        &self.0
+    }
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        poll_read(&self.0, cx, buf)
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        poll_write(&self.0, cx, data)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        poll_write_vectored(&self.0, cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().0).poll_shutdown(cx)
+    }
+}
 
 /// Whether a call that moved `done` of `asked` bytes left the socket
 /// drained (read) or full (write).
@@ -32,7 +88,7 @@ fn short(done: usize, asked: usize) -> bool {
 /// Reads what the socket holds into `buf`'s unfilled part (nothing read at
 /// the end of the stream).
 #[allow(unsafe_code)]
-pub(super) fn poll_read(
+pub(crate) fn poll_read(
     stream: &TcpStream,
     cx: &mut Context<'_>,
     buf: &mut ReadBuf<'_>,
@@ -75,7 +131,7 @@ pub(super) fn poll_read(
 
 /// Writes what the socket's send buffer takes of `data`. `MSG_NOSIGNAL`:
 /// a peer that closed is an error, not a `SIGPIPE`.
-pub(super) fn poll_write(
+pub(crate) fn poll_write(
     stream: &TcpStream,
     cx: &mut Context<'_>,
     data: &[u8],
@@ -86,7 +142,7 @@ pub(super) fn poll_write(
 }
 
 /// Writes what the socket's send buffer takes of `bufs`, in order.
-pub(super) fn poll_write_vectored(
+pub(crate) fn poll_write_vectored(
     stream: &TcpStream,
     cx: &mut Context<'_>,
     bufs: &[io::IoSlice<'_>],
