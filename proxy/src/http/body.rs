@@ -108,7 +108,7 @@ impl Finish {
                 // The request-duration histogram points at the trace.
                 self.metrics
                     .duration
-                    .keep_exemplar(duration, trace_id, span_id);
+                    .keep_exemplar(duration, trace_id, span_id, end);
             }
             span.end_at(end);
         }

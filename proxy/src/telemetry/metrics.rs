@@ -57,9 +57,10 @@ impl Histogram {
 
     /// Keeps an observation already recorded with [`Histogram::observe`]
     /// as its bucket's exemplar: the request of trace `trace_id`, whose
-    /// span (this proxy's) is `span_id`. Only recorded (sampled) traces
-    /// are kept, so the lock is taken for those only.
-    pub fn keep_exemplar(&self, value: Duration, trace_id: u128, span_id: u64) {
+    /// span (this proxy's) is `span_id`, observed `at` (the span's end,
+    /// already read: no clock reading here). Only recorded (sampled)
+    /// traces are kept, so the lock is taken for those only.
+    pub fn keep_exemplar(&self, value: Duration, trace_id: u128, span_id: u64, at: SystemTime) {
         let seconds = value.as_secs_f64();
         let mut exemplars = self
             .exemplars
@@ -71,7 +72,7 @@ impl Histogram {
             trace_id,
             span_id,
             seconds,
-            at: SystemTime::now(),
+            at,
         });
     }
 
@@ -994,6 +995,7 @@ mod tests {
             Duration::from_millis(3),
             0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
             0xb7,
+            SystemTime::now(),
         );
         let prometheus = metrics.render();
         assert!(
