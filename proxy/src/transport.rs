@@ -152,7 +152,7 @@ impl AsyncRead for Stream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(stream) => sys::poll_read(stream, cx, buf),
+            Self::Tcp(stream) => sys::poll_read::<{ sys::PLAIN }>(stream, cx, buf),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
             Self::TlsClient(stream) => Pin::new(&mut **stream).poll_read(cx, buf),
         }
@@ -166,7 +166,7 @@ impl AsyncWrite for Stream {
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tcp(stream) => sys::poll_write(stream, cx, data),
+            Self::Tcp(stream) => sys::poll_write::<{ sys::PLAIN }>(stream, cx, data),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write(cx, data),
             Self::TlsClient(stream) => Pin::new(&mut **stream).poll_write(cx, data),
         }
@@ -178,7 +178,7 @@ impl AsyncWrite for Stream {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tcp(stream) => sys::poll_write_vectored(stream, cx, bufs),
+            Self::Tcp(stream) => sys::poll_write_vectored::<{ sys::PLAIN }>(stream, cx, bufs),
             Self::TlsServer(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
             Self::TlsClient(stream) => Pin::new(&mut **stream).poll_write_vectored(cx, bufs),
         }
