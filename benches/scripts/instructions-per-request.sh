@@ -26,10 +26,12 @@ cfg=$1 mode=$2 seconds=${3:-5}
 root=$(cd "$(dirname "$0")/../.." && pwd)
 work=$(mktemp -d)
 up_port=$((20000 + RANDOM % 5000)) port=$((up_port + 5000))
+# Each kill may fail (a proxy that crashed is gone already); under `set -e`
+# a failed one would end the cleanup and leave the others running.
 cleanup() {
-  [ -n "${vpid:-}" ] && kill "$vpid" 2>/dev/null
-  [ -n "${otlp_pid:-}" ] && kill "$otlp_pid" 2>/dev/null
-  [ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null
+  [ -n "${vpid:-}" ] && kill "$vpid" 2>/dev/null || true
+  [ -n "${otlp_pid:-}" ] && kill "$otlp_pid" 2>/dev/null || true
+  [ -f "$work/up.pid" ] && kill "$(cat "$work/up.pid")" 2>/dev/null || true
   wait 2>/dev/null || true
   rm -rf "$work"
 }

@@ -194,7 +194,8 @@ pub(crate) fn coarse_now() -> Instant {
 thread_local! {
     /// Whether this thread keeps its deadline timers ([`keep_timers`]).
     static KEEPS_TIMERS: Cell<bool> = const { Cell::new(false) };
-    /// The deadline timers this thread keeps, set to a past deadline.
+    /// The deadline timers this thread keeps, each still set for the
+    /// deadline of the request that held it last.
     static TIMERS: crate::kept::Kept<Pin<Box<tokio::time::Sleep>>> =
         const { std::cell::RefCell::new(Vec::new()) };
 }
