@@ -273,6 +273,24 @@ impl Deadline {
     }
 }
 
+/// `future`'s output, or `None` if `at` comes first. The future is polled
+/// where its caller pinned it (not moved in: some are kilobytes), on a
+/// [`Deadline`]'s timer.
+pub(crate) async fn before<F: Future>(
+    at: tokio::time::Instant,
+    mut future: Pin<&mut F>,
+) -> Option<F::Output> {
+    let mut deadline = Deadline::at(at);
+    std::future::poll_fn(|cx| {
+        if let std::task::Poll::Ready(output) = future.as_mut().poll(cx) {
+            return std::task::Poll::Ready(Some(output));
+        }
+        std::task::ready!(deadline.poll_elapsed(cx));
+        std::task::Poll::Ready(None)
+    })
+    .await
+}
+
 impl Drop for Deadline {
     fn drop(&mut self) {
         if KEEPS_TIMERS.get()

@@ -328,19 +328,11 @@ impl ClusterState {
         let mut send = std::pin::pin!(endpoint.send(req, wire, guard));
         let mut result = match per_try {
             None => send.await,
-            Some(deadline) => {
-                let mut timer = crate::clock::Deadline::at(deadline);
-                std::future::poll_fn(|cx| {
-                    if let Poll::Ready(result) = send.as_mut().poll(cx) {
-                        return Poll::Ready(result);
-                    }
-                    std::task::ready!(timer.poll_elapsed(cx));
-                    Poll::Ready(Err(ProxyError::AttemptTimeout {
-                        endpoint: endpoint.addr,
-                    }))
-                })
+            Some(deadline) => crate::clock::before(deadline, send.as_mut())
                 .await
-            }
+                .unwrap_or(Err(ProxyError::AttemptTimeout {
+                    endpoint: endpoint.addr,
+                })),
         };
         if let Some(config) = &self.config.outlier {
             self.observe(config, &endpoint, &result);

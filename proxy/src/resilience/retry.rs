@@ -431,16 +431,9 @@ async fn within(
     let Some(deadline) = deadline else {
         return future.await;
     };
-    let mut timer = crate::clock::Deadline::at(deadline);
-    let mut future = std::pin::pin!(future);
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(outcome) = future.as_mut().poll(cx) {
-            return Poll::Ready(outcome);
-        }
-        std::task::ready!(timer.poll_elapsed(cx));
-        Poll::Ready(Err(ProxyError::UpstreamTimeout))
-    })
-    .await
+    crate::clock::before(deadline, std::pin::pin!(future))
+        .await
+        .unwrap_or(Err(ProxyError::UpstreamTimeout))
 }
 
 pin_project! {
