@@ -277,10 +277,12 @@ impl ClusterState {
         let traced = req.body_mut().take_trace().map(|outbound| {
             let span_id = outbound.inject(req.headers_mut());
             // What a span needs, only when one may be recorded.
-            let head = outbound
-                .tracer
-                .may_record(&outbound.context)
-                .then(|| (std::time::SystemTime::now(), req.method().clone()));
+            let head = outbound.tracer.may_record(&outbound.context).then(|| {
+                (
+                    crate::clock::unix_nanos_of(std::time::Instant::now()),
+                    req.method().clone(),
+                )
+            });
             (outbound, span_id, head)
         });
         let Some(guard) = endpoint.begin_request(self.config.max_requests) else {

@@ -79,7 +79,10 @@ impl Finish {
         }
         // The client span ends first, as the upstream's body did, then
         // the server span, both now.
-        let end = self.span.is_some().then(|| crate::clock::wall_of(now));
+        let end = self
+            .span
+            .is_some()
+            .then(|| crate::clock::unix_nanos_of(now));
         if let (Some(client), Some(end)) = (self.client_span, end) {
             client.end_at(end);
         }

@@ -88,7 +88,7 @@ impl<T> RouteTable<T> {
     }
 
     fn virtual_host(&self, host: &str) -> Option<usize> {
-        let host = strip_port(host);
+        let host = crate::wire::host_of(host);
         let mut buf = [0u8; MAX_HOST_LEN];
         let lower = match host.as_bytes() {
             bytes if bytes.len() > MAX_HOST_LEN => return self.any,
@@ -108,17 +108,6 @@ impl<T> RouteTable<T> {
             .find(|(suffix, _)| lower.len() > suffix.len() && lower.ends_with(&**suffix))
             .map(|&(_, index)| index)
             .or(self.any)
-    }
-}
-
-fn strip_port(host: &str) -> &str {
-    if let Some(rest) = host.strip_prefix('[') {
-        // "[::1]:8080" -> "[::1]"
-        return rest.find(']').map_or(host, |end| &host[..end + 2]);
-    }
-    match host.rsplit_once(':') {
-        Some((name, port)) if port.bytes().all(|b| b.is_ascii_digit()) => name,
-        _ => host,
     }
 }
 
@@ -383,9 +372,18 @@ route_configs:
 
     #[test]
     fn ports_are_stripped() {
-        assert_eq!(strip_port("a.com:80"), "a.com");
-        assert_eq!(strip_port("a.com"), "a.com");
-        assert_eq!(strip_port("[::1]:80"), "[::1]");
-        assert_eq!(strip_port("[::1]"), "[::1]");
+        use crate::wire::host_of;
+        assert_eq!(host_of("a.com:80"), "a.com");
+        assert_eq!(host_of("a.com"), "a.com");
+        assert_eq!(host_of("[::1]:80"), "[::1]");
+        assert_eq!(host_of("[::1]"), "[::1]");
+        assert_eq!(host_of("10.0.0.1:8080"), "10.0.0.1");
+        // A port that is not digits stays part of the name; an empty one
+        // goes with its colon.
+        assert_eq!(host_of("a.com:http"), "a.com:http");
+        assert_eq!(host_of("a.com:"), "a.com");
+        assert_eq!(host_of(":80"), "");
+        assert_eq!(host_of("8080"), "8080");
+        assert_eq!(host_of(""), "");
     }
 }

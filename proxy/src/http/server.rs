@@ -615,7 +615,7 @@ async fn handle(
         .filter(|(tracer, context)| tracer.may_record(context))
         .map(|_| {
             (
-                crate::clock::wall_of(start),
+                crate::clock::unix_nanos_of(start),
                 req.method().clone(),
                 req.uri().clone(),
                 req.headers().get(header::HOST).cloned(),

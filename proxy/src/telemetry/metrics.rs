@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use super::istio::IstioMetrics;
 use http::StatusCode;
@@ -36,7 +36,8 @@ struct Exemplar {
     trace_id: u128,
     span_id: u64,
     seconds: f64,
-    at: SystemTime,
+    /// When, in nanoseconds from the Unix epoch.
+    at: u64,
 }
 
 fn bucket_of(seconds: f64) -> usize {
@@ -60,7 +61,7 @@ impl Histogram {
     /// span (this proxy's) is `span_id`, observed `at` (the span's end,
     /// already read: no clock reading here). Only recorded (sampled)
     /// traces are kept, so the lock is taken for those only.
-    pub fn keep_exemplar(&self, value: Duration, trace_id: u128, span_id: u64, at: SystemTime) {
+    pub fn keep_exemplar(&self, value: Duration, trace_id: u128, span_id: u64, at: u64) {
         let seconds = value.as_secs_f64();
         let mut exemplars = self
             .exemplars
@@ -93,9 +94,7 @@ impl Histogram {
         };
         let exemplar = |out: &mut String, i: usize| {
             if let Some(e) = exemplars[i] {
-                let at =
-                    e.at.duration_since(std::time::UNIX_EPOCH)
-                        .map_or(0.0, |d| d.as_secs_f64());
+                let at = e.at as f64 / 1e9;
                 let _ = write!(
                     out,
                     " # {{trace_id=\"{:032x}\",span_id=\"{:016x}\"}} {} {at:.3}",
@@ -995,7 +994,7 @@ mod tests {
             Duration::from_millis(3),
             0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
             0xb7,
-            SystemTime::now(),
+            crate::clock::unix_nanos(std::time::SystemTime::now()),
         );
         let prometheus = metrics.render();
         assert!(

@@ -14,7 +14,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use super::Metrics;
 use super::trace::export::{Client, Message};
@@ -280,11 +280,6 @@ fn encode(
     bytes_field(out, 1, &resource_metrics);
 }
 
-fn unix_nanos(time: SystemTime) -> u64 {
-    time.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-}
-
 /// The running exporter; dropping it stops the export.
 #[derive(Debug)]
 pub(crate) struct MetricsExporter {
@@ -347,8 +342,8 @@ async fn run(
             &families,
             &resource,
             &scope,
-            unix_nanos(started),
-            unix_nanos(SystemTime::now()),
+            crate::clock::unix_nanos(started),
+            crate::clock::unix_nanos(SystemTime::now()),
             &mut body,
         );
         // Retries end before the next export is due.

@@ -431,7 +431,7 @@ impl OpenSpan {
 
     /// Ends the span at `end` (a time the caller read anyway) rather than
     /// when it is dropped.
-    pub(crate) fn end_at(mut self, end: SystemTime) {
+    pub(crate) fn end_at(mut self, end: u64) {
         if let Some(mut span) = self.open.span.take() {
             span.end = end;
             self.open.tracer.queue.send(&span);
@@ -442,7 +442,7 @@ impl OpenSpan {
 impl Drop for Open {
     fn drop(&mut self) {
         if let Some(mut span) = self.span.take() {
-            span.end = SystemTime::now();
+            span.end = crate::clock::unix_nanos(SystemTime::now());
             self.tracer.queue.send(&span);
         }
     }
@@ -489,8 +489,9 @@ pub(crate) struct SpanRecord {
     pub(crate) parent_id: u64,
     /// The parent is the caller's span (a server span with a parent).
     pub(crate) parent_remote: bool,
-    pub(crate) start: SystemTime,
-    pub(crate) end: SystemTime,
+    /// Nanoseconds from the Unix epoch ([`crate::clock::unix_nanos_of`]).
+    pub(crate) start: u64,
+    pub(crate) end: u64,
     pub(crate) method: Method,
     /// Server: the request path (without its query).
     pub(crate) path: Option<http::uri::PathAndQuery>,
@@ -557,7 +558,7 @@ impl ConnectionSpan {
             &context,
             context.span_id,
             0,
-            SystemTime::now(),
+            crate::clock::unix_nanos(SystemTime::now()),
             Method::default(),
         );
         record.peer = Some(peer);
@@ -588,7 +589,7 @@ impl Drop for ConnectionSpan {
         // error, for "always sample errors".
         let status = if self.record.flag.is_empty() { 200 } else { 0 };
         if self.tracer.records(&self.context, status) {
-            self.record.end = SystemTime::now();
+            self.record.end = crate::clock::unix_nanos(SystemTime::now());
             self.tracer.queue.send(&self.record);
         }
     }
@@ -601,7 +602,7 @@ impl SpanRecord {
         context: &Context,
         span_id: u64,
         parent_id: u64,
-        start: SystemTime,
+        start: u64,
         method: Method,
     ) -> Self {
         Self {

@@ -852,7 +852,7 @@ mod tests {
             &context,
             context.span_id,
             0,
-            std::time::SystemTime::now(),
+            crate::clock::unix_nanos(std::time::SystemTime::now()),
             http::Method::GET,
         )
     }
