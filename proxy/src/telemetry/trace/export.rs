@@ -103,7 +103,7 @@ struct Pending {
     closed: bool,
 }
 
-/// One export's spans, one after the other as [`SpanWriter::append`] wrote
+/// One export's spans, one after the other as [`SpanWriter::write`] wrote
 /// them, after `Shared::room` bytes left free.
 #[derive(Debug)]
 struct Batch {
@@ -146,26 +146,29 @@ impl Shared {
 /// since the last (`malloc_consolidate`) (benches/RESULTS.md).
 const SPARE_BUFFERS: usize = MAX_IN_FLIGHT + 1;
 
+/// Room for spans in the first batch's buffer, before a full batch's size
+/// is known: it grows from there.
+const FIRST_SPANS: usize = 4096;
+
 impl Queue {
     /// Queues a span, or drops and counts it when the queue is full.
     ///
-    /// PERF: the span is written here, by the worker, and appended to its
-    /// batch's buffer: no allocation per span (one per batch), and none
+    /// PERF: the span is written here, by the worker, into its batch's
+    /// buffer: no allocation per span (one per batch), and none
     /// freed on another thread per span (glibc then takes the allocating
     /// thread's arena lock, which the worker needs for its own
     /// allocations). The task is woken once per full batch, not per span
     /// (a partial batch waits for its timer).
     pub(crate) fn send(&self, span: &SpanRecord) {
         // The collector is slow or down and the queue full: drop the span
-        // without writing it. (Racing with the exporter's take, at worst
-        // one span is written and then dropped below, or dropped while
-        // room has just been made.)
+        // without taking the lock. (Racing with the exporter's take, at
+        // worst the lock is taken to find the queue full, or a span is
+        // dropped while room has just been made.)
         if self.shared.queued.load(Relaxed) >= self.shared.capacity {
             self.metrics.spans_dropped.fetch_add(1, Relaxed);
             return;
         }
         let queued = WRITER.with_borrow_mut(|writer| {
-            writer.encode(span);
             let mut pending = self.shared.pending();
             if pending.spans >= self.shared.capacity {
                 return None;
@@ -176,7 +179,7 @@ impl Queue {
                 _ => {
                     let room = self.shared.room;
                     let mut bytes = pending.spare.pop().unwrap_or_else(|| {
-                        Vec::with_capacity(pending.filled.max(room + writer.written_len()))
+                        Vec::with_capacity(pending.filled.max(room + FIRST_SPANS))
                     });
                     bytes.resize(room, 0);
                     pending.batches.push(Batch { bytes, spans: 0 });
@@ -184,7 +187,7 @@ impl Queue {
                     &mut pending.batches[last]
                 }
             };
-            writer.append(&mut batch.bytes);
+            writer.write(span, &mut batch.bytes);
             batch.spans += 1;
             if batch.spans == self.shared.batch {
                 pending.filled = batch.bytes.len();
