@@ -275,7 +275,7 @@ impl ClusterState {
         // Each attempt is a client span of its own: its id is the parent
         // the upstream sees.
         let traced = req.body_mut().take_trace().map(|outbound| {
-            let span_id = outbound.inject(req.headers_mut());
+            let propagation = outbound.attempt();
             // What a span needs, only when one may be recorded.
             let head = outbound.tracer.may_record(&outbound.context).then(|| {
                 (
@@ -283,7 +283,7 @@ impl ClusterState {
                     req.method().clone(),
                 )
             });
-            (outbound, span_id, head)
+            (outbound, propagation, head)
         });
         let Some(guard) = endpoint.begin_request(self.config.max_requests) else {
             self.settings
@@ -327,7 +327,8 @@ impl ClusterState {
         // PERF: the send is pinned where it is made; the per-try timeout
         // polls it there rather than taking it in (a copy of the whole
         // future).
-        let mut send = std::pin::pin!(endpoint.send(req, wire, guard));
+        let propagation = traced.as_ref().map(|(_, propagation, _)| *propagation);
+        let mut send = std::pin::pin!(endpoint.send(req, wire, guard, propagation));
         let mut result = match per_try {
             None => send.await,
             Some(deadline) => crate::clock::before(deadline, send.as_mut())
@@ -339,7 +340,7 @@ impl ClusterState {
         if let Some(config) = &self.config.outlier {
             self.observe(config, &endpoint, &result);
         }
-        if let Some((outbound, span_id, Some((start, method)))) = traced {
+        if let Some((outbound, propagation, Some((start, method)))) = traced {
             let (status, flag) = match &result {
                 Ok(response) => (response.status().as_u16(), ""),
                 Err(error) => (0, error.flag()),
@@ -349,7 +350,7 @@ impl ClusterState {
                 let mut span = SpanRecord::new(
                     Kind::Client,
                     context,
-                    span_id,
+                    propagation.span_id(),
                     context.span_id,
                     start,
                     method,

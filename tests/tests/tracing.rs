@@ -501,6 +501,64 @@ async fn each_retry_is_a_client_span_of_its_own() {
     assert_eq!(ids.len(), 3);
 }
 
+#[tokio::test]
+async fn http1_and_http2_upstreams_are_told_the_attempt_s_span_or_an_unsampled_trace() {
+    let echo = echo("app").await;
+    let otlp = receiver().await;
+    for protocol in ["http1", "http2"] {
+        for sampled in [true, false] {
+            let extra = if sampled { "" } else { ", sample_percent: 0" };
+            let config = hop(echo.local_addr(), "edge", &otlp.grpc_url(), "grpc", extra).replace(
+                "  - name: next\n",
+                &format!("  - name: next\n    protocol: {protocol}\n"),
+            );
+            let proxy = ProxyProcess::start(&config).await.unwrap();
+            let addr = proxy.listener("web");
+            let mut req = get(addr, "/");
+            req.headers_mut()
+                .insert("x-echo-headers", "1".parse().unwrap());
+            let response = http1_request(addr, req).await.unwrap();
+            assert_eq!(response.status(), 200);
+            let echoed = |name: &str| {
+                response
+                    .headers()
+                    .get_all(format!("x-echo-req-{name}"))
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect::<Vec<_>>()
+            };
+            let traceparents = echoed("traceparent");
+            assert_eq!(traceparents.len(), 1, "{protocol}: {traceparents:?}");
+            let traceparent = &traceparents[0];
+            assert_eq!(traceparent.len(), 55, "{traceparent}");
+            let (trace_id, parent) = (&traceparent[3..35], &traceparent[36..52]);
+            assert_ne!(parent, "0000000000000000");
+            if sampled {
+                assert!(traceparent.ends_with("-01"), "{traceparent}");
+                let (spans, complete) = otlp
+                    .wait_for(WAIT, |spans| {
+                        spans
+                            .iter()
+                            .any(|s| s.trace_id == trace_id && s.kind == "client")
+                    })
+                    .await;
+                assert!(complete, "{protocol}: {spans:#?}");
+                let client = spans
+                    .iter()
+                    .find(|s| s.trace_id == trace_id && s.kind == "client")
+                    .unwrap();
+                // The upstream's parent is the attempt's own span.
+                assert_eq!(client.span_id, parent, "{protocol}");
+                let version = if protocol == "http2" { "2" } else { "1.1" };
+                assert_eq!(client.attribute("network.protocol.version"), Some(version));
+            } else {
+                // Nothing recorded; the decision still travels.
+                assert!(traceparent.ends_with("-00"), "{traceparent}");
+            }
+        }
+    }
+}
+
 /// The client spans of the server span `server`, by attempt number.
 fn attempts_of<'a>(spans: &'a [ReceivedSpan], server: &ReceivedSpan) -> Vec<&'a ReceivedSpan> {
     let mut attempts: Vec<&ReceivedSpan> = spans

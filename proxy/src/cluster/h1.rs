@@ -49,6 +49,7 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite};
 
 use crate::error::BoxError;
+use crate::telemetry::trace::Propagation;
 pub(crate) use crate::wire::Error;
 use crate::wire::{
     COALESCE_BELOW, Chunked, Collected, Decoder, Framing, Next, READ_CHUNK, Upload, has_token,
@@ -165,9 +166,13 @@ where
     /// [`ResponseBody::take_connection`] gives it back for reuse.
     ///
     /// Cancel safety: dropping the future drops the connection.
+    ///
+    /// `trace`, when given, is written with the head (and any header of
+    /// its names in the request's map left out).
     pub(crate) async fn send(
         mut self,
         req: Request<B>,
+        trace: Option<&Propagation>,
     ) -> Result<Response<ResponseBody<T, B>>, SendError<B>> {
         let (parts, body) = req.into_parts();
         let state = &mut *self.0;
@@ -176,7 +181,7 @@ where
         state.written = 0;
         state.sent_any = false;
         state.upload_failed = None;
-        let framing = encode_head(&mut state.write, &parts, &body);
+        let framing = encode_head(&mut state.write, &parts, &body, trace);
         state.upload = Some(Upload::new(body, framing));
         state.parts = Some(parts);
         let head = poll_fn(|cx| self.0.poll_head(cx)).await;
@@ -220,8 +225,13 @@ where
 }
 
 /// Writes the request line and headers, with the framing headers this
-/// connection decides, into `out`.
-fn encode_head<B: Body>(out: &mut Vec<u8>, parts: &http::request::Parts, body: &B) -> Framing {
+/// connection decides and the trace context, into `out`.
+fn encode_head<B: Body>(
+    out: &mut Vec<u8>,
+    parts: &http::request::Parts,
+    body: &B,
+    trace: Option<&Propagation>,
+) -> Framing {
     out.extend_from_slice(parts.method.as_str().as_bytes());
     out.push(b' ');
     match parts.uri.path_and_query() {
@@ -241,10 +251,17 @@ fn encode_head<B: Body>(out: &mut Vec<u8>, parts: &http::request::Parts, body: &
             // Decided here, not by the client.
             continue;
         }
+        if trace.is_some_and(|trace| trace.writes(name)) {
+            // The proxy's own, below.
+            continue;
+        }
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(trace) = trace {
+        trace.write_lines(out);
     }
     let framing = if body.is_end_stream() {
         // No body: say so only where the client did (a POST with an

@@ -43,7 +43,7 @@ use crate::body::{DownstreamBodyError, RequestBody};
 use crate::config::Cluster;
 use crate::error::ProxyError;
 use crate::telemetry::ClusterMetrics;
-use crate::telemetry::trace::OpenSpan;
+use crate::telemetry::trace::{OpenSpan, Propagation};
 use crate::tls::UpstreamTls;
 use crate::transport::Stream;
 
@@ -276,32 +276,44 @@ impl Endpoint {
     ///
     /// Cancel safety: dropping the future drops the request and, at worst,
     /// one connection; the pool stays consistent.
+    ///
+    /// `trace` is the attempt's trace context, written into the request
+    /// as its wire allows.
     pub(crate) async fn send(
         self: &Arc<Self>,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
         wire: Wire,
         guard: ActiveGuard,
+        trace: Option<Propagation>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         self.settings.metrics.requests_total.fetch_add(1, Relaxed);
         match wire {
-            Wire::Http1 => self.send_h1(req, guard).await,
-            Wire::Http2 => self.send_h2(req, guard).await,
+            Wire::Http1 => self.send_h1(req, guard, trace).await,
+            Wire::Http2 => {
+                if let Some(trace) = trace {
+                    trace.insert(req.headers_mut());
+                }
+                self.send_h2(req, guard).await
+            }
         }
     }
 
     async fn send_h1(
         self: &Arc<Self>,
-        req: Request<RequestBody>,
+        mut req: Request<RequestBody>,
         guard: ActiveGuard,
+        trace: Option<Propagation>,
     ) -> Result<Response<UpstreamBody>, ProxyError> {
         if req.headers().contains_key(http::header::UPGRADE)
             || req.method() == http::Method::CONNECT
         {
+            if let Some(trace) = trace {
+                trace.insert(req.headers_mut());
+            }
             // Boxed: upgrades are few, and hyper's client state would sit
             // in every request's future.
             return Box::pin(self.send_upgrade(req, guard)).await;
         }
-        let mut req = req;
         let mut reuse = true;
         loop {
             let idle = || reuse.then(|| self.take_idle()).flatten();
@@ -313,7 +325,7 @@ impl Endpoint {
                 Acquired::Slot(slot) => (Box::pin(self.connect_h1(slot)).await?, false),
             };
             let PooledH1 { conn, open, retire } = pooled;
-            match conn.send(req).await {
+            match conn.send(req, trace.as_ref()).await {
                 Ok(response) => {
                     let back = GiveBack {
                         endpoint: self.clone(),

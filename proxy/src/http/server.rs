@@ -870,21 +870,14 @@ async fn route_and_forward(
             outcome.request_id = Some(request_id.clone());
         }
         if let Some((tracer, context)) = trace {
-            // The client's trace headers go; the proxy writes its own.
+            // The client's trace headers go; the proxy writes its own into
+            // each attempt, with the attempt's client span as the parent
+            // when one may be recorded (`Outbound::attempt`).
             trace::strip_incoming(h, &context);
-            if may_record {
-                // Each attempt gets a client span of its own, whose id the
-                // cluster writes into that attempt's `traceparent`.
-                outbound = Some(Box::new(Outbound {
-                    context,
-                    tracer: tracer.clone(),
-                }));
-            } else {
-                // PERF: a trace that records nothing needs no span per
-                // attempt: one `traceparent` (sampled 0) for every attempt
-                // saves an extension map per request.
-                trace::inject_unrecorded(h, &context);
-            }
+            outbound = Some(Box::new(Outbound {
+                context,
+                tracer: tracer.clone(),
+            }));
         }
     }
 

@@ -308,26 +308,37 @@ impl Context {
     }
 
     /// `traceparent` naming `span_id` as the upstream's parent.
+    pub(crate) fn traceparent(&self, span_id: u64) -> HeaderValue {
+        // Not cut from the arena: each attempt gets its own, never a clone,
+        // and a value of its own costs fewer instructions than a cut one.
+        HeaderValue::from_bytes(&self.traceparent_text(span_id))
+            .expect("hex digits and dashes are a valid header value")
+    }
+
+    /// [`Context::traceparent`]'s text.
     ///
     /// PERF: written digit by digit; `format!` of a `u128` in hex cost
     /// about 2,400 instructions a request (callgrind), this about 200.
-    pub(crate) fn traceparent(&self, span_id: u64) -> HeaderValue {
+    fn traceparent_text(&self, span_id: u64) -> [u8; 55] {
         let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
         text[3..35].copy_from_slice(&crate::made::hex_u128(self.trace_id));
         text[36..52].copy_from_slice(&crate::made::hex_u64(span_id));
         text[54] = b'0' + u8::from(self.sampled);
-        // Not cut from the arena: each attempt gets its own, never a clone,
-        // and a value of its own costs fewer instructions than a cut one.
-        HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
+        text
     }
 
     /// `b3` (single header) naming `span_id`, for callers that sent B3.
     pub(crate) fn b3(&self, span_id: u64) -> HeaderValue {
+        HeaderValue::from_bytes(&self.b3_text(span_id))
+            .expect("hex digits and dashes are a valid header value")
+    }
+
+    fn b3_text(&self, span_id: u64) -> [u8; 51] {
         let mut text = *b"00000000000000000000000000000000-0000000000000000-0";
         text[0..32].copy_from_slice(&crate::made::hex_u128(self.trace_id));
         text[33..49].copy_from_slice(&crate::made::hex_u64(span_id));
         text[50] = b'0' + u8::from(self.sampled);
-        HeaderValue::from_bytes(&text).expect("hex digits and dashes are a valid header value")
+        text
     }
 }
 
@@ -361,7 +372,7 @@ pub(crate) fn strip_incoming(headers: &mut HeaderMap, context: &Context) {
 
 /// What the cluster needs to trace an upstream attempt: carried by the
 /// request's body ([`crate::body::RequestBody::set_trace`]), set by the
-/// connection's part of the path.
+/// connection's part of the path for every request of a traced listener.
 #[derive(Debug, Clone)]
 pub(crate) struct Outbound {
     pub(crate) context: Context,
@@ -369,32 +380,72 @@ pub(crate) struct Outbound {
 }
 
 impl Outbound {
-    /// Writes the attempt's context into its request and returns the
-    /// attempt's span id.
-    pub(crate) fn inject(&self, headers: &mut HeaderMap) -> u64 {
-        inject(headers, &self.context)
+    /// The context an attempt sends upstream: with a new span id, the
+    /// attempt's client span, when spans of the trace may be recorded;
+    /// else with the proxy's server span (never exported) standing as the
+    /// upstream's parent, so that no id is drawn.
+    pub(crate) fn attempt(&self) -> Propagation {
+        let parent = if self.tracer.may_record(&self.context) {
+            crate::rng::with_thread_rng(random_id)
+        } else {
+            self.context.span_id
+        };
+        Propagation {
+            context: self.context,
+            parent,
+        }
     }
 }
 
-/// Writes `context` into an upstream request, with a new span id as the
-/// upstream's parent, and returns that id.
-pub(crate) fn inject(headers: &mut HeaderMap, context: &Context) -> u64 {
-    let span_id = crate::rng::with_thread_rng(random_id);
-    write(headers, context, span_id);
-    span_id
+/// The trace context written into one upstream attempt: the request's
+/// trace, naming `parent` as the upstream's parent span.
+///
+/// PERF: an HTTP/1.1 upstream gets it as header lines written with the
+/// request's head ([`Propagation::write_lines`]), not as values in its
+/// header map: a value made, checked and allocated, and a hashed insert,
+/// cost about 550 instructions a traced request (callgrind).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Propagation {
+    context: Context,
+    parent: u64,
 }
 
-/// Writes `context` into the upstream request of a trace that records no
-/// span here: the proxy's server span (never exported) stands as the
-/// upstream's parent, so no id is drawn for a client span.
-pub(crate) fn inject_unrecorded(headers: &mut HeaderMap, context: &Context) {
-    write(headers, context, context.span_id);
-}
+impl Propagation {
+    #[cfg(test)]
+    pub(crate) fn new(context: Context, parent: u64) -> Self {
+        Self { context, parent }
+    }
 
-fn write(headers: &mut HeaderMap, context: &Context, span_id: u64) {
-    headers.insert(&TRACEPARENT, context.traceparent(span_id));
-    if context.format == Format::B3 {
-        headers.insert(&B3, context.b3(span_id));
+    /// The id the upstream sees as its parent: the attempt's client span.
+    pub(crate) fn span_id(&self) -> u64 {
+        self.parent
+    }
+
+    /// Writes the context into an upstream request's headers (HTTP/2,
+    /// and upgrades, which hyper writes), replacing any already there.
+    pub(crate) fn insert(&self, headers: &mut HeaderMap) {
+        headers.insert(&TRACEPARENT, self.context.traceparent(self.parent));
+        if self.context.format == Format::B3 {
+            headers.insert(&B3, self.context.b3(self.parent));
+        }
+    }
+
+    /// Whether a header of this name is one [`Propagation::write_lines`]
+    /// writes: one already in the request's map is not sent beside it.
+    pub(crate) fn writes(&self, name: &HeaderName) -> bool {
+        *name == TRACEPARENT || (self.context.format == Format::B3 && *name == B3)
+    }
+
+    /// Writes the context as HTTP/1.1 header lines, each ending in CRLF.
+    pub(crate) fn write_lines(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(&self.context.traceparent_text(self.parent));
+        out.extend_from_slice(b"\r\n");
+        if self.context.format == Format::B3 {
+            out.extend_from_slice(b"b3: ");
+            out.extend_from_slice(&self.context.b3_text(self.parent));
+            out.extend_from_slice(b"\r\n");
+        }
     }
 }
 

@@ -93,7 +93,7 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let send = conn.send(req);
+    let send = conn.send(req, None);
     let serve = async {
         let request = read_until(server, b"\r\n\r\n").await;
         // The client may stop reading once it has refused the head.
@@ -128,12 +128,67 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let send = conn.send(req);
+    let send = conn.send(req, None);
     let serve = async move {
         read_until(&mut server, b"\r\n\r\n").await;
         let _ = server.write_all(response).await;
     };
     tokio::join!(send, serve).0
+}
+
+#[tokio::test]
+async fn the_trace_context_goes_out_with_the_head_in_place_of_any_in_the_map() {
+    use crate::config::Percent;
+    use crate::telemetry::trace::{Context, Format, Propagation};
+
+    let mut context = Context::begin(None, Percent::ALL);
+    context.trace_id = 0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c;
+    for (format, lines) in [
+        (
+            Format::W3c,
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-00000000000000b7-01\r\n",
+        ),
+        (
+            Format::B3,
+            "traceparent: 00-0af7651916cd43dd8448eb211c80319c-00000000000000b7-01\r\n\
+             b3: 0af7651916cd43dd8448eb211c80319c-00000000000000b7-1\r\n",
+        ),
+    ] {
+        context.format = format;
+        let (conn, mut server) = pipe();
+        // A route's header rule may have put either name in the map: the
+        // proxy's own context is what goes out, once.
+        let req = Request::get("/")
+            .header("host", "upstream")
+            .header(
+                "traceparent",
+                "00-11111111111111111111111111111111-2222222222222222-01",
+            )
+            .header("b3", "1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let propagation = Propagation::new(context, 0xb7);
+        let send = conn.send(req, Some(&propagation));
+        let serve = async {
+            let request = read_until(&mut server, b"\r\n\r\n").await;
+            server
+                .write_all(b"HTTP/1.1 204 No Content\r\n\r\n")
+                .await
+                .unwrap();
+            request
+        };
+        let (response, request) = tokio::join!(send, serve);
+        assert_eq!(response.unwrap().status(), StatusCode::NO_CONTENT);
+        let b3 = if format == Format::B3 {
+            ""
+        } else {
+            "b3: 1\r\n"
+        };
+        assert_eq!(
+            String::from_utf8(request).unwrap(),
+            format!("GET / HTTP/1.1\r\nhost: upstream\r\n{b3}{lines}\r\n")
+        );
+    }
 }
 
 #[tokio::test]
@@ -202,7 +257,7 @@ async fn a_body_of_known_length_gets_content_length_and_one_of_unknown_length_is
         .header("transfer-encoding", "chunked")
         .body(Full::new(Bytes::from_static(b"0123456789")))
         .unwrap();
-    let send = conn.send(req);
+    let send = conn.send(req, None);
     let serve = async {
         let request = read_until(&mut server, b"0123456789").await;
         server
@@ -233,7 +288,7 @@ async fn a_body_of_known_length_gets_content_length_and_one_of_unknown_length_is
     trailers.insert("x-checksum", HeaderValue::from_static("42"));
     tx.send(Ok(Frame::trailers(trailers))).unwrap();
     drop(tx);
-    let send = conn.send(req);
+    let send = conn.send(req, None);
     let serve = async {
         let request = read_until(&mut server, b"x-checksum: 42\r\n\r\n").await;
         server
@@ -285,7 +340,7 @@ async fn a_declared_length_is_kept_and_a_body_that_breaks_it_fails_as_the_client
         .header("content-length", "10")
         .body(ChannelBody(rx))
         .unwrap();
-    let error = conn.send(req).await.unwrap_err();
+    let error = conn.send(req, None).await.unwrap_err();
     assert!(matches!(error.error, Error::RequestBody(_)), "{error:?}");
     // Its body was read: it cannot be handed back to go out again.
     assert!(error.unsent.is_none());
@@ -299,7 +354,7 @@ async fn a_declared_length_is_kept_and_a_body_that_breaks_it_fails_as_the_client
         .header("host", "upstream")
         .body(ChannelBody(rx))
         .unwrap();
-    let error = conn.send(req).await.unwrap_err();
+    let error = conn.send(req, None).await.unwrap_err();
     assert!(matches!(error.error, Error::RequestBody(_)), "{error:?}");
 }
 
@@ -371,7 +426,7 @@ async fn a_chunked_response_is_decoded_with_its_extensions_and_trailers() {
 
     // Chunks split across reads.
     let (conn, mut server) = pipe();
-    let send = conn.send(get("/"));
+    let send = conn.send(get("/"), None);
     let serve = async {
         read_until(&mut server, b"\r\n\r\n").await;
         for part in [
@@ -608,7 +663,7 @@ async fn a_connection_closed_while_idle_is_seen_and_a_request_it_refused_comes_b
     // The write fails before a byte went out: the request is handed back.
     let (conn, server) = pipe();
     drop(server);
-    let error = conn.send(get("/again")).await.unwrap_err();
+    let error = conn.send(get("/again"), None).await.unwrap_err();
     let unsent = error.unsent.expect("nothing was written");
     assert_eq!(unsent.uri(), "/again");
     assert_eq!(unsent.headers()["host"], "upstream");
@@ -644,7 +699,7 @@ async fn a_response_cut_short_is_an_error() {
 async fn large_bodies_come_whole_across_many_reads() {
     let (conn, mut server) = pipe();
     let body: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
-    let send = conn.send(get("/"));
+    let send = conn.send(get("/"), None);
     let expected = body.clone();
     let serve = async move {
         read_until(&mut server, b"\r\n\r\n").await;

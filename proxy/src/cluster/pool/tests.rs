@@ -115,7 +115,7 @@ async fn a_connection_goes_back_to_the_pool_only_once_its_response_is_read() {
     let endpoint = Arc::new(Endpoint::new(addr, 1, settings()));
     for _ in 0..3 {
         let response = endpoint
-            .send(get().await, Wire::Http1, endpoint.begin())
+            .send(get().await, Wire::Http1, endpoint.begin(), None)
             .await
             .unwrap();
         assert_eq!(endpoint.idle_connections(), 0, "taken while in use");
@@ -133,7 +133,7 @@ async fn an_upgrade_goes_out_on_a_pooled_connections_socket_which_is_not_pooled_
     let (addr, accepted) = upstream(Upstream::Serve { body: b"hello" }).await;
     let endpoint = Arc::new(Endpoint::new(addr, 1, settings()));
     let response = endpoint
-        .send(get().await, Wire::Http1, endpoint.begin())
+        .send(get().await, Wire::Http1, endpoint.begin(), None)
         .await
         .unwrap();
     response.into_body().collect().await.unwrap();
@@ -145,7 +145,7 @@ async fn an_upgrade_goes_out_on_a_pooled_connections_socket_which_is_not_pooled_
     )
     .await;
     let response = endpoint
-        .send(upgrade, Wire::Http1, endpoint.begin())
+        .send(upgrade, Wire::Http1, endpoint.begin(), None)
         .await
         .unwrap();
     assert_eq!(endpoint.idle_connections(), 0);
@@ -167,13 +167,13 @@ async fn a_response_dropped_before_its_end_takes_its_connection_with_it() {
     .await;
     let endpoint = Arc::new(Endpoint::new(addr, 1, settings()));
     let response = endpoint
-        .send(get().await, Wire::Http1, endpoint.begin())
+        .send(get().await, Wire::Http1, endpoint.begin(), None)
         .await
         .unwrap();
     drop(response);
     assert_eq!(endpoint.idle_connections(), 0);
     let response = endpoint
-        .send(get().await, Wire::Http1, endpoint.begin())
+        .send(get().await, Wire::Http1, endpoint.begin(), None)
         .await
         .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -190,7 +190,7 @@ async fn an_upstream_that_closes_every_connection_gets_a_bounded_number_of_dials
     let (addr, accepted) = upstream(Upstream::Close).await;
     let endpoint = Arc::new(Endpoint::new(addr, 1, settings()));
     let result = endpoint
-        .send(get().await, Wire::Http1, endpoint.begin())
+        .send(get().await, Wire::Http1, endpoint.begin(), None)
         .await;
     assert!(
         matches!(result, Err(ProxyError::UpstreamReset { .. })),
@@ -212,7 +212,9 @@ async fn a_broken_downstream_body_is_blamed_on_the_client() {
     )
     .await;
     *req.method_mut() = http::Method::POST;
-    let result = endpoint.send(req, Wire::Http1, endpoint.begin()).await;
+    let result = endpoint
+        .send(req, Wire::Http1, endpoint.begin(), None)
+        .await;
     match result {
         Err(error @ ProxyError::DownstreamBody { .. }) => {
             assert_eq!(error.origin(), crate::error::Origin::Downstream);
@@ -234,7 +236,7 @@ async fn a_refused_connect_is_counted_and_safe_to_retry() {
     drop(listener);
     let endpoint = Arc::new(Endpoint::new(addr, 1, settings()));
     let result = endpoint
-        .send(get().await, Wire::Http1, endpoint.begin())
+        .send(get().await, Wire::Http1, endpoint.begin(), None)
         .await;
     let error = result.unwrap_err();
     assert!(
@@ -258,21 +260,25 @@ async fn beyond_max_connections_a_request_waits_for_the_connection_and_beyond_ma
     let endpoint = Arc::new(Endpoint::new(addr, 1, settings));
     // The first response holds the only connection until its body is read.
     let first = endpoint
-        .send(get().await, Wire::Http1, endpoint.begin())
+        .send(get().await, Wire::Http1, endpoint.begin(), None)
         .await
         .unwrap();
     assert_eq!(metrics.connections_held.load(Relaxed), 1);
     let waiting = {
         let endpoint = endpoint.clone();
         let req = get().await;
-        tokio::spawn(async move { endpoint.send(req, Wire::Http1, endpoint.begin()).await })
+        tokio::spawn(async move {
+            endpoint
+                .send(req, Wire::Http1, endpoint.begin(), None)
+                .await
+        })
     };
     while metrics.requests_pending.load(Relaxed) == 0 {
         tokio::task::yield_now().await;
     }
     // One waits already: the next is refused at once.
     let refused = endpoint
-        .send(get().await, Wire::Http1, endpoint.begin())
+        .send(get().await, Wire::Http1, endpoint.begin(), None)
         .await
         .unwrap_err();
     assert!(
