@@ -6,7 +6,8 @@
 # upstream (an nginx serving a fixed 2-byte response over keep-alive, so
 # that the upstream costs as little as possible) share CPU 1. Targets are
 # interleaved within each round; the summary gives each figure's median over
-# the rounds (and the proxy core's busy range).
+# the rounds (and the proxy core's busy range), then each target's ratios
+# to the first of TARGETS: the medians of the rounds' own ratios.
 # For each figure it says whether the proxy's core saturated (its CPU time
 # over the wall time): a figure taken with the proxy's core idle half the
 # time measures the generator, not the proxy. HTTP/1.1 rows also give
@@ -220,5 +221,39 @@ for mode in $modes; do
       sort -k1 -n | awk -v m="$mode" -v tg="$target" -v p99="$p99" -v rps="$rps" '
         { cpu[NR] = $1; busy[NR] = $2; if (NR == 1 || $2 < lo) lo = $2; if (NR == 1 || $2 > hi) hi = $2 }
         END { i = int((NR + 1) / 2); printf "%s %-9s cpu_us_per_request=%s rps=%s proxy_core_busy=%s-%s%% p99_us=%s\n", m, tg, cpu[i], rps, lo, hi, p99 }'
+  done
+done
+# Ratios within each round, where both targets met the same load on the
+# same machine minutes apart, vary less than the medians above, which a
+# busy neighbour moves round by round: these are what RESULTS.md quotes.
+base=${targets%% *}
+echo
+echo "ratios to $base (each the median of the rounds' own ratios; their range in brackets):"
+for mode in $modes; do
+  for target in $targets; do
+    [ "$target" = "$base" ] && continue
+    awk -v m="$mode" -v b="$base" -v tg="$target" '
+      function field(name,   i) {
+        for (i = 1; i <= NF; i++) if (index($i, name "=") == 1) return substr($i, length(name) + 2)
+        return ""
+      }
+      # The median and range of v[1..n], sorted in place.
+      function summary(v, n,   i, j, x) {
+        if (n == 0) return "na"
+        for (i = 2; i <= n; i++) { x = v[i]; for (j = i - 1; j >= 1 && v[j] > x; j--) v[j + 1] = v[j]; v[j + 1] = x }
+        return sprintf("%.3f (%.2f-%.2f)", v[int((n + 1) / 2)], v[1], v[n])
+      }
+      $2 == "mode=" m {
+        r = field("round"); t = field("target")
+        if (t == b) { bc[r] = field("cpu_us_per_request"); br[r] = field("rps"); bp[r] = field("p99_us") }
+        if (t == tg) { tc[r] = field("cpu_us_per_request"); tr[r] = field("rps"); tp[r] = field("p99_us") }
+      }
+      END {
+        for (r in tc) if ((r in bc) && bc[r] > 0 && br[r] > 0) {
+          c[++n] = tc[r] / bc[r]; q[n] = tr[r] / br[r]
+          if (bp[r] + 0 > 0 && tp[r] + 0 > 0) p[++np] = tp[r] / bp[r]
+        }
+        printf "%s %s/%s cpu_us_per_request=%s rps=%s p99_us=%s\n", m, tg, b, summary(c, n), summary(q, n), summary(p, np)
+      }' "$results"
   done
 done
