@@ -403,7 +403,8 @@ impl Outbound {
 /// PERF: an HTTP/1.1 upstream gets it as header lines written with the
 /// request's head ([`Propagation::write_lines`]), not as values in its
 /// header map: a value made, checked and allocated, and a hashed insert,
-/// cost about 550 instructions a traced request (callgrind).
+/// cost about 620 instructions a sampled request, 350 an unsampled one,
+/// which now carries its context in the body too (callgrind).
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Propagation {
     context: Context,
