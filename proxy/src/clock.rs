@@ -108,10 +108,16 @@ thread_local! {
 /// NTP) shows within this; a slew changes both clocks alike.
 const WALL_READING: Duration = Duration::from_secs(1);
 
-/// Nanoseconds from the Unix epoch to `time` (0 for a time before it).
+/// Nanoseconds from the Unix epoch to `time` (0 for a time before it,
+/// `u64::MAX` for one past 2554).
 pub(crate) fn unix_nanos(time: SystemTime) -> u64 {
     time.duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// [`unix_nanos`] of now, for a time not read beside an `Instant`.
+pub(crate) fn unix_nanos_now() -> u64 {
+    unix_nanos(SystemTime::now())
 }
 
 /// The wall-clock time of `at`, an instant the caller read anyway (when a
@@ -129,21 +135,21 @@ pub(crate) fn unix_nanos(time: SystemTime) -> u64 {
 /// (callgrind).
 pub(crate) fn unix_nanos_of(at: Instant) -> u64 {
     if let Some((instant, nanos)) = WALL.get() {
-        // Below a second, the difference's nanoseconds fit a u64 and
-        // the sum cannot overflow one before the year 2554.
+        // Below a second, the difference is its nanoseconds; a system
+        // clock set past 2554 reads `u64::MAX`, and stays there.
         if let Some(ahead) = at.checked_duration_since(instant)
             && ahead < WALL_READING
         {
-            return nanos + ahead.subsec_nanos() as u64;
+            return nanos.saturating_add(u64::from(ahead.subsec_nanos()));
         }
         if let Some(behind) = instant.checked_duration_since(at)
             && behind < WALL_READING
         {
-            return nanos.saturating_sub(behind.subsec_nanos() as u64);
+            return nanos.saturating_sub(u64::from(behind.subsec_nanos()));
         }
     }
     let now = Instant::now();
-    let nanos = unix_nanos(SystemTime::now());
+    let nanos = unix_nanos_now();
     WALL.set(Some((now, nanos)));
     let apart = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
     match at.checked_duration_since(now) {
@@ -345,6 +351,16 @@ mod tests {
             let expected = (at + offset) - at.checked_sub(offset).unwrap_or(at);
             assert!(span.abs_diff(expected) < slack, "{offset:?}: {span:?}");
         }
+    }
+
+    #[test]
+    fn a_wall_clock_past_what_nanoseconds_hold_stays_at_the_most_not_a_panic() {
+        let at = Instant::now();
+        // A system clock read as `u64::MAX` (set past 2554), or near it.
+        WALL.set(Some((at, u64::MAX - 10)));
+        assert_eq!(unix_nanos_of(at + Duration::from_millis(1)), u64::MAX);
+        assert_eq!(unix_nanos_of(at), u64::MAX - 10);
+        WALL.set(None);
     }
 
     #[test]

@@ -994,7 +994,7 @@ mod tests {
             Duration::from_millis(3),
             0x0af7_6519_16cd_43dd_8448_eb21_1c80_319c,
             0xb7,
-            crate::clock::unix_nanos(std::time::SystemTime::now()),
+            crate::clock::unix_nanos_now(),
         );
         let prometheus = metrics.render();
         assert!(

@@ -343,7 +343,7 @@ async fn run(
             &resource,
             &scope,
             crate::clock::unix_nanos(started),
-            crate::clock::unix_nanos(SystemTime::now()),
+            crate::clock::unix_nanos_now(),
             &mut body,
         );
         // Retries end before the next export is due.

@@ -14,7 +14,6 @@ pub(crate) mod otlp;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::SystemTime;
 
 use http::header::HeaderName;
 use http::{HeaderMap, HeaderValue, Method, Version};
@@ -494,7 +493,7 @@ impl OpenSpan {
 impl Drop for Open {
     fn drop(&mut self) {
         if let Some(mut span) = self.span.take() {
-            span.end = crate::clock::unix_nanos(SystemTime::now());
+            span.end = crate::clock::unix_nanos_now();
             self.tracer.queue.send(&span);
         }
     }
@@ -610,7 +609,7 @@ impl ConnectionSpan {
             &context,
             context.span_id,
             0,
-            crate::clock::unix_nanos(SystemTime::now()),
+            crate::clock::unix_nanos_now(),
             Method::default(),
         );
         record.peer = Some(peer);
@@ -641,7 +640,7 @@ impl Drop for ConnectionSpan {
         // error, for "always sample errors".
         let status = if self.record.flag.is_empty() { 200 } else { 0 };
         if self.tracer.records(&self.context, status) {
-            self.record.end = crate::clock::unix_nanos(SystemTime::now());
+            self.record.end = crate::clock::unix_nanos_now();
             self.tracer.queue.send(&self.record);
         }
     }

@@ -30,11 +30,11 @@ use tokio::net::TcpStream;
 pub(crate) struct Socket(TcpStream);
 
 impl Socket {
-    pub(crate) fn new(stream: TcpStream) -> Self {
+    pub(super) fn new(stream: TcpStream) -> Self {
         Self(stream)
     }
 
-    pub(crate) fn tcp(&self) -> &TcpStream {
+    pub(super) fn tcp(&self) -> &TcpStream {
         &self.0
     }
 }
@@ -96,7 +96,7 @@ const UNDER_TLS: u8 = 1;
 /// Reads what the socket holds into `buf`'s unfilled part (nothing read at
 /// the end of the stream).
 #[allow(unsafe_code)]
-pub(crate) fn poll_read<const CALLER: u8>(
+pub(super) fn poll_read<const CALLER: u8>(
     stream: &TcpStream,
     cx: &mut Context<'_>,
     buf: &mut ReadBuf<'_>,
@@ -139,7 +139,7 @@ pub(crate) fn poll_read<const CALLER: u8>(
 
 /// Writes what the socket's send buffer takes of `data`. `MSG_NOSIGNAL`:
 /// a peer that closed is an error, not a `SIGPIPE`.
-pub(crate) fn poll_write<const CALLER: u8>(
+pub(super) fn poll_write<const CALLER: u8>(
     stream: &TcpStream,
     cx: &mut Context<'_>,
     data: &[u8],
@@ -150,7 +150,7 @@ pub(crate) fn poll_write<const CALLER: u8>(
 }
 
 /// Writes what the socket's send buffer takes of `bufs`, in order.
-pub(crate) fn poll_write_vectored<const CALLER: u8>(
+pub(super) fn poll_write_vectored<const CALLER: u8>(
     stream: &TcpStream,
     cx: &mut Context<'_>,
     bufs: &[io::IoSlice<'_>],

@@ -855,7 +855,7 @@ mod tests {
             &context,
             context.span_id,
             0,
-            crate::clock::unix_nanos(std::time::SystemTime::now()),
+            crate::clock::unix_nanos_now(),
             http::Method::GET,
         )
     }
